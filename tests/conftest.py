@@ -1,0 +1,48 @@
+"""Shared fixtures and skip rules: GPU and TensorRT tests skip with the reason they cannot run."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+
+
+def gpu_absent_reason() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA GPU on this machine (nvidia-smi not found)"
+    try:
+        import cupy  # noqa: F401
+
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            return "no CUDA device visible"
+    except Exception as exc:  # cupy missing or driver error
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return f"no CUDA device usable from Python ({exc.__class__.__name__})"
+        except ImportError:
+            return "neither CuPy nor torch with CUDA is installed"
+    return None
+
+
+def tensorrt_absent_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (pip install tensorrt on a machine that can reach NVIDIA's index)"
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:
+        return f"TensorRT is installed but does not import: {exc}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_reason = tensorrt_reason = None
+    checked = False
+    for item in items:
+        if not checked and ("gpu" in item.keywords or "tensorrt" in item.keywords):
+            gpu_reason, tensorrt_reason, checked = gpu_absent_reason(), tensorrt_absent_reason(), True
+        if "gpu" in item.keywords and gpu_reason:
+            item.add_marker(pytest.mark.skip(reason=gpu_reason))
+        if "tensorrt" in item.keywords and tensorrt_reason:
+            item.add_marker(pytest.mark.skip(reason=tensorrt_reason))
