@@ -1,0 +1,1 @@
+"""normfuse pipeline stages: export, rewrite, build, validate, bench, report, run."""

@@ -1,0 +1,120 @@
+"""Stage 1: export a models/ Transformer stack to ONNX with dynamic batch and sequence axes.
+
+    python -m export.export_model --norm rmsnorm --preset tiny -o model.onnx
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from models import BlockConfig
+
+from .errors import UsageError
+from .onnx_io import save_model
+
+EXPORTERS = ("dynamo", "torchscript")
+INPUT_NAME, OUTPUT_NAME = "hidden_states", "output"
+DEFAULT_OPSET = 18
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str
+    opset: int
+    external_data: bool
+
+
+def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
+                 seed: int = 0, external_data: bool | None = None) -> ExportResult:
+    """Build the stack for `config` with seeded weights and write it to `path` as ONNX."""
+    import torch
+
+    from models.blocks import TORCH_DTYPES, build_model
+
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
+    model = build_model(config, seed=seed)
+    example = torch.randn(2, 8, config.hidden, dtype=TORCH_DTYPES[config.dtype])
+    with _quiet():
+        if exporter == "dynamo":
+            proto = _export_dynamo(model, example, opset)
+        else:
+            proto = _export_torchscript(model, example, opset)
+    path = save_model(proto, path, external_data=external_data)
+    has_external = any(t.data_location == 1 for t in proto.graph.initializer) or external_data is True
+    return ExportResult(Path(path), exporter, opset, bool(has_external))
+
+
+def _export_dynamo(model, example, opset: int):
+    import torch
+    from torch.export import Dim
+
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes={"hidden_states": {0: Dim("batch"), 1: Dim("seq")}}, opset_version=opset,
+        optimize=True, verbose=False,
+    )
+    return program.model_proto
+
+
+def _export_torchscript(model, example, opset: int):
+    import onnx
+    import torch
+
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch", 1: "seq"}},
+        opset_version=opset,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and deprecation chatter; the pipeline shows its own progress."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def main(argv=None) -> int:
+    from models import PRESET_NAMES, preset
+
+    from .cli import run_cli
+
+    parser = argparse.ArgumentParser(prog="python -m export.export_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True)
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args(argv)
+
+    def job():
+        config = preset(args.preset, args.norm, layers=args.layers, dtype=args.dtype)
+        result = export_model(config, args.output, exporter=args.exporter, opset=args.opset, seed=args.seed)
+        print(f"wrote {result.path} ({result.exporter}, opset {result.opset})")
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

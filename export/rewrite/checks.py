@@ -1,0 +1,214 @@
+"""Semantic checks: what makes a structural match exactly a norm over the last axis.
+
+A structural match only says the nodes are wired like a norm. These checks establish the rest
+from constants and inferred shapes (axis, keepdims, exponents, epsilon, scale and bias sizes,
+private intermediates) and return a reason whenever one of them cannot be established.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .matcher import Match, present_inputs, producer
+from .patterns import NormPattern
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64"}
+SMALL_CONSTANT = 64  # elements: larger constants are weights and are never read by the checks
+
+
+class Rejected(Exception):
+    """A candidate that is not provably a last-axis norm; the message is the reason."""
+
+
+@dataclass
+class NormCandidate:
+    pattern: NormPattern
+    match: Match
+    x: gs.Tensor  # the fused op's input
+    output: gs.Tensor  # the tensor the fused op produces (the match root)
+    hidden: int
+    epsilon: float
+    gamma: gs.Tensor | None
+    beta: gs.Tensor | None
+    nodes: list  # nodes the fused op replaces
+    residual: tuple | None = None  # (a, b, add_node) when the Add in front is fused too
+    expose_sum: bool = False
+    notes: list = field(default_factory=list)
+
+    @property
+    def centered(self) -> bool:
+        return self.pattern.centered
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+
+def dtype_name(tensor: gs.Tensor) -> str | None:
+    """numpy-style dtype name of a tensor, from shape inference; None when unknown."""
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return FLOAT_TYPES.get(dtype)
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return getattr(dtype, "name", str(dtype))
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """Value of a small constant (initializer or Constant node output); None otherwise."""
+    if isinstance(tensor, gs.Constant):
+        if int(np.prod(tensor.shape)) > SMALL_CONSTANT:
+            return None
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant":
+        value = node.attrs.get("value")
+        if isinstance(value, gs.Constant) and int(np.prod(value.shape)) <= SMALL_CONSTANT:
+            return np.asarray(value.values)
+        for key in ("value_float", "value_int"):
+            if key in node.attrs:
+                return np.asarray(node.attrs[key])
+        for key in ("value_floats", "value_ints"):
+            if key in node.attrs:
+                return np.asarray(node.attrs[key])
+    return None
+
+
+def scalar(match: Match, name: str, what: str) -> float | None:
+    """The scalar constant bound to `name`, or None when the pattern did not bind it."""
+    tensor = match.get(name)
+    if tensor is None:
+        return None
+    value = constant_value(tensor)
+    if value is None:
+        raise Rejected(f"{what} is not a constant (tensor '{tensor.name}')")
+    if value.size != 1:
+        raise Rejected(f"{what} has {value.size} elements, not 1 (tensor '{tensor.name}')")
+    return float(value.reshape(()).astype(np.float64))
+
+
+def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_outputs: set) -> NormCandidate:
+    """Check a structural match and turn it into a candidate, or raise Rejected with the reason."""
+    x = match["x"]
+    shape = x.shape
+    if shape is None:
+        raise Rejected(f"rank of input '{x.name}' is unknown (shape inference gave no shape)")
+    rank = len(shape)
+    hidden = shape[-1] if rank else None
+    if not isinstance(hidden, int) or hidden <= 0:
+        raise Rejected(f"size of the last axis of '{x.name}' is not static ({hidden!r})")
+
+    _check_constants(match)
+    epsilon = _epsilon(pattern, match)
+    if pattern.native:
+        _check_native(match.roles["native"], rank)
+    else:
+        for node in match.nodes:
+            if node.op == "ReduceMean":
+                _check_reduce(node, rank)
+    _check_input_cast(match)
+    gamma = _per_feature(match.get("gamma"), hidden, rank, "scale")
+    beta = _per_feature(match.get("beta"), hidden, rank, "bias")
+    _check_private(match, root, graph_outputs)
+    if root.shape is not None and len(root.shape) != rank:
+        raise Rejected(f"output '{root.name}' has rank {len(root.shape)}, input has {rank}: a broadcast is not a norm")
+    for t in (x, root):
+        if dtype_name(t) not in ("float32", "float16", "bfloat16"):
+            raise Rejected(f"tensor '{t.name}' has dtype {dtype_name(t)}, not float32/float16/bfloat16")
+
+    fused_x = x
+    cast_in = match.roles.get("cast_in")
+    if cast_in is not None and dtype_name(x) != dtype_name(root):
+        # y's dtype differs from x's: keep the input cast outside so the fused op maps T -> T.
+        fused_x = cast_in.outputs[0]
+    nodes = [n for n in match.nodes if not (fused_x is not x and n is cast_in)]
+    return NormCandidate(pattern, match, fused_x, root, hidden, epsilon, gamma, beta, nodes)
+
+
+def _check_constants(match: Match) -> None:
+    expected = {"square_exp": (2.0, "square's exponent"), "rsqrt_exp": (-0.5, "inverse root's exponent"),
+                "one": (1.0, "numerator of the inverse root")}
+    for name, (want, what) in expected.items():
+        value = scalar(match, name, what)
+        if value is not None and value != want:
+            raise Rejected(f"{what} is {value:g}, not {want:g}")
+
+
+def _epsilon(pattern: NormPattern, match: Match) -> float:
+    if pattern.native:
+        eps = float(match.roles["native"].attrs.get("epsilon", 1e-5))
+    else:
+        eps = scalar(match, "eps", "epsilon")
+    if not np.isfinite(eps) or eps < 0:
+        raise Rejected(f"epsilon {eps!r} is not a finite non-negative number")
+    return eps
+
+
+def _last_axis(axes, rank: int, where: str) -> None:
+    axes = [int(a) for a in np.asarray(axes).ravel()]
+    if len(axes) != 1:
+        raise Rejected(f"{where} reduces over axes {axes}, not only the last axis")
+    if axes[0] not in (-1, rank - 1):
+        raise Rejected(f"{where} reduces over axis {axes[0]}, not the last axis of rank {rank}")
+
+
+def _check_reduce(node: gs.Node, rank: int) -> None:
+    where = f"ReduceMean '{node.name}'"
+    if int(node.attrs.get("keepdims", 1)) != 1:
+        raise Rejected(f"{where} has keepdims=0")
+    inputs = present_inputs(node)
+    if len(inputs) > 1:
+        axes = constant_value(inputs[1])
+        if axes is None:
+            raise Rejected(f"{where} takes its axes from a non-constant tensor '{inputs[1].name}'")
+    else:
+        axes = node.attrs.get("axes")
+        if axes is None:
+            raise Rejected(f"{where} has no axes: it reduces over every axis")
+    _last_axis(axes, rank, where)
+
+
+def _check_native(node: gs.Node, rank: int) -> None:
+    _last_axis([node.attrs.get("axis", -1)], rank, f"{node.op} '{node.name}'")
+
+
+def _check_input_cast(match: Match) -> None:
+    """A cast absorbed on the input must widen to float32 (statistics in fp32, as the op does)."""
+    cast = match.roles.get("cast_in")
+    if cast is not None and int(cast.attrs.get("to", 0)) != onnx.TensorProto.FLOAT:
+        raise Rejected(f"input cast '{cast.name}' casts to {cast.attrs.get('to')}, not float32")
+
+
+def _per_feature(tensor: gs.Tensor | None, hidden: int, rank: int, what: str) -> gs.Tensor | None:
+    """Scale and bias must hold exactly one value per feature of the last axis."""
+    if tensor is None:
+        return None
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        raise Rejected(f"{what} '{tensor.name}' has unknown shape {shape}")
+    if len(shape) == 0 or len(shape) > rank or shape[-1] != hidden or any(d != 1 for d in shape[:-1]):
+        raise Rejected(f"{what} '{tensor.name}' has shape {list(shape)}, not one value per feature ({hidden})")
+    if dtype_name(tensor) not in ("float32", "float16", "bfloat16"):
+        raise Rejected(f"{what} '{tensor.name}' has dtype {dtype_name(tensor)}")
+    return tensor
+
+
+def _check_private(match: Match, root: gs.Tensor, graph_outputs: set) -> None:
+    """Every value computed inside the subgraph, but its result, must be used only inside it."""
+    inside = {id(n) for n in match.nodes}
+    for node in match.nodes:
+        for out in node.outputs:
+            if out is root:
+                continue
+            if out.name in graph_outputs:
+                raise Rejected(f"intermediate '{out.name}' is a graph output")
+            for consumer in out.outputs:
+                if id(consumer) not in inside:
+                    raise Rejected(f"intermediate '{out.name}' is also used by node '{consumer.name}'")

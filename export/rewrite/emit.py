@@ -1,0 +1,110 @@
+"""Replacement nodes, one emitter per target.
+
+- `tensorrt`: normfuse ops (normops contract) carrying what TensorRT's ONNX parser needs to find
+  our plugins: op_type = plugin name, plugin_namespace and plugin_version attributes.
+  LayerNorm always gets a beta input (zeros when the model has none): plugins take no optionals.
+- `onnxruntime`: ONNX Runtime's contrib ops (SimplifiedLayerNormalization,
+  Skip[Simplified]LayerNormalization) and the standard LayerNormalization.
+- `onnx`: standard LayerNormalization (opset 17) and RMSNormalization (opset 23); the residual
+  Add stays a separate node since standard ONNX has no fused form of it (the rewriter does not
+  attach residuals for this target).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from normops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, numpy_dtype, op_for
+
+from .checks import NormCandidate, dtype_name
+
+TARGETS = ("tensorrt", "onnxruntime", "onnx")
+MS_DOMAIN = "com.microsoft"
+_names = itertools.count()
+
+
+def emitted_op(candidate: NormCandidate, target: str) -> tuple[str, str]:
+    """(domain, op_type) the target replaces this candidate with."""
+    residual = candidate.residual is not None
+    if target == "tensorrt":
+        return DOMAIN, op_for(candidate.centered, residual).name
+    if target == "onnxruntime":
+        if residual:
+            return MS_DOMAIN, "SkipLayerNormalization" if candidate.centered else "SkipSimplifiedLayerNormalization"
+        return "", "LayerNormalization" if candidate.centered else "SimplifiedLayerNormalization"
+    return "", "LayerNormalization" if candidate.centered else "RMSNormalization"
+
+
+def required_opset(candidate: NormCandidate, target: str) -> int:
+    if target == "onnx" and not candidate.centered:
+        return 23
+    return 17 if candidate.centered else 1
+
+
+def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
+    """Disconnect the matched nodes and wire one fused node in their place."""
+    domain, op_type = emitted_op(candidate, target)
+    y = candidate.output
+    y_dtype = dtype_name(y)
+    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, y_dtype, fill=1.0, name=f"{y.name}_gamma")
+    beta = candidate.beta
+    needs_beta = candidate.centered and target == "tensorrt"
+    if beta is not None or needs_beta:
+        beta = _per_feature_vector(graph, beta, candidate.hidden, y_dtype, fill=0.0, name=f"{y.name}_beta")
+    if target != "tensorrt":  # ORT and ONNX ops want scale and bias in y's dtype
+        gamma = _cast(graph, gamma, y_dtype)
+        beta = _cast(graph, beta, y_dtype) if beta is not None else None
+
+    for node in candidate.nodes:
+        node.outputs.clear()
+    y.inputs.clear()
+
+    if candidate.residual is not None:
+        a, b, add = candidate.residual
+        add.outputs.clear()
+        total = candidate.x if candidate.expose_sum else gs.Variable(f"{y.name}_sum", dtype=y.dtype, shape=y.shape)
+        total.inputs.clear()
+        if target == "onnxruntime":
+            inputs = [a, b, gamma] + ([beta] if beta is not None else [])
+            outputs = [y, _empty(), _empty(), total]
+        else:
+            inputs, outputs = [a, b, gamma] + ([beta] if beta is not None else []), [y, total]
+    else:
+        inputs, outputs = [candidate.x, gamma] + ([beta] if beta is not None else []), [y]
+
+    attrs = {"epsilon": float(candidate.epsilon)}
+    if target == "tensorrt":
+        attrs.update(plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
+    elif not (target == "onnxruntime" and candidate.residual is not None):
+        attrs.update(axis=-1, stash_type=1)
+    node = gs.Node(op_type, name=f"normfuse_{op_type}_{next(_names)}", attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
+    graph.nodes.append(node)
+    return node
+
+
+def _empty() -> gs.Variable:
+    return gs.Variable.empty()
+
+
+def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: float, name: str):
+    """A 1-D [hidden] tensor: the given one (reshaped if it had leading 1s) or a constant fill."""
+    if tensor is None:
+        return gs.Constant(name, np.full((hidden,), fill, dtype=numpy_dtype(dtype)))
+    if list(tensor.shape) == [hidden]:
+        return tensor
+    flat = gs.Variable(f"{tensor.name}_flat", dtype=tensor.dtype, shape=[hidden])
+    shape = gs.Constant(f"{tensor.name}_flat_shape", np.array([hidden], dtype=np.int64))
+    graph.nodes.append(gs.Node("Reshape", inputs=[tensor, shape], outputs=[flat]))
+    return flat
+
+
+def _cast(graph: gs.Graph, tensor, dtype: str):
+    if dtype_name(tensor) == dtype:
+        return tensor
+    to = onnx.helper.np_dtype_to_tensor_dtype(numpy_dtype(dtype))
+    out = gs.Variable(f"{tensor.name}_as_{dtype}", dtype=numpy_dtype(dtype), shape=tensor.shape)
+    graph.nodes.append(gs.Node("Cast", attrs={"to": to}, inputs=[tensor], outputs=[out]))
+    return out

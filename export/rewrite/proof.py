@@ -1,0 +1,132 @@
+"""Numerical proof of a candidate: the matched subgraph, run on random inputs, equals the op.
+
+The subgraph is copied into a tiny model whose inputs are x (or the residual Add's operands),
+gamma and beta; scale and bias get random values, so no weight is ever read. It is evaluated by
+onnx's reference evaluator (every dtype, no session set-up) and held to the normops reference.
+Two input scales are used: ordinary values, and values so small that epsilon dominates, so that
+an epsilon in the wrong place cannot pass.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from normops import GRAPH, numpy_dtype, run_reference
+
+from .checks import NormCandidate, Rejected, constant_value, dtype_name
+
+ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+              "bfloat16": onnx.TensorProto.BFLOAT16}
+
+
+def prove(candidate: NormCandidate, opset: int, seed: int = 0) -> None:
+    """Raise Rejected when the subgraph differs from the fused op it would become."""
+    model, feeds_spec = _subgraph_model(candidate, opset)
+    evaluator = ReferenceEvaluator(model)
+    rng = np.random.default_rng(seed)
+    shape = _proof_shape(candidate)
+    for scale in (1.0, 3.0 * np.sqrt(max(candidate.epsilon, 1e-12))):
+        feeds = {}
+        for role, tensor in feeds_spec:
+            dtype = numpy_dtype(dtype_name(tensor))
+            if role in ("x", "a", "b"):
+                values = (rng.standard_normal(shape) * scale + 0.5 * scale)
+            else:
+                values = rng.uniform(0.5, 1.5, tensor.shape) if role == "gamma" else rng.uniform(-0.5, 0.5, tensor.shape)
+            feeds[tensor.name] = values.astype(dtype)
+        actual = evaluator.run(None, feeds)[0]
+        expected = _reference(candidate, feeds, feeds_spec)
+        tol = GRAPH[dtype_name(candidate.output)]
+        err = np.abs(actual.astype(np.float64) - expected)
+        bound = tol.atol + tol.rtol * np.abs(expected)  # y is O(1) at any input scale
+        if not np.all(err <= bound):
+            worst = float(np.max(err / np.maximum(np.abs(expected), 1e-12)))
+            raise Rejected(f"numerical proof failed at input scale {scale:.3g}: max relative error {worst:.3g}")
+
+
+def _proof_shape(candidate: NormCandidate) -> tuple[int, ...]:
+    rank = len(candidate.x.shape)
+    leading = (2, 3, 2, 2, 2)[: max(rank - 1, 0)]
+    return tuple(leading) + (candidate.hidden,)
+
+
+def _reference(candidate: NormCandidate, feeds: dict, feeds_spec) -> np.ndarray:
+    by_role = {role: feeds[t.name] for role, t in feeds_spec}
+    if "a" in by_role:
+        x = by_role["a"].astype(np.float64) + by_role["b"].astype(np.float64)
+    else:
+        x = by_role["x"]
+    name = "LayerNorm" if candidate.centered else "RMSNorm"
+    gamma = by_role.get("gamma")
+    if gamma is None:
+        gamma = np.ones(candidate.hidden)
+    inputs = {"x": x, "gamma": np.asarray(gamma).reshape(-1), "beta": None}
+    if "beta" in by_role:
+        inputs["beta"] = np.asarray(by_role["beta"]).reshape(-1)
+    return run_reference(name, inputs, candidate.epsilon)[0]
+
+
+def _subgraph_model(candidate: NormCandidate, opset: int):
+    fed = [("gamma", candidate.gamma), ("beta", candidate.beta)]
+    nodes = list(candidate.nodes)
+    if candidate.residual is not None:
+        a, b, add = candidate.residual
+        fed = [("a", a), ("b", b)] + fed
+        nodes = [add] + nodes
+    else:
+        fed = [("x", candidate.x)] + fed
+    fed = [(role, t) for role, t in fed if t is not None]
+    fed_names = {t.name for _, t in fed}
+    produced = {out.name for n in nodes for out in n.outputs}
+
+    inputs, initializers = [], []
+    shape = _proof_shape(candidate)
+    for role, tensor in fed:
+        dims = shape if role in ("x", "a", "b") else list(tensor.shape)
+        inputs.append(helper.make_tensor_value_info(tensor.name, ONNX_TYPES[dtype_name(tensor)], dims))
+    seen = set()
+    for node in nodes:
+        for t in node.inputs:
+            if t.name in fed_names or t.name in produced or t.name in seen or t.name == "":
+                continue
+            value = constant_value(t)
+            if value is None:
+                raise Rejected(f"subgraph reads '{t.name}', which is neither an input of the norm nor a small constant")
+            initializers.append(onnx.numpy_helper.from_array(np.asarray(value), t.name))
+            seen.add(t.name)
+    onnx_nodes = [
+        helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs], name=n.name,
+                         domain=n.domain or "", **{k: _attr(v) for k, v in n.attrs.items()})
+        for n in _toposorted(nodes)
+    ]
+    output = helper.make_tensor_value_info(candidate.output.name, ONNX_TYPES[dtype_name(candidate.output)], None)
+    graph = helper.make_graph(onnx_nodes, "proof", inputs, [output], initializer=initializers)
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets), fed
+
+
+def _attr(value):
+    if hasattr(value, "values"):  # a gs.Constant attribute
+        return onnx.numpy_helper.from_array(np.asarray(value.values))
+    return value
+
+
+def _toposorted(nodes):
+    produced_by = {id(out): n for n in nodes for out in n.outputs}
+    order, done = [], set()
+
+    def visit(node):
+        if id(node) in done:
+            return
+        done.add(id(node))
+        for t in node.inputs:
+            parent = produced_by.get(id(t))
+            if parent is not None:
+                visit(parent)
+        order.append(node)
+
+    for n in nodes:
+        visit(n)
+    return order

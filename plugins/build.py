@@ -1,0 +1,141 @@
+"""Compile the kernels to PTX with nvcc, cached on disk, and check PTX with ptxas.
+
+One PTX module per (op, x dtype, gamma dtype, architecture), holding every launch variant of
+`config.variants`. Modules are compiled on first use and cached under
+$NORMFUSE_CACHE_DIR (default ~/.cache/normfuse/ptx), keyed by a hash of the sources and flags,
+so an edited kernel is never served stale. Building an engine needs nvcc; serving it does not,
+since TensorRT embeds the PTX in the engine.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from . import config
+
+SOURCE_DIR = Path(__file__).resolve().parent
+HEADER = "norm_common.cuh"
+ARCHES = ("sm_80", "sm_90")  # architectures the kernels are built and checked for
+DEFAULT_ARCH = "sm_80"  # PTX for sm_80 is JIT-compiled by the driver on any newer GPU
+
+
+class ToolchainError(RuntimeError):
+    """nvcc or ptxas is missing or failed."""
+
+
+def source_path(op: str) -> Path:
+    return SOURCE_DIR / f"{config.FAMILY[config._spec(op).name]}.cu"
+
+
+def nvcc_path() -> str | None:
+    return shutil.which("nvcc")
+
+
+def ptxas_path() -> str | None:
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    nvcc = nvcc_path()
+    if nvcc:
+        candidate = Path(nvcc).with_name("ptxas")
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+def _arch_number(arch: str) -> str:
+    number = arch.removeprefix("sm_").removeprefix("compute_")
+    if not number.isdigit() or int(number) < 80:
+        raise ValueError(f"unsupported architecture {arch!r}; the kernels need sm_80 or newer")
+    return number
+
+
+def module_source(op: str, x_dtype: str, gamma_dtype: str | None) -> str:
+    """The translation unit nvcc compiles: the op's .cu with its dtypes and launch variants fixed."""
+    g = config.gamma_dtype_name(x_dtype, gamma_dtype)
+    variants = " ".join(f"V({t}, {r}, {c})" for t, r, c in config.variants(x_dtype))
+    return (f"#define NORMFUSE_X {config.CUDA_TYPE[x_dtype]}\n"
+            f"#define NORMFUSE_G {config.CUDA_TYPE[g]}\n"
+            f"#define NORMFUSE_VARIANTS(V) {variants}\n"
+            f'#include "{source_path(op).name}"\n')
+
+
+def nvcc_flags(arch: str) -> list[str]:
+    return ["-ptx", f"-arch=compute_{_arch_number(arch)}", "-std=c++17", "-O3", "-lineinfo"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NORMFUSE_CACHE_DIR", Path.home() / ".cache" / "normfuse" / "ptx"))
+
+
+def _cache_key(op: str, unit: str, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for path in (source_path(op), SOURCE_DIR / HEADER):
+        h.update(path.read_bytes())
+    h.update(unit.encode())
+    h.update("\0".join(flags).encode())
+    return h.hexdigest()[:20]
+
+
+def target_arch() -> str:
+    """Architecture to build for: $NORMFUSE_CUDA_ARCH, else the visible GPU's, else sm_80."""
+    env = os.environ.get("NORMFUSE_CUDA_ARCH")
+    if env:
+        return env if env.startswith("sm_") else f"sm_{env}"
+    try:
+        import cupy  # noqa: PLC0415
+
+        return f"sm_{cupy.cuda.Device().compute_capability}"  # e.g. "90"
+    except Exception:  # no CuPy, no driver or no device
+        return DEFAULT_ARCH
+
+
+@lru_cache(maxsize=None)
+def get_ptx(op: str, x_dtype: str, gamma_dtype: str | None = None, arch: str | None = None) -> str:
+    """PTX text of `op`'s module for x in `x_dtype` and gamma/beta in `gamma_dtype` (None: x's)."""
+    op = config._spec(op).name
+    arch = arch or target_arch()
+    flags = nvcc_flags(arch)
+    unit = module_source(op, x_dtype, gamma_dtype)
+    g = config.gamma_dtype_name(x_dtype, gamma_dtype)
+    name = f"{config.FAMILY[op]}_{config.SHORT[x_dtype]}_{config.SHORT[g]}_{arch}_{_cache_key(op, unit, flags)}.ptx"
+    cached = cache_dir() / name
+    if cached.exists():
+        return cached.read_text()
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise ToolchainError("nvcc is not on PATH: install the CUDA toolkit to compile the normfuse kernels")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / name
+        src = Path(tmp) / "module.cu"
+        src.write_text(unit)
+        cmd = [nvcc, *flags, "-I", str(SOURCE_DIR), "-o", str(out), str(src)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ToolchainError(f"nvcc failed ({' '.join(cmd)}):\n{result.stderr}")
+        ptx = out.read_text()
+    tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp_file.write_text(ptx)
+    os.replace(tmp_file, cached)  # atomic: concurrent builders never see half a file
+    return ptx
+
+
+def ptxas_check(ptx: str, arch: str) -> str:
+    """Assemble `ptx` for `arch` with ptxas; returns its resource report (-v), raises on error."""
+    ptxas = ptxas_path()
+    if ptxas is None:
+        raise ToolchainError("ptxas is not on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "module.ptx"
+        src.write_text(ptx)
+        result = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", str(Path(tmp) / "module.cubin"), str(src)],
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ToolchainError(f"ptxas -arch={arch} failed:\n{result.stderr}")
+    return result.stderr

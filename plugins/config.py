@@ -1,0 +1,139 @@
+"""Launch shapes of the normfuse kernels: one function used by the TensorRT plugins and the launcher.
+
+A kernel variant is named by (threads per row TPR, rows per block RPB, register slots per thread C);
+each slot holds one 16-byte vector, V = 16 / itemsize elements. A row of up to C * V * TPR
+elements stays in registers and is read once; longer rows take the kernel's streaming path.
+
+`launch_config` works on plain ints (the launcher) and on TensorRT's symbolic shape expressions
+(`aot_impl`, where the number of rows may be dynamic): it only adds and floor-divides `rows`.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from normops import OPS, SUPPORTED_DTYPES, OpSpec
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+CUDA_TYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+GAMMA_DTYPES = ("same", "float32")
+
+THREADS_PER_ROW = (32, 64, 128, 256, 512, 1024)
+MAX_VALUES_PER_THREAD = 32  # fp32 values of x a thread keeps in registers (C * V <= this)
+BLOCK_THREADS_SMALL_ROWS = 256  # rows shorter than a warp's share are packed this many threads a block
+
+# Register slots per thread the table aims for (each slot one 16-byte vector): more slots mean more
+# loads in flight per thread and fewer threads per row; tuned on an H100 (bench/README.md).
+TARGET_SLOTS = {"float32": 4, "float16": 4, "bfloat16": 4}
+
+# Exceptions to the rule above, (dtype, hidden) -> (threads per row, slots), from the same tuning.
+TUNED: dict[tuple[str, int], tuple[int, int]] = {}
+
+FAMILY = {"RMSNorm": "rms_norm", "LayerNorm": "layer_norm", "AddRMSNorm": "add_rms_norm",
+          "AddLayerNorm": "add_layer_norm"}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    kernel: str  # entry point in the op's PTX module
+    grid: Any  # int, or a TensorRT symbolic expression when rows is one
+    block: int
+    shared_mem: int  # dynamic shared memory in bytes (the kernels use static shared memory only)
+    threads_per_row: int
+    rows_per_block: int
+    slots: int
+    vector: int  # elements per 16-byte vector
+
+    @property
+    def capacity(self) -> int:
+        """Longest row kept in registers; longer rows are streamed (read twice)."""
+        return self.slots * self.vector * self.threads_per_row
+
+
+def _spec(op: str | OpSpec) -> OpSpec:
+    return op if isinstance(op, OpSpec) else OPS[op]
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {SUPPORTED_DTYPES}")
+
+
+def vector_width(dtype: str) -> int:
+    _check_dtype(dtype)
+    return 16 // ITEMSIZE[dtype]
+
+
+def slot_choices(dtype: str) -> tuple[int, ...]:
+    """Slots per thread compiled for `dtype` (C * V <= MAX_VALUES_PER_THREAD)."""
+    v = vector_width(dtype)
+    return tuple(c for c in (1, 2, 4, 8) if c * v <= MAX_VALUES_PER_THREAD)
+
+
+def rows_per_block(threads_per_row: int) -> int:
+    return max(1, BLOCK_THREADS_SMALL_ROWS // threads_per_row)
+
+
+def variants(dtype: str) -> list[tuple[int, int, int]]:
+    """Every (TPR, RPB, C) compiled into a module whose x dtype is `dtype`."""
+    return [(t, rows_per_block(t), c) for t in THREADS_PER_ROW for c in slot_choices(dtype)]
+
+
+def kernel_name(op: str | OpSpec, threads_per_row: int, rows_per_block: int, slots: int) -> str:
+    return f"normfuse_{FAMILY[_spec(op).name]}_t{threads_per_row}_r{rows_per_block}_c{slots}"
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def choose_layout(dtype: str, hidden: int | None) -> tuple[int, int]:
+    """(threads per row, slots per thread) for a row of `hidden` elements of `dtype`.
+
+    `hidden=None` (not known when the engine is built) picks the widest layout, right for any size.
+    """
+    v = vector_width(dtype)
+    max_slots = max(slot_choices(dtype))
+    if hidden is None:
+        return THREADS_PER_ROW[-1], max_slots
+    if hidden < 1:
+        raise ValueError(f"hidden must be positive, got {hidden}")
+    if (dtype, hidden) in TUNED:
+        return TUNED[(dtype, hidden)]
+    vectors = -(-hidden // v)
+    tpr = min(max(_pow2_at_least(-(-vectors // TARGET_SLOTS[dtype])), THREADS_PER_ROW[0]), THREADS_PER_ROW[-1])
+    slots = min(_pow2_at_least(-(-vectors // tpr)), max_slots)
+    return tpr, slots
+
+
+def launch_config(op: str | OpSpec, dtype: str, rows: Any, hidden: int | None,
+                  layout: tuple[int, int] | None = None) -> LaunchConfig:
+    """Kernel name and launch shape for `rows` rows of `hidden` elements.
+
+    `layout` forces (threads per row, slots) (tests and tuning); by default the table decides.
+    """
+    spec = _spec(op)
+    tpr, slots = layout if layout is not None else choose_layout(dtype, hidden)
+    if tpr not in THREADS_PER_ROW or slots not in slot_choices(dtype):
+        raise ValueError(f"no compiled variant with {tpr} threads per row and {slots} slots for {dtype}")
+    rpb = rows_per_block(tpr)
+    grid = (rows + (rpb - 1)) // rpb
+    return LaunchConfig(kernel=kernel_name(spec, tpr, rpb, slots), grid=grid, block=tpr * rpb, shared_mem=0,
+                        threads_per_row=tpr, rows_per_block=rpb, slots=slots, vector=vector_width(dtype))
+
+
+def epsilon_bits(epsilon: float) -> int:
+    """epsilon as the signed int32 whose bits are its fp32 value (kernel arguments are integers)."""
+    return struct.unpack("<i", struct.pack("<f", float(epsilon)))[0]
+
+
+def gamma_dtype_name(x_dtype: str, gamma_dtype: str | None) -> str:
+    """Normalise a gamma dtype: None or 'same' mean x's dtype; otherwise it must be x's or float32."""
+    _check_dtype(x_dtype)
+    g = x_dtype if gamma_dtype in (None, "same") else gamma_dtype
+    if g not in (x_dtype, "float32"):
+        raise ValueError(f"gamma/beta dtype must be {x_dtype} or float32, got {g}")
+    return g

@@ -1,0 +1,22 @@
+// normfuse::LayerNorm
+//
+//   mean = mean(x),  var = mean((x - mean)^2)          (over the last axis, statistics in fp32)
+//   y = (x - mean) / sqrt(var + epsilon) * gamma + beta
+//
+// Inputs x [rows, hidden], gamma [hidden], beta [hidden]; output y like x. The TensorRT target
+// always supplies beta (zeros when the model has none), so there is no optional input here.
+// mean and var come from one pass: per-thread exact moments merged with Chan's rule
+// (norm_common.cuh), not from E[x^2] - E[x]^2.
+#include "norm_common.cuh"
+
+#define NORMFUSE_ENTRY(TPR, RPB, C)                                                            \
+    extern "C" __global__ void __launch_bounds__(TPR * RPB)                                    \
+        NORMFUSE_KERNEL_NAME(layer_norm, TPR, RPB, C)(                                         \
+            const NORMFUSE_X* x, const NORMFUSE_G* gamma, const NORMFUSE_G* beta, int rows,    \
+            int hidden, int eps_bits, NORMFUSE_X* y) {                                         \
+        normfuse::norm_rows<TPR, RPB, C, /*centered=*/true, /*residual=*/false>(               \
+            x, static_cast<const NORMFUSE_X*>(nullptr), gamma, beta, rows, hidden, eps_bits,   \
+            y, static_cast<NORMFUSE_X*>(nullptr));                                             \
+    }
+
+NORMFUSE_VARIANTS(NORMFUSE_ENTRY)

@@ -1,0 +1,367 @@
+// Shared pieces of the normfuse normalisation kernels.
+//
+// Every kernel normalises rows of `hidden` elements. A group of TPR threads owns one row and a
+// block holds RPB such groups. Each thread keeps up to C slots of V elements in registers, where
+// V = 16 bytes / sizeof(T), so a row of up to C * V * TPR elements is read from global memory once.
+// Longer rows take a streaming path that reads the input twice (the second read mostly from L2).
+//
+// Statistics are always accumulated in fp32. LayerNorm statistics use Chan's parallel merge of
+// (count, mean, M2) triples: each thread computes exact local moments from its registers and the
+// triples are merged across the row. This is one pass over memory and avoids the cancellation of
+// E[x^2] - E[x]^2 when the mean is large against the spread.
+//
+// The element type T and the gamma/beta type G are fixed when the module is compiled
+// (NORMFUSE_X and NORMFUSE_G); the thread layout variants come from NORMFUSE_VARIANTS, the list
+// that plugins/config.py generates, so the Python launch table and the PTX always agree.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace normfuse {
+
+// ---------------------------------------------------------------- element conversions
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// ---------------------------------------------------------------- 16-byte vector access
+// N consecutive elements starting at a 16-byte aligned address, moved as N*sizeof(T)/16 loads.
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[N]) {
+    constexpr int kPer = 16 / sizeof(T);
+    static_assert(N % kPer == 0, "a vector is a whole number of 16-byte chunks");
+    #pragma unroll
+    for (int k = 0; k < N / kPer; ++k) {
+        union { uint4 raw; T e[kPer]; } chunk;
+        chunk.raw = *reinterpret_cast<const uint4*>(p + k * kPer);
+        #pragma unroll
+        for (int j = 0; j < kPer; ++j) out[k * kPer + j] = to_float(chunk.e[j]);
+    }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[N]) {
+    constexpr int kPer = 16 / sizeof(T);
+    static_assert(N % kPer == 0, "a vector is a whole number of 16-byte chunks");
+    #pragma unroll
+    for (int k = 0; k < N / kPer; ++k) {
+        union { uint4 raw; T e[kPer]; } chunk;
+        #pragma unroll
+        for (int j = 0; j < kPer; ++j) chunk.e[j] = from_float<T>(in[k * kPer + j]);
+        *reinterpret_cast<uint4*>(p + k * kPer) = chunk.raw;
+    }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// ---------------------------------------------------------------- statistics
+// Count, mean and sum of squared deviations of a set of values; merged with Chan et al.'s rule.
+struct Moments {
+    float n, mean, m2;
+};
+
+__device__ __forceinline__ float combine(float a, float b) { return a + b; }
+
+__device__ __forceinline__ Moments combine(Moments a, Moments b) {
+    if (b.n == 0.f) return a;
+    if (a.n == 0.f) return b;
+    const float n = a.n + b.n;
+    const float delta = b.mean - a.mean;
+    const float fb = b.n / n;
+    return {n, a.mean + delta * fb, a.m2 + b.m2 + delta * delta * a.n * fb};
+}
+
+// Welford's update with one value (streaming path only).
+__device__ __forceinline__ void accumulate(Moments& m, float v) {
+    m.n += 1.f;
+    const float delta = v - m.mean;
+    m.mean += delta / m.n;
+    m.m2 += delta * (v - m.mean);
+}
+
+__device__ __forceinline__ float shfl_xor(float v, int mask) {
+    return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+__device__ __forceinline__ Moments shfl_xor(Moments v, int mask) {
+    return {shfl_xor(v.n, mask), shfl_xor(v.mean, mask), shfl_xor(v.m2, mask)};
+}
+template <int WIDTH> __device__ __forceinline__ float shfl_first(float v) {
+    return __shfl_sync(0xffffffffu, v, 0, WIDTH);
+}
+template <int WIDTH> __device__ __forceinline__ Moments shfl_first(Moments v) {
+    return {shfl_first<WIDTH>(v.n), shfl_first<WIDTH>(v.mean), shfl_first<WIDTH>(v.m2)};
+}
+
+// Combine `v` over the TPR threads of a row; every thread of the row gets the same result
+// (the same bits: all of them use one combination order). Must be reached by every thread of
+// the block, including those whose row is past the end.
+template <int TPR, int RPB, typename R>
+__device__ __forceinline__ R row_allreduce(R v) {
+    constexpr int kSpan = TPR < 32 ? TPR : 32;
+    #pragma unroll
+    for (int mask = kSpan / 2; mask > 0; mask >>= 1) v = combine(v, shfl_xor(v, mask));
+    v = shfl_first<kSpan>(v);
+    if constexpr (TPR > 32) {
+        constexpr int kWarps = TPR / 32;
+        __shared__ R partial[RPB][kWarps];
+        const int warp = threadIdx.x / 32;
+        const int group = warp / kWarps;
+        if ((threadIdx.x & 31) == 0) partial[group][warp % kWarps] = v;
+        __syncthreads();
+        v = partial[group][0];
+        #pragma unroll
+        for (int w = 1; w < kWarps; ++w) v = combine(v, partial[group][w]);
+    }
+    return v;
+}
+
+// ---------------------------------------------------------------- one row group per block
+// kCentered: LayerNorm (subtract the mean, add beta); otherwise RMSNorm.
+// kResidual: the Add forms, which normalise x + residual and also write that sum.
+template <bool kCentered, bool kResidual, typename T, typename G>
+struct RowArgs {
+    const T* __restrict__ x;
+    const T* __restrict__ residual;
+    const G* __restrict__ gamma;
+    const G* __restrict__ beta;
+    T* __restrict__ y;
+    T* __restrict__ sum;
+    int hidden;
+    float eps;
+    int lane;     // this thread's index within its row group
+    bool active;  // false for the padding groups of the last block
+};
+
+// Finish the statistics: the row's mean (0 for RMSNorm) and 1 / sqrt(var + eps).
+template <bool kCentered, int TPR, int RPB>
+struct Finish;
+
+template <int TPR, int RPB>
+struct Finish<false, TPR, RPB> {
+    // local = sum of squares of this thread's values
+    __device__ __forceinline__ static void run(float local, int hidden, float eps, float& mean,
+                                               float& rstd) {
+        const float total = row_allreduce<TPR, RPB>(local);
+        mean = 0.f;
+        rstd = rsqrtf(total / static_cast<float>(hidden) + eps);
+    }
+};
+
+template <int TPR, int RPB>
+struct Finish<true, TPR, RPB> {
+    __device__ __forceinline__ static void run(Moments local, int hidden, float eps, float& mean,
+                                               float& rstd) {
+        const Moments m = row_allreduce<TPR, RPB>(local);
+        mean = m.mean;
+        rstd = rsqrtf(m.m2 / static_cast<float>(hidden) + eps);
+    }
+};
+
+// Row held in registers. kVec: slot c of this thread is the 16-byte vector (c * TPR + lane);
+// otherwise element j of slot c is the scalar ((c * V + j) * TPR + lane), which is coalesced
+// for any hidden size and alignment.
+template <bool kVec, int TPR, int RPB, int C, bool kCentered, bool kResidual, typename T, typename G>
+__device__ __forceinline__ void row_in_registers(const RowArgs<kCentered, kResidual, T, G>& a) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+    float v[C][V];
+
+    auto index = [&](int c, int j) { return kVec ? (c * TPR + a.lane) * V + j : (c * V + j) * TPR + a.lane; };
+    auto valid = [&](int c, int j) { return a.active && index(c, j) < a.hidden; };
+
+    // 1. read x (+ residual); all loads are issued before any use
+    #pragma unroll
+    for (int c = 0; c < C; ++c) {
+        if constexpr (kVec) {
+            if (valid(c, 0)) {
+                load_vec<T, V>(a.x + index(c, 0), v[c]);
+                if constexpr (kResidual) {
+                    float r[V];
+                    load_vec<T, V>(a.residual + index(c, 0), r);
+                    #pragma unroll
+                    for (int j = 0; j < V; ++j) v[c][j] += r[j];
+                }
+            } else {
+                #pragma unroll
+                for (int j = 0; j < V; ++j) v[c][j] = 0.f;
+            }
+        } else {
+            #pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const int i = index(c, j);
+                float s = 0.f;
+                if (valid(c, j)) {
+                    s = to_float(a.x[i]);
+                    if constexpr (kResidual) s += to_float(a.residual[i]);
+                }
+                v[c][j] = s;
+            }
+        }
+    }
+
+    // 2. the Add forms write x + residual right away
+    if constexpr (kResidual) {
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+            if constexpr (kVec) {
+                if (valid(c, 0)) store_vec<T, V>(a.sum + index(c, 0), v[c]);
+            } else {
+                #pragma unroll
+                for (int j = 0; j < V; ++j)
+                    if (valid(c, j)) a.sum[index(c, j)] = from_float<T>(v[c][j]);
+            }
+        }
+    }
+
+    // 3. statistics
+    float mean, rstd;
+    if constexpr (kCentered) {
+        float n = 0.f, s = 0.f;
+        #pragma unroll
+        for (int c = 0; c < C; ++c)
+            #pragma unroll
+            for (int j = 0; j < V; ++j)
+                if (valid(c, j)) { n += 1.f; s += v[c][j]; }
+        const float local_mean = n > 0.f ? s / n : 0.f;
+        float m2 = 0.f;
+        #pragma unroll
+        for (int c = 0; c < C; ++c)
+            #pragma unroll
+            for (int j = 0; j < V; ++j)
+                if (valid(c, j)) { const float d = v[c][j] - local_mean; m2 += d * d; }
+        Finish<true, TPR, RPB>::run(Moments{n, local_mean, m2}, a.hidden, a.eps, mean, rstd);
+    } else {
+        float ss = 0.f;  // slots past the end hold zeros
+        #pragma unroll
+        for (int c = 0; c < C; ++c)
+            #pragma unroll
+            for (int j = 0; j < V; ++j) ss += v[c][j] * v[c][j];
+        Finish<false, TPR, RPB>::run(ss, a.hidden, a.eps, mean, rstd);
+    }
+
+    // 4. y = (v - mean) * rstd * gamma (+ beta)
+    #pragma unroll
+    for (int c = 0; c < C; ++c) {
+        if constexpr (kVec) {
+            if (!valid(c, 0)) continue;
+            const int i0 = index(c, 0);
+            float g[V], out[V];
+            load_vec<G, V>(a.gamma + i0, g);
+            #pragma unroll
+            for (int j = 0; j < V; ++j) out[j] = (v[c][j] - mean) * rstd * g[j];
+            if constexpr (kCentered) {
+                float b[V];
+                load_vec<G, V>(a.beta + i0, b);
+                #pragma unroll
+                for (int j = 0; j < V; ++j) out[j] += b[j];
+            }
+            store_vec<T, V>(a.y + i0, out);
+        } else {
+            #pragma unroll
+            for (int j = 0; j < V; ++j) {
+                if (!valid(c, j)) continue;
+                const int i = index(c, j);
+                float out = (v[c][j] - mean) * rstd * to_float(a.gamma[i]);
+                if constexpr (kCentered) out += to_float(a.beta[i]);
+                a.y[i] = from_float<T>(out);
+            }
+        }
+    }
+}
+
+// Rows longer than the registers hold: one streaming pass for the statistics (and the sum),
+// a second that re-reads the inputs to normalise.
+template <int TPR, int RPB, bool kCentered, bool kResidual, typename T, typename G>
+__device__ __forceinline__ void row_streaming(const RowArgs<kCentered, kResidual, T, G>& a) {
+    const int stop = a.active ? a.hidden : 0;
+    float mean, rstd;
+    if constexpr (kCentered) {
+        Moments m{0.f, 0.f, 0.f};
+        for (int i = a.lane; i < stop; i += TPR) {
+            float s = to_float(a.x[i]);
+            if constexpr (kResidual) { s += to_float(a.residual[i]); a.sum[i] = from_float<T>(s); }
+            accumulate(m, s);
+        }
+        Finish<true, TPR, RPB>::run(m, a.hidden, a.eps, mean, rstd);
+    } else {
+        float ss = 0.f;
+        for (int i = a.lane; i < stop; i += TPR) {
+            float s = to_float(a.x[i]);
+            if constexpr (kResidual) { s += to_float(a.residual[i]); a.sum[i] = from_float<T>(s); }
+            ss += s * s;
+        }
+        Finish<false, TPR, RPB>::run(ss, a.hidden, a.eps, mean, rstd);
+    }
+    for (int i = a.lane; i < stop; i += TPR) {
+        float s = to_float(a.x[i]);
+        if constexpr (kResidual) s += to_float(a.residual[i]);
+        float out = (s - mean) * rstd * to_float(a.gamma[i]);
+        if constexpr (kCentered) out += to_float(a.beta[i]);
+        a.y[i] = from_float<T>(out);
+    }
+}
+
+// The body every entry point runs. Parameters follow the TensorRT AOT order:
+// inputs, then the integer arguments (rows, hidden, epsilon's fp32 bits), then outputs.
+template <int TPR, int RPB, int C, bool kCentered, bool kResidual, typename T, typename G>
+__device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G* gamma,
+                                          const G* beta, int rows, int hidden, int eps_bits,
+                                          T* y, T* sum) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+    const int group = static_cast<int>(threadIdx.x) / TPR;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + group;
+    const bool active = row < rows;
+    const int64_t offset = (active ? row : 0) * static_cast<int64_t>(hidden);
+
+    RowArgs<kCentered, kResidual, T, G> a;
+    a.x = x + offset;
+    a.residual = kResidual ? residual + offset : nullptr;
+    a.gamma = gamma;
+    a.beta = beta;
+    a.y = y + offset;
+    a.sum = kResidual ? sum + offset : nullptr;
+    a.hidden = hidden;
+    a.eps = __int_as_float(eps_bits);
+    a.lane = static_cast<int>(threadIdx.x) % TPR;
+    a.active = active;
+
+    // Same decision in every thread of the block (it depends on kernel arguments only), so the
+    // barriers inside the reductions are reached by all threads.
+    const bool vectorisable = hidden % V == 0 && aligned16(x) && aligned16(y) && aligned16(gamma) &&
+                              (!kResidual || (aligned16(residual) && aligned16(sum))) &&
+                              (!kCentered || aligned16(beta));
+    if (hidden <= C * V * TPR) {
+        if (vectorisable)
+            row_in_registers<true, TPR, RPB, C>(a);
+        else
+            row_in_registers<false, TPR, RPB, C>(a);
+    } else {
+        row_streaming<TPR, RPB>(a);
+    }
+}
+
+}  // namespace normfuse
+
+// ---------------------------------------------------------------- module configuration
+#ifndef NORMFUSE_X
+#define NORMFUSE_X __nv_bfloat16
+#endif
+#ifndef NORMFUSE_G
+#define NORMFUSE_G float
+#endif
+// V(threads per row, rows per block, slots per thread); normally passed by plugins/config.py.
+#ifndef NORMFUSE_VARIANTS
+#define NORMFUSE_VARIANTS(V) V(32, 8, 4) V(128, 1, 4) V(256, 1, 4)
+#endif
+
+#define NORMFUSE_KERNEL_NAME(family, TPR, RPB, C) normfuse_##family##_t##TPR##_r##RPB##_c##C

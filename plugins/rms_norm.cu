@@ -1,0 +1,20 @@
+// normfuse::RMSNorm
+//
+//   y = x / sqrt(mean(x^2) + epsilon) * gamma          (over the last axis, statistics in fp32)
+//
+// Inputs x [rows, hidden] and gamma [hidden]; output y, same shape and dtype as x.
+// The row loop, vector access and reductions are in norm_common.cuh.
+#include "norm_common.cuh"
+
+#define NORMFUSE_ENTRY(TPR, RPB, C)                                                            \
+    extern "C" __global__ void __launch_bounds__(TPR * RPB)                                    \
+        NORMFUSE_KERNEL_NAME(rms_norm, TPR, RPB, C)(                                           \
+            const NORMFUSE_X* x, const NORMFUSE_G* gamma, int rows, int hidden, int eps_bits,  \
+            NORMFUSE_X* y) {                                                                   \
+        normfuse::norm_rows<TPR, RPB, C, /*centered=*/false, /*residual=*/false>(              \
+            x, static_cast<const NORMFUSE_X*>(nullptr), gamma,                                 \
+            static_cast<const NORMFUSE_G*>(nullptr), rows, hidden, eps_bits, y,                \
+            static_cast<NORMFUSE_X*>(nullptr));                                                \
+    }
+
+NORMFUSE_VARIANTS(NORMFUSE_ENTRY)

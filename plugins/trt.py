@@ -1,0 +1,173 @@
+"""TensorRT plugins for the normfuse ops, through `tensorrt.plugin` (TensorRT >= 10.9).
+
+Each op is registered as `normfuse::<op name>` (normops.PLUGIN_NAMESPACE, version "1"), the names
+and namespace the rewriter's `tensorrt` target writes into the fused ONNX graph, so TensorRT's ONNX
+parser picks these plugins up. `aot_impl` returns the kernel name, its PTX, the launch parameters
+and the integer arguments, so the kernel is embedded in the engine and serving needs no Python.
+
+Kernel parameter order is TensorRT's: inputs (x, [residual], gamma, [beta]), then the extra
+integer arguments (rows, hidden, epsilon's fp32 bits: extra arguments are integers only), then
+outputs (y, [sum]). `config.launch_config` computes the launch shape, as it does for the launcher.
+
+This module must not use `from __future__ import annotations`: `tensorrt.plugin` reads the
+annotations of the registered functions as objects.
+"""
+from typing import Any
+
+from normops import OPS, PLUGIN_NAMESPACE, SUPPORTED_DTYPES
+
+from . import build, config
+
+# contract dtype -> the name tensorrt.plugin.AutoTuneCombination uses for it
+TRT_TYPE_NAME = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
+
+_registered = False
+
+
+def _dtype_name(trt: Any, dtype: Any) -> str:
+    names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
+    if dtype not in names:
+        raise TypeError(f"normfuse plugins support {SUPPORTED_DTYPES}, got {dtype}")
+    return names[dtype]
+
+
+def type_combinations(op_name: str) -> list[str]:
+    """AutoTuneCombination strings: x-like tensors share one dtype; gamma/beta are it or FP32."""
+    spec = OPS[op_name]
+    out = []
+    for x_dtype in SUPPORTED_DTYPES:
+        for g_dtype in dict.fromkeys((x_dtype, "float32")):
+            types = []
+            for name in spec.all_inputs + spec.outputs:
+                types.append(TRT_TYPE_NAME[g_dtype if name in ("gamma", "beta") else x_dtype])
+            out.append(", ".join(types))
+    return out
+
+
+def _row_count(shape_expr: Any) -> Any:
+    """Product of all dimensions but the last (a symbolic expression when they are dynamic)."""
+    rows: Any = 1
+    for i in range(len(shape_expr) - 1):
+        rows = shape_expr[i] if isinstance(rows, int) and rows == 1 else rows * shape_expr[i]
+    return rows
+
+
+def _constant(expr: Any) -> int | None:
+    try:
+        return int(expr.constant_value()) if expr.is_constant else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def aot_kernel(trtp: Any, trt: Any, op_name: str, x: Any, gamma: Any, epsilon: float) -> tuple:
+    """(kernel name, PTX, KernelLaunchParams, SymIntExprs) for one op instance."""
+    x_dtype = _dtype_name(trt, x.dtype)
+    g_dtype = _dtype_name(trt, gamma.dtype)
+    hidden = _constant(x.shape_expr[len(x.shape_expr) - 1])
+    if hidden is None:
+        hidden = _constant(gamma.shape_expr[0])
+    rows = _row_count(x.shape_expr)
+    cfg = config.launch_config(op_name, x_dtype, rows, hidden)
+    ptx = build.get_ptx(op_name, x_dtype, g_dtype)
+
+    params = trtp.KernelLaunchParams()
+    params.grid_x = cfg.grid
+    params.block_x = cfg.block
+    params.shared_mem = cfg.shared_mem
+    hidden_expr = hidden if hidden is not None else x.shape_expr[len(x.shape_expr) - 1]
+    extra = trtp.SymIntExprs.from_tuple([
+        trtp.SymInt32(rows), trtp.SymInt32(hidden_expr), trtp.SymInt32(config.epsilon_bits(epsilon)),
+    ])
+    return cfg.kernel.encode(), ptx.encode(), params, extra
+
+
+def register_tensorrt_plugins() -> None:
+    """Register RMSNorm, LayerNorm, AddRMSNorm and AddLayerNorm with TensorRT (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as exc:
+        raise ImportError(
+            "normfuse's TensorRT plugins need TensorRT >= 10.9 with its Python bindings "
+            "(pip install tensorrt); without it use the ONNX Runtime path"
+        ) from exc
+    if not hasattr(trtp, "aot_impl"):
+        raise ImportError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl; need >= 10.9")
+
+    from typing import List, Tuple  # noqa: UP035  (tensorrt.plugin matches these annotations)
+
+    TD = trtp.TensorDesc
+    Result = Tuple[Any, Any, trtp.KernelLaunchParams, trtp.SymExprs]
+
+    def tuning(op_name: str):
+        def autotune(*descs: Any) -> List[trtp.AutoTuneCombination]:
+            return [trtp.AutoTuneCombination(types, "LINEAR") for types in type_combinations(op_name)]
+        return autotune
+
+    # RMSNorm: x, gamma -> y
+    name = f"{PLUGIN_NAMESPACE}::RMSNorm"
+
+    @trtp.register(name)
+    def rms_desc(x: TD, gamma: TD, epsilon: float) -> TD:
+        return x.like()
+
+    @trtp.autotune(name)
+    def rms_tune(x: TD, gamma: TD, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
+        return tuning("RMSNorm")()
+
+    @trtp.aot_impl(name)
+    def rms_aot(x: TD, gamma: TD, epsilon: float, outputs: Tuple[TD], tactic: int) -> Result:
+        return aot_kernel(trtp, trt, "RMSNorm", x, gamma, epsilon)
+
+    # LayerNorm: x, gamma, beta -> y
+    name = f"{PLUGIN_NAMESPACE}::LayerNorm"
+
+    @trtp.register(name)
+    def ln_desc(x: TD, gamma: TD, beta: TD, epsilon: float) -> TD:
+        return x.like()
+
+    @trtp.autotune(name)
+    def ln_tune(x: TD, gamma: TD, beta: TD, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
+        return tuning("LayerNorm")()
+
+    @trtp.aot_impl(name)
+    def ln_aot(x: TD, gamma: TD, beta: TD, epsilon: float, outputs: Tuple[TD], tactic: int) -> Result:
+        return aot_kernel(trtp, trt, "LayerNorm", x, gamma, epsilon)
+
+    # AddRMSNorm: x, residual, gamma -> y, sum
+    name = f"{PLUGIN_NAMESPACE}::AddRMSNorm"
+
+    @trtp.register(name)
+    def add_rms_desc(x: TD, residual: TD, gamma: TD, epsilon: float) -> Tuple[TD, TD]:
+        return x.like(), x.like()
+
+    @trtp.autotune(name)
+    def add_rms_tune(x: TD, residual: TD, gamma: TD, outputs: Tuple[TD, TD]) -> List[trtp.AutoTuneCombination]:
+        return tuning("AddRMSNorm")()
+
+    @trtp.aot_impl(name)
+    def add_rms_aot(x: TD, residual: TD, gamma: TD, epsilon: float, outputs: Tuple[TD, TD],
+                    tactic: int) -> Result:
+        return aot_kernel(trtp, trt, "AddRMSNorm", x, gamma, epsilon)
+
+    # AddLayerNorm: x, residual, gamma, beta -> y, sum
+    name = f"{PLUGIN_NAMESPACE}::AddLayerNorm"
+
+    @trtp.register(name)
+    def add_ln_desc(x: TD, residual: TD, gamma: TD, beta: TD, epsilon: float) -> Tuple[TD, TD]:
+        return x.like(), x.like()
+
+    @trtp.autotune(name)
+    def add_ln_tune(x: TD, residual: TD, gamma: TD, beta: TD,
+                    outputs: Tuple[TD, TD]) -> List[trtp.AutoTuneCombination]:
+        return tuning("AddLayerNorm")()
+
+    @trtp.aot_impl(name)
+    def add_ln_aot(x: TD, residual: TD, gamma: TD, beta: TD, epsilon: float, outputs: Tuple[TD, TD],
+                   tactic: int) -> Result:
+        return aot_kernel(trtp, trt, "AddLayerNorm", x, gamma, epsilon)
+
+    _registered = True
