@@ -6,11 +6,11 @@ Importable without TensorRT, a GPU or nvcc:
 - `get_ptx(op, x_dtype, gamma_dtype=None, arch=None)`: the PTX module (nvcc, cached on disk).
 - `register_tensorrt_plugins()`: registers the four ops with `tensorrt.plugin` (imports TensorRT).
 """
-from .build import ARCHES, ToolchainError, get_ptx, ptxas_check, target_arch
+from .build import ARCHES, ToolchainError, get_ptx, ptx_for_launch, ptxas_check, target_arch
 from .config import LaunchConfig, epsilon_bits, kernel_name, launch_config, variants
 from .trt import register_tensorrt_plugins
 
 __all__ = [
-    "ARCHES", "ToolchainError", "get_ptx", "ptxas_check", "target_arch", "LaunchConfig", "epsilon_bits",
+    "ARCHES", "ToolchainError", "get_ptx", "ptx_for_launch", "ptxas_check", "target_arch", "LaunchConfig", "epsilon_bits",
     "kernel_name", "launch_config", "variants", "register_tensorrt_plugins",
 ]

@@ -55,10 +55,18 @@ def _arch_number(arch: str) -> str:
     return number
 
 
-def module_source(op: str, x_dtype: str, gamma_dtype: str | None) -> str:
-    """The translation unit nvcc compiles: the op's .cu with its dtypes and launch variants fixed."""
+def module_source(op: str, x_dtype: str, gamma_dtype: str | None,
+                  variant: tuple[int, int, int] | None = None) -> str:
+    """The translation unit nvcc compiles: the op's .cu with its dtypes and launch variants fixed.
+
+    `variant` (threads per row, rows per block, slots) keeps one entry point; None keeps all.
+    """
     g = config.gamma_dtype_name(x_dtype, gamma_dtype)
-    variants = " ".join(f"V({t}, {r}, {c})" for t, r, c in config.variants(x_dtype))
+    chosen = config.variants(x_dtype) if variant is None else [tuple(variant)]
+    for v in chosen:
+        if v not in config.variants(x_dtype):
+            raise ValueError(f"{v} is not a compiled variant for {x_dtype}")
+    variants = " ".join(f"V({t}, {r}, {c})" for t, r, c in chosen)
     return (f"#define NORMFUSE_X {config.CUDA_TYPE[x_dtype]}\n"
             f"#define NORMFUSE_G {config.CUDA_TYPE[g]}\n"
             f"#define NORMFUSE_VARIANTS(V) {variants}\n"
@@ -95,15 +103,31 @@ def target_arch() -> str:
         return DEFAULT_ARCH
 
 
+def get_ptx(op: str, x_dtype: str, gamma_dtype: str | None = None, arch: str | None = None,
+            variant: tuple[int, int, int] | None = None) -> str:
+    """PTX text of `op`'s module for x in `x_dtype` and gamma/beta in `gamma_dtype` (None: x's).
+
+    With `variant` = (threads per row, rows per block, slots) the module holds only that kernel
+    (what the TensorRT plugin embeds and the launcher loads, see `ptx_for_launch`); without it,
+    every variant of `config.variants` (what the ptxas check assembles).
+    """
+    return _get_ptx(config._spec(op).name, x_dtype, config.gamma_dtype_name(x_dtype, gamma_dtype),
+                    arch or target_arch(), None if variant is None else tuple(variant))
+
+
+def ptx_for_launch(op: str, x_dtype: str, gamma_dtype: str | None, cfg: config.LaunchConfig,
+                   arch: str | None = None) -> str:
+    """The one-kernel module that runs `cfg`."""
+    return get_ptx(op, x_dtype, gamma_dtype, arch, (cfg.threads_per_row, cfg.rows_per_block, cfg.slots))
+
+
 @lru_cache(maxsize=None)
-def get_ptx(op: str, x_dtype: str, gamma_dtype: str | None = None, arch: str | None = None) -> str:
-    """PTX text of `op`'s module for x in `x_dtype` and gamma/beta in `gamma_dtype` (None: x's)."""
-    op = config._spec(op).name
-    arch = arch or target_arch()
+def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, int, int] | None) -> str:
     flags = nvcc_flags(arch)
-    unit = module_source(op, x_dtype, gamma_dtype)
-    g = config.gamma_dtype_name(x_dtype, gamma_dtype)
-    name = f"{config.FAMILY[op]}_{config.SHORT[x_dtype]}_{config.SHORT[g]}_{arch}_{_cache_key(op, unit, flags)}.ptx"
+    unit = module_source(op, x_dtype, g, variant)
+    tag = "all" if variant is None else "t{}_r{}_c{}".format(*variant)
+    name = (f"{config.FAMILY[op]}_{config.SHORT[x_dtype]}_{config.SHORT[g]}_{arch}_{tag}_"
+            f"{_cache_key(op, unit, flags)}.ptx")
     cached = cache_dir() / name
     if cached.exists():
         return cached.read_text()

@@ -68,7 +68,7 @@ def aot_kernel(trtp: Any, trt: Any, op_name: str, x: Any, gamma: Any, epsilon: f
         hidden = _constant(gamma.shape_expr[0])
     rows = _row_count(x.shape_expr)
     cfg = config.launch_config(op_name, x_dtype, rows, hidden)
-    ptx = build.get_ptx(op_name, x_dtype, g_dtype)
+    ptx = build.ptx_for_launch(op_name, x_dtype, g_dtype, cfg)
 
     params = trtp.KernelLaunchParams()
     params.grid_x = cfg.grid

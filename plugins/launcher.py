@@ -1,0 +1,94 @@
+"""Launch the normfuse kernels directly on a GPU, as TensorRT's plugin would.
+
+The launcher loads the PTX that `build.ptx_for_launch` returns and launches it with the
+`config.launch_config` shape and the argument order of `trt.aot_impl` (inputs, rows, hidden,
+epsilon bits, outputs), so the GPU tests prove the kernel TensorRT embeds. It uses CuPy's driver
+bindings for module loading and launches and takes torch CUDA tensors (CuPy has no bfloat16).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import lru_cache
+from typing import Any
+
+from normops import DEFAULT_EPSILON, OPS
+
+from . import build, config
+
+_TORCH_DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+
+
+def dtype_name(tensor: Any) -> str:
+    name = _TORCH_DTYPE_NAMES.get(str(tensor.dtype))
+    if name is None:
+        raise TypeError(f"unsupported dtype {tensor.dtype}")
+    return name
+
+
+@lru_cache(maxsize=None)
+def _function(ptx: str, kernel: str) -> Any:
+    import cupy
+
+    # CuPy loads PTX from a file (the driver JIT-compiles it for the device, as TensorRT does).
+    fd, path = tempfile.mkstemp(suffix=".ptx")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(ptx)
+        module = cupy.RawModule(path=path)
+        return module.get_function(kernel)
+    finally:
+        os.unlink(path)
+
+
+class Launch:
+    """A prepared launch: resolves the kernel once, then `__call__` only enqueues it."""
+
+    def __init__(self, op: str, x_dtype: str, gamma_dtype: str, rows: int, hidden: int,
+                 layout: tuple[int, int] | None = None, arch: str | None = None):
+        self.spec = OPS[op]
+        self.cfg = config.launch_config(op, x_dtype, rows, hidden, layout=layout)
+        self.ptx = build.ptx_for_launch(op, x_dtype, gamma_dtype, self.cfg, arch)
+        self.function = _function(self.ptx, self.cfg.kernel)
+        self.rows, self.hidden = rows, hidden
+
+    def __call__(self, inputs: list[int], outputs: list[int], epsilon: float = DEFAULT_EPSILON,
+                 stream: int = 0) -> None:
+        """Enqueue on `stream` (a cudaStream_t as int). inputs/outputs are device pointers in contract order."""
+        import cupy
+        import numpy as np
+
+        if self.rows == 0:
+            return
+        args = ([np.uint64(p) for p in inputs]
+                + [np.int32(self.rows), np.int32(self.hidden), np.int32(config.epsilon_bits(epsilon))]
+                + [np.uint64(p) for p in outputs])
+        with cupy.cuda.ExternalStream(stream):
+            self.function((int(self.cfg.grid),), (self.cfg.block,), tuple(args), shared_mem=self.cfg.shared_mem)
+
+
+def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[int, int] | None = None,
+        outputs: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
+    """Run op on torch CUDA tensors given in contract order (x, [residual], gamma, [beta]).
+
+    Returns the outputs (y, [sum]) as torch tensors shaped like x. Tensors must be contiguous.
+    """
+    import torch
+
+    spec = OPS[op]
+    names = spec.inputs + (("beta",) if "beta" in spec.optional_inputs else ())
+    if len(inputs) != len(names):
+        raise TypeError(f"{op} takes {names}, got {len(inputs)} tensors")
+    named = dict(zip(names, inputs))
+    x, gamma = named["x"], named["gamma"]
+    hidden = int(x.shape[-1]) if x.dim() else 1
+    rows = x.numel() // hidden if hidden else 0
+    for name, t in named.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if outputs is None:
+        outputs = tuple(torch.empty_like(x) for _ in spec.outputs)
+    launch = Launch(op, dtype_name(x), dtype_name(gamma), rows, hidden, layout=layout)
+    launch([t.data_ptr() for t in inputs], [t.data_ptr() for t in outputs], epsilon,
+           torch.cuda.current_stream().cuda_stream)
+    return outputs
