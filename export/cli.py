@@ -1,6 +1,7 @@
 """Command-line plumbing shared by every stage: user errors become one line and an exit code."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -27,3 +28,20 @@ def run_cli(job) -> int:
               file=sys.stderr)
         return 3
     return int(result or 0)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `normfuse: error: ...` and exit code 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"normfuse: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value

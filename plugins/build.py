@@ -163,3 +163,21 @@ def ptxas_check(ptx: str, arch: str) -> str:
     if result.returncode != 0:
         raise ToolchainError(f"ptxas -arch={arch} failed:\n{result.stderr}")
     return result.stderr
+
+
+def prebuild(arch: str | None = None, jobs: int | None = None, ops=None, dtypes=None) -> int:
+    """Compile every one-kernel module (all ops, dtype pairs, variants) in parallel; returns the count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from normops import OPS, SUPPORTED_DTYPES
+
+    arch = arch or target_arch()
+    work = []
+    for op in ops or OPS:
+        for x in dtypes or SUPPORTED_DTYPES:
+            for g in dict.fromkeys((x, "float32")):
+                for v in config.variants(x):
+                    work.append((op, x, g, arch, v))
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
+        list(pool.map(lambda w: get_ptx(*w), work))
+    return len(work)

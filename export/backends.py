@@ -1,0 +1,194 @@
+"""Runners: one interface over the engines that can execute a graph, and what is present here.
+
+A runner is built from a model path and has `run(feeds) -> dict[name, ndarray]`. Heavy or
+optional libraries are imported only when a runner needs them, so this module imports anywhere.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
+ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class Availability:
+    present: bool
+    reason: str = ""  # why not, when absent
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def availability(backend: str) -> Availability:
+    """Whether `backend` can run on this machine, and if not, why in one sentence."""
+    if backend == "ort-cpu":
+        return Availability(True)
+    if backend == "ort-cuda":
+        if "CUDAExecutionProvider" not in ort_providers():
+            return Availability(False, "onnxruntime has no CUDAExecutionProvider (install the `gpu` extra: "
+                                       "pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
+        if shutil.which("nvidia-smi") is None:
+            return Availability(False, "onnxruntime-gpu is installed but no NVIDIA GPU is visible")
+        return Availability(True)
+    if backend == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return Availability(False, "TensorRT is not installed (pip install tensorrt on a machine with an "
+                                       "NVIDIA GPU; see README 'Adding TensorRT')")
+        if shutil.which("nvidia-smi") is None:
+            return Availability(False, "TensorRT is installed but no NVIDIA GPU is visible")
+        return Availability(True)
+    raise ValueError(backend)
+
+
+def gpu_present() -> Availability:
+    if shutil.which("nvidia-smi") is None:
+        return Availability(False, "no NVIDIA GPU on this machine (nvidia-smi not found)")
+    return Availability(True)
+
+
+def resolve_backends(requested: str) -> tuple[list[str], list[dict]]:
+    """The backends to run for `--backend requested`, and the skipped ones as {stage, reason}."""
+    if requested == "auto":
+        chosen, skipped = ["ort-cpu"], []
+        for backend in ("ort-cuda", "tensorrt"):
+            state = availability(backend)
+            if state.present:
+                chosen.append(backend)
+            else:
+                skipped.append({"stage": f"{backend} build, validation and bench", "reason": state.reason})
+        return chosen, skipped
+    state = availability(requested)
+    if not state.present:
+        from .errors import NormfuseError
+
+        raise NormfuseError(f"--backend {requested} cannot run here: {state.reason}")
+    return (["ort-cpu", requested] if requested != "ort-cpu" else ["ort-cpu"]), []
+
+
+class OrtRunner:
+    """An ONNX Runtime session on one provider; outputs as numpy arrays by name."""
+
+    def __init__(self, model_path: str | Path, backend: str = "ort-cpu", profile_prefix: str | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        _refuse_plugin_ops(model_path, backend)
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=[ORT_PROVIDERS[backend]])
+        except Exception as exc:
+            from .errors import NormfuseError
+
+            raise NormfuseError(f"{model_path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.name = backend
+
+    def run(self, feeds: dict) -> dict:
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+    def end_profiling(self) -> str:
+        return self.session.end_profiling()
+
+
+def _refuse_plugin_ops(model_path, backend: str) -> None:
+    """normfuse ops are TensorRT plugins; ONNX Runtime cannot run them, so say that plainly."""
+    import onnx
+
+    from normops import DOMAIN
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    if any(node.domain == DOMAIN for node in model.graph.node):
+        from .errors import NormfuseError
+
+        raise NormfuseError(f"{model_path}: holds normfuse plugin ops (the tensorrt target), which {backend} cannot "
+                            "run; rewrite with --target onnxruntime, or validate with --backend onnx-reference")
+
+
+class ReferenceRunner:
+    """onnx's reference evaluator with the normfuse ops implemented by the normops references.
+
+    Slow but exact and dtype-complete (bfloat16 included): it checks the TensorRT-target graph
+    on a machine that has no TensorRT, using the very definitions the kernels are tested against.
+    """
+
+    def __init__(self, model_path: str | Path):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        model = onnx.load(str(model_path))
+        self.evaluator = ReferenceEvaluator(model, new_ops=_normfuse_reference_ops())
+        self.output_names = [o.name for o in model.graph.output]
+        self.name = "onnx-reference"
+
+    def run(self, feeds: dict) -> dict:
+        return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
+
+
+def _normfuse_reference_ops():
+    from onnx.reference.op_run import OpRun
+
+    from normops import DOMAIN, OPS, run_reference
+
+    def make(spec):
+        def _run(self, *inputs, epsilon=1e-5, plugin_namespace=None, plugin_version=None):
+            named = dict(zip(spec.all_inputs, inputs))
+            x_dtype = inputs[0].dtype
+            return tuple(out.astype(x_dtype) for out in run_reference(spec.name, named, epsilon))
+
+        return type(spec.name, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
+
+    return [make(spec) for spec in OPS.values()]
+
+
+def make_runner(model_path: str | Path, backend: str):
+    if backend in ORT_PROVIDERS:
+        return OrtRunner(model_path, backend)
+    if backend == "onnx-reference":
+        return ReferenceRunner(model_path)
+    if backend == "tensorrt":
+        from .tensorrt_engine import TensorRTRunner  # noqa: F401  (needs TensorRT)
+
+        return TensorRTRunner(model_path)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def random_feeds(model_path: str | Path, batch: int, seq: int, seed: int = 0) -> dict:
+    """Random inputs for every graph input, with symbolic dims bound to batch and seq."""
+    import onnx
+
+    from normops import numpy_dtype
+
+    from .rewrite.checks import FLOAT_TYPES
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        ttype = value.type.tensor_type
+        dims = []
+        for i, d in enumerate(ttype.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            else:
+                dims.append(batch if i == 0 else seq)
+        dtype = numpy_dtype(FLOAT_TYPES[ttype.elem_type])
+        feeds[value.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds

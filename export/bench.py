@@ -1,0 +1,75 @@
+"""Stage 4b: latency, throughput, peak memory and op-class shares, reference vs fused.
+
+    python -m export.bench reference.onnx fused.onnx [--backend ort-cpu] [--batch 1 --seq 128] [--runs 100]
+
+Each graph is measured in a fresh process (export.bench_worker), one after the other, so one
+graph's allocations cannot hide in the other's and neither inherits a warm allocator.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import NormfuseError
+
+
+def bench_graph(model: Path, graph: str, backend: str, batch: int, seq: int, runs: int, warmup: int,
+                norm_nodes: list[str] | None = None, profile_runs: int = 10) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "export.bench_worker", str(model), "--backend", backend, "--batch", str(batch),
+               "--seq", str(seq), "--runs", str(runs), "--warmup", str(warmup), "--profile-runs", str(profile_runs),
+               "--json", str(out)]
+        if norm_nodes:
+            names = Path(tmp) / "norm_nodes.json"
+            names.write_text(json.dumps(norm_nodes))
+            cmd += ["--norm-nodes", str(names)]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise NormfuseError(f"{model}: benchmark on {backend} failed: {tail}")
+        result = json.loads(out.read_text())
+    result.update(graph=graph, model=str(model), file_size_mb=round(model.stat().st_size / 2**20, 3),
+                  nodes=_node_count(model))
+    return result
+
+
+def _node_count(model: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(model), load_external_data=False).graph.node)
+
+
+def main(argv=None) -> int:
+    from .cli import run_cli
+    from .files import write_json
+
+    parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("reference")
+    parser.add_argument("fused")
+    parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--json", help="write results as JSON")
+    args = parser.parse_args(argv)
+
+    def job():
+        results = [bench_graph(Path(p), g, args.backend, args.batch, args.seq, args.runs, args.warmup)
+                   for g, p in (("reference", args.reference), ("fused", args.fused))]
+        for r in results:
+            print(f"{r['graph']:9s} {r['backend']}: p50 {r['latency_ms']['p50']:.3f} ms  p99 {r['latency_ms']['p99']:.3f} ms"
+                  f"  peak {r['peak_memory_mb']:.1f} MB  nodes {r['nodes']}")
+        if args.json:
+            write_json(args.json, results)
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""The whole chain in one command: export, rewrite, build, validate, bench, report.
+
+    python -m export.build --norm rmsnorm            # LLaMA-style `small` stack on ONNX Runtime
+    python -m export.build --norm layernorm --preset tiny --backend ort-cpu
+
+With no GPU it runs on ONNX Runtime's CPU provider and lists every GPU stage it skipped, and why.
+Exit status: 0 when every validation passed, 1 when one failed, 2 for bad flags.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from models import PRESET_NAMES, count_norms, preset
+
+from .backends import BACKENDS, availability, gpu_present, resolve_backends
+from .cli import Parser, positive_int, run_cli
+from .errors import NormfuseError, UsageError
+from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
+from .report import print_summary, write_report
+
+VALIDATION_SHAPES = [(1, 16)]  # plus the bench shape
+
+
+def parse_args(argv=None):
+    parser = Parser(prog="python -m export.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True,
+                        help="rmsnorm: LLaMA-style stack; layernorm: GPT-style stack")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="small")
+    parser.add_argument("--layers", type=positive_int)
+    parser.add_argument("--hidden", type=positive_int)
+    parser.add_argument("--heads", type=positive_int)
+    parser.add_argument("--ffn", type=positive_int)
+    parser.add_argument("--batch", type=positive_int, default=1, help="benchmark batch size")
+    parser.add_argument("--seq", type=positive_int, default=128, help="benchmark sequence length")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
+    parser.add_argument("--decomposed-layernorm", action="store_true",
+                        help="write LayerNorm out in elementary ops instead of F.layer_norm")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--runs", type=positive_int, default=100, help="timed runs per graph")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", help="output folder (default build/<preset>-<norm>)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 17 <= args.opset <= 23:
+        parser.error(f"argument --opset: {args.opset} is outside the supported range 17..23")
+    return args
+
+
+class Pipeline:
+    def __init__(self, args, console):
+        self.args = args
+        self.console = console
+        self.stage_seconds: dict[str, float] = {}
+        self.skipped: list[dict] = []
+        self.step = 0
+
+    @contextmanager
+    def stage(self, name: str, what: str):
+        self.step += 1
+        started = time.perf_counter()
+        with self.console.status(f"[{self.step}] {what} ..."):
+            yield
+        seconds = time.perf_counter() - started
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
+        self.console.print(f"[green]done[/] [{self.step}] {what} ({seconds:.1f} s)")
+
+    def run(self) -> int:
+        a = self.args
+        try:
+            config = preset(a.preset, a.norm, layers=a.layers, hidden=a.hidden, heads=a.heads, ffn=a.ffn,
+                            dtype=a.dtype, decomposed_layernorm=a.decomposed_layernorm or None)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        out = Path(a.out or f"build/{a.preset}-{a.norm}")
+        backends, self.skipped = resolve_backends(a.backend)
+        reference, fused, fused_trt = out / "reference.onnx", out / "fused.onnx", out / "fused-tensorrt.onnx"
+
+        with self.stage("export", f"export {a.preset} {config.norm} stack ({config.layers} layers, {a.dtype}) with {a.exporter}"):
+            export_model(config, reference, exporter=a.exporter, opset=a.opset, seed=a.seed)
+        from .rewrite import rewrite_file
+
+        with self.stage("rewrite", "rewrite norms (onnxruntime and tensorrt targets)"):
+            rewrite = rewrite_file(reference, fused, target="onnxruntime")
+            rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt")
+        self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT {rewrite_trt.counts}, "
+                           f"{rewrite.fused} for ONNX Runtime {rewrite.counts}")
+
+        validation = self.validate(reference, fused, fused_trt, backends, config.dtype)
+        bench = self.bench(reference, fused, backends, config.dtype, rewrite_trt)
+        self.note_gpu_stages(backends)
+
+        report = {
+            "config": {**config.as_dict(), "preset": a.preset, "batch": a.batch, "seq": a.seq, "opset": a.opset,
+                       "exporter": a.exporter, "backend": a.backend, "backends_run": backends, "seed": a.seed,
+                       "runs": a.runs, "warmup": a.warmup},
+            "rewrite": {"fused": rewrite_trt.fused, "expected_norms": count_norms(config)[0],
+                        "counts": rewrite_trt.counts, "rejected": [r.__dict__ for r in rewrite_trt.rejected],
+                        "nodes_before": rewrite_trt.nodes_before, "nodes_after": rewrite_trt.nodes_after,
+                        "tensorrt": rewrite_trt.as_dict(), "onnxruntime": rewrite.as_dict()},
+            "validation": validation,
+            "bench": bench,
+            "skipped": self.skipped,
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "environment": environment(),
+            "files": {"reference": str(reference), "fused": str(fused), "fused_tensorrt": str(fused_trt)},
+        }
+        with self.stage("report", "write report.json, report.md, report.png"):
+            paths = write_report(report, out)
+        print_summary(report, self.console)
+        self.console.print(f"report: {paths['md']} (also {paths['json'].name}, {paths['png'].name})")
+        if not all(p["passed"] for p in validation):
+            self.console.print("[red]validation FAILED[/]: the fused graph does not match the reference")
+            return 1
+        return 0
+
+    def validate(self, reference, fused, fused_trt, backends, dtype) -> list[dict]:
+        from .validate import Side, compare
+
+        a = self.args
+        shapes = VALIDATION_SHAPES + [(a.batch, a.seq)]
+        pairs = []
+        with self.stage("validate", f"validate fused vs reference at {', '.join(f'{b}x{s}' for b, s in shapes)}"):
+            # The TensorRT-target graph, with normfuse ops evaluated by the normops references.
+            pairs += compare(Side(reference, "onnx-reference", "reference"), Side(fused_trt, "onnx-reference", "fused-tensorrt"),
+                             VALIDATION_SHAPES, dtype, seed=a.seed)
+            for backend in (b for b in backends if b.startswith("ort-")):
+                if dtype == "bfloat16" and backend == "ort-cpu":
+                    self.skipped.append({"stage": "ort-cpu validation", "reason": "ONNX Runtime's CPU provider has no "
+                                         "bfloat16 kernels (MatMul, Mul); the graphs were checked with the onnx reference evaluator"})
+                    continue
+                pairs += compare(Side(reference, backend, "reference"), Side(fused, backend, "fused"), shapes, dtype, seed=a.seed)
+        return pairs
+
+    def bench(self, reference, fused, backends, dtype, rewrite_trt) -> list[dict]:
+        from .bench import bench_graph
+
+        a = self.args
+        norm_nodes = [n for f in rewrite_trt.fusions for n in f.nodes_removed]
+        results = []
+        for backend in (b for b in backends if b.startswith("ort-")):
+            if dtype == "bfloat16" and backend == "ort-cpu":
+                self.skipped.append({"stage": "ort-cpu bench", "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
+                continue
+            with self.stage("bench", f"bench on {backend} at {a.batch}x{a.seq}, {a.runs} runs per graph"):
+                results.append(bench_graph(reference, "reference", backend, a.batch, a.seq, a.runs, a.warmup, norm_nodes))
+                results.append(bench_graph(fused, "fused", backend, a.batch, a.seq, a.runs, a.warmup))
+        return results
+
+    def note_gpu_stages(self, backends) -> None:
+        gpu = gpu_present()
+        if not gpu.present:
+            self.skipped.append({"stage": "CUDA kernel tests and benchmark", "reason": gpu.reason})
+        if "tensorrt" not in backends and not any("tensorrt" in s["stage"] for s in self.skipped):
+            state = availability("tensorrt")
+            self.skipped.append({"stage": "tensorrt build, validation and bench",
+                                 "reason": state.reason or f"not requested (--backend {self.args.backend})"})
+        if "ort-cuda" not in backends and not any("ort-cuda" in s["stage"] for s in self.skipped):
+            state = availability("ort-cuda")
+            self.skipped.append({"stage": "ort-cuda validation and bench",
+                                 "reason": state.reason or f"not requested (--backend {self.args.backend})"})
+
+
+def environment() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+            "ort_providers": ",".join(onnxruntime.get_available_providers())}
+
+
+def main(argv=None) -> int:
+    from rich.console import Console
+
+    args = parse_args(argv)
+    import sys
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+    return run_cli(lambda: Pipeline(args, console).run())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

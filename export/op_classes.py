@@ -1,0 +1,75 @@
+"""Where time and FLOPs go, per op class, from ONNX Runtime's profiler.
+
+Classes: `matmul` (matrix products), `norm` (normalisation: the fused ops, and in the reference
+graph the nodes the rewriter fused away, residual Adds included) and `elementwise` (everything
+else: activations, attention's softmax, rotary, reshapes). FLOPs are counted from the shapes the
+profiler records: 2*M*N*K for a matrix product, one per output element for element-wise nodes,
+and per element of a norm: 4 (RMS) or 7 (LayerNorm) plus 1 for a residual Add. They are an
+estimate of arithmetic, not of the hardware's work.
+"""
+from __future__ import annotations
+
+import json
+from math import prod
+
+MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "Conv", "QLinearMatMul", "Attention",
+              "MultiHeadAttention", "GroupQueryAttention"}
+NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization", "RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm"}
+NORM_FLOPS_PER_ELEMENT = {"RMSNormalization": 4, "SimplifiedLayerNormalization": 4, "RMSNorm": 4,
+                          "SkipSimplifiedLayerNormalization": 5, "AddRMSNorm": 5, "LayerNormalization": 7,
+                          "LayerNorm": 7, "SkipLayerNormalization": 8, "AddLayerNorm": 8}
+CLASSES = ("matmul", "norm", "elementwise")
+
+
+def classify(op_type: str, node_name: str, norm_nodes: set[str]) -> str:
+    if op_type in MATMUL_OPS:
+        return "matmul"
+    if op_type in NORM_OPS or node_name in norm_nodes:
+        return "norm"
+    return "elementwise"
+
+
+def node_flops(op_type: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
+    out = outputs[0] if outputs else []
+    elements = prod(out) if out else 0
+    if op_type in ("MatMul", "FusedMatMul", "Gemm") and inputs and inputs[0]:
+        return 2.0 * elements * inputs[0][-1]
+    if op_type in NORM_FLOPS_PER_ELEMENT:
+        return float(NORM_FLOPS_PER_ELEMENT[op_type] * elements)
+    if op_type.startswith("Reduce") and inputs and inputs[0]:
+        return float(prod(inputs[0]))
+    return float(elements)
+
+
+def summarise_profile(profile_path: str, norm_nodes: set[str], runs: int) -> dict:
+    """Per class: time_ms per run, flops per run, node count, and each as a share of the total."""
+    with open(profile_path) as f:
+        events = json.load(f)
+    totals = {c: {"time_ms": 0.0, "flops": 0.0, "kernels": 0} for c in CLASSES}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        args = event.get("args", {})
+        op_type = args.get("op_name", "")
+        node_name = event["name"][: -len("_kernel_time")]
+        cls = classify(op_type, node_name, norm_nodes)
+        shapes_in = [_first_shape(s) for s in args.get("input_type_shape", [])]
+        shapes_out = [_first_shape(s) for s in args.get("output_type_shape", [])]
+        totals[cls]["time_ms"] += event.get("dur", 0) / 1000.0 / runs
+        totals[cls]["flops"] += node_flops(op_type, shapes_in, shapes_out) / runs
+        totals[cls]["kernels"] += 1
+    time_total = sum(t["time_ms"] for t in totals.values()) or 1.0
+    flops_total = sum(t["flops"] for t in totals.values()) or 1.0
+    for t in totals.values():
+        t["kernels"] = round(t["kernels"] / runs)
+        t["time_share"] = t["time_ms"] / time_total
+        t["flop_share"] = t["flops"] / flops_total
+    return totals
+
+
+def _first_shape(entry) -> list[int]:
+    """Profiler shape entries look like {"float": [1, 128, 512]}."""
+    if isinstance(entry, dict) and entry:
+        return list(next(iter(entry.values())))
+    return []

@@ -1,0 +1,138 @@
+"""Stage 5: the report: a table on the terminal, report.json, report.md and report.png."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .files import atomic_path, write_json, write_text
+
+
+def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "report.png"}
+    write_json(paths["json"], report)
+    write_text(paths["md"], markdown(report))
+    plot(report, paths["png"])
+    return paths
+
+
+def _bench_pairs(report: dict):
+    """(backend, reference result, fused result) for each backend benchmarked."""
+    by_backend: dict[str, dict] = {}
+    for result in report.get("bench", []):
+        by_backend.setdefault(result["backend"], {})[result["graph"]] = result
+    for backend, graphs in by_backend.items():
+        if "reference" in graphs and "fused" in graphs:
+            yield backend, graphs["reference"], graphs["fused"]
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    rw = report["rewrite"]
+    lines = [f"# normfuse report: {cfg['norm']} `{cfg['preset']}` ({cfg['dtype']})", "",
+             f"{cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, ffn {cfg['ffn']}; "
+             f"exporter {cfg['exporter']}, opset {cfg['opset']}; bench shape {cfg['batch']}x{cfg['seq']}.", "",
+             "## Rewrite", "",
+             f"Fused {rw['fused']} of {rw['expected_norms']} norms ({rw['counts']}), "
+             f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected.", ""]
+    for r in rw["rejected"]:
+        lines.append(f"- rejected `{r['pattern']}` at `{r['output']}`: {r['reason']}")
+    lines += ["", "## Validation", "", "| reference | candidate | shape | output | max abs | max rel | tolerance | result |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for pair in report["validation"]:
+        for name, s in pair["outputs"].items():
+            lines.append(f"| {pair['reference']} | {pair['candidate']} | {pair['shape'][0]}x{pair['shape'][1]} | {name} | "
+                         f"{s['max_abs']:.3g} | {s['max_rel']:.3g} | atol {s['atol']:g}, rtol {s['rtol']:g} | "
+                         f"{'pass' if s['passed'] else '**FAIL**'} |")
+    lines += ["", "## Benchmark", "", "| backend | graph | p50 ms | p99 ms | tokens/s | peak MB | nodes | file MB |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["bench"]:
+        lines.append(f"| {r['backend']} | {r['graph']} | {r['latency_ms']['p50']:.3f} | {r['latency_ms']['p99']:.3f} | "
+                     f"{r['throughput_tokens_per_s']:.0f} | {r['peak_memory_mb']:.1f} | {r['nodes']} | {r['file_size_mb']:.2f} |")
+    for backend, ref, fused in _bench_pairs(report):
+        speedup = ref["latency_ms"]["p50"] / fused["latency_ms"]["p50"]
+        lines += ["", f"p50 speed-up of fused over reference on {backend}: **{speedup:.2f}x**."]
+        lines += ["", f"### Where the time goes ({backend}, share of FLOPs vs share of runtime)", "",
+                  "| class | graph | FLOP share | time share | ms per run | kernels per run |", "| --- | --- | --- | --- | --- | --- |"]
+        for label, result in (("reference", ref), ("fused", fused)):
+            for cls, c in (result.get("op_classes") or {}).items():
+                lines.append(f"| {cls} | {label} | {c['flop_share']:.1%} | {c['time_share']:.1%} | {c['time_ms']:.3f} | {c['kernels']} |")
+    lines += ["", "## Skipped", ""]
+    lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
+    lines += ["", "## Stage times", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report["stage_seconds"].items()]
+    env = report.get("environment", {})
+    lines += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(_bench_pairs(report))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    labels = [b for b, _, _ in pairs]
+    xs = range(len(labels))
+    for offset, key in ((-0.2, "reference"), (0.2, "fused")):
+        p50 = [(r if key == "reference" else f)["latency_ms"]["p50"] for _, r, f in pairs]
+        p99 = [(r if key == "reference" else f)["latency_ms"]["p99"] for _, r, f in pairs]
+        bars = ax.bar([x + offset for x in xs], p50, width=0.4, label=f"{key} p50")
+        ax.errorbar([x + offset for x in xs], p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99)]],
+                    fmt="none", ecolor="black", capsize=4)
+        ax.bar_label(bars, fmt="%.2f")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("latency (ms), whisker to p99")
+    ax.set_title("Latency, reference vs fused")
+    ax.legend()
+
+    ax = axes[1]
+    rows = [(f"{label}\n{b}", res) for b, r, f in pairs for label, res in (("ref", r), ("fused", f))]
+    bottoms = [0.0] * len(rows)
+    for cls, colour in (("matmul", "#4c72b0"), ("norm", "#dd8452"), ("elementwise", "#55a868")):
+        values = [((res.get("op_classes") or {}).get(cls) or {}).get("time_ms", 0.0) for _, res in rows]
+        ax.bar(range(len(rows)), values, bottom=bottoms, color=colour, label=cls)
+        bottoms = [a + b for a, b in zip(bottoms, values)]
+    ax.set_xticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_ylabel("kernel time per run (ms, profiler)")
+    ax.set_title("Where the time goes")
+    ax.legend()
+    cfg = report["config"]
+    fig.suptitle(f"normfuse: {cfg['norm']} {cfg['preset']} {cfg['dtype']}, {cfg['batch']}x{cfg['seq']}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def print_summary(report: dict, console) -> None:
+    from rich.table import Table
+
+    rw = report["rewrite"]
+    console.print(f"[bold]rewrite[/]: fused {rw['fused']}/{rw['expected_norms']} norms {rw['counts']}, "
+                  f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected")
+    table = Table(title="validation (per output, against the dtype's graph tolerance)")
+    for col in ("reference", "candidate", "shape", "max abs", "max rel", "result"):
+        table.add_column(col)
+    for pair in report["validation"]:
+        for name, s in pair["outputs"].items():
+            table.add_row(pair["reference"], pair["candidate"], f"{pair['shape'][0]}x{pair['shape'][1]}",
+                          f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}", "[green]pass" if s["passed"] else "[red]FAIL")
+    console.print(table)
+    table = Table(title="benchmark (each graph in its own process)")
+    for col in ("backend", "graph", "p50 ms", "p99 ms", "tokens/s", "peak MB", "nodes", "norm time", "norm FLOPs"):
+        table.add_column(col, justify="right")
+    for r in report["bench"]:
+        norm = (r.get("op_classes") or {}).get("norm") or {}
+        table.add_row(r["backend"], r["graph"], f"{r['latency_ms']['p50']:.3f}", f"{r['latency_ms']['p99']:.3f}",
+                      f"{r['throughput_tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.1f}", str(r["nodes"]),
+                      f"{norm.get('time_share', 0):.1%}", f"{norm.get('flop_share', 0):.2%}")
+    console.print(table)
+    for backend, ref, fused in _bench_pairs(report):
+        console.print(f"[bold]{backend}[/]: fused p50 is {ref['latency_ms']['p50'] / fused['latency_ms']['p50']:.2f}x "
+                      f"the reference's speed; peak memory {ref['peak_memory_mb']:.1f} -> {fused['peak_memory_mb']:.1f} MB")
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
+    console.print(f"[bold]stage times[/]: {times}")
+    for s in report["skipped"]:
+        console.print(f"[yellow]skipped[/] {s['stage']}: {s['reason']}")

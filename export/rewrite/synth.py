@@ -1,0 +1,204 @@
+"""Norm subgraphs as exporters write them, and near-misses, built directly with onnx.helper.
+
+Tests, property-based runs and benchmarks describe a graph with a `NormSpec` and get a small
+model whose output is the norm (and, with a residual, the sum when something else uses it).
+Every spelling the rewriter knows is a field value here, so a test reads as the variant it covers:
+
+    NormSpec(kind="rms", dtype="float16", casts="llama", square="mul", inverse="div")
+
+A `mutation` turns the norm into a near-miss that must not be fused as a norm over the last
+axis: the wrong axis, keepdims 0, two axes, Pow 3, epsilon as an input, a shared intermediate, a
+scale that broadcasts over more than the last axis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from normops import numpy_dtype
+
+ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+KINDS = ("rms", "layer")
+SQUARES = ("pow", "mul")
+INVERSES = ("sqrt_reciprocal", "div", "one_div", "pow")  # Sqrt+Reciprocal+Mul, x/Sqrt, Div(1,Sqrt)+Mul, Pow(-0.5)+Mul
+# Where the fp32 island of a half-precision norm ends: llama casts back before the scale, t5 also
+# casts x twice (once for the statistics, once for the product), nn.RMSNorm scales in fp32 and then casts.
+CASTS = ("none", "llama", "scale_then_cast", "t5")
+SCALES = ("none", "right", "left", "gemma", "cast_w")
+RESIDUALS = ("none", "private", "exposed")
+MUTATIONS = (None, "wrong_axis", "keepdims0", "two_axes", "pow3", "eps_input", "shared", "broadcast_scale")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    kind: str = "rms"
+    dtype: str = "float32"
+    square: str = "pow"
+    inverse: str = "sqrt_reciprocal"
+    casts: str = "none"  # only meaningful for float16/bfloat16
+    scale: str = "right"
+    bias: bool = True  # LayerNorm only
+    residual: str = "none"
+    axes_input: bool = True  # opset >= 18 ReduceMean takes axes as an input
+    positive_axis: bool = False
+    epsilon: float = 1e-5
+    hidden: int = 16
+    mutation: str | None = None
+
+    @property
+    def opset(self) -> int:
+        return 18 if self.axes_input else 17
+
+    @property
+    def stats_dtype(self) -> str:
+        return "float32" if self.casts != "none" and self.dtype != "float32" else self.dtype
+
+    def describe(self) -> str:
+        fields = [self.kind, self.dtype, self.square, self.inverse, f"casts={self.casts}", f"scale={self.scale}",
+                  f"residual={self.residual}", "axes=input" if self.axes_input else "axes=attr"]
+        if self.kind == "layer":
+            fields.append(f"bias={self.bias}")
+        if self.positive_axis:
+            fields.append("axis=+")
+        if self.mutation:
+            fields.append(f"mutation={self.mutation}")
+        return " ".join(fields)
+
+
+class _Builder:
+    def __init__(self, prefix: str = ""):
+        self.nodes, self.inits, self.prefix, self.count = [], [], prefix, 0
+
+    def name(self, stem: str) -> str:
+        self.count += 1
+        return f"{self.prefix}{stem}_{self.count}"
+
+    def const(self, value, dtype) -> str:
+        name = self.name("c")
+        self.inits.append(numpy_helper.from_array(np.asarray(value).astype(numpy_dtype(dtype)), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out + "_node", **attrs))
+        return out
+
+
+def _mean(b: _Builder, spec: NormSpec, t: str, rank: int) -> str:
+    axis = rank - 1 if spec.positive_axis else -1
+    axes, keepdims = [axis], 1
+    if spec.mutation == "wrong_axis":
+        axes = [1]
+    elif spec.mutation == "two_axes":
+        axes = [-2, -1]
+    elif spec.mutation == "keepdims0":
+        keepdims = 0
+    if spec.axes_input:
+        return b.op("ReduceMean", t, b.const(np.array(axes, dtype=np.int64), "int64"), keepdims=keepdims)
+    return b.op("ReduceMean", t, axes=axes, keepdims=keepdims)
+
+
+def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict | None = None) -> tuple[str, list[str]]:
+    """Append the norm of `x` to `b`; returns (y, extra graph outputs). `weights` names given gamma/beta."""
+    d, s = spec.dtype, spec.stats_dtype
+    weights = weights or {}
+    t = b.op("Cast", x, to=ONNX_TYPES[s]) if s != d else x
+    extra = []
+    if spec.kind == "layer":
+        t = b.op("Sub", t, _mean(b, spec, t, rank))
+    if spec.square == "pow":
+        sq = b.op("Pow", t, b.const(3.0 if spec.mutation == "pow3" else 2.0, s))
+    else:
+        sq = b.op("Mul", t, t)
+    if spec.casts == "t5" and s != d and spec.kind == "rms":  # T5 casts x again for the product
+        t = b.op("Cast", x, to=ONNX_TYPES[s])
+    var = _mean(b, spec, sq, rank)
+    if spec.mutation == "shared":
+        extra.append(var)
+    eps = "epsilon_input" if spec.mutation == "eps_input" else b.const(spec.epsilon, s)
+    plus = b.op("Add", var, eps)
+    if spec.inverse == "div":
+        normed = b.op("Div", t, b.op("Sqrt", plus))
+    elif spec.inverse == "sqrt_reciprocal":
+        normed = b.op("Mul", t, b.op("Reciprocal", b.op("Sqrt", plus)))
+    elif spec.inverse == "one_div":
+        normed = b.op("Mul", t, b.op("Div", b.const(1.0, s), b.op("Sqrt", plus)))
+    else:
+        normed = b.op("Mul", t, b.op("Pow", plus, b.const(-0.5, s)))
+
+    hidden = spec.hidden
+    rng = np.random.default_rng(hidden)
+    w_dtype = d if spec.casts in ("none", "llama", "t5") else s
+    y = normed
+    if spec.casts in ("llama", "t5") and s != d:
+        y = b.op("Cast", y, to=ONNX_TYPES[d])
+    if spec.scale != "none":
+        w_shape = (5, hidden) if spec.mutation == "broadcast_scale" else (hidden,)
+        w = weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), w_dtype)
+        if spec.scale == "gemma":
+            w = b.op("Add", b.const(1.0, w_dtype), w)
+        elif spec.scale == "cast_w":
+            w_half = weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), d)
+            w = b.op("Cast", w_half, to=ONNX_TYPES[w_dtype]) if w_dtype != d else w_half
+        y = b.op("Mul", w, y) if spec.scale == "left" else b.op("Mul", y, w)
+    if spec.kind == "layer" and spec.bias:
+        beta = weights.get("beta") or b.const(rng.uniform(-0.5, 0.5, (hidden,)), w_dtype)
+        y = b.op("Add", y, beta)
+    if spec.casts == "scale_then_cast" and s != d:
+        y = b.op("Cast", y, to=ONNX_TYPES[d])
+    return y, extra
+
+
+def build(spec: NormSpec, leading: tuple[int, ...] = (2, 5)) -> onnx.ModelProto:
+    """A model computing the norm described by `spec` on input `x` (and `r` with a residual)."""
+    b = _Builder()
+    d = spec.dtype
+    shape = list(leading) + [spec.hidden]
+    if spec.mutation == "keepdims0":  # a keepdims-0 mean of shape [2, H] broadcasts against [2, H, H]
+        shape = [2, spec.hidden, spec.hidden]
+    inputs = [helper.make_tensor_value_info("x", ONNX_TYPES[d], shape)]
+    x = "x"
+    outputs = []
+    if spec.residual != "none":
+        inputs.append(helper.make_tensor_value_info("r", ONNX_TYPES[d], shape))
+        x = b.op("Add", "x", "r")
+    if spec.mutation == "eps_input":
+        inputs.append(helper.make_tensor_value_info("epsilon_input", ONNX_TYPES[spec.stats_dtype], []))
+    y, extra = norm_subgraph(b, spec, x, len(shape))
+    outputs.append(helper.make_tensor_value_info(y, ONNX_TYPES[d], None))
+    if spec.residual == "exposed":
+        outputs.append(helper.make_tensor_value_info(b.op("Relu", x), ONNX_TYPES[d], None))
+    outputs += [helper.make_tensor_value_info(e, ONNX_TYPES[spec.stats_dtype], None) for e in extra]
+    graph = helper.make_graph(b.nodes, "norm", inputs, outputs, initializer=b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)], ir_version=9)
+
+
+def expected_fusions(spec: NormSpec) -> int:
+    """How many norms a correct rewriter fuses in `build(spec)` (0 for a near-miss)."""
+    return 0 if spec.mutation not in (None, "broadcast_scale") else 1
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        ttype = value.type.tensor_type
+        dims = [d.dim_value for d in ttype.shape.dim]
+        dtype = numpy_dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+                            if ttype.elem_type != TensorProto.BFLOAT16 else "bfloat16")
+        values = rng.standard_normal(dims) + 0.3 if value.name != "epsilon_input" else np.array(1e-5)
+        feeds[value.name] = np.asarray(values).astype(dtype)
+    return feeds
+
+
+def variants(kind: str, dtype: str = "float32", **fixed) -> list[NormSpec]:
+    """One spec per structural spelling of `kind` (square x inverse x scale), for table-driven tests."""
+    out = []
+    for square in SQUARES:
+        for inverse in INVERSES:
+            for scale in SCALES:
+                out.append(replace(NormSpec(kind=kind, dtype=dtype, square=square, inverse=inverse, scale=scale), **fixed))
+    return out
