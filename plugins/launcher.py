@@ -36,7 +36,9 @@ def _function(ptx: str, kernel: str) -> Any:
         with os.fdopen(fd, "w") as f:
             f.write(ptx)
         module = cupy.RawModule(path=path)
-        return module.get_function(kernel)
+        function = module.get_function(kernel)
+        function._normfuse_module = module  # keep the module loaded as long as the function lives
+        return function
     finally:
         os.unlink(path)
 

@@ -64,7 +64,7 @@ def check(op: str, inputs: list, outs: tuple, dtype: str, epsilon: float = 1e-5,
     spec = OPS[op]
     names = spec.inputs + (("beta",) if spec.centered else ())
     rows = inputs[0].shape[0]
-    if rows_to_check is None and rows > 4096:
+    if rows_to_check is None and rows * inputs[0].shape[1] > (1 << 22):
         # every element written (inputs are finite, so NaN means the poison survived)
         for o in outs:
             assert not torch.isnan(o).any().item(), "unwritten output elements"

@@ -1,0 +1,85 @@
+"""Launch table of the kernels: pure Python, shared by the TensorRT plugin and the launcher."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from normops import OPS, SUPPORTED_DTYPES
+from plugins import config
+
+HIDDEN = (1, 7, 64, 127, 768, 1024, 2048, 4096, 5120, 8192, 16384, 32768)
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_rows_up_to_32k_stay_in_registers(dtype, hidden):
+    cfg = config.launch_config("RMSNorm", dtype, 4096, hidden)
+    assert cfg.capacity >= hidden
+    assert (cfg.threads_per_row, cfg.rows_per_block, cfg.slots) in config.variants(dtype)
+    assert cfg.block == cfg.threads_per_row * cfg.rows_per_block <= 1024
+    assert cfg.grid * cfg.rows_per_block >= 4096 > (cfg.grid - 1) * cfg.rows_per_block
+
+
+def test_longer_rows_use_the_widest_layout_and_stream():
+    cfg = config.launch_config("LayerNorm", "bfloat16", 3, 100_000)
+    assert cfg.threads_per_row == 1024 and cfg.capacity < 100_000
+
+
+def test_unknown_hidden_gets_a_layout_right_for_any_size():
+    cfg = config.launch_config("AddRMSNorm", "float16", 5, None)
+    assert cfg.threads_per_row == 1024
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_kernel_names_follow_the_family(op):
+    cfg = config.launch_config(op, "float32", 10, 4096)
+    assert cfg.kernel.startswith(f"normfuse_{config.FAMILY[op]}_t")
+
+
+class FakeSym:
+    """Stands in for TensorRT's symbolic row count: only + and // are used."""
+
+    def __init__(self, expr):
+        self.expr = expr
+
+    def __add__(self, other):
+        return FakeSym(f"({self.expr} + {other})")
+
+    def __floordiv__(self, other):
+        return FakeSym(f"({self.expr} // {other})")
+
+
+def test_grid_is_symbolic_when_rows_are():
+    cfg = config.launch_config("RMSNorm", "bfloat16", FakeSym("rows"), 1024)
+    assert cfg.grid.expr == f"((rows + {cfg.rows_per_block - 1}) // {cfg.rows_per_block})"
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6, 1e-12, 0.0, 0.1])
+def test_epsilon_bits_round_trip(eps):
+    bits = config.epsilon_bits(eps)
+    assert -(2**31) <= bits < 2**31
+    assert struct.unpack("<f", struct.pack("<i", bits))[0] == pytest.approx(eps, rel=1e-7)
+
+
+def test_gamma_dtype_rules():
+    assert config.gamma_dtype_name("bfloat16", None) == "bfloat16"
+    assert config.gamma_dtype_name("float16", "float32") == "float32"
+    with pytest.raises(ValueError):
+        config.gamma_dtype_name("float32", "float16")
+    with pytest.raises(ValueError):
+        config.launch_config("RMSNorm", "float64", 1, 8)
+
+
+def test_forced_layout_must_be_compiled():
+    with pytest.raises(ValueError):
+        config.launch_config("RMSNorm", "bfloat16", 1, 64, layout=(48, 1))
+    with pytest.raises(ValueError):
+        config.launch_config("RMSNorm", "bfloat16", 1, 64, layout=(32, 8))  # 64 values a thread
+
+
+def test_plugins_import_without_tensorrt_or_gpu():
+    import plugins
+
+    for name in ("launch_config", "get_ptx", "register_tensorrt_plugins", "ptx_for_launch"):
+        assert callable(getattr(plugins, name))

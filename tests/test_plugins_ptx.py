@@ -1,0 +1,86 @@
+"""The kernels compile to PTX with nvcc and assemble with ptxas for every supported architecture.
+
+A broken kernel fails here, on a machine without a GPU. Each module is compiled once per session
+(and cached on disk by plugins.build, keyed by the sources).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from normops import OPS
+from plugins import build, config
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")
+
+# (x dtype, gamma dtype): the full variant list for the common case, and one each for the others
+FULL = ("bfloat16", "float32")
+FUNCTION = re.compile(r"Function properties for (\S+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                      r"(\d+) bytes spill loads\nptxas info\s+: Used (\d+) registers")
+
+
+@pytest.fixture(scope="session")
+def full_modules(tmp_path_factory):
+    """{(op, arch): (ptx, ptxas report)} for every variant of each op, x bf16 / gamma fp32."""
+    out = {}
+    for op in OPS:
+        for arch in build.ARCHES:
+            ptx = build.get_ptx(op, *FULL, arch=arch)
+            out[(op, arch)] = (ptx, build.ptxas_check(ptx, arch))
+    return out
+
+
+@pytest.mark.parametrize("arch", build.ARCHES)
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_variant_assembles(full_modules, op, arch):
+    ptx, report = full_modules[(op, arch)]
+    assert f".target {arch}" in ptx
+    found = {m.group(1) for m in FUNCTION.finditer(report)}
+    expected = {config.kernel_name(op, *v) for v in config.variants(FULL[0])}
+    assert found == expected
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_layouts_the_table_picks_do_not_spill_much(full_modules, op):
+    """Registers hold the row: the variants used up to hidden 16384 keep (nearly) everything there."""
+    _, report = full_modules[(op, "sm_90")]
+    spills = {m.group(1): int(m.group(3)) + int(m.group(4)) for m in FUNCTION.finditer(report)}
+    for hidden in (768, 1024, 4096, 8192, 16384):
+        cfg = config.launch_config(op, FULL[0], 1, hidden)
+        assert spills[cfg.kernel] <= 64, (cfg.kernel, spills[cfg.kernel])
+
+
+@pytest.mark.parametrize("x_dtype,g_dtype", [("float16", "float16"), ("float32", "float32"), ("bfloat16", "bfloat16")])
+def test_other_dtypes_assemble(x_dtype, g_dtype):
+    for op in ("AddLayerNorm", "RMSNorm"):
+        cfg = config.launch_config(op, x_dtype, 1, 4096)
+        ptx = build.ptx_for_launch(op, x_dtype, g_dtype, cfg, arch="sm_80")
+        assert f".entry {cfg.kernel}(" in ptx
+        # parameter order of TensorRT's AOT plugins: inputs, rows, hidden, eps bits, outputs
+        n_in = len(OPS[op].inputs) + (1 if OPS[op].centered else 0)
+        params = re.search(rf"\.entry {cfg.kernel}\((.*?)\)", ptx, re.S).group(1)
+        kinds = [p.split()[1].lstrip(".") for p in params.split(",")]
+        n_out = len(OPS[op].outputs)
+        assert kinds == ["u64"] * n_in + ["u32"] * 3 + ["u64"] * n_out
+        build.ptxas_check(ptx, "sm_80")
+
+
+def test_cache_key_follows_the_sources():
+    a = build.module_source("RMSNorm", "bfloat16", None, (256, 1, 4))
+    b = build.module_source("RMSNorm", "bfloat16", None, (128, 2, 4))
+    assert a != b and "normfuse" not in a.split("#include")[0].lower().replace("normfuse_", "")
+    with pytest.raises(ValueError):
+        build.module_source("RMSNorm", "bfloat16", None, (256, 1, 8))
+
+
+def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("NORMFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "nvcc_path", lambda: None)
+    build._get_ptx.cache_clear()
+    try:
+        with pytest.raises(build.ToolchainError, match="nvcc"):
+            build.get_ptx("RMSNorm", "float16", arch="sm_80", variant=(32, 8, 1))
+    finally:
+        build._get_ptx.cache_clear()
