@@ -26,6 +26,9 @@ def dtype_name(tensor: Any) -> str:
     return name
 
 
+_LOADED: list[Any] = []
+
+
 @lru_cache(maxsize=None)
 def _function(ptx: str, kernel: str) -> Any:
     import cupy
@@ -36,9 +39,8 @@ def _function(ptx: str, kernel: str) -> Any:
         with os.fdopen(fd, "w") as f:
             f.write(ptx)
         module = cupy.RawModule(path=path)
-        function = module.get_function(kernel)
-        function._normfuse_module = module  # keep the module loaded as long as the function lives
-        return function
+        _LOADED.append(module)  # keep every loaded module alive for the process
+        return module.get_function(kernel)
     finally:
         os.unlink(path)
 
