@@ -37,6 +37,7 @@ class NormCandidate:
     nodes: list  # nodes the fused op replaces
     residual: tuple | None = None  # (a, b, add_node) when the Add in front is fused too
     expose_sum: bool = False
+    sum_tensor: gs.Tensor | None = None  # the residual sum as the graph has it (x, or a Skip op's 4th output)
     notes: list = field(default_factory=list)
 
     @property
@@ -123,6 +124,8 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
         if dtype_name(t) not in ("float32", "float16", "bfloat16"):
             raise Rejected(f"tensor '{t.name}' has dtype {dtype_name(t)}, not float32/float16/bfloat16")
 
+    if pattern.skip:
+        return _skip_candidate(pattern, match, root, graph_outputs, hidden, epsilon, gamma, beta)
     fused_x = x
     cast_in = match.roles.get("cast_in")
     if cast_in is not None and dtype_name(x) != dtype_name(root):
@@ -143,7 +146,8 @@ def _check_constants(match: Match) -> None:
 
 def _epsilon(pattern: NormPattern, match: Match) -> float:
     if pattern.native:
-        eps = float(match.roles["native"].attrs.get("epsilon", 1e-5))
+        default = 1e-12 if pattern.skip else 1e-5  # ONNX Runtime's defaults for Skip* and the others
+        eps = float(match.roles["native"].attrs.get("epsilon", default))
     else:
         eps = scalar(match, "eps", "epsilon")
     if not np.isfinite(eps) or eps < 0:
@@ -212,3 +216,21 @@ def _check_private(match: Match, root: gs.Tensor, graph_outputs: set) -> None:
             for consumer in out.outputs:
                 if id(consumer) not in inside:
                     raise Rejected(f"intermediate '{out.name}' is also used by node '{consumer.name}'")
+
+
+def _skip_candidate(pattern, match, root, graph_outputs, hidden, epsilon, gamma, beta) -> NormCandidate:
+    """Skip[Simplified]LayerNormalization(x, skip, gamma[, beta]): an AddLayerNorm/AddRMSNorm already."""
+    node = match.roles["native"]
+    x, skip = match["x"], match["skip"]
+    if len(present_inputs(node)) > (4 if pattern.centered else 3):
+        raise Rejected(f"{node.op} '{node.name}' adds a bias input before the norm")
+    if skip.shape is None or list(skip.shape) != list(x.shape) or dtype_name(skip) != dtype_name(x):
+        raise Rejected(f"{node.op} '{node.name}' broadcasts its skip input ({skip.shape} vs {x.shape})")
+    for i in (1, 2):
+        if len(node.outputs) > i and node.outputs[i].name and (node.outputs[i].outputs or node.outputs[i].name in graph_outputs):
+            raise Rejected(f"{node.op} '{node.name}' output {i} (mean / inverse std) is used")
+    total = node.outputs[3] if len(node.outputs) > 3 and node.outputs[3].name else None
+    candidate = NormCandidate(pattern, match, x, root, hidden, epsilon, gamma, beta, [node], residual=(x, skip, node))
+    candidate.sum_tensor = total
+    candidate.expose_sum = total is not None and (bool(total.outputs) or total.name in graph_outputs)
+    return candidate

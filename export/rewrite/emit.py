@@ -48,24 +48,33 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
     """Disconnect the matched nodes and wire one fused node in their place."""
     domain, op_type = emitted_op(candidate, target)
     y = candidate.output
-    y_dtype = dtype_name(y)
-    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, y_dtype, fill=1.0, name=f"{y.name}_gamma")
+    # The fused op maps x's dtype to itself; when the subgraph ended in another dtype (fp32
+    # residual stream, fp16 scale), a Cast after the op gives y its original dtype.
+    op_dtype = dtype_name(candidate.x)
+    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, op_dtype, fill=1.0, name=f"{y.name}_gamma")
     beta = candidate.beta
     needs_beta = candidate.centered and target == "tensorrt"
     if beta is not None or needs_beta:
-        beta = _per_feature_vector(graph, beta, candidate.hidden, y_dtype, fill=0.0, name=f"{y.name}_beta")
-    if target != "tensorrt":  # ORT and ONNX ops want scale and bias in y's dtype
-        gamma = _cast(graph, gamma, y_dtype)
-        beta = _cast(graph, beta, y_dtype) if beta is not None else None
+        beta = _per_feature_vector(graph, beta, candidate.hidden, op_dtype, fill=0.0, name=f"{y.name}_beta")
+    # ORT and ONNX ops want scale and bias in x's dtype; the plugins also accept float32.
+    keep = (op_dtype, "float32") if target == "tensorrt" else (op_dtype,)
+    gamma = gamma if dtype_name(gamma) in keep else _cast(graph, gamma, op_dtype)
+    if beta is not None:
+        beta = beta if dtype_name(beta) in keep else _cast(graph, beta, op_dtype)
 
     for node in candidate.nodes:
         node.outputs.clear()
     y.inputs.clear()
+    if dtype_name(y) != op_dtype:
+        y_original = y
+        y = gs.Variable(f"{y_original.name}_{op_dtype}", dtype=numpy_dtype(op_dtype), shape=y_original.shape)
+        to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(y_original.dtype)) if not isinstance(y_original.dtype, int) else y_original.dtype
+        graph.nodes.append(gs.Node("Cast", name=f"{y.name}_cast", attrs={"to": to}, inputs=[y], outputs=[y_original]))
 
     if candidate.residual is not None:
         a, b, add = candidate.residual
         add.outputs.clear()
-        total = candidate.x if candidate.expose_sum else gs.Variable(f"{y.name}_sum", dtype=y.dtype, shape=y.shape)
+        total = (candidate.sum_tensor or candidate.x) if candidate.expose_sum else gs.Variable(f"{y.name}_sum", dtype=candidate.x.dtype, shape=candidate.x.shape)
         total.inputs.clear()
         if target == "onnxruntime":
             inputs = [a, b, gamma] + ([beta] if beta is not None else [])

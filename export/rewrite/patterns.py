@@ -65,6 +65,7 @@ class NormPattern:
     centered: bool  # LayerNorm (True) or RMSNorm (False)
     pattern: Pattern
     native: bool = False  # one framework op (its attributes carry axis and epsilon)
+    skip: bool = False  # ONNX Runtime's Skip*LayerNormalization: the residual Add is inside the op
 
 
 def _rms_patterns() -> list[NormPattern]:
@@ -85,6 +86,7 @@ def _layernorm_patterns() -> list[NormPattern]:
     return [
         NormPattern("layernorm", True, maybe_cast(biased(scaled(out)), "cast_scaled")),
         NormPattern("layernorm-no-bias", True, maybe_cast(scaled(out), "cast_scaled")),
+        NormPattern("layernorm-no-scale", True, maybe_cast(biased(out), "cast_scaled")),
         NormPattern("layernorm-unscaled", True, out),
     ]
 
@@ -100,9 +102,19 @@ def _native_patterns() -> list[NormPattern]:
         NormPattern("LayerNormalization-no-bias", True, native("LayerNormalization", Var("gamma")), native=True),
         NormPattern("RMSNormalization", False, native("RMSNormalization", Var("gamma")), native=True),
         NormPattern("SimplifiedLayerNormalization", False, native("SimplifiedLayerNormalization", Var("gamma")), native=True),
+        NormPattern("SkipLayerNormalization", True, skip_native("SkipLayerNormalization", Var("gamma"), Var("beta")), native=True, skip=True),
+        NormPattern("SkipLayerNormalization-no-bias", True, skip_native("SkipLayerNormalization", Var("gamma")), native=True, skip=True),
+        NormPattern("SkipSimplifiedLayerNormalization", False, skip_native("SkipSimplifiedLayerNormalization", Var("gamma")), native=True, skip=True),
     ]
+
+
+def skip_native(op: str, *params: Pattern) -> Pattern:
+    """ONNX Runtime's fused residual norms (outputs: y, mean, inv_std, sum): a graph that ONNX Runtime's
+    optimizer has already seen keeps its norms in these; for TensorRT they become AddLayerNorm/AddRMSNorm."""
+    return Op(op, Var("x"), Var("skip"), *params, role="native", domains=("com.microsoft",))
 
 
 NORM_PATTERNS: list[NormPattern] = _native_patterns() + _layernorm_patterns() + _rms_patterns()
 # Node types that can be the last node of a norm subgraph: only their outputs are tried as roots.
-ROOT_OPS = frozenset({"Mul", "Div", "Add", "Cast", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"})
+ROOT_OPS = frozenset({"Mul", "Div", "Add", "Cast", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+                      "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})

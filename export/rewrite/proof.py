@@ -16,6 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from normops import GRAPH, numpy_dtype, run_reference
 
 from .checks import NormCandidate, Rejected, constant_value, dtype_name
+from .evaluate import FUSED_OPS
 
 ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
               "bfloat16": onnx.TensorProto.BFLOAT16}
@@ -24,7 +25,7 @@ ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLO
 def prove(candidate: NormCandidate, opset: int, seed: int = 0) -> None:
     """Raise Rejected when the subgraph differs from the fused op it would become."""
     model, feeds_spec = _subgraph_model(candidate, opset)
-    evaluator = ReferenceEvaluator(model)
+    evaluator = ReferenceEvaluator(model, new_ops=FUSED_OPS)  # native ORT ops are proven too
     rng = np.random.default_rng(seed)
     shape = _proof_shape(candidate)
     for scale in (1.0, 3.0 * np.sqrt(max(candidate.epsilon, 1e-12))):
@@ -74,7 +75,7 @@ def _subgraph_model(candidate: NormCandidate, opset: int):
     if candidate.residual is not None:
         a, b, add = candidate.residual
         fed = [("a", a), ("b", b)] + fed
-        nodes = [add] + nodes
+        nodes = nodes if any(n is add for n in nodes) else [add] + nodes
     else:
         fed = [("x", candidate.x)] + fed
     fed = [(role, t) for role, t in fed if t is not None]
@@ -101,10 +102,18 @@ def _subgraph_model(candidate: NormCandidate, opset: int):
                          domain=n.domain or "", **{k: _attr(v) for k, v in n.attrs.items()})
         for n in _toposorted(nodes)
     ]
+    if candidate.residual is not None:  # a Skip op's unused optional outputs need not be produced
+        onnx_nodes = [_trim_outputs(n, candidate.output.name) for n in onnx_nodes]
     output = helper.make_tensor_value_info(candidate.output.name, ONNX_TYPES[dtype_name(candidate.output)], None)
     graph = helper.make_graph(onnx_nodes, "proof", inputs, [output], initializer=initializers)
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets), fed
+
+
+def _trim_outputs(node, keep: str):
+    if node.domain == "com.microsoft":
+        del node.output[1:]
+    return node
 
 
 def _attr(value):

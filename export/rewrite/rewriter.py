@@ -80,18 +80,20 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     started = time.perf_counter()
     report = RewriteReport(target=target, nodes_before=len(model.graph.node))
     opset = _default_opset(model)
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    graph = gs.import_onnx(inferred)
+    graph = _import_with_shapes(model)
     graph_outputs = {t.name for t in graph.outputs}
     report.notes += _drop_identity_casts(graph, graph_outputs)
 
     candidates = _find_candidates(graph, graph_outputs, target, residual, prove_fusions, opset, report)
     needed = max([required_opset(c, target) for c in candidates] + [opset])
     if needed > opset:
-        report.notes.append(f"the {target} target needs opset {needed} for RMSNormalization; the model has {opset}")
-        raise NormfuseError(
-            f"target 'onnx' needs opset {needed} (RMSNormalization) but the model is opset {opset}; "
-            "re-export at opset 23 or use --target onnxruntime")
+        raised, how = raise_opset(model, needed)  # raises NormfuseError with the reason when it cannot
+        out, raised_report = rewrite_model(raised, target=target, residual=residual, prove_fusions=prove_fusions)
+        raised_report.notes.insert(0, f"raised the model's opset from {opset} to {needed} for "
+                                      f"{'RMSNormalization' if needed >= 23 else 'LayerNormalization'} ({how})")
+        raised_report.nodes_before = report.nodes_before
+        raised_report.seconds = round(time.perf_counter() - started, 3)
+        return out, raised_report
     for candidate in candidates:
         emit(graph, candidate, target)
         report.fusions.append(_fusion_record(candidate, target))
@@ -106,6 +108,77 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     report.opset = opset
     report.seconds = round(time.perf_counter() - started, 3)
     return out, report
+
+
+# Ops whose schema changed between opset 18 and 23 in a way that alters the meaning of an existing
+# model (every other change in that range only adds types or attributes whose default keeps the old
+# behaviour): a model using them is not raised by renumbering.
+CHANGED_MEANING_AFTER_18 = frozenset({"GroupNormalization"})
+
+
+def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelProto, str]:
+    """The model at `target_opset`, by renumbering (opset >= 18) or onnx's version converter."""
+    opset = _default_opset(model)
+    if opset >= 18:
+        used = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+        blocked = sorted(used & CHANGED_MEANING_AFTER_18)
+        if blocked:
+            raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but raising opset {opset} would change "
+                                f"the meaning of {', '.join(blocked)}; use --target onnxruntime or tensorrt")
+        raised = onnx.ModelProto()
+        raised.CopyFrom(model)
+        for entry in raised.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = target_opset
+        return raised, "no op in the graph changes meaning between the two"
+    try:
+        from onnx import version_converter
+
+        return version_converter.convert_version(model, target_opset), "onnx's version converter"
+    except Exception as exc:  # the converter raises RuntimeError or its own types
+        raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but onnx's version converter cannot raise "
+                            f"opset {opset}: {str(exc).splitlines()[0][:200]}; use --target onnxruntime or tensorrt") from None
+
+
+def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
+    """The graph with inferred shapes, without copying or reading weights.
+
+    Shape inference runs on a copy of the graph whose large initializers carry dims but no bytes, so
+    a model of any size (weights external, or loaded in memory past protobuf's 2 GiB) is inferred;
+    the inferred value_info is lent to the model for the import and removed again after it.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_without_weights(model, skeleton)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
+        inferred = skeleton
+    known = {v.name for v in model.graph.value_info}
+    lent = [v for v in inferred.graph.value_info if v.name not in known]
+    before = len(model.graph.value_info)
+    model.graph.value_info.extend(lent)
+    try:
+        return gs.import_onnx(model)
+    finally:
+        del model.graph.value_info[before:]
+
+
+def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    out.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
+    out.graph.CopyFrom(onnx.GraphProto(node=model.graph.node, input=model.graph.input, output=model.graph.output,
+                                       value_info=model.graph.value_info, name=model.graph.name))
+    for tensor in model.graph.initializer:
+        stub = out.graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) <= 1024:
+            stub.raw_data = tensor.raw_data  # small constants (axes, epsilon) matter to inference
+            stub.float_data.extend(tensor.float_data)
+            stub.int64_data.extend(tensor.int64_data)
+            stub.int32_data.extend(tensor.int32_data)
+        else:
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="weights-not-read")
 
 
 def _drop_identity_casts(graph: gs.Graph, graph_outputs: set) -> list[str]:
@@ -138,7 +211,10 @@ def _find_candidates(graph, graph_outputs, target, residual, prove_fusions, opse
         candidate = _first_passing(root, graph_outputs, claimed, prove_fusions, opset, rejected)
         if candidate is None:
             continue
-        if residual and target != "onnx":
+        if candidate.pattern.skip:
+            if target != "tensorrt":
+                continue  # already ONNX Runtime's fused form; the onnx target has no residual op
+        elif residual and target != "onnx":
             found, why = residual_add(candidate, graph_outputs)
             if found is not None and id(found[2]) not in claimed:
                 candidate.residual = found
@@ -199,7 +275,9 @@ def _fusion_record(candidate: NormCandidate, target: str) -> Fusion:
     from normops import op_for
 
     domain, op_type = emitted_op(candidate, target)
-    removed = candidate.node_names + ([candidate.residual[2].name] if candidate.residual else [])
+    removed = list(candidate.node_names)
+    if candidate.residual is not None and candidate.residual[2].name not in removed:
+        removed.append(candidate.residual[2].name)
     return Fusion(
         kind=op_for(candidate.centered, candidate.residual is not None).name,
         emitted=f"{domain or 'ai.onnx'}::{op_type}", pattern=candidate.pattern.name,
