@@ -21,6 +21,7 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (colour, 
 from ..errors import NormfuseError, UsageError
 from ..onnx_io import load_graph_only, relocate_external_data, save_model
 from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, dtype_name
+from .gamma import fold_gamma
 from .emit import MS_DOMAIN, TARGETS, emit, emitted_op, required_opset
 from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
@@ -95,6 +96,9 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
         raised_report.seconds = round(time.perf_counter() - started, 3)
         return out, raised_report
     for candidate in candidates:
+        note = fold_gamma(candidate)
+        if note:
+            report.notes.append(note)
         emit(graph, candidate, target)
         report.fusions.append(_fusion_record(candidate, target))
     report.fused = len(report.fusions)

@@ -109,7 +109,7 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
     extra = []
     if spec.kind == "layer":
         t = b.op("Sub", t, _mean(b, spec, t, rank))
-    if spec.square == "pow":
+    if spec.square == "pow" or spec.mutation == "pow3":
         sq = b.op("Pow", t, b.const(3.0 if spec.mutation == "pow3" else 2.0, s))
     else:
         sq = b.op("Mul", t, t)
@@ -157,8 +157,8 @@ def build(spec: NormSpec, leading: tuple[int, ...] = (2, 5)) -> onnx.ModelProto:
     b = _Builder()
     d = spec.dtype
     shape = list(leading) + [spec.hidden]
-    if spec.mutation == "keepdims0":  # a keepdims-0 mean of shape [2, H] broadcasts against [2, H, H]
-        shape = [2, spec.hidden, spec.hidden]
+    if spec.mutation == "keepdims0":  # a keepdims-0 mean of shape [1, H] broadcasts against [1, H, H]
+        shape = [1, spec.hidden, spec.hidden]
     inputs = [helper.make_tensor_value_info("x", ONNX_TYPES[d], shape)]
     x = "x"
     outputs = []
