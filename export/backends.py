@@ -75,48 +75,60 @@ def resolve_backends(requested: str) -> tuple[list[str], list[dict]]:
 
 
 class OrtRunner:
-    """An ONNX Runtime session on one provider; outputs as numpy arrays by name."""
+    """An ONNX Runtime session on one backend; outputs as numpy arrays by name.
+
+    On `ort-cuda` it runs through I/O binding (export.runtime.OrtModel): inputs are uploaded into
+    device buffers that are reused across calls and `run_bound()` times the session alone.
+    """
 
     def __init__(self, model_path: str | Path, backend: str = "ort-cpu", profile_prefix: str | None = None,
                  threads: int | None = None):
-        import onnxruntime as ort
+        from .runtime import OrtModel
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        if profile_prefix:
-            options.enable_profiling = True
-            options.profile_file_prefix = profile_prefix
-        _refuse_plugin_ops(model_path, backend)
-        try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=[ORT_PROVIDERS[backend]])
-        except Exception as exc:
-            from .errors import NormfuseError
-
-            raise NormfuseError(f"{model_path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        providers = [ORT_PROVIDERS[backend]] + (["CPUExecutionProvider"] if backend == "ort-cuda" else [])
+        self.model = OrtModel(model_path, providers=providers, threads=threads, profile_prefix=profile_prefix)
+        self.session = self.model.session
+        self.output_names = self.model.output_names
         self.name = backend
 
     def run(self, feeds: dict) -> dict:
-        return dict(zip(self.output_names, self.session.run(None, feeds)))
+        return self.model.run(feeds)
+
+    def bind(self, feeds: dict) -> None:
+        """Bind feeds once; then `run_bound()` runs without host copies (CUDA provider only)."""
+        if self.model.on_cuda:
+            self.model.bind(feeds)
+        self._feeds = feeds
+
+    def run_bound(self) -> None:
+        if self.model.on_cuda:
+            self.model.run_bound()
+        else:
+            self.session.run(None, self._feeds)
 
     def end_profiling(self) -> str:
-        return self.session.end_profiling()
+        return self.model.end_profiling()
 
 
-def _refuse_plugin_ops(model_path, backend: str) -> None:
+def refuse_plugin_ops(model_path, backend: str) -> None:
     """normfuse ops are TensorRT plugins; ONNX Runtime cannot run them, so say that plainly."""
     import onnx
 
     from normops import DOMAIN
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    if any(node.domain == DOMAIN for node in model.graph.node):
-        from .errors import NormfuseError
+    from .errors import NormfuseError
 
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:
+        raise NormfuseError(f"{model_path}: not a readable ONNX model ({exc.__class__.__name__})") from None
+    if any(node.domain == DOMAIN for node in model.graph.node):
         raise NormfuseError(f"{model_path}: holds normfuse plugin ops (the tensorrt target), which {backend} cannot "
-                            "run; rewrite with --target onnxruntime, or validate with --backend onnx-reference")
+                            "run; rewrite with --target onnxruntime, build a TensorRT engine from it, or validate "
+                            "with --backend onnx-reference")
+
+
+_refuse_plugin_ops = refuse_plugin_ops
 
 
 class ReferenceRunner:
@@ -155,9 +167,9 @@ def _normfuse_reference_ops():
     return [make(spec) for spec in OPS.values()]
 
 
-def make_runner(model_path: str | Path, backend: str):
+def make_runner(model_path: str | Path, backend: str, optimization: str = "all"):
     if backend in ORT_PROVIDERS:
-        return OrtRunner(model_path, backend)
+        return OrtRunner(model_path, backend, optimization=optimization)
     if backend == "onnx-reference":
         return ReferenceRunner(model_path)
     if backend == "tensorrt":

@@ -46,6 +46,7 @@ def peak_rss_mb() -> float:
 def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: int, profile_runs: int,
             norm_nodes: set[str]) -> dict:
     from .backends import OrtRunner, random_feeds
+    from .errors import NormfuseError
     from .op_classes import summarise_profile
 
     import onnxruntime  # noqa: F401  (imported before the baseline: its code is not the session's memory)
@@ -54,7 +55,12 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
     peak_was_reset = reset_peak_rss()
     baseline = rss_mb()
     started = time.perf_counter()
-    runner = OrtRunner(model, backend)
+    optimization = "all"  # what a user of ONNX Runtime gets by default, its own fusions included
+    try:
+        runner = OrtRunner(model, backend, optimization=optimization)
+    except NormfuseError:  # ORT's own fusions can build an invalid node on some fp16 exports
+        optimization = "none"
+        runner = OrtRunner(model, backend, optimization=optimization)
     session_s = time.perf_counter() - started
     for _ in range(warmup):
         runner.run(feeds)
@@ -67,12 +73,12 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
     classes = None
     if profile_runs:
         with tempfile.TemporaryDirectory() as tmp:
-            profiled = OrtRunner(model, backend, profile_prefix=os.path.join(tmp, "profile"))
+            profiled = OrtRunner(model, backend, profile_prefix=os.path.join(tmp, "profile"), optimization=optimization)
             for _ in range(2):
                 profiled.run(feeds)
             path = profiled.end_profiling()
             os.unlink(path)  # warm-up runs are not counted
-            profiled = OrtRunner(model, backend, profile_prefix=os.path.join(tmp, "profile"))
+            profiled = OrtRunner(model, backend, profile_prefix=os.path.join(tmp, "profile"), optimization=optimization)
             for _ in range(profile_runs):
                 profiled.run(feeds)
             classes = summarise_profile(profiled.end_profiling(), norm_nodes, profile_runs)
@@ -80,6 +86,7 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
     tokens = batch * seq
     return {
         "backend": backend,
+        "ort_graph_optimization": optimization,
         "shape": [batch, seq],
         "runs": runs,
         "warmup": warmup,

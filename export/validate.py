@@ -42,7 +42,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dtype: str, seed: int = 0,
             progress=None) -> list[dict]:
     """One pair record per shape: {reference, candidate, shape, passed, outputs: {name: stats}}."""
-    ref_runner = make_runner(reference.model, reference.backend)
+    ref_runner = make_runner(reference.model, reference.backend, optimization="none")
     cand_runner = make_runner(candidate.model, candidate.backend)
     tolerance = GRAPH[dtype]
     pairs = []

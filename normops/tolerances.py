@@ -38,8 +38,9 @@ def within(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> np.ndarr
     """Elementwise pass mask; NaN matches NaN and an infinity matches the same infinity."""
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
+    finite = np.isfinite(a) & np.isfinite(e)
     with np.errstate(invalid="ignore"):
-        close = np.abs(a - e) <= tol.atol + tol.rtol * np.abs(e)
+        close = finite & (np.abs(a - e) <= tol.atol + tol.rtol * np.abs(e))
     same_special = (np.isnan(a) & np.isnan(e)) | (np.isinf(a) & (a == e))
     return close | same_special
 

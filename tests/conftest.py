@@ -46,3 +46,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=gpu_reason))
         if "tensorrt" in item.keywords and tensorrt_reason:
             item.add_marker(pytest.mark.skip(reason=tensorrt_reason))
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(norm, dtype="float32", exporter="dynamo", **config) -> path of a cached tiny export."""
+    from export.export_model import export_model
+    from models import preset
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("exports")
+
+    def get(norm: str, dtype: str = "float32", exporter: str = "dynamo", **overrides):
+        key = (norm, dtype, exporter, tuple(sorted(overrides.items())))
+        if key not in cache:
+            config = preset("tiny", norm, dtype=dtype, **overrides)
+            name = "-".join([norm, dtype, exporter] + [f"{k}{v}" for k, v in sorted(overrides.items())]) + ".onnx"
+            cache[key] = export_model(config, root / name, exporter=exporter,
+                                      opset=18 if exporter == "dynamo" else 17).path
+        return cache[key]
+
+    return get

@@ -1,0 +1,114 @@
+"""The chain on this project's own exports: rewrite counts, validation (and its failure), the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.rewrite import rewrite_file
+from export.validate import Side, compare
+from models import count_norms, preset
+
+ROOT = Path(__file__).resolve().parent.parent
+# TorchScript's fp16 export of F.layer_norm mixes fp16 and fp32 in one LayerNormalization, which
+# ONNX Runtime refuses; its LayerNorm cases use the written-out form (decomposed=True).
+CASES = [(norm, dtype, exporter, decomposed) for norm in ("rmsnorm", "layernorm") for dtype in ("float32", "float16")
+         for exporter in ("dynamo", "torchscript")
+         for decomposed in ((False, True) if norm == "layernorm" and exporter == "dynamo" else
+                            (norm == "layernorm" and exporter == "torchscript",))]
+
+
+@pytest.mark.parametrize("norm,dtype,exporter,decomposed", CASES)
+def test_every_norm_fused_and_validated(exported, tmp_path, norm, dtype, exporter, decomposed):
+    extra = {"decomposed_layernorm": True} if decomposed else {}
+    reference = exported(norm, dtype, exporter, **extra)
+    norms, residuals = count_norms(preset("tiny", norm))
+    trt = rewrite_file(reference, tmp_path / "trt.onnx", target="tensorrt")
+    assert trt.fused == norms, trt.as_dict()
+    assert sum(f.residual for f in trt.fusions) == residuals
+    assert not trt.rejected
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "trt.onnx")).graph.node}
+    assert {"ReduceMean", "LayerNormalization"}.isdisjoint(ops)  # only the norms use these here
+
+    ort_report = rewrite_file(reference, tmp_path / "ort.onnx", target="onnxruntime")
+    assert sum(f.residual for f in ort_report.fusions) == residuals
+    pairs = compare(Side(reference, "ort-cpu", "reference"), Side(tmp_path / "ort.onnx", "ort-cpu", "fused"),
+                    [(1, 5), (2, 33)], dtype)
+    pairs += compare(Side(reference, "onnx-reference", "reference"), Side(tmp_path / "trt.onnx", "onnx-reference", "fused"),
+                     [(1, 7)], dtype)
+    assert all(p["passed"] for p in pairs), pairs
+
+
+def test_rewriting_twice_changes_nothing(exported, tmp_path):
+    first = rewrite_file(exported("rmsnorm"), tmp_path / "once.onnx", target="tensorrt")
+    second = rewrite_file(tmp_path / "once.onnx", tmp_path / "twice.onnx", target="tensorrt")
+    assert first.fused == 5 and second.fused == 0
+    once, twice = onnx.load(str(tmp_path / "once.onnx")), onnx.load(str(tmp_path / "twice.onnx"))
+    assert [n.op_type for n in once.graph.node] == [n.op_type for n in twice.graph.node]
+
+
+def test_validation_fails_on_a_broken_fused_graph(exported, tmp_path):
+    reference = exported("layernorm")
+    rewrite_file(reference, tmp_path / "fused.onnx", target="onnxruntime")
+    model = onnx.load(str(tmp_path / "fused.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "SkipLayerNormalization")
+    next(a for a in node.attribute if a.name == "epsilon").f = 1.0  # a wrong epsilon: small but real damage
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    pairs = compare(Side(reference, "ort-cpu", "reference"), Side(tmp_path / "broken.onnx", "ort-cpu", "fused"),
+                    [(1, 9)], "float32")
+    assert not pairs[0]["passed"]
+    assert pairs[0]["outputs"]["output"]["max_abs"] > 1e-3
+
+
+def _run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_build_command_end_to_end(tmp_path, norm):
+    out = tmp_path / "out"
+    done = _run("export.build", "--norm", norm, "--preset", "tiny", "--runs", "5", "--warmup", "1",
+                "--seq", "32", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("reference.onnx", "fused.onnx", "fused-tensorrt.onnx", "report.json", "report.md", "report.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert report["rewrite"]["fused"] == report["rewrite"]["expected_norms"] == 5
+    assert report["rewrite"]["rejected"] == []
+    assert report["validation"] and all(p["passed"] for p in report["validation"])
+    assert all(set(s) >= {"max_abs", "max_rel"} for p in report["validation"] for s in p["outputs"].values())
+    graphs = {(b["backend"], b["graph"]) for b in report["bench"]}
+    assert graphs == {("ort-cpu", "reference"), ("ort-cpu", "fused")}
+    for b in report["bench"]:
+        assert b["latency_ms"]["p50"] > 0 and b["latency_ms"]["p99"] >= b["latency_ms"]["p50"]
+        assert b["peak_memory_mb"] >= 0 and len(b["raw_latencies_ms"]) == 5
+    stages = " ".join(s["stage"] for s in report["skipped"])
+    assert "tensorrt" in stages and "ort-cuda" in stages
+    assert "skipped" in done.stdout and "validation" in done.stdout
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--norm", "groupnorm"], "invalid choice"),
+    (["--norm", "rmsnorm", "--batch", "0"], "must be at least 1"),
+    (["--norm", "rmsnorm", "--opset", "9"], "outside the supported range"),
+    (["--norm", "rmsnorm", "--preset", "tiny", "--heads", "5"], "not divisible"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
+    done = _run("export.build", *flags, "--out", str(tmp_path / "x"))
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_rewrite_command_errors_leave_no_output(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    done = _run("export.rewrite", str(bad), "-o", str(tmp_path / "out.onnx"))
+    assert done.returncode == 1 and str(bad) in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.onnx").exists()
+    done = _run("export.rewrite", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "out.onnx"))
+    assert done.returncode == 1 and "no such file" in done.stderr
