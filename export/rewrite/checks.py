@@ -117,7 +117,8 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
     _check_input_cast(match)
     gamma = _per_feature(match.get("gamma"), hidden, rank, "scale")
     beta = _per_feature(match.get("beta"), hidden, rank, "bias")
-    _check_private(match, root, graph_outputs)
+    if not pattern.skip:  # a Skip op's extra outputs are judged by _skip_candidate
+        _check_private(match, root, graph_outputs)
     if root.shape is not None and len(root.shape) != rank:
         raise Rejected(f"output '{root.name}' has rank {len(root.shape)}, input has {rank}: a broadcast is not a norm")
     for t in (x, root):

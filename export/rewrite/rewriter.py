@@ -246,10 +246,11 @@ def _first_passing(root, graph_outputs, claimed, prove_fusions, opset, rejected)
                 if prove_fusions:
                     prove(candidate, opset)
                 return candidate
-            except Rejected as why:
+            except Exception as exc:  # Rejected, or a graph this code did not foresee: never fused, never fatal
+                why = str(exc) if isinstance(exc, Rejected) else f"could not be checked ({exc.__class__.__name__}: {exc})"
                 key = _anchor(match)
                 if key not in rejected:
-                    rejected[key] = Rejection(norm.name, str(why), [n.name for n in match.nodes], root.name)
+                    rejected[key] = Rejection(norm.name, why, [n.name for n in match.nodes], root.name)
     return None
 
 

@@ -91,7 +91,7 @@ def _mean(b: _Builder, spec: NormSpec, t: str, rank: int) -> str:
     axis = rank - 1 if spec.positive_axis else -1
     axes, keepdims = [axis], 1
     if spec.mutation == "wrong_axis":
-        axes = [1]
+        axes = [0]  # build() makes the rank at least 2, so axis 0 is never the last one
     elif spec.mutation == "two_axes":
         axes = [-2, -1]
     elif spec.mutation == "keepdims0":
@@ -136,7 +136,7 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
     if spec.casts in ("llama", "t5") and s != d:
         y = b.op("Cast", y, to=ONNX_TYPES[d])
     if spec.scale != "none":
-        w_shape = (5, hidden) if spec.mutation == "broadcast_scale" else (hidden,)
+        w_shape = (2, hidden) if spec.mutation == "broadcast_scale" else (hidden,)  # build() makes dim -2 be 2
         w = weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), w_dtype)
         if spec.scale == "gemma":
             w = b.op("Add", b.const(1.0, w_dtype), w)
@@ -152,10 +152,17 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
     return y, extra
 
 
-def build(spec: NormSpec, leading: tuple[int, ...] = (2, 5)) -> onnx.ModelProto:
-    """A model computing the norm described by `spec` on input `x` (and `r` with a residual)."""
+def build(spec: NormSpec, leading: tuple = (2, 5)) -> onnx.ModelProto:
+    """A model computing the norm described by `spec` on input `x` (and `r` with a residual).
+
+    `leading` are the dims before the normalised one: ints, or names for symbolic dims."""
     b = _Builder()
     d = spec.dtype
+    leading = tuple(leading)
+    if spec.mutation in ("wrong_axis", "two_axes") and not leading:
+        leading = (2,)
+    if spec.mutation == "broadcast_scale":  # the [2, H] scale must broadcast against x
+        leading = leading[:-1] + (2,) if leading else (2,)
     shape = list(leading) + [spec.hidden]
     if spec.mutation == "keepdims0":  # a keepdims-0 mean of shape [1, H] broadcasts against [1, H, H]
         shape = [1, spec.hidden, spec.hidden]
@@ -186,7 +193,7 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
     feeds = {}
     for value in model.graph.input:
         ttype = value.type.tensor_type
-        dims = [d.dim_value for d in ttype.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") else 2 for d in ttype.shape.dim]
         dtype = numpy_dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
                             if ttype.elem_type != TensorProto.BFLOAT16 else "bfloat16")
         values = rng.standard_normal(dims) + 0.3 if value.name != "epsilon_input" else np.array(1e-5)

@@ -1,0 +1,133 @@
+"""Every norm spelling the rewriter knows is fused, on every target, and the result computes the same.
+
+Graphs come from export.rewrite.synth (onnx.helper, no torch); rewritten graphs run on onnx's
+reference evaluator with the fused ops evaluated by the normops references.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from export.rewrite import TARGETS, rewrite_model
+from export.rewrite.evaluate import run_model
+from export.rewrite.synth import CASTS, INVERSES, SCALES, SQUARES, NormSpec, build, random_feeds
+from normops import GRAPH
+
+
+def assert_same(original, rewritten, dtype):
+    feeds = random_feeds(original, seed=1)
+    expected, actual = run_model(original, feeds), run_model(rewritten, feeds)
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert GRAPH[dtype].passes(a, e), float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64))))
+
+
+def fused_ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+STRUCTURE = [NormSpec(kind=k, square=s, inverse=i, scale=c, bias=b)
+             for k, s, i, c in itertools.product(("rms", "layer"), SQUARES, INVERSES, SCALES)
+             for b in ((False, True) if k == "layer" else (False,))]
+
+
+@pytest.mark.parametrize("spec", STRUCTURE, ids=NormSpec.describe)
+def test_every_structural_spelling_fuses_to_one_op(spec):
+    model = build(spec)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 1, [r.reason for r in report.rejected]
+    expected = "LayerNorm" if spec.kind == "layer" else "RMSNorm"
+    assert fused_ops(out) == [expected]
+    assert report.fusions[0].kind == expected and report.fusions[0].epsilon == pytest.approx(spec.epsilon, rel=1e-6)
+    assert_same(model, out, spec.dtype)
+
+
+HALF = [NormSpec(kind=k, dtype=d, casts=c, scale=s, square=sq, inverse=inv)
+        for k, d, c, s, (sq, inv) in itertools.product(("rms", "layer"), ("float16", "bfloat16"), CASTS,
+                                                       ("none", "right", "left", "gemma", "cast_w"),
+                                                       (("pow", "sqrt_reciprocal"), ("mul", "div")))]
+
+
+@pytest.mark.parametrize("spec", HALF, ids=NormSpec.describe)
+def test_half_precision_with_casts_anywhere(spec):
+    model = build(spec)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 1, [r.reason for r in report.rejected]
+    assert "Cast" not in fused_ops(out) or spec.casts == "none"
+    assert_same(model, out, spec.dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("residual", ("none", "private", "exposed"))
+@pytest.mark.parametrize("kind", ("rms", "layer"))
+@pytest.mark.parametrize("axes", ("input-1", "attr+"))
+def test_targets_residuals_and_axes(target, residual, kind, axes):
+    spec = NormSpec(kind=kind, dtype="float16", casts="llama", residual=residual,
+                    axes_input=axes.startswith("input"), positive_axis=axes.endswith("+"))
+    model = build(spec)
+    out, report = rewrite_model(model, target=target)
+    assert report.fused == 1
+    fusion = report.fusions[0]
+    with_residual = residual != "none" and target != "onnx"
+    assert fusion.residual is with_residual
+    assert fusion.sum_exposed is (with_residual and residual == "exposed")
+    ops = fused_ops(out)
+    if target == "tensorrt":
+        assert ops[0] == ("Add" if with_residual else "") + ("LayerNorm" if kind == "layer" else "RMSNorm")
+        node = out.graph.node[0]
+        attrs = {a.name for a in node.attribute}
+        assert node.domain == "normfuse" and {"plugin_namespace", "plugin_version", "epsilon"} <= attrs
+        if kind == "layer":
+            assert len(node.input) == (4 if with_residual else 3)  # beta is always given to the plugin
+    elif target == "onnxruntime" and with_residual:
+        assert ops[0] == ("SkipLayerNormalization" if kind == "layer" else "SkipSimplifiedLayerNormalization")
+    elif target == "onnx":
+        assert ("LayerNormalization" if kind == "layer" else "RMSNormalization") in ops
+        assert {o.domain: o.version for o in out.opset_import}[""] >= (17 if kind == "layer" else 23)
+    assert_same(model, out, spec.dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("spec", [NormSpec(), NormSpec(kind="layer", residual="exposed", dtype="float16", casts="llama"),
+                                  NormSpec(residual="private", scale="gemma"), NormSpec(kind="layer", bias=False)],
+                         ids=NormSpec.describe)
+def test_rewriting_a_rewritten_graph_changes_nothing(target, spec):
+    once, first = rewrite_model(build(spec), target=target)
+    twice, second = rewrite_model(once, target=target)
+    assert first.fused == 1 and second.fused == 0 and not second.rejected
+    assert [(n.op_type, list(n.input), list(n.output)) for n in twice.graph.node] == \
+           [(n.op_type, list(n.input), list(n.output)) for n in once.graph.node]
+
+
+def test_symbolic_leading_dims_and_any_rank():
+    for leading in ((), (3,), ("batch", "seq"), ("batch", 2, 3, "heads")):
+        for residual in ("none", "exposed"):
+            spec = NormSpec(kind="rms", residual=residual)
+            model = build(spec, leading=leading)
+            out, report = rewrite_model(model)
+            assert report.fused == 1 and report.fusions[0].residual is (residual != "none"), leading
+            assert_same(model, out, "float32")
+
+
+def test_gemma_and_cast_scales_are_folded_into_gamma():
+    for scale, words in (("gemma", "(1 + w)"), ("cast_w", "Cast(w)")):
+        spec = NormSpec(dtype="float16", casts="scale_then_cast", scale=scale)
+        model = build(spec)
+        out, report = rewrite_model(model)
+        assert fused_ops(out) == ["RMSNorm"]
+        assert any(words in note for note in report.notes)
+        assert_same(model, out, "float16")
+
+
+def test_report_lists_fusion_details():
+    spec = replace(NormSpec(kind="layer", residual="exposed"), epsilon=1e-6)
+    _, report = rewrite_model(build(spec))
+    data = report.as_dict()
+    fusion = data["fusions"][0]
+    assert fusion["kind"] == "AddLayerNorm" and fusion["residual"] and fusion["sum_exposed"]
+    assert fusion["epsilon"] == pytest.approx(1e-6) and len(fusion["nodes_removed"]) == 11
+    assert report.counts == {"AddLayerNorm": 1}
