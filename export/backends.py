@@ -5,7 +5,6 @@ optional libraries are imported only when a runner needs them, so this module im
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,11 @@ def availability(backend: str) -> Availability:
             return Availability(False, "onnxruntime-gpu is installed but no NVIDIA GPU is visible")
         return Availability(True)
     if backend == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            return Availability(False, "TensorRT is not installed (pip install tensorrt on a machine with an "
-                                       "NVIDIA GPU; see README 'Adding TensorRT')")
+        from .tensorrt_engine import INSTALL_HINT, tensorrt_status
+
+        present, reason = tensorrt_status()
+        if not present:
+            return Availability(False, f"{reason}; {INSTALL_HINT}")
         if shutil.which("nvidia-smi") is None:
             return Availability(False, "TensorRT is installed but no NVIDIA GPU is visible")
         return Availability(True)
@@ -173,9 +174,10 @@ def make_runner(model_path: str | Path, backend: str, optimization: str = "all")
     if backend == "onnx-reference":
         return ReferenceRunner(model_path)
     if backend == "tensorrt":
-        from .tensorrt_engine import TensorRTRunner  # noqa: F401  (needs TensorRT)
+        from .tensorrt_engine import TensorRTRunner, import_tensorrt
 
-        return TensorRTRunner(model_path)
+        import_tensorrt()  # a one-line error when it is missing
+        return TensorRTRunner(Path(model_path), shapes=shapes or [(1, 16), (2, 64)])
     raise ValueError(f"unknown backend {backend!r}")
 
 

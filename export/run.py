@@ -1,0 +1,176 @@
+"""Run a built model on inputs from a file, for scripts and pipelines.
+
+    python -m export.run fused.onnx --inputs in.npz --outputs out.npz
+    python -m export.run fused.plan --inputs in.npz --outputs out.npz --cuda-graph
+    python -m export.run fused.onnx --random 1x128 --bench 100 --json timing.json
+
+`--inputs` is a `.npz` whose array names are the model's input names; `--outputs` gets one array
+per model output. numpy has no bfloat16: such arrays are stored as 2-byte raw values (`|V2`),
+which are read back as bfloat16 when the model takes bfloat16 (`.view(ml_dtypes.bfloat16)` in
+your own code). An input that does not fit the model (unknown or missing name, dtype, rank, a
+fixed dimension) is a one-line error naming it, exit status 1; bad flags exit 2.
+
+`--bench N` times N runs after `--warmup` runs and prints p50/p99; with `--json` it writes them,
+with the peak GPU memory the process used (device memory in use after the runs minus before the
+model was loaded) when a GPU is in use.
+"""
+from __future__ import annotations
+
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NormfuseError
+
+
+def read_inputs(path: str | Path, specs: list) -> dict:
+    """Arrays from a .npz, bfloat16 restored from its raw form where the model takes bfloat16."""
+    from .runtime import numpy_dtype
+
+    path = Path(path)
+    if not path.is_file():
+        raise NormfuseError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise NormfuseError(f"{path}: not a .npz archive (write one with numpy.savez(path, name=array, ...))")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise NormfuseError(f"{path}: not a readable .npz archive ({exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    if not isinstance(arrays, dict) or not arrays:
+        raise NormfuseError(f"{path}: holds no arrays")
+    wanted = {s.name: s.dtype for s in specs}
+    for name, array in arrays.items():
+        if wanted.get(name) == "bfloat16" and array.dtype.itemsize == 2 and array.dtype.kind in "Vui":
+            arrays[name] = array.view(numpy_dtype("bfloat16"))
+    return arrays
+
+
+def write_outputs(path: str | Path, outputs: dict) -> None:
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in outputs.items()})
+
+
+def random_inputs(specs: list, shape_text: str, seed: int = 0) -> dict:
+    """Random inputs for `--random BATCHxSEQ`: dynamic axis 0 is the batch, axis 1 the sequence."""
+    from .runtime import numpy_dtype
+    from .validate import parse_shapes
+
+    ((batch, seq),) = parse_shapes(shape_text)[:1]
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        dims = [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
+        feeds[spec.name] = rng.standard_normal(dims).astype(numpy_dtype(spec.dtype))
+    return feeds
+
+
+def gpu_memory_used_mb() -> float | None:
+    """Device memory in use on the current GPU (all processes), from the CUDA driver via torch."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**20
+    except Exception:
+        return None
+
+
+def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
+    """Latency of `runs` calls after `warmup`, on the bound buffers where the model has them."""
+    if hasattr(model, "bind") and getattr(model, "on_cuda", True):
+        key = model.bind(feeds)  # inputs uploaded once: the timings are not copies
+        if hasattr(model, "launch"):  # TensorRT
+            def step():
+                model.launch(key)
+                model.stream.synchronize()
+        else:  # ONNX Runtime, I/O binding
+            step = model.run_bound
+    else:
+        def step():
+            model.run(feeds)
+    for _ in range(warmup):
+        step()
+    latencies = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        latencies.append((time.perf_counter() - t0) * 1000.0)
+    lat = np.asarray(latencies)
+    tokens = 1
+    first = next(iter(feeds.values()))
+    if len(first.shape) >= 2:
+        tokens = int(first.shape[0]) * int(first.shape[1])
+    p50 = float(np.percentile(lat, 50))
+    return {"runs": runs, "warmup": warmup,
+            "latency_ms": {"p50": p50, "p99": float(np.percentile(lat, 99)), "mean": float(lat.mean()),
+                           "min": float(lat.min())},
+            "throughput_tokens_per_s": tokens / (p50 / 1000.0),
+            "raw_latencies_ms": [round(v, 4) for v in latencies]}
+
+
+def main(argv=None) -> int:
+    from .cli import Parser, positive_int, run_cli
+    from .files import write_json
+
+    parser = Parser(prog="python -m export.run", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help=".onnx (ONNX Runtime) or .plan (TensorRT engine)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inputs", help=".npz with one array per model input")
+    source.add_argument("--random", metavar="BATCHxSEQ", help="random inputs of this shape instead")
+    parser.add_argument("--outputs", help=".npz to write the outputs to")
+    parser.add_argument("--providers", help="ONNX Runtime providers, comma-separated (default: CUDA if present, CPU)")
+    parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay a captured CUDA graph")
+    parser.add_argument("--bench", type=positive_int, metavar="RUNS", help="time RUNS runs")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write a JSON summary (shapes, and timings with --bench)")
+    args = parser.parse_args(argv)
+
+    def job() -> int:
+        from .runtime import load
+
+        baseline = gpu_memory_used_mb()
+        started = time.perf_counter()
+        providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+        model = load(args.model, providers=providers, device=args.device, cuda_graph=args.cuda_graph)
+        load_s = time.perf_counter() - started
+        if args.inputs:
+            feeds = read_inputs(args.inputs, model.inputs)
+        else:
+            feeds = random_inputs(model.inputs, args.random, args.seed)
+        outputs = model.run(feeds)
+        summary: dict = {"model": str(args.model), "kind": type(model).__name__,
+                         "providers": getattr(model, "providers", None), "load_s": round(load_s, 3),
+                         "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in feeds.items()},
+                         "outputs": {k: [list(v.shape), str(v.dtype)] for k, v in outputs.items()}}
+        if args.outputs:
+            write_outputs(args.outputs, outputs)
+        for name, value in outputs.items():
+            print(f"{name}: {list(value.shape)} {value.dtype}")
+        if args.bench:
+            timing = bench(model, feeds, args.bench, args.warmup)
+            used = gpu_memory_used_mb()
+            timing["peak_gpu_memory_mb"] = None if used is None or baseline is None else round(used - baseline, 2)
+            timing["peak_gpu_memory_method"] = "device memory in use after the runs minus before loading"
+            summary["bench"] = timing
+            print(f"p50 {timing['latency_ms']['p50']:.3f} ms  p99 {timing['latency_ms']['p99']:.3f} ms  "
+                  f"{timing['throughput_tokens_per_s']:.0f} tokens/s")
+        if args.json:
+            write_json(args.json, summary)
+        return 0
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

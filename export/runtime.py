@@ -1,0 +1,363 @@
+"""Serving: load a built model, `.onnx` or TensorRT `.plan`, behind one interface.
+
+    from export.runtime import load
+    model = load("build/small-rmsnorm/fused.onnx")        # ONNX Runtime, providers from what is present
+    model = load("build/small-rmsnorm/fused.plan")        # TensorRT runtime (the plugins are in the engine)
+    outputs = model.run({"hidden_states": x})             # numpy in -> numpy out; torch in -> torch out
+
+- Inputs are checked against the model's signature first (names, dtype, rank, fixed dims); a
+  mismatch is a NormfuseError naming the input.
+- Device buffers are kept between calls and reused while the shapes stay the same.
+- `cuda_graph=True` (TensorRT) captures the engine's launch in a CUDA graph the first time a shape
+  is seen and replays it on later calls with that shape.
+- Thread safety: `run` may be called from several threads; calls on one model are serialised by a
+  lock (the reused buffers, the I/O binding and a TensorRT execution context are per model). For
+  parallel execution load one model per thread, or scale out with a Triton model repository
+  (`python -m export.build ... --triton-repo DIR`).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import NormfuseError
+
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+# ONNX Runtime's type strings -> contract dtype names
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
+              "tensor(bool)": "bool", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, dtype name, shape (None for a dynamic dimension)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.dtype}[{dims}]"
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def dtype_name(dtype: Any) -> str:
+    """Contract dtype name of a numpy dtype or a torch dtype."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        text = text[len("torch."):]
+    return {"float": "float32", "half": "float16", "double": "float64"}.get(text, text)
+
+
+def is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """numpy view/copy of a numpy array or a torch tensor (bfloat16 through its bit pattern)."""
+    if not is_torch(value):
+        return np.asarray(value)
+    import torch
+
+    tensor = value.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    return tensor.numpy()
+
+
+def to_torch(array: np.ndarray, device: Any = "cpu") -> Any:
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == numpy_dtype("bfloat16"):
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)
+    return tensor.to(device)
+
+
+def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model") -> None:
+    """Raise a one-line NormfuseError naming the first input that does not fit the signature."""
+    if not isinstance(feeds, dict):
+        raise NormfuseError(f"{where}: inputs must be a dict of name -> array, got {type(feeds).__name__}")
+    expected = {spec.name: spec for spec in inputs}
+    for name in feeds:
+        if name not in expected:
+            raise NormfuseError(f"{where}: input {name!r} is not an input of the model "
+                                f"(it takes {', '.join(f'{n} {s.describe()}' for n, s in expected.items())})")
+    for name, spec in expected.items():
+        if name not in feeds:
+            raise NormfuseError(f"{where}: input {name!r} {spec.describe()} is missing")
+        value = feeds[name]
+        got = dtype_name(value.dtype) if hasattr(value, "dtype") else type(value).__name__
+        if got != spec.dtype:
+            raise NormfuseError(f"{where}: input {name!r} has dtype {got}, the model takes {spec.describe()}")
+        shape = tuple(int(d) for d in value.shape)
+        if len(shape) != len(spec.shape):
+            raise NormfuseError(f"{where}: input {name!r} has rank {len(shape)} (shape {list(shape)}), "
+                                f"the model takes rank {len(spec.shape)}: {spec.describe()}")
+        for axis, (have, want) in enumerate(zip(shape, spec.shape)):
+            if want is not None and have != want:
+                raise NormfuseError(f"{where}: input {name!r} has {have} on axis {axis} (shape {list(shape)}), "
+                                    f"the model takes {spec.describe()}")
+            if have == 0:
+                raise NormfuseError(f"{where}: input {name!r} is empty on axis {axis} (shape {list(shape)})")
+
+
+def load(path: str | Path, *, providers: list[str] | None = None, device: int = 0, cuda_graph: bool = False):
+    """An OrtModel for `.onnx`, a TensorRTModel for `.plan`/`.engine`."""
+    path = Path(path)
+    if not path.is_file():
+        raise NormfuseError(f"{path}: no such file")
+    if path.suffix in ONNX_SUFFIXES:
+        if cuda_graph:
+            raise NormfuseError(f"{path}: CUDA graphs are offered for TensorRT engines only")
+        return OrtModel(path, providers=providers, device=device)
+    if path.suffix in ENGINE_SUFFIXES:
+        return TensorRTModel(path, device=device, cuda_graph=cuda_graph)
+    raise NormfuseError(f"{path}: unknown model type {path.suffix!r}; expected .onnx or .plan")
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU when onnxruntime-gpu is installed and a GPU is visible, else CPU."""
+    from .backends import availability
+
+    if availability("ort-cuda").present:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtModel:
+    """An ONNX Runtime session. On the CUDA provider, inputs and outputs go through I/O binding:
+    inputs are uploaded into device buffers kept between calls (torch CUDA tensors are bound in
+    place, without a copy) and outputs stay on the device until they are returned."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, device: int = 0,
+                 threads: int | None = None, profile_prefix: str | None = None):
+        import onnxruntime as ort
+
+        from .backends import refuse_plugin_ops
+
+        self.path = Path(path)
+        refuse_plugin_ops(self.path, "ONNX Runtime")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        self.providers = list(providers or default_providers())
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise NormfuseError(f"{self.path}: ONNX Runtime here has no {', '.join(missing)} "
+                                f"(it has {', '.join(ort.get_available_providers())})")
+        provider_options = [{"device_id": str(device)} if p == "CUDAExecutionProvider" else {}
+                            for p in self.providers]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers,
+                                                provider_options=provider_options)
+        except Exception as exc:
+            raise NormfuseError(f"{self.path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+        self.device = device
+        self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.inputs = [_ort_spec(v) for v in self.session.get_inputs()]
+        self.outputs = [_ort_spec(v) for v in self.session.get_outputs()]
+        self.input_names = [s.name for s in self.inputs]
+        self.output_names = [s.name for s in self.outputs]
+        self._lock = threading.Lock()
+        self._binding: Any = None
+        self._bound: dict[str, tuple] = {}  # name -> (shape, dtype, OrtValue or torch tensor)
+
+    def run(self, feeds: dict) -> dict:
+        check_feeds(self.inputs, feeds, str(self.path))
+        torch_in = any(is_torch(v) for v in feeds.values())
+        with self._lock:
+            if not self.on_cuda:
+                arrays = {k: to_numpy(v) for k, v in feeds.items()}
+                results = dict(zip(self.output_names, self.session.run(None, arrays)))
+            else:
+                self.bind(feeds)
+                self.run_bound()
+                results = {name: value.numpy() for name, value in
+                           zip(self.output_names, self._binding.get_outputs())}
+        if torch_in:
+            device = next(v.device for v in feeds.values() if is_torch(v))
+            return {k: to_torch(v, device) for k, v in results.items()}
+        return results
+
+    def bind(self, feeds: dict) -> None:
+        """Bind `feeds` to device buffers (CUDA provider): reuse a buffer while shape and dtype hold."""
+        import onnxruntime as ort
+
+        if self._binding is None:
+            self._binding = self.session.io_binding()
+        binding = self._binding
+        for name, value in feeds.items():
+            shape, dtype = tuple(value.shape), dtype_name(value.dtype)
+            if is_torch(value) and value.device.type == "cuda":
+                tensor = value.contiguous()
+                binding.bind_input(name, "cuda", tensor.device.index or 0, numpy_dtype(dtype), list(shape),
+                                   tensor.data_ptr())
+                self._bound[name] = (shape, dtype, tensor)  # keeps the tensor alive while bound
+                continue
+            array = np.ascontiguousarray(to_numpy(value))
+            cached = self._bound.get(name)
+            if cached and cached[0] == shape and cached[1] == dtype and isinstance(cached[2], ort.OrtValue):
+                cached[2].update_inplace(array)
+            else:
+                ortvalue = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device)
+                binding.bind_ortvalue_input(name, ortvalue)
+                self._bound[name] = (shape, dtype, ortvalue)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", self.device)
+
+    def run_bound(self) -> None:
+        """One run on the bound buffers, no host copies: what a benchmark times."""
+        self._binding.synchronize_inputs()
+        self.session.run_with_iobinding(self._binding)
+        self._binding.synchronize_outputs()
+
+    def end_profiling(self) -> str:
+        return self.session.end_profiling()
+
+
+def _ort_spec(value) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
+    return TensorSpec(value.name, _ORT_TYPES.get(value.type, value.type), shape)
+
+
+class TensorRTModel:
+    """A deserialised TensorRT engine run with `execute_async_v3` on its own CUDA stream.
+
+    Device buffers are torch CUDA tensors (torch with CUDA is needed on the serving machine), one
+    per I/O tensor, reallocated only when a shape changes. The normfuse plugins are AOT plugins:
+    their kernels are inside the engine, so nothing has to be registered to load it.
+    """
+
+    def __init__(self, path: str | Path, device: int = 0, cuda_graph: bool = False):
+        from .tensorrt_engine import import_tensorrt, trt_dtype_name
+
+        import_tensorrt()
+        import tensorrt as trt
+
+        torch = _cuda_torch()
+        self.path = Path(path)
+        self.torch = torch
+        self.device = torch.device("cuda", device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        with torch.cuda.device(self.device):
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self.engine is None:
+                raise NormfuseError(f"{self.path}: TensorRT could not deserialise this engine (built by another "
+                                    "TensorRT version or for another GPU? see its .json sidecar)")
+            self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(device=self.device)
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            shape = tuple(d if d >= 0 else None for d in _dims(self.engine.get_tensor_shape(name)))
+            spec = TensorSpec(name, trt_dtype_name(self.engine.get_tensor_dtype(name)), shape)
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (self.inputs if is_input else self.outputs).append(spec)
+        self.input_names = [s.name for s in self.inputs]
+        self.output_names = [s.name for s in self.outputs]
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[tuple, Any] = {}
+        self._buffers: dict[str, Any] = {}
+        self._shapes: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    def _buffer(self, name: str, shape: tuple, dtype: str):
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.device)
+            self._buffers[name] = buf
+            self.context.set_tensor_address(name, buf.data_ptr())
+            self._graphs.clear()  # captured graphs hold the old addresses
+        return buf
+
+    def run(self, feeds: dict) -> dict:
+        check_feeds(self.inputs, feeds, str(self.path))
+        torch_in = any(is_torch(v) for v in feeds.values())
+        with self._lock, self.torch.cuda.device(self.device):
+            key = self.bind(feeds)
+            self.launch(key)
+            self.stream.synchronize()
+            outputs = {s.name: self._buffers[s.name] for s in self.outputs}
+            if torch_in:
+                return {k: v.clone() for k, v in outputs.items()}
+            return {k: to_numpy(v) for k, v in outputs.items()}
+
+    def bind(self, feeds: dict) -> tuple:
+        """Copy feeds into the input buffers, set shapes, size the outputs; returns the shape key."""
+        torch = self.torch
+        with torch.cuda.stream(self.stream):
+            for spec in self.inputs:
+                value = feeds[spec.name]
+                shape = tuple(int(d) for d in value.shape)
+                if self._shapes.get(spec.name) != shape:
+                    if not self.context.set_input_shape(spec.name, shape):
+                        raise NormfuseError(f"{self.path}: input {spec.name!r} shape {list(shape)} is outside the "
+                                            "engine's optimisation profile (see its .json sidecar)")
+                    self._shapes[spec.name] = shape
+                buf = self._buffer(spec.name, shape, spec.dtype)
+                source = value if is_torch(value) else to_torch(to_numpy(value))
+                buf.copy_(source, non_blocking=True)
+            for spec in self.outputs:
+                shape = tuple(d for d in _dims(self.context.get_tensor_shape(spec.name)))
+                self._buffer(spec.name, shape, spec.dtype)
+        return tuple(sorted(self._shapes.items()))
+
+    def launch(self, key: tuple) -> None:
+        """Enqueue one execution (replaying the CUDA graph for this shape when enabled)."""
+        if not self.cuda_graph:
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise NormfuseError(f"{self.path}: TensorRT execution failed (see the log above)")
+            return
+        graph = self._graphs.get(key)
+        if graph is None:
+            # One plain run first: TensorRT defers some work to the first enqueue after a shape change.
+            self.context.execute_async_v3(self.stream.cuda_stream)
+            self.stream.synchronize()
+            graph = self.torch.cuda.CUDAGraph()
+            with self.torch.cuda.graph(graph, stream=self.stream):
+                self.context.execute_async_v3(self.stream.cuda_stream)
+            self._graphs[key] = graph
+        with self.torch.cuda.stream(self.stream):
+            graph.replay()
+
+
+def _dims(dims: Any) -> list[int]:
+    """A tensorrt.Dims as a list (it has __len__ and __getitem__)."""
+    return [int(dims[i]) for i in range(len(dims))]
+
+
+def _cuda_torch():
+    try:
+        import torch
+    except ImportError:
+        raise NormfuseError("running a TensorRT engine needs torch with CUDA for its device buffers") from None
+    if not torch.cuda.is_available():
+        raise NormfuseError("running a TensorRT engine needs a CUDA device usable from torch "
+                            f"(torch {torch.__version__} sees none)")
+    return torch

@@ -1,0 +1,396 @@
+"""TensorRT engines: build a `.plan` from an ONNX graph with the normfuse plugins registered.
+
+    python -m export.tensorrt_engine build/small-rmsnorm/fused-tensorrt.onnx -o fused.plan \\
+        --batch 1:1:8 --seq 1:128:2048 [--precision strongly-typed|fp16|bf16|fp32] \\
+        [--workspace-mb 4096] [--timing-cache build/timing.cache]
+
+The network is parsed from the ONNX file (external weights are read from beside it), built
+with one optimisation profile (MIN:OPT:MAX for the batch axis and the sequence axis of every
+input), a workspace limit and a timing cache kept on disk, and written atomically with a JSON
+sidecar (`<plan>.json`): TensorRT version, GPU and compute capability, profile, precision, the
+plugins in the graph with their versions, and the ONNX file's SHA-256.
+
+The normfuse ops are TensorRT plugins registered through `tensorrt.plugin` with an AOT
+implementation (plugins/); the network prefers AOT plugins, so their PTX is embedded in the
+engine and serving it needs neither Python nor our package. The unfused reference graph builds
+without plugins: TensorRT imports LayerNormalization natively, RMSNormalization since 10.15, and
+otherwise runs the elementary ops (its own fusions may merge them).
+
+TensorRT is imported lazily; without it this module imports, and building says how to install it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NormfuseError, UsageError
+from .files import atomic_path, write_json
+
+INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and driver: `pip install tensorrt` (its libraries come "
+                "from NVIDIA's package index, pypi.nvidia.com) or use NVIDIA's TensorRT container; without it use "
+                "--backend ort-cpu or ort-cuda")
+PRECISIONS = ("strongly-typed", "fp16", "bf16", "fp32")
+SIDECAR_VERSION = 1
+
+
+class TensorRTMissing(NormfuseError):
+    pass
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(importable, why not). Type stubs alone (tensorrt-stubs) leave a `tensorrt` namespace
+    package without the bindings; that counts as missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "TensorRT is not installed"
+    try:
+        import tensorrt
+    except Exception as exc:  # a broken install: missing libnvinfer, CUDA mismatch
+        return False, f"TensorRT is installed but does not import ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+    if not hasattr(tensorrt, "Builder"):
+        return False, "only TensorRT's type stubs are installed (the `tensorrt` package has no bindings)"
+    return True, ""
+
+
+def import_tensorrt() -> Any:
+    """The tensorrt module, or TensorRTMissing with one line saying why and how to install it."""
+    present, reason = tensorrt_status()
+    if not present:
+        raise TensorRTMissing(f"{reason}; {INSTALL_HINT}")
+    import tensorrt
+
+    return tensorrt
+
+
+def trt_dtype_name(dtype: Any) -> str:
+    """Contract dtype name of a tensorrt.DataType."""
+    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+             "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
+    key = getattr(dtype, "name", str(dtype).split(".")[-1])
+    if key not in names:
+        raise NormfuseError(f"unsupported TensorRT tensor type {key}")
+    return names[key]
+
+
+@dataclass(frozen=True)
+class Range:
+    """MIN:OPT:MAX of one dynamic axis in the optimisation profile."""
+
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "range") -> Range:
+        """'8' -> 8:8:8, '1:128:512' -> Range(1, 128, 512)."""
+        parts = text.split(":")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise UsageError(f"{flag} {text!r}: expected MIN:OPT:MAX integers, e.g. 1:128:512") from None
+        if len(values) == 1:
+            values *= 3
+        if len(values) != 3:
+            raise UsageError(f"{flag} {text!r}: expected MIN:OPT:MAX (three numbers) or one number")
+        lo, opt, hi = values
+        if not 1 <= lo <= opt <= hi:
+            raise UsageError(f"{flag} {text!r}: need 1 <= MIN <= OPT <= MAX")
+        return cls(lo, opt, hi)
+
+    def covering(self, *values: int) -> Range:
+        """This range widened to include `values`."""
+        return Range(min(self.min, *values), self.opt, max(self.max, *values))
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass
+class EngineOptions:
+    batch: Range = Range(1, 1, 8)
+    seq: Range = Range(1, 128, 512)
+    precision: str = "strongly-typed"  # types as the ONNX graph has them
+    workspace_mb: int = 4096
+    timing_cache: Path | None = None
+    optimization_level: int | None = None  # TensorRT's default (3) when None
+    plugins: bool = True
+    verbose: bool = False
+
+
+def profile_shapes(model_path: str | Path, batch: Range, seq: Range) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max shape of every graph input: dynamic axis 0 is the batch, axis 1 the sequence
+    (the convention of export_model and random_feeds); fixed dimensions are kept."""
+    from .onnx_io import load_graph_only
+
+    model = load_graph_only(model_path)
+    initializers = {t.name for t in model.graph.initializer}
+    shapes = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        per_kind: dict[str, list[int]] = {"min": [], "opt": [], "max": []}
+        for axis, dim in enumerate(dims):
+            for kind in per_kind:
+                if dim.HasField("dim_value"):
+                    per_kind[kind].append(int(dim.dim_value))
+                elif axis in (0, 1):
+                    per_kind[kind].append(getattr(batch if axis == 0 else seq, kind))
+                else:
+                    raise NormfuseError(f"{model_path}: input {value.name!r} axis {axis} is dynamic "
+                                        f"({dim.dim_param or '?'}); only batch (0) and sequence (1) may be")
+        shapes[value.name] = per_kind
+    return shapes
+
+
+def plugin_ops(model_path: str | Path) -> list[dict]:
+    """The plugin ops the graph uses: name, namespace, version, node count (sorted by name)."""
+    from normops import DOMAIN
+
+    from .onnx_io import load_graph_only
+
+    found: dict[tuple, int] = {}
+    for node in load_graph_only(model_path).graph.node:
+        if node.domain != DOMAIN:
+            continue
+        attrs = {a.name: a.s.decode() for a in node.attribute if a.name in ("plugin_namespace", "plugin_version")}
+        key = (node.op_type, attrs.get("plugin_namespace", ""), attrs.get("plugin_version", ""))
+        found[key] = found.get(key, 0) + 1
+    return [{"name": n, "namespace": ns, "version": v, "nodes": c} for (n, ns, v), c in sorted(found.items())]
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gpu_info(device: int = 0) -> dict:
+    """GPU name, compute capability, driver, from nvidia-smi; empty when there is none."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={device}", "--query-gpu=name,compute_cap,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    fields = [f.strip() for f in out.strip().splitlines()[0].split(",")] if out.strip() else []
+    if len(fields) < 4:
+        return {}
+    return {"name": fields[0], "compute_capability": fields[1], "driver": fields[2], "memory": fields[3]}
+
+
+def sidecar_path(plan_path: str | Path) -> Path:
+    return Path(f"{plan_path}.json")
+
+
+def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, tensorrt_version: str,
+                 gpu: dict, profiles: dict, build_seconds: float, plan_bytes: int) -> dict:
+    return {
+        "sidecar_version": SIDECAR_VERSION,
+        "plan": plan_path.name,
+        "plan_bytes": plan_bytes,
+        "onnx": str(onnx_path),
+        "onnx_sha256": sha256(onnx_path),
+        "tensorrt_version": tensorrt_version,
+        "gpu": gpu.get("name"),
+        "compute_capability": gpu.get("compute_capability"),
+        "driver": gpu.get("driver"),
+        "precision": options.precision,
+        "workspace_mb": options.workspace_mb,
+        "optimization_level": options.optimization_level,
+        "timing_cache": str(options.timing_cache) if options.timing_cache else None,
+        "profiles": [profiles],
+        "batch_range": str(options.batch),
+        "seq_range": str(options.seq),
+        "plugins": plugin_ops(onnx_path),
+        "build_seconds": round(build_seconds, 3),
+        "host": platform.node(),
+    }
+
+
+def build_engine(onnx_path: str | Path, plan_path: str | Path, options: EngineOptions | None = None) -> dict:
+    """Build `onnx_path` into `plan_path` (atomically) and write its sidecar; returns the sidecar."""
+    import time
+
+    options = options or EngineOptions()
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if options.precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}")
+    import_tensorrt()
+    profiles = profile_shapes(onnx_path, options.batch, options.seq)
+    uses_plugins = bool(plugin_ops(onnx_path))
+    if uses_plugins:
+        if not options.plugins:
+            raise NormfuseError(f"{onnx_path}: holds normfuse plugin ops but plugins were turned off")
+        from plugins import register_tensorrt_plugins
+
+        register_tensorrt_plugins()
+    started = time.perf_counter()
+    serialized, cache_bytes = _build(onnx_path, options, profiles)
+    seconds = time.perf_counter() - started
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(serialized)
+    if options.timing_cache and cache_bytes:
+        with atomic_path(options.timing_cache) as tmp:
+            tmp.write_bytes(cache_bytes)
+    sidecar = make_sidecar(onnx_path, plan_path, options, tensorrt_version=_tensorrt_version(), gpu=gpu_info(),
+                           profiles=profiles, build_seconds=seconds, plan_bytes=len(serialized))
+    write_json(sidecar_path(plan_path), sidecar)
+    return sidecar
+
+
+def _tensorrt_version() -> str:
+    import tensorrt as trt
+
+    return str(trt.__version__)
+
+
+def _build(onnx_path: Path, options: EngineOptions, profiles: dict) -> tuple[bytes, bytes]:
+    """The TensorRT calls: network, parser, builder config, profile, timing cache, build.
+    (Call import_tensorrt() first: it turns a missing TensorRT into a one-line error.)"""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
+    if options.precision == "strongly-typed":
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise NormfuseError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors[0] if errors else 'no detail'}"
+                            + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
+    if options.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif options.precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    if options.optimization_level is not None:
+        config.builder_optimization_level = options.optimization_level
+
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        if name not in profiles:
+            raise NormfuseError(f"{onnx_path}: network input {name!r} is not a graph input of the ONNX file")
+        shape = profiles[name]
+        profile.set_shape(name, trt.Dims(shape["min"]), trt.Dims(shape["opt"]), trt.Dims(shape["max"]))
+    config.add_optimization_profile(profile)
+
+    cache_in = b""
+    if options.timing_cache and Path(options.timing_cache).is_file():
+        cache_in = Path(options.timing_cache).read_bytes()
+    cache = config.create_timing_cache(cache_in)
+    config.set_timing_cache(cache, False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise NormfuseError(f"{onnx_path}: TensorRT could not build an engine (run with --verbose for its log)")
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+
+
+def read_sidecar(plan_path: str | Path) -> dict | None:
+    path = sidecar_path(plan_path)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def check_sidecar(plan_path: str | Path, onnx_path: str | Path | None = None) -> list[str]:
+    """Reasons the engine may not fit here: another TensorRT, another GPU, a changed ONNX file."""
+    sidecar = read_sidecar(plan_path)
+    if sidecar is None:
+        return [f"{plan_path}: no sidecar {sidecar_path(plan_path).name}"]
+    problems = []
+    present, _ = tensorrt_status()
+    if present:
+        import tensorrt
+
+        if sidecar["tensorrt_version"] != tensorrt.__version__:
+            problems.append(f"built with TensorRT {sidecar['tensorrt_version']}, this is {tensorrt.__version__}")
+    gpu = gpu_info()
+    if gpu and sidecar.get("compute_capability") and gpu["compute_capability"] != sidecar["compute_capability"]:
+        problems.append(f"built for compute capability {sidecar['compute_capability']}, this GPU is "
+                        f"{gpu['compute_capability']}")
+    if onnx_path is not None and Path(onnx_path).is_file() and sha256(onnx_path) != sidecar["onnx_sha256"]:
+        problems.append(f"{onnx_path} changed since the engine was built")
+    return problems
+
+
+@dataclass
+class TensorRTRunner:
+    """Runner interface (backends.make_runner) over a `.plan`; an `.onnx` is built first into a
+    temporary engine whose profile covers `shapes`."""
+
+    model_path: Path
+    shapes: list[tuple[int, int]] = field(default_factory=lambda: [(1, 16), (2, 64)])
+    name: str = "tensorrt"
+
+    def __post_init__(self) -> None:
+        import tempfile
+
+        from .runtime import TensorRTModel
+
+        path = Path(self.model_path)
+        if path.suffix == ".onnx":
+            self._tmp = tempfile.TemporaryDirectory()
+            batches = [b for b, _ in self.shapes]
+            seqs = [s for _, s in self.shapes]
+            options = EngineOptions(batch=Range(min(batches), max(batches), max(batches)),
+                                    seq=Range(min(seqs), max(seqs), max(seqs)))
+            plan = Path(self._tmp.name) / (path.stem + ".plan")
+            build_engine(path, plan, options)
+            path = plan
+        self.model = TensorRTModel(path)
+        self.output_names = self.model.output_names
+
+    def run(self, feeds: dict) -> dict:
+        return self.model.run(feeds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import Parser, positive_int, run_cli
+
+    parser = Parser(prog="python -m export.tensorrt_engine", description=__doc__.splitlines()[0])
+    parser.add_argument("onnx", help="ONNX graph (fused-tensorrt.onnx or reference.onnx)")
+    parser.add_argument("-o", "--output", required=True, help="engine file (.plan); the sidecar is <output>.json")
+    parser.add_argument("--batch", default="1:1:8", help="batch MIN:OPT:MAX (default 1:1:8)")
+    parser.add_argument("--seq", default="1:128:512", help="sequence MIN:OPT:MAX (default 1:128:512)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="strongly-typed",
+                        help="strongly-typed: the ONNX graph's types; fp16/bf16: allow those kernels")
+    parser.add_argument("--workspace-mb", type=positive_int, default=4096)
+    parser.add_argument("--timing-cache", help="timing cache file, read if present and updated")
+    parser.add_argument("--optimization-level", type=int, choices=range(0, 6))
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+
+    def job() -> int:
+        options = EngineOptions(batch=Range.parse(args.batch, "--batch"), seq=Range.parse(args.seq, "--seq"),
+                                precision=args.precision, workspace_mb=args.workspace_mb,
+                                timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                                optimization_level=args.optimization_level, verbose=args.verbose)
+        sidecar = build_engine(args.onnx, args.output, options)
+        plugins = ", ".join(f"{p['namespace']}::{p['name']} v{p['version']} x{p['nodes']}" for p in sidecar["plugins"])
+        print(f"wrote {args.output} ({sidecar['plan_bytes'] / 2**20:.1f} MiB, TensorRT {sidecar['tensorrt_version']}, "
+              f"{sidecar['gpu']} sm {sidecar['compute_capability']}, {sidecar['build_seconds']:.1f} s; "
+              f"plugins: {plugins or 'none'})")
+        return 0
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
