@@ -1,0 +1,98 @@
+"""Property-based: generated norm graphs and near-misses never crash the rewriter, every fusion
+computes what the graph computed, and no near-miss is fused as a norm over the last axis.
+
+The default run draws a few dozen graphs; `pytest -m slow` draws 1200.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from export.rewrite import TARGETS, rewrite_model
+from export.rewrite.evaluate import run_model
+from export.rewrite.synth import CASTS, INVERSES, KINDS, MUTATIONS, RESIDUALS, SCALES, SQUARES, NormSpec, build, \
+    expected_fusions, random_feeds
+from normops import GRAPH
+
+NEAR_MISSES = [m for m in MUTATIONS if m not in (None, "broadcast_scale")]
+
+
+@st.composite
+def norm_graphs(draw, mutation=st.sampled_from(MUTATIONS)):
+    spec = NormSpec(
+        kind=draw(st.sampled_from(KINDS)), dtype=draw(st.sampled_from(("float32", "float16", "bfloat16"))),
+        square=draw(st.sampled_from(SQUARES)), inverse=draw(st.sampled_from(INVERSES)),
+        casts=draw(st.sampled_from(CASTS)), scale=draw(st.sampled_from(SCALES)), bias=draw(st.booleans()),
+        residual=draw(st.sampled_from(RESIDUALS)), axes_input=draw(st.booleans()), positive_axis=draw(st.booleans()),
+        epsilon=draw(st.sampled_from((1e-12, 1e-6, 1e-5, 1e-3, 0.1))), hidden=draw(st.integers(1, 48)),
+        mutation=draw(mutation))
+    if spec.mutation == "two_axes":
+        spec = replace(spec, axes_input=True)  # attribute axes of length 2 are the same near-miss
+    leading = tuple(draw(st.lists(st.one_of(st.integers(1, 3), st.sampled_from(("batch", "seq"))), max_size=3)))
+    return spec, leading, draw(st.sampled_from(TARGETS))
+
+
+def check(spec: NormSpec, leading: tuple, target: str) -> None:
+    model = build(spec, leading=leading)
+    out, report = rewrite_model(model, target=target)  # must not raise
+    feeds = random_feeds(model, seed=3)
+    expected, actual = run_model(model, feeds), run_model(out, feeds)
+    for e, a in zip(expected, actual):
+        assert GRAPH[spec.dtype].passes(a, e), (spec.describe(), float(np.nanmax(np.abs(a.astype(float) - e.astype(float)))))
+    want = expected_fusions(spec)
+    assert report.fused == want, (spec.describe(), leading, [r.reason for r in report.rejected])
+    if want == 0:
+        assert report.rejected, spec.describe()  # a near-miss is reported with its reason
+    again, second = rewrite_model(out, target=target)
+    assert second.fused == 0
+
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(norm_graphs())
+def test_generated_graphs(case):
+    check(*case)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(norm_graphs(mutation=st.sampled_from(NEAR_MISSES)))
+def test_generated_near_misses_are_rejected(case):
+    check(*case)
+
+
+@pytest.mark.slow
+@settings(max_examples=1200, **SETTINGS)
+@given(norm_graphs())
+def test_generated_graphs_many(case):
+    check(*case)
+
+
+@pytest.mark.slow
+@settings(max_examples=600, **SETTINGS)
+@given(norm_graphs(mutation=st.sampled_from(NEAR_MISSES)))
+def test_generated_near_misses_many(case):
+    check(*case)
+
+
+@pytest.mark.parametrize("mutation", NEAR_MISSES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_near_miss_has_a_reason(mutation, kind):
+    spec = NormSpec(kind=kind, mutation=mutation, axes_input=True)
+    _, report = rewrite_model(build(spec))
+    assert report.fused == 0
+    reasons = " ".join(r.reason for r in report.rejected)
+    words = {"wrong_axis": "not the last axis", "keepdims0": "keepdims=0", "two_axes": "not only the last axis",
+             "pow3": "exponent is 3", "eps_input": "not a constant", "shared": "intermediate"}[mutation]
+    assert words in reasons, reasons
+
+
+def test_broadcast_scale_is_left_outside_the_norm():
+    out, report = rewrite_model(build(NormSpec(mutation="broadcast_scale")))
+    assert report.fused == 1 and report.fusions[0].pattern == "rmsnorm-unscaled"
+    assert [n.op_type for n in out.graph.node] == ["RMSNorm", "Mul"]
