@@ -27,7 +27,7 @@ BLOCK_THREADS_SMALL_ROWS = 256  # rows shorter than a warp's share are packed th
 
 # Register slots per thread the table aims for (each slot one 16-byte vector): more slots mean more
 # loads in flight per thread and fewer threads per row; tuned on an H100 (bench/README.md).
-TARGET_SLOTS = {"float32": 4, "float16": 4, "bfloat16": 4}
+TARGET_SLOTS = {"float32": 2, "float16": 2, "bfloat16": 2}
 
 # Exceptions to the rule above, (dtype, hidden) -> (threads per row, slots), from the same tuning.
 TUNED: dict[tuple[str, int], tuple[int, int]] = {}

@@ -5,10 +5,10 @@
 // V = 16 bytes / sizeof(T), so a row of up to C * V * TPR elements is read from global memory once.
 // Longer rows take a streaming path that reads the input twice (the second read mostly from L2).
 //
-// Statistics are always accumulated in fp32. LayerNorm statistics use Chan's parallel merge of
-// (count, mean, M2) triples: each thread computes exact local moments from its registers and the
-// triples are merged across the row. This is one pass over memory and avoids the cancellation of
-// E[x^2] - E[x]^2 when the mean is large against the spread.
+// Statistics are always accumulated in fp32. For a row held in registers, LayerNorm uses the
+// exact two-pass formula over the registers (mean, then mean of squared deviations): one pass over
+// memory, and none of the cancellation of E[x^2] - E[x]^2 when the mean is large against the
+// spread. The streaming path uses Welford's update per thread and Chan's merge across threads.
 //
 // The element type T and the gamma/beta type G are fixed when the module is compiled
 // (NORMFUSE_X and NORMFUSE_G); the thread layout variants come from NORMFUSE_VARIANTS, the list
@@ -42,7 +42,7 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[N
     #pragma unroll
     for (int k = 0; k < N / kPer; ++k) {
         union { uint4 raw; T e[kPer]; } chunk;
-        chunk.raw = *reinterpret_cast<const uint4*>(p + k * kPer);
+        chunk.raw = __ldg(reinterpret_cast<const uint4*>(p + k * kPer));  // read-only path
         #pragma unroll
         for (int j = 0; j < kPer; ++j) out[k * kPer + j] = to_float(chunk.e[j]);
     }
@@ -59,6 +59,16 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[N
         for (int j = 0; j < kPer; ++j) chunk.e[j] = from_float<T>(in[k * kPer + j]);
         *reinterpret_cast<uint4*>(p + k * kPer) = chunk.raw;
     }
+}
+
+template <typename T>
+__device__ __forceinline__ float load_one(const T* __restrict__ p) {
+    return to_float(__ldg(p));
+}
+
+// Ask L2 for the line holding p (gamma/beta, fetched while the row's statistics are reduced).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) {
@@ -122,6 +132,7 @@ __device__ __forceinline__ R row_allreduce(R v) {
         v = partial[group][0];
         #pragma unroll
         for (int w = 1; w < kWarps; ++w) v = combine(v, partial[group][w]);
+        __syncthreads();  // `partial` may be written again by the next reduction
     }
     return v;
 }
@@ -201,8 +212,8 @@ __device__ __forceinline__ void row_in_registers(const RowArgs<kCentered, kResid
                 const int i = index(c, j);
                 float s = 0.f;
                 if (valid(c, j)) {
-                    s = to_float(a.x[i]);
-                    if constexpr (kResidual) s += to_float(a.residual[i]);
+                    s = load_one(a.x + i);
+                    if constexpr (kResidual) s += load_one(a.residual + i);
                 }
                 v[c][j] = s;
             }
@@ -223,30 +234,41 @@ __device__ __forceinline__ void row_in_registers(const RowArgs<kCentered, kResid
         }
     }
 
-    // 3. statistics
-    float mean, rstd;
+    // 3. statistics. gamma/beta are requested from L2 first, so their latency hides behind the
+    //    reductions (this matters for short, latency-bound launches).
+    if constexpr (kVec) {
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+            if (valid(c, 0)) {
+                prefetch_l2(a.gamma + index(c, 0));
+                if constexpr (kCentered) prefetch_l2(a.beta + index(c, 0));
+            }
+        }
+    }
+    float mean = 0.f, rstd;
     if constexpr (kCentered) {
-        float n = 0.f, s = 0.f;
+        // The row is in registers, so the exact two-pass formula costs no second read of memory:
+        // the mean first, then the mean of squared deviations from it.
+        float s = 0.f;  // slots past the end hold zeros
         #pragma unroll
         for (int c = 0; c < C; ++c)
             #pragma unroll
-            for (int j = 0; j < V; ++j)
-                if (valid(c, j)) { n += 1.f; s += v[c][j]; }
-        const float local_mean = n > 0.f ? s / n : 0.f;
+            for (int j = 0; j < V; ++j) s += v[c][j];
+        mean = row_allreduce<TPR, RPB>(s) / static_cast<float>(a.hidden);
         float m2 = 0.f;
         #pragma unroll
         for (int c = 0; c < C; ++c)
             #pragma unroll
             for (int j = 0; j < V; ++j)
-                if (valid(c, j)) { const float d = v[c][j] - local_mean; m2 += d * d; }
-        Finish<true, TPR, RPB>::run(Moments{n, local_mean, m2}, a.hidden, a.eps, mean, rstd);
+                if (valid(c, j)) { const float d = v[c][j] - mean; m2 += d * d; }
+        rstd = rsqrtf(row_allreduce<TPR, RPB>(m2) / static_cast<float>(a.hidden) + a.eps);
     } else {
-        float ss = 0.f;  // slots past the end hold zeros
+        float ss = 0.f;
         #pragma unroll
         for (int c = 0; c < C; ++c)
             #pragma unroll
             for (int j = 0; j < V; ++j) ss += v[c][j] * v[c][j];
-        Finish<false, TPR, RPB>::run(ss, a.hidden, a.eps, mean, rstd);
+        rstd = rsqrtf(row_allreduce<TPR, RPB>(ss) / static_cast<float>(a.hidden) + a.eps);
     }
 
     // 4. y = (v - mean) * rstd * gamma (+ beta)
@@ -271,8 +293,8 @@ __device__ __forceinline__ void row_in_registers(const RowArgs<kCentered, kResid
             for (int j = 0; j < V; ++j) {
                 if (!valid(c, j)) continue;
                 const int i = index(c, j);
-                float out = (v[c][j] - mean) * rstd * to_float(a.gamma[i]);
-                if constexpr (kCentered) out += to_float(a.beta[i]);
+                float out = (v[c][j] - mean) * rstd * load_one(a.gamma + i);
+                if constexpr (kCentered) out += load_one(a.beta + i);
                 a.y[i] = from_float<T>(out);
             }
         }
@@ -288,25 +310,25 @@ __device__ __forceinline__ void row_streaming(const RowArgs<kCentered, kResidual
     if constexpr (kCentered) {
         Moments m{0.f, 0.f, 0.f};
         for (int i = a.lane; i < stop; i += TPR) {
-            float s = to_float(a.x[i]);
-            if constexpr (kResidual) { s += to_float(a.residual[i]); a.sum[i] = from_float<T>(s); }
+            float s = load_one(a.x + i);
+            if constexpr (kResidual) { s += load_one(a.residual + i); a.sum[i] = from_float<T>(s); }
             accumulate(m, s);
         }
         Finish<true, TPR, RPB>::run(m, a.hidden, a.eps, mean, rstd);
     } else {
         float ss = 0.f;
         for (int i = a.lane; i < stop; i += TPR) {
-            float s = to_float(a.x[i]);
-            if constexpr (kResidual) { s += to_float(a.residual[i]); a.sum[i] = from_float<T>(s); }
+            float s = load_one(a.x + i);
+            if constexpr (kResidual) { s += load_one(a.residual + i); a.sum[i] = from_float<T>(s); }
             ss += s * s;
         }
         Finish<false, TPR, RPB>::run(ss, a.hidden, a.eps, mean, rstd);
     }
     for (int i = a.lane; i < stop; i += TPR) {
-        float s = to_float(a.x[i]);
-        if constexpr (kResidual) s += to_float(a.residual[i]);
-        float out = (s - mean) * rstd * to_float(a.gamma[i]);
-        if constexpr (kCentered) out += to_float(a.beta[i]);
+        float s = load_one(a.x + i);
+        if constexpr (kResidual) s += load_one(a.residual + i);
+        float out = (s - mean) * rstd * load_one(a.gamma + i);
+        if constexpr (kCentered) out += load_one(a.beta + i);
         a.y[i] = from_float<T>(out);
     }
 }

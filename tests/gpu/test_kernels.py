@@ -124,8 +124,9 @@ def test_misaligned_tensors_take_the_scalar_path(op, dtype):
         view = flat[1:].view(t.shape)  # 2 or 4 bytes off a 16-byte boundary
         view.copy_(t)
         shifted.append(view)
-    outs = tuple(torch.full((t.numel() + 1,), float("nan"), dtype=base[0].dtype, device="cuda")[1:].view(base[0].shape)
-                 for t in OPS[op].outputs)
+    x = base[0]
+    outs = tuple(torch.full((x.numel() + 1,), float("nan"), dtype=x.dtype, device="cuda")[1:].view(x.shape)
+                 for _ in OPS[op].outputs)
     launcher.run(op, *shifted, outputs=outs)
     torch.cuda.synchronize()
     check(op, shifted, outs, dtype)
