@@ -166,6 +166,15 @@ def plugin_ops(model_path: str | Path) -> list[dict]:
     return [{"name": n, "namespace": ns, "version": v, "nodes": c} for (n, ns, v), c in sorted(found.items())]
 
 
+def io_signature(onnx_path: str | Path) -> dict:
+    """The engine's inputs and outputs as the ONNX graph declares them (TensorRT keeps the names)."""
+    from .triton_repo import onnx_signature
+
+    inputs, outputs = onnx_signature(onnx_path)
+    return {kind: [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in tensors]
+            for kind, tensors in (("inputs", inputs), ("outputs", outputs))}
+
+
 def sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -213,6 +222,7 @@ def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, te
         "batch_range": str(options.batch),
         "seq_range": str(options.seq),
         "plugins": plugin_ops(onnx_path),
+        "io": io_signature(onnx_path),
         "build_seconds": round(build_seconds, 3),
         "host": platform.node(),
     }

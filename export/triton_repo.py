@@ -1,0 +1,245 @@
+"""A Triton Inference Server model repository for a built model, to scale out on Triton.
+
+    python -m export.triton_repo build/small-rmsnorm/fused.plan --repo triton/ [--name normfuse_rmsnorm]
+    python -m export.build --norm rmsnorm --triton-repo triton/     # the same, for every model built
+
+Writes `<repo>/<name>/config.pbtxt` and `<repo>/<name>/1/model.plan` (the `tensorrt_plan`
+platform) or `model.onnx` with its external weights (`onnxruntime_onnx`). The config gives the
+inputs' and outputs' dtypes and dims; when axis 0 is dynamic it is Triton's batch axis
+(`max_batch_size`, left out of `dims`) and dynamic batching is on. The sequence axis stays -1:
+Triton batches requests of equal shape together. The text is checked by parsing it with Triton's
+own protobuf definitions (`tritonclient.grpc.model_config_pb2`, from `pip install tritonclient[grpc]`).
+
+TensorRT engines need no plugin library on the server: the normfuse plugins are AOT plugins,
+their kernels are inside the engine. The server's TensorRT must be the version that built the
+engine, on the same GPU architecture (see the engine's .json sidecar, copied beside it).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NormfuseError, UsageError
+from .files import write_text
+
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
+                "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
+                "bool": "TYPE_BOOL"}
+PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
+MODEL_FILES = {".onnx": "model.onnx", ".plan": "model.plan"}
+
+
+@dataclass
+class IO:
+    name: str
+    dtype: str
+    shape: list[int | None]  # None: dynamic
+
+
+def onnx_signature(path: str | Path) -> tuple[list[IO], list[IO]]:
+    """Graph inputs (initializers excluded) and outputs of an ONNX file."""
+    from .onnx_io import load_graph_only
+    from .rewrite.checks import FLOAT_TYPES
+
+    import onnx
+
+    model = load_graph_only(path)
+
+    def io(value) -> IO:
+        ttype = value.type.tensor_type
+        dtype = FLOAT_TYPES.get(ttype.elem_type) or onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        return IO(value.name, dtype, shape)
+
+    initializers = {t.name for t in model.graph.initializer}
+    return ([io(v) for v in model.graph.input if v.name not in initializers], [io(v) for v in model.graph.output])
+
+
+def plan_signature(path: str | Path) -> tuple[list[IO], list[IO], int | None]:
+    """Inputs, outputs and the profile's max batch of an engine, from its sidecar."""
+    from .tensorrt_engine import read_sidecar, sidecar_path
+
+    sidecar = read_sidecar(path)
+    if sidecar is None or "io" not in sidecar:
+        raise NormfuseError(f"{path}: its sidecar {sidecar_path(path).name} (written by export.tensorrt_engine) "
+                            "is missing or has no I/O signature")
+    inputs = [IO(t["name"], t["dtype"], t["shape"]) for t in sidecar["io"]["inputs"]]
+    outputs = [IO(t["name"], t["dtype"], t["shape"]) for t in sidecar["io"]["outputs"]]
+    max_batch = None
+    profiles = sidecar.get("profiles") or []
+    if profiles:
+        max_batch = min(shape["max"][0] for shape in profiles[0].values())
+    return inputs, outputs, max_batch
+
+
+def config_text(name: str, platform: str, inputs: list[IO], outputs: list[IO], max_batch_size: int,
+                queue_delay_us: int = 100, instances: int = 1, kind: str = "KIND_GPU") -> str:
+    """config.pbtxt in protobuf text format. max_batch_size 0: no batch axis, full dims."""
+    def tensor(io: IO) -> str:
+        if io.dtype not in TRITON_TYPES:
+            raise NormfuseError(f"{io.name}: dtype {io.dtype} has no Triton type")
+        dims = io.shape[1:] if max_batch_size > 0 else io.shape
+        text_dims = ", ".join("-1" if d is None else str(d) for d in dims)
+        return f'  {{\n    name: "{io.name}"\n    data_type: {TRITON_TYPES[io.dtype]}\n    dims: [ {text_dims} ]\n  }}'
+
+    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}",
+             "input [\n" + ",\n".join(tensor(i) for i in inputs) + "\n]",
+             "output [\n" + ",\n".join(tensor(o) for o in outputs) + "\n]"]
+    if max_batch_size > 0:
+        lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}")
+    lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]")
+    return "\n".join(lines) + "\n"
+
+
+def parse_config(text: str):
+    """Parse config.pbtxt with Triton's ModelConfig message; NormfuseError naming what is wrong."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise NormfuseError("checking a Triton config needs tritonclient: pip install 'tritonclient[grpc]'") from None
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise NormfuseError(f"config.pbtxt does not parse as Triton's ModelConfig: {exc}") from None
+    problems = []
+    if not config.name:
+        problems.append("no name")
+    if config.platform not in PLATFORMS.values() and not config.backend:
+        problems.append(f"unknown platform {config.platform!r}")
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        if not tensors:
+            problems.append(f"no {kind}s")
+        for t in tensors:
+            if t.data_type == model_config_pb2.TYPE_INVALID:
+                problems.append(f"{kind} {t.name!r} has no data_type")
+            if any(d < -1 or d == 0 for d in t.dims):
+                problems.append(f"{kind} {t.name!r} has bad dims {list(t.dims)}")
+    if config.HasField("dynamic_batching") and config.max_batch_size < 1:
+        problems.append("dynamic_batching needs max_batch_size >= 1")
+    if problems:
+        raise NormfuseError(f"Triton config for {config.name or '?'}: " + "; ".join(problems))
+    return config
+
+
+def model_name(path: Path) -> str:
+    """A Triton model name from a file name: letters, digits, _ and -."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", path.stem) or "model"
+
+
+def write_repository(model_path: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
+                     max_batch_size: int | None = None, queue_delay_us: int = 100, instances: int = 1,
+                     kind: str | None = None, validate: bool = True) -> Path:
+    """Write (or replace) `<repo>/<name>/` for one model; returns that folder."""
+    model_path, repo = Path(model_path), Path(repo)
+    if not model_path.is_file():
+        raise NormfuseError(f"{model_path}: no such file")
+    suffix = model_path.suffix
+    if suffix not in PLATFORMS:
+        raise UsageError(f"{model_path}: Triton models here are .onnx or .plan, not {suffix!r}")
+    name = name or model_name(model_path)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise UsageError(f"{name!r} is not a usable Triton model name")
+    if suffix == ".plan":
+        inputs, outputs, profile_batch = plan_signature(model_path)
+    else:
+        from .backends import refuse_plugin_ops
+
+        refuse_plugin_ops(model_path, "Triton's onnxruntime backend")
+        inputs, outputs = onnx_signature(model_path)
+        profile_batch = None
+    batch_axis = bool(inputs) and all(len(i.shape) > 0 and i.shape[0] is None for i in inputs)
+    if max_batch_size is None:
+        max_batch_size = (profile_batch or 8) if batch_axis else 0
+    if max_batch_size > 0 and not batch_axis:
+        raise UsageError(f"{model_path}: axis 0 of the inputs is fixed, so it cannot be Triton's batch axis "
+                         "(use max_batch_size 0)")
+    if profile_batch is not None and max_batch_size > profile_batch:
+        raise UsageError(f"{model_path}: max_batch_size {max_batch_size} is above the engine profile's batch "
+                         f"maximum {profile_batch}")
+    kind = kind or ("KIND_GPU" if suffix == ".plan" else "KIND_AUTO")
+    text = config_text(name, PLATFORMS[suffix], inputs, outputs, max_batch_size, queue_delay_us, instances, kind)
+    if validate:
+        parse_config(text)
+
+    repo.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    try:
+        version_dir = staging / str(version)
+        version_dir.mkdir()
+        shutil.copy2(model_path, version_dir / MODEL_FILES[suffix])
+        for extra in _companions(model_path):
+            shutil.copy2(extra, version_dir / extra.name)
+        write_text(staging / "config.pbtxt", text)
+        target = repo / name
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repo))
+            os.replace(target, old / name)
+            os.replace(staging, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return repo / name
+
+
+def _companions(model_path: Path) -> list[Path]:
+    """Files the model needs beside it: ONNX external data, an engine's sidecar."""
+    if model_path.suffix == ".plan":
+        from .tensorrt_engine import sidecar_path
+
+        side = sidecar_path(model_path)
+        return [side] if side.is_file() else []
+    from .onnx_io import _external_tensors, load_graph_only
+
+    locations = set()
+    for tensor in _external_tensors(load_graph_only(model_path)):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    files = []
+    for location in sorted(locations):
+        path = (model_path.parent / location)
+        if os.sep in location.strip("./") or "/" in location.strip("./"):
+            raise NormfuseError(f"{model_path}: external data {location!r} is not beside the model; "
+                                "Triton needs it in the version folder")
+        if not path.is_file():
+            raise NormfuseError(f"{model_path}: external data file {location} is missing")
+        files.append(path)
+    return files
+
+
+def main(argv=None) -> int:
+    from .cli import Parser, run_cli
+
+    parser = Parser(prog="python -m export.triton_repo", description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help=".onnx or .plan files")
+    parser.add_argument("--repo", required=True, help="model repository folder")
+    parser.add_argument("--name", help="model name (one model only; default: the file name)")
+    parser.add_argument("--max-batch-size", type=int, help="default: the engine profile's max batch, or 8")
+    parser.add_argument("--queue-delay-us", type=int, default=100)
+    parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--kind", choices=("KIND_AUTO", "KIND_GPU", "KIND_CPU"))
+    args = parser.parse_args(argv)
+    if args.name and len(args.models) > 1:
+        parser.error("--name takes one model")
+
+    def job() -> int:
+        for model in args.models:
+            folder = write_repository(model, args.repo, name=args.name, max_batch_size=args.max_batch_size,
+                                      queue_delay_us=args.queue_delay_us, instances=args.instances, kind=args.kind)
+            print(f"wrote {folder}/config.pbtxt")
+        return 0
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
