@@ -187,6 +187,8 @@ def run(args) -> dict:
     dtypes = tuple(args.dtypes) if args.dtypes else (("bfloat16",) if args.quick else DTYPES)
     if args.quick:
         tokens_list = (1, 32) + tokens_list
+    if args.tokens:
+        tokens_list = tuple(args.tokens)
     rows = []
     compiled = {}
     same_size_copy: dict[int, float] = {}
@@ -311,13 +313,14 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="also time every sensible layout at tokens >= 4096")
     p.add_argument("--compile-dtypes", nargs="*", default=["bfloat16"], help="dtypes to time torch.compile on")
     p.add_argument("--dtypes", nargs="*", help="dtypes to run (default: bf16 with --quick, else all)")
+    p.add_argument("--tokens", nargs="*", type=int, help="token counts to run (default: the grid)")
     p.add_argument("--hidden", nargs="*", type=int, help="hidden sizes to run (default: the grid)")
     p.add_argument("--budget", type=float, default=0.25, help="seconds of timing per cell")
     args = p.parse_args()
     data = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = data["device"]["name"].lower().replace("nvidia ", "").replace(" ", "-")
-    stem = f"{gpu}-kernels" + ("-quick" if args.quick else "")
+    stem = f"{gpu}-kernels" + ("-quick" if args.quick else "") + ("-tune" if args.tune else "")
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     table = report(data)
     (args.out / f"{stem}.md").write_text(table + "\n")
