@@ -1,17 +1,16 @@
 """python -m export.rewrite IN.onnx -o OUT.onnx [--target tensorrt|onnxruntime|onnx] [--no-residual] [--report R.json]"""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ..cli import run_cli
+from ..cli import Parser, run_cli
 from ..files import write_json
 from .emit import TARGETS
 from .rewriter import rewrite_file
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.rewrite",
+    parser = Parser(prog="python -m export.rewrite",
                                      description="Fuse every provable LayerNorm/RMSNorm subgraph of an ONNX model.")
     parser.add_argument("input", help="ONNX model to rewrite (external weights are left on disk)")
     parser.add_argument("-o", "--output", required=True, help="where to write the rewritten model")

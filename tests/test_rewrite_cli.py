@@ -1,0 +1,135 @@
+"""The command line, the report, external weights, ORT's fused inputs and the onnx target's opset."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from export.errors import NormfuseError
+from export.rewrite import rewrite_file, rewrite_model
+from export.rewrite.__main__ import main
+from export.rewrite.evaluate import run_model
+from export.rewrite.synth import NormSpec, build, random_feeds
+from normops import GRAPH
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def save(model, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def test_cli_writes_model_and_report(tmp_path, capsys):
+    src = save(build(NormSpec(kind="layer", residual="exposed")), tmp_path / "in.onnx")
+    code = main([str(src), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "fused 1 norm(s) (1 AddLayerNorm) for target tensorrt" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["fused"] == 1 and report["fusions"][0]["residual"] and report["fusions"][0]["nodes_removed"]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "out.onnx")).graph.node] == ["AddLayerNorm", "Relu"]
+
+
+def test_cli_exits_zero_when_nothing_fuses_and_lists_rejections(tmp_path, capsys):
+    src = save(build(NormSpec(mutation="wrong_axis")), tmp_path / "in.onnx")
+    assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--no-residual", "--target", "onnxruntime"]) == 0
+    out = capsys.readouterr().out
+    assert "fused 0 norm(s)" in out and "rejected" in out and "not the last axis" in out
+
+
+def test_cli_one_line_errors(tmp_path):
+    garbage = tmp_path / "bad.onnx"
+    garbage.write_bytes(b"not a model")
+    for args in ([str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx")],
+                 [str(garbage), "-o", str(tmp_path / "o.onnx")],
+                 [str(save(build(NormSpec()), tmp_path / "ok.onnx")), "-o", "/proc/normfuse/o.onnx"],
+                 [str(tmp_path / "ok.onnx"), "-o", str(tmp_path / "o.onnx"), "--target", "tensorflow"]):
+        run = subprocess.run([sys.executable, "-m", "export.rewrite", *args], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode != 0, args
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("normfuse: error:"), run.stderr
+
+
+def test_external_weights_are_never_read_and_are_shared(tmp_path):
+    from rewrite_scale import DATA_NAME, build_llama_graph
+
+    src = build_llama_graph(tmp_path, layers=2, hidden=64, ffn=96)
+    (tmp_path / DATA_NAME).unlink()  # any read of a weight byte would now fail
+    out_dir = tmp_path / "out"
+    report = rewrite_file(src, out_dir / "fused.onnx")
+    assert report.counts == {"RMSNorm": 1, "AddRMSNorm": 4}
+    fused = onnx.load(str(out_dir / "fused.onnx"), load_external_data=False)
+    locations = {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {f"../{DATA_NAME}"} and sorted(p.name for p in out_dir.iterdir()) == ["fused.onnx"]
+
+
+def _skip_model(centered: bool, use_sum: bool):
+    op = "SkipLayerNormalization" if centered else "SkipSimplifiedLayerNormalization"
+    h = 8
+    inputs = ["a", "b", "gamma"] + (["beta"] if centered else [])
+    outputs = ["y", "", "", "sum"] if use_sum else ["y"]
+    nodes = [helper.make_node(op, inputs, outputs, domain="com.microsoft", epsilon=1e-6, name="skip")]
+    graph_outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, h])]
+    if use_sum:
+        nodes.append(helper.make_node("Relu", ["sum"], ["s"], name="relu"))
+        graph_outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 3, h]))
+    inits = [onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, h, dtype=np.float32), "gamma"),
+             onnx.numpy_helper.from_array(np.linspace(-0.5, 0.5, h, dtype=np.float32), "beta")][: 2 if centered else 1]
+    graph = helper.make_graph(nodes, "skip", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, h]) for n in "ab"],
+                              graph_outputs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("centered", (True, False))
+@pytest.mark.parametrize("use_sum", (True, False))
+def test_ort_skip_norms_become_plugin_ops(centered, use_sum):
+    model = _skip_model(centered, use_sum)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert [n.op_type for n in out.graph.node][0] == ("AddLayerNorm" if centered else "AddRMSNorm")
+    assert report.fusions[0].sum_exposed is use_sum and report.fusions[0].epsilon == pytest.approx(1e-6)
+    feeds = random_feeds(model)
+    for e, a in zip(run_model(model, feeds), run_model(out, feeds)):
+        assert GRAPH["float32"].passes(a, e)
+    for target in ("onnxruntime", "onnx"):
+        _, unchanged = rewrite_model(model, target=target)
+        assert unchanged.fused == 0 and not unchanged.rejected
+
+
+def test_onnx_target_raises_the_opset_and_says_so():
+    model = build(NormSpec(kind="rms"))  # opset 18
+    out, report = rewrite_model(model, target="onnx")
+    assert [n.op_type for n in out.graph.node] == ["RMSNormalization"]
+    assert {o.domain: o.version for o in out.opset_import}[""] == 23
+    assert "raised the model's opset from 18 to 23" in report.notes[0]
+    old = build(NormSpec(kind="layer", axes_input=False))
+    old.opset_import[0].version = 13
+    out, report = rewrite_model(old, target="onnx")
+    assert [n.op_type for n in out.graph.node] == ["LayerNormalization"] and "version converter" in report.notes[0]
+
+
+def test_onnx_target_refuses_with_the_reason_when_the_opset_cannot_be_raised():
+    model = build(NormSpec(kind="rms"))
+    gn = helper.make_node("GroupNormalization", ["x", "gs", "gb"], ["g"], num_groups=1)
+    model.graph.node.append(gn)
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("gs", "gb")])
+    model.graph.output.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, None))
+    with pytest.raises(NormfuseError, match="GroupNormalization"):
+        rewrite_model(model, target="onnx")
+    assert rewrite_model(model, target="onnxruntime")[1].fused == 1
+
+
+def test_proof_rejects_what_the_checks_cannot_see(monkeypatch):
+    """Disable one check: the numerical proof alone must still refuse a wrong-axis norm."""
+    from export.rewrite import checks
+
+    monkeypatch.setattr(checks, "_check_reduce", lambda node, rank: None)
+    _, report = rewrite_model(build(NormSpec(mutation="wrong_axis")))
+    assert report.fused == 0 and any("numerical proof failed" in r.reason for r in report.rejected)
