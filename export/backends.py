@@ -83,11 +83,12 @@ class OrtRunner:
     """
 
     def __init__(self, model_path: str | Path, backend: str = "ort-cpu", profile_prefix: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, optimization: str = "all"):
         from .runtime import OrtModel
 
         providers = [ORT_PROVIDERS[backend]] + (["CPUExecutionProvider"] if backend == "ort-cuda" else [])
-        self.model = OrtModel(model_path, providers=providers, threads=threads, profile_prefix=profile_prefix)
+        self.model = OrtModel(model_path, providers=providers, threads=threads, profile_prefix=profile_prefix,
+                              optimization=optimization)
         self.session = self.model.session
         self.output_names = self.model.output_names
         self.name = backend
@@ -168,7 +169,11 @@ def _normfuse_reference_ops():
     return [make(spec) for spec in OPS.values()]
 
 
-def make_runner(model_path: str | Path, backend: str, optimization: str = "all"):
+def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, int]] | None = None,
+                optimization: str = "all"):
+    """A runner for `backend`. `shapes` (BATCHxSEQ) bound the profile of a TensorRT engine built on
+    the fly from an .onnx; `optimization` is ONNX Runtime's graph optimisation level (all, extended,
+    basic, none: the graph as written)."""
     if backend in ORT_PROVIDERS:
         return OrtRunner(model_path, backend, optimization=optimization)
     if backend == "onnx-reference":

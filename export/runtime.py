@@ -150,7 +150,7 @@ class OrtModel:
     place, without a copy) and outputs stay on the device until they are returned."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, device: int = 0,
-                 threads: int | None = None, profile_prefix: str | None = None):
+                 threads: int | None = None, profile_prefix: str | None = None, optimization: str = "all"):
         import onnxruntime as ort
 
         from .backends import refuse_plugin_ops
@@ -159,6 +159,11 @@ class OrtModel:
         refuse_plugin_ops(self.path, "ONNX Runtime")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        if optimization not in levels:
+            raise NormfuseError(f"unknown ONNX Runtime optimisation level {optimization!r}; choose from {', '.join(levels)}")
+        options.graph_optimization_level = levels[optimization]
         if threads:
             options.intra_op_num_threads = threads
         if profile_prefix:

@@ -1,18 +1,28 @@
 """Stage 4a: reference graph vs fused graph (or engine), output by output, against tolerances.
 
     python -m export.validate reference.onnx fused.onnx [--shapes 1x16,2x64] [--backend ort-cpu]
+    python -m export.validate reference.onnx fused.plan                 # ORT reference vs TensorRT engine
+    python -m export.validate reference.onnx fused-tensorrt.onnx --backend onnx-reference
+    python -m export.validate ... --save-outputs DIR                   # Polygraphy-readable files
 
 Each pair runs both models on the same random inputs and reports, per output, max/mean/median
-absolute and relative error and whether every element is within the dtype's graph tolerance
+absolute and relative error, quantiles of the share of the tolerance used and the lowest quantile
+that exceeds it, and whether every element is within the dtype's graph tolerance
 (normops.tolerances.GRAPH). NaN and Inf must appear in the same places in both.
+
+`--save-outputs DIR` writes `inputs.json` (Polygraphy's `--load-inputs` format) and
+`<side>-outputs.json` (Polygraphy's RunResults, `--load-outputs`), so a run can be checked again
+with Polygraphy itself, e.g.
+`polygraphy run fused.onnx --onnxrt --load-inputs DIR/inputs.json --load-outputs DIR/reference-outputs.json`.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from normops import GRAPH, error_stats
+import numpy as np
+
+from normops import GRAPH, Tolerance, error_stats
 
 from .backends import make_runner, random_feeds
 from .errors import NormfuseError, UsageError
@@ -39,20 +49,55 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
+
+
+def output_stats(actual, expected, tol: Tolerance) -> dict:
+    """normops.error_stats plus NaN/Inf counts, quantiles of the share of the tolerance used
+    (|a - e| / (atol + rtol |e|): 1.0 is at the limit) and the lowest quantile above 1."""
+    stats = error_stats(actual, expected, tol)
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    e = np.asarray(expected, dtype=np.float64).ravel()
+    if a.shape != e.shape:
+        raise NormfuseError(f"output shapes differ: {np.shape(actual)} vs {np.shape(expected)}")
+    stats["nan"] = int(np.isnan(a).sum())
+    stats["inf"] = int(np.isinf(a).sum())
+    stats["reference_nonfinite"] = int((~np.isfinite(e)).sum())
+    finite = np.isfinite(a) & np.isfinite(e)
+    used = np.abs(a[finite] - e[finite]) / (tol.atol + tol.rtol * np.abs(e[finite]))
+    stats["tolerance_used"] = {_q_name(q): float(np.quantile(used, q)) if used.size else 0.0 for q in QUANTILES}
+    failed = [q for q in QUANTILES if stats["tolerance_used"][_q_name(q)] > 1.0]
+    if stats["nan_mismatch"] or stats["inf_mismatch"]:
+        stats["failed_quantile"] = "nan/inf"
+    else:
+        stats["failed_quantile"] = _q_name(failed[0]) if failed else None
+    stats["shape"] = list(np.shape(actual))
+    return stats
+
+
+def _q_name(q: float) -> str:
+    return "max" if q == 1.0 else f"p{q * 100:g}"
+
+
 def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dtype: str, seed: int = 0,
-            progress=None) -> list[dict]:
-    """One pair record per shape: {reference, candidate, shape, passed, outputs: {name: stats}}."""
-    ref_runner = make_runner(reference.model, reference.backend, optimization="none")
-    cand_runner = make_runner(candidate.model, candidate.backend)
+            progress=None, save_dir: str | Path | None = None) -> list[dict]:
+    """One pair record per shape: {reference, candidate, shape, passed, outputs: {name: stats}}.
+
+    Both sides get the same inputs (random, from the reference graph's signature, seeded).
+    With `save_dir`, inputs and both sides' outputs are written in Polygraphy's formats."""
+    # The reference runs as written: ONNX Runtime's own fusions are not what is being checked
+    # (and its LayerNormFusion builds invalid nodes on some fp16 TorchScript exports).
+    ref_runner = make_runner(reference.model, reference.backend, shapes, optimization="none")
+    cand_runner = make_runner(candidate.model, candidate.backend, shapes)
     tolerance = GRAPH[dtype]
-    pairs = []
+    pairs, iterations = [], []
     for batch, seq in shapes:
         feeds = random_feeds(reference.model, batch, seq, seed=seed)
         expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
         missing = set(expected) - set(actual)
         if missing:
             raise NormfuseError(f"{candidate.model}: outputs {sorted(missing)} missing (it has {sorted(actual)})")
-        outputs = {name: error_stats(actual[name], expected[name], tolerance) for name in expected}
+        outputs = {name: output_stats(actual[name], expected[name], tolerance) for name in expected}
         pairs.append({
             "reference": f"{reference.label}@{reference.backend}",
             "candidate": f"{candidate.label}@{candidate.backend}",
@@ -61,35 +106,110 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             "passed": all(o["passed"] for o in outputs.values()),
             "outputs": outputs,
         })
+        iterations.append((feeds, expected, actual))
         if progress:
             progress()
+    if save_dir is not None:
+        save_polygraphy(save_dir, iterations, pairs[0]["reference"], pairs[0]["candidate"],
+                        reference.label, candidate.label)
     return pairs
 
 
+def _polygraphy_array(value) -> np.ndarray:
+    """numpy has no bfloat16 Polygraphy can read back: such arrays are saved as float32 (exact)."""
+    array = np.asarray(value)
+    if array.dtype.name == "bfloat16":
+        return array.astype(np.float32)
+    return array
+
+
+def save_polygraphy(save_dir, iterations, ref_runner_name: str, cand_runner_name: str, ref_label: str,
+                    cand_label: str) -> dict[str, Path]:
+    """inputs.json (list of feed dicts, `polygraphy run --load-inputs`) and one RunResults file
+    per side (`--load-outputs`; `polygraphy inspect data` shows them)."""
+    try:
+        from polygraphy.comparator import RunResults
+        from polygraphy.json import save_json
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise NormfuseError("--save-outputs writes Polygraphy's formats and needs it: pip install polygraphy") from None
+    from .files import atomic_path
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"inputs": save_dir / "inputs.json", ref_label: save_dir / f"{ref_label}-outputs.json",
+             cand_label: save_dir / f"{cand_label}-outputs.json"}
+    with atomic_path(paths["inputs"]) as tmp:
+        save_json([{k: _polygraphy_array(v) for k, v in feeds.items()} for feeds, _, _ in iterations], str(tmp))
+    for label, runner_name, index in ((ref_label, ref_runner_name, 1), (cand_label, cand_runner_name, 2)):
+        results = RunResults()
+        results.add([{k: _polygraphy_array(v) for k, v in it[index].items()} for it in iterations],
+                    runner_name=runner_name)
+        with atomic_path(paths[label]) as tmp:
+            results.save(str(tmp))
+    return paths
+
+
+def polygraphy_compare(reference_outputs: str | Path, candidate_outputs: str | Path, tol: Tolerance) -> bool:
+    """Polygraphy's own comparator over two saved RunResults files (its rule: each element within
+    atol or within rtol), as a second opinion next to ours."""
+    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    results = RunResults()
+    for path in (reference_outputs, candidate_outputs):
+        for runner_name, iteration_results in RunResults.load(str(path)).items():
+            results.add([dict(it.items()) for it in iteration_results], runner_name=runner_name)
+    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol))
+    return bool(accuracy)
+
+
+def candidate_backend(path: Path, requested: str) -> str:
+    """A .plan runs on TensorRT whatever --backend says for the reference."""
+    return "tensorrt" if path.suffix in (".plan", ".engine") else requested
+
+
 def main(argv=None) -> int:
-    from .cli import run_cli
+    from .cli import Parser, run_cli
     from .files import write_json
 
-    parser = argparse.ArgumentParser(prog="python -m export.validate", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m export.validate", description=__doc__.splitlines()[0])
     parser.add_argument("reference", help="reference ONNX model")
-    parser.add_argument("candidate", help="fused ONNX model")
+    parser.add_argument("candidate", help="fused ONNX model, or a TensorRT engine (.plan)")
     parser.add_argument("--shapes", default="1x16,2x64", help="BATCHxSEQ list (default 1x16,2x64)")
-    parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "onnx-reference"),
-                        help="backend for both models (onnx-reference runs normfuse ops through normops)")
+    parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "onnx-reference", "tensorrt"),
+                        help="backend for both models (onnx-reference runs normfuse ops through normops; "
+                             "tensorrt builds an engine from an .onnx candidate)")
+    parser.add_argument("--reference-backend", choices=("ort-cpu", "ort-cuda", "onnx-reference", "tensorrt"),
+                        help="backend for the reference only (default: --backend, or ort-cpu for tensorrt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the comparison as JSON")
+    parser.add_argument("--save-outputs", metavar="DIR", help="write inputs and outputs in Polygraphy's formats")
     args = parser.parse_args(argv)
 
     def job():
         shapes = parse_shapes(args.shapes)
         dtype = model_dtype(args.reference)
-        pairs = compare(Side(Path(args.reference), args.backend, "reference"),
-                        Side(Path(args.candidate), args.backend, "fused"), shapes, dtype, seed=args.seed)
+        candidate = Path(args.candidate)
+        cand_backend = candidate_backend(candidate, args.backend)
+        ref_backend = args.reference_backend or ("ort-cpu" if args.backend == "tensorrt" else args.backend)
+        if not Path(args.reference).is_file():
+            raise NormfuseError(f"{args.reference}: no such file")
+        if not candidate.is_file():
+            raise NormfuseError(f"{candidate}: no such file")
+        pairs = compare(Side(Path(args.reference), ref_backend, "reference"), Side(candidate, cand_backend, "fused"),
+                        shapes, dtype, seed=args.seed, save_dir=args.save_outputs)
         for pair in pairs:
             for name, s in pair["outputs"].items():
-                verdict = "PASS" if s["passed"] else "FAIL"
-                print(f"{verdict} {pair['shape'][0]}x{pair['shape'][1]} {name}: max_abs {s['max_abs']:.3g} "
-                      f"max_rel {s['max_rel']:.3g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")
+                verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"
+                print(f"{verdict} {pair['shape'][0]}x{pair['shape'][1]} {name} ({pair['candidate']} vs "
+                      f"{pair['reference']}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
+                      f"max_rel {s['max_rel']:.3g}, tolerance used p99 {s['tolerance_used']['p99']:.2g} "
+                      f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")
+        if args.save_outputs:
+            print(f"wrote Polygraphy inputs and outputs to {args.save_outputs}/")
         if args.json:
             write_json(args.json, pairs)
         return 0 if all(p["passed"] for p in pairs) else 1
