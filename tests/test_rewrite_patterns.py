@@ -131,3 +131,53 @@ def test_report_lists_fusion_details():
     assert fusion["kind"] == "AddLayerNorm" and fusion["residual"] and fusion["sum_exposed"]
     assert fusion["epsilon"] == pytest.approx(1e-6) and len(fusion["nodes_removed"]) == 11
     assert report.counts == {"AddLayerNorm": 1}
+
+
+def _native_model(op, dtype, residual, with_bias=True, axis=-1, opset=None):
+    from onnx import helper, numpy_helper
+
+    from export.rewrite.synth import ONNX_TYPES
+    from normops import numpy_dtype
+
+    h, t = 8, ONNX_TYPES[dtype]
+    nodes, x = [], "x"
+    if residual:
+        nodes.append(helper.make_node("Add", ["x", "r"], ["h"], name="add"))
+        x = "h"
+    inputs = [x, "gamma"] + (["beta"] if op == "LayerNormalization" and with_bias else [])
+    attrs = {"epsilon": 1e-6} if op == "LayerNormalization" or op == "SimplifiedLayerNormalization" else {"epsilon": 1e-6}
+    nodes.append(helper.make_node(op, inputs, ["y"], name="norm", axis=axis, **attrs))
+    outputs = [helper.make_tensor_value_info("y", t, None)]
+    if residual == "exposed":
+        outputs.append(helper.make_tensor_value_info("h", t, None))
+    inits = [numpy_helper.from_array(np.linspace(0.5, 1.5, h).astype(numpy_dtype(dtype)), "gamma"),
+             numpy_helper.from_array(np.linspace(-0.5, 0.5, h).astype(numpy_dtype(dtype)), "beta")]
+    graph = helper.make_graph(nodes, "native", [helper.make_tensor_value_info(n, t, [2, 3, h]) for n in "xr"][: 2 if residual else 1],
+                              outputs, initializer=inits[: len(inputs) - 1])
+    opset = opset or (23 if op == "RMSNormalization" else 17)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+NATIVE = [("LayerNormalization", True), ("LayerNormalization", False), ("RMSNormalization", False),
+          ("SimplifiedLayerNormalization", False)]
+
+
+@pytest.mark.parametrize("op,with_bias", NATIVE)
+@pytest.mark.parametrize("residual", (None, "private", "exposed"))
+@pytest.mark.parametrize("dtype", ("float32", "float16"))
+def test_native_norms_and_their_residual_add(op, with_bias, residual, dtype):
+    model = _native_model(op, dtype, residual, with_bias)
+    out, report = rewrite_model(model, target="tensorrt")
+    centered = op == "LayerNormalization"
+    assert fused_ops(out) == [("Add" if residual else "") + ("LayerNorm" if centered else "RMSNorm")]
+    assert report.fusions[0].epsilon == pytest.approx(1e-6, rel=1e-3)
+    assert_same(model, out, dtype)
+    out, report = rewrite_model(model, target="onnxruntime")
+    assert report.fused == (1 if residual or op == "RMSNormalization" else 0)
+    if dtype == "float32" or residual:
+        assert_same(model, out, dtype)
+
+
+def test_native_norm_over_more_than_the_last_axis_is_rejected():
+    _, report = rewrite_model(_native_model("LayerNormalization", "float32", None, axis=1))
+    assert report.fused == 0 and "not the last axis" in report.rejected[0].reason

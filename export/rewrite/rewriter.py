@@ -161,10 +161,20 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
     lent = [v for v in inferred.graph.value_info if v.name not in known]
     before = len(model.graph.value_info)
     model.graph.value_info.extend(lent)
+    declared = [onnx.ValueInfoProto() for _ in model.graph.output]
+    for saved, output in zip(declared, model.graph.output):
+        saved.CopyFrom(output)
+    inferred_outputs = {o.name: o for o in inferred.graph.output}
+    for output in model.graph.output:  # graph outputs declared without a shape get the inferred one
+        found = inferred_outputs.get(output.name)
+        if found is not None and not output.type.tensor_type.HasField("shape"):
+            output.CopyFrom(found)
     try:
         return gs.import_onnx(model)
     finally:
         del model.graph.value_info[before:]
+        for saved, output in zip(declared, model.graph.output):
+            output.CopyFrom(saved)
 
 
 def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
@@ -216,8 +226,10 @@ def _find_candidates(graph, graph_outputs, target, residual, prove_fusions, opse
         if candidate is None:
             continue
         if candidate.pattern.skip:
-            if target != "tensorrt":
-                continue  # already ONNX Runtime's fused form; the onnx target has no residual op
+            if target != "tensorrt":  # already ONNX Runtime's fused form; the onnx target has no residual op
+                report.notes.append(f"left {candidate.pattern.name.split('-')[0]} '{candidate.nodes[0].name}' as it is "
+                                    f"for the {target} target")
+                continue
         elif residual and target != "onnx":
             found, why = residual_add(candidate, graph_outputs)
             if found is not None and id(found[2]) not in claimed:
