@@ -1,10 +1,15 @@
 """The whole chain in one command: export, rewrite, build, validate, bench, report.
 
-    python -m export.build --norm rmsnorm            # LLaMA-style `small` stack on ONNX Runtime
+    python -m export.build --norm rmsnorm            # LLaMA-style `small` stack, every backend present
     python -m export.build --norm layernorm --preset tiny --backend ort-cpu
+    python -m export.build --norm rmsnorm --backend tensorrt --dtype float16 --seq-range 1:128:2048
+    python -m export.build --norm rmsnorm --triton-repo triton/    # also a Triton model repository
 
-With no GPU it runs on ONNX Runtime's CPU provider and lists every GPU stage it skipped, and why.
-Exit status: 0 when every validation passed, 1 when one failed, 2 for bad flags.
+`--backend auto` runs ONNX Runtime's CPU provider and, when present, its CUDA provider (I/O
+binding) and TensorRT (engines for the fused graph with our plugins and for the reference graph);
+what is absent is listed under `skipped` with the reason. Asking for a backend that is absent is
+a one-line error. Exit status: 0 when every validation passed, 1 when one failed or a requested
+backend is missing, 2 for bad flags.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .cli import Parser, positive_int, run_cli
 from .errors import NormfuseError, UsageError
 from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
 from .report import print_summary, write_report
+from .tensorrt_engine import PRECISIONS, Range
 
 VALIDATION_SHAPES = [(1, 16)]  # plus the bench shape
 
@@ -45,9 +51,24 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", help="output folder (default build/<preset>-<norm>)")
     parser.add_argument("--seed", type=int, default=0)
+    trt = parser.add_argument_group("TensorRT engines")
+    trt.add_argument("--batch-range", metavar="MIN:OPT:MAX",
+                     help="batch axis of the optimisation profile (default 1:BATCH:max(BATCH,2))")
+    trt.add_argument("--seq-range", metavar="MIN:OPT:MAX",
+                     help="sequence axis of the optimisation profile (default 1:SEQ:max(SEQ,16))")
+    trt.add_argument("--precision", choices=PRECISIONS, default="strongly-typed",
+                     help="strongly-typed: the graph's own dtypes (default); fp16/bf16: allow those kernels")
+    trt.add_argument("--workspace-mb", type=positive_int, default=4096)
+    trt.add_argument("--timing-cache", help="TensorRT timing cache file (default <out>/timing.cache)")
+    parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository of the models built")
     args = parser.parse_args(argv)
     if not 17 <= args.opset <= 23:
         parser.error(f"argument --opset: {args.opset} is outside the supported range 17..23")
+    try:
+        args.batch_range = Range.parse(args.batch_range, "--batch-range") if args.batch_range else None
+        args.seq_range = Range.parse(args.seq_range, "--seq-range") if args.seq_range else None
+    except UsageError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -78,6 +99,8 @@ class Pipeline:
             raise UsageError(str(exc)) from None
         out = Path(a.out or f"build/{a.preset}-{a.norm}")
         backends, self.skipped = resolve_backends(a.backend)
+        if "tensorrt" in backends:
+            self.profile()  # a profile that misses the shapes is a flag error, before any work
         reference, fused, fused_trt = out / "reference.onnx", out / "fused.onnx", out / "fused-tensorrt.onnx"
 
         with self.stage("export", f"export {a.preset} {config.norm} stack ({config.layers} layers, {a.dtype}) with {a.exporter}"):
@@ -90,9 +113,11 @@ class Pipeline:
         self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT {rewrite_trt.counts}, "
                            f"{rewrite.fused} for ONNX Runtime {rewrite.counts}")
 
-        validation = self.validate(reference, fused, fused_trt, backends, config.dtype)
-        bench = self.bench(reference, fused, backends, config.dtype, rewrite_trt)
+        engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}
+        validation = self.validate(reference, fused, fused_trt, backends, config.dtype, engines)
+        bench = self.bench(reference, fused, backends, config.dtype, rewrite_trt, engines)
         self.note_gpu_stages(backends)
+        triton = self.write_triton(reference, fused, engines, a.preset, config.norm) if a.triton_repo else []
 
         report = {
             "config": {**config.as_dict(), "preset": a.preset, "batch": a.batch, "seq": a.seq, "opset": a.opset,
@@ -107,7 +132,10 @@ class Pipeline:
             "skipped": self.skipped,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "environment": environment(),
-            "files": {"reference": str(reference), "fused": str(fused), "fused_tensorrt": str(fused_trt)},
+            "files": {"reference": str(reference), "fused": str(fused), "fused_tensorrt": str(fused_trt),
+                      **{f"{graph}_plan": str(info["plan"]) for graph, info in engines.items()}},
+            "engines": {graph: info["sidecar"] for graph, info in engines.items()},
+            "triton": triton,
         }
         with self.stage("report", "write report.json, report.md, report.png"):
             paths = write_report(report, out)
@@ -118,7 +146,39 @@ class Pipeline:
             return 1
         return 0
 
-    def validate(self, reference, fused, fused_trt, backends, dtype) -> list[dict]:
+    def profile(self) -> tuple[Range, Range]:
+        """Engine profile: the flags' ranges, or ones covering the validation and bench shapes."""
+        a = self.args
+        shapes = VALIDATION_SHAPES + [(a.batch, a.seq)]
+        batch = a.batch_range or Range(1, a.batch, max(a.batch, 2))
+        seq = a.seq_range or Range(1, a.seq, max(a.seq, 16))
+        if a.batch_range is None and a.seq_range is None:
+            batch = batch.covering(*(b for b, _ in shapes))
+            seq = seq.covering(*(s for _, s in shapes))
+        for b, s_ in shapes:
+            if not (batch.min <= b <= batch.max and seq.min <= s_ <= seq.max):
+                raise UsageError(f"shape {b}x{s_} (validation or --batch/--seq) is outside the engine profile "
+                                 f"--batch-range {batch} --seq-range {seq}")
+        return batch, seq
+
+    def build_engines(self, reference: Path, fused_trt: Path, out: Path, backends) -> dict:
+        """fused.plan (our plugins) and reference.plan (TensorRT's own handling of the norms)."""
+        from .tensorrt_engine import EngineOptions, build_engine
+
+        a = self.args
+        batch, seq = self.profile()
+        options = EngineOptions(batch=batch, seq=seq, precision=a.precision, workspace_mb=a.workspace_mb,
+                                timing_cache=Path(a.timing_cache) if a.timing_cache else out / "timing.cache")
+        engines = {}
+        for graph, source in (("fused", fused_trt), ("reference", reference)):
+            plan = out / f"{graph}.plan"
+            with self.stage("engine", f"build TensorRT engine {plan.name} from {source.name} "
+                                      f"(batch {batch}, seq {seq}, {a.precision})"):
+                sidecar = build_engine(source, plan, options)
+            engines[graph] = {"plan": plan, "source": source, "sidecar": sidecar}
+        return engines
+
+    def validate(self, reference, fused, fused_trt, backends, dtype, engines=None) -> list[dict]:
         from .validate import Side, compare
 
         a = self.args
@@ -134,10 +194,19 @@ class Pipeline:
                                          "bfloat16 kernels (MatMul, Mul); the graphs were checked with the onnx reference evaluator"})
                     continue
                 pairs += compare(Side(reference, backend, "reference"), Side(fused, backend, "fused"), shapes, dtype, seed=a.seed)
+            if engines:
+                # ORT runs the reference graph; TensorRT runs each engine on the same inputs.
+                ref_backend = "ort-cuda" if "ort-cuda" in backends else "ort-cpu"
+                if dtype == "bfloat16" and ref_backend == "ort-cpu":
+                    ref_backend = "onnx-reference"
+                for graph, info in engines.items():
+                    pairs += compare(Side(reference, ref_backend, "reference"),
+                                     Side(info["plan"], "tensorrt", f"{graph}-engine"), shapes, dtype, seed=a.seed)
         return pairs
 
-    def bench(self, reference, fused, backends, dtype, rewrite_trt) -> list[dict]:
+    def bench(self, reference, fused, backends, dtype, rewrite_trt, engines=None) -> list[dict]:
         from .bench import bench_graph
+        from .run import bench_in_process_of_its_own
 
         a = self.args
         norm_nodes = [n for f in rewrite_trt.fusions for n in f.nodes_removed]
@@ -149,7 +218,26 @@ class Pipeline:
             with self.stage("bench", f"bench on {backend} at {a.batch}x{a.seq}, {a.runs} runs per graph"):
                 results.append(bench_graph(reference, "reference", backend, a.batch, a.seq, a.runs, a.warmup, norm_nodes))
                 results.append(bench_graph(fused, "fused", backend, a.batch, a.seq, a.runs, a.warmup))
+        if engines:
+            with self.stage("bench", f"bench TensorRT engines at {a.batch}x{a.seq}, {a.runs} runs per engine"):
+                for graph in ("reference", "fused"):
+                    info = engines[graph]
+                    results.append(bench_in_process_of_its_own(info["plan"], graph, "tensorrt", a.batch, a.seq,
+                                                               a.runs, a.warmup, source=info["source"]))
         return results
+
+    def write_triton(self, reference, fused, engines, preset_name: str, norm: str) -> list[str]:
+        from .triton_repo import write_repository
+
+        a = self.args
+        models = [(f"{preset_name}_{norm}_{graph}_onnx", path) for graph, path in (("reference", reference), ("fused", fused))]
+        models += [(f"{preset_name}_{norm}_{graph}_plan", info["plan"]) for graph, info in engines.items()]
+        folders = []
+        with self.stage("triton", f"write Triton model repository {a.triton_repo}"):
+            for name, path in models:
+                folders.append(str(write_repository(path, a.triton_repo, name=name,
+                                                    max_batch_size=None if path.suffix == ".plan" else max(a.batch, 8))))
+        return folders
 
     def note_gpu_stages(self, backends) -> None:
         gpu = gpu_present()

@@ -117,6 +117,43 @@ def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
             "raw_latencies_ms": [round(v, 4) for v in latencies]}
 
 
+def bench_in_process_of_its_own(model: Path, graph: str, backend: str, batch: int, seq: int, runs: int, warmup: int,
+                                source: Path | None = None, cuda_graph: bool = False) -> dict:
+    """`python -m export.run MODEL --random BxS --bench RUNS` in a fresh process (so one model's
+    device memory cannot hide in another's); a record shaped like export.bench's."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    model = Path(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "export.run", str(model), "--random", f"{batch}x{seq}", "--bench", str(runs),
+               "--warmup", str(warmup), "--json", str(out)]
+        if backend == "ort-cuda":
+            cmd += ["--providers", "CUDAExecutionProvider,CPUExecutionProvider"]
+        elif backend == "ort-cpu":
+            cmd += ["--providers", "CPUExecutionProvider"]
+        if cuda_graph:
+            cmd.append("--cuda-graph")
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise NormfuseError(f"{model}: benchmark on {backend} failed: {tail}")
+        summary = json.loads(out.read_text())
+    timing = summary["bench"]
+    nodes = None
+    if source is not None or model.suffix == ".onnx":
+        import onnx
+
+        nodes = len(onnx.load(str(source or model), load_external_data=False).graph.node)
+    return {"backend": backend, "graph": graph, "model": str(model), "shape": [batch, seq], **timing,
+            "peak_memory_mb": timing["peak_gpu_memory_mb"] if timing["peak_gpu_memory_mb"] is not None else 0.0,
+            "peak_memory_method": timing["peak_gpu_memory_method"], "cuda_graph": cuda_graph,
+            "file_size_mb": round(model.stat().st_size / 2**20, 3), "nodes": nodes, "op_classes": None}
+
+
 def main(argv=None) -> int:
     from .cli import Parser, positive_int, run_cli
     from .files import write_json
