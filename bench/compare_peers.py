@@ -3,7 +3,7 @@
     python bench/compare_peers.py [--json bench/results/peers-cpu.json] [--only NAME]
 
 Each case is a small torch module (a residual sum followed by a norm, as in a pre-norm block),
-exported by torch's dynamo or TorchScript exporter. Every tool rewrites the same file:
+or one of the project's own 2-layer stacks, exported by torch's dynamo or TorchScript exporter. Every tool rewrites the same file:
 - ONNX Runtime: `onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)`
   (its Python fusions only; needs `sympy`, `packaging`, `coloredlogs`);
 - onnxscript: `onnxscript.rewriter.ort_fusions.optimize_for_ort`;
@@ -150,8 +150,18 @@ class Case:
     path: Path | None = None
 
 
+STACKS = {  # the project's own exports: 2 pre-norm layers and a final norm (5 norms, 4 after a residual Add)
+    "models rmsnorm stack": dict(norm="rmsnorm"),
+    "models layernorm stack (spelled out)": dict(norm="layernorm", decomposed_layernorm=True),
+}
+
+
 def cases() -> list[Case]:
     out = []
+    for module in STACKS:
+        for dtype in ("float32", "float16"):
+            for exporter in ("dynamo", "torchscript"):
+                out.append(Case(f"{module} {dtype} {exporter}", module, dtype, exporter, 18, 5))
     for module, (_, expected) in _modules().items():
         for dtype in ("float32", "float16"):
             for exporter in ("dynamo", "torchscript"):
@@ -161,6 +171,14 @@ def cases() -> list[Case]:
 
 def export_case(case: Case, directory: Path) -> Path:
     import torch
+
+    if case.module in STACKS:
+        from export.export_model import export_model
+        from models import preset
+
+        config = preset("tiny", dtype=case.dtype, **STACKS[case.module])
+        path = directory / (case.name.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx")
+        return export_model(config, path, exporter=case.exporter, opset=case.opset).path
 
     torch.manual_seed(0)
     module = _modules()[case.module][0]().to(getattr(torch, case.dtype)).eval()
@@ -225,6 +243,7 @@ def judge(case: Case, tool: str) -> dict:
     original = onnx.load(str(case.path))
     rng = np.random.default_rng(0)
     feeds = {i.name: (rng.standard_normal((2, 8, HIDDEN)) + 0.3).astype(case.dtype) for i in original.graph.input}
+    assert HIDDEN == 64  # the tiny preset's hidden size too
     try:
         rewritten = TOOLS[tool](case.path)
     except Exception as exc:
