@@ -10,7 +10,8 @@ or one of the project's own 2-layer stacks, exported by torch's dynamo or TorchS
 - normfuse: `rewrite_model(target="onnxruntime")`, so that all three run on the same runtime.
 Per graph and tool the table gives the norms in the output as fused ops (out of the norms the
 module has), whether a fusion is wrong (outputs differ from the original's beyond the dtype's
-tolerance on random inputs, both run by ONNX Runtime), or the tool's crash. `axis1` is a
+tolerance on random inputs, both run by ONNX Runtime), the tool's crash (an exception), or an
+invalid model (ONNX Runtime refuses to load what the tool wrote). `axis1` is a
 near-miss: a mean over axis 1 is not a norm, so 0 is the right count there.
 """
 from __future__ import annotations
@@ -247,7 +248,7 @@ def judge(case: Case, tool: str) -> dict:
     try:
         rewritten = TOOLS[tool](case.path)
     except Exception as exc:
-        return {"fused": 0, "wrong": False, "crash": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}",
+        return {"fused": 0, "wrong": False, "invalid": None, "crash": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}",
                 "trace": traceback.format_exc(limit=3)}
     fused = sum(1 for n in rewritten.graph.node if n.op_type in NORM_OPS)
     try:
@@ -255,13 +256,15 @@ def judge(case: Case, tool: str) -> dict:
         wrong = not all(GRAPH[case.dtype].passes(a, e) for a, e in zip(actual, expected))
         max_err = max(float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)))) for a, e in zip(actual, expected))
     except Exception as exc:
-        return {"fused": fused, "wrong": None, "crash": f"output does not run: {exc.__class__.__name__}: {str(exc)[:120]}"}
-    return {"fused": fused, "wrong": wrong, "max_abs_err": max_err, "crash": None}
+        return {"fused": fused, "wrong": None, "crash": None, "invalid": f"{exc.__class__.__name__}: {str(exc)[:160]}"}
+    return {"fused": fused, "wrong": wrong, "max_abs_err": max_err, "crash": None, "invalid": None}
 
 
 def cell(result: dict, expected: int) -> str:
     if result["crash"]:
         return "crash"
+    if result["invalid"]:
+        return f"{result['fused']}/{expected} invalid model"
     text = f"{result['fused']}/{expected}"
     if result["wrong"]:
         text += f" WRONG (err {result['max_abs_err']:.2g})"
@@ -291,11 +294,12 @@ def main(argv=None) -> int:
     for case, results in rows:
         lines.append(f"| {case.module} ({case.exporter}, {case.dtype}) | {case.expected} | "
                      + " | ".join(cell(r, case.expected) for r in results.values()) + " |")
-    totals = {t: {"right": sum(1 for c, r in rows if not r[t]["crash"] and not r[t]["wrong"] and r[t]["fused"] == c.expected),
+    totals = {t: {"right": sum(1 for c, r in rows if not r[t]["crash"] and not r[t]["invalid"] and not r[t]["wrong"]
+                               and r[t]["fused"] == c.expected),
                   "wrong": sum(1 for _, r in rows if r[t]["wrong"]),
-                  "crash": sum(1 for _, r in rows if r[t]["crash"])} for t in TOOLS}
-    lines.append(f"| **all right / wrong / crash** | {len(rows)} graphs | "
-                 + " | ".join(f"{v['right']} / {v['wrong']} / {v['crash']}" for v in totals.values()) + " |")
+                  "crash_or_invalid": sum(1 for _, r in rows if r[t]["crash"] or r[t]["invalid"])} for t in TOOLS}
+    lines.append(f"| **all right / wrong / crash or invalid output** | {len(rows)} graphs | "
+                 + " | ".join(f"{v['right']} / {v['wrong']} / {v['crash_or_invalid']}" for v in totals.values()) + " |")
     table = "\n".join(lines)
     print()
     print(table)
