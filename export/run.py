@@ -73,6 +73,10 @@ def random_inputs(specs: list, shape_text: str, seed: int = 0) -> dict:
 
 def gpu_memory_used_mb() -> float | None:
     """Device memory in use on the current GPU (all processes), from the CUDA driver via torch."""
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:  # no GPU: do not pay for importing torch
+        return None
     try:
         import torch
 

@@ -1,0 +1,89 @@
+"""python -m export.run: npz in, npz out, one-line errors naming the input, timings."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export.rewrite import rewrite_file
+from export.run import read_inputs
+from export.runtime import TensorSpec, numpy_dtype
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def fused(exported, tmp_path_factory):
+    path = tmp_path_factory.mktemp("run") / "fused.onnx"
+    rewrite_file(exported("layernorm"), path, target="onnxruntime")
+    return path
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "export.run", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_outputs_file_holds_what_the_model_computes(fused, tmp_path):
+    x = np.random.default_rng(3).standard_normal((2, 5, 64)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", hidden_states=x)
+    done = run(fused, "--inputs", tmp_path / "in.npz", "--outputs", tmp_path / "out.npz",
+               "--providers", "CPUExecutionProvider")
+    assert done.returncode == 0, done.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        assert out.files == ["output"]
+        want = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"]).run(None, {"hidden_states": x})[0]
+        np.testing.assert_array_equal(out["output"], want)
+    assert "output: [2, 5, 64] float32" in done.stdout
+
+
+@pytest.mark.parametrize("arrays,words", [
+    ({"x": np.zeros((1, 2, 64), np.float32)}, ["'x'", "not an input"]),
+    ({"hidden_states": np.zeros((1, 2, 64), np.int64)}, ["'hidden_states'", "int64"]),
+    ({"hidden_states": np.zeros((1, 64), np.float32)}, ["'hidden_states'", "rank 2"]),
+    ({"hidden_states": np.zeros((1, 2, 65), np.float32)}, ["'hidden_states'", "axis 2"]),
+])
+def test_mismatched_inputs_exit_1_with_one_line(fused, tmp_path, arrays, words):
+    np.savez(tmp_path / "in.npz", **arrays)
+    done = run(fused, "--inputs", tmp_path / "in.npz", "--outputs", tmp_path / "out.npz")
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    for word in words:
+        assert word in done.stderr
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_unreadable_inputs_and_bad_flags(fused, tmp_path):
+    (tmp_path / "junk.npz").write_text("junk")
+    done = run(fused, "--inputs", tmp_path / "junk.npz")
+    assert done.returncode == 1 and "not a .npz archive" in done.stderr
+    done = run(fused, "--inputs", tmp_path / "absent.npz")
+    assert done.returncode == 1 and "no such file" in done.stderr
+    done = run(fused)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    done = run(fused, "--random", "2by3")
+    assert done.returncode == 2 and "BATCHxSEQ" in done.stderr
+
+
+def test_random_inputs_and_bench_json(fused, tmp_path):
+    done = run(fused, "--random", "1x16", "--bench", "5", "--warmup", "1", "--json", tmp_path / "t.json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "t.json").read_text())
+    bench = summary["bench"]
+    assert summary["inputs"]["hidden_states"][0] == [1, 16, 64]
+    assert len(bench["raw_latencies_ms"]) == 5 and bench["latency_ms"]["p99"] >= bench["latency_ms"]["p50"] > 0
+    assert bench["throughput_tokens_per_s"] > 0
+    assert bench["peak_gpu_memory_mb"] is None or bench["peak_gpu_memory_mb"] >= 0
+
+
+def test_bfloat16_arrays_come_back_from_their_raw_npz_form(tmp_path):
+    values = np.array([[1.5, -2.0]], dtype=numpy_dtype("bfloat16"))
+    np.savez(tmp_path / "in.npz", x=values)  # numpy stores them as |V2
+    with np.load(tmp_path / "in.npz") as raw:
+        assert raw["x"].dtype.kind == "V"
+    arrays = read_inputs(tmp_path / "in.npz", [TensorSpec("x", "bfloat16", (None, 2))])
+    assert arrays["x"].dtype == numpy_dtype("bfloat16")
+    np.testing.assert_array_equal(arrays["x"].astype(np.float32), [[1.5, -2.0]])

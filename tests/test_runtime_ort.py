@@ -1,0 +1,159 @@
+"""export.runtime on ONNX Runtime: one interface, numpy and torch in and out, input checks, threads."""
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export.errors import NormfuseError
+from export.rewrite import rewrite_file
+from export.runtime import OrtModel, TensorSpec, check_feeds, load, numpy_dtype, to_numpy, to_torch
+
+
+@pytest.fixture(scope="module")
+def graphs(exported, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    reference = exported("rmsnorm")
+    rewrite_file(reference, root / "fused.onnx", target="onnxruntime")
+    rewrite_file(reference, root / "fused-tensorrt.onnx", target="tensorrt")
+    return {"reference": reference, "fused": root / "fused.onnx", "trt": root / "fused-tensorrt.onnx"}
+
+
+def feeds(batch=2, seq=7, seed=0):
+    return {"hidden_states": np.random.default_rng(seed).standard_normal((batch, seq, 64)).astype(np.float32)}
+
+
+def test_onnx_model_matches_a_plain_session(graphs):
+    model = load(graphs["fused"], providers=["CPUExecutionProvider"])
+    assert isinstance(model, OrtModel)
+    assert model.inputs == [TensorSpec("hidden_states", "float32", (None, None, 64))]
+    assert model.output_names == ["output"]
+    x = feeds()
+    got = model.run(x)["output"]
+    want = ort.InferenceSession(str(graphs["fused"]), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_default_providers_are_what_is_present(graphs):
+    model = load(graphs["fused"])
+    assert model.providers[-1] == "CPUExecutionProvider"
+    assert set(model.providers) <= set(ort.get_available_providers())
+
+
+def test_torch_in_torch_out(graphs):
+    torch = pytest.importorskip("torch")
+    model = load(graphs["fused"], providers=["CPUExecutionProvider"])
+    x = feeds(1, 5)
+    out = model.run({"hidden_states": torch.from_numpy(x["hidden_states"])})["output"]
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == (1, 5, 64)
+    np.testing.assert_array_equal(out.numpy(), model.run(x)["output"])
+
+
+def test_bfloat16_round_trips_between_numpy_and_torch():
+    torch = pytest.importorskip("torch")
+    values = np.array([[1.0, -2.5, 3.140625]], dtype=numpy_dtype("bfloat16"))
+    tensor = to_torch(values)
+    assert tensor.dtype == torch.bfloat16
+    back = to_numpy(tensor)
+    assert back.dtype == numpy_dtype("bfloat16")
+    np.testing.assert_array_equal(back.astype(np.float32), values.astype(np.float32))
+
+
+SPECS = [TensorSpec("hidden_states", "float32", (None, None, 64))]
+
+
+@pytest.mark.parametrize("feeds_,words", [
+    ({"hidden": np.zeros((1, 2, 64), np.float32)}, ["'hidden'", "not an input", "hidden_states"]),
+    ({}, ["'hidden_states'", "missing"]),
+    ({"hidden_states": np.zeros((1, 2, 64), np.float64)}, ["'hidden_states'", "float64", "float32"]),
+    ({"hidden_states": np.zeros((2, 64), np.float32)}, ["'hidden_states'", "rank 2", "rank 3"]),
+    ({"hidden_states": np.zeros((1, 2, 32), np.float32)}, ["'hidden_states'", "axis 2", "64"]),
+    ({"hidden_states": np.zeros((0, 2, 64), np.float32)}, ["'hidden_states'", "empty"]),
+])
+def test_mismatched_inputs_are_one_line_errors_naming_the_input(feeds_, words):
+    with pytest.raises(NormfuseError) as info:
+        check_feeds(SPECS, feeds_, "m.onnx")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("m.onnx: ")
+    for word in words:
+        assert word in message
+
+
+def test_run_checks_inputs_before_running(graphs):
+    model = load(graphs["fused"], providers=["CPUExecutionProvider"])
+    with pytest.raises(NormfuseError, match="rank 2"):
+        model.run({"hidden_states": np.zeros((3, 64), np.float32)})
+
+
+def test_calls_from_several_threads_agree(graphs):
+    model = load(graphs["fused"], providers=["CPUExecutionProvider"])
+    inputs = [feeds(1 + i % 2, 3 + i, seed=i) for i in range(8)]
+    expected = [model.run(x)["output"] for x in inputs]
+    results: dict = {}
+
+    def work(i):
+        for _ in range(5):
+            results[i] = model.run(inputs[i])["output"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(expected):
+        np.testing.assert_array_equal(results[i], want)
+
+
+def test_plugin_graph_is_refused_plainly(graphs):
+    with pytest.raises(NormfuseError, match="normfuse plugin ops"):
+        load(graphs["trt"])
+
+
+def test_unknown_and_missing_files(tmp_path, graphs):
+    with pytest.raises(NormfuseError, match="no such file"):
+        load(tmp_path / "none.onnx")
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(NormfuseError, match="expected .onnx or .plan"):
+        load(other)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(NormfuseError, match="not a readable ONNX model"):
+        load(broken)
+    with pytest.raises(NormfuseError, match="TensorRT engines only"):
+        load(graphs["fused"], cuda_graph=True)
+
+
+def test_absent_provider_is_named(graphs):
+    with pytest.raises(NormfuseError, match="NoSuchExecutionProvider"):
+        load(graphs["fused"], providers=["NoSuchExecutionProvider"])
+
+
+def test_plan_without_tensorrt_says_how_to_install(tmp_path):
+    from export.tensorrt_engine import tensorrt_status
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT is importable here")
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"\0" * 16)
+    with pytest.raises(NormfuseError, match="pip install tensorrt"):
+        load(plan)
+
+
+@pytest.mark.gpu
+def test_cuda_provider_with_io_binding_matches_cpu(graphs):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu is not installed)")
+    cpu = load(graphs["fused"], providers=["CPUExecutionProvider"])
+    gpu = load(graphs["fused"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu.on_cuda
+    for x in (feeds(1, 9), feeds(1, 9, seed=1), feeds(2, 4)):  # same shape twice: the buffer is reused
+        np.testing.assert_allclose(gpu.run(x)["output"], cpu.run(x)["output"], atol=1e-4, rtol=1e-3)
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        x = torch.from_numpy(feeds(1, 9)["hidden_states"]).cuda()
+        out = gpu.run({"hidden_states": x})["output"]
+        assert out.is_cuda
+        gpu.bind({"hidden_states": x})
+        gpu.run_bound()

@@ -1,0 +1,149 @@
+"""Triton model repositories: layout, config.pbtxt parsed with Triton's own ModelConfig."""
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.errors import NormfuseError, UsageError
+from export.onnx_io import save_model
+from export.rewrite import rewrite_file
+from export.tensorrt_engine import EngineOptions, Range, io_signature, make_sidecar, sidecar_path
+from export.triton_repo import config_text, onnx_signature, parse_config, write_repository
+from export.files import write_json
+
+pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is not installed (dev extra)")
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def graphs(exported, tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    reference = exported("rmsnorm")
+    rewrite_file(reference, root / "fused.onnx", target="onnxruntime")
+    rewrite_file(reference, root / "fused-tensorrt.onnx", target="tensorrt")
+    return {"reference": reference, "fused": root / "fused.onnx", "trt": root / "fused-tensorrt.onnx", "root": root}
+
+
+def read_config(folder: Path):
+    return parse_config((folder / "config.pbtxt").read_text())
+
+
+def test_onnx_model_repository(graphs, tmp_path):
+    folder = write_repository(graphs["fused"], tmp_path / "repo", name="llama_tiny")
+    assert folder == tmp_path / "repo" / "llama_tiny"
+    assert (folder / "1" / "model.onnx").read_bytes() == graphs["fused"].read_bytes()
+    config = read_config(folder)
+    assert config.name == "llama_tiny" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 8
+    (inp,) = config.input
+    (out,) = config.output
+    assert inp.name == "hidden_states" and inp.data_type == model_config_pb2.TYPE_FP32
+    assert list(inp.dims) == [-1, 64] and list(out.dims) == [-1, 64]  # batch axis left out of dims
+    assert config.HasField("dynamic_batching")
+    assert config.instance_group[0].count == 1
+
+
+def test_external_weights_go_into_the_version_folder(graphs, tmp_path):
+    model = onnx.load(str(graphs["fused"]))
+    split = save_model(model, tmp_path / "src" / "split.onnx", external_data=True)
+    assert (tmp_path / "src" / "split.onnx.data").is_file()
+    folder = write_repository(split, tmp_path / "repo")
+    assert (folder / "1" / "split.onnx.data").read_bytes() == (tmp_path / "src" / "split.onnx.data").read_bytes()
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])  # loads its weights
+
+
+def test_rewriting_a_model_replaces_it_whole(graphs, tmp_path):
+    repo = tmp_path / "repo"
+    write_repository(graphs["fused"], repo, name="m")
+    (repo / "m" / "1" / "stale.txt").write_text("old")
+    write_repository(graphs["reference"], repo, name="m", max_batch_size=4)
+    assert not (repo / "m" / "1" / "stale.txt").exists()
+    assert read_config(repo / "m").max_batch_size == 4
+    assert sorted(p.name for p in repo.iterdir()) == ["m"]  # no staging folders left behind
+
+
+def test_plan_repository_from_the_engine_sidecar(graphs, tmp_path):
+    # An engine file cannot be made here (no TensorRT); the writer reads only its sidecar and copies it.
+    plan = tmp_path / "fused.plan"
+    plan.write_bytes(b"engine bytes")
+    options = EngineOptions(batch=Range(1, 2, 16), seq=Range(1, 64, 512))
+    from export.tensorrt_engine import profile_shapes
+
+    profiles = profile_shapes(graphs["trt"], options.batch, options.seq)
+    sidecar = make_sidecar(graphs["trt"], plan, options, tensorrt_version="10.13.0", gpu={}, profiles=profiles,
+                           build_seconds=1.0, plan_bytes=12)
+    write_json(sidecar_path(plan), sidecar)
+    folder = write_repository(plan, tmp_path / "repo")
+    config = read_config(folder)
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert [list(t.dims) for t in config.input] == [[-1, 64]]
+    assert (folder / "1" / "model.plan").read_bytes() == b"engine bytes"
+    assert (folder / "1" / "fused.plan.json").is_file()
+    with pytest.raises(UsageError, match="above the engine profile"):
+        write_repository(plan, tmp_path / "repo", max_batch_size=32)
+    sidecar_path(plan).unlink()
+    with pytest.raises(NormfuseError, match="sidecar"):
+        write_repository(plan, tmp_path / "repo2")
+
+
+def test_fixed_batch_axis_means_no_batching(graphs, tmp_path):
+    model = onnx.load(str(graphs["fused"]))
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    config = read_config(write_repository(tmp_path / "fixed.onnx", tmp_path / "repo"))
+    assert config.max_batch_size == 0 and list(config.input[0].dims)[0] == 1
+    assert not config.HasField("dynamic_batching")
+
+
+@pytest.mark.parametrize("dtype,triton", [("float16", "TYPE_FP16"), ("bfloat16", "TYPE_BF16")])
+def test_half_types(dtype, triton):
+    from export.triton_repo import IO
+
+    text = config_text("m", "tensorrt_plan", [IO("x", dtype, [None, None, 8])], [IO("y", dtype, [None, None, 8])], 4)
+    config = parse_config(text)
+    assert config.input[0].data_type == model_config_pb2.DataType.Value(triton)
+
+
+@pytest.mark.parametrize("text,words", [
+    ('name: "m"\nplatform: "onnxruntime_onnx"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 0 ] } ]\n'
+     'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]', "bad dims"),
+    ('name: "m"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\ndynamic_batching { }\n'
+     'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]',
+     "max_batch_size"),
+    ('name: "m"\nplatform: "onnxruntime_onnx"\ninput [ { name: "x" datatype: TYPE_FP32 } ]', "does not parse"),
+    ('name: "m"\nplatform: "onnxruntime_onnx"', "no inputs"),
+])
+def test_bad_configs_are_refused(text, words):
+    with pytest.raises(NormfuseError, match=words):
+        parse_config(text)
+
+
+def test_plugin_graph_and_other_files_are_refused(graphs, tmp_path):
+    with pytest.raises(NormfuseError, match="plugin ops"):
+        write_repository(graphs["trt"], tmp_path / "repo")
+    with pytest.raises(UsageError, match="not a usable Triton model name"):
+        write_repository(graphs["fused"], tmp_path / "repo", name="a b")
+
+
+def test_command_line(graphs, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "export.triton_repo", str(graphs["fused"]), str(graphs["reference"]),
+                           "--repo", str(tmp_path / "repo")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (tmp_path / "repo").iterdir()} == {"fused", graphs["reference"].stem.replace("-", "-")}
+    done = subprocess.run([sys.executable, "-m", "export.triton_repo", str(graphs["trt"]), "--repo", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_onnx_signature(graphs):
+    inputs, outputs = onnx_signature(graphs["fused"])
+    assert [(i.name, i.dtype, i.shape) for i in inputs] == [("hidden_states", "float32", [None, None, 64])]
+    assert io_signature(graphs["fused"])["outputs"][0]["name"] == "output"
