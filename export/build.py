@@ -22,7 +22,7 @@ from models import PRESET_NAMES, count_norms, preset
 
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
 from .cli import Parser, positive_int, run_cli
-from .errors import NormfuseError, UsageError
+from .errors import UsageError
 from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
 from .report import print_summary, write_report
 from .tensorrt_engine import PRECISIONS, Range

@@ -1,0 +1,142 @@
+"""TensorRT engine building, the parts that need no TensorRT: profiles, sidecar, plugin inventory,
+and the one-line error (with how to install it) when TensorRT is missing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.errors import NormfuseError, UsageError
+from export.rewrite import rewrite_file
+from export.tensorrt_engine import (EngineOptions, Range, TensorRTMissing, build_engine, check_sidecar, make_sidecar,
+                                    plugin_ops, profile_shapes, sha256, sidecar_path, tensorrt_status)
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_no_tensorrt = pytest.mark.skipif(tensorrt_status()[0], reason="TensorRT is importable here")
+
+
+@pytest.fixture(scope="module")
+def graphs(exported, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    reference = exported("layernorm")
+    rewrite_file(reference, root / "fused-tensorrt.onnx", target="tensorrt")
+    return {"reference": reference, "trt": root / "fused-tensorrt.onnx"}
+
+
+@pytest.mark.parametrize("text,expected", [("8", Range(8, 8, 8)), ("1:128:512", Range(1, 128, 512)),
+                                           ("2:2:2", Range(2, 2, 2))])
+def test_range_parsing(text, expected):
+    assert Range.parse(text) == expected
+    assert str(expected) == f"{expected.min}:{expected.opt}:{expected.max}"
+
+
+@pytest.mark.parametrize("text", ["0:1:2", "4:2:8", "1:2", "a:b:c", "1:2:3:4", ""])
+def test_bad_ranges_are_usage_errors(text):
+    with pytest.raises(UsageError, match="--seq"):
+        Range.parse(text, "--seq")
+
+
+def test_covering_widens_only_as_needed():
+    assert Range(4, 8, 16).covering(1, 32) == Range(1, 8, 32)
+    assert Range(1, 8, 16).covering(8) == Range(1, 8, 16)
+
+
+def test_profile_binds_batch_and_sequence_and_keeps_hidden(graphs):
+    shapes = profile_shapes(graphs["trt"], Range(1, 2, 8), Range(1, 128, 2048))
+    assert shapes == {"hidden_states": {"min": [1, 1, 64], "opt": [2, 128, 64], "max": [8, 2048, 64]}}
+
+
+def test_plugin_inventory(graphs):
+    ops = plugin_ops(graphs["trt"])
+    assert {op["name"] for op in ops} == {"LayerNorm", "AddLayerNorm"}
+    assert all(op["namespace"] == "normfuse" and op["version"] == "1" for op in ops)
+    assert sum(op["nodes"] for op in ops) == 5
+    assert plugin_ops(graphs["reference"]) == []
+
+
+def test_sidecar_records_what_an_engine_depends_on(graphs, tmp_path):
+    plan = tmp_path / "fused.plan"
+    options = EngineOptions(batch=Range(1, 1, 4), seq=Range(1, 64, 256), precision="fp16", workspace_mb=512)
+    profiles = profile_shapes(graphs["trt"], options.batch, options.seq)
+    sidecar = make_sidecar(graphs["trt"], plan, options, tensorrt_version="10.13.0.35",
+                           gpu={"name": "NVIDIA H100", "compute_capability": "9.0", "driver": "580"},
+                           profiles=profiles, build_seconds=12.3456, plan_bytes=1000)
+    json.dumps(sidecar)  # plain JSON
+    assert sidecar["tensorrt_version"] == "10.13.0.35" and sidecar["compute_capability"] == "9.0"
+    assert sidecar["onnx_sha256"] == sha256(graphs["trt"]) and len(sidecar["onnx_sha256"]) == 64
+    assert sidecar["profiles"] == [profiles] and sidecar["batch_range"] == "1:1:4"
+    assert {p["name"] for p in sidecar["plugins"]} == {"LayerNorm", "AddLayerNorm"}
+    assert sidecar["io"]["inputs"][0] == {"name": "hidden_states", "dtype": "float32", "shape": [None, None, 64]}
+    assert sidecar["precision"] == "fp16" and sidecar["workspace_mb"] == 512
+    assert sidecar_path(plan) == tmp_path / "fused.plan.json"
+
+
+def test_sidecar_check_notices_a_changed_onnx(graphs, tmp_path):
+    plan = tmp_path / "e.plan"
+    plan.write_bytes(b"x")
+    assert "no sidecar" in check_sidecar(plan)[0]
+    copy = tmp_path / "g.onnx"
+    copy.write_bytes(graphs["trt"].read_bytes())
+    options = EngineOptions()
+    sidecar = make_sidecar(copy, plan, options, tensorrt_version="0", gpu={}, profiles={}, build_seconds=0, plan_bytes=1)
+    sidecar_path(plan).write_text(json.dumps(sidecar))
+    assert check_sidecar(plan, copy) == []
+    copy.write_bytes(graphs["reference"].read_bytes())
+    assert any("changed" in p for p in check_sidecar(plan, copy))
+
+
+def test_type_stubs_alone_do_not_count_as_tensorrt():
+    present, reason = tensorrt_status()
+    try:
+        import tensorrt
+    except ImportError:
+        assert not present
+        return
+    assert present == hasattr(tensorrt, "Builder"), reason
+
+
+@needs_no_tensorrt
+def test_building_without_tensorrt_is_one_error_with_the_install_hint(graphs, tmp_path):
+    with pytest.raises(TensorRTMissing, match="pip install tensorrt") as info:
+        build_engine(graphs["trt"], tmp_path / "x.plan")
+    assert isinstance(info.value, NormfuseError) and "\n" not in str(info.value)
+    assert not (tmp_path / "x.plan").exists()
+
+
+@needs_no_tensorrt
+def test_engine_command_without_tensorrt(graphs, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "export.tensorrt_engine", str(graphs["trt"]), "-o",
+                           str(tmp_path / "x.plan")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "pip install tensorrt" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "export.tensorrt_engine", str(graphs["trt"]), "-o",
+                           str(tmp_path / "x.plan"), "--seq", "9:1:3"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "--seq" in done.stderr
+
+
+@needs_no_tensorrt
+def test_build_with_backend_tensorrt_fails_fast_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "export.build", "--norm", "rmsnorm", "--preset", "tiny", "--backend",
+                           "tensorrt", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "--backend tensorrt" in done.stderr and "pip install tensorrt" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_lists_tensorrt_under_skipped_when_absent():
+    from export.backends import resolve_backends
+
+    backends, skipped = resolve_backends("auto")
+    if "tensorrt" in backends:
+        pytest.skip("TensorRT is present here")
+    (entry,) = [s for s in skipped if "tensorrt" in s["stage"]]
+    assert "install" in entry["reason"]
+
+
+def test_build_rejects_a_profile_that_misses_the_bench_shape(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "export.build", "--norm", "rmsnorm", "--preset", "tiny",
+                           "--seq-range", "1:4:x", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and "--seq-range" in done.stderr and len(done.stderr.strip().splitlines()) == 1
