@@ -116,10 +116,11 @@ def moved_bytes(op: str, dtype: str, tokens: int, hidden: int) -> int:
     return item * hidden * (tokens * rows_io + params)
 
 
-def ours(op, x, res, gamma, beta, layout=None):
+def ours(op, x, res, gamma, beta, layout=None, groups_per_block=1):
     spec = OPS[op]
     tokens, hidden = x.shape
-    launch = launcher.Launch(op, launcher.dtype_name(x), launcher.dtype_name(gamma), tokens, hidden, layout=layout)
+    launch = launcher.Launch(op, launcher.dtype_name(x), launcher.dtype_name(gamma), tokens, hidden, layout=layout,
+                             groups_per_block=groups_per_block)
     outs = [torch.empty_like(x) for _ in spec.outputs]
     ins = [t for t in (x, res, gamma, beta) if t is not None]
     in_ptrs, out_ptrs = [t.data_ptr() for t in ins], [t.data_ptr() for t in outs]
@@ -218,6 +219,10 @@ def run(args) -> dict:
                         for layout in candidate_layouts(dtype, hidden):
                             f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
                             cells[f"normfuse[{layout[0]}x{layout[1]}]"] = (f2, c2.kernel)
+                    if dtype in args.groups_dtypes and tokens >= 4096:
+                        for k in (2, 4, 8):
+                            f2, c2 = ours(op, x, res, gamma, beta, groups_per_block=k)
+                            cells[f"normfuse[groups={k}]"] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
                     for name, (f, kernel) in cells.items():
@@ -237,6 +242,8 @@ def run(args) -> dict:
                           f" ({mine[0]['median_us']:.1f} us)" if mine else "", flush=True)
                     del x, res, gamma, beta, fn, cells
                 torch.cuda.empty_cache()
+            if args.partial:
+                args.partial.write_text(json.dumps({"device": info, "results": rows}))
     return {"device": info, "timing": "CUDA events around one launch after a 256 MB L2 flush; median",
             "copy": {"bytes": 2 << 30, "tbps": copy_tbps, "times_us": copy_times},
             "empty_launch": {"median_us": summarise(empty_times), "times_us": empty_times},
@@ -312,13 +319,17 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="bf16 target shapes and decode shapes only")
     p.add_argument("--tune", action="store_true", help="also time every sensible layout at tokens >= 4096")
     p.add_argument("--compile-dtypes", nargs="*", default=["bfloat16"], help="dtypes to time torch.compile on")
+    p.add_argument("--groups-dtypes", nargs="*", default=[],
+                   help="dtypes on which to also time blocks looping over 2/4/8 row groups")
     p.add_argument("--dtypes", nargs="*", help="dtypes to run (default: bf16 with --quick, else all)")
     p.add_argument("--tokens", nargs="*", type=int, help="token counts to run (default: the grid)")
     p.add_argument("--hidden", nargs="*", type=int, help="hidden sizes to run (default: the grid)")
     p.add_argument("--budget", type=float, default=0.25, help="seconds of timing per cell")
     args = p.parse_args()
-    data = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.partial = args.out / "partial.json"
+    data = run(args)
+    args.partial.unlink(missing_ok=True)
     gpu = data["device"]["name"].lower().replace("nvidia ", "").replace(" ", "-")
     stem = f"{gpu}-kernels" + ("-quick" if args.quick else "") + ("-tune" if args.tune else "")
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1))

@@ -29,8 +29,23 @@ BLOCK_THREADS_SMALL_ROWS = 256  # rows shorter than a warp's share are packed th
 # loads in flight per thread and fewer threads per row; tuned on an H100 (bench/README.md).
 TARGET_SLOTS = {"float32": 2, "float16": 2, "bfloat16": 2}
 
-# Exceptions to the rule above, (dtype, hidden) -> (threads per row, slots), from the same tuning.
-TUNED: dict[tuple[str, int], tuple[int, int]] = {}
+# The measured best layout for the hidden sizes of bench/kernels.py, per op and dtype:
+# hidden -> (threads per row, slots). Other sizes follow the TARGET_SLOTS rule. From
+# bench/results/h100-80gb-hbm3-kernels-quick-tune.json (16384 tokens, L2 flushed).
+TUNED: dict[tuple[str, str], dict[int, tuple[int, int]]] = {
+    ("RMSNorm", "bfloat16"): {768: (128, 1), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (256, 4), 16384: (512, 4)},
+    ("RMSNorm", "float16"): {768: (128, 2), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (256, 4), 16384: (512, 4)},
+    ("RMSNorm", "float32"): {768: (256, 1), 1024: (256, 1), 2048: (256, 4), 4096: (256, 4), 8192: (512, 4), 16384: (1024, 8)},
+    ("LayerNorm", "bfloat16"): {768: (128, 1), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (256, 4), 16384: (512, 4)},
+    ("LayerNorm", "float16"): {768: (32, 4), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (256, 4), 16384: (512, 4)},
+    ("LayerNorm", "float32"): {768: (256, 2), 1024: (256, 1), 2048: (256, 2), 4096: (256, 4), 8192: (256, 8), 16384: (512, 8)},
+    ("AddRMSNorm", "bfloat16"): {768: (128, 1), 1024: (128, 2), 2048: (256, 1), 4096: (256, 2), 8192: (512, 2), 16384: (1024, 2)},
+    ("AddRMSNorm", "float16"): {768: (128, 1), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (512, 2), 16384: (1024, 2)},
+    ("AddRMSNorm", "float32"): {768: (256, 1), 1024: (256, 1), 2048: (256, 4), 4096: (512, 4), 8192: (512, 8), 16384: (1024, 4)},
+    ("AddLayerNorm", "bfloat16"): {768: (128, 1), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (512, 4), 16384: (512, 4)},
+    ("AddLayerNorm", "float16"): {768: (128, 1), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (512, 4), 16384: (512, 4)},
+    ("AddLayerNorm", "float32"): {768: (256, 1), 1024: (256, 1), 2048: (256, 2), 4096: (512, 2), 8192: (1024, 2), 16384: (1024, 4)},
+}
 
 FAMILY = {"RMSNorm": "rms_norm", "LayerNorm": "layer_norm", "AddRMSNorm": "add_rms_norm",
           "AddLayerNorm": "add_layer_norm"}
@@ -90,7 +105,7 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def choose_layout(dtype: str, hidden: int | None) -> tuple[int, int]:
+def choose_layout(dtype: str, hidden: int | None, op: str | OpSpec | None = None) -> tuple[int, int]:
     """(threads per row, slots per thread) for a row of `hidden` elements of `dtype`.
 
     `hidden=None` (not known when the engine is built) picks the widest layout, right for any size.
@@ -101,8 +116,8 @@ def choose_layout(dtype: str, hidden: int | None) -> tuple[int, int]:
         return THREADS_PER_ROW[-1], max_slots
     if hidden < 1:
         raise ValueError(f"hidden must be positive, got {hidden}")
-    if (dtype, hidden) in TUNED:
-        return TUNED[(dtype, hidden)]
+    if op is not None and hidden in TUNED.get((_spec(op).name, dtype), {}):
+        return TUNED[(_spec(op).name, dtype)][hidden]
     vectors = -(-hidden // v)
     tpr = min(max(_pow2_at_least(-(-vectors // TARGET_SLOTS[dtype])), THREADS_PER_ROW[0]), THREADS_PER_ROW[-1])
     slots = min(_pow2_at_least(-(-vectors // tpr)), max_slots)
@@ -110,17 +125,19 @@ def choose_layout(dtype: str, hidden: int | None) -> tuple[int, int]:
 
 
 def launch_config(op: str | OpSpec, dtype: str, rows: Any, hidden: int | None,
-                  layout: tuple[int, int] | None = None) -> LaunchConfig:
+                  layout: tuple[int, int] | None = None, groups_per_block: int = 1) -> LaunchConfig:
     """Kernel name and launch shape for `rows` rows of `hidden` elements.
 
     `layout` forces (threads per row, slots) (tests and tuning); by default the table decides.
+    `groups_per_block` > 1 launches fewer blocks, each looping over that many groups of rows.
     """
     spec = _spec(op)
-    tpr, slots = layout if layout is not None else choose_layout(dtype, hidden)
+    tpr, slots = layout if layout is not None else choose_layout(dtype, hidden, spec)
     if tpr not in THREADS_PER_ROW or slots not in slot_choices(dtype):
         raise ValueError(f"no compiled variant with {tpr} threads per row and {slots} slots for {dtype}")
     rpb = rows_per_block(tpr)
-    grid = (rows + (rpb - 1)) // rpb
+    per_block = rpb * groups_per_block
+    grid = (rows + (per_block - 1)) // per_block
     return LaunchConfig(kernel=kernel_name(spec, tpr, rpb, slots), grid=grid, block=tpr * rpb, shared_mem=0,
                         threads_per_row=tpr, rows_per_block=rpb, slots=slots, vector=vector_width(dtype))
 
