@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from normops import GRAPH, Tolerance, error_stats
+from normops import GRAPH, Tolerance, error_stats, within
 
 from .backends import make_runner, random_feeds
 from .errors import NormfuseError, UsageError
@@ -67,7 +67,8 @@ def output_stats(actual, expected, tol: Tolerance) -> dict:
     used = np.abs(a[finite] - e[finite]) / (tol.atol + tol.rtol * np.abs(e[finite]))
     stats["tolerance_used"] = {_q_name(q): float(np.quantile(used, q)) if used.size else 0.0 for q in QUANTILES}
     failed = [q for q in QUANTILES if stats["tolerance_used"][_q_name(q)] > 1.0]
-    if stats["nan_mismatch"] or stats["inf_mismatch"]:
+    stats["nonfinite_mismatch"] = int((~within(a, e, tol) & ~finite).sum())  # NaN vs number, +inf vs -inf
+    if stats["nonfinite_mismatch"]:
         stats["failed_quantile"] = "nan/inf"
     else:
         stats["failed_quantile"] = _q_name(failed[0]) if failed else None
@@ -154,7 +155,7 @@ def save_polygraphy(save_dir, iterations, ref_runner_name: str, cand_runner_name
 def polygraphy_compare(reference_outputs: str | Path, candidate_outputs: str | Path, tol: Tolerance) -> bool:
     """Polygraphy's own comparator over two saved RunResults files (its rule: each element within
     atol or within rtol), as a second opinion next to ours."""
-    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
@@ -162,7 +163,7 @@ def polygraphy_compare(reference_outputs: str | Path, candidate_outputs: str | P
     for path in (reference_outputs, candidate_outputs):
         for runner_name, iteration_results in RunResults.load(str(path)).items():
             results.add([dict(it.items()) for it in iteration_results], runner_name=runner_name)
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol))
+    accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tol.atol, rtol=tol.rtol))
     return bool(accuracy)
 
 
