@@ -71,10 +71,10 @@ def test_external_weights_are_never_read_and_are_shared(tmp_path):
     assert locations == {f"../{DATA_NAME}"} and sorted(p.name for p in out_dir.iterdir()) == ["fused.onnx"]
 
 
-def _skip_model(centered: bool, use_sum: bool):
+def _skip_model(centered: bool, use_sum: bool, input_bias: bool = False):
     op = "SkipLayerNormalization" if centered else "SkipSimplifiedLayerNormalization"
     h = 8
-    inputs = ["a", "b", "gamma"] + (["beta"] if centered else [])
+    inputs = ["a", "b", "gamma"] + (["beta"] if centered else []) + (["bias"] if input_bias else [])
     outputs = ["y", "", "", "sum"] if use_sum else ["y"]
     nodes = [helper.make_node(op, inputs, outputs, domain="com.microsoft", epsilon=1e-6, name="skip")]
     graph_outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, h])]
@@ -83,6 +83,8 @@ def _skip_model(centered: bool, use_sum: bool):
         graph_outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 3, h]))
     inits = [onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, h, dtype=np.float32), "gamma"),
              onnx.numpy_helper.from_array(np.linspace(-0.5, 0.5, h, dtype=np.float32), "beta")][: 2 if centered else 1]
+    if input_bias:
+        inits.append(onnx.numpy_helper.from_array(np.linspace(-1, 1, h, dtype=np.float32), "bias"))
     graph = helper.make_graph(nodes, "skip", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, h]) for n in "ab"],
                               graph_outputs, initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
@@ -90,10 +92,12 @@ def _skip_model(centered: bool, use_sum: bool):
 
 @pytest.mark.parametrize("centered", (True, False))
 @pytest.mark.parametrize("use_sum", (True, False))
-def test_ort_skip_norms_become_plugin_ops(centered, use_sum):
-    model = _skip_model(centered, use_sum)
+@pytest.mark.parametrize("input_bias", (False, True))
+def test_ort_skip_norms_become_plugin_ops(centered, use_sum, input_bias):
+    model = _skip_model(centered, use_sum, input_bias)
     out, report = rewrite_model(model, target="tensorrt")
-    assert [n.op_type for n in out.graph.node][0] == ("AddLayerNorm" if centered else "AddRMSNorm")
+    fused = "AddLayerNorm" if centered else "AddRMSNorm"
+    assert sorted(n.op_type for n in out.graph.node if n.op_type != "Relu") == (["Add", fused] if input_bias else [fused])
     assert report.fusions[0].sum_exposed is use_sum and report.fusions[0].epsilon == pytest.approx(1e-6)
     feeds = random_feeds(model)
     for e, a in zip(run_model(model, feeds), run_model(out, feeds)):

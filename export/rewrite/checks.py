@@ -38,6 +38,7 @@ class NormCandidate:
     residual: tuple | None = None  # (a, b, add_node) when the Add in front is fused too
     expose_sum: bool = False
     sum_tensor: gs.Tensor | None = None  # the residual sum as the graph has it (x, or a Skip op's 4th output)
+    skip_bias: gs.Tensor | None = None  # a Skip op's input bias (sum = x + skip + bias)
     notes: list = field(default_factory=list)
 
     @property
@@ -193,7 +194,7 @@ def _check_input_cast(match: Match) -> None:
 
 def _per_feature(tensor: gs.Tensor | None, hidden: int, rank: int, what: str) -> gs.Tensor | None:
     """Scale and bias must hold exactly one value per feature of the last axis."""
-    if tensor is None:
+    if tensor is None or tensor.name == "":  # an omitted optional input
         return None
     shape = tensor.shape
     if shape is None or any(not isinstance(d, int) for d in shape):
@@ -223,8 +224,7 @@ def _skip_candidate(pattern, match, root, graph_outputs, hidden, epsilon, gamma,
     """Skip[Simplified]LayerNormalization(x, skip, gamma[, beta]): an AddLayerNorm/AddRMSNorm already."""
     node = match.roles["native"]
     x, skip = match["x"], match["skip"]
-    if len(present_inputs(node)) > (4 if pattern.centered else 3):
-        raise Rejected(f"{node.op} '{node.name}' adds a bias input before the norm")
+    skip_bias = _per_feature(match.get("skip_bias"), hidden, len(x.shape), "input bias")
     if skip.shape is None or list(skip.shape) != list(x.shape) or dtype_name(skip) != dtype_name(x):
         raise Rejected(f"{node.op} '{node.name}' broadcasts its skip input ({skip.shape} vs {x.shape})")
     for i in (1, 2):
@@ -233,5 +233,6 @@ def _skip_candidate(pattern, match, root, graph_outputs, hidden, epsilon, gamma,
     total = node.outputs[3] if len(node.outputs) > 3 and node.outputs[3].name else None
     candidate = NormCandidate(pattern, match, x, root, hidden, epsilon, gamma, beta, [node], residual=(x, skip, node))
     candidate.sum_tensor = total
+    candidate.skip_bias = skip_bias  # added to x in front of the fused op
     candidate.expose_sum = total is not None and (bool(total.outputs) or total.name in graph_outputs)
     return candidate

@@ -73,6 +73,10 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
 
     if candidate.residual is not None:
         a, b, add = candidate.residual
+        if candidate.skip_bias is not None:  # ORT's Skip op with an input bias: (x + bias) + skip
+            biased = gs.Variable(f"{a.name}_plus_bias", dtype=a.dtype, shape=a.shape)
+            graph.nodes.append(gs.Node("Add", name=f"{add.name}_input_bias", inputs=[a, candidate.skip_bias], outputs=[biased]))
+            a = biased
         add.outputs.clear()
         total = (candidate.sum_tensor or candidate.x) if candidate.expose_sum else gs.Variable(f"{y.name}_sum", dtype=candidate.x.dtype, shape=candidate.x.shape)
         total.inputs.clear()

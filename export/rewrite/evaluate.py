@@ -22,16 +22,21 @@ class _Norm(OpRun):
     centered = False
     skip = False
     ort_outputs = False  # Skip*LayerNormalization: (y, mean, inv_std, sum)
+    params = ("gamma", "beta")  # inputs after x (and the residual), in order
 
     def _run(self, x, *args, epsilon=1e-5, **_):
         residual = None
         if self.skip:
             residual, args = args[0], args[1:]
-        gamma = args[0]
-        beta = args[1] if len(args) > 1 and args[1] is not None else None
-        total = x if residual is None else np.asarray(x, np.float64) + np.asarray(residual, np.float64)
+        given = {name: value for name, value in zip(self.params, args) if value is not None}
+        total = np.asarray(x, np.float64)
+        if residual is not None:
+            total = total + np.asarray(residual, np.float64)
+        if "bias" in given:  # ORT's Skip ops add an input bias into the sum
+            total = total + np.asarray(given["bias"], np.float64).reshape(-1)
         name = "LayerNorm" if self.centered else "RMSNorm"
-        y = run_reference(name, {"x": total, "gamma": np.asarray(gamma).reshape(-1),
+        beta = given.get("beta")
+        y = run_reference(name, {"x": total, "gamma": np.asarray(given["gamma"]).reshape(-1),
                                  "beta": None if beta is None else np.asarray(beta).reshape(-1)}, epsilon)[0]
         outs = [_like(y, x.dtype)]
         if self.skip:
@@ -41,16 +46,17 @@ class _Norm(OpRun):
         return tuple(outs)
 
 
-def _op(name, domain, centered, skip=False, ort_outputs=False):
-    return type(name, (_Norm,), {"op_domain": domain, "centered": centered, "skip": skip, "ort_outputs": ort_outputs})
+def _op(name, domain, centered, skip=False, ort_outputs=False, params=("gamma", "beta")):
+    return type(name, (_Norm,), {"op_domain": domain, "centered": centered, "skip": skip,
+                                 "ort_outputs": ort_outputs, "params": params})
 
 
 FUSED_OPS = [
     _op("RMSNorm", DOMAIN, False), _op("LayerNorm", DOMAIN, True),
     _op("AddRMSNorm", DOMAIN, False, skip=True), _op("AddLayerNorm", DOMAIN, True, skip=True),
     _op("SimplifiedLayerNormalization", "", False),
-    _op("SkipSimplifiedLayerNormalization", "com.microsoft", False, skip=True, ort_outputs=True),
-    _op("SkipLayerNormalization", "com.microsoft", True, skip=True, ort_outputs=True),
+    _op("SkipSimplifiedLayerNormalization", "com.microsoft", False, skip=True, ort_outputs=True, params=("gamma", "bias")),
+    _op("SkipLayerNormalization", "com.microsoft", True, skip=True, ort_outputs=True, params=("gamma", "beta", "bias")),
 ]
 
 

@@ -103,8 +103,12 @@ def _native_patterns() -> list[NormPattern]:
         NormPattern("RMSNormalization", False, native("RMSNormalization", Var("gamma")), native=True),
         NormPattern("SimplifiedLayerNormalization", False, native("SimplifiedLayerNormalization", Var("gamma")), native=True),
         NormPattern("SkipLayerNormalization", True, skip_native("SkipLayerNormalization", Var("gamma"), Var("beta")), native=True, skip=True),
+        NormPattern("SkipLayerNormalization-input-bias", True,
+                    skip_native("SkipLayerNormalization", Var("gamma"), Var("beta"), Var("skip_bias")), native=True, skip=True),
         NormPattern("SkipLayerNormalization-no-bias", True, skip_native("SkipLayerNormalization", Var("gamma")), native=True, skip=True),
         NormPattern("SkipSimplifiedLayerNormalization", False, skip_native("SkipSimplifiedLayerNormalization", Var("gamma")), native=True, skip=True),
+        NormPattern("SkipSimplifiedLayerNormalization-input-bias", False,
+                    skip_native("SkipSimplifiedLayerNormalization", Var("gamma"), Var("skip_bias")), native=True, skip=True),
     ]
 
 

@@ -70,6 +70,8 @@ def _reference(candidate: NormCandidate, feeds: dict, feeds_spec) -> np.ndarray:
     by_role = {role: feeds[t.name] for role, t in feeds_spec}
     if "a" in by_role:
         x = by_role["a"].astype(np.float64) + by_role["b"].astype(np.float64)
+        if "skip_bias" in by_role:
+            x = x + by_role["skip_bias"].astype(np.float64).reshape(-1)
     else:
         x = by_role["x"]
     name = "LayerNorm" if candidate.centered else "RMSNorm"
@@ -83,7 +85,7 @@ def _reference(candidate: NormCandidate, feeds: dict, feeds_spec) -> np.ndarray:
 
 
 def _subgraph_model(candidate: NormCandidate, opset: int):
-    fed = [("gamma", candidate.gamma), ("beta", candidate.beta)]
+    fed = [("gamma", candidate.gamma), ("beta", candidate.beta), ("skip_bias", candidate.skip_bias)]
     nodes = list(candidate.nodes)
     if candidate.residual is not None:
         a, b, add = candidate.residual

@@ -9,6 +9,8 @@ proof is fused. A norm whose every match was rejected is reported with the reaso
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,6 +159,8 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
         inferred = skeleton
+    if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node):
+        inferred = _infer_through_contrib_ops(inferred)
     known = {v.name for v in model.graph.value_info}
     lent = [v for v in inferred.graph.value_info if v.name not in known]
     before = len(model.graph.value_info)
@@ -175,6 +179,19 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         del model.graph.value_info[before:]
         for saved, output in zip(declared, model.graph.output):
             output.CopyFrom(saved)
+
+
+def _infer_through_contrib_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's inference stops at ONNX Runtime's contrib ops (a graph its optimizer has seen:
+    SkipLayerNormalization, MultiHeadAttention, FastGelu...); ONNX Runtime's symbolic shape
+    inference knows them. Used only for such graphs, and only when it succeeds."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    except Exception:  # not installed, or an op it does not know: keep onnx's shapes
+        return model
 
 
 def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
