@@ -137,3 +137,19 @@ def test_proof_rejects_what_the_checks_cannot_see(monkeypatch):
     monkeypatch.setattr(checks, "_check_reduce", lambda node, rank: None)
     _, report = rewrite_model(build(NormSpec(mutation="wrong_axis")))
     assert report.fused == 0 and any("numerical proof failed" in r.reason for r in report.rejected)
+
+
+@pytest.mark.parametrize("kind", ("rms", "layer"))
+def test_graphs_onnxruntime_optimised_become_plugin_ops(kind, tmp_path):
+    """A graph that ONNX Runtime's optimizer fused into its contrib ops is taken over for TensorRT."""
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    spec = NormSpec(kind=kind, residual="exposed", square="pow", inverse="div" if kind == "layer" else "sqrt_reciprocal")
+    model = build(spec, leading=("batch", 5))
+    src = save(model, tmp_path / "in.onnx")
+    optimised = optimizer.optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).model
+    assert any(n.domain == "com.microsoft" for n in optimised.graph.node)
+    out, report = rewrite_model(optimised, target="tensorrt")
+    assert report.counts == {("AddLayerNorm" if kind == "layer" else "AddRMSNorm"): 1}
+    feeds = random_feeds(model)
+    for e, a in zip(run_model(model, feeds), run_model(out, feeds)):
+        assert GRAPH["float32"].passes(a, e)
