@@ -1,6 +1,7 @@
 """Rewrite a LLaMA-7B-shaped graph whose 13 GB of fp16 weights are external data.
 
-    python bench/rewrite_scale.py [--layers 32] [--hidden 4096] [--ffn 11008] [--json bench/results/rewrite-scale.json]
+    python bench/rewrite_scale.py [--layers 32] [--hidden 4096] [--ffn 11008] [--target tensorrt]
+                                  [--peers] [--json bench/results/rewrite-scale.json]
 
 The graph is generated directly with onnx.helper: per layer a pre-attention RMSNorm, a stand-in
 attention (q, k, v, o projections), a residual Add, a pre-MLP RMSNorm, a SwiGLU MLP and a second
@@ -9,6 +10,8 @@ is created sparse (its size is set, no byte is written), so generating 13 GB cos
 rewriter reading a single weight byte would show in its time and memory. The rewrite runs as the
 command line, in a child process, and its wall time and peak RSS are measured from outside.
 Targets: <= 5 s, <= 300 MB peak RSS, 2 * layers + 1 norms and 2 * layers residual Adds fused.
+With --peers, ONNX Runtime's transformers optimizer and onnxscript's ORT fusions run on the same
+file, each in a child stopped when its resident memory passes --peer-memory-gb.
 """
 from __future__ import annotations
 
@@ -96,13 +99,80 @@ def build_llama_graph(directory: Path, layers: int, hidden: int, ffn: int) -> Pa
     return path
 
 
+def run_peer(tool: str, src: Path, dst: Path) -> None:
+    """Child process: one peer tool on the scale graph; prints the norms it fused as JSON."""
+    import onnx
+
+    norm_ops = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+                "SkipLayerNormalization", "RMSNormalization"}
+    if tool == "onnxruntime":
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        model = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).model
+    else:
+        from onnxscript import ir
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        model = ir.to_proto(optimize_for_ort(ir.load(str(src)))[0])
+    fused = sum(1 for n in model.graph.node if n.op_type in norm_ops)
+    print(json.dumps({"norms_fused": fused}))
+
+
+def peer_figures(src: Path, tmp: Path, memory_gb: float, timeout: int) -> dict:
+    """Each peer in a child that is stopped when its resident memory passes `memory_gb` (polled;
+    an address-space limit would also count the weight file's memory mappings) or after `timeout` s."""
+    out = {}
+    for tool in ("onnxruntime", "onnxscript"):
+        cmd = [sys.executable, __file__, "--run-peer", tool, str(src), str(tmp / f"{tool}.onnx")]
+        started, peak, status = time.perf_counter(), 0, None
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while child.poll() is None:
+            peak = max(peak, _rss_bytes(child.pid))
+            if peak > memory_gb * (1 << 30):
+                status = f"stopped at {memory_gb:g} GB resident (it reads the weights)"
+            elif time.perf_counter() - started > timeout:
+                status = f"no result in {timeout} s"
+            if status:
+                child.kill()
+                break
+            time.sleep(0.05)
+        stdout, stderr = child.communicate()
+        fused = None
+        if status is None and child.returncode == 0:
+            status, fused = "ok", json.loads(stdout.strip().splitlines()[-1])["norms_fused"]
+        elif status is None:
+            status = (stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1][:160]
+        out[tool] = {"status": status, "norms_fused": fused, "seconds": round(time.perf_counter() - started, 1),
+                     "peak_rss_mb": round(peak / 2**20, 1), "memory_cap_gb": memory_gb}
+    return out
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--run-peer":
+        run_peer(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--ffn", type=int, default=11008)
     parser.add_argument("--target", default="tensorrt")
     parser.add_argument("--json", help="write the figures here (e.g. bench/results/rewrite-scale.json)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run ONNX Runtime's optimizer and onnxscript's fusions on the graph, each stopped "
+                             "past --peer-memory-gb of resident memory")
+    parser.add_argument("--peer-memory-gb", type=float, default=8.0)
+    parser.add_argument("--peer-timeout", type=int, default=300)
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="normfuse-scale-") as tmp:
@@ -127,6 +197,7 @@ def main(argv=None) -> int:
         fused = onnx.load(str(dst), load_external_data=False)
         locations = {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"}
         new_files = sorted(p.name for p in out_dir.iterdir() if p.name != dst.name)
+        peers = peer_figures(src, tmp, args.peer_memory_gb, args.peer_timeout) if args.peers else None
 
     norms = sum(1 for f in report["fusions"])
     residuals = sum(1 for f in report["fusions"] if f["residual"])
@@ -147,6 +218,8 @@ def main(argv=None) -> int:
              f"{2 * args.layers} residual Adds": residuals == 2 * args.layers,
              "weights shared, not copied": not new_files}
     figures["goals"] = goals
+    if peers:
+        figures["peers"] = peers
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
