@@ -1,0 +1,90 @@
+"""bench/graphs.py without a GPU: FLOP counting, layer classes, the comparison, and a CPU smoke run."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("bench_graphs", ROOT / "bench" / "graphs.py")
+graphs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(graphs)
+
+
+def test_flops_of_a_stack_are_mostly_matrix_products(exported):
+    from export.rewrite import rewrite_file
+
+    reference = exported("rmsnorm")
+    report = rewrite_file(reference, reference.parent / "flops-fused.onnx", target="tensorrt")
+    norm_nodes = {n for f in report.fusions for n in f.nodes_removed}
+    small, large = graphs.graph_flops(reference, 1, 4, norm_nodes), graphs.graph_flops(reference, 2, 64, norm_nodes)
+    assert small["nodes_without_shape"] < 10  # rotary's Range/Sin/Cos: ONNX shape inference leaves them open
+    assert small["flop_share"]["matmul"] > 0.8 and 0 < small["flop_share"]["norm"] < 0.1
+    assert sum(small["flop_share"].values()) == pytest.approx(1.0)
+    # 32x the tokens: at least 32x the FLOPs (attention grows faster than linearly)
+    assert large["flops"]["matmul"] >= 32 * small["flops"]["matmul"]
+    assert large["flops"]["norm"] == pytest.approx(32 * small["flops"]["norm"])
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("normfuse_AddRMSNorm_3", "norm"),
+    ("/layers.0/attn/q_proj/MatMul", "matmul"),
+    ("/layers.0/mlp/act/Sigmoid + /layers.0/mlp/Mul", "elementwise"),
+    ("{ForeignNode[/layers.0/Add.../layers.1/MatMul]}", "mixed"),
+    ("/norm/Pow + /norm/ReduceMean", "norm"),
+])
+def test_tensorrt_layer_classes(name, expected):
+    assert graphs.classify_trt_layer(name, {"/norm/Pow", "/norm/ReduceMean"}) == expected
+
+
+def cell(graph, p50, backend="tensorrt", shape=(1, 1)):
+    return {"model": "m", "layers": 1, "dtype": "float16", "shape": list(shape), "backend": backend, "graph": graph,
+            "latency_ms": {"p50": p50, "p99": p50 * 1.1}, "peak_gpu_memory_mb": 100.0}
+
+
+def test_comparison_and_verdict():
+    cells = [cell("reference", 2.0), cell("fused", 1.0), cell("reference", 1.0, shape=(1, 512)),
+             cell("fused", 1.01, shape=(1, 512)), cell("reference", 1.0, "ort-cuda"), cell("fused", 1.2, "ort-cuda")]
+    comparisons = graphs.compare_cells(cells)
+    speed = {(c["backend"], tuple(c["shape"])): c["speedup_p50"] for c in comparisons}
+    assert speed[("tensorrt", (1, 1))] == pytest.approx(2.0)
+    summary = graphs.summarise(comparisons)
+    assert not summary["fused_never_slower"]  # 1.2 ms vs 1.0 on ort-cuda; 1.01 vs 1.0 is within the noise margin
+    assert [c["backend"] for c in summary["slower_cells"]] == ["ort-cuda"]
+    assert summary["geomean_speedup_p50"]["tensorrt"] == pytest.approx((2.0 * (1 / 1.01)) ** 0.5)
+    cells.append({**cell("fused", 1.0, shape=(8, 2048)), "error": "out of memory"})
+    assert graphs.summarise(graphs.compare_cells(cells))["cells_failed"] == 1
+
+
+def test_no_gpu_backend_is_a_clear_failure(tmp_path):
+    from export.backends import availability
+
+    if any(availability(b).present for b in graphs.GPU_BACKENDS):
+        pytest.skip("a GPU backend is present")
+    done = subprocess.run([sys.executable, "bench/graphs.py", "--out", str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 1 and "tensorrt" in done.stderr and "ort-cuda" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_smoke_run_on_the_cpu_writes_results_and_a_plot(tmp_path, exported):
+    import shutil
+
+    stack = tmp_path / "work" / "tiny-gpt-L1-float32"  # the script reuses an export it finds there
+    stack.mkdir(parents=True)
+    shutil.copy(exported("layernorm", layers=1), stack / "reference.onnx")
+    done = subprocess.run([sys.executable, "bench/graphs.py", "--models", "tiny-gpt", "--layers", "1", "--dtypes", "float32",
+                           "--shapes", "1x4", "--backends", "ort-cpu", "--runs", "3", "--warmup", "1", "--profile-runs", "1",
+                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--name", "smoke"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "smoke-graphs.json").read_text())
+    assert {(c["graph"], c["backend"]) for c in results["cells"]} == {("reference", "ort-cpu"), ("fused", "ort-cpu")}
+    for c in results["cells"]:
+        assert c["latency_ms"]["p50"] > 0 and c["throughput_tokens_per_s"] > 0 and len(c["raw_latencies_ms"]) == 3
+        assert set(c["op_classes"]) == {"matmul", "norm", "elementwise"} and c["flop_share"]["matmul"] > 0.5
+    assert results["stacks"][0]["fused_norms"] == 3
+    assert results["summary"]["cells_compared"] == 1
+    assert (tmp_path / "out" / "smoke-graphs.png").read_bytes()[:4] == b"\x89PNG"
