@@ -89,7 +89,7 @@ def register_tensorrt_plugins() -> None:
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp  # type: ignore[import-not-found, unused-ignore]
-    except ImportError as exc:
+    except (ImportError, AttributeError) as exc:
         raise ImportError(
             "normfuse's TensorRT plugins need TensorRT >= 10.9 with its Python bindings "
             "(pip install tensorrt); without it use the ONNX Runtime path"
@@ -97,10 +97,8 @@ def register_tensorrt_plugins() -> None:
     if not hasattr(trtp, "aot_impl"):
         raise ImportError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl; need >= 10.9")
 
-    from typing import List, Tuple  # noqa: UP035  (tensorrt.plugin matches these annotations)
+    from typing import List, Tuple, Union  # noqa: UP035  (tensorrt.plugin matches these annotations)
 
-    TD = trtp.TensorDesc
-    Result = Tuple[Any, Any, trtp.KernelLaunchParams, trtp.SymExprs]
 
     def tuning(op_name: str):
         def autotune(*descs: Any) -> List[trtp.AutoTuneCombination]:
@@ -111,63 +109,63 @@ def register_tensorrt_plugins() -> None:
     name = f"{PLUGIN_NAMESPACE}::RMSNorm"
 
     @trtp.register(name)
-    def rms_desc(x: TD, gamma: TD, epsilon: float) -> TD:
+    def rms_desc(x: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: float) -> trtp.TensorDesc:
         return x.like()
 
     @trtp.autotune(name)
-    def rms_tune(x: TD, gamma: TD, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
+    def rms_tune(x: trtp.TensorDesc, gamma: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return tuning("RMSNorm")()
 
     @trtp.aot_impl(name)
-    def rms_aot(x: TD, gamma: TD, epsilon: float, outputs: Tuple[TD], tactic: int) -> Result:
+    def rms_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         return aot_kernel(trtp, trt, "RMSNorm", x, gamma, epsilon)
 
     # LayerNorm: x, gamma, beta -> y
     name = f"{PLUGIN_NAMESPACE}::LayerNorm"
 
     @trtp.register(name)
-    def ln_desc(x: TD, gamma: TD, beta: TD, epsilon: float) -> TD:
+    def ln_desc(x: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: float) -> trtp.TensorDesc:
         return x.like()
 
     @trtp.autotune(name)
-    def ln_tune(x: TD, gamma: TD, beta: TD, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
+    def ln_tune(x: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return tuning("LayerNorm")()
 
     @trtp.aot_impl(name)
-    def ln_aot(x: TD, gamma: TD, beta: TD, epsilon: float, outputs: Tuple[TD], tactic: int) -> Result:
+    def ln_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         return aot_kernel(trtp, trt, "LayerNorm", x, gamma, epsilon)
 
     # AddRMSNorm: x, residual, gamma -> y, sum
     name = f"{PLUGIN_NAMESPACE}::AddRMSNorm"
 
     @trtp.register(name)
-    def add_rms_desc(x: TD, residual: TD, gamma: TD, epsilon: float) -> Tuple[TD, TD]:
+    def add_rms_desc(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: float) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return x.like(), x.like()
 
     @trtp.autotune(name)
-    def add_rms_tune(x: TD, residual: TD, gamma: TD, outputs: Tuple[TD, TD]) -> List[trtp.AutoTuneCombination]:
+    def add_rms_tune(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return tuning("AddRMSNorm")()
 
     @trtp.aot_impl(name)
-    def add_rms_aot(x: TD, residual: TD, gamma: TD, epsilon: float, outputs: Tuple[TD, TD],
-                    tactic: int) -> Result:
+    def add_rms_aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
+                    tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         return aot_kernel(trtp, trt, "AddRMSNorm", x, gamma, epsilon)
 
     # AddLayerNorm: x, residual, gamma, beta -> y, sum
     name = f"{PLUGIN_NAMESPACE}::AddLayerNorm"
 
     @trtp.register(name)
-    def add_ln_desc(x: TD, residual: TD, gamma: TD, beta: TD, epsilon: float) -> Tuple[TD, TD]:
+    def add_ln_desc(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: float) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return x.like(), x.like()
 
     @trtp.autotune(name)
-    def add_ln_tune(x: TD, residual: TD, gamma: TD, beta: TD,
-                    outputs: Tuple[TD, TD]) -> List[trtp.AutoTuneCombination]:
+    def add_ln_tune(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc,
+                    outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return tuning("AddLayerNorm")()
 
     @trtp.aot_impl(name)
-    def add_ln_aot(x: TD, residual: TD, gamma: TD, beta: TD, epsilon: float, outputs: Tuple[TD, TD],
-                   tactic: int) -> Result:
+    def add_ln_aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
+                   tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         return aot_kernel(trtp, trt, "AddLayerNorm", x, gamma, epsilon)
 
     _registered = True

@@ -1,0 +1,240 @@
+"""The TensorRT plugin definitions.
+
+Without TensorRT: registration fails with a clear error, and the registered functions run against a
+stand-in of `tensorrt.plugin` to check names, signatures and the AOT kernel description (kernel
+name, PTX, launch parameters, integer arguments in TensorRT's order). With TensorRT and a GPU: a
+fused ONNX graph parses into an engine whose plugin output matches the float64 reference.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import struct
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from normops import OP, OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION, run_reference
+from plugins import build, config
+from plugins import trt as plugin_trt
+
+
+def _tensorrt_plugin_importable() -> bool:
+    # tensorrt-stubs alone leaves an importable, empty `tensorrt` namespace package
+    try:
+        return importlib.util.find_spec("tensorrt.plugin") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(_tensorrt_plugin_importable(), reason="TensorRT is installed here")
+def test_registration_without_tensorrt_says_what_is_missing(monkeypatch):
+    monkeypatch.setattr(plugin_trt, "_registered", False)
+    with pytest.raises(ImportError, match="TensorRT >= 10.9"):
+        plugin_trt.register_tensorrt_plugins()
+
+
+# ------------------------------------------------------------------ a stand-in for tensorrt.plugin
+class Expr:
+    """A shape expression: constant when built from an int, symbolic when from a name."""
+
+    def __init__(self, value):
+        self.value = value
+
+    @property
+    def is_constant(self):
+        return isinstance(self.value, int)
+
+    def constant_value(self):
+        return self.value
+
+    def __add__(self, other):
+        return Expr(f"({self.value} + {getattr(other, 'value', other)})")
+
+    def __mul__(self, other):
+        return Expr(f"({self.value} * {getattr(other, 'value', other)})")
+
+    def __floordiv__(self, other):
+        return Expr(f"({self.value} // {getattr(other, 'value', other)})")
+
+
+class Desc:
+    def __init__(self, shape, dtype):
+        self.shape_expr = [Expr(d) for d in shape]
+        self.dtype = dtype
+
+    def like(self):
+        return Desc([e.value for e in self.shape_expr], self.dtype)
+
+
+def fake_tensorrt():
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.13-stand-in"
+    trt.float32, trt.float16, trt.bfloat16 = "f32", "f16", "bf16"
+    trtp = types.ModuleType("tensorrt.plugin")
+    trtp.registry = {"register": {}, "autotune": {}, "aot_impl": {}}
+
+    def decorator(kind):
+        def named(name):
+            def record(fn):
+                trtp.registry[kind][name] = fn
+                return fn
+            return record
+        return named
+
+    trtp.register, trtp.autotune, trtp.aot_impl = decorator("register"), decorator("autotune"), decorator("aot_impl")
+    trtp.TensorDesc = Desc
+
+    class KernelLaunchParams:
+        grid_x = grid_y = grid_z = block_x = block_y = block_z = 1
+        shared_mem = 0
+
+    class SymInt32:
+        def __init__(self, value):
+            self.value = value
+
+    class SymExprs:
+        pass
+
+    class SymIntExprs(SymExprs):
+        @classmethod
+        def from_tuple(cls, items):
+            inst = cls()
+            inst.items = list(items)
+            return inst
+
+    class AutoTuneCombination:
+        def __init__(self, types_, layouts=None):
+            self.types, self.layouts = types_, layouts
+
+    trtp.KernelLaunchParams, trtp.SymInt32, trtp.SymExprs = KernelLaunchParams, SymInt32, SymExprs
+    trtp.SymIntExprs, trtp.AutoTuneCombination = SymIntExprs, AutoTuneCombination
+    trt.plugin = trtp
+    return trt, trtp
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    trt, trtp = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(plugin_trt, "_registered", False)
+    # PTX is checked by test_plugins_ptx; here only which module is asked for matters
+    monkeypatch.setattr(build, "ptx_for_launch",
+                        lambda op, x, g, cfg, arch=None: f"// ptx {op} {x} {g} {cfg.kernel}")
+    plugin_trt.register_tensorrt_plugins()
+    return trt, trtp
+
+
+def test_all_four_ops_are_registered_under_the_rewriters_names(stand_in):
+    _, trtp = stand_in
+    names = {f"{PLUGIN_NAMESPACE}::{op}" for op in OPS}
+    for kind in ("register", "autotune", "aot_impl"):
+        assert set(trtp.registry[kind]) == names
+    assert PLUGIN_VERSION == "1"  # tensorrt.plugin registers every plugin as version "1"
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_signatures_follow_the_contract(stand_in, op):
+    """Inputs in contract order (beta always present for the TensorRT target), then epsilon."""
+    _, trtp = stand_in
+    spec = OPS[op]
+    inputs = list(spec.inputs) + (["beta"] if spec.centered else [])
+    name = f"{PLUGIN_NAMESPACE}::{op}"
+    assert list(inspect.signature(trtp.registry["register"][name]).parameters) == inputs + ["epsilon"]
+    assert list(inspect.signature(trtp.registry["aot_impl"][name]).parameters) == inputs + [
+        "epsilon", "outputs", "tactic"]
+    assert list(inspect.signature(trtp.registry["autotune"][name]).parameters) == inputs + ["outputs"]
+    outs = trtp.registry["register"][name](*[Desc((4, 8), "f16") for _ in inputs], epsilon=1e-5)
+    assert len(outs if isinstance(outs, tuple) else (outs,)) == len(spec.outputs)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_autotune_lists_every_dtype_pair(stand_in, op):
+    _, trtp = stand_in
+    spec = OPS[op]
+    n_in = len(spec.inputs) + (1 if spec.centered else 0)
+    combos = trtp.registry["autotune"][f"{PLUGIN_NAMESPACE}::{op}"](*[None] * (n_in + 1))
+    types_ = [[t.strip() for t in c.types.split(",")] for c in combos]
+    assert len(types_) == 5  # fp32; fp16 and bf16 each with gamma/beta in their own dtype or fp32
+    for t in types_:
+        assert len(t) == n_in + len(spec.outputs)
+        assert {"BF16", "FP16"} & set(t) or set(t) == {"FP32"}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_aot_impl_describes_the_launch(stand_in, op):
+    _, trtp = stand_in
+    spec = OPS[op]
+    inputs = list(spec.inputs) + (["beta"] if spec.centered else [])
+    descs = [Desc((2, "seq", 4096), "bf16") if n in ("x", "residual") else Desc((4096,), "f32") for n in inputs]
+    outputs = tuple(Desc((2, "seq", 4096), "bf16") for _ in spec.outputs)
+    name, ptx, params, extra = trtp.registry["aot_impl"][f"{PLUGIN_NAMESPACE}::{op}"](
+        *descs, epsilon=1e-6, outputs=outputs, tactic=0)
+    cfg = config.launch_config(op, "bfloat16", 8, 4096)
+    assert name == cfg.kernel.encode()
+    assert ptx == f"// ptx {op} bfloat16 float32 {cfg.kernel}".encode()
+    assert params.block_x == cfg.block and params.shared_mem == 0
+    assert params.grid_x.value == f"(((2 * seq) + {cfg.rows_per_block - 1}) // {cfg.rows_per_block})"
+    rows, hidden, eps = (a.value for a in extra.items)
+    assert rows.value == "(2 * seq)" and hidden == 4096
+    assert struct.unpack("<f", struct.pack("<i", eps))[0] == pytest.approx(1e-6)
+
+
+# ------------------------------------------------------------------ the real thing
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["RMSNorm", "AddLayerNorm"])
+def test_fused_onnx_graph_builds_and_matches_the_reference(op, tmp_path):
+    import onnx
+    import tensorrt as trt
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    plugin_trt.register_tensorrt_plugins()
+    spec = OPS[op]
+    rows, hidden = 37, 1024
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((rows, hidden)).astype(np.float16),
+            "residual": rng.standard_normal((rows, hidden)).astype(np.float16),
+            "gamma": (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float16),
+            "beta": (0.1 * rng.standard_normal(hidden)).astype(np.float16)}
+    inputs = list(spec.inputs) + (["beta"] if spec.centered else [])
+    activations = [n for n in inputs if n in ("x", "residual")]
+    node = helper.make_node(op, inputs, list(spec.outputs), domain="normfuse", epsilon=1e-5,
+                            plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
+    graph = helper.make_graph(
+        [node], "fused",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT16, ["rows", hidden]) for n in activations],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT16, ["rows", hidden]) for n in spec.outputs],
+        initializer=[numpy_helper.from_array(data[n], n) for n in inputs if n not in activations])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("normfuse", 1)])
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(model.SerializeToString()), [parser.get_error(i) for i in range(parser.num_errors)]
+    cfg = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for n in activations:
+        profile.set_shape(n, (1, hidden), (rows, hidden), (4 * rows, hidden))
+    cfg.add_optimization_profile(profile)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(builder.build_serialized_network(network, cfg))
+    context = engine.create_execution_context()
+    tensors = {}
+    for n in activations:
+        tensors[n] = torch.from_numpy(data[n]).cuda()
+        context.set_input_shape(n, (rows, hidden))
+        context.set_tensor_address(n, tensors[n].data_ptr())
+    for n in spec.outputs:
+        tensors[n] = torch.empty(rows, hidden, dtype=torch.float16, device="cuda")
+        context.set_tensor_address(n, tensors[n].data_ptr())
+    stream = torch.cuda.current_stream()
+    assert context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    expected = run_reference(op, {n: data[n] for n in inputs})
+    for n, e in zip(spec.outputs, expected):
+        assert OP["float16"].passes(tensors[n].float().cpu().numpy(), e), n
