@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -194,7 +195,8 @@ def worker(args) -> int:
             plain = load(model_path) if args.cuda_graph else model
             result["op_classes"] = trt_layer_times(plain, feeds, args.profile_runs, norm_nodes)
         else:
-            result["op_classes"] = ort_profile(model_path, providers, feeds, args.profile_runs, norm_nodes)
+            result["op_classes"] = ort_profile(model_path, providers or ["CPUExecutionProvider"], feeds,
+                                               args.profile_runs, norm_nodes)
     Path(args.json).write_text(json.dumps(result))
     return 0
 
@@ -231,7 +233,7 @@ def prepare(model_name: str, layers: int, dtype: str, work: Path, backends: list
     report = rewrite_file(reference, fused_trt, target="tensorrt")
     rewrite_file(reference, fused, target="onnxruntime")
     norm_nodes = sorted(n for f in report.fusions for n in f.nodes_removed)
-    stack = {"folder": folder, "onnx": {"reference": reference, "fused": fused}, "plans": {}, "norm_nodes": norm_nodes,
+    stack: dict[str, Any] = {"folder": folder, "onnx": {"reference": reference, "fused": fused}, "plans": {}, "norm_nodes": norm_nodes,
              "fused_norms": report.fused, "rewrite_counts": report.counts, "engines": {}}
     if "tensorrt" in backends:
         from export.tensorrt_engine import EngineOptions, Range, build_engine, read_sidecar
@@ -278,7 +280,7 @@ def run_worker(model: Path, backend: str, batch: int, seq: int, norm_nodes: list
 
 def compare_cells(cells: list[dict]) -> list[dict]:
     """Fused vs reference per (model, layers, dtype, shape, backend): p50 speed-up, and the verdict."""
-    index = {}
+    index: dict[tuple, dict] = {}
     for cell in cells:
         key = (cell["model"], cell["layers"], cell["dtype"], tuple(cell["shape"]), cell["backend"])
         index.setdefault(key, {})[cell["graph"]] = cell

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,8 @@ def write_outputs(path: str | Path, outputs: dict) -> None:
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in outputs.items()})
+            arrays: dict[str, Any] = {k: np.asarray(v) for k, v in outputs.items()}
+            np.savez(f, **arrays)
 
 
 def random_inputs(specs: list, shape_text: str, seed: int = 0) -> dict:

@@ -29,6 +29,10 @@ from .errors import NormfuseError
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 
+# contract dtype names -> ONNX element types (what I/O binding takes for types numpy lacks)
+ONNX_ELEMENT_TYPES = {"float32": 1, "uint8": 2, "int8": 3, "int32": 6, "int64": 7, "bool": 9, "float16": 10,
+                      "float64": 11, "bfloat16": 16}
+
 # ONNX Runtime's type strings -> contract dtype names
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
@@ -201,7 +205,7 @@ class OrtModel:
             else:
                 self.bind(feeds)
                 self.run_bound()
-                results = {name: value.numpy() for name, value in
+                results = {name: ortvalue_to_numpy(value) for name, value in
                            zip(self.output_names, self._binding.get_outputs())}
         if torch_in:
             device = next(v.device for v in feeds.values() if is_torch(v))
@@ -219,16 +223,20 @@ class OrtModel:
             shape, dtype = tuple(value.shape), dtype_name(value.dtype)
             if is_torch(value) and value.device.type == "cuda":
                 tensor = value.contiguous()
-                binding.bind_input(name, "cuda", tensor.device.index or 0, numpy_dtype(dtype), list(shape),
+                binding.bind_input(name, "cuda", tensor.device.index or 0, ONNX_ELEMENT_TYPES[dtype], list(shape),
                                    tensor.data_ptr())
                 self._bound[name] = (shape, dtype, tensor)  # keeps the tensor alive while bound
                 continue
             array = np.ascontiguousarray(to_numpy(value))
+            if dtype == "bfloat16":  # numpy has no bfloat16 ONNX Runtime knows: copy its bits into a bfloat16 tensor
+                array = array.view(np.uint16)
             cached = self._bound.get(name)
             if cached and cached[0] == shape and cached[1] == dtype and isinstance(cached[2], ort.OrtValue):
                 cached[2].update_inplace(array)
             else:
-                ortvalue = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device)
+                ortvalue = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), ONNX_ELEMENT_TYPES[dtype], "cuda",
+                                                                     self.device)
+                ortvalue.update_inplace(array)
                 binding.bind_ortvalue_input(name, ortvalue)
                 self._bound[name] = (shape, dtype, ortvalue)
         for name in self.output_names:
@@ -242,6 +250,15 @@ class OrtModel:
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
+
+
+def ortvalue_to_numpy(value) -> np.ndarray:
+    """An OrtValue on any device as numpy; bfloat16 (which ONNX Runtime cannot give numpy) via DLPack and torch."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    import torch
+
+    return to_numpy(torch.from_dlpack(value._ortvalue.to_dlpack()))
 
 
 def _ort_spec(value) -> TensorSpec:

@@ -111,8 +111,8 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         if progress:
             progress()
     if save_dir is not None:
-        save_polygraphy(save_dir, iterations, pairs[0]["reference"], pairs[0]["candidate"],
-                        reference.label, candidate.label)
+        save_polygraphy(save_dir, iterations, f"{reference.label}@{reference.backend}",
+                        f"{candidate.label}@{candidate.backend}", reference.label, candidate.label)
     return pairs
 
 

@@ -157,3 +157,19 @@ def test_cuda_provider_with_io_binding_matches_cpu(graphs):
         assert out.is_cuda
         gpu.bind({"hidden_states": x})
         gpu.run_bound()
+
+
+def test_bfloat16_outputs_reach_numpy():
+    pytest.importorskip("torch")
+    import ml_dtypes
+
+    from export.runtime import ortvalue_to_numpy
+
+    x = np.array([[1.5, -2.0, 3.0]], dtype=ml_dtypes.bfloat16)
+    value = ort.OrtValue.ortvalue_from_shape_and_type([1, 3], 16, "cpu", 0)  # 16: ONNX BFLOAT16
+    value.update_inplace(x.view(np.uint16))
+    out = ortvalue_to_numpy(value)
+    assert out.dtype == numpy_dtype("bfloat16")
+    np.testing.assert_array_equal(out.astype(np.float32), [[1.5, -2.0, 3.0]])
+    f32 = ort.OrtValue.ortvalue_from_numpy(np.ones((2, 2), np.float32))
+    assert ortvalue_to_numpy(f32).dtype == np.float32
