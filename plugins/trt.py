@@ -24,8 +24,10 @@ TRT_TYPE_NAME = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
 _registered = False
 
 
-def _dtype_name(trt: Any, dtype: Any) -> str:
-    names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
+def _dtype_name(dtype: Any) -> str:
+    import tensorrt as trt
+
+    names: dict[trt.DataType, str] = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
     if dtype not in names:
         raise TypeError(f"normfuse plugins support {SUPPORTED_DTYPES}, got {dtype}")
     return names[dtype]
@@ -59,10 +61,10 @@ def _constant(expr: Any) -> int | None:
         return None
 
 
-def aot_kernel(trtp: Any, trt: Any, op_name: str, x: Any, gamma: Any, epsilon: float) -> tuple:
+def aot_kernel(trtp: Any, op_name: str, x: Any, gamma: Any, epsilon: float) -> tuple:
     """(kernel name, PTX, KernelLaunchParams, SymIntExprs) for one op instance."""
-    x_dtype = _dtype_name(trt, x.dtype)
-    g_dtype = _dtype_name(trt, gamma.dtype)
+    x_dtype = _dtype_name(x.dtype)
+    g_dtype = _dtype_name(gamma.dtype)
     hidden = _constant(x.shape_expr[len(x.shape_expr) - 1])
     if hidden is None:
         hidden = _constant(gamma.shape_expr[0])
@@ -118,7 +120,7 @@ def register_tensorrt_plugins() -> None:
 
     @trtp.aot_impl(name)
     def rms_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot_kernel(trtp, trt, "RMSNorm", x, gamma, epsilon)
+        return aot_kernel(trtp, "RMSNorm", x, gamma, epsilon)
 
     # LayerNorm: x, gamma, beta -> y
     name = f"{PLUGIN_NAMESPACE}::LayerNorm"
@@ -133,7 +135,7 @@ def register_tensorrt_plugins() -> None:
 
     @trtp.aot_impl(name)
     def ln_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot_kernel(trtp, trt, "LayerNorm", x, gamma, epsilon)
+        return aot_kernel(trtp, "LayerNorm", x, gamma, epsilon)
 
     # AddRMSNorm: x, residual, gamma -> y, sum
     name = f"{PLUGIN_NAMESPACE}::AddRMSNorm"
@@ -149,7 +151,7 @@ def register_tensorrt_plugins() -> None:
     @trtp.aot_impl(name)
     def add_rms_aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
                     tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot_kernel(trtp, trt, "AddRMSNorm", x, gamma, epsilon)
+        return aot_kernel(trtp, "AddRMSNorm", x, gamma, epsilon)
 
     # AddLayerNorm: x, residual, gamma, beta -> y, sum
     name = f"{PLUGIN_NAMESPACE}::AddLayerNorm"
@@ -166,6 +168,6 @@ def register_tensorrt_plugins() -> None:
     @trtp.aot_impl(name)
     def add_ln_aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
                    tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot_kernel(trtp, trt, "AddLayerNorm", x, gamma, epsilon)
+        return aot_kernel(trtp, "AddLayerNorm", x, gamma, epsilon)
 
     _registered = True
