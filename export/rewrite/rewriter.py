@@ -90,13 +90,16 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     candidates = _find_candidates(graph, graph_outputs, target, residual, prove_fusions, opset, report)
     needed = max([required_opset(c, target) for c in candidates] + [opset])
     if needed > opset:
-        raised, how = raise_opset(model, needed)  # raises NormfuseError with the reason when it cannot
-        out, raised_report = rewrite_model(raised, target=target, residual=residual, prove_fusions=prove_fusions)
-        raised_report.notes.insert(0, f"raised the model's opset from {opset} to {needed} for "
-                                      f"{'RMSNormalization' if needed >= 23 else 'LayerNormalization'} ({how})")
-        raised_report.nodes_before = report.nodes_before
-        raised_report.seconds = round(time.perf_counter() - started, 3)
-        return out, raised_report
+        try:
+            raised, how = raise_opset(model, needed)
+        except NormfuseError as why:  # refuse those fusions, with the reason; the others go ahead
+            kept = [c for c in candidates if required_opset(c, target) <= opset]
+            report.rejected += [Rejection(c.pattern.name, str(why), c.node_names, c.output.name)
+                                for c in candidates if required_opset(c, target) > opset]
+            candidates = kept
+            needed = opset
+        else:
+            return _rewrite_raised(raised, how, opset, needed, target, residual, prove_fusions, report, started)
     for candidate in candidates:
         note = fold_gamma(candidate)
         if note:
@@ -114,6 +117,15 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     report.opset = opset
     report.seconds = round(time.perf_counter() - started, 3)
     return out, report
+
+
+def _rewrite_raised(raised, how, opset, needed, target, residual, prove_fusions, report, started):
+    out, raised_report = rewrite_model(raised, target=target, residual=residual, prove_fusions=prove_fusions)
+    raised_report.notes.insert(0, f"raised the model's opset from {opset} to {needed} for "
+                                  f"{'RMSNormalization' if needed >= 23 else 'LayerNormalization'} ({how})")
+    raised_report.nodes_before = report.nodes_before
+    raised_report.seconds = round(time.perf_counter() - started, 3)
+    return out, raised_report
 
 
 # Ops whose schema changed between opset 18 and 23 in a way that alters the meaning of an existing
