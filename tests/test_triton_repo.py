@@ -147,3 +147,19 @@ def test_onnx_signature(graphs):
     inputs, outputs = onnx_signature(graphs["fused"])
     assert [(i.name, i.dtype, i.shape) for i in inputs] == [("hidden_states", "float32", [None, None, 64])]
     assert io_signature(graphs["fused"])["outputs"][0]["name"] == "output"
+
+
+def test_build_command_writes_a_repository(tmp_path):
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "export.build", "--norm", "layernorm", "--preset", "tiny", "--backend",
+                           "ort-cpu", "--runs", "2", "--warmup", "0", "--seq", "8", "--out", str(tmp_path / "out"),
+                           "--triton-repo", str(tmp_path / "repo")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "repo").iterdir())
+    assert names == ["tiny_layernorm_fused_onnx", "tiny_layernorm_reference_onnx"]
+    for name in names:
+        config = read_config(tmp_path / "repo" / name)
+        assert config.name == name and config.platform == "onnxruntime_onnx"
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["triton"]) == 2 and report["engines"] == {}
