@@ -246,7 +246,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, options: EngineOp
 
         register_tensorrt_plugins()
     started = time.perf_counter()
-    serialized, cache_bytes = _build(onnx_path, options, profiles)
+    serialized, cache_bytes = _build(onnx_path, options, profiles, uses_plugins)
     seconds = time.perf_counter() - started
     with atomic_path(plan_path) as tmp:
         tmp.write_bytes(serialized)
@@ -265,20 +265,30 @@ def _tensorrt_version() -> str:
     return str(trt.__version__)
 
 
-def _build(onnx_path: Path, options: EngineOptions, profiles: dict) -> tuple[bytes, bytes]:
+def _parser_error(error: Any) -> str:
+    """One line from a TensorRT ParserError: the node and its description."""
+    try:
+        return f"node {error.node()}: {error.desc()}"
+    except Exception:
+        return str(error)
+
+
+def _build(onnx_path: Path, options: EngineOptions, profiles: dict, uses_plugins: bool) -> tuple[bytes, bytes]:
     """The TensorRT calls: network, parser, builder config, profile, timing cache, build.
     (Call import_tensorrt() first: it turns a missing TensorRT into a one-line error.)"""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
+    flags = 0
+    if uses_plugins:  # our plugins are AOT plugins: their PTX goes into the engine (TensorRT >= 10.9)
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
     if options.precision == "strongly-typed":
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
         raise NormfuseError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors[0] if errors else 'no detail'}"
                             + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
 
