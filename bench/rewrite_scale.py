@@ -99,6 +99,17 @@ def build_llama_graph(directory: Path, layers: int, hidden: int, ffn: int) -> Pa
     return path
 
 
+def _measured(cmd: list[str], log: Path) -> tuple[int, float, float, str]:
+    """(exit code, wall seconds, peak RSS in MB, output) of one child, measured for it alone."""
+    with open(log, "w") as out:
+        started = time.perf_counter()
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, wall, usage.ru_maxrss / 1024, log.read_text()  # Linux reports KiB
+
+
 def run_peer(tool: str, src: Path, dst: Path) -> None:
     """Child process: one peer tool on the scale graph; prints the norms it fused as JSON."""
     import onnx
@@ -186,13 +197,10 @@ def main(argv=None) -> int:
         dst, report_path = out_dir / "llama.fused.onnx", tmp / "report.json"
         cmd = [sys.executable, "-m", "export.rewrite", str(src), "-o", str(dst), "--target", args.target,
                "--report", str(report_path)]
-        started = time.perf_counter()
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux reports KiB
-        if run.returncode != 0:
-            print(run.stdout, run.stderr, sep="\n")
-            return run.returncode
+        returncode, wall, peak_mb, output = _measured(cmd, tmp / "log.txt")
+        if returncode != 0:
+            print(output)
+            return returncode
         report = json.loads(report_path.read_text())
         fused = onnx.load(str(dst), load_external_data=False)
         locations = {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"}
