@@ -180,6 +180,8 @@ class OrtModel:
                                 f"(it has {', '.join(ort.get_available_providers())})")
         provider_options = [{"device_id": str(device)} if p == "CUDAExecutionProvider" else {}
                             for p in self.providers]
+        if "CUDAExecutionProvider" in self.providers:
+            _preload_cuda_libraries(ort)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers,
                                                 provider_options=provider_options)
@@ -187,6 +189,11 @@ class OrtModel:
             raise NormfuseError(f"{self.path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
         self.device = device
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        if "CUDAExecutionProvider" in self.providers and not self.on_cuda:
+            # ONNX Runtime falls back to the CPU quietly when the CUDA provider's libraries do not load.
+            raise NormfuseError(f"{self.path}: ONNX Runtime's CUDA provider did not load (cuDNN 9 and cuBLAS for "
+                                "the CUDA that onnxruntime-gpu was built for are needed: the nvidia-* wheels torch "
+                                "brings, or a CUDA install on the library path)")
         self.inputs = [_ort_spec(v) for v in self.session.get_inputs()]
         self.outputs = [_ort_spec(v) for v in self.session.get_outputs()]
         self.input_names = [s.name for s in self.inputs]
@@ -250,6 +257,17 @@ class OrtModel:
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
+
+
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Let ONNX Runtime (>= 1.21) load CUDA and cuDNN from the nvidia-* wheels (torch's) if present."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:  # nothing to preload: the libraries may be on the system path
+        pass
 
 
 def ortvalue_to_numpy(value) -> np.ndarray:
