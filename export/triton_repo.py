@@ -33,6 +33,19 @@ PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
 MODEL_FILES = {".onnx": "model.onnx", ".plan": "model.plan"}
 
 
+class TritonClientMissing(NormfuseError):
+    pass
+
+
+def can_check_configs() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("tritonclient.grpc.model_config_pb2") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 @dataclass
 class IO:
     name: str
@@ -101,7 +114,7 @@ def parse_config(text: str):
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
     except ImportError:
-        raise NormfuseError("checking a Triton config needs tritonclient: pip install 'tritonclient[grpc]'") from None
+        raise TritonClientMissing("checking a Triton config needs tritonclient: pip install 'tritonclient[grpc]'") from None
     config = model_config_pb2.ModelConfig()
     try:
         text_format.Parse(text, config)
@@ -134,8 +147,10 @@ def model_name(path: Path) -> str:
 
 def write_repository(model_path: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
                      max_batch_size: int | None = None, queue_delay_us: int = 100, instances: int = 1,
-                     kind: str | None = None, validate: bool = True) -> Path:
-    """Write (or replace) `<repo>/<name>/` for one model; returns that folder."""
+                     kind: str | None = None, validate: bool | None = None) -> Path:
+    """Write (or replace) `<repo>/<name>/` for one model; returns that folder.
+
+    validate: parse the config with Triton's ModelConfig first (None: when tritonclient is installed)."""
     model_path, repo = Path(model_path), Path(repo)
     if not model_path.is_file():
         raise NormfuseError(f"{model_path}: no such file")
@@ -164,7 +179,7 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
                          f"maximum {profile_batch}")
     kind = kind or ("KIND_GPU" if suffix == ".plan" else "KIND_AUTO")
     text = config_text(name, PLATFORMS[suffix], inputs, outputs, max_batch_size, queue_delay_us, instances, kind)
-    if validate:
+    if validate or (validate is None and can_check_configs()):
         parse_config(text)
 
     repo.mkdir(parents=True, exist_ok=True)
@@ -232,6 +247,9 @@ def main(argv=None) -> int:
         parser.error("--name takes one model")
 
     def job() -> int:
+        if not can_check_configs():
+            print("note: tritonclient is not installed, so the configs are written unchecked "
+                  "(pip install 'tritonclient[grpc]' to check them against Triton's ModelConfig)")
         for model in args.models:
             folder = write_repository(model, args.repo, name=args.name, max_batch_size=args.max_batch_size,
                                       queue_delay_us=args.queue_delay_us, instances=args.instances, kind=args.kind)

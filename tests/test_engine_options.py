@@ -140,3 +140,23 @@ def test_build_rejects_a_profile_that_misses_the_bench_shape(tmp_path):
                            "--seq-range", "1:4:x", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert done.returncode == 2 and "--seq-range" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,batch,seq", [
+    ([], Range(1, 1, 2), Range(1, 128, 128)),
+    (["--batch", "4", "--seq", "8"], Range(1, 4, 4), Range(1, 8, 16)),
+    (["--batch-range", "1:2:8", "--seq-range", "1:64:512"], Range(1, 2, 8), Range(1, 64, 512)),
+])
+def test_build_profile_covers_validation_and_bench_shapes(flags, batch, seq):
+    from export.build import Pipeline, parse_args
+
+    pipeline = Pipeline(parse_args(["--norm", "rmsnorm", *flags]), console=None)
+    assert pipeline.profile() == (batch, seq)
+
+
+def test_build_profile_that_misses_a_shape_is_a_usage_error():
+    from export.build import Pipeline, parse_args
+
+    pipeline = Pipeline(parse_args(["--norm", "rmsnorm", "--seq", "256", "--seq-range", "1:64:128"]), console=None)
+    with pytest.raises(UsageError, match="outside the engine profile"):
+        pipeline.profile()
