@@ -8,7 +8,8 @@ attention (q, k, v, o projections), a residual Add, a pre-MLP RMSNorm, a SwiGLU 
 residual Add; then a final RMSNorm. Every weight is an initializer in one external data file, which
 is created sparse (its size is set, no byte is written), so generating 13 GB costs nothing and the
 rewriter reading a single weight byte would show in its time and memory. The rewrite runs as the
-command line, in a child process, and its wall time and peak RSS are measured from outside.
+command line (its main(), in a fresh child process), timed from outside; its peak RSS is the
+child's own high-water mark (VmHWM), read by the child before it exits.
 Targets: <= 5 s, <= 300 MB peak RSS, 2 * layers + 1 norms and 2 * layers residual Adds fused.
 With --peers, ONNX Runtime's transformers optimizer and onnxscript's ORT fusions run on the same
 file, each in a child stopped when its resident memory passes --peer-memory-gb.
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -100,14 +100,34 @@ def build_llama_graph(directory: Path, layers: int, hidden: int, ffn: int) -> Pa
 
 
 def _measured(cmd: list[str], log: Path) -> tuple[int, float, float, str]:
-    """(exit code, wall seconds, peak RSS in MB, output) of one child, measured for it alone."""
+    """(exit code, wall seconds, peak RSS in MB, output) of the command line in a child of its own.
+
+    The child runs the command line's main() and then reads its own VmHWM: rusage's maxrss would
+    also count the pages of the (possibly large) parent it was forked from."""
+    hwm = log.with_suffix(".hwm")
+    wrapped = [sys.executable, __file__, "--measured-rewrite", str(hwm)] + cmd[3:]  # drop python -m export.rewrite
     with open(log, "w") as out:
         started = time.perf_counter()
-        child = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
+        code = subprocess.run(wrapped, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, wall, usage.ru_maxrss / 1024, log.read_text()  # Linux reports KiB
+    peak = float(hwm.read_text()) if hwm.exists() else float("nan")
+    return code, wall, peak, log.read_text()
+
+
+def _measured_rewrite(hwm_file: str, args: list[str]) -> int:
+    from export.rewrite.__main__ import main as rewrite_cli
+
+    code = rewrite_cli(args)
+    Path(hwm_file).write_text(str(_status_kb("VmHWM") / 1024))
+    return code
+
+
+def _status_kb(field: str, pid: str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 def run_peer(tool: str, src: Path, dst: Path) -> None:
@@ -160,19 +180,17 @@ def peer_figures(src: Path, tmp: Path, memory_gb: float, timeout: int) -> dict:
 
 def _rss_bytes(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+        return _status_kb("VmRSS", str(pid)) * 1024
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--run-peer":
         run_peer(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
         return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--measured-rewrite":
+        return _measured_rewrite(sys.argv[2], sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
