@@ -122,11 +122,10 @@ def moved_bytes(op: str, dtype: str, tokens: int, hidden: int) -> int:
     return item * hidden * (tokens * rows_io + params)
 
 
-def ours(op, x, res, gamma, beta, layout=None, groups_per_block=1):
+def ours(op, x, res, gamma, beta, layout=None):
     spec = OPS[op]
     tokens, hidden = x.shape
-    launch = launcher.Launch(op, launcher.dtype_name(x), launcher.dtype_name(gamma), tokens, hidden, layout=layout,
-                             groups_per_block=groups_per_block)
+    launch = launcher.Launch(op, launcher.dtype_name(x), launcher.dtype_name(gamma), tokens, hidden, layout=layout)
     outs = [torch.empty_like(x) for _ in spec.outputs]
     ins = [t for t in (x, res, gamma, beta) if t is not None]
     in_ptrs, out_ptrs = [t.data_ptr() for t in ins], [t.data_ptr() for t in outs]
@@ -226,10 +225,6 @@ def run(args) -> dict:
                         for layout in candidate_layouts(dtype, hidden):
                             f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
                             cells[f"normfuse[{layout[0]}x{layout[1]}]"] = (f2, c2.kernel)
-                    if dtype in args.groups_dtypes and tokens >= 4096:
-                        for k in (2, 4, 8):
-                            f2, c2 = ours(op, x, res, gamma, beta, groups_per_block=k)
-                            cells[f"normfuse[groups={k}]"] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
                     if tokens <= 32:
@@ -345,8 +340,6 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="bf16 target shapes and decode shapes only")
     p.add_argument("--tune", action="store_true", help="also time every sensible layout at tokens >= 4096")
     p.add_argument("--compile-dtypes", nargs="*", default=["bfloat16"], help="dtypes to time torch.compile on")
-    p.add_argument("--groups-dtypes", nargs="*", default=[],
-                   help="dtypes on which to also time blocks looping over 2/4/8 row groups")
     p.add_argument("--dtypes", nargs="*", help="dtypes to run (default: bf16 with --quick, else all)")
     p.add_argument("--tokens", nargs="*", type=int, help="token counts to run (default: the grid)")
     p.add_argument("--hidden", nargs="*", type=int, help="hidden sizes to run (default: the grid)")

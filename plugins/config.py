@@ -125,19 +125,17 @@ def choose_layout(dtype: str, hidden: int | None, op: str | OpSpec | None = None
 
 
 def launch_config(op: str | OpSpec, dtype: str, rows: Any, hidden: int | None,
-                  layout: tuple[int, int] | None = None, groups_per_block: int = 1) -> LaunchConfig:
+                  layout: tuple[int, int] | None = None) -> LaunchConfig:
     """Kernel name and launch shape for `rows` rows of `hidden` elements.
 
     `layout` forces (threads per row, slots) (tests and tuning); by default the table decides.
-    `groups_per_block` > 1 launches fewer blocks, each looping over that many groups of rows.
     """
     spec = _spec(op)
     tpr, slots = layout if layout is not None else choose_layout(dtype, hidden, spec)
     if tpr not in THREADS_PER_ROW or slots not in slot_choices(dtype):
         raise ValueError(f"no compiled variant with {tpr} threads per row and {slots} slots for {dtype}")
     rpb = rows_per_block(tpr)
-    per_block = rpb * groups_per_block
-    grid = (rows + (per_block - 1)) // per_block
+    grid = (rows + (rpb - 1)) // rpb
     return LaunchConfig(kernel=kernel_name(spec, tpr, rpb, slots), grid=grid, block=tpr * rpb, shared_mem=0,
                         threads_per_row=tpr, rows_per_block=rpb, slots=slots, vector=vector_width(dtype))
 

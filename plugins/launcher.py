@@ -49,9 +49,9 @@ class Launch:
     """A prepared launch: resolves the kernel once, then `__call__` only enqueues it."""
 
     def __init__(self, op: str, x_dtype: str, gamma_dtype: str, rows: int, hidden: int,
-                 layout: tuple[int, int] | None = None, arch: str | None = None, groups_per_block: int = 1):
+                 layout: tuple[int, int] | None = None, arch: str | None = None):
         self.spec = OPS[op]
-        self.cfg = config.launch_config(op, x_dtype, rows, hidden, layout=layout, groups_per_block=groups_per_block)
+        self.cfg = config.launch_config(op, x_dtype, rows, hidden, layout=layout)
         self.ptx = build.ptx_for_launch(op, x_dtype, gamma_dtype, self.cfg, arch)
         self.function = _function(self.ptx, self.cfg.kernel)
         self.rows, self.hidden = rows, hidden
@@ -72,7 +72,7 @@ class Launch:
 
 
 def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[int, int] | None = None,
-        outputs: tuple[Any, ...] | None = None, groups_per_block: int = 1) -> tuple[Any, ...]:
+        outputs: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
     """Run op on torch CUDA tensors given in contract order (x, [residual], gamma, [beta]).
 
     Returns the outputs (y, [sum]) as torch tensors shaped like x. Tensors must be contiguous.
@@ -92,8 +92,7 @@ def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[i
             raise ValueError(f"{name} must be contiguous")
     if outputs is None:
         outputs = tuple(torch.empty_like(x) for _ in spec.outputs)
-    launch = Launch(op, dtype_name(x), dtype_name(gamma), rows, hidden, layout=layout,
-                    groups_per_block=groups_per_block)
+    launch = Launch(op, dtype_name(x), dtype_name(gamma), rows, hidden, layout=layout)
     launch([t.data_ptr() for t in inputs], [t.data_ptr() for t in outputs], epsilon,
            torch.cuda.current_stream().cuda_stream)
     return outputs

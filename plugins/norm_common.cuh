@@ -1,7 +1,7 @@
 // Shared pieces of the normfuse normalisation kernels.
 //
 // Every kernel normalises rows of `hidden` elements. A group of TPR threads owns one row and a
-// block holds RPB such groups (and takes further groups of rows when the grid is smaller). Each thread keeps up to C slots of V elements in registers, where
+// block holds RPB such groups. Each thread keeps up to C slots of V elements in registers, where
 // V = 16 bytes / sizeof(T), so a row of up to C * V * TPR elements is read from global memory once.
 // Longer rows take a streaming path that reads the input twice (the second read mostly from L2).
 //
@@ -341,56 +341,34 @@ __device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G
                                           T* y, T* sum) {
     constexpr int V = 16 / static_cast<int>(sizeof(T));
     const int group = static_cast<int>(threadIdx.x) / TPR;
-    const int lane = static_cast<int>(threadIdx.x) % TPR;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + group;
+    const bool active = row < rows;
+    const int64_t offset = (active ? row : 0) * static_cast<int64_t>(hidden);
 
-    // Same decisions in every thread of the block (they depend on kernel arguments only), so the
+    RowArgs<kCentered, kResidual, T, G> a;
+    a.x = x + offset;
+    a.residual = kResidual ? residual + offset : nullptr;
+    a.gamma = gamma;
+    a.beta = beta;
+    a.y = y + offset;
+    a.sum = kResidual ? sum + offset : nullptr;
+    a.hidden = hidden;
+    a.eps = __int_as_float(eps_bits);
+    a.lane = static_cast<int>(threadIdx.x) % TPR;
+    a.active = active;
+
+    // Same decision in every thread of the block (it depends on kernel arguments only), so the
     // barriers inside the reductions are reached by all threads.
     const bool vectorisable = hidden % V == 0 && aligned16(x) && aligned16(y) && aligned16(gamma) &&
                               (!kResidual || (aligned16(residual) && aligned16(sum))) &&
                               (!kCentered || aligned16(beta));
-    const bool fits = hidden <= C * V * TPR;
-
-    // Block-stride loop over groups of RPB rows. The launch table normally gives every group its
-    // own block (one trip); a smaller grid makes each block take several groups, and then the
-    // next group's rows are requested from L2 while this one is reduced.
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * RPB;
-    for (int64_t first = static_cast<int64_t>(blockIdx.x) * RPB; first < rows; first += stride) {
-        const int64_t row = first + group;
-        const bool active = row < rows;
-        const int64_t offset = (active ? row : 0) * static_cast<int64_t>(hidden);
-
-        if (vectorisable && fits && row + stride < rows) {
-            const int64_t next = (row + stride) * static_cast<int64_t>(hidden);
-            #pragma unroll
-            for (int c = 0; c < C; ++c) {
-                const int i = (c * TPR + lane) * V;
-                if (i < hidden) {
-                    prefetch_l2(x + next + i);
-                    if constexpr (kResidual) prefetch_l2(residual + next + i);
-                }
-            }
-        }
-
-        RowArgs<kCentered, kResidual, T, G> a;
-        a.x = x + offset;
-        a.residual = kResidual ? residual + offset : nullptr;
-        a.gamma = gamma;
-        a.beta = beta;
-        a.y = y + offset;
-        a.sum = kResidual ? sum + offset : nullptr;
-        a.hidden = hidden;
-        a.eps = __int_as_float(eps_bits);
-        a.lane = lane;
-        a.active = active;
-
-        if (fits) {
-            if (vectorisable)
-                row_in_registers<true, TPR, RPB, C>(a);
-            else
-                row_in_registers<false, TPR, RPB, C>(a);
-        } else {
-            row_streaming<TPR, RPB>(a);
-        }
+    if (hidden <= C * V * TPR) {
+        if (vectorisable)
+            row_in_registers<true, TPR, RPB, C>(a);
+        else
+            row_in_registers<false, TPR, RPB, C>(a);
+    } else {
+        row_streaming<TPR, RPB>(a);
     }
 }
 

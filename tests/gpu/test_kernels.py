@@ -185,16 +185,3 @@ def test_layouts_chosen_for_the_table_exist():
             cfg = config.launch_config("RMSNorm", dtype, 1, hidden)
             assert cfg.capacity >= hidden
 
-
-@pytest.mark.parametrize("groups", (3, 64))
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("op", list(OPS))
-def test_blocks_looping_over_several_row_groups(op, dtype, groups):
-    """A grid smaller than the row count: each block loops, prefetching its next rows."""
-    for hidden in (7, 768, 4096):
-        inputs = make_inputs(op, dtype, 1001, hidden)
-        x = inputs[0]
-        outs = tuple(torch.full_like(x, float("nan")) for _ in OPS[op].outputs)
-        launcher.run(op, *inputs, outputs=outs, groups_per_block=groups)
-        torch.cuda.synchronize()
-        check(op, inputs, outs, dtype)
