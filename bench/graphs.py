@@ -23,6 +23,11 @@ where a Myelin region that mixes classes is counted as `mixed`).
 Writes <out>/<gpu>-graphs.json (every cell, raw latencies, the fused/reference comparison per
 cell and whether the fused graph was ever slower) and <out>/<gpu>-graphs.png.
 The working files (ONNX, engines) go to --work (default build/graphs), reused when present.
+
+A grid too long for one sitting runs in parts, each with its own --name, merged afterwards:
+
+    python bench/graphs.py --models llama-7b --layers 1 --name h100-llama-L1 --out /tmp/parts
+    python bench/graphs.py --merge /tmp/parts/*-graphs.json --name h100 --out bench/results
 """
 from __future__ import annotations
 
@@ -401,9 +406,12 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--norm-nodes", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge the results of runs in parts (same GPU)")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.name)
 
     from export.backends import gpu_present
     from export.tensorrt_engine import gpu_info
@@ -485,6 +493,32 @@ def main(argv=None) -> int:
     summary = results["summary"]
     print(f"wrote {json_path} and {stem}-graphs.png; fused never slower: {summary['fused_never_slower']}; "
           f"geomean p50 speed-up: " + ", ".join(f"{b} {v:.3f}x" for b, v in summary["geomean_speedup_p50"].items()))
+    return 0
+
+
+def merge(paths: list[str], out: Path, name: str | None) -> int:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    gpus = {part["gpu"].get("name") for part in parts}
+    if len(gpus) > 1:
+        print(f"refusing to merge results from different GPUs: {', '.join(map(str, gpus))}", file=sys.stderr)
+        return 2
+    merged = {**parts[0], "cells": [c for p in parts for c in p["cells"]], "stacks": [s for p in parts for s in p["stacks"]],
+              "backends": sorted({b for p in parts for b in p["backends"]}), "merged_from": [str(p) for p in paths]}
+    grid = dict(parts[0]["grid"])
+    for key, value in grid.items():
+        if isinstance(value, list):  # models, layers, dtypes, shapes: the union, in order of appearance
+            union: list = []
+            for part in parts:
+                union += [v for v in part["grid"][key] if v not in union]
+            grid[key] = union
+    merged["grid"] = grid
+    merged["comparisons"] = compare_cells(merged["cells"])
+    merged["summary"] = summarise(merged["comparisons"])
+    stem = name or (str(next(iter(gpus)) or "gpu").lower().replace("nvidia", "").strip().replace(" ", "-"))
+    path = _write(merged, out, stem)
+    plot(merged, out / f"{stem}-graphs.png")
+    print(f"wrote {path} ({len(merged['cells'])} cells from {len(parts)} runs); fused never slower: "
+          f"{merged['summary']['fused_never_slower']}")
     return 0
 
 

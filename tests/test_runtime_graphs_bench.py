@@ -88,3 +88,17 @@ def test_smoke_run_on_the_cpu_writes_results_and_a_plot(tmp_path, exported):
     assert results["stacks"][0]["fused_norms"] == 3
     assert results["summary"]["cells_compared"] == 1
     assert (tmp_path / "out" / "smoke-graphs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_in_parts_merge(tmp_path):
+    parts = []
+    for i, shape in enumerate(((1, 1), (1, 512))):
+        part = {"gpu": {"name": "NVIDIA H100"}, "backends": ["tensorrt"], "skipped": [], "environment": {},
+                "grid": {"models": ["m"], "layers": [1], "dtypes": ["float16"], "shapes": [list(shape)], "runs": 5},
+                "stacks": [{"model": "m"}], "cells": [cell("reference", 2.0, shape=shape), cell("fused", 1.0, shape=shape)]}
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part))
+    assert graphs.main(["--merge", *map(str, parts), "--out", str(tmp_path / "out")]) == 0
+    merged = json.loads((tmp_path / "out" / "h100-graphs.json").read_text())
+    assert merged["grid"]["shapes"] == [[1, 1], [1, 512]] and len(merged["cells"]) == 4
+    assert merged["summary"]["cells_compared"] == 2 and merged["summary"]["fused_never_slower"]
