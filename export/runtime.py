@@ -212,8 +212,14 @@ class OrtModel:
             else:
                 self.bind(feeds)
                 self.run_bound()
-                results = {name: ortvalue_to_numpy(value) for name, value in
-                           zip(self.output_names, self._binding.get_outputs())}
+                values = self._binding.get_outputs()
+                if torch_in and any(is_torch(v) and v.device.type == "cuda" for v in feeds.values()):
+                    import torch
+
+                    # Device to device through DLPack; cloned, since the binding reuses its outputs.
+                    return {name: torch.from_dlpack(value._ortvalue.to_dlpack()).clone()
+                            for name, value in zip(self.output_names, values)}
+                results = {name: ortvalue_to_numpy(value) for name, value in zip(self.output_names, values)}
         if torch_in:
             device = next(v.device for v in feeds.values() if is_torch(v))
             return {k: to_torch(v, device) for k, v in results.items()}
@@ -230,7 +236,7 @@ class OrtModel:
             shape, dtype = tuple(value.shape), dtype_name(value.dtype)
             if is_torch(value) and value.device.type == "cuda":
                 tensor = value.contiguous()
-                binding.bind_input(name, "cuda", tensor.device.index or 0, ONNX_ELEMENT_TYPES[dtype], list(shape),
+                binding.bind_input(name, "cuda", tensor.device.index or 0, _element_type(dtype), list(shape),
                                    tensor.data_ptr())
                 self._bound[name] = (shape, dtype, tensor)  # keeps the tensor alive while bound
                 continue
@@ -241,7 +247,7 @@ class OrtModel:
             if cached and cached[0] == shape and cached[1] == dtype and isinstance(cached[2], ort.OrtValue):
                 cached[2].update_inplace(array)
             else:
-                ortvalue = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), ONNX_ELEMENT_TYPES[dtype], "cuda",
+                ortvalue = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), _element_type(dtype), "cuda",
                                                                      self.device)
                 ortvalue.update_inplace(array)
                 binding.bind_ortvalue_input(name, ortvalue)
@@ -257,6 +263,11 @@ class OrtModel:
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
+
+
+def _element_type(dtype: str) -> Any:
+    """What ONNX Runtime's binding calls take: a numpy type, or the ONNX type number for bfloat16."""
+    return ONNX_ELEMENT_TYPES[dtype] if dtype == "bfloat16" else numpy_dtype(dtype).type
 
 
 def _preload_cuda_libraries(ort: Any) -> None:
