@@ -55,9 +55,14 @@ def _row_count(shape_expr: Any) -> Any:
 
 
 def _constant(expr: Any) -> int | None:
+    """The value of a constant shape expression, else None (`constant_value` is a method on
+    TensorRT 10.9's ShapeExpr and a property on later SymIntExpr)."""
     try:
-        return int(expr.constant_value()) if expr.is_constant else None
-    except (AttributeError, RuntimeError):
+        if not expr.is_constant:
+            return None
+        value = expr.constant_value
+        return int(value() if callable(value) else value)
+    except (AttributeError, RuntimeError, TypeError):
         return None
 
 

@@ -128,6 +128,20 @@ def stand_in(monkeypatch):
     return trt, trtp
 
 
+class PropertyExpr(Expr):
+    """Later TensorRT releases make constant_value a property."""
+
+    @property
+    def constant_value(self):  # type: ignore[override]
+        return self.value
+
+
+def test_constant_hidden_is_read_from_either_api():
+    assert plugin_trt._constant(Expr(4096)) == 4096
+    assert plugin_trt._constant(PropertyExpr(4096)) == 4096
+    assert plugin_trt._constant(Expr("h")) is None
+
+
 def test_all_four_ops_are_registered_under_the_rewriters_names(stand_in):
     _, trtp = stand_in
     names = {f"{PLUGIN_NAMESPACE}::{op}" for op in OPS}
