@@ -83,3 +83,13 @@ def test_plugins_import_without_tensorrt_or_gpu():
 
     for name in ("launch_config", "get_ptx", "register_tensorrt_plugins", "ptx_for_launch"):
         assert callable(getattr(plugins, name))
+
+
+def test_tuned_entries_are_compiled_and_hold_their_rows():
+    for (op, dtype), table in config.TUNED.items():
+        assert op in OPS and dtype in SUPPORTED_DTYPES
+        for hidden, layout in table.items():
+            cfg = config.launch_config(op, dtype, 1, hidden)
+            assert (cfg.threads_per_row, cfg.slots) == layout
+            assert (cfg.threads_per_row, cfg.rows_per_block, cfg.slots) in config.variants(dtype)
+            assert cfg.capacity >= hidden
