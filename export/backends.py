@@ -21,10 +21,23 @@ class Availability:
     reason: str = ""  # why not, when absent
 
 
-def ort_providers() -> list[str]:
-    import onnxruntime as ort
+ORT_INSTALL_HINT = ("install exactly one of the two ONNX Runtime wheels: pip install 'normfuse[cpu]' "
+                    "(onnxruntime) or, on a CUDA machine, pip install 'normfuse[gpu]' (onnxruntime-gpu)")
 
-    return list(ort.get_available_providers())
+
+def import_onnxruntime():
+    """The onnxruntime module, or a one-line error saying which extra to install."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        from .errors import NormfuseError
+
+        raise NormfuseError(f"ONNX Runtime is not installed ({exc}); {ORT_INSTALL_HINT}") from None
+    return onnxruntime
+
+
+def ort_providers() -> list[str]:
+    return list(import_onnxruntime().get_available_providers())
 
 
 def availability(backend: str) -> Availability:

@@ -265,8 +265,11 @@ class Pipeline:
 def environment() -> dict:
     import numpy
     import onnx
-    import onnxruntime
     import torch
+
+    from .backends import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()
 
     return {"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,

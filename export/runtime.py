@@ -155,9 +155,9 @@ class OrtModel:
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, device: int = 0,
                  threads: int | None = None, profile_prefix: str | None = None, optimization: str = "all"):
-        import onnxruntime as ort
+        from .backends import import_onnxruntime, refuse_plugin_ops
 
-        from .backends import refuse_plugin_ops
+        ort = import_onnxruntime()
 
         self.path = Path(path)
         refuse_plugin_ops(self.path, "ONNX Runtime")

@@ -112,3 +112,12 @@ def test_rewrite_command_errors_leave_no_output(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
     done = _run("export.rewrite", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "out.onnx"))
     assert done.returncode == 1 and "no such file" in done.stderr
+
+
+def test_missing_onnx_runtime_names_the_extra(monkeypatch):
+    from export.backends import import_onnxruntime
+    from export.errors import NormfuseError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without it looks like
+    with pytest.raises(NormfuseError, match=r"normfuse\[cpu\].*normfuse\[gpu\]"):
+        import_onnxruntime()
