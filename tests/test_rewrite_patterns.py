@@ -145,7 +145,7 @@ def _native_model(op, dtype, residual, with_bias=True, axis=-1, opset=None):
         nodes.append(helper.make_node("Add", ["x", "r"], ["h"], name="add"))
         x = "h"
     inputs = [x, "gamma"] + (["beta"] if op == "LayerNormalization" and with_bias else [])
-    attrs = {"epsilon": 1e-6} if op == "LayerNormalization" or op == "SimplifiedLayerNormalization" else {"epsilon": 1e-6}
+    attrs = {"epsilon": 1e-6}
     nodes.append(helper.make_node(op, inputs, ["y"], name="norm", axis=axis, **attrs))
     outputs = [helper.make_tensor_value_info("y", t, None)]
     if residual == "exposed":
@@ -181,3 +181,26 @@ def test_native_norms_and_their_residual_add(op, with_bias, residual, dtype):
 def test_native_norm_over_more_than_the_last_axis_is_rejected():
     _, report = rewrite_model(_native_model("LayerNormalization", "float32", None, axis=1))
     assert report.fused == 0 and "not the last axis" in report.rejected[0].reason
+
+
+def test_residual_add_with_unknown_dims_is_not_fused():
+    """[1, H] + [5, H] broadcasts; with both leading dims unknown (None) that cannot be ruled out,
+    so the Add stays outside the norm. A named dim is the same size wherever it appears."""
+    import onnx_graphsurgeon as gs
+
+    from export.rewrite.checks import NormCandidate
+    from export.rewrite.matcher import Match
+    from export.rewrite.patterns import NORM_PATTERNS
+    from export.rewrite.residual import residual_add
+
+    for leading, fusable in ((None, False), ("batch", True), (4, True)):
+        a, b, x = (gs.Variable(n, dtype=np.float32, shape=[leading, 8]) for n in "abx")
+        add = gs.Node("Add", name="add", inputs=[a, b], outputs=[x])
+        y = gs.Variable("y", dtype=np.float32, shape=[leading, 8])
+        candidate = NormCandidate(NORM_PATTERNS[0], Match(), x, y, 8, 1e-5, None, None, [])
+        found, why = residual_add(candidate, set())
+        assert (found is not None) is fusable, (leading, why)
+        if not fusable:
+            assert found is None and "cannot be shown equal" in why
+        else:
+            assert found[2] is add and why is None

@@ -17,6 +17,7 @@ from .patterns import NormPattern
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64"}
+ONNX_TYPES = {name: elem for elem, name in FLOAT_TYPES.items()}  # "float16" -> TensorProto.FLOAT16
 SMALL_CONSTANT = 64  # elements: larger constants are weights and are never read by the checks
 
 
@@ -227,6 +228,8 @@ def _skip_candidate(pattern, match, root, graph_outputs, hidden, epsilon, gamma,
     skip_bias = _per_feature(match.get("skip_bias"), hidden, len(x.shape), "input bias")
     if skip.shape is None or list(skip.shape) != list(x.shape) or dtype_name(skip) != dtype_name(x):
         raise Rejected(f"{node.op} '{node.name}' broadcasts its skip input ({skip.shape} vs {x.shape})")
+    if any(d is None for d in x.shape):  # unknown on both sides: the sizes may still differ at run time
+        raise Rejected(f"{node.op} '{node.name}': input and skip shapes cannot be shown equal ({x.shape})")
     for i in (1, 2):
         if len(node.outputs) > i and node.outputs[i].name and (node.outputs[i].outputs or node.outputs[i].name in graph_outputs):
             raise Rejected(f"{node.op} '{node.name}' output {i} (mean / inverse std) is used")

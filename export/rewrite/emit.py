@@ -14,12 +14,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from normops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, numpy_dtype, op_for
 
-from .checks import NormCandidate, dtype_name
+from .checks import ONNX_TYPES, NormCandidate, dtype_name
 
 TARGETS = ("tensorrt", "onnxruntime", "onnx")
 MS_DOMAIN = "com.microsoft"
@@ -68,7 +67,7 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
     if dtype_name(y) != op_dtype:
         y_original = y
         y = gs.Variable(f"{y_original.name}_{op_dtype}", dtype=numpy_dtype(op_dtype), shape=y_original.shape)
-        to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(y_original.dtype)) if not isinstance(y_original.dtype, int) else y_original.dtype
+        to = ONNX_TYPES[dtype_name(y_original)]
         graph.nodes.append(gs.Node("Cast", name=f"{y.name}_cast", attrs={"to": to}, inputs=[y], outputs=[y_original]))
 
     if candidate.residual is not None:
@@ -117,7 +116,6 @@ def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: 
 def _cast(graph: gs.Graph, tensor, dtype: str):
     if dtype_name(tensor) == dtype:
         return tensor
-    to = onnx.helper.np_dtype_to_tensor_dtype(numpy_dtype(dtype))
     out = gs.Variable(f"{tensor.name}_as_{dtype}", dtype=numpy_dtype(dtype), shape=tensor.shape)
-    graph.nodes.append(gs.Node("Cast", attrs={"to": to}, inputs=[tensor], outputs=[out]))
+    graph.nodes.append(gs.Node("Cast", attrs={"to": ONNX_TYPES[dtype]}, inputs=[tensor], outputs=[out]))
     return out

@@ -15,12 +15,8 @@ from onnx.reference import ReferenceEvaluator
 
 from normops import GRAPH, numpy_dtype, run_reference
 
-from .checks import NormCandidate, Rejected, constant_value, dtype_name
+from .checks import ONNX_TYPES, NormCandidate, Rejected, constant_value, dtype_name
 from .evaluate import FUSED_OPS
-
-ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
-              "bfloat16": onnx.TensorProto.BFLOAT16}
-
 
 SMALLEST_NORMAL = {"float32": float(np.finfo(np.float32).tiny), "float16": float(np.finfo(np.float16).tiny),
                    "bfloat16": float(np.finfo(np.float32).tiny)}  # bfloat16 has float32's exponent range
@@ -118,17 +114,13 @@ def _subgraph_model(candidate: NormCandidate, opset: int):
         for n in _toposorted(nodes)
     ]
     if candidate.residual is not None:  # a Skip op's unused optional outputs need not be produced
-        onnx_nodes = [_trim_outputs(n, candidate.output.name) for n in onnx_nodes]
+        for n in onnx_nodes:
+            if n.domain == "com.microsoft":
+                del n.output[1:]
     output = helper.make_tensor_value_info(candidate.output.name, ONNX_TYPES[dtype_name(candidate.output)], None)
     graph = helper.make_graph(onnx_nodes, "proof", inputs, [output], initializer=initializers)
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets), fed
-
-
-def _trim_outputs(node, keep: str):
-    if node.domain == "com.microsoft":
-        del node.output[1:]
-    return node
 
 
 def _attr(value):

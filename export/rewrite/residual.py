@@ -19,13 +19,17 @@ def residual_add(candidate: NormCandidate, graph_outputs: set) -> tuple[tuple | 
     if isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
         return None, f"Add '{add.name}' adds a constant (a bias, not a residual)"
     shape = candidate.x.shape
+    if shape is None:
+        return None, f"shape of the sum '{candidate.x.name}' is unknown"
     for t in (a, b):
         if t.shape is None or list(t.shape) != list(shape):
             return None, f"Add '{add.name}' broadcasts ({t.name}: {t.shape} vs {shape})"
         if dtype_name(t) != dtype_name(candidate.x):
             return None, f"Add '{add.name}' mixes dtypes"
-    if any(isinstance(d, str) or d is None for d in shape[:-1]) and (a.shape != b.shape):
-        return None, f"Add '{add.name}' operand shapes cannot be shown equal"
+    # Equal static sizes or equal dim names are equal at run time; an unknown dim (None) on both
+    # sides is not: [1, H] + [5, H] would broadcast, which the fused ops do not.
+    if any(d is None for d in shape):
+        return None, f"Add '{add.name}' operand shapes cannot be shown equal ({shape})"
     return (a, b, add), None
 
 

@@ -232,7 +232,7 @@ def _drop_identity_casts(graph: gs.Graph, graph_outputs: set) -> list[str]:
         if node.op != "Cast" or not node.outputs or node.outputs[0].name in graph_outputs:
             continue
         source, out = node.inputs[0], node.outputs[0]
-        if source.dtype is None or dtype_name(source) != onnx_dtype_name(node.attrs.get("to")):
+        if source.dtype is None or dtype_name(source) != FLOAT_TYPES.get(int(node.attrs.get("to", -1))):
             continue
         for consumer in list(out.outputs):
             for i, t in enumerate(consumer.inputs):
@@ -330,10 +330,6 @@ def _fusion_record(candidate: NormCandidate, target: str) -> Fusion:
         residual=candidate.residual is not None, sum_exposed=candidate.expose_sum,
         epsilon=candidate.epsilon, hidden=candidate.hidden, nodes_removed=removed, output=candidate.output.name,
     )
-
-
-def onnx_dtype_name(to) -> str | None:
-    return FLOAT_TYPES.get(int(to)) if to is not None else None
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

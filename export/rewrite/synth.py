@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from normops import numpy_dtype
 
-ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+from .checks import FLOAT_TYPES, ONNX_TYPES
+
 KINDS = ("rms", "layer")
 SQUARES = ("pow", "mul")
 INVERSES = ("sqrt_reciprocal", "div", "one_div", "pow")  # Sqrt+Reciprocal+Mul, x/Sqrt, Div(1,Sqrt)+Mul, Pow(-0.5)+Mul
@@ -194,8 +195,7 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
     for value in model.graph.input:
         ttype = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else 2 for d in ttype.shape.dim]
-        dtype = numpy_dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
-                            if ttype.elem_type != TensorProto.BFLOAT16 else "bfloat16")
+        dtype = numpy_dtype(FLOAT_TYPES[ttype.elem_type])
         values = rng.standard_normal(dims) + 0.3 if value.name != "epsilon_input" else np.array(1e-5)
         feeds[value.name] = np.asarray(values).astype(dtype)
     return feeds
