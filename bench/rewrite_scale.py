@@ -132,8 +132,6 @@ def _status_kb(field: str, pid: str = "self") -> int:
 
 def run_peer(tool: str, src: Path, dst: Path) -> None:
     """Child process: one peer tool on the scale graph; prints the norms it fused as JSON."""
-    import onnx
-
     norm_ops = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
                 "SkipLayerNormalization", "RMSNormalization"}
     if tool == "onnxruntime":

@@ -13,7 +13,7 @@ import pytest
 from normops import OPS
 from plugins import build, config
 
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")
 
 # (x dtype, gamma dtype): the full variant list for the common case, and one each for the others
 FULL = ("bfloat16", "float32")
@@ -32,6 +32,7 @@ def full_modules(tmp_path_factory):
     return out
 
 
+@needs_nvcc
 @pytest.mark.parametrize("arch", build.ARCHES)
 @pytest.mark.parametrize("op", list(OPS))
 def test_every_variant_assembles(full_modules, op, arch):
@@ -42,6 +43,7 @@ def test_every_variant_assembles(full_modules, op, arch):
     assert found == expected
 
 
+@needs_nvcc
 @pytest.mark.parametrize("op", list(OPS))
 def test_layouts_the_table_picks_do_not_spill_much(full_modules, op):
     """Registers hold the row: the variants used up to hidden 16384 keep nearly everything there (a few spills where ptxas trades them for occupancy,
@@ -53,6 +55,7 @@ def test_layouts_the_table_picks_do_not_spill_much(full_modules, op):
         assert spills[cfg.kernel] <= 256, (cfg.kernel, spills[cfg.kernel])
 
 
+@needs_nvcc
 @pytest.mark.parametrize("x_dtype,g_dtype", [("float16", "float16"), ("float32", "float32"), ("bfloat16", "bfloat16")])
 def test_other_dtypes_assemble(x_dtype, g_dtype):
     for op in ("AddLayerNorm", "RMSNorm"):
@@ -68,12 +71,23 @@ def test_other_dtypes_assemble(x_dtype, g_dtype):
         build.ptxas_check(ptx, "sm_80")
 
 
-def test_cache_key_follows_the_sources():
+def test_cache_key_follows_the_sources(monkeypatch, tmp_path):
     a = build.module_source("RMSNorm", "bfloat16", None, (256, 1, 4))
     b = build.module_source("RMSNorm", "bfloat16", None, (128, 2, 4))
     assert a != b and "normfuse" not in a.split("#include")[0].lower().replace("normfuse_", "")
     with pytest.raises(ValueError):
         build.module_source("RMSNorm", "bfloat16", None, (256, 1, 8))
+    flags = build.nvcc_flags("sm_80")
+    key = build._cache_key("RMSNorm", a, flags)
+    assert key != build._cache_key("RMSNorm", b, flags) and key != build._cache_key("RMSNorm", a, build.nvcc_flags("sm_90"))
+    sources = (build.source_path("RMSNorm").name, build.HEADER)
+    for edited in sources:  # an edited kernel or header is a new key
+        for name in sources:
+            (tmp_path / name).write_bytes((build.SOURCE_DIR / name).read_bytes())
+        (tmp_path / edited).write_text((tmp_path / edited).read_text() + "\n// edited\n")
+        with monkeypatch.context() as m:
+            m.setattr(build, "SOURCE_DIR", tmp_path)
+            assert build._cache_key("RMSNorm", a, flags) != key, edited
 
 
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):

@@ -202,7 +202,6 @@ def test_aot_impl_describes_the_launch(stand_in, op):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["RMSNorm", "AddLayerNorm"])
 def test_fused_onnx_graph_builds_and_matches_the_reference(op, tmp_path):
-    import onnx
     import tensorrt as trt
     import torch
     from onnx import TensorProto, helper, numpy_helper
