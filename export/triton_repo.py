@@ -221,8 +221,8 @@ def _companions(model_path: Path) -> list[Path]:
                 locations.add(entry.value)
     files = []
     for location in sorted(locations):
-        path = (model_path.parent / location)
-        if os.sep in location.strip("./") or "/" in location.strip("./"):
+        path = model_path.parent / location
+        if os.path.dirname(os.path.normpath(location)):  # "sub/w.data", "../w.data", "/abs/w.data"
             raise NormfuseError(f"{model_path}: external data {location!r} is not beside the model; "
                                 "Triton needs it in the version folder")
         if not path.is_file():

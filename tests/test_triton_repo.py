@@ -58,6 +58,25 @@ def test_external_weights_go_into_the_version_folder(graphs, tmp_path):
     ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])  # loads its weights
 
 
+@pytest.mark.parametrize("location", ["../weights.data", "sub/weights.data"])
+def test_external_weights_outside_the_model_folder_are_refused(graphs, tmp_path, location):
+    # Copied into the version folder, they would no longer be where model.onnx says they are.
+    model = onnx.load(str(graphs["fused"]))
+    split = save_model(model, tmp_path / "src" / "split.onnx", external_data=True)
+    target = (split.parent / location).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (split.parent / "split.onnx.data").rename(target)
+    model = onnx.load(str(split), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(split))
+    with pytest.raises(NormfuseError, match="is not beside the model"):
+        write_repository(split, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "split").exists()
+
+
 def test_rewriting_a_model_replaces_it_whole(graphs, tmp_path):
     repo = tmp_path / "repo"
     write_repository(graphs["fused"], repo, name="m")
@@ -137,7 +156,7 @@ def test_command_line(graphs, tmp_path):
     done = subprocess.run([sys.executable, "-m", "export.triton_repo", str(graphs["fused"]), str(graphs["reference"]),
                            "--repo", str(tmp_path / "repo")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert {p.name for p in (tmp_path / "repo").iterdir()} == {"fused", graphs["reference"].stem.replace("-", "-")}
+    assert {p.name for p in (tmp_path / "repo").iterdir()} == {"fused", graphs["reference"].stem}
     done = subprocess.run([sys.executable, "-m", "export.triton_repo", str(graphs["trt"]), "--repo", str(tmp_path / "r")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
