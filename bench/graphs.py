@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -146,28 +145,21 @@ def trt_layer_times(model, feeds: dict, runs: int, norm_nodes: set[str]) -> dict
     return totals
 
 
-def ort_profile(model_path: Path, providers: list[str], feeds: dict, runs: int, norm_nodes: set[str]) -> dict:
-    from export.op_classes import summarise_profile
-    from export.runtime import OrtModel
+def ort_profile(model_path: Path, backend: str, feeds: dict, runs: int, norm_nodes: set[str]) -> dict:
+    from export.bench_worker import profile_op_classes
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = OrtModel(model_path, providers=providers, profile_prefix=os.path.join(tmp, "profile"))
-        for _ in range(2):
-            model.run(feeds)
-        os.unlink(model.end_profiling())  # warm-up runs are not counted
-        model = OrtModel(model_path, providers=providers, profile_prefix=os.path.join(tmp, "profile"))
-        for _ in range(runs):
-            model.run(feeds)
-        classes = summarise_profile(model.end_profiling(), norm_nodes, runs)
+    classes = profile_op_classes(str(model_path), backend, feeds, runs, norm_nodes)
     return {c: {k: v[k] for k in ("time_ms", "time_share", "kernels")} for c, v in classes.items()}
 
 
 def worker(args) -> int:
+    from export.backends import random_arrays
     from export.run import bench, gpu_memory_used_mb
     from export.runtime import load
+    from export.validate import parse_shapes
 
     model_path = Path(args.worker)
-    batch, seq = (int(v) for v in args.shape.split("x"))
+    ((batch, seq),) = parse_shapes(args.shape)
     norm_nodes = set(json.loads(Path(args.norm_nodes).read_text())) if args.norm_nodes else set()
     providers = {"ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                  "ort-cpu": ["CPUExecutionProvider"]}.get(args.backend)
@@ -179,13 +171,7 @@ def worker(args) -> int:
         torch.zeros(1, device="cuda")  # the CUDA context is not the model's memory
         memory = [gpu_memory_used_mb()]
     model = load(model_path, providers=providers, cuda_graph=args.cuda_graph)
-    rng = np.random.default_rng(0)
-    from export.runtime import numpy_dtype
-
-    feeds = {}
-    for spec in model.inputs:
-        dims = [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
-        feeds[spec.name] = rng.standard_normal(dims).astype(numpy_dtype(spec.dtype))
+    feeds = random_arrays(model.inputs, batch, seq, seed=0)
     model.run(feeds)
     memory.append(gpu_memory_used_mb())
     timing = bench(model, feeds, args.runs, args.warmup)
@@ -200,9 +186,10 @@ def worker(args) -> int:
             plain = load(model_path) if args.cuda_graph else model
             result["op_classes"] = trt_layer_times(plain, feeds, args.profile_runs, norm_nodes)
         else:
-            result["op_classes"] = ort_profile(model_path, providers or ["CPUExecutionProvider"], feeds,
-                                               args.profile_runs, norm_nodes)
-    Path(args.json).write_text(json.dumps(result))
+            result["op_classes"] = ort_profile(model_path, args.backend, feeds, args.profile_runs, norm_nodes)
+    from export.files import write_json
+
+    write_json(args.json, result)
     return 0
 
 
@@ -241,7 +228,7 @@ def prepare(model_name: str, layers: int, dtype: str, work: Path, backends: list
     stack: dict[str, Any] = {"folder": folder, "onnx": {"reference": reference, "fused": fused}, "plans": {}, "norm_nodes": norm_nodes,
              "fused_norms": report.fused, "rewrite_counts": report.counts, "engines": {}}
     if "tensorrt" in backends:
-        from export.tensorrt_engine import EngineOptions, Range, build_engine, read_sidecar
+        from export.tensorrt_engine import EngineOptions, Range, build_engine, read_sidecar, sha256
 
         batches, seqs = [b for b, _ in shapes], [s for _, s in shapes]
         opt_batch, opt_seq = (1, 512) if (1, 512) in shapes else shapes[len(shapes) // 2]
@@ -251,8 +238,6 @@ def prepare(model_name: str, layers: int, dtype: str, work: Path, backends: list
         for graph, source in (("reference", reference), ("fused", fused_trt)):
             plan = folder / f"{graph}.plan"
             sidecar = read_sidecar(plan) if plan.is_file() else None
-            from export.tensorrt_engine import sha256
-
             if (sidecar is None or sidecar.get("onnx_sha256") != sha256(source)
                     or sidecar.get("batch_range") != str(options.batch) or sidecar.get("seq_range") != str(options.seq)):
                 print(f"  building {plan} ...", flush=True)
@@ -383,7 +368,9 @@ def parse_list(text: str, kind=str) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from export.cli import Parser
+
+    parser = Parser(prog="python bench/graphs.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--work", default=str(ROOT / "build" / "graphs"))
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"from {', '.join(MODELS)}")
@@ -422,9 +409,20 @@ def main(argv=None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    layers, dtypes = parse_list(args.layers, int), parse_list(args.dtypes)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in parse_list(args.shapes)]
-    backends, skipped = present_backends(parse_list(args.backends) if args.backends else None)
+    dtypes = parse_list(args.dtypes)
+    from export.errors import UsageError
+    from export.validate import parse_shapes
+
+    try:
+        shapes = parse_shapes(args.shapes)
+        layers = parse_list(args.layers, int)
+    except (UsageError, ValueError) as exc:
+        parser.error(str(exc))
+    requested = parse_list(args.backends) if args.backends else None
+    unknown = [b for b in requested or [] if b not in ("ort-cpu", *GPU_BACKENDS)]
+    if unknown:
+        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from ort-cpu, {', '.join(GPU_BACKENDS)}")
+    backends, skipped = present_backends(requested)
     gpu = gpu_info()
     if not backends:
         print("no backend to measure on this machine:", file=sys.stderr)
@@ -435,11 +433,12 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         return 1
     work, out = Path(args.work), Path(args.out)
-    stem = args.name or (gpu.get("name", "cpu").lower().replace("nvidia", "").strip().replace(" ", "-") or "gpu")
+    stem = args.name or result_stem(gpu.get("name", "cpu"))
     print(f"backends: {', '.join(backends)}; skipped: {', '.join(s['backend'] for s in skipped) or 'none'}", flush=True)
 
-    import onnxruntime
+    from export.backends import import_onnxruntime
 
+    onnxruntime = import_onnxruntime()
     results: dict = {"gpu": gpu, "backends": backends, "skipped": skipped, "grid": {
         "models": models, "layers": layers, "dtypes": dtypes, "shapes": [list(s) for s in shapes], "runs": args.runs,
         "warmup": args.warmup, "cuda_graph": args.cuda_graph},
@@ -514,12 +513,17 @@ def merge(paths: list[str], out: Path, name: str | None) -> int:
     merged["grid"] = grid
     merged["comparisons"] = compare_cells(merged["cells"])
     merged["summary"] = summarise(merged["comparisons"])
-    stem = name or (str(next(iter(gpus)) or "gpu").lower().replace("nvidia", "").strip().replace(" ", "-"))
+    stem = name or result_stem(next(iter(gpus)))
     path = _write(merged, out, stem)
     plot(merged, out / f"{stem}-graphs.png")
     print(f"wrote {path} ({len(merged['cells'])} cells from {len(parts)} runs); fused never slower: "
           f"{merged['summary']['fused_never_slower']}")
     return 0
+
+
+def result_stem(gpu_name: str | None) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3': the default stem of the result files."""
+    return (gpu_name or "gpu").lower().replace("nvidia", "").strip().replace(" ", "-") or "gpu"
 
 
 def _write(results: dict, out: Path, stem: str) -> Path:

@@ -127,23 +127,15 @@ class OrtRunner:
 
 def refuse_plugin_ops(model_path, backend: str) -> None:
     """normfuse ops are TensorRT plugins; ONNX Runtime cannot run them, so say that plainly."""
-    import onnx
-
     from normops import DOMAIN
 
     from .errors import NormfuseError
+    from .onnx_io import load_graph_only
 
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
-        raise NormfuseError(f"{model_path}: not a readable ONNX model ({exc.__class__.__name__})") from None
-    if any(node.domain == DOMAIN for node in model.graph.node):
+    if any(node.domain == DOMAIN for node in load_graph_only(model_path).graph.node):
         raise NormfuseError(f"{model_path}: holds normfuse plugin ops (the tensorrt target), which {backend} cannot "
                             "run; rewrite with --target onnxruntime, build a TensorRT engine from it, or validate "
                             "with --backend onnx-reference")
-
-
-_refuse_plugin_ops = refuse_plugin_ops
 
 
 class ReferenceRunner:
@@ -200,27 +192,21 @@ def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, in
 
 
 def random_feeds(model_path: str | Path, batch: int, seq: int, seed: int = 0) -> dict:
-    """Random inputs for every graph input, with symbolic dims bound to batch and seq."""
-    import onnx
+    """Random inputs for every graph input of an ONNX file, with symbolic dims bound to batch and seq."""
+    from .triton_repo import onnx_signature
 
+    inputs, _ = onnx_signature(model_path)
+    return random_arrays(inputs, batch, seq, seed)
+
+
+def random_arrays(specs, batch: int, seq: int, seed: int = 0) -> dict:
+    """Seeded standard-normal arrays for `specs` (anything with name, dtype name and shape, None
+    for a dynamic axis): a dynamic axis 0 is the batch, any other dynamic axis the sequence."""
     from normops import numpy_dtype
 
-    from .rewrite.checks import FLOAT_TYPES
-
-    model = onnx.load(str(model_path), load_external_data=False)
     rng = np.random.default_rng(seed)
-    initializers = {t.name for t in model.graph.initializer}
     feeds = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        ttype = value.type.tensor_type
-        dims = []
-        for i, d in enumerate(ttype.shape.dim):
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            else:
-                dims.append(batch if i == 0 else seq)
-        dtype = numpy_dtype(FLOAT_TYPES[ttype.elem_type])
-        feeds[value.name] = rng.standard_normal(dims).astype(dtype)
+    for spec in specs:
+        dims = [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
+        feeds[spec.name] = rng.standard_normal(dims).astype(numpy_dtype(spec.dtype))
     return feeds

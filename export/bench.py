@@ -7,7 +7,6 @@ graph's allocations cannot hide in the other's and neither inherits a warm alloc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -20,41 +19,48 @@ from .errors import NormfuseError
 def bench_graph(model: Path, graph: str, backend: str, batch: int, seq: int, runs: int, warmup: int,
                 norm_nodes: list[str] | None = None, profile_runs: int = 10) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "export.bench_worker", str(model), "--backend", backend, "--batch", str(batch),
-               "--seq", str(seq), "--runs", str(runs), "--warmup", str(warmup), "--profile-runs", str(profile_runs),
-               "--json", str(out)]
+        args = [str(model), "--backend", backend, "--batch", str(batch), "--seq", str(seq), "--runs", str(runs),
+                "--warmup", str(warmup), "--profile-runs", str(profile_runs)]
         if norm_nodes:
             names = Path(tmp) / "norm_nodes.json"
             names.write_text(json.dumps(norm_nodes))
-            cmd += ["--norm-nodes", str(names)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-        if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise NormfuseError(f"{model}: benchmark on {backend} failed: {tail}")
-        result = json.loads(out.read_text())
+            args += ["--norm-nodes", str(names)]
+        result = run_module("export.bench_worker", args, f"{model}: benchmark on {backend}")
     result.update(graph=graph, model=str(model), file_size_mb=round(model.stat().st_size / 2**20, 3),
-                  nodes=_node_count(model))
+                  nodes=node_count(model))
     return result
 
 
-def _node_count(model: Path) -> int:
-    import onnx
+def run_module(module: str, args: list[str], what: str) -> dict:
+    """`python -m MODULE ARGS --json FILE` in a process of its own; the JSON it wrote. A failure is
+    a NormfuseError: `what failed: ` and the last line of its stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        done = subprocess.run([sys.executable, "-m", module, *args, "--json", str(out)], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent.parent)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise NormfuseError(f"{what} failed: {tail}")
+        return json.loads(out.read_text())
 
-    return len(onnx.load(str(model), load_external_data=False).graph.node)
+
+def node_count(model: Path) -> int:
+    from .onnx_io import load_graph_only
+
+    return len(load_graph_only(model).graph.node)
 
 
 def main(argv=None) -> int:
-    from .cli import run_cli
+    from .cli import Parser, positive_int, run_cli
     from .files import write_json
 
-    parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m export.bench", description=__doc__.splitlines()[0])
     parser.add_argument("reference")
     parser.add_argument("fused")
     parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--seq", type=positive_int, default=128)
+    parser.add_argument("--runs", type=positive_int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--json", help="write results as JSON")
     args = parser.parse_args(argv)

@@ -13,8 +13,7 @@ import os
 import resource
 import tempfile
 import time
-
-import numpy as np
+from pathlib import Path
 
 
 def rss_mb() -> float:
@@ -45,11 +44,11 @@ def peak_rss_mb() -> float:
 
 def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: int, profile_runs: int,
             norm_nodes: set[str]) -> dict:
-    from .backends import OrtRunner, random_feeds
+    from .backends import OrtRunner, import_onnxruntime, random_feeds
     from .errors import NormfuseError
-    from .op_classes import summarise_profile
+    from .run import time_runs
 
-    import onnxruntime  # noqa: F401  (imported before the baseline: its code is not the session's memory)
+    import_onnxruntime()  # before the baseline: its code is not the session's memory
 
     feeds = random_feeds(model, batch, seq, seed=0)
     peak_was_reset = reset_peak_rss()
@@ -62,46 +61,45 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
         optimization = "none"
         runner = OrtRunner(model, backend, optimization=optimization)
     session_s = time.perf_counter() - started
-    for _ in range(warmup):
-        runner.run(feeds)
-    latencies = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner.run(feeds)
-        latencies.append((time.perf_counter() - t0) * 1000.0)
+    runner.bind(feeds)  # bound once (uploaded once on CUDA): the timed loop is the session's run alone
+    timing = time_runs(runner.run_bound, runs, warmup, batch * seq)
     peak = peak_rss_mb() - baseline
-    classes = None
-    if profile_runs:
-        with tempfile.TemporaryDirectory() as tmp:
-            profiled = OrtRunner(model, backend, profile_prefix=os.path.join(tmp, "profile"), optimization=optimization)
-            for _ in range(2):
-                profiled.run(feeds)
-            path = profiled.end_profiling()
-            os.unlink(path)  # warm-up runs are not counted
-            profiled = OrtRunner(model, backend, profile_prefix=os.path.join(tmp, "profile"), optimization=optimization)
-            for _ in range(profile_runs):
-                profiled.run(feeds)
-            classes = summarise_profile(profiled.end_profiling(), norm_nodes, profile_runs)
-    lat = np.asarray(latencies)
-    tokens = batch * seq
+    classes = profile_op_classes(model, backend, feeds, profile_runs, norm_nodes, optimization) if profile_runs else None
     return {
         "backend": backend,
         "ort_graph_optimization": optimization,
         "shape": [batch, seq],
-        "runs": runs,
-        "warmup": warmup,
-        "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-                       "mean": float(lat.mean()), "min": float(lat.min())},
-        "throughput_tokens_per_s": tokens / (float(np.percentile(lat, 50)) / 1000.0),
+        **timing,
         "peak_memory_mb": round(peak, 2),
         "peak_memory_method": "VmHWM after reset minus RSS before session" if peak_was_reset else "ru_maxrss minus RSS before session",
         "session_create_s": round(session_s, 3),
-        "raw_latencies_ms": [round(v, 4) for v in latencies],
         "op_classes": classes,
     }
 
 
+def profile_op_classes(model: str, backend: str, feeds: dict, runs: int, norm_nodes: set[str],
+                       optimization: str = "all") -> dict:
+    """export.op_classes' summary of `runs` profiled runs, in a session of their own after two
+    unprofiled warm-up runs (a first profiled session whose profile is thrown away)."""
+    from .backends import OrtRunner
+    from .op_classes import summarise_profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "profile")
+        warm = OrtRunner(model, backend, profile_prefix=prefix, optimization=optimization)
+        for _ in range(2):
+            warm.run(feeds)
+        os.unlink(warm.end_profiling())  # warm-up runs are not counted
+        profiled = OrtRunner(model, backend, profile_prefix=prefix, optimization=optimization)
+        for _ in range(runs):
+            profiled.run(feeds)
+        return summarise_profile(profiled.end_profiling(), norm_nodes, runs)
+
+
 def main(argv=None) -> int:
+    from .cli import run_cli
+    from .files import write_json
+
     parser = argparse.ArgumentParser(prog="python -m export.bench_worker")
     parser.add_argument("model")
     parser.add_argument("--backend", default="ort-cpu")
@@ -113,12 +111,15 @@ def main(argv=None) -> int:
     parser.add_argument("--norm-nodes", help="JSON list of node names counted as normalisation")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    norm_nodes = set(json.load(open(args.norm_nodes))) if args.norm_nodes else set()
-    result = measure(args.model, args.backend, args.batch, args.seq, args.warmup, args.runs, args.profile_runs,
-                     norm_nodes)
-    with open(args.json, "w") as f:
-        json.dump(result, f)
-    return 0
+
+    def job() -> int:
+        norm_nodes = set(json.loads(Path(args.norm_nodes).read_text())) if args.norm_nodes else set()
+        result = measure(args.model, args.backend, args.batch, args.seq, args.warmup, args.runs, args.profile_runs,
+                         norm_nodes)
+        write_json(args.json, result)
+        return 0
+
+    return run_cli(job)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
@@ -95,12 +94,12 @@ def _quiet():
 def main(argv=None) -> int:
     from models import PRESET_NAMES, preset
 
-    from .cli import run_cli
+    from .cli import Parser, positive_int, run_cli
 
-    parser = argparse.ArgumentParser(prog="python -m export.export_model", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m export.export_model", description=__doc__.splitlines()[0])
     parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True)
     parser.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
-    parser.add_argument("--layers", type=int)
+    parser.add_argument("--layers", type=positive_int)
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
@@ -109,7 +108,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        config = preset(args.preset, args.norm, layers=args.layers, dtype=args.dtype)
+        try:
+            config = preset(args.preset, args.norm, layers=args.layers, dtype=args.dtype)
+        except ValueError as exc:  # a shape the preset cannot take
+            raise UsageError(str(exc)) from None
         result = export_model(config, args.output, exporter=args.exporter, opset=args.opset, seed=args.seed)
         print(f"wrote {result.path} ({result.exporter}, opset {result.opset})")
 

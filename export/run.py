@@ -61,16 +61,11 @@ def write_outputs(path: str | Path, outputs: dict) -> None:
 
 def random_inputs(specs: list, shape_text: str, seed: int = 0) -> dict:
     """Random inputs for `--random BATCHxSEQ`: dynamic axis 0 is the batch, axis 1 the sequence."""
-    from .runtime import numpy_dtype
+    from .backends import random_arrays
     from .validate import parse_shapes
 
     ((batch, seq),) = parse_shapes(shape_text)[:1]
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in specs:
-        dims = [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
-        feeds[spec.name] = rng.standard_normal(dims).astype(numpy_dtype(spec.dtype))
-    return feeds
+    return random_arrays(specs, batch, seq, seed)
 
 
 def gpu_memory_used_mb() -> float | None:
@@ -103,6 +98,14 @@ def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
     else:
         def step():
             model.run(feeds)
+    first = next(iter(feeds.values()))
+    tokens = int(first.shape[0]) * int(first.shape[1]) if len(first.shape) >= 2 else 1
+    return time_runs(step, runs, warmup, tokens)
+
+
+def time_runs(step, runs: int, warmup: int, tokens: int) -> dict:
+    """Call `step()` `warmup` times, then time `runs` calls: latency p50/p99/mean/min in ms, the
+    throughput in tokens per second at the p50, and every latency."""
     for _ in range(warmup):
         step()
     latencies = []
@@ -111,10 +114,6 @@ def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
         step()
         latencies.append((time.perf_counter() - t0) * 1000.0)
     lat = np.asarray(latencies)
-    tokens = 1
-    first = next(iter(feeds.values()))
-    if len(first.shape) >= 2:
-        tokens = int(first.shape[0]) * int(first.shape[1])
     p50 = float(np.percentile(lat, 50))
     return {"runs": runs, "warmup": warmup,
             "latency_ms": {"p50": p50, "p99": float(np.percentile(lat, 99)), "mean": float(lat.mean()),
@@ -127,33 +126,18 @@ def bench_in_process_of_its_own(model: Path, graph: str, backend: str, batch: in
                                 source: Path | None = None, cuda_graph: bool = False) -> dict:
     """`python -m export.run MODEL --random BxS --bench RUNS` in a fresh process (so one model's
     device memory cannot hide in another's); a record shaped like export.bench's."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
+    from .bench import node_count, run_module
 
     model = Path(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "export.run", str(model), "--random", f"{batch}x{seq}", "--bench", str(runs),
-               "--warmup", str(warmup), "--json", str(out)]
-        if backend == "ort-cuda":
-            cmd += ["--providers", "CUDAExecutionProvider,CPUExecutionProvider"]
-        elif backend == "ort-cpu":
-            cmd += ["--providers", "CPUExecutionProvider"]
-        if cuda_graph:
-            cmd.append("--cuda-graph")
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-        if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise NormfuseError(f"{model}: benchmark on {backend} failed: {tail}")
-        summary = json.loads(out.read_text())
-    timing = summary["bench"]
-    nodes = None
-    if source is not None or model.suffix == ".onnx":
-        import onnx
-
-        nodes = len(onnx.load(str(source or model), load_external_data=False).graph.node)
+    args = [str(model), "--random", f"{batch}x{seq}", "--bench", str(runs), "--warmup", str(warmup)]
+    if backend == "ort-cuda":
+        args += ["--providers", "CUDAExecutionProvider,CPUExecutionProvider"]
+    elif backend == "ort-cpu":
+        args += ["--providers", "CPUExecutionProvider"]
+    if cuda_graph:
+        args.append("--cuda-graph")
+    timing = run_module("export.run", args, f"{model}: benchmark on {backend}")["bench"]
+    nodes = node_count(source or model) if source is not None or model.suffix == ".onnx" else None
     return {"backend": backend, "graph": graph, "model": str(model), "shape": [batch, seq], **timing,
             "peak_memory_mb": timing["peak_gpu_memory_mb"] if timing["peak_gpu_memory_mb"] is not None else 0.0,
             "peak_memory_method": timing["peak_gpu_memory_method"], "cuda_graph": cuda_graph,

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from normops import numpy_dtype
+
 from .errors import NormfuseError
 
 ONNX_SUFFIXES = (".onnx",)
@@ -50,14 +52,6 @@ class TensorSpec:
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.dtype}[{dims}]"
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def dtype_name(dtype: Any) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from normops import GRAPH, Tolerance, error_stats, within
 
-from .backends import make_runner, random_feeds
+from .backends import make_runner, random_arrays
 from .errors import NormfuseError, UsageError
 
 
@@ -90,10 +90,13 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     # (and its LayerNormFusion builds invalid nodes on some fp16 TorchScript exports).
     ref_runner = make_runner(reference.model, reference.backend, shapes, optimization="none")
     cand_runner = make_runner(candidate.model, candidate.backend, shapes)
+    from .triton_repo import onnx_signature
+
     tolerance = GRAPH[dtype]
+    inputs, _ = onnx_signature(reference.model)
     pairs, iterations = [], []
     for batch, seq in shapes:
-        feeds = random_feeds(reference.model, batch, seq, seed=seed)
+        feeds = random_arrays(inputs, batch, seq, seed=seed)
         expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
         missing = set(expected) - set(actual)
         if missing:
@@ -169,7 +172,9 @@ def polygraphy_compare(reference_outputs: str | Path, candidate_outputs: str | P
 
 def candidate_backend(path: Path, requested: str) -> str:
     """A .plan runs on TensorRT whatever --backend says for the reference."""
-    return "tensorrt" if path.suffix in (".plan", ".engine") else requested
+    from .runtime import ENGINE_SUFFIXES
+
+    return "tensorrt" if path.suffix in ENGINE_SUFFIXES else requested
 
 
 def main(argv=None) -> int:
@@ -196,9 +201,7 @@ def main(argv=None) -> int:
         candidate = Path(args.candidate)
         cand_backend = candidate_backend(candidate, args.backend)
         ref_backend = args.reference_backend or ("ort-cpu" if args.backend == "tensorrt" else args.backend)
-        if not Path(args.reference).is_file():
-            raise NormfuseError(f"{args.reference}: no such file")
-        if not candidate.is_file():
+        if not candidate.is_file():  # model_dtype has checked the reference
             raise NormfuseError(f"{candidate}: no such file")
         pairs = compare(Side(Path(args.reference), ref_backend, "reference"), Side(candidate, cand_backend, "fused"),
                         shapes, dtype, seed=args.seed, save_dir=args.save_outputs)

@@ -135,7 +135,7 @@ def test_auto_lists_tensorrt_under_skipped_when_absent():
     assert "install" in entry["reason"]
 
 
-def test_build_rejects_a_profile_that_misses_the_bench_shape(tmp_path):
+def test_build_rejects_a_malformed_range_flag(tmp_path):
     done = subprocess.run([sys.executable, "-m", "export.build", "--norm", "rmsnorm", "--preset", "tiny",
                            "--seq-range", "1:4:x", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)

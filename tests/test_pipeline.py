@@ -104,6 +104,19 @@ def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("module,flags,message", [
+    ("export.export_model", ["--norm", "rmsnorm", "--layers", "0"], "must be at least 1"),
+    ("export.export_model", ["--norm", "rmsnorm", "--preset", "tiny", "--layers", "x"], "not an integer"),
+    ("export.bench", ["r.onnx", "f.onnx", "--runs", "0"], "must be at least 1"),
+    ("export.bench", ["r.onnx", "f.onnx", "--backend", "tensorrt"], "invalid choice"),
+])
+def test_stage_commands_refuse_bad_flags_in_one_line(tmp_path, module, flags, message):
+    done = _run(module, *flags, "-o" if module == "export.export_model" else "--json", str(tmp_path / "x"))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_rewrite_command_errors_leave_no_output(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")

@@ -56,6 +56,8 @@ def test_nan_and_inf_must_match():
 
 def test_plans_run_on_tensorrt():
     assert candidate_backend(Path("fused.plan"), "ort-cpu") == "tensorrt"
+    # every suffix export.runtime.load takes for an engine
+    assert candidate_backend(Path("fused.engine"), "ort-cpu") == candidate_backend(Path("fused.trt"), "ort-cpu") == "tensorrt"
     assert candidate_backend(Path("fused.onnx"), "ort-cuda") == "ort-cuda"
 
 
