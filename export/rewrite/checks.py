@@ -75,10 +75,7 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         value = node.attrs.get("value")
         if isinstance(value, gs.Constant) and int(np.prod(value.shape)) <= SMALL_CONSTANT:
             return np.asarray(value.values)
-        for key in ("value_float", "value_int"):
-            if key in node.attrs:
-                return np.asarray(node.attrs[key])
-        for key in ("value_floats", "value_ints"):
+        for key in ("value_float", "value_int", "value_floats", "value_ints"):
             if key in node.attrs:
                 return np.asarray(node.attrs[key])
     return None

@@ -79,13 +79,13 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
         add.outputs.clear()
         total = (candidate.sum_tensor or candidate.x) if candidate.expose_sum else gs.Variable(f"{y.name}_sum", dtype=candidate.x.dtype, shape=candidate.x.shape)
         total.inputs.clear()
-        if target == "onnxruntime":
-            inputs = [a, b, gamma] + ([beta] if beta is not None else [])
-            outputs = [y, _empty(), _empty(), total]
-        else:
-            inputs, outputs = [a, b, gamma] + ([beta] if beta is not None else []), [y, total]
+        inputs = [a, b, gamma]
+        # ONNX Runtime's Skip ops: (y, mean, inv_std, sum), the statistics left unnamed
+        outputs = [y, gs.Variable.empty(), gs.Variable.empty(), total] if target == "onnxruntime" else [y, total]
     else:
-        inputs, outputs = [candidate.x, gamma] + ([beta] if beta is not None else []), [y]
+        inputs, outputs = [candidate.x, gamma], [y]
+    if beta is not None:
+        inputs.append(beta)
 
     attrs = {"epsilon": float(candidate.epsilon)}
     if target == "tensorrt":
@@ -95,10 +95,6 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
     node = gs.Node(op_type, name=f"normfuse_{op_type}_{next(_names)}", attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
     graph.nodes.append(node)
     return node
-
-
-def _empty() -> gs.Variable:
-    return gs.Variable.empty()
 
 
 def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: float, name: str):

@@ -20,6 +20,8 @@ import onnx_graphsurgeon as gs
 
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (colour, bfloat16 numpy) are noise here
 
+from normops import op_for
+
 from ..errors import NormfuseError, UsageError
 from ..onnx_io import load_graph_only, relocate_external_data, save_model
 from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, dtype_name
@@ -91,15 +93,19 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     needed = max([required_opset(c, target) for c in candidates] + [opset])
     if needed > opset:
         try:
-            raised, how = raise_opset(model, needed)
+            converted, how = raise_opset(model, needed)
         except NormfuseError as why:  # refuse those fusions, with the reason; the others go ahead
             kept = [c for c in candidates if required_opset(c, target) <= opset]
             report.rejected += [Rejection(c.pattern.name, str(why), c.node_names, c.output.name)
                                 for c in candidates if required_opset(c, target) > opset]
             candidates = kept
-            needed = opset
         else:
-            return _rewrite_raised(raised, how, opset, needed, target, residual, prove_fusions, report, started)
+            note = (f"raised the model's opset from {opset} to {needed} for "
+                    f"{'RMSNormalization' if needed >= 23 else 'LayerNormalization'} ({how})")
+            if converted is not None:  # the converter rewrote nodes: find the norms again in its output
+                return _rewrite_converted(converted, note, target, residual, prove_fusions, report, started)
+            report.notes.insert(0, note)  # renumbering changes no node: the candidates stand as proven
+            opset = needed
     for candidate in candidates:
         note = fold_gamma(candidate)
         if note:
@@ -111,7 +117,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = model.ir_version
-    _set_opsets(out, model, target, report)
+    _set_opsets(out, model, opset, target, report)
     _restore_metadata(out, model)
     report.nodes_after = len(out.graph.node)
     report.opset = opset
@@ -119,10 +125,9 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     return out, report
 
 
-def _rewrite_raised(raised, how, opset, needed, target, residual, prove_fusions, report, started):
-    out, raised_report = rewrite_model(raised, target=target, residual=residual, prove_fusions=prove_fusions)
-    raised_report.notes.insert(0, f"raised the model's opset from {opset} to {needed} for "
-                                  f"{'RMSNormalization' if needed >= 23 else 'LayerNormalization'} ({how})")
+def _rewrite_converted(converted, note, target, residual, prove_fusions, report, started):
+    out, raised_report = rewrite_model(converted, target=target, residual=residual, prove_fusions=prove_fusions)
+    raised_report.notes.insert(0, note)
     raised_report.nodes_before = report.nodes_before
     raised_report.seconds = round(time.perf_counter() - started, 3)
     return out, raised_report
@@ -134,8 +139,9 @@ def _rewrite_raised(raised, how, opset, needed, target, residual, prove_fusions,
 CHANGED_MEANING_AFTER_18 = frozenset({"GroupNormalization"})
 
 
-def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelProto, str]:
-    """The model at `target_opset`, by renumbering (opset >= 18) or onnx's version converter."""
+def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelProto | None, str]:
+    """How `model` reaches `target_opset`: (None, how) when renumbering its opset is enough (opset >= 18,
+    no node changes), else (onnx's version converter's output, how). NormfuseError when neither can."""
     opset = _default_opset(model)
     if opset >= 18:
         used = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
@@ -143,12 +149,7 @@ def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelPr
         if blocked:
             raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but raising opset {opset} would change "
                                 f"the meaning of {', '.join(blocked)}; use --target onnxruntime or tensorrt")
-        raised = onnx.ModelProto()
-        raised.CopyFrom(model)
-        for entry in raised.opset_import:
-            if entry.domain in ("", "ai.onnx"):
-                entry.version = target_opset
-        return raised, "no op in the graph changes meaning between the two"
+        return None, "no op in the graph changes meaning between the two"
     try:
         from onnx import version_converter
 
@@ -318,8 +319,6 @@ def _is_noop(candidate: NormCandidate, target: str) -> bool:
 
 
 def _fusion_record(candidate: NormCandidate, target: str) -> Fusion:
-    from normops import op_for
-
     domain, op_type = emitted_op(candidate, target)
     removed = list(candidate.node_names)
     if candidate.residual is not None and candidate.residual[2].name not in removed:
@@ -339,8 +338,9 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def _set_opsets(out: onnx.ModelProto, original: onnx.ModelProto, target: str, report: RewriteReport) -> None:
-    versions = {e.domain: e.version for e in original.opset_import}
+def _set_opsets(out: onnx.ModelProto, original: onnx.ModelProto, opset: int, target: str, report: RewriteReport) -> None:
+    """The original's opsets, the default domain at `opset`, and the domains of the emitted ops."""
+    versions = {e.domain: opset if e.domain in ("", "ai.onnx") else e.version for e in original.opset_import}
     if report.fusions:
         if target == "tensorrt":
             versions.setdefault("normfuse", 1)
