@@ -1,7 +1,8 @@
 """Compile the kernels to PTX with nvcc, cached on disk, and check PTX with ptxas.
 
-One PTX module per (op, x dtype, gamma dtype, architecture), holding every launch variant of
-`config.variants`. Modules are compiled on first use and cached under
+One PTX module per (op, x dtype, gamma dtype, architecture, launch variant), holding that one
+kernel; without a variant, one module holds every variant of `config.variants` (what the ptxas
+check assembles). Modules are compiled on first use and cached under
 $NORMFUSE_CACHE_DIR (default ~/.cache/normfuse/ptx), keyed by a hash of the sources and flags,
 so an edited kernel is never served stale. Building an engine needs nvcc; serving it does not,
 since TensorRT embeds the PTX in the engine.

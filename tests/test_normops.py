@@ -35,6 +35,7 @@ def test_add_forms_return_the_sum():
     np.testing.assert_array_equal(total, x + r)
     np.testing.assert_allclose(y, rms_norm(x + r, g))
     y, total = run_reference("AddLayerNorm", {"x": x, "residual": r, "gamma": g, "beta": None})
+    np.testing.assert_array_equal(total, x + r)
     np.testing.assert_allclose(y, layer_norm(x + r, g))
 
 
