@@ -496,7 +496,11 @@ def main(argv=None) -> int:
 
 
 def merge(paths: list[str], out: Path, name: str | None) -> int:
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    try:
+        parts = [json.loads(Path(p).read_text()) for p in paths]
+    except (OSError, ValueError) as exc:
+        print(f"normfuse: error: cannot read the results to merge: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
     gpus = {part["gpu"].get("name") for part in parts}
     if len(gpus) > 1:
         print(f"refusing to merge results from different GPUs: {', '.join(map(str, gpus))}", file=sys.stderr)

@@ -48,7 +48,7 @@ def availability(backend: str) -> Availability:
         if "CUDAExecutionProvider" not in ort_providers():
             return Availability(False, "onnxruntime has no CUDAExecutionProvider (install the `gpu` extra: "
                                        "pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
-        if shutil.which("nvidia-smi") is None:
+        if not gpu_present().present:
             return Availability(False, "onnxruntime-gpu is installed but no NVIDIA GPU is visible")
         return Availability(True)
     if backend == "tensorrt":
@@ -57,7 +57,7 @@ def availability(backend: str) -> Availability:
         present, reason = tensorrt_status()
         if not present:
             return Availability(False, f"{reason}; {INSTALL_HINT}")
-        if shutil.which("nvidia-smi") is None:
+        if not gpu_present().present:
             return Availability(False, "TensorRT is installed but no NVIDIA GPU is visible")
         return Availability(True)
     raise ValueError(backend)
@@ -91,8 +91,8 @@ def resolve_backends(requested: str) -> tuple[list[str], list[dict]]:
 class OrtRunner:
     """An ONNX Runtime session on one backend; outputs as numpy arrays by name.
 
-    On `ort-cuda` it runs through I/O binding (export.runtime.OrtModel): inputs are uploaded into
-    device buffers that are reused across calls and `run_bound()` times the session alone.
+    `bind()` then `run_bound()` run the session alone (export.runtime.OrtModel): on `ort-cuda`
+    through I/O binding, inputs uploaded once into device buffers reused across calls.
     """
 
     def __init__(self, model_path: str | Path, backend: str = "ort-cpu", profile_prefix: str | None = None,
@@ -110,16 +110,11 @@ class OrtRunner:
         return self.model.run(feeds)
 
     def bind(self, feeds: dict) -> None:
-        """Bind feeds once; then `run_bound()` runs without host copies (CUDA provider only)."""
-        if self.model.on_cuda:
-            self.model.bind(feeds)
-        self._feeds = feeds
+        """Bind feeds once; then `run_bound()` runs without host copies."""
+        self.model.bind(feeds)
 
     def run_bound(self) -> None:
-        if self.model.on_cuda:
-            self.model.run_bound()
-        else:
-            self.session.run(None, self._feeds)
+        self.model.run_bound()
 
     def end_profiling(self) -> str:
         return self.model.end_profiling()

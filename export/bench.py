@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
+        for path in (args.reference, args.fused):
+            if not Path(path).is_file():
+                raise NormfuseError(f"{path}: no such file")
         results = [bench_graph(Path(p), g, args.backend, args.batch, args.seq, args.runs, args.warmup)
                    for g, p in (("reference", args.reference), ("fused", args.fused))]
         for r in results:

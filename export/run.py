@@ -41,7 +41,7 @@ def read_inputs(path: str | Path, specs: list) -> dict:
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise NormfuseError(f"{path}: not a readable .npz archive ({exc.__class__.__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
-    if not isinstance(arrays, dict) or not arrays:
+    if not arrays:
         raise NormfuseError(f"{path}: holds no arrays")
     wanted = {s.name: s.dtype for s in specs}
     for name, array in arrays.items():
@@ -70,9 +70,9 @@ def random_inputs(specs: list, shape_text: str, seed: int = 0) -> dict:
 
 def gpu_memory_used_mb() -> float | None:
     """Device memory in use on the current GPU (all processes), from the CUDA driver via torch."""
-    import shutil
+    from .backends import gpu_present
 
-    if shutil.which("nvidia-smi") is None:  # no GPU: do not pay for importing torch
+    if not gpu_present().present:  # no GPU: do not pay for importing torch
         return None
     try:
         import torch
@@ -86,18 +86,14 @@ def gpu_memory_used_mb() -> float | None:
 
 
 def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
-    """Latency of `runs` calls after `warmup`, on the bound buffers where the model has them."""
-    if hasattr(model, "bind") and getattr(model, "on_cuda", True):
-        key = model.bind(feeds)  # inputs uploaded once: the timings are not copies
-        if hasattr(model, "launch"):  # TensorRT
-            def step():
-                model.launch(key)
-                model.stream.synchronize()
-        else:  # ONNX Runtime, I/O binding
-            step = model.run_bound
-    else:
+    """Latency of `runs` runs after `warmup`, on inputs bound once (`model.bind`)."""
+    key = model.bind(feeds)  # inputs bound (on a GPU uploaded) once: the timings are not copies
+    if hasattr(model, "launch"):  # TensorRT
         def step():
-            model.run(feeds)
+            model.launch(key)
+            model.stream.synchronize()
+    else:  # ONNX Runtime
+        step = model.run_bound
     first = next(iter(feeds.values()))
     tokens = int(first.shape[0]) * int(first.shape[1]) if len(first.shape) >= 2 else 1
     return time_runs(step, runs, warmup, tokens)

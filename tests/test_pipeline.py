@@ -117,6 +117,12 @@ def test_stage_commands_refuse_bad_flags_in_one_line(tmp_path, module, flags, me
     assert not (tmp_path / "x").exists()
 
 
+def test_bench_command_on_a_missing_model_is_one_line(tmp_path):
+    done = _run("export.bench", str(tmp_path / "none.onnx"), str(tmp_path / "none.onnx"), "--json", str(tmp_path / "b.json"))
+    assert done.returncode == 1 and "no such file" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.json").exists()
+
+
 def test_rewrite_command_errors_leave_no_output(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")

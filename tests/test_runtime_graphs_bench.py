@@ -102,3 +102,12 @@ def test_runs_in_parts_merge(tmp_path):
     merged = json.loads((tmp_path / "out" / "h100-graphs.json").read_text())
     assert merged["grid"]["shapes"] == [[1, 1], [1, 512]] and len(merged["cells"]) == 4
     assert merged["summary"]["cells_compared"] == 2 and merged["summary"]["fused_never_slower"]
+
+
+def test_merging_unreadable_results_is_one_line(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    for part in (tmp_path / "none.json", tmp_path / "bad.json"):
+        assert graphs.main(["--merge", str(part), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "cannot read the results" in err
+    assert not (tmp_path / "out").exists()
