@@ -259,7 +259,10 @@ def run_worker(model: Path, backend: str, batch: int, seq: int, norm_nodes: list
         if args.cuda_graph and backend == "tensorrt":
             cmd.append("--cuda-graph")
         started = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.cell_timeout)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.cell_timeout)
+        except subprocess.TimeoutExpired:  # one cell, not the whole grid
+            return {"error": f"timed out after {args.cell_timeout} s (--cell-timeout)"}
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-3:]
             return {"error": " | ".join(tail)}

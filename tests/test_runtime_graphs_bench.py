@@ -111,3 +111,11 @@ def test_merging_unreadable_results_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "cannot read the results" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cell_past_its_timeout_is_recorded_not_raised(tmp_path):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(runs=1, warmup=0, profile_runs=0, cuda_graph=False, cell_timeout=0.01)
+    cell = graphs.run_worker(tmp_path / "m.onnx", "ort-cpu", 1, 1, [], args)
+    assert cell == {"error": "timed out after 0.01 s (--cell-timeout)"}
