@@ -153,3 +153,20 @@ def test_graphs_onnxruntime_optimised_become_plugin_ops(kind, tmp_path):
     feeds = random_feeds(model)
     for e, a in zip(run_model(model, feeds), run_model(out, feeds)):
         assert GRAPH["float32"].passes(a, e)
+
+
+def test_shape_inference_copy_leaves_in_memory_weights_behind():
+    """The skeleton shape inference runs on keeps small constants and stubs out the rest, judged
+    by their dims: reading a weight's bytes to size it would copy every weight."""
+    from export.rewrite.rewriter import SKELETON_CONSTANT, _copy_without_weights
+
+    model = build(NormSpec(hidden=16))
+    big = onnx.numpy_helper.from_array(np.ones((SKELETON_CONSTANT + 1,), np.float32), "big")
+    model.graph.initializer.append(big)
+    skeleton = onnx.ModelProto()
+    _copy_without_weights(model, skeleton)
+    stubs = {t.name: t for t in skeleton.graph.initializer}
+    assert not stubs["big"].raw_data and stubs["big"].data_location == onnx.TensorProto.EXTERNAL
+    assert list(stubs["big"].dims) == [SKELETON_CONSTANT + 1]
+    for small in model.graph.initializer[:-1]:
+        assert stubs[small.name].raw_data == small.raw_data

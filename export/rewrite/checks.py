@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from normops import SUPPORTED_DTYPES
+
 from .matcher import Match, present_inputs, producer
 from .patterns import NormPattern
 
@@ -121,7 +123,7 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
     if root.shape is not None and len(root.shape) != rank:
         raise Rejected(f"output '{root.name}' has rank {len(root.shape)}, input has {rank}: a broadcast is not a norm")
     for t in (x, root):
-        if dtype_name(t) not in ("float32", "float16", "bfloat16"):
+        if dtype_name(t) not in SUPPORTED_DTYPES:
             raise Rejected(f"tensor '{t.name}' has dtype {dtype_name(t)}, not float32/float16/bfloat16")
 
     if pattern.skip:
@@ -199,7 +201,7 @@ def _per_feature(tensor: gs.Tensor | None, hidden: int, rank: int, what: str) ->
         raise Rejected(f"{what} '{tensor.name}' has unknown shape {shape}")
     if len(shape) == 0 or len(shape) > rank or shape[-1] != hidden or any(d != 1 for d in shape[:-1]):
         raise Rejected(f"{what} '{tensor.name}' has shape {list(shape)}, not one value per feature ({hidden})")
-    if dtype_name(tensor) not in ("float32", "float16", "bfloat16"):
+    if dtype_name(tensor) not in SUPPORTED_DTYPES:
         raise Rejected(f"{what} '{tensor.name}' has dtype {dtype_name(tensor)}")
     return tensor
 

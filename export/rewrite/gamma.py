@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from normops import SUPPORTED_DTYPES, numpy_dtype
+
 from .checks import NormCandidate, constant_value, dtype_name
 from .matcher import present_inputs, producer
 
@@ -35,8 +37,6 @@ def fold_gamma(candidate: NormCandidate) -> str | None:
     w = np.asarray(weight.values)
     folded = (w.astype(np.float64) + value) if node.op == "Add" else w
     to = dtype_name(gamma)
-    from normops import numpy_dtype
-
     candidate.gamma = gs.Constant(f"{gamma.name}_folded", np.asarray(folded).astype(numpy_dtype(to)))
     return f"folded {what} ('{node.name}') into the gamma of '{candidate.output.name}'"
 
@@ -46,7 +46,7 @@ def _operands(node: gs.Node):
     inputs = present_inputs(node)
     if node.op == "Cast":
         w = inputs[0]
-        return (w, 0.0) if isinstance(w, gs.Constant) and dtype_name(w) in ("float32", "float16", "bfloat16") else (None, None)
+        return (w, 0.0) if isinstance(w, gs.Constant) and dtype_name(w) in SUPPORTED_DTYPES else (None, None)
     if len(inputs) != 2:
         return None, None
     for w, other in (inputs, inputs[::-1]):

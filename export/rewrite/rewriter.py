@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,6 +208,9 @@ def _infer_through_contrib_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+SKELETON_CONSTANT = 256  # elements: initializers up to this size keep their values for shape inference
+
+
 def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
     out.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
     out.graph.CopyFrom(onnx.GraphProto(node=model.graph.node, input=model.graph.input, output=model.graph.output,
@@ -215,8 +219,9 @@ def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
         stub = out.graph.initializer.add()
         stub.name, stub.data_type = tensor.name, tensor.data_type
         stub.dims.extend(tensor.dims)
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) <= 1024:
-            stub.raw_data = tensor.raw_data  # small constants (axes, epsilon) matter to inference
+        # Sized from its dims: reading raw_data to measure it would copy every weight's bytes.
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and math.prod(tensor.dims) <= SKELETON_CONSTANT:
+            stub.raw_data = tensor.raw_data  # small constants (axes, epsilon, shapes) matter to inference
             stub.float_data.extend(tensor.float_data)
             stub.int64_data.extend(tensor.int64_data)
             stub.int32_data.extend(tensor.int32_data)
