@@ -10,7 +10,8 @@ is created sparse (its size is set, no byte is written), so generating 13 GB cos
 rewriter reading a single weight byte would show in its time and memory. The rewrite runs as the
 command line (its main(), in a fresh child process), timed from outside; its peak RSS is the
 child's own high-water mark (VmHWM), read by the child before it exits.
-Targets: <= 5 s, <= 300 MB peak RSS, 2 * layers + 1 norms and 2 * layers residual Adds fused.
+Targets: <= 5 s, <= 300 MB peak RSS, 2 * layers + 1 norms and 2 * layers residual Adds fused (none with
+--target onnx, which has no fused residual form).
 With --peers, ONNX Runtime's transformers optimizer and onnxscript's ORT fusions run on the same
 file, each in a child stopped when its resident memory passes --peer-memory-gb.
 """
@@ -237,9 +238,10 @@ def main(argv=None) -> int:
         "generate_seconds": round(generated, 2),
         "target": args.target, "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
+    adds = 0 if args.target == "onnx" else 2 * args.layers  # standard ONNX has no fused residual form
     goals = {"seconds <= 5": wall <= 5, "peak RSS <= 300 MB": peak_mb <= 300,
              f"{2 * args.layers + 1} norms": norms == 2 * args.layers + 1,
-             f"{2 * args.layers} residual Adds": residuals == 2 * args.layers,
+             f"{adds} residual Adds": residuals == adds,
              "weights shared, not copied": not new_files}
     figures["goals"] = goals
     if peers:
