@@ -170,3 +170,34 @@ def test_shape_inference_copy_leaves_in_memory_weights_behind():
     assert list(stubs["big"].dims) == [SKELETON_CONSTANT + 1]
     for small in model.graph.initializer[:-1]:
         assert stubs[small.name].raw_data == small.raw_data
+
+
+@pytest.mark.parametrize("which", ("eps", "axes"))
+def test_initializers_that_are_graph_inputs_are_not_constants(which):
+    """An initializer listed as a graph input is a default the caller may override: an epsilon or
+    axes given that way cannot be proven, and the input stays in the rewritten graph."""
+    model = build(NormSpec(kind="rms"))
+    op = "Add" if which == "eps" else "ReduceMean"
+    name = next(n for n in model.graph.node if n.op_type == op).input[1]
+    value = next(t for t in model.graph.initializer if t.name == name)
+    model.graph.input.append(helper.make_tensor_value_info(name, value.data_type, list(value.dims)))
+    out, report = rewrite_model(model)
+    assert report.fused == 0 and any("overridden at run time" in r.reason for r in report.rejected)
+    assert [i.name for i in out.graph.input] == ["x", name]
+    gamma = next(t.name for t in model.graph.initializer if len(t.dims) == 1 and t.dims[0] == 16)
+    model = build(NormSpec(kind="rms"))
+    model.graph.input.append(helper.make_tensor_value_info(gamma, TensorProto.FLOAT, [16]))
+    out, report = rewrite_model(model)  # a scale given that way is data the fused op reads: fused
+    assert report.fused == 1 and [i.name for i in out.graph.input] == ["x", gamma]
+    assert [n.op_type for n in out.graph.node] == ["RMSNorm"] and gamma in out.graph.node[0].input
+
+
+def test_gemma_weight_that_is_a_graph_input_is_not_folded():
+    model = build(NormSpec(kind="rms", scale="gemma"))
+    add = next(n for n in model.graph.node if n.op_type == "Add" and n.output[0] in
+               {i for m in model.graph.node if m.op_type == "Mul" for i in m.input})
+    w = next(t for t in model.graph.initializer if t.name in add.input and len(t.dims) == 1 and t.dims[0] == 16)
+    model.graph.input.append(helper.make_tensor_value_info(w.name, TensorProto.FLOAT, [16]))
+    out, report = rewrite_model(model)
+    assert report.fused == 1 and any("also a graph input" in note for note in report.notes)
+    assert sorted(n.op_type for n in out.graph.node) == ["Add", "RMSNorm"] and w.name in [i.name for i in out.graph.input]

@@ -96,8 +96,11 @@ def scalar(match: Match, name: str, what: str) -> float | None:
     return float(value.reshape(()).astype(np.float64))
 
 
-def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_outputs: set) -> NormCandidate:
-    """Check a structural match and turn it into a candidate, or raise Rejected with the reason."""
+def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_outputs: set,
+                    overridable: set = frozenset()) -> NormCandidate:
+    """Check a structural match and turn it into a candidate, or raise Rejected with the reason.
+
+    `overridable`: names of initializers that are also graph inputs, whose value a caller may replace."""
     x = match["x"]
     shape = x.shape
     if shape is None:
@@ -108,6 +111,7 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
         raise Rejected(f"size of the last axis of '{x.name}' is not static ({hidden!r})")
 
     _check_constants(match)
+    _check_not_overridable(match, overridable)
     epsilon = _epsilon(pattern, match)
     if pattern.native:
         _check_native(match.roles["native"], rank)
@@ -144,6 +148,17 @@ def _check_constants(match: Match) -> None:
         value = scalar(match, name, what)
         if value is not None and value != want:
             raise Rejected(f"{what} is {value:g}, not {want:g}")
+
+
+# Bound tensors that flow through the fused op; every other bound tensor is a constant the checks read.
+DATA_VARS = frozenset({"x", "gamma", "beta", "skip", "skip_bias"})
+
+
+def _check_not_overridable(match: Match, overridable: set) -> None:
+    for name, tensor in match.tensors.items():
+        if name not in DATA_VARS and tensor.name in overridable:
+            raise Rejected(f"'{tensor.name}' is an initializer that is also a graph input: its value can be "
+                           f"overridden at run time, so it is not a constant")
 
 
 def _epsilon(pattern: NormPattern, match: Match) -> float:

@@ -20,8 +20,9 @@ from .matcher import present_inputs, producer
 FOLDABLE = ("Add", "Cast")
 
 
-def fold_gamma(candidate: NormCandidate) -> str | None:
-    """Fold the expression producing candidate.gamma into a constant; returns a note, or None."""
+def fold_gamma(candidate: NormCandidate, overridable: set = frozenset()) -> str | None:
+    """Fold the expression producing candidate.gamma into a constant; returns a note, or None.
+    `overridable`: initializers that are also graph inputs (their value may be replaced: never folded)."""
     gamma = candidate.gamma
     node = producer(gamma) if gamma is not None else None
     if node is None or node.op not in FOLDABLE or (node.domain or "") not in ("", "ai.onnx"):
@@ -32,6 +33,8 @@ def fold_gamma(candidate: NormCandidate) -> str | None:
         return None
     if len(gamma.outputs) != 1:
         return f"gamma of '{candidate.output.name}' is {what} ('{node.name}'), also used elsewhere: left in the graph"
+    if weight.name in overridable:
+        return f"gamma of '{candidate.output.name}' is {what} ('{node.name}') of a weight that is also a graph input: left in the graph"
     if _external(weight):
         return f"gamma of '{candidate.output.name}' is {what} ('{node.name}') of an external weight: left in the graph"
     w = np.asarray(weight.values)

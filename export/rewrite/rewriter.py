@@ -86,11 +86,14 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     started = time.perf_counter()
     report = RewriteReport(target=target, nodes_before=len(model.graph.node))
     opset = _default_opset(model)
+    # Initializers listed as graph inputs are defaults a caller may override (onnx-graphsurgeon
+    # imports them as constants and drops them from the inputs; they are put back below).
+    overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
     graph = _import_with_shapes(model)
     graph_outputs = {t.name for t in graph.outputs}
     report.notes += _drop_identity_casts(graph, graph_outputs)
 
-    candidates = _find_candidates(graph, graph_outputs, target, residual, prove_fusions, opset, report)
+    candidates = _find_candidates(graph, graph_outputs, overridable, target, residual, prove_fusions, opset, report)
     needed = max([required_opset(c, target) for c in candidates] + [opset])
     if needed > opset:
         try:
@@ -108,7 +111,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
             report.notes.insert(0, note)  # renumbering changes no node: the candidates stand as proven
             opset = needed
     for candidate in candidates:
-        note = fold_gamma(candidate)
+        note = fold_gamma(candidate, overridable)
         if note:
             report.notes.append(note)
         emit(graph, candidate, target)
@@ -118,6 +121,8 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = model.ir_version
+    kept = {t.name for t in out.graph.initializer} - {i.name for i in out.graph.input}
+    out.graph.input.extend(i for i in model.graph.input if i.name in overridable & kept)
     _set_opsets(out, model, opset, target, report)
     _restore_metadata(out, model)
     report.nodes_after = len(out.graph.node)
@@ -249,7 +254,7 @@ def _drop_identity_casts(graph: gs.Graph, graph_outputs: set) -> list[str]:
     return [f"bypassed {dropped} identity Cast node(s)"] if dropped else []
 
 
-def _find_candidates(graph, graph_outputs, target, residual, prove_fusions, opset, report) -> list[NormCandidate]:
+def _find_candidates(graph, graph_outputs, overridable, target, residual, prove_fusions, opset, report) -> list[NormCandidate]:
     chosen: list[NormCandidate] = []
     claimed: set[int] = set()  # ids of nodes already taken by a chosen candidate
     rejected: dict[str, Rejection] = {}
@@ -257,7 +262,7 @@ def _find_candidates(graph, graph_outputs, target, residual, prove_fusions, opse
     for root in roots:
         if _already_target_op(root, target):
             continue
-        candidate = _first_passing(root, graph_outputs, claimed, prove_fusions, opset, rejected)
+        candidate = _first_passing(root, graph_outputs, overridable, claimed, prove_fusions, opset, rejected)
         if candidate is None:
             continue
         if candidate.pattern.skip:
@@ -283,13 +288,13 @@ def _find_candidates(graph, graph_outputs, target, residual, prove_fusions, opse
     return chosen
 
 
-def _first_passing(root, graph_outputs, claimed, prove_fusions, opset, rejected) -> NormCandidate | None:
+def _first_passing(root, graph_outputs, overridable, claimed, prove_fusions, opset, rejected) -> NormCandidate | None:
     for norm in NORM_PATTERNS:
         for match in norm.pattern.matches(root):
             if any(id(n) in claimed for n in match.nodes):
                 continue
             try:
-                candidate = build_candidate(norm, match, root, graph_outputs)
+                candidate = build_candidate(norm, match, root, graph_outputs, overridable)
                 if prove_fusions:
                     prove(candidate, opset)
                 return candidate
