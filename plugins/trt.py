@@ -106,11 +106,8 @@ def register_tensorrt_plugins() -> None:
 
     from typing import List, Tuple, Union  # noqa: UP035  (tensorrt.plugin matches these annotations)
 
-
-    def tuning(op_name: str):
-        def autotune(*descs: Any) -> List[trtp.AutoTuneCombination]:
-            return [trtp.AutoTuneCombination(types, "LINEAR") for types in type_combinations(op_name)]
-        return autotune
+    def combinations(op_name: str) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(types, "LINEAR") for types in type_combinations(op_name)]
 
     # RMSNorm: x, gamma -> y
     name = f"{PLUGIN_NAMESPACE}::RMSNorm"
@@ -121,7 +118,7 @@ def register_tensorrt_plugins() -> None:
 
     @trtp.autotune(name)
     def rms_tune(x: trtp.TensorDesc, gamma: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return tuning("RMSNorm")()
+        return combinations("RMSNorm")
 
     @trtp.aot_impl(name)
     def rms_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
@@ -136,7 +133,7 @@ def register_tensorrt_plugins() -> None:
 
     @trtp.autotune(name)
     def ln_tune(x: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return tuning("LayerNorm")()
+        return combinations("LayerNorm")
 
     @trtp.aot_impl(name)
     def ln_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
@@ -151,7 +148,7 @@ def register_tensorrt_plugins() -> None:
 
     @trtp.autotune(name)
     def add_rms_tune(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return tuning("AddRMSNorm")()
+        return combinations("AddRMSNorm")
 
     @trtp.aot_impl(name)
     def add_rms_aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
@@ -168,7 +165,7 @@ def register_tensorrt_plugins() -> None:
     @trtp.autotune(name)
     def add_ln_tune(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc,
                     outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return tuning("AddLayerNorm")()
+        return combinations("AddLayerNorm")
 
     @trtp.aot_impl(name)
     def add_ln_aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
