@@ -18,6 +18,22 @@ def _like(value: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(value).astype(dtype)
 
 
+def reference_norm(centered: bool, x, residual=None, gamma=None, beta=None, bias=None,
+                   epsilon: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (y, sum) of LayerNorm (centered) or RMSNorm of x [+ residual] [+ bias], by the normops
+    references; gamma, beta and bias may carry leading 1s, and a missing gamma is ones."""
+    total = np.asarray(x, np.float64)
+    if residual is not None:
+        total = total + np.asarray(residual, np.float64)
+    if bias is not None:  # ONNX Runtime's Skip ops add an input bias into the sum
+        total = total + np.asarray(bias, np.float64).reshape(-1)
+    flat = {name: None if v is None else np.asarray(v).reshape(-1) for name, v in (("gamma", gamma), ("beta", beta))}
+    if flat["gamma"] is None:
+        flat["gamma"] = np.ones(total.shape[-1])
+    y = run_reference("LayerNorm" if centered else "RMSNorm", {"x": total, **flat}, epsilon)[0]
+    return y, total
+
+
 class _Norm(OpRun):
     centered = False
     skip = False
@@ -29,15 +45,8 @@ class _Norm(OpRun):
         if self.skip:
             residual, args = args[0], args[1:]
         given = {name: value for name, value in zip(self.params, args) if value is not None}
-        total = np.asarray(x, np.float64)
-        if residual is not None:
-            total = total + np.asarray(residual, np.float64)
-        if "bias" in given:  # ORT's Skip ops add an input bias into the sum
-            total = total + np.asarray(given["bias"], np.float64).reshape(-1)
-        name = "LayerNorm" if self.centered else "RMSNorm"
-        beta = given.get("beta")
-        y = run_reference(name, {"x": total, "gamma": np.asarray(given["gamma"]).reshape(-1),
-                                 "beta": None if beta is None else np.asarray(beta).reshape(-1)}, epsilon)[0]
+        y, total = reference_norm(self.centered, x, residual, given["gamma"], given.get("beta"), given.get("bias"),
+                                  epsilon)
         outs = [_like(y, x.dtype)]
         if self.skip:
             if self.ort_outputs:

@@ -13,10 +13,10 @@ import onnx
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from normops import GRAPH, numpy_dtype, run_reference
+from normops import GRAPH, numpy_dtype
 
 from .checks import ONNX_TYPES, NormCandidate, Rejected, constant_value, dtype_name
-from .evaluate import FUSED_OPS
+from .evaluate import FUSED_OPS, reference_norm
 
 SMALLEST_NORMAL = {"float32": float(np.finfo(np.float32).tiny), "float16": float(np.finfo(np.float16).tiny),
                    "bfloat16": float(np.finfo(np.float32).tiny)}  # bfloat16 has float32's exponent range
@@ -62,20 +62,9 @@ def _proof_shape(candidate: NormCandidate) -> tuple[int, ...]:
 
 def _reference(candidate: NormCandidate, feeds: dict, feeds_spec) -> np.ndarray:
     by_role = {role: feeds[t.name] for role, t in feeds_spec}
-    if "a" in by_role:
-        x = by_role["a"].astype(np.float64) + by_role["b"].astype(np.float64)
-        if "skip_bias" in by_role:
-            x = x + by_role["skip_bias"].astype(np.float64).reshape(-1)
-    else:
-        x = by_role["x"]
-    name = "LayerNorm" if candidate.centered else "RMSNorm"
-    gamma = by_role.get("gamma")
-    if gamma is None:
-        gamma = np.ones(candidate.hidden)
-    inputs = {"x": x, "gamma": np.asarray(gamma).reshape(-1), "beta": None}
-    if "beta" in by_role:
-        inputs["beta"] = np.asarray(by_role["beta"]).reshape(-1)
-    return run_reference(name, inputs, candidate.epsilon)[0]
+    x, residual = (by_role["a"], by_role["b"]) if "a" in by_role else (by_role["x"], None)
+    return reference_norm(candidate.centered, x, residual, by_role.get("gamma"), by_role.get("beta"),
+                          by_role.get("skip_bias"), candidate.epsilon)[0]
 
 
 def _subgraph_model(candidate: NormCandidate, opset: int):
