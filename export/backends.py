@@ -134,7 +134,8 @@ def refuse_plugin_ops(model_path, backend: str) -> None:
 
 
 class ReferenceRunner:
-    """onnx's reference evaluator with the normfuse ops implemented by the normops references.
+    """onnx's reference evaluator with the fused ops (normfuse's and ONNX Runtime's) computed by the
+    normops references (export.rewrite.evaluate).
 
     Slow but exact and dtype-complete (bfloat16 included): it checks the TensorRT-target graph
     on a machine that has no TensorRT, using the very definitions the kernels are tested against.
@@ -144,29 +145,15 @@ class ReferenceRunner:
         import onnx
         from onnx.reference import ReferenceEvaluator
 
+        from .rewrite.evaluate import FUSED_OPS
+
         model = onnx.load(str(model_path))
-        self.evaluator = ReferenceEvaluator(model, new_ops=_normfuse_reference_ops())
+        self.evaluator = ReferenceEvaluator(model, new_ops=FUSED_OPS)
         self.output_names = [o.name for o in model.graph.output]
         self.name = "onnx-reference"
 
     def run(self, feeds: dict) -> dict:
         return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
-
-
-def _normfuse_reference_ops():
-    from onnx.reference.op_run import OpRun
-
-    from normops import DOMAIN, OPS, run_reference
-
-    def make(spec):
-        def _run(self, *inputs, epsilon=1e-5, plugin_namespace=None, plugin_version=None):
-            named = dict(zip(spec.all_inputs, inputs))
-            x_dtype = inputs[0].dtype
-            return tuple(out.astype(x_dtype) for out in run_reference(spec.name, named, epsilon))
-
-        return type(spec.name, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
-
-    return [make(spec) for spec in OPS.values()]
 
 
 def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, int]] | None = None,
