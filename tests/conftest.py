@@ -65,3 +65,22 @@ def exported(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def rewritten(exported, tmp_path_factory):
+    """rewritten(norm) -> {"reference", "fused" (onnxruntime target), "trt" (tensorrt target)}, cached."""
+    from export.rewrite import rewrite_file
+
+    cache: dict = {}
+
+    def get(norm: str) -> dict:
+        if norm not in cache:
+            root = tmp_path_factory.mktemp(f"rewritten-{norm}")
+            reference = exported(norm)
+            rewrite_file(reference, root / "fused.onnx", target="onnxruntime")
+            rewrite_file(reference, root / "fused-tensorrt.onnx", target="tensorrt")
+            cache[norm] = {"reference": reference, "fused": root / "fused.onnx", "trt": root / "fused-tensorrt.onnx"}
+        return cache[norm]
+
+    return get

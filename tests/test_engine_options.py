@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from export.errors import NormfuseError, UsageError
-from export.rewrite import rewrite_file
 from export.tensorrt_engine import (EngineOptions, Range, TensorRTMissing, build_engine, check_sidecar, make_sidecar,
                                     plugin_ops, profile_shapes, sha256, sidecar_path, tensorrt_status)
 
@@ -17,11 +16,8 @@ needs_no_tensorrt = pytest.mark.skipif(tensorrt_status()[0], reason="TensorRT is
 
 
 @pytest.fixture(scope="module")
-def graphs(exported, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    reference = exported("layernorm")
-    rewrite_file(reference, root / "fused-tensorrt.onnx", target="tensorrt")
-    return {"reference": reference, "trt": root / "fused-tensorrt.onnx"}
+def graphs(rewritten):
+    return rewritten("layernorm")
 
 
 @pytest.mark.parametrize("text,expected", [("8", Range(8, 8, 8)), ("1:128:512", Range(1, 128, 512)),

@@ -6,17 +6,12 @@ import onnxruntime as ort
 import pytest
 
 from export.errors import NormfuseError
-from export.rewrite import rewrite_file
 from export.runtime import OrtModel, TensorSpec, check_feeds, load, numpy_dtype, to_numpy, to_torch
 
 
 @pytest.fixture(scope="module")
-def graphs(exported, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runtime")
-    reference = exported("rmsnorm")
-    rewrite_file(reference, root / "fused.onnx", target="onnxruntime")
-    rewrite_file(reference, root / "fused-tensorrt.onnx", target="tensorrt")
-    return {"reference": reference, "fused": root / "fused.onnx", "trt": root / "fused-tensorrt.onnx"}
+def graphs(rewritten):
+    return rewritten("rmsnorm")
 
 
 def feeds(batch=2, seq=7, seed=0):

@@ -8,7 +8,6 @@ import pytest
 
 from export.errors import NormfuseError, UsageError
 from export.onnx_io import save_model
-from export.rewrite import rewrite_file
 from export.tensorrt_engine import EngineOptions, Range, io_signature, make_sidecar, sidecar_path
 from export.triton_repo import config_text, onnx_signature, parse_config, write_repository
 from export.files import write_json
@@ -20,12 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def graphs(exported, tmp_path_factory):
-    root = tmp_path_factory.mktemp("triton")
-    reference = exported("rmsnorm")
-    rewrite_file(reference, root / "fused.onnx", target="onnxruntime")
-    rewrite_file(reference, root / "fused-tensorrt.onnx", target="tensorrt")
-    return {"reference": reference, "fused": root / "fused.onnx", "trt": root / "fused-tensorrt.onnx", "root": root}
+def graphs(rewritten):
+    return rewritten("rmsnorm")
 
 
 def read_config(folder: Path):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.rewrite import rewrite_file
 from export.validate import Side, candidate_backend, compare, output_stats
 from normops import GRAPH, Tolerance
 
@@ -62,11 +61,8 @@ def test_plans_run_on_tensorrt():
 
 
 @pytest.fixture(scope="module")
-def graphs(exported, tmp_path_factory):
-    root = tmp_path_factory.mktemp("validate")
-    reference = exported("rmsnorm")
-    rewrite_file(reference, root / "fused.onnx", target="onnxruntime")
-    return {"reference": reference, "fused": root / "fused.onnx"}
+def graphs(rewritten):
+    return rewritten("rmsnorm")
 
 
 @pytest.fixture(scope="module")
