@@ -20,6 +20,11 @@ cell; the fused graph does the same arithmetic) against the share of runtime (ON
 profiler, whose CUDA node times are host-side and include launches; TensorRT's layer profiler,
 where a Myelin region that mixes classes is counted as `mixed`).
 
+Sub-millisecond cells are noisy from process to process, so a cell can be measured as pairs
+(--repeats, and --decode-repeats for cells of at most DECODE_TOKENS tokens): each pair runs the
+reference and the fused graph in fresh processes, alternating which goes first; the cell's speed-up
+is the median of the pairs' p50 ratios, and every pair's figures are kept.
+
 Writes <out>/<gpu>-graphs.json (every cell, raw latencies, the fused/reference comparison per
 cell and whether the fused graph was ever slower) and <out>/<gpu>-graphs.png.
 The working files (ONNX, engines) go to --work (default build/graphs), reused when present.
@@ -58,6 +63,7 @@ DEFAULT_DTYPES = ("float16", "bfloat16")
 DEFAULT_SHAPES = ((1, 1), (1, 512), (8, 2048))
 GPU_BACKENDS = ("ort-cuda", "tensorrt")
 NOT_SLOWER_MARGIN = 0.02  # p50 within 2% counts as "not slower" (run-to-run noise on a quiet GPU)
+DECODE_TOKENS = 32  # cells of at most this many tokens take --decode-repeats pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,14 +254,14 @@ def prepare(model_name: str, layers: int, dtype: str, work: Path, backends: list
     return stack
 
 
-def run_worker(model: Path, backend: str, batch: int, seq: int, norm_nodes: list[str], args) -> dict:
+def run_worker(model: Path, backend: str, batch: int, seq: int, norm_nodes: list[str], args, profile: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         names = Path(tmp) / "norm_nodes.json"
         names.write_text(json.dumps(norm_nodes))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(model), "--backend", backend,
                "--shape", f"{batch}x{seq}", "--runs", str(args.runs), "--warmup", str(args.warmup),
-               "--profile-runs", str(args.profile_runs), "--norm-nodes", str(names), "--json", str(out)]
+               "--profile-runs", str(args.profile_runs if profile else 0), "--norm-nodes", str(names), "--json", str(out)]
         if args.cuda_graph and backend == "tensorrt":
             cmd.append("--cuda-graph")
         started = time.perf_counter()
@@ -284,8 +290,10 @@ def compare_cells(cells: list[dict]) -> list[dict]:
             out.append({"model": key[0], "layers": key[1], "dtype": key[2], "shape": list(key[3]), "backend": key[4],
                         "error": (ref or {}).get("error") or (fused or {}).get("error") or "a graph is missing"})
             continue
-        speedup = ref["latency_ms"]["p50"] / fused["latency_ms"]["p50"]
+        pair_ratios = paired_speedups(ref, fused)
+        speedup = float(np.median(pair_ratios)) if pair_ratios else ref["latency_ms"]["p50"] / fused["latency_ms"]["p50"]
         out.append({"model": key[0], "layers": key[1], "dtype": key[2], "shape": list(key[3]), "backend": key[4],
+                    "speedup_p50_pairs": pair_ratios,
                     "reference_p50_ms": ref["latency_ms"]["p50"], "fused_p50_ms": fused["latency_ms"]["p50"],
                     "reference_p99_ms": ref["latency_ms"]["p99"], "fused_p99_ms": fused["latency_ms"]["p99"],
                     "speedup_p50": speedup, "saved_ms_p50": ref["latency_ms"]["p50"] - fused["latency_ms"]["p50"],
@@ -293,6 +301,50 @@ def compare_cells(cells: list[dict]) -> list[dict]:
                     "memory_saved_mb": (None if ref.get("peak_gpu_memory_mb") is None or fused.get("peak_gpu_memory_mb") is None
                                         else ref["peak_gpu_memory_mb"] - fused["peak_gpu_memory_mb"])})
     return out
+
+
+def paired_speedups(ref: dict, fused: dict) -> list[float]:
+    """Reference p50 over fused p50 of each measured pair (empty for cells measured once)."""
+    ref_runs, fused_runs = ref.get("repeats") or [], fused.get("repeats") or []
+    if len(ref_runs) < 2 or len(ref_runs) != len(fused_runs):
+        return []
+    return [r["latency_ms"]["p50"] / f["latency_ms"]["p50"] for r, f in zip(ref_runs, fused_runs)]
+
+
+def combine_repeats(runs: list[dict]) -> dict:
+    """One cell from the runs of one graph: medians of the runs' p50/p99 and throughput; the first
+    run's profile; every run kept under `repeats`."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {"error": failed[0]["error"], "repeats": runs}
+    if len(runs) == 1:
+        return runs[0]
+    cell = dict(runs[0])
+    cell["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in runs])) for q in runs[0]["latency_ms"]
+                          if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in runs)}
+    if "throughput_tokens_per_s" in cell:
+        cell["throughput_tokens_per_s"] = float(np.median([r["throughput_tokens_per_s"] for r in runs]))
+    peaks = [r.get("peak_gpu_memory_mb") for r in runs]
+    cell["peak_gpu_memory_mb"] = None if any(p is None for p in peaks) else max(peaks)
+    cell["repeats"] = [{k: v for k, v in r.items() if k != "op_classes"} for r in runs]
+    return cell
+
+
+def repeats_for(batch: int, seq: int, args) -> int:
+    return max(args.repeats, args.decode_repeats if batch * seq <= DECODE_TOKENS else 1)
+
+
+def measure_pair(models: dict[str, Path], backend: str, batch: int, seq: int, norm_nodes: list[str], args) -> dict[str, dict]:
+    """Reference and fused cells for one (stack, shape, backend), in alternating pairs of fresh
+    processes (reference first, then fused first, ...) so drift hits both graphs alike. Only the
+    first pair is profiled."""
+    runs: dict[str, list[dict]] = {"reference": [], "fused": []}
+    for pair in range(repeats_for(batch, seq, args)):
+        order = ("reference", "fused") if pair % 2 == 0 else ("fused", "reference")
+        for graph in order:
+            nodes = norm_nodes if graph == "reference" else []
+            runs[graph].append(run_worker(models[graph], backend, batch, seq, nodes, args, profile=pair == 0))
+    return {graph: combine_repeats(graph_runs) for graph, graph_runs in runs.items()}
 
 
 def summarise(comparisons: list[dict]) -> dict:
@@ -371,7 +423,7 @@ def parse_list(text: str, kind=str) -> list:
 
 
 def main(argv=None) -> int:
-    from export.cli import Parser
+    from export.cli import Parser, positive_int
 
     parser = Parser(prog="python bench/graphs.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -385,6 +437,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--profile-runs", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=1, help="reference/fused pairs of processes per cell")
+    parser.add_argument("--decode-repeats", type=positive_int, default=5,
+                        help=f"pairs per cell of at most {DECODE_TOKENS} tokens (decode cells are the noisiest)")
     parser.add_argument("--cuda-graph", action="store_true", help="TensorRT runs replay a CUDA graph")
     parser.add_argument("--workspace-mb", type=int, default=8192)
     parser.add_argument("--cell-timeout", type=int, default=900)
@@ -444,7 +499,8 @@ def main(argv=None) -> int:
     onnxruntime = import_onnxruntime()
     results: dict = {"gpu": gpu, "backends": backends, "skipped": skipped, "grid": {
         "models": models, "layers": layers, "dtypes": dtypes, "shapes": [list(s) for s in shapes], "runs": args.runs,
-        "warmup": args.warmup, "cuda_graph": args.cuda_graph},
+        "warmup": args.warmup, "cuda_graph": args.cuda_graph, "repeats": args.repeats,
+        "decode_repeats": args.decode_repeats},
         "environment": {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
                         "host": platform.node()},
         "cells": [], "stacks": []}
@@ -472,10 +528,9 @@ def main(argv=None) -> int:
                     for backend in backends:
                         if backend == "ort-cpu" and dtype == "bfloat16":
                             continue  # no bfloat16 kernels on ONNX Runtime's CPU provider
-                        for graph in ("reference", "fused"):
-                            model = stack["plans"][graph] if backend == "tensorrt" else stack["onnx"][graph]
-                            norm_nodes = stack["norm_nodes"] if graph == "reference" else []
-                            cell = run_worker(model, backend, batch, seq, norm_nodes, args)
+                        models = stack["plans"] if backend == "tensorrt" else stack["onnx"]
+                        measured = measure_pair(models, backend, batch, seq, stack["norm_nodes"], args)
+                        for graph, cell in measured.items():
                             cell.update(model=model_name, layers=n_layers, dtype=dtype, shape=[batch, seq],
                                         backend=backend, graph=graph, flops=flops["flops"], flop_share=flops["flop_share"])
                             results["cells"].append(cell)
@@ -483,7 +538,8 @@ def main(argv=None) -> int:
                                 print(f"  {batch}x{seq} {backend} {graph}: FAILED {cell['error']}", flush=True)
                             else:
                                 print(f"  {batch}x{seq} {backend:8s} {graph:9s} p50 {cell['latency_ms']['p50']:8.3f} ms  "
-                                      f"p99 {cell['latency_ms']['p99']:8.3f} ms  peak {cell.get('peak_gpu_memory_mb')} MB",
+                                      f"p99 {cell['latency_ms']['p99']:8.3f} ms  peak {cell.get('peak_gpu_memory_mb')} MB"
+                                      + (f"  (medians of {len(cell['repeats'])} runs)" if cell.get("repeats") else ""),
                                       flush=True)
                 results["comparisons"] = compare_cells(results["cells"])
                 results["summary"] = summarise(results["comparisons"])

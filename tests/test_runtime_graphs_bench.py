@@ -87,6 +87,7 @@ def test_smoke_run_on_the_cpu_writes_results_and_a_plot(tmp_path, exported):
         assert set(c["op_classes"]) == {"matmul", "norm", "elementwise"} and c["flop_share"]["matmul"] > 0.5
     assert results["stacks"][0]["fused_norms"] == 3
     assert results["summary"]["cells_compared"] == 1
+    assert len(results["comparisons"][0]["speedup_p50_pairs"]) == 5  # 1x4 is a decode cell: 5 pairs by default
     assert (tmp_path / "out" / "smoke-graphs.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -119,3 +120,30 @@ def test_a_cell_past_its_timeout_is_recorded_not_raised(tmp_path):
     args = SimpleNamespace(runs=1, warmup=0, profile_runs=0, cuda_graph=False, cell_timeout=0.01)
     cell = graphs.run_worker(tmp_path / "m.onnx", "ort-cpu", 1, 1, [], args)
     assert cell == {"error": "timed out after 0.01 s (--cell-timeout)"}
+
+
+def test_repeated_cells_compare_as_pairs():
+    """Each pair is one reference and one fused process; the cell's speed-up is the pairs' median."""
+    def runs(*p50s):
+        return [{"latency_ms": {"p50": v, "p99": v * 1.1}, "throughput_tokens_per_s": 1000 / v,
+                 "peak_gpu_memory_mb": 10.0 + i, "op_classes": {"norm": {}}} for i, v in enumerate(p50s)]
+
+    ref = {**graphs.combine_repeats(runs(1.0, 3.0, 1.1)), "model": "m", "layers": 1, "dtype": "float16",
+           "shape": [1, 1], "backend": "ort-cuda", "graph": "reference"}
+    fused = {**graphs.combine_repeats(runs(0.5, 3.3, 1.0)), "model": "m", "layers": 1, "dtype": "float16",
+             "shape": [1, 1], "backend": "ort-cuda", "graph": "fused"}
+    assert ref["latency_ms"]["p50"] == pytest.approx(1.1) and ref["peak_gpu_memory_mb"] == 12.0
+    assert "op_classes" in ref and all("op_classes" not in r for r in ref["repeats"])
+    (comparison,) = graphs.compare_cells([ref, fused])
+    assert comparison["speedup_p50_pairs"] == pytest.approx([2.0, 3.0 / 3.3, 1.1])
+    assert comparison["speedup_p50"] == pytest.approx(1.1)  # the median pair, not a ratio of medians
+    assert graphs.combine_repeats([*runs(1.0), {"error": "lost"}])["error"] == "lost"
+
+
+def test_decode_cells_get_more_pairs():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(repeats=1, decode_repeats=5)
+    assert graphs.repeats_for(1, 1, args) == 5 and graphs.repeats_for(1, 32, args) == 5
+    assert graphs.repeats_for(1, 512, args) == 1
+    assert graphs.repeats_for(8, 2048, SimpleNamespace(repeats=3, decode_repeats=5)) == 3
