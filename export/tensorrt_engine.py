@@ -12,9 +12,16 @@ plugins in the graph with their versions, and the ONNX file's SHA-256.
 
 The normfuse ops are TensorRT plugins registered through `tensorrt.plugin` with an AOT
 implementation (plugins/); the network prefers AOT plugins, so their PTX is embedded in the
-engine and serving it needs neither Python nor our package. The unfused reference graph builds
-without plugins: TensorRT imports LayerNormalization natively, RMSNormalization since 10.15, and
+engine and serving it needs neither Python nor our package. The ONNX parser needs no flag for
+them: a node whose op type it does not import itself is looked up in the plugin registry by op
+type, `plugin_version` and `plugin_namespace`. The unfused reference graph builds without
+plugins: TensorRT imports LayerNormalization natively, RMSNormalization since 10.15, and
 otherwise runs the elementary ops (its own fusions may merge them).
+
+Precision: `strongly-typed` builds the types the ONNX graph has. `fp16`, `bf16` and `fp32` build a
+weakly typed network (TensorRT picks kernel precisions, fp16/bf16 allowed or not); TensorRT 11
+removed weak typing (every network is strongly typed, `BuilderFlag.FP16`/`BF16` are gone), so
+there they are a usage error: export the graph in the dtype wanted instead.
 
 TensorRT is imported lazily; without it this module imports, and building says how to install it.
 """
@@ -27,7 +34,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import NormfuseError, UsageError
 from .files import atomic_path, write_json
@@ -37,6 +44,9 @@ INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and driver: `pip ins
                 "--backend ort-cpu or ort-cuda")
 PRECISIONS = ("strongly-typed", "fp16", "bf16", "fp32")
 SIDECAR_VERSION = 1
+
+if TYPE_CHECKING:  # the flag helpers' annotations (mypy reads tensorrt-stubs); nothing at run time
+    import tensorrt
 
 
 class TensorRTMissing(NormfuseError):
@@ -273,19 +283,46 @@ def _parser_error(error: Any) -> str:
         return str(error)
 
 
+def network_flags(creation_flag: type[tensorrt.NetworkDefinitionCreationFlag], precision: str,
+                  uses_plugins: bool) -> int:
+    """The `create_network` bit mask, from the members of `trt.NetworkDefinitionCreationFlag`.
+
+    The bits are the members' values, which TensorRT 11 renumbered (STRONGLY_TYPED 1 -> 0,
+    PREFER_AOT_PYTHON_PLUGINS 3 -> 2), so they are never written as numbers here."""
+    flags = 0
+    if uses_plugins:
+        # our plugins define only aot_impl, which TensorRT would pick anyway; saying so keeps the
+        # engine free of Python even if a JIT implementation is ever registered beside it
+        flags |= 1 << int(creation_flag.PREFER_AOT_PYTHON_PLUGINS)
+    strongly_typed = getattr(creation_flag, "STRONGLY_TYPED", None)  # deprecated and ignored in 11
+    if precision == "strongly-typed" and strongly_typed is not None:
+        flags |= 1 << int(strongly_typed)
+    return flags
+
+
+def precision_builder_flag(builder_flag: type[tensorrt.BuilderFlag], precision: str,
+                           tensorrt_version: str = "") -> tensorrt.BuilderFlag | None:
+    """The `trt.BuilderFlag` member a weakly typed precision sets (None for fp32 and
+    strongly-typed); UsageError where this TensorRT has no weak typing (11 and later)."""
+    if precision == "strongly-typed":
+        return None
+    if not hasattr(builder_flag, "FP16"):  # TensorRT 11 removed FP16/BF16/INT8/FP8 with weak typing
+        raise UsageError(f"--precision {precision} asks for a weakly typed network, which TensorRT "
+                         f"{tensorrt_version or 'this version'} does not build (every network is strongly typed "
+                         "since TensorRT 11): use --precision strongly-typed with a graph exported in the dtype "
+                         "wanted (e.g. --dtype float16)")
+    return {"fp16": builder_flag.FP16, "bf16": builder_flag.BF16}.get(precision)
+
+
 def _build(onnx_path: Path, options: EngineOptions, profiles: dict, uses_plugins: bool) -> tuple[bytes, bytes]:
     """The TensorRT calls: network, parser, builder config, profile, timing cache, build.
     (Call import_tensorrt() first: it turns a missing TensorRT into a one-line error.)"""
     import tensorrt as trt
 
+    builder_flag = precision_builder_flag(trt.BuilderFlag, options.precision, _tensorrt_version())
     logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if uses_plugins:  # our plugins are AOT plugins: their PTX goes into the engine (TensorRT >= 10.9)
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
-    if options.precision == "strongly-typed":
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt.NetworkDefinitionCreationFlag, options.precision, uses_plugins))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -294,10 +331,8 @@ def _build(onnx_path: Path, options: EngineOptions, profiles: dict, uses_plugins
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-    if options.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif options.precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    if builder_flag is not None:
+        config.set_flag(builder_flag)
     if options.optimization_level is not None:
         config.builder_optimization_level = options.optimization_level
 

@@ -1,5 +1,6 @@
 """TensorRT engine building, the parts that need no TensorRT: profiles, sidecar, plugin inventory,
 and the one-line error (with how to install it) when TensorRT is missing."""
+import enum
 import json
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from export.errors import NormfuseError, UsageError
 from export.tensorrt_engine import (EngineOptions, Range, TensorRTMissing, build_engine, check_sidecar, make_sidecar,
-                                    plugin_ops, profile_shapes, sha256, sidecar_path, tensorrt_status)
+                                    network_flags, plugin_ops, precision_builder_flag, profile_shapes, sha256,
+                                    sidecar_path, tensorrt_status)
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_no_tensorrt = pytest.mark.skipif(tensorrt_status()[0], reason="TensorRT is importable here")
@@ -156,3 +158,65 @@ def test_build_profile_that_misses_a_shape_is_a_usage_error():
     pipeline = Pipeline(parse_args(["--norm", "rmsnorm", "--seq", "256", "--seq-range", "1:64:128"]), console=None)
     with pytest.raises(UsageError, match="outside the engine profile"):
         pipeline.profile()
+
+
+# The enum members as TensorRT's bindings define them (NvInfer.h / pyCore.cpp of 10.13 and 11.x):
+# 11.0 renumbered the network flags and removed weak typing with BuilderFlag.FP16/BF16.
+class CreationFlag10(enum.IntEnum):
+    EXPLICIT_BATCH = 0
+    STRONGLY_TYPED = 1
+    PREFER_JIT_PYTHON_PLUGINS = 2
+    PREFER_AOT_PYTHON_PLUGINS = 3
+
+
+class CreationFlag11(enum.IntEnum):
+    STRONGLY_TYPED = 0  # deprecated, ignored: every network is strongly typed
+    PREFER_JIT_PYTHON_PLUGINS = 1
+    PREFER_AOT_PYTHON_PLUGINS = 2
+
+
+class BuilderFlag10(enum.IntEnum):
+    FP16 = 0
+    BF16 = 17
+    DEBUG = 2
+
+
+class BuilderFlag11(enum.IntEnum):
+    DEBUG = 2
+    TF32 = 7
+
+
+@pytest.mark.parametrize("flags,aot,strong", [(CreationFlag10, 1 << 3, 1 << 1), (CreationFlag11, 1 << 2, 1 << 0)])
+def test_network_flags_follow_the_enum_values_not_fixed_bits(flags, aot, strong):
+    assert network_flags(flags, "strongly-typed", uses_plugins=True) == aot | strong
+    assert network_flags(flags, "strongly-typed", uses_plugins=False) == strong
+    assert network_flags(flags, "fp16", uses_plugins=True) == aot
+
+
+def test_weak_precisions_set_their_builder_flag_where_tensorrt_has_one():
+    assert precision_builder_flag(BuilderFlag10, "fp16") is BuilderFlag10.FP16
+    assert precision_builder_flag(BuilderFlag10, "bf16") is BuilderFlag10.BF16
+    assert precision_builder_flag(BuilderFlag10, "fp32") is None
+    assert precision_builder_flag(BuilderFlag11, "strongly-typed") is None
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_weak_precisions_are_a_usage_error_on_tensorrt_11(precision):
+    with pytest.raises(UsageError, match="strongly typed") as info:
+        precision_builder_flag(BuilderFlag11, precision, "11.4.0.106")
+    assert "--precision strongly-typed" in str(info.value) and "11.4.0.106" in str(info.value)
+
+
+def test_the_flag_names_used_are_in_the_tensorrt_stubs():
+    """The engine code names these members through its helpers; the stubs (10.13) must have them."""
+    import sysconfig
+
+    pyi = Path(sysconfig.get_paths()["purelib"]) / "tensorrt_bindings" / "tensorrt.pyi"
+    if not pyi.exists():
+        pytest.skip("tensorrt-stubs is not installed")
+    text = pyi.read_text()
+    for cls, members in (("NetworkDefinitionCreationFlag", ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS")),
+                         ("BuilderFlag", ("FP16", "BF16"))):
+        body = text.split(f"class {cls}:", 1)[1].split("\nclass ", 1)[0]
+        for member in members:
+            assert f"    {member}: " in body or f"    {member} = " in body, (cls, member)

@@ -1,9 +1,11 @@
 """The TensorRT plugin definitions.
 
-Without TensorRT: registration fails with a clear error, and the registered functions run against a
-stand-in of `tensorrt.plugin` to check names, signatures and the AOT kernel description (kernel
-name, PTX, launch parameters, integer arguments in TensorRT's order). With TensorRT and a GPU: a
-fused ONNX graph parses into an engine whose plugin output matches the float64 reference.
+Without TensorRT: registration fails with a clear error, and the registered functions are
+recorded by a stand-in of `tensorrt.plugin`'s decorators (it builds nothing) to check names, the
+parameter lists and annotations `tensorrt.plugin` validates (as read in TensorRT 10.9, 10.13 and
+11.4), and the AOT kernel description (kernel name, PTX, launch parameters, integer arguments in
+TensorRT's order). With TensorRT and a GPU: a fused ONNX graph parses into an engine whose plugin
+output matches the float64 reference.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import inspect
 import struct
 import sys
 import types
+import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,11 +79,18 @@ def fake_tensorrt():
     trt.float32, trt.float16, trt.bfloat16 = "f32", "f16", "bf16"
     trtp = types.ModuleType("tensorrt.plugin")
     trtp.registry = {"register": {}, "autotune": {}, "aot_impl": {}}
+    trtp.op = types.SimpleNamespace()  # like tensorrt.plugin.op.<namespace>.<name>
 
     def decorator(kind):
         def named(name):
             def record(fn):
+                if name in trtp.registry[kind]:  # tensorrt.plugin refuses a second definition
+                    raise ValueError(f"{name} already has a {kind} definition")
                 trtp.registry[kind][name] = fn
+                if kind == "register":
+                    namespace, op = name.split("::")
+                    setattr(trtp.op, namespace, getattr(trtp.op, namespace, types.SimpleNamespace()))
+                    setattr(getattr(trtp.op, namespace), op, fn)
                 return fn
             return record
         return named
@@ -88,8 +99,13 @@ def fake_tensorrt():
     trtp.TensorDesc = Desc
 
     class KernelLaunchParams:
-        grid_x = grid_y = grid_z = block_x = block_y = block_z = 1
-        shared_mem = 0
+        """The seven fields TensorRT's KernelLaunchParams has; any other name is an AttributeError."""
+
+        __slots__ = ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_mem")
+
+        def __init__(self):
+            self.grid_x = self.grid_y = self.grid_z = self.block_x = self.block_y = self.block_z = 1
+            self.shared_mem = 0
 
     class SymInt32:
         def __init__(self, value):
@@ -106,8 +122,8 @@ def fake_tensorrt():
             return inst
 
     class AutoTuneCombination:
-        def __init__(self, types_, layouts=None):
-            self.types, self.layouts = types_, layouts
+        def __init__(self, io_types=None, layouts=None, tactics=None):
+            self.types, self.layouts, self.tactics = io_types, layouts, tactics
 
     trtp.KernelLaunchParams, trtp.SymInt32, trtp.SymExprs = KernelLaunchParams, SymInt32, SymExprs
     trtp.SymIntExprs, trtp.AutoTuneCombination = SymIntExprs, AutoTuneCombination
@@ -129,17 +145,42 @@ def stand_in(monkeypatch):
 
 
 class PropertyExpr(Expr):
-    """Later TensorRT releases make constant_value a property."""
+    """constant_value as a property, as the abstract SymExpr declares it (ShapeExpr has a method)."""
 
     @property
     def constant_value(self):  # type: ignore[override]
         return self.value
 
 
+class FakeExpr(Expr):
+    """A ShapeExpr read outside a shape calculation: is_constant raises RuntimeError."""
+
+    @property
+    def is_constant(self):
+        raise RuntimeError("Not accessible for fake 'ShapeExpr's")
+
+
 def test_constant_hidden_is_read_from_either_api():
     assert plugin_trt._constant(Expr(4096)) == 4096
     assert plugin_trt._constant(PropertyExpr(4096)) == 4096
     assert plugin_trt._constant(Expr("h")) is None
+    assert plugin_trt._constant(FakeExpr(4096)) is None
+
+
+def test_epsilon_arrives_as_the_parsers_one_element_float32_field():
+    field = np.array([1e-5], np.float32)  # what the plugin creator holds for epsilon
+    assert plugin_trt.epsilon_value(field.astype(np.float32)) == float(np.float32(1e-5))
+    assert plugin_trt.epsilon_value(1e-6) == float(np.float32(1e-6))
+    with pytest.raises(ValueError, match="one number"):
+        plugin_trt.epsilon_value(np.zeros(2, np.float32))
+
+
+def test_registering_twice_defines_nothing_twice(stand_in):
+    _, trtp = stand_in
+    before = {kind: dict(fns) for kind, fns in trtp.registry.items()}
+    plugin_trt._registered = False  # as a second copy of the module would see it
+    plugin_trt.register_tensorrt_plugins()
+    assert trtp.registry == before and plugin_trt._registered
 
 
 def test_all_four_ops_are_registered_under_the_rewriters_names(stand_in):
@@ -161,7 +202,7 @@ def test_signatures_follow_the_contract(stand_in, op):
     assert list(inspect.signature(trtp.registry["aot_impl"][name]).parameters) == inputs + [
         "epsilon", "outputs", "tactic"]
     assert list(inspect.signature(trtp.registry["autotune"][name]).parameters) == inputs + ["outputs"]
-    outs = trtp.registry["register"][name](*[Desc((4, 8), "f16") for _ in inputs], epsilon=1e-5)
+    outs = trtp.registry["register"][name](*[Desc((4, 8), "f16") for _ in inputs], epsilon=np.array([1e-5], np.float32))
     assert len(outs if isinstance(outs, tuple) else (outs,)) == len(spec.outputs)
 
 
@@ -186,15 +227,114 @@ def test_aot_impl_describes_the_launch(stand_in, op):
     descs = [Desc((2, "seq", 4096), "bf16") if n in ("x", "residual") else Desc((4096,), "f32") for n in inputs]
     outputs = tuple(Desc((2, "seq", 4096), "bf16") for _ in spec.outputs)
     name, ptx, params, extra = trtp.registry["aot_impl"][f"{PLUGIN_NAMESPACE}::{op}"](
-        *descs, epsilon=1e-6, outputs=outputs, tactic=0)
+        *descs, epsilon=np.array([1e-6], np.float32), outputs=outputs, tactic=0)  # as the creator passes it
     cfg = config.launch_config(op, "bfloat16", 8, 4096)
     assert name == cfg.kernel.encode()
     assert ptx == f"// ptx {op} bfloat16 float32 {cfg.kernel}".encode()
     assert params.block_x == cfg.block and params.shared_mem == 0
     assert params.grid_x.value == f"(((2 * seq) + {cfg.rows_per_block - 1}) // {cfg.rows_per_block})"
+    # what the AOT plugin checks of the result: str or bytes twice, the launch parameters, a
+    # SymExprs whose every item is a SymInt32
+    assert isinstance(name, (str, bytes)) and isinstance(ptx, (str, bytes))
+    assert isinstance(params, trtp.KernelLaunchParams) and isinstance(extra, trtp.SymExprs)
+    assert all(isinstance(a, trtp.SymInt32) for a in extra.items)
     rows, hidden, eps = (a.value for a in extra.items)
     assert rows.value == "(2 * seq)" and hidden == 4096
     assert struct.unpack("<f", struct.pack("<i", eps))[0] == pytest.approx(1e-6)
+
+
+# ------------------------------------------------------------------ what tensorrt.plugin validates
+SERIALIZABLE_ATTRIBUTE_TYPES = (int, float, bytes, bool, str)
+SERIALIZABLE_ARRAY_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64, np.bool_)
+RESERVED_NAMES = {"outputs", "stream", "tactic"}
+
+
+def _array_dtype(annotation):
+    """T of `numpy.ndarray[..., numpy.dtype[T]]` (how tensorrt.plugin reads an array attribute), else None."""
+    if typing.get_origin(annotation) is not np.ndarray or len(typing.get_args(annotation)) != 2:
+        return None
+    (dtype,) = typing.get_args(typing.get_args(annotation)[1]) or (None,)
+    return dtype
+
+
+def _tuple_of(annotation, cls, count):
+    return typing.get_origin(annotation) is tuple and list(typing.get_args(annotation)) == [cls] * count
+
+
+def _str_or_bytes(annotation):
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return set(args) <= {str, bytes} and args
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_annotations_are_what_tensorrt_plugin_accepts(stand_in, op):
+    """register: all parameters annotated with objects (not strings), no defaults, TensorDescs first,
+    attributes of a serialisable type, the return annotation counting the outputs; autotune and
+    aot_impl: the same tensors, attributes with the registered types, then outputs (and tactic)."""
+    _, trtp = stand_in
+    spec = OPS[op]
+    name = f"{PLUGIN_NAMESPACE}::{op}"
+    n_out = len(spec.outputs)
+
+    register = inspect.signature(trtp.registry["register"][name])
+    tensors, attributes = [], {}
+    for pname, param in register.parameters.items():
+        assert param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and param.default is inspect.Parameter.empty
+        assert param.annotation is not inspect.Parameter.empty and not isinstance(param.annotation, str)
+        if inspect.isclass(param.annotation) and issubclass(param.annotation, trtp.TensorDesc):
+            assert not attributes, "tensors and attributes may not be interspersed"
+            tensors.append(pname)
+        else:
+            assert pname not in RESERVED_NAMES
+            assert param.annotation in SERIALIZABLE_ATTRIBUTE_TYPES or _array_dtype(param.annotation) in SERIALIZABLE_ARRAY_DTYPES
+            attributes[pname] = param.annotation
+    # the rewriter's one attribute, a FLOAT, which the parser passes as a one-element float32 field:
+    # annotated as a float32 array, since a `float` annotation makes TensorRT 10.9 to 11.0 call
+    # float() on that array, which NumPy >= 2.4 refuses
+    assert list(attributes) == ["epsilon"] and _array_dtype(attributes["epsilon"]) is np.float32
+    ret = register.return_annotation
+    assert (ret is trtp.TensorDesc and n_out == 1) or _tuple_of(ret, trtp.TensorDesc, n_out)
+
+    autotune = inspect.signature(trtp.registry["autotune"][name])
+    params = list(autotune.parameters)
+    assert params[:len(tensors)] == tensors and params[-1] == "outputs"
+    assert all(p in attributes for p in params[len(tensors):-1])
+    assert _tuple_of(autotune.parameters["outputs"].annotation, trtp.TensorDesc, n_out)
+    assert typing.get_origin(autotune.return_annotation) is list
+    assert typing.get_args(autotune.return_annotation) == (trtp.AutoTuneCombination,)
+
+    aot = inspect.signature(trtp.registry["aot_impl"][name])
+    # every registered attribute, in order: the AOT plugin passes all of them positionally
+    assert list(aot.parameters) == tensors + list(attributes) + ["outputs", "tactic"]
+    for pname in tensors:
+        assert aot.parameters[pname].annotation is trtp.TensorDesc
+    for pname, annotation in attributes.items():  # compared with == by tensorrt.plugin
+        assert aot.parameters[pname].annotation == annotation
+    assert _tuple_of(aot.parameters["outputs"].annotation, trtp.TensorDesc, n_out)
+    assert aot.parameters["tactic"].annotation is int
+    ret = aot.return_annotation
+    assert typing.get_origin(ret) is tuple and len(typing.get_args(ret)) == 4
+    kernel, code, launch, extra = typing.get_args(ret)
+    assert _str_or_bytes(kernel) and _str_or_bytes(code)
+    assert launch is trtp.KernelLaunchParams and issubclass(extra, trtp.SymExprs)
+
+
+def test_the_module_keeps_annotations_as_objects():
+    """`from __future__ import annotations` would turn them into strings that issubclass rejects."""
+    source = Path(plugin_trt.__file__).read_text()
+    assert not any(line.startswith("from __future__ import annotations") for line in source.splitlines())
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_autotune_strings_parse_as_tensorrt_reads_them(stand_in, op):
+    """One comma-separated entry per input then output, each FP32, FP16 or a trt.DataType name."""
+    _, trtp = stand_in
+    spec = OPS[op]
+    n_io = len(spec.inputs) + (1 if spec.centered else 0) + len(spec.outputs)
+    for combo in trtp.registry["autotune"][f"{PLUGIN_NAMESPACE}::{op}"](*[None] * (n_io - len(spec.outputs) + 1)):
+        entries = [t.strip() for t in combo.types.split(",")]
+        assert len(entries) == n_io and set(entries) <= {"FP32", "FP16", "BF16"}  # BF16 is DataType.BF16
+        assert combo.layouts == "LINEAR" and combo.tactics is None
 
 
 # ------------------------------------------------------------------ the real thing
@@ -225,9 +365,13 @@ def test_fused_onnx_graph_builds_and_matches_the_reference(op, tmp_path):
         initializer=[numpy_helper.from_array(data[n], n) for n in inputs if n not in activations])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("normfuse", 1)])
 
+    from export.tensorrt_engine import network_flags
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    # strongly typed (as TensorRT 11 always is): the plugin runs on the graph's fp16, the output
+    # buffers below are fp16; weakly typed, TensorRT 10 could pick the FP32 combination
+    network = builder.create_network(network_flags(trt.NetworkDefinitionCreationFlag, "strongly-typed", True))
     parser = trt.OnnxParser(network, logger)
     assert parser.parse(model.SerializeToString()), [parser.get_error(i) for i in range(parser.num_errors)]
     cfg = builder.create_builder_config()
