@@ -324,8 +324,8 @@ def combine_repeats(runs: list[dict]) -> dict:
                           if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in runs)}
     if "throughput_tokens_per_s" in cell:
         cell["throughput_tokens_per_s"] = float(np.median([r["throughput_tokens_per_s"] for r in runs]))
-    peaks = [r.get("peak_gpu_memory_mb") for r in runs]
-    cell["peak_gpu_memory_mb"] = None if any(p is None for p in peaks) else max(peaks)
+    peaks = [r["peak_gpu_memory_mb"] for r in runs if r.get("peak_gpu_memory_mb") is not None]
+    cell["peak_gpu_memory_mb"] = max(peaks) if len(peaks) == len(runs) else None
     cell["repeats"] = [{k: v for k, v in r.items() if k != "op_classes"} for r in runs]
     return cell
 
