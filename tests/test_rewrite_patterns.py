@@ -133,6 +133,32 @@ def test_report_lists_fusion_details():
     assert report.counts == {"AddLayerNorm": 1}
 
 
+PLUGIN_DTYPES = [NormSpec(kind="layer", dtype=d, casts=c, scale=s, bias=b, residual=r)
+                 for d, c, s, b, r in itertools.product(("float16", "bfloat16"), ("none", "llama", "scale_then_cast"),
+                                                        ("none", "right", "cast_w"), (False, True), ("none", "private"))]
+
+
+@pytest.mark.parametrize("spec", PLUGIN_DTYPES, ids=NormSpec.describe)
+def test_tensorrt_target_gives_the_plugins_a_dtype_combination_they_declare(spec):
+    """gamma and beta reach a plugin in one dtype, x's or float32 (the kernels are specialised on
+    one parameter dtype); a combination outside plugins.trt's autotune list fails the engine build."""
+    import onnx_graphsurgeon as gs
+
+    from export.rewrite.checks import dtype_name
+    from normops import OPS
+    from plugins.trt import TRT_TYPE_NAME, type_combinations
+
+    out, report = rewrite_model(build(spec), target="tensorrt")
+    assert report.fused == 1, [r.reason for r in report.rejected]
+    graph = gs.import_onnx(out)
+    (node,) = [n for n in graph.nodes if n.op in OPS]
+    names = OPS[node.op].all_inputs + OPS[node.op].outputs
+    dtypes = dict(zip(names, (dtype_name(t) for t in node.inputs + node.outputs)))
+    assert dtypes["gamma"] == dtypes["beta"]
+    assert ", ".join(TRT_TYPE_NAME[dtypes[n]] for n in names) in type_combinations(node.op)
+    assert_same(build(spec), out, spec.dtype)
+
+
 def _native_model(op, dtype, residual, with_bias=True, axis=-1, opset=None):
     from onnx import helper, numpy_helper
 

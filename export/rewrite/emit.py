@@ -50,16 +50,14 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
     # The fused op maps x's dtype to itself; when the subgraph ended in another dtype (fp32
     # residual stream, fp16 scale), a Cast after the op gives y its original dtype.
     op_dtype = dtype_name(candidate.x)
-    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, op_dtype, fill=1.0, name=f"{y.name}_gamma")
+    param_dtype = _parameter_dtype(candidate, op_dtype, target)
+    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, param_dtype, fill=1.0, name=f"{y.name}_gamma")
+    gamma = _cast(graph, gamma, param_dtype)
     beta = candidate.beta
     needs_beta = candidate.centered and target == "tensorrt"
     if beta is not None or needs_beta:
-        beta = _per_feature_vector(graph, beta, candidate.hidden, op_dtype, fill=0.0, name=f"{y.name}_beta")
-    # ORT and ONNX ops want scale and bias in x's dtype; the plugins also accept float32.
-    keep = (op_dtype, "float32") if target == "tensorrt" else (op_dtype,)
-    gamma = gamma if dtype_name(gamma) in keep else _cast(graph, gamma, op_dtype)
-    if beta is not None:
-        beta = beta if dtype_name(beta) in keep else _cast(graph, beta, op_dtype)
+        beta = _per_feature_vector(graph, beta, candidate.hidden, param_dtype, fill=0.0, name=f"{y.name}_beta")
+        beta = _cast(graph, beta, param_dtype)
 
     for node in candidate.nodes:
         node.outputs.clear()
@@ -95,6 +93,16 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
     node = gs.Node(op_type, name=f"normfuse_{op_type}_{next(_names)}", attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
     graph.nodes.append(node)
     return node
+
+
+def _parameter_dtype(candidate: NormCandidate, op_dtype: str, target: str) -> str:
+    """The one dtype of gamma and beta in the fused op. ORT and ONNX ops want x's dtype. The
+    plugins take x's dtype or float32, the same for both (their kernels are specialised on one
+    parameter dtype): float32 when either parameter already is, since widening is exact."""
+    present = [t for t in (candidate.gamma, candidate.beta) if t is not None]
+    if target == "tensorrt" and any(dtype_name(t) == "float32" for t in present):
+        return "float32"
+    return op_dtype
 
 
 def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: float, name: str):
