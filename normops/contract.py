@@ -14,7 +14,7 @@ PLUGIN_NAMESPACE = "normfuse"
 PLUGIN_VERSION = "1"
 DEFAULT_EPSILON = 1e-5
 
-# dtypes the ops accept for x / residual / y. gamma and beta may be the input dtype or float32.
+# dtypes the ops accept for x / residual / y. gamma and beta are both the input dtype or both float32.
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 STATISTICS_DTYPE = "float32"  # mean and variance always accumulate in fp32
 
