@@ -71,6 +71,29 @@ class Launch:
             self.function((int(self.cfg.grid),), (self.cfg.block,), tuple(args), shared_mem=self.cfg.shared_mem)
 
 
+def check_operands(op: str, named: dict[str, Any]) -> None:
+    """Refuse what the kernel would read wrongly instead of failing: it takes raw pointers, so a
+    residual of another shape or dtype than x, a scale that is not [hidden], a beta in another
+    dtype than gamma, or a strided tensor would be read as garbage."""
+    x = named["x"]
+    x_dtype = dtype_name(x)
+    hidden = int(x.shape[-1]) if x.dim() else 1
+    for name, t in named.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+        dtype = dtype_name(t)
+        if name == "residual" and (dtype != x_dtype or tuple(t.shape) != tuple(x.shape)):
+            raise ValueError(f"{op}: residual is {dtype} {tuple(t.shape)}, x is {x_dtype} {tuple(x.shape)}; they must match")
+        if name in ("gamma", "beta"):
+            if tuple(t.shape) != (hidden,):
+                raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected ({hidden},) for hidden {hidden}")
+            if dtype not in (x_dtype, "float32"):
+                raise ValueError(f"{op}: {name} is {dtype}; it must be x's dtype ({x_dtype}) or float32")
+    if "beta" in named and dtype_name(named["beta"]) != dtype_name(named["gamma"]):
+        raise ValueError(f"{op}: gamma is {dtype_name(named['gamma'])} and beta {dtype_name(named['beta'])}; "
+                         "they must share one dtype")
+
+
 def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[int, int] | None = None,
         outputs: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
     """Run op on torch CUDA tensors given in contract order (x, [residual], gamma, [beta]).
@@ -84,12 +107,10 @@ def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[i
     if len(inputs) != len(names):
         raise TypeError(f"{op} takes {names}, got {len(inputs)} tensors")
     named = dict(zip(names, inputs))
+    check_operands(op, named)
     x, gamma = named["x"], named["gamma"]
     hidden = int(x.shape[-1]) if x.dim() else 1
     rows = x.numel() // hidden if hidden else 0
-    for name, t in named.items():
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
     if outputs is None:
         outputs = tuple(torch.empty_like(x) for _ in spec.outputs)
     launch = Launch(op, dtype_name(x), dtype_name(gamma), rows, hidden, layout=layout)
