@@ -123,7 +123,11 @@ def classify_trt_layer(name: str, norm_nodes: set[str]) -> str:
 
 
 def trt_layer_times(model, feeds: dict, runs: int, norm_nodes: set[str]) -> dict:
-    """Per-class time per run from TensorRT's layer profiler (no CUDA graph while profiling)."""
+    """Per-class time per run from TensorRT's layer profiler (no CUDA graph while profiling).
+
+    IProfiler.report_layer_time(layer_name, ms), subclassed with IProfiler.__init__ called, and
+    IExecutionContext.profiler are the same in TensorRT 10.9, 10.13 and 11.x; with the default
+    enqueue_emits_profile=True each execute_async_v3 reports its layers before it returns."""
     import tensorrt as trt
 
     class LayerTimes(trt.IProfiler):
@@ -134,14 +138,25 @@ def trt_layer_times(model, feeds: dict, runs: int, norm_nodes: set[str]) -> dict
         def report_layer_time(self, layer_name: str, ms: float) -> None:
             self.ms[layer_name] = self.ms.get(layer_name, 0.0) + ms
 
+    model.bind(feeds)
+    # One unprofiled run first: TensorRT defers work to the first enqueue after a shape is set, and
+    # the model may be freshly loaded (the --cuda-graph case), so it would land in the first report.
+    model.execute()
+    model.stream.synchronize()
     profiler = LayerTimes()
     model.context.profiler = profiler
-    model.bind(feeds)
     for _ in range(runs):
-        model.context.execute_async_v3(model.stream.cuda_stream)
+        model.execute()  # on the model's device and stream, its False an error (never a CUDA graph replay)
         model.stream.synchronize()
+    if not profiler.ms:
+        raise RuntimeError(f"{model.path}: TensorRT reported no layer times to the profiler")
+    return layer_classes(profiler.ms, runs, norm_nodes)
+
+
+def layer_classes(layer_ms: dict[str, float], runs: int, norm_nodes: set[str]) -> dict:
+    """Per-class time per run and share, from summed per-layer milliseconds over `runs` runs."""
     totals: dict[str, dict] = {}
-    for layer, ms in profiler.ms.items():
+    for layer, ms in layer_ms.items():
         entry = totals.setdefault(classify_trt_layer(layer, norm_nodes), {"time_ms": 0.0, "kernels": 0})
         entry["time_ms"] += ms / runs
         entry["kernels"] += 1
@@ -234,24 +249,44 @@ def prepare(model_name: str, layers: int, dtype: str, work: Path, backends: list
     stack: dict[str, Any] = {"folder": folder, "onnx": {"reference": reference, "fused": fused}, "plans": {}, "norm_nodes": norm_nodes,
              "fused_norms": report.fused, "rewrite_counts": report.counts, "engines": {}}
     if "tensorrt" in backends:
-        from export.tensorrt_engine import EngineOptions, Range, build_engine, read_sidecar, sha256
+        import tensorrt
+
+        from export.tensorrt_engine import EngineOptions, Range, build_engine, gpu_info, read_sidecar, sha256
 
         batches, seqs = [b for b, _ in shapes], [s for _, s in shapes]
         opt_batch, opt_seq = (1, 512) if (1, 512) in shapes else shapes[len(shapes) // 2]
         options = EngineOptions(batch=Range(min(batches), opt_batch, max(batches)),
                                 seq=Range(min(seqs), opt_seq, max(seqs)), workspace_mb=args.workspace_mb,
                                 timing_cache=work / "timing.cache")
+        here = {"tensorrt_version": str(tensorrt.__version__), "compute_capability": gpu_info().get("compute_capability"),
+                "batch_range": str(options.batch), "seq_range": str(options.seq), "precision": options.precision}
         for graph, source in (("reference", reference), ("fused", fused_trt)):
             plan = folder / f"{graph}.plan"
             sidecar = read_sidecar(plan) if plan.is_file() else None
-            if (sidecar is None or sidecar.get("onnx_sha256") != sha256(source)
-                    or sidecar.get("batch_range") != str(options.batch) or sidecar.get("seq_range") != str(options.seq)):
-                print(f"  building {plan} ...", flush=True)
+            stale = stale_engine_reasons(sidecar, {**here, "onnx_sha256": sha256(source)})
+            if sidecar is None or stale:
+                print(f"  building {plan} ({'; '.join(stale)}) ...", flush=True)
                 sidecar = build_engine(source, plan, options)
             stack["plans"][graph] = plan
             stack["engines"][graph] = {k: sidecar[k] for k in ("tensorrt_version", "build_seconds", "plan_bytes",
                                                                "plugins", "precision")}
     return stack
+
+
+def stale_engine_reasons(sidecar: dict | None, wanted: dict) -> list[str]:
+    """Why a `.plan` left by an earlier run cannot be reused (empty: reuse it). Besides the source
+    graph and the profile, the TensorRT version and the GPU: a plan deserialises only in the
+    TensorRT that built it (a 10.9 or 10.13 plan does not load in 11.x) on the same architecture,
+    so a work folder kept across a TensorRT upgrade must be rebuilt, not fail cell by cell."""
+    if sidecar is None:
+        return ["no engine yet"]
+    from export.runtime import engine_mismatches
+
+    reasons = ["the source graph changed"] if sidecar.get("onnx_sha256") != wanted.get("onnx_sha256") else []
+    reasons += [f"{key} {sidecar.get(key)} -> {wanted[key]}" for key in ("batch_range", "seq_range", "precision")
+                if key in wanted and sidecar.get(key) != wanted[key]]
+    return reasons + engine_mismatches(sidecar, wanted.get("tensorrt_version") or "",
+                                       wanted.get("compute_capability"))
 
 
 def run_worker(model: Path, backend: str, batch: int, seq: int, norm_nodes: list[str], args, profile: bool = True) -> dict:

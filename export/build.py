@@ -57,7 +57,8 @@ def parse_args(argv=None):
     trt.add_argument("--seq-range", metavar="MIN:OPT:MAX",
                      help="sequence axis of the optimisation profile (default 1:SEQ:max(SEQ,16))")
     trt.add_argument("--precision", choices=PRECISIONS, default="strongly-typed",
-                     help="strongly-typed: the graph's own dtypes (default); fp16/bf16: allow those kernels")
+                     help="strongly-typed: the graph's own dtypes (default); fp16/bf16/fp32: a weakly typed "
+                          "network with (or without) those kernels, TensorRT 10 only")
     trt.add_argument("--workspace-mb", type=positive_int, default=4096)
     trt.add_argument("--timing-cache", help="TensorRT timing cache file (default <out>/timing.cache)")
     parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository of the models built")
@@ -101,6 +102,7 @@ class Pipeline:
         backends, self.skipped = resolve_backends(a.backend)
         if "tensorrt" in backends:
             self.profile()  # a profile that misses the shapes is a flag error, before any work
+            self.check_precision()  # so is a weakly typed --precision on TensorRT 11
         reference, fused, fused_trt = out / "reference.onnx", out / "fused.onnx", out / "fused-tensorrt.onnx"
 
         with self.stage("export", f"export {a.preset} {config.norm} stack ({config.layers} layers, {a.dtype}) with {a.exporter}"):
@@ -160,6 +162,18 @@ class Pipeline:
                 raise UsageError(f"shape {b}x{s_} (validation or --batch/--seq) is outside the engine profile "
                                  f"--batch-range {batch} --seq-range {seq}")
         return batch, seq
+
+    def check_precision(self, builder_flag=None, tensorrt_version: str = "") -> None:
+        """UsageError for a --precision this TensorRT cannot build (fp16/bf16/fp32 are weakly typed
+        networks, which TensorRT 11 removed together with BuilderFlag.FP16/BF16); raised here rather
+        than after the export and rewrite, from the same rule the engine build applies."""
+        from .tensorrt_engine import precision_builder_flag
+
+        if builder_flag is None:
+            import tensorrt as trt
+
+            builder_flag, tensorrt_version = trt.BuilderFlag, str(trt.__version__)
+        precision_builder_flag(builder_flag, self.args.precision, tensorrt_version)
 
     def build_engines(self, reference: Path, fused_trt: Path, out: Path, backends) -> dict:
         """fused.plan (our plugins) and reference.plan (TensorRT's own handling of the norms)."""

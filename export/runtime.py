@@ -302,7 +302,17 @@ class TensorRTModel:
 
     Device buffers are torch CUDA tensors (torch with CUDA is needed on the serving machine), one
     per I/O tensor, reallocated only when a shape changes. The normfuse plugins are AOT plugins:
-    their kernels are inside the engine, so nothing has to be registered to load it.
+    their kernels are inside the engine, so nothing has to be registered to load it (an AOT
+    Python plugin has only a build-time interface, IPluginV3QuickAOTBuild, in TensorRT 10.9 to
+    11.x: at run time TensorRT launches the embedded kernel itself, and NVIDIA's sample runs such
+    engines in trtexec).
+
+    TensorRT calls used, all present with these signatures in the bindings of 10.9, 10.13 and
+    11.x: Runtime.deserialize_cuda_engine(buffer) (None on failure), create_execution_context()
+    (default STATIC allocation; 10.11 added an overload taking an IRuntimeConfig), num_io_tensors,
+    get_tensor_name/mode/dtype/shape, get_tensor_profile_shape(name, 0) -> [min, opt, max],
+    num_optimization_profiles, set_input_shape(name, tuple) -> bool, get_tensor_shape,
+    set_tensor_address(name, int), execute_async_v3(stream handle) -> bool.
     """
 
     def __init__(self, path: str | Path, device: int = 0, cuda_graph: bool = False):
@@ -320,18 +330,31 @@ class TensorRTModel:
         with torch.cuda.device(self.device):
             self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
-                raise NormfuseError(f"{self.path}: TensorRT could not deserialise this engine (built by another "
-                                    "TensorRT version or for another GPU? see its .json sidecar)")
+                # A plan loads only in the TensorRT version that built it (a 10.x plan never in 11.x),
+                # on the GPU architecture it was built for: say which of the two it is when the sidecar tells.
+                from .tensorrt_engine import gpu_info, read_sidecar
+
+                raise NormfuseError(deserialize_failure(self.path, read_sidecar(self.path), str(trt.__version__),
+                                                        gpu_info(device).get("compute_capability")))
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(device=self.device)
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
+        # (min, max) of each input in optimisation profile 0 (the only one export.tensorrt_engine builds)
+        self._profile: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             shape = tuple(d if d >= 0 else None for d in _dims(self.engine.get_tensor_shape(name)))
             spec = TensorSpec(name, trt_dtype_name(self.engine.get_tensor_dtype(name)), shape)
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(spec)
+            if is_input and None in shape and self.engine.num_optimization_profiles > 0:
+                try:
+                    low, _, high = (tuple(_dims(d)) for d in self.engine.get_tensor_profile_shape(name, 0))
+                except ValueError:  # Dims with nbDims -1 (no profile shape): TensorRT's own check stays
+                    continue
+                if len(low) == len(high) == len(shape):
+                    self._profile[name] = (low, high)
         self.input_names = [s.name for s in self.inputs]
         self.output_names = [s.name for s in self.outputs]
         self.cuda_graph = cuda_graph
@@ -364,14 +387,26 @@ class TensorRTModel:
     def bind(self, feeds: dict) -> tuple:
         """Copy feeds into the input buffers, set shapes, size the outputs; returns the shape key."""
         torch = self.torch
-        with torch.cuda.stream(self.stream):
+        # TensorRT runs on the device current when it is called (export.run's bench and
+        # bench/graphs call bind() and launch() directly, not through run()).
+        with torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            # CUDA tensors fed in were written on the caller's stream: the copies below, on ours,
+            # must not start before that work is done.
+            self.stream.wait_stream(caller)
             for spec in self.inputs:
                 value = feeds[spec.name]
                 shape = tuple(int(d) for d in value.shape)
                 if self._shapes.get(spec.name) != shape:
-                    if not self.context.set_input_shape(spec.name, shape):
+                    # Checked against the profile first: TensorRT documents set_input_shape's False only
+                    # as "some error occurred" (and logs it), so the range is named here.
+                    low_high = self._profile.get(spec.name)
+                    problem = profile_violation(shape, *low_high) if low_high else None
+                    if problem or not self.context.set_input_shape(spec.name, shape):
                         raise NormfuseError(f"{self.path}: input {spec.name!r} shape {list(shape)} is outside the "
-                                            "engine's optimisation profile (see its .json sidecar)")
+                                            f"engine's optimisation profile{' (' + problem + ')' if problem else ''} "
+                                            "(see its .json sidecar)")
                     self._shapes[spec.name] = shape
                 buf = self._buffer(spec.name, shape, spec.dtype)
                 source = value if is_torch(value) else to_torch(to_numpy(value))
@@ -383,21 +418,67 @@ class TensorRTModel:
 
     def launch(self, key: tuple) -> None:
         """Enqueue one execution (replaying the CUDA graph for this shape when enabled)."""
-        if not self.cuda_graph:
+        with self.torch.cuda.device(self.device):  # the context's device must be current for TensorRT
+            if not self.cuda_graph:
+                self.execute()
+                return
+            graph = self._graphs.get(key)
+            if graph is None:
+                # One plain run first: TensorRT defers some work to the first enqueue after a shape change.
+                self.execute()
+                self.stream.synchronize()
+                graph = self.torch.cuda.CUDAGraph()
+                with self.torch.cuda.graph(graph, stream=self.stream):
+                    captured = self.context.execute_async_v3(self.stream.cuda_stream)
+                if not captured:  # an enqueue TensorRT could not capture: said, never replayed empty
+                    raise NormfuseError(f"{self.path}: TensorRT execution failed while capturing a CUDA graph "
+                                        "(see the log above; run without --cuda-graph)")
+                self._graphs[key] = graph
+            with self.torch.cuda.stream(self.stream):
+                graph.replay()
+
+    def execute(self) -> None:
+        """One execute_async_v3 on our stream; its False (TensorRT logged why) is an error."""
+        with self.torch.cuda.device(self.device):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise NormfuseError(f"{self.path}: TensorRT execution failed (see the log above)")
-            return
-        graph = self._graphs.get(key)
-        if graph is None:
-            # One plain run first: TensorRT defers some work to the first enqueue after a shape change.
-            self.context.execute_async_v3(self.stream.cuda_stream)
-            self.stream.synchronize()
-            graph = self.torch.cuda.CUDAGraph()
-            with self.torch.cuda.graph(graph, stream=self.stream):
-                self.context.execute_async_v3(self.stream.cuda_stream)
-            self._graphs[key] = graph
-        with self.torch.cuda.stream(self.stream):
-            graph.replay()
+
+
+def profile_violation(shape: tuple[int, ...], low: tuple[int, ...], high: tuple[int, ...]) -> str | None:
+    """Why `shape` lies outside a profile's [low, high] (from engine.get_tensor_profile_shape), or None."""
+    if len(shape) != len(low):
+        return f"rank {len(shape)}, the profile has rank {len(low)}"
+    for axis, (have, lo, hi) in enumerate(zip(shape, low, high)):
+        if not lo <= have <= hi:
+            return f"axis {axis} is {have}, the profile allows {lo}..{hi}"
+    return None
+
+
+def engine_mismatches(sidecar: dict | None, tensorrt_version: str, compute_capability: str | None) -> list[str]:
+    """Why an engine cannot load here, from its sidecar: a plan deserialises only in the TensorRT
+    version that built it (10.9, 10.13 and 11.x plans are mutually unreadable; normfuse builds no
+    version-compatible engines) and on the GPU architecture it was built for."""
+    if not sidecar:
+        return []
+    problems = []
+    built_with = sidecar.get("tensorrt_version")
+    if built_with and tensorrt_version and built_with != tensorrt_version:
+        problems.append(f"built with TensorRT {built_with}, this is TensorRT {tensorrt_version}")
+    built_for = sidecar.get("compute_capability")
+    if built_for and compute_capability and built_for != compute_capability:
+        problems.append(f"built for compute capability {built_for}, this GPU is {compute_capability}")
+    return problems
+
+
+def deserialize_failure(path: Path, sidecar: dict | None, tensorrt_version: str, compute_capability: str | None) -> str:
+    """The one-line error when deserialize_cuda_engine returns None."""
+    problems = engine_mismatches(sidecar, tensorrt_version, compute_capability)
+    if problems:
+        return f"{path}: TensorRT could not deserialise this engine: {'; '.join(problems)} (rebuild it here)"
+    if sidecar is None:
+        return (f"{path}: TensorRT {tensorrt_version} could not deserialise this engine and it has no .json sidecar "
+                "to say what built it (another TensorRT version or GPU?)")
+    return f"{path}: TensorRT could not deserialise this engine (see the TensorRT log above and its .json sidecar)"
 
 
 def _dims(dims: Any) -> list[int]:

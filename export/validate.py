@@ -170,6 +170,18 @@ def polygraphy_compare(reference_outputs: str | Path, candidate_outputs: str | P
     return bool(accuracy)
 
 
+def reference_backend(requested: str, candidate: str, dtype: str) -> str:
+    """The reference's backend when --reference-backend is not given: --backend, or ONNX Runtime's
+    CPU provider when that names TensorRT (the reference graph is the one being checked against,
+    not built). A bfloat16 graph against a TensorRT engine goes to the onnx reference evaluator
+    instead: ONNX Runtime's CPU provider has no bfloat16 MatMul, so `validate REF.onnx FUSED.plan`
+    of a bf16 engine would otherwise fail before comparing anything."""
+    backend = "ort-cpu" if requested == "tensorrt" else requested
+    if dtype == "bfloat16" and backend == "ort-cpu" and candidate == "tensorrt":
+        return "onnx-reference"
+    return backend
+
+
 def candidate_backend(path: Path, requested: str) -> str:
     """A .plan runs on TensorRT whatever --backend says for the reference."""
     from .runtime import ENGINE_SUFFIXES
@@ -189,7 +201,8 @@ def main(argv=None) -> int:
                         help="backend for both models (onnx-reference runs normfuse ops through normops; "
                              "tensorrt builds an engine from an .onnx candidate)")
     parser.add_argument("--reference-backend", choices=("ort-cpu", "ort-cuda", "onnx-reference", "tensorrt"),
-                        help="backend for the reference only (default: --backend, or ort-cpu for tensorrt)")
+                        help="backend for the reference only (default: --backend, or ort-cpu for tensorrt; "
+                             "onnx-reference for a bfloat16 graph against a TensorRT engine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the comparison as JSON")
     parser.add_argument("--save-outputs", metavar="DIR", help="write inputs and outputs in Polygraphy's formats")
@@ -200,7 +213,7 @@ def main(argv=None) -> int:
         dtype = model_dtype(args.reference)
         candidate = Path(args.candidate)
         cand_backend = candidate_backend(candidate, args.backend)
-        ref_backend = args.reference_backend or ("ort-cpu" if args.backend == "tensorrt" else args.backend)
+        ref_backend = args.reference_backend or reference_backend(args.backend, cand_backend, dtype)
         if not candidate.is_file():  # model_dtype has checked the reference
             raise NormfuseError(f"{candidate}: no such file")
         pairs = compare(Side(Path(args.reference), ref_backend, "reference"), Side(candidate, cand_backend, "fused"),
