@@ -6,11 +6,17 @@ check assembles). Modules are compiled on first use and cached under
 $NORMFUSE_CACHE_DIR (default ~/.cache/normfuse/ptx), keyed by a hash of the sources and flags,
 so an edited kernel is never served stale. Building an engine needs nvcc; serving it does not,
 since TensorRT embeds the PTX in the engine.
+
+`source_dir` and `defines` (default: this directory, none) compile another copy of the sources,
+e.g. an older revision's, or the same sources with a compile-time switch; both enter the cache key
+(the sources are hashed from that directory, the defines are part of the unit). bench/kernels.py
+uses them to time kernel versions side by side (`--sources`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,8 +35,11 @@ class ToolchainError(RuntimeError):
     """nvcc or ptxas is missing or failed."""
 
 
-def source_path(op: str) -> Path:
-    return SOURCE_DIR / f"{config.FAMILY[config._spec(op).name]}.cu"
+_DEFINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+-]*)?")
+
+
+def source_path(op: str, source_dir: Path | None = None) -> Path:
+    return Path(source_dir or SOURCE_DIR) / f"{config.FAMILY[config._spec(op).name]}.cu"
 
 
 def nvcc_path() -> str | None:
@@ -57,10 +66,11 @@ def _arch_number(arch: str) -> str:
 
 
 def module_source(op: str, x_dtype: str, gamma_dtype: str | None,
-                  variant: tuple[int, int, int] | None = None) -> str:
+                  variant: tuple[int, int, int] | None = None, defines: tuple[str, ...] = ()) -> str:
     """The translation unit nvcc compiles: the op's .cu with its dtypes and launch variants fixed.
 
     `variant` (threads per row, rows per block, slots) keeps one entry point; None keeps all.
+    `defines` ("NAME" or "NAME=VALUE") are #defined first: compile-time switches of the kernels.
     """
     g = config.gamma_dtype_name(x_dtype, gamma_dtype)
     chosen = config.variants(x_dtype) if variant is None else [tuple(variant)]
@@ -68,7 +78,13 @@ def module_source(op: str, x_dtype: str, gamma_dtype: str | None,
         if v not in config.variants(x_dtype):
             raise ValueError(f"{v} is not a compiled variant for {x_dtype}")
     variants = " ".join(f"V({t}, {r}, {c})" for t, r, c in chosen)
-    return (f"#define NORMFUSE_X {config.CUDA_TYPE[x_dtype]}\n"
+    switches = ""
+    for d in defines:
+        if not _DEFINE.fullmatch(d):
+            raise ValueError(f"bad define {d!r}: expected NAME or NAME=VALUE")
+        name, _, value = d.partition("=")
+        switches += f"#define {name} {value or 1}\n"
+    return (switches + f"#define NORMFUSE_X {config.CUDA_TYPE[x_dtype]}\n"
             f"#define NORMFUSE_G {config.CUDA_TYPE[g]}\n"
             f"#define NORMFUSE_VARIANTS(V) {variants}\n"
             f'#include "{source_path(op).name}"\n')
@@ -82,9 +98,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NORMFUSE_CACHE_DIR", Path.home() / ".cache" / "normfuse" / "ptx"))
 
 
-def _cache_key(op: str, unit: str, flags: list[str]) -> str:
+def _cache_key(op: str, unit: str, flags: list[str], source_dir: Path | None = None) -> str:
     h = hashlib.sha256()
-    for path in (source_path(op), SOURCE_DIR / HEADER):
+    for path in (source_path(op, source_dir), Path(source_dir or SOURCE_DIR) / HEADER):
         h.update(path.read_bytes())
     h.update(unit.encode())
     h.update("\0".join(flags).encode())
@@ -105,30 +121,37 @@ def target_arch() -> str:
 
 
 def get_ptx(op: str, x_dtype: str, gamma_dtype: str | None = None, arch: str | None = None,
-            variant: tuple[int, int, int] | None = None) -> str:
+            variant: tuple[int, int, int] | None = None, source_dir: Path | str | None = None,
+            defines: tuple[str, ...] = ()) -> str:
     """PTX text of `op`'s module for x in `x_dtype` and gamma/beta in `gamma_dtype` (None: x's).
 
     With `variant` = (threads per row, rows per block, slots) the module holds only that kernel
     (what the TensorRT plugin embeds and the launcher loads, see `ptx_for_launch`); without it,
-    every variant of `config.variants` (what the ptxas check assembles).
+    every variant of `config.variants` (what the ptxas check assembles). `source_dir` and
+    `defines`: another copy of the sources, compile-time switches (see the module docstring).
     """
     return _get_ptx(config._spec(op).name, x_dtype, config.gamma_dtype_name(x_dtype, gamma_dtype),
-                    arch or target_arch(), None if variant is None else tuple(variant))
+                    arch or target_arch(), None if variant is None else tuple(variant),
+                    None if source_dir is None else str(Path(source_dir).resolve()), tuple(defines))
 
 
 def ptx_for_launch(op: str, x_dtype: str, gamma_dtype: str | None, cfg: config.LaunchConfig,
-                   arch: str | None = None) -> str:
+                   arch: str | None = None, source_dir: Path | str | None = None,
+                   defines: tuple[str, ...] = ()) -> str:
     """The one-kernel module that runs `cfg`."""
-    return get_ptx(op, x_dtype, gamma_dtype, arch, (cfg.threads_per_row, cfg.rows_per_block, cfg.slots))
+    return get_ptx(op, x_dtype, gamma_dtype, arch, (cfg.threads_per_row, cfg.rows_per_block, cfg.slots),
+                   source_dir, defines)
 
 
 @lru_cache(maxsize=None)
-def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, int, int] | None) -> str:
+def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, int, int] | None,
+             source_dir: str | None = None, defines: tuple[str, ...] = ()) -> str:
+    sources = Path(source_dir) if source_dir else SOURCE_DIR
     flags = nvcc_flags(arch)
-    unit = module_source(op, x_dtype, g, variant)
+    unit = module_source(op, x_dtype, g, variant, defines)
     tag = "all" if variant is None else "t{}_r{}_c{}".format(*variant)
     name = (f"{config.FAMILY[op]}_{config.SHORT[x_dtype]}_{config.SHORT[g]}_{arch}_{tag}_"
-            f"{_cache_key(op, unit, flags)}.ptx")
+            f"{_cache_key(op, unit, flags, sources)}.ptx")
     cached = cache_dir() / name
     if cached.exists():
         return cached.read_text()
@@ -140,7 +163,7 @@ def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, int, 
         out = Path(tmp) / name
         src = Path(tmp) / "module.cu"
         src.write_text(unit)
-        cmd = [nvcc, *flags, "-I", str(SOURCE_DIR), "-o", str(out), str(src)]
+        cmd = [nvcc, *flags, "-I", str(sources), "-o", str(out), str(src)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise ToolchainError(f"nvcc failed ({' '.join(cmd)}):\n{result.stderr}")
@@ -151,15 +174,19 @@ def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, int, 
     return ptx
 
 
-def ptxas_check(ptx: str, arch: str) -> str:
-    """Assemble `ptx` for `arch` with ptxas; returns its resource report (-v), raises on error."""
+def ptxas_check(ptx: str, arch: str, cubin: Path | None = None) -> str:
+    """Assemble `ptx` for `arch` with ptxas; returns its resource report (-v), raises on error.
+
+    `cubin`: also keep the assembled cubin there (for cuobjdump -sass / nvdisasm).
+    """
     ptxas = ptxas_path()
     if ptxas is None:
         raise ToolchainError("ptxas is not on PATH")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "module.ptx"
         src.write_text(ptx)
-        result = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", str(Path(tmp) / "module.cubin"), str(src)],
+        out = Path(cubin) if cubin is not None else Path(tmp) / "module.cubin"
+        result = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", str(out), str(src)],
                                 capture_output=True, text=True)
     if result.returncode != 0:
         raise ToolchainError(f"ptxas -arch={arch} failed:\n{result.stderr}")

@@ -13,6 +13,22 @@
 // The element type T and the gamma/beta type G are fixed when the module is compiled
 // (NORMFUSE_X and NORMFUSE_G); the thread layout variants come from NORMFUSE_VARIANTS, the list
 // that plugins/config.py generates, so the Python launch table and the PTX always agree.
+//
+// A/B switches (compile-time, all off by default; `python bench/kernels.py --sources
+// HEAD,HEAD+NAME` or `worktree,worktree+NAME` times a switched build beside the default one).
+// The default kernels are the ones the GPU tests prove; a switch is a candidate until it has
+// passed them too.
+//   NORMFUSE_AB_PLAIN_LOADS       x/residual/gamma/beta through plain loads, not the read-only path
+//   NORMFUSE_AB_NO_PREFETCH       no L2 prefetch of gamma/beta before the statistics
+//   NORMFUSE_AB_NO_TRAILING_SYNC  each reduction of a row has its own shared buffer, so the
+//                                 barrier after reading it (1 of the 2 per block reduction) goes
+//   NORMFUSE_AB_PARAMS_EARLY      gamma/beta of every slot loaded into registers before the
+//                                 statistics (their latency overlaps the reduction; more registers)
+//   NORMFUSE_AB_LN_ONE_REDUCTION  LayerNorm in registers: exact per-thread moments merged with
+//                                 Chan's rule in one block reduction instead of two
+//   NORMFUSE_AB_MIN_THREADS_PER_SM=N  ask ptxas for N / block resident blocks per SM (a register
+//                                 cap; it may spill): the entry points' __launch_bounds__ gets
+//                                 that second argument
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,7 +58,11 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[N
     #pragma unroll
     for (int k = 0; k < N / kPer; ++k) {
         union { uint4 raw; T e[kPer]; } chunk;
+#ifdef NORMFUSE_AB_PLAIN_LOADS
+        chunk.raw = *reinterpret_cast<const uint4*>(p + k * kPer);
+#else
         chunk.raw = __ldg(reinterpret_cast<const uint4*>(p + k * kPer));  // read-only path
+#endif
         #pragma unroll
         for (int j = 0; j < kPer; ++j) out[k * kPer + j] = to_float(chunk.e[j]);
     }
@@ -63,7 +83,11 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[N
 
 template <typename T>
 __device__ __forceinline__ float load_one(const T* __restrict__ p) {
+#ifdef NORMFUSE_AB_PLAIN_LOADS
+    return to_float(*p);
+#else
     return to_float(__ldg(p));
+#endif
 }
 
 // Ask L2 for the line holding p (gamma/beta, fetched while the row's statistics are reduced).
@@ -116,7 +140,16 @@ template <int WIDTH> __device__ __forceinline__ Moments shfl_first(Moments v) {
 // Combine `v` over the TPR threads of a row; every thread of the row gets the same result
 // (the same bits: all of them use one combination order). Must be reached by every thread of
 // the block, including those whose row is past the end.
+// NORMFUSE_AB_NO_TRAILING_SYNC: kSite tells the reductions of one row apart, so that each has its
+// own shared buffer (one per instantiation); a block runs each site once (one row group per
+// block), so no buffer is written again while a thread still reads it.
+#ifdef NORMFUSE_AB_NO_TRAILING_SYNC
+template <int TPR, int RPB, typename R, int kSite = 0>
+#define NORMFUSE_SITE(k) , k
+#else
 template <int TPR, int RPB, typename R>
+#define NORMFUSE_SITE(k)
+#endif
 __device__ __forceinline__ R row_allreduce(R v) {
     constexpr int kSpan = TPR < 32 ? TPR : 32;
     #pragma unroll
@@ -132,7 +165,9 @@ __device__ __forceinline__ R row_allreduce(R v) {
         v = partial[group][0];
         #pragma unroll
         for (int w = 1; w < kWarps; ++w) v = combine(v, partial[group][w]);
+#ifndef NORMFUSE_AB_NO_TRAILING_SYNC
         __syncthreads();  // `partial` may be written again by the next reduction
+#endif
     }
     return v;
 }
@@ -236,7 +271,22 @@ __device__ __forceinline__ void row_in_registers(const RowArgs<kCentered, kResid
 
     // 3. statistics. gamma/beta are requested from L2 first, so their latency hides behind the
     //    reductions (this matters for short, latency-bound launches).
-    if constexpr (kVec) {
+#ifdef NORMFUSE_AB_PARAMS_EARLY
+    constexpr bool kEarly = kVec;  // gamma/beta into registers now instead of a prefetch
+#else
+    constexpr bool kEarly = false;
+#endif
+    float g_early[kEarly ? C : 1][V], b_early[kEarly && kCentered ? C : 1][V];
+    if constexpr (kEarly) {
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+            if (valid(c, 0)) {
+                load_vec<G, V>(a.gamma + index(c, 0), g_early[c]);
+                if constexpr (kCentered) load_vec<G, V>(a.beta + index(c, 0), b_early[c]);
+            }
+        }
+    } else if constexpr (kVec) {
+#ifndef NORMFUSE_AB_NO_PREFETCH
         #pragma unroll
         for (int c = 0; c < C; ++c) {
             if (valid(c, 0)) {
@@ -244,8 +294,28 @@ __device__ __forceinline__ void row_in_registers(const RowArgs<kCentered, kResid
                 if constexpr (kCentered) prefetch_l2(a.beta + index(c, 0));
             }
         }
+#endif
     }
     float mean = 0.f, rstd;
+#ifdef NORMFUSE_AB_LN_ONE_REDUCTION
+    if constexpr (kCentered) {
+        // exact moments of this thread's values, merged across the row with Chan's rule
+        float n = 0.f, s = 0.f;
+        #pragma unroll
+        for (int c = 0; c < C; ++c)
+            #pragma unroll
+            for (int j = 0; j < V; ++j)
+                if (valid(c, j)) { n += 1.f; s += v[c][j]; }
+        const float local_mean = n > 0.f ? s / n : 0.f;
+        float m2 = 0.f;
+        #pragma unroll
+        for (int c = 0; c < C; ++c)
+            #pragma unroll
+            for (int j = 0; j < V; ++j)
+                if (valid(c, j)) { const float d = v[c][j] - local_mean; m2 += d * d; }
+        Finish<true, TPR, RPB>::run(Moments{n, local_mean, m2}, a.hidden, a.eps, mean, rstd);
+    } else
+#endif
     if constexpr (kCentered) {
         // The row is in registers, so the exact two-pass formula costs no second read of memory:
         // the mean first, then the mean of squared deviations from it.
@@ -261,7 +331,7 @@ __device__ __forceinline__ void row_in_registers(const RowArgs<kCentered, kResid
             #pragma unroll
             for (int j = 0; j < V; ++j)
                 if (valid(c, j)) { const float d = v[c][j] - mean; m2 += d * d; }
-        rstd = rsqrtf(row_allreduce<TPR, RPB>(m2) / static_cast<float>(a.hidden) + a.eps);
+        rstd = rsqrtf(row_allreduce<TPR, RPB, float NORMFUSE_SITE(1)>(m2) / static_cast<float>(a.hidden) + a.eps);
     } else {
         float ss = 0.f;
         #pragma unroll
@@ -278,12 +348,22 @@ __device__ __forceinline__ void row_in_registers(const RowArgs<kCentered, kResid
             if (!valid(c, 0)) continue;
             const int i0 = index(c, 0);
             float g[V], out[V];
-            load_vec<G, V>(a.gamma + i0, g);
+            if constexpr (kEarly) {
+                #pragma unroll
+                for (int j = 0; j < V; ++j) g[j] = g_early[c][j];
+            } else {
+                load_vec<G, V>(a.gamma + i0, g);
+            }
             #pragma unroll
             for (int j = 0; j < V; ++j) out[j] = (v[c][j] - mean) * rstd * g[j];
             if constexpr (kCentered) {
                 float b[V];
-                load_vec<G, V>(a.beta + i0, b);
+                if constexpr (kEarly) {
+                    #pragma unroll
+                    for (int j = 0; j < V; ++j) b[j] = b_early[c][j];
+                } else {
+                    load_vec<G, V>(a.beta + i0, b);
+                }
                 #pragma unroll
                 for (int j = 0; j < V; ++j) out[j] += b[j];
             }
@@ -387,3 +467,11 @@ __device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G
 #endif
 
 #define NORMFUSE_KERNEL_NAME(family, TPR, RPB, C) normfuse_##family##_t##TPR##_r##RPB##_c##C
+
+#ifdef NORMFUSE_AB_MIN_THREADS_PER_SM
+#undef __launch_bounds__
+#define __launch_bounds__(threads)                                                                 \
+    __annotate__(launch_bounds((threads), (NORMFUSE_AB_MIN_THREADS_PER_SM / (threads) > 0            \
+                                               ? NORMFUSE_AB_MIN_THREADS_PER_SM / (threads)         \
+                                               : 1)))
+#endif

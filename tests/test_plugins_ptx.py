@@ -5,6 +5,7 @@ A broken kernel fails here, on a machine without a GPU. Each module is compiled 
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
@@ -99,3 +100,48 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
             build.get_ptx("RMSNorm", "float16", arch="sm_80", variant=(32, 8, 1))
     finally:
         build._get_ptx.cache_clear()
+
+
+# The compile-time A/B switches of norm_common.cuh (off by default; bench/kernels.py --sources
+# worktree+NAME times them). NORMFUSE_AB_PARAMS_EARLY replaces the prefetch that
+# NORMFUSE_AB_NO_PREFETCH removes, so it is built on its own.
+AB_SWITCHES = (
+    ("NORMFUSE_AB_PLAIN_LOADS", "NORMFUSE_AB_NO_PREFETCH", "NORMFUSE_AB_NO_TRAILING_SYNC",
+     "NORMFUSE_AB_LN_ONE_REDUCTION", "NORMFUSE_AB_MIN_THREADS_PER_SM=1024"),
+    ("NORMFUSE_AB_PARAMS_EARLY",),
+)
+
+
+def test_every_ab_switch_is_built_here():
+    named = set(re.findall(r"\bNORMFUSE_AB_\w+", (build.SOURCE_DIR / build.HEADER).read_text()))
+    assert named == {d.partition("=")[0] for group in AB_SWITCHES for d in group}
+
+
+@pytest.fixture(scope="session")
+def switched_modules():
+    """{(op, switches): (ptx, ptxas report)}: every variant with each switch group, sm_90, compiled in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(work):
+        op, defines = work
+        ptx = build.get_ptx(op, *FULL, arch="sm_90", defines=defines)
+        return ptx, build.ptxas_check(ptx, "sm_90")
+
+    work = [(op, d) for op in OPS for d in AB_SWITCHES]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(work, pool.map(one, work)))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("defines", AB_SWITCHES, ids=lambda d: "+".join(x.removeprefix("NORMFUSE_AB_") for x in d))
+@pytest.mark.parametrize("op", list(OPS))
+def test_ab_switches_assemble(switched_modules, full_modules, op, defines):
+    """Every variant builds with the switches (sm_90), the table's layouts also for sm_80, and the
+    switched module is another kernel than the default one."""
+    ptx, report = switched_modules[(op, defines)]
+    found = {m.group(1) for m in FUNCTION.finditer(report)}
+    assert found == {config.kernel_name(op, *v) for v in config.variants(FULL[0])}
+    assert ptx != full_modules[(op, "sm_90")][0]
+    for hidden in (4096, 8192):
+        cfg = config.launch_config(op, FULL[0], 1, hidden)
+        build.ptxas_check(build.ptx_for_launch(op, *FULL, cfg, arch="sm_80", defines=defines), "sm_80")

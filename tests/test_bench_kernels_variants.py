@@ -1,0 +1,283 @@
+"""bench/kernels.py's A/B of kernel source versions (--sources) and its static analysis, without a GPU:
+argument parsing, sources taken from git revisions, the launch-contract checks, SASS counting, and
+the timing loop's bookkeeping with the CUDA calls replaced by stand-ins."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugins import build, config
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD = "59deae0^"  # the kernels before read-only loads, gamma/beta prefetch and two-pass LayerNorm statistics
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")
+
+
+def _has_revision(rev: str) -> bool:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                          capture_output=True).returncode == 0
+
+
+needs_history = pytest.mark.skipif(not _has_revision(OLD), reason=f"{OLD} is not in this clone (shallow?)")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def code_only(ptx: str) -> str:
+    """PTX without line information and debug strings (they follow the source files' line numbers)."""
+    ptx = ptx.split(".section\t.debug_str")[0]
+    return "\n".join(line for line in ptx.splitlines() if not line.strip().startswith((".loc", ".file", "//")))
+
+
+def test_default_run_has_no_variants(kernels):
+    args = kernels.parse_args([])
+    assert args.variants == [] and args.static is None and args.out is None
+
+
+def test_sources_parse_commas_spaces_and_switches(kernels, tmp_path):
+    args = kernels.parse_args(["--quick", "--sources", f"HEAD,{OLD}", "worktree+NORMFUSE_AB_NO_PREFETCH+NORMFUSE_AB_MIN_THREADS_PER_SM=1024",
+                               "--variant-dir", str(tmp_path)])
+    assert [v.label for v in args.variants] == ["HEAD", OLD, "worktree+NORMFUSE_AB_NO_PREFETCH+NORMFUSE_AB_MIN_THREADS_PER_SM=1024",
+                                                str(tmp_path)]
+    assert args.variants[2].base == "worktree"
+    assert args.variants[2].defines == ("NORMFUSE_AB_NO_PREFETCH", "NORMFUSE_AB_MIN_THREADS_PER_SM=1024")
+    assert args.variants[3].base == str(tmp_path) and args.variants[3].defines == ()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sources", "HEAD,HEAD"], "given twice"),
+    (["--sources", "HEAD+bad switch"], "bad switch"),
+    (["--sources", "+NORMFUSE_AB_NO_PREFETCH"], "no revision"),
+    (["--static", "sm_70"], "sm_80 or newer"),
+])
+def test_bad_arguments_are_one_line_errors(kernels, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        kernels.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_static_defaults_to_the_work_tree(kernels):
+    args = kernels.parse_args(["--static", "sm_90,sm_80"])
+    assert args.arches == ["sm_90", "sm_80"] and [v.base for v in args.variants] == ["worktree"]
+
+
+def test_unknown_revision_and_revision_without_kernels_are_refused(kernels, tmp_path):
+    with pytest.raises(kernels.VariantError, match="neither a git revision"):
+        kernels.materialise(kernels.parse_sources(["no-such-revision-here"])[0], tmp_path)
+    root = subprocess.run(["git", "-C", str(ROOT), "rev-list", "--max-parents=0", "HEAD"], capture_output=True,
+                          text=True).stdout.split()
+    if not root or _has_revision(f"{root[0]}:plugins/norm_common.cuh"):
+        pytest.skip("no revision without the kernels in this clone")
+    with pytest.raises(kernels.VariantError, match="has no plugins/"):
+        kernels.materialise(kernels.parse_sources([root[0]])[0], tmp_path)
+
+
+def test_a_switch_the_sources_never_mention_is_refused(kernels, tmp_path):
+    with pytest.raises(kernels.VariantError, match="never mention NORMFUSE_AB_NO_SUCH_SWITCH"):
+        kernels.materialise(kernels.parse_sources(["worktree+NORMFUSE_AB_NO_SUCH_SWITCH"])[0], tmp_path)
+
+
+@needs_history
+@needs_nvcc
+@pytest.mark.parametrize("op", ["RMSNorm", "LayerNorm", "AddRMSNorm"])
+def test_an_older_revision_compiles_to_a_distinct_module(kernels, tmp_path, op):
+    old = kernels.materialise(kernels.parse_sources([OLD])[0], tmp_path)
+    assert old.commit and old.source_dir and (old.source_dir / build.HEADER).is_file()
+    assert (old.source_dir / build.HEADER).read_bytes() != (build.SOURCE_DIR / build.HEADER).read_bytes()
+    cfg = config.launch_config(op, "bfloat16", 65536, 4096)
+    for arch in build.ARCHES:
+        ptx_old = kernels.variant_ptx(old, op, "bfloat16", "bfloat16", cfg, arch)
+        ptx_new = build.ptx_for_launch(op, "bfloat16", "bfloat16", cfg, arch)
+        assert f".entry {cfg.kernel}(" in ptx_old
+        assert code_only(ptx_old) != code_only(ptx_new)
+        assert "ld.global.nc" in ptx_new and "ld.global.nc" not in ptx_old  # the read-only loads came later
+        assert kernels.entry_contract(ptx_old, cfg.kernel) == kernels.entry_contract(ptx_new, cfg.kernel)
+        build.ptxas_check(ptx_old, arch)
+
+
+@needs_history
+def test_saved_sources_stand_in_for_the_revision(kernels, tmp_path, capsys):
+    kernels.main(["--sources", OLD, "--save-sources", str(tmp_path / "saved")])
+    (saved,) = (tmp_path / "saved").iterdir()
+    assert "--variant-dir" in capsys.readouterr().out
+    from_dir = kernels.materialise(kernels.parse_sources([str(saved)])[0], tmp_path / "work")
+    from_git = kernels.materialise(kernels.parse_sources([OLD])[0], tmp_path / "work")
+    assert from_dir.commit == from_git.commit and from_dir.sources_sha256 == from_git.sources_sha256
+
+
+@needs_nvcc
+def test_a_changed_kernel_signature_is_refused(kernels, tmp_path):
+    for f in kernels.SOURCE_FILES:
+        shutil.copy(build.SOURCE_DIR / f, tmp_path / f)
+    rms = tmp_path / "rms_norm.cu"
+    rms.write_text(rms.read_text().replace("int rows, int hidden, int eps_bits,", "int rows, int hidden, int eps_bits, int extra,"))
+    variant = kernels.materialise(kernels.parse_sources([str(tmp_path)])[0], tmp_path)
+    cfg = config.launch_config("RMSNorm", "bfloat16", 8, 4096)
+    with pytest.raises(kernels.VariantError, match="different kernel signature"):
+        kernels.variant_ptx(variant, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_80")
+
+
+@needs_nvcc
+def test_a_switch_changes_the_kernel_and_the_default_stays(kernels, tmp_path):
+    plain, switched = (kernels.materialise(v, tmp_path) for v in
+                       kernels.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_TRAILING_SYNC"]))
+    cfg = config.launch_config("RMSNorm", "bfloat16", 8, 4096)
+    a = kernels.variant_ptx(plain, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_90")
+    b = kernels.variant_ptx(switched, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_90")
+    assert a == build.ptx_for_launch("RMSNorm", "bfloat16", "bfloat16", cfg, "sm_90")
+    # one reduction in each of the three paths (streaming, scalar, vector): two barriers each, then one
+    assert a.count("bar.sync") == 6 and b.count("bar.sync") == 3
+
+
+def test_occupancy_from_registers(kernels):
+    assert kernels.occupancy(64, 256, "sm_90") == (4, 32)
+    assert kernels.occupancy(59, 256, "sm_90") == (4, 32)  # registers are granted 8 a thread at a time
+    assert kernels.occupancy(80, 256, "sm_90") == (3, 24)
+    assert kernels.occupancy(128, 256, "sm_90") == (2, 16)
+    assert kernels.occupancy(48, 256, "sm_90") == (5, 40)
+    assert kernels.occupancy(32, 1024, "sm_80") == (2, 64)  # threads, not registers, limit here
+
+
+SASS = """
+        /*0100*/              @P0 LDG.E.128.CONSTANT R12, desc[UR6][R12.64] ;   /* 0x0 */
+        /*0110*/              @P1 LDG.E.128.CONSTANT R8, desc[UR6][R8.64] ;     /* 0x0 */
+        /*0120*/                  SHFL.BFLY PT, R9, R10, 0x10, 0x1f ;           /* 0x0 */
+        /*0130*/              @P0 CCTL.E.PF2 [R32] ;                            /* 0x0 */
+        /*0140*/                  BAR.SYNC.DEFER_BLOCKING 0x0 ;                 /* 0x0 */
+        /*0150*/                  BAR.SYNC.DEFER_BLOCKING 0x0 ;                 /* 0x0 */
+        /*0160*/                  LDG.E.128.CONSTANT R8, desc[UR6][R8.64] ;     /* 0x0 */
+        /*0170*/                  STG.E.128 desc[UR6][R12.64], R8 ;             /* 0x0 */
+        /*0180*/              @!P1 EXIT ;                                       /* 0x0 */
+        /*0190*/                  LDG.E.128.CONSTANT R8, desc[UR6][R8.64] ;     /* 0x0 */
+        /*01a0*/                  LDG.E.128.CONSTANT R4, desc[UR6][R4.64] ;     /* 0x0 */
+        /*01b0*/                  STG.E.128 desc[UR6][R2.64], R8 ;              /* 0x0 */
+        /*01c0*/                  EXIT ;                                        /* 0x0 */
+        /*01d0*/                  BRA 0x1d0;                                    /* 0x0 */
+"""
+
+
+def test_sass_summary_counts_the_vector_path(kernels):
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in kernels._SASS_LINE.finditer(SASS)]
+    s = kernels.sass_summary(instructions)
+    vp = s["vector_path"]
+    assert vp["LDG.E.128.CONSTANT"] == 5 and vp["STG.E.128"] == 2
+    assert vp["BAR.SYNC.DEFER_BLOCKING"] == 2 and vp["CCTL.E.PF2"] == 1 and vp["SHFL.BFLY"] == 1
+    assert s["param_load_round_trips_after_last_barrier"] == 2  # loads, store, loads, store
+    assert s["loops"] == 1 and s["vector_path_loops"] == 0  # the trailing BRA to itself is past the path
+
+
+@needs_nvcc
+def test_static_analysis_of_the_work_tree(kernels, tmp_path):
+    variants = [kernels.materialise(v, tmp_path) for v in kernels.parse_sources(["worktree"])]
+    rows = kernels.static_analysis(variants, ["sm_90"], ["RMSNorm"], "bfloat16", (4096,))
+    (row,) = rows
+    assert row["kernel"] == config.launch_config("RMSNorm", "bfloat16", 1, 4096).kernel
+    assert 0 < row["registers"] <= 255 and row["blocks_per_sm"] >= 1
+    assert row["input_bytes_per_sm"] == row["blocks_per_sm"] * 4096 * 2
+    if shutil.which("cuobjdump") or shutil.which("nvdisasm"):
+        assert row["sass"]["vector_path"]["LDG.E.128.CONSTANT"] >= 2
+    else:
+        assert "error" in row["sass"]
+    table = kernels.report_static(rows)
+    assert "static analysis" in table and row["kernel"] in table
+
+
+class FakeEvent:
+    clock = 0.0
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        FakeEvent.clock += 1.0
+        self.t = FakeEvent.clock
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) / 1e3 * 2  # ms
+
+
+class FakeStream:
+    cuda_stream = 0
+
+
+def test_interleaved_timing_rotates_the_order(kernels, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    timer = object.__new__(kernels.Timer)
+    timer.flush_buf = torch.zeros(8, dtype=torch.int8)
+    calls = []
+    fns = [lambda k=k: calls.append(k) for k in range(3)]
+    times = timer.times_us_interleaved(fns, budget_s=0.0, min_reps=4)
+    assert [len(t) for t in times] == [4, 4, 4] and all(v == 2.0 for t in times for v in t)
+    timed = calls[-12:]  # after the warm-up and the estimate
+    assert timed == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+
+
+@needs_nvcc
+def test_run_variants_bookkeeping_with_stand_ins(kernels, monkeypatch, tmp_path):
+    """run_variants and report_variants end to end on the CPU: the launches do nothing and the
+    timer hands out fixed times, so only the loop, the records and the report are exercised."""
+    import torch
+
+    variants = [kernels.materialise(v, tmp_path) for v in kernels.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_PREFETCH"])]
+
+    class Timer:
+        def times_us_interleaved(self, fns, budget_s, flush=True):
+            for fn in fns:
+                fn()
+            return [[10.0, 12.0, 11.0], [5.0, 6.0, 5.5]][:len(fns)]
+
+    launched = []
+
+    class Launch(kernels.VariantLaunch):
+        def __call__(self, inputs, outputs, epsilon, stream):
+            launched.append((self.cfg.kernel, len(inputs), len(outputs)))
+
+    monkeypatch.setattr(kernels, "Timer", Timer)
+    monkeypatch.setattr(kernels, "VariantLaunch", Launch)
+    monkeypatch.setattr(kernels, "device_info", lambda: {"name": "stand-in"})
+    monkeypatch.setattr(kernels, "reference_timings", lambda timer: {
+        "copy": {"tbps": 3.0}, "empty_launch": {"median_us": 4.0}, "empty_launch_l2_warm": {"median_us": 3.8}})
+    monkeypatch.setattr(kernels, "SameSizeCopy", lambda timer, budget: (lambda nbytes: 2.5))
+    monkeypatch.setattr(kernels, "tensors", lambda op, dtype, tokens, hidden: (
+        torch.zeros(tokens, hidden, dtype=torch.bfloat16),
+        torch.zeros(tokens, hidden, dtype=torch.bfloat16) if kernels.OPS[op].has_residual else None,
+        torch.ones(hidden, dtype=torch.bfloat16),
+        torch.zeros(hidden, dtype=torch.bfloat16) if kernels.OPS[op].centered else None))
+    monkeypatch.setattr(kernels.build, "target_arch", lambda: "sm_90")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(kernels.launcher, "_function", lambda ptx, kernel: None)
+    args = kernels.parse_args(["--sources", "worktree,worktree+NORMFUSE_AB_NO_PREFETCH", "--tokens", "1", "4096",
+                               "--hidden", "4096", "--dtypes", "bfloat16", "--ops", "RMSNorm", "AddLayerNorm"])
+    args.partial = tmp_path / "partial.json"
+    data = kernels.run_variants(args, variants)
+    # 2 ops x 2 token counts, the decode shape twice (L2 flushed and warm), 2 variants each
+    assert len(data["results"]) == 2 * (2 + 1) * 2
+    first, second = data["results"][:2]
+    assert first["variant"] == "worktree" and second["variant"] == "worktree+NORMFUSE_AB_NO_PREFETCH"
+    assert first["ratio_to_first"] == 1.0 and second["ratio_to_first"] == pytest.approx(0.5)
+    assert first["median_us"] == 11.0 and first["times_us"] == [10.0, 12.0, 11.0]
+    assert {r["impl"] for r in data["results"]} == {"normfuse", "normfuse_l2_warm"}
+    assert ("normfuse_add_layer_norm_t256_r1_c2", 4, 2) in launched
+    table = kernels.report_variants(data)
+    assert "worktree+NORMFUSE_AB_NO_PREFETCH ratio" in table and "| 0.500 |" in table
+    assert len(table.splitlines()) == 3 + 2 * 3
+    assert re.search(r"\| RMSNorm \| bfloat16 \| 1x4096 \| \S+ \| L2 warm \|", table)
