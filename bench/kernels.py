@@ -25,7 +25,7 @@ for a machine whose copy of the project has no git history), optionally followed
 +NAME[=VALUE] compile-time switches (the
 NORMFUSE_AB_* list in plugins/norm_common.cuh). Every variant runs with the current
 plugins/config.py launch shape; a variant whose entry point, parameters or launch bounds do not
-fit it is refused with the reason. Per cell, the variants are timed in alternation (one launch
+fit it is refused with the reason ($NORMFUSE_AB_DEFINES does not apply here). Per cell, the variants are timed in alternation (one launch
 of each per round, rotating the order), so clock and thermal drift fall on all of them alike.
 Writes <out>/<gpu>-kernels-ab.{json,md}: every raw time, the median per variant, the median of
 the per-round time ratios against the first variant, and the largest output difference from it.
@@ -433,7 +433,7 @@ def variant_ptx(variant: SourceVariant, op: str, x_dtype: str, g_dtype: str, cfg
     except build.ToolchainError as exc:
         raise VariantError(f"{variant.label}: does not compile with the current plugins/build.py unit "
                            f"for {cfg.kernel}:\n{exc}") from exc
-    ref = entry_contract(build.ptx_for_launch(op, x_dtype, g_dtype, cfg, arch), cfg.kernel)
+    ref = entry_contract(build.ptx_for_launch(op, x_dtype, g_dtype, cfg, arch, None, ()), cfg.kernel)
     got = entry_contract(ptx, cfg.kernel)
     if got is None:
         raise VariantError(f"{variant.label}: no entry point {cfg.kernel}: its kernel names or NORMFUSE_VARIANTS "

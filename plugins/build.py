@@ -10,7 +10,10 @@ since TensorRT embeds the PTX in the engine.
 `source_dir` and `defines` (default: this directory, none) compile another copy of the sources,
 e.g. an older revision's, or the same sources with a compile-time switch; both enter the cache key
 (the sources are hashed from that directory, the defines are part of the unit). bench/kernels.py
-uses them to time kernel versions side by side (`--sources`).
+uses them to time kernel versions side by side (`--sources`). Where no `defines` are passed,
+$NORMFUSE_AB_DEFINES (comma-separated NAME or NAME=VALUE) supplies them, so that the GPU tests can
+prove a switched kernel (`NORMFUSE_AB_DEFINES=NORMFUSE_AB_NO_TRAILING_SYNC pytest tests/gpu`); it is
+for testing only: engines built with it set embed the switched kernels.
 """
 from __future__ import annotations
 
@@ -120,16 +123,23 @@ def target_arch() -> str:
         return DEFAULT_ARCH
 
 
+def env_defines() -> tuple[str, ...]:
+    """The compile-time switches $NORMFUSE_AB_DEFINES names (comma- or space-separated)."""
+    return tuple(d for d in re.split(r"[,\s]+", os.environ.get("NORMFUSE_AB_DEFINES", "")) if d)
+
+
 def get_ptx(op: str, x_dtype: str, gamma_dtype: str | None = None, arch: str | None = None,
             variant: tuple[int, int, int] | None = None, source_dir: Path | str | None = None,
-            defines: tuple[str, ...] = ()) -> str:
+            defines: tuple[str, ...] | None = None) -> str:
     """PTX text of `op`'s module for x in `x_dtype` and gamma/beta in `gamma_dtype` (None: x's).
 
     With `variant` = (threads per row, rows per block, slots) the module holds only that kernel
     (what the TensorRT plugin embeds and the launcher loads, see `ptx_for_launch`); without it,
     every variant of `config.variants` (what the ptxas check assembles). `source_dir` and
-    `defines`: another copy of the sources, compile-time switches (see the module docstring).
+    `defines`: another copy of the sources, compile-time switches (see the module docstring);
+    `defines=None` takes $NORMFUSE_AB_DEFINES, normally unset.
     """
+    defines = env_defines() if defines is None else defines
     return _get_ptx(config._spec(op).name, x_dtype, config.gamma_dtype_name(x_dtype, gamma_dtype),
                     arch or target_arch(), None if variant is None else tuple(variant),
                     None if source_dir is None else str(Path(source_dir).resolve()), tuple(defines))
@@ -137,7 +147,7 @@ def get_ptx(op: str, x_dtype: str, gamma_dtype: str | None = None, arch: str | N
 
 def ptx_for_launch(op: str, x_dtype: str, gamma_dtype: str | None, cfg: config.LaunchConfig,
                    arch: str | None = None, source_dir: Path | str | None = None,
-                   defines: tuple[str, ...] = ()) -> str:
+                   defines: tuple[str, ...] | None = None) -> str:
     """The one-kernel module that runs `cfg`."""
     return get_ptx(op, x_dtype, gamma_dtype, arch, (cfg.threads_per_row, cfg.rows_per_block, cfg.slots),
                    source_dir, defines)

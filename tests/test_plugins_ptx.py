@@ -145,3 +145,20 @@ def test_ab_switches_assemble(switched_modules, full_modules, op, defines):
     for hidden in (4096, 8192):
         cfg = config.launch_config(op, FULL[0], 1, hidden)
         build.ptxas_check(build.ptx_for_launch(op, *FULL, cfg, arch="sm_80", defines=defines), "sm_80")
+
+
+def test_ab_defines_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NORMFUSE_AB_DEFINES", "NORMFUSE_AB_NO_PREFETCH, NORMFUSE_AB_MIN_THREADS_PER_SM=1024")
+    assert build.env_defines() == ("NORMFUSE_AB_NO_PREFETCH", "NORMFUSE_AB_MIN_THREADS_PER_SM=1024")
+    monkeypatch.delenv("NORMFUSE_AB_DEFINES")
+    assert build.env_defines() == ()
+
+
+@needs_nvcc
+def test_environment_switches_reach_the_launch_module_unless_defines_are_given(monkeypatch):
+    cfg = config.launch_config("RMSNorm", "bfloat16", 1, 4096)
+    default = build.ptx_for_launch("RMSNorm", "bfloat16", None, cfg, arch="sm_80")
+    monkeypatch.setenv("NORMFUSE_AB_DEFINES", "NORMFUSE_AB_NO_PREFETCH")
+    switched = build.ptx_for_launch("RMSNorm", "bfloat16", None, cfg, arch="sm_80")
+    assert "prefetch.global.L2" in default and "prefetch.global.L2" not in switched
+    assert build.ptx_for_launch("RMSNorm", "bfloat16", None, cfg, arch="sm_80", defines=()) == default
