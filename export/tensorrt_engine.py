@@ -212,6 +212,12 @@ def sidecar_path(plan_path: str | Path) -> Path:
     return Path(f"{plan_path}.json")
 
 
+def _kernel_switches() -> tuple[str, ...]:
+    from plugins.build import env_defines
+
+    return env_defines()
+
+
 def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, tensorrt_version: str,
                  gpu: dict, profiles: dict, build_seconds: float, plan_bytes: int) -> dict:
     return {
@@ -232,6 +238,9 @@ def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, te
         "batch_range": str(options.batch),
         "seq_range": str(options.seq),
         "plugins": plugin_ops(onnx_path),
+        # compile-time kernel switches in force ($NORMFUSE_AB_DEFINES): an engine built with any
+        # embeds kernels other than the default, proven ones
+        "kernel_switches": list(_kernel_switches()),
         "io": io_signature(onnx_path),
         "build_seconds": round(build_seconds, 3),
         "host": platform.node(),

@@ -68,6 +68,15 @@ def test_sidecar_records_what_an_engine_depends_on(graphs, tmp_path):
     assert sidecar["io"]["inputs"][0] == {"name": "hidden_states", "dtype": "float32", "shape": [None, None, 64]}
     assert sidecar["precision"] == "fp16" and sidecar["workspace_mb"] == 512
     assert sidecar_path(plan) == tmp_path / "fused.plan.json"
+    assert sidecar["kernel_switches"] == []
+
+
+def test_sidecar_records_kernel_switches_in_force(graphs, tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMFUSE_AB_DEFINES", "NORMFUSE_AB_NO_TRAILING_SYNC")
+    options = EngineOptions(batch=Range(1, 1, 4), seq=Range(1, 64, 256))
+    sidecar = make_sidecar(graphs["trt"], tmp_path / "e.plan", options, tensorrt_version="10.13.0.35", gpu={},
+                           profiles={}, build_seconds=0, plan_bytes=1)
+    assert sidecar["kernel_switches"] == ["NORMFUSE_AB_NO_TRAILING_SYNC"]
 
 
 def test_sidecar_check_notices_a_changed_onnx(graphs, tmp_path):
