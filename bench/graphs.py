@@ -280,7 +280,7 @@ def stale_engine_reasons(sidecar: dict | None, wanted: dict) -> list[str]:
     so a work folder kept across a TensorRT upgrade must be rebuilt, not fail cell by cell."""
     if sidecar is None:
         return ["no engine yet"]
-    from export.runtime import engine_mismatches
+    from export.tensorrt_engine import engine_mismatches
 
     reasons = ["the source graph changed"] if sidecar.get("onnx_sha256") != wanted.get("onnx_sha256") else []
     reasons += [f"{key} {sidecar.get(key)} -> {wanted[key]}" for key in ("batch_range", "seq_range", "precision")

@@ -454,24 +454,10 @@ def profile_violation(shape: tuple[int, ...], low: tuple[int, ...], high: tuple[
     return None
 
 
-def engine_mismatches(sidecar: dict | None, tensorrt_version: str, compute_capability: str | None) -> list[str]:
-    """Why an engine cannot load here, from its sidecar: a plan deserialises only in the TensorRT
-    version that built it (10.9, 10.13 and 11.x plans are mutually unreadable; normfuse builds no
-    version-compatible engines) and on the GPU architecture it was built for."""
-    if not sidecar:
-        return []
-    problems = []
-    built_with = sidecar.get("tensorrt_version")
-    if built_with and tensorrt_version and built_with != tensorrt_version:
-        problems.append(f"built with TensorRT {built_with}, this is TensorRT {tensorrt_version}")
-    built_for = sidecar.get("compute_capability")
-    if built_for and compute_capability and built_for != compute_capability:
-        problems.append(f"built for compute capability {built_for}, this GPU is {compute_capability}")
-    return problems
-
-
 def deserialize_failure(path: Path, sidecar: dict | None, tensorrt_version: str, compute_capability: str | None) -> str:
     """The one-line error when deserialize_cuda_engine returns None."""
+    from .tensorrt_engine import engine_mismatches
+
     problems = engine_mismatches(sidecar, tensorrt_version, compute_capability)
     if problems:
         return f"{path}: TensorRT could not deserialise this engine: {'; '.join(problems)} (rebuild it here)"

@@ -373,22 +373,34 @@ def read_sidecar(plan_path: str | Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def engine_mismatches(sidecar: dict | None, tensorrt_version: str, compute_capability: str | None) -> list[str]:
+    """Why an engine cannot load here, from its sidecar: a plan deserialises only in the TensorRT
+    version that built it (10.9, 10.13 and 11.x plans are mutually unreadable; normfuse builds no
+    version-compatible engines) and on the GPU architecture it was built for."""
+    if not sidecar:
+        return []
+    problems = []
+    built_with = sidecar.get("tensorrt_version")
+    if built_with and tensorrt_version and built_with != tensorrt_version:
+        problems.append(f"built with TensorRT {built_with}, this is TensorRT {tensorrt_version}")
+    built_for = sidecar.get("compute_capability")
+    if built_for and compute_capability and built_for != compute_capability:
+        problems.append(f"built for compute capability {built_for}, this GPU is {compute_capability}")
+    return problems
+
+
 def check_sidecar(plan_path: str | Path, onnx_path: str | Path | None = None) -> list[str]:
     """Reasons the engine may not fit here: another TensorRT, another GPU, a changed ONNX file."""
     sidecar = read_sidecar(plan_path)
     if sidecar is None:
         return [f"{plan_path}: no sidecar {sidecar_path(plan_path).name}"]
-    problems = []
     present, _ = tensorrt_status()
+    version = ""
     if present:
         import tensorrt
 
-        if sidecar["tensorrt_version"] != tensorrt.__version__:
-            problems.append(f"built with TensorRT {sidecar['tensorrt_version']}, this is {tensorrt.__version__}")
-    gpu = gpu_info()
-    if gpu and sidecar.get("compute_capability") and gpu["compute_capability"] != sidecar["compute_capability"]:
-        problems.append(f"built for compute capability {sidecar['compute_capability']}, this GPU is "
-                        f"{gpu['compute_capability']}")
+        version = str(tensorrt.__version__)
+    problems = engine_mismatches(sidecar, version, gpu_info().get("compute_capability"))
     if onnx_path is not None and Path(onnx_path).is_file() and sha256(onnx_path) != sidecar["onnx_sha256"]:
         problems.append(f"{onnx_path} changed since the engine was built")
     return problems

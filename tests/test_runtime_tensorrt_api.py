@@ -10,7 +10,8 @@ import pytest
 
 from bench import graphs
 from export.errors import UsageError
-from export.runtime import deserialize_failure, engine_mismatches, profile_violation
+from export.runtime import deserialize_failure, profile_violation
+from export.tensorrt_engine import engine_mismatches
 from export.validate import reference_backend
 
 ROOT = Path(__file__).resolve().parent.parent
