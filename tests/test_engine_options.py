@@ -1,6 +1,5 @@
 """TensorRT engine building, the parts that need no TensorRT: profiles, sidecar, plugin inventory,
 and the one-line error (with how to install it) when TensorRT is missing."""
-import enum
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from export.errors import NormfuseError, UsageError
+from trt_enum_values import BuilderFlag10, BuilderFlag11, CreationFlag10, CreationFlag11
 from export.tensorrt_engine import (EngineOptions, Range, TensorRTMissing, build_engine, check_sidecar, make_sidecar,
                                     network_flags, plugin_ops, precision_builder_flag, profile_shapes, sha256,
                                     sidecar_path, tensorrt_status)
@@ -167,32 +167,6 @@ def test_build_profile_that_misses_a_shape_is_a_usage_error():
     pipeline = Pipeline(parse_args(["--norm", "rmsnorm", "--seq", "256", "--seq-range", "1:64:128"]), console=None)
     with pytest.raises(UsageError, match="outside the engine profile"):
         pipeline.profile()
-
-
-# The enum members as TensorRT's bindings define them (NvInfer.h / pyCore.cpp of 10.13 and 11.x):
-# 11.0 renumbered the network flags and removed weak typing with BuilderFlag.FP16/BF16.
-class CreationFlag10(enum.IntEnum):
-    EXPLICIT_BATCH = 0
-    STRONGLY_TYPED = 1
-    PREFER_JIT_PYTHON_PLUGINS = 2
-    PREFER_AOT_PYTHON_PLUGINS = 3
-
-
-class CreationFlag11(enum.IntEnum):
-    STRONGLY_TYPED = 0  # deprecated, ignored: every network is strongly typed
-    PREFER_JIT_PYTHON_PLUGINS = 1
-    PREFER_AOT_PYTHON_PLUGINS = 2
-
-
-class BuilderFlag10(enum.IntEnum):
-    FP16 = 0
-    BF16 = 17
-    DEBUG = 2
-
-
-class BuilderFlag11(enum.IntEnum):
-    DEBUG = 2
-    TF32 = 7
 
 
 @pytest.mark.parametrize("flags,aot,strong", [(CreationFlag10, 1 << 3, 1 << 1), (CreationFlag11, 1 << 2, 1 << 0)])

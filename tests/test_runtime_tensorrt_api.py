@@ -3,13 +3,13 @@ TensorRT: the members it calls are held to the ones every one of those bindings 
 helpers around the calls (profile ranges, engine/version mismatches, stale plans, layer classes,
 the precision and reference-backend rules) are run with plain values."""
 import ast
-import enum
 from pathlib import Path
 
 import pytest
 
 from bench import graphs
 from export.errors import UsageError
+from trt_enum_values import BuilderFlag10, BuilderFlag11
 from export.runtime import deserialize_failure, profile_violation
 from export.tensorrt_engine import engine_mismatches
 from export.validate import reference_backend
@@ -128,18 +128,6 @@ def test_layer_profiler_follows_the_tensorrt_interface():
     assert [a.arg for a in methods["report_layer_time"].args.args] == ["self", "layer_name", "ms"]
     calls = [ast.unparse(c.func) for c in ast.walk(func) if isinstance(c, ast.Call)]
     assert "model.execute" in calls and not any(c.endswith("execute_async_v3") for c in calls)
-
-
-# BuilderFlag as TensorRT 10.x and 11.x define it (11.0 removed FP16/BF16 with weak typing).
-class BuilderFlag10(enum.IntEnum):
-    FP16 = 0
-    BF16 = 17
-    DEBUG = 2
-
-
-class BuilderFlag11(enum.IntEnum):
-    DEBUG = 2
-    TF32 = 7
 
 
 def _pipeline(precision: str):
