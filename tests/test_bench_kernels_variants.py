@@ -1,8 +1,10 @@
 """bench/kernels.py's A/B of kernel source versions (--sources) and its static analysis, without a GPU:
-argument parsing, sources taken from git revisions, the launch-contract checks, SASS counting, and
-the timing loop's bookkeeping with the CUDA calls replaced by stand-ins."""
+argument parsing (kernels.py), sources taken from git revisions and the launch-contract checks
+(kernel_sources.py), SASS counting (kernel_static.py), and the timing loop's bookkeeping
+(kernel_ab.py, kernel_timing.py) with the CUDA calls replaced by stand-ins."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import shutil
@@ -15,6 +17,7 @@ import pytest
 from plugins import build, config
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
 OLD = "59deae0^"  # the kernels before read-only loads, gamma/beta prefetch and two-pass LayerNorm statistics
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")
@@ -30,12 +33,39 @@ needs_history = pytest.mark.skipif(not _has_revision(OLD), reason=f"{OLD} is not
 
 @pytest.fixture(scope="module")
 def kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    """bench/kernels.py loaded from its file with bench/ first on sys.path, as `python bench/kernels.py`
+    runs it, so that its sibling modules (kernel_sources, kernel_ab, kernel_static, ...) import."""
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernels.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop(spec.name, None)
+    for name in [n for n, m in sys.modules.items() if Path(getattr(m, "__file__", None) or "/").parent == BENCH]:
+        sys.modules.pop(name)
+    sys.path.remove(str(BENCH))
+
+
+def _sibling(name: str, module: str):
+    """A fixture for one of kernels.py's sibling modules: the very module object kernels.py imported,
+    so that what a test patches there is what kernels.py runs."""
+    return pytest.fixture(scope="module", name=name)(lambda kernels: importlib.import_module(module))
+
+
+sources = _sibling("sources", "kernel_sources")
+static = _sibling("static", "kernel_static")
+ab = _sibling("ab", "kernel_ab")
+timing = _sibling("timing", "kernel_timing")
+
+
+def test_the_parts_import_nothing_from_the_command_line():
+    """kernels.py imports its sibling modules, never the reverse; static analysis needs no torch."""
+    done = subprocess.run([sys.executable, "-c", "import sys, kernel_static; torch = 'torch' in sys.modules; "
+                           "import kernel_ab, kernel_grid, kernel_sources, kernel_timing; "
+                           "print(torch, 'kernels' in sys.modules)"],
+                          cwd=BENCH, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
 
 
 def code_only(ptx: str) -> str:
@@ -76,81 +106,81 @@ def test_static_defaults_to_the_work_tree(kernels):
     assert args.arches == ["sm_90", "sm_80"] and [v.base for v in args.variants] == ["worktree"]
 
 
-def test_unknown_revision_and_revision_without_kernels_are_refused(kernels, tmp_path):
-    with pytest.raises(kernels.VariantError, match="neither a git revision"):
-        kernels.materialise(kernels.parse_sources(["no-such-revision-here"])[0], tmp_path)
+def test_unknown_revision_and_revision_without_kernels_are_refused(sources, tmp_path):
+    with pytest.raises(sources.VariantError, match="neither a git revision"):
+        sources.materialise(sources.parse_sources(["no-such-revision-here"])[0], tmp_path)
     root = subprocess.run(["git", "-C", str(ROOT), "rev-list", "--max-parents=0", "HEAD"], capture_output=True,
                           text=True).stdout.split()
     if not root or _has_revision(f"{root[0]}:plugins/norm_common.cuh"):
         pytest.skip("no revision without the kernels in this clone")
-    with pytest.raises(kernels.VariantError, match="has no plugins/"):
-        kernels.materialise(kernels.parse_sources([root[0]])[0], tmp_path)
+    with pytest.raises(sources.VariantError, match="has no plugins/"):
+        sources.materialise(sources.parse_sources([root[0]])[0], tmp_path)
 
 
-def test_a_switch_the_sources_never_mention_is_refused(kernels, tmp_path):
-    with pytest.raises(kernels.VariantError, match="never mention NORMFUSE_AB_NO_SUCH_SWITCH"):
-        kernels.materialise(kernels.parse_sources(["worktree+NORMFUSE_AB_NO_SUCH_SWITCH"])[0], tmp_path)
+def test_a_switch_the_sources_never_mention_is_refused(sources, tmp_path):
+    with pytest.raises(sources.VariantError, match="never mention NORMFUSE_AB_NO_SUCH_SWITCH"):
+        sources.materialise(sources.parse_sources(["worktree+NORMFUSE_AB_NO_SUCH_SWITCH"])[0], tmp_path)
 
 
 @needs_history
 @needs_nvcc
 @pytest.mark.parametrize("op", ["RMSNorm", "LayerNorm", "AddRMSNorm"])
-def test_an_older_revision_compiles_to_a_distinct_module(kernels, tmp_path, op):
-    old = kernels.materialise(kernels.parse_sources([OLD])[0], tmp_path)
+def test_an_older_revision_compiles_to_a_distinct_module(sources, tmp_path, op):
+    old = sources.materialise(sources.parse_sources([OLD])[0], tmp_path)
     assert old.commit and old.source_dir and (old.source_dir / build.HEADER).is_file()
     assert (old.source_dir / build.HEADER).read_bytes() != (build.SOURCE_DIR / build.HEADER).read_bytes()
     cfg = config.launch_config(op, "bfloat16", 65536, 4096)
     for arch in build.ARCHES:
-        ptx_old = kernels.variant_ptx(old, op, "bfloat16", "bfloat16", cfg, arch)
+        ptx_old = sources.variant_ptx(old, op, "bfloat16", "bfloat16", cfg, arch)
         ptx_new = build.ptx_for_launch(op, "bfloat16", "bfloat16", cfg, arch)
         assert f".entry {cfg.kernel}(" in ptx_old
         assert code_only(ptx_old) != code_only(ptx_new)
         assert "ld.global.nc" in ptx_new and "ld.global.nc" not in ptx_old  # the read-only loads came later
-        assert kernels.entry_contract(ptx_old, cfg.kernel) == kernels.entry_contract(ptx_new, cfg.kernel)
+        assert sources.entry_contract(ptx_old, cfg.kernel) == sources.entry_contract(ptx_new, cfg.kernel)
         build.ptxas_check(ptx_old, arch)
 
 
 @needs_history
-def test_saved_sources_stand_in_for_the_revision(kernels, tmp_path, capsys):
+def test_saved_sources_stand_in_for_the_revision(kernels, sources, tmp_path, capsys):
     kernels.main(["--sources", OLD, "--save-sources", str(tmp_path / "saved")])
     (saved,) = (tmp_path / "saved").iterdir()
     assert "--variant-dir" in capsys.readouterr().out
-    from_dir = kernels.materialise(kernels.parse_sources([str(saved)])[0], tmp_path / "work")
-    from_git = kernels.materialise(kernels.parse_sources([OLD])[0], tmp_path / "work")
+    from_dir = sources.materialise(sources.parse_sources([str(saved)])[0], tmp_path / "work")
+    from_git = sources.materialise(sources.parse_sources([OLD])[0], tmp_path / "work")
     assert from_dir.commit == from_git.commit and from_dir.sources_sha256 == from_git.sources_sha256
 
 
 @needs_nvcc
-def test_a_changed_kernel_signature_is_refused(kernels, tmp_path):
-    for f in kernels.SOURCE_FILES:
+def test_a_changed_kernel_signature_is_refused(sources, tmp_path):
+    for f in sources.SOURCE_FILES:
         shutil.copy(build.SOURCE_DIR / f, tmp_path / f)
     rms = tmp_path / "rms_norm.cu"
     rms.write_text(rms.read_text().replace("int rows, int hidden, int eps_bits,", "int rows, int hidden, int eps_bits, int extra,"))
-    variant = kernels.materialise(kernels.parse_sources([str(tmp_path)])[0], tmp_path)
+    variant = sources.materialise(sources.parse_sources([str(tmp_path)])[0], tmp_path)
     cfg = config.launch_config("RMSNorm", "bfloat16", 8, 4096)
-    with pytest.raises(kernels.VariantError, match="different kernel signature"):
-        kernels.variant_ptx(variant, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_80")
+    with pytest.raises(sources.VariantError, match="different kernel signature"):
+        sources.variant_ptx(variant, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_80")
 
 
 @needs_nvcc
-def test_a_switch_changes_the_kernel_and_the_default_stays(kernels, tmp_path):
-    plain, switched = (kernels.materialise(v, tmp_path) for v in
-                       kernels.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_TRAILING_SYNC"]))
+def test_a_switch_changes_the_kernel_and_the_default_stays(sources, tmp_path):
+    plain, switched = (sources.materialise(v, tmp_path) for v in
+                       sources.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_TRAILING_SYNC"]))
     cfg = config.launch_config("RMSNorm", "bfloat16", 8, 4096)
-    a = kernels.variant_ptx(plain, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_90")
-    b = kernels.variant_ptx(switched, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_90")
+    a = sources.variant_ptx(plain, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_90")
+    b = sources.variant_ptx(switched, "RMSNorm", "bfloat16", "bfloat16", cfg, "sm_90")
     assert a == build.ptx_for_launch("RMSNorm", "bfloat16", "bfloat16", cfg, "sm_90")
     # one reduction in each of the three paths (streaming, scalar, vector): two barriers each, then one
     assert a.count("bar.sync") == 6 and b.count("bar.sync") == 3
 
 
-def test_occupancy_from_registers(kernels):
-    assert kernels.occupancy(64, 256, "sm_90") == (4, 32)
-    assert kernels.occupancy(59, 256, "sm_90") == (4, 32)  # registers are granted 8 a thread at a time
-    assert kernels.occupancy(80, 256, "sm_90") == (3, 24)
-    assert kernels.occupancy(128, 256, "sm_90") == (2, 16)
-    assert kernels.occupancy(48, 256, "sm_90") == (5, 40)
-    assert kernels.occupancy(32, 1024, "sm_80") == (2, 64)  # threads, not registers, limit here
+def test_occupancy_from_registers(static):
+    assert static.occupancy(64, 256, "sm_90") == (4, 32)
+    assert static.occupancy(59, 256, "sm_90") == (4, 32)  # registers are granted 8 a thread at a time
+    assert static.occupancy(80, 256, "sm_90") == (3, 24)
+    assert static.occupancy(128, 256, "sm_90") == (2, 16)
+    assert static.occupancy(48, 256, "sm_90") == (5, 40)
+    assert static.occupancy(32, 1024, "sm_80") == (2, 64)  # threads, not registers, limit here
 
 
 SASS = """
@@ -171,9 +201,9 @@ SASS = """
 """
 
 
-def test_sass_summary_counts_the_vector_path(kernels):
-    instructions = [(int(m.group(1), 16), m.group(2)) for m in kernels._SASS_LINE.finditer(SASS)]
-    s = kernels.sass_summary(instructions)
+def test_sass_summary_counts_the_vector_path(static):
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in static._SASS_LINE.finditer(SASS)]
+    s = static.sass_summary(instructions)
     vp = s["vector_path"]
     assert vp["LDG.E.128.CONSTANT"] == 5 and vp["STG.E.128"] == 2
     assert vp["BAR.SYNC.DEFER_BLOCKING"] == 2 and vp["CCTL.E.PF2"] == 1 and vp["SHFL.BFLY"] == 1
@@ -182,9 +212,9 @@ def test_sass_summary_counts_the_vector_path(kernels):
 
 
 @needs_nvcc
-def test_static_analysis_of_the_work_tree(kernels, tmp_path):
-    variants = [kernels.materialise(v, tmp_path) for v in kernels.parse_sources(["worktree"])]
-    rows = kernels.static_analysis(variants, ["sm_90"], ["RMSNorm"], "bfloat16", (4096,))
+def test_static_analysis_of_the_work_tree(sources, static, tmp_path):
+    variants = [sources.materialise(v, tmp_path) for v in sources.parse_sources(["worktree"])]
+    rows = static.static_analysis(variants, ["sm_90"], ["RMSNorm"], "bfloat16", (4096,))
     (row,) = rows
     assert row["kernel"] == config.launch_config("RMSNorm", "bfloat16", 1, 4096).kernel
     assert 0 < row["registers"] <= 255 and row["blocks_per_sm"] >= 1
@@ -193,7 +223,7 @@ def test_static_analysis_of_the_work_tree(kernels, tmp_path):
         assert row["sass"]["vector_path"]["LDG.E.128.CONSTANT"] >= 2
     else:
         assert "error" in row["sass"]
-    table = kernels.report_static(rows)
+    table = static.report_static(rows)
     assert "static analysis" in table and row["kernel"] in table
 
 
@@ -215,12 +245,12 @@ class FakeStream:
     cuda_stream = 0
 
 
-def test_interleaved_timing_rotates_the_order(kernels, monkeypatch):
+def test_interleaved_timing_rotates_the_order(timing, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    timer = object.__new__(kernels.Timer)
+    timer = object.__new__(timing.Timer)
     timer.flush_buf = torch.zeros(8, dtype=torch.int8)
     calls = []
     fns = [lambda k=k: calls.append(k) for k in range(3)]
@@ -231,12 +261,12 @@ def test_interleaved_timing_rotates_the_order(kernels, monkeypatch):
 
 
 @needs_nvcc
-def test_run_variants_bookkeeping_with_stand_ins(kernels, monkeypatch, tmp_path):
+def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypatch, tmp_path):
     """run_variants and report_variants end to end on the CPU: the launches do nothing and the
     timer hands out fixed times, so only the loop, the records and the report are exercised."""
     import torch
 
-    variants = [kernels.materialise(v, tmp_path) for v in kernels.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_PREFETCH"])]
+    variants = [sources.materialise(v, tmp_path) for v in sources.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_PREFETCH"])]
 
     class Timer:
         def times_us_interleaved(self, fns, budget_s, flush=True):
@@ -246,29 +276,29 @@ def test_run_variants_bookkeeping_with_stand_ins(kernels, monkeypatch, tmp_path)
 
     launched = []
 
-    class Launch(kernels.VariantLaunch):
+    class Launch(ab.VariantLaunch):
         def __call__(self, inputs, outputs, epsilon, stream):
             launched.append((self.cfg.kernel, len(inputs), len(outputs)))
 
-    monkeypatch.setattr(kernels, "Timer", Timer)
-    monkeypatch.setattr(kernels, "VariantLaunch", Launch)
-    monkeypatch.setattr(kernels, "device_info", lambda: {"name": "stand-in"})
-    monkeypatch.setattr(kernels, "reference_timings", lambda timer: {
+    monkeypatch.setattr(ab, "Timer", Timer)
+    monkeypatch.setattr(ab, "VariantLaunch", Launch)
+    monkeypatch.setattr(ab, "device_info", lambda: {"name": "stand-in"})
+    monkeypatch.setattr(ab, "reference_timings", lambda timer: {
         "copy": {"tbps": 3.0}, "empty_launch": {"median_us": 4.0}, "empty_launch_l2_warm": {"median_us": 3.8}})
-    monkeypatch.setattr(kernels, "SameSizeCopy", lambda timer, budget: (lambda nbytes: 2.5))
-    monkeypatch.setattr(kernels, "tensors", lambda op, dtype, tokens, hidden: (
+    monkeypatch.setattr(ab, "SameSizeCopy", lambda timer, budget: (lambda nbytes: 2.5))
+    monkeypatch.setattr(ab, "tensors", lambda op, dtype, tokens, hidden: (
         torch.zeros(tokens, hidden, dtype=torch.bfloat16),
-        torch.zeros(tokens, hidden, dtype=torch.bfloat16) if kernels.OPS[op].has_residual else None,
+        torch.zeros(tokens, hidden, dtype=torch.bfloat16) if ab.OPS[op].has_residual else None,
         torch.ones(hidden, dtype=torch.bfloat16),
-        torch.zeros(hidden, dtype=torch.bfloat16) if kernels.OPS[op].centered else None))
-    monkeypatch.setattr(kernels.build, "target_arch", lambda: "sm_90")
+        torch.zeros(hidden, dtype=torch.bfloat16) if ab.OPS[op].centered else None))
+    monkeypatch.setattr(ab.build, "target_arch", lambda: "sm_90")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
-    monkeypatch.setattr(kernels.launcher, "_function", lambda ptx, kernel: None)
+    monkeypatch.setattr(ab.launcher, "_function", lambda ptx, kernel: None)
     args = kernels.parse_args(["--sources", "worktree,worktree+NORMFUSE_AB_NO_PREFETCH", "--tokens", "1", "4096",
                                "--hidden", "4096", "--dtypes", "bfloat16", "--ops", "RMSNorm", "AddLayerNorm"])
     args.partial = tmp_path / "partial.json"
-    data = kernels.run_variants(args, variants)
+    data = ab.run_variants(args, variants)
     # 2 ops x 2 token counts, the decode shape twice (L2 flushed and warm), 2 variants each
     assert len(data["results"]) == 2 * (2 + 1) * 2
     first, second = data["results"][:2]
@@ -277,7 +307,7 @@ def test_run_variants_bookkeeping_with_stand_ins(kernels, monkeypatch, tmp_path)
     assert first["median_us"] == 11.0 and first["times_us"] == [10.0, 12.0, 11.0]
     assert {r["impl"] for r in data["results"]} == {"normfuse", "normfuse_l2_warm"}
     assert ("normfuse_add_layer_norm_t256_r1_c2", 4, 2) in launched
-    table = kernels.report_variants(data)
+    table = ab.report_variants(data)
     assert "worktree+NORMFUSE_AB_NO_PREFETCH ratio" in table and "| 0.500 |" in table
     assert len(table.splitlines()) == 3 + 2 * 3
     assert re.search(r"\| RMSNorm \| bfloat16 \| 1x4096 \| \S+ \| L2 warm \|", table)
