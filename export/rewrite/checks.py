@@ -43,6 +43,7 @@ class NormCandidate:
     sum_tensor: gs.Tensor | None = None  # the residual sum as the graph has it (x, or a Skip op's 4th output)
     skip_bias: gs.Tensor | None = None  # a Skip op's input bias (sum = x + skip + bias)
     notes: list = field(default_factory=list)
+    scope: object = None  # the rewriter's Scope: the graph (main or a control-flow body) holding the nodes
 
     @property
     def centered(self) -> bool:

@@ -25,6 +25,45 @@ MS_DOMAIN = "com.microsoft"
 _names = itertools.count()
 
 
+class UniqueNames:
+    """Fresh tensor and node names, unique across the whole model (the main graph, every
+    control-flow body, and names an earlier rewrite wrote): a fused op inside a Loop body must
+    not reuse a name of the enclosing graph."""
+
+    def __init__(self, taken=()):
+        self.taken = set(taken)
+
+    def __call__(self, stem: str) -> str:
+        name, n = stem, 1
+        while name in self.taken:
+            n += 1
+            name = f"{stem}_{n}"
+        self.taken.add(name)
+        return name
+
+    @classmethod
+    def of(cls, graph: gs.Graph) -> "UniqueNames":
+        """Every tensor and node name of `graph` and of the graphs nested in its nodes' attributes."""
+        taken: set = set()
+        for g in walk_graphs(graph):
+            for node in g.nodes:
+                taken.add(node.name)
+                taken.update(t.name for t in list(node.inputs) + list(node.outputs))
+            taken.update(t.name for t in list(g.inputs) + list(g.outputs))
+        taken.discard("")
+        return cls(taken)
+
+
+def walk_graphs(graph: gs.Graph):
+    """`graph` and every graph nested in its nodes' attributes (If branches, Loop and Scan bodies), depth first."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(sub, gs.Graph):
+                    yield from walk_graphs(sub)
+
+
 def emitted_op(candidate: NormCandidate, target: str) -> tuple[str, str]:
     """(domain, op_type) the target replaces this candidate with."""
     residual = candidate.residual is not None
@@ -43,39 +82,41 @@ def required_opset(candidate: NormCandidate, target: str) -> int:
     return 17 if candidate.centered else 1
 
 
-def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
-    """Disconnect the matched nodes and wire one fused node in their place."""
+def emit(graph: gs.Graph, candidate: NormCandidate, target: str, names: UniqueNames | None = None) -> gs.Node:
+    """Disconnect the matched nodes and wire one fused node in their place (in `graph`, the graph
+    that holds them: the main graph or a control-flow body). `names` hands out new names."""
+    names = names or UniqueNames.of(graph)
     domain, op_type = emitted_op(candidate, target)
     y = candidate.output
     # The fused op maps x's dtype to itself; when the subgraph ended in another dtype (fp32
     # residual stream, fp16 scale), a Cast after the op gives y its original dtype.
     op_dtype = dtype_name(candidate.x)
     param_dtype = _parameter_dtype(candidate, op_dtype, target)
-    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, param_dtype, fill=1.0, name=f"{y.name}_gamma")
-    gamma = _cast(graph, gamma, param_dtype)
+    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, param_dtype, fill=1.0, name=f"{y.name}_gamma", names=names)
+    gamma = _cast(graph, gamma, param_dtype, names)
     beta = candidate.beta
     needs_beta = candidate.centered and target == "tensorrt"
     if beta is not None or needs_beta:
-        beta = _per_feature_vector(graph, beta, candidate.hidden, param_dtype, fill=0.0, name=f"{y.name}_beta")
-        beta = _cast(graph, beta, param_dtype)
+        beta = _per_feature_vector(graph, beta, candidate.hidden, param_dtype, fill=0.0, name=f"{y.name}_beta", names=names)
+        beta = _cast(graph, beta, param_dtype, names)
 
     for node in candidate.nodes:
         node.outputs.clear()
     y.inputs.clear()
     if dtype_name(y) != op_dtype:
         y_original = y
-        y = gs.Variable(f"{y_original.name}_{op_dtype}", dtype=numpy_dtype(op_dtype), shape=y_original.shape)
+        y = gs.Variable(names(f"{y_original.name}_{op_dtype}"), dtype=numpy_dtype(op_dtype), shape=y_original.shape)
         to = ONNX_TYPES[dtype_name(y_original)]
-        graph.nodes.append(gs.Node("Cast", name=f"{y.name}_cast", attrs={"to": to}, inputs=[y], outputs=[y_original]))
+        graph.nodes.append(gs.Node("Cast", name=names(f"{y.name}_cast"), attrs={"to": to}, inputs=[y], outputs=[y_original]))
 
     if candidate.residual is not None:
         a, b, add = candidate.residual
         if candidate.skip_bias is not None:  # ORT's Skip op with an input bias: (x + bias) + skip
-            biased = gs.Variable(f"{a.name}_plus_bias", dtype=a.dtype, shape=a.shape)
-            graph.nodes.append(gs.Node("Add", name=f"{add.name}_input_bias", inputs=[a, candidate.skip_bias], outputs=[biased]))
+            biased = gs.Variable(names(f"{a.name}_plus_bias"), dtype=a.dtype, shape=a.shape)
+            graph.nodes.append(gs.Node("Add", name=names(f"{add.name}_input_bias"), inputs=[a, candidate.skip_bias], outputs=[biased]))
             a = biased
         add.outputs.clear()
-        total = (candidate.sum_tensor or candidate.x) if candidate.expose_sum else gs.Variable(f"{y.name}_sum", dtype=candidate.x.dtype, shape=candidate.x.shape)
+        total = (candidate.sum_tensor or candidate.x) if candidate.expose_sum else gs.Variable(names(f"{y.name}_sum"), dtype=candidate.x.dtype, shape=candidate.x.shape)
         total.inputs.clear()
         inputs = [a, b, gamma]
         # ONNX Runtime's Skip ops: (y, mean, inv_std, sum), the statistics left unnamed
@@ -90,7 +131,7 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str) -> gs.Node:
         attrs.update(plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
     elif not (target == "onnxruntime" and candidate.residual is not None):
         attrs.update(axis=-1, stash_type=1)
-    node = gs.Node(op_type, name=f"normfuse_{op_type}_{next(_names)}", attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
+    node = gs.Node(op_type, name=names(f"normfuse_{op_type}_{next(_names)}"), attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
     graph.nodes.append(node)
     return node
 
@@ -105,21 +146,21 @@ def _parameter_dtype(candidate: NormCandidate, op_dtype: str, target: str) -> st
     return op_dtype
 
 
-def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: float, name: str):
+def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: float, name: str, names: UniqueNames):
     """A 1-D [hidden] tensor: the given one (reshaped if it had leading 1s) or a constant fill."""
     if tensor is None:
-        return gs.Constant(name, np.full((hidden,), fill, dtype=numpy_dtype(dtype)))
+        return gs.Constant(names(name), np.full((hidden,), fill, dtype=numpy_dtype(dtype)))
     if list(tensor.shape) == [hidden]:
         return tensor
-    flat = gs.Variable(f"{tensor.name}_flat", dtype=tensor.dtype, shape=[hidden])
-    shape = gs.Constant(f"{tensor.name}_flat_shape", np.array([hidden], dtype=np.int64))
+    flat = gs.Variable(names(f"{tensor.name}_flat"), dtype=tensor.dtype, shape=[hidden])
+    shape = gs.Constant(names(f"{tensor.name}_flat_shape"), np.array([hidden], dtype=np.int64))
     graph.nodes.append(gs.Node("Reshape", inputs=[tensor, shape], outputs=[flat]))
     return flat
 
 
-def _cast(graph: gs.Graph, tensor, dtype: str):
+def _cast(graph: gs.Graph, tensor, dtype: str, names: UniqueNames):
     if dtype_name(tensor) == dtype:
         return tensor
-    out = gs.Variable(f"{tensor.name}_as_{dtype}", dtype=numpy_dtype(dtype), shape=tensor.shape)
+    out = gs.Variable(names(f"{tensor.name}_as_{dtype}"), dtype=numpy_dtype(dtype), shape=tensor.shape)
     graph.nodes.append(gs.Node("Cast", attrs={"to": ONNX_TYPES[dtype]}, inputs=[tensor], outputs=[out]))
     return out

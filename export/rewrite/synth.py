@@ -209,3 +209,94 @@ def variants(kind: str, dtype: str = "float32", **fixed) -> list[NormSpec]:
             for scale in SCALES:
                 out.append(replace(NormSpec(kind=kind, dtype=dtype, square=square, inverse=inverse, scale=scale), **fixed))
     return out
+
+
+# Control-flow bodies: norms inside If branches and Loop / Scan bodies, reading the enclosing graph.
+
+def _body_graph(b: _Builder, name: str, inputs: list, outputs: list) -> onnx.GraphProto:
+    return helper.make_graph(b.nodes, name, inputs, outputs, initializer=b.inits)
+
+
+def if_model(then_spec: NormSpec, else_spec: NormSpec, leading: tuple = (2, 5), outer_gamma: bool = True,
+             opset: int = 18) -> onnx.ModelProto:
+    """y = If(cond, then: norm(x) by `then_spec`, else: norm(x) by `else_spec`); both branches read
+    x from the enclosing graph, and the then branch's gamma is an initializer of the enclosing graph
+    (`outer_gamma`). A spec with mutation "eps_input" reads epsilon from the enclosing graph's input."""
+    d, hidden = then_spec.dtype, then_spec.hidden
+    shape = list(leading) + [hidden]
+    rank = len(shape)
+    outer = _Builder("outer_")
+    weights = {}
+    if outer_gamma:
+        weights["gamma"] = "outer_gamma"
+        outer.inits.append(numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(numpy_dtype(d)), "outer_gamma"))
+    branches = {}
+    for key, spec in (("then_branch", then_spec), ("else_branch", else_spec)):
+        b = _Builder(f"{key}_")
+        y, _ = norm_subgraph(b, spec, "x", rank, weights if key == "then_branch" else None)
+        y = b.op("Identity", y)
+        branches[key] = _body_graph(b, key, [], [helper.make_tensor_value_info(y, ONNX_TYPES[d], None)])
+    inputs = [helper.make_tensor_value_info("x", ONNX_TYPES[d], shape), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])]
+    if "eps_input" in (then_spec.mutation, else_spec.mutation):
+        inputs.append(helper.make_tensor_value_info("epsilon_input", ONNX_TYPES[then_spec.stats_dtype], []))
+    node = helper.make_node("If", ["cond"], ["y"], name="branch", **branches)
+    graph = helper.make_graph([node], "if_norms", inputs, [helper.make_tensor_value_info("y", ONNX_TYPES[d], shape)],
+                              initializer=outer.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+
+
+def loop_model(state_spec: NormSpec, outer_spec: NormSpec, leading: tuple = (2, 5), grow: bool = False) -> onnx.ModelProto:
+    """A Loop of `n` iterations: the state starts as x and becomes norm(state) by `state_spec` (the
+    body declares the state's shape); each iteration also emits norm(x) by `outer_spec` of the
+    enclosing graph's x, plus the iteration's state, as a scan output. With `grow` the body gives
+    the state back with one more leading axis (Unsqueeze): its declared shape holds only in the
+    first iteration."""
+    d, hidden = state_spec.dtype, state_spec.hidden
+    shape = list(leading) + [hidden]
+    rank = len(shape)
+    b = _Builder("body_")
+    state, _ = norm_subgraph(b, state_spec, "state_in", rank)
+    if grow:
+        state = b.op("Unsqueeze", state, b.const(np.array([0]), "int64"))
+    else:
+        state = b.op("Identity", state)
+    emitted, _ = norm_subgraph(b, outer_spec, "x", rank)
+    emitted = b.op("Add", emitted, "state_in")
+    cond = b.op("Identity", "cond_in")
+    body = _body_graph(b, "loop_body", [
+        helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+        helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+        helper.make_tensor_value_info("state_in", ONNX_TYPES[d], shape),
+    ], [helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, []),
+        helper.make_tensor_value_info(state, ONNX_TYPES[d], None),
+        helper.make_tensor_value_info(emitted, ONNX_TYPES[d], None)])
+    node = helper.make_node("Loop", ["n", "keep_going", "x"], ["state", "per_step"], name="loop", body=body)
+    inputs = [helper.make_tensor_value_info("x", ONNX_TYPES[d], shape), helper.make_tensor_value_info("n", onnx.TensorProto.INT64, [])]
+    outputs = [helper.make_tensor_value_info("state", ONNX_TYPES[d], None), helper.make_tensor_value_info("per_step", ONNX_TYPES[d], None)]
+    keep_going = numpy_helper.from_array(np.array(True), "keep_going")
+    graph = helper.make_graph([node], "loop_norms", inputs, outputs, initializer=[keep_going])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", state_spec.opset)], ir_version=9)
+
+
+def scan_model(spec: NormSpec, leading: tuple = (2,), steps: int = 3, grow: bool = False) -> onnx.ModelProto:
+    """A Scan over the first axis of xs [steps, *leading, hidden]: the state starts as s0 and becomes
+    norm(state + slice) by `spec`; the scan output is the state. With `grow` the state comes back
+    with one more leading axis, so the shape inferred from s0 holds in the first iteration only."""
+    d, hidden = spec.dtype, spec.hidden
+    shape = list(leading) + [hidden]
+    b = _Builder("scan_")
+    total = b.op("Add", "s_in", "xs_in")
+    state, _ = norm_subgraph(b, spec, total, len(shape))
+    if grow:
+        state = b.op("Unsqueeze", state, b.const(np.array([0]), "int64"))
+    out = b.op("Identity", state)
+    body = _body_graph(b, "scan_body", [helper.make_tensor_value_info("s_in", ONNX_TYPES[d], None),
+                                        helper.make_tensor_value_info("xs_in", ONNX_TYPES[d], None)],
+                       [helper.make_tensor_value_info(state, ONNX_TYPES[d], None),
+                        helper.make_tensor_value_info(out, ONNX_TYPES[d], None)])
+    node = helper.make_node("Scan", ["s0", "xs"], ["s", "ys"], name="scan", body=body, num_scan_inputs=1)
+    inputs = [helper.make_tensor_value_info("s0", ONNX_TYPES[d], shape),
+              helper.make_tensor_value_info("xs", ONNX_TYPES[d], [steps] + shape)]
+    outputs = [helper.make_tensor_value_info("s", ONNX_TYPES[d], None), helper.make_tensor_value_info("ys", ONNX_TYPES[d], None)]
+    graph = helper.make_graph([node], "scan_norms", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)], ir_version=9)
