@@ -119,6 +119,32 @@ def test_functions_inlined_and_every_norm_fused(function_export, target):
     assert_idempotent(out, target)
 
 
+def test_only_functions_holding_norms_are_inlined():
+    """Block calls RMSNorm (inlined with it); SwiGLU holds no norm and stays a function."""
+    torch = pytest.importorskip("torch")
+    from models import preset
+    from models.blocks import SwiGLU, build_model, count_norms
+    from normops.torch_modules import RMSNorm
+
+    config = preset("tiny", "rmsnorm", layers=1, dtype="float32")
+    module = build_model(config, seed=0).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(2, 8, config.hidden),), buffer, dynamo=False, input_names=["h"],
+                          output_names=["o"], opset_version=18,
+                          export_modules_as_functions={RMSNorm, SwiGLU, type(module.layers[0])})
+    model = onnx.load_from_string(buffer.getvalue())
+    assert sorted(f.name for f in model.functions) == ["Block", "RMSNorm", "RMSNorm.1", "SwiGLU"]
+    out, report = rewrite_model(model, target="onnxruntime")
+    assert report.fused == count_norms(config)[0]
+    assert [f.name for f in out.functions] == ["SwiGLU"]
+    assert "models.blocks::Block (1 call)" in report.notes[0]
+    assert "left 1 local function(s) without norm ops as they are" in report.notes
+    feeds = {"h": RNG.standard_normal((2, 8, config.hidden)).astype(np.float32)}
+    assert_same(ort_run(model, feeds), ort_run(out, feeds))
+
+
 def test_functions_without_norms_are_left_alone():
     model = build(NormSpec(kind="rms"))
     body = onnx.helper.make_function("local", "Act", ["a"], ["b"], [onnx.helper.make_node("Relu", ["a"], ["b"])],

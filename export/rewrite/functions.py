@@ -49,7 +49,8 @@ def inline_norm_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list
                      f"failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
         return model, notes
     names = ", ".join(f"{_id(k)} ({calls[k]} call{'s' if calls[k] != 1 else ''})" for k in sorted(selected))
-    notes.insert(0, f"inlined local function(s) {names}: they hold norm ops ({', '.join(_ops_in(functions, selected))})")
+    notes.insert(0, f"inlined local function(s) {names}: they hold norm ops ({', '.join(_ops_in(functions, selected))}) "
+                    f"or call a function that does")
     left = len(functions) - len(selected)
     if left:
         notes.append(f"left {left} local function(s) without norm ops as they are")
