@@ -16,7 +16,7 @@ import pytest
 
 from export.rewrite import rewrite_model
 from export.rewrite.evaluate import run_model
-from export.rewrite.synth import NormSpec, build, if_model, loop_model, scan_model
+from export.rewrite.synth import NormSpec, build, expected_fusions, if_model, loop_model, scan_model
 from normops import GRAPH
 
 ort = pytest.importorskip("onnxruntime")
@@ -216,6 +216,27 @@ def test_if_branch_norm_fused_and_near_miss_refused(target):
         actual = ort_run(out, feeds) if target == "onnxruntime" else run_model(out, feeds)
         assert_same(ort_run(model, feeds), actual)
     assert_idempotent(out, target)
+
+
+BRANCH_SPECS = [NormSpec(kind=kind, mutation=mutation, inverse=inverse)
+                for kind in ("rms", "layer") for mutation in (None, "wrong_axis", "two_axes", "pow3")
+                for inverse in ("div", "pow")]
+BRANCH_SPECS += [NormSpec(kind="rms", dtype="float16", casts="llama"), NormSpec(kind="layer", dtype="float16", casts="t5"),
+                 NormSpec(kind="rms", positive_axis=True, axes_input=False), NormSpec(kind="rms", epsilon=1e-2)]
+
+
+@pytest.mark.parametrize("spec", BRANCH_SPECS, ids=NormSpec.describe)
+def test_branch_norms_and_near_misses(spec):
+    """The same spelling in both branches fuses exactly when it does in a main graph, and computes the same."""
+    model = if_model(spec, spec, outer_gamma=False)
+    out, report = rewrite_model(model)
+    assert report.fused == 2 * expected_fusions(spec), [r.reason for r in report.rejected]
+    if not expected_fusions(spec):
+        assert len(report.rejected) == 2 and fused_ops(out) == []
+    x = X.astype(np.float16) if spec.dtype == "float16" else X
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        assert_same(run_model(model, feeds), run_model(out, feeds), spec.dtype)
 
 
 def test_if_branch_epsilon_from_an_outer_input_is_refused():

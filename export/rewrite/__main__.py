@@ -28,8 +28,12 @@ def main(argv=None) -> int:
         print(f"{args.input}: fused {report.fused} norm(s) ({counts}) for target {args.target}; "
               f"{len(report.rejected)} rejected; {report.nodes_before} -> {report.nodes_after} nodes "
               f"in {report.seconds:.2f} s")
+        in_bodies = sum(f.scope != "main" for f in report.fusions)
+        if in_bodies:
+            print(f"  {in_bodies} of them inside If/Loop/Scan bodies")
         for r in report.rejected:
-            print(f"  rejected {r.pattern} at '{r.output}': {r.reason}")
+            where = "" if r.scope == "main" else f" in {r.scope}"
+            print(f"  rejected {r.pattern} at '{r.output}'{where}: {r.reason}")
         for note in report.notes:
             print(f"  note: {note}")
         if args.report:

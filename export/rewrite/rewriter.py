@@ -87,7 +87,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     started = time.perf_counter()
-    report = RewriteReport(target=target, nodes_before=len(model.graph.node))
+    report = RewriteReport(target=target, nodes_before=_count_nodes(model.graph))
     model, inlined = inline_norm_functions(model)
     report.notes += inlined
     opset = _default_opset(model)
@@ -136,7 +136,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     out.graph.input.extend(i for i in model.graph.input if i.name in overridable & kept)
     _set_opsets(out, model, opset, target, report)
     _restore_metadata(out, model)
-    report.nodes_after = len(out.graph.node)
+    report.nodes_after = _count_nodes(out.graph)
     report.opset = opset
     report.seconds = round(time.perf_counter() - started, 3)
     return out, report
@@ -199,6 +199,16 @@ def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelPr
     except Exception as exc:  # the converter raises RuntimeError or its own types
         raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but onnx's version converter cannot raise "
                             f"opset {opset}: {str(exc).splitlines()[0][:200]}; use --target onnxruntime or tensorrt") from None
+
+
+def _count_nodes(graph: onnx.GraphProto) -> int:
+    """Nodes of a graph and of the If/Loop/Scan bodies nested in it (a local function's call counts once)."""
+    total = len(graph.node)
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                total += _count_nodes(g)
+    return total
 
 
 def _all_nodes(model: onnx.ModelProto):
