@@ -369,3 +369,22 @@ def test_report_counts_body_fusions():
     _, report = rewrite_model(model)
     assert report.fused == 2 and report.counts == {"RMSNorm": 1, "LayerNorm": 1}
     assert report.as_dict()["fusions"][0]["scope"].startswith("main/If 'branch'.")
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"], ids=TARGET_IDS)
+def test_branch_output_is_the_norm_output(target):
+    """fp16 norms whose output is the branch's output itself; the then branch scales in fp32 by an
+    fp32 gamma of the enclosing graph, then casts back."""
+    model = if_model(NormSpec(kind="rms", dtype="float16", casts="scale_then_cast"),
+                     NormSpec(kind="layer", dtype="float16", casts="llama"))
+    for attr in model.graph.node[0].attribute:
+        identity = attr.g.node[-1]
+        attr.g.node.remove(identity)
+        attr.g.output[0].name = identity.input[0]
+    out, report = rewrite_model(model, target=target)
+    assert report.fused == 2, [r.reason for r in report.rejected]
+    assert_names_unique(out)
+    for cond in (True, False):
+        feeds = {"x": X.astype(np.float16), "cond": np.array(cond)}
+        assert_same(run_model(model, feeds), run_model(out, feeds), "float16")
+    assert_idempotent(out, target)
