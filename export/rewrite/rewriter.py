@@ -116,7 +116,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
             note = (f"raised the model's opset from {opset} to {needed} for "
                     f"{'RMSNormalization' if needed >= 23 else 'LayerNormalization'} ({how})")
             if converted is not None:  # the converter rewrote nodes: find the norms again in its output
-                return _rewrite_converted(converted, note, target, residual, prove_fusions, report, started)
+                return _rewrite_converted(converted, [note] + inlined, target, residual, prove_fusions, report, started)
             report.notes.insert(0, note)  # renumbering changes no node: the candidates stand as proven
             opset = needed
     names = UniqueNames.of(graph)
@@ -167,9 +167,9 @@ def _keep_initializers_home(out: onnx.ModelProto, model: onnx.ModelProto) -> Non
     out.graph.initializer.extend(t for t in model.graph.initializer if t.name in moved - present)
 
 
-def _rewrite_converted(converted, note, target, residual, prove_fusions, report, started):
+def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started):
     out, raised_report = rewrite_model(converted, target=target, residual=residual, prove_fusions=prove_fusions)
-    raised_report.notes.insert(0, note)
+    raised_report.notes[0:0] = notes  # the opset raised, and the functions inlined before
     raised_report.nodes_before = report.nodes_before
     raised_report.seconds = round(time.perf_counter() - started, 3)
     return out, raised_report
