@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from normops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, numpy_dtype, op_for
 
 from .checks import ONNX_TYPES, NormCandidate, dtype_name
+from .scopes import walk_graphs
 
 TARGETS = ("tensorrt", "onnxruntime", "onnx")
 MS_DOMAIN = "com.microsoft"
@@ -52,16 +53,6 @@ class UniqueNames:
             taken.update(t.name for t in list(g.inputs) + list(g.outputs))
         taken.discard("")
         return cls(taken)
-
-
-def walk_graphs(graph: gs.Graph):
-    """`graph` and every graph nested in its nodes' attributes (If branches, Loop and Scan bodies), depth first."""
-    yield graph
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in (value if isinstance(value, (list, tuple)) else [value]):
-                if isinstance(sub, gs.Graph):
-                    yield from walk_graphs(sub)
 
 
 def emitted_op(candidate: NormCandidate, target: str) -> tuple[str, str]:

@@ -19,6 +19,8 @@ from collections import Counter
 import onnx
 from onnx import inliner
 
+from .scopes import all_nodes, walk_nodes
+
 NORM_OPS = frozenset({"ReduceMean", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
                       "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
 
@@ -41,7 +43,7 @@ def inline_norm_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list
             selected.discard(key)
     if not selected:
         return model, notes
-    calls = Counter((n.domain, n.op_type) for n in _calls(model) if (n.domain, n.op_type) in selected)
+    calls = Counter((n.domain, n.op_type) for n in all_nodes(model) if (n.domain, n.op_type) in selected)
     try:
         inlined = _inline(model, sorted(selected))
     except Exception as exc:  # the inliner's own errors: keep the functions, say why
@@ -59,8 +61,8 @@ def inline_norm_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list
 
 def _holding_norms(functions: dict) -> set:
     """Functions whose body holds a norm op, directly, in a nested body, or through a call."""
-    direct = {key for key, f in functions.items() if any(n.op_type in NORM_OPS for n in _walk(f.node))}
-    calls = {key: {(n.domain, n.op_type) for n in _walk(f.node)} & set(functions) for key, f in functions.items()}
+    direct = {key for key, f in functions.items() if any(n.op_type in NORM_OPS for n in walk_nodes(f.node))}
+    calls = {key: {(n.domain, n.op_type) for n in walk_nodes(f.node)} & set(functions) for key, f in functions.items()}
     selected, grew = set(direct), True
     while grew:
         grown = {key for key, called in calls.items() if called & selected} | selected
@@ -69,7 +71,7 @@ def _holding_norms(functions: dict) -> set:
 
 
 def _ops_in(functions: dict, selected: set) -> list[str]:
-    return sorted({n.op_type for key in selected for n in _walk(functions[key].node) if n.op_type in NORM_OPS})
+    return sorted({n.op_type for key in selected for n in walk_nodes(functions[key].node) if n.op_type in NORM_OPS})
 
 
 def _inline(model: onnx.ModelProto, selected: list) -> onnx.ModelProto:
@@ -88,7 +90,7 @@ def _inline(model: onnx.ModelProto, selected: list) -> onnx.ModelProto:
         raise ValueError("the inliner changed the initializers")
     del out.graph.initializer[:]
     out.graph.initializer.extend(model.graph.initializer)  # external tensors: references only
-    used = {n.domain for n in _calls(out)} | {f.domain for f in out.functions}
+    used = {n.domain for n in all_nodes(out)} | {f.domain for f in out.functions}
     gone = {domain for domain, _ in selected} - used - {"", "ai.onnx"}
     kept = [e for e in out.opset_import if e.domain not in gone]  # the inlined functions' own domains
     del out.opset_import[:]
@@ -108,20 +110,6 @@ def _copy_fields(source, target, skip: str) -> None:
             field.CopyFrom(value)
         else:
             setattr(target, descriptor.name, value)
-
-
-def _walk(nodes):
-    for node in nodes:
-        yield node
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _walk(g.node)
-
-
-def _calls(model: onnx.ModelProto):
-    yield from _walk(model.graph.node)
-    for f in model.functions:
-        yield from _walk(f.node)
 
 
 def _opsets(entries) -> dict:

@@ -27,11 +27,12 @@ from ..errors import NormfuseError, UsageError
 from ..onnx_io import load_graph_only, relocate_external_data, save_model
 from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, dtype_name
 from .gamma import fold_gamma
-from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset, walk_graphs
+from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset
 from .functions import inline_norm_functions
 from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
 from .residual import residual_add, sum_is_used_elsewhere
+from .scopes import Scope, all_nodes, count_nodes, keep_initializers_home, lend_body_shapes, scopes_of
 
 
 @dataclass
@@ -87,7 +88,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     started = time.perf_counter()
-    report = RewriteReport(target=target, nodes_before=_count_nodes(model.graph))
+    report = RewriteReport(target=target, nodes_before=count_nodes(model.graph))
     model, inlined = inline_norm_functions(model)
     report.notes += inlined
     opset = _default_opset(model)
@@ -95,7 +96,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     # imports them as constants and drops them from the inputs; they are put back below).
     overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
     graph = _import_with_shapes(model)
-    scopes = _scopes(graph)
+    scopes = scopes_of(graph)
     for scope in scopes:
         report.notes += _drop_identity_casts(scope.graph, scope.outputs, scope.name)
 
@@ -131,40 +132,15 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = model.ir_version
-    _keep_initializers_home(out, model)
+    keep_initializers_home(out, model)
     kept = {t.name for t in out.graph.initializer} - {i.name for i in out.graph.input}
     out.graph.input.extend(i for i in model.graph.input if i.name in overridable & kept)
     _set_opsets(out, model, opset, target, report)
     _restore_metadata(out, model)
-    report.nodes_after = _count_nodes(out.graph)
+    report.nodes_after = count_nodes(out.graph)
     report.opset = opset
     report.seconds = round(time.perf_counter() - started, 3)
     return out, report
-
-
-def _keep_initializers_home(out: onnx.ModelProto, model: onnx.ModelProto) -> None:
-    """onnx-graphsurgeon writes a constant of the enclosing graph that only a body reads into that
-    body's initializers (one copy per body). The main graph's initializers go back where they were:
-    weights are not copied, and an initializer that is also a graph input stays overridable."""
-    main = {t.name for t in model.graph.initializer}
-    present = {t.name for t in out.graph.initializer}
-    moved = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            for attr in node.attribute:
-                for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    if any(t.name in main for t in body.initializer):
-                        own = [onnx.TensorProto() for t in body.initializer if t.name not in main]
-                        for copy, t in zip(own, [t for t in body.initializer if t.name not in main]):
-                            copy.CopyFrom(t)
-                        moved.update(t.name for t in body.initializer if t.name in main)
-                        del body.initializer[:]
-                        body.initializer.extend(own)
-                    visit(body)
-
-    visit(out.graph)
-    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in moved - present)
 
 
 def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started):
@@ -186,7 +162,7 @@ def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelPr
     no node changes), else (onnx's version converter's output, how). NormfuseError when neither can."""
     opset = _default_opset(model)
     if opset >= 18:
-        used = {n.op_type for n in _all_nodes(model) if n.domain in ("", "ai.onnx")}
+        used = {n.op_type for n in all_nodes(model) if n.domain in ("", "ai.onnx")}
         blocked = sorted(used & CHANGED_MEANING_AFTER_18)
         if blocked:
             raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but raising opset {opset} would change "
@@ -199,30 +175,6 @@ def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelPr
     except Exception as exc:  # the converter raises RuntimeError or its own types
         raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but onnx's version converter cannot raise "
                             f"opset {opset}: {str(exc).splitlines()[0][:200]}; use --target onnxruntime or tensorrt") from None
-
-
-def _count_nodes(graph: onnx.GraphProto) -> int:
-    """Nodes of a graph and of the If/Loop/Scan bodies nested in it (a local function's call counts once)."""
-    total = len(graph.node)
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                total += _count_nodes(g)
-    return total
-
-
-def _all_nodes(model: onnx.ModelProto):
-    """Every node of the model: the main graph, nested bodies and local functions."""
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            for attr in node.attribute:
-                for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    yield from walk(g.node)
-
-    yield from walk(model.graph.node)
-    for function in model.functions:
-        yield from walk(function.node)
 
 
 def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
@@ -254,7 +206,7 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
             output.CopyFrom(found)
     restore: list = []
     try:
-        _lend_body_shapes(model.graph, inferred.graph, restore)
+        lend_body_shapes(model.graph, inferred.graph, restore)
         return gs.import_onnx(model)
     finally:
         del model.graph.value_info[before:]
@@ -262,37 +214,6 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
             output.CopyFrom(saved)
         for undo in reversed(restore):
             undo()
-
-
-def _lend_body_shapes(graph: onnx.GraphProto, inferred: onnx.GraphProto, restore: list) -> None:
-    """What inference found inside If/Loop/Scan bodies (value_info, and body inputs and outputs
-    declared without a shape), lent to the model's bodies like the main graph's; `restore` gets
-    the undo steps. Bodies are paired node by node; a graph whose nodes do not pair is skipped."""
-    if len(graph.node) != len(inferred.node):
-        return
-    for node, seen in zip(graph.node, inferred.node):
-        if node.op_type != seen.op_type or len(node.attribute) != len(seen.attribute):
-            continue
-        for attr, seen_attr in zip(node.attribute, seen.attribute):
-            if attr.type == onnx.AttributeProto.GRAPH and seen_attr.type == attr.type:
-                pairs = [(attr.g, seen_attr.g)]
-            elif attr.type == onnx.AttributeProto.GRAPHS and len(attr.graphs) == len(seen_attr.graphs):
-                pairs = list(zip(attr.graphs, seen_attr.graphs))
-            else:
-                continue
-            for body, seen_body in pairs:
-                known = {v.name for v in body.value_info}
-                before = len(body.value_info)
-                body.value_info.extend(v for v in seen_body.value_info if v.name not in known)
-                restore.append(lambda body=body, before=before: body.value_info.__delitem__(slice(before, None)))
-                for mine, theirs in list(zip(body.input, seen_body.input)) + list(zip(body.output, seen_body.output)):
-                    if (mine.name == theirs.name and not mine.type.tensor_type.HasField("shape")
-                            and theirs.type.tensor_type.HasField("shape")):
-                        saved = onnx.ValueInfoProto()
-                        saved.CopyFrom(mine)
-                        mine.CopyFrom(theirs)
-                        restore.append(lambda mine=mine, saved=saved: mine.CopyFrom(saved))
-                _lend_body_shapes(body, seen_body, restore)
 
 
 def _infer_through_contrib_ops(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -348,77 +269,6 @@ def _drop_identity_casts(graph: gs.Graph, graph_outputs: set, scope: str = "main
         dropped += 1
     where = "" if scope == "main" else f" in {scope}"
     return [f"bypassed {dropped} identity Cast node(s){where}"] if dropped else []
-
-
-@dataclass(eq=False)
-class Scope:
-    """One graph of the model: the main graph, or a body nested in a node attribute (If branch,
-    Loop or Scan body), with what matching in it needs to know."""
-
-    graph: gs.Graph
-    name: str  # "main", or the path of node attributes leading to it
-    outputs: set  # names of its outputs (a body's outputs are what the enclosing node reads)
-    members: set  # ids of its own nodes: a match must not reach into an enclosing graph
-    blocked: str | None = None  # why nothing in it may be fused (its shapes cannot be trusted)
-
-
-# Control-flow ops whose graph attributes run as bodies with the enclosing graph's values in scope.
-BODIES = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
-
-
-def _scopes(graph: gs.Graph) -> list[Scope]:
-    """The main graph and every graph nested in it (depth first), each with its blocking reason."""
-    found: list[Scope] = []
-
-    def visit(g: gs.Graph, name: str, blocked: str | None) -> None:
-        found.append(Scope(g, name, {t.name for t in g.outputs}, {id(n) for n in g.nodes}, blocked))
-        for node in g.nodes:
-            for key, value in node.attrs.items():
-                subs = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, gs.Graph)]
-                for i, sub in enumerate(subs):
-                    where = f"{name}/{node.op} '{node.name}'.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
-                    visit(sub, where, blocked or _body_blocked(node, key, sub))
-
-    visit(graph, "main", None)
-    return found
-
-
-def _body_blocked(node: gs.Node, key: str, body: gs.Graph) -> str | None:
-    """Why the norms of `body` may not be fused, or None when its inferred shapes hold every time it runs.
-
-    If branches see the enclosing graph's values as they are. Loop and Scan bodies run once per
-    iteration with state carried from one iteration to the next: a shape inferred from the initial
-    state (Scan) or declared on the body (Loop) holds in every iteration only when the body gives
-    the state back with that same shape, fully known."""
-    where = f"{node.op} '{node.name}'"
-    if (node.domain or "") not in ("", "ai.onnx") or key not in BODIES.get(node.op, ()):
-        return f"graph attribute '{key}' of {node.domain or 'ai.onnx'}::{node.op} '{node.name}' is not an If, Loop or Scan body"
-    if node.op == "If":
-        return None
-    if node.op == "Loop":
-        carried = len(node.inputs) - 2
-        pairs = [(node.inputs[2 + k], body.inputs[2 + k] if len(body.inputs) > 2 + k else None,
-                  body.outputs[1 + k] if len(body.outputs) > 1 + k else None) for k in range(max(carried, 0))]
-    else:
-        states = len(node.inputs) - int(node.attrs.get("num_scan_inputs", 0))
-        pairs = [(node.inputs[k], body.inputs[k] if len(body.inputs) > k else None,
-                  body.outputs[k] if len(body.outputs) > k else None) for k in range(max(states, 0))]
-    for initial, state_in, state_out in pairs:
-        if state_in is None or state_out is None:
-            return f"{where}: its body does not declare every carried state"
-        if state_in.shape is None:
-            continue  # nothing in the body was inferred from this state's shape
-        shapes = [initial.shape, state_in.shape, state_out.shape]
-        known = all(s is not None and all(isinstance(d, int) or (isinstance(d, str) and d) for d in s) for s in shapes)
-        if not known or not (list(shapes[0]) == list(shapes[1]) == list(shapes[2])):
-            return (f"{where}: carried state '{state_in.name}' has shape {_shape(state_in.shape)} in the body, but starts as "
-                    f"{_shape(initial.shape)} and comes back as {_shape(state_out.shape)}: its shape is not shown to be the "
-                    f"same in every iteration, so no shape inferred in the body can be trusted")
-    return None
-
-
-def _shape(shape) -> str:
-    return "unknown" if shape is None else str(list(shape))
 
 
 def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions, opset, report, claimed) -> list[NormCandidate]:
