@@ -388,3 +388,37 @@ def test_branch_output_is_the_norm_output(target):
         feeds = {"x": X.astype(np.float16), "cond": np.array(cond)}
         assert_same(run_model(model, feeds), run_model(out, feeds), "float16")
     assert_idempotent(out, target)
+
+
+def test_dynamo_export_of_torch_cond_fuses_the_norm_in_each_branch(tmp_path):
+    """torch.cond exports as an ONNX If whose branches hold the two norms; each becomes one op, and
+    ONNX Runtime (its own fusions off) computes the same on both branches."""
+    import onnxruntime as ort
+    import torch
+
+    from normops.torch_modules import LayerNorm, RMSNorm
+
+    class Branching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rms, self.ln = RMSNorm(16), LayerNorm(16, decomposed=True)
+
+        def forward(self, x, flag):
+            return torch.cond(flag.sum() > 0, lambda x: self.rms(x), lambda x: self.ln(x), (x,))
+
+    x, flag = torch.randn(2, 3, 16), torch.ones(1)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Branching(), (x, flag), dynamo=True).save(str(tmp_path / "cond.onnx"))
+    model = onnx.load(str(tmp_path / "cond.onnx"))
+    assert [n.op_type for n in model.graph.node if n.op_type == "If"] == ["If"]
+    out, report = rewrite_model(model, target="onnxruntime")
+    assert report.fused == 2 and not report.rejected
+    assert {f.scope.rsplit(".", 1)[-1] for f in report.fusions} == {"then_branch", "else_branch"}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]) for m in (model, out)]
+    for sign in (1.0, -1.0):
+        feeds = {"x": x.numpy(), "flag": (sign * flag).numpy()}
+        expected, actual = (s.run(None, feeds)[0] for s in sessions)
+        assert GRAPH["float32"].passes(actual, expected)
