@@ -13,8 +13,9 @@ the unfused norms) and `fused.plan` (our plugins). One engine per stack, with a 
 covering every shape of the grid (opt at 1x512).
 
 Per cell, each graph in a process of its own (this script with --worker): latency p50/p99 of
---runs timed runs after --warmup, throughput in tokens/s at p50, peak GPU memory (device memory
-in use after the runs minus before the model was loaded), and per op class (matmul, norm,
+--runs timed runs after --warmup, throughput in tokens/s at p50, peak GPU memory (the larger of the
+device memory in use after the model's first run and after the timed runs, minus before the model
+was loaded), and per op class (matmul, norm,
 elementwise) the share of FLOPs (counted on the reference graph with shapes inferred for the
 cell; the fused graph does the same arithmetic) against the share of runtime (ONNX Runtime's
 profiler, whose CUDA node times are host-side and include launches; TensorRT's layer profiler,

@@ -2,7 +2,7 @@
 select, the launch layouts --tune tries, the epsilon, and the bytes a cell must move. No GPU.
 
 Imported by bench/kernels.py (`python bench/kernels.py ...`) and its sibling modules
-kernel_timing, kernel_ab and kernel_static.
+kernel_ab and kernel_static.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ y [+ sum] written. In the same run: device-to-device copy bandwidth (torch copy_
 an empty kernel launched through the same path as ours (the floor for decode shapes),
 torch's fused F.rms_norm / F.layer_norm (the Add forms add first), the unfused decomposition
 that the reference ONNX graph runs (normops.torch_modules' maths), and torch.compile of it.
-Writes <out>/<gpu>-kernels.json and <out>/<gpu>-kernels.png.
+Writes <out>/<gpu>-kernels.{json,md,png} (-kernels-quick, -kernels-tune or -kernels-quick-tune with
+--quick and --tune).
 
 Kernel source versions side by side (A/B), in one run, on the same shapes and launch table:
 

@@ -8,7 +8,8 @@ The network is parsed from the ONNX file (external weights are read from beside 
 with one optimisation profile (MIN:OPT:MAX for the batch axis and the sequence axis of every
 input), a workspace limit and a timing cache kept on disk, and written atomically with a JSON
 sidecar (`<plan>.json`): TensorRT version, GPU and compute capability, profile, precision, the
-plugins in the graph with their versions, and the ONNX file's SHA-256.
+plugins in the graph with their versions, the compile-time kernel switches in force
+($NORMFUSE_AB_DEFINES), and the ONNX file's SHA-256.
 
 The normfuse ops are TensorRT plugins registered through `tensorrt.plugin` with an AOT
 implementation (plugins/); the network prefers AOT plugins, so their PTX is embedded in the

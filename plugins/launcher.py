@@ -4,6 +4,9 @@ The launcher loads the PTX that `build.ptx_for_launch` returns and launches it w
 `config.launch_config` shape and the argument order of `trt.aot_impl` (inputs, rows, hidden,
 epsilon bits, outputs), so the GPU tests prove the kernel TensorRT embeds. It uses CuPy's driver
 bindings for module loading and launches and takes torch CUDA tensors (CuPy has no bfloat16).
+`run` first refuses, with `check_operands`, what the kernel would misread from raw pointers: a
+strided tensor, a residual unlike x, a gamma or beta that is not [hidden] in x's dtype or float32,
+a beta in another dtype than gamma.
 """
 from __future__ import annotations
 

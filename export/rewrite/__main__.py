@@ -1,4 +1,4 @@
-"""python -m export.rewrite IN.onnx -o OUT.onnx [--target tensorrt|onnxruntime|onnx] [--no-residual] [--report R.json]"""
+"""python -m export.rewrite IN.onnx -o OUT.onnx [--target tensorrt|onnxruntime|onnx] [--no-residual] [--no-proof] [--report R.json]"""
 from __future__ import annotations
 
 import sys
