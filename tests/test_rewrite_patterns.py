@@ -9,6 +9,7 @@ import itertools
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import pytest
 
 from export.rewrite import TARGETS, rewrite_model
@@ -230,3 +231,76 @@ def test_residual_add_with_unknown_dims_is_not_fused():
             assert found is None and "cannot be shown equal" in why
         else:
             assert found[2] is add and why is None
+
+
+WIDE_HALF = [NormSpec(kind=k, dtype=d, casts=c, hidden=h, bias=True)
+             for k, d, c, h in itertools.product(("rms", "layer"), ("float16", "bfloat16"), ("none", "llama"), (1600, 4096))]
+
+
+@pytest.mark.parametrize("spec", WIDE_HALF, ids=lambda s: f"{s.describe()} hidden={s.hidden}")
+def test_wide_half_precision_norms_are_proven_and_fused(spec):
+    """Wide rows in fp16/bf16: the proof runs the subgraph widened to float32, since onnx's
+    evaluator would accumulate the mean in the half type (bf16 at hidden 1600 is off by > 1)."""
+    _, report = rewrite_model(build(spec), target="tensorrt")
+    assert report.fused == 1, [r.reason for r in report.rejected]
+
+
+@pytest.mark.parametrize("op", ("LayerNormalization", "RMSNormalization"))
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+def test_wide_native_half_precision_norms_are_fused(op, dtype):
+    from onnx import numpy_helper
+
+    from normops import numpy_dtype
+
+    model = _native_model(op, dtype, residual=None)
+    h = 1600  # GPT-2-XL's width instead of the helper's 8, weights included
+    for value in model.graph.input:
+        value.type.tensor_type.shape.dim[-1].dim_value = h
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(np.linspace(0.5, 1.5, h).astype(numpy_dtype(dtype)), init.name))
+    _, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 1, [r.reason for r in report.rejected]
+
+
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+def test_the_widened_proof_still_tells_a_different_norm_apart(dtype):
+    """Widening keeps the arithmetic: a candidate recorded with another epsilon, or over a scale
+    that is not the graph's, still fails the proof in half precision."""
+    from export.rewrite.checks import Rejected
+    from export.rewrite.proof import prove
+    from export.rewrite.rewriter import _first_passing, _import_with_shapes
+    from export.rewrite.scopes import scopes_of
+
+    model = build(NormSpec(kind="rms", dtype=dtype, casts="llama", hidden=1600, epsilon=1e-5))
+    graph = _import_with_shapes(model)
+    (scope,) = scopes_of(graph)
+    root = graph.outputs[0]
+    candidate = _first_passing(root, scope, set(), set(), False, 18, {})
+    assert candidate is not None
+    prove(candidate, 18)  # the right epsilon passes
+    candidate.epsilon = 1e-2
+    with pytest.raises(Rejected, match="numerical proof failed"):
+        prove(candidate, 18)
+
+
+def test_widening_touches_every_half_type():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.rewrite.proof import _widen_half_types
+
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(2.0, np.float16), "c")),
+             helper.make_node("Mul", ["x", "c"], ["m"]), helper.make_node("Add", ["m", "w"], ["a"]),
+             helper.make_node("Cast", ["a"], ["y"], to=TensorProto.FLOAT16)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4])],
+                              initializer=[numpy_helper.from_array(np.ones(4, np.float16), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert _widen_half_types(model)
+    text = str(model)
+    assert "data_type: 10" not in text and "elem_type: 10" not in text and "i: 10" not in text
+    onnx.checker.check_model(model)
+    from onnx.reference import ReferenceEvaluator
+
+    (y,) = ReferenceEvaluator(model).run(None, {"x": np.arange(4, dtype=np.float32)})
+    assert y.dtype == np.float32 and y.tolist() == [1.0, 3.0, 5.0, 7.0]
+    assert not _widen_half_types(model)
