@@ -322,6 +322,8 @@ def compare_cells(cells: list[dict]) -> list[dict]:
     out = []
     for key, graphs in index.items():
         ref, fused = graphs.get("reference"), graphs.get("fused")
+        if ref and fused and fused.get("fused_norms") == 0:  # the two graphs are one: no comparison
+            fused = {**fused, "error": "the rewriter fused no norm in this stack: both graphs are the same"}
         if not ref or not fused or "error" in ref or "error" in fused:
             out.append({"model": key[0], "layers": key[1], "dtype": key[2], "shape": list(key[3]), "backend": key[4],
                         "error": (ref or {}).get("error") or (fused or {}).get("error") or "a graph is missing"})
@@ -568,7 +570,8 @@ def main(argv=None) -> int:
                         measured = measure_pair(models, backend, batch, seq, stack["norm_nodes"], args)
                         for graph, cell in measured.items():
                             cell.update(model=model_name, layers=n_layers, dtype=dtype, shape=[batch, seq],
-                                        backend=backend, graph=graph, flops=flops["flops"], flop_share=flops["flop_share"])
+                                        backend=backend, graph=graph, flops=flops["flops"], flop_share=flops["flop_share"],
+                                        fused_norms=stack["fused_norms"])
                             results["cells"].append(cell)
                             if "error" in cell:
                                 print(f"  {batch}x{seq} {backend} {graph}: FAILED {cell['error']}", flush=True)

@@ -140,3 +140,21 @@ def test_missing_onnx_runtime_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without it looks like
     with pytest.raises(NormfuseError, match=r"normfuse\[cpu\].*normfuse\[gpu\]"):
         import_onnxruntime()
+
+
+def test_a_rewrite_short_of_the_models_norms_is_said_and_not_sold_as_a_speed_up():
+    from export.report import fusion_shortfall, markdown
+
+    def report(fused):
+        bench = [{"backend": "ort-cpu", "graph": g, "latency_ms": {"p50": p, "p99": p}, "throughput_tokens_per_s": 1.0,
+                  "peak_memory_mb": 1.0, "nodes": 1, "file_size_mb": 0.1} for g, p in (("reference", 2.0), ("fused", 1.0))]
+        return {"config": {"norm": "layernorm", "preset": "tiny", "dtype": "bfloat16", "layers": 1, "hidden": 8, "heads": 1,
+                           "ffn": 8, "exporter": "dynamo", "opset": 18, "batch": 1, "seq": 1},
+                "rewrite": {"fused": fused, "expected_norms": 3, "counts": {}, "nodes_before": 1, "nodes_after": 1,
+                            "rejected": [{"pattern": "p", "output": "y", "reason": "r"}] * (3 - fused)},
+                "validation": [], "bench": bench, "skipped": [], "stage_seconds": {}}
+
+    assert fusion_shortfall(report(3)) is None and "speed-up" in markdown(report(3))
+    assert "only 2 of the model's 3 norms" in fusion_shortfall(report(2))
+    text = markdown(report(0))
+    assert "compares a graph with itself" in text and "speed-up" not in text

@@ -147,3 +147,11 @@ def test_decode_cells_get_more_pairs():
     assert graphs.repeats_for(1, 1, args) == 5 and graphs.repeats_for(1, 32, args) == 5
     assert graphs.repeats_for(1, 512, args) == 1
     assert graphs.repeats_for(8, 2048, SimpleNamespace(repeats=3, decode_repeats=5)) == 3
+
+
+def test_a_stack_with_nothing_fused_is_not_compared():
+    """A rewrite that fused nothing leaves two copies of one graph: timing them is noise, not a result."""
+    cells = [{**cell("reference", 0.25), "fused_norms": 0}, {**cell("fused", 0.37), "fused_norms": 0}]
+    (comparison,) = graphs.compare_cells(cells)
+    assert "fused no norm" in comparison["error"] and "speedup_p50" not in comparison
+    assert graphs.summarise([comparison])["cells_compared"] == 0
