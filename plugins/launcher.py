@@ -97,6 +97,26 @@ def check_operands(op: str, named: dict[str, Any]) -> None:
                          "they must share one dtype")
 
 
+def check_outputs(op: str, x: Any, outputs: tuple[Any, ...]) -> None:
+    """Outputs given by the caller are written through raw pointers too: one per op output, each
+    contiguous and shaped and typed like x."""
+    names = OPS[op].outputs
+    if len(outputs) != len(names):
+        raise TypeError(f"{op} writes {names}, got {len(outputs)} output tensors")
+    for name, t in zip(names, outputs):
+        if not t.is_contiguous() or tuple(t.shape) != tuple(x.shape) or t.dtype != x.dtype:
+            raise ValueError(f"{op}: output {name} must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}, "
+                             f"got {'a strided ' if not t.is_contiguous() else ''}{t.dtype} {tuple(t.shape)}")
+
+
+def check_device(op: str, tensors: dict[str, Any]) -> None:
+    """Every tensor on the GPU the kernel runs on (x's)."""
+    device = tensors["x"].device
+    for name, t in tensors.items():
+        if not t.is_cuda or t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}; every tensor must be on x's CUDA device ({device})")
+
+
 def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[int, int] | None = None,
         outputs: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
     """Run op on torch CUDA tensors given in contract order (x, [residual], gamma, [beta]).
@@ -116,6 +136,8 @@ def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[i
     rows = x.numel() // hidden if hidden else 0
     if outputs is None:
         outputs = tuple(torch.empty_like(x) for _ in spec.outputs)
+    check_outputs(op, x, outputs)
+    check_device(op, {**named, **dict(zip(spec.outputs, outputs))})
     launch = Launch(op, dtype_name(x), dtype_name(gamma), rows, hidden, layout=layout)
     launch([t.data_ptr() for t in inputs], [t.data_ptr() for t in outputs], epsilon,
            torch.cuda.current_stream().cuda_stream)

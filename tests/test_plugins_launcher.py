@@ -38,3 +38,25 @@ def test_what_the_kernels_would_misread_is_refused(change, message):
     change(named)
     with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
         check_operands("AddLayerNorm", named)
+
+
+def test_caller_outputs_are_checked_like_inputs():
+    from plugins.launcher import check_outputs
+
+    x = torch.zeros(3, 8, dtype=torch.float16)
+    check_outputs("AddRMSNorm", x, (torch.empty_like(x), torch.empty_like(x)))
+    with pytest.raises(TypeError, match="writes"):
+        check_outputs("AddRMSNorm", x, (torch.empty_like(x),))
+    with pytest.raises(ValueError, match="output sum must be a contiguous"):
+        check_outputs("AddRMSNorm", x, (torch.empty_like(x), torch.empty(3, 8, dtype=torch.float32)))
+    with pytest.raises(ValueError, match="a strided"):
+        check_outputs("RMSNorm", x, (torch.empty(8, 3, dtype=torch.float16).t(),))
+
+
+def test_tensors_off_the_gpu_are_refused_before_any_launch():
+    """run() on CPU tensors: a one-line refusal, not a crash inside the driver."""
+    from plugins.launcher import run
+
+    named = operands("RMSNorm")
+    with pytest.raises(ValueError, match="x is on cpu; every tensor must be on x's CUDA device"):
+        run("RMSNorm", named["x"], named["gamma"])
