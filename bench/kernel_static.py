@@ -150,8 +150,14 @@ def report_static(rows: list[dict]) -> str:
              "| op | hidden | arch | variant | kernel | regs | spill B | smem B | blocks/SM | warps/SM | input KiB/SM | "
              "LDG.128 | other LDG | STG.128 | BAR.SYNC | CCTL | SHFL | trips | loops |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    missing = sorted({r["sass"]["error"] for r in rows if "error" in r["sass"]})
     for r in rows:
         s = r["sass"]
+        if "error" in s:  # no SASS tool (or it failed): no counts, rather than zeros that read as real
+            lines.append(f"| {r['op']} | {r['hidden']} | {r['arch']} | {r['variant']} | {r['kernel']} | {r['registers']} | "
+                         f"{r['spill_bytes']} | {r['smem_bytes']} | {r['blocks_per_sm']} | {r['warps_per_sm']} | "
+                         f"{r['input_bytes_per_sm'] // 1024} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            continue
         vp = s.get("vector_path", {})
         ldg128 = sum(n for k, n in vp.items() if k.startswith("LDG") and ".128" in k)
         other = sum(n for k, n in vp.items() if k.startswith("LDG") and ".128" not in k)
@@ -165,4 +171,5 @@ def report_static(rows: list[dict]) -> str:
                      f"{r['input_bytes_per_sm'] // 1024} | {ldg128} ({', '.join(kinds) or '-'}) | {other} | {stg128} | "
                      f"{bar} | {cctl} | {shfl} | {s.get('param_load_round_trips_after_last_barrier', '-')} | "
                      f"{s.get('vector_path_loops', '-')} |")
+    lines += [f"SASS counts n/a: {why}" for why in missing]
     return "\n".join(lines)
