@@ -4,8 +4,8 @@ of each version's kernel for each cell's launch, the occupancy they allow, and S
 
     python bench/kernels.py --sources HEAD,59deae0^ --static sm_90,sm_80 [--out DIR]
 
-Needs nvcc and ptxas. Without cuobjdump or nvdisasm the table's SASS columns read 0 and '-', and
-why is only in each row's `sass` entry of kernels-static.json (written with --out).
+Needs nvcc and ptxas. Without cuobjdump or nvdisasm the table's SASS columns read n/a, with the
+reason under the table and in each row's `sass` entry of kernels-static.json (written with --out).
 """
 from __future__ import annotations
 
