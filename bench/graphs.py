@@ -394,7 +394,7 @@ def summarise(comparisons: list[dict]) -> dict:
     return {
         "cells_compared": len(ok),
         "cells_failed": len(comparisons) - len(ok),
-        "fused_never_slower": not slower,
+        "fused_never_slower": not slower if ok else None,  # None: nothing was compared
         "slower_cells": [{k: c[k] for k in ("model", "layers", "dtype", "shape", "backend", "speedup_p50")} for c in slower],
         "geomean_speedup_p50": {b: float(np.exp(np.mean(np.log(v)))) for b, v in by_backend.items()},
         "min_speedup_p50": {b: float(min(v)) for b, v in by_backend.items()},
@@ -424,17 +424,18 @@ def plot(results: dict, path: Path) -> None:
         ax.bar([x + i * width for x in range(len(labels))], values, width=width, label=backend)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(labels))],
-                  [f"{m} L{n} {d.replace('float', 'fp').replace('bfloat', 'bf')}\n{s[0]}x{s[1]}" for m, n, d, s in labels],
+                  [f"{m} L{n} {d.replace('bfloat', 'bf').replace('float', 'fp')}\n{s[0]}x{s[1]}" for m, n, d, s in labels],
                   rotation=90, fontsize=7)
     ax.set_ylabel("p50 speed-up, fused over reference")
     ax.set_title("Fused vs reference graph (above 1: fused is faster)")
-    ax.legend()
+    if backends:  # nothing compared (e.g. no norm fused): no bars, no legend
+        ax.legend()
 
     ax = axes[1]
     rows = []
     for cell in results["cells"]:
         classes = cell.get("op_classes")
-        if not classes or "error" in cell:
+        if not classes or "error" in cell or cell.get("fused_norms") == 0:  # nothing fused: not a comparison
             continue
         flops = cell.get("flop_share", {})
         rows.append((f"{cell['model']} L{cell['layers']} {cell['shape'][0]}x{cell['shape'][1]}\n{cell['backend']} {cell['graph']}",
@@ -603,8 +604,10 @@ def merge(paths: list[str], out: Path, name: str | None) -> int:
     if len(gpus) > 1:
         print(f"refusing to merge results from different GPUs: {', '.join(map(str, gpus))}", file=sys.stderr)
         return 2
+    for part in parts:
+        note_fused_norms(part)
     merged = {**parts[0], "cells": [c for p in parts for c in p["cells"]], "stacks": [s for p in parts for s in p["stacks"]],
-              "backends": sorted({b for p in parts for b in p["backends"]}), "merged_from": [str(p) for p in paths]}
+              "backends": sorted({b for p in parts for b in p["backends"]}), "merged_from": [Path(p).name for p in paths]}
     grid = dict(parts[0]["grid"])
     for key, value in grid.items():
         if isinstance(value, list):  # models, layers, dtypes, shapes: the union, in order of appearance
@@ -621,6 +624,17 @@ def merge(paths: list[str], out: Path, name: str | None) -> int:
     print(f"wrote {path} ({len(merged['cells'])} cells from {len(parts)} runs); fused never slower: "
           f"{merged['summary']['fused_never_slower']}")
     return 0
+
+
+def note_fused_norms(results: dict) -> None:
+    """Give each cell its stack's fused-norm count where it lacks one (results written before cells
+    carried it), so that a stack whose rewrite fused nothing is not compared with itself."""
+    fused = {(s.get("model"), s.get("layers"), s.get("dtype")): s.get("fused_norms") for s in results.get("stacks", [])}
+    for cell in results.get("cells", []):
+        if "fused_norms" not in cell:
+            count = fused.get((cell.get("model"), cell.get("layers"), cell.get("dtype")))
+            if count is not None:
+                cell["fused_norms"] = count
 
 
 def result_stem(gpu_name: str | None) -> str:

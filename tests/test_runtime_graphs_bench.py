@@ -155,3 +155,14 @@ def test_a_stack_with_nothing_fused_is_not_compared():
     (comparison,) = graphs.compare_cells(cells)
     assert "fused no norm" in comparison["error"] and "speedup_p50" not in comparison
     assert graphs.summarise([comparison])["cells_compared"] == 0
+
+
+def test_merging_older_results_recovers_the_fused_norm_count(tmp_path):
+    part = {"gpu": {"name": "NVIDIA H100"}, "backends": ["ort-cuda"], "skipped": [], "environment": {},
+            "grid": {"models": ["m"], "layers": [1], "dtypes": ["float16"], "shapes": [[1, 1]], "runs": 5},
+            "stacks": [{"model": "m", "layers": 1, "dtype": "float16", "fused_norms": 0}],
+            "cells": [cell("reference", 2.0, "ort-cuda"), cell("fused", 1.0, "ort-cuda")]}
+    (tmp_path / "old.json").write_text(json.dumps(part))
+    assert graphs.main(["--merge", str(tmp_path / "old.json"), "--out", str(tmp_path / "out"), "--name", "again"]) == 0
+    merged = json.loads((tmp_path / "out" / "again-graphs.json").read_text())
+    assert "fused no norm" in merged["comparisons"][0]["error"] and merged["summary"]["cells_compared"] == 0
