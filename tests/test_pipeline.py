@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -158,3 +159,35 @@ def test_a_rewrite_short_of_the_models_norms_is_said_and_not_sold_as_a_speed_up(
     assert "only 2 of the model's 3 norms" in fusion_shortfall(report(2))
     text = markdown(report(0))
     assert "compares a graph with itself" in text and "speed-up" not in text
+
+
+def test_half_precision_reductions_are_evaluated_with_fp32_accumulation():
+    """onnx's evaluator sums bf16 in bf16; the evaluator used for bf16 validation sums in fp32, as
+    ONNX Runtime and TensorRT do, so its ReduceMean over 1600 values is the mean rounded to bf16."""
+    import ml_dtypes
+    from onnx import TensorProto, helper
+
+    from export.rewrite.evaluate import run_model
+
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 1600])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [-1])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["m"]), helper.make_node("Softmax", ["x"], ["s"])], "g", [x],
+        [helper.make_tensor_value_info("m", TensorProto.BFLOAT16, None), helper.make_tensor_value_info("s", TensorProto.BFLOAT16, None)],
+        initializer=[axes]), opset_imports=[helper.make_opsetid("", 18)])
+    values = (np.random.default_rng(0).standard_normal((2, 1600)) + 0.5).astype(ml_dtypes.bfloat16)
+    mean, soft = run_model(model, {"x": values})
+    exact = values.astype(np.float64).mean(-1, keepdims=True)
+    assert mean.dtype == ml_dtypes.bfloat16 and np.allclose(mean.astype(np.float64), exact, rtol=2 ** -7)
+    assert soft.dtype == ml_dtypes.bfloat16 and abs(soft.astype(np.float64).sum(-1) - 1).max() < 0.05
+
+
+def test_bf16_graph_of_wide_rows_validates_on_the_reference_evaluator(exported, tmp_path):
+    """GPT-2-XL's width in bf16: every norm fused, and the fused graph matches the reference
+    evaluated with fp32 accumulation (in bf16 accumulation the reference itself was off by ~1)."""
+    reference = exported("layernorm", "bfloat16", hidden=1600, heads=25, ffn=64, layers=1)
+    report = rewrite_file(reference, tmp_path / "fused.onnx", target="tensorrt")
+    assert report.fused == 3 and not report.rejected
+    (pair,) = compare(Side(reference, "onnx-reference", "reference"), Side(tmp_path / "fused.onnx", "onnx-reference", "fused"),
+                      [(1, 8)], "bfloat16")
+    assert pair["passed"], pair["outputs"]
