@@ -213,14 +213,10 @@ def sidecar_path(plan_path: str | Path) -> Path:
     return Path(f"{plan_path}.json")
 
 
-def _kernel_switches() -> tuple[str, ...]:
-    from plugins.build import env_defines
-
-    return env_defines()
-
-
 def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, tensorrt_version: str,
                  gpu: dict, profiles: dict, build_seconds: float, plan_bytes: int) -> dict:
+    from plugins.build import env_defines
+
     return {
         "sidecar_version": SIDECAR_VERSION,
         "plan": plan_path.name,
@@ -241,7 +237,7 @@ def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, te
         "plugins": plugin_ops(onnx_path),
         # compile-time kernel switches in force ($NORMFUSE_AB_DEFINES): an engine built with any
         # embeds kernels other than the default, proven ones
-        "kernel_switches": list(_kernel_switches()),
+        "kernel_switches": list(env_defines()),
         "io": io_signature(onnx_path),
         "build_seconds": round(build_seconds, 3),
         "host": platform.node(),

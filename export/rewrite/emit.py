@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -23,7 +21,6 @@ from .scopes import walk_graphs
 
 TARGETS = ("tensorrt", "onnxruntime", "onnx")
 MS_DOMAIN = "com.microsoft"
-_names = itertools.count()
 
 
 class UniqueNames:
@@ -122,7 +119,7 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str, names: UniqueNa
         attrs.update(plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
     elif not (target == "onnxruntime" and candidate.residual is not None):
         attrs.update(axis=-1, stash_type=1)
-    node = gs.Node(op_type, name=names(f"normfuse_{op_type}_{next(_names)}"), attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
+    node = gs.Node(op_type, name=names(f"normfuse_{op_type}"), attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
     graph.nodes.append(node)
     return node
 
