@@ -8,7 +8,7 @@
 #include "norm_common.cuh"
 
 #define NORMFUSE_ENTRY(TPR, RPB, C)                                                            \
-    extern "C" __global__ void __launch_bounds__(TPR * RPB)                                    \
+    extern "C" __global__ void __launch_bounds__(NORMFUSE_BLOCK_THREADS(TPR))                  \
         NORMFUSE_KERNEL_NAME(add_rms_norm, TPR, RPB, C)(                                       \
             const NORMFUSE_X* x, const NORMFUSE_X* residual, const NORMFUSE_G* gamma,          \
             int rows, int hidden, int eps_bits, NORMFUSE_X* y, NORMFUSE_X* sum) {              \

@@ -4,6 +4,13 @@ A kernel variant is named by (threads per row TPR, rows per block RPB, register 
 each slot holds one 16-byte vector, V = 16 / itemsize elements. A row of up to C * V * TPR
 elements stays in registers and is read once; longer rows take the kernel's streaming path.
 
+A block holds `groups_per_block(TPR)` row groups. When RPB is that number, each group normalises
+one row. When RPB is K times it (a row-loop variant, K in ROW_LOOPS), each group normalises K rows,
+one after the other: it keeps gamma/beta in registers across them and loads the next row while it
+reduces and writes the current one, so a short row's latency is hidden by the next row's loads
+instead of by more resident blocks. The launch table picks K = 1 unless a measured entry says
+otherwise; `layout=(TPR, C, K)` forces one.
+
 `launch_config` works on plain ints (the launcher) and on TensorRT's symbolic shape expressions
 (`aot_impl`, where the number of rows may be dynamic): it only adds and floor-divides `rows`.
 """
@@ -23,7 +30,11 @@ GAMMA_DTYPES = ("same", "float32")
 
 THREADS_PER_ROW = (32, 64, 128, 256, 512, 1024)
 MAX_VALUES_PER_THREAD = 32  # fp32 values of x a thread keeps in registers (C * V <= this)
-BLOCK_THREADS_SMALL_ROWS = 256  # rows shorter than a warp's share are packed this many threads a block
+# Row groups of fewer threads are packed into blocks of this many threads (norm_common.cuh's
+# kSmallRowBlock must agree; a CPU test reads each kernel's .maxntid from its PTX).
+BLOCK_THREADS_SMALL_ROWS = 256
+ROW_LOOPS = (2, 4)  # rows each group normalises in turn, in the row-loop variants
+ROW_LOOP_MAX_THREADS = 256  # row-loop variants exist for groups of at most this many threads
 
 # Register slots per thread the table aims for (each slot one 16-byte vector): more slots mean more
 # loads in flight per thread and fewer threads per row; tuned on an H100 (bench/README.md).
@@ -32,7 +43,8 @@ TARGET_SLOTS = {"float32": 2, "float16": 2, "bfloat16": 2}
 # The measured best layout for the hidden sizes of bench/kernels.py, per op and dtype:
 # hidden -> (threads per row, slots). Other sizes follow the TARGET_SLOTS rule. From
 # bench/results/h100-80gb-hbm3-kernels-quick-tune.json (16384 tokens, L2 flushed).
-TUNED: dict[tuple[str, str], dict[int, tuple[int, int]]] = {
+# An entry may name a third number, rows per group (a row-loop variant); none does until one wins on the GPU.
+TUNED: dict[tuple[str, str], dict[int, tuple[int, ...]]] = {
     ("RMSNorm", "bfloat16"): {768: (128, 1), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (256, 4), 16384: (512, 4)},
     ("RMSNorm", "float16"): {768: (128, 2), 1024: (128, 1), 2048: (256, 1), 4096: (256, 2), 8192: (256, 4), 16384: (512, 4)},
     ("RMSNorm", "float32"): {768: (256, 1), 1024: (256, 1), 2048: (256, 4), 4096: (256, 4), 8192: (512, 4), 16384: (1024, 8)},
@@ -58,9 +70,14 @@ class LaunchConfig:
     block: int
     shared_mem: int  # dynamic shared memory in bytes (the kernels use static shared memory only)
     threads_per_row: int
-    rows_per_block: int
+    rows_per_block: int  # groups per block x rows per group
     slots: int
     vector: int  # elements per 16-byte vector
+    rows_per_group: int = 1  # > 1: a row-loop variant
+
+    @property
+    def groups_per_block(self) -> int:
+        return self.rows_per_block // self.rows_per_group
 
     @property
     def capacity(self) -> int:
@@ -88,13 +105,26 @@ def slot_choices(dtype: str) -> tuple[int, ...]:
     return tuple(c for c in (1, 2, 4, 8) if c * v <= MAX_VALUES_PER_THREAD)
 
 
-def rows_per_block(threads_per_row: int) -> int:
+def groups_per_block(threads_per_row: int) -> int:
     return max(1, BLOCK_THREADS_SMALL_ROWS // threads_per_row)
 
 
+def rows_per_block(threads_per_row: int, rows_per_group: int = 1) -> int:
+    return groups_per_block(threads_per_row) * rows_per_group
+
+
+def row_loops(threads_per_row: int) -> tuple[int, ...]:
+    """Rows per group compiled for groups of `threads_per_row` threads (1: no loop)."""
+    return (1,) + (ROW_LOOPS if threads_per_row <= ROW_LOOP_MAX_THREADS else ())
+
+
 def variants(dtype: str) -> list[tuple[int, int, int]]:
-    """Every (TPR, RPB, C) compiled into a module whose x dtype is `dtype`."""
-    return [(t, rows_per_block(t), c) for t in THREADS_PER_ROW for c in slot_choices(dtype)]
+    """Every (TPR, RPB, C) compiled into a module whose x dtype is `dtype`: the one-row-per-group
+    variants first, then the row-loop ones."""
+    one = [(t, rows_per_block(t), c) for t in THREADS_PER_ROW for c in slot_choices(dtype)]
+    looped = [(t, rows_per_block(t, k), c) for k in ROW_LOOPS for t in THREADS_PER_ROW
+              for c in slot_choices(dtype) if k in row_loops(t)]
+    return one + looped
 
 
 def kernel_name(op: str | OpSpec, threads_per_row: int, rows_per_block: int, slots: int) -> str:
@@ -105,8 +135,8 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def choose_layout(dtype: str, hidden: int | None, op: str | OpSpec | None = None) -> tuple[int, int]:
-    """(threads per row, slots per thread) for a row of `hidden` elements of `dtype`.
+def choose_layout(dtype: str, hidden: int | None, op: str | OpSpec | None = None) -> tuple[int, ...]:
+    """(threads per row, slots per thread[, rows per group]) for a row of `hidden` elements of `dtype`.
 
     `hidden=None` (not known when the engine is built) picks the widest layout, right for any size.
     """
@@ -125,19 +155,24 @@ def choose_layout(dtype: str, hidden: int | None, op: str | OpSpec | None = None
 
 
 def launch_config(op: str | OpSpec, dtype: str, rows: Any, hidden: int | None,
-                  layout: tuple[int, int] | None = None) -> LaunchConfig:
+                  layout: tuple[int, ...] | None = None) -> LaunchConfig:
     """Kernel name and launch shape for `rows` rows of `hidden` elements.
 
-    `layout` forces (threads per row, slots) (tests and tuning); by default the table decides.
+    `layout` forces (threads per row, slots) or (threads per row, slots, rows per group) (tests
+    and tuning); by default the table decides.
     """
     spec = _spec(op)
-    tpr, slots = layout if layout is not None else choose_layout(dtype, hidden, spec)
-    if tpr not in THREADS_PER_ROW or slots not in slot_choices(dtype):
-        raise ValueError(f"no compiled variant with {tpr} threads per row and {slots} slots for {dtype}")
-    rpb = rows_per_block(tpr)
+    chosen = tuple(layout) if layout is not None else choose_layout(dtype, hidden, spec)
+    tpr, slots = chosen[0], chosen[1]
+    per_group = chosen[2] if len(chosen) > 2 else 1
+    if tpr not in THREADS_PER_ROW or slots not in slot_choices(dtype) or per_group not in row_loops(tpr):
+        raise ValueError(f"no compiled variant with {tpr} threads per row, {slots} slots and "
+                         f"{per_group} rows per group for {dtype}")
+    rpb = rows_per_block(tpr, per_group)
     grid = (rows + (rpb - 1)) // rpb
-    return LaunchConfig(kernel=kernel_name(spec, tpr, rpb, slots), grid=grid, block=tpr * rpb, shared_mem=0,
-                        threads_per_row=tpr, rows_per_block=rpb, slots=slots, vector=vector_width(dtype))
+    return LaunchConfig(kernel=kernel_name(spec, tpr, rpb, slots), grid=grid,
+                        block=tpr * groups_per_block(tpr), shared_mem=0, threads_per_row=tpr,
+                        rows_per_block=rpb, slots=slots, vector=vector_width(dtype), rows_per_group=per_group)
 
 
 def epsilon_bits(epsilon: float) -> int:

@@ -10,6 +10,12 @@
 // memory, and none of the cancellation of E[x^2] - E[x]^2 when the mean is large against the
 // spread. The streaming path uses Welford's update per thread and Chan's merge across threads.
 //
+// Row-loop variants (RPB a multiple of the groups a block holds): each group normalises
+// K = RPB / groups rows in turn. gamma/beta are read once into registers, and the next row's loads
+// are issued before the current row's reductions, so its memory latency overlaps them instead of
+// being hidden only by other resident blocks. They compute every row exactly as the one-row
+// variants do (same operations in the same order), so their outputs are bit-identical.
+//
 // The element type T and the gamma/beta type G are fixed when the module is compiled
 // (NORMFUSE_X and NORMFUSE_G); the thread layout variants come from NORMFUSE_VARIANTS, the list
 // that plugins/config.py generates, so the Python launch table and the PTX always agree.
@@ -413,6 +419,195 @@ __device__ __forceinline__ void row_streaming(const RowArgs<kCentered, kResidual
     }
 }
 
+// ---------------------------------------------------------------- row-loop variants
+// Row groups of fewer than 256 threads share a block of 256 (plugins/config.py
+// BLOCK_THREADS_SMALL_ROWS; a CPU test holds every kernel's .maxntid to config's block).
+constexpr int kSmallRowBlock = 256;
+template <int TPR> __host__ __device__ constexpr int groups_per_block() { return TPR >= kSmallRowBlock ? 1 : kSmallRowBlock / TPR; }
+
+// N elements of type G kept as raw 16-byte chunks (half the registers of floats for 16-bit G),
+// widened to fp32 where they are used.
+template <typename G, int N>
+struct Packed {
+    static constexpr int kPer = 16 / static_cast<int>(sizeof(G));
+    static_assert(N % kPer == 0, "a whole number of 16-byte chunks");
+    uint4 raw[N / kPer];
+
+    __device__ __forceinline__ void load(const G* __restrict__ p) {
+        #pragma unroll
+        for (int k = 0; k < N / kPer; ++k) {
+#ifdef NORMFUSE_AB_PLAIN_LOADS
+            raw[k] = *reinterpret_cast<const uint4*>(p + k * kPer);
+#else
+            raw[k] = __ldg(reinterpret_cast<const uint4*>(p + k * kPer));
+#endif
+        }
+    }
+    __device__ __forceinline__ float get(int j) const {
+        union { uint4 r; G e[kPer]; } chunk;
+        chunk.r = raw[j / kPer];
+        return to_float(chunk.e[j % kPer]);
+    }
+};
+
+// 16-byte path of a row-loop variant: the group of `lane` normalises rows first, first + GROUPS,
+// ... (K of them). Every thread runs all K iterations, active or not, so the barriers inside the
+// reductions are reached by the whole block.
+template <int TPR, int GROUPS, int K, int C, bool kCentered, bool kResidual, typename T, typename G>
+__device__ __forceinline__ void rows_in_registers_looped(const T* __restrict__ x, const T* __restrict__ residual,
+                                                         const G* __restrict__ gamma, const G* __restrict__ beta,
+                                                         int64_t rows, int hidden, float eps, T* __restrict__ y,
+                                                         T* __restrict__ sum, int64_t first, int lane) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+    auto index = [&](int c) { return (c * TPR + lane) * V; };  // first element of slot c
+    auto slot = [&](int c) { return index(c) < hidden; };      // hidden % V == 0 on this path
+
+    // gamma/beta for every row this group will normalise: once, into registers
+    Packed<G, V> g[C], b[kCentered ? C : 1];
+    #pragma unroll
+    for (int c = 0; c < C; ++c) {
+        if (slot(c)) {
+            g[c].load(gamma + index(c));
+            if constexpr (kCentered) b[c].load(beta + index(c));
+        }
+    }
+
+    // the next row's x (+ residual), raw: its loads stay in flight through the current row's work
+    uint4 next_x[C], next_r[kResidual ? C : 1];
+    auto issue = [&](int64_t row) {
+        if (row >= rows) return;
+        const int64_t offset = row * static_cast<int64_t>(hidden);
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+            if (!slot(c)) continue;
+#ifdef NORMFUSE_AB_PLAIN_LOADS
+            next_x[c] = *reinterpret_cast<const uint4*>(x + offset + index(c));
+            if constexpr (kResidual) next_r[c] = *reinterpret_cast<const uint4*>(residual + offset + index(c));
+#else
+            next_x[c] = __ldg(reinterpret_cast<const uint4*>(x + offset + index(c)));
+            if constexpr (kResidual) next_r[c] = __ldg(reinterpret_cast<const uint4*>(residual + offset + index(c)));
+#endif
+        }
+    };
+    issue(first);
+
+    #pragma unroll 1
+    for (int k = 0; k < K; ++k) {
+        const int64_t row = first + static_cast<int64_t>(k) * GROUPS;
+        const bool active = row < rows;
+        const int64_t offset = (active ? row : 0) * static_cast<int64_t>(hidden);
+        auto valid = [&](int c) { return active && slot(c); };
+
+        // 1. this row's values (zeros where there are none), then the next row's loads
+        float v[C][V];
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+            union { uint4 r; T e[V]; } cx, cr;
+            cx.r = next_x[c];
+            if constexpr (kResidual) cr.r = next_r[c];
+            #pragma unroll
+            for (int j = 0; j < V; ++j) {
+                float s = 0.f;
+                if (valid(c)) {
+                    s = to_float(cx.e[j]);
+                    if constexpr (kResidual) s += to_float(cr.e[j]);
+                }
+                v[c][j] = s;
+            }
+        }
+        if (k + 1 < K) issue(row + GROUPS);
+
+        // 2. the Add forms write x + residual
+        if constexpr (kResidual) {
+            #pragma unroll
+            for (int c = 0; c < C; ++c)
+                if (valid(c)) store_vec<T, V>(sum + offset + index(c), v[c]);
+        }
+
+        // 3. statistics, as row_in_registers computes them
+        float mean = 0.f, rstd;
+        if constexpr (kCentered) {
+            float s = 0.f;
+            #pragma unroll
+            for (int c = 0; c < C; ++c)
+                #pragma unroll
+                for (int j = 0; j < V; ++j) s += v[c][j];
+            mean = row_allreduce<TPR, GROUPS>(s) / static_cast<float>(hidden);
+            float m2 = 0.f;
+            #pragma unroll
+            for (int c = 0; c < C; ++c)
+                #pragma unroll
+                for (int j = 0; j < V; ++j)
+                    if (valid(c)) { const float d = v[c][j] - mean; m2 += d * d; }
+            rstd = rsqrtf(row_allreduce<TPR, GROUPS, float NORMFUSE_SITE(1)>(m2) / static_cast<float>(hidden) + eps);
+        } else {
+            float ss = 0.f;
+            #pragma unroll
+            for (int c = 0; c < C; ++c)
+                #pragma unroll
+                for (int j = 0; j < V; ++j) ss += v[c][j] * v[c][j];
+            rstd = rsqrtf(row_allreduce<TPR, GROUPS>(ss) / static_cast<float>(hidden) + eps);
+        }
+
+        // 4. y = (v - mean) * rstd * gamma (+ beta)
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+            if (!valid(c)) continue;
+            float out[V];
+            #pragma unroll
+            for (int j = 0; j < V; ++j) {
+                out[j] = (v[c][j] - mean) * rstd * g[c].get(j);
+                if constexpr (kCentered) out[j] += b[c].get(j);
+            }
+            store_vec<T, V>(y + offset + index(c), out);
+        }
+#ifdef NORMFUSE_AB_NO_TRAILING_SYNC
+        // the reductions' shared buffers are written again by the next row
+        if constexpr (TPR > 32) __syncthreads();
+#endif
+    }
+}
+
+// A row-loop variant: the 16-byte path above when the row fits and is aligned, else each of the
+// K rows streamed (read twice: a fallback for odd sizes and unaligned tensors).
+template <int TPR, int GROUPS, int K, int C, bool kCentered, bool kResidual, typename T, typename G>
+__device__ __forceinline__ void norm_rows_looped(const T* x, const T* residual, const G* gamma,
+                                                 const G* beta, int rows, int hidden, int eps_bits,
+                                                 T* y, T* sum, bool vectorisable) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+    const int group = static_cast<int>(threadIdx.x) / TPR;
+    const int lane = static_cast<int>(threadIdx.x) % TPR;
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * (GROUPS * K) + group;
+    const float eps = __int_as_float(eps_bits);
+    if (hidden <= C * V * TPR && vectorisable) {
+        rows_in_registers_looped<TPR, GROUPS, K, C, kCentered, kResidual>(x, residual, gamma, beta, rows, hidden,
+                                                                         eps, y, sum, first, lane);
+        return;
+    }
+    for (int k = 0; k < K; ++k) {
+        const int64_t row = first + static_cast<int64_t>(k) * GROUPS;
+        const bool active = row < rows;
+        const int64_t offset = (active ? row : 0) * static_cast<int64_t>(hidden);
+        RowArgs<kCentered, kResidual, T, G> a;
+        a.x = x + offset;
+        a.residual = kResidual ? residual + offset : nullptr;
+        a.gamma = gamma;
+        a.beta = beta;
+        a.y = y + offset;
+        a.sum = kResidual ? sum + offset : nullptr;
+        a.hidden = hidden;
+        a.eps = eps;
+        a.lane = lane;
+        a.active = active;
+        // Not the scalar register path: inside this loop the compiler hoists its C * V per-element
+        // offsets, and the registers they take would count against the 16-byte path too.
+        row_streaming<TPR, GROUPS>(a);
+#ifdef NORMFUSE_AB_NO_TRAILING_SYNC
+        if constexpr (TPR > 32) __syncthreads();
+#endif
+    }
+}
+
 // The body every entry point runs. Parameters follow the TensorRT AOT order:
 // inputs, then the integer arguments (rows, hidden, epsilon's fp32 bits), then outputs.
 template <int TPR, int RPB, int C, bool kCentered, bool kResidual, typename T, typename G>
@@ -420,6 +615,16 @@ __device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G
                                           const G* beta, int rows, int hidden, int eps_bits,
                                           T* y, T* sum) {
     constexpr int V = 16 / static_cast<int>(sizeof(T));
+    constexpr int kGroups = groups_per_block<TPR>();
+    static_assert(RPB % kGroups == 0, "rows per block is a whole number of rows per group");
+    if constexpr (RPB != kGroups) {
+        const bool vectorisable = hidden % V == 0 && aligned16(x) && aligned16(y) && aligned16(gamma) &&
+                                  (!kResidual || (aligned16(residual) && aligned16(sum))) &&
+                                  (!kCentered || aligned16(beta));
+        norm_rows_looped<TPR, kGroups, RPB / kGroups, C, kCentered, kResidual>(x, residual, gamma, beta, rows,
+                                                                              hidden, eps_bits, y, sum, vectorisable);
+        return;
+    }
     const int group = static_cast<int>(threadIdx.x) / TPR;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + group;
     const bool active = row < rows;
@@ -467,6 +672,8 @@ __device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G
 #endif
 
 #define NORMFUSE_KERNEL_NAME(family, TPR, RPB, C) normfuse_##family##_t##TPR##_r##RPB##_c##C
+// threads in a block of a variant with TPR threads per row (the same for its row-loop variants)
+#define NORMFUSE_BLOCK_THREADS(TPR) ((TPR) >= normfuse::kSmallRowBlock ? (TPR) : normfuse::kSmallRowBlock)
 
 #ifdef NORMFUSE_AB_MIN_THREADS_PER_SM
 #undef __launch_bounds__

@@ -7,7 +7,7 @@
 #include "norm_common.cuh"
 
 #define NORMFUSE_ENTRY(TPR, RPB, C)                                                            \
-    extern "C" __global__ void __launch_bounds__(TPR * RPB)                                    \
+    extern "C" __global__ void __launch_bounds__(NORMFUSE_BLOCK_THREADS(TPR))                  \
         NORMFUSE_KERNEL_NAME(rms_norm, TPR, RPB, C)(                                           \
             const NORMFUSE_X* x, const NORMFUSE_G* gamma, int rows, int hidden, int eps_bits,  \
             NORMFUSE_X* y) {                                                                   \

@@ -19,6 +19,7 @@ def test_rows_up_to_32k_stay_in_registers(dtype, hidden):
     assert (cfg.threads_per_row, cfg.rows_per_block, cfg.slots) in config.variants(dtype)
     assert cfg.block == cfg.threads_per_row * cfg.rows_per_block <= 1024
     assert cfg.grid * cfg.rows_per_block >= 4096 > (cfg.grid - 1) * cfg.rows_per_block
+    assert cfg.rows_per_group == 1  # the table picks no row-loop variant until one is measured faster
 
 
 def test_longer_rows_use_the_widest_layout_and_stream():
@@ -90,6 +91,35 @@ def test_tuned_entries_are_compiled_and_hold_their_rows():
         assert op in OPS and dtype in SUPPORTED_DTYPES
         for hidden, layout in table.items():
             cfg = config.launch_config(op, dtype, 1, hidden)
-            assert (cfg.threads_per_row, cfg.slots) == layout
+            assert (cfg.threads_per_row, cfg.slots, cfg.rows_per_group)[:len(layout)] == layout
             assert (cfg.threads_per_row, cfg.rows_per_block, cfg.slots) in config.variants(dtype)
             assert cfg.capacity >= hidden
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
+def test_row_loop_variants_launch_fewer_blocks_of_the_same_size(dtype):
+    """(TPR, C, K): each group normalises K rows, so a block covers K times the rows of the
+    one-row variant with the same threads, and the grid shrinks by K."""
+    rows = 4097
+    for tpr in config.THREADS_PER_ROW:
+        for c in config.slot_choices(dtype):
+            one = config.launch_config("LayerNorm", dtype, rows, 1024, layout=(tpr, c))
+            for k in config.row_loops(tpr)[1:]:
+                cfg = config.launch_config("LayerNorm", dtype, rows, 1024, layout=(tpr, c, k))
+                assert cfg.block == one.block == tpr * cfg.groups_per_block
+                assert cfg.rows_per_block == k * one.rows_per_block and cfg.rows_per_group == k
+                assert cfg.grid * cfg.rows_per_block >= rows > (cfg.grid - 1) * cfg.rows_per_block
+                assert (tpr, cfg.rows_per_block, c) in config.variants(dtype)
+                assert cfg.kernel == config.kernel_name("LayerNorm", tpr, cfg.rows_per_block, c) != one.kernel
+                sym = config.launch_config("LayerNorm", dtype, FakeSym("rows"), 1024, layout=(tpr, c, k))
+                assert sym.grid.expr == f"((rows + {cfg.rows_per_block - 1}) // {cfg.rows_per_block})"
+
+
+def test_row_loop_variants_exist_for_groups_up_to_256_threads():
+    assert config.row_loops(256) == (1, *config.ROW_LOOPS) and config.row_loops(512) == (1,)
+    with pytest.raises(ValueError, match="rows per group"):
+        config.launch_config("RMSNorm", "bfloat16", 8, 8192, layout=(512, 2, 2))
+    with pytest.raises(ValueError, match="rows per group"):
+        config.launch_config("RMSNorm", "bfloat16", 8, 4096, layout=(256, 2, 3))
+    names = [config.kernel_name("RMSNorm", *v) for v in config.variants("bfloat16")]
+    assert len(names) == len(set(names))  # no two variants share an entry point

@@ -56,6 +56,36 @@ def test_layouts_the_table_picks_do_not_spill_much(full_modules, op):
         assert spills[cfg.kernel] <= 256, (cfg.kernel, spills[cfg.kernel])
 
 
+MAXNTID = re.compile(r"\.entry (\w+)\((?:[^)]*)\)\s*\.maxntid (\d+), 1, 1", re.S)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_kernel_is_built_for_the_block_it_is_launched_with(full_modules, op):
+    """__launch_bounds__ (PTX .maxntid) is the block config.launch_config launches: a larger
+    block would fail to launch, a smaller bound would waste the registers ptxas could use."""
+    ptx, _ = full_modules[(op, "sm_90")]
+    declared = dict((m.group(1), int(m.group(2))) for m in MAXNTID.finditer(ptx))
+    expected = {}
+    for tpr, rpb, c in config.variants(FULL[0]):
+        cfg = config.launch_config(op, FULL[0], 1, None, layout=(tpr, c, rpb // config.groups_per_block(tpr)))
+        expected[cfg.kernel] = cfg.block
+    assert declared == expected
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op", list(OPS))
+def test_row_loop_variants_of_short_rows_do_not_spill(full_modules, op):
+    """The row-loop variants meant for short rows (one or two 16-byte slots a thread) keep the
+    row, the next row's loads and gamma/beta in registers."""
+    _, report = full_modules[(op, "sm_90")]
+    spills = {m.group(1): int(m.group(3)) + int(m.group(4)) for m in FUNCTION.finditer(report)}
+    for tpr, rpb, c in config.variants(FULL[0]):
+        if rpb > config.groups_per_block(tpr) and c <= 2:
+            name = config.kernel_name(op, tpr, rpb, c)
+            assert spills[name] <= 64, (name, spills[name])
+
+
 @needs_nvcc
 @pytest.mark.parametrize("x_dtype,g_dtype", [("float16", "float16"), ("float32", "float32"), ("bfloat16", "bfloat16")])
 def test_other_dtypes_assemble(x_dtype, g_dtype):
