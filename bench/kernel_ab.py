@@ -30,7 +30,7 @@ class VariantLaunch(launcher.Launch):
     """launcher.Launch for a variant's PTX: the same launch shape, arguments and launch call."""
 
     def __init__(self, variant: SourceVariant, op: str, x_dtype: str, gamma_dtype: str, rows: int, hidden: int,
-                 layout: tuple[int, int] | None = None, arch: str | None = None):
+                 layout: tuple[int, ...] | None = None, arch: str | None = None):
         self.spec = OPS[op]
         self.cfg = config.launch_config(op, x_dtype, rows, hidden, layout=layout)
         self.ptx = variant_ptx(variant, op, x_dtype, gamma_dtype, self.cfg, arch or build.target_arch())
@@ -86,7 +86,7 @@ def run_variants(args, variants: list[SourceVariant]) -> dict:
                                 ratios = [a / b for a, b in zip(t, times[0])]
                                 rows.append({"op": op, "dtype": dtype, "tokens": tokens, "hidden": hidden,
                                              "impl": f"normfuse{suffix}", "variant": v.label, "kernel": cfg.kernel,
-                                             "layout": [cfg.threads_per_row, cfg.slots], "bytes": nbytes,
+                                             "layout": [cfg.threads_per_row, cfg.slots, cfg.rows_per_group], "bytes": nbytes,
                                              "median_us": med, "same_size_copy_tbps": copy_here,
                                              "tbps": nbytes / (med * 1e-6) / 1e12,
                                              "ratio_to_first": statistics.median(ratios),

@@ -36,15 +36,18 @@ def shapes(args) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
     return tokens_list, hidden_list, dtypes
 
 
-def candidate_layouts(dtype: str, hidden: int) -> list[tuple[int, int]]:
+def candidate_layouts(dtype: str, hidden: int) -> list[tuple[int, ...]]:
+    """(threads per row, slots) that hold the row in registers without leaving most threads idle,
+    then the same with 2 or 4 rows per group (the row-loop variants), where compiled."""
     v = config.vector_width(dtype)
     vectors = -(-hidden // v)
-    out = []
+    one: list[tuple[int, ...]] = []
     for tpr in config.THREADS_PER_ROW:
         for c in config.slot_choices(dtype):
             if c * tpr >= vectors and c * tpr < 2 * vectors + tpr:
-                out.append((tpr, c))
-    return out
+                one.append((tpr, c))
+    looped = [(tpr, c, k) for tpr, c in one for k in config.row_loops(tpr)[1:]]
+    return one + looped
 
 
 def moved_bytes(op: str, dtype: str, tokens: int, hidden: int) -> int:

@@ -131,9 +131,10 @@ def static_analysis(variants: list[SourceVariant], arches: list[str], ops, dtype
                            "variant": v.label, "kernel": cfg.kernel, "block": cfg.block, "registers": regs,
                            "spill_bytes": int(m.group(2)) + int(m.group(3)), "stack_bytes": int(m.group(1)),
                            "smem_bytes": smem, "blocks_per_sm": blocks, "warps_per_sm": warps,
-                           # x (+ residual) bytes the resident blocks load at once, one row group each
-                           "input_bytes_per_sm": blocks * cfg.rows_per_block * hidden * config.ITEMSIZE[dtype]
-                           * (2 if OPS[op].has_residual else 1)}
+                           # x (+ residual) bytes the resident blocks hold or have requested: a row
+                           # per group, and in a row-loop variant also the next row it loads meanwhile
+                           "input_bytes_per_sm": blocks * cfg.groups_per_block * (2 if cfg.rows_per_group > 1 else 1)
+                           * hidden * config.ITEMSIZE[dtype] * (2 if OPS[op].has_residual else 1)}
                     try:
                         row["sass"] = sass_summary(sass_instructions(cubin))
                     except build.ToolchainError as exc:

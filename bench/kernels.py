@@ -130,7 +130,7 @@ def run(args) -> dict:
                     if args.tune and tokens >= 4096:
                         for layout in candidate_layouts(dtype, hidden):
                             f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
-                            cells[f"normfuse[{layout[0]}x{layout[1]}]"] = (f2, c2.kernel)
+                            cells[f"normfuse[{'x'.join(map(str, layout))}]"] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
                     if tokens <= 32:

@@ -112,9 +112,38 @@ def test_every_layout_and_the_streaming_path(op, dtype, layout):
         check(op, inputs, run_poisoned(op, inputs, layout=layout), dtype)
 
 
+# (threads per row, slots, rows per group): row-loop variants, forced (the table picks none yet)
+LOOP_LAYOUTS = [(32, 1, 4), (64, 2, 2), (128, 1, 2), (256, 2, 2), (256, 4, 4)]
+
+
+@pytest.mark.parametrize("layout", LOOP_LAYOUTS, ids=lambda lo: "x".join(map(str, lo)))
 @pytest.mark.parametrize("dtype", list(SUPPORTED_DTYPES))
 @pytest.mark.parametrize("op", list(OPS))
-def test_misaligned_tensors_take_the_scalar_path(op, dtype):
+def test_row_loop_variants(op, dtype, layout):
+    """Each group normalises K rows: against the references for rows that leave groups and
+    blocks partly empty, and bit for bit the one-row kernel on the 16-byte register path (the same
+    operations in the same order). Odd sizes and rows longer than the registers hold stream."""
+    tpr, slots, _ = layout
+    vector = 16 // inputs_itemsize(dtype)
+    for hidden in (64, 768, 4096, 127, 5000):
+        for rows in (1, 3, 4097):
+            inputs = make_inputs(op, dtype, rows, hidden, seed=hidden + rows)
+            looped = run_poisoned(op, inputs, layout=layout)
+            check(op, inputs, looped, dtype)
+            if hidden % vector == 0 and hidden <= slots * vector * tpr:
+                one = run_poisoned(op, inputs, layout=(tpr, slots))
+                for a, b in zip(looped, one):
+                    assert torch.equal(a, b), (op, dtype, layout, hidden, rows)
+
+
+def inputs_itemsize(dtype: str) -> int:
+    return torch.empty(0, dtype=torch_dtype(dtype)).element_size()
+
+
+@pytest.mark.parametrize("layout", [None, (256, 2, 4)], ids=["table", "row-loop"])
+@pytest.mark.parametrize("dtype", list(SUPPORTED_DTYPES))
+@pytest.mark.parametrize("op", list(OPS))
+def test_misaligned_tensors_take_the_scalar_path(op, dtype, layout):
     rows, hidden = 17, 4096
     base = make_inputs(op, dtype, rows + 1, hidden)
     shifted = []
@@ -126,7 +155,7 @@ def test_misaligned_tensors_take_the_scalar_path(op, dtype):
     x = base[0]
     outs = tuple(torch.full((x.numel() + 1,), float("nan"), dtype=x.dtype, device="cuda")[1:].view(x.shape)
                  for _ in OPS[op].outputs)
-    launcher.run(op, *shifted, outputs=outs)
+    launcher.run(op, *shifted, outputs=outs, layout=layout)
     torch.cuda.synchronize()
     check(op, shifted, outs, dtype)
 
@@ -152,17 +181,20 @@ def test_layer_norm_large_mean_is_stable(op):
     check(op, inputs, outs, "float32", tol=Tolerance(atol=5e-3, rtol=1e-3))
 
 
-@pytest.mark.parametrize("hidden", (7, 4096, 16384))
+@pytest.mark.parametrize("layout", [None, (128, 2, 4)], ids=["table", "row-loop"])
+@pytest.mark.parametrize("hidden", (7, 1024, 4096, 16384))
 @pytest.mark.parametrize("dtype", list(SUPPORTED_DTYPES))
 @pytest.mark.parametrize("op", list(OPS))
-def test_nan_and_inf_propagate(op, dtype, hidden):
+def test_nan_and_inf_propagate(op, dtype, hidden, layout):
+    if layout is not None and hidden > 4096:
+        pytest.skip("the row-loop layout streams rows this long; the table's layout covers streaming")
     inputs = make_inputs(op, dtype, 5, hidden)
     x = inputs[0]
     x[0, hidden // 2] = float("nan")
     x[1, hidden - 1] = float("inf")
     x[2, 0] = float("-inf")
     x[3, :] = 0  # an all-zero row: y = beta (or 0)
-    outs = launcher.run(op, *inputs)
+    outs = launcher.run(op, *inputs, layout=layout)
     torch.cuda.synchronize()
     check(op, inputs, outs, dtype)
     assert torch.isnan(outs[0][0]).all()  # NaN poisons its row's statistics
