@@ -32,6 +32,9 @@
 //                                 statistics (their latency overlaps the reduction; more registers)
 //   NORMFUSE_AB_LN_ONE_REDUCTION  LayerNorm in registers: exact per-thread moments merged with
 //                                 Chan's rule in one block reduction instead of two
+//   NORMFUSE_AB_LOOP_PARAMS_PER_ROW  row-loop variants load gamma/beta for each row after its
+//                                 statistics instead of once into registers (fewer registers for
+//                                 16-bit gamma: LayerNorm bf16 4096 (256x2x2) 88 -> 72, 3 blocks/SM)
 //   NORMFUSE_AB_MIN_THREADS_PER_SM=N  ask ptxas for N / block resident blocks per SM (a register
 //                                 cap; it may spill): the entry points' __launch_bounds__ gets
 //                                 that second argument
@@ -464,13 +467,18 @@ __device__ __forceinline__ void rows_in_registers_looped(const T* __restrict__ x
 
     // gamma/beta for every row this group will normalise: once, into registers
     Packed<G, V> g[C], b[kCentered ? C : 1];
-    #pragma unroll
-    for (int c = 0; c < C; ++c) {
-        if (slot(c)) {
-            g[c].load(gamma + index(c));
-            if constexpr (kCentered) b[c].load(beta + index(c));
+    auto load_params = [&]() {
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+            if (slot(c)) {
+                g[c].load(gamma + index(c));
+                if constexpr (kCentered) b[c].load(beta + index(c));
+            }
         }
-    }
+    };
+#ifndef NORMFUSE_AB_LOOP_PARAMS_PER_ROW
+    load_params();
+#endif
 
     // the next row's x (+ residual), raw: its loads stay in flight through the current row's work
     uint4 next_x[C], next_r[kResidual ? C : 1];
@@ -550,6 +558,9 @@ __device__ __forceinline__ void rows_in_registers_looped(const T* __restrict__ x
         }
 
         // 4. y = (v - mean) * rstd * gamma (+ beta)
+#ifdef NORMFUSE_AB_LOOP_PARAMS_PER_ROW
+        load_params();
+#endif
         #pragma unroll
         for (int c = 0; c < C; ++c) {
             if (!valid(c)) continue;
