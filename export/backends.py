@@ -177,17 +177,51 @@ def random_feeds(model_path: str | Path, batch: int, seq: int, seed: int = 0) ->
     from .triton_repo import onnx_signature
 
     inputs, _ = onnx_signature(model_path)
-    return random_arrays(inputs, batch, seq, seed)
+    return random_arrays(inputs, batch, seq, seed, bounds=index_bounds(model_path))
 
 
-def random_arrays(specs, batch: int, seq: int, seed: int = 0) -> dict:
-    """Seeded standard-normal arrays for `specs` (anything with name, dtype name and shape, None
-    for a dynamic axis): a dynamic axis 0 is the batch, any other dynamic axis the sequence."""
+def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, int] | None = None) -> dict:
+    """Seeded random arrays for `specs` (anything with name, dtype name and shape, None for a
+    dynamic axis): a dynamic axis 0 is the batch, any other dynamic axis the sequence.
+
+    Floating inputs are standard normal. Integer inputs (token ids, masks, positions of exported
+    language models) are uniform in [0, bounds[name]) where `bounds` knows how far they may index
+    (see `index_bounds`), else 0 or 1; boolean inputs are True."""
     from normops import numpy_dtype
 
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
         dims = [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
-        feeds[spec.name] = rng.standard_normal(dims).astype(numpy_dtype(spec.dtype))
+        dtype = numpy_dtype(spec.dtype)
+        if dtype == np.bool_:
+            feeds[spec.name] = np.ones(dims, dtype=bool)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[spec.name] = rng.integers(0, (bounds or {}).get(spec.name, 2), size=dims).astype(dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(dims).astype(dtype)
     return feeds
+
+
+def index_bounds(model_path: str | Path) -> dict[str, int]:
+    """{integer graph input: rows it may index} for inputs used directly as Gather indices into a
+    weight, e.g. token ids into an embedding table (its first dim; read without the weight bytes)."""
+    from .onnx_io import load_graph_only
+
+    graph = load_graph_only(model_path).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:  # weights written as Constant nodes
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            dims[node.output[0]] = list(node.attribute[0].t.dims)
+    integer = {v.name for v in graph.input
+               if v.type.tensor_type.elem_type in (2, 3, 4, 5, 6, 7, 12, 13)}  # (u)int8..64
+    bounds: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in integer:
+            continue
+        table = dims.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table and -len(table) <= axis < len(table) and table[axis] > 0:
+            name = node.input[1]
+            bounds[name] = min(bounds.get(name, table[axis]), table[axis])
+    return bounds

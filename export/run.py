@@ -59,13 +59,14 @@ def write_outputs(path: str | Path, outputs: dict) -> None:
             np.savez(f, **arrays)
 
 
-def random_inputs(specs: list, shape_text: str, seed: int = 0) -> dict:
-    """Random inputs for `--random BATCHxSEQ`: dynamic axis 0 is the batch, axis 1 the sequence."""
+def random_inputs(specs: list, shape_text: str, seed: int = 0, bounds: dict[str, int] | None = None) -> dict:
+    """Random inputs for `--random BATCHxSEQ`: dynamic axis 0 is the batch, axis 1 the sequence;
+    `bounds` keeps integer inputs inside the tables they index (`backends.index_bounds`)."""
     from .backends import random_arrays
     from .validate import parse_shapes
 
     ((batch, seq),) = parse_shapes(shape_text)[:1]
-    return random_arrays(specs, batch, seq, seed)
+    return random_arrays(specs, batch, seq, seed, bounds=bounds)
 
 
 def gpu_memory_used_mb() -> float | None:
@@ -170,7 +171,10 @@ def main(argv=None) -> int:
         if args.inputs:
             feeds = read_inputs(args.inputs, model.inputs)
         else:
-            feeds = random_inputs(model.inputs, args.random, args.seed)
+            from .backends import index_bounds
+
+            bounds = index_bounds(args.model) if Path(args.model).suffix == ".onnx" else None
+            feeds = random_inputs(model.inputs, args.random, args.seed, bounds)
         outputs = model.run(feeds)
         summary: dict = {"model": str(args.model), "kind": type(model).__name__,
                          "providers": getattr(model, "providers", None), "load_s": round(load_s, 3),

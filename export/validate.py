@@ -5,7 +5,8 @@
     python -m export.validate reference.onnx fused-tensorrt.onnx --backend onnx-reference
     python -m export.validate ... --save-outputs DIR                   # Polygraphy-readable files
 
-Each pair runs both models on the same random inputs and reports, per output, max/mean/median
+Each pair runs both models on the same random inputs (integer inputs such as token ids stay
+within the table they index, see `backends.index_bounds`) and reports, per output, max/mean/median
 absolute and relative error, quantiles of the share of the tolerance used and the lowest quantile
 that exceeds it, and whether every element is within the dtype's graph tolerance
 (normops.tolerances.GRAPH). NaN and Inf must appear in the same places in both.
@@ -24,7 +25,7 @@ import numpy as np
 
 from normops import GRAPH, Tolerance, error_stats, within
 
-from .backends import make_runner, random_arrays
+from .backends import index_bounds, make_runner, random_arrays
 from .errors import NormfuseError, UsageError
 
 
@@ -94,9 +95,10 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
 
     tolerance = GRAPH[dtype]
     inputs, _ = onnx_signature(reference.model)
+    bounds = index_bounds(reference.model)
     pairs, iterations = [], []
     for batch, seq in shapes:
-        feeds = random_arrays(inputs, batch, seq, seed=seed)
+        feeds = random_arrays(inputs, batch, seq, seed=seed, bounds=bounds)
         expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
         missing = set(expected) - set(actual)
         if missing:
@@ -235,17 +237,18 @@ def main(argv=None) -> int:
 
 
 def model_dtype(path) -> str:
-    """Dtype of the model's first graph input (the hidden states)."""
-    import onnx
-
+    """The dtype whose tolerance applies: the first floating graph input's (the hidden states of
+    normfuse's stacks), else the first floating output's (a language model fed token ids)."""
     from .onnx_io import load_graph_only
     from .rewrite.checks import FLOAT_TYPES
 
-    model = load_graph_only(path)
-    elem = model.graph.input[0].type.tensor_type.elem_type
-    if elem not in FLOAT_TYPES:
-        raise NormfuseError(f"{path}: first input has non-float type {onnx.TensorProto.DataType.Name(elem)}")
-    return FLOAT_TYPES[elem]
+    graph = load_graph_only(path).graph
+    initializers = {t.name for t in graph.initializer}
+    for value in [v for v in graph.input if v.name not in initializers] + list(graph.output):
+        elem = value.type.tensor_type.elem_type
+        if elem in FLOAT_TYPES:
+            return FLOAT_TYPES[elem]
+    raise NormfuseError(f"{path}: no floating-point input or output to compare")
 
 
 if __name__ == "__main__":

@@ -38,11 +38,13 @@ def pytest_collection_modifyitems(config, items):
     gpu_reason = tensorrt_reason = None
     checked = False
     for item in items:
-        if not checked and ("gpu" in item.keywords or "tensorrt" in item.keywords):
+        # markers, not keywords: a parameter id such as "tensorrt" is a keyword too
+        gpu, tensorrt = item.get_closest_marker("gpu"), item.get_closest_marker("tensorrt")
+        if not checked and (gpu or tensorrt):
             gpu_reason, tensorrt_reason, checked = gpu_absent_reason(), tensorrt_absent_reason(), True
-        if "gpu" in item.keywords and gpu_reason:
+        if gpu and gpu_reason:
             item.add_marker(pytest.mark.skip(reason=gpu_reason))
-        if "tensorrt" in item.keywords and tensorrt_reason:
+        if tensorrt and tensorrt_reason:
             item.add_marker(pytest.mark.skip(reason=tensorrt_reason))
 
 

@@ -1,0 +1,90 @@
+"""Validation of models fed token ids: integer inputs stay inside the table they index, the
+tolerance follows the floating output, and the command line takes such a model end to end."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.backends import index_bounds, random_arrays
+from export.errors import NormfuseError
+from export.rewrite import rewrite_file
+from export.triton_repo import onnx_signature
+from export.validate import main, model_dtype
+
+VOCAB, HIDDEN = 37, 16
+
+
+def token_model(path, mask: bool = True, elem=TensorProto.FLOAT):
+    """ids -> Gather(embedding) -> RMSNorm spelled out (-> * mask) -> y."""
+    rng = np.random.default_rng(0)
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    inits = [numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np_dtype), "embedding"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1e-6, np_dtype), "eps"),
+             numpy_helper.from_array(np.array(2.0, np_dtype), "two"),
+             numpy_helper.from_array((1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np_dtype), "gamma")]
+    nodes = [helper.make_node("Gather", ["embedding", "ids"], ["x"]),
+             helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"]),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]),
+             helper.make_node("Sqrt", ["mse"], ["rms"]),
+             helper.make_node("Div", ["x", "rms"], ["n"]),
+             helper.make_node("Mul", ["n", "gamma"], ["y0" if mask else "y"])]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])]
+    if mask:
+        nodes += [helper.make_node("Unsqueeze", ["mask", "axes"], ["m1"]),
+                  helper.make_node("Cast", ["m1"], ["mf"], to=elem),
+                  helper.make_node("Mul", ["y0", "mf"], ["y"])]
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "sequence"]))
+    graph = helper.make_graph(nodes, "tokens", inputs, [helper.make_tensor_value_info("y", elem, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_token_ids_stay_inside_the_embedding_table(tmp_path):
+    path = token_model(tmp_path / "m.onnx")
+    assert index_bounds(path) == {"ids": VOCAB}  # the mask indexes nothing
+    inputs, _ = onnx_signature(path)
+    feeds = random_arrays(inputs, 4, 64, seed=1, bounds=index_bounds(path))
+    assert feeds["ids"].dtype == np.int64 and feeds["ids"].shape == (4, 64)
+    assert feeds["ids"].min() >= 0 and feeds["ids"].max() == VOCAB - 1  # the whole table, nothing past it
+    assert set(np.unique(feeds["mask"])) == {0, 1}
+
+
+def test_float_feeds_are_what_they_were():
+    """Models fed hidden states (normfuse's own stacks) get the same seeded arrays as before."""
+    class Spec:
+        name, dtype, shape = "hidden_states", "float32", [None, None, 8]
+
+    got = random_arrays([Spec()], 2, 3, seed=0)["hidden_states"]
+    np.testing.assert_array_equal(got, np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32))
+
+
+@pytest.mark.parametrize("elem,dtype", [(TensorProto.FLOAT, "float32"), (TensorProto.FLOAT16, "float16")])
+def test_the_tolerance_follows_the_floating_output(tmp_path, elem, dtype):
+    assert model_dtype(token_model(tmp_path / "m.onnx", elem=elem)) == dtype
+
+
+def test_a_model_with_nothing_floating_is_a_clear_error(tmp_path):
+    graph = helper.make_graph([helper.make_node("Identity", ["ids"], ["out"])], "ints",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("out", TensorProto.INT64, [2])])
+    path = tmp_path / "ints.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(NormfuseError, match="no floating-point input or output"):
+        model_dtype(path)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_validate_command_on_a_token_model(tmp_path, capsys, target):
+    reference = token_model(tmp_path / "ref.onnx")
+    fused = tmp_path / f"fused-{target}.onnx"
+    assert rewrite_file(reference, fused, target=target).counts == {"RMSNorm": 1}
+    backend = "ort-cpu" if target == "onnxruntime" else "onnx-reference"
+    assert main([str(reference), str(fused), "--backend", backend, "--shapes", "1x16,3x40"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 2 and "float32" in out
