@@ -209,9 +209,9 @@ def main(argv=None) -> int:
         src = build_llama_graph(tmp, args.layers, args.hidden, args.ffn)
         generated = time.perf_counter() - started
         weights_bytes = (tmp / DATA_NAME).stat().st_size
-        out_dir = tmp / "out"
-        out_dir.mkdir()
-        dst, report_path = out_dir / "llama.fused.onnx", tmp / "report.json"
+        # the output beside the input shares its 13 GB weight file (elsewhere it would get a copy)
+        dst, report_path = tmp / "llama.fused.onnx", tmp / "report.json"
+        before = {p.name for p in tmp.iterdir()}
         cmd = [sys.executable, "-m", "export.rewrite", str(src), "-o", str(dst), "--target", args.target,
                "--report", str(report_path)]
         returncode, wall, peak_mb, output = _measured(cmd, tmp / "log.txt")
@@ -221,7 +221,9 @@ def main(argv=None) -> int:
         report = json.loads(report_path.read_text())
         fused = onnx.load(str(dst), load_external_data=False)
         locations = {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"}
-        new_files = sorted(p.name for p in out_dir.iterdir() if p.name != dst.name)
+        ours = {dst.name, report_path.name}  # and the harness's log.* files
+        new_files = sorted(p.name for p in tmp.iterdir()
+                           if p.name not in before | ours and not p.name.startswith("log."))
         peers = peer_figures(src, tmp, args.peer_memory_gb, args.peer_timeout) if args.peers else None
 
     norms = sum(1 for f in report["fusions"])

@@ -24,18 +24,53 @@ def load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
         raise NormfuseError(f"{path}: not a readable ONNX model ({exc.__class__.__name__}: {exc})".splitlines()[0]) from None
 
 
-def relocate_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> None:
-    """Point external-data locations, relative to `source_dir`, at the same files from `target_dir`.
+def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> list[str]:
+    """Make the external weight files that `model` (read from `source_dir`) references loadable
+    by a copy of it saved in `target_dir`; returns notes saying what was done.
 
-    The rewritten model then shares the original weight files instead of copying gigabytes.
+    ONNX Runtime and onnx load external data only from inside the model's own directory: a
+    location such as "../model.onnx.data" is refused, and so is a symbolic link. A hard link is
+    refused by onnx too, and would make the source's own file unloadable by onnx while it exists.
+    So a model written elsewhere gets a copy of each file (temporary file, then rename) under the
+    same relative location. A different file already there is never overwritten.
     """
+    import filecmp
+    import shutil
+
     if source_dir.resolve() == target_dir.resolve():
-        return
+        return []
+    moves: dict[str, tuple[Path, str]] = {}  # source location -> (file, location beside the output)
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key != "location" or entry.value in moves:
+                continue
+            location = Path(entry.value)
+            inside = not location.is_absolute() and ".." not in location.parts
+            moves[entry.value] = ((source_dir / location).resolve(), entry.value if inside else location.name)
+    targets = [t for _, t in moves.values()]
+    if len(set(targets)) != len(targets):
+        raise NormfuseError(f"{target_dir}: two external data files of the model would share one name there")
+    notes = []
+    for source_location, (file, location) in moves.items():
+        if not file.is_file():
+            raise NormfuseError(f"{source_dir}: external data file {source_location} is missing")
+        destination = target_dir / location
+        if destination.exists():
+            if filecmp.cmp(destination, file, shallow=False):
+                continue
+            raise NormfuseError(f"{destination}: already exists and is not the model's external data "
+                                f"{file}; remove it or write the rewritten model elsewhere")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(destination) as tmp:
+            shutil.copyfile(file, tmp)
+        notes.append(f"external data {location}: copied from {file} ({file.stat().st_size / 1e6:.1f} MB), since "
+                     "ONNX Runtime and onnx read weights only from the model's own directory; write the output "
+                     "beside the input to share the file instead")
     for tensor in _external_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location":
-                absolute = (source_dir / entry.value).resolve()
-                entry.value = os.path.relpath(absolute, target_dir.resolve())
+                entry.value = moves[entry.value][1]
+    return notes
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from export.errors import NormfuseError
 from export.rewrite import rewrite_file, rewrite_model
 from export.rewrite.__main__ import main
 from export.rewrite.evaluate import run_model
@@ -57,17 +59,50 @@ def test_cli_one_line_errors(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("normfuse: error:"), run.stderr
 
 
-def test_external_weights_are_never_read_and_are_shared(tmp_path):
+def test_external_weights_are_never_read_and_are_shared_beside_the_source(tmp_path):
     from rewrite_scale import DATA_NAME, build_llama_graph
 
     src = build_llama_graph(tmp_path, layers=2, hidden=64, ffn=96)
-    (tmp_path / DATA_NAME).unlink()  # any read of a weight byte would now fail
-    out_dir = tmp_path / "out"
-    report = rewrite_file(src, out_dir / "fused.onnx")
+    (tmp_path / DATA_NAME).write_bytes(b"")  # still there, but any read of a weight byte would now fail
+    report = rewrite_file(src, tmp_path / "fused.onnx")
     assert report.counts == {"RMSNorm": 1, "AddRMSNorm": 4}
-    fused = onnx.load(str(out_dir / "fused.onnx"), load_external_data=False)
+    assert not any("external data" in note for note in report.notes)
+    fused = onnx.load(str(tmp_path / "fused.onnx"), load_external_data=False)
     locations = {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {f"../{DATA_NAME}"} and sorted(p.name for p in out_dir.iterdir()) == ["fused.onnx"]
+    assert locations == {DATA_NAME} and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["llama.onnx", "fused.onnx", DATA_NAME])
+
+
+def test_a_model_rewritten_elsewhere_loads_its_weights(tmp_path):
+    """ONNX Runtime and onnx refuse weight locations outside the model's directory ("../"), so an
+    output elsewhere gets a copy of the weights beside it, and both load it."""
+    import onnxruntime as ort
+    from rewrite_scale import DATA_NAME, build_llama_graph
+
+    (tmp_path / "src").mkdir()
+    src = build_llama_graph(tmp_path / "src", layers=1, hidden=64, ffn=96)
+    for out in (tmp_path / "elsewhere" / "fused.onnx", tmp_path / "src" / "sub" / "fused.onnx"):
+        report = rewrite_file(src, out, target="onnxruntime")
+        assert any("copied" in note for note in report.notes)
+        assert (out.parent / DATA_NAME).read_bytes() == (tmp_path / "src" / DATA_NAME).read_bytes()
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # reads every weight
+        onnx.load(str(out))  # onnx's own checks of the locations
+        onnx.load(str(src))  # and the source still loads
+        again = rewrite_file(src, out, target="onnxruntime")  # the copy there is the same file: kept
+        assert not any("external data" in note for note in again.notes)
+
+
+def test_another_file_in_the_way_of_the_weights_is_not_overwritten(tmp_path):
+    from rewrite_scale import DATA_NAME, build_llama_graph
+
+    (tmp_path / "src").mkdir()
+    src = build_llama_graph(tmp_path / "src", layers=1, hidden=64, ffn=96)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / DATA_NAME).write_bytes(b"someone else's weights")
+    with pytest.raises(NormfuseError, match="already exists"):
+        rewrite_file(src, tmp_path / "out" / "fused.onnx")
+    assert (tmp_path / "out" / DATA_NAME).read_bytes() == b"someone else's weights"
+    assert not (tmp_path / "out" / "fused.onnx").exists()
 
 
 def _skip_model(centered: bool, use_sum: bool, input_bias: bool = False):

@@ -12,7 +12,7 @@ from .rewriter import rewrite_file
 def main(argv=None) -> int:
     parser = Parser(prog="python -m export.rewrite",
                                      description="Fuse every provable LayerNorm/RMSNorm subgraph of an ONNX model.")
-    parser.add_argument("input", help="ONNX model to rewrite (external weights are left on disk)")
+    parser.add_argument("input", help="ONNX model to rewrite (external weights are never read; an output in another directory gets a copy of them)")
     parser.add_argument("-o", "--output", required=True, help="where to write the rewritten model")
     parser.add_argument("--target", choices=TARGETS, default="tensorrt",
                         help="tensorrt: normfuse plugin ops; onnxruntime: com.microsoft contrib ops; onnx: standard ops")

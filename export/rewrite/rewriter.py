@@ -24,7 +24,7 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (colour, 
 from normops import op_for
 
 from ..errors import NormfuseError, UsageError
-from ..onnx_io import load_graph_only, relocate_external_data, save_model
+from ..onnx_io import load_graph_only, save_model, share_external_data
 from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, dtype_name
 from .gamma import fold_gamma
 from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset
@@ -397,11 +397,14 @@ def _restore_metadata(out: onnx.ModelProto, original: onnx.ModelProto) -> None:
 
 def rewrite_file(source: str | Path, destination: str | Path, target: str = "tensorrt", residual: bool = True,
                  prove_fusions: bool = True) -> RewriteReport:
-    """Rewrite `source` into `destination`; external weights are referenced, never copied."""
+    """Rewrite `source` into `destination`. The rewrite never reads external weights. Written
+    beside the source, the output references the same weight files; in another directory it gets
+    copies of them, since ONNX Runtime and onnx load external data only from the model's own
+    directory (`onnx_io.share_external_data`)."""
     source, destination = Path(source), Path(destination)
     model = load_graph_only(source)
     out, report = rewrite_model(model, target=target, residual=residual, prove_fusions=prove_fusions)
-    relocate_external_data(out, source.parent, destination.parent)
+    report.notes += share_external_data(out, source.parent, destination.parent)
     try:
         save_model(out, destination, external_data=False)
     except OSError as exc:
