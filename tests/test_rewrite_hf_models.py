@@ -91,15 +91,16 @@ def export(arch: str, dtype: str, directory: Path) -> Path:
 # is (one op already). BERT is post-LN: two Add+LayerNorm a layer, and an embedding LayerNorm whose
 # Add broadcasts the position embeddings (not an equal-shape residual, so not fused with it).
 # GPT-NeoX runs attention and MLP in parallel from two norms of the same input: one of them takes
-# the Add. Falcon's parallel layers share one norm. OPT reshapes the residual sum to 2-D before its
-# second norm of each layer, so that norm is fused without its Add.
+# the Add. Falcon's parallel layers share one norm. OPT reshapes its residual stream between the
+# Adds and the norms ([batch, seq, hidden] <-> [tokens, hidden]); the Adds are fused through those
+# Reshapes, and its embedding sum is an Add of equal shapes too.
 EXPECTED = {
     "llama": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}, "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}},
     "gemma": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}, "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}},
     "qwen3": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1 + 2 * LAYERS},
               "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1 + 2 * LAYERS}},
     "gpt2": {"tensorrt": {"AddLayerNorm": 2 * LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": 2 * LAYERS}},
-    "opt": {"tensorrt": {"AddLayerNorm": 1, "LayerNorm": 2 * LAYERS}, "onnxruntime": {"AddLayerNorm": 1}},
+    "opt": {"tensorrt": {"AddLayerNorm": 2 * LAYERS + 1}, "onnxruntime": {"AddLayerNorm": 2 * LAYERS + 1}},
     "bert": {"tensorrt": {"AddLayerNorm": 2 * LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": 2 * LAYERS}},
     "neox": {"tensorrt": {"AddLayerNorm": LAYERS, "LayerNorm": LAYERS + 1}, "onnxruntime": {"AddLayerNorm": LAYERS}},
     "falcon": {"tensorrt": {"AddLayerNorm": LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": LAYERS}},

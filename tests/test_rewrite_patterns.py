@@ -304,3 +304,51 @@ def test_widening_touches_every_half_type():
     (y,) = ReferenceEvaluator(model).run(None, {"x": np.arange(4, dtype=np.float32)})
     assert y.dtype == np.float32 and y.tolist() == [1.0, 3.0, 5.0, 7.0]
     assert not _widen_half_types(model)
+
+
+def _reshaped_residual_model(new_shape, op="LayerNormalization", dtype="float32", sum_used=True):
+    """x + r -> Reshape(new_shape) -> norm over the last axis; the reshaped sum also feeds a Relu
+    (OPT flattens its residual stream to [tokens, hidden] between the Add and the norm)."""
+    from onnx import helper, numpy_helper
+
+    from export.rewrite.synth import ONNX_TYPES
+    from normops import numpy_dtype
+
+    h, t = 8, ONNX_TYPES[dtype]
+    hidden = new_shape[-1]
+    inputs = ["flat", "gamma"] + (["beta"] if op == "LayerNormalization" else [])
+    nodes = [helper.make_node("Add", ["x", "r"], ["s"], name="add"),
+             helper.make_node("Reshape", ["s", "shape"], ["flat"], name="flatten"),
+             helper.make_node(op, inputs, ["y"], name="norm", axis=-1, epsilon=1e-6)]
+    outputs = [helper.make_tensor_value_info("y", t, None)]
+    if sum_used:
+        nodes.append(helper.make_node("Relu", ["flat"], ["z"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("z", t, None))
+    inits = [numpy_helper.from_array(np.array(new_shape, np.int64), "shape"),
+             numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(numpy_dtype(dtype)), "gamma"),
+             numpy_helper.from_array(np.linspace(-0.5, 0.5, hidden).astype(numpy_dtype(dtype)), "beta")]
+    graph = helper.make_graph(nodes, "reshaped", [helper.make_tensor_value_info(n, t, [2, 3, h]) for n in "xr"],
+                              outputs, initializer=inits[: len(inputs)])
+    opset = 23 if op == "RMSNormalization" else 17
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("target", ("tensorrt", "onnxruntime"))
+@pytest.mark.parametrize("sum_used", (True, False))
+@pytest.mark.parametrize("new_shape", ([-1, 8], [6, 8], [3, 2, 8]))
+def test_residual_add_reaches_the_norm_through_a_row_preserving_reshape(target, sum_used, new_shape):
+    model = _reshaped_residual_model(new_shape, sum_used=sum_used)
+    out, report = rewrite_model(model, target=target)
+    assert report.counts == {"AddLayerNorm": 1} and report.fusions[0].residual
+    (fused,) = [n for n in out.graph.node if n.op_type not in ("Reshape", "Relu")]
+    assert list(fused.input[:2]) == ["x", "r"]  # the Add's operands, in their own shape
+    assert "Add" not in fused_ops(out)
+    assert_same(model, out, "float32")
+
+
+def test_a_reshape_that_changes_the_last_axis_keeps_the_add_out():
+    """[2, 3, 8] -> [2, 3, 4, 2]: the norm's rows (2 values) are not the sum's rows (8)."""
+    model = _reshaped_residual_model([2, 3, 4, 2])
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.counts == {"LayerNorm": 1} and "Add" in fused_ops(out)
+    assert_same(model, out, "float32")

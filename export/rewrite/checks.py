@@ -42,6 +42,7 @@ class NormCandidate:
     expose_sum: bool = False
     sum_tensor: gs.Tensor | None = None  # the residual sum as the graph has it (x, or a Skip op's 4th output)
     skip_bias: gs.Tensor | None = None  # a Skip op's input bias (sum = x + skip + bias)
+    through_reshape: gs.Node | None = None  # a rows-preserving Reshape between the residual Add and x
     notes: list = field(default_factory=list)
     scope: object = None  # the rewriter's Scope: the graph (main or a control-flow body) holding the nodes
 

@@ -97,6 +97,14 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str, names: UniqueNa
         to = ONNX_TYPES[dtype_name(y_original)]
         graph.nodes.append(gs.Node("Cast", name=names(f"{y.name}_cast"), attrs={"to": to}, inputs=[y], outputs=[y_original]))
 
+    reshape = candidate.through_reshape if candidate.residual is not None else None
+    if reshape is not None:
+        # the op works in the sum's shape; y takes the norm input's shape through the same Reshape
+        y_rows = gs.Variable(names(f"{y.name}_rows"), dtype=y.dtype, shape=candidate.residual[2].outputs[0].shape)
+        graph.nodes.append(gs.Node("Reshape", name=names(f"{reshape.name}_after_norm"), attrs=dict(reshape.attrs),
+                                   inputs=[y_rows, reshape.inputs[1]], outputs=[y]))
+        y = y_rows
+
     if candidate.residual is not None:
         a, b, add = candidate.residual
         if candidate.skip_bias is not None:  # ORT's Skip op with an input bias: (x + bias) + skip

@@ -7,10 +7,34 @@ from .checks import NormCandidate, dtype_name
 from .matcher import present_inputs, producer
 
 
+def _standard(node: gs.Node | None, op: str) -> bool:
+    return node is not None and node.op == op and (node.domain or "") in ("", "ai.onnx")
+
+
+def row_preserving_reshape(candidate: NormCandidate) -> gs.Node | None:
+    """The Reshape in front of the norm when it only regroups the leading axes: the last axis,
+    hidden, is the same static size before and after, so every row of its input is a row of its
+    output and a norm over the last axis commutes with it (OPT flattens [batch, seq, hidden] to
+    [tokens, hidden] between the residual Add and the norm)."""
+    reshape = producer(candidate.x)
+    if not _standard(reshape, "Reshape") or not reshape.inputs:
+        return None
+    data = reshape.inputs[0]
+    for shape in (data.shape, candidate.x.shape):
+        if not shape or shape[-1] != candidate.hidden:
+            return None
+    return reshape
+
+
 def residual_add(candidate: NormCandidate, graph_outputs: set) -> tuple[tuple | None, str | None]:
-    """((a, b, add_node), None) when the norm's input is `a + b` that can be fused, else (None, why)."""
-    add = producer(candidate.x)
-    if add is None or add.op != "Add" or (add.domain or "") not in ("", "ai.onnx"):
+    """((a, b, add_node), None) when the norm's input is `a + b` that can be fused, else (None, why).
+
+    The sum may reach the norm through a Reshape that keeps the rows (`row_preserving_reshape`);
+    the fused op then works in the sum's shape and a Reshape follows it (see `emit`)."""
+    front = producer(candidate.x)
+    reshape = row_preserving_reshape(candidate) if _standard(front, "Reshape") else None
+    add = producer(reshape.inputs[0]) if reshape is not None else front
+    if not _standard(add, "Add"):
         return None, None  # nothing in front: no residual to speak of
     inputs = present_inputs(add)
     if len(inputs) != 2:
@@ -18,9 +42,10 @@ def residual_add(candidate: NormCandidate, graph_outputs: set) -> tuple[tuple | 
     a, b = inputs
     if isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
         return None, f"Add '{add.name}' adds a constant (a bias, not a residual)"
-    shape = candidate.x.shape
+    total = add.outputs[0]
+    shape = total.shape
     if shape is None:
-        return None, f"shape of the sum '{candidate.x.name}' is unknown"
+        return None, f"shape of the sum '{total.name}' is unknown"
     for t in (a, b):
         if t.shape is None or list(t.shape) != list(shape):
             return None, f"Add '{add.name}' broadcasts ({t.name}: {t.shape} vs {shape})"
@@ -34,6 +59,8 @@ def residual_add(candidate: NormCandidate, graph_outputs: set) -> tuple[tuple | 
 
 
 def sum_is_used_elsewhere(candidate: NormCandidate, graph_outputs: set) -> bool:
+    if candidate.through_reshape is not None:
+        return True  # the Add's output stays (the Reshape reads it; unused, cleanup removes that)
     inside = {id(n) for n in candidate.nodes}
     x = candidate.x
     return x.name in graph_outputs or any(id(c) not in inside for c in x.outputs)
