@@ -4,6 +4,7 @@
     python -m export.build --norm layernorm --preset tiny --backend ort-cpu
     python -m export.build --norm rmsnorm --backend tensorrt --dtype float16 --seq-range 1:128:2048
     python -m export.build --norm rmsnorm --triton-repo triton/    # also a Triton model repository
+    python -m export.build --onnx model.onnx --seq 512             # any ONNX model instead of a stack
 
 `--backend auto` runs ONNX Runtime's CPU provider and, when present, its CUDA provider (I/O
 binding) and TensorRT (engines for the fused graph with our plugins and for the reference graph);
@@ -32,8 +33,13 @@ VALIDATION_SHAPES = [(1, 16)]  # plus the bench shape
 
 def parse_args(argv=None):
     parser = Parser(prog="python -m export.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--norm", choices=("rmsnorm", "layernorm"),
                         help="rmsnorm: LLaMA-style stack; layernorm: GPT-style stack")
+    source.add_argument("--onnx", metavar="MODEL",
+                        help="run the chain on this ONNX model instead of exporting a stack (its dynamic axis 0 "
+                             "is the batch, other dynamic axes the sequence; token ids stay inside the table "
+                             "they index)")
     parser.add_argument("--preset", choices=PRESET_NAMES, default="small")
     parser.add_argument("--layers", type=positive_int)
     parser.add_argument("--hidden", type=positive_int)
@@ -63,6 +69,15 @@ def parse_args(argv=None):
     trt.add_argument("--timing-cache", help="TensorRT timing cache file (default <out>/timing.cache)")
     parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository of the models built")
     args = parser.parse_args(argv)
+    if args.onnx:
+        stack_only = [flag for flag, given in (("--preset", args.preset != "small"), ("--layers", args.layers),
+                                               ("--hidden", args.hidden), ("--heads", args.heads), ("--ffn", args.ffn),
+                                               ("--dtype", args.dtype != "float32"), ("--opset", args.opset != DEFAULT_OPSET),
+                                               ("--exporter", args.exporter != "dynamo"),
+                                               ("--decomposed-layernorm", args.decomposed_layernorm)) if given]
+        if stack_only:
+            parser.error(f"argument --onnx: {', '.join(stack_only)} describe the exported stack; they do not apply "
+                         "to a given model")
     if not 17 <= args.opset <= 23:
         parser.error(f"argument --opset: {args.opset} is outside the supported range 17..23")
     try:
@@ -93,20 +108,50 @@ class Pipeline:
 
     def run(self) -> int:
         a = self.args
+        if a.onnx:
+            return self.run_on(*self.given_model())
         try:
             config = preset(a.preset, a.norm, layers=a.layers, hidden=a.hidden, heads=a.heads, ffn=a.ffn,
                             dtype=a.dtype, decomposed_layernorm=a.decomposed_layernorm or None)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         out = Path(a.out or f"build/{a.preset}-{a.norm}")
-        backends, self.skipped = resolve_backends(a.backend)
+        self.check_backends()
+        reference = out / "reference.onnx"
+        with self.stage("export", f"export {a.preset} {config.norm} stack ({config.layers} layers, {a.dtype}) with {a.exporter}"):
+            export_model(config, reference, exporter=a.exporter, opset=a.opset, seed=a.seed)
+        described = {**config.as_dict(), "preset": a.preset, "opset": a.opset, "exporter": a.exporter}
+        return self.run_on(reference, out, described, count_norms(config)[0], a.preset, config.norm)
+
+    def given_model(self) -> tuple[Path, Path, dict, None, str, str]:
+        """--onnx: the model is the reference graph as it is (not copied); outputs go to --out."""
+        import re
+
+        from .validate import model_dtype
+
+        source = Path(self.args.onnx)
+        dtype = model_dtype(source)  # a one-line error for a missing or unreadable file
+        self.check_backends()
+        name = re.sub(r"[^A-Za-z0-9_]+", "_", source.stem).strip("_") or "model"
+        described = {"source": str(source), "norm": "model", "preset": name, "dtype": dtype}
+        self.console.print(f"model {source} ({dtype}): given, so nothing is exported")
+        return source, Path(self.args.out or f"build/{name}"), described, None, name, "model"
+
+    def check_backends(self) -> None:
+        backends, self.skipped = resolve_backends(self.args.backend)
         if "tensorrt" in backends:
             self.profile()  # a profile that misses the shapes is a flag error, before any work
             self.check_precision()  # so is a weakly typed --precision on TensorRT 11
-        reference, fused, fused_trt = out / "reference.onnx", out / "fused.onnx", out / "fused-tensorrt.onnx"
+        self.backends = backends
 
-        with self.stage("export", f"export {a.preset} {config.norm} stack ({config.layers} layers, {a.dtype}) with {a.exporter}"):
-            export_model(config, reference, exporter=a.exporter, opset=a.opset, seed=a.seed)
+    def run_on(self, reference: Path, out: Path, described: dict, expected_norms: int | None, name: str,
+               norm: str) -> int:
+        """Rewrite, build, validate, bench and report on `reference`; `expected_norms` None: the
+        norms the rewriter found (fused or rejected) are what the model has, as far as is known."""
+        a = self.args
+        backends = self.backends
+        dtype = described["dtype"]
+        fused, fused_trt = out / "fused.onnx", out / "fused-tensorrt.onnx"
         from .rewrite import rewrite_file
 
         with self.stage("rewrite", "rewrite norms (onnxruntime and tensorrt targets)"):
@@ -116,16 +161,17 @@ class Pipeline:
                            f"{rewrite.fused} for ONNX Runtime {rewrite.counts}")
 
         engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}
-        validation = self.validate(reference, fused, fused_trt, backends, config.dtype, engines)
-        bench = self.bench(reference, fused, backends, config.dtype, rewrite_trt, engines)
+        validation = self.validate(reference, fused, fused_trt, backends, dtype, engines)
+        bench = self.bench(reference, fused, backends, dtype, rewrite_trt, engines)
         self.note_gpu_stages(backends)
-        triton = self.write_triton(reference, fused, engines, a.preset, config.norm) if a.triton_repo else []
+        triton = self.write_triton(reference, fused, engines, name, norm) if a.triton_repo else []
+        if expected_norms is None:
+            expected_norms = rewrite_trt.fused + len(rewrite_trt.rejected)
 
         report = {
-            "config": {**config.as_dict(), "preset": a.preset, "batch": a.batch, "seq": a.seq, "opset": a.opset,
-                       "exporter": a.exporter, "backend": a.backend, "backends_run": backends, "seed": a.seed,
-                       "runs": a.runs, "warmup": a.warmup},
-            "rewrite": {"fused": rewrite_trt.fused, "expected_norms": count_norms(config)[0],
+            "config": {**described, "batch": a.batch, "seq": a.seq, "backend": a.backend, "backends_run": backends,
+                       "seed": a.seed, "runs": a.runs, "warmup": a.warmup},
+            "rewrite": {"fused": rewrite_trt.fused, "expected_norms": expected_norms,
                         "counts": rewrite_trt.counts, "rejected": [r.__dict__ for r in rewrite_trt.rejected],
                         "nodes_before": rewrite_trt.nodes_before, "nodes_after": rewrite_trt.nodes_after,
                         "tensorrt": rewrite_trt.as_dict(), "onnxruntime": rewrite.as_dict()},

@@ -40,9 +40,12 @@ def fusion_shortfall(report: dict) -> str | None:
 def markdown(report: dict) -> str:
     cfg = report["config"]
     rw = report["rewrite"]
-    lines = [f"# normfuse report: {cfg['norm']} `{cfg['preset']}` ({cfg['dtype']})", "",
-             f"{cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, ffn {cfg['ffn']}; "
-             f"exporter {cfg['exporter']}, opset {cfg['opset']}; bench shape {cfg['batch']}x{cfg['seq']}.", "",
+    if cfg.get("source"):  # a given model (--onnx), not an exported stack
+        described = f"Model `{cfg['source']}`; bench shape {cfg['batch']}x{cfg['seq']}."
+    else:
+        described = (f"{cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, ffn {cfg['ffn']}; "
+                     f"exporter {cfg['exporter']}, opset {cfg['opset']}; bench shape {cfg['batch']}x{cfg['seq']}.")
+    lines = [f"# normfuse report: {cfg['norm']} `{cfg['preset']}` ({cfg['dtype']})", "", described, "",
              "## Rewrite", "",
              f"Fused {rw['fused']} of {rw['expected_norms']} norms ({rw['counts']}), "
              f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected.", ""]

@@ -91,6 +91,47 @@ def test_build_command_end_to_end(tmp_path, norm):
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_build_command_on_a_given_model(tmp_path):
+    """--onnx: no export; the chain runs on the model as given (token ids in, weights external),
+    which stays where it is, and the outputs elsewhere get their own copy of the weights."""
+    from test_validate_inputs import token_model
+
+    model = onnx.load(str(token_model(tmp_path / "tmp.onnx")))
+    given = tmp_path / "given" / "my model.onnx"
+    given.parent.mkdir()
+    # weights external as exporters write them: tensors of 1 KiB and more (the embedding table)
+    onnx.save(model, str(given), save_as_external_data=True, location="weights.bin", size_threshold=1024)
+    out = tmp_path / "out"
+    done = _run("export.build", "--onnx", str(given), "--runs", "3", "--warmup", "1", "--seq", "16", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "nothing is exported" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"]["reference"] == str(given) and not (out / "reference.onnx").exists()
+    assert report["config"]["source"] == str(given) and report["config"]["preset"] == "my_model"
+    assert report["rewrite"]["fused"] == report["rewrite"]["expected_norms"] == 1
+    assert report["validation"] and all(p["passed"] for p in report["validation"])
+    assert {(b["backend"], b["graph"]) for b in report["bench"]} == {("ort-cpu", "reference"), ("ort-cpu", "fused")}
+    assert (out / "weights.bin").read_bytes() == (given.parent / "weights.bin").read_bytes()
+    assert "Model `" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--onnx", "m.onnx", "--layers", "2"], "do not apply to a given model"),
+    (["--onnx", "m.onnx", "--norm", "rmsnorm"], "not allowed with"),
+    ([], "one of the arguments --norm --onnx is required"),
+])
+def test_given_model_flags_are_one_line_errors(tmp_path, flags, message):
+    done = _run("export.build", *flags, "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_a_missing_given_model_is_one_line(tmp_path):
+    done = _run("export.build", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "x"))
+    assert done.returncode == 1 and "no such file" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--norm", "groupnorm"], "invalid choice"),
     (["--norm", "rmsnorm", "--batch", "0"], "must be at least 1"),
