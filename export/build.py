@@ -94,6 +94,7 @@ class Pipeline:
         self.console = console
         self.stage_seconds: dict[str, float] = {}
         self.skipped: list[dict] = []
+        self.backends: list[str] = []
         self.step = 0
 
     @contextmanager

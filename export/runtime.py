@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,9 @@ class OrtModel:
         self.input_names = [s.name for s in self.inputs]
         self.output_names = [s.name for s in self.outputs]
         self._lock = threading.Lock()
+        # errors come back as NormfuseError (below), not also as ONNX Runtime's own log line
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         self._binding: Any = None
         self._bound: dict[str, tuple] = {}  # name -> (shape, dtype, OrtValue or torch tensor)
         self._host_feeds: dict[str, np.ndarray] = {}  # what run_bound() feeds on the CPU
@@ -203,7 +207,8 @@ class OrtModel:
         with self._lock:
             if not self.on_cuda:
                 arrays = {k: to_numpy(v) for k, v in feeds.items()}
-                results = dict(zip(self.output_names, self.session.run(None, arrays)))
+                with self._failures_named(feeds):
+                    results = dict(zip(self.output_names, self.session.run(None, arrays, self._run_options)))
             else:
                 self.bind(feeds)
                 self.run_bound()
@@ -257,11 +262,29 @@ class OrtModel:
     def run_bound(self) -> None:
         """One run on the bound buffers, no host copies: what a benchmark times."""
         if not self.on_cuda:
-            self.session.run(None, self._host_feeds)
+            with self._failures_named(self._host_feeds):
+                self.session.run(None, self._host_feeds, self._run_options)
             return
         self._binding.synchronize_inputs()
-        self.session.run_with_iobinding(self._binding)
+        with self._failures_named({name: bound[0] for name, bound in self._bound.items()}):
+            self.session.run_with_iobinding(self._binding, self._run_options)
         self._binding.synchronize_outputs()
+
+    @contextmanager
+    def _failures_named(self, feeds: dict):
+        """ONNX Runtime's failure during a run (an index past a table, a shape the graph cannot
+        take) as a one-line NormfuseError naming the model and the input shapes."""
+        try:
+            yield
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            message = message.split(" : ", 2)[-1] if message.startswith("[ONNXRuntimeError]") else message
+            shapes = ", ".join(f"{name} {list(value if isinstance(value, tuple) else value.shape)}"
+                               for name, value in feeds.items())
+            raise NormfuseError(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message} "
+                                "(a shape the model cannot take, e.g. a sequence past its positions?)") from None
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
