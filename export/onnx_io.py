@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import NormfuseError
@@ -71,6 +72,32 @@ def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Pa
             if entry.key == "location":
                 entry.value = moves[entry.value][1]
     return notes
+
+
+SMALL_EXTERNAL_ELEMENTS = 16  # external tensors this small are read: scalars, axes, shapes, never weights
+
+
+def inline_small_external_data(model: onnx.ModelProto, base_dir: Path) -> int:
+    """Read external tensors of at most SMALL_EXTERNAL_ELEMENTS values into the model; returns how many.
+
+    Tools that store every tensor externally (`size_threshold=0`) put the norms' constants there
+    too (axes, epsilon, the exponent 2); matching and proving a norm needs their values. Weights,
+    gamma and beta included, stay on disk unread."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    count = 0
+    for tensor in list(_external_tensors(model)):
+        if int(np.prod(tensor.dims, dtype=np.int64)) > SMALL_EXTERNAL_ELEMENTS:
+            continue
+        try:
+            load_external_data_for_tensor(tensor, str(base_dir))
+        except Exception as exc:  # missing file, a location outside the directory, a short file
+            raise NormfuseError(f"{base_dir}: external data of tensor {tensor.name!r} cannot be read "
+                                f"({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__})") from None
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+        count += 1
+    return count
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -236,3 +236,26 @@ def test_gemma_weight_that_is_a_graph_input_is_not_folded():
     out, report = rewrite_model(model)
     assert report.fused == 1 and any("also a graph input" in note for note in report.notes)
     assert sorted(n.op_type for n in out.graph.node) == ["Add", "RMSNorm"] and w.name in [i.name for i in out.graph.input]
+
+
+def test_constants_stored_externally_are_read_and_the_norm_fused(tmp_path):
+    """A tool that writes every tensor externally (size_threshold=0) puts epsilon and the exponent
+    there too; the rewriter reads such tiny tensors (the weights it leaves alone) and fuses."""
+    import onnxruntime as ort
+    from test_validate_inputs import token_model
+
+    model = onnx.load(str(token_model(tmp_path / "inline.onnx", mask=False)))
+    src = tmp_path / "external" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(model, str(src), save_as_external_data=True, location="all.bin", size_threshold=0)
+    report = rewrite_file(src, src.parent / "fused.onnx", target="onnxruntime")
+    assert report.counts == {"RMSNorm": 1} and not report.rejected
+    assert any("external tensor(s) of at most" in note for note in report.notes)
+    fused = onnx.load(str(src.parent / "fused.onnx"), load_external_data=False)
+    external = {t.name for t in fused.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert external == {"embedding"}  # the weight is still only referenced
+    feeds = {"ids": np.arange(10, dtype=np.int64).reshape(2, 5)}
+    # (ONNX Runtime cannot load the source itself: it needs ReduceMean's axes in the file)
+    expected = ort.InferenceSession(str(tmp_path / "inline.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    actual = ort.InferenceSession(str(src.parent / "fused.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert GRAPH["float32"].passes(actual[0], expected[0])

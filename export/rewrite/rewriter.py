@@ -24,7 +24,8 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (colour, 
 from normops import op_for
 
 from ..errors import NormfuseError, UsageError
-from ..onnx_io import load_graph_only, save_model, share_external_data
+from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, inline_small_external_data, load_graph_only, save_model,
+                       share_external_data)
 from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, dtype_name
 from .gamma import fold_gamma
 from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset
@@ -407,7 +408,11 @@ def rewrite_file(source: str | Path, destination: str | Path, target: str = "ten
     directory (`onnx_io.share_external_data`)."""
     source, destination = Path(source), Path(destination)
     model = load_graph_only(source)
+    inlined = inline_small_external_data(model, source.parent)
     out, report = rewrite_model(model, target=target, residual=residual, prove_fusions=prove_fusions)
+    if inlined:
+        report.notes.append(f"read {inlined} external tensor(s) of at most {SMALL_EXTERNAL_ELEMENTS} values "
+                            "(constants such as axes and epsilon) into the model; the weights stay external")
     report.notes += share_external_data(out, source.parent, destination.parent)
     try:
         save_model(out, destination, external_data=False)
