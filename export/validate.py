@@ -4,6 +4,7 @@
     python -m export.validate reference.onnx fused.plan                 # ORT reference vs TensorRT engine
     python -m export.validate reference.onnx fused-tensorrt.onnx --backend onnx-reference
     python -m export.validate ... --save-outputs DIR                   # Polygraphy-readable files
+    python -m export.validate ... --inputs in.npz                      # given inputs (or DIR/inputs.json)
 
 Each pair runs both models on the same random inputs (integer inputs such as token ids stay
 within the table they index, see `backends.index_bounds`) and reports, per output, max/mean/median
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from normops import GRAPH, Tolerance, error_stats, within
+from normops import GRAPH, Tolerance, error_stats, numpy_dtype, within
 
 from .backends import index_bounds, make_runner, random_arrays
 from .errors import NormfuseError, UsageError
@@ -82,23 +83,32 @@ def _q_name(q: float) -> str:
 
 
 def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dtype: str, seed: int = 0,
-            progress=None, save_dir: str | Path | None = None) -> list[dict]:
+            progress=None, save_dir: str | Path | None = None, given: list[dict] | None = None) -> list[dict]:
     """One pair record per shape: {reference, candidate, shape, passed, outputs: {name: stats}}.
 
-    Both sides get the same inputs (random, from the reference graph's signature, seeded).
-    With `save_dir`, inputs and both sides' outputs are written in Polygraphy's formats."""
+    Both sides get the same inputs: random, from the reference graph's signature, seeded; or
+    `given`, a list of feed dicts (one pair each; see `read_given_inputs`), checked against the
+    signature first. With `save_dir`, inputs and both sides' outputs are written in Polygraphy's
+    formats."""
+    from .runtime import TensorSpec, check_feeds
+    from .triton_repo import onnx_signature
+
+    inputs, _ = onnx_signature(reference.model)
+    if given is not None:
+        specs = [TensorSpec(i.name, i.dtype, tuple(i.shape)) for i in inputs]
+        for feeds in given:
+            check_feeds(specs, feeds, f"{reference.model} (--inputs)")
+        shapes = [_leading_dims(feeds) for feeds in given]
     # The reference runs as written: ONNX Runtime's own fusions are not what is being checked
     # (and its LayerNormFusion builds invalid nodes on some fp16 TorchScript exports).
     ref_runner = make_runner(reference.model, reference.backend, shapes, optimization="none")
     cand_runner = make_runner(candidate.model, candidate.backend, shapes)
-    from .triton_repo import onnx_signature
 
     tolerance = GRAPH[dtype]
-    inputs, _ = onnx_signature(reference.model)
     bounds = index_bounds(reference.model)
     pairs, iterations = [], []
-    for batch, seq in shapes:
-        feeds = random_arrays(inputs, batch, seq, seed=seed, bounds=bounds)
+    for index, (batch, seq) in enumerate(shapes):
+        feeds = given[index] if given is not None else random_arrays(inputs, batch, seq, seed=seed, bounds=bounds)
         expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
         missing = set(expected) - set(actual)
         if missing:
@@ -119,6 +129,44 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         save_polygraphy(save_dir, iterations, f"{reference.label}@{reference.backend}",
                         f"{candidate.label}@{candidate.backend}", reference.label, candidate.label)
     return pairs
+
+
+def _leading_dims(feeds: dict) -> tuple[int, int]:
+    """(batch, sequence) of given inputs, as pair records name their shape: the first input's
+    first two dims (1 where it has fewer)."""
+    shape = list(np.shape(next(iter(feeds.values())))) + [1, 1]
+    return int(shape[0]), int(shape[1])
+
+
+def read_given_inputs(path: str | Path, reference: str | Path) -> list[dict]:
+    """Feed dicts from a .npz (one set of inputs) or a Polygraphy inputs file (`polygraphy run
+    --save-inputs`, or this command's `--save-outputs`: a JSON list of feed dicts)."""
+    from .run import read_inputs
+    from .triton_repo import onnx_signature
+
+    path = Path(path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise NormfuseError(f"{path}: no such file")
+        try:
+            from polygraphy.json import load_json
+        except ImportError:
+            raise NormfuseError(f"{path}: reading Polygraphy's inputs format needs it: pip install polygraphy") from None
+        try:
+            loaded = load_json(str(path))
+        except Exception as exc:
+            raise NormfuseError(f"{path}: not a Polygraphy inputs file ({exc.__class__.__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        feeds_list = list(loaded) if isinstance(loaded, (list, tuple)) else []
+        if not feeds_list or not all(isinstance(f, dict) and f for f in feeds_list):
+            raise NormfuseError(f"{path}: not a Polygraphy inputs file (expected a list of name -> array dicts)")
+        inputs, _ = onnx_signature(reference)
+        bf16 = {i.name for i in inputs if i.dtype == "bfloat16"}
+        # Polygraphy has no bfloat16 numpy type; --save-outputs writes such inputs as float32 (exact)
+        return [{k: (np.asarray(v).astype(numpy_dtype("bfloat16")) if k in bf16 else np.asarray(v))
+                 for k, v in feeds.items()} for feeds in feeds_list]
+    inputs, _ = onnx_signature(reference)
+    return [read_inputs(path, inputs)]
 
 
 def _polygraphy_array(value) -> np.ndarray:
@@ -205,6 +253,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-backend", choices=("ort-cpu", "ort-cuda", "onnx-reference", "tensorrt"),
                         help="backend for the reference only (default: --backend, or ort-cpu for tensorrt; "
                              "onnx-reference for a bfloat16 graph against a TensorRT engine)")
+    parser.add_argument("--inputs", metavar="FILE",
+                        help="compare on these inputs instead of random ones (--shapes is then not used): a .npz "
+                             "(one set) or a Polygraphy inputs JSON (a list of sets), e.g. from --save-outputs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the comparison as JSON")
     parser.add_argument("--save-outputs", metavar="DIR", help="write inputs and outputs in Polygraphy's formats")
@@ -218,8 +269,9 @@ def main(argv=None) -> int:
         ref_backend = args.reference_backend or reference_backend(args.backend, cand_backend, dtype)
         if not candidate.is_file():  # model_dtype has checked the reference
             raise NormfuseError(f"{candidate}: no such file")
+        given = read_given_inputs(args.inputs, args.reference) if args.inputs else None
         pairs = compare(Side(Path(args.reference), ref_backend, "reference"), Side(candidate, cand_backend, "fused"),
-                        shapes, dtype, seed=args.seed, save_dir=args.save_outputs)
+                        shapes, dtype, seed=args.seed, save_dir=args.save_outputs, given=given)
         for pair in pairs:
             for name, s in pair["outputs"].items():
                 verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"

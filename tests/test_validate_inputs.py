@@ -101,3 +101,43 @@ def test_a_run_onnx_runtime_refuses_is_a_one_line_error_naming_the_model_and_sha
     message = str(exc.value)
     assert str(path) in message and "ids [1, 5]" in message and "out of" in message and "\n" not in message
     assert "onnxruntime" not in capfd.readouterr().err  # ONNX Runtime's own log line is not printed as well
+
+
+def test_validate_on_given_inputs_npz_and_polygraphy(tmp_path, capsys):
+    """--inputs: the comparison runs on inputs of one's own (a decoder's cache and mask must agree
+    in length, which random inputs cannot know); a .npz, or the Polygraphy inputs file that
+    --save-outputs writes, so a run can be repeated on the very same inputs."""
+    reference = token_model(tmp_path / "ref.onnx")
+    fused = tmp_path / "fused.onnx"
+    rewrite_file(reference, fused, target="onnxruntime")
+    given = tmp_path / "in.npz"
+    np.savez(given, ids=(np.arange(14, dtype=np.int64).reshape(2, 7) * 5) % VOCAB, mask=np.ones((2, 7), np.int64))
+    assert main([str(reference), str(fused), "--inputs", str(given), "--save-outputs", str(tmp_path / "po")]) == 0
+    first = capsys.readouterr().out
+    assert first.count("PASS 2x7 y") == 1  # the given shape, not --shapes' defaults
+    assert main([str(reference), str(fused), "--inputs", str(tmp_path / "po" / "inputs.json")]) == 0
+    again = capsys.readouterr().out
+    assert again.splitlines()[0] == first.splitlines()[0]  # the same inputs give the same figures
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"idz": np.zeros((2, 3), np.int64)}, "'idz' is not an input of the model"),
+    ({"ids": np.zeros((2, 3), np.int32), "mask": np.ones((2, 3), np.int64)}, "'ids' has dtype int32"),
+    ({"ids": np.zeros((6,), np.int64), "mask": np.ones((2, 3), np.int64)}, "'ids' has rank 1"),
+])
+def test_given_inputs_that_do_not_fit_are_one_line_errors(tmp_path, capsys, content, message):
+    reference = token_model(tmp_path / "ref.onnx")
+    given = tmp_path / "in.npz"
+    np.savez(given, **content)
+    assert main([str(reference), str(reference), "--inputs", str(given)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_json_that_is_no_inputs_file_is_a_one_line_error(tmp_path, capsys):
+    reference = token_model(tmp_path / "ref.onnx")
+    bad = tmp_path / "in.json"
+    bad.write_text('{"not": "a list"}')
+    assert main([str(reference), str(reference), "--inputs", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "not a Polygraphy inputs file" in err and len(err.splitlines()) == 1
