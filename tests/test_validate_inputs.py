@@ -141,3 +141,38 @@ def test_a_json_that_is_no_inputs_file_is_a_one_line_error(tmp_path, capsys):
     assert main([str(reference), str(reference), "--inputs", str(bad)]) == 1
     err = capsys.readouterr().err.strip()
     assert "not a Polygraphy inputs file" in err and len(err.splitlines()) == 1
+
+
+def cache_model(path):
+    """A decoder-like step: [past; x] along the sequence, times a mask as long as both, then a
+    LayerNorm. The mask's length must be past + new tokens: random inputs cannot know that."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Concat", ["past", "x"], ["all"], axis=1),
+             helper.make_node("Unsqueeze", ["mask", "axes"], ["m1"]),
+             helper.make_node("Cast", ["m1"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["all", "mf"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array((1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32), "gamma"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(HIDDEN)).astype(np.float32), "beta")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "new", HIDDEN]),
+              helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", "past", HIDDEN]),
+              helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "total"])]
+    graph = helper.make_graph(nodes, "cache", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_decoder_step_validates_on_given_inputs_only(tmp_path, capsys):
+    reference = cache_model(tmp_path / "ref.onnx")
+    fused = tmp_path / "fused.onnx"
+    assert rewrite_file(reference, fused, target="tensorrt").counts == {"LayerNorm": 1}  # the Add broadcasts
+    assert main([str(reference), str(fused), "--backend", "onnx-reference"]) == 1  # random: lengths disagree
+    capsys.readouterr()
+    given = tmp_path / "step.npz"
+    rng = np.random.default_rng(1)
+    np.savez(given, x=rng.standard_normal((2, 1, HIDDEN)).astype(np.float32),
+             past=rng.standard_normal((2, 6, HIDDEN)).astype(np.float32), mask=np.ones((2, 7), np.int64))
+    assert main([str(reference), str(fused), "--backend", "onnx-reference", "--inputs", str(given)]) == 0
+    assert "PASS 2x1 y" in capsys.readouterr().out
