@@ -147,12 +147,21 @@ class ReferenceRunner:
         from .rewrite.evaluate import evaluator
 
         model = onnx.load(str(model_path))
+        self.path = model_path
         self.evaluator = evaluator(model)  # fused ops by normops; fp32 accumulation on half inputs
         self.output_names = [o.name for o in model.graph.output]
         self.name = "onnx-reference"
 
     def run(self, feeds: dict) -> dict:
-        return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
+        try:
+            return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
+        except Exception as exc:  # inputs the graph cannot take, or an op the evaluator lacks
+            from .errors import NormfuseError
+
+            shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise NormfuseError(f"{self.path}: onnx's reference evaluator failed on {shapes}: "
+                                f"{exc.__class__.__name__}: {detail}") from None
 
 
 def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, int]] | None = None,
