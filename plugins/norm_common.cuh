@@ -595,6 +595,8 @@ __device__ __forceinline__ void norm_rows_looped(const T* x, const T* residual, 
                                                                          eps, y, sum, first, lane);
         return;
     }
+    // The RowArgs set-up below repeats norm_rows' on purpose: a shared helper changes the one-row
+    // kernels' PTX (register numbering and order), and that PTX is what the GPU tests proved.
     for (int k = 0; k < K; ++k) {
         const int64_t row = first + static_cast<int64_t>(k) * GROUPS;
         const bool active = row < rows;
