@@ -313,3 +313,24 @@ def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypat
     assert "worktree+NORMFUSE_AB_NO_PREFETCH ratio" in table and "| 0.500 |" in table
     assert len(table.splitlines()) == 3 + 2 * 3
     assert re.search(r"\| RMSNorm \| bfloat16 \| 1x4096 \| \S+ \| L2 warm \|", table)
+
+
+# The revision whose default kernels are the ones the H100 GPU tests last passed (their PTX, line
+# information aside). Move it only after the GPU tests pass on a change to the default kernels.
+PROVEN = "de42ef4"
+
+
+@pytest.mark.skipif(not _has_revision(PROVEN), reason=f"{PROVEN} is not in this clone (shallow?)")
+@needs_nvcc
+@pytest.mark.parametrize("op", ["RMSNorm", "AddLayerNorm"])
+def test_the_default_kernels_are_the_ones_the_gpu_tests_proved(sources, tmp_path, op):
+    """Row-loop variants and A/B switches are additions: every one-row entry point still compiles
+    to the PTX of the proven revision, so that proof still covers what the launch table picks."""
+    proven = sources.materialise(sources.parse_sources([PROVEN])[0], tmp_path)
+    entries = lambda ptx: {m.group(1): code_only(m.group(0)) for m in re.finditer(r"\.entry (\w+)\(.*?\n\}\n", ptx, re.S)}
+    now = entries(build.get_ptx(op, "bfloat16", "float32", arch="sm_90"))  # every variant, one module each side
+    then = entries(build.get_ptx(op, "bfloat16", "float32", arch="sm_90", source_dir=proven.source_dir, defines=()))
+    one_row = [config.kernel_name(op, t, r, c) for t, r, c in config.variants("bfloat16") if r == config.groups_per_block(t)]
+    assert len(one_row) == 18
+    for kernel in one_row:
+        assert now[kernel] == then[kernel], kernel
