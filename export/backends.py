@@ -222,8 +222,12 @@ def index_bounds(model_path: str | Path) -> dict[str, int]:
     for node in graph.node:  # weights written as Constant nodes
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             dims[node.output[0]] = list(node.attribute[0].t.dims)
-    integer = {v.name for v in graph.input
-               if v.type.tensor_type.elem_type in (2, 3, 4, 5, 6, 7, 12, 13)}  # (u)int8..64
+    import onnx
+
+    def is_integer(elem: int) -> bool:
+        return elem != 0 and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(elem), np.integer)
+
+    integer = {v.name for v in graph.input if is_integer(v.type.tensor_type.elem_type)}
     bounds: dict[str, int] = {}
     for node in graph.node:
         if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in integer:

@@ -57,13 +57,15 @@ def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Pa
             raise NormfuseError(f"{source_dir}: external data file {source_location} is missing")
         destination = target_dir / location
         if destination.exists():
-            if filecmp.cmp(destination, file, shallow=False):
+            # a copy made here before keeps size and mtime (copy2), so it is known without reading
+            # gigabytes again; any other file there is compared byte for byte
+            if filecmp.cmp(destination, file, shallow=True):
                 continue
             raise NormfuseError(f"{destination}: already exists and is not the model's external data "
                                 f"{file}; remove it or write the rewritten model elsewhere")
         destination.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(destination) as tmp:
-            shutil.copyfile(file, tmp)
+            shutil.copy2(file, tmp)
         notes.append(f"external data {location}: copied from {file} ({file.stat().st_size / 1e6:.1f} MB), since "
                      "ONNX Runtime and onnx read weights only from the model's own directory; write the output "
                      "beside the input to share the file instead")

@@ -266,14 +266,15 @@ class OrtModel:
                 self.session.run(None, self._host_feeds, self._run_options)
             return
         self._binding.synchronize_inputs()
-        with self._failures_named({name: bound[0] for name, bound in self._bound.items()}):
+        with self._failures_named(self._bound):
             self.session.run_with_iobinding(self._binding, self._run_options)
         self._binding.synchronize_outputs()
 
     @contextmanager
     def _failures_named(self, feeds: dict):
         """ONNX Runtime's failure during a run (an index past a table, a shape the graph cannot
-        take) as a one-line NormfuseError naming the model and the input shapes."""
+        take) as a one-line NormfuseError naming the model and the input shapes. `feeds`: arrays,
+        or the binding's (shape, dtype, buffer) records; read only when a run fails."""
         try:
             yield
         except Exception as exc:
@@ -281,7 +282,7 @@ class OrtModel:
                 raise
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             message = message.split(" : ", 2)[-1] if message.startswith("[ONNXRuntimeError]") else message
-            shapes = ", ".join(f"{name} {list(value if isinstance(value, tuple) else value.shape)}"
+            shapes = ", ".join(f"{name} {list(value[0] if isinstance(value, tuple) else value.shape)}"
                                for name, value in feeds.items())
             raise NormfuseError(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message} "
                                 "(a shape the model cannot take, e.g. a sequence past its positions?)") from None

@@ -105,7 +105,7 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     cand_runner = make_runner(candidate.model, candidate.backend, shapes)
 
     tolerance = GRAPH[dtype]
-    bounds = index_bounds(reference.model)
+    bounds = index_bounds(reference.model) if given is None else {}
     pairs, iterations = [], []
     for index, (batch, seq) in enumerate(shapes):
         feeds = given[index] if given is not None else random_arrays(inputs, batch, seq, seed=seed, bounds=bounds)
@@ -145,6 +145,7 @@ def read_given_inputs(path: str | Path, reference: str | Path) -> list[dict]:
     from .triton_repo import onnx_signature
 
     path = Path(path)
+    inputs, _ = onnx_signature(reference)
     if path.suffix == ".json":
         if not path.is_file():
             raise NormfuseError(f"{path}: no such file")
@@ -160,12 +161,10 @@ def read_given_inputs(path: str | Path, reference: str | Path) -> list[dict]:
         feeds_list = list(loaded) if isinstance(loaded, (list, tuple)) else []
         if not feeds_list or not all(isinstance(f, dict) and f for f in feeds_list):
             raise NormfuseError(f"{path}: not a Polygraphy inputs file (expected a list of name -> array dicts)")
-        inputs, _ = onnx_signature(reference)
         bf16 = {i.name for i in inputs if i.dtype == "bfloat16"}
         # Polygraphy has no bfloat16 numpy type; --save-outputs writes such inputs as float32 (exact)
         return [{k: (np.asarray(v).astype(numpy_dtype("bfloat16")) if k in bf16 else np.asarray(v))
                  for k, v in feeds.items()} for feeds in feeds_list]
-    inputs, _ = onnx_signature(reference)
     return [read_inputs(path, inputs)]
 
 

@@ -52,7 +52,7 @@ class Launch:
     """A prepared launch: resolves the kernel once, then `__call__` only enqueues it."""
 
     def __init__(self, op: str, x_dtype: str, gamma_dtype: str, rows: int, hidden: int,
-                 layout: tuple[int, int] | None = None, arch: str | None = None):
+                 layout: tuple[int, ...] | None = None, arch: str | None = None):
         self.spec = OPS[op]
         self.cfg = config.launch_config(op, x_dtype, rows, hidden, layout=layout)
         self.ptx = build.ptx_for_launch(op, x_dtype, gamma_dtype, self.cfg, arch)
@@ -117,7 +117,7 @@ def check_device(op: str, tensors: dict[str, Any]) -> None:
             raise ValueError(f"{op}: {name} is on {t.device}; every tensor must be on x's CUDA device ({device})")
 
 
-def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[int, int] | None = None,
+def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[int, ...] | None = None,
         outputs: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
     """Run op on torch CUDA tensors given in contract order (x, [residual], gamma, [beta]).
 

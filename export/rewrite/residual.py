@@ -31,9 +31,8 @@ def residual_add(candidate: NormCandidate, graph_outputs: set) -> tuple[tuple | 
 
     The sum may reach the norm through a Reshape that keeps the rows (`row_preserving_reshape`);
     the fused op then works in the sum's shape and a Reshape follows it (see `emit`)."""
-    front = producer(candidate.x)
-    reshape = row_preserving_reshape(candidate) if _standard(front, "Reshape") else None
-    add = producer(reshape.inputs[0]) if reshape is not None else front
+    reshape = row_preserving_reshape(candidate)
+    add = producer(reshape.inputs[0] if reshape is not None else candidate.x)
     if not _standard(add, "Add"):
         return None, None  # nothing in front: no residual to speak of
     inputs = present_inputs(add)

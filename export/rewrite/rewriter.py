@@ -32,8 +32,7 @@ from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_op
 from .functions import inline_norm_functions
 from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
-from .matcher import producer
-from .residual import residual_add, sum_is_used_elsewhere
+from .residual import residual_add, row_preserving_reshape, sum_is_used_elsewhere
 from .scopes import Scope, all_nodes, count_nodes, keep_initializers_home, lend_body_shapes, scopes_of
 
 
@@ -301,8 +300,8 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
                                                 f"enclosing graph, not in {scope.name}"})
             elif found is not None and id(found[2]) not in claimed:
                 candidate.residual = found
-                if producer(candidate.x) is not found[2]:  # the sum reaches x through a Reshape
-                    candidate.through_reshape = producer(candidate.x)
+                candidate.through_reshape = row_preserving_reshape(candidate)  # None: the Add feeds x
+                if candidate.through_reshape is not None:
                     candidate.sum_tensor = found[2].outputs[0]
                 candidate.expose_sum = sum_is_used_elsewhere(candidate, scope.outputs)
             elif why:
