@@ -6,6 +6,7 @@ kernel_ab and kernel_static.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -48,6 +49,21 @@ def candidate_layouts(dtype: str, hidden: int) -> list[tuple[int, ...]]:
                 one.append((tpr, c))
     looped = [(tpr, c, k) for tpr, c in one for k in config.row_loops(tpr)[1:]]
     return one + looped
+
+
+def layout_label(layout: tuple[int, ...]) -> str:
+    """The impl name of a --tune cell: normfuse[TPRxC], or normfuse[TPRxCxK] for a row-loop layout."""
+    return f"normfuse[{'x'.join(map(str, layout))}]"
+
+
+def layout_of_label(impl: str) -> tuple[int, ...] | None:
+    """The layout a --tune cell's impl name holds (K = 1 written out is the one-row layout); None
+    for every other impl."""
+    m = re.fullmatch(r"normfuse\[(\d+(?:x\d+){1,2})\]", impl)
+    if not m:
+        return None
+    layout = tuple(int(n) for n in m.group(1).split("x"))
+    return layout[:2] if len(layout) == 3 and layout[2] == 1 else layout
 
 
 def moved_bytes(op: str, dtype: str, tokens: int, hidden: int) -> int:

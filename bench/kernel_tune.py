@@ -22,21 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from kernel_grid import layout_label, layout_of_label  # noqa: E402
 from plugins import config  # noqa: E402
 
 CONFIG_PATH = ROOT / "plugins" / "config.py"
-LABEL = re.compile(r"normfuse\[(\d+(?:x\d+){1,2})\]$")
 TABLE_BLOCK = re.compile(r"^TUNED: dict\[.*?\n\}\n", re.S | re.M)
-
-
-def layout_of(impl: str) -> tuple[int, ...] | None:
-    """(threads per row, slots[, rows per group]) of a sweep cell's label; None for other cells."""
-    m = LABEL.match(impl)
-    if not m:
-        return None
-    layout = tuple(int(n) for n in m.group(1).split("x"))
-    return layout[:2] if len(layout) == 3 and layout[2] == 1 else layout
 
 
 def current_layout(op: str, dtype: str, hidden: int) -> tuple[int, ...]:
@@ -50,7 +42,7 @@ def best_layouts(rows: list[dict], tokens: set[int] | None = None, margin: float
     for r in rows:
         if tokens is not None and r["tokens"] not in tokens:
             continue
-        if r["impl"] != "normfuse" and layout_of(r["impl"]) is None:
+        if r["impl"] != "normfuse" and layout_of_label(r["impl"]) is None:
             continue
         if not isinstance(r.get("median_us"), (int, float)) or not math.isfinite(r["median_us"]):
             continue  # a cell that failed to run
@@ -58,9 +50,9 @@ def best_layouts(rows: list[dict], tokens: set[int] | None = None, margin: float
     decisions = []
     for (op, dtype, hidden), all_tokens in sorted(cells.items()):
         # token counts with a sweep (kernels.py sweeps only at tokens >= 4096)
-        by_tokens = {t: timed for t, timed in all_tokens.items() if any(layout_of(i) for i in timed)}
+        by_tokens = {t: timed for t, timed in all_tokens.items() if any(layout_of_label(i) for i in timed)}
         now = current_layout(op, dtype, hidden)
-        now_label = f"normfuse[{'x'.join(map(str, now))}]"
+        now_label = layout_label(now)
         scores: dict[tuple[int, ...], dict[int, float]] = {}  # layout -> tokens -> time ratio
         for t, timed in by_tokens.items():
             # against the table's layout now (the run's default cell if the sweep lacks it)
@@ -68,7 +60,7 @@ def best_layouts(rows: list[dict], tokens: set[int] | None = None, margin: float
             if not base:
                 continue
             for impl, us in timed.items():
-                layout = layout_of(impl)
+                layout = layout_of_label(impl)
                 if layout is not None:  # the fastest of cells naming one layout twice
                     scores.setdefault(layout, {})[t] = min(us / base, scores.get(layout, {}).get(t, math.inf))
         complete = {lo: math.exp(sum(map(math.log, r.values())) / len(r)) for lo, r in scores.items()

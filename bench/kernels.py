@@ -49,7 +49,8 @@ import torch.nn.functional as F  # noqa: E402
 # nothing from this one: kernel_grid (the cells), kernel_timing (CUDA-event timing, references),
 # kernel_sources (--sources versions), kernel_ab (their timing side by side), kernel_static (--static).
 from kernel_ab import report_variants, run_variants  # noqa: E402
-from kernel_grid import DTYPES, EPS, HIDDEN, TARGET_HIDDEN, candidate_layouts, moved_bytes, shapes  # noqa: E402
+from kernel_grid import (DTYPES, EPS, HIDDEN, TARGET_HIDDEN, candidate_layouts, layout_label,  # noqa: E402
+                         moved_bytes, shapes)
 from kernel_sources import VariantError, materialise, parse_sources, save_sources  # noqa: E402
 from kernel_static import report_static, static_analysis  # noqa: E402
 from kernel_timing import SameSizeCopy, Timer, device_info, reference_timings, summarise, tensors  # noqa: E402
@@ -130,7 +131,7 @@ def run(args) -> dict:
                     if args.tune and tokens >= 4096:
                         for layout in candidate_layouts(dtype, hidden):
                             f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
-                            cells[f"normfuse[{'x'.join(map(str, layout))}]"] = (f2, c2.kernel)
+                            cells[layout_label(layout)] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
                     if tokens <= 32:
