@@ -266,6 +266,9 @@ def _drop_identity_casts(graph: gs.Graph, graph_outputs: set, scope: str = "main
             for i, t in enumerate(consumer.inputs):
                 if t is out:
                     consumer.inputs[i] = source
+        # inputs too: a dead Cast still listed among its source's consumers would make that
+        # tensor look used outside a norm (a Cast before gamma's Mul kept gamma out of the fusion)
+        node.inputs.clear()
         node.outputs.clear()
         dropped += 1
     where = "" if scope == "main" else f" in {scope}"
