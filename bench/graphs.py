@@ -302,7 +302,7 @@ def run_worker(model: Path, backend: str, batch: int, seq: int, norm_nodes: list
             cmd.append("--cuda-graph")
         started = time.perf_counter()
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.cell_timeout)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout)
         except subprocess.TimeoutExpired:  # one cell, not the whole grid
             return {"error": f"timed out after {args.cell_timeout} s (--cell-timeout)"}
         if done.returncode != 0:

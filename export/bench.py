@@ -8,6 +8,7 @@ graph's allocations cannot hide in the other's and neither inherits a warm alloc
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,11 +38,21 @@ def run_module(module: str, args: list[str], what: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         done = subprocess.run([sys.executable, "-m", module, *args, "--json", str(out)], capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent.parent)
+                              text=True, env=child_env())
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise NormfuseError(f"{what} failed: {tail}")
         return json.loads(out.read_text())
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child `python -m export.*`: this checkout first on PYTHONPATH, so the
+    child imports the same code whether or not the project is installed. The child keeps the
+    caller's working directory, so relative paths in its arguments mean what the user meant."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
 
 
 def node_count(model: Path) -> int:

@@ -1,5 +1,6 @@
 """The chain on this project's own exports: rewrite counts, validation (and its failure), the CLI."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,18 @@ def test_build_command_end_to_end(tmp_path, norm):
     assert "tensorrt" in stages and "ort-cuda" in stages
     assert "skipped" in done.stdout and "validation" in done.stdout
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_build_command_from_another_directory_with_relative_paths(tmp_path):
+    """The chain's child processes (the benchmark workers) must read relative paths from the
+    caller's directory: run outside the checkout, with --out relative, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # importable whether or not the project is installed
+    done = subprocess.run([sys.executable, "-m", "export.build", "--norm", "rmsnorm", "--preset", "tiny", "--layers", "1",
+                           "--runs", "3", "--warmup", "1", "--seq", "16", "--out", "rel/out"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "rel" / "out" / "report.json").read_text())
+    assert {(b["backend"], b["graph"]) for b in report["bench"]} == {("ort-cpu", "reference"), ("ort-cpu", "fused")}
 
 
 def test_build_command_on_a_given_model(tmp_path):
