@@ -15,7 +15,9 @@ import io
 import warnings
 from pathlib import Path
 
+import onnx
 import pytest
+from test_rewrite_exports import loose_scales
 
 from export.rewrite import rewrite_file
 from export.validate import Side, compare, model_dtype
@@ -135,6 +137,7 @@ def check(exported, arch: str, dtype: str, tmp_path: Path) -> None:
         report = rewrite_file(source, fused, target=target)
         assert report.counts == expected, (target, [r.reason for r in report.rejected])
         assert not report.rejected
+        assert not loose_scales(onnx.load(str(fused), load_external_data=False)), target
         # onnxruntime target on ONNX Runtime's CPU provider; the tensorrt target on the onnx reference
         # evaluator, which runs the plugin ops through normops (ONNX Runtime has no bf16 MatMul on the CPU)
         backend = "ort-cpu" if target == "onnxruntime" and dtype != "bfloat16" else "onnx-reference"
