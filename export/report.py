@@ -14,14 +14,24 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def _bench_pairs(report: dict):
-    """(backend, reference result, fused result) for each backend benchmarked."""
+def _by_backend(report: dict) -> dict[str, dict[str, dict]]:
+    """backend -> graph ("reference", "fused") -> its bench result; a backend may have the
+    reference alone (nothing fused for it)."""
     by_backend: dict[str, dict] = {}
     for result in report.get("bench", []):
         by_backend.setdefault(result["backend"], {})[result["graph"]] = result
-    for backend, graphs in by_backend.items():
+    return by_backend
+
+
+def _bench_pairs(report: dict):
+    """(backend, reference result, fused result) for each backend that benchmarked both."""
+    for backend, graphs in _by_backend(report).items():
         if "reference" in graphs and "fused" in graphs:
             yield backend, graphs["reference"], graphs["fused"]
+
+
+def _file(result: dict) -> str:
+    return Path(result.get("model", "")).name or result["graph"]
 
 
 def fusion_shortfall(report: dict) -> str | None:
@@ -66,14 +76,15 @@ def markdown(report: dict) -> str:
     for r in report["bench"]:
         lines.append(f"| {r['backend']} | {r['graph']} | {r['latency_ms']['p50']:.3f} | {r['latency_ms']['p99']:.3f} | "
                      f"{r['throughput_tokens_per_s']:.0f} | {r['peak_memory_mb']:.1f} | {r['nodes']} | {r['file_size_mb']:.2f} |")
-    for backend, ref, fused in _bench_pairs(report):
-        speedup = ref["latency_ms"]["p50"] / fused["latency_ms"]["p50"]
-        if rw["fused"]:
-            lines += ["", f"p50 speed-up of fused over reference on {backend}: **{speedup:.2f}x**."]
+    for backend, graphs in _by_backend(report).items():
+        ref, fused = graphs.get("reference"), graphs.get("fused")
+        if ref and fused and rw["fused"]:
+            speedup = ref["latency_ms"]["p50"] / fused["latency_ms"]["p50"]
+            lines += ["", f"p50 speed-up of fused (`{_file(fused)}`) over reference on {backend}: **{speedup:.2f}x**."]
         lines += ["", f"### Where the time goes ({backend}, share of FLOPs vs share of runtime)", "",
                   "| class | graph | FLOP share | time share | ms per run | kernels per run |", "| --- | --- | --- | --- | --- | --- |"]
         for label, result in (("reference", ref), ("fused", fused)):
-            for cls, c in (result.get("op_classes") or {}).items():
+            for cls, c in ((result or {}).get("op_classes") or {}).items():
                 lines.append(f"| {cls} | {label} | {c['flop_share']:.1%} | {c['time_share']:.1%} | {c['time_ms']:.3f} | {c['kernels']} |")
     lines += ["", "## Skipped", ""]
     lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
@@ -90,25 +101,29 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = list(_bench_pairs(report))
+    by_backend = _by_backend(report)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
-    labels = [b for b, _, _ in pairs]
-    xs = range(len(labels))
+    labels = list(by_backend)
     for offset, key in ((-0.2, "reference"), (0.2, "fused")):
-        p50 = [(r if key == "reference" else f)["latency_ms"]["p50"] for _, r, f in pairs]
-        p99 = [(r if key == "reference" else f)["latency_ms"]["p99"] for _, r, f in pairs]
-        bars = ax.bar([x + offset for x in xs], p50, width=0.4, label=f"{key} p50")
-        ax.errorbar([x + offset for x in xs], p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99)]],
-                    fmt="none", ecolor="black", capsize=4)
+        present = [(x, graphs[key]) for x, graphs in enumerate(by_backend.values()) if key in graphs]
+        if not present:
+            continue
+        p50 = [r["latency_ms"]["p50"] for _, r in present]
+        p99 = [r["latency_ms"]["p99"] for _, r in present]
+        both = [len({"reference", "fused"} & set(graphs)) == 2 for graphs in by_backend.values()]
+        xs = [x + (offset if both[x] else 0.0) for x, _ in present]  # a lone bar stands on its tick
+        bars = ax.bar(xs, p50, width=0.4, label=f"{key} p50")
+        ax.errorbar(xs, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99)]], fmt="none", ecolor="black", capsize=4)
         ax.bar_label(bars, fmt="%.2f")
-    ax.set_xticks(list(xs), labels)
+    ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("latency (ms), whisker to p99")
     ax.set_title("Latency, reference vs fused")
     ax.legend()
 
     ax = axes[1]
-    rows = [(f"{label}\n{b}", res) for b, r, f in pairs for label, res in (("ref", r), ("fused", f))]
+    rows = [(f"{label}\n{b}", graphs[key]) for b, graphs in by_backend.items()
+            for label, key in (("ref", "reference"), ("fused", "fused")) if key in graphs]
     bottoms = [0.0] * len(rows)
     for cls, colour in (("matmul", "#4c72b0"), ("norm", "#dd8452"), ("elementwise", "#55a868")):
         values = [((res.get("op_classes") or {}).get(cls) or {}).get("time_ms", 0.0) for _, res in rows]
@@ -153,7 +168,7 @@ def print_summary(report: dict, console) -> None:
     if shortfall:
         console.print(f"[bold red]warning[/]: {shortfall}")
     for backend, ref, fused in _bench_pairs(report) if report["rewrite"]["fused"] else ():
-        console.print(f"[bold]{backend}[/]: fused p50 is {ref['latency_ms']['p50'] / fused['latency_ms']['p50']:.2f}x "
+        console.print(f"[bold]{backend}[/]: fused ({_file(fused)}) p50 is {ref['latency_ms']['p50'] / fused['latency_ms']['p50']:.2f}x "
                       f"the reference's speed; peak memory {ref['peak_memory_mb']:.1f} -> {fused['peak_memory_mb']:.1f} MB")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
     console.print(f"[bold]stage times[/]: {times}")
