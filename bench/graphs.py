@@ -8,7 +8,8 @@
 Grid: LLaMA-7B-like (RMSNorm, SwiGLU) and GPT-2-XL-like (LayerNorm) stacks of 1 and 4 layers,
 fp16 and bf16, decode (1x1) and prefill (1x512, 8x2048). Backends: ONNX Runtime's CUDA provider
 (I/O binding: inputs uploaded once, outputs left on the device) running `reference.onnx` and
-the onnxruntime-target `fused.onnx`; TensorRT running `reference.plan` (its own handling of
+the onnxruntime-target `fused.onnx` (on the CPU provider, a smoke test, `fused-cpu.onnx`: the same
+target with the residual Adds left alone, see bench/README.md); TensorRT running `reference.plan` (its own handling of
 the unfused norms) and `fused.plan` (our plugins). One engine per stack, with a profile
 covering every shape of the grid (opt at 1x512).
 
@@ -249,6 +250,10 @@ def prepare(model_name: str, layers: int, dtype: str, work: Path, backends: list
     norm_nodes = sorted(n for f in report.fusions for n in f.nodes_removed)
     stack: dict[str, Any] = {"folder": folder, "onnx": {"reference": reference, "fused": fused}, "plans": {}, "norm_nodes": norm_nodes,
              "fused_norms": report.fused, "rewrite_counts": report.counts, "engines": {}}
+    if "ort-cpu" in backends:  # ONNX Runtime's CPU provider runs Add + norm faster than its Skip ops (bench/ort_ops.py)
+        fused_cpu = folder / "fused-cpu.onnx"
+        stack["onnx_cpu"] = {"reference": reference, "fused": fused_cpu}
+        stack["fused_norms_cpu"] = rewrite_file(reference, fused_cpu, target="onnxruntime", residual=False).fused
     if "tensorrt" in backends:
         import tensorrt
 
@@ -323,7 +328,7 @@ def compare_cells(cells: list[dict]) -> list[dict]:
     for key, graphs in index.items():
         ref, fused = graphs.get("reference"), graphs.get("fused")
         if ref and fused and fused.get("fused_norms") == 0:  # the two graphs are one: no comparison
-            fused = {**fused, "error": "the rewriter fused no norm in this stack: both graphs are the same"}
+            fused = {**fused, "error": "the rewriter fused no norm in this stack for this backend: both graphs are the same"}
         if not ref or not fused or "error" in ref or "error" in fused:
             out.append({"model": key[0], "layers": key[1], "dtype": key[2], "shape": list(key[3]), "backend": key[4],
                         "error": (ref or {}).get("error") or (fused or {}).get("error") or "a graph is missing"})
@@ -561,18 +566,20 @@ def main(argv=None) -> int:
                     continue
                 results["stacks"].append({"model": model_name, "layers": n_layers, "dtype": dtype,
                                           "fused_norms": stack["fused_norms"], "rewrite_counts": stack["rewrite_counts"],
+                                          **({"fused_norms_cpu": stack["fused_norms_cpu"]} if "fused_norms_cpu" in stack else {}),
                                           "engines": stack["engines"]})
                 for batch, seq in shapes:
                     flops = graph_flops(stack["onnx"]["reference"], batch, seq, set(stack["norm_nodes"]))
                     for backend in backends:
                         if backend == "ort-cpu" and dtype == "bfloat16":
                             continue  # no bfloat16 kernels on ONNX Runtime's CPU provider
-                        models = stack["plans"] if backend == "tensorrt" else stack["onnx"]
+                        models = {"tensorrt": stack["plans"], "ort-cpu": stack.get("onnx_cpu")}.get(backend, stack["onnx"])
+                        fused_norms = stack["fused_norms_cpu"] if backend == "ort-cpu" else stack["fused_norms"]
                         measured = measure_pair(models, backend, batch, seq, stack["norm_nodes"], args)
                         for graph, cell in measured.items():
                             cell.update(model=model_name, layers=n_layers, dtype=dtype, shape=[batch, seq],
                                         backend=backend, graph=graph, flops=flops["flops"], flop_share=flops["flop_share"],
-                                        fused_norms=stack["fused_norms"])
+                                        fused_norms=fused_norms)
                             results["cells"].append(cell)
                             if "error" in cell:
                                 print(f"  {batch}x{seq} {backend} {graph}: FAILED {cell['error']}", flush=True)

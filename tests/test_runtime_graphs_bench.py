@@ -72,10 +72,11 @@ def test_no_gpu_backend_is_a_clear_failure(tmp_path):
 def test_smoke_run_on_the_cpu_writes_results_and_a_plot(tmp_path, exported):
     import shutil
 
-    stack = tmp_path / "work" / "tiny-gpt-L1-float32"  # the script reuses an export it finds there
+    # RMSNorm: its written-out norms give ONNX Runtime's CPU provider a fused form of its own (fused-cpu.onnx)
+    stack = tmp_path / "work" / "tiny-llama-L1-float32"  # the script reuses an export it finds there
     stack.mkdir(parents=True)
-    shutil.copy(exported("layernorm", layers=1), stack / "reference.onnx")
-    done = subprocess.run([sys.executable, "bench/graphs.py", "--models", "tiny-gpt", "--layers", "1", "--dtypes", "float32",
+    shutil.copy(exported("rmsnorm", layers=1), stack / "reference.onnx")
+    done = subprocess.run([sys.executable, "bench/graphs.py", "--models", "tiny-llama", "--layers", "1", "--dtypes", "float32",
                            "--shapes", "1x4", "--backends", "ort-cpu", "--runs", "3", "--warmup", "1", "--profile-runs", "1",
                            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--name", "smoke"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -85,7 +86,8 @@ def test_smoke_run_on_the_cpu_writes_results_and_a_plot(tmp_path, exported):
     for c in results["cells"]:
         assert c["latency_ms"]["p50"] > 0 and c["throughput_tokens_per_s"] > 0 and len(c["raw_latencies_ms"]) == 3
         assert set(c["op_classes"]) == {"matmul", "norm", "elementwise"} and c["flop_share"]["matmul"] > 0.5
-    assert results["stacks"][0]["fused_norms"] == 3
+    assert results["stacks"][0]["fused_norms"] == results["stacks"][0]["fused_norms_cpu"] == 3
+    assert (stack / "fused-cpu.onnx").is_file()
     assert results["summary"]["cells_compared"] == 1
     assert len(results["comparisons"][0]["speedup_p50_pairs"]) == 5  # 1x4 is a decode cell: 5 pairs by default
     assert (tmp_path / "out" / "smoke-graphs.png").read_bytes()[:4] == b"\x89PNG"
