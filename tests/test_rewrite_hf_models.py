@@ -54,6 +54,10 @@ def build(arch: str):
                                             vocab_size=100))
     if arch == "gemma2":
         return t.Gemma2Model(t.Gemma2Config(head_dim=16, **COMMON))
+    if arch == "cohere":
+        return t.CohereModel(t.CohereConfig(**COMMON))
+    if arch == "olmo2":
+        return t.Olmo2Model(t.Olmo2Config(**COMMON))
     raise ValueError(arch)
 
 
@@ -95,7 +99,10 @@ def export(arch: str, dtype: str, directory: Path) -> Path:
 # GPT-NeoX runs attention and MLP in parallel from two norms of the same input: one of them takes
 # the Add. Falcon's parallel layers share one norm. OPT reshapes its residual stream between the
 # Adds and the norms ([batch, seq, hidden] <-> [tokens, hidden]); the Adds are fused through those
-# Reshapes, and its embedding sum is an Add of equal shapes too.
+# Reshapes, and its embedding sum is an Add of equal shapes too. Cohere's parallel layers share one
+# bias-free LayerNorm computed in fp32. OLMo-2 normalises q and k over the whole hidden size and the
+# attention and MLP outputs before their Adds (four plain RMSNorms a layer); only the final norm has
+# an Add in front.
 EXPECTED = {
     "llama": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}, "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}},
     "gemma": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}, "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}},
@@ -108,6 +115,8 @@ EXPECTED = {
     "falcon": {"tensorrt": {"AddLayerNorm": LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": LAYERS}},
     "gemma2": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1 + 2 * LAYERS},
                "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1 + 2 * LAYERS}},
+    "cohere": {"tensorrt": {"AddLayerNorm": LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": LAYERS, "LayerNorm": 1}},
+    "olmo2": {"tensorrt": {"AddRMSNorm": 1, "RMSNorm": 4 * LAYERS}, "onnxruntime": {"AddRMSNorm": 1, "RMSNorm": 4 * LAYERS}},
 }
 
 
@@ -154,7 +163,7 @@ def test_fp32_exports_are_fused_and_match(exported, arch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["opt", "neox", "falcon", "gemma2"])
+@pytest.mark.parametrize("arch", ["opt", "neox", "falcon", "gemma2", "cohere", "olmo2"])
 def test_more_fp32_architectures(exported, arch, tmp_path):
     check(exported, arch, "float32", tmp_path)
 
