@@ -18,7 +18,7 @@ drift falls on all alike. Writes `<device>-ort-<provider>-ops.{json,md}` with ev
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import statistics
 import sys
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     backend = f"ort-{args.provider}"
     device = device_name(args.provider)
     result = {"provider": args.provider, "device": device, "onnxruntime": ort.__version__,
-              "python": platform.python_version(), "threads": len(__import__("os").sched_getaffinity(0)),
+              "python": platform.python_version(), "threads": len(os.sched_getaffinity(0)),
               "runs": args.runs, "warmup": args.warmup, "forms": list(FORMS), "cells": []}
     cells = [(n, d, t, h) for n in args.norms for d in dtypes for h in args.hidden for t in args.tokens]
     with tempfile.TemporaryDirectory() as tmp:
