@@ -107,6 +107,17 @@ def _modules():
             var = (x - mean).pow(2).mean(-1, keepdim=True)
             return (x - mean) / torch.sqrt(var + 1e-5) * self.weight + self.bias
 
+    class BatchNormArithmeticLayerNorm(nn.Module):  # TF's batch_normalization maths (tf2onnx's Keras/BERT LayerNorm)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(HIDDEN) + 0.5)
+            self.bias = nn.Parameter(torch.rand(HIDDEN) - 0.5)
+
+        def forward(self, x):
+            mean = x.mean(-1, keepdim=True)
+            s = torch.rsqrt(((x - mean) * (x - mean)).mean(-1, keepdim=True) + 1e-3) * self.weight
+            return x * s + (self.bias - mean * s)
+
     class Axis1RMS(nn.Module):  # near-miss: statistics over axis 1, not the last axis
         def __init__(self):
             super().__init__()
@@ -136,6 +147,7 @@ def _modules():
         "nn.RMSNorm": (lambda: Block(rms_module()), 1),
         "hand-layernorm": (lambda: Block(HandLayerNorm()), 1),
         "nn.LayerNorm": (lambda: Block(layer_module()), 1),
+        "tf-layernorm": (lambda: Block(BatchNormArithmeticLayerNorm()), 1),
         "axis1-rms (near-miss)": (lambda: Block(Axis1RMS()), 0),
     }
 

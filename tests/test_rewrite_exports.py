@@ -102,3 +102,61 @@ def test_torch_rms_norm_modules(make, opset):
         model = _export_module(make(), dtype, opset)
         report = assert_fused_and_equal(model, 1, 0, dtype)
         assert report.fusions[0].kind == "RMSNorm"
+
+
+class BatchNormArithmeticLayerNorm(torch.nn.Module):
+    """LayerNorm in TensorFlow's batch-normalisation arithmetic (tf2onnx's Keras/TF BERT LayerNorms),
+    after a residual Add: s = gamma * rsqrt(var + eps); y = x * s + (beta - mean * s). `keras`
+    spells the shift as Keras 3 does: -mean * s + beta. `wrong` makes near misses that are not norms."""
+
+    def __init__(self, style="tf", scale=True, center=True, wrong=None):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.rand(64) + 0.5) if scale else None
+        self.beta = torch.nn.Parameter(0.1 * torch.randn(64)) if center else None
+        self.style, self.wrong = style, wrong
+
+    def forward(self, x, r):
+        h = x + r
+        mean = h.mean(-1, keepdim=True)
+        inv = torch.rsqrt(((h - mean) * (h - mean)).mean(-1, keepdim=True) + 1e-3)
+        s = inv * self.gamma if self.gamma is not None else inv
+        if self.wrong == "shift without gamma":  # y = x * gamma * inv + (beta - mean * inv)
+            return h * s + (self.beta - mean * inv), h
+        if self.wrong == "mean over axis 1":
+            return h * s + (self.beta - h.mean(1, keepdim=True) * s), h
+        if self.wrong == "shift adds the mean":
+            return h * s + (self.beta + mean * s), h
+        if self.style == "tf":
+            shift = self.beta - mean * s if self.beta is not None else -(mean * s)
+        else:
+            shift = -mean * s + self.beta if self.beta is not None else -mean * s
+        return h * s + shift, h
+
+
+def _export_pair(module, dtype="float32"):
+    x = torch.randn(2, 8, 64, dtype=getattr(torch, dtype))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module.to(getattr(torch, dtype)).eval(), (x, x), dynamo=True, opset_version=18,
+                                 input_names=["x", "r"]).model_proto
+
+
+@pytest.mark.parametrize("scale,center", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["gamma-beta", "gamma", "beta", "neither"])
+@pytest.mark.parametrize("style", ["tf", "keras"])
+def test_layer_norm_in_batch_norm_arithmetic(style, scale, center):
+    model = _export_pair(BatchNormArithmeticLayerNorm(style, scale, center))
+    report = assert_fused_and_equal(model, norms=1, residuals=1, dtype="float32")
+    assert report.fusions[0].pattern.startswith("layernorm-affine")
+
+
+@pytest.mark.slow
+def test_layer_norm_in_batch_norm_arithmetic_fp16():
+    model = _export_pair(BatchNormArithmeticLayerNorm(), "float16")
+    assert_fused_and_equal(model, norms=1, residuals=1, dtype="float16")
+
+
+@pytest.mark.parametrize("wrong", ["shift without gamma", "mean over axis 1", "shift adds the mean"])
+def test_near_misses_of_the_batch_norm_arithmetic_are_not_fused(wrong):
+    out, report = rewrite_model(_export_pair(BatchNormArithmeticLayerNorm(wrong=wrong)), target="tensorrt")
+    assert report.fused == 0

@@ -91,6 +91,32 @@ def _layernorm_patterns() -> list[NormPattern]:
     ]
 
 
+def _affine_layernorm_patterns() -> list[NormPattern]:
+    """LayerNorm in TensorFlow's batch-normalisation arithmetic, as tf2onnx writes Keras and TF BERT
+    LayerNorms: s = gamma / sqrt(var + eps), y = x * s + (beta - mean * s). The mean is taken out
+    in the affine shift instead of from x (Keras 3 spells the shift -mean * s + beta)."""
+    x = maybe_cast(Var("x"), "cast_in")
+    variance = mean_last(square(Op("Sub", x, mean_last(x), role="centre")))
+    inv = inv_sqrt(Op("Add", variance, Var("eps"), commutative=True))
+
+    def affine(s: Pattern, with_beta: bool) -> Pattern:
+        mean_s = Op("Mul", mean_last(x), s, commutative=True)
+        minus_mean_s = Or(Op("Neg", mean_s), Op("Mul", Op("Neg", mean_last(x)), s, commutative=True))
+        x_s = Op("Mul", x, s, commutative=True)
+        if with_beta:
+            shift = Or(Op("Sub", Var("beta"), mean_s), Op("Add", minus_mean_s, Var("beta"), commutative=True))
+            return maybe_cast(Op("Add", x_s, shift, commutative=True, role="bias"), "cast_scaled")
+        return maybe_cast(Or(Op("Sub", x_s, mean_s), Op("Add", x_s, minus_mean_s, commutative=True)), "cast_scaled")
+
+    scaled_inv = Op("Mul", inv, Var("gamma"), commutative=True, role="scale")
+    return [
+        NormPattern("layernorm-affine", True, affine(scaled_inv, True)),
+        NormPattern("layernorm-affine-no-bias", True, affine(scaled_inv, False)),
+        NormPattern("layernorm-affine-no-scale", True, affine(inv, True)),
+        NormPattern("layernorm-affine-unscaled", True, affine(inv, False)),
+    ]
+
+
 def _native_patterns() -> list[NormPattern]:
     x = maybe_cast(Var("x"), "cast_in")
 
@@ -118,7 +144,8 @@ def skip_native(op: str, *params: Pattern) -> Pattern:
     return Op(op, Var("x"), Var("skip"), *params, role="native", domains=("com.microsoft",))
 
 
-NORM_PATTERNS: list[NormPattern] = _native_patterns() + _layernorm_patterns() + _rms_patterns()
+NORM_PATTERNS: list[NormPattern] = (_native_patterns() + _layernorm_patterns() + _rms_patterns()
+                                    + _affine_layernorm_patterns())
 # Node types that can be the last node of a norm subgraph: only their outputs are tried as roots.
-ROOT_OPS = frozenset({"Mul", "Div", "Add", "Cast", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+ROOT_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Cast", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
                       "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
