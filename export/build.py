@@ -162,10 +162,10 @@ class Pipeline:
             rewrite_cpu = rewrite_file(reference, fused_cpu, target="onnxruntime", residual=False)
             rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt")
         cpu = (f"{rewrite_cpu.fused} for its CPU provider {rewrite_cpu.counts} (residual Adds kept)" if rewrite_cpu.fused
-               else "none for its CPU provider (it fuses them itself)")
+               else "none for its CPU provider (its norms are already the single ops it would get)")
         self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT {rewrite_trt.counts}, "
                            f"{rewrite.fused} for ONNX Runtime {rewrite.counts}, {cpu}")
-        # a CPU form identical to the reference (ONNX Runtime fuses these norms itself) compares nothing
+        # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing
         cpu_form = fused_cpu if rewrite_cpu.fused else None
 
         engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}
@@ -299,9 +299,9 @@ class Pipeline:
                         results.append(bench_graph(fused_cpu, "fused", backend, a.batch, a.seq, a.runs, a.warmup))
                     else:
                         self.skipped.append({"stage": "ort-cpu fused bench", "reason": (
-                            "nothing to compare: ONNX Runtime's CPU provider fuses this model's norms itself, so the "
-                            "CPU form (fused-cpu.onnx) is the reference graph, and the Skip ops of fused.onnx run "
-                            "slower than Add + norm there (bench/README.md)")})
+                            "nothing to compare: the model's norms are already the single ops the CPU form uses "
+                            "(LayerNormalization, SimplifiedLayerNormalization), so fused-cpu.onnx is the reference "
+                            "graph; the Skip ops of fused.onnx run slower than Add + norm there (bench/README.md)")})
                     continue
                 # CUDA: timed through I/O binding (inputs uploaded once, outputs left on the device), peak
                 # GPU memory; the op classes come from a short profiled run of export.bench's worker.

@@ -98,7 +98,7 @@ def test_build_command_end_to_end(tmp_path, norm):
         assert cpu_form["fusions"] == []
         assert set(bench) == {("ort-cpu", "reference")}
         assert "fused@ort-cpu" in candidates and "fused-cpu@ort-cpu" not in candidates
-        assert any(s["stage"] == "ort-cpu fused bench" and "fuses this model's norms itself" in s["reason"]
+        assert any(s["stage"] == "ort-cpu fused bench" and "already the single ops" in s["reason"]
                    for s in report["skipped"])
     for b in report["bench"]:
         assert b["latency_ms"]["p50"] > 0 and b["latency_ms"]["p99"] >= b["latency_ms"]["p50"]
