@@ -154,6 +154,41 @@ def choose_layout(dtype: str, hidden: int | None, op: str | OpSpec | None = None
     return tpr, slots
 
 
+# Custom tactics each plugin offers TensorRT's autotuner (tensorrt.plugin tactics are positive
+# integers; 0 is TensorRT's default). Tactic t > 0 runs tactic_layouts(...)[t - 1] and tactic 0 the
+# table's layout, so the table's layout is timed whether or not TensorRT times its default beside
+# custom tactics; a tactic past a row size's candidates runs the table's layout too.
+TACTICS = (1, 2, 3)
+
+
+def tactic_layouts(op: str | OpSpec, dtype: str, hidden: int | None) -> list[tuple[int, ...]]:
+    """The layouts TensorRT may time for a row of `hidden` elements, the table's first.
+
+    The table is tuned on whole tensors of 16384 rows; an engine's profile may be built for decode
+    (a handful of rows), where a row's latency, not bandwidth, decides. So TensorRT also times, at
+    the profile's opt shape, twice the threads with half the slots (shorter per-thread chains: for
+    few rows) and half the threads with twice the slots (more bytes in flight a thread), each a
+    compiled one-row variant that holds the whole row in registers, as the table's does. (The
+    row-loop variants join once the GPU suite has passed them: tests/gpu, test_row_loop_variants.)
+    With `hidden` unknown there is one layout, the widest.
+    """
+    chosen = choose_layout(dtype, hidden, op)
+    if hidden is None:
+        return [chosen]
+    tpr, slots = chosen[0], chosen[1]
+    out: list[tuple[int, ...]] = [chosen]
+    for t, c in ((tpr * 2, slots // 2), (tpr // 2, slots * 2)):
+        if t in THREADS_PER_ROW and c in slot_choices(dtype) and c * vector_width(dtype) * t >= hidden:
+            out.append((t, c))  # not the streaming path (x read twice) as an alternative
+    return out
+
+
+def tactic_layout(op: str | OpSpec, dtype: str, hidden: int | None, tactic: int) -> tuple[int, ...]:
+    """The layout tactic `tactic` runs (0, and any tactic past the candidates: the table's)."""
+    layouts = tactic_layouts(op, dtype, hidden)
+    return layouts[tactic - 1] if 1 <= tactic <= len(layouts) else layouts[0]
+
+
 def launch_config(op: str | OpSpec, dtype: str, rows: Any, hidden: int | None,
                   layout: tuple[int, ...] | None = None) -> LaunchConfig:
     """Kernel name and launch shape for `rows` rows of `hidden` elements.

@@ -100,15 +100,16 @@ def epsilon_value(epsilon: Any) -> float:
     return float(values[0])
 
 
-def aot_kernel(trtp: Any, op_name: str, x: Any, gamma: Any, epsilon: Any) -> tuple:
-    """(kernel name, PTX, KernelLaunchParams, SymIntExprs) for one op instance."""
+def aot_kernel(trtp: Any, op_name: str, x: Any, gamma: Any, epsilon: Any, tactic: int = 0) -> tuple:
+    """(kernel name, PTX, KernelLaunchParams, SymIntExprs) for one op instance and the tactic
+    TensorRT is timing or chose (config.tactic_layout: 0 is the launch table's layout)."""
     x_dtype = _dtype_name(x.dtype)
     g_dtype = _dtype_name(gamma.dtype)
     hidden = _constant(x.shape_expr[len(x.shape_expr) - 1])
     if hidden is None:
         hidden = _constant(gamma.shape_expr[0])
     rows = _row_count(x.shape_expr)
-    cfg = config.launch_config(op_name, x_dtype, rows, hidden)
+    cfg = config.launch_config(op_name, x_dtype, rows, hidden, layout=config.tactic_layout(op_name, x_dtype, hidden, tactic))
     ptx = build.ptx_for_launch(op_name, x_dtype, g_dtype, cfg)
 
     params = trtp.KernelLaunchParams()
@@ -147,7 +148,8 @@ def register_tensorrt_plugins() -> None:
     from typing import List, Tuple, Union  # noqa: UP035  (tensorrt.plugin matches these annotations)
 
     def combinations(op_name: str) -> List[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination(types, "LINEAR") for types in type_combinations(op_name)]
+        # every type combination with the layout tactics, which TensorRT times at the profile's opt shape
+        return [trtp.AutoTuneCombination(types, "LINEAR", list(config.TACTICS)) for types in type_combinations(op_name)]
 
     # RMSNorm: x, gamma -> y
     name = f"{PLUGIN_NAMESPACE}::RMSNorm"
@@ -165,7 +167,7 @@ def register_tensorrt_plugins() -> None:
     @trtp.aot_impl(name)
     def rms_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: EpsilonField, outputs: Tuple[trtp.TensorDesc],
                 tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot_kernel(trtp, "RMSNorm", x, gamma, epsilon)
+        return aot_kernel(trtp, "RMSNorm", x, gamma, epsilon, tactic)
 
     # LayerNorm: x, gamma, beta -> y
     name = f"{PLUGIN_NAMESPACE}::LayerNorm"
@@ -184,7 +186,7 @@ def register_tensorrt_plugins() -> None:
     def ln_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, epsilon: EpsilonField,
                outputs: Tuple[trtp.TensorDesc],
                tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot_kernel(trtp, "LayerNorm", x, gamma, epsilon)
+        return aot_kernel(trtp, "LayerNorm", x, gamma, epsilon, tactic)
 
     # AddRMSNorm: x, residual, gamma -> y, sum
     name = f"{PLUGIN_NAMESPACE}::AddRMSNorm"
@@ -203,7 +205,7 @@ def register_tensorrt_plugins() -> None:
     def add_rms_aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: EpsilonField,
                     outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
                     tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot_kernel(trtp, "AddRMSNorm", x, gamma, epsilon)
+        return aot_kernel(trtp, "AddRMSNorm", x, gamma, epsilon, tactic)
 
     # AddLayerNorm: x, residual, gamma, beta -> y, sum
     name = f"{PLUGIN_NAMESPACE}::AddLayerNorm"
@@ -222,6 +224,6 @@ def register_tensorrt_plugins() -> None:
     def add_ln_aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc,
                    epsilon: EpsilonField, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
                    tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot_kernel(trtp, "AddLayerNorm", x, gamma, epsilon)
+        return aot_kernel(trtp, "AddLayerNorm", x, gamma, epsilon, tactic)
 
     _registered = True

@@ -123,3 +123,31 @@ def test_row_loop_variants_exist_for_groups_up_to_256_threads():
         config.launch_config("RMSNorm", "bfloat16", 8, 4096, layout=(256, 2, 3))
     names = [config.kernel_name("RMSNorm", *v) for v in config.variants("bfloat16")]
     assert len(names) == len(set(names))  # no two variants share an entry point
+
+
+HIDDEN_SIZES = (1, 7, 64, 127, 768, 1024, 2048, 4096, 5120, 8192, 16384, 100_000)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("op", ["RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm"])
+def test_tactic_layouts_are_compiled_variants_led_by_the_table(op, dtype):
+    compiled = set(config.variants(dtype))
+    for hidden in HIDDEN_SIZES:
+        layouts = config.tactic_layouts(op, dtype, hidden)
+        table = config.choose_layout(dtype, hidden, op)
+        assert layouts[0] == table and len(layouts) == len(set(layouts)) <= len(config.TACTICS)
+        for layout in layouts:
+            cfg = config.launch_config(op, dtype, 3, hidden, layout=layout)
+            assert (cfg.threads_per_row, cfg.rows_per_block, cfg.slots) in compiled
+            assert cfg.rows_per_group == 1  # row-loop variants join once the GPU suite has passed them
+            if layout != table:  # an alternative never takes the streaming path (x read twice)
+                assert cfg.capacity >= hidden
+        assert config.tactic_layout(op, dtype, hidden, 0) == table
+        assert config.tactic_layout(op, dtype, hidden, 1) == table
+        assert config.tactic_layout(op, dtype, hidden, len(layouts) + 1) == table  # past the candidates
+        assert [config.tactic_layout(op, dtype, hidden, t) for t in range(1, len(layouts) + 1)] == layouts
+    assert config.tactic_layouts(op, dtype, None) == [config.choose_layout(dtype, None, op)]
+
+
+def test_decode_and_bandwidth_candidates_for_a_llama_row():
+    assert config.tactic_layouts("RMSNorm", "bfloat16", 4096) == [(256, 2), (512, 1), (128, 4)]

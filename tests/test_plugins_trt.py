@@ -220,6 +220,34 @@ def test_autotune_lists_every_dtype_pair(stand_in, op):
 
 
 @pytest.mark.parametrize("op", list(OPS))
+def test_autotune_offers_the_layout_tactics_with_every_type_combination(stand_in, op):
+    _, trtp = stand_in
+    spec = OPS[op]
+    n_in = len(spec.inputs) + (1 if spec.centered else 0)
+    combos = trtp.registry["autotune"][f"{PLUGIN_NAMESPACE}::{op}"](*[None] * (n_in + 1))
+    assert all(list(c.tactics) == list(config.TACTICS) for c in combos)
+    assert all(t > 0 for t in config.TACTICS)  # tensorrt.plugin: custom tactics are positive; 0 is TensorRT's
+
+
+@pytest.mark.parametrize("tactic", [0, *config.TACTICS])
+@pytest.mark.parametrize("op", list(OPS))
+def test_aot_impl_launches_the_tactics_layout(stand_in, op, tactic):
+    _, trtp = stand_in
+    spec = OPS[op]
+    inputs = list(spec.inputs) + (["beta"] if spec.centered else [])
+    descs = [Desc((1, "seq", 4096), "bf16") if n in ("x", "residual") else Desc((4096,), "f32") for n in inputs]
+    outputs = tuple(Desc((1, "seq", 4096), "bf16") for _ in spec.outputs)
+    name, ptx, params, _ = trtp.registry["aot_impl"][f"{PLUGIN_NAMESPACE}::{op}"](
+        *descs, epsilon=np.array([1e-6], np.float32), outputs=outputs, tactic=tactic)
+    cfg = config.launch_config(op, "bfloat16", 1, 4096, layout=config.tactic_layout(op, "bfloat16", 4096, tactic))
+    assert name == cfg.kernel.encode() and ptx == f"// ptx {op} bfloat16 float32 {cfg.kernel}".encode()
+    assert params.block_x == cfg.block
+    assert params.grid_x.value == f"(((1 * seq) + {cfg.rows_per_block - 1}) // {cfg.rows_per_block})"
+    if tactic in (0, 1):  # TensorRT's default and the first custom tactic: the launch table's layout
+        assert cfg.kernel == config.launch_config(op, "bfloat16", 1, 4096).kernel
+
+
+@pytest.mark.parametrize("op", list(OPS))
 def test_aot_impl_describes_the_launch(stand_in, op):
     _, trtp = stand_in
     spec = OPS[op]
@@ -334,7 +362,8 @@ def test_autotune_strings_parse_as_tensorrt_reads_them(stand_in, op):
     for combo in trtp.registry["autotune"][f"{PLUGIN_NAMESPACE}::{op}"](*[None] * (n_io - len(spec.outputs) + 1)):
         entries = [t.strip() for t in combo.types.split(",")]
         assert len(entries) == n_io and set(entries) <= {"FP32", "FP16", "BF16"}  # BF16 is DataType.BF16
-        assert combo.layouts == "LINEAR" and combo.tactics is None
+        # tactics: positive integers (tensorrt.plugin's AutoTuneCombination; 0 is TensorRT's default)
+        assert combo.layouts == "LINEAR" and all(isinstance(t, int) and t > 0 for t in combo.tactics)
 
 
 # ------------------------------------------------------------------ the real thing

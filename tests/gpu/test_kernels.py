@@ -112,6 +112,20 @@ def test_every_layout_and_the_streaming_path(op, dtype, layout):
         check(op, inputs, run_poisoned(op, inputs, layout=layout), dtype)
 
 
+@pytest.mark.parametrize("dtype", list(SUPPORTED_DTYPES))
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_tensorrt_tactic_layout(op, dtype):
+    """The layouts the TensorRT plugins offer as tactics besides the table's (config.tactic_layouts):
+    TensorRT may pick any of them for an engine, so each must match the references."""
+    from plugins import config
+
+    for hidden in HIDDEN:
+        for layout in config.tactic_layouts(op, dtype, hidden)[1:]:
+            for rows in (1, 3, 4097):
+                inputs = make_inputs(op, dtype, rows, hidden, seed=hidden + rows)
+                check(op, inputs, run_poisoned(op, inputs, layout=layout), dtype)
+
+
 # (threads per row, slots, rows per group): row-loop variants, forced (the table picks none yet)
 LOOP_LAYOUTS = [(32, 1, 4), (64, 2, 2), (128, 1, 2), (256, 2, 2), (256, 4, 4)]
 
