@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models import BlockConfig
 
-from .errors import UsageError
+from .errors import NormfuseError, UsageError
 from .onnx_io import save_model
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -30,8 +30,9 @@ class ExportResult:
 
 
 def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
-                 seed: int = 0, external_data: bool | None = None) -> ExportResult:
-    """Build the stack for `config` with seeded weights and write it to `path` as ONNX."""
+                 seed: int = 0, external_data: bool | None = None, check: bool = True) -> ExportResult:
+    """Build the stack for `config` with seeded weights and write it to `path` as ONNX. `check`:
+    refuse (and remove) a graph that onnx's full check rejects; False keeps what the exporter wrote."""
     import torch
 
     from models.blocks import TORCH_DTYPES, build_model
@@ -46,8 +47,28 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
         else:
             proto = _export_torchscript(model, example, opset)
     path = save_model(proto, path, external_data=external_data)
+    if check:
+        _check_exported(Path(path), exporter, config)
     has_external = any(t.data_location == 1 for t in proto.graph.initializer) or external_data is True
     return ExportResult(Path(path), exporter, opset, bool(has_external))
+
+
+def _check_exported(path: Path, exporter: str, config: BlockConfig) -> None:
+    """onnx's full check (strict types and shapes) of what the exporter wrote; a graph it rejects is
+    removed and is a one-line error, rather than a failure two stages later in ONNX Runtime."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # by path: weights may be external
+    except Exception as exc:
+        for written in (path, path.with_name(path.name + ".data")):
+            written.unlink(missing_ok=True)
+        hint = ""
+        if exporter == "torchscript" and config.norm == "layernorm" and config.dtype != "float32":
+            hint = ("; TorchScript writes half-precision F.layer_norm with mixed dtypes: use --exporter dynamo "
+                    "or --decomposed-layernorm")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise NormfuseError(f"{path}: the {exporter} exporter wrote a graph onnx rejects: {first}{hint}") from None
 
 
 def _export_dynamo(model, example, opset: int):

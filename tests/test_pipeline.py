@@ -121,6 +121,18 @@ def test_build_command_from_another_directory_with_relative_paths(tmp_path):
     assert {(b["backend"], b["graph"]) for b in report["bench"]} == {("ort-cpu", "reference"), ("ort-cpu", "fused")}
 
 
+def test_an_export_onnx_rejects_is_a_one_line_error_and_leaves_nothing(tmp_path):
+    """TorchScript writes fp16 F.layer_norm as a LayerNormalization of mixed dtypes: caught at export
+    by onnx's full check (not two stages later by ONNX Runtime), with the flags that avoid it."""
+    out = tmp_path / "m.onnx"
+    done = _run("export.export_model", "--norm", "layernorm", "--preset", "tiny", "--layers", "1",
+                "--exporter", "torchscript", "--dtype", "float16", "-o", str(out))
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "onnx rejects" in lines[0] and "--decomposed-layernorm" in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_build_command_on_a_given_model(tmp_path):
     """--onnx: no export; the chain runs on the model as given (token ids in, weights external),
     which stays where it is, and the outputs elsewhere get their own copy of the weights."""

@@ -27,7 +27,9 @@ def export_stack(tmp_path, norm, exporter, dtype, decomposed=False):
     from models.blocks import count_norms
 
     config = preset("tiny", norm, layers=1, dtype=dtype, decomposed_layernorm=decomposed)
-    result = export_model(config, tmp_path / "model.onnx", exporter=exporter)
+    # unchecked: TorchScript's half-precision F.layer_norm (a LayerNormalization of mixed dtypes,
+    # which onnx's full check and ONNX Runtime refuse) is a graph the rewriter must still handle
+    result = export_model(config, tmp_path / "model.onnx", exporter=exporter, check=False)
     return onnx.load(str(result.path)), count_norms(config)
 
 
