@@ -55,7 +55,7 @@ from kernel_sources import VariantError, materialise, parse_sources, save_source
 from kernel_static import report_static, static_analysis  # noqa: E402
 from kernel_timing import SameSizeCopy, Timer, device_info, reference_timings, summarise, tensors  # noqa: E402
 from normops import OPS  # noqa: E402
-from plugins import build, launcher  # noqa: E402
+from plugins import build, config, launcher  # noqa: E402
 
 
 def ours(op, x, res, gamma, beta, layout=None):
@@ -132,6 +132,10 @@ def run(args) -> dict:
                         for layout in candidate_layouts(dtype, hidden):
                             f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
                             cells[layout_label(layout)] = (f2, c2.kernel)
+                    if args.tactics:  # tactic 1 is "normfuse" itself, the table's layout
+                        for k, layout in enumerate(config.tactic_layouts(op, dtype, hidden)[1:], start=2):
+                            f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
+                            cells[f"tactic{k}"] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
                     if tokens <= 32:
@@ -198,7 +202,30 @@ def report(data: dict) -> str:
             wm = w["median_us"] if w else float("nan")
             lines.append(f"| {op} | {dtype} | {tokens}x{hidden} | {r['median_us']:.2f} | {r['median_us'] - empty:+.2f} | "
                          f"{wm:.2f} | {wm - warm:+.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + tactic_report(rows))
+
+
+def tactic_report(rows: list[dict]) -> list[str]:
+    """With --tactics: per cell, the median of each layout the TensorRT plugins offer as a tactic
+    (L2 flushed) and the one TensorRT's autotuner would keep, timed the same way."""
+    by_cell: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["impl"] == "normfuse" or r["impl"].startswith("tactic"):
+            by_cell.setdefault((r["op"], r["dtype"], r["tokens"], r["hidden"]), {})[r["impl"]] = r
+    cells = {key: impls for key, impls in by_cell.items() if len(impls) > 1 and "normfuse" in impls}
+    if not cells:
+        return []
+    lines = ["", "TensorRT tactics (plugins/config.tactic_layouts): median us after an L2 flush; tactic 1 is "
+             "the launch table's layout", "| op | dtype | tokens x hidden | tactic: kernel us | fastest | saved vs table |",
+             "|---|---|---|---|---|---|"]
+    for (op, dtype, tokens, hidden), impls in sorted(cells.items()):
+        named = {"tactic1" if impl == "normfuse" else impl: r for impl, r in impls.items()}
+        timed = "; ".join(f"{name[6:]}: {r['kernel'].replace('normfuse_', '')} {r['median_us']:.2f}"
+                          for name, r in sorted(named.items()))
+        best = min(named, key=lambda name: named[name]["median_us"])
+        saved = 1 - named[best]["median_us"] / named["tactic1"]["median_us"]
+        lines.append(f"| {op} | {dtype} | {tokens}x{hidden} | {timed} | {best[6:]} | {saved:.0%} |")
+    return lines
 
 
 def plot(data: dict, path: Path) -> None:
@@ -233,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
                    "--static writes files only when given)")
     p.add_argument("--quick", action="store_true", help="bf16 target shapes and decode shapes only")
     p.add_argument("--tune", action="store_true", help="also time every sensible layout at tokens >= 4096")
+    p.add_argument("--tactics", action="store_true",
+                   help="also time the other layouts the TensorRT plugins offer as tactics, at every token count "
+                        "(decode included): which one TensorRT's autotuner would keep for a profile")
     p.add_argument("--compile-dtypes", nargs="*", default=["bfloat16"], help="dtypes to time torch.compile on")
     p.add_argument("--dtypes", nargs="*", help="dtypes to run (default: bf16 with --quick, else all)")
     p.add_argument("--tokens", nargs="*", type=int, help="token counts to run (default: the grid)")
@@ -318,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / f"{stem}.md").write_text(table + "\n")
         print(table)
         return
-    stem = f"{gpu}-kernels" + ("-quick" if args.quick else "") + ("-tune" if args.tune else "")
+    stem = (f"{gpu}-kernels" + ("-quick" if args.quick else "") + ("-tune" if args.tune else "")
+            + ("-tactics" if args.tactics else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     table = report(data)
     (args.out / f"{stem}.md").write_text(table + "\n")

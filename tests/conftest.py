@@ -1,9 +1,14 @@
 """Shared fixtures and skip rules: GPU and TensorRT tests skip with the reason they cannot run."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def gpu_absent_reason() -> str | None:
@@ -86,3 +91,22 @@ def rewritten(exported, tmp_path_factory):
         return cache[norm]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    """bench_script(name) -> bench/<name>.py loaded as a module (bench/ holds scripts, not a package);
+    unloaded again after the test module."""
+    loaded: list[str] = []
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        loaded.append(spec.name)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

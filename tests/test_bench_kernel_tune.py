@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,8 @@ SWEEP = ROOT / "bench" / "results" / "h100-80gb-hbm3-kernels-quick-tune.json"
 
 
 @pytest.fixture(scope="module")
-def tune():
-    spec = importlib.util.spec_from_file_location("bench_kernel_tune", ROOT / "bench" / "kernel_tune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name)
+def tune(bench_script):
+    return bench_script("kernel_tune")
 
 
 def test_the_committed_sweep_gives_the_committed_table(tune):

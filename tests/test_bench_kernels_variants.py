@@ -334,3 +334,18 @@ def test_the_default_kernels_are_the_ones_the_gpu_tests_proved(sources, tmp_path
     assert len(one_row) == 18
     for kernel in one_row:
         assert now[kernel] == then[kernel], kernel
+
+
+def test_tactic_report_names_the_layout_tensorrt_would_keep(kernels):
+    def row(impl, kernel, us, tokens=1):
+        return {"op": "RMSNorm", "dtype": "bfloat16", "tokens": tokens, "hidden": 8192, "impl": impl,
+                "kernel": kernel, "median_us": us}
+
+    rows = [row("normfuse", "normfuse_rms_norm_t256_r1_c4", 6.0), row("tactic2", "normfuse_rms_norm_t512_r1_c2", 4.5),
+            row("torch_fused", None, 12.0), row("normfuse", "normfuse_rms_norm_t256_r1_c4", 50.0, tokens=4096)]
+    lines = kernels.tactic_report(rows)
+    [cell] = [line for line in lines if line.startswith("| RMSNorm")]  # the 4096-token cell timed no tactic
+    assert "1: rms_norm_t256_r1_c4 6.00; 2: rms_norm_t512_r1_c2 4.50" in cell
+    assert cell.endswith("| 2 | 25% |")
+    assert kernels.tactic_report(rows[-1:]) == []  # without --tactics, no table
+    assert kernels.parse_args(["--quick", "--tactics"]).tactics

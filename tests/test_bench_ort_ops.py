@@ -1,9 +1,7 @@
 """bench/ort_ops.py: the three forms of "residual Add + norm" it times, and its output, on ORT's CPU provider."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ort_ops():
-    spec = importlib.util.spec_from_file_location("bench_ort_ops", ROOT / "bench" / "ort_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name)
+def ort_ops(bench_script):
+    return bench_script("ort_ops")
 
 
 @pytest.mark.parametrize("norm,norm_op,skip_op", [("layernorm", "LayerNormalization", "SkipLayerNormalization"),
