@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     parser.add_argument("input", help="ONNX model to rewrite (external weights are never read; an output in another directory gets a copy of them)")
     parser.add_argument("-o", "--output", required=True, help="where to write the rewritten model")
     parser.add_argument("--target", choices=TARGETS, default="tensorrt",
-                        help="tensorrt: normfuse plugin ops; onnxruntime: com.microsoft contrib ops; onnx: standard ops")
+                        help="tensorrt: normfuse plugin ops; onnxruntime: com.microsoft contrib ops (for its CPU "
+                             "provider add --no-residual: its Skip ops run slower there); onnx: standard ops")
     parser.add_argument("--no-residual", action="store_true", help="do not fuse the residual Add in front of a norm")
     parser.add_argument("--no-proof", action="store_true", help="skip the numerical proof of each fusion")
     parser.add_argument("--report", help="write the rewrite report (every fusion and rejection) as JSON")
