@@ -57,8 +57,15 @@ def markdown(report: dict) -> str:
                      f"exporter {cfg['exporter']}, opset {cfg['opset']}; bench shape {cfg['batch']}x{cfg['seq']}.")
     lines = [f"# normfuse report: {cfg['norm']} `{cfg['preset']}` ({cfg['dtype']})", "", described, "",
              "## Rewrite", "",
-             f"Fused {rw['fused']} of {rw['expected_norms']} norms ({rw['counts']}), "
+             f"TensorRT form (`fused-tensorrt.onnx`): fused {rw['fused']} of {rw['expected_norms']} norms ({rw['counts']}), "
              f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected.", ""]
+    for target, label in (("onnxruntime", "ONNX Runtime CUDA form (`fused.onnx`)"),
+                          ("onnxruntime_cpu", "ONNX Runtime CPU form (`fused-cpu.onnx`, residual Adds kept)")):
+        if target in rw:
+            counts = {}
+            for f in rw[target]["fusions"]:
+                counts[f["kind"]] = counts.get(f["kind"], 0) + 1
+            lines.append(f"- {label}: {len(rw[target]['fusions'])} fused {counts or ''}".rstrip())
     for r in rw["rejected"]:
         lines.append(f"- rejected `{r['pattern']}` at `{r['output']}`: {r['reason']}")
     shortfall = fusion_shortfall(report)

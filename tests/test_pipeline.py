@@ -107,6 +107,8 @@ def test_build_command_end_to_end(tmp_path, norm):
     assert "tensorrt" in stages and "ort-cuda" in stages
     assert "skipped" in done.stdout and "validation" in done.stdout
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert f"ONNX Runtime CPU form (`fused-cpu.onnx`, residual Adds kept): {len(cpu_form['fusions'])} fused" in md
 
 
 def test_build_command_from_another_directory_with_relative_paths(tmp_path):
