@@ -254,7 +254,7 @@ class Pipeline:
         from .validate import Side, compare
 
         a = self.args
-        shapes = VALIDATION_SHAPES + [(a.batch, a.seq)]
+        shapes = list(dict.fromkeys(VALIDATION_SHAPES + [(a.batch, a.seq)]))  # the bench shape may be 1x16 too
         pairs = []
         with self.stage("validate", f"validate fused vs reference at {', '.join(f'{b}x{s}' for b, s in shapes)}"):
             # The TensorRT-target graph, with normfuse ops evaluated by the normops references.

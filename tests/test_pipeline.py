@@ -154,6 +154,9 @@ def test_build_command_on_a_given_model(tmp_path):
     assert report["config"]["source"] == str(given) and report["config"]["preset"] == "my_model"
     assert report["rewrite"]["fused"] == report["rewrite"]["expected_norms"] == 1
     assert report["validation"] and all(p["passed"] for p in report["validation"])
+    # --seq 16 makes the bench shape the validation shape: each pair is compared once
+    pairs = [(p["reference"], p["candidate"], tuple(p["shape"])) for p in report["validation"]]
+    assert len(pairs) == len(set(pairs))
     assert {(b["backend"], b["graph"]) for b in report["bench"]} == {("ort-cpu", "reference"), ("ort-cpu", "fused")}
     assert (out / "weights.bin").read_bytes() == (given.parent / "weights.bin").read_bytes()
     assert "Model `" in (out / "report.md").read_text()
