@@ -14,7 +14,8 @@ What `tensorrt.plugin` (read in TensorRT 10.9, 10.13 and 11.4) requires of the f
   attributes (`epsilon: EpsilonField`, see there); the return annotation is `TensorDesc` or
   `Tuple[TensorDesc, ...]` with one entry per output (it is how TensorRT counts the outputs).
 - `autotune`: the tensors, any of the attributes in registration order, then `outputs`; returns
-  `List[AutoTuneCombination]` ("FP32, FP16, ..." one type per input then output, layout "LINEAR").
+  `List[AutoTuneCombination]` ("FP32, FP16, ..." one type per input then output, layout "LINEAR",
+  custom tactics as positive integers: TensorRT times each and keeps the fastest; see config.TACTICS).
 - `aot_impl`: the tensors, then *every* registered attribute (the AOT plugin passes all of them
   positionally when it asks for the launch, although the check at registration accepts a
   subset), then `outputs` and `tactic`; the return annotation is a 4-tuple: `Union[str, bytes]`
