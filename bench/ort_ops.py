@@ -13,7 +13,7 @@ Per norm (LayerNorm, RMSNorm), dtype and tokens x hidden, three graphs compute t
 The last two are written by the rewriter itself from the first, so this times what it emits.
 Sessions as export.bench makes them (all graph optimisations); on CUDA through I/O binding, so no
 copy is timed. The three run in alternation, one run of each per round in rotating order, so
-drift falls on all alike. Writes `<device>-ort-<provider>-ops.{json,md}` with every raw time.
+drift falls on all alike. Writes `<device>-ort-<provider>-ops.{json,md,png}` with every raw time.
 """
 from __future__ import annotations
 
@@ -144,6 +144,37 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> None:
+    """Time of the two fused forms relative to the exported one, per cell (log scale: 1 is par)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from export.files import atomic_path
+
+    cells = result["cells"]
+    short = {"layernorm": "LN", "rmsnorm": "RMS"}
+    labels = [f"{short[c['norm']]} {c['dtype'].replace('float', 'fp')} {c['tokens']}x{c['hidden']}" for c in cells]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(cells)), 4.5))
+    for offset, form in ((-0.2, "norm op"), (0.2, "skip op")):
+        ratios = [c["median_us"][form] / c["median_us"]["exported"] for c in cells]
+        ax.bar([i + offset for i in range(len(cells))], ratios, width=0.4, label=form)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.set_xticks(range(len(cells)), labels, fontsize=7, rotation=60, ha="right")
+    ax.set_ylabel("time relative to the exported form")
+    ax.set_title(f"Add + norm on ONNX Runtime {result['onnxruntime']} ({result['provider']}, {result['device']})")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
@@ -181,8 +212,9 @@ def main(argv=None) -> int:
     write_json(stem.with_suffix(".json"), result)
     table = markdown(result)
     write_text(stem.with_suffix(".md"), table)
+    plot(result, stem.with_suffix(".png"))
     print(table)
-    print(f"wrote {stem}.json and .md")
+    print(f"wrote {stem}.json, .md and .png")
     return 0
 
 

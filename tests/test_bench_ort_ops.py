@@ -48,3 +48,4 @@ def test_a_run_writes_every_raw_time(ort_ops, tmp_path, capsys):
     assert {f: len(v) for f, v in cell["raw_us"].items()} == {"exported": 4, "norm op": 4, "skip op": 4}
     assert cell["median_us"]["norm op"] == pytest.approx(np.median(cell["raw_us"]["norm op"]), rel=1e-3)
     assert "| rmsnorm | float32 | 3x64 |" in written.with_suffix(".md").read_text()
+    assert written.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
