@@ -96,23 +96,19 @@ def _modules():
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
             return (h * (1.0 + self.weight.float())).type_as(x)
 
-    class HandLayerNorm(nn.Module):  # hand-written LayerNorm with Sqrt + Div
+    class AffineNorm(nn.Module):  # a LayerNorm's weight and bias, written out by the subclasses below
         def __init__(self):
             super().__init__()
             self.weight = nn.Parameter(torch.rand(HIDDEN) + 0.5)
             self.bias = nn.Parameter(torch.rand(HIDDEN) - 0.5)
 
+    class HandLayerNorm(AffineNorm):  # hand-written LayerNorm with Sqrt + Div
         def forward(self, x):
             mean = x.mean(-1, keepdim=True)
             var = (x - mean).pow(2).mean(-1, keepdim=True)
             return (x - mean) / torch.sqrt(var + 1e-5) * self.weight + self.bias
 
-    class BatchNormArithmeticLayerNorm(nn.Module):  # TF's batch_normalization maths (tf2onnx's Keras/BERT LayerNorm)
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.rand(HIDDEN) + 0.5)
-            self.bias = nn.Parameter(torch.rand(HIDDEN) - 0.5)
-
+    class BatchNormArithmeticLayerNorm(AffineNorm):  # TF's batch_normalization maths (tf2onnx's Keras/BERT LayerNorm)
         def forward(self, x):
             mean = x.mean(-1, keepdim=True)
             s = torch.rsqrt(((x - mean) * (x - mean)).mean(-1, keepdim=True) + 1e-3) * self.weight

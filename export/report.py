@@ -62,10 +62,7 @@ def markdown(report: dict) -> str:
     for target, label in (("onnxruntime", "ONNX Runtime CUDA form (`fused.onnx`)"),
                           ("onnxruntime_cpu", "ONNX Runtime CPU form (`fused-cpu.onnx`, residual Adds kept)")):
         if target in rw:
-            counts = {}
-            for f in rw[target]["fusions"]:
-                counts[f["kind"]] = counts.get(f["kind"], 0) + 1
-            lines.append(f"- {label}: {len(rw[target]['fusions'])} fused {counts or ''}".rstrip())
+            lines.append(f"- {label}: {rw[target]['fused']} fused {rw[target]['counts'] or ''}".rstrip())
     for r in rw["rejected"]:
         lines.append(f"- rejected `{r['pattern']}` at `{r['output']}`: {r['reason']}")
     shortfall = fusion_shortfall(report)

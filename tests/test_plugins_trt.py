@@ -206,12 +206,30 @@ def test_signatures_follow_the_contract(stand_in, op):
     assert len(outs if isinstance(outs, tuple) else (outs,)) == len(spec.outputs)
 
 
+def autotune(trtp, op: str) -> list:
+    """The registered autotune function's combinations (tensors and outputs passed as None)."""
+    spec = OPS[op]
+    n_in = len(spec.inputs) + (1 if spec.centered else 0)
+    return trtp.registry["autotune"][f"{PLUGIN_NAMESPACE}::{op}"](*[None] * (n_in + 1))
+
+
+def aot_impl(trtp, op: str, batch, tactic: int) -> tuple:
+    """The registered aot_impl on bf16 x of shape (batch, "seq", 4096) with fp32 gamma/beta, epsilon
+    as the parser's one-element float32 field, called as the AOT plugin calls it."""
+    spec = OPS[op]
+    inputs = list(spec.inputs) + (["beta"] if spec.centered else [])
+    descs = [Desc((batch, "seq", 4096), "bf16") if n in ("x", "residual") else Desc((4096,), "f32") for n in inputs]
+    outputs = tuple(Desc((batch, "seq", 4096), "bf16") for _ in spec.outputs)
+    return trtp.registry["aot_impl"][f"{PLUGIN_NAMESPACE}::{op}"](
+        *descs, epsilon=np.array([1e-6], np.float32), outputs=outputs, tactic=tactic)
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_autotune_lists_every_dtype_pair(stand_in, op):
     _, trtp = stand_in
     spec = OPS[op]
     n_in = len(spec.inputs) + (1 if spec.centered else 0)
-    combos = trtp.registry["autotune"][f"{PLUGIN_NAMESPACE}::{op}"](*[None] * (n_in + 1))
+    combos = autotune(trtp, op)
     types_ = [[t.strip() for t in c.types.split(",")] for c in combos]
     assert len(types_) == 5  # fp32; fp16 and bf16 each with gamma/beta in their own dtype or fp32
     for t in types_:
@@ -222,10 +240,7 @@ def test_autotune_lists_every_dtype_pair(stand_in, op):
 @pytest.mark.parametrize("op", list(OPS))
 def test_autotune_offers_the_layout_tactics_with_every_type_combination(stand_in, op):
     _, trtp = stand_in
-    spec = OPS[op]
-    n_in = len(spec.inputs) + (1 if spec.centered else 0)
-    combos = trtp.registry["autotune"][f"{PLUGIN_NAMESPACE}::{op}"](*[None] * (n_in + 1))
-    assert all(list(c.tactics) == list(config.TACTICS) for c in combos)
+    assert all(list(c.tactics) == list(config.TACTICS) for c in autotune(trtp, op))
     assert all(t > 0 for t in config.TACTICS)  # tensorrt.plugin: custom tactics are positive; 0 is TensorRT's
 
 
@@ -233,12 +248,7 @@ def test_autotune_offers_the_layout_tactics_with_every_type_combination(stand_in
 @pytest.mark.parametrize("op", list(OPS))
 def test_aot_impl_launches_the_tactics_layout(stand_in, op, tactic):
     _, trtp = stand_in
-    spec = OPS[op]
-    inputs = list(spec.inputs) + (["beta"] if spec.centered else [])
-    descs = [Desc((1, "seq", 4096), "bf16") if n in ("x", "residual") else Desc((4096,), "f32") for n in inputs]
-    outputs = tuple(Desc((1, "seq", 4096), "bf16") for _ in spec.outputs)
-    name, ptx, params, _ = trtp.registry["aot_impl"][f"{PLUGIN_NAMESPACE}::{op}"](
-        *descs, epsilon=np.array([1e-6], np.float32), outputs=outputs, tactic=tactic)
+    name, ptx, params, _ = aot_impl(trtp, op, 1, tactic)
     cfg = config.launch_config(op, "bfloat16", 1, 4096, layout=config.tactic_layout(op, "bfloat16", 4096, tactic))
     assert name == cfg.kernel.encode() and ptx == f"// ptx {op} bfloat16 float32 {cfg.kernel}".encode()
     assert params.block_x == cfg.block
@@ -250,12 +260,7 @@ def test_aot_impl_launches_the_tactics_layout(stand_in, op, tactic):
 @pytest.mark.parametrize("op", list(OPS))
 def test_aot_impl_describes_the_launch(stand_in, op):
     _, trtp = stand_in
-    spec = OPS[op]
-    inputs = list(spec.inputs) + (["beta"] if spec.centered else [])
-    descs = [Desc((2, "seq", 4096), "bf16") if n in ("x", "residual") else Desc((4096,), "f32") for n in inputs]
-    outputs = tuple(Desc((2, "seq", 4096), "bf16") for _ in spec.outputs)
-    name, ptx, params, extra = trtp.registry["aot_impl"][f"{PLUGIN_NAMESPACE}::{op}"](
-        *descs, epsilon=np.array([1e-6], np.float32), outputs=outputs, tactic=0)  # as the creator passes it
+    name, ptx, params, extra = aot_impl(trtp, op, 2, 0)  # tactic 0, as the creator passes it by default
     cfg = config.launch_config(op, "bfloat16", 8, 4096)
     assert name == cfg.kernel.encode()
     assert ptx == f"// ptx {op} bfloat16 float32 {cfg.kernel}".encode()
@@ -359,7 +364,7 @@ def test_autotune_strings_parse_as_tensorrt_reads_them(stand_in, op):
     _, trtp = stand_in
     spec = OPS[op]
     n_io = len(spec.inputs) + (1 if spec.centered else 0) + len(spec.outputs)
-    for combo in trtp.registry["autotune"][f"{PLUGIN_NAMESPACE}::{op}"](*[None] * (n_io - len(spec.outputs) + 1)):
+    for combo in autotune(trtp, op):
         entries = [t.strip() for t in combo.types.split(",")]
         assert len(entries) == n_io and set(entries) <= {"FP32", "FP16", "BF16"}  # BF16 is DataType.BF16
         # tactics: positive integers (tensorrt.plugin's AutoTuneCombination; 0 is TensorRT's default)

@@ -73,7 +73,7 @@ class RewriteReport:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "counts": self.counts}
 
     @property
     def counts(self) -> dict:
