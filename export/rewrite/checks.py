@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from normops import SUPPORTED_DTYPES
+from normops import SUPPORTED_DTYPES, numpy_dtype
 
 from .matcher import Match, present_inputs, producer
 from .patterns import NormPattern
@@ -69,7 +69,8 @@ def dtype_name(tensor: gs.Tensor) -> str | None:
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """Value of a small constant (initializer or Constant node output); None otherwise."""
+    """Value of a small constant (initializer, Constant node output, or a Cast/CastLike of one, as
+    Flax writes epsilon: CastLike(eps, x)); None otherwise."""
     if isinstance(tensor, gs.Constant):
         if int(np.prod(tensor.shape)) > SMALL_CONSTANT:
             return None
@@ -82,7 +83,31 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         for key in ("value_float", "value_int", "value_floats", "value_ints"):
             if key in node.attrs:
                 return np.asarray(node.attrs[key])
+    if node is not None and node.op in ("Cast", "CastLike") and (node.domain or "") in ("", "ai.onnx"):
+        source = constant_value(node.inputs[0])
+        target = _cast_target(node)
+        if source is not None and target is not None:
+            return source.astype(target)  # the value the graph computes with, rounding included
     return None
+
+
+def _cast_target(node: gs.Node) -> np.dtype | None:
+    """numpy dtype a Cast (its `to`) or CastLike (its second input's type) converts to; None when unknown."""
+    if node.op == "Cast":
+        to = node.attrs.get("to")
+        return onnx.helper.tensor_dtype_to_np_dtype(int(to)) if to is not None else None
+    like = node.inputs[1] if len(node.inputs) > 1 else None
+    name = dtype_name(like) if like is not None else None
+    return numpy_dtype(name) if name is not None else None
+
+
+def constant_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor a constant is read from: itself, or what a Cast/CastLike chain converts."""
+    node = producer(tensor)
+    while node is not None and node.op in ("Cast", "CastLike") and (node.domain or "") in ("", "ai.onnx"):
+        tensor = node.inputs[0]
+        node = producer(tensor)
+    return tensor
 
 
 def scalar(match: Match, name: str, what: str) -> float | None:
@@ -119,9 +144,10 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
         _check_native(match.roles["native"], rank)
     else:
         for node in match.nodes:
-            if node.op == "ReduceMean":
+            if node.op in REDUCTIONS:
                 _check_reduce(node, rank)
     _check_input_cast(match)
+    _check_inner_casts(match)
     gamma = _per_feature(match.get("gamma"), hidden, rank, "scale")
     beta = _per_feature(match.get("beta"), hidden, rank, "bias")
     if not pattern.skip:  # a Skip op's extra outputs are judged by _skip_candidate
@@ -145,7 +171,9 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
 
 def _check_constants(match: Match) -> None:
     expected = {"square_exp": (2.0, "square's exponent"), "rsqrt_exp": (-0.5, "inverse root's exponent"),
-                "one": (1.0, "numerator of the inverse root")}
+                "one": (1.0, "numerator of the inverse root"), "mean_square_exp": (2.0, "the mean's square's exponent"),
+                "clamp_zero": (0.0, "the variance's lower clamp"), "finite_zero": (0.0, "the finite-mean test's zero"),
+                "guard_zero": (0.0, "the constant-row guard's value")}
     for name, (want, what) in expected.items():
         value = scalar(match, name, what)
         if value is not None and value != want:
@@ -158,6 +186,7 @@ DATA_VARS = frozenset({"x", "gamma", "beta", "skip", "skip_bias"})
 
 def _check_not_overridable(match: Match, overridable: set) -> None:
     for name, tensor in match.tensors.items():
+        tensor = tensor if name in DATA_VARS else constant_source(tensor)
         if name not in DATA_VARS and tensor.name in overridable:
             raise Rejected(f"'{tensor.name}' is an initializer that is also a graph input: its value can be "
                            f"overridden at run time, so it is not a constant")
@@ -182,8 +211,11 @@ def _last_axis(axes, rank: int, where: str) -> None:
         raise Rejected(f"{where} reduces over axis {axes[0]}, not the last axis of rank {rank}")
 
 
+REDUCTIONS = ("ReduceMean", "ReduceMin", "ReduceMax")
+
+
 def _check_reduce(node: gs.Node, rank: int) -> None:
-    where = f"ReduceMean '{node.name}'"
+    where = f"{node.op} '{node.name}'"
     if int(node.attrs.get("keepdims", 1)) != 1:
         raise Rejected(f"{where} has keepdims=0")
     inputs = present_inputs(node)
@@ -207,6 +239,21 @@ def _check_input_cast(match: Match) -> None:
     cast = match.roles.get("cast_in")
     if cast is not None and int(cast.attrs.get("to", 0)) != onnx.TensorProto.FLOAT:
         raise Rejected(f"input cast '{cast.name}' casts to {cast.attrs.get('to')}, not float32")
+
+
+def _check_inner_casts(match: Match) -> None:
+    """The variance may be averaged in a wider type and cast back (jax2onnx's jnp.var, in float64):
+    the cast must widen to float32 or float64 and the one after the mean return to the squares' type."""
+    wide, narrow = match.roles.get("cast_wide"), match.roles.get("cast_narrow")
+    if wide is None:
+        return
+    squares = dtype_name(wide.inputs[0])
+    to_wide = FLOAT_TYPES.get(int(wide.attrs.get("to", 0)))
+    bits = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
+    if squares not in bits or to_wide not in ("float32", "float64") or bits[to_wide] < bits[squares]:
+        raise Rejected(f"cast '{wide.name}' in the variance casts {squares} to {to_wide}: it must widen to float32 or float64")
+    if FLOAT_TYPES.get(int(narrow.attrs.get("to", 0))) != squares:
+        raise Rejected(f"cast '{narrow.name}' after the variance's mean does not return to {squares}")
 
 
 def _per_feature(tensor: gs.Tensor | None, hidden: int, rank: int, what: str) -> gs.Tensor | None:
@@ -233,8 +280,19 @@ def _check_private(match: Match, root: gs.Tensor, graph_outputs: set) -> None:
             if out.name in graph_outputs:
                 raise Rejected(f"intermediate '{out.name}' is a graph output")
             for consumer in out.outputs:
-                if id(consumer) not in inside:
+                if id(consumer) not in inside and not _reads_type_for_the_norm(consumer, out, inside, graph_outputs):
                     raise Rejected(f"intermediate '{out.name}' is also used by node '{consumer.name}'")
+
+
+def _reads_type_for_the_norm(consumer: gs.Node, tensor: gs.Tensor, inside: set, graph_outputs: set) -> bool:
+    """CastLike(c, tensor) reads only tensor's type. When its result feeds nothing but the norm (Flax
+    writes epsilon as CastLike(eps, x)), it is a constant of the norm and goes with it."""
+    if consumer.op != "CastLike" or len(consumer.inputs) != 2 or consumer.inputs[1] is not tensor:
+        return False
+    if consumer.inputs[0] is tensor or constant_value(consumer.inputs[0]) is None:
+        return False
+    result = consumer.outputs[0]
+    return result.name not in graph_outputs and all(id(c) in inside for c in result.outputs)
 
 
 def _skip_candidate(pattern, match, root, graph_outputs, hidden, epsilon, gamma, beta) -> NormCandidate:

@@ -25,13 +25,40 @@ def maybe_cast(p: Pattern, role: str) -> Pattern:
     return Or(Op("Cast", p, role=role), p)
 
 
+def reduce_last(op: str, p: Pattern, role: str | None = "reduce") -> Pattern:
+    """A reduction with axes as attribute (opset < 18) or as a second input (opset >= 18); the checks
+    require the last axis and keepdims."""
+    return Or(Op(op, p, role=role), Op(op, p, _fresh("axes"), role=role))
+
+
 def mean_last(p: Pattern) -> Pattern:
-    """ReduceMean with axes as attribute (opset < 18) or as a second input (opset >= 18)."""
-    return Or(Op("ReduceMean", p, role="reduce"), Op("ReduceMean", p, _fresh("axes"), role="reduce"))
+    return reduce_last("ReduceMean", p)
 
 
-def square(p: Pattern) -> Pattern:
-    return Or(Op("Pow", p, Var("square_exp")), Op("Mul", p, p))
+def square(p: Pattern, exponent: str = "square_exp") -> Pattern:
+    return Or(Op("Pow", p, Var(exponent)), Op("Mul", p, p))
+
+
+def variance(x: Pattern, centred: Pattern) -> Pattern:
+    """Var over the last axis, as exporters write it:
+    - mean((x - mean)^2), the textbook form;
+    - the same with the mean of the squares taken in float64 (Cast there and back: jax2onnx's jnp.var);
+    - E[x^2] - E[x]^2, clamped at zero or not (Flax's default `use_fast_variance`). Equal in exact
+      arithmetic; the fused op computes it the sound way, so where the two moments cancel (means
+      large against the spread) the fused result is the more accurate one."""
+    squares = square(centred)
+    in_float64 = Op("Cast", mean_last(Op("Cast", squares, role="cast_wide")), role="cast_narrow")
+    moments = Op("Sub", mean_last(square(x)), square(mean_last(x), "mean_square_exp"))
+    return Or(mean_last(squares), in_float64, Op("Max", moments, Var("clamp_zero"), commutative=True), moments)
+
+
+def constant_row_guard(x: Pattern, centred: Pattern) -> Pattern:
+    """jax2onnx's guard on centred values: Where(row is constant and its mean finite, 0, x - mean),
+    the row constant when min == max, the mean finite when mean - mean == 0. In exact arithmetic
+    x - mean is zero on such a row already, so the guard only pins the rounding of its mean."""
+    constant = Op("Equal", reduce_last("ReduceMin", x, "row_min"), reduce_last("ReduceMax", x, "row_max"), commutative=True)
+    finite = Op("Equal", Op("Sub", mean_last(x), mean_last(x)), Var("finite_zero"), commutative=True)
+    return Op("Where", Op("And", constant, finite, commutative=True), Var("guard_zero"), centred, role="guard")
 
 
 def inv_sqrt(p: Pattern) -> Pattern:
@@ -42,9 +69,9 @@ def inv_sqrt(p: Pattern) -> Pattern:
     )
 
 
-def normalise(t: Pattern, variance: Pattern) -> Pattern:
-    """t / sqrt(variance + eps), in each spelling exporters use."""
-    plus_eps = Op("Add", variance, Var("eps"), commutative=True)
+def normalise(t: Pattern, var: Pattern) -> Pattern:
+    """t / sqrt(var + eps), in each spelling exporters use."""
+    plus_eps = Op("Add", var, Var("eps"), commutative=True)
     return Or(
         Op("Mul", t, inv_sqrt(plus_eps), commutative=True),
         Op("Div", t, Op("Sqrt", plus_eps)),
@@ -81,8 +108,9 @@ def _rms_patterns() -> list[NormPattern]:
 
 def _layernorm_patterns() -> list[NormPattern]:
     x = maybe_cast(Var("x"), "cast_in")
-    centred = Op("Sub", x, mean_last(x), role="centre")
-    out = maybe_cast(normalise(centred, mean_last(square(centred))), "cast_out")
+    raw = Op("Sub", x, mean_last(x), role="centre")
+    centred = Or(constant_row_guard(x, raw), raw)
+    out = maybe_cast(normalise(centred, variance(x, centred)), "cast_out")
     return [
         NormPattern("layernorm", True, maybe_cast(biased(scaled(out)), "cast_scaled")),
         NormPattern("layernorm-no-bias", True, maybe_cast(scaled(out), "cast_scaled")),
@@ -96,8 +124,8 @@ def _affine_layernorm_patterns() -> list[NormPattern]:
     LayerNorms: s = gamma / sqrt(var + eps), y = x * s + (beta - mean * s). The mean is taken out
     in the affine shift instead of from x (Keras 3 spells the shift -mean * s + beta)."""
     x = maybe_cast(Var("x"), "cast_in")
-    variance = mean_last(square(Op("Sub", x, mean_last(x), role="centre")))
-    inv = inv_sqrt(Op("Add", variance, Var("eps"), commutative=True))
+    var = variance(x, Op("Sub", x, mean_last(x), role="centre"))
+    inv = inv_sqrt(Op("Add", var, Var("eps"), commutative=True))
 
     def affine(s: Pattern, with_beta: bool) -> Pattern:
         mean_s = Op("Mul", mean_last(x), s, commutative=True)
