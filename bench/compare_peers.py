@@ -3,7 +3,9 @@
     python bench/compare_peers.py [--json bench/results/peers-cpu.json] [--only NAME]
 
 Each case is a small torch module (a residual sum followed by a norm, as in a pre-norm block),
-or one of the project's own 2-layer stacks, exported by torch's dynamo or TorchScript exporter. Every tool rewrites the same file:
+or one of the project's own 2-layer stacks, exported by torch's dynamo or TorchScript exporter,
+or a small Flax or Equinox block as jax2onnx writes it (committed under tests/data/jax2onnx).
+Every tool rewrites the same file:
 - ONNX Runtime: `onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)`
   (its Python fusions only; needs `sympy`, `packaging`, `coloredlogs`);
 - onnxscript: `onnxscript.rewriter.ort_fusions.optimize_for_ort`;
@@ -165,8 +167,15 @@ STACKS = {  # the project's own exports: 2 pre-norm layers and a final norm (5 n
 }
 
 
+# jax2onnx's exports of small Flax and Equinox blocks, committed with the tests (JAX is not a
+# dependency): file -> norms. The bfloat16 one is left out: ONNX Runtime's CPU provider has no bf16 Gemm.
+JAX_EXPORTS = {"flax-block-float32.onnx": 3, "flax-block-float32-native.onnx": 3, "equinox-block-float32.onnx": 2}
+JAX_DIR = ROOT / "tests" / "data" / "jax2onnx"
+
+
 def cases() -> list[Case]:
-    out = []
+    out = [Case(f"jax2onnx {name[:-len('.onnx')]}", name[:-len(".onnx")], "float32", "jax2onnx", 23, expected,
+                JAX_DIR / name) for name, expected in JAX_EXPORTS.items()]
     for module in STACKS:
         for dtype in ("float32", "float16"):
             for exporter in ("dynamo", "torchscript"):
@@ -289,7 +298,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="normfuse-peers-") as tmp:
         for case in selected:
             try:
-                case.path = export_case(case, Path(tmp))
+                case.path = case.path or export_case(case, Path(tmp))
             except Exception as exc:  # e.g. TorchScript has no export for aten::rms_norm
                 print(f"{case.name:40s} not exported: {exc.__class__.__name__}", flush=True)
                 continue

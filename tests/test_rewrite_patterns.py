@@ -14,7 +14,7 @@ import pytest
 
 from export.rewrite import TARGETS, rewrite_model
 from export.rewrite.evaluate import run_model
-from export.rewrite.synth import CASTS, INVERSES, SCALES, SQUARES, NormSpec, build, random_feeds
+from export.rewrite.synth import CASTS, INVERSES, SCALES, SQUARES, VARIANCES, NormSpec, build, random_feeds
 from normops import GRAPH
 
 
@@ -45,6 +45,50 @@ def test_every_structural_spelling_fuses_to_one_op(spec):
     assert fused_ops(out) == [expected]
     assert report.fusions[0].kind == expected and report.fusions[0].epsilon == pytest.approx(spec.epsilon, rel=1e-6)
     assert_same(model, out, spec.dtype)
+
+
+# LayerNorm's variance in each spelling (Flax's E[x^2] - E[x]^2, jax2onnx's float64 mean), with and
+# without jax2onnx's constant-row guard, and epsilon as Flax's CastLike(eps, x)
+VARIANCE_SPELLINGS = [NormSpec(kind="layer", dtype=d, casts="llama" if d != "float32" else "none", variance=v, guard=g,
+                               epsilon_castlike=c, square=sq)
+                      for d, v, g, c, sq in itertools.product(("float32", "bfloat16"), VARIANCES, (False, True),
+                                                              (False, True), SQUARES)]
+
+
+@pytest.mark.parametrize("spec", VARIANCE_SPELLINGS, ids=NormSpec.describe)
+def test_every_variance_spelling_fuses_to_one_op(spec):
+    model = build(spec)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 1, [r.reason for r in report.rejected]
+    assert fused_ops(out) == ["LayerNorm"]
+    assert report.fusions[0].epsilon == pytest.approx(spec.epsilon, rel=1e-6)
+    assert_same(model, out, spec.dtype)
+
+
+@pytest.mark.parametrize("variance", ("moments", "moments_clamped"))
+def test_moments_variance_swapped_is_not_a_norm(variance):
+    """E[x]^2 - E[x^2] is minus the variance: nothing may fuse as a LayerNorm."""
+    model = build(NormSpec(kind="layer", variance=variance))
+    sub = next(n for n in model.graph.node if n.op_type == "Sub" and not any(i == "x" for i in n.input))
+    sub.input[:] = list(sub.input)[::-1]
+    out, report = rewrite_model(model)
+    assert all(f.kind != "LayerNorm" for f in report.fusions)
+    assert "LayerNorm" not in fused_ops(out)
+
+
+def test_fast_variance_is_computed_the_sound_way_when_the_moments_cancel():
+    """Where E[x^2] - E[x]^2 cancels (a large mean, a small spread) the graph as written loses the
+    variance in float32; the fused op keeps it, so it is closer to the float64 truth than the graph."""
+    from export.rewrite.evaluate import reference_norm
+
+    model = build(NormSpec(kind="layer", variance="moments_clamped", scale="none", bias=False, epsilon=1e-6, hidden=64))
+    out, report = rewrite_model(model)
+    assert report.fused == 1
+    rng = np.random.default_rng(0)
+    x = (1000.0 + 0.01 * rng.standard_normal((2, 5, 64))).astype(np.float32)
+    truth = reference_norm(True, x, epsilon=1e-6)[0]
+    as_written, fused = run_model(model, {"x": x})[0], run_model(out, {"x": x})[0]
+    assert np.max(np.abs(fused - truth)) < 1e-2 < np.max(np.abs(as_written - truth))
 
 
 HALF = [NormSpec(kind=k, dtype=d, casts=c, scale=s, square=sq, inverse=inv)

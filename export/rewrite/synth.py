@@ -30,7 +30,13 @@ INVERSES = ("sqrt_reciprocal", "div", "one_div", "pow")  # Sqrt+Reciprocal+Mul, 
 CASTS = ("none", "llama", "scale_then_cast", "t5")
 SCALES = ("none", "right", "left", "gemma", "cast_w")
 RESIDUALS = ("none", "private", "exposed")
-MUTATIONS = (None, "wrong_axis", "keepdims0", "two_axes", "pow3", "eps_input", "shared", "broadcast_scale")
+# LayerNorm's variance: mean((x - mean)^2); the same averaged in float64 and cast back (jax2onnx's
+# jnp.var); E[x^2] - E[x]^2 (Flax's fast variance), clamped at zero or not.
+VARIANCES = ("centred", "float64", "moments", "moments_clamped")
+# LayerNorm-only near misses (each brings its own variance spelling): the variance averaged in fp16,
+# E[x^2] - E[x]^2 clamped at 1, a constant-row guard that gives 1.
+LAYER_MUTATIONS = ("variance_in_half", "clamp_nonzero", "guard_nonzero")
+MUTATIONS = (None, "wrong_axis", "keepdims0", "two_axes", "pow3", "eps_input", "shared", "broadcast_scale") + LAYER_MUTATIONS
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,9 @@ class NormSpec:
     axes_input: bool = True  # opset >= 18 ReduceMean takes axes as an input
     positive_axis: bool = False
     epsilon: float = 1e-5
+    epsilon_castlike: bool = False  # epsilon as CastLike(eps, x), as Flax writes it
+    variance: str = "centred"  # LayerNorm only: one of VARIANCES
+    guard: bool = False  # LayerNorm only: jax2onnx's Where(row constant and mean finite, 0, x - mean)
     hidden: int = 16
     mutation: str | None = None
 
@@ -62,6 +71,12 @@ class NormSpec:
                   f"residual={self.residual}", "axes=input" if self.axes_input else "axes=attr"]
         if self.kind == "layer":
             fields.append(f"bias={self.bias}")
+            if self.variance != "centred":
+                fields.append(f"variance={self.variance}")
+            if self.guard:
+                fields.append("guard")
+        if self.epsilon_castlike:
+            fields.append("eps=CastLike")
         if self.positive_axis:
             fields.append("axis=+")
         if self.mutation:
@@ -88,7 +103,7 @@ class _Builder:
         return out
 
 
-def _mean(b: _Builder, spec: NormSpec, t: str, rank: int) -> str:
+def _mean(b: _Builder, spec: NormSpec, t: str, rank: int, op: str = "ReduceMean") -> str:
     axis = rank - 1 if spec.positive_axis else -1
     axes, keepdims = [axis], 1
     if spec.mutation == "wrong_axis":
@@ -98,8 +113,40 @@ def _mean(b: _Builder, spec: NormSpec, t: str, rank: int) -> str:
     elif spec.mutation == "keepdims0":
         keepdims = 0
     if spec.axes_input:
-        return b.op("ReduceMean", t, b.const(np.array(axes, dtype=np.int64), "int64"), keepdims=keepdims)
-    return b.op("ReduceMean", t, axes=axes, keepdims=keepdims)
+        return b.op(op, t, b.const(np.array(axes, dtype=np.int64), "int64"), keepdims=keepdims)
+    return b.op(op, t, axes=axes, keepdims=keepdims)
+
+
+def _square(b: _Builder, spec: NormSpec, t: str, dtype: str) -> str:
+    if spec.square == "pow" or spec.mutation == "pow3":
+        return b.op("Pow", t, b.const(3.0 if spec.mutation == "pow3" else 2.0, dtype))
+    return b.op("Mul", t, t)
+
+
+def _variance(b: _Builder, spec: NormSpec, x: str, mean: str, centred: str, rank: int) -> str:
+    """LayerNorm's variance of x (its mean and centred values given) in the spelling spec.variance names."""
+    s = spec.stats_dtype
+    spelling = {"variance_in_half": "float64", "clamp_nonzero": "moments_clamped"}.get(spec.mutation, spec.variance)
+    if spelling in ("moments", "moments_clamped"):
+        var = b.op("Sub", _mean(b, spec, _square(b, spec, x, s), rank), _square(b, spec, mean, s))
+        if spelling == "moments":
+            return var
+        return b.op("Max", var, b.const(1.0 if spec.mutation == "clamp_nonzero" else 0.0, s))
+    squares = _square(b, spec, centred, s)
+    if spelling == "float64":
+        wide = onnx.TensorProto.FLOAT16 if spec.mutation == "variance_in_half" else onnx.TensorProto.DOUBLE
+        return b.op("Cast", _mean(b, spec, b.op("Cast", squares, to=wide), rank), to=ONNX_TYPES[s])
+    return _mean(b, spec, squares, rank)
+
+
+def _constant_row_guard(b: _Builder, spec: NormSpec, x: str, mean: str, centred: str, rank: int) -> str:
+    """Where(min == max and mean - mean == 0, 0, x - mean), as jax2onnx writes jnp.var's centring."""
+    s = spec.stats_dtype
+    zero = b.const(0.0, s)
+    constant = b.op("Equal", _mean(b, spec, x, rank, "ReduceMin"), _mean(b, spec, x, rank, "ReduceMax"))
+    finite = b.op("Equal", b.op("Sub", mean, mean), zero)
+    value = b.const(1.0, s) if spec.mutation == "guard_nonzero" else zero
+    return b.op("Where", b.op("And", constant, finite), value, centred)
 
 
 def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict | None = None) -> tuple[str, list[str]]:
@@ -109,17 +156,23 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
     t = b.op("Cast", x, to=ONNX_TYPES[s]) if s != d else x
     extra = []
     if spec.kind == "layer":
-        t = b.op("Sub", t, _mean(b, spec, t, rank))
-    if spec.square == "pow" or spec.mutation == "pow3":
-        sq = b.op("Pow", t, b.const(3.0 if spec.mutation == "pow3" else 2.0, s))
+        mean = _mean(b, spec, t, rank)
+        centred = raw = b.op("Sub", t, mean)
+        if spec.guard or spec.mutation == "guard_nonzero":
+            centred = _constant_row_guard(b, spec, t, mean, raw, rank)
+        # the near miss guards the numerator only: guarding both would be an RMSNorm of the guarded values
+        var = _variance(b, spec, t, mean, raw if spec.mutation == "guard_nonzero" else centred, rank)
+        t = centred
     else:
-        sq = b.op("Mul", t, t)
-    if spec.casts == "t5" and s != d and spec.kind == "rms":  # T5 casts x again for the product
-        t = b.op("Cast", x, to=ONNX_TYPES[s])
-    var = _mean(b, spec, sq, rank)
+        sq = _square(b, spec, t, s)
+        if spec.casts == "t5" and s != d:  # T5 casts x again for the product
+            t = b.op("Cast", x, to=ONNX_TYPES[s])
+        var = _mean(b, spec, sq, rank)
     if spec.mutation == "shared":
         extra.append(var)
     eps = "epsilon_input" if spec.mutation == "eps_input" else b.const(spec.epsilon, s)
+    if spec.epsilon_castlike and spec.mutation != "eps_input":
+        eps = b.op("CastLike", b.const(spec.epsilon, "float64"), t)
     plus = b.op("Add", var, eps)
     if spec.inverse == "div":
         normed = b.op("Div", t, b.op("Sqrt", plus))
