@@ -201,7 +201,7 @@ def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, 
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
-        dims = [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
+        dims = input_dims(spec, batch, seq)
         dtype = numpy_dtype(spec.dtype)
         if dtype == np.bool_:
             feeds[spec.name] = np.ones(dims, dtype=bool)
@@ -210,6 +210,30 @@ def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, 
         else:
             feeds[spec.name] = rng.standard_normal(dims).astype(dtype)
     return feeds
+
+
+def input_dims(spec, batch: int, seq: int) -> list[int]:
+    """The dims random_arrays gives `spec`: a dynamic axis 0 is the batch, any other dynamic axis the sequence."""
+    return [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
+
+
+def leading_dims(feeds: dict) -> tuple[int, int]:
+    """(batch, sequence) of a set of inputs, as records name their shape: the first input's first
+    two dims (1 where it has fewer)."""
+    shape = list(np.shape(next(iter(feeds.values())))) + [1, 1]
+    return int(shape[0]), int(shape[1])
+
+
+def shape_taken(model_path: str | Path, batch: int, seq: int) -> tuple[int, int]:
+    """(batch, sequence) that inputs asked for at `batch` x `seq` really have: an axis the model fixes
+    keeps its size (a JAX export with a static sequence of 8 runs 8 tokens whatever --seq says)."""
+    from .triton_repo import onnx_signature
+
+    inputs, _ = onnx_signature(model_path)
+    if not inputs:
+        return batch, seq
+    dims = input_dims(inputs[0], batch, seq) + [1, 1]
+    return int(dims[0]), int(dims[1])
 
 
 def index_bounds(model_path: str | Path) -> dict[str, int]:

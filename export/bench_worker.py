@@ -44,13 +44,14 @@ def peak_rss_mb() -> float:
 
 def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: int, profile_runs: int,
             norm_nodes: set[str]) -> dict:
-    from .backends import OrtRunner, import_onnxruntime, random_feeds
+    from .backends import OrtRunner, import_onnxruntime, leading_dims, random_feeds
     from .errors import NormfuseError
     from .run import time_runs
 
     import_onnxruntime()  # before the baseline: its code is not the session's memory
 
     feeds = random_feeds(model, batch, seq, seed=0)
+    batch, seq = leading_dims(feeds)  # what was run: an axis the model fixes keeps its size
     peak_was_reset = reset_peak_rss()
     baseline = rss_mb()
     started = time.perf_counter()

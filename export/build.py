@@ -167,6 +167,7 @@ class Pipeline:
                            f"{rewrite.fused} for ONNX Runtime {rewrite.counts}, {cpu}")
         # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing
         cpu_form = fused_cpu if rewrite_cpu.fused else None
+        self.resolve_shapes(reference)
 
         engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}
         validation = self.validate(reference, fused, cpu_form, fused_trt, backends, dtype, engines)
@@ -177,7 +178,9 @@ class Pipeline:
             expected_norms = rewrite_trt.fused + len(rewrite_trt.rejected)
 
         report = {
-            "config": {**described, "batch": a.batch, "seq": a.seq, "backend": a.backend, "backends_run": backends,
+            # the bench shape as run (an axis the model fixes keeps its size), and as asked
+            "config": {**described, "batch": self.bench_shape[0], "seq": self.bench_shape[1],
+                       "shape_asked": [a.batch, a.seq], "backend": a.backend, "backends_run": backends,
                        "seed": a.seed, "runs": a.runs, "warmup": a.warmup},
             "rewrite": {"fused": rewrite_trt.fused, "expected_norms": expected_norms,
                         "counts": rewrite_trt.counts, "rejected": [r.__dict__ for r in rewrite_trt.rejected],
@@ -248,18 +251,32 @@ class Pipeline:
             engines[graph] = {"plan": plan, "source": source, "sidecar": sidecar}
         return engines
 
+    def resolve_shapes(self, reference: Path) -> None:
+        """The validation and bench shapes as the model takes them: an axis it fixes keeps its size,
+        so a model with a static sequence of 8 is validated and timed at 8 tokens, and says so."""
+        from .backends import shape_taken
+
+        a = self.args
+        self.validation_shapes = list(dict.fromkeys(shape_taken(reference, b, s) for b, s in VALIDATION_SHAPES))
+        self.bench_shape = shape_taken(reference, a.batch, a.seq)
+        asked = list(dict.fromkeys(VALIDATION_SHAPES + [(a.batch, a.seq)]))
+        taken = list(dict.fromkeys(self.validation_shapes + [self.bench_shape]))
+        if taken != asked:
+            self.console.print(f"    the model fixes its batch or sequence axis: shapes {', '.join(f'{b}x{s}' for b, s in asked)} "
+                               f"run as {', '.join(f'{b}x{s}' for b, s in taken)}")
+
     def validate(self, reference, fused, fused_cpu, fused_trt, backends, dtype, engines=None) -> list[dict]:
         """Each fused graph against the reference on the backends present; `fused_cpu` None: the
         CPU form is the reference graph itself."""
         from .validate import Side, compare
 
         a = self.args
-        shapes = list(dict.fromkeys(VALIDATION_SHAPES + [(a.batch, a.seq)]))  # the bench shape may be 1x16 too
+        shapes = list(dict.fromkeys(self.validation_shapes + [self.bench_shape]))  # the bench shape may be 1x16 too
         pairs = []
         with self.stage("validate", f"validate fused vs reference at {', '.join(f'{b}x{s}' for b, s in shapes)}"):
             # The TensorRT-target graph, with normfuse ops evaluated by the normops references.
             pairs += compare(Side(reference, "onnx-reference", "reference"), Side(fused_trt, "onnx-reference", "fused-tensorrt"),
-                             VALIDATION_SHAPES, dtype, seed=a.seed)
+                             self.validation_shapes, dtype, seed=a.seed)
             for backend in (b for b in backends if b.startswith("ort-")):
                 if dtype == "bfloat16" and backend == "ort-cpu":
                     self.skipped.append({"stage": "ort-cpu validation", "reason": "ONNX Runtime's CPU provider has no "
@@ -286,17 +303,18 @@ class Pipeline:
         from .run import bench_in_process_of_its_own
 
         a = self.args
+        batch, seq = self.bench_shape
         norm_nodes = [n for f in rewrite_trt.fusions for n in f.nodes_removed]
         results = []
         for backend in (b for b in backends if b.startswith("ort-")):
             if dtype == "bfloat16" and backend == "ort-cpu":
                 self.skipped.append({"stage": "ort-cpu bench", "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
                 continue
-            with self.stage("bench", f"bench on {backend} at {a.batch}x{a.seq}, {a.runs} runs per graph"):
+            with self.stage("bench", f"bench on {backend} at {batch}x{seq}, {a.runs} runs per graph"):
                 if backend == "ort-cpu":
-                    results.append(bench_graph(reference, "reference", backend, a.batch, a.seq, a.runs, a.warmup, norm_nodes))
+                    results.append(bench_graph(reference, "reference", backend, batch, seq, a.runs, a.warmup, norm_nodes))
                     if fused_cpu is not None:
-                        results.append(bench_graph(fused_cpu, "fused", backend, a.batch, a.seq, a.runs, a.warmup))
+                        results.append(bench_graph(fused_cpu, "fused", backend, batch, seq, a.runs, a.warmup))
                     else:
                         self.skipped.append({"stage": "ort-cpu fused bench", "reason": (
                             "nothing to compare: the model's norms are already the single ops the CPU form uses "
@@ -306,15 +324,15 @@ class Pipeline:
                 # CUDA: timed through I/O binding (inputs uploaded once, outputs left on the device), peak
                 # GPU memory; the op classes come from a short profiled run of export.bench's worker.
                 for graph, path, nodes in (("reference", reference, norm_nodes), ("fused", fused, None)):
-                    record = bench_in_process_of_its_own(path, graph, backend, a.batch, a.seq, a.runs, a.warmup)
-                    profiled = bench_graph(path, graph, backend, a.batch, a.seq, 1, 1, nodes)
+                    record = bench_in_process_of_its_own(path, graph, backend, batch, seq, a.runs, a.warmup)
+                    profiled = bench_graph(path, graph, backend, batch, seq, 1, 1, nodes)
                     record["op_classes"] = profiled.get("op_classes")
                     results.append(record)
         if engines:
-            with self.stage("bench", f"bench TensorRT engines at {a.batch}x{a.seq}, {a.runs} runs per engine"):
+            with self.stage("bench", f"bench TensorRT engines at {batch}x{seq}, {a.runs} runs per engine"):
                 for graph in ("reference", "fused"):
                     info = engines[graph]
-                    results.append(bench_in_process_of_its_own(info["plan"], graph, "tensorrt", a.batch, a.seq,
+                    results.append(bench_in_process_of_its_own(info["plan"], graph, "tensorrt", batch, seq,
                                                                a.runs, a.warmup, source=info["source"]))
         return results
 

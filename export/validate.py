@@ -26,7 +26,7 @@ import numpy as np
 
 from normops import GRAPH, Tolerance, error_stats, numpy_dtype, within
 
-from .backends import index_bounds, make_runner, random_arrays
+from .backends import index_bounds, leading_dims, make_runner, random_arrays
 from .errors import NormfuseError, UsageError
 
 
@@ -98,7 +98,7 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         specs = [TensorSpec(i.name, i.dtype, tuple(i.shape)) for i in inputs]
         for feeds in given:
             check_feeds(specs, feeds, f"{reference.model} (--inputs)")
-        shapes = [_leading_dims(feeds) for feeds in given]
+        shapes = [leading_dims(feeds) for feeds in given]
     # The reference runs as written: ONNX Runtime's own fusions are not what is being checked
     # (and its LayerNormFusion builds invalid nodes on some fp16 TorchScript exports).
     ref_runner = make_runner(reference.model, reference.backend, shapes, optimization="none")
@@ -129,13 +129,6 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         save_polygraphy(save_dir, iterations, f"{reference.label}@{reference.backend}",
                         f"{candidate.label}@{candidate.backend}", reference.label, candidate.label)
     return pairs
-
-
-def _leading_dims(feeds: dict) -> tuple[int, int]:
-    """(batch, sequence) of given inputs, as pair records name their shape: the first input's
-    first two dims (1 where it has fewer)."""
-    shape = list(np.shape(next(iter(feeds.values())))) + [1, 1]
-    return int(shape[0]), int(shape[1])
 
 
 def read_given_inputs(path: str | Path, reference: str | Path) -> list[dict]:

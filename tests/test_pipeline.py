@@ -162,6 +162,23 @@ def test_build_command_on_a_given_model(tmp_path):
     assert "Model `" in (out / "report.md").read_text()
 
 
+def test_a_model_that_fixes_its_sequence_axis_is_validated_and_timed_as_it_runs(tmp_path):
+    """A jax2onnx export takes [batch, 8, 64]: asked for 1x16 and 1x128 it runs 8 tokens, and the
+    shapes, the pairs and the throughput say 1x8 (they used to say 1x128 and count 16x the tokens)."""
+    given = ROOT / "tests" / "data" / "jax2onnx" / "flax-block-float32.onnx"
+    out = tmp_path / "out"
+    done = _run("export.build", "--onnx", str(given), "--runs", "5", "--warmup", "1", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "run as 1x8" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert (report["config"]["batch"], report["config"]["seq"]) == (1, 8) and report["config"]["shape_asked"] == [1, 128]
+    assert {tuple(p["shape"]) for p in report["validation"]} == {(1, 8)}
+    assert all(p["passed"] for p in report["validation"])
+    for record in report["bench"]:
+        assert record["shape"] == [1, 8]
+        assert record["throughput_tokens_per_s"] == pytest.approx(8 / (record["latency_ms"]["p50"] / 1000.0))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--onnx", "m.onnx", "--layers", "2"], "do not apply to a given model"),
     (["--onnx", "m.onnx", "--norm", "rmsnorm"], "not allowed with"),
