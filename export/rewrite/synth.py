@@ -134,7 +134,8 @@ def _variance(b: _Builder, spec: NormSpec, x: str, mean: str, centred: str, rank
         return b.op("Max", var, b.const(1.0 if spec.mutation == "clamp_nonzero" else 0.0, s))
     squares = _square(b, spec, centred, s)
     if spelling == "float64":
-        wide = onnx.TensorProto.FLOAT16 if spec.mutation == "variance_in_half" else onnx.TensorProto.DOUBLE
+        half = onnx.TensorProto.BFLOAT16 if s == "float16" else onnx.TensorProto.FLOAT16  # never the squares' own type
+        wide = half if spec.mutation == "variance_in_half" else onnx.TensorProto.DOUBLE
         return b.op("Cast", _mean(b, spec, b.op("Cast", squares, to=wide), rank), to=ONNX_TYPES[s])
     return _mean(b, spec, squares, rank)
 
