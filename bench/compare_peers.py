@@ -4,7 +4,7 @@
 
 Each case is a small torch module (a residual sum followed by a norm, as in a pre-norm block),
 or one of the project's own 2-layer stacks, exported by torch's dynamo or TorchScript exporter,
-or a small Flax or Equinox block as jax2onnx writes it (committed under tests/data/jax2onnx).
+or a small Flax, Equinox or Keras block as jax2onnx or tf2onnx writes it (committed under tests/data).
 Every tool rewrites the same file:
 - ONNX Runtime: `onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)`
   (its Python fusions only; needs `sympy`, `packaging`, `coloredlogs`);
@@ -167,15 +167,23 @@ STACKS = {  # the project's own exports: 2 pre-norm layers and a final norm (5 n
 }
 
 
-# jax2onnx's exports of small Flax and Equinox blocks, committed with the tests (JAX is not a
-# dependency): file -> norms. The bfloat16 one is left out: ONNX Runtime's CPU provider has no bf16 Gemm.
-JAX_EXPORTS = {"flax-block-float32.onnx": 3, "flax-block-float32-native.onnx": 3, "equinox-block-float32.onnx": 2}
-JAX_DIR = ROOT / "tests" / "data" / "jax2onnx"
+# jax2onnx's and tf2onnx's exports of small Flax, Equinox and Keras blocks, committed with the tests
+# (JAX and TensorFlow are not dependencies): path -> norms. The bfloat16 one is left out: ONNX
+# Runtime's CPU provider has no bf16 Gemm. The Keras rms_scaling block's last LayerNorm is not a norm
+# (it scales x by the centred variance), so it has 2.
+FRAMEWORK_EXPORTS = {"jax2onnx/flax-block-float32.onnx": 3, "jax2onnx/flax-block-float32-native.onnx": 3,
+                     "jax2onnx/equinox-block-float32.onnx": 2, "tf2onnx/keras-block-float32.onnx": 3,
+                     "tf2onnx/keras-block-rms-scaling-float32.onnx": 2}
+DATA_DIR = ROOT / "tests" / "data"
 
 
 def cases() -> list[Case]:
-    out = [Case(f"jax2onnx {name[:-len('.onnx')]}", name[:-len(".onnx")], "float32", "jax2onnx", 23, expected,
-                JAX_DIR / name) for name, expected in JAX_EXPORTS.items()]
+    out = []
+    for path, expected in FRAMEWORK_EXPORTS.items():
+        exporter, name = path.split("/")
+        stem = name[:-len(".onnx")]
+        opset = next(o.version for o in onnx.load(str(DATA_DIR / path)).opset_import if o.domain in ("", "ai.onnx"))
+        out.append(Case(f"{exporter} {stem}", stem, "float32", exporter, opset, expected, DATA_DIR / path))
     for module in STACKS:
         for dtype in ("float32", "float16"):
             for exporter in ("dynamo", "torchscript"):

@@ -152,6 +152,18 @@ def test_onnx_target_raises_the_opset_and_says_so():
     assert [n.op_type for n in out.graph.node] == ["LayerNormalization"] and "version converter" in report.notes[0]
 
 
+def test_tensorrt_target_keeps_the_models_opset():
+    """The plugin ops live in their own domain: an opset-13 LayerNorm (tf2onnx's default) is fused
+    without converting the model, which the onnxruntime target's LayerNormalization needs."""
+    old = build(NormSpec(kind="layer", axes_input=False))
+    old.opset_import[0].version = 13
+    out, report = rewrite_model(old, target="tensorrt")
+    assert [n.op_type for n in out.graph.node] == ["LayerNorm"] and not report.notes
+    assert {o.domain: o.version for o in out.opset_import}[""] == 13
+    out, report = rewrite_model(old, target="onnxruntime")
+    assert {o.domain: o.version for o in out.opset_import}[""] == 17 and "version converter" in report.notes[0]
+
+
 def test_onnx_target_refuses_with_the_reason_when_the_opset_cannot_be_raised():
     model = build(NormSpec(kind="rms"))
     gn = helper.make_node("GroupNormalization", ["x", "gs", "gb"], ["g"], num_groups=1)

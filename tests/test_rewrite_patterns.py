@@ -91,6 +91,23 @@ def test_fast_variance_is_computed_the_sound_way_when_the_moments_cancel():
     assert np.max(np.abs(fused - truth)) < 1e-2 < np.max(np.abs(as_written - truth))
 
 
+# tf2onnx's spellings: the mean as GlobalAveragePool (rank 3), Keras' RMSNorm with gamma on the inverse root
+TF_SPELLINGS = ([NormSpec(kind=k, mean="global_pool", inverse=i, dtype=d, casts="llama" if d != "float32" else "none")
+                 for k, i, d in itertools.product(("rms", "layer"), INVERSES, ("float32", "float16"))]
+                + [NormSpec(kind="rms", scale="inverse", inverse=i, mean=m, dtype=d, casts=c)
+                   for i, m, (d, c) in itertools.product(INVERSES, ("reduce", "global_pool"),
+                                                         (("float32", "none"), ("bfloat16", "scale_then_cast")))])
+
+
+@pytest.mark.parametrize("spec", TF_SPELLINGS, ids=NormSpec.describe)
+def test_tf2onnx_spellings_fuse_to_one_op(spec):
+    model = build(spec)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 1, [r.reason for r in report.rejected]
+    assert fused_ops(out) == ["LayerNorm" if spec.kind == "layer" else "RMSNorm"]
+    assert_same(model, out, spec.dtype)
+
+
 HALF = [NormSpec(kind=k, dtype=d, casts=c, scale=s, square=sq, inverse=inv)
         for k, d, c, s, (sq, inv) in itertools.product(("rms", "layer"), ("float16", "bfloat16"), CASTS,
                                                        ("none", "right", "left", "gemma", "cast_w"),

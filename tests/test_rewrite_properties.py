@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from export.rewrite import TARGETS, rewrite_model
 from export.rewrite.evaluate import run_model
-from export.rewrite.synth import CASTS, INVERSES, KINDS, LAYER_MUTATIONS, MUTATIONS, RESIDUALS, SCALES, SQUARES, \
-    VARIANCES, NormSpec, build, expected_fusions, random_feeds
+from export.rewrite.synth import CASTS, INVERSES, KINDS, LAYER_MUTATIONS, MEANS, MUTATIONS, RESIDUALS, RMS_SCALES, \
+    SQUARES, VARIANCES, NormSpec, build, expected_fusions, random_feeds
 from normops import GRAPH
 
 NEAR_MISSES = [m for m in MUTATIONS if m not in (None, "broadcast_scale")]
@@ -26,15 +26,18 @@ def norm_graphs(draw, mutation=st.sampled_from(MUTATIONS)):
     spec = NormSpec(
         kind=draw(st.sampled_from(KINDS)), dtype=draw(st.sampled_from(("float32", "float16", "bfloat16"))),
         square=draw(st.sampled_from(SQUARES)), inverse=draw(st.sampled_from(INVERSES)),
-        casts=draw(st.sampled_from(CASTS)), scale=draw(st.sampled_from(SCALES)), bias=draw(st.booleans()),
+        casts=draw(st.sampled_from(CASTS)), scale=draw(st.sampled_from(RMS_SCALES)), bias=draw(st.booleans()),
         residual=draw(st.sampled_from(RESIDUALS)), axes_input=draw(st.booleans()), positive_axis=draw(st.booleans()),
         epsilon=draw(st.sampled_from((1e-12, 1e-6, 1e-5, 1e-3, 0.1))), epsilon_castlike=draw(st.booleans()),
-        variance=draw(st.sampled_from(VARIANCES)), guard=draw(st.booleans()), hidden=draw(st.integers(1, 48)),
+        variance=draw(st.sampled_from(VARIANCES)), guard=draw(st.booleans()), mean=draw(st.sampled_from(MEANS)),
+        hidden=draw(st.integers(1, 48)),
         mutation=draw(mutation))
     if spec.mutation == "two_axes":
         spec = replace(spec, axes_input=True)  # attribute axes of length 2 are the same near-miss
     if spec.mutation in LAYER_MUTATIONS:
         spec = replace(spec, kind="layer")
+    if spec.scale == "inverse" and spec.kind == "layer":  # an RMSNorm-only spelling
+        spec = replace(spec, scale="right")
     leading = tuple(draw(st.lists(st.one_of(st.integers(1, 3), st.sampled_from(("batch", "seq"))), max_size=3)))
     return spec, leading, draw(st.sampled_from(TARGETS))
 
@@ -92,7 +95,7 @@ def test_each_near_miss_has_a_reason(mutation, kind):
     reasons = " ".join(r.reason for r in report.rejected)
     words = {"wrong_axis": "not the last axis", "keepdims0": "keepdims=0", "two_axes": "not only the last axis",
              "pow3": "exponent is 3", "eps_input": "not a constant", "shared": "intermediate",
-             "variance_in_half": "must widen", "clamp_nonzero": "lower clamp is 1", "guard_nonzero": "guard's value is 1"}[mutation]
+             "pool_rank4": "not only the last axis", "variance_in_half": "must widen", "clamp_nonzero": "lower clamp is 1", "guard_nonzero": "guard's value is 1"}[mutation]
     assert words in reasons, reasons
 
 

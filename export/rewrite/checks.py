@@ -211,11 +211,15 @@ def _last_axis(axes, rank: int, where: str) -> None:
         raise Rejected(f"{where} reduces over axis {axes[0]}, not the last axis of rank {rank}")
 
 
-REDUCTIONS = ("ReduceMean", "ReduceMin", "ReduceMax")
+REDUCTIONS = ("ReduceMean", "ReduceMin", "ReduceMax", "GlobalAveragePool")
 
 
 def _check_reduce(node: gs.Node, rank: int) -> None:
     where = f"{node.op} '{node.name}'"
+    if node.op == "GlobalAveragePool":  # averages every axis after the first two
+        if rank != 3:
+            raise Rejected(f"{where} on a rank-{rank} input averages axes {list(range(2, rank))}, not only the last axis")
+        return
     if int(node.attrs.get("keepdims", 1)) != 1:
         raise Rejected(f"{where} has keepdims=0")
     inputs = present_inputs(node)

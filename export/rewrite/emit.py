@@ -65,6 +65,10 @@ def emitted_op(candidate: NormCandidate, target: str) -> tuple[str, str]:
 
 
 def required_opset(candidate: NormCandidate, target: str) -> int:
+    """The default-domain opset the emitted op needs: LayerNormalization came in 17 and
+    RMSNormalization in 23; the plugin ops live in their own domain and need none."""
+    if target == "tensorrt":
+        return 1
     if target == "onnx" and not candidate.centered:
         return 23
     return 17 if candidate.centered else 1

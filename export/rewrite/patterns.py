@@ -32,7 +32,9 @@ def reduce_last(op: str, p: Pattern, role: str | None = "reduce") -> Pattern:
 
 
 def mean_last(p: Pattern) -> Pattern:
-    return reduce_last("ReduceMean", p)
+    """ReduceMean over the last axis, or GlobalAveragePool, which tf2onnx writes for it: on a rank-3
+    input [N, C, L] it averages L alone (the checks refuse it on any other rank)."""
+    return Or(reduce_last("ReduceMean", p), Op("GlobalAveragePool", p, role="reduce"))
 
 
 def square(p: Pattern, exponent: str = "square_exp") -> Pattern:
@@ -99,9 +101,13 @@ def _rms_patterns() -> list[NormPattern]:
     x = maybe_cast(Var("x"), "cast_in")
     normalised = normalise(x, mean_last(square(x)))
     out = maybe_cast(normalised, "cast_out")
+    # Keras' RMSNormalization, as tf2onnx writes it: the scale multiplies the inverse root, then x
+    inv = inv_sqrt(Op("Add", mean_last(square(x)), Var("eps"), commutative=True))
+    scaled_inv = Op("Mul", inv, Var("gamma"), commutative=True, role="scale")
     return [
         # LLaMA/Mistral: weight * normalised.to(dtype); T5: weight * normalised (no cast back)
         NormPattern("rmsnorm", False, maybe_cast(scaled(out), "cast_scaled")),
+        NormPattern("rmsnorm-scaled-inverse", False, maybe_cast(Op("Mul", x, scaled_inv, commutative=True), "cast_scaled")),
         NormPattern("rmsnorm-unscaled", False, out),
     ]
 

@@ -29,6 +29,10 @@ INVERSES = ("sqrt_reciprocal", "div", "one_div", "pow")  # Sqrt+Reciprocal+Mul, 
 # casts x twice (once for the statistics, once for the product), nn.RMSNorm scales in fp32 and then casts.
 CASTS = ("none", "llama", "scale_then_cast", "t5")
 SCALES = ("none", "right", "left", "gemma", "cast_w")
+# RMSNorm also as Keras' RMSNormalization writes it: x * (inverse root * gamma)
+RMS_SCALES = SCALES + ("inverse",)
+# The mean over the last axis: ReduceMean, or GlobalAveragePool on a rank-3 tensor (tf2onnx)
+MEANS = ("reduce", "global_pool")
 RESIDUALS = ("none", "private", "exposed")
 # LayerNorm's variance: mean((x - mean)^2); the same averaged in float64 and cast back (jax2onnx's
 # jnp.var); E[x^2] - E[x]^2 (Flax's fast variance), clamped at zero or not.
@@ -36,7 +40,9 @@ VARIANCES = ("centred", "float64", "moments", "moments_clamped")
 # LayerNorm-only near misses (each brings its own variance spelling): the variance averaged in fp16,
 # E[x^2] - E[x]^2 clamped at 1, a constant-row guard that gives 1.
 LAYER_MUTATIONS = ("variance_in_half", "clamp_nonzero", "guard_nonzero")
-MUTATIONS = (None, "wrong_axis", "keepdims0", "two_axes", "pow3", "eps_input", "shared", "broadcast_scale") + LAYER_MUTATIONS
+AXIS_MUTATIONS = ("wrong_axis", "keepdims0", "two_axes")  # these keep ReduceMean, whatever `mean` says
+MUTATIONS = (None, "wrong_axis", "keepdims0", "two_axes", "pow3", "eps_input", "shared", "broadcast_scale",
+             "pool_rank4") + LAYER_MUTATIONS
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class NormSpec:
     positive_axis: bool = False
     epsilon: float = 1e-5
     epsilon_castlike: bool = False  # epsilon as CastLike(eps, x), as Flax writes it
+    mean: str = "reduce"  # one of MEANS; global_pool makes the input rank 3
     variance: str = "centred"  # LayerNorm only: one of VARIANCES
     guard: bool = False  # LayerNorm only: jax2onnx's Where(row constant and mean finite, 0, x - mean)
     hidden: int = 16
@@ -77,6 +84,8 @@ class NormSpec:
                 fields.append("guard")
         if self.epsilon_castlike:
             fields.append("eps=CastLike")
+        if self.mean != "reduce":
+            fields.append(f"mean={self.mean}")
         if self.positive_axis:
             fields.append("axis=+")
         if self.mutation:
@@ -104,6 +113,8 @@ class _Builder:
 
 
 def _mean(b: _Builder, spec: NormSpec, t: str, rank: int, op: str = "ReduceMean") -> str:
+    if op == "ReduceMean" and uses_global_pool(spec):
+        return b.op("GlobalAveragePool", t)  # averages every axis after the first two
     axis = rank - 1 if spec.positive_axis else -1
     axes, keepdims = [axis], 1
     if spec.mutation == "wrong_axis":
@@ -115,6 +126,10 @@ def _mean(b: _Builder, spec: NormSpec, t: str, rank: int, op: str = "ReduceMean"
     if spec.axes_input:
         return b.op(op, t, b.const(np.array(axes, dtype=np.int64), "int64"), keepdims=keepdims)
     return b.op(op, t, axes=axes, keepdims=keepdims)
+
+
+def uses_global_pool(spec: NormSpec) -> bool:
+    return (spec.mean == "global_pool" or spec.mutation == "pool_rank4") and spec.mutation not in AXIS_MUTATIONS
 
 
 def _square(b: _Builder, spec: NormSpec, t: str, dtype: str) -> str:
@@ -175,23 +190,28 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
     if spec.epsilon_castlike and spec.mutation != "eps_input":
         eps = b.op("CastLike", b.const(spec.epsilon, "float64"), t)
     plus = b.op("Add", var, eps)
-    if spec.inverse == "div":
-        normed = b.op("Div", t, b.op("Sqrt", plus))
-    elif spec.inverse == "sqrt_reciprocal":
-        normed = b.op("Mul", t, b.op("Reciprocal", b.op("Sqrt", plus)))
-    elif spec.inverse == "one_div":
-        normed = b.op("Mul", t, b.op("Div", b.const(1.0, s), b.op("Sqrt", plus)))
-    else:
-        normed = b.op("Mul", t, b.op("Pow", plus, b.const(-0.5, s)))
-
     hidden = spec.hidden
     rng = np.random.default_rng(hidden)
+    w_shape = (2, hidden) if spec.mutation == "broadcast_scale" else (hidden,)  # build() makes dim -2 be 2
+    inverse_scaled = spec.scale == "inverse" and spec.kind == "rms"
+    if spec.inverse == "div" and not inverse_scaled:
+        normed = b.op("Div", t, b.op("Sqrt", plus))
+    else:
+        if spec.inverse == "pow":
+            inv = b.op("Pow", plus, b.const(-0.5, s))
+        elif spec.inverse == "one_div":
+            inv = b.op("Div", b.const(1.0, s), b.op("Sqrt", plus))
+        else:  # sqrt_reciprocal (and div, when the scale goes on the inverse root)
+            inv = b.op("Reciprocal", b.op("Sqrt", plus))
+        if inverse_scaled:  # Keras: x * (rsqrt(...) * gamma), gamma in the statistics' dtype
+            inv = b.op("Mul", inv, weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), s))
+        normed = b.op("Mul", t, inv)
+
     w_dtype = d if spec.casts in ("none", "llama", "t5") else s
     y = normed
     if spec.casts in ("llama", "t5") and s != d:
         y = b.op("Cast", y, to=ONNX_TYPES[d])
-    if spec.scale != "none":
-        w_shape = (2, hidden) if spec.mutation == "broadcast_scale" else (hidden,)  # build() makes dim -2 be 2
+    if spec.scale not in ("none", "inverse"):
         w = weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), w_dtype)
         if spec.scale == "gemma":
             w = b.op("Add", b.const(1.0, w_dtype), w)
@@ -214,6 +234,9 @@ def build(spec: NormSpec, leading: tuple = (2, 5)) -> onnx.ModelProto:
     b = _Builder()
     d = spec.dtype
     leading = tuple(leading)
+    if uses_global_pool(spec):  # rank 3 (4 for the near miss): [N, C, hidden]
+        wanted = 3 if spec.mutation == "pool_rank4" else 2
+        leading = (leading + (2, 3, 2))[:wanted]
     if spec.mutation in ("wrong_axis", "two_axes") and not leading:
         leading = (2,)
     if spec.mutation == "broadcast_scale":  # the [2, H] scale must broadcast against x
@@ -240,7 +263,9 @@ def build(spec: NormSpec, leading: tuple = (2, 5)) -> onnx.ModelProto:
 
 def expected_fusions(spec: NormSpec) -> int:
     """How many norms a correct rewriter fuses in `build(spec)` (0 for a near-miss)."""
-    return 0 if spec.mutation not in (None, "broadcast_scale") else 1
+    if spec.mutation == "broadcast_scale":  # fused without its scale, unless the scale sits on the inverse root
+        return 0 if spec.scale == "inverse" and spec.kind == "rms" else 1
+    return 0 if spec.mutation is not None else 1
 
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:

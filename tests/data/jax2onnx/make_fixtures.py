@@ -1,4 +1,4 @@
-"""Write the jax2onnx exports that tests/test_rewrite_jax_exports.py rewrites.
+"""Write the jax2onnx exports that tests/test_rewrite_framework_exports.py rewrites.
 
 JAX is not a normfuse dependency (jaxlib alone is ~350 MB), so the exports are committed and this
 script says how they were made. Re-run it in an environment of its own:
