@@ -158,6 +158,25 @@ def test_layer_norm_in_batch_norm_arithmetic_fp16():
     assert_fused_and_equal(model, norms=1, residuals=1, dtype="float16")
 
 
+class LayerNormThenRMSNorm(torch.nn.Module):
+    """An RMSNorm of a LayerNorm in batch-norm arithmetic, whose last op is an Add of two
+    full-shape tensors (x * s + shift): the RMSNorm must not take it for a residual Add."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_norm = BatchNormArithmeticLayerNorm("keras")
+        self.rms_norm = torch.nn.RMSNorm(64, eps=1e-6)
+
+    def forward(self, x, r):
+        y, h = self.layer_norm(x, r)
+        return self.rms_norm(y), h
+
+
+def test_a_norm_ending_in_an_add_is_not_taken_for_the_next_norms_residual():
+    report = assert_fused_and_equal(_export_pair(LayerNormThenRMSNorm()), norms=2, residuals=1, dtype="float32")
+    assert {f.kind for f in report.fusions} == {"AddLayerNorm", "RMSNorm"}
+
+
 @pytest.mark.parametrize("wrong", ["shift without gamma", "mean over axis 1", "shift adds the mean"])
 def test_near_misses_of_the_batch_norm_arithmetic_are_not_fused(wrong):
     out, report = rewrite_model(_export_pair(BatchNormArithmeticLayerNorm(wrong=wrong)), target="tensorrt")

@@ -277,6 +277,7 @@ def _drop_identity_casts(graph: gs.Graph, graph_outputs: set, scope: str = "main
 
 def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions, opset, report, claimed) -> list[NormCandidate]:
     graph = scope.graph
+    norms: list[NormCandidate] = []
     chosen: list[NormCandidate] = []
     rejected: dict[str, Rejection] = {}
     roots = [out for node in reversed(graph.nodes) if node.op in ROOT_OPS for out in node.outputs[:1]]
@@ -291,33 +292,44 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
                                                                     candidate.node_names, root.name, scope.name))
             continue
         candidate.scope = scope
-        if candidate.pattern.skip:
-            if target != "tensorrt":  # already ONNX Runtime's fused form; the onnx target has no residual op
-                report.notes.append(f"left {candidate.pattern.name.split('-')[0]} '{candidate.nodes[0].name}' as it is "
-                                    f"for the {target} target")
-                continue
-        elif residual and target != "onnx":
-            found, why = residual_add(candidate, scope.outputs)
-            if found is not None and id(found[2]) not in scope.members:
-                report.residual_skipped.append({"output": root.name, "reason": f"Add '{found[2].name}' is in the "
-                                                f"enclosing graph, not in {scope.name}"})
-            elif found is not None and id(found[2]) not in claimed:
-                candidate.residual = found
-                candidate.through_reshape = row_preserving_reshape(candidate)  # None: the Add feeds x
-                if candidate.through_reshape is not None:
-                    candidate.sum_tensor = found[2].outputs[0]
-                candidate.expose_sum = sum_is_used_elsewhere(candidate, scope.outputs)
-            elif why:
-                report.residual_skipped.append({"output": root.name, "reason": why})
-        if _is_noop(candidate, target):
+        if candidate.pattern.skip and target != "tensorrt":
+            # already ONNX Runtime's fused form; the onnx target has no residual op
+            report.notes.append(f"left {candidate.pattern.name.split('-')[0]} '{candidate.nodes[0].name}' as it is "
+                                f"for the {target} target")
             continue
         claimed.update(id(n) for n in candidate.nodes)
+        norms.append(candidate)
+    # Residual Adds only once every norm is found: an Add that ends another norm (Keras' LayerNorm
+    # ends in one) is that norm's, not a residual of the norm reading its output.
+    for candidate in norms:
+        if not candidate.pattern.skip and residual and target != "onnx":
+            _attach_residual(candidate, scope, claimed, report)
+        if _is_noop(candidate, target):
+            claimed.difference_update(id(n) for n in candidate.nodes)
+            continue
         if candidate.residual is not None:
             claimed.add(id(candidate.residual[2]))
         chosen.append(candidate)
     fused_nodes = {name for c in chosen for name in c.node_names}
     report.rejected += [r for r in rejected.values() if not (set(r.nodes) & fused_nodes)]
     return chosen
+
+
+def _attach_residual(candidate: NormCandidate, scope: Scope, claimed: set, report) -> None:
+    """Fuse the residual Add in front of the norm when it is this scope's and no other fusion's."""
+    root = candidate.output
+    found, why = residual_add(candidate, scope.outputs)
+    if found is not None and id(found[2]) not in scope.members:
+        report.residual_skipped.append({"output": root.name, "reason": f"Add '{found[2].name}' is in the "
+                                        f"enclosing graph, not in {scope.name}"})
+    elif found is not None and id(found[2]) not in claimed:
+        candidate.residual = found
+        candidate.through_reshape = row_preserving_reshape(candidate)  # None: the Add feeds x
+        if candidate.through_reshape is not None:
+            candidate.sum_tensor = found[2].outputs[0]
+        candidate.expose_sum = sum_is_used_elsewhere(candidate, scope.outputs)
+    elif why:
+        report.residual_skipped.append({"output": root.name, "reason": why})
 
 
 def _first_passing(root, scope: Scope, overridable, claimed, prove_fusions, opset, rejected) -> NormCandidate | None:
