@@ -108,6 +108,18 @@ def test_tf2onnx_spellings_fuse_to_one_op(spec):
     assert_same(model, out, spec.dtype)
 
 
+def test_a_gamma_with_leading_ones_in_memory_is_reshaped_without_a_node():
+    """tf2onnx stores Keras' gamma and beta as [1, 1, hidden]: the fused op gets [hidden] constants, no Reshape."""
+    model = build(NormSpec(kind="layer"))
+    for init in model.graph.initializer:
+        if list(init.dims) == [16]:
+            init.dims[:] = [1, 1, 16]
+    out, report = rewrite_model(model)
+    assert report.fused == 1 and fused_ops(out) == ["LayerNorm"]
+    assert all(list(i.dims) == [16] for i in out.graph.initializer if i.name in out.graph.node[0].input[1:])
+    assert_same(model, out, "float32")
+
+
 HALF = [NormSpec(kind=k, dtype=d, casts=c, scale=s, square=sq, inverse=inv)
         for k, d, c, s, (sq, inv) in itertools.product(("rms", "layer"), ("float16", "bfloat16"), CASTS,
                                                        ("none", "right", "left", "gemma", "cast_w"),

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from normops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, numpy_dtype, op_for
@@ -152,6 +153,9 @@ def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: 
         return gs.Constant(names(name), np.full((hidden,), fill, dtype=numpy_dtype(dtype)))
     if list(tensor.shape) == [hidden]:
         return tensor
+    if isinstance(tensor, gs.Constant) and getattr(tensor, "data_location", None) != onnx.TensorProto.EXTERNAL:
+        # in memory already (a few values per feature): reshaped here rather than by a Reshape node
+        return gs.Constant(names(f"{tensor.name}_flat"), np.asarray(tensor.values).reshape(hidden))
     flat = gs.Variable(names(f"{tensor.name}_flat"), dtype=tensor.dtype, shape=[hidden])
     shape = gs.Constant(names(f"{tensor.name}_flat_shape"), np.array([hidden], dtype=np.int64))
     graph.nodes.append(gs.Node("Reshape", inputs=[tensor, shape], outputs=[flat]))
