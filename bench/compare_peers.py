@@ -4,7 +4,8 @@
 
 Each case is a small torch module (a residual sum followed by a norm, as in a pre-norm block),
 or one of the project's own 2-layer stacks, exported by torch's dynamo or TorchScript exporter,
-or a small Flax, Equinox or Keras block as jax2onnx or tf2onnx writes it (committed under tests/data).
+or a small Flax, Equinox, Paddle or Keras block as jax2onnx, paddle2onnx or tf2onnx writes it
+(committed under tests/data).
 Every tool rewrites the same file:
 - ONNX Runtime: `onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)`
   (its Python fusions only; needs `sympy`, `packaging`, `coloredlogs`);
@@ -167,12 +168,13 @@ STACKS = {  # the project's own exports: 2 pre-norm layers and a final norm (5 n
 }
 
 
-# jax2onnx's and tf2onnx's exports of small Flax, Equinox and Keras blocks, committed with the tests
-# (JAX and TensorFlow are not dependencies): path -> norms. The bfloat16 one is left out: ONNX
+# jax2onnx's, paddle2onnx's and tf2onnx's exports of small Flax, Equinox, Paddle and Keras blocks,
+# committed with the tests (JAX, PaddlePaddle and TensorFlow are not dependencies): path -> norms. The bfloat16 one is left out: ONNX
 # Runtime's CPU provider has no bf16 Gemm. The Keras rms_scaling block's last LayerNorm is not a norm
 # (it scales x by the centred variance), so it has 2.
 FRAMEWORK_EXPORTS = {"jax2onnx/flax-block-float32.onnx": 3, "jax2onnx/flax-block-float32-native.onnx": 3,
-                     "jax2onnx/equinox-block-float32.onnx": 2, "tf2onnx/keras-block-float32.onnx": 3,
+                     "jax2onnx/equinox-block-float32.onnx": 2, "paddle2onnx/paddle-block-float32-opset13.onnx": 3,
+                     "paddle2onnx/paddle-block-float32-opset17.onnx": 3, "tf2onnx/keras-block-float32.onnx": 3,
                      "tf2onnx/keras-block-rms-scaling-float32.onnx": 2}
 DATA_DIR = ROOT / "tests" / "data"
 

@@ -1,8 +1,8 @@
-"""JAX and Keras models as jax2onnx and tf2onnx write them: every norm is fused, nothing else is,
-and the fused graph computes the same.
+"""JAX, Keras and Paddle models as jax2onnx, tf2onnx and paddle2onnx write them: every norm is
+fused, nothing else is, and the fused graph computes the same.
 
-The exports are committed under tests/data/jax2onnx and tests/data/tf2onnx (JAX and TensorFlow are
-not dependencies; the make_fixtures.py beside them rebuilds them and MANIFEST.json records the
+The exports are committed under tests/data/<exporter> (JAX, TensorFlow and PaddlePaddle are not
+dependencies; the make_fixtures.py beside them rebuilds them and MANIFEST.json records the
 versions). Each exporter writes the norms in its library's own arithmetic:
 - jax2onnx (default mode): Flax's LayerNorm as E[x^2] - E[x]^2 clamped at zero; jnp.var (Flax
   without fast variance, Equinox) behind a constant-row guard with the mean of the squares in
@@ -10,7 +10,9 @@ versions). Each exporter writes the norms in its library's own arithmetic:
 - tf2onnx: means over the last axis as GlobalAveragePool; Keras' LayerNorm in batch-norm
   arithmetic, its RMSNormalization as x * (rsqrt(mean(x^2) + eps) * gamma), and its
   LayerNormalization(rms_scaling=True), which scales x by the centred variance: not a norm normfuse
-  has, so it must stay as it is.
+  has, so it must stay as it is;
+- paddle2onnx: an Identity after every residual Add and op, `var + eps` as Mul(var, 1) + eps, and
+  LayerNorm spelled out at opset 13, native at 17.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from export.validate import Side, compare, model_dtype
 
 DATA = Path(__file__).parent / "data"
 
-# file -> {target: fused norms by op}. The Flax and Keras blocks: a LayerNorm on the block's input,
+# file -> {target: fused norms by op}. The Flax, Keras and Paddle blocks: a LayerNorm on the block's input,
 # an RMSNorm and a LayerNorm each after a residual Add whose sum is used again. The Equinox block:
 # a LayerNorm on the input, an RMSNorm after the first residual Add (the second Add ends the block).
 # The Keras rms_scaling block ends in its rms_scaling LayerNorm, which is not fused. The onnxruntime
@@ -38,13 +40,16 @@ EXPECTED = {
     "jax2onnx/flax-block-float32-native.onnx": {"tensorrt": BLOCK, "onnxruntime": {"AddRMSNorm": 1, "AddLayerNorm": 1}},
     "jax2onnx/equinox-block-float32.onnx": {"tensorrt": {"LayerNorm": 1, "AddRMSNorm": 1},
                                             "onnxruntime": {"LayerNorm": 1, "AddRMSNorm": 1}},
+    "paddle2onnx/paddle-block-float32-opset13.onnx": {"tensorrt": BLOCK, "onnxruntime": BLOCK},
+    "paddle2onnx/paddle-block-float32-opset17.onnx": {"tensorrt": BLOCK,
+                                                      "onnxruntime": {"AddRMSNorm": 1, "AddLayerNorm": 1}},
     "tf2onnx/keras-block-float32.onnx": {"tensorrt": BLOCK, "onnxruntime": BLOCK},
     "tf2onnx/keras-block-rms-scaling-float32.onnx": {"tensorrt": {"LayerNorm": 1, "AddRMSNorm": 1},
                                                      "onnxruntime": {"LayerNorm": 1, "AddRMSNorm": 1}},
 }
 
 
-@pytest.mark.parametrize("exporter", ("jax2onnx", "tf2onnx"))
+@pytest.mark.parametrize("exporter", ("jax2onnx", "paddle2onnx", "tf2onnx"))
 def test_the_fixtures_are_the_ones_the_manifest_records(exporter):
     manifest = json.loads((DATA / exporter / "MANIFEST.json").read_text())
     on_disk = sorted(f"{exporter}/{p.name}" for p in (DATA / exporter).glob("*.onnx"))

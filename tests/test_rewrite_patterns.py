@@ -108,6 +108,42 @@ def test_tf2onnx_spellings_fuse_to_one_op(spec):
     assert_same(model, out, spec.dtype)
 
 
+def _insert_after(model, tensor: str, op: str, *constants) -> None:
+    """Put `op(tensor, *constants)` between `tensor` and its consumers (as paddle2onnx writes them)."""
+    out = f"{tensor}_{op.lower()}"
+    for node in model.graph.node:
+        node.input[:] = [out if i == tensor else i for i in node.input]
+    names = []
+    for k, value in enumerate(constants):
+        names.append(f"{out}_c{k}")
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value, np.float32), names[-1]))
+    after = next(i for i, n in enumerate(model.graph.node) if tensor in n.output) + 1
+    model.graph.node.insert(after, onnx.helper.make_node(op, [tensor, *names], [out]))
+
+
+@pytest.mark.parametrize("kind", ("rms", "layer"))
+def test_identity_nodes_and_products_with_one_are_seen_through(kind):
+    """paddle2onnx: an Identity after the residual Add and Mul(var, 1) before epsilon's Add."""
+    model = build(NormSpec(kind=kind, residual="exposed"))
+    add = next(n for n in model.graph.node if n.op_type == "Add" and set(n.input) == {"x", "r"})
+    _insert_after(model, add.output[0], "Identity")
+    eps_add = next(n for n in model.graph.node if n.op_type == "Add" and n.input[1].startswith("c_"))
+    _insert_after(model, eps_add.input[0], "Mul", np.ones((1,)))
+    out, report = rewrite_model(model)
+    assert report.fused == 1 and report.fusions[0].residual, [r.reason for r in report.rejected]
+    assert "bypassed 1 Identity node(s), 1 Mul(s) by 1" in report.notes
+    assert_same(model, out, "float32")
+
+
+def test_a_product_with_one_that_broadcasts_is_not_seen_through():
+    """Mul(var, ones[1, 1, 1]) on a rank-2 variance changes its shape: not an identity, and no norm."""
+    model = build(NormSpec(kind="rms"), leading=(5,))
+    eps_add = next(n for n in model.graph.node if n.op_type == "Add" and n.input[1].startswith("c_"))
+    _insert_after(model, eps_add.input[0], "Mul", np.ones((1, 1, 1)))
+    out, report = rewrite_model(model)
+    assert report.fused == 0 and not any("Mul(s) by 1" in n for n in report.notes)
+
+
 def test_a_gamma_with_leading_ones_in_memory_is_reshaped_without_a_node():
     """tf2onnx stores Keras' gamma and beta as [1, 1, hidden]: the fused op gets [hidden] constants, no Reshape."""
     model = build(NormSpec(kind="layer"))

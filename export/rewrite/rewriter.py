@@ -26,7 +26,7 @@ from normops import op_for
 from ..errors import NormfuseError, UsageError
 from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, inline_small_external_data, load_graph_only, save_model,
                        share_external_data)
-from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, dtype_name
+from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name
 from .gamma import fold_gamma
 from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset
 from .functions import inline_norm_functions
@@ -99,7 +99,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     graph = _import_with_shapes(model)
     scopes = scopes_of(graph)
     for scope in scopes:
-        report.notes += _drop_identity_casts(scope.graph, scope.outputs, scope.name)
+        report.notes += _drop_identities(scope.graph, scope.outputs, scope.name)
 
     claimed: set[int] = set()  # ids of nodes already taken by a chosen candidate, in any graph
     candidates = []
@@ -252,27 +252,51 @@ def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
             stub.external_data.add(key="location", value="weights-not-read")
 
 
-def _drop_identity_casts(graph: gs.Graph, graph_outputs: set, scope: str = "main") -> list[str]:
-    """Bypass Casts to the dtype their input already has (TorchScript writes `x.float()` on fp32
-    x as one, and then reuses its output for the residual, hiding the Add in front of the norm)."""
-    dropped = 0
+def _drop_identities(graph: gs.Graph, graph_outputs: set, scope: str = "main") -> list[str]:
+    """Bypass nodes that give their input back unchanged: Identity (paddle2onnx writes one after
+    each residual Add), a Cast to the dtype its input already has (TorchScript's `x.float()` on
+    fp32 x, whose output it then reuses for the residual) and a Mul by a constant 1 that broadcasts
+    nothing (paddle2onnx writes `var + eps` as Mul(var, 1) + eps). Each would hide a norm's parts."""
+    dropped = {"Identity": 0, "Cast": 0, "Mul": 0}
     for node in graph.nodes:
-        if node.op != "Cast" or not node.outputs or node.outputs[0].name in graph_outputs:
+        if node.op not in dropped or (node.domain or "") not in ("", "ai.onnx") or not node.outputs \
+                or node.outputs[0].name in graph_outputs:
             continue
         source, out = node.inputs[0], node.outputs[0]
-        if source.dtype is None or dtype_name(source) != FLOAT_TYPES.get(int(node.attrs.get("to", -1))):
+        if node.op == "Cast" and (source.dtype is None or dtype_name(source) != FLOAT_TYPES.get(int(node.attrs.get("to", -1)))):
             continue
+        if node.op == "Mul":
+            source = _times_one(node)
+            if source is None:
+                continue
         for consumer in list(out.outputs):
             for i, t in enumerate(consumer.inputs):
                 if t is out:
                     consumer.inputs[i] = source
-        # inputs too: a dead Cast still listed among its source's consumers would make that
+        # inputs too: a dead node still listed among its source's consumers would make that
         # tensor look used outside a norm (a Cast before gamma's Mul kept gamma out of the fusion)
         node.inputs.clear()
         node.outputs.clear()
-        dropped += 1
+        dropped[node.op] += 1
     where = "" if scope == "main" else f" in {scope}"
-    return [f"bypassed {dropped} identity Cast node(s){where}"] if dropped else []
+    what = {"Identity": "Identity node(s)", "Cast": "identity Cast node(s)", "Mul": "Mul(s) by 1"}
+    said = [f"{n} {what[op]}" for op, n in dropped.items() if n]
+    return [f"bypassed {', '.join(said)}{where}"] if said else []
+
+
+def _times_one(node: gs.Node) -> gs.Tensor | None:
+    """The operand of Mul(t, 1) when the product is t itself: the other operand a constant 1 with
+    one element and no more axes than t (so it broadcasts nothing), of t's dtype."""
+    inputs = list(node.inputs)
+    if len(inputs) != 2:
+        return None
+    for t, c in (inputs, inputs[::-1]):
+        one = constant_value(c)
+        if one is None or one.size != 1 or float(one.reshape(())) != 1.0 or t.shape is None:
+            continue
+        if one.ndim <= len(t.shape) and dtype_name(t) is not None and dtype_name(t) == dtype_name(c):
+            return t
+    return None
 
 
 def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions, opset, report, claimed) -> list[NormCandidate]:
