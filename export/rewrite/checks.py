@@ -72,8 +72,8 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """Value of a small constant (initializer, Constant node output, or a Cast/CastLike of one, as
     Flax writes epsilon: CastLike(eps, x)); None otherwise."""
     if isinstance(tensor, gs.Constant):
-        if int(np.prod(tensor.shape)) > SMALL_CONSTANT:
-            return None
+        if int(np.prod(tensor.shape)) > SMALL_CONSTANT or getattr(tensor, "data_location", None) == onnx.TensorProto.EXTERNAL:
+            return None  # a weight: its bytes are never read here
         return np.asarray(tensor.values)
     node = producer(tensor)
     if node is not None and node.op == "Constant":

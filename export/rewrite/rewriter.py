@@ -291,6 +291,8 @@ def _times_one(node: gs.Node) -> gs.Tensor | None:
     if len(inputs) != 2:
         return None
     for t, c in (inputs, inputs[::-1]):
+        if c.shape is None or any(not isinstance(d, int) for d in c.shape) or math.prod(c.shape) != 1:
+            continue
         one = constant_value(c)
         if one is None or one.size != 1 or float(one.reshape(())) != 1.0 or t.shape is None:
             continue
