@@ -217,11 +217,15 @@ def input_dims(spec, batch: int, seq: int) -> list[int]:
     return [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
 
 
+def batch_and_seq(shape) -> tuple[int, int]:
+    """(batch, sequence) of an input's shape, as records name it: its first two dims (1 where it has fewer)."""
+    dims = list(shape) + [1, 1]
+    return int(dims[0]), int(dims[1])
+
+
 def leading_dims(feeds: dict) -> tuple[int, int]:
-    """(batch, sequence) of a set of inputs, as records name their shape: the first input's first
-    two dims (1 where it has fewer)."""
-    shape = list(np.shape(next(iter(feeds.values())))) + [1, 1]
-    return int(shape[0]), int(shape[1])
+    """(batch, sequence) of a set of inputs: the first input's."""
+    return batch_and_seq(np.shape(next(iter(feeds.values()))))
 
 
 def shape_taken(model_path: str | Path, batch: int, seq: int) -> tuple[int, int]:
@@ -230,10 +234,7 @@ def shape_taken(model_path: str | Path, batch: int, seq: int) -> tuple[int, int]
     from .triton_repo import onnx_signature
 
     inputs, _ = onnx_signature(model_path)
-    if not inputs:
-        return batch, seq
-    dims = input_dims(inputs[0], batch, seq) + [1, 1]
-    return int(dims[0]), int(dims[1])
+    return batch_and_seq(input_dims(inputs[0], batch, seq)) if inputs else (batch, seq)
 
 
 def index_bounds(model_path: str | Path) -> dict[str, int]:

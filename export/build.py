@@ -260,10 +260,10 @@ class Pipeline:
         self.validation_shapes = list(dict.fromkeys(shape_taken(reference, b, s) for b, s in VALIDATION_SHAPES))
         self.bench_shape = shape_taken(reference, a.batch, a.seq)
         asked = list(dict.fromkeys(VALIDATION_SHAPES + [(a.batch, a.seq)]))
-        taken = list(dict.fromkeys(self.validation_shapes + [self.bench_shape]))
-        if taken != asked:
+        self.shapes_run = list(dict.fromkeys(self.validation_shapes + [self.bench_shape]))  # the bench shape may be 1x16 too
+        if self.shapes_run != asked:
             self.console.print(f"    the model fixes its batch or sequence axis: shapes {', '.join(f'{b}x{s}' for b, s in asked)} "
-                               f"run as {', '.join(f'{b}x{s}' for b, s in taken)}")
+                               f"run as {', '.join(f'{b}x{s}' for b, s in self.shapes_run)}")
 
     def validate(self, reference, fused, fused_cpu, fused_trt, backends, dtype, engines=None) -> list[dict]:
         """Each fused graph against the reference on the backends present; `fused_cpu` None: the
@@ -271,7 +271,7 @@ class Pipeline:
         from .validate import Side, compare
 
         a = self.args
-        shapes = list(dict.fromkeys(self.validation_shapes + [self.bench_shape]))  # the bench shape may be 1x16 too
+        shapes = self.shapes_run
         pairs = []
         with self.stage("validate", f"validate fused vs reference at {', '.join(f'{b}x{s}' for b, s in shapes)}"):
             # The TensorRT-target graph, with normfuse ops evaluated by the normops references.

@@ -88,6 +88,8 @@ def gpu_memory_used_mb() -> float | None:
 
 def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
     """Latency of `runs` runs after `warmup`, on inputs bound once (`model.bind`)."""
+    from .backends import leading_dims
+
     key = model.bind(feeds)  # inputs bound (on a GPU uploaded) once: the timings are not copies
     if hasattr(model, "launch"):  # TensorRT
         def step():
@@ -95,9 +97,8 @@ def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
             model.stream.synchronize()
     else:  # ONNX Runtime
         step = model.run_bound
-    first = next(iter(feeds.values()))
-    tokens = int(first.shape[0]) * int(first.shape[1]) if len(first.shape) >= 2 else 1
-    return time_runs(step, runs, warmup, tokens)
+    batch, seq = leading_dims(feeds)  # the bench worker's rule: ONNX Runtime and TensorRT records agree
+    return time_runs(step, runs, warmup, batch * seq)
 
 
 def time_runs(step, runs: int, warmup: int, tokens: int) -> dict:

@@ -68,11 +68,16 @@ def dtype_name(tensor: gs.Tensor) -> str | None:
         return getattr(dtype, "name", str(dtype))
 
 
+def is_external(tensor: gs.Tensor) -> bool:
+    """A constant whose bytes are in an external file: never read by the rewriter."""
+    return getattr(tensor, "data_location", None) == onnx.TensorProto.EXTERNAL
+
+
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """Value of a small constant (initializer, Constant node output, or a Cast/CastLike of one, as
     Flax writes epsilon: CastLike(eps, x)); None otherwise."""
     if isinstance(tensor, gs.Constant):
-        if int(np.prod(tensor.shape)) > SMALL_CONSTANT or getattr(tensor, "data_location", None) == onnx.TensorProto.EXTERNAL:
+        if int(np.prod(tensor.shape)) > SMALL_CONSTANT or is_external(tensor):
             return None  # a weight: its bytes are never read here
         return np.asarray(tensor.values)
     node = producer(tensor)
@@ -186,8 +191,10 @@ DATA_VARS = frozenset({"x", "gamma", "beta", "skip", "skip_bias"})
 
 def _check_not_overridable(match: Match, overridable: set) -> None:
     for name, tensor in match.tensors.items():
-        tensor = tensor if name in DATA_VARS else constant_source(tensor)
-        if name not in DATA_VARS and tensor.name in overridable:
+        if name in DATA_VARS:
+            continue
+        tensor = constant_source(tensor)
+        if tensor.name in overridable:
             raise Rejected(f"'{tensor.name}' is an initializer that is also a graph input: its value can be "
                            f"overridden at run time, so it is not a constant")
 
@@ -293,7 +300,7 @@ def _reads_type_for_the_norm(consumer: gs.Node, tensor: gs.Tensor, inside: set, 
     writes epsilon as CastLike(eps, x)), it is a constant of the norm and goes with it."""
     if consumer.op != "CastLike" or len(consumer.inputs) != 2 or consumer.inputs[1] is not tensor:
         return False
-    if consumer.inputs[0] is tensor or constant_value(consumer.inputs[0]) is None:
+    if constant_value(consumer.inputs[0]) is None:
         return False
     result = consumer.outputs[0]
     return result.name not in graph_outputs and all(id(c) in inside for c in result.outputs)

@@ -12,12 +12,11 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from normops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, numpy_dtype, op_for
 
-from .checks import ONNX_TYPES, NormCandidate, dtype_name
+from .checks import ONNX_TYPES, NormCandidate, dtype_name, is_external
 from .scopes import walk_graphs
 
 TARGETS = ("tensorrt", "onnxruntime", "onnx")
@@ -153,7 +152,7 @@ def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: 
         return gs.Constant(names(name), np.full((hidden,), fill, dtype=numpy_dtype(dtype)))
     if list(tensor.shape) == [hidden]:
         return tensor
-    if isinstance(tensor, gs.Constant) and getattr(tensor, "data_location", None) != onnx.TensorProto.EXTERNAL:
+    if isinstance(tensor, gs.Constant) and not is_external(tensor):
         # in memory already (a few values per feature): reshaped here rather than by a Reshape node
         return gs.Constant(names(f"{tensor.name}_flat"), np.asarray(tensor.values).reshape(hidden))
     flat = gs.Variable(names(f"{tensor.name}_flat"), dtype=tensor.dtype, shape=[hidden])

@@ -9,12 +9,11 @@ as external data are never read: their expression stays in the graph and the rep
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from normops import SUPPORTED_DTYPES, numpy_dtype
 
-from .checks import NormCandidate, constant_value, dtype_name
+from .checks import NormCandidate, constant_value, dtype_name, is_external
 from .matcher import present_inputs, producer
 
 FOLDABLE = ("Add", "Cast")
@@ -35,7 +34,7 @@ def fold_gamma(candidate: NormCandidate, overridable: set = frozenset()) -> str 
         return f"gamma of '{candidate.output.name}' is {what} ('{node.name}'), also used elsewhere: left in the graph"
     if weight.name in overridable:
         return f"gamma of '{candidate.output.name}' is {what} ('{node.name}') of a weight that is also a graph input: left in the graph"
-    if _external(weight):
+    if is_external(weight):
         return f"gamma of '{candidate.output.name}' is {what} ('{node.name}') of an external weight: left in the graph"
     w = np.asarray(weight.values)
     folded = (w.astype(np.float64) + value) if node.op == "Add" else w
@@ -57,7 +56,3 @@ def _operands(node: gs.Node):
         if isinstance(w, gs.Constant) and one is not None and one.size == 1 and len(w.shape) >= 1:
             return w, float(one.reshape(()))
     return None, None
-
-
-def _external(tensor: gs.Constant) -> bool:
-    return getattr(tensor, "data_location", None) == onnx.TensorProto.EXTERNAL

@@ -294,9 +294,9 @@ def _times_one(node: gs.Node) -> gs.Tensor | None:
         if c.shape is None or any(not isinstance(d, int) for d in c.shape) or math.prod(c.shape) != 1:
             continue
         one = constant_value(c)
-        if one is None or one.size != 1 or float(one.reshape(())) != 1.0 or t.shape is None:
+        if one is None or float(one.reshape(())) != 1.0 or t.shape is None:
             continue
-        if one.ndim <= len(t.shape) and dtype_name(t) is not None and dtype_name(t) == dtype_name(c):
+        if len(c.shape) <= len(t.shape) and dtype_name(t) is not None and dtype_name(t) == dtype_name(c):
             return t
     return None
 
