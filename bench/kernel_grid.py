@@ -66,6 +66,15 @@ def layout_of_label(impl: str) -> tuple[int, ...] | None:
     return layout[:2] if len(layout) == 3 and layout[2] == 1 else layout
 
 
+SPLIT_MAX_TOKENS = 512  # --split times the split-row layouts up to this many rows (decode, short prefill)
+
+
+def split_label(layout: tuple[int, ...]) -> str:
+    """The impl name of a --split cell: split[TPRxCxS], S blocks (a cluster) of TPR threads per row."""
+    tpr, c, _, ctas = layout
+    return f"split[{tpr}x{c}x{ctas}]"
+
+
 def moved_bytes(op: str, dtype: str, tokens: int, hidden: int) -> int:
     spec = OPS[op]
     item = config.ITEMSIZE[dtype]

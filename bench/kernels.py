@@ -49,8 +49,8 @@ import torch.nn.functional as F  # noqa: E402
 # nothing from this one: kernel_grid (the cells), kernel_timing (CUDA-event timing, references),
 # kernel_sources (--sources versions), kernel_ab (their timing side by side), kernel_static (--static).
 from kernel_ab import report_variants, run_variants  # noqa: E402
-from kernel_grid import (DTYPES, EPS, HIDDEN, TARGET_HIDDEN, candidate_layouts, layout_label,  # noqa: E402
-                         moved_bytes, shapes)
+from kernel_grid import (DTYPES, EPS, HIDDEN, SPLIT_MAX_TOKENS, TARGET_HIDDEN, candidate_layouts,  # noqa: E402
+                         layout_label, moved_bytes, shapes, split_label)
 from kernel_sources import VariantError, materialise, parse_sources, save_sources  # noqa: E402
 from kernel_static import report_static, static_analysis  # noqa: E402
 from kernel_timing import SameSizeCopy, Timer, device_info, reference_timings, summarise, tensors  # noqa: E402
@@ -136,6 +136,10 @@ def run(args) -> dict:
                         for k, layout in enumerate(config.tactic_layouts(op, dtype, hidden)[1:], start=2):
                             f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
                             cells[f"tactic{k}"] = (f2, c2.kernel)
+                    if args.split and tokens <= SPLIT_MAX_TOKENS:  # clusters of blocks per row (sm_90+)
+                        for layout in config.split_layouts(dtype, hidden):
+                            f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
+                            cells[split_label(layout)] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
                     if tokens <= 32:
@@ -202,7 +206,7 @@ def report(data: dict) -> str:
             wm = w["median_us"] if w else float("nan")
             lines.append(f"| {op} | {dtype} | {tokens}x{hidden} | {r['median_us']:.2f} | {r['median_us'] - empty:+.2f} | "
                          f"{wm:.2f} | {wm - warm:+.2f} |")
-    return "\n".join(lines + tactic_report(rows))
+    return "\n".join(lines + tactic_report(rows) + split_report(rows, empty))
 
 
 def tactic_report(rows: list[dict]) -> list[str]:
@@ -225,6 +229,29 @@ def tactic_report(rows: list[dict]) -> list[str]:
         best = min(named, key=lambda name: named[name]["median_us"])
         saved = 1 - named[best]["median_us"] / named["tactic1"]["median_us"]
         lines.append(f"| {op} | {dtype} | {tokens}x{hidden} | {timed} | {best[6:]} | {saved:.0%} |")
+    return lines
+
+
+def split_report(rows: list[dict], empty_us: float) -> list[str]:
+    """With --split: per cell, the launch table's one-block-per-row kernel against the fastest
+    split-row layout (a cluster of S blocks per row), both L2 flushed, and each over an empty launch."""
+    by_cell: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["impl"] == "normfuse" or r["impl"].startswith("split["):
+            by_cell.setdefault((r["op"], r["dtype"], r["tokens"], r["hidden"]), {})[r["impl"]] = r
+    cells = {key: impls for key, impls in by_cell.items() if len(impls) > 1 and "normfuse" in impls}
+    if not cells:
+        return []
+    lines = ["", "split-row layouts (a cluster of S blocks per row, TPRxCxS): median us after an L2 flush",
+             "| op | dtype | tokens x hidden | table us (over empty) | fastest split | split us (over empty) | "
+             "speed-up | every split us |", "|---|---|---|---|---|---|---|---|"]
+    for (op, dtype, tokens, hidden), impls in sorted(cells.items()):
+        table = impls["normfuse"]["median_us"]
+        splits = {name: r["median_us"] for name, r in impls.items() if name != "normfuse"}
+        best = min(splits, key=splits.get)
+        every = "; ".join(f"{name[6:-1]}: {us:.2f}" for name, us in sorted(splits.items()))
+        lines.append(f"| {op} | {dtype} | {tokens}x{hidden} | {table:.2f} ({table - empty_us:+.2f}) | {best[6:-1]} | "
+                     f"{splits[best]:.2f} ({splits[best] - empty_us:+.2f}) | {table / splits[best]:.2f}x | {every} |")
     return lines
 
 
@@ -263,6 +290,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tactics", action="store_true",
                    help="also time the other layouts the TensorRT plugins offer as tactics, at every token count "
                         "(decode included): which one TensorRT's autotuner would keep for a profile")
+    p.add_argument("--split", action="store_true",
+                   help=f"also time the split-row layouts (a cluster of blocks per row; sm_90 and newer) at up to "
+                        f"{SPLIT_MAX_TOKENS} tokens")
     p.add_argument("--compile-dtypes", nargs="*", default=["bfloat16"], help="dtypes to time torch.compile on")
     p.add_argument("--dtypes", nargs="*", help="dtypes to run (default: bf16 with --quick, else all)")
     p.add_argument("--tokens", nargs="*", type=int, help="token counts to run (default: the grid)")
@@ -349,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table)
         return
     stem = (f"{gpu}-kernels" + ("-quick" if args.quick else "") + ("-tune" if args.tune else "")
-            + ("-tactics" if args.tactics else ""))
+            + ("-tactics" if args.tactics else "") + ("-split" if args.split else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     table = report(data)
     (args.out / f"{stem}.md").write_text(table + "\n")

@@ -18,3 +18,16 @@
     }
 
 NORMFUSE_VARIANTS(NORMFUSE_ENTRY)
+
+// Split-row variants (sm_90+, norm_common.cuh): a cluster of S blocks shares each row.
+#define NORMFUSE_SPLIT_ENTRY(TPR, S, C)                                                        \
+    extern "C" __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(TPR)                \
+        NORMFUSE_SPLIT_KERNEL_NAME(add_layer_norm, TPR, S, C)(                                 \
+            const NORMFUSE_X* x, const NORMFUSE_X* residual, const NORMFUSE_G* gamma,          \
+            const NORMFUSE_G* beta, int rows, int hidden, int eps_bits, NORMFUSE_X* y,         \
+            NORMFUSE_X* sum) {                                                                 \
+        normfuse::norm_row_split<TPR, S, C, /*centered=*/true, /*residual=*/true>(             \
+            x, residual, gamma, beta, rows, hidden, eps_bits, y, sum);                         \
+    }
+
+NORMFUSE_SPLIT_VARIANTS(NORMFUSE_SPLIT_ENTRY)

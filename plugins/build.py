@@ -69,18 +69,26 @@ def _arch_number(arch: str) -> str:
 
 
 def module_source(op: str, x_dtype: str, gamma_dtype: str | None,
-                  variant: tuple[int, int, int] | None = None, defines: tuple[str, ...] = ()) -> str:
+                  variant: tuple[int, ...] | None = None, defines: tuple[str, ...] = (),
+                  arch: str = DEFAULT_ARCH) -> str:
     """The translation unit nvcc compiles: the op's .cu with its dtypes and launch variants fixed.
 
-    `variant` (threads per row, rows per block, slots) keeps one entry point; None keeps all.
+    `variant` (threads per row, rows per block, slots[, blocks per row]) keeps one entry point;
+    None keeps all that `arch` supports (the split-row variants need sm_90 or newer).
     `defines` ("NAME" or "NAME=VALUE") are #defined first: compile-time switches of the kernels.
     """
     g = config.gamma_dtype_name(x_dtype, gamma_dtype)
-    chosen = config.variants(x_dtype) if variant is None else [tuple(variant)]
+    split_ok = config.supports_split(arch)
+    available = config.variants(x_dtype) + (config.split_variants(x_dtype) if split_ok else [])
+    chosen = available if variant is None else [tuple(variant)]
     for v in chosen:
-        if v not in config.variants(x_dtype):
+        if v not in available:
+            if v in config.split_variants(x_dtype):
+                raise ValueError(f"{v} is a split-row variant: it needs thread block clusters, sm_90 or newer, "
+                                 f"not {arch}")
             raise ValueError(f"{v} is not a compiled variant for {x_dtype}")
-    variants = " ".join(f"V({t}, {r}, {c})" for t, r, c in chosen)
+    one_block = " ".join(f"V({t}, {r}, {c})" for t, r, c in (v for v in chosen if len(v) == 3))
+    split = " ".join(f"W({t}, {s}, {c})" for t, _, c, s in (v for v in chosen if len(v) == 4))
     switches = ""
     for d in defines:
         if not _DEFINE.fullmatch(d):
@@ -89,8 +97,9 @@ def module_source(op: str, x_dtype: str, gamma_dtype: str | None,
         switches += f"#define {name} {value or 1}\n"
     return (switches + f"#define NORMFUSE_X {config.CUDA_TYPE[x_dtype]}\n"
             f"#define NORMFUSE_G {config.CUDA_TYPE[g]}\n"
-            f"#define NORMFUSE_VARIANTS(V) {variants}\n"
-            f'#include "{source_path(op).name}"\n')
+            f"#define NORMFUSE_VARIANTS(V) {one_block}\n"
+            + (f"#define NORMFUSE_SPLIT_VARIANTS(W) {split}\n" if split else "")
+            + f'#include "{source_path(op).name}"\n')
 
 
 def nvcc_flags(arch: str) -> list[str]:
@@ -129,13 +138,14 @@ def env_defines() -> tuple[str, ...]:
 
 
 def get_ptx(op: str, x_dtype: str, gamma_dtype: str | None = None, arch: str | None = None,
-            variant: tuple[int, int, int] | None = None, source_dir: Path | str | None = None,
+            variant: tuple[int, ...] | None = None, source_dir: Path | str | None = None,
             defines: tuple[str, ...] | None = None) -> str:
     """PTX text of `op`'s module for x in `x_dtype` and gamma/beta in `gamma_dtype` (None: x's).
 
-    With `variant` = (threads per row, rows per block, slots) the module holds only that kernel
-    (what the TensorRT plugin embeds and the launcher loads, see `ptx_for_launch`); without it,
-    every variant of `config.variants` (what the ptxas check assembles). `source_dir` and
+    With `variant` = (threads per row, rows per block, slots[, blocks per row]) the module holds
+    only that kernel (what the TensorRT plugin embeds and the launcher loads, see
+    `ptx_for_launch`); without it, every variant of `config.variants`, and on sm_90 and newer of
+    `config.split_variants` (what the ptxas check assembles). `source_dir` and
     `defines`: another copy of the sources, compile-time switches (see the module docstring);
     `defines=None` takes $NORMFUSE_AB_DEFINES, normally unset.
     """
@@ -149,17 +159,16 @@ def ptx_for_launch(op: str, x_dtype: str, gamma_dtype: str | None, cfg: config.L
                    arch: str | None = None, source_dir: Path | str | None = None,
                    defines: tuple[str, ...] | None = None) -> str:
     """The one-kernel module that runs `cfg`."""
-    return get_ptx(op, x_dtype, gamma_dtype, arch, (cfg.threads_per_row, cfg.rows_per_block, cfg.slots),
-                   source_dir, defines)
+    return get_ptx(op, x_dtype, gamma_dtype, arch, cfg.variant, source_dir, defines)
 
 
 @lru_cache(maxsize=None)
-def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, int, int] | None,
+def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, ...] | None,
              source_dir: str | None = None, defines: tuple[str, ...] = ()) -> str:
     sources = Path(source_dir) if source_dir else SOURCE_DIR
     flags = nvcc_flags(arch)
-    unit = module_source(op, x_dtype, g, variant, defines)
-    tag = "all" if variant is None else "t{}_r{}_c{}".format(*variant)
+    unit = module_source(op, x_dtype, g, variant, defines, arch)
+    tag = "all" if variant is None else "t{}_r{}_c{}".format(*variant) + "".join(f"_s{s}" for s in variant[3:])
     name = (f"{config.FAMILY[op]}_{config.SHORT[x_dtype]}_{config.SHORT[g]}_{arch}_{tag}_"
             f"{_cache_key(op, unit, flags, sources)}.ptx")
     cached = cache_dir() / name
@@ -214,7 +223,8 @@ def prebuild(arch: str | None = None, jobs: int | None = None, ops=None, dtypes=
     for op in ops or OPS:
         for x in dtypes or SUPPORTED_DTYPES:
             for g in dict.fromkeys((x, "float32")):
-                for v in config.variants(x):
+                split = config.split_variants(x) if config.supports_split(arch) else []
+                for v in config.variants(x) + split:
                     work.append((op, x, g, arch, v))
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
         list(pool.map(lambda w: get_ptx(*w), work))

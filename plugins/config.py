@@ -11,6 +11,11 @@ reduces and writes the current one, so a short row's latency is hidden by the ne
 instead of by more resident blocks. The launch table picks K = 1 unless a measured entry says
 otherwise; `layout=(TPR, C, K)` forces one.
 
+A split-row variant (sm_90 and newer) spreads each row over a cluster of S blocks of TPR threads,
+each holding a slice of C * V * TPR elements; `layout=(TPR, C, 1, S)` forces one. It is meant for
+decode (a few rows over thousands of elements), where one block per row leaves most SMs idle; the
+launch table picks none until a GPU sweep says so.
+
 `launch_config` works on plain ints (the launcher) and on TensorRT's symbolic shape expressions
 (`aot_impl`, where the number of rows may be dynamic): it only adds and floor-divides `rows`.
 """
@@ -35,6 +40,12 @@ MAX_VALUES_PER_THREAD = 32  # fp32 values of x a thread keeps in registers (C * 
 BLOCK_THREADS_SMALL_ROWS = 256
 ROW_LOOPS = (2, 4)  # rows each group normalises in turn, in the row-loop variants
 ROW_LOOP_MAX_THREADS = 256  # row-loop variants exist for groups of at most this many threads
+# Split-row variants: a thread block cluster of S blocks of TPR threads shares each row (decode: a
+# few long rows would otherwise keep a few SMs busy and the rest idle). Clusters need sm_90.
+SPLIT_THREADS = (128, 256)
+SPLIT_CTAS = (2, 4, 8)  # blocks per row (the cluster); 8 is the portable cluster size
+SPLIT_SLOTS = (1, 2)  # registers for gamma/beta too, loaded before the statistics
+SPLIT_MIN_ARCH = 90
 
 # Register slots per thread the table aims for (each slot one 16-byte vector): more slots mean more
 # loads in flight per thread and fewer threads per row; tuned on an H100 (bench/README.md).
@@ -74,6 +85,7 @@ class LaunchConfig:
     slots: int
     vector: int  # elements per 16-byte vector
     rows_per_group: int = 1  # > 1: a row-loop variant
+    ctas_per_row: int = 1  # > 1: a split-row variant, a cluster of this many blocks per row
 
     @property
     def groups_per_block(self) -> int:
@@ -82,7 +94,13 @@ class LaunchConfig:
     @property
     def capacity(self) -> int:
         """Longest row kept in registers; longer rows are streamed (read twice)."""
-        return self.slots * self.vector * self.threads_per_row
+        return self.slots * self.vector * self.threads_per_row * self.ctas_per_row
+
+    @property
+    def variant(self) -> tuple[int, ...]:
+        """The compiled variant that runs this launch (see `variants` and `split_variants`)."""
+        base = (self.threads_per_row, self.rows_per_block, self.slots)
+        return base if self.ctas_per_row == 1 else base + (self.ctas_per_row,)
 
 
 def _spec(op: str | OpSpec) -> OpSpec:
@@ -127,8 +145,28 @@ def variants(dtype: str) -> list[tuple[int, int, int]]:
     return one + looped
 
 
-def kernel_name(op: str | OpSpec, threads_per_row: int, rows_per_block: int, slots: int) -> str:
-    return f"normfuse_{FAMILY[_spec(op).name]}_t{threads_per_row}_r{rows_per_block}_c{slots}"
+def split_variants(dtype: str) -> list[tuple[int, int, int, int]]:
+    """Every split-row variant (TPR, 1, C, S) compiled into an sm_90+ module for x in `dtype`."""
+    return [(t, 1, c, s) for s in SPLIT_CTAS for t in SPLIT_THREADS for c in SPLIT_SLOTS
+            if c in slot_choices(dtype)]
+
+
+def arch_number(arch: str) -> int:
+    """90 for "sm_90", "compute_90" or "90"."""
+    number = arch.removeprefix("sm_").removeprefix("compute_")
+    if not number.isdigit():
+        raise ValueError(f"not a CUDA architecture: {arch!r}")
+    return int(number)
+
+
+def supports_split(arch: str) -> bool:
+    return arch_number(arch) >= SPLIT_MIN_ARCH
+
+
+def kernel_name(op: str | OpSpec, threads_per_row: int, rows_per_block: int, slots: int,
+                ctas_per_row: int = 1) -> str:
+    split = f"_s{ctas_per_row}" if ctas_per_row > 1 else ""
+    return f"normfuse_{FAMILY[_spec(op).name]}_t{threads_per_row}_r{rows_per_block}_c{slots}{split}"
 
 
 def _pow2_at_least(n: int) -> int:
@@ -189,17 +227,40 @@ def tactic_layout(op: str | OpSpec, dtype: str, hidden: int | None, tactic: int)
     return layouts[tactic - 1] if 1 <= tactic <= len(layouts) else layouts[0]
 
 
+def split_layouts(dtype: str, hidden: int) -> list[tuple[int, int, int, int]]:
+    """The split-row layouts (TPR, C, 1, S) that hold a row of `hidden` elements in registers and
+    use more than half of them (so no block of the cluster is idle but where S slices cannot
+    divide the row), fewest threads first."""
+    v = vector_width(dtype)
+    out = []
+    for tpr, _, c, s in split_variants(dtype):
+        capacity = c * v * tpr * s
+        if capacity // 2 < hidden <= capacity:
+            out.append((tpr, c, 1, s))
+    return sorted(out, key=lambda lo: (lo[0] * lo[3], lo[1]))
+
+
 def launch_config(op: str | OpSpec, dtype: str, rows: Any, hidden: int | None,
                   layout: tuple[int, ...] | None = None) -> LaunchConfig:
     """Kernel name and launch shape for `rows` rows of `hidden` elements.
 
-    `layout` forces (threads per row, slots) or (threads per row, slots, rows per group) (tests
-    and tuning); by default the table decides.
+    `layout` forces (threads per row, slots), (threads per row, slots, rows per group) or, for a
+    split-row variant, (threads per row, slots, 1, blocks per row) (tests and tuning); by default
+    the table decides.
     """
     spec = _spec(op)
     chosen = tuple(layout) if layout is not None else choose_layout(dtype, hidden, spec)
     tpr, slots = chosen[0], chosen[1]
     per_group = chosen[2] if len(chosen) > 2 else 1
+    ctas = chosen[3] if len(chosen) > 3 else 1
+    if ctas > 1:
+        if (tpr, 1, slots, ctas) not in split_variants(dtype) or per_group != 1:
+            raise ValueError(f"no split-row variant with {tpr} threads, {slots} slots and {ctas} blocks per row "
+                             f"(and 1 row per group) for {dtype}")
+        # one cluster of `ctas` blocks per row: the grid is rows * ctas blocks of tpr threads
+        return LaunchConfig(kernel=kernel_name(spec, tpr, 1, slots, ctas), grid=rows * ctas, block=tpr,
+                            shared_mem=0, threads_per_row=tpr, rows_per_block=1, slots=slots,
+                            vector=vector_width(dtype), ctas_per_row=ctas)
     if tpr not in THREADS_PER_ROW or slots not in slot_choices(dtype) or per_group not in row_loops(tpr):
         raise ValueError(f"no compiled variant with {tpr} threads per row, {slots} slots and "
                          f"{per_group} rows per group for {dtype}")

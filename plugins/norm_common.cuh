@@ -670,6 +670,234 @@ __device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G
     }
 }
 
+
+// ---------------------------------------------------------------- split-row variants (sm_90+)
+// Only in modules built with NORMFUSE_SPLIT_VARIANTS (plugins/build.py defines it for sm_90 and
+// newer), so the other kernels' modules are the same text with or without this section.
+#ifdef NORMFUSE_SPLIT_VARIANTS
+// A few long rows (decode: 1 to 32 tokens) give a one-row-per-block kernel as many blocks as rows,
+// so one SM reads, reduces and writes a whole row while the others idle, and that SM's bandwidth
+// and round trips set the launch's time. A split variant spreads each row over a thread block
+// cluster of S blocks: block r keeps the r-th slice of C * V * TPR elements in registers, reduces
+// it, and the S partial statistics are exchanged through distributed shared memory. Every block
+// combines them in rank order, so all blocks of a row use the same mean and rstd bits.
+// LayerNorm's partials are exact moments of each slice (two passes over registers), merged with
+// Chan's rule. gamma/beta are loaded with x, before the statistics: these launches are
+// latency-bound, and at C <= 2 they cost few registers. Rows longer than S slices stream each
+// slice (read twice), a fallback for a forced layout.
+}  // namespace normfuse
+#include <cooperative_groups.h>
+namespace normfuse {
+namespace cg = cooperative_groups;
+
+// `mine` (the same in every thread of a block) combined over the S blocks of this block's cluster
+// in rank order; every thread of the cluster gets the same bits. The caller must reach
+// cluster_release() before exiting: a peer may still be reading this block's partial.
+template <int S, typename R>
+__device__ __forceinline__ R cluster_allreduce(R mine) {
+    __shared__ R partial;
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) partial = mine;
+    cluster.sync();  // every block's partial is written and visible to the cluster
+    R total = *cluster.map_shared_rank(&partial, 0);
+    #pragma unroll
+    for (int r = 1; r < S; ++r) total = combine(total, *cluster.map_shared_rank(&partial, r));
+    cluster.barrier_arrive();  // this block has read its peers' partials
+    return total;
+}
+
+__device__ __forceinline__ void cluster_release() { cg::this_cluster().barrier_wait(); }
+
+// This block's slice of a row held in registers; kVec as in row_in_registers, with indices
+// offset by the slice's first element.
+template <bool kVec, int TPR, int S, int C, bool kCentered, bool kResidual, typename T, typename G>
+__device__ __forceinline__ void slice_in_registers(const RowArgs<kCentered, kResidual, T, G>& a, int rank) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+    constexpr int kSlice = C * V * TPR;
+    const int base = rank * kSlice;
+    auto index = [&](int c, int j) {
+        return base + (kVec ? (c * TPR + a.lane) * V + j : (c * V + j) * TPR + a.lane);
+    };
+    auto valid = [&](int c, int j) { return index(c, j) < a.hidden; };
+
+    // 1. x (+ residual), gamma (+ beta): every load issued before any use
+    float v[C][V], g[C][V], b[kCentered ? C : 1][V];
+    #pragma unroll
+    for (int c = 0; c < C; ++c) {
+        if constexpr (kVec) {
+            if (valid(c, 0)) {
+                load_vec<T, V>(a.x + index(c, 0), v[c]);
+                if constexpr (kResidual) {
+                    float r[V];
+                    load_vec<T, V>(a.residual + index(c, 0), r);
+                    #pragma unroll
+                    for (int j = 0; j < V; ++j) v[c][j] += r[j];
+                }
+                load_vec<G, V>(a.gamma + index(c, 0), g[c]);
+                if constexpr (kCentered) load_vec<G, V>(a.beta + index(c, 0), b[c]);
+            } else {
+                #pragma unroll
+                for (int j = 0; j < V; ++j) v[c][j] = 0.f;
+            }
+        } else {
+            #pragma unroll
+            for (int j = 0; j < V; ++j) {
+                v[c][j] = 0.f;
+                if (valid(c, j)) {
+                    const int i = index(c, j);
+                    v[c][j] = load_one(a.x + i);
+                    if constexpr (kResidual) v[c][j] += load_one(a.residual + i);
+                    g[c][j] = load_one(a.gamma + i);
+                    if constexpr (kCentered) b[c][j] = load_one(a.beta + i);
+                }
+            }
+        }
+    }
+
+    // 2. the Add forms write x + residual right away
+    if constexpr (kResidual) {
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+            if constexpr (kVec) {
+                if (valid(c, 0)) store_vec<T, V>(a.sum + index(c, 0), v[c]);
+            } else {
+                #pragma unroll
+                for (int j = 0; j < V; ++j)
+                    if (valid(c, j)) a.sum[index(c, j)] = from_float<T>(v[c][j]);
+            }
+        }
+    }
+
+    // 3. statistics of the slice, then of the row
+    float mean = 0.f, rstd;
+    if constexpr (kCentered) {
+        const int n = min(max(a.hidden - base, 0), kSlice);  // this slice's elements
+        float s = 0.f;  // slots past the end hold zeros
+        #pragma unroll
+        for (int c = 0; c < C; ++c)
+            #pragma unroll
+            for (int j = 0; j < V; ++j) s += v[c][j];
+        s = row_allreduce<TPR, 1>(s);
+        const float slice_mean = n > 0 ? s / static_cast<float>(n) : 0.f;
+        float m2 = 0.f;
+        #pragma unroll
+        for (int c = 0; c < C; ++c)
+            #pragma unroll
+            for (int j = 0; j < V; ++j)
+                if (valid(c, j)) { const float d = v[c][j] - slice_mean; m2 += d * d; }
+        m2 = row_allreduce<TPR, 1, float NORMFUSE_SITE(1)>(m2);
+        const Moments row = cluster_allreduce<S>(Moments{static_cast<float>(n), slice_mean, m2});
+        mean = row.mean;
+        rstd = rsqrtf(row.m2 / static_cast<float>(a.hidden) + a.eps);
+    } else {
+        float ss = 0.f;
+        #pragma unroll
+        for (int c = 0; c < C; ++c)
+            #pragma unroll
+            for (int j = 0; j < V; ++j) ss += v[c][j] * v[c][j];
+        const float total = cluster_allreduce<S>(row_allreduce<TPR, 1>(ss));
+        rstd = rsqrtf(total / static_cast<float>(a.hidden) + a.eps);
+    }
+
+    // 4. y = (v - mean) * rstd * gamma (+ beta)
+    #pragma unroll
+    for (int c = 0; c < C; ++c) {
+        if constexpr (kVec) {
+            if (!valid(c, 0)) continue;
+            float out[V];
+            #pragma unroll
+            for (int j = 0; j < V; ++j) {
+                out[j] = (v[c][j] - mean) * rstd * g[c][j];
+                if constexpr (kCentered) out[j] += b[c][j];
+            }
+            store_vec<T, V>(a.y + index(c, 0), out);
+        } else {
+            #pragma unroll
+            for (int j = 0; j < V; ++j) {
+                if (!valid(c, j)) continue;
+                float out = (v[c][j] - mean) * rstd * g[c][j];
+                if constexpr (kCentered) out += b[c][j];
+                a.y[index(c, j)] = from_float<T>(out);
+            }
+        }
+    }
+}
+
+// This block's share of a row longer than S slices: ceil(hidden / S) elements, streamed.
+template <int TPR, int S, bool kCentered, bool kResidual, typename T, typename G>
+__device__ __forceinline__ void slice_streaming(const RowArgs<kCentered, kResidual, T, G>& a, int rank) {
+    const int share = (a.hidden + S - 1) / S;
+    const int start = min(rank * share, a.hidden);
+    const int stop = min(start + share, a.hidden);
+    float mean = 0.f, rstd;
+    if constexpr (kCentered) {
+        Moments m{0.f, 0.f, 0.f};
+        for (int i = start + a.lane; i < stop; i += TPR) {
+            float s = load_one(a.x + i);
+            if constexpr (kResidual) { s += load_one(a.residual + i); a.sum[i] = from_float<T>(s); }
+            accumulate(m, s);
+        }
+        const Moments row = cluster_allreduce<S>(row_allreduce<TPR, 1>(m));
+        mean = row.mean;
+        rstd = rsqrtf(row.m2 / static_cast<float>(a.hidden) + a.eps);
+    } else {
+        float ss = 0.f;
+        for (int i = start + a.lane; i < stop; i += TPR) {
+            float s = load_one(a.x + i);
+            if constexpr (kResidual) { s += load_one(a.residual + i); a.sum[i] = from_float<T>(s); }
+            ss += s * s;
+        }
+        const float total = cluster_allreduce<S>(row_allreduce<TPR, 1>(ss));
+        rstd = rsqrtf(total / static_cast<float>(a.hidden) + a.eps);
+    }
+    for (int i = start + a.lane; i < stop; i += TPR) {
+        float s = load_one(a.x + i);
+        if constexpr (kResidual) s += load_one(a.residual + i);
+        float out = (s - mean) * rstd * load_one(a.gamma + i);
+        if constexpr (kCentered) out += load_one(a.beta + i);
+        a.y[i] = from_float<T>(out);
+    }
+}
+
+// The body of a split entry point: blocks S * row ... S * row + S - 1 (one cluster) share a row;
+// the grid is rows * S blocks of TPR threads, so every block has a row. Parameters as norm_rows'.
+template <int TPR, int S, int C, bool kCentered, bool kResidual, typename T, typename G>
+__device__ __forceinline__ void norm_row_split(const T* x, const T* residual, const G* gamma,
+                                               const G* beta, int rows, int hidden, int eps_bits,
+                                               T* y, T* sum) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+    (void)rows;  // the grid covers exactly rows * S blocks
+    const int rank = static_cast<int>(cg::this_cluster().block_rank());
+    const int64_t offset = static_cast<int64_t>(blockIdx.x / S) * static_cast<int64_t>(hidden);
+
+    RowArgs<kCentered, kResidual, T, G> a;
+    a.x = x + offset;
+    a.residual = kResidual ? residual + offset : nullptr;
+    a.gamma = gamma;
+    a.beta = beta;
+    a.y = y + offset;
+    a.sum = kResidual ? sum + offset : nullptr;
+    a.hidden = hidden;
+    a.eps = __int_as_float(eps_bits);
+    a.lane = static_cast<int>(threadIdx.x);
+    a.active = true;
+
+    // the same decision in every block of the cluster: the cluster barriers need all of them
+    const bool vectorisable = hidden % V == 0 && aligned16(x) && aligned16(y) && aligned16(gamma) &&
+                              (!kResidual || (aligned16(residual) && aligned16(sum))) &&
+                              (!kCentered || aligned16(beta));
+    if (hidden <= S * C * V * TPR) {
+        if (vectorisable)
+            slice_in_registers<true, TPR, S, C>(a, rank);
+        else
+            slice_in_registers<false, TPR, S, C>(a, rank);
+    } else {
+        slice_streaming<TPR, S>(a, rank);
+    }
+    cluster_release();
+}
+#endif  // NORMFUSE_SPLIT_VARIANTS
+
 }  // namespace normfuse
 
 // ---------------------------------------------------------------- module configuration
@@ -685,6 +913,11 @@ __device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G
 #endif
 
 #define NORMFUSE_KERNEL_NAME(family, TPR, RPB, C) normfuse_##family##_t##TPR##_r##RPB##_c##C
+// split-row variants: S blocks (a cluster) of TPR threads share a row; one block per cluster slot
+#define NORMFUSE_SPLIT_KERNEL_NAME(family, TPR, S, C) normfuse_##family##_t##TPR##_r1_c##C##_s##S
+#ifndef NORMFUSE_SPLIT_VARIANTS
+#define NORMFUSE_SPLIT_VARIANTS(W)
+#endif
 // threads in a block of a variant with TPR threads per row (the same for its row-loop variants)
 #define NORMFUSE_BLOCK_THREADS(TPR) ((TPR) >= normfuse::kSmallRowBlock ? (TPR) : normfuse::kSmallRowBlock)
 

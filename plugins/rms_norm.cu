@@ -18,3 +18,17 @@
     }
 
 NORMFUSE_VARIANTS(NORMFUSE_ENTRY)
+
+// Split-row variants (sm_90+, norm_common.cuh): a cluster of S blocks shares each row.
+#define NORMFUSE_SPLIT_ENTRY(TPR, S, C)                                                        \
+    extern "C" __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(TPR)                \
+        NORMFUSE_SPLIT_KERNEL_NAME(rms_norm, TPR, S, C)(                                       \
+            const NORMFUSE_X* x, const NORMFUSE_G* gamma, int rows, int hidden, int eps_bits,  \
+            NORMFUSE_X* y) {                                                                   \
+        normfuse::norm_row_split<TPR, S, C, /*centered=*/false, /*residual=*/false>(           \
+            x, static_cast<const NORMFUSE_X*>(nullptr), gamma,                                 \
+            static_cast<const NORMFUSE_G*>(nullptr), rows, hidden, eps_bits, y,                \
+            static_cast<NORMFUSE_X*>(nullptr));                                                \
+    }
+
+NORMFUSE_SPLIT_VARIANTS(NORMFUSE_SPLIT_ENTRY)

@@ -349,3 +349,21 @@ def test_tactic_report_names_the_layout_tensorrt_would_keep(kernels):
     assert cell.endswith("| 2 | 25% |")
     assert kernels.tactic_report(rows[-1:]) == []  # without --tactics, no table
     assert kernels.parse_args(["--quick", "--tactics"]).tactics
+
+
+def test_split_report_compares_the_table_with_the_fastest_cluster_layout(kernels):
+    def row(impl, kernel, us, tokens=1):
+        return {"op": "AddRMSNorm", "dtype": "bfloat16", "tokens": tokens, "hidden": 16384, "impl": impl,
+                "kernel": kernel, "median_us": us}
+
+    rows = [row("normfuse", "normfuse_add_rms_norm_t1024_r1_c2", 9.0),
+            row("split[256x2x4]", "normfuse_add_rms_norm_t256_r1_c2_s4", 6.0),
+            row("split[128x2x8]", "normfuse_add_rms_norm_t128_r1_c2_s8", 5.0),
+            row("normfuse", "normfuse_add_rms_norm_t1024_r1_c2", 80.0, tokens=4096)]
+    lines = kernels.split_report(rows, empty_us=4.0)
+    [cell] = [line for line in lines if line.startswith("| AddRMSNorm")]  # 4096 tokens timed no split
+    assert cell == ("| AddRMSNorm | bfloat16 | 1x16384 | 9.00 (+5.00) | 128x2x8 | 5.00 (+1.00) | 1.80x | "
+                    "128x2x8: 5.00; 256x2x4: 6.00 |")
+    assert kernels.split_report(rows[:1], empty_us=4.0) == []  # without --split, no table
+    args = kernels.parse_args(["--quick", "--split"])
+    assert args.split and kernels.split_label((128, 2, 1, 8)) == "split[128x2x8]"

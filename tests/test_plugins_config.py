@@ -129,6 +129,54 @@ HIDDEN_SIZES = (1, 7, 64, 127, 768, 1024, 2048, 4096, 5120, 8192, 16384, 100_000
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_split_row_layouts_launch_a_cluster_per_row(dtype):
+    """(TPR, C, 1, S): S blocks of TPR threads per row, so the grid is rows * S; the row they hold
+    in registers is S slices; the kernel name says S, and no two variants share one."""
+    v = config.vector_width(dtype)
+    names = set()
+    for tpr, rpb, c, ctas in config.split_variants(dtype):
+        assert rpb == 1 and ctas in config.SPLIT_CTAS and c in config.slot_choices(dtype)
+        cfg = config.launch_config("AddLayerNorm", dtype, 5, 8192, layout=(tpr, c, 1, ctas))
+        assert (cfg.grid, cfg.block, cfg.ctas_per_row, cfg.rows_per_block) == (5 * ctas, tpr, ctas, 1)
+        assert cfg.capacity == c * v * tpr * ctas
+        assert cfg.variant == (tpr, 1, c, ctas)
+        assert cfg.kernel == f"normfuse_add_layer_norm_t{tpr}_r1_c{c}_s{ctas}"
+        names.add(cfg.kernel)
+    one_block = {config.kernel_name("AddLayerNorm", *var) for var in config.variants(dtype)}
+    assert len(names) == len(config.split_variants(dtype)) and not names & one_block
+    assert config.launch_config("RMSNorm", dtype, 2, 4096).variant == config.launch_config("RMSNorm", dtype, 2, 4096).variant[:3]
+    with pytest.raises(ValueError, match="no split-row variant"):
+        config.launch_config("RMSNorm", dtype, 1, 4096, layout=(512, 1, 1, 2))
+    with pytest.raises(ValueError, match="no split-row variant"):
+        config.launch_config("RMSNorm", dtype, 1, 4096, layout=(128, 1, 2, 2))  # no row loop as well
+    with pytest.raises(ValueError, match="no split-row variant"):
+        config.launch_config("RMSNorm", dtype, 1, 4096, layout=(128, 1, 1, 3))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_split_row_layouts_hold_the_row_and_use_most_of_the_cluster(dtype):
+    for hidden in HIDDEN_SIZES:
+        layouts = config.split_layouts(dtype, hidden)
+        for layout in layouts:
+            cfg = config.launch_config("RMSNorm", dtype, 1, hidden, layout=layout)
+            assert cfg.capacity // 2 < hidden <= cfg.capacity, (hidden, layout)
+        threads = [lo[0] * lo[3] for lo in layouts]
+        assert threads == sorted(threads)
+    # LLaMA-7B's row: 1024 16-byte vectors over 1024 threads, or 512 threads with two slots each
+    assert config.split_layouts("bfloat16", 4096) == [(128, 2, 1, 2), (256, 1, 1, 2), (128, 1, 1, 4)]
+    assert config.split_layouts("bfloat16", 8192) == [(256, 2, 1, 2), (128, 2, 1, 4), (256, 1, 1, 4), (128, 1, 1, 8)]
+    assert config.split_layouts("bfloat16", 768) == []  # a block of 128 x 8 already holds it
+    assert config.split_layouts("float32", 100_000) == []
+
+
+def test_split_rows_need_sm_90():
+    assert config.supports_split("sm_90") and config.supports_split("compute_100") and config.supports_split("120")
+    assert not config.supports_split("sm_80") and not config.supports_split("sm_89")
+    with pytest.raises(ValueError, match="not a CUDA architecture"):
+        config.supports_split("hopper")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("op", ["RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm"])
 def test_tactic_layouts_are_compiled_variants_led_by_the_table(op, dtype):
     compiled = set(config.variants(dtype))
@@ -140,6 +188,7 @@ def test_tactic_layouts_are_compiled_variants_led_by_the_table(op, dtype):
             cfg = config.launch_config(op, dtype, 3, hidden, layout=layout)
             assert (cfg.threads_per_row, cfg.rows_per_block, cfg.slots) in compiled
             assert cfg.rows_per_group == 1  # row-loop variants join once the GPU suite has passed them
+            assert cfg.ctas_per_row == 1  # so do the split-row variants (and only on sm_90 engines)
             if layout != table:  # an alternative never takes the streaming path (x read twice)
                 assert cfg.capacity >= hidden
         assert config.tactic_layout(op, dtype, hidden, 0) == table

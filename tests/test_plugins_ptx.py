@@ -22,6 +22,12 @@ FUNCTION = re.compile(r"Function properties for (\S+)\n\s+(\d+) bytes stack fram
                       r"(\d+) bytes spill loads\nptxas info\s+: Used (\d+) registers")
 
 
+def module_kernels(op: str, arch: str) -> set[str]:
+    """The entry points of a module holding every variant for `arch` (x bf16)."""
+    split = config.split_variants(FULL[0]) if config.supports_split(arch) else []
+    return {config.kernel_name(op, *v) for v in config.variants(FULL[0]) + split}
+
+
 @pytest.fixture(scope="session")
 def full_modules(tmp_path_factory):
     """{(op, arch): (ptx, ptxas report)} for every variant of each op, x bf16 / gamma fp32."""
@@ -37,11 +43,11 @@ def full_modules(tmp_path_factory):
 @pytest.mark.parametrize("arch", build.ARCHES)
 @pytest.mark.parametrize("op", list(OPS))
 def test_every_variant_assembles(full_modules, op, arch):
+    """Every variant, and on sm_90 the split-row variants too (thread block clusters need it)."""
     ptx, report = full_modules[(op, arch)]
     assert f".target {arch}" in ptx
     found = {m.group(1) for m in FUNCTION.finditer(report)}
-    expected = {config.kernel_name(op, *v) for v in config.variants(FULL[0])}
-    assert found == expected
+    assert found == module_kernels(op, arch)
 
 
 @needs_nvcc
@@ -70,7 +76,55 @@ def test_every_kernel_is_built_for_the_block_it_is_launched_with(full_modules, o
     for tpr, rpb, c in config.variants(FULL[0]):
         cfg = config.launch_config(op, FULL[0], 1, None, layout=(tpr, c, rpb // config.groups_per_block(tpr)))
         expected[cfg.kernel] = cfg.block
+    for tpr, _, c, ctas in config.split_variants(FULL[0]):
+        cfg = config.launch_config(op, FULL[0], 1, None, layout=(tpr, c, 1, ctas))
+        expected[cfg.kernel] = cfg.block
     assert declared == expected
+
+
+CLUSTER = re.compile(r"\.entry (\w+)\((?:[^)]*)\)\s*\.maxntid \d+, 1, 1\s*\.explicitcluster\s*"
+                     r"\.reqnctapercluster (\d+), 1, 1", re.S)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op", list(OPS))
+def test_split_row_variants_declare_their_cluster(full_modules, op):
+    """A split-row kernel fixes its cluster size at compile time (PTX .reqnctapercluster), so a
+    plain launch of rows * S blocks, which is all TensorRT's KernelLaunchParams can express, runs
+    each row's S blocks as one cluster; no other kernel declares a cluster."""
+    ptx, _ = full_modules[(op, "sm_90")]
+    declared = dict((m.group(1), int(m.group(2))) for m in CLUSTER.finditer(ptx))
+    expected = {}
+    for tpr, _, c, ctas in config.split_variants(FULL[0]):
+        cfg = config.launch_config(op, FULL[0], 3, 4096, layout=(tpr, c, 1, ctas))
+        assert cfg.grid == 3 * ctas and cfg.block == tpr
+        expected[cfg.kernel] = ctas
+    assert declared == expected
+    assert ptx.count(".reqnctapercluster") == len(expected)
+    sm80, _ = full_modules[(op, "sm_80")]
+    assert ".reqnctapercluster" not in sm80 and "cluster" not in sm80
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op", list(OPS))
+def test_split_row_variants_do_not_spill(full_modules, op):
+    """A slice of at most two 16-byte slots, with its gamma/beta, stays in registers (ptxas
+    spills a few words in some of them, at 64-77 registers, CUDA 13.0; nothing like a row)."""
+    _, report = full_modules[(op, "sm_90")]
+    spills = {m.group(1): int(m.group(3)) + int(m.group(4)) for m in FUNCTION.finditer(report)}
+    for v in config.split_variants(FULL[0]):
+        name = config.kernel_name(op, *v)
+        assert spills[name] <= 48, (name, spills[name])
+
+
+@needs_nvcc
+def test_split_row_variants_need_sm_90():
+    cfg = config.launch_config("RMSNorm", "bfloat16", 1, 8192, layout=(128, 1, 1, 8))
+    with pytest.raises(ValueError, match="split-row variant: it needs thread block clusters, sm_90"):
+        build.ptx_for_launch("RMSNorm", "bfloat16", "bfloat16", cfg, arch="sm_80")
+    ptx = build.ptx_for_launch("RMSNorm", "bfloat16", "bfloat16", cfg, arch="sm_90")
+    assert f".entry {cfg.kernel}(" in ptx and ptx.count(".entry") == 1
+    build.ptxas_check(ptx, "sm_90")
 
 
 @needs_nvcc
@@ -170,7 +224,7 @@ def test_ab_switches_assemble(switched_modules, full_modules, op, defines):
     switched module is another kernel than the default one."""
     ptx, report = switched_modules[(op, defines)]
     found = {m.group(1) for m in FUNCTION.finditer(report)}
-    assert found == {config.kernel_name(op, *v) for v in config.variants(FULL[0])}
+    assert found == module_kernels(op, "sm_90")
     assert ptx != full_modules[(op, "sm_90")][0]
     for hidden in (4096, 8192):
         cfg = config.launch_config(op, FULL[0], 1, hidden)

@@ -154,6 +154,79 @@ def inputs_itemsize(dtype: str) -> int:
     return torch.empty(0, dtype=torch_dtype(dtype)).element_size()
 
 
+def needs_clusters() -> None:
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("split-row variants need thread block clusters (compute capability 9.0 or newer)")
+
+
+@pytest.mark.parametrize("dtype", list(SUPPORTED_DTYPES))
+@pytest.mark.parametrize("op", list(OPS))
+def test_split_row_variants(op, dtype):
+    """A cluster of S blocks per row (config.split_layouts): decode row counts and a few thousand
+    rows, against the references, on every layout that holds the row in registers; a size that is
+    not a whole number of vectors takes the scalar path; a row longer than the layout holds streams
+    each slice; a row shorter than one slice leaves blocks with no elements."""
+    from plugins import config
+
+    needs_clusters()
+    vector = 16 // inputs_itemsize(dtype)
+    for hidden in (1024, 4096, 5120, 8192, 16384):
+        for layout in config.split_layouts(dtype, hidden):
+            for rows in (1, 3, 33, 4097):
+                inputs = make_inputs(op, dtype, rows, hidden, seed=hidden + rows)
+                check(op, inputs, run_poisoned(op, inputs, layout=layout), dtype)
+    smallest = (128, 1, 1, 2)  # 2 x 128 x V elements
+    for hidden in (1, 7, 4 * 128 * vector + 3, 3 * 128 * vector - 1):
+        for layout in (smallest, (256, 2, 1, 8)):
+            inputs = make_inputs(op, dtype, 5, hidden, seed=hidden)
+            check(op, inputs, run_poisoned(op, inputs, layout=layout), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(SUPPORTED_DTYPES))
+@pytest.mark.parametrize("op", list(OPS))
+def test_split_row_variants_misaligned_and_fp32_gamma(op, dtype):
+    needs_clusters()
+    rows, hidden, layout = 3, 8192, (256, 1, 1, 4 if dtype != "float32" else 8)
+    base = make_inputs(op, dtype, rows, hidden)
+    shifted = []
+    for t in base:
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        shifted.append(view)
+    outs = tuple(torch.full((base[0].numel() + 1,), float("nan"), dtype=base[0].dtype, device="cuda")[1:]
+                 .view(base[0].shape) for _ in OPS[op].outputs)
+    launcher.run(op, *shifted, outputs=outs, layout=layout)
+    torch.cuda.synchronize()
+    check(op, shifted, outs, dtype)
+    if dtype != "float32":
+        inputs = make_inputs(op, dtype, rows, hidden, gamma_dtype="float32")
+        check(op, inputs, run_poisoned(op, inputs, layout=layout), dtype)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_split_row_variants_propagate_nan_and_inf_and_keep_large_means(op):
+    """A NaN or Inf in one block's slice reaches every block of its row through the merged
+    statistics; the LayerNorm merge (Chan's rule over exact slice moments) keeps a mean of 1e4."""
+    needs_clusters()
+    hidden, layout = 8192, (128, 1, 1, 8)
+    inputs = make_inputs(op, "bfloat16", 5, hidden)
+    x = inputs[0]
+    x[0, 100] = float("nan")  # in the first block's slice
+    x[1, hidden - 1] = float("inf")  # in the last block's
+    x[2, hidden // 2] = float("-inf")
+    x[3, :] = 0
+    outs = launcher.run(op, *inputs, layout=layout)
+    torch.cuda.synchronize()
+    check(op, inputs, outs, "bfloat16")
+    assert torch.isnan(outs[0][0]).all()
+    assert torch.isfinite(outs[0][4]).all()
+    if OPS[op].centered:
+        inputs = make_inputs(op, "float32", 17, hidden, shift=1e4 / (2 if OPS[op].has_residual else 1))
+        check(op, inputs, run_poisoned(op, inputs, layout=(256, 2, 1, 4)), "float32",
+              tol=Tolerance(atol=5e-3, rtol=1e-3))
+
+
 @pytest.mark.parametrize("layout", [None, (256, 2, 4)], ids=["table", "row-loop"])
 @pytest.mark.parametrize("dtype", list(SUPPORTED_DTYPES))
 @pytest.mark.parametrize("op", list(OPS))
