@@ -35,6 +35,9 @@
 //   NORMFUSE_AB_LOOP_PARAMS_PER_ROW  row-loop variants load gamma/beta for each row after its
 //                                 statistics instead of once into registers (fewer registers for
 //                                 16-bit gamma: LayerNorm bf16 4096 (256x2x2) 88 -> 72, 3 blocks/SM)
+//   NORMFUSE_AB_SPLIT_MBARRIER    split-row variants exchange partials with st.async into each
+//                                 block's inbox, counted by an mbarrier, instead of a cluster
+//                                 barrier on each side of reading the peers' shared memory
 //   NORMFUSE_AB_MIN_THREADS_PER_SM=N  ask ptxas for N / block resident blocks per SM (a register
 //                                 cap; it may spill): the entry points' __launch_bounds__ gets
 //                                 that second argument
@@ -687,12 +690,18 @@ __device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G
 // slice (read twice), a fallback for a forced layout.
 }  // namespace normfuse
 #include <cooperative_groups.h>
+#include <type_traits>
 namespace normfuse {
 namespace cg = cooperative_groups;
 
 // `mine` (the same in every thread of a block) combined over the S blocks of this block's cluster
-// in rank order; every thread of the cluster gets the same bits. The caller must reach
-// cluster_release() before exiting: a peer may still be reading this block's partial.
+// in rank order; every thread of the cluster gets the same bits. A kernel calls cluster_prepare<S, R>()
+// first, cluster_allreduce<S>() once, and cluster_release() last (a peer may still be reading this
+// block's partial, or be about to write into it).
+#ifndef NORMFUSE_AB_SPLIT_MBARRIER
+template <int S, typename R>
+__device__ __forceinline__ void cluster_prepare() {}
+
 template <int S, typename R>
 __device__ __forceinline__ R cluster_allreduce(R mine) {
     __shared__ R partial;
@@ -707,6 +716,83 @@ __device__ __forceinline__ R cluster_allreduce(R mine) {
 }
 
 __device__ __forceinline__ void cluster_release() { cg::this_cluster().barrier_wait(); }
+#else
+// NORMFUSE_AB_SPLIT_MBARRIER: each block pushes its partial into every block's inbox with st.async,
+// counted by an mbarrier of each block (the transaction bytes of S partials), instead of a cluster
+// barrier between the statistics and y. ptxas gives the default's cluster barrier arrivals (release
+// at cluster scope) a MEMBAR.ALL.GPU each; here the only cluster barrier is the one that publishes
+// the mbarriers' initialisation, arrived at before the loads and waited on after them.
+template <int S, typename R>
+struct ClusterInbox {
+    __device__ __forceinline__ static R* slots() { __shared__ R inbox[S]; return inbox; }
+    __device__ __forceinline__ static uint32_t barrier() {
+        __shared__ alignas(8) unsigned long long full;
+        return static_cast<uint32_t>(__cvta_generic_to_shared(&full));
+    }
+};
+
+__device__ __forceinline__ uint32_t peer_address(uint32_t local, int rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    return remote;
+}
+
+__device__ __forceinline__ void push_word(uint32_t remote, float v, uint32_t remote_barrier) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
+                 ::"r"(remote), "r"(__float_as_uint(v)), "r"(remote_barrier) : "memory");
+}
+__device__ __forceinline__ void push(uint32_t remote, float v, uint32_t remote_barrier) {
+    push_word(remote, v, remote_barrier);
+}
+__device__ __forceinline__ void push(uint32_t remote, Moments m, uint32_t remote_barrier) {
+    push_word(remote, m.n, remote_barrier);
+    push_word(remote + 4, m.mean, remote_barrier);
+    push_word(remote + 8, m.m2, remote_barrier);
+}
+
+template <int S, typename R>
+__device__ __forceinline__ void cluster_prepare() {
+    if (threadIdx.x == 0) {
+        // one arrival per phase (this block's expect_tx) plus S partials' bytes
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\t"
+                     "fence.mbarrier_init.release.cluster;" ::"r"(ClusterInbox<S, R>::barrier()) : "memory");
+    }
+    asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+}
+
+template <int S, typename R>
+__device__ __forceinline__ R cluster_allreduce(R mine) {
+    static_assert(sizeof(R) % 4 == 0, "partials move as 32-bit words");
+    const uint32_t full = ClusterInbox<S, R>::barrier();
+    R* inbox = ClusterInbox<S, R>::slots();
+    asm volatile("barrier.cluster.wait;" ::: "memory");  // every block's mbarrier is initialised
+    if (threadIdx.x == 0) {
+        asm volatile("{\n\t.reg .b64 state;\n\t"
+                     "mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n\t}"
+                     ::"r"(full), "r"(static_cast<int>(S * sizeof(R))) : "memory");
+    }
+    const int rank = static_cast<int>(cg::this_cluster().block_rank());
+    if (threadIdx.x < S) {  // thread r writes this block's partial into block r's inbox slot [rank]
+        const uint32_t slot = static_cast<uint32_t>(__cvta_generic_to_shared(inbox + rank));
+        push(peer_address(slot, threadIdx.x), mine, peer_address(full, threadIdx.x));
+    }
+    uint32_t done = 0;
+    while (!done) {
+        asm volatile("{\n\t.reg .pred ready;\n\t"
+                     "mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], 0;\n\t"
+                     "selp.u32 %0, 1, 0, ready;\n\t}"
+                     : "=r"(done) : "r"(full) : "memory");
+    }
+    R total = inbox[0];
+    #pragma unroll
+    for (int r = 1; r < S; ++r) total = combine(total, inbox[r]);
+    return total;
+}
+
+// Every partial this block will receive has arrived (it waited for them), and no block reads
+// another's shared memory, so a block may exit as soon as it is done.
+__device__ __forceinline__ void cluster_release() {}
+#endif
 
 // This block's slice of a row held in registers; kVec as in row_in_registers, with indices
 // offset by the slice's first element.
@@ -867,6 +953,7 @@ __device__ __forceinline__ void norm_row_split(const T* x, const T* residual, co
                                                T* y, T* sum) {
     constexpr int V = 16 / static_cast<int>(sizeof(T));
     (void)rows;  // the grid covers exactly rows * S blocks
+    cluster_prepare<S, std::conditional_t<kCentered, Moments, float>>();
     const int rank = static_cast<int>(cg::this_cluster().block_rank());
     const int64_t offset = static_cast<int64_t>(blockIdx.x / S) * static_cast<int64_t>(hidden);
 

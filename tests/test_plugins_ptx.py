@@ -188,11 +188,11 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
 
 # The compile-time A/B switches of norm_common.cuh (off by default; bench/kernels.py --sources
 # worktree+NAME times them). NORMFUSE_AB_PARAMS_EARLY replaces the prefetch that
-# NORMFUSE_AB_NO_PREFETCH removes, so it is built on its own.
+# NORMFUSE_AB_NO_PREFETCH removes, so it is built on its own (with the split-row variants' switch).
 AB_SWITCHES = (
     ("NORMFUSE_AB_PLAIN_LOADS", "NORMFUSE_AB_NO_PREFETCH", "NORMFUSE_AB_NO_TRAILING_SYNC",
      "NORMFUSE_AB_LN_ONE_REDUCTION", "NORMFUSE_AB_LOOP_PARAMS_PER_ROW", "NORMFUSE_AB_MIN_THREADS_PER_SM=1024"),
-    ("NORMFUSE_AB_PARAMS_EARLY",),
+    ("NORMFUSE_AB_PARAMS_EARLY", "NORMFUSE_AB_SPLIT_MBARRIER"),
 )
 
 
@@ -246,3 +246,19 @@ def test_environment_switches_reach_the_launch_module_unless_defines_are_given(m
     switched = build.ptx_for_launch("RMSNorm", "bfloat16", None, cfg, arch="sm_80")
     assert "prefetch.global.L2" in default and "prefetch.global.L2" not in switched
     assert build.ptx_for_launch("RMSNorm", "bfloat16", None, cfg, arch="sm_80", defines=()) == default
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op", ["RMSNorm", "AddLayerNorm"])
+def test_split_mbarrier_switch_exchanges_without_a_gpu_wide_fence(switched_modules, full_modules, op):
+    """The default split-row exchange reads the peers' shared memory between two cluster barriers,
+    whose release arrivals ptxas makes MEMBAR.ALL.GPU fences; NORMFUSE_AB_SPLIT_MBARRIER pushes the
+    partials with st.async into an mbarrier-counted inbox: one cluster barrier, arrived at relaxed
+    before the loads."""
+    cfg = config.launch_config(op, FULL[0], 1, 8192, layout=(128, 1, 1, 8))
+    default = build.ptx_for_launch(op, *FULL, cfg, arch="sm_90", defines=())
+    switched = build.ptx_for_launch(op, *FULL, cfg, arch="sm_90", defines=("NORMFUSE_AB_SPLIT_MBARRIER",))
+    assert "barrier.cluster.arrive;" in default and "st.async" not in default
+    assert "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32" in switched
+    assert switched.count("barrier.cluster.arrive.relaxed;") == 1 and "barrier.cluster.arrive;" not in switched
+    build.ptxas_check(switched, "sm_90")
