@@ -17,7 +17,8 @@ decode (a few rows over thousands of elements), where one block per row leaves m
 launch table picks none until a GPU sweep says so.
 
 `launch_config` works on plain ints (the launcher) and on TensorRT's symbolic shape expressions
-(`aot_impl`, where the number of rows may be dynamic): it only adds and floor-divides `rows`.
+(`aot_impl`, where the number of rows may be dynamic): it only adds and floor-divides `rows`, and
+multiplies it by S for a split-row layout (TensorRT's symbolic expressions have +, * and //).
 """
 from __future__ import annotations
 

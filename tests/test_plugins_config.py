@@ -39,13 +39,16 @@ def test_kernel_names_follow_the_family(op):
 
 
 class FakeSym:
-    """Stands in for TensorRT's symbolic row count: only + and // are used."""
+    """Stands in for TensorRT's symbolic row count: only +, // and (split-row layouts) * are used."""
 
     def __init__(self, expr):
         self.expr = expr
 
     def __add__(self, other):
         return FakeSym(f"({self.expr} + {other})")
+
+    def __mul__(self, other):
+        return FakeSym(f"({self.expr} * {other})")
 
     def __floordiv__(self, other):
         return FakeSym(f"({self.expr} // {other})")
@@ -54,6 +57,8 @@ class FakeSym:
 def test_grid_is_symbolic_when_rows_are():
     cfg = config.launch_config("RMSNorm", "bfloat16", FakeSym("rows"), 1024)
     assert cfg.grid.expr == f"((rows + {cfg.rows_per_block - 1}) // {cfg.rows_per_block})"
+    split = config.launch_config("RMSNorm", "bfloat16", FakeSym("rows"), 8192, layout=(128, 1, 1, 8))
+    assert split.grid.expr == "(rows * 8)"
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-6, 1e-12, 0.0, 0.1])

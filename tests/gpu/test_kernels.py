@@ -154,6 +154,18 @@ def inputs_itemsize(dtype: str) -> int:
     return torch.empty(0, dtype=torch_dtype(dtype)).element_size()
 
 
+def compile_in_parallel(op: str, dtype: str, variants: list) -> None:
+    """Fill the PTX cache for these variants with one nvcc per core (the launcher compiles on first
+    use, one module at a time)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from plugins import build
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(lambda v: build.get_ptx(op, dtype, dtype, variant=v), variants))
+
+
 def needs_clusters() -> None:
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("split-row variants need thread block clusters (compute capability 9.0 or newer)")
@@ -170,6 +182,7 @@ def test_split_row_variants(op, dtype):
 
     needs_clusters()
     vector = 16 // inputs_itemsize(dtype)
+    compile_in_parallel(op, dtype, config.split_variants(dtype))
     for hidden in (1024, 4096, 5120, 8192, 16384):
         for layout in config.split_layouts(dtype, hidden):
             for rows in (1, 3, 33, 4097):
