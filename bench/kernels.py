@@ -209,14 +209,20 @@ def report(data: dict) -> str:
     return "\n".join(lines + tactic_report(rows) + split_report(rows, empty))
 
 
+def table_and_alternatives(rows: list[dict], prefix: str) -> dict[tuple, dict[str, dict]]:
+    """{(op, dtype, tokens, hidden): {impl: row}} of the cells that timed the table's kernel
+    ("normfuse") and at least one alternative layout whose impl name starts with `prefix`."""
+    by_cell: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["impl"] == "normfuse" or r["impl"].startswith(prefix):
+            by_cell.setdefault((r["op"], r["dtype"], r["tokens"], r["hidden"]), {})[r["impl"]] = r
+    return {key: impls for key, impls in by_cell.items() if len(impls) > 1 and "normfuse" in impls}
+
+
 def tactic_report(rows: list[dict]) -> list[str]:
     """With --tactics: per cell, the median of each layout the TensorRT plugins offer as a tactic
     (L2 flushed) and the one TensorRT's autotuner would keep, timed the same way."""
-    by_cell: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        if r["impl"] == "normfuse" or r["impl"].startswith("tactic"):
-            by_cell.setdefault((r["op"], r["dtype"], r["tokens"], r["hidden"]), {})[r["impl"]] = r
-    cells = {key: impls for key, impls in by_cell.items() if len(impls) > 1 and "normfuse" in impls}
+    cells = table_and_alternatives(rows, "tactic")
     if not cells:
         return []
     lines = ["", "TensorRT tactics (plugins/config.tactic_layouts): median us after an L2 flush; tactic 1 is "
@@ -235,11 +241,7 @@ def tactic_report(rows: list[dict]) -> list[str]:
 def split_report(rows: list[dict], empty_us: float) -> list[str]:
     """With --split: per cell, the launch table's one-block-per-row kernel against the fastest
     split-row layout (a cluster of S blocks per row), both L2 flushed, and each over an empty launch."""
-    by_cell: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        if r["impl"] == "normfuse" or r["impl"].startswith("split["):
-            by_cell.setdefault((r["op"], r["dtype"], r["tokens"], r["hidden"]), {})[r["impl"]] = r
-    cells = {key: impls for key, impls in by_cell.items() if len(impls) > 1 and "normfuse" in impls}
+    cells = table_and_alternatives(rows, "split[")
     if not cells:
         return []
     lines = ["", "split-row layouts (a cluster of S blocks per row, TPRxCxS): median us after an L2 flush",
