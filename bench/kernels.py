@@ -128,18 +128,17 @@ def run(args) -> dict:
                     copy_here = copy_tbps_for(nbytes)
                     fn, cfg = ours(op, x, res, gamma, beta)
                     cells = {"normfuse": (fn, cfg.kernel)}
+                    alternatives = []  # (impl name, layout) timed beside the table's kernel
                     if args.tune and tokens >= 4096:
-                        for layout in candidate_layouts(dtype, hidden):
-                            f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
-                            cells[layout_label(layout)] = (f2, c2.kernel)
+                        alternatives += [(layout_label(lo), lo) for lo in candidate_layouts(dtype, hidden)]
                     if args.tactics:  # tactic 1 is "normfuse" itself, the table's layout
-                        for k, layout in enumerate(config.tactic_layouts(op, dtype, hidden)[1:], start=2):
-                            f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
-                            cells[f"tactic{k}"] = (f2, c2.kernel)
+                        alternatives += [(f"tactic{k}", lo) for k, lo in
+                                         enumerate(config.tactic_layouts(op, dtype, hidden)[1:], start=2)]
                     if args.split and tokens <= SPLIT_MAX_TOKENS:  # clusters of blocks per row (sm_90+)
-                        for layout in config.split_layouts(dtype, hidden):
-                            f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
-                            cells[split_label(layout)] = (f2, c2.kernel)
+                        alternatives += [(split_label(lo), lo) for lo in config.split_layouts(dtype, hidden)]
+                    for name, layout in alternatives:
+                        f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
+                        cells[name] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
                     if tokens <= 32:

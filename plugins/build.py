@@ -62,10 +62,13 @@ def ptxas_path() -> str | None:
 
 
 def _arch_number(arch: str) -> str:
-    number = arch.removeprefix("sm_").removeprefix("compute_")
-    if not number.isdigit() or int(number) < 80:
+    try:
+        number = config.arch_number(arch)
+    except ValueError:
+        number = 0
+    if number < 80:
         raise ValueError(f"unsupported architecture {arch!r}; the kernels need sm_80 or newer")
-    return number
+    return str(number)
 
 
 def module_source(op: str, x_dtype: str, gamma_dtype: str | None,

@@ -230,8 +230,8 @@ def tactic_layout(op: str | OpSpec, dtype: str, hidden: int | None, tactic: int)
 
 def split_layouts(dtype: str, hidden: int) -> list[tuple[int, int, int, int]]:
     """The split-row layouts (TPR, C, 1, S) that hold a row of `hidden` elements in registers and
-    use more than half of them (so no block of the cluster is idle but where S slices cannot
-    divide the row), fewest threads first."""
+    use more than half of them (so fewer than half the blocks of a cluster hold no part of the
+    row), fewest threads first."""
     v = vector_width(dtype)
     out = []
     for tpr, _, c, s in split_variants(dtype):

@@ -690,16 +690,14 @@ __device__ __forceinline__ void norm_rows(const T* x, const T* residual, const G
 // slice (read twice), a fallback for a forced layout.
 }  // namespace normfuse
 #include <cooperative_groups.h>
-#include <type_traits>
 namespace normfuse {
 namespace cg = cooperative_groups;
 
 // `mine` (the same in every thread of a block) combined over the S blocks of this block's cluster
-// in rank order; every thread of the cluster gets the same bits. A kernel calls cluster_prepare<S, R>()
+// in rank order; every thread of the cluster gets the same bits. A kernel calls cluster_prepare()
 // first, cluster_allreduce<S>() once, and cluster_release() last (a peer may still be reading this
 // block's partial, or be about to write into it).
 #ifndef NORMFUSE_AB_SPLIT_MBARRIER
-template <int S, typename R>
 __device__ __forceinline__ void cluster_prepare() {}
 
 template <int S, typename R>
@@ -723,13 +721,16 @@ __device__ __forceinline__ void cluster_release() { cg::this_cluster().barrier_w
 // at cluster scope) a MEMBAR.ALL.GPU each; here the only cluster barrier is the one that publishes
 // the mbarriers' initialisation, arrived at before the loads and waited on after them.
 template <int S, typename R>
-struct ClusterInbox {
-    __device__ __forceinline__ static R* slots() { __shared__ R inbox[S]; return inbox; }
-    __device__ __forceinline__ static uint32_t barrier() {
-        __shared__ alignas(8) unsigned long long full;
-        return static_cast<uint32_t>(__cvta_generic_to_shared(&full));
-    }
-};
+__device__ __forceinline__ R* inbox_slots() {
+    __shared__ R inbox[S];
+    return inbox;
+}
+
+// The mbarrier counting this block's arrived partials (shared::cta address).
+__device__ __forceinline__ uint32_t inbox_barrier() {
+    __shared__ alignas(8) unsigned long long full;
+    return static_cast<uint32_t>(__cvta_generic_to_shared(&full));
+}
 
 __device__ __forceinline__ uint32_t peer_address(uint32_t local, int rank) {
     uint32_t remote;
@@ -750,12 +751,11 @@ __device__ __forceinline__ void push(uint32_t remote, Moments m, uint32_t remote
     push_word(remote + 8, m.m2, remote_barrier);
 }
 
-template <int S, typename R>
 __device__ __forceinline__ void cluster_prepare() {
     if (threadIdx.x == 0) {
         // one arrival per phase (this block's expect_tx) plus S partials' bytes
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\t"
-                     "fence.mbarrier_init.release.cluster;" ::"r"(ClusterInbox<S, R>::barrier()) : "memory");
+                     "fence.mbarrier_init.release.cluster;" ::"r"(inbox_barrier()) : "memory");
     }
     asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
 }
@@ -763,8 +763,8 @@ __device__ __forceinline__ void cluster_prepare() {
 template <int S, typename R>
 __device__ __forceinline__ R cluster_allreduce(R mine) {
     static_assert(sizeof(R) % 4 == 0, "partials move as 32-bit words");
-    const uint32_t full = ClusterInbox<S, R>::barrier();
-    R* inbox = ClusterInbox<S, R>::slots();
+    const uint32_t full = inbox_barrier();
+    R* inbox = inbox_slots<S, R>();
     asm volatile("barrier.cluster.wait;" ::: "memory");  // every block's mbarrier is initialised
     if (threadIdx.x == 0) {
         asm volatile("{\n\t.reg .b64 state;\n\t"
@@ -953,7 +953,7 @@ __device__ __forceinline__ void norm_row_split(const T* x, const T* residual, co
                                                T* y, T* sum) {
     constexpr int V = 16 / static_cast<int>(sizeof(T));
     (void)rows;  // the grid covers exactly rows * S blocks
-    cluster_prepare<S, std::conditional_t<kCentered, Moments, float>>();
+    cluster_prepare();
     const int rank = static_cast<int>(cg::this_cluster().block_rank());
     const int64_t offset = static_cast<int64_t>(blockIdx.x / S) * static_cast<int64_t>(hidden);
 

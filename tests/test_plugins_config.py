@@ -149,7 +149,7 @@ def test_split_row_layouts_launch_a_cluster_per_row(dtype):
         names.add(cfg.kernel)
     one_block = {config.kernel_name("AddLayerNorm", *var) for var in config.variants(dtype)}
     assert len(names) == len(config.split_variants(dtype)) and not names & one_block
-    assert config.launch_config("RMSNorm", dtype, 2, 4096).variant == config.launch_config("RMSNorm", dtype, 2, 4096).variant[:3]
+    assert len(config.launch_config("RMSNorm", dtype, 2, 4096).variant) == 3  # a one-block kernel names no S
     with pytest.raises(ValueError, match="no split-row variant"):
         config.launch_config("RMSNorm", dtype, 1, 4096, layout=(512, 1, 1, 2))
     with pytest.raises(ValueError, match="no split-row variant"):

@@ -250,7 +250,7 @@ def test_environment_switches_reach_the_launch_module_unless_defines_are_given(m
 
 @needs_nvcc
 @pytest.mark.parametrize("op", ["RMSNorm", "AddLayerNorm"])
-def test_split_mbarrier_switch_exchanges_without_a_gpu_wide_fence(switched_modules, full_modules, op):
+def test_split_mbarrier_switch_exchanges_without_a_gpu_wide_fence(op):
     """The default split-row exchange reads the peers' shared memory between two cluster barriers,
     whose release arrivals ptxas makes MEMBAR.ALL.GPU fences; NORMFUSE_AB_SPLIT_MBARRIER pushes the
     partials with st.async into an mbarrier-counted inbox: one cluster barrier, arrived at relaxed
