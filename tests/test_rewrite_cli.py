@@ -19,7 +19,13 @@ from export.rewrite.synth import NormSpec, build, random_feeds
 from normops import GRAPH
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+
+
+def scale_graph(bench_script):
+    """bench/rewrite_scale.py's graph builder, loaded from its file: bench/ is never put on sys.path
+    for the session, where its kernels.py would shadow the `kernels` package transformers imports."""
+    scale = bench_script("rewrite_scale")
+    return scale.DATA_NAME, scale.build_llama_graph
 
 
 def save(model, path: Path) -> Path:
@@ -58,8 +64,8 @@ def test_cli_one_line_errors(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("normfuse: error:"), run.stderr
 
 
-def test_external_weights_are_never_read_and_are_shared_beside_the_source(tmp_path):
-    from rewrite_scale import DATA_NAME, build_llama_graph
+def test_external_weights_are_never_read_and_are_shared_beside_the_source(tmp_path, bench_script):
+    DATA_NAME, build_llama_graph = scale_graph(bench_script)
 
     src = build_llama_graph(tmp_path, layers=2, hidden=64, ffn=96)
     (tmp_path / DATA_NAME).write_bytes(b"")  # still there, but any read of a weight byte would now fail
@@ -72,11 +78,11 @@ def test_external_weights_are_never_read_and_are_shared_beside_the_source(tmp_pa
         ["llama.onnx", "fused.onnx", DATA_NAME])
 
 
-def test_a_model_rewritten_elsewhere_loads_its_weights(tmp_path):
+def test_a_model_rewritten_elsewhere_loads_its_weights(tmp_path, bench_script):
     """ONNX Runtime and onnx refuse weight locations outside the model's directory ("../"), so an
     output elsewhere gets a copy of the weights beside it, and both load it."""
     import onnxruntime as ort
-    from rewrite_scale import DATA_NAME, build_llama_graph
+    DATA_NAME, build_llama_graph = scale_graph(bench_script)
 
     (tmp_path / "src").mkdir()
     src = build_llama_graph(tmp_path / "src", layers=1, hidden=64, ffn=96)
@@ -91,8 +97,8 @@ def test_a_model_rewritten_elsewhere_loads_its_weights(tmp_path):
         assert not any("external data" in note for note in again.notes)
 
 
-def test_another_file_in_the_way_of_the_weights_is_not_overwritten(tmp_path):
-    from rewrite_scale import DATA_NAME, build_llama_graph
+def test_another_file_in_the_way_of_the_weights_is_not_overwritten(tmp_path, bench_script):
+    DATA_NAME, build_llama_graph = scale_graph(bench_script)
 
     (tmp_path / "src").mkdir()
     src = build_llama_graph(tmp_path / "src", layers=1, hidden=64, ffn=96)

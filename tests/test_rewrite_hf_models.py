@@ -26,6 +26,17 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 LAYERS = 2
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_bench_is_not_left_on_the_import_path():
+    """bench/kernels.py is a script whose name is the `kernels` package's, which transformers imports
+    when it is installed: with bench/ on sys.path every model build here failed (ImportError)."""
+    import sys
+
+    assert str(BENCH) not in sys.path
+    assert "kernels" not in sys.modules or Path(sys.modules["kernels"].__file__ or "/").parent != BENCH
+
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
 

@@ -2,17 +2,10 @@
 external fp16 weights (a sparse file) is rewritten in <= 5 s and <= 300 MB peak RSS."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_llama_7b_shaped_graph_meets_the_targets(capsys):
-    sys.path.insert(0, str(ROOT / "bench"))
-    from rewrite_scale import main
-
+def test_llama_7b_shaped_graph_meets_the_targets(capsys, bench_script):
+    main = bench_script("rewrite_scale").main
     assert main(["--layers", "32", "--hidden", "4096", "--ffn", "11008"]) == 0, capsys.readouterr().out
