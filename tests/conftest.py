@@ -96,8 +96,11 @@ def rewritten(exported, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bench_script():
     """bench_script(name) -> bench/<name>.py loaded as a module (bench/ holds scripts, not a package);
-    unloaded again after the test module."""
+    unloaded again after the test module, with the sibling modules it imported and the import path
+    it had on loading (a script that puts bench/ on sys.path would leave bench/kernels.py shadowing
+    the `kernels` package that transformers imports)."""
     loaded: list[str] = []
+    path = list(sys.path)
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
@@ -110,3 +113,6 @@ def bench_script():
     yield load
     for name in loaded:
         sys.modules.pop(name, None)
+    for name in [n for n, m in list(sys.modules.items()) if Path(getattr(m, "__file__", None) or "/").parent == ROOT / "bench"]:
+        sys.modules.pop(name)
+    sys.path[:] = path
