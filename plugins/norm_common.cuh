@@ -104,7 +104,11 @@ __device__ __forceinline__ float load_one(const T* __restrict__ p) {
 
 // Ask L2 for the line holding p (gamma/beta, fetched while the row's statistics are reduced).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifndef NORMFUSE_HOST_EMULATION  // plugins/emulation: no L2 to ask
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) {
