@@ -312,3 +312,36 @@ def test_operands_the_kernel_would_misread_are_refused():
         emulate.run("LayerNorm", x.astype(np.float16), np.ones(8, np.float16), np.ones(8, np.float32))
     with pytest.raises(ValueError, match="C-contiguous"):
         emulate.run("RMSNorm", np.zeros((8, 2), np.float32).T, np.ones(8, np.float32))
+
+
+def layout_of(variant: tuple[int, ...]) -> tuple[int, ...]:
+    """The launch_config layout that runs a compiled variant (TPR, RPB, C[, S])."""
+    if len(variant) == 4:
+        return (variant[0], variant[2], 1, variant[3])
+    tpr, rows_per_block, slots = variant
+    return (tpr, slots, rows_per_block // config.groups_per_block(tpr))
+
+
+@pytest.mark.parametrize("dtype, cases, seed", [
+    ("bfloat16", 24, 0), pytest.param("bfloat16", 400, 1, marks=pytest.mark.slow),
+    pytest.param("float16", 200, 2, marks=pytest.mark.slow), pytest.param("float32", 200, 3, marks=pytest.mark.slow)])
+def test_random_variants_sizes_alignments_and_thread_orders(dtype, cases, seed):
+    """Any compiled variant, any row length (odd ones, ones past what the registers hold), any row
+    count, misaligned or not, gamma in x's dtype or fp32, in a random thread order."""
+    rng = np.random.default_rng(seed)
+    every = config.variants(dtype) + config.split_variants(dtype)
+    for case in range(cases):
+        op = list(OPS)[rng.integers(len(OPS))]
+        variant = every[rng.integers(len(every))]
+        gamma_dtype = ("float32", dtype)[rng.integers(2)]
+        hidden = int(rng.choice([rng.integers(1, 300), rng.integers(300, 20000)]))
+        rows = int(rng.choice([1, 2, 3, rng.integers(4, 40)]))
+        inputs = make_inputs(op, dtype, rows, hidden, gamma_dtype, seed=case)
+        if rng.integers(3) == 0:
+            inputs = [misaligned(a) for a in inputs]
+        order = int(rng.integers(2, 1 << 30))
+        where = f"case {case}: {op} {dtype} {variant} hidden {hidden} rows {rows} gamma {gamma_dtype} order {order}"
+        try:
+            check(op, inputs, run(op, inputs, layout=layout_of(variant), order=order), dtype)
+        except (AssertionError, emulate.EmulationError) as e:
+            raise AssertionError(f"{where}: {e}") from None

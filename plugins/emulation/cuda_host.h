@@ -279,7 +279,7 @@ inline void fiber_main() {
                                           what + " (" + where(bar.file, bar.line) + ")");
     };
     exited_during(b.barrier, "__syncthreads");
-    for (const Warp& w : b.warps) exited_during(w.barrier, "a warp shuffle");
+    exited_during(b.warps[f.thread_idx.x / kWarp].barrier, "a warp shuffle");  // other warps are not its business
     if (b.cluster != nullptr && f.cluster_arrivals != static_cast<int>(b.cluster_arrived.size()))
         record(b, f.thread_idx.x, "exited after " + std::to_string(f.cluster_arrivals) +
                                       " cluster barrier arrivals, where others of its block made " +
