@@ -36,7 +36,7 @@ import numpy as np
 
 from normops import DEFAULT_EPSILON, OPS
 
-from . import build, config
+from . import build, config, launcher
 
 EMULATION_DIR = Path(__file__).resolve().parent / "emulation"
 EMULATED_ARCH = "sm_90"  # the arch whose module is emulated: it holds every variant, split-row ones too
@@ -183,41 +183,12 @@ def _misalignment(array: np.ndarray) -> int:
     return array.__array_interface__["data"][0] % 16
 
 
-_NUMPY_DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
-
-def dtype_name(array: np.ndarray) -> str:
-    name = _NUMPY_DTYPE_NAMES.get(str(array.dtype))
-    if name is None:
-        raise TypeError(f"unsupported dtype {array.dtype}")
-    return name
-
-
 def numpy_dtype(name: str) -> Any:
     if name == "bfloat16":
         import ml_dtypes
 
         return ml_dtypes.bfloat16
     return np.dtype(name)
-
-
-def check_operands(op: str, named: dict[str, np.ndarray]) -> None:
-    """What the launcher refuses on the GPU (launcher.check_operands), for numpy arrays: the kernel
-    reads raw pointers, so anything else would be read as garbage rather than fail."""
-    x = named["x"]
-    hidden = int(x.shape[-1]) if x.ndim else 1
-    for name, a in named.items():
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{op}: {name} must be C-contiguous")
-        if name == "residual" and (a.dtype != x.dtype or a.shape != x.shape):
-            raise ValueError(f"{op}: residual is {a.dtype} {a.shape}, x is {x.dtype} {x.shape}; they must match")
-        if name in ("gamma", "beta"):
-            if a.shape != (hidden,):
-                raise ValueError(f"{op}: {name} has shape {a.shape}, expected ({hidden},) for hidden {hidden}")
-            if dtype_name(a) not in (dtype_name(x), "float32"):
-                raise ValueError(f"{op}: {name} is {a.dtype}; it must be x's dtype ({x.dtype}) or float32")
-    if "beta" in named and named["beta"].dtype != named["gamma"].dtype:
-        raise ValueError(f"{op}: gamma is {named['gamma'].dtype} and beta {named['beta'].dtype}; they must share one dtype")
 
 
 def run(op: str, *inputs: np.ndarray, epsilon: float = DEFAULT_EPSILON, layout: tuple[int, ...] | None = None,
@@ -234,16 +205,12 @@ def run(op: str, *inputs: np.ndarray, epsilon: float = DEFAULT_EPSILON, layout: 
     if order not in ORDERS and not (isinstance(order, int) and order >= 2):
         raise ValueError(f"order must be one of {sorted(ORDERS)} or an int >= 2, got {order!r}")
     spec = OPS[op]
-    names = spec.inputs + (("beta",) if "beta" in spec.optional_inputs else ())
-    if len(inputs) != len(names):
-        raise TypeError(f"{op} takes {names}, got {len(inputs)} arrays")
-    named = dict(zip(names, inputs))
-    check_operands(op, named)
+    named = launcher.named_inputs(op, inputs)
+    launcher.check_operands(op, named)  # what the GPU launcher refuses, refused here too
     x, gamma = named["x"], named["gamma"]
-    hidden = int(x.shape[-1]) if x.ndim else 1
-    rows = x.size // hidden if hidden else 0
-    cfg = config.launch_config(op, dtype_name(x), rows, hidden, layout=layout)
-    module = library(op, dtype_name(x), dtype_name(gamma), tuple(defines), source_dir,
+    rows, hidden = launcher.rows_and_hidden(x.shape)
+    cfg = config.launch_config(op, launcher.dtype_name(x), rows, hidden, layout=layout)
+    module = library(op, launcher.dtype_name(x), launcher.dtype_name(gamma), tuple(defines), source_dir,
                      cfg.variant if one_kernel else None)
     entry = getattr(module, f"normfuse_emulate_{cfg.kernel}")
     entry.restype = ctypes.c_char_p

@@ -10,6 +10,7 @@ a beta in another dtype than gamma.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from functools import lru_cache
@@ -19,14 +20,35 @@ from normops import DEFAULT_EPSILON, OPS
 
 from . import build, config
 
-_TORCH_DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+# a torch tensor's dtype prints as "torch.float32", a numpy array's (ml_dtypes' bfloat16 too) as "float32"
+_DTYPE_NAMES = {f"{prefix}{name}": name for name in ("float32", "float16", "bfloat16") for prefix in ("torch.", "")}
 
 
 def dtype_name(tensor: Any) -> str:
-    name = _TORCH_DTYPE_NAMES.get(str(tensor.dtype))
+    """"float32", "float16" or "bfloat16" for a torch tensor or a numpy array."""
+    name = _DTYPE_NAMES.get(str(tensor.dtype))
     if name is None:
         raise TypeError(f"unsupported dtype {tensor.dtype}")
     return name
+
+
+def _contiguous(tensor: Any) -> bool:
+    return tensor.is_contiguous() if hasattr(tensor, "is_contiguous") else bool(tensor.flags.c_contiguous)
+
+
+def named_inputs(op: str, inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """Inputs given in contract order (x, [residual], gamma, [beta]), by name."""
+    spec = OPS[op]
+    names = spec.inputs + (("beta",) if "beta" in spec.optional_inputs else ())
+    if len(inputs) != len(names):
+        raise TypeError(f"{op} takes {names}, got {len(inputs)} tensors")
+    return dict(zip(names, inputs))
+
+
+def rows_and_hidden(shape: tuple[int, ...]) -> tuple[int, int]:
+    """What the kernels see of x: rows of `hidden` (last axis) elements."""
+    hidden = int(shape[-1]) if len(shape) else 1
+    return (int(math.prod(shape)) // hidden if hidden else 0), hidden
 
 
 _LOADED: list[Any] = []
@@ -80,9 +102,9 @@ def check_operands(op: str, named: dict[str, Any]) -> None:
     dtype than gamma, or a strided tensor would be read as garbage."""
     x = named["x"]
     x_dtype = dtype_name(x)
-    hidden = int(x.shape[-1]) if x.dim() else 1
+    hidden = rows_and_hidden(tuple(x.shape))[1]
     for name, t in named.items():
-        if not t.is_contiguous():
+        if not _contiguous(t):
             raise ValueError(f"{op}: {name} must be contiguous")
         dtype = dtype_name(t)
         if name == "residual" and (dtype != x_dtype or tuple(t.shape) != tuple(x.shape)):
@@ -126,14 +148,10 @@ def run(op: str, *inputs: Any, epsilon: float = DEFAULT_EPSILON, layout: tuple[i
     import torch
 
     spec = OPS[op]
-    names = spec.inputs + (("beta",) if "beta" in spec.optional_inputs else ())
-    if len(inputs) != len(names):
-        raise TypeError(f"{op} takes {names}, got {len(inputs)} tensors")
-    named = dict(zip(names, inputs))
+    named = named_inputs(op, inputs)
     check_operands(op, named)
     x, gamma = named["x"], named["gamma"]
-    hidden = int(x.shape[-1]) if x.dim() else 1
-    rows = x.numel() // hidden if hidden else 0
+    rows, hidden = rows_and_hidden(tuple(x.shape))
     if outputs is None:
         outputs = tuple(torch.empty_like(x) for _ in spec.outputs)
     check_outputs(op, x, outputs)
