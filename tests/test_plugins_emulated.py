@@ -322,12 +322,10 @@ def layout_of(variant: tuple[int, ...]) -> tuple[int, ...]:
     return (tpr, slots, rows_per_block // config.groups_per_block(tpr))
 
 
-@pytest.mark.parametrize("dtype, cases, seed", [
-    ("bfloat16", 24, 0), pytest.param("bfloat16", 400, 1, marks=pytest.mark.slow),
-    pytest.param("float16", 200, 2, marks=pytest.mark.slow), pytest.param("float32", 200, 3, marks=pytest.mark.slow)])
-def test_random_variants_sizes_alignments_and_thread_orders(dtype, cases, seed):
-    """Any compiled variant, any row length (odd ones, ones past what the registers hold), any row
-    count, misaligned or not, gamma in x's dtype or fp32, in a random thread order."""
+def random_cases(dtype: str, cases: int, seed: int):
+    """(description, op, inputs, layout, order) for any compiled variant, any row length (odd ones,
+    ones past what the registers hold), any row count, misaligned or not, gamma in x's dtype or
+    fp32, and a random thread order."""
     rng = np.random.default_rng(seed)
     every = config.variants(dtype) + config.split_variants(dtype)
     for case in range(cases):
@@ -341,7 +339,33 @@ def test_random_variants_sizes_alignments_and_thread_orders(dtype, cases, seed):
             inputs = [misaligned(a) for a in inputs]
         order = int(rng.integers(2, 1 << 30))
         where = f"case {case}: {op} {dtype} {variant} hidden {hidden} rows {rows} gamma {gamma_dtype} order {order}"
+        yield where, op, inputs, layout_of(variant), order
+
+
+@pytest.mark.parametrize("dtype, cases, seed", [
+    ("bfloat16", 24, 0), pytest.param("bfloat16", 400, 1, marks=pytest.mark.slow),
+    pytest.param("float16", 200, 2, marks=pytest.mark.slow), pytest.param("float32", 200, 3, marks=pytest.mark.slow)])
+def test_random_variants_sizes_alignments_and_thread_orders(dtype, cases, seed):
+    for where, op, inputs, layout, order in random_cases(dtype, cases, seed):
         try:
-            check(op, inputs, run(op, inputs, layout=layout_of(variant), order=order), dtype)
+            check(op, inputs, run(op, inputs, layout=layout, order=order), dtype)
         except (AssertionError, emulate.EmulationError) as e:
             raise AssertionError(f"{where}: {e}") from None
+
+
+# The A/B switches' candidates (norm_common.cuh), in the two groups tests/test_plugins_ptx.py builds,
+# less what the emulator cannot mean (the mbarrier exchange, a register cap).
+SWITCH_GROUPS = [("NORMFUSE_AB_PLAIN_LOADS", "NORMFUSE_AB_NO_PREFETCH", "NORMFUSE_AB_NO_TRAILING_SYNC",
+                  "NORMFUSE_AB_LN_ONE_REDUCTION", "NORMFUSE_AB_LOOP_PARAMS_PER_ROW"), ("NORMFUSE_AB_PARAMS_EARLY",)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defines", SWITCH_GROUPS, ids=lambda d: "+".join(x.removeprefix("NORMFUSE_AB_") for x in d))
+def test_ab_switch_candidates_compute_the_same_norms(defines):
+    """A switch is a candidate for the default kernels (bench/kernels.py --sources worktree+NAME
+    times it): its logic holds on random cases before any GPU time is spent on it."""
+    for where, op, inputs, layout, order in random_cases("bfloat16", 120, 11):
+        try:
+            check(op, inputs, run(op, inputs, layout=layout, order=order, defines=defines), "bfloat16")
+        except (AssertionError, emulate.EmulationError) as e:
+            raise AssertionError(f"{defines} {where}: {e}") from None
