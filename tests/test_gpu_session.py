@@ -1,0 +1,59 @@
+"""bench/gpu_session.sh, the prepared command for a lent GPU: it must run through on a machine
+without one (saying what each step did), and its two test steps must split the GPU suite."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_session.sh"
+
+
+def session_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "NORMFUSE_CACHE_DIR"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # this interpreter first
+    return {**env, **extra}
+
+
+def test_the_session_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT)], env=session_env(OUT=str(tmp_path), STEPS="new-variants decode"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "session.log").read_text()
+    assert re.search(r"== new-variants \(at most \d+s\): .*pytest .*tests/gpu -k", log)
+    assert re.search(r"== new-variants: exit 5 after \d+s", log)  # pytest's "no tests ran": all skipped
+    assert re.search(r"== decode: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
+    assert "== bandwidth: not in STEPS, skipped" in log and "== proven-kernels: not in STEPS, skipped" in log
+    assert "== done after" in log
+    with tarfile.open(tmp_path / "results.tar.gz") as results:
+        assert "results" in results.getnames()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tar.gz", "session.log"]
+
+
+def collected(expression: str, fake_cupy: Path) -> tuple[list[str], int]:
+    """(selected test ids, total) of the GPU suite for a -k expression, collected with a stand-in
+    cupy module (the GPU tests skip at import without one; nothing runs)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-k", expression], cwd=ROOT, env=session_env(PYTHONPATH=str(fake_cupy)),
+                          capture_output=True, text=True, timeout=120)
+    m = re.search(r"(\d+)/(\d+) tests collected", done.stdout)
+    assert m, done.stdout[-2000:]
+    ids = [line for line in done.stdout.splitlines() if "::" in line]
+    assert len(ids) == int(m.group(1))
+    return ids, int(m.group(2))
+
+
+def test_its_two_test_steps_split_the_gpu_suite(tmp_path):
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text("")
+    new = re.search(r'^NEW="([^"]+)"$', SCRIPT.read_text(), re.M).group(1)
+    first, total = collected(new, tmp_path)
+    rest, _ = collected(f"not ({new})", tmp_path)
+    assert len(first) + len(rest) == total and first and rest
+    for name in ("test_split_row_variants", "test_row_loop_variants", "test_every_tensorrt_tactic_layout"):
+        assert any(f"::{name}[" in i for i in first) and not any(f"::{name}[" in i for i in rest), name
+    assert not any("::test_against_reference[" in i for i in first)
