@@ -40,6 +40,7 @@ from . import build, config, launcher
 
 EMULATION_DIR = Path(__file__).resolve().parent / "emulation"
 EMULATED_ARCH = "sm_90"  # the arch whose module is emulated: it holds every variant, split-row ones too
+# -O0: half the compile time of -O1, and a launch's time goes to switching threads, not arithmetic.
 # Hidden visibility: g++ makes a static local of an inline function (every __shared__ variable here)
 # a process-wide unique symbol, so two loaded modules would share one block's shared memory.
 FLAGS = ["-std=c++17", "-O0", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
@@ -103,8 +104,9 @@ def emulated_source(op: str, x_dtype: str, gamma_dtype: str | None, defines: tup
             raise ValueError(f"{d} cannot be emulated: {reason}")
     unit = build.module_source(op, x_dtype, gamma_dtype, variant, defines, arch=EMULATED_ARCH)
     entries = "".join(
-        f'extern "C" __attribute__((visibility("default"))) const char* normfuse_emulate_{name}(unsigned grid, unsigned block, unsigned cluster, '
-        f"unsigned order, void** params) {{ return ::normfuse_emu::launch({name}, grid, block, cluster, order, params); }}\n"
+        f'extern "C" __attribute__((visibility("default"))) const char* normfuse_emulate_{name}(\n'
+        f"        unsigned grid, unsigned block, unsigned cluster, unsigned order, void** params) {{\n"
+        f"    return ::normfuse_emu::launch({name}, grid, block, cluster, order, params);\n}}\n"
         for name in kernel_names(op, x_dtype, variant))
     return unit + entries
 
@@ -148,8 +150,9 @@ def _library(op: str, x_dtype: str, g: str, defines: tuple[str, ...], source_dir
             result = subprocess.run([cxx, *flags, "-o", str(out), str(src)], capture_output=True, text=True)
             if result.returncode != 0:
                 raise build.ToolchainError(f"{cxx} failed to compile the emulated {op} module:\n{result.stderr[-4000:]}")
-            os.replace(out, cached.with_suffix(f".{os.getpid()}.tmp"))
-        os.replace(cached.with_suffix(f".{os.getpid()}.tmp"), cached)  # atomic, as the PTX cache
+            staged = cached.with_suffix(f".{os.getpid()}.tmp")
+            shutil.move(out, staged)  # the temporary folder may be on another file system
+        os.replace(staged, cached)  # atomic, as the PTX cache: a concurrent build never sees half a file
     return ctypes.CDLL(str(cached))
 
 
@@ -202,7 +205,11 @@ def run(op: str, *inputs: np.ndarray, epsilon: float = DEFAULT_EPSILON, layout: 
     overwrite what others have not read), "fifo", or an int >= 2 seeding a random order.
     `one_kernel`: compile only the launched kernel (for sources compiled once, e.g. an edited copy).
     """
-    if order not in ORDERS and not (isinstance(order, int) and order >= 2):
+    if isinstance(order, str) and order in ORDERS:
+        order_code = ORDERS[order]
+    elif isinstance(order, int) and order >= 2:  # 0 and 1 are the named orders' codes
+        order_code = order
+    else:
         raise ValueError(f"order must be one of {sorted(ORDERS)} or an int >= 2, got {order!r}")
     spec = OPS[op]
     named = launcher.named_inputs(op, inputs)
@@ -224,7 +231,7 @@ def run(op: str, *inputs: np.ndarray, epsilon: float = DEFAULT_EPSILON, layout: 
               + [ctypes.c_int32(rows), ctypes.c_int32(hidden), ctypes.c_int32(config.epsilon_bits(epsilon))]
               + [ctypes.c_void_p(b.address) for b in outs])
     params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    _launch_in_child(lambda: entry(int(cfg.grid), cfg.block, cfg.ctas_per_row, ORDERS.get(order, order), params),
+    _launch_in_child(lambda: entry(int(cfg.grid), cfg.block, cfg.ctas_per_row, order_code, params),
                      cfg.kernel, timeout)
     return tuple(o.array.copy() for o in outs)
 
