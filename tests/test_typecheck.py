@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ["export/tensorrt_engine.py", "export/runtime.py", "export/run.py", "export/triton_repo.py",
-           "export/validate.py", "export/backends.py", "export/build.py", "bench/graphs.py", "plugins/trt.py"]
+           "export/validate.py", "export/backends.py", "export/build.py", "bench/graphs.py", "plugins/trt.py",
+           "plugins/launcher.py", "plugins/emulate.py"]
 MYPY_INI = """[mypy]
 ignore_missing_imports = True
 follow_imports = silent
