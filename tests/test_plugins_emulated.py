@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(emulate.unavailable_reason() is not None,
                                 reason=f"cannot emulate the kernels: {emulate.unavailable_reason()}")
 
 HIDDEN = (1, 7, 64, 127, 768, 1024, 4096, 5120, 8192, 16384)
-ROWS = (1, 3, 17)
+ROWS = (1, 17)
 
 
 def pair_id(pair: tuple[str, str]) -> str:
@@ -158,7 +158,7 @@ def test_split_row_variants(op, pair):
     dtype, gamma_dtype = pair
     vector = config.vector_width(dtype)
     tried = 0
-    for hidden in (1024, 4096, 5120, 8192, 16384):
+    for hidden in (1024, 5120, 16384):  # tests/gpu adds 4096 and 8192
         for layout in config.split_layouts(dtype, hidden):
             for rows in (1, 3):
                 tried += 1
@@ -264,6 +264,7 @@ def test_a_missing_barrier_gives_wrong_rows(tmp_path):
         check("LayerNorm", inputs, outs, "bfloat16")
 
 
+@pytest.mark.slow  # a compile each: the default run keeps three of the five edits
 def test_a_barrier_not_reached_by_every_thread_fails_the_launch(tmp_path):
     old = "        if ((threadIdx.x & 31) == 0) partial[group][warp % kWarps] = v;\n        __syncthreads();\n"
     new = ("        if ((threadIdx.x & 31) == 0) { partial[group][warp % kWarps] = v; __syncthreads(); }\n"
@@ -287,6 +288,7 @@ def test_a_slice_past_the_row_reaches_the_guard_page(tmp_path):
         run_edited(sources, "RMSNorm", (256, 2, 1, 4), rows=1, hidden=8192)
 
 
+@pytest.mark.slow  # a compile each: the default run keeps three of the five edits
 def test_a_thread_stuck_at_a_barrier_is_a_deadlock_not_a_hang(tmp_path):
     old = "        if ((threadIdx.x & 31) == 0) partial[group][warp % kWarps] = v;\n        __syncthreads();\n"
     new = ("        if ((threadIdx.x & 31) == 0) partial[group][warp % kWarps] = v;\n"

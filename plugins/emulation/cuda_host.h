@@ -21,6 +21,12 @@
 // exchange (NORMFUSE_AB_SPLIT_MBARRIER) is refused by plugins/emulate.py.
 #pragma once
 
+// The emulator's own code, the standard library templates it uses and CUDA's conversions are
+// optimised even though emulate.py compiles the kernels -O0 (half the compile time): a launch's
+// time goes to switching threads. The kernels' own code, after the pop below, stays -O0.
+#pragma GCC push_options
+#pragma GCC optimize("O2")
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <setjmp.h>
@@ -31,7 +37,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -101,7 +106,8 @@ struct Block {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
     Barrier barrier;
-    std::deque<int> ready;
+    std::vector<int> ready;  // threads that may run; ready[ready_head:] are the ones not yet taken
+    size_t ready_head = 0;
     std::vector<int> cluster_arrived;  // per phase, threads of this block that arrived
     unsigned order = kFifo;
     uint64_t random_state = 0;
@@ -300,15 +306,23 @@ inline std::string waits_description(const Block& b) {
 
 // The ready thread to run next, in the launch's order.
 inline int next_thread(Block& b) {
-    size_t pick = 0;
-    if (b.order == kLifo) {
-        pick = b.ready.size() - 1;
-    } else if (b.order != kFifo) {
-        b.random_state = b.random_state * 6364136223846793005ull + 1442695040888963407ull;  // Knuth's LCG
-        pick = static_cast<size_t>(b.random_state >> 33) % b.ready.size();
+    int t;
+    if (b.order == kFifo) {
+        t = b.ready[b.ready_head++];
+    } else {
+        size_t pick = b.ready.size() - 1;  // kLifo: the last released
+        if (b.order != kLifo) {
+            b.random_state = b.random_state * 6364136223846793005ull + 1442695040888963407ull;  // Knuth's LCG
+            pick = b.ready_head + static_cast<size_t>(b.random_state >> 33) % (b.ready.size() - b.ready_head);
+        }
+        t = b.ready[pick];
+        b.ready[pick] = b.ready.back();
+        b.ready.pop_back();
     }
-    const int t = b.ready[pick];
-    b.ready.erase(b.ready.begin() + static_cast<std::ptrdiff_t>(pick));
+    if (b.ready_head == b.ready.size()) {  // all taken: start the queue again
+        b.ready.clear();
+        b.ready_head = 0;
+    }
     return t;
 }
 
@@ -331,10 +345,12 @@ inline void run_block(Block& b) {
         b.cluster->changed.wait(lock, [&] { return b.cluster->registered == static_cast<int>(b.cluster->size); });
     }
     while (tls_stacks.size() < n) tls_stacks.emplace_back(new char[kStackBytes]);
+    ucontext_t model;  // one getcontext (a system call) for all of the block's threads
+    getcontext(&model);
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = b.fibers[t];
         f.thread_idx = {t, 0, 0};
-        getcontext(&f.start);
+        f.start = model;
         f.start.uc_stack.ss_sp = tls_stacks[t].get();
         f.start.uc_stack.ss_size = kStackBytes;
         f.start.uc_link = nullptr;
@@ -343,7 +359,7 @@ inline void run_block(Block& b) {
     }
     int finished = 0;
     while (b.error.empty() && finished < static_cast<int>(n)) {
-        if (b.ready.empty()) {
+        if (b.ready_head == b.ready.size()) {
             // nothing can move in this block: it may wait for its cluster's other blocks
             int lowest = -1;
             for (const Fiber& f : b.fibers)
@@ -480,3 +496,5 @@ inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; 
 inline unsigned __float_as_uint(float v) { unsigned u; std::memcpy(&u, &v, 4); return u; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
+
+#pragma GCC pop_options
