@@ -5,10 +5,10 @@
 // or barrier shows up on a machine without a GPU. What it emulates:
 //   - threads as fibers of one OS thread per block (started with ucontext, then switched with
 //     _setjmp/_longjmp, which skip ucontext's signal-mask system call), switched only at
-//     barriers, so a thread runs as far as it can before it waits. Which waiting thread runs next is the launch's
-//     `order`: first released first (kFifo), last released first (kLifo: one warp races ahead and
-//     overwrites shared memory that the others have not read yet, if a barrier is missing), or a
-//     seeded random pick (any other value);
+//     barriers, so a thread runs as far as it can before it waits. Which waiting thread runs
+//     next is the launch's `order`: first released first (kFifo), last released first (kLifo:
+//     one warp races ahead and overwrites shared memory that the others have not read yet, if a
+//     barrier is missing), or a seeded random pick (any other value);
 //   - __syncthreads and the warp shuffles as barriers that every live thread of the block (warp)
 //     must reach from the same line, else the launch fails with both lines named; a thread that
 //     exits while others wait fails it too (the kernels' reductions are reached by every thread);
