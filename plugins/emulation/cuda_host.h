@@ -334,14 +334,11 @@ inline void run_block(Block& b) {
     b.fibers.resize(n);
     b.warps.resize((n + kWarp - 1) / kWarp);
     b.live = static_cast<int>(n);
-    if (b.cluster != nullptr) {
-        std::lock_guard<std::mutex> lock(b.cluster->mutex);
+    if (b.cluster != nullptr) {  // no block runs before every peer's shared memory can be mapped
+        std::unique_lock<std::mutex> lock(b.cluster->mutex);
         b.cluster->blocks[b.rank] = &b;
         ++b.cluster->registered;
         b.cluster->changed.notify_all();
-    }
-    if (b.cluster != nullptr) {  // no block runs before every peer's shared memory can be mapped
-        std::unique_lock<std::mutex> lock(b.cluster->mutex);
         b.cluster->changed.wait(lock, [&] { return b.cluster->registered == static_cast<int>(b.cluster->size); });
     }
     while (tls_stacks.size() < n) tls_stacks.emplace_back(new char[kStackBytes]);
