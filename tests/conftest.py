@@ -95,12 +95,14 @@ def rewritten(exported, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench_script():
-    """bench_script(name) -> bench/<name>.py loaded as a module (bench/ holds scripts, not a package);
-    unloaded again after the test module, with the sibling modules it imported and the import path
-    it had on loading (a script that puts bench/ on sys.path would leave bench/kernels.py shadowing
-    the `kernels` package that transformers imports)."""
+    """bench_script(name) -> bench/<name>.py loaded as a module with bench/ first on sys.path, as
+    `python bench/<name>.py` runs it, so that its sibling modules import (bench/ holds scripts, not a
+    package). After the test module the scripts and the siblings they imported are unloaded and
+    sys.path is restored: left there, bench/kernels.py would shadow the `kernels` package that
+    transformers imports."""
     loaded: list[str] = []
     path = list(sys.path)
+    sys.path.insert(0, str(ROOT / "bench"))
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")

@@ -5,7 +5,6 @@ argument parsing (kernels.py), sources taken from git revisions and the launch-c
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -32,18 +31,9 @@ needs_history = pytest.mark.skipif(not _has_revision(OLD), reason=f"{OLD} is not
 
 
 @pytest.fixture(scope="module")
-def kernels():
-    """bench/kernels.py loaded from its file with bench/ first on sys.path, as `python bench/kernels.py`
-    runs it, so that its sibling modules (kernel_sources, kernel_ab, kernel_static, ...) import."""
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    for name in [n for n, m in sys.modules.items() if Path(getattr(m, "__file__", None) or "/").parent == BENCH]:
-        sys.modules.pop(name)
-    sys.path.remove(str(BENCH))
+def kernels(bench_script):
+    """bench/kernels.py, with its sibling modules (kernel_sources, kernel_ab, kernel_static, ...)."""
+    return bench_script("kernels")
 
 
 def _sibling(name: str, module: str):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,8 +33,6 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def test_bench_is_not_left_on_the_import_path():
     """bench/kernels.py is a script whose name is the `kernels` package's, which transformers imports
     when it is installed: with bench/ on sys.path every model build here failed (ImportError)."""
-    import sys
-
     assert str(BENCH) not in sys.path
     assert "kernels" not in sys.modules or Path(sys.modules["kernels"].__file__ or "/").parent != BENCH
 
