@@ -27,7 +27,8 @@ def test_the_session_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
     assert re.search(r"== new-variants \(at most \d+s\): .*pytest .*tests/gpu -k", log)
     assert re.search(r"== new-variants: exit 5 after \d+s", log)  # pytest's "no tests ran": all skipped
     assert re.search(r"== decode: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
-    assert "== bandwidth: not in STEPS, skipped" in log and "== proven-kernels: not in STEPS, skipped" in log
+    for skipped in ("bandwidth", "short-rows", "proven-kernels"):
+        assert f"== {skipped}: not in STEPS, skipped" in log
     assert "== done after" in log
     with tarfile.open(tmp_path / "results.tar.gz") as results:
         assert "results" in results.getnames()
@@ -57,3 +58,15 @@ def test_its_two_test_steps_split_the_gpu_suite(tmp_path):
     for name in ("test_split_row_variants", "test_row_loop_variants", "test_every_tensorrt_tactic_layout"):
         assert any(f"::{name}[" in i for i in first) and not any(f"::{name}[" in i for i in rest), name
     assert not any("::test_against_reference[" in i for i in first)
+
+
+def test_its_steps_fit_one_device_call_together():
+    """The device tool stops a command at 600 s: every step at its limit, plus the 10 s each may
+    take to be killed, must leave room for unpacking the PTX cache and the final archive."""
+    script = SCRIPT.read_text()
+    limits = [int(n) for n in re.findall(r"^step [\w-]+ (\d+) ", script, re.M)]
+    default = re.search(r'^STEPS=\$\{STEPS:-"([^"]+)"\}', script, re.M).group(1).split()
+    named = re.findall(r"^step ([\w-]+) \d+ ", script, re.M)
+    assert named == default  # every step runs by default, in the order of the script
+    kill_after = int(re.search(r"timeout --kill-after=(\d+)", script).group(1))
+    assert sum(limits) + kill_after * len(limits) <= 600 - 20
