@@ -9,6 +9,8 @@
 # 2 cores beside other work, so plan on an hour; PTX compresses about 27x, 50 modules were 6.6 MB
 # and 0.25 MB as xz):
 #   NORMFUSE_CACHE_DIR=.carry/ptx python -c "import plugins.build as b; b.prebuild('sm_90')"
+#   NORMFUSE_CACHE_DIR=.carry/ptx python bench/kernels.py --static sm_90 --hidden 4096 8192 16384 \
+#       --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY         (step decode-ab's switched build)
 #   tar cJf .carry/ptx.tar.xz -C .carry ptx
 # Then the device tool's run, from the repository root:
 #   command: bash bench/gpu_session.sh     carry: [".carry/ptx.tar.xz"]     timeout_s: 600
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 WORK=$(mktemp -d)
 LOG=$OUT/session.log
-STEPS=${STEPS:-"new-variants decode bandwidth short-rows proven-kernels"}
+STEPS=${STEPS:-"new-variants decode decode-ab bandwidth short-rows proven-kernels"}
 export PYTHONUNBUFFERED=1 NORMFUSE_CUDA_ARCH=${NORMFUSE_CUDA_ARCH:-sm_90}
 PY=$(command -v python3 || command -v python)
 
@@ -36,7 +38,7 @@ step() {
     shift 2
     case " $STEPS " in *" $name "*) ;; *) echo "== $name: not in STEPS, skipped" >>"$LOG"; return 0 ;; esac
     echo "== $name (at most ${limit}s): $*" >>"$LOG"
-    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
     rc=$?
     [ $rc -eq 124 ] && echo "== $name: STOPPED at its limit of ${limit}s" >>"$LOG"
     echo "== $name: exit $rc after $((SECONDS - start))s" >>"$LOG"
@@ -62,21 +64,26 @@ NEW="split or row_loop or row-loop or tactic"
 
 # 1. The variants no GPU has run yet (split-row, row-loop, TensorRT's tactic layouts) against the
 #    float64 references: until they pass, the launch table and the tactics pick none of them.
-step new-variants 160 "${PYTEST[@]}" tests/gpu -k "$NEW"
+step new-variants 150 "${PYTEST[@]}" tests/gpu -k "$NEW"
 # 2. Decode (1 and 32 tokens): the table's kernel beside the tactic and split-row layouts, over an
 #    empty launch (the target: within 2 us of it).
-step decode 105 "$PY" bench/kernels.py --quick --tactics --split --tokens 1 32 --dtypes bfloat16 \
+step decode 100 "$PY" bench/kernels.py --quick --tactics --split --tokens 1 32 --dtypes bfloat16 \
     --budget 0.1 --out "$WORK/results"
-# 3. Bandwidth at the target shapes, with the layout sweep behind the launch table.
-step bandwidth 125 "$PY" bench/kernels.py --quick --tune --tokens 4096 16384 65536 --dtypes bfloat16 \
+# 3. Decode, the table's kernels against the same built with NORMFUSE_AB_PARAMS_EARLY (gamma/beta
+#    loaded before the statistics, so no dependent load round trip follows the last barrier), the
+#    candidate for hidden 8192/16384 on GPUs without clusters; outputs compared with the default's.
+step decode-ab 60 "$PY" bench/kernels.py --quick --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY \
+    --tokens 1 32 --hidden 4096 8192 16384 --budget 0.1 --out "$WORK/results/decode-ab"
+# 4. Bandwidth at the target shapes, with the layout sweep behind the launch table.
+step bandwidth 120 "$PY" bench/kernels.py --quick --tune --tokens 4096 16384 65536 --dtypes bfloat16 \
     --budget 0.1 --out "$WORK/results"
-# 4. Short rows (hidden 768-2048), the weak spot (half torch's fused speed at 768): the same sweep,
+# 5. Short rows (hidden 768-2048), the weak spot (half torch's fused speed at 768): the same sweep,
 #    whose row-loop layouts (TPRxCxK) are the candidate fix.
-step short-rows 70 "$PY" bench/kernels.py --quick --tune --tokens 16384 --hidden 768 1024 2048 --dtypes bfloat16 \
+step short-rows 60 "$PY" bench/kernels.py --quick --tune --tokens 16384 --hidden 768 1024 2048 --dtypes bfloat16 \
     --budget 0.1 --out "$WORK/results/short-rows"
-# 5. The rest of the GPU suite: the kernels the table runs now, proven before and unchanged since
+# 6. The rest of the GPU suite: the kernels the table runs now, proven before and unchanged since
 #    (a CPU test holds their PTX to the proven revision's).
-step proven-kernels 60 "${PYTEST[@]}" tests/gpu -k "not ($NEW)"
+step proven-kernels 40 "${PYTEST[@]}" tests/gpu -k "not ($NEW)"
 
 tar czf "$OUT/results.tar.gz" -C "$WORK" results
 echo "== done after ${SECONDS}s" >>"$LOG"
