@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks still pending, as one call on a lent GPU machine (15 minutes of device time a
 # session, starts included): the unproven kernel variants, the decode, bandwidth and short-row
-# timings, then the rest of the GPU suite, in that order of priority. Each step has its own time
-# limit (together under the device tool's 10 minutes a command, with room to unpack the cache), so
-# the call ends with whatever finished; a step that runs out is said in the log and the next starts.
+# timings, a profile of the weak cells, then the rest of the GPU suite, in that order of priority.
+# Each step has its own time limit (the last takes what is left of BUDGET, inside the device tool's
+# 10 minutes a command), so the call ends with whatever finished; a step that runs out is said in
+# the log and the next starts.
 #
-# Here, first, so that the GPU machine compiles nothing (about 1100 modules: 95 took 6 minutes on
-# 2 cores beside other work, so plan on an hour; PTX compresses about 27x, 50 modules were 6.6 MB
-# and 0.25 MB as xz):
+# Here, first, so that the GPU machine compiles nothing (1136 modules took 12 minutes on 2 cores;
+# 119 MB of PTX make a 5.8 MB archive):
 #   NORMFUSE_CACHE_DIR=.carry/ptx python -c "import plugins.build as b; b.prebuild('sm_90')"
 #   NORMFUSE_CACHE_DIR=.carry/ptx python bench/kernels.py --static sm_90 --hidden 4096 8192 16384 \
 #       --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY         (step decode-ab's switched build)
@@ -23,7 +23,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 WORK=$(mktemp -d)
 LOG=$OUT/session.log
-STEPS=${STEPS:-"new-variants decode decode-ab bandwidth short-rows proven-kernels"}
+STEPS=${STEPS:-"new-variants decode decode-ab bandwidth short-rows profile proven-kernels"}
+BUDGET=${BUDGET:-575}  # seconds for the whole script: the device tool stops a command at 600
 export PYTHONUNBUFFERED=1 NORMFUSE_CUDA_ARCH=${NORMFUSE_CUDA_ARCH:-sm_90}
 PY=$(command -v python3 || command -v python)
 
@@ -37,6 +38,7 @@ step() {
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
     case " $STEPS " in *" $name "*) ;; *) echo "== $name: not in STEPS, skipped" >>"$LOG"; return 0 ;; esac
+    if [ "$limit" -lt 10 ]; then echo "== $name: no time left, skipped" >>"$LOG"; return 0; fi
     echo "== $name (at most ${limit}s): $*" >>"$LOG"
     timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
     rc=$?
@@ -81,9 +83,13 @@ step bandwidth 120 "$PY" bench/kernels.py --quick --tune --tokens 4096 16384 655
 #    whose row-loop layouts (TPRxCxK) are the candidate fix.
 step short-rows 60 "$PY" bench/kernels.py --quick --tune --tokens 16384 --hidden 768 1024 2048 --dtypes bfloat16 \
     --budget 0.1 --out "$WORK/results/short-rows"
-# 6. The rest of the GPU suite: the kernels the table runs now, proven before and unchanged since
-#    (a CPU test holds their PTX to the proven revision's).
-step proven-kernels 40 "${PYTEST[@]}" tests/gpu -k "not ($NEW)"
+# 6. Nsight Compute on the weak cells (short rows; RMSNorm and LayerNorm at 4096, below target),
+#    normfuse's kernel beside torch's: occupancy, DRAM throughput and warp stall reasons.
+step profile 40 "$PY" bench/kernel_profile.py RMSNorm:16384x768 RMSNorm:16384x768@128x1x4 RMSNorm:16384x4096 \
+    LayerNorm:16384x4096 --out "$WORK/results/profile"
+# 7. The rest of the GPU suite, in whatever time is left: the kernels the table runs now, proven
+#    before and unchanged since (a CPU test holds their PTX to the proven revision's).
+step proven-kernels $((BUDGET - SECONDS - 5)) "${PYTEST[@]}" tests/gpu -k "not ($NEW)"
 
 tar czf "$OUT/results.tar.gz" -C "$WORK" results
 echo "== done after ${SECONDS}s" >>"$LOG"

@@ -1,5 +1,6 @@
 """bench/gpu_session.sh, the prepared command for a lent GPU: it must run through on a machine
-without one (saying what each step did), and its two test steps must split the GPU suite."""
+without one (saying what each step did), fit one device call, and its two test steps must split
+the GPU suite."""
 from __future__ import annotations
 
 import os
@@ -21,7 +22,8 @@ def session_env(**extra: str) -> dict[str, str]:
 
 def test_the_session_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
     benches = ("decode", "decode-ab", "bandwidth", "short-rows")
-    done = subprocess.run(["bash", str(SCRIPT)], env=session_env(OUT=str(tmp_path), STEPS=" ".join(("new-variants",) + benches)),
+    steps = " ".join(("new-variants",) + benches + ("profile",))
+    done = subprocess.run(["bash", str(SCRIPT)], env=session_env(OUT=str(tmp_path), STEPS=steps),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
@@ -30,6 +32,7 @@ def test_the_session_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
     for bench in benches:  # 1: bench/kernels.py took its options (2 would be a usage error) and needs CUDA
         assert re.search(rf"== {bench}: exit 1 after \d+s", log), bench
     assert "usage:" not in log
+    assert "== profile: exit 1 after" in log  # no ncu here, or no GPU under it
     assert "== proven-kernels: not in STEPS, skipped" in log
     assert "== done after" in log
     with tarfile.open(tmp_path / "results.tar.gz") as results:
@@ -63,12 +66,25 @@ def test_its_two_test_steps_split_the_gpu_suite(tmp_path):
 
 
 def test_its_steps_fit_one_device_call_together():
-    """The device tool stops a command at 600 s: every step at its limit, plus the 10 s each may
-    take to be killed, must leave room for unpacking the PTX cache and the final archive."""
+    """The device tool stops a command at 600 s. The script's BUDGET must leave room for the final
+    archive; every fixed step at its limit, plus the seconds each may take to be killed, must leave
+    room in BUDGET for unpacking the PTX cache; the last step takes what remains."""
     script = SCRIPT.read_text()
-    limits = [int(n) for n in re.findall(r"^step [\w-]+ (\d+) ", script, re.M)]
+    budget = int(re.search(r"^BUDGET=\$\{BUDGET:-(\d+)\}", script, re.M).group(1))
+    assert budget <= 600 - 20
+    named = re.findall(r"^step ([\w-]+) ", script, re.M)
     default = re.search(r'^STEPS=\$\{STEPS:-"([^"]+)"\}', script, re.M).group(1).split()
-    named = re.findall(r"^step ([\w-]+) \d+ ", script, re.M)
     assert named == default  # every step runs by default, in the order of the script
+    fixed = [int(n) for n in re.findall(r"^step [\w-]+ (\d+) ", script, re.M)]
+    assert len(fixed) == len(named) - 1
+    assert re.search(r"^step proven-kernels \$\(\(BUDGET - SECONDS - 5\)\) ", script, re.M)
     kill_after = int(re.search(r"timeout --kill-after=(\d+)", script).group(1))
-    assert sum(limits) + kill_after * len(limits) <= 600 - 20
+    assert sum(fixed) + kill_after * len(fixed) <= budget - 15
+
+
+def test_the_last_step_gets_what_is_left_of_the_budget(tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT)], env=session_env(OUT=str(tmp_path), STEPS="proven-kernels", BUDGET="12"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "session.log").read_text()
+    assert "== proven-kernels: no time left, skipped" in log  # 12 - 5 s: under the 10 s a step needs
