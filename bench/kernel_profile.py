@@ -6,8 +6,9 @@ Each cell is OP:TOKENSxHIDDEN, optionally @TPRxC[xK] to force a layout (as --tun
 launch table decides otherwise. The script runs itself under `ncu` (on PATH, or $NCU): in each
 cell normfuse's kernel and then torch's fused norm of the same input (F.rms_norm / F.layer_norm;
 for the Add forms, of the sum, so that only the norm is compared) are launched once each, between
-cudaProfilerStart and cudaProfilerStop, and profiled with the sections below (ncu locks the
-clocks to base by default: compare kernels within a profile, not its durations with bench/kernels.py).
+cudaProfilerStart and cudaProfilerStop, and profiled with the sections below, at the GPU's own
+clocks (--clock-control none) and with caches flushed before each replay pass (ncu's default, as
+bench/kernels.py flushes L2). Compare kernels within a profile; take durations from bench/kernels.py.
 Writes to DIR: profile.ncu-rep (for Nsight Compute's GUI), ncu-raw.csv (every metric collected, one
 row per kernel), profile.json and profile.md (per kernel: duration, DRAM throughput, achieved and
 theoretical occupancy, registers, the block limit from registers, and the largest warp stall
@@ -70,7 +71,10 @@ def ncu_commands(ncu: str, report: Path, argv: list[str]) -> tuple[list[str], li
     page as CSV, one row per kernel, in base units (ns, bytes), which needs no GPU."""
     sections = [a for s in SECTIONS for a in ("--section", s)]
     metrics = ",".join(f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio" for r in STALL_REASONS)
-    profile = [ncu, "--profile-from-start", "off", "--target-processes", "all", *sections, "--metrics", metrics,
+    # --clock-control none: the GPU's own clocks, as bench/kernels.py times it (and the setting seen
+    # working on the lent machines; ncu's default locks them to base)
+    profile = [ncu, "--profile-from-start", "off", "--target-processes", "all", "--clock-control", "none",
+               *sections, "--metrics", metrics,
                "--export", str(report), "--force-overwrite",
                sys.executable, str(Path(__file__).resolve()), "--inside-ncu", *argv]
     export = [ncu, "--import", str(report), "--page", "raw", "--csv", "--print-units", "base"]
