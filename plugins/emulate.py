@@ -46,7 +46,6 @@ EMULATED_ARCH = "sm_90"  # the arch whose module is emulated: it holds every var
 FLAGS = ["-std=c++17", "-O0", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
          "-Wno-unknown-pragmas"]
 UNSUPPORTED_DEFINES = {
-    "NORMFUSE_AB_SPLIT_MBARRIER": "its exchange is inline PTX (mbarrier, st.async), which is not emulated",
     "NORMFUSE_AB_MIN_THREADS_PER_SM": "a register cap means nothing on the CPU",
 }
 

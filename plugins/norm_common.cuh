@@ -732,10 +732,14 @@ __device__ __forceinline__ R* inbox_slots() {
 
 // The mbarrier counting this block's arrived partials (shared::cta address).
 __device__ __forceinline__ uint32_t inbox_barrier() {
-    __shared__ alignas(8) unsigned long long full;
+    alignas(8) __shared__ unsigned long long full;
     return static_cast<uint32_t>(__cvta_generic_to_shared(&full));
 }
 
+// The exchange's PTX, one instruction (or fenced pair) per function. The CPU emulation
+// (plugins/emulation/cuda_host.h) gives each of them its meaning under NORMFUSE_HOST_EMULATION, so
+// the counting around them (bytes expected, words pushed, the phase waited on) runs there too.
+#ifndef NORMFUSE_HOST_EMULATION
 __device__ __forceinline__ uint32_t peer_address(uint32_t local, int rank) {
     uint32_t remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
@@ -746,6 +750,42 @@ __device__ __forceinline__ void push_word(uint32_t remote, float v, uint32_t rem
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
                  ::"r"(remote), "r"(__float_as_uint(v)), "r"(remote_barrier) : "memory");
 }
+
+__device__ __forceinline__ void mbarrier_init(uint32_t barrier) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\t"
+                 "fence.mbarrier_init.release.cluster;" ::"r"(barrier) : "memory");
+}
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait;" ::: "memory"); }
+
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t barrier, int bytes) {
+    asm volatile("{\n\t.reg .b64 state;\n\t"
+                 "mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n\t}"
+                 ::"r"(barrier), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ bool mbarrier_phase0_complete(uint32_t barrier) {
+    uint32_t done;
+    asm volatile("{\n\t.reg .pred ready;\n\t"
+                 "mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], 0;\n\t"
+                 "selp.u32 %0, 1, 0, ready;\n\t}"
+                 : "=r"(done) : "r"(barrier) : "memory");
+    return done != 0;
+}
+#else
+using ::normfuse_emu::cluster_arrive_relaxed;
+using ::normfuse_emu::cluster_wait;
+using ::normfuse_emu::mbarrier_arrive_expect_tx;
+using ::normfuse_emu::mbarrier_init;
+using ::normfuse_emu::mbarrier_phase0_complete;
+using ::normfuse_emu::peer_address;
+using ::normfuse_emu::push_word;
+#endif
+
 __device__ __forceinline__ void push(uint32_t remote, float v, uint32_t remote_barrier) {
     push_word(remote, v, remote_barrier);
 }
@@ -756,12 +796,8 @@ __device__ __forceinline__ void push(uint32_t remote, Moments m, uint32_t remote
 }
 
 __device__ __forceinline__ void cluster_prepare() {
-    if (threadIdx.x == 0) {
-        // one arrival per phase (this block's expect_tx) plus S partials' bytes
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\t"
-                     "fence.mbarrier_init.release.cluster;" ::"r"(inbox_barrier()) : "memory");
-    }
-    asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+    if (threadIdx.x == 0) mbarrier_init(inbox_barrier());  // one arrival (this block's expect_tx) a phase
+    cluster_arrive_relaxed();
 }
 
 template <int S, typename R>
@@ -769,23 +805,14 @@ __device__ __forceinline__ R cluster_allreduce(R mine) {
     static_assert(sizeof(R) % 4 == 0, "partials move as 32-bit words");
     const uint32_t full = inbox_barrier();
     R* inbox = inbox_slots<S, R>();
-    asm volatile("barrier.cluster.wait;" ::: "memory");  // every block's mbarrier is initialised
-    if (threadIdx.x == 0) {
-        asm volatile("{\n\t.reg .b64 state;\n\t"
-                     "mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n\t}"
-                     ::"r"(full), "r"(static_cast<int>(S * sizeof(R))) : "memory");
-    }
+    cluster_wait();  // every block's mbarrier is initialised
+    if (threadIdx.x == 0) mbarrier_arrive_expect_tx(full, static_cast<int>(S * sizeof(R)));  // S partials' bytes
     const int rank = static_cast<int>(cg::this_cluster().block_rank());
     if (threadIdx.x < S) {  // thread r writes this block's partial into block r's inbox slot [rank]
         const uint32_t slot = static_cast<uint32_t>(__cvta_generic_to_shared(inbox + rank));
         push(peer_address(slot, threadIdx.x), mine, peer_address(full, threadIdx.x));
     }
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile("{\n\t.reg .pred ready;\n\t"
-                     "mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], 0;\n\t"
-                     "selp.u32 %0, 1, 0, ready;\n\t}"
-                     : "=r"(done) : "r"(full) : "memory");
+    while (!mbarrier_phase0_complete(full)) {
     }
     R total = inbox[0];
     #pragma unroll

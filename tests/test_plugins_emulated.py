@@ -5,7 +5,8 @@ shapes) on a machine without a GPU, including the variants the GPU has never run
 split-row); the PTX, the speed and the GPU's own rounding stay tests/gpu's to prove.
 
 The last part holds the emulator to its job: edited copies of the kernels with a known bug (a
-barrier removed, a cluster released too early, a slice shifted) must fail here.
+barrier removed, a cluster released too early, a slice shifted, an mbarrier expecting a word no one
+pushes) must fail here.
 """
 from __future__ import annotations
 
@@ -264,7 +265,7 @@ def test_a_missing_barrier_gives_wrong_rows(tmp_path):
         check("LayerNorm", inputs, outs, "bfloat16")
 
 
-@pytest.mark.slow  # a compile each: the default run keeps three of the five edits
+@pytest.mark.slow  # a compile each: the default run keeps four of the seven edits
 def test_a_barrier_not_reached_by_every_thread_fails_the_launch(tmp_path):
     old = "        if ((threadIdx.x & 31) == 0) partial[group][warp % kWarps] = v;\n        __syncthreads();\n"
     new = ("        if ((threadIdx.x & 31) == 0) { partial[group][warp % kWarps] = v; __syncthreads(); }\n"
@@ -288,7 +289,7 @@ def test_a_slice_past_the_row_reaches_the_guard_page(tmp_path):
         run_edited(sources, "RMSNorm", (256, 2, 1, 4), rows=1, hidden=8192)
 
 
-@pytest.mark.slow  # a compile each: the default run keeps three of the five edits
+@pytest.mark.slow  # a compile each: the default run keeps four of the seven edits
 def test_a_thread_stuck_at_a_barrier_is_a_deadlock_not_a_hang(tmp_path):
     old = "        if ((threadIdx.x & 31) == 0) partial[group][warp % kWarps] = v;\n        __syncthreads();\n"
     new = ("        if ((threadIdx.x & 31) == 0) partial[group][warp % kWarps] = v;\n"
@@ -298,9 +299,41 @@ def test_a_thread_stuck_at_a_barrier_is_a_deadlock_not_a_hang(tmp_path):
         run_edited(sources, "RMSNorm", None)
 
 
-def test_the_mbarrier_exchange_is_refused_with_its_reason():
-    with pytest.raises(ValueError, match="inline PTX"):
-        emulate.emulated_source("RMSNorm", "bfloat16", "float32", ("NORMFUSE_AB_SPLIT_MBARRIER",))
+MBARRIER = ("NORMFUSE_AB_SPLIT_MBARRIER",)
+
+
+@pytest.mark.parametrize("op", ["RMSNorm", "AddLayerNorm"])  # a float partial, and LayerNorm's moments
+def test_the_mbarrier_exchange_computes_the_same_norms(op):
+    """The A/B candidate for the split-row exchange: st.async pushes counted by an mbarrier. Its
+    PTX runs here instruction by instruction (cuda_host.h), with the bytes it expects and pushes."""
+    for layout, hidden in (((256, 2, 1, 4), 8192), ((256, 2, 1, 4), 8191), ((128, 1, 1, 8), 1000)):
+        for order in ("lifo", 12345):
+            inputs = make_inputs(op, "bfloat16", 3, hidden, "float32", seed=hidden)
+            outs = run(op, inputs, layout=layout, order=order, defines=MBARRIER, one_kernel=True)
+            check(op, inputs, outs, "bfloat16")
+
+
+def mbarrier_edit(tmp_path: Path, change: str) -> Path:
+    old = "mbarrier_arrive_expect_tx(full, static_cast<int>(S * sizeof(R)))"
+    return edited_sources(tmp_path, old, f"mbarrier_arrive_expect_tx(full, static_cast<int>(S * sizeof(R)) {change})")
+
+
+def test_an_mbarrier_expecting_bytes_never_pushed_fails_the_launch_not_hangs(tmp_path):
+    """On the GPU, a phase waiting for a word no one pushes spins for ever."""
+    inputs = make_inputs("RMSNorm", "bfloat16", 2, 8192, "float32")
+    with pytest.raises(emulate.EmulationError, match=r"waits at an mbarrier phase .*4 transaction bytes outstanding\) "
+                                                     "that its peers never complete"):
+        run("RMSNorm", inputs, layout=(256, 2, 1, 4), source_dir=mbarrier_edit(tmp_path, "+ 4"), defines=MBARRIER,
+            one_kernel=True)
+
+
+@pytest.mark.slow  # a compile each: the default run keeps four of the seven edits
+def test_an_mbarrier_expecting_too_few_bytes_fails_the_launch(tmp_path):
+    """On the GPU, the phase would complete one word early: a partial read before it arrives."""
+    inputs = make_inputs("AddLayerNorm", "bfloat16", 2, 8192, "float32")
+    with pytest.raises(emulate.EmulationError, match="mid-phase|which has exited"):
+        run("AddLayerNorm", inputs, layout=(128, 1, 1, 8), source_dir=mbarrier_edit(tmp_path, "- 4"),
+            defines=MBARRIER, one_kernel=True)
 
 
 def test_operands_the_kernel_would_misread_are_refused():
@@ -354,10 +387,11 @@ def test_random_variants_sizes_alignments_and_thread_orders(dtype, cases, seed):
             raise AssertionError(f"{where}: {e}") from None
 
 
-# The A/B switches' candidates (norm_common.cuh), in the two groups tests/test_plugins_ptx.py builds,
-# less what the emulator cannot mean (the mbarrier exchange, a register cap).
+# The A/B switches' candidates (norm_common.cuh): the two groups tests/test_plugins_ptx.py builds,
+# less what the emulator cannot mean (a register cap), and the mbarrier exchange of the split rows.
 SWITCH_GROUPS = [("NORMFUSE_AB_PLAIN_LOADS", "NORMFUSE_AB_NO_PREFETCH", "NORMFUSE_AB_NO_TRAILING_SYNC",
-                  "NORMFUSE_AB_LN_ONE_REDUCTION", "NORMFUSE_AB_LOOP_PARAMS_PER_ROW"), ("NORMFUSE_AB_PARAMS_EARLY",)]
+                  "NORMFUSE_AB_LN_ONE_REDUCTION", "NORMFUSE_AB_LOOP_PARAMS_PER_ROW"), ("NORMFUSE_AB_PARAMS_EARLY",),
+                 MBARRIER]
 
 
 @pytest.mark.slow

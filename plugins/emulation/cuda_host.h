@@ -16,9 +16,14 @@
 //   - a thread block cluster as S blocks on S OS threads, with its barrier (sync, arrive, wait),
 //     block_rank and map_shared_rank into a peer block's copy of a __shared__ variable; mapping a
 //     peer that has exited fails the launch;
+//   - the PTX of the mbarrier exchange (NORMFUSE_AB_SPLIT_MBARRIER), which norm_common.cuh keeps
+//     in one-instruction functions: shared-memory addresses as 32-bit words (mapa names a peer's
+//     copy), mbarrier phases with their pending arrivals and transaction bytes, st.async writing
+//     into a peer and completing bytes on its mbarrier, try_wait as a wait for the phase. Bytes
+//     never pushed, or pushed beyond a phase, fail the launch (a wait no one completes, or an
+//     mbarrier left mid-phase) where the GPU would hang or read a partial too early;
 //   - every deadlock (no thread can move) as a failed launch that says where the threads wait.
-// Inline PTX is not emulated: L2 prefetches are skipped (norm_common.cuh) and the mbarrier
-// exchange (NORMFUSE_AB_SPLIT_MBARRIER) is refused by plugins/emulate.py.
+// Other inline PTX is not emulated: the L2 prefetches are skipped (norm_common.cuh).
 #pragma once
 
 // The emulator's own code, the standard library templates it uses and CUDA's conversions are
@@ -38,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -81,6 +87,9 @@ struct Fiber {
     int cluster_arrivals = 0;  // cluster barrier phases this thread has arrived at
     int cluster_waiting = -1;  // the phase it waits for, or -1
     bool cluster_pending = false;  // arrived at a phase it has not waited on yet
+    bool mbarrier_waiting = false;  // waits for phase `mbarrier_parity` of its block's mbarrier at
+    std::ptrdiff_t mbarrier_offset = 0;  // this shared-memory offset to complete
+    unsigned mbarrier_parity = 0;
 };
 
 // A barrier of a fixed set of threads (a block or a warp) that must all arrive from one site.
@@ -118,9 +127,21 @@ struct Block {
     std::function<void()> body;
 };
 
-// One per cluster launch: the S blocks' barrier phases and their shared-memory bases.
+// An mbarrier object of a block's shared memory: its current phase, the arrivals still pending in
+// it (of `count` a phase) and its transaction count (bytes expected less bytes completed).
+struct MBarrier {
+    int count = 0;
+    int pending = 0;
+    long long tx = 0;
+    unsigned phase = 0;
+};
+
+// One per cluster launch: the S blocks' barrier phases, mbarriers and shared-memory bases. Every
+// change that may let a waiting thread go on moves `progress`; a block with nothing to run sleeps
+// until it moves, and the cluster is stuck when every block has exited or sleeps having seen the
+// latest progress.
 struct Cluster {
-    explicit Cluster(unsigned size) : size(size), blocks(size, nullptr), exited(size), asleep_for(size, -1) {}
+    explicit Cluster(unsigned size) : size(size), blocks(size, nullptr), exited(size), asleep_at(size, -1) {}
     unsigned size;
     std::vector<Block*> blocks;
     std::vector<std::atomic<bool>> exited;
@@ -129,13 +150,18 @@ struct Cluster {
     std::vector<unsigned> arrived;  // per phase, blocks that arrived
     int completed = 0;              // phases every block has arrived at
     int registered = 0;             // blocks whose shared-memory base is known
-    std::vector<int> asleep_for;    // per block, the phase it sleeps waiting for, or -1
+    std::map<std::pair<unsigned, std::ptrdiff_t>, MBarrier> mbarriers;  // by block rank and offset
+    long long progress = 0;
+    std::vector<long long> asleep_at;  // per block, the progress it fell asleep at, or -1
     std::string error;              // the first block's failure
 
-    // Every block has exited or sleeps for a phase not completed: no one can complete it.
+    void moved() {
+        ++progress;
+        changed.notify_all();
+    }
     bool stuck() const {
         for (unsigned r = 0; r < size; ++r)
-            if (!exited[r] && (asleep_for[r] < 0 || asleep_for[r] < completed)) return false;
+            if (!exited[r] && asleep_at[r] != progress) return false;
         return true;
     }
 };
@@ -244,7 +270,7 @@ inline void cluster_phase_arrive(const char* file, int line) {
         if (c.arrived.size() <= static_cast<size_t>(phase)) c.arrived.resize(phase + 1, 0);
         if (++c.arrived[phase] == c.size) {
             c.completed = phase + 1;
-            c.changed.notify_all();
+            c.moved();
         }
     }
 }
@@ -270,6 +296,145 @@ T* map_shared_rank(T* local, unsigned rank, const char* file, int line) {
     const std::ptrdiff_t offset = reinterpret_cast<char*>(local) - &tls_anchor;
     return reinterpret_cast<T*>(c.blocks[rank]->tls_base + offset);
 }
+
+// ---------------------------------------------------------------- the mbarrier exchange's PTX
+// A shared-memory address is a 32-bit word, as in PTX: the low 24 bits the variable's offset from
+// this module's thread-local anchor (the same in every block's copy), the high 8 bits 0 for this
+// block's own window (shared::cta) or 1 + the rank that mapa named (shared::cluster).
+constexpr uint32_t kOffsetMask = 0xFFFFFFu;
+
+inline Cluster& cluster_for(const char* what) {
+    if (block().cluster == nullptr) fail(std::string(what) + " in a launch without clusters");
+    return *block().cluster;
+}
+
+inline uint32_t shared_address(const void* p) {
+    const std::ptrdiff_t offset = static_cast<const char*>(p) - &tls_anchor;
+    if (offset < -(1 << 23) || offset >= (1 << 23)) fail("a __shared__ variable out of the emulated address range");
+    return static_cast<uint32_t>(offset) & kOffsetMask;
+}
+
+struct SharedPlace {
+    unsigned rank;
+    std::ptrdiff_t offset;
+};
+
+inline SharedPlace place_of(uint32_t address) {
+    std::ptrdiff_t offset = address & kOffsetMask;
+    if (offset & 0x800000) offset -= 0x1000000;
+    const unsigned tag = address >> 24;
+    return {tag == 0 ? block().rank : tag - 1, offset};
+}
+
+inline uint32_t peer_address(uint32_t local, int rank) {  // mapa.shared::cluster.u32
+    Cluster& c = cluster_for("mapa");
+    if (local >> 24) fail("mapa of an address that is already a cluster address");
+    if (rank < 0 || rank >= static_cast<int>(c.size))
+        fail("mapa to block rank " + std::to_string(rank) + " in a cluster of " + std::to_string(c.size));
+    return (local & kOffsetMask) | (static_cast<uint32_t>(rank + 1) << 24);
+}
+
+// The thread's own block's mbarrier at `address`, or "" and an error (said once the lock is left:
+// fail() never returns, and would leave the cluster's mutex held).
+inline MBarrier* own_mbarrier(Cluster& c, uint32_t address, const char* what, std::string& error) {
+    const SharedPlace at = place_of(address);
+    if (at.rank != block().rank) {
+        error = std::string(what) + " on a peer's mbarrier: it takes a shared::cta address";
+        return nullptr;
+    }
+    auto it = c.mbarriers.find({at.rank, at.offset});
+    if (it == c.mbarriers.end()) {
+        error = std::string(what) + " on an mbarrier that is not initialised";
+        return nullptr;
+    }
+    return &it->second;
+}
+
+// A phase completes once its arrivals are in and its transaction count is back to zero.
+inline void settle(Cluster& c, MBarrier& m) {
+    if (m.pending == 0 && m.tx == 0) {
+        ++m.phase;
+        m.pending = m.count;
+    }
+    c.moved();
+}
+
+inline void mbarrier_init(uint32_t barrier) {  // mbarrier.init ..., 1; fence.mbarrier_init
+    Cluster& c = cluster_for("mbarrier.init");
+    const SharedPlace at = place_of(barrier);
+    if (at.rank != block().rank) fail("mbarrier.init of a peer's mbarrier");
+    std::lock_guard<std::mutex> lock(c.mutex);
+    MBarrier& m = c.mbarriers[{at.rank, at.offset}];
+    m = MBarrier{1, 1, 0, 0};
+    c.moved();
+}
+
+inline void mbarrier_arrive_expect_tx(uint32_t barrier, int bytes) {
+    Cluster& c = cluster_for("mbarrier.arrive.expect_tx");
+    std::string error;
+    {
+        std::lock_guard<std::mutex> lock(c.mutex);
+        if (MBarrier* m = own_mbarrier(c, barrier, "mbarrier.arrive.expect_tx", error)) {
+            if (m->pending == 0) {
+                error = "mbarrier.arrive.expect_tx: more arrivals than the mbarrier's count";
+            } else {
+                m->tx += bytes;
+                --m->pending;
+                settle(c, *m);
+            }
+        }
+    }
+    if (!error.empty()) fail(error);
+}
+
+// st.async.shared::cluster.mbarrier::complete_tx::bytes.b32: 4 bytes into a (peer's) shared
+// memory, then 4 transaction bytes completed on the mbarrier beside them.
+inline void push_word(uint32_t remote, float v, uint32_t remote_barrier) {
+    Cluster& c = cluster_for("st.async");
+    const SharedPlace to = place_of(remote), bar = place_of(remote_barrier);
+    std::string error;
+    {
+        std::lock_guard<std::mutex> lock(c.mutex);
+        auto it = c.mbarriers.find({bar.rank, bar.offset});
+        if (to.rank != bar.rank) {
+            error = "st.async into block rank " + std::to_string(to.rank) + " completing bytes on an mbarrier of rank " +
+                    std::to_string(bar.rank);
+        } else if (c.exited[to.rank]) {
+            error = "st.async into block rank " + std::to_string(to.rank) + " of the cluster, which has exited";
+        } else if (it == c.mbarriers.end()) {
+            error = "st.async completing bytes on an mbarrier of block rank " + std::to_string(bar.rank) +
+                    " that is not initialised";
+        } else {
+            std::memcpy(c.blocks[to.rank]->tls_base + to.offset, &v, sizeof v);
+            it->second.tx -= static_cast<long long>(sizeof v);
+            settle(c, it->second);
+        }
+    }
+    if (!error.empty()) fail(error);
+}
+
+// mbarrier.try_wait.parity 0 in a loop: returns once phase 0 has completed. A thread that would
+// spin sleeps instead, so that a phase no one completes is a failed launch, not a hang.
+inline bool mbarrier_phase0_complete(uint32_t barrier) {
+    Cluster& c = cluster_for("mbarrier.try_wait");
+    std::string error;
+    {
+        std::lock_guard<std::mutex> lock(c.mutex);
+        MBarrier* m = own_mbarrier(c, barrier, "mbarrier.try_wait", error);
+        if (m != nullptr && (m->phase & 1u) != 0) return true;
+    }
+    if (!error.empty()) fail(error);
+    Fiber& f = fiber();
+    f.mbarrier_waiting = true;
+    f.mbarrier_offset = place_of(barrier).offset;
+    f.mbarrier_parity = 0;
+    yield();  // the scheduler resumes this thread once the phase has completed
+    f.mbarrier_waiting = false;
+    return true;
+}
+
+inline void cluster_arrive_relaxed() { cluster_phase_arrive(__FILE__, __LINE__); }
+inline void cluster_wait() { cluster_phase_wait(__FILE__, __LINE__); }
 
 // ---------------------------------------------------------------- running a grid
 inline void fiber_main() {
@@ -326,6 +491,54 @@ inline int next_thread(Block& b) {
     return t;
 }
 
+inline bool waits_on_cluster(const Block& b) {
+    for (const Fiber& f : b.fibers)
+        if (!f.done && (f.cluster_waiting >= 0 || f.mbarrier_waiting)) return true;
+    return false;
+}
+
+inline bool phase_done(const Cluster& c, const Block& b, const Fiber& f) {
+    auto it = c.mbarriers.find({b.rank, f.mbarrier_offset});
+    return it != c.mbarriers.end() && (it->second.phase & 1u) != f.mbarrier_parity;
+}
+
+// Queue the block's threads whose cluster barrier phase or mbarrier phase has completed (with
+// the cluster's mutex held); false if there is none.
+inline bool release_cluster_waiters(Block& b, const Cluster& c) {
+    bool any = false;
+    for (int t = 0; t < static_cast<int>(b.fibers.size()); ++t) {
+        const Fiber& f = b.fibers[t];
+        if (f.done) continue;
+        if ((f.cluster_waiting >= 0 && f.cluster_waiting < c.completed) || (f.mbarrier_waiting && phase_done(c, b, f))) {
+            b.ready.push_back(t);
+            any = true;
+        }
+    }
+    return any;
+}
+
+inline std::string cluster_waits_description(const Block& b, const Cluster& c) {
+    int lowest = -1, on_mbarrier = 0;
+    for (const Fiber& f : b.fibers) {
+        if (f.done) continue;
+        if (f.cluster_waiting >= 0 && (lowest < 0 || f.cluster_waiting < lowest)) lowest = f.cluster_waiting;
+        if (f.mbarrier_waiting) ++on_mbarrier;
+    }
+    std::string out;
+    if (lowest >= 0) out = "cluster barrier phase " + std::to_string(lowest);
+    for (const Fiber& f : b.fibers) {
+        if (f.done || !f.mbarrier_waiting) continue;
+        auto it = c.mbarriers.find({b.rank, f.mbarrier_offset});
+        if (it == c.mbarriers.end()) break;
+        const MBarrier& m = it->second;
+        out += std::string(out.empty() ? "" : " and ") + "an mbarrier phase (" + std::to_string(on_mbarrier) +
+               " threads; " + std::to_string(m.pending) + " arrivals pending, " + std::to_string(m.tx) +
+               " transaction bytes outstanding)";
+        break;
+    }
+    return out;
+}
+
 // Run every thread of one block on this OS thread until all have exited or the launch fails.
 inline void run_block(Block& b) {
     tls_block = &b;
@@ -358,32 +571,29 @@ inline void run_block(Block& b) {
     while (b.error.empty() && finished < static_cast<int>(n)) {
         if (b.ready_head == b.ready.size()) {
             // nothing can move in this block: it may wait for its cluster's other blocks
-            int lowest = -1;
-            for (const Fiber& f : b.fibers)
-                if (!f.done && f.cluster_waiting >= 0 && (lowest < 0 || f.cluster_waiting < lowest)) lowest = f.cluster_waiting;
-            if (lowest < 0) {
+            if (!waits_on_cluster(b)) {
                 b.error = "block " + std::to_string(b.block_idx.x) + " deadlocked: " + waits_description(b);
                 break;
             }
             Cluster& c = *b.cluster;
             std::unique_lock<std::mutex> lock(c.mutex);
-            c.asleep_for[b.rank] = lowest;
-            c.changed.notify_all();
-            c.changed.wait(lock, [&] { return c.completed > lowest || !c.error.empty() || c.stuck(); });
-            const bool moved = c.completed > lowest;
-            c.asleep_for[b.rank] = -1;
+            bool released = false;
+            while (!(released = release_cluster_waiters(b, c)) && c.error.empty() && !c.stuck()) {
+                c.asleep_at[b.rank] = c.progress;
+                c.changed.notify_all();  // its peers may now find the cluster stuck
+                c.changed.wait(lock, [&] { return c.progress != c.asleep_at[b.rank] || !c.error.empty() || c.stuck(); });
+                if (c.progress != c.asleep_at[b.rank]) c.asleep_at[b.rank] = -1;
+            }
+            c.asleep_at[b.rank] = -1;
             if (!c.error.empty()) {
                 b.error = "a peer block failed";
                 break;
             }
-            if (!moved) {
-                b.error = "block " + std::to_string(b.block_idx.x) + " waits at cluster barrier phase " +
-                          std::to_string(lowest) + " that its peers never complete";
+            if (!released) {
+                b.error = "block " + std::to_string(b.block_idx.x) + " waits at " + cluster_waits_description(b, c) +
+                          " that its peers never complete";
                 break;
             }
-            for (int t = 0; t < static_cast<int>(n); ++t)
-                if (!b.fibers[t].done && b.fibers[t].cluster_waiting >= 0 && b.fibers[t].cluster_waiting < c.completed)
-                    b.ready.push_back(t);
             continue;
         }
         b.current = next_thread(b);
@@ -398,9 +608,15 @@ inline void run_block(Block& b) {
     if (b.cluster != nullptr) {
         Cluster& c = *b.cluster;
         std::lock_guard<std::mutex> lock(c.mutex);
+        for (const auto& [key, m] : c.mbarriers) {  // bytes pushed past a phase leave it unbalanced
+            if (key.first == b.rank && b.error.empty() && (m.pending != m.count || m.tx != 0))
+                b.error = "block " + std::to_string(b.block_idx.x) + " exited with its mbarrier mid-phase: " +
+                          std::to_string(m.pending) + " of " + std::to_string(m.count) + " arrivals pending, " +
+                          std::to_string(m.tx) + " transaction bytes outstanding";
+        }
         if (!b.error.empty() && c.error.empty()) c.error = b.error;
         c.exited[b.rank] = true;
-        c.changed.notify_all();
+        c.moved();
     }
     tls_block = nullptr;
 }
@@ -472,6 +688,7 @@ const char* launch(void (*kernel)(A...), unsigned grid, unsigned threads, unsign
 #define blockDim (::normfuse_emu::block().block_dim)
 #define gridDim (::normfuse_emu::block().grid_dim)
 #define __syncthreads() ::normfuse_emu::sync_block(__FILE__, __LINE__)
+#define __cvta_generic_to_shared(p) ::normfuse_emu::shared_address(p)
 
 template <typename T>
 inline T normfuse_emu_shfl_xor(unsigned mask, T v, int lane_mask, const char* file, int line) {
