@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -21,19 +22,16 @@ def session_env(**extra: str) -> dict[str, str]:
 
 
 def test_the_session_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
-    benches = ("decode", "decode-ab", "bandwidth", "short-rows")
-    steps = " ".join(("new-variants",) + benches + ("profile",))
-    done = subprocess.run(["bash", str(SCRIPT)], env=session_env(OUT=str(tmp_path), STEPS=steps),
+    done = subprocess.run(["bash", str(SCRIPT)], env=session_env(OUT=str(tmp_path), STEPS="new-variants decode profile"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
     assert re.search(r"== new-variants \(at most \d+s\): .*pytest .*tests/gpu -k", log)
     assert re.search(r"== new-variants: exit 5 after \d+s", log)  # pytest's "no tests ran": all skipped
-    for bench in benches:  # 1: bench/kernels.py took its options (2 would be a usage error) and needs CUDA
-        assert re.search(rf"== {bench}: exit 1 after \d+s", log), bench
-    assert "usage:" not in log
-    assert "== profile: exit 1 after" in log  # no ncu here, or no GPU under it
-    assert "== proven-kernels: not in STEPS, skipped" in log
+    assert re.search(r"== decode: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
+    assert re.search(r"== profile: exit 1 after \d+s", log)  # no ncu here, or no GPU under it
+    for skipped in ("decode-ab", "bandwidth", "short-rows", "proven-kernels"):
+        assert f"== {skipped}: not in STEPS, skipped" in log
     assert "== done after" in log
     with tarfile.open(tmp_path / "results.tar.gz") as results:
         assert "results" in results.getnames()
@@ -88,3 +86,29 @@ def test_the_last_step_gets_what_is_left_of_the_budget(tmp_path):
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
     assert "== proven-kernels: no time left, skipped" in log  # 12 - 5 s: under the 10 s a step needs
+
+
+def bench_steps() -> dict[str, list[str]]:
+    """Each step that runs a bench/ script: its name and the script's arguments, as bash passes them."""
+    script = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())  # continuation lines joined
+    out = {}
+    for m in re.finditer(r'^step ([\w-]+) \S+ "\$PY" bench/(\w+)\.py (.*)$', script, re.M):
+        out[m.group(1)] = [m.group(2)] + shlex.split(m.group(3).replace("$WORK", "/tmp/work"))
+    return out
+
+
+def test_every_bench_step_takes_its_options(bench_script):
+    """A usage error would cost a step of the one device call: each bench step's arguments parse."""
+    steps = bench_steps()
+    assert set(steps) == {"decode", "decode-ab", "bandwidth", "short-rows", "profile"}
+    kernels, profile = bench_script("kernels"), bench_script("kernel_profile")
+    for name, (bench, *args) in steps.items():
+        if bench == "kernels":
+            parsed = kernels.parse_args(args)
+            assert parsed.out == Path("/tmp/work/results" + ("" if name in ("decode", "bandwidth") else f"/{name}")), name
+        else:
+            assert bench == "kernel_profile"
+            cells = [profile.parse_cell(c) for c in profile.parser().parse_args(args).cells]
+            assert {c["op"] for c in cells} == {"RMSNorm", "LayerNorm"}
+    assert [v.label for v in kernels.parse_args(steps["decode-ab"][1:]).variants] == [
+        "worktree", "worktree+NORMFUSE_AB_PARAMS_EARLY"]
