@@ -56,6 +56,8 @@ step() {
     "$PY" -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)" 2>&1
     echo "PTX cache: ${NORMFUSE_CACHE_DIR:-none carried, compiled here}"
 } >"$LOG"
+cached() { ls "${NORMFUSE_CACHE_DIR:-/nonexistent}" 2>/dev/null | wc -l; }
+CACHED_AT_START=$(cached)
 mkdir -p "$WORK/results"
 
 # Each GPU test is named as it finishes (-v), so a step stopped at its limit still says which
@@ -92,4 +94,6 @@ step profile 40 "$PY" bench/kernel_profile.py RMSNorm:16384x768 RMSNorm:16384x76
 step proven-kernels $((BUDGET - SECONDS - 5)) "${PYTEST[@]}" tests/gpu -k "not ($NEW)"
 
 tar czf "$OUT/results.tar.gz" -C "$WORK" results
+# more entries at the end than at the start: modules compiled here, so the carried cache missed
+echo "== PTX cache entries: $CACHED_AT_START at the start, $(cached) at the end" >>"$LOG"
 echo "== done after ${SECONDS}s" >>"$LOG"

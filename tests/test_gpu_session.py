@@ -32,6 +32,7 @@ def test_the_session_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
     assert re.search(r"== profile: exit 1 after \d+s", log)  # no ncu here, or no GPU under it
     for skipped in ("decode-ab", "bandwidth", "short-rows", "proven-kernels"):
         assert f"== {skipped}: not in STEPS, skipped" in log
+    assert re.search(r"== PTX cache entries: \d+ at the start, \d+ at the end", log)
     assert "== done after" in log
     with tarfile.open(tmp_path / "results.tar.gz") as results:
         assert "results" in results.getnames()
