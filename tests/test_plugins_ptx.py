@@ -28,15 +28,24 @@ def module_kernels(op: str, arch: str) -> set[str]:
     return {config.kernel_name(op, *v) for v in config.variants(FULL[0]) + split}
 
 
+def compiled_and_assembled(work, compile_one) -> dict:
+    """{item: (ptx, ptxas report)} for each item of `work`, one nvcc + ptxas per core at a time
+    (each pair takes seconds: most of this file's time on a cold cache)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        ptx, arch = compile_one(item)
+        return ptx, build.ptxas_check(ptx, arch)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(work, pool.map(one, work)))
+
+
 @pytest.fixture(scope="session")
-def full_modules(tmp_path_factory):
+def full_modules():
     """{(op, arch): (ptx, ptxas report)} for every variant of each op, x bf16 / gamma fp32."""
-    out = {}
-    for op in OPS:
-        for arch in build.ARCHES:
-            ptx = build.get_ptx(op, *FULL, arch=arch)
-            out[(op, arch)] = (ptx, build.ptxas_check(ptx, arch))
-    return out
+    work = [(op, arch) for op in OPS for arch in build.ARCHES]
+    return compiled_and_assembled(work, lambda w: (build.get_ptx(w[0], *FULL, arch=w[1]), w[1]))
 
 
 @needs_nvcc
@@ -203,17 +212,9 @@ def test_every_ab_switch_is_built_here():
 
 @pytest.fixture(scope="session")
 def switched_modules():
-    """{(op, switches): (ptx, ptxas report)}: every variant with each switch group, sm_90, compiled in parallel."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(work):
-        op, defines = work
-        ptx = build.get_ptx(op, *FULL, arch="sm_90", defines=defines)
-        return ptx, build.ptxas_check(ptx, "sm_90")
-
+    """{(op, switches): (ptx, ptxas report)}: every variant with each switch group, sm_90."""
     work = [(op, d) for op in OPS for d in AB_SWITCHES]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        return dict(zip(work, pool.map(one, work)))
+    return compiled_and_assembled(work, lambda w: (build.get_ptx(w[0], *FULL, arch="sm_90", defines=w[1]), "sm_90"))
 
 
 @needs_nvcc
