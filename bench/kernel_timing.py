@@ -3,7 +3,8 @@ L2 warm), one function at a time or several in alternation; the references of th
 1 GiB device copy, a copy of each cell's bytes, an empty kernel launched the way ours are); the
 device's description; a cell's input tensors.
 
-Imported by bench/kernels.py (`python bench/kernels.py ...`) and bench/kernel_ab.py. Needs torch
+Imported by bench/kernels.py (`python bench/kernels.py ...`), bench/kernel_ab.py and
+bench/kernel_profile.py. Needs torch
 with CUDA and CuPy when it runs (CuPy and Triton are imported there, not here).
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from kernel_grid import EPS  # noqa: E402
 
 from normops import OPS  # noqa: E402
 from plugins import launcher  # noqa: E402
@@ -117,6 +120,19 @@ def device_info() -> dict:
         "torch_cuda": torch.version.cuda, "cupy": cupy.__version__, "triton": triton_version,
         "python": platform.python_version(),
     }
+
+
+def normfuse_launch(op: str, x, res, gamma, beta, layout: tuple[int, ...] | None = None):
+    """normfuse's kernel on a cell's tensors: (enqueue, its launch config, the outputs it writes),
+    resolved and allocated once, so that enqueue only launches."""
+    spec = OPS[op]
+    tokens, hidden = x.shape
+    launch = launcher.Launch(op, launcher.dtype_name(x), launcher.dtype_name(gamma), tokens, hidden, layout=layout)
+    outs = [torch.empty_like(x) for _ in spec.outputs]
+    ins = [t for t in (x, res, gamma, beta) if t is not None]
+    in_ptrs, out_ptrs = [t.data_ptr() for t in ins], [t.data_ptr() for t in outs]
+    stream = torch.cuda.current_stream().cuda_stream
+    return (lambda: launch(in_ptrs, out_ptrs, EPS, stream)), launch.cfg, outs
 
 
 def tensors(op: str, dtype: str, tokens: int, hidden: int):

@@ -53,20 +53,10 @@ from kernel_grid import (DTYPES, EPS, HIDDEN, SPLIT_MAX_TOKENS, TARGET_HIDDEN, c
                          layout_label, moved_bytes, shapes, split_label)
 from kernel_sources import VariantError, materialise, parse_sources, save_sources  # noqa: E402
 from kernel_static import report_static, static_analysis  # noqa: E402
-from kernel_timing import SameSizeCopy, Timer, device_info, reference_timings, summarise, tensors  # noqa: E402
+from kernel_timing import (SameSizeCopy, Timer, device_info, normfuse_launch, reference_timings,  # noqa: E402
+                           summarise, tensors)
 from normops import OPS  # noqa: E402
-from plugins import build, config, launcher  # noqa: E402
-
-
-def ours(op, x, res, gamma, beta, layout=None):
-    spec = OPS[op]
-    tokens, hidden = x.shape
-    launch = launcher.Launch(op, launcher.dtype_name(x), launcher.dtype_name(gamma), tokens, hidden, layout=layout)
-    outs = [torch.empty_like(x) for _ in spec.outputs]
-    ins = [t for t in (x, res, gamma, beta) if t is not None]
-    in_ptrs, out_ptrs = [t.data_ptr() for t in ins], [t.data_ptr() for t in outs]
-    stream = torch.cuda.current_stream().cuda_stream
-    return lambda: launch(in_ptrs, out_ptrs, EPS, stream), launch.cfg
+from plugins import build, config  # noqa: E402
 
 
 def unfused(op: str):
@@ -126,7 +116,7 @@ def run(args) -> dict:
                     x, res, gamma, beta = tensors(op, dtype, tokens, hidden)
                     nbytes = moved_bytes(op, dtype, tokens, hidden)
                     copy_here = copy_tbps_for(nbytes)
-                    fn, cfg = ours(op, x, res, gamma, beta)
+                    fn, cfg, _ = normfuse_launch(op, x, res, gamma, beta)
                     cells = {"normfuse": (fn, cfg.kernel)}
                     alternatives = []  # (impl name, layout) timed beside the table's kernel
                     if args.tune and tokens >= 4096:
@@ -137,7 +127,7 @@ def run(args) -> dict:
                     if args.split and tokens <= SPLIT_MAX_TOKENS:  # clusters of blocks per row (sm_90+)
                         alternatives += [(split_label(lo), lo) for lo in config.split_layouts(dtype, hidden)]
                     for name, layout in alternatives:
-                        f2, c2 = ours(op, x, res, gamma, beta, layout=layout)
+                        f2, c2, _ = normfuse_launch(op, x, res, gamma, beta, layout=layout)
                         cells[name] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)

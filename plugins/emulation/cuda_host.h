@@ -87,9 +87,8 @@ struct Fiber {
     int cluster_arrivals = 0;  // cluster barrier phases this thread has arrived at
     int cluster_waiting = -1;  // the phase it waits for, or -1
     bool cluster_pending = false;  // arrived at a phase it has not waited on yet
-    bool mbarrier_waiting = false;  // waits for phase `mbarrier_parity` of its block's mbarrier at
+    bool mbarrier_waiting = false;  // waits for phase 0 of its block's mbarrier at
     std::ptrdiff_t mbarrier_offset = 0;  // this shared-memory offset to complete
-    unsigned mbarrier_parity = 0;
 };
 
 // A barrier of a fixed set of threads (a block or a warp) that must all arrive from one site.
@@ -134,6 +133,9 @@ struct MBarrier {
     int pending = 0;
     long long tx = 0;
     unsigned phase = 0;
+
+    // what try_wait.parity 0 reads: phase 0 is over and phase 1 not (the kernel uses one phase)
+    bool phase0_complete() const { return (phase & 1u) != 0; }
 };
 
 // One per cluster launch: the S blocks' barrier phases, mbarriers and shared-memory bases. Every
@@ -421,13 +423,12 @@ inline bool mbarrier_phase0_complete(uint32_t barrier) {
     {
         std::lock_guard<std::mutex> lock(c.mutex);
         MBarrier* m = own_mbarrier(c, barrier, "mbarrier.try_wait", error);
-        if (m != nullptr && (m->phase & 1u) != 0) return true;
+        if (m != nullptr && m->phase0_complete()) return true;
     }
     if (!error.empty()) fail(error);
     Fiber& f = fiber();
     f.mbarrier_waiting = true;
     f.mbarrier_offset = place_of(barrier).offset;
-    f.mbarrier_parity = 0;
     yield();  // the scheduler resumes this thread once the phase has completed
     f.mbarrier_waiting = false;
     return true;
@@ -499,7 +500,7 @@ inline bool waits_on_cluster(const Block& b) {
 
 inline bool phase_done(const Cluster& c, const Block& b, const Fiber& f) {
     auto it = c.mbarriers.find({b.rank, f.mbarrier_offset});
-    return it != c.mbarriers.end() && (it->second.phase & 1u) != f.mbarrier_parity;
+    return it != c.mbarriers.end() && it->second.phase0_complete();
 }
 
 // Queue the block's threads whose cluster barrier phase or mbarrier phase has completed (with
