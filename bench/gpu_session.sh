@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks still pending, as one call on a lent GPU machine (15 minutes of device time a
-# session, starts included): the unproven kernel variants, the decode, bandwidth and short-row
-# timings, a profile of the weak cells, then the rest of the GPU suite, in that order of priority.
-# Each step has its own time limit (the last takes what is left of BUDGET, inside the device tool's
-# 10 minutes a command), so the call ends with whatever finished; a step that runs out is said in
-# the log and the next starts.
+# The GPU checks still pending, as two calls on a lent GPU machine (15 minutes of device time a
+# session, starts included), each a list of steps in order of priority:
+#   call 1: bandwidth and short-row timings with the layout sweep, decode beside TensorRT's tactic
+#           layouts, a profile of the weak cells, then the row-loop and tactic variants' GPU tests;
+#   call 2: the split-row variants' GPU tests (clusters of blocks), their decode timings, the
+#           PARAMS_EARLY decode A/B, then the rest of the GPU suite.
+# Two calls, not one: a machine that stops answering returns nothing of its call (it happened to the
+# single call on 2026-12-05, which brought back no file), so the first call's results are safe
+# before the second launches the one kind of kernel no GPU has run yet (clusters). Issue the
+# second as soon as the first returns: the machine stays warm for 30 s, and a new start costs
+# minutes. Each step has its own time limit (the last takes what is left of BUDGET), so a call ends
+# with whatever finished; a step that runs out is said in the log and the next starts.
 #
 # Here, first, so that the GPU machine compiles nothing (1136 modules took 12 minutes on 2 cores;
 # 119 MB of PTX make a 5.8 MB archive):
@@ -12,19 +18,26 @@
 #   NORMFUSE_CACHE_DIR=.carry/ptx python bench/kernels.py --static sm_90 --hidden 4096 8192 16384 \
 #       --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY         (step decode-ab's switched build)
 #   tar cJf .carry/ptx.tar.xz -C .carry ptx
-# Then the device tool's run, from the repository root:
-#   command: bash bench/gpu_session.sh     carry: [".carry/ptx.tar.xz"]     timeout_s: 600
+# Then the device tool's runs, from the repository root, carry: [".carry/ptx.tar.xz"]:
+#   command: bash bench/gpu_session.sh 1                  timeout_s: 360
+#   command: BUDGET=<left - 30> bash bench/gpu_session.sh 2   timeout_s: BUDGET + 20
+# (BUDGET for call 2: status's budget_left_s after call 1, less 30 s for the transfers.)
 # What comes back ($OUT): session.log (every step's output and exit status) and results.tar.gz
 # (the benchmarks' JSON, Markdown and plots): two files, inside the tool's limit of eight.
 #
-# STEPS (space-separated step names) runs a subset, e.g. STEPS="new-variants decode".
+# STEPS (space-separated step names) runs a subset of the call's steps, e.g. STEPS="decode profile".
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 WORK=$(mktemp -d)
 LOG=$OUT/session.log
-STEPS=${STEPS:-"new-variants decode decode-ab bandwidth short-rows profile proven-kernels"}
-BUDGET=${BUDGET:-575}  # seconds for the whole script: the device tool stops a command at 600
+CALL=${1:-1}
+case $CALL in
+    1) STEPS=${STEPS:-"bandwidth short-rows decode profile new-variants"}; BUDGET=${BUDGET:-330} ;;
+    2) STEPS=${STEPS:-"split-variants decode-split decode-ab proven-kernels"}; BUDGET=${BUDGET:-420} ;;
+    *) echo "usage: bash bench/gpu_session.sh 1|2 (the first or second device call)" >&2; exit 2 ;;
+esac
+[ "$BUDGET" -le 580 ] || { echo "BUDGET=$BUDGET: at most 580 s (the device tool stops a command at 600)" >&2; exit 2; }
 export PYTHONUNBUFFERED=1 NORMFUSE_CUDA_ARCH=${NORMFUSE_CUDA_ARCH:-sm_90}
 PY=$(command -v python3 || command -v python)
 
@@ -50,6 +63,7 @@ step() {
 }
 
 {
+    echo "call $CALL of 2, budget ${BUDGET}s, steps: $STEPS"
     date -u
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1
     git log -1 --format='%h %s' 2>/dev/null || true
@@ -64,36 +78,55 @@ mkdir -p "$WORK/results"
 # passed; pytest-timeout, where installed, stops a hung kernel (a wrong barrier count hangs).
 PYTEST=("$PY" -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
-NEW="split or row_loop or row-loop or tactic"
+# the variants no GPU has run yet: call 1 tests those without clusters, call 2 the split rows
+NEW_1="row_loop or row-loop or tactic"
+NEW_2="split"
 
-# 1. The variants no GPU has run yet (split-row, row-loop, TensorRT's tactic layouts) against the
-#    float64 references: until they pass, the launch table and the tactics pick none of them.
-step new-variants 150 "${PYTEST[@]}" tests/gpu -k "$NEW"
-# 2. Decode (1 and 32 tokens): the table's kernel beside the tactic and split-row layouts, over an
-#    empty launch (the target: within 2 us of it).
-step decode 100 "$PY" bench/kernels.py --quick --tactics --split --tokens 1 32 --dtypes bfloat16 \
-    --budget 0.1 --out "$WORK/results"
-# 3. Decode, the table's kernels against the same built with NORMFUSE_AB_PARAMS_EARLY (gamma/beta
-#    loaded before the statistics, so no dependent load round trip follows the last barrier), the
-#    candidate for hidden 8192/16384 on GPUs without clusters; outputs compared with the default's.
-step decode-ab 60 "$PY" bench/kernels.py --quick --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY \
-    --tokens 1 32 --hidden 4096 8192 16384 --budget 0.1 --out "$WORK/results/decode-ab"
-# 4. Bandwidth at the target shapes, with the layout sweep behind the launch table.
-step bandwidth 120 "$PY" bench/kernels.py --quick --tune --tokens 4096 16384 65536 --dtypes bfloat16 \
-    --budget 0.1 --out "$WORK/results"
-# 5. Short rows (hidden 768-2048), the weak spot (half torch's fused speed at 768): the same sweep,
-#    whose row-loop layouts (TPRxCxK) are the candidate fix.
-step short-rows 60 "$PY" bench/kernels.py --quick --tune --tokens 16384 --hidden 768 1024 2048 --dtypes bfloat16 \
-    --budget 0.1 --out "$WORK/results/short-rows"
-# 6. Nsight Compute on the weak cells (short rows; RMSNorm and LayerNorm at 4096, below target),
-#    normfuse's kernel beside torch's: occupancy, DRAM throughput and warp stall reasons.
-step profile 40 "$PY" bench/kernel_profile.py RMSNorm:16384x768 RMSNorm:16384x768@128x1x4 RMSNorm:16384x4096 \
-    LayerNorm:16384x4096 --out "$WORK/results/profile"
-# 7. The rest of the GPU suite, in whatever time is left: the kernels the table runs now, proven
-#    before and unchanged since (a CPU test holds their PTX to the proven revision's).
-step proven-kernels $((BUDGET - SECONDS - 5)) "${PYTEST[@]}" tests/gpu -k "not ($NEW)"
+# Call 1: nothing that launches a cluster of blocks (the one mechanism no GPU has run yet whose
+# fault could hang the GPU); if the machine is lost in call 2, call 1's results are already here.
+call_1() {
+    # Bandwidth at the target shapes, the table's kernel beside the layout sweep (one-row and
+    # row-loop layouts) behind the launch table.
+    step bandwidth 100 "$PY" bench/kernels.py --quick --tune --tokens 4096 16384 --dtypes bfloat16 \
+        --budget 0.1 --out "$WORK/results"
+    # Short rows (hidden 768-2048), the weak spot (half torch's fused speed at 768): the same sweep,
+    # whose row-loop layouts (TPRxCxK) are the candidate fix.
+    step short-rows 50 "$PY" bench/kernels.py --quick --tune --tokens 16384 --hidden 768 1024 2048 --dtypes bfloat16 \
+        --budget 0.1 --out "$WORK/results/short-rows"
+    # Decode (1 and 32 tokens): the table's kernel and TensorRT's other tactic layouts over an empty
+    # launch (the target: within 2 us of it).
+    step decode 35 "$PY" bench/kernels.py --quick --tactics --tokens 1 32 --dtypes bfloat16 \
+        --budget 0.1 --out "$WORK/results/decode"
+    # Nsight Compute on the weak cells (short rows; RMSNorm and LayerNorm at 4096, below target),
+    # normfuse's kernel beside torch's: occupancy, DRAM throughput and warp stall reasons.
+    step profile 40 "$PY" bench/kernel_profile.py RMSNorm:16384x768 RMSNorm:16384x768@128x1x4 RMSNorm:16384x4096 \
+        LayerNorm:16384x4096 --out "$WORK/results/profile"
+    # The row-loop and tactic variants against the float64 references, in what is left: until they
+    # pass, the launch table and TensorRT's tactics pick none of them.
+    step new-variants $((BUDGET - SECONDS - 5)) "${PYTEST[@]}" tests/gpu -k "$NEW_1"
+}
+
+# Call 2: the split-row variants (a cluster of blocks per row, the decode candidate), then the
+# rest of the GPU suite.
+call_2() {
+    step split-variants 150 "${PYTEST[@]}" tests/gpu -k "$NEW_2"
+    step decode-split 90 "$PY" bench/kernels.py --quick --split --tokens 1 32 --dtypes bfloat16 \
+        --budget 0.1 --out "$WORK/results/decode-split"
+    # Decode, the table's kernels against the same built with NORMFUSE_AB_PARAMS_EARLY (gamma/beta
+    # loaded before the statistics, so no dependent load round trip follows the last barrier), the
+    # candidate for hidden 8192/16384 on GPUs without clusters; outputs compared with the default's.
+    step decode-ab 60 "$PY" bench/kernels.py --quick --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY \
+        --tokens 1 32 --hidden 4096 8192 16384 --budget 0.1 --out "$WORK/results/decode-ab"
+    # The kernels the table runs now, proven before and unchanged since (a CPU test holds their PTX
+    # to the proven revision's), in whatever time is left.
+    step proven-kernels $((BUDGET - SECONDS - 5)) "${PYTEST[@]}" tests/gpu -k "not ($NEW_1 or $NEW_2)"
+}
+
+"call_$CALL"
 
 tar czf "$OUT/results.tar.gz" -C "$WORK" results
 # more entries at the end than at the start: modules compiled here, so the carried cache missed
 echo "== PTX cache entries: $CACHED_AT_START at the start, $(cached) at the end" >>"$LOG"
 echo "== done after ${SECONDS}s" >>"$LOG"
+# the summary in the reply itself (the device tool returns the end of the output)
+grep "^== " "$LOG"

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from kernel_grid import EPS  # noqa: E402
 
-from normops import OPS  # noqa: E402
+from normops import OP, OPS, Tolerance  # noqa: E402
 from plugins import launcher  # noqa: E402
 
 EMPTY_PTX = """.version 8.0
@@ -143,6 +143,28 @@ def tensors(op: str, dtype: str, tokens: int, hidden: int):
     gamma = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(t)
     beta = (0.1 * torch.randn(hidden, device="cuda")).to(t) if spec.centered else None
     return x, res, gamma, beta
+
+
+def agreement(got: list, table: list, dtype: str) -> dict:
+    """How far a layout's outputs are from the table kernel's on the same inputs: the largest
+    absolute difference and whether every element is within twice the op tolerance of `dtype` (each
+    is within the tolerance of the float64 reference, in another summation order). A layout that
+    computes something else is then not timed as if it were a faster kernel."""
+    tol = OP[dtype]
+    worst, agrees = 0.0, True
+    for a, b in zip(got, table):
+        a, b = a.double(), b.double()
+        diff = (a - b).abs()
+        both_nan = a.isnan() & b.isnan()
+        same_inf = (a == b) & a.isinf()
+        finite_pair = a.isfinite() & b.isfinite()  # (an Inf is only ever equal to itself)
+        ok = both_nan | same_inf | (finite_pair & (diff <= 2 * (tol.atol + tol.rtol * b.abs())))
+        agrees = agrees and bool(ok.all())
+        finite = diff[~(both_nan | same_inf)]
+        if finite.numel():
+            m = float(finite.max())  # NaN where one side is NaN and the other not
+            worst = m if not m <= worst else worst  # (NaN stays)
+    return {"max_abs_diff_vs_table": worst, "agrees_with_table": agrees}
 
 
 def summarise(times):

@@ -5,7 +5,9 @@
 
 For each (op, dtype, hidden) of the sweep, every timed layout ("normfuse[TPRxC]" or, for a
 row-loop variant, "normfuse[TPRxCxK]") is scored by its median time (L2 flushed) over the time of
-the layout the table picks now (its own sweep cell, else the run's "normfuse" cell), as a geometric mean over the selected token counts.
+the layout the table picks now (its own sweep cell, else the run's "normfuse" cell), as a geometric
+mean over the selected token counts. A layout whose outputs disagreed with the table kernel's in
+that run (kernels.py records it per cell) is never chosen.
 The best layout replaces the table's entry only when it is faster by more than --margin (default
 2%), so that timing noise alone never rewrites the table. No GPU: it reads the JSON only.
 """
@@ -46,6 +48,8 @@ def best_layouts(rows: list[dict], tokens: set[int] | None = None, margin: float
             continue
         if not isinstance(r.get("median_us"), (int, float)) or not math.isfinite(r["median_us"]):
             continue  # a cell that failed to run
+        if r.get("agrees_with_table") is False:
+            continue  # a layout whose outputs were wrong: fast at computing something else
         cells.setdefault((r["op"], r["dtype"], r["hidden"]), {}).setdefault(r["tokens"], {})[r["impl"]] = r["median_us"]
     decisions = []
     for (op, dtype, hidden), all_tokens in sorted(cells.items()):

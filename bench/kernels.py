@@ -11,7 +11,9 @@ an empty kernel launched through the same path as ours (the floor for decode sha
 torch's fused F.rms_norm / F.layer_norm (the Add forms add first), the unfused decomposition
 that the reference ONNX graph runs (normops.torch_modules' maths), and torch.compile of it.
 Writes <out>/<gpu>-kernels.{json,md,png} (-kernels-quick, -kernels-tune or -kernels-quick-tune with
---quick and --tune).
+--quick and --tune). Every other layout a cell times (--tune, --tactics, --split) has its outputs
+compared with the table kernel's on the same inputs; one outside twice the op tolerance is flagged
+on the terminal and in the report, and left out of the tables and of bench/kernel_tune.py's choice.
 
 Kernel source versions side by side (A/B), in one run, on the same shapes and launch table:
 
@@ -53,8 +55,8 @@ from kernel_grid import (DTYPES, EPS, HIDDEN, SPLIT_MAX_TOKENS, TARGET_HIDDEN, c
                          layout_label, moved_bytes, shapes, split_label)
 from kernel_sources import VariantError, materialise, parse_sources, save_sources  # noqa: E402
 from kernel_static import report_static, static_analysis  # noqa: E402
-from kernel_timing import (SameSizeCopy, Timer, device_info, normfuse_launch, reference_timings,  # noqa: E402
-                           summarise, tensors)
+from kernel_timing import (SameSizeCopy, Timer, agreement, device_info, normfuse_launch,  # noqa: E402
+                           reference_timings, summarise, tensors)
 from normops import OPS  # noqa: E402
 from plugins import build, config  # noqa: E402
 
@@ -116,8 +118,9 @@ def run(args) -> dict:
                     x, res, gamma, beta = tensors(op, dtype, tokens, hidden)
                     nbytes = moved_bytes(op, dtype, tokens, hidden)
                     copy_here = copy_tbps_for(nbytes)
-                    fn, cfg, _ = normfuse_launch(op, x, res, gamma, beta)
+                    fn, cfg, table_outs = normfuse_launch(op, x, res, gamma, beta)
                     cells = {"normfuse": (fn, cfg.kernel)}
+                    outputs = {}  # alternative layout -> the outputs its launches write
                     alternatives = []  # (impl name, layout) timed beside the table's kernel
                     if args.tune and tokens >= 4096:
                         alternatives += [(layout_label(lo), lo) for lo in candidate_layouts(dtype, hidden)]
@@ -127,7 +130,7 @@ def run(args) -> dict:
                     if args.split and tokens <= SPLIT_MAX_TOKENS:  # clusters of blocks per row (sm_90+)
                         alternatives += [(split_label(lo), lo) for lo in config.split_layouts(dtype, hidden)]
                     for name, layout in alternatives:
-                        f2, c2, _ = normfuse_launch(op, x, res, gamma, beta, layout=layout)
+                        f2, c2, outputs[name] = normfuse_launch(op, x, res, gamma, beta, layout=layout)
                         cells[name] = (f2, c2.kernel)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
@@ -144,11 +147,16 @@ def run(args) -> dict:
                                      "kernel": kernel, "bytes": nbytes, "median_us": med,
                                      "same_size_copy_tbps": copy_here,
                                      "tbps": nbytes / (med * 1e-6) / 1e12, "times_us": [round(v, 3) for v in t]})
+                        if name in outputs:  # both kernels have run on these inputs: compare
+                            rows[-1].update(agreement(outputs[name], table_outs, dtype))
+                            if not rows[-1]["agrees_with_table"]:
+                                print(f"  {name} DISAGREES with the table's kernel (max |diff| "
+                                      f"{rows[-1]['max_abs_diff_vs_table']:.3g}): its time is not a result", flush=True)
                     mine = [r for r in rows[-len(cells):] if r["impl"] == "normfuse"]
                     line = " ".join(f"{r['impl']}={r['tbps']:.2f}" for r in rows[-len(cells):])
                     print(f"{op:12s} {dtype:8s} {tokens:6d}x{hidden:<6d} {line}"
                           f" ({mine[0]['median_us']:.1f} us)" if mine else "", flush=True)
-                    del x, res, gamma, beta, fn, cells
+                    del x, res, gamma, beta, fn, cells, outputs, table_outs
                 torch.cuda.empty_cache()
             if args.partial:
                 args.partial.write_text(json.dumps({"device": info, "results": rows}))
@@ -195,17 +203,30 @@ def report(data: dict) -> str:
             wm = w["median_us"] if w else float("nan")
             lines.append(f"| {op} | {dtype} | {tokens}x{hidden} | {r['median_us']:.2f} | {r['median_us'] - empty:+.2f} | "
                          f"{wm:.2f} | {wm - warm:+.2f} |")
-    return "\n".join(lines + tactic_report(rows) + split_report(rows, empty))
+    return "\n".join(lines + disagreement_report(rows) + tactic_report(rows) + split_report(rows, empty))
 
 
 def table_and_alternatives(rows: list[dict], prefix: str) -> dict[tuple, dict[str, dict]]:
     """{(op, dtype, tokens, hidden): {impl: row}} of the cells that timed the table's kernel
-    ("normfuse") and at least one alternative layout whose impl name starts with `prefix`."""
+    ("normfuse") and at least one alternative layout whose impl name starts with `prefix` and whose
+    outputs agreed with the table kernel's (disagreement_report lists the others)."""
     by_cell: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        if r["impl"] == "normfuse" or r["impl"].startswith(prefix):
+        if r["impl"] == "normfuse" or (r["impl"].startswith(prefix) and r.get("agrees_with_table", True)):
             by_cell.setdefault((r["op"], r["dtype"], r["tokens"], r["hidden"]), {})[r["impl"]] = r
     return {key: impls for key, impls in by_cell.items() if len(impls) > 1 and "normfuse" in impls}
+
+
+def disagreement_report(rows: list[dict]) -> list[str]:
+    """Every alternative layout whose outputs were not those of the table's kernel on the same
+    inputs: a wrong kernel, left out of the other tables and of bench/kernel_tune.py's choice."""
+    wrong = [r for r in rows if r.get("agrees_with_table") is False]
+    if not wrong:
+        return []
+    return ["", "LAYOUTS THAT DISAGREE with the table's kernel (outside twice the op tolerance; not results):",
+            "| op | dtype | tokens x hidden | layout | kernel | max abs diff |", "|---|---|---|---|---|---|"] + [
+        f"| {r['op']} | {r['dtype']} | {r['tokens']}x{r['hidden']} | {r['impl']} | {r['kernel']} | "
+        f"{r['max_abs_diff_vs_table']:.3g} |" for r in sorted(wrong, key=lambda r: (r["op"], r["dtype"], r["tokens"], r["hidden"], r["impl"]))]
 
 
 def tactic_report(rows: list[dict]) -> list[str]:

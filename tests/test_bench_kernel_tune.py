@@ -56,6 +56,15 @@ def test_failed_cells_and_other_impls_are_ignored(tune):
     assert d["best_time_ratio"] == pytest.approx(0.70)
 
 
+def test_a_layout_whose_outputs_disagreed_is_never_chosen(tune):
+    rows = [cell("normfuse", 100.0), cell("normfuse[256x4]", 80.0),
+            {**cell("normfuse[256x2x2]", 50.0), "agrees_with_table": False, "max_abs_diff_vs_table": 4.0}]
+    (d,) = tune.best_layouts(rows)
+    assert d["best"] == [256, 4] and d["best_time_ratio"] == pytest.approx(0.80)
+    rows[2]["agrees_with_table"] = True
+    assert tune.best_layouts(rows)[0]["best"] == [256, 2, 2]
+
+
 def test_apply_rewrites_only_the_table(tune, tmp_path):
     target = tmp_path / "config.py"
     original = (ROOT / "plugins" / "config.py").read_text()

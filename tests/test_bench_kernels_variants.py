@@ -357,3 +357,36 @@ def test_split_report_compares_the_table_with_the_fastest_cluster_layout(kernels
     assert kernels.split_report(rows[:1], empty_us=4.0) == []  # without --split, no table
     args = kernels.parse_args(["--quick", "--split"])
     assert args.split and kernels.split_label((128, 2, 1, 8)) == "split[128x2x8]"
+
+
+def test_a_layout_is_compared_with_the_table_kernel(timing):
+    """Within twice the op tolerance (both are within it of the float64 reference), the same NaN
+    and the same Inf agree; a wrong element, a NaN on one side only or a flipped Inf do not."""
+    import torch
+
+    table = [torch.tensor([[1.0, -2.0, float("nan"), float("inf")]], dtype=torch.bfloat16)]
+    close = [table[0].clone()]
+    close[0][0, 0] = 1.0 + 2 ** -6  # one bf16 step above 1 is 2^-7: two steps, inside 2 x 1.6e-2
+    assert timing.agreement(close, table, "bfloat16") == {"max_abs_diff_vs_table": 2 ** -6, "agrees_with_table": True}
+    for index, value in (((0, 1), -2.125), ((0, 0), float("nan")), ((0, 3), float("-inf"))):
+        wrong = [table[0].clone()]
+        wrong[0][index] = value
+        assert not timing.agreement(wrong, table, "bfloat16")["agrees_with_table"], (index, value)
+    two = [table[0].clone(), table[0].clone() * 2]  # the Add forms: y and the sum, both compared
+    assert timing.agreement(two, [table[0], table[0] * 2], "bfloat16")["agrees_with_table"]
+    assert not timing.agreement(two, [table[0], table[0] * 3], "bfloat16")["agrees_with_table"]
+
+
+def test_a_disagreeing_layout_is_reported_and_left_out_of_the_tables(kernels):
+    def row(impl, us, **extra):
+        return {"op": "RMSNorm", "dtype": "bfloat16", "tokens": 1, "hidden": 8192, "impl": impl,
+                "kernel": f"k_{impl}", "median_us": us, **extra}
+
+    rows = [row("normfuse", 6.0), row("tactic2", 4.5, agrees_with_table=True, max_abs_diff_vs_table=0.0078),
+            row("tactic3", 1.0, agrees_with_table=False, max_abs_diff_vs_table=3.5)]
+    [cell] = [line for line in kernels.tactic_report(rows) if line.startswith("| RMSNorm")]
+    assert "tactic3" not in cell and "k_tactic3" not in cell and cell.endswith("| 2 | 25% |")
+    wrong = kernels.disagreement_report(rows)
+    assert wrong[1].startswith("LAYOUTS THAT DISAGREE") and wrong[-1] == "| RMSNorm | bfloat16 | 1x8192 | tactic3 | k_tactic3 | 3.5 |"
+    assert kernels.disagreement_report(rows[:2]) == []
+    assert kernels.tactic_report(rows[::2]) == []  # the only alternative was wrong: no tactic table

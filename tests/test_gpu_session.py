@@ -1,6 +1,6 @@
-"""bench/gpu_session.sh, the prepared command for a lent GPU: it must run through on a machine
-without one (saying what each step did), fit one device call, and its two test steps must split
-the GPU suite."""
+"""bench/gpu_session.sh, the prepared commands for a lent GPU (two calls): each must run through
+on a machine without one (saying what each step did) and fit a device call; together they must
+fit the session's device time, and their test steps must split the GPU suite."""
 from __future__ import annotations
 
 import os
@@ -21,22 +21,39 @@ def session_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def test_the_session_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
-    done = subprocess.run(["bash", str(SCRIPT)], env=session_env(OUT=str(tmp_path), STEPS="new-variants decode profile"),
+def test_call_1_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT), "1"], env=session_env(OUT=str(tmp_path), STEPS="decode profile new-variants"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
-    assert re.search(r"== new-variants \(at most \d+s\): .*pytest .*tests/gpu -k", log)
-    assert re.search(r"== new-variants: exit 5 after \d+s", log)  # pytest's "no tests ran": all skipped
+    assert log.startswith("call 1 of 2, budget 330s")
     assert re.search(r"== decode: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
     assert re.search(r"== profile: exit 1 after \d+s", log)  # no ncu here, or no GPU under it
-    for skipped in ("decode-ab", "bandwidth", "short-rows", "proven-kernels"):
+    assert re.search(r"== new-variants \(at most \d+s\): .*pytest .*tests/gpu -k", log)
+    assert re.search(r"== new-variants: exit 5 after \d+s", log)  # pytest's "no tests ran": all skipped
+    for skipped in ("bandwidth", "short-rows"):
         assert f"== {skipped}: not in STEPS, skipped" in log
     assert re.search(r"== PTX cache entries: \d+ at the start, \d+ at the end", log)
     assert "== done after" in log
+    assert "== decode: exit 1" in done.stdout  # the summary, where the device tool's reply shows it
     with tarfile.open(tmp_path / "results.tar.gz") as results:
         assert "results" in results.getnames()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tar.gz", "session.log"]
+
+
+def test_call_2_runs_its_own_steps_and_a_bad_call_or_budget_is_refused(tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT), "2"], env=session_env(OUT=str(tmp_path), STEPS="decode-split"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "session.log").read_text()
+    assert log.startswith("call 2 of 2, budget 420s")
+    assert re.search(r"== decode-split \(at most 90s\): .*bench/kernels.py --quick --split", log)
+    for skipped in ("split-variants", "decode-ab", "proven-kernels"):
+        assert f"== {skipped}: not in STEPS, skipped" in log
+    for argv, env in ((["3"], {}), (["2"], {"BUDGET": "590"})):
+        bad = subprocess.run(["bash", str(SCRIPT), *argv], env=session_env(OUT=str(tmp_path), **env),
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
 
 
 def collected(expression: str, fake_cupy: Path) -> tuple[list[str], int]:
@@ -52,37 +69,59 @@ def collected(expression: str, fake_cupy: Path) -> tuple[list[str], int]:
     return ids, int(m.group(2))
 
 
-def test_its_two_test_steps_split_the_gpu_suite(tmp_path):
+def test_the_test_steps_split_the_gpu_suite(tmp_path):
+    """Call 1 tests the new variants without clusters, call 2 the split rows and then the rest: every
+    GPU test in exactly one step, and no cluster launch in call 1."""
     (tmp_path / "cupy").mkdir()
     (tmp_path / "cupy" / "__init__.py").write_text("")
-    new = re.search(r'^NEW="([^"]+)"$', SCRIPT.read_text(), re.M).group(1)
-    first, total = collected(new, tmp_path)
-    rest, _ = collected(f"not ({new})", tmp_path)
-    assert len(first) + len(rest) == total and first and rest
-    for name in ("test_split_row_variants", "test_row_loop_variants", "test_every_tensorrt_tactic_layout"):
-        assert any(f"::{name}[" in i for i in first) and not any(f"::{name}[" in i for i in rest), name
-    assert not any("::test_against_reference[" in i for i in first)
-
-
-def test_its_steps_fit_one_device_call_together():
-    """The device tool stops a command at 600 s. The script's BUDGET must leave room for the final
-    archive; every fixed step at its limit, plus the seconds each may take to be killed, must leave
-    room in BUDGET for unpacking the PTX cache; the last step takes what remains."""
     script = SCRIPT.read_text()
-    budget = int(re.search(r"^BUDGET=\$\{BUDGET:-(\d+)\}", script, re.M).group(1))
-    assert budget <= 600 - 20
-    named = re.findall(r"^step ([\w-]+) ", script, re.M)
-    default = re.search(r'^STEPS=\$\{STEPS:-"([^"]+)"\}', script, re.M).group(1).split()
-    assert named == default  # every step runs by default, in the order of the script
-    fixed = [int(n) for n in re.findall(r"^step [\w-]+ (\d+) ", script, re.M)]
-    assert len(fixed) == len(named) - 1
-    assert re.search(r"^step proven-kernels \$\(\(BUDGET - SECONDS - 5\)\) ", script, re.M)
-    kill_after = int(re.search(r"timeout --kill-after=(\d+)", script).group(1))
-    assert sum(fixed) + kill_after * len(fixed) <= budget - 15
+    new_1 = re.search(r'^NEW_1="([^"]+)"$', script, re.M).group(1)
+    new_2 = re.search(r'^NEW_2="([^"]+)"$', script, re.M).group(1)
+    first, total = collected(new_1, tmp_path)
+    split, _ = collected(new_2, tmp_path)
+    rest, _ = collected(f"not ({new_1} or {new_2})", tmp_path)
+    assert len(first) + len(split) + len(rest) == total and first and split and rest
+    assert not set(first) & set(split)
+    for name, step in (("test_row_loop_variants", first), ("test_every_tensorrt_tactic_layout", first),
+                       ("test_split_row_variants", split)):
+        assert all(f"::{name}[" not in i for other in (first, split, rest) if other is not step for i in other), name
+        assert any(f"::{name}[" in i for i in step), name
+    assert not any("split" in i for i in first) and not any("::test_against_reference[" in i for i in first + split)
+    call_1 = script[script.index("call_1() {"):script.index("call_2() {")]
+    assert "--split" not in call_1 and "$NEW_2" not in call_1
+
+
+def calls() -> dict[str, tuple[int, list[str], str]]:
+    """{call: (default BUDGET, default STEPS, the body of its function)}."""
+    script = SCRIPT.read_text()
+    out = {}
+    for m in re.finditer(r'^    (\d)\) STEPS=\$\{STEPS:-"([^"]+)"\}; BUDGET=\$\{BUDGET:-(\d+)\} ;;$', script, re.M):
+        body = script[script.index(f"call_{m.group(1)}() {{"):]
+        out[m.group(1)] = (int(m.group(3)), m.group(2).split(), body[:body.index("\n}\n")])
+    return out
+
+
+def test_each_call_fits_a_device_call_and_both_fit_the_session():
+    """The device tool stops a command at 600 s; a session has 900 s of device time, a machine's
+    start (about 90 s) and the transfers included. In each call, every fixed step at its limit,
+    plus the seconds each may take to be killed, must leave room in BUDGET for unpacking the PTX
+    cache; the last step takes what remains."""
+    found = calls()
+    assert sorted(found) == ["1", "2"]
+    assert sum(budget for budget, _, _ in found.values()) <= 900 - 90 - 2 * 30
+    kill_after = int(re.search(r"timeout --kill-after=(\d+)", SCRIPT.read_text()).group(1))
+    for call, (budget, steps, body) in found.items():
+        assert budget <= 600 - 20
+        named = re.findall(r"^    step ([\w-]+) ", body, re.M)
+        assert named == steps, call  # every step runs by default, in the order of the script
+        fixed = [int(n) for n in re.findall(r"^    step [\w-]+ (\d+) ", body, re.M)]
+        assert len(fixed) == len(named) - 1, call
+        assert re.search(r"^    step [\w-]+ \$\(\(BUDGET - SECONDS - 5\)\) ", body, re.M), call
+        assert sum(fixed) + kill_after * len(fixed) <= budget - 15 - 30, call  # 30 s at least for the last
 
 
 def test_the_last_step_gets_what_is_left_of_the_budget(tmp_path):
-    done = subprocess.run(["bash", str(SCRIPT)], env=session_env(OUT=str(tmp_path), STEPS="proven-kernels", BUDGET="12"),
+    done = subprocess.run(["bash", str(SCRIPT), "2"], env=session_env(OUT=str(tmp_path), STEPS="proven-kernels", BUDGET="12"),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
@@ -93,23 +132,26 @@ def bench_steps() -> dict[str, list[str]]:
     """Each step that runs a bench/ script: its name and the script's arguments, as bash passes them."""
     script = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())  # continuation lines joined
     out = {}
-    for m in re.finditer(r'^step ([\w-]+) \S+ "\$PY" bench/(\w+)\.py (.*)$', script, re.M):
+    for m in re.finditer(r'^    step ([\w-]+) \S+ "\$PY" bench/(\w+)\.py (.*)$', script, re.M):
         out[m.group(1)] = [m.group(2)] + shlex.split(m.group(3).replace("$WORK", "/tmp/work"))
     return out
 
 
 def test_every_bench_step_takes_its_options(bench_script):
-    """A usage error would cost a step of the one device call: each bench step's arguments parse."""
+    """A usage error would cost a step of a device call: each bench step's arguments parse, and
+    each writes to its own folder (the result files of one --quick run would overwrite another's)."""
     steps = bench_steps()
-    assert set(steps) == {"decode", "decode-ab", "bandwidth", "short-rows", "profile"}
+    assert set(steps) == {"bandwidth", "short-rows", "decode", "profile", "decode-split", "decode-ab"}
     kernels, profile = bench_script("kernels"), bench_script("kernel_profile")
     for name, (bench, *args) in steps.items():
         if bench == "kernels":
             parsed = kernels.parse_args(args)
-            assert parsed.out == Path("/tmp/work/results" + ("" if name in ("decode", "bandwidth") else f"/{name}")), name
+            assert parsed.out == Path("/tmp/work/results" + ("" if name == "bandwidth" else f"/{name}")), name
         else:
             assert bench == "kernel_profile"
             cells = [profile.parse_cell(c) for c in profile.parser().parse_args(args).cells]
             assert {c["op"] for c in cells} == {"RMSNorm", "LayerNorm"}
+    assert kernels.parse_args(steps["decode"][1:]).tactics and not kernels.parse_args(steps["decode"][1:]).split
+    assert kernels.parse_args(steps["decode-split"][1:]).split
     assert [v.label for v in kernels.parse_args(steps["decode-ab"][1:]).variants] == [
         "worktree", "worktree+NORMFUSE_AB_PARAMS_EARLY"]
