@@ -85,18 +85,20 @@ NEW_2="split"
 # Call 1: nothing that launches a cluster of blocks (the one mechanism no GPU has run yet whose
 # fault could hang the GPU); if the machine is lost in call 2, call 1's results are already here.
 call_1() {
+    # (--compile-dtypes with none: torch.compile's first compiles take tens of seconds a cell kind,
+    # and no decision here rests on it; the full grid, bench/kernels.py alone, times it)
     # Bandwidth at the target shapes, the table's kernel beside the layout sweep (one-row and
     # row-loop layouts) behind the launch table.
     step bandwidth 100 "$PY" bench/kernels.py --quick --tune --tokens 4096 16384 --dtypes bfloat16 \
-        --budget 0.1 --out "$WORK/results"
+        --compile-dtypes --budget 0.1 --out "$WORK/results"
     # Short rows (hidden 768-2048), the weak spot (half torch's fused speed at 768): the same sweep,
     # whose row-loop layouts (TPRxCxK) are the candidate fix.
     step short-rows 50 "$PY" bench/kernels.py --quick --tune --tokens 16384 --hidden 768 1024 2048 --dtypes bfloat16 \
-        --budget 0.1 --out "$WORK/results/short-rows"
+        --compile-dtypes --budget 0.1 --out "$WORK/results/short-rows"
     # Decode (1 and 32 tokens): the table's kernel and TensorRT's other tactic layouts over an empty
     # launch (the target: within 2 us of it).
     step decode 35 "$PY" bench/kernels.py --quick --tactics --tokens 1 32 --dtypes bfloat16 \
-        --budget 0.1 --out "$WORK/results/decode"
+        --compile-dtypes --budget 0.1 --out "$WORK/results/decode"
     # Nsight Compute on the weak cells (short rows; RMSNorm and LayerNorm at 4096, below target),
     # normfuse's kernel beside torch's: occupancy, DRAM throughput and warp stall reasons.
     step profile 40 "$PY" bench/kernel_profile.py RMSNorm:16384x768 RMSNorm:16384x768@128x1x4 RMSNorm:16384x4096 \
@@ -111,7 +113,7 @@ call_1() {
 call_2() {
     step split-variants 150 "${PYTEST[@]}" tests/gpu -k "$NEW_2"
     step decode-split 90 "$PY" bench/kernels.py --quick --split --tokens 1 32 --dtypes bfloat16 \
-        --budget 0.1 --out "$WORK/results/decode-split"
+        --compile-dtypes --budget 0.1 --out "$WORK/results/decode-split"
     # Decode, the table's kernels against the same built with NORMFUSE_AB_PARAMS_EARLY (gamma/beta
     # loaded before the statistics, so no dependent load round trip follows the last barrier), the
     # candidate for hidden 8192/16384 on GPUs without clusters; outputs compared with the default's.

@@ -147,6 +147,7 @@ def test_every_bench_step_takes_its_options(bench_script):
         if bench == "kernels":
             parsed = kernels.parse_args(args)
             assert parsed.out == Path("/tmp/work/results" + ("" if name == "bandwidth" else f"/{name}")), name
+            assert parsed.variants or parsed.compile_dtypes == [], name  # no torch.compile: minutes of a call
         else:
             assert bench == "kernel_profile"
             cells = [profile.parse_cell(c) for c in profile.parser().parse_args(args).cells]
