@@ -40,7 +40,7 @@ class VariantLaunch(launcher.Launch):
 
 def run_variants(args, variants: list[SourceVariant]) -> dict:
     """Time each variant's kernel on every selected cell, all variants of a cell in alternation."""
-    timer = Timer()
+    timer = Timer(args.flush)
     info = device_info()
     print("device:", info, flush=True)
     refs = reference_timings(timer)
@@ -103,8 +103,9 @@ def run_variants(args, variants: list[SourceVariant]) -> dict:
                 args.partial.write_text(json.dumps({"device": info, "variants": [v.describe() for v in variants],
                                                     "results": rows}))
     return {"device": info, "arch": arch, "variants": [v.describe() for v in variants], "labels": labels,
-            "timing": "CUDA events around one launch after a 256 MB L2 flush (_l2_warm: after a sleep kernel); "
-                      "variants of a cell in alternation, order rotating each round; median",
+            "flush": args.flush,
+            "timing": f"CUDA events around one launch after a 256 MB L2 flush ({args.flush}; _l2_warm: after a "
+                      "sleep kernel); variants of a cell in alternation, order rotating each round; median",
             **refs, "results": rows}
 
 

@@ -55,8 +55,8 @@ from kernel_grid import (DTYPES, EPS, HIDDEN, SPLIT_MAX_TOKENS, TARGET_HIDDEN, c
                          layout_label, moved_bytes, shapes, split_label)
 from kernel_sources import VariantError, materialise, parse_sources, save_sources  # noqa: E402
 from kernel_static import report_static, static_analysis  # noqa: E402
-from kernel_timing import (SameSizeCopy, Timer, agreement, device_info, normfuse_launch,  # noqa: E402
-                           reference_timings, summarise, tensors)
+from kernel_timing import (FLUSH_MODES, SameSizeCopy, Timer, agreement, device_info,  # noqa: E402
+                           normfuse_launch, reference_timings, summarise, tensors)
 from normops import OPS  # noqa: E402
 from plugins import build, config  # noqa: E402
 
@@ -92,7 +92,7 @@ def fused(op: str):
 
 
 def run(args) -> dict:
-    timer = Timer()
+    timer = Timer(args.flush)
     info = device_info()
     print("device:", info, flush=True)
     refs = reference_timings(timer)
@@ -160,7 +160,8 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()
             if args.partial:
                 args.partial.write_text(json.dumps({"device": info, "results": rows}))
-    return {"device": info, "timing": "CUDA events around one launch after a 256 MB L2 flush; median",
+    return {"device": info, "flush": args.flush,
+            "timing": f"CUDA events around one launch after a 256 MB L2 flush ({args.flush}); median",
             **refs, "results": rows}
 
 
@@ -169,7 +170,8 @@ def report(data: dict) -> str:
     copy = data["copy"]["tbps"]
     empty = data["empty_launch"]["median_us"]
     get = {(r["op"], r["dtype"], r["tokens"], r["hidden"], r["impl"]): r for r in rows}
-    lines = [f"copy bandwidth {copy:.2f} TB/s; empty launch {empty:.2f} us",
+    lines = [f"copy bandwidth {copy:.2f} TB/s; empty launch {empty:.2f} us; L2 flush before each launch: "
+             f"{data.get('flush', 'dirty')}",
              "| op | dtype | tokens x hidden | normfuse TB/s | % copy | % same-size copy | torch fused TB/s | speed-up | unfused TB/s | compile TB/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (op, dtype, tokens, hidden, impl), r in sorted(get.items()):
@@ -310,6 +312,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", nargs="*", type=int, help="token counts to run (default: the grid)")
     p.add_argument("--hidden", nargs="*", type=int, help="hidden sizes to run (default: the grid)")
     p.add_argument("--ops", nargs="*", choices=list(OPS), help="ops to run (default: all)")
+    p.add_argument("--flush", choices=FLUSH_MODES, default="dirty",
+                   help="how L2 is emptied before each timed launch: dirty (write 256 MB, as triton's do_bench; "
+                        "the timed kernel then writes L2's modified lines back) or clean (read 256 MB); "
+                        "default dirty, as every committed result")
     p.add_argument("--budget", type=float, default=0.25, help="seconds of timing per cell (per variant with --sources)")
     p.add_argument("--sources", nargs="+", metavar="REV[+SWITCH...]",
                    help="time these kernel source versions side by side (comma- or space-separated): a git "
@@ -391,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         print(table)
         return
     stem = (f"{gpu}-kernels" + ("-quick" if args.quick else "") + ("-tune" if args.tune else "")
-            + ("-tactics" if args.tactics else "") + ("-split" if args.split else ""))
+            + ("-tactics" if args.tactics else "") + ("-split" if args.split else "")
+            + ("-clean-flush" if args.flush == "clean" else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     table = report(data)
     (args.out / f"{stem}.md").write_text(table + "\n")

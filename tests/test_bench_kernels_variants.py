@@ -243,7 +243,7 @@ def test_interleaved_timing_rotates_the_order(timing, monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     timer = object.__new__(timing.Timer)
-    timer.flush_buf = torch.zeros(8, dtype=torch.int8)
+    timer.flush_buf, timer.flush_mode = torch.zeros(8, dtype=torch.int8), "dirty"
     calls = []
     fns = [lambda k=k: calls.append(k) for k in range(3)]
     times = timer.times_us_interleaved(fns, budget_s=0.0, min_reps=4)
@@ -261,6 +261,9 @@ def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypat
     variants = [sources.materialise(v, tmp_path) for v in sources.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_PREFETCH"])]
 
     class Timer:
+        def __init__(self, flush_mode):
+            self.flush_mode = flush_mode
+
         def times_us_interleaved(self, fns, budget_s, flush=True):
             for fn in fns:
                 fn()
@@ -295,6 +298,7 @@ def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypat
     assert len(data["results"]) == 2 * (2 + 1) * 2
     first, second = data["results"][:2]
     assert first["variant"] == "worktree" and second["variant"] == "worktree+NORMFUSE_AB_NO_PREFETCH"
+    assert data["flush"] == "dirty" and "(dirty;" in data["timing"]
     assert first["ratio_to_first"] == 1.0 and second["ratio_to_first"] == pytest.approx(0.5)
     assert first["median_us"] == 11.0 and first["times_us"] == [10.0, 12.0, 11.0]
     assert {r["impl"] for r in data["results"]} == {"normfuse", "normfuse_l2_warm"}
@@ -390,3 +394,18 @@ def test_a_disagreeing_layout_is_reported_and_left_out_of_the_tables(kernels):
     assert wrong[1].startswith("LAYOUTS THAT DISAGREE") and wrong[-1] == "| RMSNorm | bfloat16 | 1x8192 | tactic3 | k_tactic3 | 3.5 |"
     assert kernels.disagreement_report(rows[:2]) == []
     assert kernels.tactic_report(rows[::2]) == []  # the only alternative was wrong: no tactic table
+
+
+def test_the_flush_is_a_write_or_a_read_of_the_whole_buffer(timing, kernels):
+    """dirty: the buffer written (L2 left full of modified lines); clean: only read, so nothing in
+    L2 is left modified for the timed kernel to write back."""
+    import torch
+
+    timer = object.__new__(timing.Timer)
+    for mode, after in (("dirty", 0), ("clean", 1)):
+        timer.flush_mode, timer.flush_buf = mode, torch.ones(64, dtype=torch.int8)
+        timer.flush()
+        assert torch.all(timer.flush_buf == after), mode
+    with pytest.raises(ValueError, match="flush mode 'warm'"):
+        timing.Timer("warm")
+    assert kernels.parse_args([]).flush == "dirty" and kernels.parse_args(["--flush", "clean"]).flush == "clean"

@@ -26,12 +26,12 @@ def test_call_1_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
-    assert log.startswith("call 1 of 2, budget 330s")
+    assert log.startswith("call 1 of 2, budget 345s")
     assert re.search(r"== decode: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
     assert re.search(r"== profile: exit 1 after \d+s", log)  # no ncu here, or no GPU under it
     assert re.search(r"== new-variants \(at most \d+s\): .*pytest .*tests/gpu -k", log)
     assert re.search(r"== new-variants: exit 5 after \d+s", log)  # pytest's "no tests ran": all skipped
-    for skipped in ("bandwidth", "short-rows"):
+    for skipped in ("bandwidth", "clean-flush", "short-rows"):
         assert f"== {skipped}: not in STEPS, skipped" in log
     assert re.search(r"== PTX cache entries: \d+ at the start, \d+ at the end", log)
     assert "== done after" in log
@@ -46,7 +46,7 @@ def test_call_2_runs_its_own_steps_and_a_bad_call_or_budget_is_refused(tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
-    assert log.startswith("call 2 of 2, budget 420s")
+    assert log.startswith("call 2 of 2, budget 405s")
     assert re.search(r"== decode-split \(at most 90s\): .*bench/kernels.py --quick --split", log)
     for skipped in ("split-variants", "decode-ab", "proven-kernels"):
         assert f"== {skipped}: not in STEPS, skipped" in log
@@ -141,7 +141,7 @@ def test_every_bench_step_takes_its_options(bench_script):
     """A usage error would cost a step of a device call: each bench step's arguments parse, and
     each writes to its own folder (the result files of one --quick run would overwrite another's)."""
     steps = bench_steps()
-    assert set(steps) == {"bandwidth", "short-rows", "decode", "profile", "decode-split", "decode-ab"}
+    assert set(steps) == {"bandwidth", "clean-flush", "short-rows", "decode", "profile", "decode-split", "decode-ab"}
     kernels, profile = bench_script("kernels"), bench_script("kernel_profile")
     for name, (bench, *args) in steps.items():
         if bench == "kernels":
@@ -152,6 +152,7 @@ def test_every_bench_step_takes_its_options(bench_script):
             assert bench == "kernel_profile"
             cells = [profile.parse_cell(c) for c in profile.parser().parse_args(args).cells]
             assert {c["op"] for c in cells} == {"RMSNorm", "LayerNorm"}
+    assert kernels.parse_args(steps["clean-flush"][1:]).flush == "clean"
     assert kernels.parse_args(steps["decode"][1:]).tactics and not kernels.parse_args(steps["decode"][1:]).split
     assert kernels.parse_args(steps["decode-split"][1:]).split
     assert [v.label for v in kernels.parse_args(steps["decode-ab"][1:]).variants] == [
