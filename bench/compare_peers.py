@@ -37,6 +37,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from export.files import write_text  # noqa: E402
+
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
             "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm", "LayerNorm", "AddRMSNorm",
             "AddLayerNorm"}
@@ -331,11 +333,10 @@ def main(argv=None) -> int:
     print()
     print(table)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         payload = {"cases": [{"graph": c.name, "expected_norms": c.expected,
                               **{t: {k: v for k, v in r[t].items() if k != "trace"} for t in TOOLS}} for c, r in rows],
                    "totals": totals, "table_markdown": table}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        write_text(args.json, json.dumps(payload, indent=2) + "\n")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from kernel_grid import EPS, candidate_layouts, moved_bytes, shapes  # noqa: E402
 from kernel_sources import SourceVariant, variant_ptx  # noqa: E402
 from kernel_timing import SameSizeCopy, Timer, device_info, reference_timings, summarise, tensors  # noqa: E402
+from export.files import write_text  # noqa: E402
 from normops import OPS  # noqa: E402
 from plugins import build, config, launcher  # noqa: E402
 
@@ -100,8 +101,8 @@ def run_variants(args, variants: list[SourceVariant]) -> dict:
                     del x, res, gamma, beta
                 torch.cuda.empty_cache()
             if args.partial:
-                args.partial.write_text(json.dumps({"device": info, "variants": [v.describe() for v in variants],
-                                                    "results": rows}))
+                write_text(args.partial, json.dumps({"device": info, "variants": [v.describe() for v in variants],
+                                                     "results": rows}))  # whole, if killed next
     return {"device": info, "arch": arch, "variants": [v.describe() for v in variants], "labels": labels,
             "flush": args.flush,
             "timing": f"CUDA events around one launch after a 256 MB L2 flush ({args.flush}; _l2_warm: after a "

@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from export.files import write_text  # noqa: E402
 from normops import OPS  # noqa: E402
 
 SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "MemoryWorkloadAnalysis")
@@ -221,15 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         if exported.returncode != 0 or not text.strip():
             sys.exit(f"error: ncu --import exited {exported.returncode}: {exported.stderr.strip()[-500:]}")
         shutil.copyfile(report_path, out / "profile.ncu-rep")  # for the Nsight Compute GUI
-    (out / "ncu-raw.csv").write_text(text)
+    write_text(out / "ncu-raw.csv", text)
     try:
         kernels = label_kernels(read_raw_csv(text), cells)
     except ProfileError as exc:
         sys.exit(f"error: {exc}; the raw CSV is in {out / 'ncu-raw.csv'}")
     table = report(kernels, args.dtype)
-    (out / "profile.json").write_text(json.dumps({"dtype": args.dtype, "sections": SECTIONS, "kernels": kernels},
-                                                 indent=1))
-    (out / "profile.md").write_text(table + "\n")
+    write_text(out / "profile.json", json.dumps({"dtype": args.dtype, "sections": SECTIONS, "kernels": kernels},
+                                               indent=1))
+    write_text(out / "profile.md", table + "\n")
     print(table)
     return 0
 

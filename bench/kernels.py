@@ -57,6 +57,7 @@ from kernel_sources import VariantError, materialise, parse_sources, save_source
 from kernel_static import report_static, static_analysis  # noqa: E402
 from kernel_timing import (FLUSH_MODES, SameSizeCopy, Timer, agreement, device_info,  # noqa: E402
                            normfuse_launch, reference_timings, summarise, tensors)
+from export.files import atomic_path, write_text  # noqa: E402
 from normops import OPS  # noqa: E402
 from plugins import build, config  # noqa: E402
 
@@ -159,7 +160,7 @@ def run(args) -> dict:
                     del x, res, gamma, beta, fn, cells, outputs, table_outs
                 torch.cuda.empty_cache()
             if args.partial:
-                args.partial.write_text(json.dumps({"device": info, "results": rows}))
+                write_text(args.partial, json.dumps({"device": info, "results": rows}))  # whole, if killed next
     return {"device": info, "flush": args.flush,
             "timing": f"CUDA events around one launch after a 256 MB L2 flush ({args.flush}); median",
             **refs, "results": rows}
@@ -292,7 +293,9 @@ def plot(data: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(data["device"]["name"])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -372,9 +375,9 @@ def main(argv: list[str] | None = None) -> None:
             table = report_static(rows)
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
-                (args.out / "kernels-static.json").write_text(json.dumps(
+                write_text(args.out / "kernels-static.json", json.dumps(
                     {"variants": [v.describe() for v in variants], "results": rows}, indent=1))
-                (args.out / "kernels-static.md").write_text(table + "\n")
+                write_text(args.out / "kernels-static.md", table + "\n")
             print(table)
             return
         args.out = args.out or ROOT / "bench" / "results"
@@ -391,17 +394,17 @@ def main(argv: list[str] | None = None) -> None:
     gpu = data["device"]["name"].lower().replace("nvidia ", "").replace(" ", "-")
     if variants:
         stem = f"{gpu}-kernels-ab"
-        (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+        write_text(args.out / f"{stem}.json", json.dumps(data, indent=1))
         table = report_variants(data)
-        (args.out / f"{stem}.md").write_text(table + "\n")
+        write_text(args.out / f"{stem}.md", table + "\n")
         print(table)
         return
     stem = (f"{gpu}-kernels" + ("-quick" if args.quick else "") + ("-tune" if args.tune else "")
             + ("-tactics" if args.tactics else "") + ("-split" if args.split else "")
             + ("-clean-flush" if args.flush == "clean" else ""))
-    (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    write_text(args.out / f"{stem}.json", json.dumps(data, indent=1))
     table = report(data)
-    (args.out / f"{stem}.md").write_text(table + "\n")
+    write_text(args.out / f"{stem}.md", table + "\n")
     plot(data, args.out / f"{stem}.png")
     print(table)
 

@@ -33,6 +33,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from export.files import write_text  # noqa: E402
 from export.rewrite.synth import NormSpec, _Builder, norm_subgraph  # noqa: E402
 
 DATA_NAME = "weights.bin"
@@ -250,8 +251,7 @@ def main(argv=None) -> int:
         figures["peers"] = peers
     print(json.dumps(figures, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        write_text(args.json, json.dumps(figures, indent=2) + "\n")
     return 0 if all(goals.values()) else 1
 
 
