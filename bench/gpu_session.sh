@@ -131,6 +131,14 @@ call_2() {
 
 "call_$CALL"
 
+# The targets judged from what the timing steps wrote (no GPU; each file against its own run's copy
+# and empty launch), into the log and the results.
+mapfile -t TIMED < <(find "$WORK/results" -name '*-kernels*.json' ! -name '*-kernels-ab.json' | sort)
+if [ ${#TIMED[@]} -gt 0 ]; then
+    echo "== targets: $PY bench/kernel_targets.py (${#TIMED[@]} results files)" >>"$LOG"
+    "$PY" bench/kernel_targets.py "${TIMED[@]}" --out "$WORK/results/targets" >>"$LOG" 2>&1
+    echo "== targets: exit $?" >>"$LOG"
+fi
 tar czf "$OUT/results.tar.gz" -C "$WORK" results
 # more entries at the end than at the start: modules compiled here, so the carried cache missed
 echo "== PTX cache entries: $CACHED_AT_START at the start, $(cached) at the end" >>"$LOG"

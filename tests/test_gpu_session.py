@@ -35,6 +35,7 @@ def test_call_1_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
         assert f"== {skipped}: not in STEPS, skipped" in log
     assert re.search(r"== PTX cache entries: \d+ at the start, \d+ at the end", log)
     assert "== done after" in log
+    assert "== targets" not in log  # no timing step wrote results: nothing to judge
     assert "== decode: exit 1" in done.stdout  # the summary, where the device tool's reply shows it
     with tarfile.open(tmp_path / "results.tar.gz") as results:
         assert "results" in results.getnames()
