@@ -167,6 +167,9 @@ def tensors(op: str, dtype: str, tokens: int, hidden: int):
     return x, res, gamma, beta
 
 
+AGREEMENT_CHUNK = 1 << 24  # elements compared at a time: float64 copies of a whole 65536x16384 cell would not fit
+
+
 def agreement(got: list, table: list, dtype: str) -> dict:
     """How far a layout's outputs are from the table kernel's on the same inputs: the largest
     absolute difference and whether every element is within twice the op tolerance of `dtype` (each
@@ -174,18 +177,21 @@ def agreement(got: list, table: list, dtype: str) -> dict:
     computes something else is then not timed as if it were a faster kernel."""
     tol = OP[dtype]
     worst, agrees = 0.0, True
-    for a, b in zip(got, table):
-        a, b = a.double(), b.double()
-        diff = (a - b).abs()
-        both_nan = a.isnan() & b.isnan()
-        same_inf = (a == b) & a.isinf()
-        finite_pair = a.isfinite() & b.isfinite()  # (an Inf is only ever equal to itself)
-        ok = both_nan | same_inf | (finite_pair & (diff <= 2 * (tol.atol + tol.rtol * b.abs())))
-        agrees = agrees and bool(ok.all())
-        finite = diff[~(both_nan | same_inf)]
-        if finite.numel():
-            m = float(finite.max())  # NaN where one side is NaN and the other not
-            worst = m if not m <= worst else worst  # (NaN stays)
+    for whole_a, whole_b in zip(got, table):
+        flat_a, flat_b = whole_a.reshape(-1), whole_b.reshape(-1)
+        for start in range(0, flat_a.numel(), AGREEMENT_CHUNK):
+            a = flat_a[start:start + AGREEMENT_CHUNK].double()
+            b = flat_b[start:start + AGREEMENT_CHUNK].double()
+            diff = (a - b).abs()
+            both_nan = a.isnan() & b.isnan()
+            same_inf = (a == b) & a.isinf()
+            finite_pair = a.isfinite() & b.isfinite()  # (an Inf is only ever equal to itself)
+            ok = both_nan | same_inf | (finite_pair & (diff <= 2 * (tol.atol + tol.rtol * b.abs())))
+            agrees = agrees and bool(ok.all())
+            compared = diff[~(both_nan | same_inf)]
+            if compared.numel():
+                m = float(compared.max())  # NaN where one side is NaN and the other not
+                worst = m if not m <= worst else worst  # (NaN stays)
     return {"max_abs_diff_vs_table": worst, "agrees_with_table": agrees}
 
 

@@ -121,7 +121,6 @@ def run(args) -> dict:
                     copy_here = copy_tbps_for(nbytes)
                     fn, cfg, table_outs = normfuse_launch(op, x, res, gamma, beta)
                     cells = {"normfuse": (fn, cfg.kernel)}
-                    outputs = {}  # alternative layout -> the outputs its launches write
                     alternatives = []  # (impl name, layout) timed beside the table's kernel
                     if args.tune and tokens >= 4096:
                         alternatives += [(layout_label(lo), lo) for lo in candidate_layouts(dtype, hidden)]
@@ -130,15 +129,23 @@ def run(args) -> dict:
                                          enumerate(config.tactic_layouts(op, dtype, hidden)[1:], start=2)]
                     if args.split and tokens <= SPLIT_MAX_TOKENS:  # clusters of blocks per row (sm_90+)
                         alternatives += [(split_label(lo), lo) for lo in config.split_layouts(dtype, hidden)]
-                    for name, layout in alternatives:
-                        f2, c2, outputs[name] = normfuse_launch(op, x, res, gamma, beta, layout=layout)
-                        cells[name] = (f2, c2.kernel)
+                    # an alternative is prepared when its turn comes and its outputs are freed once
+                    # compared, so that a dozen layouts of a 65536x16384 cell never hold outputs at once
+                    layouts = dict(alternatives)
+                    cells.update((name, None) for name in layouts)
                     for name, impl in impls.items():
                         cells[name] = ((lambda impl=impl: impl(x, res, gamma, beta)), None)
                     if tokens <= 32:
                         cells["normfuse_l2_warm"] = (fn, cfg.kernel)
-                    for name, (f, kernel) in cells.items():
+                    first_row = len(rows)
+                    for name, prepared in cells.items():
+                        outs = None
                         try:
+                            if name in layouts:
+                                f, c2, outs = normfuse_launch(op, x, res, gamma, beta, layout=layouts[name])
+                                kernel = c2.kernel
+                            else:
+                                f, kernel = prepared
                             t = timer.times_us(f, budget_s=args.budget, flush=not name.endswith("_l2_warm"))
                         except Exception as exc:  # e.g. out of memory for the unfused graph
                             print(f"  {name} failed: {exc.__class__.__name__}: {exc}", flush=True)
@@ -148,16 +155,18 @@ def run(args) -> dict:
                                      "kernel": kernel, "bytes": nbytes, "median_us": med,
                                      "same_size_copy_tbps": copy_here,
                                      "tbps": nbytes / (med * 1e-6) / 1e12, "times_us": [round(v, 3) for v in t]})
-                        if name in outputs:  # both kernels have run on these inputs: compare
-                            rows[-1].update(agreement(outputs[name], table_outs, dtype))
+                        if outs is not None:  # both kernels have run on these inputs: compare
+                            rows[-1].update(agreement(outs, table_outs, dtype))
                             if not rows[-1]["agrees_with_table"]:
                                 print(f"  {name} DISAGREES with the table's kernel (max |diff| "
                                       f"{rows[-1]['max_abs_diff_vs_table']:.3g}): its time is not a result", flush=True)
-                    mine = [r for r in rows[-len(cells):] if r["impl"] == "normfuse"]
-                    line = " ".join(f"{r['impl']}={r['tbps']:.2f}" for r in rows[-len(cells):])
+                        del f, outs
+                    cell_rows = rows[first_row:]
+                    mine = [r for r in cell_rows if r["impl"] == "normfuse"]
+                    line = " ".join(f"{r['impl']}={r['tbps']:.2f}" for r in cell_rows)
                     print(f"{op:12s} {dtype:8s} {tokens:6d}x{hidden:<6d} {line}"
                           f" ({mine[0]['median_us']:.1f} us)" if mine else "", flush=True)
-                    del x, res, gamma, beta, fn, cells, outputs, table_outs
+                    del x, res, gamma, beta, fn, cells, table_outs
                 torch.cuda.empty_cache()
             if args.partial:
                 write_text(args.partial, json.dumps({"device": info, "results": rows}))  # whole, if killed next

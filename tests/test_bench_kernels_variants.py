@@ -5,6 +5,7 @@ argument parsing (kernels.py), sources taken from git revisions and the launch-c
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shutil
 import subprocess
@@ -376,6 +377,15 @@ def test_a_layout_is_compared_with_the_table_kernel(timing):
         wrong = [table[0].clone()]
         wrong[0][index] = value
         assert not timing.agreement(wrong, table, "bfloat16")["agrees_with_table"], (index, value)
+    long = torch.zeros(5, 7, dtype=torch.bfloat16)
+    wrong_last = long.clone()
+    wrong_last[4, 6] = 1.0
+    timing.AGREEMENT_CHUNK, chunk = 4, timing.AGREEMENT_CHUNK  # in chunks: the last element is still seen
+    try:
+        assert timing.agreement([wrong_last], [long], "bfloat16") == {"max_abs_diff_vs_table": 1.0, "agrees_with_table": False}
+        assert timing.agreement([long], [long], "bfloat16")["agrees_with_table"]
+    finally:
+        timing.AGREEMENT_CHUNK = chunk
     two = [table[0].clone(), table[0].clone() * 2]  # the Add forms: y and the sum, both compared
     assert timing.agreement(two, [table[0], table[0] * 2], "bfloat16")["agrees_with_table"]
     assert not timing.agreement(two, [table[0], table[0] * 3], "bfloat16")["agrees_with_table"]
@@ -409,3 +419,65 @@ def test_the_flush_is_a_write_or_a_read_of_the_whole_buffer(timing, kernels):
     with pytest.raises(ValueError, match="flush mode 'warm'"):
         timing.Timer("warm")
     assert kernels.parse_args([]).flush == "dirty" and kernels.parse_args(["--flush", "clean"]).flush == "clean"
+
+
+def test_run_compares_each_layout_once_timed_and_frees_its_outputs(kernels, monkeypatch, tmp_path, capsys):
+    """kernels.run end to end on the CPU: the "launches" write known outputs (one layout writes
+    wrong ones, one cannot be prepared), the timer hands out fixed times. Each alternative is
+    prepared only when its turn comes, so at most one alternative's outputs exist at a time."""
+    import torch
+
+    live = []  # outputs of alternatives alive when the next is prepared
+
+    class Cfg:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+    def launch(op, x, res, gamma, beta, layout=None):
+        import gc
+
+        gc.collect()
+        live.append(sum(1 for o in alive if o() is not None))
+        if layout == (1024, 1):
+            raise RuntimeError("no such variant")
+        outs = [x.clone() + (1 if layout == (512, 2) else 0)]
+        if layout is not None:
+            import weakref
+
+            alive.append(weakref.ref(outs[0]))
+        return (lambda: None), Cfg(f"k{layout}"), outs
+
+    alive = []
+
+    class Timer:
+        def __init__(self, flush_mode):
+            self.flush_mode = flush_mode
+
+        def times_us(self, fn, budget_s, flush=True):
+            fn()
+            return [10.0, 11.0, 12.0]
+
+    monkeypatch.setattr(kernels, "Timer", Timer)
+    monkeypatch.setattr(kernels, "normfuse_launch", launch)
+    monkeypatch.setattr(kernels, "device_info", lambda: {"name": "stand-in"})
+    monkeypatch.setattr(kernels, "reference_timings", lambda timer: {"copy": {"tbps": 3.0}})
+    monkeypatch.setattr(kernels, "SameSizeCopy", lambda timer, budget: (lambda nbytes: 2.5))
+    monkeypatch.setattr(kernels, "tensors", lambda op, dtype, tokens, hidden: (
+        torch.ones(tokens, hidden, dtype=torch.bfloat16), None, torch.ones(hidden, dtype=torch.bfloat16), None))
+    monkeypatch.setattr(kernels, "candidate_layouts", lambda dtype, hidden: [(256, 2), (512, 2), (1024, 1)])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    args = kernels.parse_args(["--quick", "--tune", "--tokens", "4096", "--hidden", "4096", "--ops", "RMSNorm",
+                               "--compile-dtypes", "--flush", "clean"])
+    args.partial = tmp_path / "partial.json"
+    data = kernels.run(args)
+    by_impl = {r["impl"]: r for r in data["results"]}
+    assert set(by_impl) == {"normfuse", "normfuse[256x2]", "normfuse[512x2]", "torch_fused", "torch_unfused"}
+    assert by_impl["normfuse[256x2]"]["agrees_with_table"] and by_impl["normfuse[256x2]"]["max_abs_diff_vs_table"] == 0.0
+    assert not by_impl["normfuse[512x2]"]["agrees_with_table"]
+    assert "agrees_with_table" not in by_impl["normfuse"] and "agrees_with_table" not in by_impl["torch_fused"]
+    assert live == [0, 0, 0, 0]  # the table's launch, then each alternative with none alive before it
+    out = capsys.readouterr().out
+    assert "normfuse[1024x1] failed: RuntimeError: no such variant" in out
+    assert "normfuse[512x2] DISAGREES with the table's kernel" in out
+    assert data["flush"] == "clean" and json.loads(args.partial.read_text())["results"]
+    assert "LAYOUTS THAT DISAGREE" in kernels.disagreement_report(data["results"])[1]
