@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks still pending, as two calls on a lent GPU machine (15 minutes of device time a
 # session, starts included), each a list of steps in order of priority:
-#   call 1: bandwidth and short-row timings with the layout sweep, decode beside TensorRT's tactic
-#           layouts, a profile of the weak cells, then the row-loop and tactic variants' GPU tests;
-#   call 2: the split-row variants' GPU tests (clusters of blocks), their decode timings, the
-#           PARAMS_EARLY decode A/B, then the rest of the GPU suite.
+#   call 1: bandwidth timings with the layout sweep, after a dirty and a clean L2 flush, the
+#           register-cap switches A/B, short-row timings with the sweep, a profile of the weak
+#           cells, then the row-loop and tactic variants' GPU tests;
+#   call 2: the split-row variants' GPU tests (clusters of blocks), decode timings of the table's,
+#           the tactic and the split-row layouts, the PARAMS_EARLY decode A/B, then the rest of the
+#           GPU suite.
 # Two calls, not one: a machine that stops answering returns nothing of its call (it happened to the
 # single call on 2026-12-05, which brought back no file), so the first call's results are safe
 # before the second launches the one kind of kernel no GPU has run yet (clusters). Issue the
@@ -13,10 +15,12 @@
 # with whatever finished; a step that runs out is said in the log and the next starts.
 #
 # Here, first, so that the GPU machine compiles nothing (1136 modules took 12 minutes on 2 cores;
-# 119 MB of PTX make a 5.8 MB archive):
+# about 120 MB of PTX make a 6 MB archive):
 #   NORMFUSE_CACHE_DIR=.carry/ptx python -c "import plugins.build as b; b.prebuild('sm_90')"
 #   NORMFUSE_CACHE_DIR=.carry/ptx python bench/kernels.py --static sm_90 --hidden 4096 8192 16384 \
 #       --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY         (step decode-ab's switched build)
+#   NORMFUSE_CACHE_DIR=.carry/ptx python bench/kernels.py --static sm_90 --hidden 4096 8192 \
+#       --sources <BANDWIDTH_AB below>                               (step bandwidth-ab's builds)
 #   tar cJf .carry/ptx.tar.xz -C .carry ptx
 # Then the device tool's runs, from the repository root, carry: [".carry/ptx.tar.xz"]:
 #   command: bash bench/gpu_session.sh 1                  timeout_s: 370
@@ -33,8 +37,8 @@ WORK=$(mktemp -d)
 LOG=$OUT/session.log
 CALL=${1:-1}
 case $CALL in
-    1) STEPS=${STEPS:-"bandwidth clean-flush short-rows decode profile new-variants"}; BUDGET=${BUDGET:-345} ;;
-    2) STEPS=${STEPS:-"split-variants decode-split decode-ab proven-kernels"}; BUDGET=${BUDGET:-405} ;;
+    1) STEPS=${STEPS:-"bandwidth clean-flush bandwidth-ab short-rows profile new-variants"}; BUDGET=${BUDGET:-345} ;;
+    2) STEPS=${STEPS:-"split-variants decode decode-ab proven-kernels"}; BUDGET=${BUDGET:-405} ;;
     *) echo "usage: bash bench/gpu_session.sh 1|2 (the first or second device call)" >&2; exit 2 ;;
 esac
 [ "$BUDGET" -le 580 ] || { echo "BUDGET=$BUDGET: at most 580 s (the device tool stops a command at 600)" >&2; exit 2; }
@@ -78,6 +82,9 @@ mkdir -p "$WORK/results"
 # passed; pytest-timeout, where installed, stops a hung kernel (a wrong barrier count hangs).
 PYTEST=("$PY" -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
+# the builds step bandwidth-ab times (their modules are in the carried cache: see the top)
+BANDWIDTH_AB=worktree,worktree+NORMFUSE_AB_MIN_THREADS_PER_SM=1024,worktree+NORMFUSE_AB_MIN_THREADS_PER_SM=1280,\
+worktree+NORMFUSE_AB_PLAIN_LOADS+NORMFUSE_AB_LN_ONE_REDUCTION+NORMFUSE_AB_NO_TRAILING_SYNC
 # the variants no GPU has run yet: call 1 tests those without clusters, call 2 the split rows
 NEW_1="row_loop or row-loop or tactic"
 NEW_2="split"
@@ -96,14 +103,16 @@ call_1() {
     # fifth of a 16384x4096 RMSNorm's bytes. Is that why the smallest target cells miss 90%?
     step clean-flush 35 "$PY" bench/kernels.py --quick --flush clean --tokens 16384 --hidden 4096 8192 \
         --dtypes bfloat16 --compile-dtypes --budget 0.1 --out "$WORK/results/clean-flush"
+    # The compile-time switches that gain resident blocks where the target cells miss, against the
+    # default build, in alternation (plugins/README.md, "What to A/B first"): a register cap for 4
+    # blocks of 256 (LayerNorm 4096: 80 -> 62 registers, 3 -> 4 blocks, the spill gone) or 5
+    # (RMSNorm 4096: 48 registers), and LayerNorm's one-reduction build (8192: 3 blocks, 1 barrier).
+    step bandwidth-ab 40 "$PY" bench/kernels.py --quick --sources "$BANDWIDTH_AB" --tokens 16384 --hidden 4096 8192 \
+        --budget 0.1 --out "$WORK/results/bandwidth-ab"
     # Short rows (hidden 768-2048), the weak spot (half torch's fused speed at 768): the same sweep,
     # whose row-loop layouts (TPRxCxK) are the candidate fix.
     step short-rows 50 "$PY" bench/kernels.py --quick --tune --tokens 16384 --hidden 768 1024 2048 --dtypes bfloat16 \
         --compile-dtypes --budget 0.1 --out "$WORK/results/short-rows"
-    # Decode (1 and 32 tokens): the table's kernel and TensorRT's other tactic layouts over an empty
-    # launch (the target: within 2 us of it).
-    step decode 35 "$PY" bench/kernels.py --quick --tactics --tokens 1 32 --dtypes bfloat16 \
-        --compile-dtypes --budget 0.1 --out "$WORK/results/decode"
     # Nsight Compute on the weak cells (short rows; RMSNorm and LayerNorm at 4096, below target),
     # normfuse's kernel beside torch's: occupancy, DRAM throughput and warp stall reasons.
     step profile 40 "$PY" bench/kernel_profile.py RMSNorm:16384x768 RMSNorm:16384x768@128x1x4 RMSNorm:16384x4096 \
@@ -117,8 +126,10 @@ call_1() {
 # rest of the GPU suite.
 call_2() {
     step split-variants 150 "${PYTEST[@]}" tests/gpu -k "$NEW_2"
-    step decode-split 90 "$PY" bench/kernels.py --quick --split --tokens 1 32 --dtypes bfloat16 \
-        --compile-dtypes --budget 0.1 --out "$WORK/results/decode-split"
+    # Decode (1 and 32 tokens): the table's kernel beside TensorRT's other tactic layouts and the
+    # split-row layouts, over an empty launch (the target: within 2 us of it).
+    step decode 100 "$PY" bench/kernels.py --quick --tactics --split --tokens 1 32 --dtypes bfloat16 \
+        --compile-dtypes --budget 0.1 --out "$WORK/results/decode"
     # Decode, the table's kernels against the same built with NORMFUSE_AB_PARAMS_EARLY (gamma/beta
     # loaded before the statistics, so no dependent load round trip follows the last barrier), the
     # candidate for hidden 8192/16384 on GPUs without clusters; outputs compared with the default's.

@@ -43,17 +43,22 @@ def occupancy(registers: int, block: int, arch: str, smem: int = 0) -> tuple[int
 
 
 def sass_instructions(cubin: Path) -> list[tuple[int, str]]:
-    """(address, instruction) of the cubin's SASS (cuobjdump -sass, or nvdisasm)."""
+    """(address, instruction) of the cubin's SASS (cuobjdump -sass, or nvdisasm). A disassembler
+    that is missing or fails is a ToolchainError (its columns then read n/a, with the reason)."""
     tool = shutil.which("cuobjdump")
-    if tool:
-        text = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    else:
+    argv = [tool, "-sass", str(cubin)] if tool else None
+    if not tool:
         tool = shutil.which("nvdisasm")
         if not tool:
-            raise build.ToolchainError("neither cuobjdump nor nvdisasm is on PATH "
-                                       "(pip install nvidia-cuda-cuobjdump puts one in nvidia/cu13/bin)")
-        text = subprocess.run([tool, "-hex", str(cubin)], capture_output=True, text=True, check=True).stdout
-    return [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(text)]
+            raise build.ToolchainError("neither cuobjdump nor nvdisasm is on PATH (pip install "
+                                       "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm puts both in nvidia/cu13/bin)")
+        argv = [tool, "-hex", str(cubin)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        # e.g. cuobjdump without nvdisasm beside it: "Could not find executable file 'nvdisasm'"
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise build.ToolchainError(f"{Path(tool).name} failed: {reason}")
+    return [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(done.stdout)]
 
 
 def _opcode(ins: str) -> str:

@@ -202,6 +202,22 @@ def test_sass_summary_counts_the_vector_path(static):
     assert s["loops"] == 1 and s["vector_path_loops"] == 0  # the trailing BRA to itself is past the path
 
 
+def test_a_failing_disassembler_is_a_reason_not_a_crash(static, tmp_path, monkeypatch):
+    """cuobjdump from pip runs nvdisasm, which is another package: without it cuobjdump exits 1.
+    The SASS columns then read n/a with cuobjdump's own last line as the reason."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    tool = fake / "cuobjdump"
+    tool.write_text("#!/bin/sh\necho 'cuobjdump fatal   : Could not find executable file nvdisasm' >&2\nexit 1\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake))
+    with pytest.raises(static.build.ToolchainError, match="cuobjdump failed: cuobjdump fatal   : Could not find executable file nvdisasm"):
+        static.sass_instructions(tmp_path / "kernel.cubin")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(static.build.ToolchainError, match="nvidia-cuda-nvdisasm"):
+        static.sass_instructions(tmp_path / "kernel.cubin")
+
+
 @needs_nvcc
 def test_static_analysis_of_the_work_tree(sources, static, tmp_path):
     variants = [sources.materialise(v, tmp_path) for v in sources.parse_sources(["worktree"])]

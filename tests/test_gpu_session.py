@@ -3,6 +3,7 @@ on a machine without one (saying what each step did) and fit a device call; toge
 fit the session's device time, and their test steps must split the GPU suite."""
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -22,33 +23,33 @@ def session_env(**extra: str) -> dict[str, str]:
 
 
 def test_call_1_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
-    done = subprocess.run(["bash", str(SCRIPT), "1"], env=session_env(OUT=str(tmp_path), STEPS="decode profile new-variants"),
+    done = subprocess.run(["bash", str(SCRIPT), "1"], env=session_env(OUT=str(tmp_path), STEPS="clean-flush profile new-variants"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
     assert log.startswith("call 1 of 2, budget 345s")
-    assert re.search(r"== decode: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
+    assert re.search(r"== clean-flush: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
     assert re.search(r"== profile: exit 1 after \d+s", log)  # no ncu here, or no GPU under it
     assert re.search(r"== new-variants \(at most \d+s\): .*pytest .*tests/gpu -k", log)
     assert re.search(r"== new-variants: exit 5 after \d+s", log)  # pytest's "no tests ran": all skipped
-    for skipped in ("bandwidth", "clean-flush", "short-rows"):
+    for skipped in ("bandwidth", "bandwidth-ab", "short-rows"):
         assert f"== {skipped}: not in STEPS, skipped" in log
     assert re.search(r"== PTX cache entries: \d+ at the start, \d+ at the end", log)
     assert "== done after" in log
     assert "== targets" not in log  # no timing step wrote results: nothing to judge
-    assert "== decode: exit 1" in done.stdout  # the summary, where the device tool's reply shows it
+    assert "== clean-flush: exit 1" in done.stdout  # the summary, where the device tool's reply shows it
     with tarfile.open(tmp_path / "results.tar.gz") as results:
         assert "results" in results.getnames()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tar.gz", "session.log"]
 
 
 def test_call_2_runs_its_own_steps_and_a_bad_call_or_budget_is_refused(tmp_path):
-    done = subprocess.run(["bash", str(SCRIPT), "2"], env=session_env(OUT=str(tmp_path), STEPS="decode-split"),
+    done = subprocess.run(["bash", str(SCRIPT), "2"], env=session_env(OUT=str(tmp_path), STEPS="decode"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "session.log").read_text()
     assert log.startswith("call 2 of 2, budget 405s")
-    assert re.search(r"== decode-split \(at most 90s\): .*bench/kernels.py --quick --split", log)
+    assert re.search(r"== decode \(at most 100s\): .*bench/kernels.py --quick --tactics --split", log)
     for skipped in ("split-variants", "decode-ab", "proven-kernels"):
         assert f"== {skipped}: not in STEPS, skipped" in log
     for argv, env in ((["3"], {}), (["2"], {"BUDGET": "590"})):
@@ -130,31 +131,44 @@ def test_the_last_step_gets_what_is_left_of_the_budget(tmp_path):
 
 
 def bench_steps() -> dict[str, list[str]]:
-    """Each step that runs a bench/ script: its name and the script's arguments, as bash passes them."""
-    script = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())  # continuation lines joined
+    """Each step that runs a bench/ script: its name and the script's arguments, as bash passes them
+    (the script's own variables substituted)."""
+    raw = SCRIPT.read_text()
+    script = re.sub(r"\\\n\s*", " ", raw)  # a step's continuation lines joined
+    variables = {"WORK": "/tmp/work"}
+    # plain assignments (NAME=value, continued by a backslash at a line's end, as bash joins them)
+    for m in re.finditer(r"^([A-Z_]+)=([^$\s(][^\n]*?(?:\\\n[^\n]*)*)$", raw, re.M):
+        variables.setdefault(m.group(1), m.group(2).replace("\\\n", ""))
     out = {}
     for m in re.finditer(r'^    step ([\w-]+) \S+ "\$PY" bench/(\w+)\.py (.*)$', script, re.M):
-        out[m.group(1)] = [m.group(2)] + shlex.split(m.group(3).replace("$WORK", "/tmp/work"))
+        args = re.sub(r"\$(\w+)", lambda v: variables.get(v.group(1), v.group(0)), m.group(3))
+        out[m.group(1)] = [m.group(2)] + shlex.split(args)
     return out
 
 
-def test_every_bench_step_takes_its_options(bench_script):
-    """A usage error would cost a step of a device call: each bench step's arguments parse, and
-    each writes to its own folder (the result files of one --quick run would overwrite another's)."""
+def test_every_bench_step_takes_its_options(bench_script, tmp_path):
+    """A usage error would cost a step of a device call: each bench step's arguments parse, each
+    writes to its own folder (the result files of one --quick run would overwrite another's), and
+    each switch an A/B step names is one the kernel sources know."""
     steps = bench_steps()
-    assert set(steps) == {"bandwidth", "clean-flush", "short-rows", "decode", "profile", "decode-split", "decode-ab"}
+    assert set(steps) == {"bandwidth", "clean-flush", "bandwidth-ab", "short-rows", "profile", "decode", "decode-ab"}
     kernels, profile = bench_script("kernels"), bench_script("kernel_profile")
+    sources = importlib.import_module("kernel_sources")
     for name, (bench, *args) in steps.items():
+        assert not any("$" in a for a in args), (name, args)  # every variable substituted
         if bench == "kernels":
             parsed = kernels.parse_args(args)
             assert parsed.out == Path("/tmp/work/results" + ("" if name == "bandwidth" else f"/{name}")), name
             assert parsed.variants or parsed.compile_dtypes == [], name  # no torch.compile: minutes of a call
+            for v in parsed.variants:
+                sources.materialise(v, tmp_path / name)  # refuses a switch the sources never mention
         else:
             assert bench == "kernel_profile"
             cells = [profile.parse_cell(c) for c in profile.parser().parse_args(args).cells]
             assert {c["op"] for c in cells} == {"RMSNorm", "LayerNorm"}
     assert kernels.parse_args(steps["clean-flush"][1:]).flush == "clean"
-    assert kernels.parse_args(steps["decode"][1:]).tactics and not kernels.parse_args(steps["decode"][1:]).split
-    assert kernels.parse_args(steps["decode-split"][1:]).split
+    decode = kernels.parse_args(steps["decode"][1:])
+    assert decode.tactics and decode.split and decode.tokens == [1, 32]
     assert [v.label for v in kernels.parse_args(steps["decode-ab"][1:]).variants] == [
         "worktree", "worktree+NORMFUSE_AB_PARAMS_EARLY"]
+    assert len(kernels.parse_args(steps["bandwidth-ab"][1:]).variants) == 4
