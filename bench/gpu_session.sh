@@ -144,7 +144,8 @@ call_2() {
 
 # The targets judged from what the timing steps wrote (no GPU; each file against its own run's copy
 # and empty launch), into the log and the results.
-mapfile -t TIMED < <(find "$WORK/results" -name '*-kernels*.json' ! -name '*-kernels-ab.json' | sort)
+# (partial.json: what a step stopped at its limit had timed, with its run's references)
+mapfile -t TIMED < <(find "$WORK/results" \( -name '*-kernels*.json' -o -name partial.json \) ! -name '*-kernels-ab.json' | sort)
 if [ ${#TIMED[@]} -gt 0 ]; then
     echo "== targets: $PY bench/kernel_targets.py (${#TIMED[@]} results files)" >>"$LOG"
     "$PY" bench/kernel_targets.py "${TIMED[@]}" --out "$WORK/results/targets" >>"$LOG" 2>&1

@@ -169,7 +169,8 @@ def run(args) -> dict:
                     del x, res, gamma, beta, fn, cells, table_outs
                 torch.cuda.empty_cache()
             if args.partial:
-                write_text(args.partial, json.dumps({"device": info, "results": rows}))  # whole, if killed next
+                # whole, if killed next; with the run's references, so that it can be judged alone
+                write_text(args.partial, json.dumps({"device": info, "flush": args.flush, **refs, "results": rows}))
     return {"device": info, "flush": args.flush,
             "timing": f"CUDA events around one launch after a 256 MB L2 flush ({args.flush}); median",
             **refs, "results": rows}

@@ -77,6 +77,15 @@ def test_the_command_writes_its_tables_and_check_fails_on_a_miss(targets, tmp_pa
     assert "| good | LayerNorm |" in (tmp_path / "out" / "kernel-targets.md").read_text()
     assert targets.main([str(COMMITTED), "--check"]) == 1
     assert targets.main([str(COMMITTED)]) == 0
+    ab = tmp_path / "ab" / "partial.json"  # an A/B run stopped early: skipped, the others judged
+    ab.parent.mkdir()
+    ab.write_text(json.dumps({**run_file([]), "variants": [{"label": "worktree"}]}))
+    stopped = tmp_path / "bw" / "partial.json"
+    stopped.parent.mkdir()
+    stopped.write_text(json.dumps(run_file([cell("LayerNorm", "normfuse", tbps=2.0)])))
+    assert targets.main([str(ab), str(stopped), "--check"]) == 1
+    captured = capsys.readouterr()
+    assert "ab/partial.json: skipped, an A/B run" in captured.err and "| bw/partial | LayerNorm |" in captured.out
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(SystemExit, match=r"bad.json: not a bench/kernels.py results file \(KeyError"):
