@@ -29,7 +29,7 @@
 # What comes back ($OUT): session.log (every step's output and exit status) and results.tar.gz
 # (the benchmarks' JSON, Markdown and plots): two files, inside the tool's limit of eight.
 #
-# STEPS (space-separated step names) runs a subset of the call's steps, e.g. STEPS="decode profile".
+# STEPS (space-separated step names) runs a subset of the call's steps, e.g. STEPS="bandwidth profile" with call 1.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
