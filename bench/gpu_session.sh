@@ -79,9 +79,11 @@ CACHED_AT_START=$(cached)
 mkdir -p "$WORK/results"
 
 # Each GPU test is named as it finishes (-v), so a step stopped at its limit still says which
-# passed; pytest-timeout, where installed, stops a hung kernel (a wrong barrier count hangs).
+# passed; pytest-timeout, where installed, stops a hung kernel (a wrong barrier count hangs): its
+# thread method dumps the stacks and ends the process even while the main thread waits inside a
+# CUDA call, where a signal would never be handled.
 PYTEST=("$PY" -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider)
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120 --timeout-method=thread)
 # the builds step bandwidth-ab times (their modules are in the carried cache: see the top)
 BANDWIDTH_AB=worktree,worktree+NORMFUSE_AB_MIN_THREADS_PER_SM=1024,worktree+NORMFUSE_AB_MIN_THREADS_PER_SM=1280,\
 worktree+NORMFUSE_AB_PLAIN_LOADS+NORMFUSE_AB_LN_ONE_REDUCTION+NORMFUSE_AB_NO_TRAILING_SYNC
