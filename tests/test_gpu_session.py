@@ -22,11 +22,16 @@ def session_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def test_call_1_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
-    done = subprocess.run(["bash", str(SCRIPT), "1"], env=session_env(OUT=str(tmp_path), STEPS="clean-flush profile new-variants"),
+def run_call(call: str, out: Path, **env: str) -> tuple[str, str]:
+    """(session.log, stdout) of `bash bench/gpu_session.sh CALL` here, which must exit 0."""
+    done = subprocess.run(["bash", str(SCRIPT), call], env=session_env(OUT=str(out), **env),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    log = (tmp_path / "session.log").read_text()
+    return (out / "session.log").read_text(), done.stdout
+
+
+def test_call_1_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
+    log, stdout = run_call("1", tmp_path, STEPS="clean-flush profile new-variants")
     assert log.startswith("call 1 of 2, budget 345s")
     assert re.search(r"== clean-flush: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
     assert re.search(r"== profile: exit 1 after \d+s", log)  # no ncu here, or no GPU under it
@@ -37,17 +42,14 @@ def test_call_1_runs_through_without_a_gpu_and_logs_every_step(tmp_path):
     assert re.search(r"== PTX cache entries: \d+ at the start, \d+ at the end", log)
     assert "== done after" in log
     assert "== targets" not in log  # no timing step wrote results: nothing to judge
-    assert "== clean-flush: exit 1" in done.stdout  # the summary, where the device tool's reply shows it
+    assert "== clean-flush: exit 1" in stdout  # the summary, where the device tool's reply shows it
     with tarfile.open(tmp_path / "results.tar.gz") as results:
         assert "results" in results.getnames()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tar.gz", "session.log"]
 
 
 def test_call_2_runs_its_own_steps_and_a_bad_call_or_budget_is_refused(tmp_path):
-    done = subprocess.run(["bash", str(SCRIPT), "2"], env=session_env(OUT=str(tmp_path), STEPS="decode"),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    log = (tmp_path / "session.log").read_text()
+    log, _ = run_call("2", tmp_path, STEPS="decode")
     assert log.startswith("call 2 of 2, budget 405s")
     assert re.search(r"== decode \(at most 100s\): .*bench/kernels.py --quick --tactics --split", log)
     for skipped in ("split-variants", "decode-ab", "proven-kernels"):
@@ -123,10 +125,7 @@ def test_each_call_fits_a_device_call_and_both_fit_the_session():
 
 
 def test_the_last_step_gets_what_is_left_of_the_budget(tmp_path):
-    done = subprocess.run(["bash", str(SCRIPT), "2"], env=session_env(OUT=str(tmp_path), STEPS="proven-kernels", BUDGET="12"),
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    log = (tmp_path / "session.log").read_text()
+    log, _ = run_call("2", tmp_path, STEPS="proven-kernels", BUDGET="12")
     assert "== proven-kernels: no time left, skipped" in log  # 12 - 5 s: under the 10 s a step needs
 
 
