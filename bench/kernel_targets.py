@@ -8,12 +8,16 @@ launch are measured in the same run as the kernels, and a ratio across runs woul
 L2 states. The verdict is the launch table's kernel's ("normfuse", what the plugins run). Beside
 it, the fastest other layout the run timed (--tune, --tactics, --split) whose outputs agreed with
 the table kernel's: a target that only such a layout meets is a change of the launch table (or of
-TensorRT's tactics) away. Where a cell was timed in several files, each file gives its own row.
+TensorRT's tactics) away. And where the launch table has changed since the run (plugins/config.py
+now picks another kernel for the cell), the verdict of today's table: from the same run's timing
+of that kernel when the run's sweep timed it, else "not timed". Where a cell was timed in several
+files, each file gives its own row.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.files import write_text  # noqa: E402
+from plugins import config  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,28 @@ def alternatives(cell: dict[str, dict]) -> dict[str, dict]:
 
 def fastest(rows: dict[str, dict]) -> tuple[str, dict] | None:
     return min(rows.items(), key=lambda item: item[1]["median_us"]) if rows else None
+
+
+def timed_now(op: str, dtype: str, tokens: int, hidden: int, cell: dict[str, dict]) -> tuple[str, dict | None]:
+    """The kernel today's launch table runs for this cell, and the run's timing of it: the table
+    kernel's own row if the run ran that kernel, else an agreeing other layout's row with the same
+    kernel name (None: the run did not time it)."""
+    kernel = config.launch_config(op, dtype, tokens, hidden).kernel
+    rows = {"normfuse": cell["normfuse"], **alternatives(cell)}
+    return kernel, next((r for r in rows.values() if r.get("kernel") == kernel), None)
+
+
+def now(op: str, dtype: str, tokens: int, hidden: int, cell: dict[str, dict], verdict) -> dict | None:
+    """Today's table for one cell: its kernel, whether the run ran that kernel as the table's
+    ("same"), and the verdict (verdict(row)) where the run timed it. None for a file that does not
+    name its kernels (nothing to match)."""
+    if "kernel" not in cell["normfuse"]:
+        return None
+    kernel, timed = timed_now(op, dtype, tokens, hidden, cell)
+    out = {"kernel": kernel, "same": timed is cell["normfuse"]}
+    if timed is not None:
+        out.update(verdict(timed))
+    return out
 
 
 def judge(data: dict, source: str = "") -> list[dict]:
@@ -92,6 +119,7 @@ def judge(data: dict, source: str = "") -> list[dict]:
                    "same_size_copy_fraction": table["tbps"] / same_size if same_size else None}
             if best:
                 row["best_alternative"] = {"impl": best[0], "tbps": best[1]["tbps"], **verdict(best[1])}
+            row["table_now"] = now(op, dtype, tokens, hidden, cell, lambda r: {"tbps": r["tbps"], **verdict(r)})
             out.append(row)
         elif tokens <= DECODE_MAX_TOKENS:
             over = table["median_us"] - empty["flushed"]
@@ -100,12 +128,46 @@ def judge(data: dict, source: str = "") -> list[dict]:
             met = over <= DECODE_MAX_OVER_EMPTY_US and (over_warm is None or over_warm <= DECODE_MAX_OVER_EMPTY_US)
             row = {**base, "target": "decode", "required": f"<= {DECODE_MAX_OVER_EMPTY_US:g} us over an empty launch",
                    "median_us": table["median_us"], "over_empty_us": over, "over_empty_warm_us": over_warm, "met": met}
+
+            def flushed(r: dict) -> dict:
+                over_r = r["median_us"] - empty["flushed"]
+                return {"median_us": r["median_us"], "over_empty_us": over_r, "met": over_r <= DECODE_MAX_OVER_EMPTY_US}
+
             if best:
-                best_over = best[1]["median_us"] - empty["flushed"]
-                row["best_alternative"] = {"impl": best[0], "median_us": best[1]["median_us"], "over_empty_us": best_over,
-                                           "met": best_over <= DECODE_MAX_OVER_EMPTY_US}
+                row["best_alternative"] = {"impl": best[0], **flushed(best[1])}
+            # (another layout has no L2-warm timing: judged after the flush only)
+            row["table_now"] = now(op, dtype, tokens, hidden, cell,
+                                   lambda r: {**flushed(r), "met": met} if r is table else flushed(r))
             out.append(row)
     return out
+
+
+def today(v: dict) -> str:
+    """The "today's table" cell of a verdict's row: "same" where the launch table still runs the
+    run's kernel, else today's layout and its verdict from the run's timing of it."""
+    t = v.get("table_now")
+    if t is None:
+        return "-"
+    if t["same"]:
+        return "same"
+    layout = re.search(r"_(t\d+_r\d+_c\d+(?:_s\d+)?)$", t["kernel"])
+    name = layout.group(1) if layout else t["kernel"]
+    if "met" not in t:
+        return f"{name}: not timed"
+    figure = f"{t['copy_fraction']:.0%}" if "copy_fraction" in t else f"{t['over_empty_us']:+.2f}"
+    return f"{name}: {figure}" + (" (met)" if t["met"] else "")
+
+
+def summary(target: str, rows: list[dict]) -> str:
+    line = f"{target}: {sum(v['met'] for v in rows)} of {len(rows)} cells met by the launch table's kernel"
+    changed = [v for v in rows if v.get("table_now") and not v["table_now"]["same"]]
+    if changed:
+        # (a cell whose file names no kernels, or whose kernel is unchanged, keeps its verdict)
+        met_now = sum(v["table_now"].get("met", False) if any(v is c for c in changed) else v["met"] for v in rows)
+        untimed = sum("met" not in v["table_now"] for v in changed)
+        line += (f"; by today's launch table, {met_now} (its kernel changed since the run in {len(changed)} cells"
+                 + (f", {untimed} of them not timed in the run" if untimed else ", all timed in the run") + ")")
+    return line
 
 
 def report(verdicts: list[dict]) -> str:
@@ -114,11 +176,10 @@ def report(verdicts: list[dict]) -> str:
         rows = [v for v in verdicts if v["target"] == target]
         if not rows:
             continue
-        met = sum(v["met"] for v in rows)
-        lines += ["", f"{target}: {met} of {len(rows)} cells met by the launch table's kernel"]
+        lines += ["", summary(target, rows)]
         if target == "bandwidth":
             lines += ["| run | op | dtype | tokens x hidden | required | TB/s | % copy | % same-size copy | vs torch | met | "
-                      "best other layout |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "best other layout | today's table |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for v in rows:
                 speed = f"{v['speedup_vs_torch']:.2f}x" if v["speedup_vs_torch"] is not None else "-"
                 same = f"{v['same_size_copy_fraction']:.0%}" if v["same_size_copy_fraction"] is not None else "-"
@@ -128,17 +189,17 @@ def report(verdicts: list[dict]) -> str:
                          + (" (met)" if alt["met"] else "")) if alt else "-"
                 lines.append(f"| {v['source']} | {v['op']} | {v['dtype']} | {v['tokens']}x{v['hidden']} | {v['required']} | "
                              f"{v['tbps']:.2f} | {v['copy_fraction']:.0%} | {same} | {speed} | {'yes' if v['met'] else 'NO'} | "
-                             f"{other} |")
+                             f"{other} | {today(v)} |")
         else:
             lines += [f"required: {rows[0]['required']}, after an L2 flush and, where timed, with L2 warm",
                       "| run | op | dtype | tokens x hidden | us | over empty (L2 flushed) | over empty (L2 warm) | met | "
-                      "best other layout |", "|---|---|---|---|---|---|---|---|---|"]
+                      "best other layout | today's table |", "|---|---|---|---|---|---|---|---|---|---|"]
             for v in rows:
                 warm = f"{v['over_empty_warm_us']:+.2f}" if v["over_empty_warm_us"] is not None else "-"
                 alt = v.get("best_alternative")
                 other = (f"{alt['impl']}: {alt['over_empty_us']:+.2f}" + (" (met)" if alt["met"] else "")) if alt else "-"
                 lines.append(f"| {v['source']} | {v['op']} | {v['dtype']} | {v['tokens']}x{v['hidden']} | {v['median_us']:.2f} | "
-                             f"{v['over_empty_us']:+.2f} | {warm} | {'yes' if v['met'] else 'NO'} | {other} |")
+                             f"{v['over_empty_us']:+.2f} | {warm} | {'yes' if v['met'] else 'NO'} | {other} | {today(v)} |")
     return "\n".join(lines[1:])
 
 

@@ -68,6 +68,47 @@ def test_the_committed_h100_sweep(targets):
     assert not verdicts[("LayerNorm", 8192)]["met"]
 
 
+def test_todays_table_is_judged_from_the_runs_timing_of_its_kernel(targets):
+    """A run made before the launch table changed: the cell is judged again with the kernel the
+    table picks now, from the same run's timing of that kernel (an agreeing sweep layout), and
+    said to be untimed where the run did not time it."""
+    from plugins import config
+
+    now = config.launch_config("RMSNorm", "bfloat16", 16384, 4096).kernel
+    old = "normfuse_rms_norm_t1024_r1_c1"
+    assert now != old
+    rows = [cell("RMSNorm", "normfuse", tbps=2.4, us=110.0, kernel=old),  # 80%: missed
+            cell("RMSNorm", "torch_fused", us=130.0),
+            cell("RMSNorm", "normfuse[fast]", tbps=2.8, us=94.0, kernel=now, agrees_with_table=True),  # 93%, 1.38x
+            cell("LayerNorm", "normfuse", tbps=2.4, us=110.0, kernel="normfuse_layer_norm_t1024_r1_c1")]
+    verdicts = {v["op"]: v for v in targets.judge(run_file(rows))}
+    rms, ln = verdicts["RMSNorm"], verdicts["LayerNorm"]
+    assert not rms["met"] and rms["table_now"]["kernel"] == now and not rms["table_now"]["same"]
+    assert rms["table_now"]["met"] and rms["table_now"]["copy_fraction"] == pytest.approx(2.8 / 3.0)
+    assert "met" not in ln["table_now"]  # today's LayerNorm kernel was not timed in this run
+    table = targets.report(list(verdicts.values()))
+    assert "by today's launch table, 1 (its kernel changed since the run in 2 cells, 1 of them not timed" in table
+    assert f"{now.split('rms_norm_')[1]}: 93% (met) |" in table and ": not timed |" in table
+
+    rows[2]["agrees_with_table"] = False  # a layout that computed something else proves nothing
+    assert "met" not in targets.judge(run_file(rows))[1]["table_now"]
+    rows[0]["kernel"] = now  # the run ran today's kernel: the same verdict, said as "same"
+    again = {v["op"]: v for v in targets.judge(run_file(rows))}["RMSNorm"]
+    assert again["table_now"]["same"] and targets.today(again) == "same"
+    del rows[0]["kernel"]  # an older file, which names no kernels: nothing to match
+    assert {v["op"]: v for v in targets.judge(run_file(rows))}["RMSNorm"]["table_now"] is None
+
+
+def test_decode_under_todays_table_is_judged_after_the_flush(targets):
+    from plugins import config
+
+    now = config.launch_config("RMSNorm", "bfloat16", 1, 8192).kernel
+    rows = [cell("RMSNorm", "normfuse", tokens=1, hidden=8192, us=7.0, kernel="normfuse_rms_norm_t32_r8_c4"),
+            cell("RMSNorm", "tactic1", tokens=1, hidden=8192, us=5.5, kernel=now, agrees_with_table=True)]
+    (v,) = targets.judge(run_file(rows))
+    assert not v["met"] and v["table_now"]["met"] and v["table_now"]["over_empty_us"] == pytest.approx(1.5)
+
+
 def test_the_command_writes_its_tables_and_check_fails_on_a_miss(targets, tmp_path, capsys):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(run_file([cell("LayerNorm", "normfuse", tbps=2.9)])))
