@@ -198,10 +198,11 @@ class Pipeline:
             "engines": {graph: info["sidecar"] for graph, info in engines.items()},
             "triton": triton,
         }
-        with self.stage("report", "write report.json, report.md, report.png"):
+        with self.stage("report", "write report.json, report.md" + (", report.png" if bench else " (no plot: nothing timed)")):
             paths = write_report(report, out)
         print_summary(report, self.console)
-        self.console.print(f"report: {paths['md']} (also {paths['json'].name}, {paths['png'].name})")
+        also = ", ".join(paths[k].name for k in ("json", "png") if k in paths)
+        self.console.print(f"report: {paths['md']} (also {also}" + ("" if "png" in paths else "; no plot: nothing was timed") + ")")
         if not all(p["passed"] for p in validation):
             self.console.print("[red]validation FAILED[/]: the fused graph does not match the reference")
             return 1
@@ -273,7 +274,13 @@ class Pipeline:
         a = self.args
         shapes = self.shapes_run
         pairs = []
-        with self.stage("validate", f"validate fused vs reference at {', '.join(f'{b}x{s}' for b, s in shapes)}"):
+        listed = lambda shapes: ", ".join(f"{b}x{s}" for b, s in shapes)  # noqa: E731
+        # the onnx reference evaluator (slow: Python) runs the small validation shapes only
+        where = [f"onnx reference evaluator at {listed(self.validation_shapes)}"]
+        where += [f"{b} at {listed(shapes)}" for b in backends if b.startswith("ort-")
+                  and not (dtype == "bfloat16" and b == "ort-cpu")]
+        where += [f"tensorrt at {listed(shapes)}"] if engines else []
+        with self.stage("validate", f"validate fused vs reference ({'; '.join(where)})"):
             # The TensorRT-target graph, with normfuse ops evaluated by the normops references.
             pairs += compare(Side(reference, "onnx-reference", "reference"), Side(fused_trt, "onnx-reference", "fused-tensorrt"),
                              self.validation_shapes, dtype, seed=a.seed)

@@ -7,11 +7,22 @@ from .files import atomic_path, write_json, write_text
 
 
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "report.png"}
+    """report.json, report.md and, when something was timed, report.png (the latency and
+    time-share charts; with nothing timed they would be empty axes). A report.png of an earlier run
+    in the same folder is removed then, so no plot is left beside a report it does not belong to."""
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
     write_json(paths["json"], report)
     write_text(paths["md"], markdown(report))
-    plot(report, paths["png"])
+    png = out_dir / "report.png"
+    if report["bench"]:
+        plot(report, png)
+        paths["png"] = png
+    else:
+        png.unlink(missing_ok=True)
     return paths
+
+
+NOTHING_TIMED = "nothing was timed on this machine: every backend that could time these graphs was skipped (see Skipped)"
 
 
 def _by_backend(report: dict) -> dict[str, dict[str, dict]]:
@@ -75,8 +86,12 @@ def markdown(report: dict) -> str:
             lines.append(f"| {pair['reference']} | {pair['candidate']} | {pair['shape'][0]}x{pair['shape'][1]} | {name} | "
                          f"{s['max_abs']:.3g} | {s['max_rel']:.3g} | atol {s['atol']:g}, rtol {s['rtol']:g} | "
                          f"{'pass' if s['passed'] else '**FAIL**'} |")
-    lines += ["", "## Benchmark", "", "| backend | graph | p50 ms | p99 ms | tokens/s | peak MB | nodes | file MB |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Benchmark", ""]
+    if not report["bench"]:
+        lines.append(NOTHING_TIMED[0].upper() + NOTHING_TIMED[1:] + ".")
+    else:
+        lines += ["| backend | graph | p50 ms | p99 ms | tokens/s | peak MB | nodes | file MB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["bench"]:
         lines.append(f"| {r['backend']} | {r['graph']} | {r['latency_ms']['p50']:.3f} | {r['latency_ms']['p99']:.3f} | "
                      f"{r['throughput_tokens_per_s']:.0f} | {r['peak_memory_mb']:.1f} | {r['nodes']} | {r['file_size_mb']:.2f} |")
@@ -159,15 +174,18 @@ def print_summary(report: dict, console) -> None:
             table.add_row(pair["reference"], pair["candidate"], f"{pair['shape'][0]}x{pair['shape'][1]}",
                           f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}", "[green]pass" if s["passed"] else "[red]FAIL")
     console.print(table)
-    table = Table(title="benchmark (each graph in its own process)")
-    for col in ("backend", "graph", "p50 ms", "p99 ms", "tokens/s", "peak MB", "nodes", "norm time", "norm FLOPs"):
-        table.add_column(col, justify="right")
-    for r in report["bench"]:
-        norm = (r.get("op_classes") or {}).get("norm") or {}
-        table.add_row(r["backend"], r["graph"], f"{r['latency_ms']['p50']:.3f}", f"{r['latency_ms']['p99']:.3f}",
-                      f"{r['throughput_tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.1f}", str(r["nodes"]),
-                      f"{norm.get('time_share', 0):.1%}", f"{norm.get('flop_share', 0):.2%}")
-    console.print(table)
+    if report["bench"]:
+        table = Table(title="benchmark (each graph in its own process)")
+        for col in ("backend", "graph", "p50 ms", "p99 ms", "tokens/s", "peak MB", "nodes", "norm time", "norm FLOPs"):
+            table.add_column(col, justify="right")
+        for r in report["bench"]:
+            norm = (r.get("op_classes") or {}).get("norm") or {}
+            table.add_row(r["backend"], r["graph"], f"{r['latency_ms']['p50']:.3f}", f"{r['latency_ms']['p99']:.3f}",
+                          f"{r['throughput_tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.1f}", str(r["nodes"]),
+                          f"{norm.get('time_share', 0):.1%}", f"{norm.get('flop_share', 0):.2%}")
+        console.print(table)
+    else:
+        console.print(f"[bold yellow]benchmark[/]: {NOTHING_TIMED}")
     shortfall = fusion_shortfall(report)
     if shortfall:
         console.print(f"[bold red]warning[/]: {shortfall}")

@@ -111,6 +111,25 @@ def test_build_command_end_to_end(tmp_path, norm):
     assert f"ONNX Runtime CPU form (`fused-cpu.onnx`, residual Adds kept): {len(cpu_form['fusions'])} fused" in md
 
 
+def test_a_bf16_build_on_the_cpu_says_nothing_was_timed_and_leaves_no_stale_plot(tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 kernels, so without a GPU nothing is timed: the
+    report says so (not an empty table and empty axes), a plot of an earlier run in the same folder
+    goes, and the validation line names the checker that ran and at which shapes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.png").write_bytes(b"\x89PNG an earlier run's plot")
+    done = _run("export.build", "--norm", "rmsnorm", "--preset", "tiny", "--layers", "1", "--dtype", "bfloat16",
+                "--seq", "32", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["bench"] == [] and report["validation"] and all(p["passed"] for p in report["validation"])
+    assert not (out / "report.png").exists()
+    assert "Nothing was timed on this machine" in (out / "report.md").read_text()
+    assert "benchmark: nothing was timed" in done.stdout and "no plot: nothing was timed" in done.stdout
+    assert "validate fused vs reference (onnx reference evaluator at 1x16)" in done.stdout
+    assert "UserWarning" not in done.stderr
+
+
 def test_build_command_from_another_directory_with_relative_paths(tmp_path):
     """The chain's child processes (the benchmark workers) must read relative paths from the
     caller's directory: run outside the checkout, with --out relative, as a user would."""
