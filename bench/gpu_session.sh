@@ -5,8 +5,8 @@
 #           register-cap switches A/B, short-row timings with the sweep, a profile of the weak
 #           cells, then the row-loop and tactic variants' GPU tests;
 #   call 2: the split-row variants' GPU tests (clusters of blocks), decode timings of the table's,
-#           the tactic and the split-row layouts, the PARAMS_EARLY decode A/B, then the rest of the
-#           GPU suite.
+#           the tactic and the split-row layouts, the PARAMS_EARLY decode A/B, the split-row
+#           exchange A/B (cluster barrier or mbarrier), then the rest of the GPU suite.
 # Two calls, not one: a machine that stops answering returns nothing of its call (it happened to the
 # single call on 2026-12-05, which brought back no file), so the first call's results are safe
 # before the second launches the one kind of kernel no GPU has run yet (clusters). Issue the
@@ -21,6 +21,8 @@
 #       --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY         (step decode-ab's switched build)
 #   NORMFUSE_CACHE_DIR=.carry/ptx python bench/kernels.py --static sm_90 --hidden 4096 8192 \
 #       --sources <BANDWIDTH_AB below>                               (step bandwidth-ab's builds)
+#   NORMFUSE_CACHE_DIR=.carry/ptx python bench/kernels.py --static sm_90 --hidden 8192 16384 --split \
+#       --ops RMSNorm AddLayerNorm --sources worktree,worktree+NORMFUSE_AB_SPLIT_MBARRIER   (step split-ab's)
 #   tar cJf .carry/ptx.tar.xz -C .carry ptx
 # Then the device tool's runs, from the repository root, carry: [".carry/ptx.tar.xz"]:
 #   command: bash bench/gpu_session.sh 1                  timeout_s: 370
@@ -38,7 +40,7 @@ LOG=$OUT/session.log
 CALL=${1:-1}
 case $CALL in
     1) STEPS=${STEPS:-"bandwidth clean-flush bandwidth-ab short-rows profile new-variants"}; BUDGET=${BUDGET:-345} ;;
-    2) STEPS=${STEPS:-"split-variants decode decode-ab proven-kernels"}; BUDGET=${BUDGET:-405} ;;
+    2) STEPS=${STEPS:-"split-variants decode decode-ab split-ab proven-kernels"}; BUDGET=${BUDGET:-405} ;;
     *) echo "usage: bash bench/gpu_session.sh 1|2 (the first or second device call)" >&2; exit 2 ;;
 esac
 [ "$BUDGET" -le 580 ] || { echo "BUDGET=$BUDGET: at most 580 s (the device tool stops a command at 600)" >&2; exit 2; }
@@ -50,15 +52,19 @@ if [ -f .carry/ptx.tar.xz ]; then
     export NORMFUSE_CACHE_DIR=$WORK/cache/ptx
 fi
 
-# step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, its output appended to the log
+# step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, its output appended to the log;
+# its exit status is kept in RC[NAME], and a step named in SKIP_WHY is passed over with that reason
+declare -A RC SKIP_WHY
 step() {
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
     case " $STEPS " in *" $name "*) ;; *) echo "== $name: not in STEPS, skipped" >>"$LOG"; return 0 ;; esac
+    if [ -n "${SKIP_WHY[$name]:-}" ]; then echo "== $name: skipped, ${SKIP_WHY[$name]}" >>"$LOG"; return 0; fi
     if [ "$limit" -lt 10 ]; then echo "== $name: no time left, skipped" >>"$LOG"; return 0; fi
     echo "== $name (at most ${limit}s): $*" >>"$LOG"
     timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
     rc=$?
+    RC[$name]=$rc
     [ $rc -eq 124 ] && echo "== $name: STOPPED at its limit of ${limit}s" >>"$LOG"
     echo "== $name: exit $rc after $((SECONDS - start))s" >>"$LOG"
     # keep what has been written so far, in case a later step takes the call down
@@ -135,8 +141,16 @@ call_2() {
     # Decode, the table's kernels against the same built with NORMFUSE_AB_PARAMS_EARLY (gamma/beta
     # loaded before the statistics, so no dependent load round trip follows the last barrier), the
     # candidate for hidden 8192/16384 on GPUs without clusters; outputs compared with the default's.
-    step decode-ab 60 "$PY" bench/kernels.py --quick --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY \
+    step decode-ab 50 "$PY" bench/kernels.py --quick --sources worktree,worktree+NORMFUSE_AB_PARAMS_EARLY \
         --tokens 1 32 --hidden 4096 8192 16384 --budget 0.1 --out "$WORK/results/decode-ab"
+    # The split-row exchange, cluster barriers (default) against NORMFUSE_AB_SPLIT_MBARRIER (partials
+    # pushed with st.async, counted by an mbarrier: no cluster barrier, so no GPU-wide fence, between
+    # the statistics and y), on the split layouts at decode, RMSNorm (one float a block) and
+    # AddLayerNorm (three); only if the split variants passed their tests (a step not run counts as
+    # passed, so that STEPS=split-ab runs it alone).
+    [ "${RC[split-variants]:-0}" = 0 ] || SKIP_WHY[split-ab]="the split-row variants did not pass their GPU tests"
+    step split-ab 40 "$PY" bench/kernels.py --quick --sources worktree,worktree+NORMFUSE_AB_SPLIT_MBARRIER --split \
+        --tokens 1 32 --hidden 8192 16384 --ops RMSNorm AddLayerNorm --budget 0.1 --out "$WORK/results/split-ab"
     # The kernels the table runs now, proven before and unchanged since (a CPU test holds their PTX
     # to the proven revision's), in whatever time is left.
     step proven-kernels $((BUDGET - SECONDS - 5)) "${PYTEST[@]}" tests/gpu -k "not ($NEW_1 or $NEW_2)"

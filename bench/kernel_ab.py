@@ -1,5 +1,5 @@
 """Kernel source versions timed side by side (A/B) on a GPU: each version's kernel launched with the
-current launch table, the versions of a cell in alternation (one launch of each per round, the
+current launch table (with --tune and --split, also with the layouts those time), the versions of a cell in alternation (one launch of each per round, the
 order rotating), the outputs compared with the first version's; and the table of the results.
 
     python bench/kernels.py --quick --sources HEAD,59deae0^ --out DIR
@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from kernel_grid import EPS, candidate_layouts, moved_bytes, shapes  # noqa: E402
+from kernel_grid import EPS, SPLIT_MAX_TOKENS, candidate_layouts, moved_bytes, shapes  # noqa: E402
 from kernel_sources import SourceVariant, variant_ptx  # noqa: E402
 from kernel_timing import SameSizeCopy, Timer, device_info, reference_timings, summarise, tensors  # noqa: E402
 from export.files import write_text  # noqa: E402
@@ -61,6 +61,8 @@ def run_variants(args, variants: list[SourceVariant]) -> dict:
                     layouts = [None]
                     if args.tune and tokens >= 4096:
                         layouts += candidate_layouts(dtype, hidden)
+                    if getattr(args, "split", False) and tokens <= SPLIT_MAX_TOKENS and config.supports_split(arch):
+                        layouts += config.split_layouts(dtype, hidden)  # e.g. the split-row exchange's A/B
                     in_ptrs = [t.data_ptr() for t in (x, res, gamma, beta) if t is not None]
                     stream = torch.cuda.current_stream().cuda_stream
                     for layout in layouts:
@@ -87,7 +89,8 @@ def run_variants(args, variants: list[SourceVariant]) -> dict:
                                 ratios = [a / b for a, b in zip(t, times[0])]
                                 rows.append({"op": op, "dtype": dtype, "tokens": tokens, "hidden": hidden,
                                              "impl": f"normfuse{suffix}", "variant": v.label, "kernel": cfg.kernel,
-                                             "layout": [cfg.threads_per_row, cfg.slots, cfg.rows_per_group], "bytes": nbytes,
+                                             "layout": [cfg.threads_per_row, cfg.slots, cfg.rows_per_group]
+                                             + ([cfg.ctas_per_row] if cfg.ctas_per_row > 1 else []), "bytes": nbytes,
                                              "median_us": med, "same_size_copy_tbps": copy_here,
                                              "tbps": nbytes / (med * 1e-6) / 1e12,
                                              "ratio_to_first": statistics.median(ratios),

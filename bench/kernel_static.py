@@ -110,13 +110,16 @@ def sass_summary(instructions: list[tuple[int, str]]) -> dict:
 
 
 def static_analysis(variants: list[SourceVariant], arches: list[str], ops, dtype: str, hidden_list,
-                    gamma_dtype: str | None = None, rows: int = 65536, tune: bool = False) -> list[dict]:
+                    gamma_dtype: str | None = None, rows: int = 65536, tune: bool = False,
+                    split: bool = False) -> list[dict]:
     """ptxas resources, occupancy and SASS counts of each variant's kernel for each cell's launch
-    (with `tune`, also for every layout --tune times)."""
+    (with `tune`, also for every layout --tune times; with `split`, the split-row layouts --split
+    times, on the architectures that have them)."""
     cells = []
     for op in ops:
         for hidden in hidden_list:
             layouts = [None] + (candidate_layouts(dtype, hidden) if tune else [])
+            layouts += config.split_layouts(dtype, hidden) if split else []
             for cfg in dict.fromkeys(config.launch_config(op, dtype, rows, hidden, layout=lo) for lo in layouts):
                 cells.append((op, hidden, cfg))
     g = gamma_dtype or dtype
@@ -125,6 +128,8 @@ def static_analysis(variants: list[SourceVariant], arches: list[str], ops, dtype
         cubin = Path(tmp) / "kernel.cubin"
         for op, hidden, cfg in cells:
             for arch in arches:
+                if cfg.ctas_per_row > 1 and not config.supports_split(arch):
+                    continue  # split-row variants are compiled for sm_90 and newer only
                 for v in variants:
                     report = build.ptxas_check(variant_ptx(v, op, dtype, g, cfg, arch), arch, cubin=cubin)
                     m = _RESOURCES.search(report)

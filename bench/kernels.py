@@ -319,7 +319,8 @@ def parser() -> argparse.ArgumentParser:
                         "(decode included): which one TensorRT's autotuner would keep for a profile")
     p.add_argument("--split", action="store_true",
                    help=f"also time the split-row layouts (a cluster of blocks per row; sm_90 and newer) at up to "
-                        f"{SPLIT_MAX_TOKENS} tokens")
+                        f"{SPLIT_MAX_TOKENS} tokens (with --sources: each version's, side by side; with --static: "
+                        "their ptxas and SASS figures)")
     p.add_argument("--compile-dtypes", nargs="*", default=["bfloat16"], help="dtypes to time torch.compile on")
     p.add_argument("--dtypes", nargs="*", help="dtypes to run (default: bf16 with --quick, else all)")
     p.add_argument("--tokens", nargs="*", type=int, help="token counts to run (default: the grid)")
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype = (args.dtypes or ["bfloat16"])[0]
             try:
                 rows = static_analysis(variants, args.arches, args.ops or list(OPS), dtype,
-                                       tuple(args.hidden or TARGET_HIDDEN), tune=args.tune)
+                                       tuple(args.hidden or TARGET_HIDDEN), tune=args.tune, split=args.split)
             except VariantError as exc:
                 sys.exit(f"error: {exc}")
             table = report_static(rows)

@@ -236,6 +236,18 @@ def test_static_analysis_of_the_work_tree(sources, static, tmp_path):
         assert "| n/a |" in table and "SASS counts n/a:" in table and "| 0 (-) |" not in table
 
 
+@needs_nvcc
+def test_static_analysis_of_the_split_layouts_only_where_they_are_compiled(sources, static, tmp_path):
+    variants = [sources.materialise(v, tmp_path) for v in sources.parse_sources(["worktree"])]
+    rows = static.static_analysis(variants, ["sm_80", "sm_90"], ["RMSNorm"], "bfloat16", (4096,), split=True)
+    split = [config.launch_config("RMSNorm", "bfloat16", 1, 4096, layout=lo).kernel
+             for lo in config.split_layouts("bfloat16", 4096)]
+    assert split and all(k.endswith(("_s2", "_s4", "_s8")) for k in split)
+    assert sorted((r["arch"], r["kernel"]) for r in rows) == sorted(
+        [(a, config.launch_config("RMSNorm", "bfloat16", 1, 4096).kernel) for a in ("sm_80", "sm_90")]
+        + [("sm_90", k) for k in split])  # sm_80 has no clusters: no split-row kernels there
+
+
 class FakeEvent:
     clock = 0.0
 
@@ -269,13 +281,11 @@ def test_interleaved_timing_rotates_the_order(timing, monkeypatch):
     assert timed == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
 
 
-@needs_nvcc
-def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypatch, tmp_path):
-    """run_variants and report_variants end to end on the CPU: the launches do nothing and the
-    timer hands out fixed times, so only the loop, the records and the report are exercised."""
+def stand_in_ab(ab, monkeypatch, arch: str = "sm_90") -> list[tuple[str, int, int]]:
+    """bench/kernel_ab on the CPU: launches record (kernel, inputs, outputs) in the list returned
+    and do nothing, and the timer hands out fixed times (the second launch of a round half the
+    first's), so only the loop, the records and the report are exercised."""
     import torch
-
-    variants = [sources.materialise(v, tmp_path) for v in sources.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_PREFETCH"])]
 
     class Timer:
         def __init__(self, flush_mode):
@@ -286,7 +296,7 @@ def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypat
                 fn()
             return [[10.0, 12.0, 11.0], [5.0, 6.0, 5.5]][:len(fns)]
 
-    launched = []
+    launched: list[tuple[str, int, int]] = []
 
     class Launch(ab.VariantLaunch):
         def __call__(self, inputs, outputs, epsilon, stream):
@@ -303,10 +313,18 @@ def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypat
         torch.zeros(tokens, hidden, dtype=torch.bfloat16) if ab.OPS[op].has_residual else None,
         torch.ones(hidden, dtype=torch.bfloat16),
         torch.zeros(hidden, dtype=torch.bfloat16) if ab.OPS[op].centered else None))
-    monkeypatch.setattr(ab.build, "target_arch", lambda: "sm_90")
+    monkeypatch.setattr(ab.build, "target_arch", lambda: arch)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
     monkeypatch.setattr(ab.launcher, "_function", lambda ptx, kernel: None)
+    return launched
+
+
+@needs_nvcc
+def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypatch, tmp_path):
+    """run_variants and report_variants end to end on the CPU (see stand_in_ab)."""
+    variants = [sources.materialise(v, tmp_path) for v in sources.parse_sources(["worktree", "worktree+NORMFUSE_AB_NO_PREFETCH"])]
+    launched = stand_in_ab(ab, monkeypatch)
     args = kernels.parse_args(["--sources", "worktree,worktree+NORMFUSE_AB_NO_PREFETCH", "--tokens", "1", "4096",
                                "--hidden", "4096", "--dtypes", "bfloat16", "--ops", "RMSNorm", "AddLayerNorm"])
     args.partial = tmp_path / "partial.json"
@@ -324,6 +342,37 @@ def test_run_variants_bookkeeping_with_stand_ins(kernels, sources, ab, monkeypat
     assert "worktree+NORMFUSE_AB_NO_PREFETCH ratio" in table and "| 0.500 |" in table
     assert len(table.splitlines()) == 3 + 2 * 3
     assert re.search(r"\| RMSNorm \| bfloat16 \| 1x4096 \| \S+ \| L2 warm \|", table)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_run_variants_times_the_split_layouts_side_by_side(kernels, sources, ab, monkeypatch, tmp_path, arch):
+    """--sources with --split: at decode each version's split-row kernels too (the exchange's A/B:
+    cluster barrier against mbarrier), each recorded with its blocks per row; none on a GPU
+    without clusters, and none past SPLIT_MAX_TOKENS."""
+    labels = ["worktree", "worktree+NORMFUSE_AB_SPLIT_MBARRIER"]
+    variants = [sources.materialise(v, tmp_path) for v in sources.parse_sources([",".join(labels)])]
+    launched = stand_in_ab(ab, monkeypatch, arch)
+    args = kernels.parse_args(["--sources", ",".join(labels), "--split", "--tokens", "1", "4096", "--hidden", "4096",
+                               "--dtypes", "bfloat16", "--ops", "AddLayerNorm"])
+    args.partial = tmp_path / "partial.json"
+    data = ab.run_variants(args, variants)
+    split = config.split_layouts("bfloat16", 4096) if arch == "sm_90" else []
+    decode = [r for r in data["results"] if r["tokens"] == 1]
+    # the table's kernel and each split layout, L2 flushed and warm, both versions
+    assert len(decode) == (1 + len(split)) * 2 * 2
+    assert len([r for r in data["results"] if r["tokens"] == 4096]) == 2  # the table's kernel only
+    kernels_timed = {r["kernel"] for r in decode}
+    assert kernels_timed == {config.launch_config("AddLayerNorm", "bfloat16", 1, 4096, layout=lo).kernel
+                             for lo in [None, *split]}
+    for r in decode:
+        if r["kernel"].endswith(tuple(f"_s{lo[3]}" for lo in split)):
+            assert len(r["layout"]) == 4 and r["layout"][3] > 1
+    assert {r["variant"] for r in decode} == set(labels)
+    if split:
+        assert any(k.endswith("_s2") for k, _, _ in launched)
+        table = ab.report_variants(data)
+        assert "worktree+NORMFUSE_AB_SPLIT_MBARRIER ratio" in table and "_s2 | L2 warm |" in table
 
 
 # The revision whose default kernels are the ones the H100 GPU tests last passed (their PTX, line

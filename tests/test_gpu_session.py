@@ -24,6 +24,7 @@ def session_env(**extra: str) -> dict[str, str]:
 
 def run_call(call: str, out: Path, **env: str) -> tuple[str, str]:
     """(session.log, stdout) of `bash bench/gpu_session.sh CALL` here, which must exit 0."""
+    out.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["bash", str(SCRIPT), call], env=session_env(OUT=str(out), **env),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -52,7 +53,7 @@ def test_call_2_runs_its_own_steps_and_a_bad_call_or_budget_is_refused(tmp_path)
     log, _ = run_call("2", tmp_path, STEPS="decode")
     assert log.startswith("call 2 of 2, budget 405s")
     assert re.search(r"== decode \(at most 100s\): .*bench/kernels.py --quick --tactics --split", log)
-    for skipped in ("split-variants", "decode-ab", "proven-kernels"):
+    for skipped in ("split-variants", "decode-ab", "split-ab", "proven-kernels"):
         assert f"== {skipped}: not in STEPS, skipped" in log
     for argv, env in ((["3"], {}), (["2"], {"BUDGET": "590"})):
         bad = subprocess.run(["bash", str(SCRIPT), *argv], env=session_env(OUT=str(tmp_path), **env),
@@ -71,6 +72,17 @@ def collected(expression: str, fake_cupy: Path) -> tuple[list[str], int]:
     ids = [line for line in done.stdout.splitlines() if "::" in line]
     assert len(ids) == int(m.group(1))
     return ids, int(m.group(2))
+
+
+def test_the_split_exchange_ab_runs_only_after_the_split_variants_pass(tmp_path):
+    """Timing split layouts whose tests failed (here: skipped, no GPU) would spend the call on
+    kernels that compute something else; run alone (STEPS=split-ab) the A/B step still runs."""
+    log, _ = run_call("2", tmp_path / "after", STEPS="split-variants split-ab")
+    assert re.search(r"== split-variants: exit 5 after \d+s", log)  # pytest: no tests ran
+    assert "== split-ab: skipped, the split-row variants did not pass their GPU tests" in log
+    log, _ = run_call("2", tmp_path / "alone", STEPS="split-ab")
+    assert re.search(r"== split-ab \(at most 40s\): .*--sources worktree,worktree\+NORMFUSE_AB_SPLIT_MBARRIER --split", log)
+    assert re.search(r"== split-ab: exit 1 after \d+s", log)  # bench/kernels.py needs CUDA
 
 
 def test_the_test_steps_split_the_gpu_suite(tmp_path):
@@ -150,7 +162,8 @@ def test_every_bench_step_takes_its_options(bench_script, tmp_path):
     writes to its own folder (the result files of one --quick run would overwrite another's), and
     each switch an A/B step names is one the kernel sources know."""
     steps = bench_steps()
-    assert set(steps) == {"bandwidth", "clean-flush", "bandwidth-ab", "short-rows", "profile", "decode", "decode-ab"}
+    assert set(steps) == {"bandwidth", "clean-flush", "bandwidth-ab", "short-rows", "profile", "decode", "decode-ab",
+                          "split-ab"}
     kernels, profile = bench_script("kernels"), bench_script("kernel_profile")
     sources = importlib.import_module("kernel_sources")
     for name, (bench, *args) in steps.items():
@@ -171,3 +184,5 @@ def test_every_bench_step_takes_its_options(bench_script, tmp_path):
     assert [v.label for v in kernels.parse_args(steps["decode-ab"][1:]).variants] == [
         "worktree", "worktree+NORMFUSE_AB_PARAMS_EARLY"]
     assert len(kernels.parse_args(steps["bandwidth-ab"][1:]).variants) == 4
+    split_ab = kernels.parse_args(steps["split-ab"][1:])
+    assert split_ab.split and [v.label for v in split_ab.variants] == ["worktree", "worktree+NORMFUSE_AB_SPLIT_MBARRIER"]
