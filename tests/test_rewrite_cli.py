@@ -207,6 +207,27 @@ def test_graphs_onnxruntime_optimised_become_plugin_ops(kind, tmp_path):
         assert GRAPH["float32"].passes(a, e)
 
 
+def test_contrib_op_shapes_come_from_onnx_runtimes_inference_without_importing_torch(tmp_path):
+    """Past ONNX Runtime's contrib ops onnx's inference knows no shapes; ORT's symbolic inference
+    gives them, loaded from its own file so that the rewrite command does not pay for the torch
+    import its package's __init__ makes (seconds)."""
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    model = build(NormSpec(kind="rms", residual="exposed", square="pow", inverse="sqrt_reciprocal"), leading=("batch", 5))
+    optimised = optimizer.optimize_model(str(save(model, tmp_path / "in.onnx")), model_type="bert", num_heads=0,
+                                         hidden_size=0, opt_level=0).model
+    (contrib,) = [n for n in optimised.graph.node if n.domain == "com.microsoft"]
+    del optimised.graph.value_info[:]  # (onnx's inference refuses this graph: no opset for com.microsoft)
+    from export.rewrite.rewriter import _infer_through_contrib_ops
+
+    inferred = {v.name: v for v in _infer_through_contrib_ops(optimised).graph.value_info}
+    dims = inferred[contrib.output[0]].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims][-1] == model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    probe = ("import sys; from export.rewrite.rewriter import _ort_symbolic_shape_inference as f; "
+             "assert hasattr(f(), 'infer_shapes'); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
+
+
 def test_shape_inference_copy_leaves_in_memory_weights_behind():
     """The skeleton shape inference runs on keeps small constants and stubs out the rest, judged
     by their dims: reading a weight's bytes to size it would copy every weight."""

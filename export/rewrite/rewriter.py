@@ -10,6 +10,8 @@ proof is fused. A norm whose every match was rejected is reported with the reaso
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import io
 import math
 import time
@@ -222,12 +224,29 @@ def _infer_through_contrib_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     SkipLayerNormalization, MultiHeadAttention, FastGelu...); ONNX Runtime's symbolic shape
     inference knows them. Used only for such graphs, and only when it succeeds."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+        inference = _ort_symbolic_shape_inference()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+            return inference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     except Exception:  # not installed, or an op it does not know: keep onnx's shapes
         return model
+
+
+@functools.lru_cache(maxsize=1)
+def _ort_symbolic_shape_inference():
+    """ONNX Runtime's SymbolicShapeInference class, loaded from its own file. Imported as
+    onnxruntime.tools.symbolic_shape_infer it first runs onnxruntime/tools/__init__.py, which
+    imports torch where torch is installed (1-2 s, for a helper not used here); the module itself
+    needs only onnx, numpy, sympy and packaging."""
+    package = importlib.util.find_spec("onnxruntime")  # finds the package without importing it
+    where = Path(package.submodule_search_locations[0]) / "tools" / "symbolic_shape_infer.py" if package else None
+    if where is None or not where.is_file():  # another layout: the plain import
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference
+    spec = importlib.util.spec_from_file_location("normfuse_ort_symbolic_shape_infer", where)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
 
 
 SKELETON_CONSTANT = 256  # elements: initializers up to this size keep their values for shape inference
