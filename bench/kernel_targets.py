@@ -59,22 +59,15 @@ def fastest(rows: dict[str, dict]) -> tuple[str, dict] | None:
     return min(rows.items(), key=lambda item: item[1]["median_us"]) if rows else None
 
 
-def timed_now(op: str, dtype: str, tokens: int, hidden: int, cell: dict[str, dict]) -> tuple[str, dict | None]:
-    """The kernel today's launch table runs for this cell, and the run's timing of it: the table
-    kernel's own row if the run ran that kernel, else an agreeing other layout's row with the same
-    kernel name (None: the run did not time it)."""
-    kernel = config.launch_config(op, dtype, tokens, hidden).kernel
-    rows = {"normfuse": cell["normfuse"], **alternatives(cell)}
-    return kernel, next((r for r in rows.values() if r.get("kernel") == kernel), None)
-
-
-def now(op: str, dtype: str, tokens: int, hidden: int, cell: dict[str, dict], verdict) -> dict | None:
-    """Today's table for one cell: its kernel, whether the run ran that kernel as the table's
-    ("same"), and the verdict (verdict(row)) where the run timed it. None for a file that does not
-    name its kernels (nothing to match)."""
+def todays_table(op: str, dtype: str, tokens: int, hidden: int, cell: dict[str, dict], verdict) -> dict | None:
+    """The kernel today's launch table runs for this cell, whether the run ran that very kernel as
+    its table's ("same"), and, where the run timed it (as the table's kernel or as an agreeing other
+    layout), verdict(its row). None for a file that does not name its kernels (nothing to match)."""
     if "kernel" not in cell["normfuse"]:
         return None
-    kernel, timed = timed_now(op, dtype, tokens, hidden, cell)
+    kernel = config.launch_config(op, dtype, tokens, hidden).kernel
+    rows = {"normfuse": cell["normfuse"], **alternatives(cell)}
+    timed = next((r for r in rows.values() if r.get("kernel") == kernel), None)
     out = {"kernel": kernel, "same": timed is cell["normfuse"]}
     if timed is not None:
         out.update(verdict(timed))
@@ -119,7 +112,7 @@ def judge(data: dict, source: str = "") -> list[dict]:
                    "same_size_copy_fraction": table["tbps"] / same_size if same_size else None}
             if best:
                 row["best_alternative"] = {"impl": best[0], "tbps": best[1]["tbps"], **verdict(best[1])}
-            row["table_now"] = now(op, dtype, tokens, hidden, cell, lambda r: {"tbps": r["tbps"], **verdict(r)})
+            row["table_now"] = todays_table(op, dtype, tokens, hidden, cell, lambda r: {"tbps": r["tbps"], **verdict(r)})
             out.append(row)
         elif tokens <= DECODE_MAX_TOKENS:
             over = table["median_us"] - empty["flushed"]
@@ -136,8 +129,8 @@ def judge(data: dict, source: str = "") -> list[dict]:
             if best:
                 row["best_alternative"] = {"impl": best[0], **flushed(best[1])}
             # (another layout has no L2-warm timing: judged after the flush only)
-            row["table_now"] = now(op, dtype, tokens, hidden, cell,
-                                   lambda r: {**flushed(r), "met": met} if r is table else flushed(r))
+            row["table_now"] = todays_table(op, dtype, tokens, hidden, cell,
+                                            lambda r: {**flushed(r), "met": met} if r is table else flushed(r))
             out.append(row)
     return out
 
@@ -158,12 +151,17 @@ def today(v: dict) -> str:
     return f"{name}: {figure}" + (" (met)" if t["met"] else "")
 
 
+def changed_since(v: dict) -> bool:
+    """Whether today's launch table runs another kernel in this cell than the run's table did."""
+    return bool(v.get("table_now")) and not v["table_now"]["same"]
+
+
 def summary(target: str, rows: list[dict]) -> str:
     line = f"{target}: {sum(v['met'] for v in rows)} of {len(rows)} cells met by the launch table's kernel"
-    changed = [v for v in rows if v.get("table_now") and not v["table_now"]["same"]]
+    changed = [v for v in rows if changed_since(v)]
     if changed:
-        # (a cell whose file names no kernels, or whose kernel is unchanged, keeps its verdict)
-        met_now = sum(v["table_now"].get("met", False) if any(v is c for c in changed) else v["met"] for v in rows)
+        # an unchanged cell keeps its verdict; a changed one not timed in the run counts as missed
+        met_now = sum(v["table_now"].get("met", False) if changed_since(v) else v["met"] for v in rows)
         untimed = sum("met" not in v["table_now"] for v in changed)
         line += (f"; by today's launch table, {met_now} (its kernel changed since the run in {len(changed)} cells"
                  + (f", {untimed} of them not timed in the run" if untimed else ", all timed in the run") + ")")
