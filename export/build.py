@@ -31,6 +31,11 @@ from .tensorrt_engine import PRECISIONS, Range
 VALIDATION_SHAPES = [(1, 16)]  # plus the bench shape
 
 
+def listed(shapes) -> str:
+    """(batch, seq) shapes as "1x16, 1x128"."""
+    return ", ".join(f"{b}x{s}" for b, s in shapes)
+
+
 def parse_args(argv=None):
     parser = Parser(prog="python -m export.build", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -263,8 +268,8 @@ class Pipeline:
         asked = list(dict.fromkeys(VALIDATION_SHAPES + [(a.batch, a.seq)]))
         self.shapes_run = list(dict.fromkeys(self.validation_shapes + [self.bench_shape]))  # the bench shape may be 1x16 too
         if self.shapes_run != asked:
-            self.console.print(f"    the model fixes its batch or sequence axis: shapes {', '.join(f'{b}x{s}' for b, s in asked)} "
-                               f"run as {', '.join(f'{b}x{s}' for b, s in self.shapes_run)}")
+            self.console.print(f"    the model fixes its batch or sequence axis: shapes {listed(asked)} "
+                               f"run as {listed(self.shapes_run)}")
 
     def validate(self, reference, fused, fused_cpu, fused_trt, backends, dtype, engines=None) -> list[dict]:
         """Each fused graph against the reference on the backends present; `fused_cpu` None: the
@@ -274,7 +279,6 @@ class Pipeline:
         a = self.args
         shapes = self.shapes_run
         pairs = []
-        listed = lambda shapes: ", ".join(f"{b}x{s}" for b, s in shapes)  # noqa: E731
         # the onnx reference evaluator (slow: Python) runs the small validation shapes only
         where = [f"onnx reference evaluator at {listed(self.validation_shapes)}"]
         where += [f"{b} at {listed(shapes)}" for b in backends if b.startswith("ort-")
