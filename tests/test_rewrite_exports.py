@@ -97,9 +97,12 @@ class FunctionalRMS(torch.nn.Module):
 
 
 @pytest.mark.parametrize("opset", (18, 23))
-@pytest.mark.parametrize("make", (lambda: torch.nn.RMSNorm(64, eps=1e-6), FunctionalRMS), ids=("nn.RMSNorm", "F.rms_norm"))
+@pytest.mark.parametrize("make", (lambda: torch.nn.RMSNorm(64, eps=1e-6), FunctionalRMS,
+                                  lambda: torch.nn.RMSNorm(64, eps=1e-6, elementwise_affine=False)),
+                         ids=("nn.RMSNorm", "F.rms_norm", "nn.RMSNorm-no-weight"))
 def test_torch_rms_norm_modules(make, opset):
-    """Opset 18 spells them out with a positive axis (axes=[2]); opset 23 writes RMSNormalization."""
+    """Opset 18 spells them out with a positive axis (axes=[2]); opset 23 writes RMSNormalization,
+    without a weight with a scale of ConstantOfShape(Shape(x)) (made a per-feature constant)."""
     for dtype in ("float32", "float16"):
         model = _export_module(make(), dtype, opset)
         report = assert_fused_and_equal(model, 1, 0, dtype)

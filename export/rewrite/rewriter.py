@@ -29,6 +29,7 @@ from ..errors import NormfuseError, UsageError
 from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, inline_small_external_data, load_graph_only, save_model,
                        share_external_data)
 from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name
+from .fills import per_feature_fills
 from .gamma import fold_gamma
 from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset
 from .functions import inline_norm_functions
@@ -100,8 +101,10 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
     graph = _import_with_shapes(model)
     scopes = scopes_of(graph)
+    fill_names = UniqueNames.of(graph)
     for scope in scopes:
         report.notes += _drop_identities(scope.graph, scope.outputs, scope.name)
+        report.notes += per_feature_fills(scope.graph, scope.outputs, fill_names, scope.name)
 
     claimed: set[int] = set()  # ids of nodes already taken by a chosen candidate, in any graph
     candidates = []
