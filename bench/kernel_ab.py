@@ -1,6 +1,7 @@
 """Kernel source versions timed side by side (A/B) on a GPU: each version's kernel launched with the
-current launch table (with --tune and --split, also with the layouts those time), the versions of a cell in alternation (one launch of each per round, the
-order rotating), the outputs compared with the first version's; and the table of the results.
+current launch table (with --tune and --split, also with the layouts those time), the versions of
+a cell in alternation (one launch of each per round, the order rotating), the outputs compared
+with the first version's; and the table of the results.
 
     python bench/kernels.py --quick --sources HEAD,59deae0^ --out DIR
 
@@ -61,7 +62,7 @@ def run_variants(args, variants: list[SourceVariant]) -> dict:
                     layouts = [None]
                     if args.tune and tokens >= 4096:
                         layouts += candidate_layouts(dtype, hidden)
-                    if getattr(args, "split", False) and tokens <= SPLIT_MAX_TOKENS and config.supports_split(arch):
+                    if args.split and tokens <= SPLIT_MAX_TOKENS and config.supports_split(arch):
                         layouts += config.split_layouts(dtype, hidden)  # e.g. the split-row exchange's A/B
                     in_ptrs = [t.data_ptr() for t in (x, res, gamma, beta) if t is not None]
                     stream = torch.cuda.current_stream().cuda_stream

@@ -36,6 +36,11 @@ def listed(shapes) -> str:
     return ", ".join(f"{b}x{s}" for b, s in shapes)
 
 
+def lacks_kernels(backend: str, dtype: str) -> bool:
+    """ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Mul): such graphs do not run there."""
+    return dtype == "bfloat16" and backend == "ort-cpu"
+
+
 def parse_args(argv=None):
     parser = Parser(prog="python -m export.build", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -281,15 +286,14 @@ class Pipeline:
         pairs = []
         # the onnx reference evaluator (slow: Python) runs the small validation shapes only
         where = [f"onnx reference evaluator at {listed(self.validation_shapes)}"]
-        where += [f"{b} at {listed(shapes)}" for b in backends if b.startswith("ort-")
-                  and not (dtype == "bfloat16" and b == "ort-cpu")]
+        where += [f"{b} at {listed(shapes)}" for b in backends if b.startswith("ort-") and not lacks_kernels(b, dtype)]
         where += [f"tensorrt at {listed(shapes)}"] if engines else []
         with self.stage("validate", f"validate fused vs reference ({'; '.join(where)})"):
             # The TensorRT-target graph, with normfuse ops evaluated by the normops references.
             pairs += compare(Side(reference, "onnx-reference", "reference"), Side(fused_trt, "onnx-reference", "fused-tensorrt"),
                              self.validation_shapes, dtype, seed=a.seed)
             for backend in (b for b in backends if b.startswith("ort-")):
-                if dtype == "bfloat16" and backend == "ort-cpu":
+                if lacks_kernels(backend, dtype):
                     self.skipped.append({"stage": "ort-cpu validation", "reason": "ONNX Runtime's CPU provider has no "
                                          "bfloat16 kernels (MatMul, Mul); the graphs were checked with the onnx reference evaluator"})
                     continue
@@ -300,7 +304,7 @@ class Pipeline:
             if engines:
                 # ORT runs the reference graph; TensorRT runs each engine on the same inputs.
                 ref_backend = "ort-cuda" if "ort-cuda" in backends else "ort-cpu"
-                if dtype == "bfloat16" and ref_backend == "ort-cpu":
+                if lacks_kernels(ref_backend, dtype):
                     ref_backend = "onnx-reference"
                 for graph, info in engines.items():
                     pairs += compare(Side(reference, ref_backend, "reference"),
@@ -318,7 +322,7 @@ class Pipeline:
         norm_nodes = [n for f in rewrite_trt.fusions for n in f.nodes_removed]
         results = []
         for backend in (b for b in backends if b.startswith("ort-")):
-            if dtype == "bfloat16" and backend == "ort-cpu":
+            if lacks_kernels(backend, dtype):
                 self.skipped.append({"stage": "ort-cpu bench", "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
                 continue
             with self.stage("bench", f"bench on {backend} at {batch}x{seq}, {a.runs} runs per graph"):

@@ -16,10 +16,11 @@ HIDDEN = 16
 
 
 def fill_graph(value=1.0, op="RMSNormalization", shape_of="x", shape_attrs=None, fill_input=1, axis=-1,
-               also_added=False, dtype=TensorProto.FLOAT, constant_shape=None, x_dims=("batch", "seq", HIDDEN)):
+               also_added=False, constant_shape=None, x_dims=("batch", "seq", HIDDEN)):
     """x [batch, seq, HIDDEN] (batch and seq dynamic) -> op(x, scale) with the scale, or (at
     fill_input=2, LayerNormalization) the bias, a ConstantOfShape of Shape(shape_of), or of
     `constant_shape` where given (as exporters fold Shape of a static input)."""
+    dtype = TensorProto.FLOAT
     fill = helper.make_tensor("value", dtype, [1], [value])
     nodes = [helper.make_node("ConstantOfShape", ["shape"], ["fill"], value=fill)]
     inits = [onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, HIDDEN).astype(np.float32), "gamma")]

@@ -15,17 +15,16 @@ import onnx_graphsurgeon as gs
 
 from .emit import UniqueNames
 from .checks import constant_value
-from .matcher import producer
+from .matcher import DEFAULT_DOMAINS, producer
 
 NATIVE_NORMS = ("LayerNormalization", "RMSNormalization")
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def per_feature_fills(graph: gs.Graph, graph_outputs: set, names: UniqueNames, scope: str = "main") -> list[str]:
     """Replace each such fill with a constant of shape [hidden]; returns the notes for the report."""
     replaced = []
     for node in list(graph.nodes):
-        if node.op != "ConstantOfShape" or (node.domain or "") not in STANDARD_DOMAINS or len(node.outputs) != 1 \
+        if node.op != "ConstantOfShape" or (node.domain or "") not in DEFAULT_DOMAINS or len(node.outputs) != 1 \
                 or not node.inputs:
             continue
         fill, value = node.outputs[0], _fill_value(node)
@@ -63,7 +62,7 @@ def _fits(shape: gs.Tensor, x: gs.Tensor) -> bool:
 
 def _whole_shape_of(shape_node: gs.Node | None) -> gs.Tensor | None:
     """The tensor whose whole shape `shape_node` gives (Shape without a start or end), else None."""
-    if shape_node is None or shape_node.op != "Shape" or (shape_node.domain or "") not in STANDARD_DOMAINS:
+    if shape_node is None or shape_node.op != "Shape" or (shape_node.domain or "") not in DEFAULT_DOMAINS:
         return None
     if int(shape_node.attrs.get("start", 0)) != 0 or "end" in shape_node.attrs:
         return None
@@ -81,7 +80,7 @@ def _fill_value(node: gs.Node) -> np.ndarray | None:
 
 def _reads_as_scale_or_bias(norm: gs.Node, fill: gs.Tensor) -> bool:
     """A native norm over the last axis of its input that reads `fill` as its scale or bias only."""
-    if norm.op not in NATIVE_NORMS or (norm.domain or "") not in STANDARD_DOMAINS or not norm.inputs:
+    if norm.op not in NATIVE_NORMS or (norm.domain or "") not in DEFAULT_DOMAINS or not norm.inputs:
         return False
     x = norm.inputs[0]
     if x is fill or x.shape is None:

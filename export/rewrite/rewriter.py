@@ -101,10 +101,10 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
     graph = _import_with_shapes(model)
     scopes = scopes_of(graph)
-    fill_names = UniqueNames.of(graph)
+    names = UniqueNames.of(graph)  # fresh names for the fills' constants and the fused ops alike
     for scope in scopes:
         report.notes += _drop_identities(scope.graph, scope.outputs, scope.name)
-        report.notes += per_feature_fills(scope.graph, scope.outputs, fill_names, scope.name)
+        report.notes += per_feature_fills(scope.graph, scope.outputs, names, scope.name)
 
     claimed: set[int] = set()  # ids of nodes already taken by a chosen candidate, in any graph
     candidates = []
@@ -126,7 +126,6 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
                 return _rewrite_converted(converted, [note] + inlined, target, residual, prove_fusions, report, started)
             report.notes.insert(0, note)  # renumbering changes no node: the candidates stand as proven
             opset = needed
-    names = UniqueNames.of(graph)
     for candidate in candidates:
         note = fold_gamma(candidate, overridable)
         if note:
