@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import NormfuseError
+from .files import require_file
 
 
 def bench_graph(model: Path, graph: str, backend: str, batch: int, seq: int, runs: int, warmup: int,
@@ -62,7 +63,7 @@ def node_count(model: Path) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, positive_int, run_cli
+    from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
     from .files import write_json
 
     parser = Parser(prog="python -m export.bench", description=__doc__.splitlines()[0])
@@ -72,14 +73,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--seq", type=positive_int, default=128)
     parser.add_argument("--runs", type=positive_int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--json", help="write results as JSON")
+    parser.add_argument("--warmup", type=non_negative_int, default=10)
+    parser.add_argument("--json", type=output_file, help="write results as JSON")
     args = parser.parse_args(argv)
 
     def job():
         for path in (args.reference, args.fused):
-            if not Path(path).is_file():
-                raise NormfuseError(f"{path}: no such file")
+            require_file(path)
         results = [bench_graph(Path(p), g, args.backend, args.batch, args.seq, args.runs, args.warmup)
                    for g, p in (("reference", args.reference), ("fused", args.fused))]
         for r in results:

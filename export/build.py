@@ -22,7 +22,7 @@ from pathlib import Path
 from models import PRESET_NAMES, count_norms, preset
 
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
-from .cli import Parser, positive_int, run_cli
+from .cli import Parser, non_negative_int, output_file, output_folder, positive_int, run_cli
 from .errors import UsageError
 from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
 from .report import print_summary, write_report
@@ -64,8 +64,8 @@ def parse_args(argv=None):
                         help="write LayerNorm out in elementary ops instead of F.layer_norm")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--runs", type=positive_int, default=100, help="timed runs per graph")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", help="output folder (default build/<preset>-<norm>)")
+    parser.add_argument("--warmup", type=non_negative_int, default=10)
+    parser.add_argument("--out", type=output_folder, help="output folder (default build/<preset>-<norm>)")
     parser.add_argument("--seed", type=int, default=0)
     trt = parser.add_argument_group("TensorRT engines")
     trt.add_argument("--batch-range", metavar="MIN:OPT:MAX",
@@ -76,8 +76,8 @@ def parse_args(argv=None):
                      help="strongly-typed: the graph's own dtypes (default); fp16/bf16/fp32: a weakly typed "
                           "network with (or without) those kernels, TensorRT 10 only")
     trt.add_argument("--workspace-mb", type=positive_int, default=4096)
-    trt.add_argument("--timing-cache", help="TensorRT timing cache file (default <out>/timing.cache)")
-    parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository of the models built")
+    trt.add_argument("--timing-cache", type=output_file, help="TensorRT timing cache file (default <out>/timing.cache)")
+    parser.add_argument("--triton-repo", metavar="DIR", type=output_folder, help="also write a Triton model repository of the models built")
     args = parser.parse_args(argv)
     if args.onnx:
         stack_only = [flag for flag, given in (("--preset", args.preset != "small"), ("--layers", args.layers),

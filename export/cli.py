@@ -7,6 +7,7 @@ import sys
 import traceback
 
 from .errors import NormfuseError
+from .files import unwritable
 
 
 def run_cli(job) -> int:
@@ -45,3 +46,29 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
+    return value
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a path the command can write a file to (checked before any work)."""
+    reason = unwritable(text)
+    if reason:
+        raise argparse.ArgumentTypeError(f"{text} {reason}")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """An argparse type: a folder the command can create or write into (checked before any work)."""
+    reason = unwritable(text, folder=True)
+    if reason:
+        raise argparse.ArgumentTypeError(f"{text} {reason}")
+    return text

@@ -115,7 +115,7 @@ def _quiet():
 def main(argv=None) -> int:
     from models import PRESET_NAMES, preset
 
-    from .cli import Parser, positive_int, run_cli
+    from .cli import Parser, output_file, positive_int, run_cli
 
     parser = Parser(prog="python -m export.export_model", description=__doc__.splitlines()[0])
     parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True)
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("-o", "--output", type=output_file, required=True)
     args = parser.parse_args(argv)
 
     def job():

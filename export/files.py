@@ -7,21 +7,71 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import NormfuseError
+
+
+def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why `path` cannot be written as a file (or, with `folder`, created or filled as a folder), or
+    None. Commands check their outputs with this before any work, so a bad output path fails at once
+    in one line, not after minutes of export and timing, or halfway through writing several files."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            return "is a file, not a folder"
+        if not folder and path.is_dir():
+            return "is a folder, not a file"
+    # the nearest thing that exists on the way: it must be a folder we may create entries in
+    nearest = path if folder and path.is_dir() else path.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        return f"cannot be created: {nearest} is a file"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"cannot be written: no write permission in {nearest}"
+    return None
+
+
+def require_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path if it is a file to read, else a NormfuseError naming it and saying what is there."""
+    path = Path(path)
+    if not path.is_file():
+        raise NormfuseError(f"{path}: {'is a folder, not a file' if path.is_dir() else 'no such file'}")
+    return path
+
+
+def require_writable(path: str | os.PathLike, folder: bool = False) -> Path:
+    """`path`, or a NormfuseError naming it and saying why it cannot be written."""
+    reason = unwritable(path, folder)
+    if reason:
+        raise NormfuseError(f"{path}: {reason}")
+    return Path(path)
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike):
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise NormfuseError(f"{target}: cannot write ({_why_not_written(target, exc)})") from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise NormfuseError(f"{target}: cannot write ({_why_not_written(target, exc)})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _why_not_written(target: Path, exc: OSError) -> str:
+    """The clearer of our own diagnosis and the system's message."""
+    return unwritable(target) or exc.strerror or str(exc)
 
 
 def _read_umask() -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from .errors import NormfuseError
-from .files import atomic_path
+from .files import atomic_path, require_file
 
 # Above this many bytes of initializers a model is saved with its weights as external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -16,9 +16,7 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 def load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
     """Load a model without reading external weight bytes (they stay referenced on disk)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NormfuseError(f"{path}: no such file")
+    path = require_file(path)
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for a corrupt file

@@ -24,15 +24,14 @@ from typing import Any
 import numpy as np
 
 from .errors import NormfuseError
+from .files import require_file
 
 
 def read_inputs(path: str | Path, specs: list) -> dict:
     """Arrays from a .npz, bfloat16 restored from its raw form where the model takes bfloat16."""
     from .runtime import numpy_dtype
 
-    path = Path(path)
-    if not path.is_file():
-        raise NormfuseError(f"{path}: no such file")
+    path = require_file(path)
     if not zipfile.is_zipfile(path):
         raise NormfuseError(f"{path}: not a .npz archive (write one with numpy.savez(path, name=array, ...))")
     try:
@@ -143,7 +142,7 @@ def bench_in_process_of_its_own(model: Path, graph: str, backend: str, batch: in
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, positive_int, run_cli
+    from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
     from .files import write_json
 
     parser = Parser(prog="python -m export.run", description=__doc__.splitlines()[0])
@@ -151,14 +150,14 @@ def main(argv=None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--inputs", help=".npz with one array per model input")
     source.add_argument("--random", metavar="BATCHxSEQ", help="random inputs of this shape instead")
-    parser.add_argument("--outputs", help=".npz to write the outputs to")
+    parser.add_argument("--outputs", type=output_file, help=".npz to write the outputs to")
     parser.add_argument("--providers", help="ONNX Runtime providers, comma-separated (default: CUDA if present, CPU)")
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay a captured CUDA graph")
     parser.add_argument("--bench", type=positive_int, metavar="RUNS", help="time RUNS runs")
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write a JSON summary (shapes, and timings with --bench)")
+    parser.add_argument("--json", type=output_file, help="write a JSON summary (shapes, and timings with --bench)")
     args = parser.parse_args(argv)
 
     def job() -> int:

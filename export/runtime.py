@@ -28,6 +28,7 @@ import numpy as np
 from normops import numpy_dtype
 
 from .errors import NormfuseError
+from .files import require_file
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -122,9 +123,7 @@ def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model") -> 
 
 def load(path: str | Path, *, providers: list[str] | None = None, device: int = 0, cuda_graph: bool = False):
     """An OrtModel for `.onnx`, a TensorRTModel for `.plan`/`.engine`."""
-    path = Path(path)
-    if not path.is_file():
-        raise NormfuseError(f"{path}: no such file")
+    path = require_file(path)
     if path.suffix in ONNX_SUFFIXES:
         if cuda_graph:
             raise NormfuseError(f"{path}: CUDA graphs are offered for TensorRT engines only")

@@ -435,17 +435,17 @@ class TensorRTRunner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import Parser, positive_int, run_cli
+    from .cli import Parser, output_file, positive_int, run_cli
 
     parser = Parser(prog="python -m export.tensorrt_engine", description=__doc__.splitlines()[0])
     parser.add_argument("onnx", help="ONNX graph (fused-tensorrt.onnx or reference.onnx)")
-    parser.add_argument("-o", "--output", required=True, help="engine file (.plan); the sidecar is <output>.json")
+    parser.add_argument("-o", "--output", type=output_file, required=True, help="engine file (.plan); the sidecar is <output>.json")
     parser.add_argument("--batch", default="1:1:8", help="batch MIN:OPT:MAX (default 1:1:8)")
     parser.add_argument("--seq", default="1:128:512", help="sequence MIN:OPT:MAX (default 1:128:512)")
     parser.add_argument("--precision", choices=PRECISIONS, default="strongly-typed",
                         help="strongly-typed: the ONNX graph's types; fp16/bf16: allow those kernels")
     parser.add_argument("--workspace-mb", type=positive_int, default=4096)
-    parser.add_argument("--timing-cache", help="timing cache file, read if present and updated")
+    parser.add_argument("--timing-cache", type=output_file, help="timing cache file, read if present and updated")
     parser.add_argument("--optimization-level", type=int, choices=range(0, 6))
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)

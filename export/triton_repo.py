@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
-from .files import write_text
+from .files import require_file, write_text
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
@@ -152,8 +152,7 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
 
     validate: parse the config with Triton's ModelConfig first (None: when tritonclient is installed)."""
     model_path, repo = Path(model_path), Path(repo)
-    if not model_path.is_file():
-        raise NormfuseError(f"{model_path}: no such file")
+    require_file(model_path)
     suffix = model_path.suffix
     if suffix not in PLATFORMS:
         raise UsageError(f"{model_path}: Triton models here are .onnx or .plan, not {suffix!r}")
@@ -232,11 +231,11 @@ def _companions(model_path: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, run_cli
+    from .cli import Parser, output_folder, run_cli
 
     parser = Parser(prog="python -m export.triton_repo", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help=".onnx or .plan files")
-    parser.add_argument("--repo", required=True, help="model repository folder")
+    parser.add_argument("--repo", type=output_folder, required=True, help="model repository folder")
     parser.add_argument("--name", help="model name (one model only; default: the file name)")
     parser.add_argument("--max-batch-size", type=int, help="default: the engine profile's max batch, or 8")
     parser.add_argument("--queue-delay-us", type=int, default=100)

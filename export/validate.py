@@ -28,6 +28,7 @@ from normops import GRAPH, Tolerance, error_stats, numpy_dtype, within
 
 from .backends import index_bounds, leading_dims, make_runner, random_arrays
 from .errors import NormfuseError, UsageError
+from .files import require_file
 
 
 @dataclass
@@ -140,8 +141,7 @@ def read_given_inputs(path: str | Path, reference: str | Path) -> list[dict]:
     path = Path(path)
     inputs, _ = onnx_signature(reference)
     if path.suffix == ".json":
-        if not path.is_file():
-            raise NormfuseError(f"{path}: no such file")
+        require_file(path)
         try:
             from polygraphy.json import load_json
         except ImportError:
@@ -232,7 +232,7 @@ def candidate_backend(path: Path, requested: str) -> str:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, run_cli
+    from .cli import Parser, output_file, output_folder, run_cli
     from .files import write_json
 
     parser = Parser(prog="python -m export.validate", description=__doc__.splitlines()[0])
@@ -249,8 +249,8 @@ def main(argv=None) -> int:
                         help="compare on these inputs instead of random ones (--shapes is then not used): a .npz "
                              "(one set) or a Polygraphy inputs JSON (a list of sets), e.g. from --save-outputs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the comparison as JSON")
-    parser.add_argument("--save-outputs", metavar="DIR", help="write inputs and outputs in Polygraphy's formats")
+    parser.add_argument("--json", type=output_file, help="write the comparison as JSON")
+    parser.add_argument("--save-outputs", metavar="DIR", type=output_folder, help="write inputs and outputs in Polygraphy's formats")
     args = parser.parse_args(argv)
 
     def job():
@@ -259,8 +259,7 @@ def main(argv=None) -> int:
         candidate = Path(args.candidate)
         cand_backend = candidate_backend(candidate, args.backend)
         ref_backend = args.reference_backend or reference_backend(args.backend, cand_backend, dtype)
-        if not candidate.is_file():  # model_dtype has checked the reference
-            raise NormfuseError(f"{candidate}: no such file")
+        require_file(candidate)  # model_dtype has checked the reference
         given = read_given_inputs(args.inputs, args.reference) if args.inputs else None
         pairs = compare(Side(Path(args.reference), ref_backend, "reference"), Side(candidate, cand_backend, "fused"),
                         shapes, dtype, seed=args.seed, save_dir=args.save_outputs, given=given)

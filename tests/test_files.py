@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from export.files import atomic_path, write_json, write_text
+from export.errors import NormfuseError
+from export.files import atomic_path, require_writable, unwritable, write_json, write_text
 
 
 def current_umask() -> int:
@@ -33,3 +34,41 @@ def test_a_failure_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_unwritable_says_why_a_path_cannot_take_a_file_or_folder(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert unwritable(tmp_path / "new" / "deeper" / "x.onnx") is None
+    assert unwritable(a_file) is None  # replaced atomically
+    assert unwritable(tmp_path, folder=True) is None
+    assert unwritable(tmp_path / "new" / "dir", folder=True) is None
+    assert unwritable(tmp_path) == "is a folder, not a file"
+    assert unwritable(a_file, folder=True) == "is a file, not a folder"
+    assert unwritable(a_file / "x.onnx") == f"cannot be created: {a_file} is a file"
+    assert unwritable(a_file / "d" / "e", folder=True) == f"cannot be created: {a_file} is a file"
+    with pytest.raises(NormfuseError, match=f"^{a_file}: is a file, not a folder$"):
+        require_writable(a_file, folder=True)
+    assert require_writable(tmp_path / "ok.json") == tmp_path / "ok.json"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_named(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        assert unwritable(locked / "x.json") == f"cannot be written: no write permission in {locked}"
+    finally:
+        locked.chmod(0o755)
+
+
+def test_atomic_writes_to_an_impossible_path_fail_in_one_line_with_nothing_left(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept")
+    with pytest.raises(NormfuseError, match=f"{a_file}/r.json: cannot write \\(cannot be created: {a_file} is a file\\)"):
+        write_text(a_file / "r.json", "x")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(NormfuseError, match="folder: cannot write \\(is a folder, not a file\\)"):
+        write_json(tmp_path / "folder", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"] and a_file.read_text() == "kept"
+    assert list((tmp_path / "folder").iterdir()) == []

@@ -242,6 +242,69 @@ def test_stage_commands_refuse_bad_flags_in_one_line(tmp_path, module, flags, me
     assert not (tmp_path / "x").exists()
 
 
+# every command's output flag, given a path that cannot be written: a file where a folder must be,
+# a folder where a file must be. Refused at parse time, before any export, rewrite or timing.
+OUTPUT_FLAGS = [
+    ("export.build", ["--norm", "rmsnorm", "--preset", "tiny"], "--out", "folder"),
+    ("export.build", ["--norm", "rmsnorm", "--preset", "tiny"], "--triton-repo", "folder"),
+    ("export.build", ["--norm", "rmsnorm", "--preset", "tiny"], "--timing-cache", "file"),
+    ("export.export_model", ["--norm", "rmsnorm", "--preset", "tiny"], "-o", "file"),
+    ("export.rewrite", ["{model}"], "-o", "file"),
+    ("export.rewrite", ["{model}", "-o", "{tmp}/fresh.onnx"], "--report", "file"),
+    ("export.validate", ["{model}", "{model}"], "--json", "file"),
+    ("export.validate", ["{model}", "{model}"], "--save-outputs", "folder"),
+    ("export.bench", ["{model}", "{model}"], "--json", "file"),
+    ("export.run", ["{model}", "--random", "1x4"], "--outputs", "file"),
+    ("export.run", ["{model}", "--random", "1x4"], "--json", "file"),
+    ("export.tensorrt_engine", ["{model}"], "-o", "file"),
+    ("export.triton_repo", ["{model}"], "--repo", "folder"),
+]
+
+
+@pytest.mark.parametrize("module,flags,flag,kind", OUTPUT_FLAGS, ids=[f"{m}{f}" for m, _, f, _ in OUTPUT_FLAGS])
+def test_an_unwritable_output_path_is_refused_in_one_line_before_any_work(tmp_path, module, flags, flag, kind):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"never read: the output flag is refused first")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    flags = [f.format(model=model, tmp=tmp_path) for f in flags]
+    wrong_kind = a_file if kind == "folder" else tmp_path  # a file for a folder, a folder for a file
+    for path, message in ((wrong_kind, f"is a {'file' if kind == 'folder' else 'folder'}, not a {kind}"),
+                          (a_file / "under", f"cannot be created: {a_file} is a file")):
+        done = _run(module, *flags, flag, str(path))
+        assert done.returncode == 2, done.stderr
+        assert f"argument {flag}" in done.stderr or f"/{flag}" in done.stderr
+        assert f"{path} {message}" in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "m.onnx"]
+
+
+INPUT_FOLDER_CASES = [
+    ("export.build", ["--onnx", "{folder}", "--out", "{tmp}/out"]),
+    ("export.rewrite", ["{folder}", "-o", "{tmp}/out.onnx"]),
+    ("export.validate", ["{folder}", "{folder}"]),
+    ("export.bench", ["{folder}", "{folder}"]),
+    ("export.run", ["{folder}", "--random", "1x4"]),
+    ("export.triton_repo", ["{folder}", "--repo", "{tmp}/out"]),
+]
+
+
+@pytest.mark.parametrize("module,flags", INPUT_FOLDER_CASES, ids=[m for m, _ in INPUT_FOLDER_CASES])
+def test_a_folder_given_as_a_model_is_named_as_one(tmp_path, module, flags):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    done = _run(module, *[f.format(folder=folder, tmp=tmp_path) for f in flags])
+    assert done.returncode == 1 and f"{folder}: is a folder, not a file" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_warmup_may_be_zero_but_not_negative(tmp_path):
+    done = _run("export.build", "--norm", "rmsnorm", "--warmup", "-1", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "argument --warmup: '-1' must be at least 0" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_bench_command_on_a_missing_model_is_one_line(tmp_path):
     done = _run("export.bench", str(tmp_path / "none.onnx"), str(tmp_path / "none.onnx"), "--json", str(tmp_path / "b.json"))
     assert done.returncode == 1 and "no such file" in done.stderr and "Traceback" not in done.stderr

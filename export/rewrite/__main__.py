@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import Parser, run_cli
+from ..cli import Parser, output_file, run_cli
 from ..files import write_json
 from .emit import TARGETS
 from .rewriter import rewrite_file
@@ -13,13 +13,13 @@ def main(argv=None) -> int:
     parser = Parser(prog="python -m export.rewrite",
                                      description="Fuse every provable LayerNorm/RMSNorm subgraph of an ONNX model.")
     parser.add_argument("input", help="ONNX model to rewrite (external weights are never read; an output in another directory gets a copy of them)")
-    parser.add_argument("-o", "--output", required=True, help="where to write the rewritten model")
+    parser.add_argument("-o", "--output", type=output_file, required=True, help="where to write the rewritten model")
     parser.add_argument("--target", choices=TARGETS, default="tensorrt",
                         help="tensorrt: normfuse plugin ops; onnxruntime: com.microsoft contrib ops (for its CPU "
                              "provider add --no-residual: its Skip ops run slower there); onnx: standard ops")
     parser.add_argument("--no-residual", action="store_true", help="do not fuse the residual Add in front of a norm")
     parser.add_argument("--no-proof", action="store_true", help="skip the numerical proof of each fusion")
-    parser.add_argument("--report", help="write the rewrite report (every fusion and rejection) as JSON")
+    parser.add_argument("--report", type=output_file, help="write the rewrite report (every fusion and rejection) as JSON")
     args = parser.parse_args(argv)
 
     def job():
