@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli import ERROR_PREFIX
 from .errors import NormfuseError
 from .files import require_file
 
@@ -35,13 +36,16 @@ def bench_graph(model: Path, graph: str, backend: str, batch: int, seq: int, run
 
 def run_module(module: str, args: list[str], what: str) -> dict:
     """`python -m MODULE ARGS --json FILE` in a process of its own; the JSON it wrote. A failure is
-    a NormfuseError: `what failed: ` and the last line of its stderr."""
+    a NormfuseError: the child's own one-line error where it gave one (it names the file and the
+    problem already), else `what failed: ` and the last line of its stderr."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         done = subprocess.run([sys.executable, "-m", module, *args, "--json", str(out)], capture_output=True,
                               text=True, env=child_env())
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            if tail.startswith(ERROR_PREFIX):
+                raise NormfuseError(tail.removeprefix(ERROR_PREFIX))
             raise NormfuseError(f"{what} failed: {tail}")
         return json.loads(out.read_text())
 

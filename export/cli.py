@@ -9,13 +9,15 @@ import traceback
 from .errors import NormfuseError
 from .files import unwritable
 
+ERROR_PREFIX = "normfuse: error: "  # how a user error starts; export.bench recognises it in a child's stderr
+
 
 def run_cli(job) -> int:
     """Run `job()`; a NormfuseError prints `normfuse: error: ...` and returns its exit code."""
     try:
         result = job()
     except NormfuseError as exc:
-        print(f"normfuse: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("normfuse: interrupted", file=sys.stderr)
@@ -35,7 +37,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `normfuse: error: ...` and exit code 2, no usage dump."""
 
     def error(self, message):
-        self.exit(2, f"normfuse: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{ERROR_PREFIX}{message} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:

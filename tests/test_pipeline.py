@@ -311,6 +311,22 @@ def test_bench_command_on_a_missing_model_is_one_line(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.json").exists()
 
 
+def test_a_child_processs_own_error_comes_through_once(tmp_path):
+    """export.bench times each graph in a child process; the child's one-line error is the message,
+    not wrapped in a second 'failed: normfuse: error:' around it."""
+    from export.rewrite.synth import NormSpec, build
+
+    reference = tmp_path / "ref.onnx"
+    onnx.save(build(NormSpec(kind="rms")), str(reference))
+    plugins = tmp_path / "trt.onnx"
+    rewrite_file(reference, plugins, target="tensorrt")
+    done = _run("export.bench", str(reference), str(plugins), "--runs", "2", "--warmup", "0")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (f"normfuse: error: {plugins}: holds normfuse plugin ops (the tensorrt target), which "
+                                   "ONNX Runtime cannot run; rewrite with --target onnxruntime, build a TensorRT engine "
+                                   "from it, or validate with --backend onnx-reference")
+
+
 def test_rewrite_command_errors_leave_no_output(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
