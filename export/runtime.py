@@ -56,6 +56,13 @@ class TensorSpec:
         return f"{self.dtype}[{dims}]"
 
 
+def signature(kind: str, path: Path, where: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str:
+    """What a loaded model is, for repr(): `OrtModel(m.onnx on CPUExecutionProvider: x float32[?, 64] -> y ...)`."""
+    def listed(specs):
+        return ", ".join(f"{s.name} {s.describe()}" for s in specs)
+    return f"{kind}({path} on {where}: {listed(inputs)} -> {listed(outputs)})"
+
+
 def dtype_name(dtype: Any) -> str:
     """Contract dtype name of a numpy dtype or a torch dtype."""
     text = str(dtype)
@@ -198,6 +205,9 @@ class OrtModel:
         self._run_options.log_severity_level = 4
         self._binding: Any = None
         self._bound: dict[str, tuple] = {}  # name -> (shape, dtype, OrtValue or torch tensor)
+
+    def __repr__(self) -> str:
+        return signature(type(self).__name__, self.path, self.session.get_providers()[0], self.inputs, self.outputs)
         self._host_feeds: dict[str, np.ndarray] = {}  # what run_bound() feeds on the CPU
 
     def run(self, feeds: dict) -> dict:
@@ -385,6 +395,9 @@ class TensorRTModel:
         self._buffers: dict[str, Any] = {}
         self._shapes: dict[str, tuple] = {}
         self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return signature(type(self).__name__, self.path, f"TensorRT, {self.device}", self.inputs, self.outputs)
 
     def _buffer(self, name: str, shape: tuple, dtype: str):
         buf = self._buffers.get(name)

@@ -23,6 +23,8 @@ def test_onnx_model_matches_a_plain_session(graphs):
     assert isinstance(model, OrtModel)
     assert model.inputs == [TensorSpec("hidden_states", "float32", (None, None, 64))]
     assert model.output_names == ["output"]
+    assert repr(model) == (f"OrtModel({graphs['fused']} on CPUExecutionProvider: "
+                           "hidden_states float32[?, ?, 64] -> output float32[?, ?, 64])")
     x = feeds()
     got = model.run(x)["output"]
     want = ort.InferenceSession(str(graphs["fused"]), providers=["CPUExecutionProvider"]).run(None, x)[0]
