@@ -71,13 +71,14 @@ def main(argv=None) -> int:
     from .files import write_json
 
     parser = Parser(prog="python -m export.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("reference")
-    parser.add_argument("fused")
-    parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
-    parser.add_argument("--batch", type=positive_int, default=1)
-    parser.add_argument("--seq", type=positive_int, default=128)
-    parser.add_argument("--runs", type=positive_int, default=100)
-    parser.add_argument("--warmup", type=non_negative_int, default=10)
+    parser.add_argument("reference", help="the reference .onnx")
+    parser.add_argument("fused", help="the fused .onnx (onnxruntime target)")
+    parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda"),
+                        help="ONNX Runtime provider (default ort-cpu)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
+    parser.add_argument("--seq", type=positive_int, default=128, help="sequence length (default 128)")
+    parser.add_argument("--runs", type=positive_int, default=100, help="timed runs per graph (default 100)")
+    parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs per graph first (default 10)")
     parser.add_argument("--json", type=output_file, help="write results as JSON")
     args = parser.parse_args(argv)
 

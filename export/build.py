@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from models import PRESET_NAMES, count_norms, preset
+from models import PRESET_NAMES, count_norms, describe_presets, preset
 
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
 from .cli import Parser, non_negative_int, output_file, output_folder, positive_int, run_cli
@@ -41,8 +41,11 @@ def lacks_kernels(backend: str, dtype: str) -> bool:
     return dtype == "bfloat16" and backend == "ort-cpu"
 
 
-def parse_args(argv=None):
-    parser = Parser(prog="python -m export.build", description=__doc__.splitlines()[0])
+def make_parser() -> Parser:
+    parser = Parser(prog="python -m export.build", description=__doc__.splitlines()[0],
+                    epilog="exit status: 0 when every validation passed; 1 when one failed (the report is still "
+                           "written) or a backend named with --backend cannot run here; 2 for a bad flag or an "
+                           "output path that cannot be written")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--norm", choices=("rmsnorm", "layernorm"),
                         help="rmsnorm: LLaMA-style stack; layernorm: GPT-style stack")
@@ -50,23 +53,30 @@ def parse_args(argv=None):
                         help="run the chain on this ONNX model instead of exporting a stack (its dynamic axis 0 "
                              "is the batch, other dynamic axes the sequence; token ids stay inside the table "
                              "they index)")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="small")
-    parser.add_argument("--layers", type=positive_int)
-    parser.add_argument("--hidden", type=positive_int)
-    parser.add_argument("--heads", type=positive_int)
-    parser.add_argument("--ffn", type=positive_int)
-    parser.add_argument("--batch", type=positive_int, default=1, help="benchmark batch size")
-    parser.add_argument("--seq", type=positive_int, default=128, help="benchmark sequence length")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="small",
+                        help=f"stack shape (default small): {describe_presets()}")
+    parser.add_argument("--layers", type=positive_int, help="Transformer blocks (default: the preset's)")
+    parser.add_argument("--hidden", type=positive_int, help="hidden size, the normalised axis (default: the preset's)")
+    parser.add_argument("--heads", type=positive_int, help="attention heads; must divide --hidden (default: the preset's)")
+    parser.add_argument("--ffn", type=positive_int, help="MLP width (default: the preset's)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="benchmark batch size (default 1)")
+    parser.add_argument("--seq", type=positive_int, default=128,
+                        help="benchmark sequence length (default 128; validation also runs at 1x16)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="weights and activations of the exported stack (default float32)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the export, 17..23 (default {DEFAULT_OPSET})")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                        help="dynamo (torch.export, default) or torchscript")
     parser.add_argument("--decomposed-layernorm", action="store_true",
                         help="write LayerNorm out in elementary ops instead of F.layer_norm")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--runs", type=positive_int, default=100, help="timed runs per graph")
-    parser.add_argument("--warmup", type=non_negative_int, default=10)
-    parser.add_argument("--out", type=output_folder, help="output folder (default build/<preset>-<norm>)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto (default): every backend present, the rest listed as skipped; a named one "
+                             "that cannot run here is an error")
+    parser.add_argument("--runs", type=positive_int, default=100, help="timed runs per graph (default 100)")
+    parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs per graph first (default 10)")
+    parser.add_argument("--out", type=output_folder,
+                        help="output folder (default build/<preset>-<norm>, or build/<model name> with --onnx)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
     trt = parser.add_argument_group("TensorRT engines")
     trt.add_argument("--batch-range", metavar="MIN:OPT:MAX",
                      help="batch axis of the optimisation profile (default 1:BATCH:max(BATCH,2))")
@@ -75,9 +85,14 @@ def parse_args(argv=None):
     trt.add_argument("--precision", choices=PRECISIONS, default="strongly-typed",
                      help="strongly-typed: the graph's own dtypes (default); fp16/bf16/fp32: a weakly typed "
                           "network with (or without) those kernels, TensorRT 10 only")
-    trt.add_argument("--workspace-mb", type=positive_int, default=4096)
+    trt.add_argument("--workspace-mb", type=positive_int, default=4096, help="builder workspace limit in MiB (default 4096)")
     trt.add_argument("--timing-cache", type=output_file, help="TensorRT timing cache file (default <out>/timing.cache)")
     parser.add_argument("--triton-repo", metavar="DIR", type=output_folder, help="also write a Triton model repository of the models built")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.onnx:
         stack_only = [flag for flag, given in (("--preset", args.preset != "small"), ("--layers", args.layers),

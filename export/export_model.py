@@ -113,19 +113,21 @@ def _quiet():
 
 
 def main(argv=None) -> int:
-    from models import PRESET_NAMES, preset
+    from models import PRESET_NAMES, describe_presets, preset
 
     from .cli import Parser, output_file, positive_int, run_cli
 
     parser = Parser(prog="python -m export.export_model", description=__doc__.splitlines()[0])
-    parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True)
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
-    parser.add_argument("--layers", type=positive_int)
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-o", "--output", type=output_file, required=True)
+    parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True,
+                        help="rmsnorm: LLaMA-style stack; layernorm: GPT-style stack")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="tiny", help=f"stack shape (default tiny): {describe_presets()}")
+    parser.add_argument("--layers", type=positive_int, help="Transformer blocks (default: the preset's)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="weights and activations (default float32)")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="dynamo (torch.export, default) or torchscript")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17..23 (default {DEFAULT_OPSET})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default 0)")
+    parser.add_argument("-o", "--output", type=output_file, required=True, help="the .onnx file to write")
     args = parser.parse_args(argv)
 
     def job():

@@ -443,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1:1:8", help="batch MIN:OPT:MAX (default 1:1:8)")
     parser.add_argument("--seq", default="1:128:512", help="sequence MIN:OPT:MAX (default 1:128:512)")
     parser.add_argument("--precision", choices=PRECISIONS, default="strongly-typed",
-                        help="strongly-typed: the ONNX graph's types; fp16/bf16: allow those kernels")
-    parser.add_argument("--workspace-mb", type=positive_int, default=4096)
+                        help="strongly-typed: the ONNX graph's types (default); fp16/bf16/fp32: a weakly typed "
+                             "network with (or without) those kernels, TensorRT 10 only")
+    parser.add_argument("--workspace-mb", type=positive_int, default=4096, help="builder workspace limit in MiB (default 4096)")
     parser.add_argument("--timing-cache", type=output_file, help="timing cache file, read if present and updated")
-    parser.add_argument("--optimization-level", type=int, choices=range(0, 6))
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--optimization-level", type=int, choices=range(0, 6),
+                        help="builder optimisation level 0..5 (default: TensorRT's, 3)")
+    parser.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     args = parser.parse_args(argv)
 
     def job() -> int:

@@ -231,16 +231,18 @@ def _companions(model_path: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, output_folder, run_cli
+    from .cli import Parser, non_negative_int, output_folder, positive_int, run_cli
 
     parser = Parser(prog="python -m export.triton_repo", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help=".onnx or .plan files")
     parser.add_argument("--repo", type=output_folder, required=True, help="model repository folder")
     parser.add_argument("--name", help="model name (one model only; default: the file name)")
-    parser.add_argument("--max-batch-size", type=int, help="default: the engine profile's max batch, or 8")
-    parser.add_argument("--queue-delay-us", type=int, default=100)
-    parser.add_argument("--instances", type=int, default=1)
-    parser.add_argument("--kind", choices=("KIND_AUTO", "KIND_GPU", "KIND_CPU"))
+    parser.add_argument("--max-batch-size", type=positive_int, help="default: the engine profile's max batch, or 8")
+    parser.add_argument("--queue-delay-us", type=non_negative_int, default=100,
+                        help="dynamic batching: how long a request may wait for others, in us (default 100)")
+    parser.add_argument("--instances", type=positive_int, default=1, help="model instances per device (default 1)")
+    parser.add_argument("--kind", choices=("KIND_AUTO", "KIND_GPU", "KIND_CPU"),
+                        help="where instances run (default: KIND_GPU for a .plan, KIND_AUTO for an .onnx)")
     args = parser.parse_args(argv)
     if args.name and len(args.models) > 1:
         parser.error("--name takes one model")

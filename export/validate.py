@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inputs", metavar="FILE",
                         help="compare on these inputs instead of random ones (--shapes is then not used): a .npz "
                              "(one set) or a Polygraphy inputs JSON (a list of sets), e.g. from --save-outputs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--json", type=output_file, help="write the comparison as JSON")
     parser.add_argument("--save-outputs", metavar="DIR", type=output_folder, help="write inputs and outputs in Polygraphy's formats")
     args = parser.parse_args(argv)

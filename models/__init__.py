@@ -1,7 +1,7 @@
 """Transformer blocks to export: GPT-style (LayerNorm) and LLaMA-style (RMSNorm)."""
-from .presets import PRESET_NAMES, BlockConfig, preset
+from .presets import PRESET_NAMES, BlockConfig, describe_presets, preset
 
-__all__ = ["PRESET_NAMES", "BlockConfig", "preset", "build_model", "count_norms", "TORCH_DTYPES"]
+__all__ = ["PRESET_NAMES", "BlockConfig", "describe_presets", "preset", "build_model", "count_norms", "TORCH_DTYPES"]
 
 
 def __getattr__(name):  # torch is imported only when a model is built

@@ -37,6 +37,12 @@ _PRESETS = {
 PRESET_NAMES = tuple(_PRESETS)
 
 
+def describe_presets() -> str:
+    """One line per preset for --help: `tiny: 2 layers, hidden 64, 4 heads`."""
+    return "; ".join(f"{name}: {p['layers']} layers, hidden {p['hidden']}, {p['heads']} heads"
+                     for name, p in _PRESETS.items())
+
+
 def preset(name: str, norm: str, **overrides) -> BlockConfig:
     """The config of preset `name` for the block family of `norm`, with any non-None overrides."""
     if name not in _PRESETS:

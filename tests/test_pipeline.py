@@ -309,6 +309,33 @@ def test_a_folder_given_as_a_model_is_named_as_one(tmp_path, capsys, module, fla
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
 
+COMMANDS = ["export.build", "export.export_model", "export.rewrite", "export.validate", "export.bench",
+            "export.tensorrt_engine", "export.run", "export.triton_repo"]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_flag_of_every_command_says_what_it_does(module, monkeypatch):
+    import importlib
+
+    from export.cli import Parser
+
+    seen = []
+
+    def capture(self, argv=None, namespace=None):
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(Parser, "parse_args", capture)
+    main = importlib.import_module(module if module != "export.rewrite" else "export.rewrite.__main__").main
+    with pytest.raises(SystemExit):
+        main([])
+    (parser,) = seen
+    unexplained = [a.option_strings[0] if a.option_strings else a.dest for a in parser._actions if not a.help]
+    assert unexplained == []
+    if module == "export.build":
+        assert "exit status: 0 when every validation passed" in parser.format_help()
+
+
 def test_warmup_may_be_zero_but_not_negative(tmp_path):
     done = _run("export.build", "--norm", "rmsnorm", "--warmup", "-1", "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and "argument --warmup: '-1' must be at least 0" in done.stderr
