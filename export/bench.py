@@ -1,4 +1,4 @@
-"""Stage 4b: latency, throughput, peak memory and op-class shares, reference vs fused.
+"""Latency, throughput, peak memory and op-class shares, reference vs fused (stage 4b).
 
     python -m export.bench reference.onnx fused.onnx [--backend ort-cpu] [--batch 1 --seq 128] [--runs 100]
 

@@ -81,7 +81,8 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
 def profile_op_classes(model: str, backend: str, feeds: dict, runs: int, norm_nodes: set[str],
                        optimization: str = "all") -> dict:
     """export.op_classes' summary of `runs` profiled runs, in a session of their own after two
-    unprofiled warm-up runs (a first profiled session whose profile is thrown away)."""
+    warm-up runs in a first session whose profile is thrown away, and after that session's own first
+    run (its memory allocation), which the summary leaves out."""
     from .backends import OrtRunner
     from .op_classes import summarise_profile
 
@@ -92,9 +93,9 @@ def profile_op_classes(model: str, backend: str, feeds: dict, runs: int, norm_no
             warm.run(feeds)
         os.unlink(warm.end_profiling())  # warm-up runs are not counted
         profiled = OrtRunner(model, backend, profile_prefix=prefix, optimization=optimization)
-        for _ in range(runs):
+        for _ in range(1 + runs):
             profiled.run(feeds)
-        return summarise_profile(profiled.end_profiling(), norm_nodes, runs)
+        return summarise_profile(profiled.end_profiling(), norm_nodes, runs, skip_runs=1)
 
 
 def main(argv=None) -> int:

@@ -178,7 +178,7 @@ class Pipeline:
         backends = self.backends
         dtype = described["dtype"]
         fused, fused_cpu, fused_trt = out / "fused.onnx", out / "fused-cpu.onnx", out / "fused-tensorrt.onnx"
-        from .rewrite import rewrite_file
+        from .rewrite import describe_counts, rewrite_file
 
         with self.stage("rewrite", "rewrite norms (tensorrt, onnxruntime and onnxruntime CPU forms)"):
             rewrite = rewrite_file(reference, fused, target="onnxruntime")
@@ -186,10 +186,11 @@ class Pipeline:
             # followed by the plain norm op (bench/ort_ops.py), so the CPU form keeps the residual Add.
             rewrite_cpu = rewrite_file(reference, fused_cpu, target="onnxruntime", residual=False)
             rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt")
-        cpu = (f"{rewrite_cpu.fused} for its CPU provider {rewrite_cpu.counts} (residual Adds kept)" if rewrite_cpu.fused
+        cpu = (f"{rewrite_cpu.fused} for its CPU provider ({describe_counts(rewrite_cpu.counts)}; residual Adds kept)"
+               if rewrite_cpu.fused
                else "none for its CPU provider (its norms are already the single ops it would get)")
-        self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT {rewrite_trt.counts}, "
-                           f"{rewrite.fused} for ONNX Runtime {rewrite.counts}, {cpu}")
+        self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT ({describe_counts(rewrite_trt.counts)}), "
+                           f"{rewrite.fused} for ONNX Runtime ({describe_counts(rewrite.counts)}), {cpu}")
         # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing
         cpu_form = fused_cpu if rewrite_cpu.fused else None
         self.resolve_shapes(reference)

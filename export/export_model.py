@@ -1,4 +1,4 @@
-"""Stage 1: export a models/ Transformer stack to ONNX with dynamic batch and sequence axes.
+"""Export a models/ Transformer stack to ONNX with dynamic batch and sequence axes (stage 1).
 
     python -m export.export_model --norm rmsnorm --preset tiny -o model.onnx
 """

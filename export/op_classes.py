@@ -42,10 +42,17 @@ def node_flops(op_type: str, inputs: list[list[int]], outputs: list[list[int]]) 
     return float(elements)
 
 
-def summarise_profile(profile_path: str, norm_nodes: set[str], runs: int) -> dict:
-    """Per class: time_ms per run, flops per run, node count, and each as a share of the total."""
+def summarise_profile(profile_path: str, norm_nodes: set[str], runs: int, skip_runs: int = 0) -> dict:
+    """Per class: time_ms per run, flops per run, node count, and each as a share of the total, over
+    the last `runs` runs of the profile after its first `skip_runs` (a session's first run allocates
+    its memory and takes about twice as long: it would skew the shares)."""
     with open(profile_path) as f:
         events = json.load(f)
+    if skip_runs:
+        starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+        if len(starts) != skip_runs + runs:
+            raise ValueError(f"{profile_path}: {len(starts)} runs profiled, expected {skip_runs} + {runs}")
+        events = [e for e in events if e.get("ts", 0) >= starts[skip_runs]]
     totals = {c: {"time_ms": 0.0, "flops": 0.0, "kernels": 0} for c in CLASSES}
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):

@@ -1,9 +1,10 @@
-"""Stage 5: the report: a table on the terminal, report.json, report.md and report.png."""
+"""The report (stage 5): a table on the terminal, report.json, report.md and report.png."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .files import atomic_path, write_json, write_text
+from .rewrite import describe_counts
 
 
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
@@ -68,12 +69,13 @@ def markdown(report: dict) -> str:
                      f"exporter {cfg['exporter']}, opset {cfg['opset']}; bench shape {cfg['batch']}x{cfg['seq']}.")
     lines = [f"# normfuse report: {cfg['norm']} `{cfg['preset']}` ({cfg['dtype']})", "", described, "",
              "## Rewrite", "",
-             f"TensorRT form (`fused-tensorrt.onnx`): fused {rw['fused']} of {rw['expected_norms']} norms ({rw['counts']}), "
+             f"TensorRT form (`fused-tensorrt.onnx`): fused {rw['fused']} of {rw['expected_norms']} norms ({describe_counts(rw['counts'])}), "
              f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected.", ""]
     for target, label in (("onnxruntime", "ONNX Runtime CUDA form (`fused.onnx`)"),
                           ("onnxruntime_cpu", "ONNX Runtime CPU form (`fused-cpu.onnx`, residual Adds kept)")):
         if target in rw:
-            lines.append(f"- {label}: {rw[target]['fused']} fused {rw[target]['counts'] or ''}".rstrip())
+            fused = rw[target]["fused"]
+            lines.append(f"- {label}: {fused} fused" + (f" ({describe_counts(rw[target]['counts'])})" if fused else ""))
     for r in rw["rejected"]:
         lines.append(f"- rejected `{r['pattern']}` at `{r['output']}`: {r['reason']}")
     shortfall = fusion_shortfall(report)
@@ -164,7 +166,7 @@ def print_summary(report: dict, console) -> None:
     from rich.table import Table
 
     rw = report["rewrite"]
-    console.print(f"[bold]rewrite[/]: fused {rw['fused']}/{rw['expected_norms']} norms {rw['counts']}, "
+    console.print(f"[bold]rewrite[/]: fused {rw['fused']}/{rw['expected_norms']} norms ({describe_counts(rw['counts'])}), "
                   f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected")
     table = Table(title="validation (per output, against the dtype's graph tolerance)")
     for col in ("reference", "candidate", "shape", "max abs", "max rel", "result"):

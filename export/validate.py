@@ -1,4 +1,4 @@
-"""Stage 4a: reference graph vs fused graph (or engine), output by output, against tolerances.
+"""Reference graph vs fused graph (or engine), output by output, against tolerances (stage 4a).
 
     python -m export.validate reference.onnx fused.onnx [--shapes 1x16,2x64] [--backend ort-cpu]
     python -m export.validate reference.onnx fused.plan                 # ORT reference vs TensorRT engine
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("candidate", help="fused ONNX model, or a TensorRT engine (.plan)")
     parser.add_argument("--shapes", default="1x16,2x64", help="BATCHxSEQ list (default 1x16,2x64)")
     parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "onnx-reference", "tensorrt"),
-                        help="backend for both models (onnx-reference runs normfuse ops through normops; "
+                        help="backend for both models (default ort-cpu; onnx-reference runs normfuse ops through normops; "
                              "tensorrt builds an engine from an .onnx candidate)")
     parser.add_argument("--reference-backend", choices=("ort-cpu", "ort-cuda", "onnx-reference", "tensorrt"),
                         help="backend for the reference only (default: --backend, or ort-cpu for tensorrt; "

@@ -121,6 +121,8 @@ def test_build_command_end_to_end(tmp_path, norm):
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert f"ONNX Runtime CPU form (`fused-cpu.onnx`, residual Adds kept): {len(cpu_form['fusions'])} fused" in md
+    kinds = "4 AddRMSNorm, 1 RMSNorm" if norm == "rmsnorm" else "4 AddLayerNorm, 1 LayerNorm"
+    assert f"fused 5 of 5 norms ({kinds})" in md and f"fused 5/5 norms ({kinds})" in done.stdout
 
 
 def test_a_bf16_build_on_the_cpu_says_nothing_was_timed_and_leaves_no_stale_plot(tmp_path):

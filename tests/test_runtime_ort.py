@@ -170,3 +170,24 @@ def test_bfloat16_outputs_reach_numpy():
     np.testing.assert_array_equal(out.astype(np.float32), [[1.5, -2.0, 3.0]])
     f32 = ort.OrtValue.ortvalue_from_numpy(np.ones((2, 2), np.float32))
     assert ortvalue_to_numpy(f32).dtype == np.float32
+
+
+def test_the_op_class_summary_leaves_out_a_sessions_first_run(graphs, tmp_path):
+    """A real profile of 1 + 3 runs: the summary is the last three runs' kernels, per run."""
+    import json
+
+    from export.op_classes import summarise_profile
+
+    model = OrtModel(graphs["reference"], providers=["CPUExecutionProvider"], profile_prefix=str(tmp_path / "p"))
+    for _ in range(4):
+        model.run(feeds())
+    path = model.session.end_profiling()
+    events = json.load(open(path))
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    later = sum(e["dur"] for e in kernels if e["ts"] >= starts[1]) / 1000.0 / 3
+    summary = summarise_profile(path, set(), runs=3, skip_runs=1)
+    assert sum(c["time_ms"] for c in summary.values()) == pytest.approx(later)
+    assert sum(c["kernels"] for c in summary.values()) == len(kernels) // 4
+    with pytest.raises(ValueError, match="4 runs profiled, expected 1 \\+ 4"):
+        summarise_profile(path, set(), runs=4, skip_runs=1)

@@ -1,5 +1,5 @@
-"""Stage 2: replace every provable norm subgraph of an ONNX graph with one fused op."""
+"""Replace every provable norm subgraph of an ONNX graph with one fused op (stage 2)."""
 from .emit import TARGETS
-from .rewriter import Fusion, Rejection, RewriteReport, rewrite_file, rewrite_model
+from .rewriter import Fusion, Rejection, RewriteReport, describe_counts, rewrite_file, rewrite_model
 
-__all__ = ["TARGETS", "Fusion", "Rejection", "RewriteReport", "rewrite_file", "rewrite_model"]
+__all__ = ["TARGETS", "Fusion", "Rejection", "RewriteReport", "describe_counts", "rewrite_file", "rewrite_model"]

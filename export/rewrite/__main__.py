@@ -6,7 +6,7 @@ import sys
 from ..cli import Parser, output_file, run_cli
 from ..files import write_json
 from .emit import TARGETS
-from .rewriter import rewrite_file
+from .rewriter import describe_counts, rewrite_file
 
 
 def main(argv=None) -> int:
@@ -25,8 +25,7 @@ def main(argv=None) -> int:
     def job():
         report = rewrite_file(args.input, args.output, target=args.target, residual=not args.no_residual,
                               prove_fusions=not args.no_proof)
-        counts = ", ".join(f"{n} {k}" for k, n in sorted(report.counts.items())) or "nothing"
-        print(f"{args.input}: fused {report.fused} norm(s) ({counts}) for target {args.target}; "
+        print(f"{args.input}: fused {report.fused} norm(s) ({describe_counts(report.counts)}) for target {args.target}; "
               f"{len(report.rejected)} rejected; {report.nodes_before} -> {report.nodes_after} nodes "
               f"in {report.seconds:.2f} s")
         in_bodies = sum(f.scope != "main" for f in report.fusions)

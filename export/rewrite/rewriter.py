@@ -86,6 +86,11 @@ class RewriteReport:
         return out
 
 
+def describe_counts(counts: dict[str, int]) -> str:
+    """{"AddRMSNorm": 4, "RMSNorm": 1} as "4 AddRMSNorm, 1 RMSNorm"; "nothing" when empty."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "nothing"
+
+
 def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bool = True,
                   prove_fusions: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite an in-memory model (external weights may stay unloaded)."""
