@@ -107,6 +107,8 @@ def markdown(report: dict) -> str:
         for label, result in (("reference", ref), ("fused", fused)):
             for cls, c in ((result or {}).get("op_classes") or {}).items():
                 lines.append(f"| {cls} | {label} | {c['flop_share']:.1%} | {c['time_share']:.1%} | {c['time_ms']:.3f} | {c['kernels']} |")
+        lines += ["", "Kernel times come from ONNX Runtime's profiler, in runs of their own: its per-node "
+                  "overhead inflates them on small graphs, so read the shares here and the p50 above for time."]
     lines += ["", "## Skipped", ""]
     lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
     lines += ["", "## Stage times", "", "| stage | seconds |", "| --- | --- |"]

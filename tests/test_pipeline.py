@@ -123,6 +123,7 @@ def test_build_command_end_to_end(tmp_path, norm):
     assert f"ONNX Runtime CPU form (`fused-cpu.onnx`, residual Adds kept): {len(cpu_form['fusions'])} fused" in md
     kinds = "4 AddRMSNorm, 1 RMSNorm" if norm == "rmsnorm" else "4 AddLayerNorm, 1 LayerNorm"
     assert f"fused 5 of 5 norms ({kinds})" in md and f"fused 5/5 norms ({kinds})" in done.stdout
+    assert "| norm | reference |" in md and "read the shares here and the p50 above for time" in md
 
 
 def test_a_bf16_build_on_the_cpu_says_nothing_was_timed_and_leaves_no_stale_plot(tmp_path):
