@@ -40,37 +40,37 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{ERROR_PREFIX}{message} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
+def int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least {low}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
-    return value
+    return int_at_least(text, 0)
+
+
+def writable(text: str, folder: bool) -> str:
+    """`text` if the command can write it (a file, or a folder), checked before any work."""
+    reason = unwritable(text, folder)
+    if reason:
+        raise argparse.ArgumentTypeError(f"{text} {reason}")
+    return text
 
 
 def output_file(text: str) -> str:
-    """An argparse type: a path the command can write a file to (checked before any work)."""
-    reason = unwritable(text)
-    if reason:
-        raise argparse.ArgumentTypeError(f"{text} {reason}")
-    return text
+    """An argparse type: a path the command can write a file to."""
+    return writable(text, folder=False)
 
 
 def output_folder(text: str) -> str:
-    """An argparse type: a folder the command can create or write into (checked before any work)."""
-    reason = unwritable(text, folder=True)
-    if reason:
-        raise argparse.ArgumentTypeError(f"{text} {reason}")
-    return text
+    """An argparse type: a folder the command can create or write into."""
+    return writable(text, folder=True)
