@@ -366,6 +366,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def no_cuda_reason() -> str | None:
+    """Why torch cannot run CUDA kernels here, or None."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device (no GPU, or no driver)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="normfuse-variants-") as workdir:
@@ -391,6 +400,10 @@ def main(argv: list[str] | None = None) -> None:
                 write_text(args.out / "kernels-static.md", table + "\n")
             print(table)
             return
+        missing = no_cuda_reason()
+        if missing:
+            sys.exit(f"error: bench/kernels.py times the kernels on an NVIDIA GPU: {missing}; without one, "
+                     "--static ARCH gives each kernel's ptxas and SASS figures")
         args.out = args.out or ROOT / "bench" / "results"
         args.out.mkdir(parents=True, exist_ok=True)
         args.partial = args.out / "partial.json"

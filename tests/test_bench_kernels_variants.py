@@ -97,6 +97,16 @@ def test_static_defaults_to_the_work_tree(kernels):
     assert args.arches == ["sm_90", "sm_80"] and [v.base for v in args.variants] == ["worktree"]
 
 
+def test_timing_without_cuda_is_one_line_that_points_to_static(kernels, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the script would time kernels")
+    with pytest.raises(SystemExit) as exc:
+        kernels.main(["--quick", "--out", str(tmp_path / "r")])
+    assert str(exc.value).startswith("error: bench/kernels.py times the kernels on an NVIDIA GPU: ")
+    assert "--static ARCH" in str(exc.value) and not (tmp_path / "r").exists()
+
+
 def test_unknown_revision_and_revision_without_kernels_are_refused(sources, tmp_path):
     with pytest.raises(sources.VariantError, match="neither a git revision"):
         sources.materialise(sources.parse_sources(["no-such-revision-here"])[0], tmp_path)
