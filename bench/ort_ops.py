@@ -188,12 +188,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
 
-    from export.backends import import_onnxruntime
+    from export.backends import availability, import_onnxruntime
     from export.files import write_json, write_text
 
     ort = import_onnxruntime()
     dtypes = args.dtypes or (["float32", "float16"] + (["bfloat16"] if args.provider == "cuda" else []))
     backend = f"ort-{args.provider}"
+    available = availability(backend)
+    if not available.present:
+        parser.exit(1, f"error: --provider {args.provider}: {available.reason}\n")
     device = device_name(args.provider)
     result = {"provider": args.provider, "device": device, "onnxruntime": ort.__version__,
               "python": platform.python_version(), "threads": len(os.sched_getaffinity(0)),

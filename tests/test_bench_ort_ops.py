@@ -49,3 +49,15 @@ def test_a_run_writes_every_raw_time(ort_ops, tmp_path, capsys):
     assert cell["median_us"]["norm op"] == pytest.approx(np.median(cell["raw_us"]["norm op"]), rel=1e-3)
     assert "| rmsnorm | float32 | 3x64 |" in written.with_suffix(".md").read_text()
     assert written.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_absent_provider_is_one_line_naming_why(ort_ops, tmp_path, capsys):
+    from export.backends import availability
+
+    if availability("ort-cuda").present:
+        pytest.skip("ONNX Runtime's CUDA provider runs here")
+    with pytest.raises(SystemExit) as exc:
+        ort_ops.main(["--provider", "cuda", "--out", str(tmp_path / "r")])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == f"error: --provider cuda: {availability('ort-cuda').reason}\n"
+    assert not (tmp_path / "r").exists()
