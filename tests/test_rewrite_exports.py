@@ -109,6 +109,63 @@ def test_torch_rms_norm_modules(make, opset):
         assert report.fusions[0].kind == "RMSNorm"
 
 
+class TorchStatisticsNorm(torch.nn.Module):
+    """Norms written with torch's own statistics, which its dynamo exporter spells as a reduction with
+    keepdims=0 whose axis Reshape/Expand put back (var, var_mean) or as a sum over hidden; and near
+    misses that are no norm: epsilon outside the root, Bessel's correction, the wrong divisor, axis 1."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.weight = torch.nn.Parameter(torch.rand(64) + 0.5)
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(64))
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        if self.form == "var_mean":
+            var, mean = torch.var_mean(x, -1, keepdim=True, unbiased=False)
+            return (x - mean) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+        if self.form == "var":
+            return (x - mean) * torch.rsqrt(x.var(-1, keepdim=True, correction=0) + 1e-6) * self.weight
+        if self.form == "sum over hidden":
+            return x / torch.sqrt((x * x).sum(-1, keepdim=True) / 64 + 1e-6) * self.weight
+        if self.form == "std plus eps":
+            return (x - mean) / (x.std(-1, keepdim=True, unbiased=False) + 1e-5)
+        if self.form == "unbiased var":
+            return (x - mean) / torch.sqrt(x.var(-1, keepdim=True) + 1e-5)
+        if self.form == "sum over 65":
+            return x / torch.sqrt((x * x).sum(-1, keepdim=True) / 65 + 1e-6)
+        var, mean = torch.var_mean(x, 1, keepdim=True, unbiased=False)  # "var_mean over axis 1"
+        return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+def _export_dynamic(module, dtype):
+    """Batch and sequence dynamic: torch then restores a reduced axis from Shape ops, not constants."""
+    x = torch.randn(2, 8, 64, dtype=getattr(torch, dtype))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module.to(getattr(torch, dtype)).eval(), (x,), dynamo=True, opset_version=18,
+                                 dynamic_shapes=({0: "batch", 1: "seq"},)).model_proto
+
+
+@pytest.mark.parametrize("form,kind", [("var_mean", "LayerNorm"), ("var", "LayerNorm"), ("sum over hidden", "RMSNorm")])
+def test_torch_statistics_are_fused(form, kind):
+    report = assert_fused_and_equal(_export_dynamic(TorchStatisticsNorm(form), "float32"), 1, 0, "float32")
+    assert report.fusions[0].kind == kind
+    report = assert_fused_and_equal(_export_module(TorchStatisticsNorm(form), "float16", 18), 1, 0, "float16")
+    assert report.fusions[0].kind == kind
+
+
+@pytest.mark.parametrize("form", ["std plus eps", "unbiased var", "sum over 65", "var_mean over axis 1"])
+def test_torch_statistics_that_are_no_norm_stay(form):
+    model = _export_dynamic(TorchStatisticsNorm(form), "float32")
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0
+    x = np.random.default_rng(0).standard_normal((3, 5, 64)).astype(np.float32)
+    name = model.graph.input[0].name
+    assert GRAPH["float32"].passes(run_model(out, {name: x})[0], run_model(model, {name: x})[0])
+
+
 class BatchNormArithmeticLayerNorm(torch.nn.Module):
     """LayerNorm in TensorFlow's batch-normalisation arithmetic (tf2onnx's Keras/TF BERT LayerNorms),
     after a residual Add: s = gamma * rsqrt(var + eps); y = x * s + (beta - mean * s). `keras`

@@ -143,6 +143,7 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
         raise Rejected(f"size of the last axis of '{x.name}' is not static ({hidden!r})")
 
     _check_constants(match)
+    _check_row_lengths(match, hidden)
     _check_not_overridable(match, overridable)
     epsilon = _epsilon(pattern, match)
     if pattern.native:
@@ -152,7 +153,7 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
             if node.op in REDUCTIONS:
                 _check_reduce(node, rank)
     _check_input_cast(match)
-    _check_inner_casts(match)
+    _check_float_casts(match)
     gamma = _per_feature(match.get("gamma"), hidden, rank, "scale")
     beta = _per_feature(match.get("beta"), hidden, rank, "bias")
     if not pattern.skip:  # a Skip op's extra outputs are judged by _skip_candidate
@@ -183,6 +184,15 @@ def _check_constants(match: Match) -> None:
         value = scalar(match, name, what)
         if value is not None and value != want:
             raise Rejected(f"{what} is {value:g}, not {want:g}")
+
+
+def _check_row_lengths(match: Match, hidden: int) -> None:
+    """A mean written as a sum divided by a constant: the constant must be the row's length."""
+    for name in match.tensors:
+        if name.startswith("row_length#"):
+            value = scalar(match, name, "the divisor of the sum")
+            if value != hidden:
+                raise Rejected(f"the sum over the last axis is divided by {value:g}, not by the row length {hidden}")
 
 
 # Bound tensors that flow through the fused op; every other bound tensor is a constant the checks read.
@@ -218,7 +228,7 @@ def _last_axis(axes, rank: int, where: str) -> None:
         raise Rejected(f"{where} reduces over axis {axes[0]}, not the last axis of rank {rank}")
 
 
-REDUCTIONS = ("ReduceMean", "ReduceMin", "ReduceMax", "GlobalAveragePool")
+REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMin", "ReduceMax", "GlobalAveragePool")
 
 
 def _check_reduce(node: gs.Node, rank: int) -> None:
@@ -252,19 +262,26 @@ def _check_input_cast(match: Match) -> None:
         raise Rejected(f"input cast '{cast.name}' casts to {cast.attrs.get('to')}, not float32")
 
 
-def _check_inner_casts(match: Match) -> None:
-    """The variance may be averaged in a wider type and cast back (jax2onnx's jnp.var, in float64):
-    the cast must widen to float32 or float64 and the one after the mean return to the squares' type."""
-    wide, narrow = match.roles.get("cast_wide"), match.roles.get("cast_narrow")
-    if wide is None:
-        return
-    squares = dtype_name(wide.inputs[0])
-    to_wide = FLOAT_TYPES.get(int(wide.attrs.get("to", 0)))
-    bits = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
-    if squares not in bits or to_wide not in ("float32", "float64") or bits[to_wide] < bits[squares]:
-        raise Rejected(f"cast '{wide.name}' in the variance casts {squares} to {to_wide}: it must widen to float32 or float64")
-    if FLOAT_TYPES.get(int(narrow.attrs.get("to", 0))) != squares:
-        raise Rejected(f"cast '{narrow.name}' after the variance's mean does not return to {squares}")
+# the types a cast may go to without losing a value (fp16 and bf16 each lose some of the other's)
+HOLDS_EVERY_VALUE_OF = {"float16": ("float16", "float32", "float64"), "bfloat16": ("bfloat16", "float32", "float64"),
+                        "float32": ("float32", "float64"), "float64": ("float64",)}
+
+
+def _check_float_casts(match: Match) -> None:
+    """Casts inside a norm change only the float precision (statistics taken in float32 and cast back
+    to the half type, say); a cast to an integer or bool type would change the values themselves,
+    and one that narrows what a mean or sum reads averages in less precision than the fused op."""
+    inside = {id(n) for n in match.nodes}
+    for node in match.nodes:
+        if node.op == "Cast" and FLOAT_TYPES.get(int(node.attrs.get("to", 0))) is None:
+            raise Rejected(f"cast '{node.name}' inside the norm casts to type {node.attrs.get('to')}, not a float type")
+        if node.op in ("ReduceMean", "ReduceSum", "GlobalAveragePool"):
+            cast = producer(node.inputs[0])
+            if cast is None or cast.op != "Cast" or id(cast) not in inside:
+                continue
+            source, target = dtype_name(cast.inputs[0]), FLOAT_TYPES.get(int(cast.attrs.get("to", 0)))
+            if target not in HOLDS_EVERY_VALUE_OF.get(source, ()):
+                raise Rejected(f"cast '{cast.name}' narrows {source} to {target} before {node.op} '{node.name}'")
 
 
 def _per_feature(tensor: gs.Tensor | None, hidden: int, rank: int, what: str) -> gs.Tensor | None:

@@ -32,9 +32,13 @@ def reduce_last(op: str, p: Pattern, role: str | None = "reduce") -> Pattern:
 
 
 def mean_last(p: Pattern) -> Pattern:
-    """ReduceMean over the last axis, or GlobalAveragePool, which tf2onnx writes for it: on a rank-3
-    input [N, C, L] it averages L alone (the checks refuse it on any other rank)."""
-    return Or(reduce_last("ReduceMean", p), Op("GlobalAveragePool", p, role="reduce"))
+    """ReduceMean over the last axis; GlobalAveragePool, which tf2onnx writes for it: on a rank-3
+    input [N, C, L] it averages L alone (the checks refuse it on any other rank); or ReduceSum over
+    the last axis divided by a constant, which the checks require to be the row's length (torch's
+    dynamo exporter writes var_mean's mean this way, and so do hand-written sum(x * x) / hidden)."""
+    total = maybe_cast(reduce_last("ReduceSum", p), "cast_stat")
+    mean = Or(reduce_last("ReduceMean", p), Op("GlobalAveragePool", p, role="reduce"), Op("Div", total, _fresh("row_length")))
+    return maybe_cast(mean, "cast_stat")  # a statistic taken in float32 and cast back to the half type
 
 
 def square(p: Pattern, exponent: str = "square_exp") -> Pattern:
@@ -44,14 +48,15 @@ def square(p: Pattern, exponent: str = "square_exp") -> Pattern:
 def variance(x: Pattern, centred: Pattern) -> Pattern:
     """Var over the last axis, as exporters write it:
     - mean((x - mean)^2), the textbook form;
-    - the same with the mean of the squares taken in float64 (Cast there and back: jax2onnx's jnp.var);
+    - the same with the squares cast to a wider type and the mean cast back (jax2onnx's jnp.var, in
+      float64; torch, in float32 from half-precision squares); a cast that narrows what the mean reads
+      is refused by the checks;
     - E[x^2] - E[x]^2, clamped at zero or not (Flax's default `use_fast_variance`). Equal in exact
       arithmetic; the fused op computes it the sound way, so where the two moments cancel (means
       large against the spread) the fused result is the more accurate one."""
-    squares = square(centred)
-    in_float64 = Op("Cast", mean_last(Op("Cast", squares, role="cast_wide")), role="cast_narrow")
+    squares = maybe_cast(square(centred), "cast_stat")
     moments = Op("Sub", mean_last(square(x)), square(mean_last(x), "mean_square_exp"))
-    return Or(mean_last(squares), in_float64, Op("Max", moments, Var("clamp_zero"), commutative=True), moments)
+    return Or(mean_last(squares), Op("Max", moments, Var("clamp_zero"), commutative=True), moments)
 
 
 def constant_row_guard(x: Pattern, centred: Pattern) -> Pattern:
@@ -99,10 +104,11 @@ class NormPattern:
 
 def _rms_patterns() -> list[NormPattern]:
     x = maybe_cast(Var("x"), "cast_in")
-    normalised = normalise(x, mean_last(square(x)))
+    squares = maybe_cast(square(x), "cast_stat")  # squared in the half type, summed in float32
+    normalised = normalise(x, mean_last(squares))
     out = maybe_cast(normalised, "cast_out")
     # Keras' RMSNormalization, as tf2onnx writes it: the scale multiplies the inverse root, then x
-    inv = inv_sqrt(Op("Add", mean_last(square(x)), Var("eps"), commutative=True))
+    inv = inv_sqrt(Op("Add", mean_last(squares), Var("eps"), commutative=True))
     scaled_inv = Op("Mul", inv, Var("gamma"), commutative=True, role="scale")
     return [
         # LLaMA/Mistral: weight * normalised.to(dtype); T5: weight * normalised (no cast back)
@@ -114,9 +120,14 @@ def _rms_patterns() -> list[NormPattern]:
 
 def _layernorm_patterns() -> list[NormPattern]:
     x = maybe_cast(Var("x"), "cast_in")
-    raw = Op("Sub", x, mean_last(x), role="centre")
-    centred = Or(constant_row_guard(x, raw), raw)
-    out = maybe_cast(normalise(centred, variance(x, centred)), "cast_out")
+
+    def centred() -> Pattern:
+        # one instance per use: the values divided and the values squared may be centred by two
+        # separate means of x (torch computes x.var's own), each reading its own axes tensor
+        raw = Op("Sub", x, mean_last(x), role="centre")
+        return Or(constant_row_guard(x, raw), raw)
+
+    out = maybe_cast(normalise(centred(), variance(x, centred())), "cast_out")
     return [
         NormPattern("layernorm", True, maybe_cast(biased(scaled(out)), "cast_scaled")),
         NormPattern("layernorm-no-bias", True, maybe_cast(scaled(out), "cast_scaled")),

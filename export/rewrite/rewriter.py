@@ -30,6 +30,7 @@ from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, inline_small_external_data, load
                        share_external_data)
 from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name
 from .fills import per_feature_fills
+from .keepdims import restore_keepdims
 from .gamma import fold_gamma
 from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset
 from .functions import inline_norm_functions
@@ -110,6 +111,8 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     for scope in scopes:
         report.notes += _drop_identities(scope.graph, scope.outputs, scope.name)
         report.notes += per_feature_fills(scope.graph, scope.outputs, names, scope.name)
+        report.notes += restore_keepdims(scope.graph, scope.outputs, names, scope.name)
+        scope.members |= {id(n) for n in scope.graph.nodes}  # the reductions restore_keepdims added
 
     claimed: set[int] = set()  # ids of nodes already taken by a chosen candidate, in any graph
     candidates = []

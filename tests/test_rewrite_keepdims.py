@@ -1,0 +1,132 @@
+"""export/rewrite/keepdims.py and the mean written as a sum: a last-axis reduction taken with
+keepdims=0 whose axis a Reshape (and an Expand to the same shape) puts back, as torch's dynamo
+exporter writes var and var_mean, is one reduction with keepdims=1, so the norm around it is fused;
+a sum divided by the row length is a mean. Shapes that do not give exactly the axis back are left
+as written, and a sum divided by anything else is not a mean."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from export.rewrite import rewrite_model
+from export.rewrite.evaluate import run_model
+from normops import GRAPH
+
+HIDDEN = 16
+
+
+def ints(name, values):
+    return onnx.numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def floats(name, value):
+    return onnx.numpy_helper.from_array(np.array(value, np.float32), name)
+
+
+def restored_rms(restore="shape-of-reduced", expand=True, divisor=float(HIDDEN), dims=("batch", "seq", HIDDEN), axis=-1):
+    """y = x / sqrt(restore(ReduceSum(x * x, [-1], keepdims=0)) / divisor + eps): the RMSNorm spelling
+    of a hand-written sum, its axis put back the way `restore` says:
+    - "shape-of-reduced": Reshape(r, Concat(Reshape(Shape(r, 0, 1), [-1]), Reshape(Shape(r, 1, 2), [-1]), [1])),
+      torch's form, then (with `expand`) Expand to Concat(Shape(x, 0, 2), [1]);
+    - "gather": the shape as Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)), [1]);
+    - "constant": Reshape(r, [2, 3, 1]) (a static input);
+    - "runtime": Reshape(r, shape) with the shape a graph input;
+    - "middle": Reshape(r, Concat(Shape(r, 0, 1), [1], Shape(r, 1, 2))): with `axis` 1, the reduced
+      axis put back where it was, the middle one."""
+    inits = [ints("last", [axis]), ints("flat", [-1]), ints("one", [1]), floats("n", divisor), floats("eps", 1e-6),
+             ints("zero_i", 0), ints("one_i", 1), ints("axis0", [0])]
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
+             helper.make_node("ReduceSum", ["sq", "last"], ["r"], keepdims=0)]
+    if restore == "shape-of-reduced":
+        nodes += [helper.make_node("Shape", ["r"], ["r0"], start=0, end=1), helper.make_node("Shape", ["r"], ["r1"], start=1, end=2),
+                  helper.make_node("Reshape", ["r0", "flat"], ["r0f"]), helper.make_node("Reshape", ["r1", "flat"], ["r1f"]),
+                  helper.make_node("Concat", ["r0f", "r1f", "one"], ["shape"], axis=0)]
+    elif restore == "gather":
+        nodes += [helper.make_node("Shape", ["x"], ["xs"]),
+                  helper.make_node("Gather", ["xs", "zero_i"], ["d0"], axis=0), helper.make_node("Gather", ["xs", "one_i"], ["d1"], axis=0),
+                  helper.make_node("Unsqueeze", ["d0", "axis0"], ["d0v"]), helper.make_node("Unsqueeze", ["d1", "axis0"], ["d1v"]),
+                  helper.make_node("Concat", ["d0v", "d1v", "one"], ["shape"], axis=0)]
+    elif restore == "middle":
+        nodes += [helper.make_node("Shape", ["r"], ["r0"], start=0, end=1), helper.make_node("Shape", ["r"], ["r1"], start=1, end=2),
+                  helper.make_node("Concat", ["r0", "one", "r1"], ["shape"], axis=0)]
+    elif restore == "constant":
+        inits.append(ints("shape", [2, 3, 1]))
+    nodes.append(helper.make_node("Reshape", ["r", "shape"], ["kept"]))
+    if expand:
+        nodes += [helper.make_node("Shape", ["x"], ["rows"], start=0, end=2),
+                  helper.make_node("Concat", ["rows", "one"], ["rows1"], axis=0),
+                  helper.make_node("Expand", ["kept", "rows1"], ["ms_sum"])]
+    nodes += [helper.make_node("Div", ["ms_sum" if expand else "kept", "n"], ["ms"]),
+              helper.make_node("Add", ["ms", "eps"], ["ms_eps"]), helper.make_node("Sqrt", ["ms_eps"], ["rms"]),
+              helper.make_node("Div", ["x", "rms"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))]
+    if restore == "runtime":
+        inputs.append(helper.make_tensor_value_info("shape", TensorProto.INT64, [3]))
+    graph = helper.make_graph(nodes, "restored", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def assert_same_outputs(model, out):
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, HIDDEN)).astype(np.float32)}
+    if len(model.graph.input) > 1:
+        feeds["shape"] = np.array([2, 3, 1], np.int64)
+    assert GRAPH["float32"].passes(run_model(out, feeds)[0], run_model(model, feeds)[0])
+
+
+@pytest.mark.parametrize("restore,expand,dims", [
+    ("shape-of-reduced", True, ("batch", "seq", HIDDEN)),
+    ("shape-of-reduced", False, ("batch", "seq", HIDDEN)),
+    ("gather", True, ("batch", "seq", HIDDEN)),
+    ("constant", False, (2, 3, HIDDEN)),
+    ("constant", True, (2, 3, HIDDEN)),
+])
+def test_a_reduction_whose_axis_is_put_back_is_fused(restore, expand, dims):
+    model = restored_rms(restore, expand, dims=dims)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.counts == {"RMSNorm": 1}, [r.reason for r in report.rejected]
+    assert [n.op_type for n in out.graph.node] == ["RMSNorm"]  # the shape arithmetic went with it
+    assert any("keepdims=0" in note for note in report.notes)
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("restore,axis", [("runtime", -1), ("middle", 1)])
+def test_a_reshape_not_shown_to_give_the_rows_back_is_left_alone(restore, axis):
+    """A shape given at run time cannot be read; a reduction over the middle axis is no last-axis one."""
+    model = restored_rms(restore, expand=False, axis=axis)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0 and not any("keepdims=0" in note for note in report.notes)
+    assert len(out.graph.node) == len(model.graph.node)
+    assert_same_outputs(model, out)
+
+
+def test_a_sum_divided_by_other_than_the_row_length_is_not_a_mean():
+    model = restored_rms("constant", expand=False, divisor=HIDDEN + 1.0, dims=(2, 3, HIDDEN))
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0
+    assert [r.reason for r in report.rejected] == [f"the sum over the last axis is divided by {HIDDEN + 1}, "
+                                                   f"not by the row length {HIDDEN}"]
+    assert_same_outputs(model, out)
+
+
+def test_an_expand_that_grows_the_reduction_is_kept():
+    """Reshape puts the axis back; an Expand to [2, 3, HIDDEN] then repeats each row's sum along it:
+    the Reshape becomes keepdims=1, the Expand stays, and no norm is fused (the sum is no longer per row)."""
+    model = restored_rms("constant", expand=True, dims=(2, 3, HIDDEN))
+    grow = ints("grown", [2, 3, HIDDEN])
+    model.graph.initializer.append(grow)
+    for node in model.graph.node:
+        if node.op_type == "Expand":
+            node.input[1] = "grown"
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0 and "Expand" in [n.op_type for n in out.graph.node]
+    assert_same_outputs(model, out)
+
+
+def test_a_rewritten_graph_is_left_as_it_is():
+    once, _ = rewrite_model(restored_rms(), target="onnx")
+    twice, report = rewrite_model(once, target="onnx")
+    assert report.fused == 0 and report.notes == []
+    assert [n.op_type for n in twice.graph.node] == [n.op_type for n in once.graph.node]
