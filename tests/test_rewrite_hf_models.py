@@ -68,6 +68,19 @@ def build(arch: str):
         return t.CohereModel(t.CohereConfig(**COMMON))
     if arch == "olmo2":
         return t.Olmo2Model(t.Olmo2Config(**COMMON))
+    if arch == "olmo":
+        return t.OlmoModel(t.OlmoConfig(**COMMON))
+    if arch == "nemotron":
+        return t.NemotronModel(t.NemotronConfig(**COMMON))
+    if arch == "persimmon":
+        return t.PersimmonModel(t.PersimmonConfig(**{k: v for k, v in COMMON.items() if k != "num_key_value_heads"},
+                                                  qk_layernorm=True))
+    if arch == "phi":
+        return t.PhiModel(t.PhiConfig(**COMMON))
+    if arch == "modernbert":
+        return t.ModernBertModel(t.ModernBertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                                                    num_attention_heads=4, vocab_size=100, max_position_embeddings=64,
+                                                    global_attn_every_n_layers=1, pad_token_id=0))
     raise ValueError(arch)
 
 
@@ -118,7 +131,10 @@ def export(arch: str, dtype: str, directory: Path, exporter: str = "dynamo") -> 
 # Reshapes, and its embedding sum is an Add of equal shapes too. Cohere's parallel layers share one
 # bias-free LayerNorm computed in fp32. OLMo-2 normalises q and k over the whole hidden size and the
 # attention and MLP outputs before their Adds (four plain RMSNorms a layer); only the final norm has
-# an Add in front.
+# an Add in front. OLMo's LayerNorms have no weight or bias, Nemotron's scale by 1 + weight, ModernBERT's
+# have no bias: each is a native LayerNormalization, which the onnxruntime target leaves alone where no
+# Add precedes it. Persimmon also normalises q and k per head (two plain LayerNorms a layer); Phi runs
+# attention and MLP in parallel from one norm a layer.
 EXPECTED = {
     "llama": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}, "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}},
     "gemma": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}, "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}},
@@ -133,6 +149,12 @@ EXPECTED = {
                "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1 + 2 * LAYERS}},
     "cohere": {"tensorrt": {"AddLayerNorm": LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": LAYERS, "LayerNorm": 1}},
     "olmo2": {"tensorrt": {"AddRMSNorm": 1, "RMSNorm": 4 * LAYERS}, "onnxruntime": {"AddRMSNorm": 1, "RMSNorm": 4 * LAYERS}},
+    "olmo": {"tensorrt": {"AddLayerNorm": 2 * LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": 2 * LAYERS}},
+    "nemotron": {"tensorrt": {"AddLayerNorm": 2 * LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": 2 * LAYERS}},
+    "modernbert": {"tensorrt": {"AddLayerNorm": 2 * LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": 2 * LAYERS}},
+    "persimmon": {"tensorrt": {"AddLayerNorm": 2 * LAYERS, "LayerNorm": 1 + 2 * LAYERS},
+                  "onnxruntime": {"AddLayerNorm": 2 * LAYERS}},
+    "phi": {"tensorrt": {"AddLayerNorm": LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": LAYERS}},
 }
 
 
@@ -179,7 +201,8 @@ def test_fp32_exports_are_fused_and_match(exported, arch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["opt", "neox", "falcon", "gemma2", "cohere", "olmo2"])
+@pytest.mark.parametrize("arch", ["opt", "neox", "falcon", "gemma2", "cohere", "olmo2", "olmo", "nemotron", "modernbert",
+                                  "persimmon", "phi"])
 def test_more_fp32_architectures(exported, arch, tmp_path):
     check(exported, arch, "float32", tmp_path)
 
