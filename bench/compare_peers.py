@@ -113,6 +113,11 @@ def _modules():
             var = (x - mean).pow(2).mean(-1, keepdim=True)
             return (x - mean) / torch.sqrt(var + 1e-5) * self.weight + self.bias
 
+    class VarMeanLayerNorm(AffineNorm):  # torch.var_mean: the dynamo exporter reduces with keepdims=0 and puts the axis back
+        def forward(self, x):
+            var, mean = torch.var_mean(x, -1, keepdim=True, unbiased=False)
+            return (x - mean) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
     class BatchNormArithmeticLayerNorm(AffineNorm):  # TF's batch_normalization maths (tf2onnx's Keras/BERT LayerNorm)
         def forward(self, x):
             mean = x.mean(-1, keepdim=True)
@@ -149,6 +154,7 @@ def _modules():
         "hand-layernorm": (lambda: Block(HandLayerNorm()), 1),
         "nn.LayerNorm": (lambda: Block(layer_module()), 1),
         "tf-layernorm": (lambda: Block(BatchNormArithmeticLayerNorm()), 1),
+        "var_mean-layernorm": (lambda: Block(VarMeanLayerNorm()), 1),
         "axis1-rms (near-miss)": (lambda: Block(Axis1RMS()), 0),
     }
 
