@@ -111,7 +111,7 @@ def test_torch_rms_norm_modules(make, opset):
 
 class TorchStatisticsNorm(torch.nn.Module):
     """Norms written with torch's own statistics, which its dynamo exporter spells as a reduction with
-    keepdims=0 whose axis Reshape/Expand put back (var, var_mean) or as a sum over hidden; and near
+    keepdims=0 whose axis Reshape/Expand (var, var_mean) or Unsqueeze put back, or as a sum over hidden; and near
     misses that are no norm: epsilon outside the root, Bessel's correction, the wrong divisor, axis 1."""
 
     def __init__(self, form):
@@ -129,6 +129,8 @@ class TorchStatisticsNorm(torch.nn.Module):
             return (x - mean) * torch.rsqrt(x.var(-1, keepdim=True, correction=0) + 1e-6) * self.weight
         if self.form == "sum over hidden":
             return x / torch.sqrt((x * x).sum(-1, keepdim=True) / 64 + 1e-6) * self.weight
+        if self.form == "mean unsqueezed":
+            return x * torch.rsqrt((x * x).mean(-1).unsqueeze(-1) + 1e-6) * self.weight
         if self.form == "std plus eps":
             return (x - mean) / (x.std(-1, keepdim=True, unbiased=False) + 1e-5)
         if self.form == "unbiased var":
@@ -148,7 +150,8 @@ def _export_dynamic(module, dtype):
                                  dynamic_shapes=({0: "batch", 1: "seq"},)).model_proto
 
 
-@pytest.mark.parametrize("form,kind", [("var_mean", "LayerNorm"), ("var", "LayerNorm"), ("sum over hidden", "RMSNorm")])
+@pytest.mark.parametrize("form,kind", [("var_mean", "LayerNorm"), ("var", "LayerNorm"), ("sum over hidden", "RMSNorm"),
+                                       ("mean unsqueezed", "RMSNorm")])
 def test_torch_statistics_are_fused(form, kind):
     report = assert_fused_and_equal(_export_dynamic(TorchStatisticsNorm(form), "float32"), 1, 0, "float32")
     assert report.fusions[0].kind == kind

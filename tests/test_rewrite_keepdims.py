@@ -33,6 +33,7 @@ def restored_rms(restore="shape-of-reduced", expand=True, divisor=float(HIDDEN),
     - "gather": the shape as Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)), [1]);
     - "constant": Reshape(r, [2, 3, 1]) (a static input);
     - "runtime": Reshape(r, shape) with the shape a graph input;
+    - "unsqueeze": Unsqueeze(r, [axis]);
     - "middle": Reshape(r, Concat(Shape(r, 0, 1), [1], Shape(r, 1, 2))): with `axis` 1, the reduced
       axis put back where it was, the middle one."""
     inits = [ints("last", [axis]), ints("flat", [-1]), ints("one", [1]), floats("n", divisor), floats("eps", 1e-6),
@@ -53,7 +54,11 @@ def restored_rms(restore="shape-of-reduced", expand=True, divisor=float(HIDDEN),
                   helper.make_node("Concat", ["r0", "one", "r1"], ["shape"], axis=0)]
     elif restore == "constant":
         inits.append(ints("shape", [2, 3, 1]))
-    nodes.append(helper.make_node("Reshape", ["r", "shape"], ["kept"]))
+    if restore == "unsqueeze":
+        inits.append(ints("at", [axis]))
+        nodes.append(helper.make_node("Unsqueeze", ["r", "at"], ["kept"]))
+    else:
+        nodes.append(helper.make_node("Reshape", ["r", "shape"], ["kept"]))
     if expand:
         nodes += [helper.make_node("Shape", ["x"], ["rows"], start=0, end=2),
                   helper.make_node("Concat", ["rows", "one"], ["rows1"], axis=0),
@@ -82,6 +87,7 @@ def assert_same_outputs(model, out):
     ("gather", True, ("batch", "seq", HIDDEN)),
     ("constant", False, (2, 3, HIDDEN)),
     ("constant", True, (2, 3, HIDDEN)),
+    ("unsqueeze", False, ("batch", "seq", HIDDEN)),
 ])
 def test_a_reduction_whose_axis_is_put_back_is_fused(restore, expand, dims):
     model = restored_rms(restore, expand, dims=dims)
@@ -92,7 +98,7 @@ def test_a_reduction_whose_axis_is_put_back_is_fused(restore, expand, dims):
     assert_same_outputs(model, out)
 
 
-@pytest.mark.parametrize("restore,axis", [("runtime", -1), ("middle", 1)])
+@pytest.mark.parametrize("restore,axis", [("runtime", -1), ("middle", 1), ("unsqueeze", 1)])
 def test_a_reshape_not_shown_to_give_the_rows_back_is_left_alone(restore, axis):
     """A shape given at run time cannot be read; a reduction over the middle axis is no last-axis one."""
     model = restored_rms(restore, expand=False, axis=axis)

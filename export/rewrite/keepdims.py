@@ -3,8 +3,9 @@
 torch's dynamo exporter writes `var`, `var_mean` and the sums behind them as
 `Reduce*(t, [-1], keepdims=0)`, then puts the reduced axis back:
 `Reshape(r, Concat(Shape(r) pieces, [1]))`, often followed by `Expand(., Concat(Shape(x) pieces,
-[1]))` to x's rows. The Reshape appends an axis of size 1 to r's shape (row-major order is kept),
-and an Expand to the shape its input already has is the identity: together they are exactly
+[1]))` to x's rows; hand-written `x.sum(-1).unsqueeze(-1)` is `Unsqueeze(r, [-1])`. The Reshape
+appends an axis of size 1 to r's shape (row-major order is kept), as does Unsqueeze at the end, and
+an Expand to the shape its input already has is the identity: together they are exactly
 `Reduce*(t, [-1], keepdims=1)`, the form the norm patterns and the proof know.
 
 The shapes are read, not guessed: each shape tensor is evaluated dimension by dimension (constants,
@@ -27,19 +28,18 @@ RESTORABLE = ("ReduceMean", "ReduceSum")
 def restore_keepdims(graph: gs.Graph, graph_outputs: set, names: UniqueNames, scope: str = "main") -> list[str]:
     """Replace each such reduction-and-restore with one reduction keeping its axis; returns the notes."""
     restored = 0
-    for reshape in list(graph.nodes):
-        if reshape.op != "Reshape" or (reshape.domain or "") not in DEFAULT_DOMAINS or len(reshape.inputs) < 2 \
-                or not reshape.outputs:
+    for restore in list(graph.nodes):
+        if restore.op not in ("Reshape", "Unsqueeze") or (restore.domain or "") not in DEFAULT_DOMAINS \
+                or not restore.inputs or not restore.outputs:
             continue
-        reduction = producer(reshape.inputs[0])
-        rows = _last_axis_rows(reduction)
-        if rows is None:
+        reduction = producer(restore.inputs[0])
+        if not _drops_the_last_axis(reduction):
             continue
         reduced, source = reduction.outputs[0], reduction.inputs[0]
         wanted = [_dim(source, i) for i in range(len(source.shape) - 1)] + [1]
-        if _dims_of(reshape.inputs[1], reduced, source) != wanted:
+        if not _puts_it_back_last(restore, reduced, source, wanted):
             continue
-        end = reshape.outputs[0]
+        end = restore.outputs[0]
         expand = end.outputs[0] if len(end.outputs) == 1 else None
         if expand is not None and expand.op == "Expand" and (expand.domain or "") in DEFAULT_DOMAINS \
                 and end.name not in graph_outputs and _dims_of(expand.inputs[1], reduced, source) == wanted:
@@ -57,25 +57,35 @@ def restore_keepdims(graph: gs.Graph, graph_outputs: set, names: UniqueNames, sc
         restored += 1
     where = "" if scope == "main" else f" in {scope}"
     return [f"took {restored} last-axis reduction(s) written with keepdims=0 and their axis put back by "
-            f"Reshape/Expand as keepdims=1{where}"] if restored else []
+            f"Reshape/Unsqueeze/Expand as keepdims=1{where}"] if restored else []
 
 
-def _last_axis_rows(node: gs.Node | None) -> int | None:
-    """The rank of a RESTORABLE reduction's input when it reduces the last axis alone with
-    keepdims=0 and that input's rank is known; else None."""
+def _drops_the_last_axis(node: gs.Node | None) -> bool:
+    """A RESTORABLE reduction over the last axis alone, with keepdims=0, of an input of known rank >= 2."""
     if node is None or node.op not in RESTORABLE or (node.domain or "") not in DEFAULT_DOMAINS \
             or int(node.attrs.get("keepdims", 1)) != 0 or len(node.outputs) != 1:
-        return None
+        return False
     source = node.inputs[0]
     if source.shape is None or len(source.shape) < 2:
-        return None
+        return False
+    axes = _axes(node)
+    rank = len(source.shape)
+    return axes is not None and len(axes) == 1 and axes[0] in (-1, rank - 1)
+
+
+def _axes(node: gs.Node) -> list[int] | None:
+    """A reduction's or Unsqueeze's axes: a constant second input (newer opsets) or the attribute."""
     inputs = present_inputs(node)
     axes = constant_value(inputs[1]) if len(inputs) > 1 else node.attrs.get("axes")
-    if axes is None:
-        return None
-    axes = [int(a) for a in np.asarray(axes).ravel()]
-    rank = len(source.shape)
-    return rank if len(axes) == 1 and axes[0] in (-1, rank - 1) else None
+    return None if axes is None else [int(a) for a in np.asarray(axes).ravel()]
+
+
+def _puts_it_back_last(restore: gs.Node, reduced: gs.Tensor, source: gs.Tensor, wanted: list) -> bool:
+    """Whether Reshape gives the reduced values the shape `wanted` (the source's, its last axis 1),
+    or Unsqueeze inserts an axis after the last one."""
+    if restore.op == "Unsqueeze":
+        return _axes(restore) in ([-1], [len(source.shape) - 1])
+    return len(restore.inputs) > 1 and _dims_of(restore.inputs[1], reduced, source) == wanted
 
 
 def _dim(tensor: gs.Tensor, axis: int):
@@ -132,8 +142,7 @@ def _keeps_a_vector(node: gs.Node, length: int) -> bool:
         target = constant_value(node.inputs[1])
         return target is not None and [int(d) for d in np.asarray(target).ravel()] in ([-1], [length])
     if node.op == "Unsqueeze":
-        axes = constant_value(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("axes")
-        return axes is not None and [int(a) for a in np.asarray(axes).ravel()] in ([0], [-1]) and length == 1
+        return _axes(node) in ([0], [-1]) and length == 1
     return length == 1  # Squeeze of a one-element vector
 
 
