@@ -36,6 +36,11 @@ def listed(shapes) -> str:
     return ", ".join(f"{b}x{s}" for b, s in shapes)
 
 
+def has_no_norm(rewrite) -> bool:
+    """A rewrite that found no norm at all: none fused, none rejected."""
+    return rewrite.fused == 0 and not rewrite.rejected
+
+
 def lacks_kernels(backend: str, dtype: str) -> bool:
     """ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Mul): such graphs do not run there."""
     return dtype == "bfloat16" and backend == "ort-cpu"
@@ -189,8 +194,12 @@ class Pipeline:
         cpu = (f"{rewrite_cpu.fused} for its CPU provider ({describe_counts(rewrite_cpu.counts)}; residual Adds kept)"
                if rewrite_cpu.fused
                else "none for its CPU provider (its norms are already the single ops it would get)")
-        self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT ({describe_counts(rewrite_trt.counts)}), "
-                           f"{rewrite.fused} for ONNX Runtime ({describe_counts(rewrite.counts)}), {cpu}")
+        if has_no_norm(rewrite_trt):
+            self.console.print("    no norm in this model (none found, none rejected): nothing to fuse; the fused "
+                               "files are copies of it")
+        else:
+            self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT ({describe_counts(rewrite_trt.counts)}), "
+                               f"{rewrite.fused} for ONNX Runtime ({describe_counts(rewrite.counts)}), {cpu}")
         # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing
         cpu_form = fused_cpu if rewrite_cpu.fused else None
         self.resolve_shapes(reference)
@@ -346,6 +355,10 @@ class Pipeline:
                     results.append(bench_graph(reference, "reference", backend, batch, seq, a.runs, a.warmup, norm_nodes))
                     if fused_cpu is not None:
                         results.append(bench_graph(fused_cpu, "fused", backend, batch, seq, a.runs, a.warmup))
+                    elif has_no_norm(rewrite_trt):
+                        self.skipped.append({"stage": "ort-cpu fused bench",
+                                             "reason": "nothing to compare: the model has no norm, so the fused "
+                                                       "graphs are copies of the reference"})
                     else:
                         self.skipped.append({"stage": "ort-cpu fused bench", "reason": (
                             "nothing to compare: the model's norms are already the single ops the CPU form uses "

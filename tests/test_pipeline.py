@@ -196,6 +196,28 @@ def test_build_command_on_a_given_model(tmp_path):
     assert "Model `" in (out / "report.md").read_text()
 
 
+def test_a_model_without_norms_is_said_to_have_none(tmp_path):
+    """Nothing found and nothing rejected: the command says the model has no norm (not that its norms
+    are single ops already), still validates and times it, and exits 0."""
+    from onnx import TensorProto, helper
+
+    weight = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])], initializer=[weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "mlp.onnx"))
+    out = tmp_path / "out"
+    done = _run("export.build", "--onnx", str(tmp_path / "mlp.onnx"), "--runs", "3", "--warmup", "0", "--seq", "16",
+                "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no norm in this model (none found, none rejected)" in done.stdout
+    assert "the model has no norm, so the fused graphs are copies of the reference" in done.stdout
+    assert "already the single ops" not in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["rewrite"]["fused"] == report["rewrite"]["expected_norms"] == 0
+    assert report["validation"] and all(p["passed"] for p in report["validation"])
+
+
 def test_a_model_that_fixes_its_sequence_axis_is_validated_and_timed_as_it_runs(tmp_path):
     """A jax2onnx export takes [batch, 8, 64]: asked for 1x16 and 1x128 it runs 8 tokens, and the
     shapes, the pairs and the throughput say 1x8 (they used to say 1x128 and count 16x the tokens)."""
