@@ -24,6 +24,7 @@ from models import PRESET_NAMES, count_norms, describe_presets, preset
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
 from .cli import Parser, non_negative_int, output_file, output_folder, positive_int, run_cli
 from .errors import UsageError
+from .files import require_writable
 from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
 from .report import print_summary, write_report
 from .tensorrt_engine import PRECISIONS, Range
@@ -146,7 +147,7 @@ class Pipeline:
                             dtype=a.dtype, decomposed_layernorm=a.decomposed_layernorm or None)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        out = Path(a.out or f"build/{a.preset}-{a.norm}")
+        out = require_writable(a.out or f"build/{a.preset}-{a.norm}", folder=True)  # the default too
         self.check_backends()
         reference = out / "reference.onnx"
         with self.stage("export", f"export {a.preset} {config.norm} stack ({config.layers} layers, {a.dtype}) with {a.exporter}"):
@@ -166,7 +167,7 @@ class Pipeline:
         name = re.sub(r"[^A-Za-z0-9_]+", "_", source.stem).strip("_") or "model"
         described = {"source": str(source), "norm": "model", "preset": name, "dtype": dtype}
         self.console.print(f"model {source} ({dtype}): given, so nothing is exported")
-        return source, Path(self.args.out or f"build/{name}"), described, None, name, "model"
+        return source, require_writable(self.args.out or f"build/{name}", folder=True), described, None, name, "model"
 
     def check_backends(self) -> None:
         backends, self.skipped = resolve_backends(self.args.backend)

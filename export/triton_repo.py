@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
-from .files import require_file, write_text
+from .files import require_file, require_writable, write_text
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
@@ -151,7 +151,7 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
     """Write (or replace) `<repo>/<name>/` for one model; returns that folder.
 
     validate: parse the config with Triton's ModelConfig first (None: when tritonclient is installed)."""
-    model_path, repo = Path(model_path), Path(repo)
+    model_path, repo = Path(model_path), require_writable(repo, folder=True)
     require_file(model_path)
     suffix = model_path.suffix
     if suffix not in PLATFORMS:

@@ -179,10 +179,10 @@ def save_polygraphy(save_dir, iterations, ref_runner_name: str, cand_runner_name
         from polygraphy.logger import G_LOGGER
     except ImportError:
         raise NormfuseError("--save-outputs writes Polygraphy's formats and needs it: pip install polygraphy") from None
-    from .files import atomic_path
+    from .files import atomic_path, require_writable
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
-    save_dir = Path(save_dir)
+    save_dir = require_writable(save_dir, folder=True)
     save_dir.mkdir(parents=True, exist_ok=True)
     paths = {"inputs": save_dir / "inputs.json", ref_label: save_dir / f"{ref_label}-outputs.json",
              cand_label: save_dir / f"{cand_label}-outputs.json"}

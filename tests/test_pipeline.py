@@ -361,6 +361,16 @@ def test_every_flag_of_every_command_says_what_it_does(module, monkeypatch):
         assert "exit status: 0 when every validation passed" in parser.format_help()
 
 
+def test_the_default_output_folder_is_checked_too(tmp_path, capsys, monkeypatch):
+    """Without --out the folder is build/<preset>-<norm> under the working directory: a file named
+    `build` there is a one-line error before anything is exported."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "build").write_text("")
+    code, stderr = _main("export.build", "--norm", "rmsnorm", "--preset", "tiny", capsys=capsys)
+    assert code == 1 and stderr.strip() == "normfuse: error: build/tiny-rmsnorm: cannot be created: build is a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
+
+
 def test_warmup_may_be_zero_but_not_negative(tmp_path):
     done = _run("export.build", "--norm", "rmsnorm", "--warmup", "-1", "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and "argument --warmup: '-1' must be at least 0" in done.stderr

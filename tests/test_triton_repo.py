@@ -42,6 +42,13 @@ def test_onnx_model_repository(graphs, tmp_path):
     assert config.instance_group[0].count == 1
 
 
+def test_a_repository_path_that_is_a_file_is_refused_before_anything_is_written(graphs, tmp_path):
+    (tmp_path / "repo").write_text("")
+    with pytest.raises(NormfuseError, match="repo: is a file, not a folder$"):
+        write_repository(graphs["fused"], tmp_path / "repo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
 def test_external_weights_go_into_the_version_folder(graphs, tmp_path):
     model = onnx.load(str(graphs["fused"]))
     split = save_model(model, tmp_path / "src" / "split.onnx", external_data=True)
