@@ -2,9 +2,10 @@
 
 onnx ships the generators of its backend node tests (`onnx.backend.test.case.node`): each case is a
 model with inputs and the outputs onnx's reference implementation expects, for every axis,
-epsilon and rank, plus the "expanded" form (the op's function body: Flatten, E[x^2] - E[x]^2,
-Reshape). Rewritten for each target, every case must still produce onnx's expected outputs, and
-only the norms over the last axis may be fused. LayerNormalization's cases also expose Mean and
+epsilon and rank, plus the "expanded" form (the op's function body: for LayerNormalization Flatten,
+E[x^2] - E[x]^2, Reshape; for RMSNormalization reduction axes computed from the rank). Rewritten for
+each target, every case must still produce onnx's expected outputs, and only the norms over the last
+axis may be fused. LayerNormalization's cases also expose Mean and
 InvStdDev, which the fused ops do not compute, so they are run a second time with Y alone.
 """
 from __future__ import annotations
@@ -58,9 +59,13 @@ def test_every_case_keeps_onnxs_expected_outputs_and_only_last_axis_norms_fuse(t
         if report.fused:
             fused.append(case.name)
     native_last_axis = {c.name for c in CASES if LAST_AXIS.search(c.name) and "expanded" not in c.name}
+    # RMSNormalization's function body takes its axes as Range(rank + axis, rank, 1), which the checks
+    # work out from the inferred rank: its last-axis cases fuse; LayerNormalization's flattens to 2-D
+    expanded_rms = {c.name for c in CASES if LAST_AXIS.search(c.name) and "expanded" in c.name and c.name.startswith("test_rms")}
+    assert len(expanded_rms) == 7
     if only_y and target == "tensorrt":
-        assert set(fused) == native_last_axis  # LayerNorm and RMSNorm
+        assert set(fused) == native_last_axis | expanded_rms  # LayerNorm and RMSNorm
     else:
         # all outputs: LayerNormalization's Mean/InvStdDev are used, so it stays; for ONNX Runtime a
         # lone LayerNormalization is already the op the target writes
-        assert set(fused) == {n for n in native_last_axis if n.startswith("test_rms")}
+        assert set(fused) == {n for n in native_last_axis if n.startswith("test_rms")} | expanded_rms

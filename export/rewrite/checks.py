@@ -93,6 +93,35 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         target = _cast_target(node)
         if source is not None and target is not None:
             return source.astype(target)  # the value the graph computes with, rounding included
+    if node is not None and (node.domain or "") in ("", "ai.onnx"):
+        return _rank_arithmetic(node)
+    return None
+
+
+def _rank_arithmetic(node: gs.Node) -> np.ndarray | None:
+    """Integer arithmetic on a tensor's rank, as onnx's function bodies compute reduction axes
+    (RMSNormalization's: Range(Size(Shape(X)) + axis, Size(Shape(X)), 1)): Size of a Shape is the
+    number of dims it holds when inference knows the rank; Add, Sub, Neg and Range of such integers."""
+    if node.op == "Size" and node.inputs:
+        shape = producer(node.inputs[0])
+        if shape is None or shape.op != "Shape" or (shape.domain or "") not in ("", "ai.onnx") or shape.inputs[0].shape is None:
+            return None
+        rank = len(shape.inputs[0].shape)
+        start, end = int(shape.attrs.get("start", 0)), int(shape.attrs.get("end", rank))
+        return np.asarray(len(range(*slice(start, end).indices(rank))), np.int64)
+    if node.op not in ("Add", "Sub", "Neg", "Range"):
+        return None
+    values = [constant_value(t) for t in node.inputs]
+    if any(v is None or not np.issubdtype(v.dtype, np.integer) for v in values):
+        return None
+    if node.op == "Neg" and len(values) == 1:
+        return -values[0]
+    if node.op in ("Add", "Sub") and len(values) == 2:
+        return values[0] + values[1] if node.op == "Add" else values[0] - values[1]
+    if node.op == "Range" and len(values) == 3 and all(v.size == 1 for v in values):
+        start, limit, delta = (int(v.reshape(())) for v in values)
+        if delta != 0 and len(range(start, limit, delta)) <= SMALL_CONSTANT:
+            return np.arange(start, limit, delta, dtype=values[0].dtype)
     return None
 
 
