@@ -106,6 +106,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     # imports them as constants and drops them from the inputs; they are put back below).
     overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
     graph = _import_with_shapes(model)
+    graph.cleanup()  # nodes nothing reads would make the values they read look shared with them
     scopes = scopes_of(graph)
     names = UniqueNames.of(graph)  # fresh names for the fills' constants and the fused ops alike
     for scope in scopes:
