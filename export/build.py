@@ -47,7 +47,7 @@ def lacks_kernels(backend: str, dtype: str) -> bool:
     return dtype == "bfloat16" and backend == "ort-cpu"
 
 
-def make_parser() -> Parser:
+def parse_args(argv=None):
     parser = Parser(prog="python -m export.build", description=__doc__.splitlines()[0],
                     epilog="exit status: 0 when every validation passed; 1 when one failed (the report is still "
                            "written) or a backend named with --backend cannot run here; 2 for a bad flag or an "
@@ -94,11 +94,6 @@ def make_parser() -> Parser:
     trt.add_argument("--workspace-mb", type=positive_int, default=4096, help="builder workspace limit in MiB (default 4096)")
     trt.add_argument("--timing-cache", type=output_file, help="TensorRT timing cache file (default <out>/timing.cache)")
     parser.add_argument("--triton-repo", metavar="DIR", type=output_folder, help="also write a Triton model repository of the models built")
-    return parser
-
-
-def parse_args(argv=None):
-    parser = make_parser()
     args = parser.parse_args(argv)
     if args.onnx:
         stack_only = [flag for flag, given in (("--preset", args.preset != "small"), ("--layers", args.layers),
@@ -192,13 +187,13 @@ class Pipeline:
             # followed by the plain norm op (bench/ort_ops.py), so the CPU form keeps the residual Add.
             rewrite_cpu = rewrite_file(reference, fused_cpu, target="onnxruntime", residual=False)
             rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt")
-        cpu = (f"{rewrite_cpu.fused} for its CPU provider ({describe_counts(rewrite_cpu.counts)}; residual Adds kept)"
-               if rewrite_cpu.fused
-               else "none for its CPU provider (its norms are already the single ops it would get)")
         if has_no_norm(rewrite_trt):
             self.console.print("    no norm in this model (none found, none rejected): nothing to fuse; the fused "
                                "files are copies of it")
         else:
+            cpu = (f"{rewrite_cpu.fused} for its CPU provider ({describe_counts(rewrite_cpu.counts)}; residual Adds kept)"
+                   if rewrite_cpu.fused
+                   else "none for its CPU provider (its norms are already the single ops it would get)")
             self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT ({describe_counts(rewrite_trt.counts)}), "
                                f"{rewrite.fused} for ONNX Runtime ({describe_counts(rewrite.counts)}), {cpu}")
         # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing

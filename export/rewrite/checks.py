@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from normops import SUPPORTED_DTYPES, numpy_dtype
 
-from .matcher import Match, present_inputs, producer
+from .matcher import DEFAULT_DOMAINS, Match, present_inputs, producer
 from .patterns import NormPattern
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -93,7 +93,7 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         target = _cast_target(node)
         if source is not None and target is not None:
             return source.astype(target)  # the value the graph computes with, rounding included
-    if node is not None and (node.domain or "") in ("", "ai.onnx"):
+    if node is not None and (node.domain or "") in DEFAULT_DOMAINS:
         return _rank_arithmetic(node)
     return None
 
@@ -104,7 +104,7 @@ def _rank_arithmetic(node: gs.Node) -> np.ndarray | None:
     number of dims it holds when inference knows the rank; Add, Sub, Neg and Range of such integers."""
     if node.op == "Size" and node.inputs:
         shape = producer(node.inputs[0])
-        if shape is None or shape.op != "Shape" or (shape.domain or "") not in ("", "ai.onnx") or shape.inputs[0].shape is None:
+        if shape is None or shape.op != "Shape" or (shape.domain or "") not in DEFAULT_DOMAINS or shape.inputs[0].shape is None:
             return None
         rank = len(shape.inputs[0].shape)
         start, end = int(shape.attrs.get("start", 0)), int(shape.attrs.get("end", rank))
@@ -257,7 +257,8 @@ def _last_axis(axes, rank: int, where: str) -> None:
         raise Rejected(f"{where} reduces over axis {axes[0]}, not the last axis of rank {rank}")
 
 
-REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMin", "ReduceMax", "GlobalAveragePool")
+AVERAGING = ("ReduceMean", "ReduceSum", "GlobalAveragePool")  # a sum is a mean once divided by the row length
+REDUCTIONS = AVERAGING + ("ReduceMin", "ReduceMax")
 
 
 def _check_reduce(node: gs.Node, rank: int) -> None:
@@ -304,7 +305,7 @@ def _check_float_casts(match: Match) -> None:
     for node in match.nodes:
         if node.op == "Cast" and FLOAT_TYPES.get(int(node.attrs.get("to", 0))) is None:
             raise Rejected(f"cast '{node.name}' inside the norm casts to type {node.attrs.get('to')}, not a float type")
-        if node.op in ("ReduceMean", "ReduceSum", "GlobalAveragePool"):
+        if node.op in AVERAGING:
             cast = producer(node.inputs[0])
             if cast is None or cast.op != "Cast" or id(cast) not in inside:
                 continue

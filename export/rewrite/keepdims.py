@@ -49,11 +49,10 @@ def restore_keepdims(graph: gs.Graph, graph_outputs: set, names: UniqueNames, sc
         kept = gs.Variable(names(f"{reduced.name}_keepdims"), dtype=reduced.dtype, shape=list(source.shape[:-1]) + [1])
         graph.nodes.append(gs.Node(reduction.op, names(f"{reduction.name}_keepdims"), {**reduction.attrs, "keepdims": 1},
                                    list(reduction.inputs), [kept], domain=reduction.domain))
-        for consumer in list(end.outputs):
+        for consumer in list(end.outputs):  # the restore, now unread, goes with the graph's clean-up
             for i, t in enumerate(consumer.inputs):
                 if t is end:
                     consumer.inputs[i] = kept
-        _drop_dead(end, graph_outputs)
         restored += 1
     where = "" if scope == "main" else f" in {scope}"
     return [f"took {restored} last-axis reduction(s) written with keepdims=0 and their axis put back by "
@@ -144,18 +143,3 @@ def _keeps_a_vector(node: gs.Node, length: int) -> bool:
     if node.op == "Unsqueeze":
         return _axes(node) in ([0], [-1]) and length == 1
     return length == 1  # Squeeze of a one-element vector
-
-
-def _drop_dead(tensor: gs.Tensor, graph_outputs: set) -> None:
-    """Disconnect the node that computed `tensor`, read by nothing now, and upwards every node that
-    this leaves unread: a dead node still listed among its input's consumers would make that input
-    look used outside a norm (the graph's clean-up removes them from the node list at the end)."""
-    pending = [producer(tensor)]
-    while pending:
-        node = pending.pop()
-        if node is None or not node.outputs or any(o.outputs or o.name in graph_outputs for o in node.outputs):
-            continue
-        inputs = list(node.inputs)
-        node.inputs.clear()
-        node.outputs.clear()
-        pending += [producer(t) for t in inputs]

@@ -106,14 +106,15 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     # imports them as constants and drops them from the inputs; they are put back below).
     overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
     graph = _import_with_shapes(model)
-    graph.cleanup()  # nodes nothing reads would make the values they read look shared with them
-    scopes = scopes_of(graph)
     names = UniqueNames.of(graph)  # fresh names for the fills' constants and the fused ops alike
-    for scope in scopes:
+    for scope in scopes_of(graph):
         report.notes += _drop_identities(scope.graph, scope.outputs, scope.name)
         report.notes += per_feature_fills(scope.graph, scope.outputs, names, scope.name)
         report.notes += restore_keepdims(scope.graph, scope.outputs, names, scope.name)
-        scope.members |= {id(n) for n in scope.graph.nodes}  # the reductions restore_keepdims added
+    # nodes nothing reads (the model's own, or left by the passes above) would make the values they
+    # read look shared with them; the scopes are listed again for the nodes the passes added
+    graph.cleanup()
+    scopes = scopes_of(graph)
 
     claimed: set[int] = set()  # ids of nodes already taken by a chosen candidate, in any graph
     candidates = []
