@@ -165,10 +165,10 @@ class ReferenceRunner:
 
 
 def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, int]] | None = None,
-                optimization: str = "all"):
-    """A runner for `backend`. `shapes` (BATCHxSEQ) bound the profile of a TensorRT engine built on
-    the fly from an .onnx; `optimization` is ONNX Runtime's graph optimisation level (all, extended,
-    basic, none: the graph as written)."""
+                optimization: str = "all", dims: dict[str, int] | None = None):
+    """A runner for `backend`. `shapes` (BATCHxSEQ) and `dims` (named dimensions) bound the profile
+    of a TensorRT engine built on the fly from an .onnx; `optimization` is ONNX Runtime's graph
+    optimisation level (all, extended, basic, none: the graph as written)."""
     if backend in ORT_PROVIDERS:
         return OrtRunner(model_path, backend, optimization=optimization)
     if backend == "onnx-reference":
@@ -177,44 +177,47 @@ def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, in
         from .tensorrt_engine import TensorRTRunner, import_tensorrt
 
         import_tensorrt()  # a one-line error when it is missing
-        return TensorRTRunner(Path(model_path), shapes=shapes or [(1, 16), (2, 64)])
+        return TensorRTRunner(Path(model_path), shapes=shapes or [(1, 16), (2, 64)], dims=dict(dims or {}))
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def random_feeds(model_path: str | Path, batch: int, seq: int, seed: int = 0) -> dict:
-    """Random inputs for every graph input of an ONNX file, with symbolic dims bound to batch and seq."""
+def random_feeds(model_path: str | Path, batch: int, seq: int, seed: int = 0,
+                 dims: dict[str, int] | None = None) -> dict:
+    """Random inputs for every graph input of an ONNX file, with dynamic dims sized by `export.dims`."""
     from .triton_repo import onnx_signature
 
     inputs, _ = onnx_signature(model_path)
-    return random_arrays(inputs, batch, seq, seed, bounds=index_bounds(model_path))
+    return random_arrays(inputs, batch, seq, seed, bounds=index_bounds(model_path), dims=dims,
+                         where=str(model_path))
 
 
-def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, int] | None = None) -> dict:
+def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, int] | None = None,
+                  dims: dict[str, int] | None = None, where: str = "model") -> dict:
     """Seeded random arrays for `specs` (anything with name, dtype name and shape, None for a
-    dynamic axis): a dynamic axis 0 is the batch, any other dynamic axis the sequence.
+    dynamic axis, and optionally dim_params): dynamic axes are sized by `export.dims.input_shapes`
+    (`dims` gives named ones a size; otherwise axis 0 is the batch, other axes the sequence, and a
+    name such as 'past + seq' is worked out).
 
     Floating inputs are standard normal. Integer inputs (token ids, masks, positions of exported
     language models) are uniform in [0, bounds[name]) where `bounds` knows how far they may index
     (see `index_bounds`), else 0 or 1; boolean inputs are True."""
     from normops import numpy_dtype
 
+    from .dims import input_shapes
+
     rng = np.random.default_rng(seed)
+    shapes = input_shapes(specs, batch, seq, dims, where)
     feeds = {}
     for spec in specs:
-        dims = input_dims(spec, batch, seq)
+        dims_of = shapes[spec.name]
         dtype = numpy_dtype(spec.dtype)
         if dtype == np.bool_:
-            feeds[spec.name] = np.ones(dims, dtype=bool)
+            feeds[spec.name] = np.ones(dims_of, dtype=bool)
         elif np.issubdtype(dtype, np.integer):
-            feeds[spec.name] = rng.integers(0, (bounds or {}).get(spec.name, 2), size=dims).astype(dtype)
+            feeds[spec.name] = rng.integers(0, (bounds or {}).get(spec.name, 2), size=dims_of).astype(dtype)
         else:
-            feeds[spec.name] = rng.standard_normal(dims).astype(dtype)
+            feeds[spec.name] = rng.standard_normal(dims_of).astype(dtype)
     return feeds
-
-
-def input_dims(spec, batch: int, seq: int) -> list[int]:
-    """The dims random_arrays gives `spec`: a dynamic axis 0 is the batch, any other dynamic axis the sequence."""
-    return [d if d is not None else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape)]
 
 
 def batch_and_seq(shape) -> tuple[int, int]:
@@ -228,13 +231,17 @@ def leading_dims(feeds: dict) -> tuple[int, int]:
     return batch_and_seq(np.shape(next(iter(feeds.values()))))
 
 
-def shape_taken(model_path: str | Path, batch: int, seq: int) -> tuple[int, int]:
+def shape_taken(model_path: str | Path, batch: int, seq: int, dims: dict[str, int] | None = None) -> tuple[int, int]:
     """(batch, sequence) that inputs asked for at `batch` x `seq` really have: an axis the model fixes
-    keeps its size (a JAX export with a static sequence of 8 runs 8 tokens whatever --seq says)."""
+    keeps its size (a JAX export with a static sequence of 8 runs 8 tokens whatever --seq says), and
+    so does one `dims` names."""
+    from .dims import input_shapes
     from .triton_repo import onnx_signature
 
     inputs, _ = onnx_signature(model_path)
-    return batch_and_seq(input_dims(inputs[0], batch, seq)) if inputs else (batch, seq)
+    if not inputs:
+        return batch, seq
+    return batch_and_seq(input_shapes(inputs, batch, seq, dims, str(model_path))[inputs[0].name])
 
 
 def index_bounds(model_path: str | Path) -> dict[str, int]:

@@ -20,10 +20,12 @@ from .files import require_file
 
 
 def bench_graph(model: Path, graph: str, backend: str, batch: int, seq: int, runs: int, warmup: int,
-                norm_nodes: list[str] | None = None, profile_runs: int = 10) -> dict:
+                norm_nodes: list[str] | None = None, profile_runs: int = 10, dims: dict[str, int] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = [str(model), "--backend", backend, "--batch", str(batch), "--seq", str(seq), "--runs", str(runs),
                 "--warmup", str(warmup), "--profile-runs", str(profile_runs)]
+        for name, size in (dims or {}).items():
+            args += ["--dim", f"{name}={size}"]
         if norm_nodes:
             names = Path(tmp) / "norm_nodes.json"
             names.write_text(json.dumps(norm_nodes))
@@ -67,7 +69,7 @@ def node_count(model: Path) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
+    from .cli import DIM_HELP, Parser, dim_size, non_negative_int, output_file, positive_int, run_cli
     from .files import write_json
 
     parser = Parser(prog="python -m export.bench", description=__doc__.splitlines()[0])
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
                         help="ONNX Runtime provider (default ort-cpu)")
     parser.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     parser.add_argument("--seq", type=positive_int, default=128, help="sequence length (default 128)")
+    parser.add_argument("--dim", type=dim_size, action="append", default=[], metavar="NAME=SIZE", help=DIM_HELP)
     parser.add_argument("--runs", type=positive_int, default=100, help="timed runs per graph (default 100)")
     parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs per graph first (default 10)")
     parser.add_argument("--json", type=output_file, help="write results as JSON")
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
     def job():
         for path in (args.reference, args.fused):
             require_file(path)
-        results = [bench_graph(Path(p), g, args.backend, args.batch, args.seq, args.runs, args.warmup)
+        results = [bench_graph(Path(p), g, args.backend, args.batch, args.seq, args.runs, args.warmup, dims=dict(args.dim))
                    for g, p in (("reference", args.reference), ("fused", args.fused))]
         for r in results:
             print(f"{r['graph']:9s} {r['backend']}: p50 {r['latency_ms']['p50']:.3f} ms  p99 {r['latency_ms']['p99']:.3f} ms"

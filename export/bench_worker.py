@@ -43,14 +43,14 @@ def peak_rss_mb() -> float:
 
 
 def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: int, profile_runs: int,
-            norm_nodes: set[str]) -> dict:
+            norm_nodes: set[str], dims: dict[str, int] | None = None) -> dict:
     from .backends import OrtRunner, import_onnxruntime, leading_dims, random_feeds
     from .errors import NormfuseError
     from .run import time_runs
 
     import_onnxruntime()  # before the baseline: its code is not the session's memory
 
-    feeds = random_feeds(model, batch, seq, seed=0)
+    feeds = random_feeds(model, batch, seq, seed=0, dims=dims)
     batch, seq = leading_dims(feeds)  # what was run: an axis the model fixes keeps its size
     peak_was_reset = reset_peak_rss()
     baseline = rss_mb()
@@ -70,6 +70,7 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
         "backend": backend,
         "ort_graph_optimization": optimization,
         "shape": [batch, seq],
+        "input_shapes": {name: list(value.shape) for name, value in feeds.items()},
         **timing,
         "peak_memory_mb": round(peak, 2),
         "peak_memory_method": "VmHWM after reset minus RSS before session" if peak_was_reset else "ru_maxrss minus RSS before session",
@@ -99,7 +100,7 @@ def profile_op_classes(model: str, backend: str, feeds: dict, runs: int, norm_no
 
 
 def main(argv=None) -> int:
-    from .cli import run_cli
+    from .cli import dim_size, run_cli
     from .files import write_json
 
     parser = argparse.ArgumentParser(prog="python -m export.bench_worker")
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--profile-runs", type=int, default=10)
+    parser.add_argument("--dim", type=dim_size, action="append", default=[])
     parser.add_argument("--norm-nodes", help="JSON list of node names counted as normalisation")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     def job() -> int:
         norm_nodes = set(json.loads(Path(args.norm_nodes).read_text())) if args.norm_nodes else set()
         result = measure(args.model, args.backend, args.batch, args.seq, args.warmup, args.runs, args.profile_runs,
-                         norm_nodes)
+                         norm_nodes, dict(args.dim))
         write_json(args.json, result)
         return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from models import PRESET_NAMES, count_norms, describe_presets, preset
 
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
-from .cli import Parser, non_negative_int, output_file, output_folder, positive_int, run_cli
+from .cli import DIM_HELP, Parser, dim_range, non_negative_int, output_file, output_folder, positive_int, run_cli
 from .errors import UsageError
 from .files import require_writable
 from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
@@ -57,8 +57,8 @@ def parse_args(argv=None):
                         help="rmsnorm: LLaMA-style stack; layernorm: GPT-style stack")
     source.add_argument("--onnx", metavar="MODEL",
                         help="run the chain on this ONNX model instead of exporting a stack (its dynamic axis 0 "
-                             "is the batch, other dynamic axes the sequence; token ids stay inside the table "
-                             "they index)")
+                             "is the batch, other dynamic axes the sequence, unless --dim names them; a derived "
+                             "name like 'past + seq' is worked out; token ids stay inside the table they index)")
     parser.add_argument("--preset", choices=PRESET_NAMES, default="small",
                         help=f"stack shape (default small): {describe_presets()}")
     parser.add_argument("--layers", type=positive_int, help="Transformer blocks (default: the preset's)")
@@ -68,6 +68,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=positive_int, default=1, help="benchmark batch size (default 1)")
     parser.add_argument("--seq", type=positive_int, default=128,
                         help="benchmark sequence length (default 128; validation also runs at 1x16)")
+    parser.add_argument("--dim", type=dim_range, action="append", default=[], metavar="NAME=SIZE",
+                        help=DIM_HELP + "; NAME=MIN:OPT:MAX also sets its range in TensorRT's profile (runs use OPT)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="weights and activations of the exported stack (default float32)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the export, 17..23 (default {DEFAULT_OPSET})")
@@ -161,8 +163,19 @@ class Pipeline:
         self.check_backends()
         name = re.sub(r"[^A-Za-z0-9_]+", "_", source.stem).strip("_") or "model"
         described = {"source": str(source), "norm": "model", "preset": name, "dtype": dtype}
+        self.check_dims(source)  # a --dim the model does not have is a flag error, before any work
         self.console.print(f"model {source} ({dtype}): given, so nothing is exported")
         return source, require_writable(self.args.out or f"build/{name}", folder=True), described, None, name, "model"
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """--dim sizes for the runs: a range's OPT (the whole range goes to TensorRT's profile)."""
+        return {name: size.opt for name, size in self.args.dim}
+
+    @property
+    def with_dims(self) -> str:
+        """' with past_sequence_length=512' for stage lines, where --dim sized named dimensions."""
+        return " with " + ", ".join(f"{n}={v}" for n, v in self.dims.items()) if self.dims else ""
 
     def check_backends(self) -> None:
         backends, self.skipped = resolve_backends(self.args.backend)
@@ -211,7 +224,7 @@ class Pipeline:
         report = {
             # the bench shape as run (an axis the model fixes keeps its size), and as asked
             "config": {**described, "batch": self.bench_shape[0], "seq": self.bench_shape[1],
-                       "shape_asked": [a.batch, a.seq], "backend": a.backend, "backends_run": backends,
+                       "shape_asked": [a.batch, a.seq], "dims": self.dims, "backend": a.backend, "backends_run": backends,
                        "seed": a.seed, "runs": a.runs, "warmup": a.warmup},
             "rewrite": {"fused": rewrite_trt.fused, "expected_norms": expected_norms,
                         "counts": rewrite_trt.counts, "rejected": [r.__dict__ for r in rewrite_trt.rejected],
@@ -272,13 +285,14 @@ class Pipeline:
 
         a = self.args
         batch, seq = self.profile()
-        options = EngineOptions(batch=batch, seq=seq, precision=a.precision, workspace_mb=a.workspace_mb,
+        options = EngineOptions(batch=batch, seq=seq, dims=dict(a.dim), precision=a.precision, workspace_mb=a.workspace_mb,
                                 timing_cache=Path(a.timing_cache) if a.timing_cache else out / "timing.cache")
         engines = {}
         for graph, source in (("fused", fused_trt), ("reference", reference)):
             plan = out / f"{graph}.plan"
             with self.stage("engine", f"build TensorRT engine {plan.name} from {source.name} "
-                                      f"(batch {batch}, seq {seq}, {a.precision})"):
+                                      f"(batch {batch}, seq {seq}"
+                                      + "".join(f", {name} {r}" for name, r in a.dim) + f", {a.precision})"):
                 sidecar = build_engine(source, plan, options)
             engines[graph] = {"plan": plan, "source": source, "sidecar": sidecar}
         return engines
@@ -289,13 +303,20 @@ class Pipeline:
         from .backends import shape_taken
 
         a = self.args
-        self.validation_shapes = list(dict.fromkeys(shape_taken(reference, b, s) for b, s in VALIDATION_SHAPES))
-        self.bench_shape = shape_taken(reference, a.batch, a.seq)
+        self.check_dims(reference)
+        self.validation_shapes = list(dict.fromkeys(shape_taken(reference, b, s, self.dims) for b, s in VALIDATION_SHAPES))
+        self.bench_shape = shape_taken(reference, a.batch, a.seq, self.dims)
         asked = list(dict.fromkeys(VALIDATION_SHAPES + [(a.batch, a.seq)]))
         self.shapes_run = list(dict.fromkeys(self.validation_shapes + [self.bench_shape]))  # the bench shape may be 1x16 too
         if self.shapes_run != asked:
             self.console.print(f"    the model fixes its batch or sequence axis: shapes {listed(asked)} "
                                f"run as {listed(self.shapes_run)}")
+
+    def check_dims(self, model: Path) -> None:
+        from .dims import check_given
+        from .triton_repo import onnx_signature
+
+        check_given(onnx_signature(model)[0], self.dims, str(model))
 
     def validate(self, reference, fused, fused_cpu, fused_trt, backends, dtype, engines=None) -> list[dict]:
         """Each fused graph against the reference on the backends present; `fused_cpu` None: the
@@ -309,19 +330,20 @@ class Pipeline:
         where = [f"onnx reference evaluator at {listed(self.validation_shapes)}"]
         where += [f"{b} at {listed(shapes)}" for b in backends if b.startswith("ort-") and not lacks_kernels(b, dtype)]
         where += [f"tensorrt at {listed(shapes)}"] if engines else []
-        with self.stage("validate", f"validate fused vs reference ({'; '.join(where)})"):
+        with self.stage("validate", f"validate fused vs reference ({'; '.join(where)}){self.with_dims}"):
             # The TensorRT-target graph, with normfuse ops evaluated by the normops references.
             pairs += compare(Side(reference, "onnx-reference", "reference"), Side(fused_trt, "onnx-reference", "fused-tensorrt"),
-                             self.validation_shapes, dtype, seed=a.seed)
+                             self.validation_shapes, dtype, seed=a.seed, dims=self.dims)
             for backend in (b for b in backends if b.startswith("ort-")):
                 if lacks_kernels(backend, dtype):
                     self.skipped.append({"stage": "ort-cpu validation", "reason": "ONNX Runtime's CPU provider has no "
                                          "bfloat16 kernels (MatMul, Mul); the graphs were checked with the onnx reference evaluator"})
                     continue
-                pairs += compare(Side(reference, backend, "reference"), Side(fused, backend, "fused"), shapes, dtype, seed=a.seed)
+                pairs += compare(Side(reference, backend, "reference"), Side(fused, backend, "fused"), shapes, dtype,
+                                 seed=a.seed, dims=self.dims)
                 if backend == "ort-cpu" and fused_cpu is not None:
                     pairs += compare(Side(reference, backend, "reference"), Side(fused_cpu, backend, "fused-cpu"),
-                                     shapes, dtype, seed=a.seed)
+                                     shapes, dtype, seed=a.seed, dims=self.dims)
             if engines:
                 # ORT runs the reference graph; TensorRT runs each engine on the same inputs.
                 ref_backend = "ort-cuda" if "ort-cuda" in backends else "ort-cpu"
@@ -329,7 +351,8 @@ class Pipeline:
                     ref_backend = "onnx-reference"
                 for graph, info in engines.items():
                     pairs += compare(Side(reference, ref_backend, "reference"),
-                                     Side(info["plan"], "tensorrt", f"{graph}-engine"), shapes, dtype, seed=a.seed)
+                                     Side(info["plan"], "tensorrt", f"{graph}-engine"), shapes, dtype, seed=a.seed,
+                                     dims=self.dims)
         return pairs
 
     def bench(self, reference, fused, fused_cpu, backends, dtype, rewrite_trt, engines=None) -> list[dict]:
@@ -346,11 +369,12 @@ class Pipeline:
             if lacks_kernels(backend, dtype):
                 self.skipped.append({"stage": "ort-cpu bench", "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
                 continue
-            with self.stage("bench", f"bench on {backend} at {batch}x{seq}, {a.runs} runs per graph"):
+            with self.stage("bench", f"bench on {backend} at {batch}x{seq}{self.with_dims}, {a.runs} runs per graph"):
                 if backend == "ort-cpu":
-                    results.append(bench_graph(reference, "reference", backend, batch, seq, a.runs, a.warmup, norm_nodes))
+                    results.append(bench_graph(reference, "reference", backend, batch, seq, a.runs, a.warmup, norm_nodes,
+                                               dims=self.dims))
                     if fused_cpu is not None:
-                        results.append(bench_graph(fused_cpu, "fused", backend, batch, seq, a.runs, a.warmup))
+                        results.append(bench_graph(fused_cpu, "fused", backend, batch, seq, a.runs, a.warmup, dims=self.dims))
                     elif has_no_norm(rewrite_trt):
                         self.skipped.append({"stage": "ort-cpu fused bench",
                                              "reason": "nothing to compare: the model has no norm, so the fused "
@@ -364,16 +388,16 @@ class Pipeline:
                 # CUDA: timed through I/O binding (inputs uploaded once, outputs left on the device), peak
                 # GPU memory; the op classes come from a short profiled run of export.bench's worker.
                 for graph, path, nodes in (("reference", reference, norm_nodes), ("fused", fused, None)):
-                    record = bench_in_process_of_its_own(path, graph, backend, batch, seq, a.runs, a.warmup)
-                    profiled = bench_graph(path, graph, backend, batch, seq, 1, 1, nodes)
+                    record = bench_in_process_of_its_own(path, graph, backend, batch, seq, a.runs, a.warmup, dims=self.dims)
+                    profiled = bench_graph(path, graph, backend, batch, seq, 1, 1, nodes, dims=self.dims)
                     record["op_classes"] = profiled.get("op_classes")
                     results.append(record)
         if engines:
-            with self.stage("bench", f"bench TensorRT engines at {batch}x{seq}, {a.runs} runs per engine"):
+            with self.stage("bench", f"bench TensorRT engines at {batch}x{seq}{self.with_dims}, {a.runs} runs per engine"):
                 for graph in ("reference", "fused"):
                     info = engines[graph]
                     results.append(bench_in_process_of_its_own(info["plan"], graph, "tensorrt", batch, seq,
-                                                               a.runs, a.warmup, source=info["source"]))
+                                                               a.runs, a.warmup, source=info["source"], dims=self.dims))
         return results
 
     def write_triton(self, reference, fused, engines, preset_name: str, norm: str) -> list[str]:

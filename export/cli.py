@@ -74,3 +74,34 @@ def output_file(text: str) -> str:
 def output_folder(text: str) -> str:
     """An argparse type: a folder the command can create or write into."""
     return writable(text, folder=True)
+
+
+def dim_size(text: str) -> tuple[str, int]:
+    """An argparse type: `NAME=SIZE`, the size of a named dynamic dimension (export.dims)."""
+    name, sep, size = text.rpartition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SIZE, e.g. past_sequence_length=128")
+    return name.strip(), int_at_least(size.strip(), 1)
+
+
+def dim_range(text: str):
+    """An argparse type: `NAME=SIZE` or `NAME=MIN:OPT:MAX`, a named dynamic dimension's size in
+    ONNX Runtime runs (OPT) and its range in TensorRT's optimisation profile."""
+    from .errors import UsageError
+    from .tensorrt_engine import Range
+
+    name, sep, size = text.rpartition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SIZE or NAME=MIN:OPT:MAX, "
+                                         "e.g. past_sequence_length=1:128:2048")
+    try:
+        return name.strip(), Range.parse(size.strip())
+    except UsageError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SIZE or NAME=MIN:OPT:MAX integers "
+                                         "with 1 <= MIN <= OPT <= MAX") from None
+
+
+_OTHER_DIMS = "other dynamic axes follow the batch (axis 0) or the sequence, and a name like 'past + seq' is worked out"
+DIM_HELP = f"size of a named dynamic input dimension, e.g. past_sequence_length=128 (repeatable); {_OTHER_DIMS}"
+DIM_RANGE_HELP = ("MIN:OPT:MAX (or one SIZE) of a named dynamic input dimension, e.g. past_sequence_length=1:128:2048 "
+                  f"(repeatable); {_OTHER_DIMS}")

@@ -59,14 +59,20 @@ def fusion_shortfall(report: dict) -> str | None:
             "the comparison covers those only")
 
 
+def bench_shape(cfg: dict) -> str:
+    """'1x128', or '1x1, past_sequence_length=512' where --dim sized named dimensions."""
+    dims = ", ".join(f"{name}={size}" for name, size in (cfg.get("dims") or {}).items())
+    return f"{cfg['batch']}x{cfg['seq']}" + (f", {dims}" if dims else "")
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
     rw = report["rewrite"]
     if cfg.get("source"):  # a given model (--onnx), not an exported stack
-        described = f"Model `{cfg['source']}`; bench shape {cfg['batch']}x{cfg['seq']}."
+        described = f"Model `{cfg['source']}`; bench shape {bench_shape(cfg)}."
     else:
         described = (f"{cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, ffn {cfg['ffn']}; "
-                     f"exporter {cfg['exporter']}, opset {cfg['opset']}; bench shape {cfg['batch']}x{cfg['seq']}.")
+                     f"exporter {cfg['exporter']}, opset {cfg['opset']}; bench shape {bench_shape(cfg)}.")
     lines = [f"# normfuse report: {cfg['norm']} `{cfg['preset']}` ({cfg['dtype']})", "", described, "",
              "## Rewrite", "",
              f"TensorRT form (`fused-tensorrt.onnx`): fused {rw['fused']} of {rw['expected_norms']} norms ({describe_counts(rw['counts'])}), "
@@ -157,7 +163,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("Where the time goes")
     ax.legend()
     cfg = report["config"]
-    fig.suptitle(f"normfuse: {cfg['norm']} {cfg['preset']} {cfg['dtype']}, {cfg['batch']}x{cfg['seq']}")
+    fig.suptitle(f"normfuse: {cfg['norm']} {cfg['preset']} {cfg['dtype']}, {bench_shape(cfg)}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

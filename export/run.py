@@ -58,14 +58,19 @@ def write_outputs(path: str | Path, outputs: dict) -> None:
             np.savez(f, **arrays)
 
 
-def random_inputs(specs: list, shape_text: str, seed: int = 0, bounds: dict[str, int] | None = None) -> dict:
-    """Random inputs for `--random BATCHxSEQ`: dynamic axis 0 is the batch, axis 1 the sequence;
-    `bounds` keeps integer inputs inside the tables they index (`backends.index_bounds`)."""
+def random_inputs(specs: list, shape_text: str, seed: int = 0, bounds: dict[str, int] | None = None,
+                  dims: dict[str, int] | None = None, where: str = "model") -> dict:
+    """Random inputs for `--random BATCHxSEQ`: dynamic axis 0 is the batch, other axes the sequence,
+    named ones as `dims` and `export.dims` say; `bounds` keeps integer inputs inside the tables they
+    index (`backends.index_bounds`)."""
     from .backends import random_arrays
     from .validate import parse_shapes
 
     ((batch, seq),) = parse_shapes(shape_text)[:1]
-    return random_arrays(specs, batch, seq, seed, bounds=bounds)
+    from .dims import check_given
+
+    check_given(specs, dims, where)
+    return random_arrays(specs, batch, seq, seed, bounds=bounds, dims=dims, where=where)
 
 
 def gpu_memory_used_mb() -> float | None:
@@ -120,7 +125,8 @@ def time_runs(step, runs: int, warmup: int, tokens: int) -> dict:
 
 
 def bench_in_process_of_its_own(model: Path, graph: str, backend: str, batch: int, seq: int, runs: int, warmup: int,
-                                source: Path | None = None, cuda_graph: bool = False) -> dict:
+                                source: Path | None = None, cuda_graph: bool = False,
+                                dims: dict[str, int] | None = None) -> dict:
     """`python -m export.run MODEL --random BxS --bench RUNS` in a fresh process (so one model's
     device memory cannot hide in another's); a record shaped like export.bench's."""
     from .bench import node_count, run_module
@@ -133,6 +139,8 @@ def bench_in_process_of_its_own(model: Path, graph: str, backend: str, batch: in
         args += ["--providers", "CPUExecutionProvider"]
     if cuda_graph:
         args.append("--cuda-graph")
+    for name, size in (dims or {}).items():
+        args += ["--dim", f"{name}={size}"]
     timing = run_module("export.run", args, f"{model}: benchmark on {backend}")["bench"]
     nodes = node_count(source or model) if source is not None or model.suffix == ".onnx" else None
     return {"backend": backend, "graph": graph, "model": str(model), "shape": [batch, seq], **timing,
@@ -142,7 +150,7 @@ def bench_in_process_of_its_own(model: Path, graph: str, backend: str, batch: in
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
+    from .cli import DIM_HELP, Parser, dim_size, non_negative_int, output_file, positive_int, run_cli
     from .files import write_json
 
     parser = Parser(prog="python -m export.run", description=__doc__.splitlines()[0])
@@ -150,6 +158,8 @@ def main(argv=None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--inputs", help=".npz with one array per model input")
     source.add_argument("--random", metavar="BATCHxSEQ", help="random inputs of this shape instead")
+    parser.add_argument("--dim", type=dim_size, action="append", default=[], metavar="NAME=SIZE",
+                        help=f"with --random: {DIM_HELP}")
     parser.add_argument("--outputs", type=output_file, help=".npz to write the outputs to")
     parser.add_argument("--providers", help="ONNX Runtime providers, comma-separated (default: CUDA if present, CPU)")
     parser.add_argument("--device", type=non_negative_int, default=0, help="CUDA device index (default 0)")
@@ -159,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
     parser.add_argument("--json", type=output_file, help="write a JSON summary (shapes, and timings with --bench)")
     args = parser.parse_args(argv)
+    if args.dim and not args.random:
+        parser.error("--dim sizes --random inputs; --inputs come with their own shapes")
 
     def job() -> int:
         from .runtime import load
@@ -174,7 +186,7 @@ def main(argv=None) -> int:
             from .backends import index_bounds
 
             bounds = index_bounds(args.model) if Path(args.model).suffix == ".onnx" else None
-            feeds = random_inputs(model.inputs, args.random, args.seed, bounds)
+            feeds = random_inputs(model.inputs, args.random, args.seed, bounds, dict(args.dim), str(args.model))
         outputs = model.run(feeds)
         summary: dict = {"model": str(args.model), "kind": type(model).__name__,
                          "providers": getattr(model, "providers", None), "load_s": round(load_s, 3),

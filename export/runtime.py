@@ -50,6 +50,7 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int | None, ...]
+    dim_params: tuple[str | None, ...] = ()  # names of dynamic axes, where the model gives them (export.dims)
 
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
@@ -327,7 +328,8 @@ def ortvalue_to_numpy(value) -> np.ndarray:
 
 def _ort_spec(value) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
-    return TensorSpec(value.name, _ORT_TYPES.get(value.type, value.type), shape)
+    params = tuple(d if isinstance(d, str) and d else None for d in value.shape)
+    return TensorSpec(value.name, _ORT_TYPES.get(value.type, value.type), shape, params)
 
 
 class TensorRTModel:
@@ -375,10 +377,11 @@ class TensorRTModel:
         self.outputs: list[TensorSpec] = []
         # (min, max) of each input in optimisation profile 0 (the only one export.tensorrt_engine builds)
         self._profile: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        dim_params = _sidecar_dim_params(self.path)
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             shape = tuple(d if d >= 0 else None for d in _dims(self.engine.get_tensor_shape(name)))
-            spec = TensorSpec(name, trt_dtype_name(self.engine.get_tensor_dtype(name)), shape)
+            spec = TensorSpec(name, trt_dtype_name(self.engine.get_tensor_dtype(name)), shape, dim_params.get(name, ()))
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(spec)
             if is_input and None in shape and self.engine.num_optimization_profiles > 0:
@@ -488,6 +491,18 @@ def profile_violation(shape: tuple[int, ...], low: tuple[int, ...], high: tuple[
         if not lo <= have <= hi:
             return f"axis {axis} is {have}, the profile allows {lo}..{hi}"
     return None
+
+
+def _sidecar_dim_params(path: Path) -> dict[str, tuple[str | None, ...]]:
+    """{tensor: names of its dynamic axes} as the ONNX graph gave them, from the engine's sidecar
+    (an engine keeps -1 for a dynamic axis and forgets its name)."""
+    from .tensorrt_engine import read_sidecar
+
+    try:
+        io = (read_sidecar(path) or {}).get("io") or {}
+    except (OSError, ValueError):  # an unreadable sidecar: the engine still runs, its axes go unnamed
+        return {}
+    return {t["name"]: tuple(t.get("dim_params") or ()) for kind in ("inputs", "outputs") for t in io.get(kind, [])}
 
 
 def deserialize_failure(path: Path, sidecar: dict | None, tensorrt_version: str, compute_capability: str | None) -> str:

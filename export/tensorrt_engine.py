@@ -127,6 +127,7 @@ class Range:
 class EngineOptions:
     batch: Range = Range(1, 1, 8)
     seq: Range = Range(1, 128, 512)
+    dims: dict[str, Range] = field(default_factory=dict)  # named dynamic dimensions (export.dims)
     precision: str = "strongly-typed"  # types as the ONNX graph has them
     workspace_mb: int = 4096
     timing_cache: Path | None = None
@@ -135,29 +136,27 @@ class EngineOptions:
     verbose: bool = False
 
 
-def profile_shapes(model_path: str | Path, batch: Range, seq: Range) -> dict[str, dict[str, list[int]]]:
-    """min/opt/max shape of every graph input: dynamic axis 0 is the batch, axis 1 the sequence
-    (the convention of export_model and random_feeds); fixed dimensions are kept."""
-    from .onnx_io import load_graph_only
+def profile_shapes(model_path: str | Path, batch: Range, seq: Range,
+                   dims: dict[str, Range] | None = None) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max shape of every graph input, each sized by `export.dims.input_shapes` (the rule
+    random inputs follow): fixed dimensions are kept, `dims` sizes named ones, a dynamic axis 0 is
+    the batch and any other the sequence, and a derived name ('past + seq') is worked out."""
+    from .dims import check_given, input_shapes
+    from .triton_repo import onnx_signature
 
-    model = load_graph_only(model_path)
-    initializers = {t.name for t in model.graph.initializer}
+    inputs, _ = onnx_signature(model_path)
+    check_given(inputs, dims, str(model_path))
+    per_kind = {kind: input_shapes(inputs, getattr(batch, kind), getattr(seq, kind),
+                                   {name: getattr(r, kind) for name, r in (dims or {}).items()}, str(model_path))
+                for kind in ("min", "opt", "max")}
     shapes = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        per_kind: dict[str, list[int]] = {"min": [], "opt": [], "max": []}
-        for axis, dim in enumerate(dims):
-            for kind in per_kind:
-                if dim.HasField("dim_value"):
-                    per_kind[kind].append(int(dim.dim_value))
-                elif axis in (0, 1):
-                    per_kind[kind].append(getattr(batch if axis == 0 else seq, kind))
-                else:
-                    raise NormfuseError(f"{model_path}: input {value.name!r} axis {axis} is dynamic "
-                                        f"({dim.dim_param or '?'}); only batch (0) and sequence (1) may be")
-        shapes[value.name] = per_kind
+    for spec in inputs:
+        shape = {kind: per_kind[kind][spec.name] for kind in per_kind}
+        for axis, (lo, opt, hi) in enumerate(zip(shape["min"], shape["opt"], shape["max"])):
+            if not lo <= opt <= hi:
+                raise NormfuseError(f"{model_path}: input {spec.name!r} axis {axis} would be {lo}:{opt}:{hi} "
+                                    "(MIN:OPT:MAX) in the profile; give its names ranges with --dim NAME=MIN:OPT:MAX")
+        shapes[spec.name] = shape
     return shapes
 
 
@@ -182,7 +181,7 @@ def io_signature(onnx_path: str | Path) -> dict:
     from .triton_repo import onnx_signature
 
     inputs, outputs = onnx_signature(onnx_path)
-    return {kind: [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in tensors]
+    return {kind: [{"name": t.name, "dtype": t.dtype, "shape": t.shape, "dim_params": list(t.dim_params)} for t in tensors]
             for kind, tensors in (("inputs", inputs), ("outputs", outputs))}
 
 
@@ -234,6 +233,7 @@ def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, te
         "profiles": [profiles],
         "batch_range": str(options.batch),
         "seq_range": str(options.seq),
+        "dim_ranges": {name: str(r) for name, r in options.dims.items()},
         "plugins": plugin_ops(onnx_path),
         # compile-time kernel switches in force ($NORMFUSE_AB_DEFINES): an engine built with any
         # embeds kernels other than the default, proven ones
@@ -252,8 +252,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, options: EngineOp
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if options.precision not in PRECISIONS:
         raise UsageError(f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}")
+    profiles = profile_shapes(onnx_path, options.batch, options.seq, options.dims)  # a bad --dim fails first
     import_tensorrt()
-    profiles = profile_shapes(onnx_path, options.batch, options.seq)
     uses_plugins = bool(plugin_ops(onnx_path))
     if uses_plugins:
         if not options.plugins:
@@ -410,6 +410,7 @@ class TensorRTRunner:
 
     model_path: Path
     shapes: list[tuple[int, int]] = field(default_factory=lambda: [(1, 16), (2, 64)])
+    dims: dict[str, int] = field(default_factory=dict)  # named dynamic dimensions, fixed (export.dims)
     name: str = "tensorrt"
 
     def __post_init__(self) -> None:
@@ -423,7 +424,8 @@ class TensorRTRunner:
             batches = [b for b, _ in self.shapes]
             seqs = [s for _, s in self.shapes]
             options = EngineOptions(batch=Range(min(batches), max(batches), max(batches)),
-                                    seq=Range(min(seqs), max(seqs), max(seqs)))
+                                    seq=Range(min(seqs), max(seqs), max(seqs)),
+                                    dims={name: Range(size, size, size) for name, size in self.dims.items()})
             plan = Path(self._tmp.name) / (path.stem + ".plan")
             build_engine(path, plan, options)
             path = plan
@@ -435,13 +437,15 @@ class TensorRTRunner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import Parser, output_file, positive_int, run_cli
+    from .cli import DIM_RANGE_HELP, Parser, dim_range, output_file, positive_int, run_cli
 
     parser = Parser(prog="python -m export.tensorrt_engine", description=__doc__.splitlines()[0])
     parser.add_argument("onnx", help="ONNX graph (fused-tensorrt.onnx or reference.onnx)")
     parser.add_argument("-o", "--output", type=output_file, required=True, help="engine file (.plan); the sidecar is <output>.json")
     parser.add_argument("--batch", default="1:1:8", help="batch MIN:OPT:MAX (default 1:1:8)")
     parser.add_argument("--seq", default="1:128:512", help="sequence MIN:OPT:MAX (default 1:128:512)")
+    parser.add_argument("--dim", type=dim_range, action="append", default=[], metavar="NAME=MIN:OPT:MAX",
+                        help=DIM_RANGE_HELP)
     parser.add_argument("--precision", choices=PRECISIONS, default="strongly-typed",
                         help="strongly-typed: the ONNX graph's types (default); fp16/bf16/fp32: a weakly typed "
                              "network with (or without) those kernels, TensorRT 10 only")
@@ -454,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         options = EngineOptions(batch=Range.parse(args.batch, "--batch"), seq=Range.parse(args.seq, "--seq"),
+                                dims=dict(args.dim),
                                 precision=args.precision, workspace_mb=args.workspace_mb,
                                 timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                                 optimization_level=args.optimization_level, verbose=args.verbose)

@@ -51,6 +51,7 @@ class IO:
     name: str
     dtype: str
     shape: list[int | None]  # None: dynamic
+    dim_params: tuple[str | None, ...] = ()  # the name of each dynamic axis the graph gives one (export.dims)
 
 
 def onnx_signature(path: str | Path) -> tuple[list[IO], list[IO]]:
@@ -66,7 +67,8 @@ def onnx_signature(path: str | Path) -> tuple[list[IO], list[IO]]:
         ttype = value.type.tensor_type
         dtype = FLOAT_TYPES.get(ttype.elem_type) or onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
         shape = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
-        return IO(value.name, dtype, shape)
+        params = tuple(d.dim_param or None if not d.HasField("dim_value") else None for d in ttype.shape.dim)
+        return IO(value.name, dtype, shape, params)
 
     initializers = {t.name for t in model.graph.initializer}
     return ([io(v) for v in model.graph.input if v.name not in initializers], [io(v) for v in model.graph.output])
@@ -80,8 +82,8 @@ def plan_signature(path: str | Path) -> tuple[list[IO], list[IO], int | None]:
     if sidecar is None or "io" not in sidecar:
         raise NormfuseError(f"{path}: its sidecar {sidecar_path(path).name} (written by export.tensorrt_engine) "
                             "is missing or has no I/O signature")
-    inputs = [IO(t["name"], t["dtype"], t["shape"]) for t in sidecar["io"]["inputs"]]
-    outputs = [IO(t["name"], t["dtype"], t["shape"]) for t in sidecar["io"]["outputs"]]
+    inputs, outputs = ([IO(t["name"], t["dtype"], t["shape"], tuple(t.get("dim_params") or ()))
+                        for t in sidecar["io"][kind]] for kind in ("inputs", "outputs"))
     max_batch = None
     profiles = sidecar.get("profiles") or []
     if profiles:

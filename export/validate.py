@@ -84,10 +84,12 @@ def _q_name(q: float) -> str:
 
 
 def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dtype: str, seed: int = 0,
-            progress=None, save_dir: str | Path | None = None, given: list[dict] | None = None) -> list[dict]:
+            progress=None, save_dir: str | Path | None = None, given: list[dict] | None = None,
+            dims: dict[str, int] | None = None) -> list[dict]:
     """One pair record per shape: {reference, candidate, shape, passed, outputs: {name: stats}}.
 
-    Both sides get the same inputs: random, from the reference graph's signature, seeded; or
+    Both sides get the same inputs: random, from the reference graph's signature, seeded, with
+    named dynamic dimensions sized by `dims` and `export.dims`' rules; or
     `given`, a list of feed dicts (one pair each; see `read_given_inputs`), checked against the
     signature first. With `save_dir`, inputs and both sides' outputs are written in Polygraphy's
     formats."""
@@ -102,14 +104,19 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         shapes = [leading_dims(feeds) for feeds in given]
     # The reference runs as written: ONNX Runtime's own fusions are not what is being checked
     # (and its LayerNormFusion builds invalid nodes on some fp16 TorchScript exports).
-    ref_runner = make_runner(reference.model, reference.backend, shapes, optimization="none")
-    cand_runner = make_runner(candidate.model, candidate.backend, shapes)
+    if given is None:
+        from .dims import check_given
+
+        check_given(inputs, dims, str(reference.model))
+    ref_runner = make_runner(reference.model, reference.backend, shapes, optimization="none", dims=dims)
+    cand_runner = make_runner(candidate.model, candidate.backend, shapes, dims=dims)
 
     tolerance = GRAPH[dtype]
     bounds = index_bounds(reference.model) if given is None else {}
     pairs, iterations = [], []
     for index, (batch, seq) in enumerate(shapes):
-        feeds = given[index] if given is not None else random_arrays(inputs, batch, seq, seed=seed, bounds=bounds)
+        feeds = given[index] if given is not None else random_arrays(
+            inputs, batch, seq, seed=seed, bounds=bounds, dims=dims, where=str(reference.model))
         expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
         missing = set(expected) - set(actual)
         if missing:
@@ -232,13 +239,14 @@ def candidate_backend(path: Path, requested: str) -> str:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, output_file, output_folder, run_cli
+    from .cli import DIM_HELP, Parser, dim_size, output_file, output_folder, run_cli
     from .files import write_json
 
     parser = Parser(prog="python -m export.validate", description=__doc__.splitlines()[0])
     parser.add_argument("reference", help="reference ONNX model")
     parser.add_argument("candidate", help="fused ONNX model, or a TensorRT engine (.plan)")
     parser.add_argument("--shapes", default="1x16,2x64", help="BATCHxSEQ list (default 1x16,2x64)")
+    parser.add_argument("--dim", type=dim_size, action="append", default=[], metavar="NAME=SIZE", help=DIM_HELP)
     parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "onnx-reference", "tensorrt"),
                         help="backend for both models (default ort-cpu; onnx-reference runs normfuse ops through normops; "
                              "tensorrt builds an engine from an .onnx candidate)")
@@ -260,9 +268,11 @@ def main(argv=None) -> int:
         cand_backend = candidate_backend(candidate, args.backend)
         ref_backend = args.reference_backend or reference_backend(args.backend, cand_backend, dtype)
         require_file(candidate)  # model_dtype has checked the reference
+        if args.inputs and args.dim:
+            raise UsageError("--dim sizes random inputs; with --inputs the inputs' own shapes are used")
         given = read_given_inputs(args.inputs, args.reference) if args.inputs else None
         pairs = compare(Side(Path(args.reference), ref_backend, "reference"), Side(candidate, cand_backend, "fused"),
-                        shapes, dtype, seed=args.seed, save_dir=args.save_outputs, given=given)
+                        shapes, dtype, seed=args.seed, save_dir=args.save_outputs, given=given, dims=dict(args.dim))
         for pair in pairs:
             for name, s in pair["outputs"].items():
                 verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"

@@ -21,7 +21,7 @@ def feeds(batch=2, seq=7, seed=0):
 def test_onnx_model_matches_a_plain_session(graphs):
     model = load(graphs["fused"], providers=["CPUExecutionProvider"])
     assert isinstance(model, OrtModel)
-    assert model.inputs == [TensorSpec("hidden_states", "float32", (None, None, 64))]
+    assert model.inputs == [TensorSpec("hidden_states", "float32", (None, None, 64), ("batch", "seq", None))]
     assert model.output_names == ["output"]
     assert repr(model) == (f"OrtModel({graphs['fused']} on CPUExecutionProvider: "
                            "hidden_states float32[?, ?, 64] -> output float32[?, ?, 64])")
