@@ -107,6 +107,27 @@ def dim_params(spec) -> tuple[str | None, ...]:
     return params + (None,) * (len(spec.shape) - len(params))
 
 
+def sequence_names(inputs: Sequence) -> list[str]:
+    """Plain names that first appear on an axis other than 0: each is made up as the sequence length."""
+    first_axis: dict[str, int] = {}
+    for spec in inputs:
+        for axis, (dim, param) in enumerate(zip(spec.shape, dim_params(spec))):
+            if dim is None and param and isinstance(parse(param), str):
+                first_axis.setdefault(param, axis)
+    return [name for name, axis in first_axis.items() if axis != 0]
+
+
+def failure_hint(inputs: Sequence) -> str:
+    """What to suspect when a model fails on inputs of these shapes, for the one-line error."""
+    names = sequence_names(inputs)
+    hint = "a shape the model cannot take, e.g. a sequence past its positions"
+    if len(names) > 1:
+        listed = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        hint += (f", or sizes it relates: {listed} are separate dimensions, made up alike as the sequence "
+                 "length unless --dim NAME=SIZE sizes them")
+    return f"({hint}?)"
+
+
 def check_given(inputs: Sequence, given: Mapping[str, object] | None, where: str) -> None:
     """A size given for a name the model does not have is a mistake worth stopping for."""
     written = {param for spec in inputs for param in dim_params(spec) if param}  # 'past + seq' itself may be given

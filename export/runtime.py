@@ -294,8 +294,10 @@ class OrtModel:
             message = message.split(" : ", 2)[-1] if message.startswith("[ONNXRuntimeError]") else message
             shapes = ", ".join(f"{name} {list(value[0] if isinstance(value, tuple) else value.shape)}"
                                for name, value in feeds.items())
+            from .dims import failure_hint
+
             raise NormfuseError(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message} "
-                                "(a shape the model cannot take, e.g. a sequence past its positions?)") from None
+                                f"{failure_hint(self.inputs)}") from None
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()

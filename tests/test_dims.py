@@ -32,12 +32,12 @@ HIDDEN = 32
 PAST, SEQ, TOTAL = "past_sequence_length", "sequence_length", "past_sequence_length + sequence_length"
 
 
-def kv_step_model(path: Path) -> Path:
+def kv_step_model(path: Path, total: str = TOTAL) -> Path:
     """hidden [batch, seq, 32], past [batch, past, 32], mask [batch, past + seq] -> RMSNorm(concat * mask)."""
     inputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch_size", SEQ, HIDDEN]),
               helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch_size", PAST, HIDDEN]),
-              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch_size", TOTAL])]
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", TOTAL, HIDDEN])
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch_size", total])]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", total, HIDDEN])
     weights = [numpy_helper.from_array(np.linspace(0.5, 1.5, HIDDEN, dtype=np.float32), "gamma"),
                numpy_helper.from_array(np.array([-1], np.int64), "last"),
                numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
@@ -211,6 +211,20 @@ def test_build_refuses_bad_dims_before_any_work(kv_model, tmp_path, capsys, args
     code, stderr = _main("export.build", "--onnx", str(kv_model), "--out", str(tmp_path / "out"), *args, capsys=capsys)
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_on_unrelated_names_points_to_dim(tmp_path, capsys):
+    """torch.export with automatic dims names each axis on its own (s53, s70, ...): the mask's length
+    cannot be known from the names, so the one-line error says which names were made up alike."""
+    model = kv_step_model(tmp_path / "unrelated.onnx", total="s53")
+    code, stderr = _main("export.run", str(model), "--random", "1x4", capsys=capsys)
+    assert code == 1 and len(stderr.strip().splitlines()) == 1
+    assert f"or sizes it relates: {SEQ}, {PAST}, s53 are separate dimensions" in stderr and "--dim NAME=SIZE" in stderr
+    assert _main("export.run", str(model), "--random", "1x4", "--dim", "s53=8", capsys=capsys)[0] == 0
+    with pytest.raises(NormfuseError, match="reference evaluator failed .* or sizes it relates: "):
+        from export.backends import make_runner, random_feeds
+
+        make_runner(model, "onnx-reference").run(random_feeds(model, 1, 4))
 
 
 def test_validate_bench_and_run_take_dims(kv_model, tmp_path, capsys):
