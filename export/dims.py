@@ -17,6 +17,7 @@ gets its size from the first of these that applies:
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -71,6 +72,7 @@ def _arithmetic(node: ast.AST) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=4096)  # a model repeats its few names on every input
 def parse(dim_param: str) -> str | Expression:
     """A plain name (any text that is not arithmetic over names, such as 'batch' or
     '/model/Add_output_0_dim_1'), or an Expression."""
@@ -135,15 +137,14 @@ def check_given(inputs: Sequence, given: Mapping[str, object] | None, where: str
     if unknown:
         names = ", ".join(named_dims(inputs)) or "none"
         raise UsageError(f"{where}: --dim {unknown[0]}: the model has no dimension of that name "
-                            f"(its named dimensions: {names})")
+                         f"(its named dimensions: {names})")
 
 
 def input_shapes(inputs: Sequence, batch: int, seq: int, given: dict[str, int] | None = None,
                  where: str = "model") -> dict[str, list[int]]:
     """{input name: dims} for `inputs` (anything with name, shape of int or None per axis, and
     optionally dim_params), by the rules in this module's docstring."""
-    given = dict(given or {})
-    sizes: dict[str, int] = dict(given)
+    sizes: dict[str, int] = dict(given or {})
     positional = {}  # (input, axis) -> size by position
     for spec in inputs:
         for axis, (dim, param) in enumerate(zip(spec.shape, dim_params(spec))):

@@ -126,6 +126,7 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             "reference": f"{reference.label}@{reference.backend}",
             "candidate": f"{candidate.label}@{candidate.backend}",
             "shape": [batch, seq],
+            "input_shapes": {name: list(np.shape(value)) for name, value in feeds.items()},
             "dtype": dtype,
             "passed": all(o["passed"] for o in outputs.values()),
             "outputs": outputs,
@@ -273,10 +274,11 @@ def main(argv=None) -> int:
         given = read_given_inputs(args.inputs, args.reference) if args.inputs else None
         pairs = compare(Side(Path(args.reference), ref_backend, "reference"), Side(candidate, cand_backend, "fused"),
                         shapes, dtype, seed=args.seed, save_dir=args.save_outputs, given=given, dims=dict(args.dim))
+        with_dims = "".join(f" {name}={size}" for name, size in args.dim)
         for pair in pairs:
             for name, s in pair["outputs"].items():
                 verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"
-                print(f"{verdict} {pair['shape'][0]}x{pair['shape'][1]} {name} ({pair['candidate']} vs "
+                print(f"{verdict} {pair['shape'][0]}x{pair['shape'][1]}{with_dims} {name} ({pair['candidate']} vs "
                       f"{pair['reference']}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
                       f"max_rel {s['max_rel']:.3g}, tolerance used p99 {s['tolerance_used']['p99']:.2g} "
                       f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")

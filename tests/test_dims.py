@@ -232,9 +232,12 @@ def test_validate_bench_and_run_take_dims(kv_model, tmp_path, capsys):
 
     fused = tmp_path / "fused.onnx"
     rewrite_file(kv_model, fused, target="onnxruntime")
-    assert _main("export.validate", str(kv_model), str(fused), "--shapes", "2x3", "--dim", f"{PAST}=5",
-                 "--json", str(tmp_path / "v.json"), capsys=capsys)[0] == 0
-    assert json.loads((tmp_path / "v.json").read_text())[0]["passed"]
+    from export.validate import main as validate
+
+    assert validate([str(kv_model), str(fused), "--shapes", "2x3", "--dim", f"{PAST}=5", "--json", str(tmp_path / "v.json")]) == 0
+    assert f"PASS 2x3 {PAST}=5 y" in capsys.readouterr().out
+    pair = json.loads((tmp_path / "v.json").read_text())[0]
+    assert pair["passed"] and pair["input_shapes"] == {"hidden": [2, 3, HIDDEN], "past": [2, 5, HIDDEN], "mask": [2, 8]}
     assert _main("export.bench", str(kv_model), str(fused), "--seq", "1", "--dim", f"{PAST}=9", "--runs", "2",
                  "--warmup", "0", "--json", str(tmp_path / "b.json"), capsys=capsys)[0] == 0
     assert json.loads((tmp_path / "b.json").read_text())[1]["input_shapes"]["mask"] == [1, 10]
