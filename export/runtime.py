@@ -101,8 +101,10 @@ def to_torch(array: np.ndarray, device: Any = "cpu") -> Any:
     return tensor.to(device)
 
 
-def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model") -> None:
-    """Raise a one-line NormfuseError naming the first input that does not fit the signature."""
+def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", allow_empty: bool = False) -> None:
+    """Raise a one-line NormfuseError naming the first input that does not fit the signature.
+    `allow_empty`: a zero-length axis is fine (ONNX Runtime takes one, and a KV cache is empty
+    before the prompt); TensorRT's profiles start at 1."""
     if not isinstance(feeds, dict):
         raise NormfuseError(f"{where}: inputs must be a dict of name -> array, got {type(feeds).__name__}")
     expected = {spec.name: spec for spec in inputs}
@@ -125,7 +127,7 @@ def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model") -> 
             if want is not None and have != want:
                 raise NormfuseError(f"{where}: input {name!r} has {have} on axis {axis} (shape {list(shape)}), "
                                     f"the model takes {spec.describe()}")
-            if have == 0:
+            if have == 0 and not allow_empty:
                 raise NormfuseError(f"{where}: input {name!r} is empty on axis {axis} (shape {list(shape)})")
 
 
@@ -212,7 +214,7 @@ class OrtModel:
         self._host_feeds: dict[str, np.ndarray] = {}  # what run_bound() feeds on the CPU
 
     def run(self, feeds: dict) -> dict:
-        check_feeds(self.inputs, feeds, str(self.path))
+        check_feeds(self.inputs, feeds, str(self.path), allow_empty=True)
         torch_in = any(is_torch(v) for v in feeds.values())
         with self._lock:
             if not self.on_cuda:

@@ -7,12 +7,9 @@ The model is a KV-cache step written the way Hugging Face exports name it (the a
 masks them and RMS-normalises them, so it runs only when the three lengths agree."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -262,38 +259,11 @@ def test_dims_with_given_inputs_or_malformed_or_unknown_are_refused(kv_model, tm
 def test_a_hugging_face_decoder_with_its_kv_cache_runs_as_exported(tmp_path):
     """LLaMA with past keys and values, exported the way optimum names the axes (the mask is
     'past_sequence_length + sequence_length' long): the whole chain, at one decode step."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from transformers.cache_utils import DynamicCache
+    pytest.importorskip("transformers")
+    from models.hf_decoder import export_llama_decoder
 
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).eval()
-
-    class WithCache(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, *cache):
-            past = DynamicCache(config=config)
-            for layer in range(config.num_hidden_layers):
-                past.update(cache[2 * layer], cache[2 * layer + 1], layer)
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past,
-                              use_cache=True).logits
-
-    cache_names = [f"past_key_values.{layer}.{kind}" for layer in range(2) for kind in ("key", "value")]
-    names = ["input_ids", "attention_mask", *cache_names]
-    axes = {"input_ids": {0: "batch_size", 1: SEQ}, "attention_mask": {0: "batch_size", 1: TOTAL},
-            "logits": {0: "batch_size", 1: SEQ}, **{n: {0: "batch_size", 2: PAST} for n in cache_names}}
-    example = (torch.randint(0, 100, (1, 4)), torch.ones(1, 7, dtype=torch.int64),
-               *(torch.randn(1, 2, 3, 16) for _ in cache_names))
     path = tmp_path / "decoder_with_past.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(WithCache(), example, str(path), dynamo=False, input_names=names, output_names=["logits"],
-                          dynamic_axes=axes, opset_version=17)
-
+    export_llama_decoder(path)
     profile = profile_shapes(path, Range(1, 1, 2), Range(1, 1, 8), {PAST: Range(1, 255, 1024)})
     assert profile["attention_mask"] == {"min": [1, 2], "opt": [1, 256], "max": [2, 1032]}
     out = tmp_path / "out"

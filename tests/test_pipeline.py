@@ -295,6 +295,7 @@ OUTPUT_FLAGS = [
     ("export.run", ["{model}", "--random", "1x4"], "--json", "file"),
     ("export.tensorrt_engine", ["{model}"], "-o", "file"),
     ("export.triton_repo", ["{model}"], "--repo", "folder"),
+    ("export.decode", ["{model}"], "--json", "file"),
 ]
 
 
@@ -322,6 +323,7 @@ INPUT_FOLDER_CASES = [
     ("export.bench", ["{folder}", "{folder}"]),
     ("export.run", ["{folder}", "--random", "1x4"]),
     ("export.triton_repo", ["{folder}", "--repo", "{tmp}/out"]),
+    ("export.decode", ["{folder}"]),
 ]
 
 
@@ -335,7 +337,7 @@ def test_a_folder_given_as_a_model_is_named_as_one(tmp_path, capsys, module, fla
 
 
 COMMANDS = ["export.build", "export.export_model", "export.rewrite", "export.validate", "export.bench",
-            "export.tensorrt_engine", "export.run", "export.triton_repo"]
+            "export.tensorrt_engine", "export.run", "export.triton_repo", "export.decode"]
 
 
 @pytest.mark.parametrize("module", COMMANDS)

@@ -1,0 +1,248 @@
+"""Greedy decoding with a KV-cache decoder: a built model served inside a generation loop.
+
+    python -m export.decode decoder.onnx --prompt 8 --tokens 32
+    python -m export.decode reference.onnx --compare fused-cpu.onnx --json decode.json
+
+The model is a decoder as optimum and onnxruntime-genai export one: inputs `input_ids`,
+`attention_mask` (as long as the cache plus the new tokens), optionally `position_ids`, and a
+cache input `past_key_values.<name>` for every output `present.<name>`; the first output, or the
+one called `logits`, gives the scores. The prompt runs with an empty cache (prefill); each step
+then feeds the highest-scoring token and the cache the step before returned.
+
+With `--compare`, the second model decodes the first model's tokens (teacher forcing), so its
+scores are compared at every step, against the first model's as written (ONNX Runtime's own graph
+fusions off, as in export.validate) and the dtype's graph tolerance (normops.tolerances.GRAPH),
+and the steps where its own choice differs are counted. Both are timed: the prefill, and every
+decode step after a warm-up generation. ONNX models only: a TensorRT engine's profile starts its
+cache axis at 1, and the prefill needs 0.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NormfuseError, UsageError
+
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Which inputs and outputs of a model make it a KV-cache decoder."""
+
+    logits: str
+    cache: tuple[tuple[str, str], ...]  # (past input, present output)
+    cache_shapes: dict[str, tuple[int | None, ...]]  # past input -> shape with None on the cache axis
+    position_ids: bool
+
+
+def decoder_of(model, where: str) -> Decoder:
+    """The decoder signature of a loaded model (export.runtime), or a one-line NormfuseError saying
+    what is missing."""
+    inputs = {spec.name: spec for spec in model.inputs}
+    outputs = [spec.name for spec in model.outputs]
+    cache = tuple((name, PRESENT_PREFIX + name[len(PAST_PREFIX):]) for name in inputs if name.startswith(PAST_PREFIX))
+    if not cache or "input_ids" not in inputs or "attention_mask" not in inputs:
+        raise NormfuseError(f"{where}: not a KV-cache decoder (it needs input_ids, attention_mask and "
+                            f"{PAST_PREFIX}* inputs; it takes {', '.join(inputs)})")
+    missing = [present for _, present in cache if present not in outputs]
+    if missing:
+        raise NormfuseError(f"{where}: cache output {missing[0]} is missing (each {PAST_PREFIX}X input needs a "
+                            f"{PRESENT_PREFIX}X output)")
+    others = sorted(set(inputs) - set(TOKEN_INPUTS) - {past for past, _ in cache})
+    if others:
+        raise NormfuseError(f"{where}: input {others[0]!r} is neither a token input ({', '.join(TOKEN_INPUTS)}) "
+                            "nor a cache")
+    shapes = {}
+    for past, _ in cache:
+        spec = inputs[past]
+        dynamic = [axis for axis, dim in enumerate(spec.shape) if dim is None and axis != 0]
+        if len(dynamic) != 1:
+            raise NormfuseError(f"{where}: cache input {past!r} {spec.describe()} needs exactly one dynamic axis "
+                                "besides the batch (the cache length)")
+        shapes[past] = tuple(None if axis == dynamic[0] else dim for axis, dim in enumerate(spec.shape))
+    logits = "logits" if "logits" in outputs else outputs[0]
+    return Decoder(logits, cache, shapes, "position_ids" in inputs)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per step (prefill first), one token per sequence of the batch
+    step_logits: list[np.ndarray] = field(default_factory=list)  # scores of the last position, per step
+    prefill_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)  # decode steps after the prefill
+
+
+def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
+             forced: list[list[int]] | None = None) -> Generation:
+    """Greedy decoding of `new_tokens` tokens after `prompt` (batch x length int64); with `forced`,
+    the given tokens are fed instead of the model's own choices (its choices are still recorded)."""
+    batch, length = prompt.shape
+    cache = {past: np.zeros([batch if axis == 0 else (0 if dim is None else dim) for axis, dim in enumerate(shape)],
+                            dtype=_input_dtype(model, past))
+             for past, shape in decoder.cache_shapes.items()}
+    types = {name: _input_dtype(model, name) for name in TOKEN_INPUTS if name != "position_ids" or decoder.position_ids}
+    result = Generation(tokens=[])
+    ids, done = prompt, 0
+    for step in range(new_tokens):
+        feeds = {"input_ids": ids.astype(types["input_ids"]),
+                 "attention_mask": np.ones((batch, done + ids.shape[1]), types["attention_mask"]), **cache}
+        if decoder.position_ids:
+            feeds["position_ids"] = np.broadcast_to(np.arange(done, done + ids.shape[1]),
+                                                    ids.shape).astype(types["position_ids"])
+        started = time.perf_counter()
+        outputs = model.run(feeds)
+        elapsed = (time.perf_counter() - started) * 1000.0
+        if step == 0:
+            result.prefill_ms = elapsed
+        else:
+            result.step_ms.append(elapsed)
+        scores = np.asarray(outputs[decoder.logits])[:, -1, :]
+        chosen = scores.astype(np.float32).argmax(-1)
+        result.tokens.append([int(t) for t in chosen])
+        result.step_logits.append(scores)
+        fed = np.asarray(forced[step] if forced is not None else chosen, dtype=np.int64)
+        done += ids.shape[1]
+        ids = fed.reshape(batch, 1)
+        cache = {past: outputs[present] for past, present in decoder.cache}
+    return result
+
+
+def _input_dtype(model, name: str):
+    from normops import numpy_dtype
+
+    return numpy_dtype(next(spec.dtype for spec in model.inputs if spec.name == name))
+
+
+def timing(generation: Generation, batch: int) -> dict:
+    steps = np.asarray(generation.step_ms) if generation.step_ms else np.asarray([np.nan])
+    p50 = float(np.median(steps))
+    return {"prefill_ms": round(generation.prefill_ms, 4),
+            "step_ms": {"p50": p50, "p99": float(np.percentile(steps, 99)), "mean": float(steps.mean())},
+            "decode_tokens_per_s": batch / (p50 / 1000.0) if generation.step_ms else None,
+            "raw_step_ms": [round(v, 4) for v in generation.step_ms]}
+
+
+def agreement(tokens: list[list[int]], expected: Generation, candidate: Generation, dtype: str) -> dict:
+    """Step by step: does the candidate (fed `tokens`) choose those tokens, and are its scores within
+    the graph tolerance of `expected`'s (the reference fed the same tokens)?"""
+    from normops import GRAPH
+
+    from .validate import output_stats
+
+    steps = [output_stats(np.asarray(c), np.asarray(r), GRAPH[dtype])
+             for r, c in zip(expected.step_logits, candidate.step_logits)]
+    same = sum(r == c for r, c in zip(tokens, candidate.tokens))
+    return {"steps": len(steps), "same_tokens": same, "scores_within_tolerance": all(s["passed"] for s in steps),
+            "max_abs": max(s["max_abs"] for s in steps), "max_rel": max(s["max_rel"] for s in steps),
+            "first_step_out_of_tolerance": next((i for i, s in enumerate(steps) if not s["passed"]), None)}
+
+
+def decode(model_path: str | Path, compare_path: str | Path | None = None, prompt: int = 8, tokens: int = 32,
+           batch: int = 1, seed: int = 0, warmup: int = 1, providers: list[str] | None = None) -> dict:
+    """Greedy decoding with `model_path` (and, teacher-forced, with `compare_path`); see the module doc."""
+    from .backends import index_bounds
+    from .runtime import ENGINE_SUFFIXES, load
+
+    paths = [Path(model_path)] + ([Path(compare_path)] if compare_path else [])
+    for path in paths:
+        if path.suffix in ENGINE_SUFFIXES:
+            raise UsageError(f"{path}: decoding runs ONNX models (a TensorRT engine's cache axis starts at 1 in "
+                             "its profile, and the prefill feeds an empty cache)")
+    models = [load(path, providers=providers) for path in paths]
+    decoders = [decoder_of(model, str(path)) for model, path in zip(models, paths)]
+    vocabulary = index_bounds(paths[0]).get("input_ids")
+    if vocabulary is None:
+        raise NormfuseError(f"{paths[0]}: cannot tell its vocabulary size (input_ids does not index a weight "
+                            "directly)")
+    ids = np.random.default_rng(seed).integers(0, vocabulary, size=(batch, prompt)).astype(np.int64)
+    dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
+
+    runs = {}
+    for _ in range(warmup):  # first runs allocate and plan: not what a served model's steps cost
+        for model, decoder in zip(models, decoders):
+            generate(model, decoder, ids, tokens)
+    reference = generate(models[0], decoders[0], ids, tokens)
+    runs["reference"] = reference
+    record = {"prompt": ids.tolist(), "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
+              "models": {"reference": {"model": str(paths[0]), "providers": models[0].providers,
+                                       "tokens": reference.tokens, **timing(reference, batch)}}}
+    if compare_path:
+        candidate = generate(models[1], decoders[1], ids, tokens, forced=reference.tokens)
+        record["models"]["compared"] = {"model": str(paths[1]), "providers": models[1].providers,
+                                        "tokens": candidate.tokens, **timing(candidate, batch)}
+        # scores are checked against the reference as written: ONNX Runtime's own fusions (which
+        # rewrite the reference's norms too) are not what is being compared
+        from .runtime import OrtModel
+
+        as_written = OrtModel(paths[0], providers=providers, optimization="none")
+        expected = generate(as_written, decoders[0], ids, tokens, forced=reference.tokens)
+        record["agreement"] = agreement(reference.tokens, expected, candidate, dtype)
+    return record
+
+
+def print_table(record: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"greedy decoding: prompt {len(record['prompt'][0])}, {record['new_tokens']} tokens, "
+                        f"batch {record['batch']} ({record['dtype']})")
+    for column in ("model", "prefill ms", "step p50 ms", "step p99 ms", "tokens/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, run in record["models"].items():
+        rate = run["decode_tokens_per_s"]
+        table.add_row(f"{label}: {Path(run['model']).name}", f"{run['prefill_ms']:.3f}", f"{run['step_ms']['p50']:.3f}",
+                      f"{run['step_ms']['p99']:.3f}", f"{rate:.0f}" if rate else "-")
+    console.print(table)
+    first = record["models"]["reference"]["tokens"]
+    console.print("tokens: " + " ".join(str(step[0]) for step in first) + (" (first sequence)" if record["batch"] > 1 else ""))
+    agree = record.get("agreement")
+    if agree:
+        verdict = "[green]same[/]" if agree["same_tokens"] == agree["steps"] and agree["scores_within_tolerance"] else "[red]differs[/]"
+        console.print(f"compared: {verdict}: {agree['same_tokens']}/{agree['steps']} steps choose the same tokens; "
+                      f"scores max abs {agree['max_abs']:.3g}, max rel {agree['max_rel']:.3g}, "
+                      + ("all within tolerance" if agree["scores_within_tolerance"]
+                         else f"out of tolerance from step {agree['first_step_out_of_tolerance']}"))
+        ref, cand = (record["models"][k]["step_ms"]["p50"] for k in ("reference", "compared"))
+        console.print(f"decode step p50: compared is {ref / cand:.2f}x the reference's speed")
+
+
+def main(argv=None) -> int:
+    from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
+    from .files import require_file, write_json
+
+    parser = Parser(prog="python -m export.decode", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="KV-cache decoder (.onnx): input_ids, attention_mask, past_key_values.* in; "
+                                      "logits, present.* out")
+    parser.add_argument("--compare", metavar="MODEL", help="a second decoder (e.g. the fused one) fed the first one's "
+                                                            "tokens: same choices, scores within tolerance, and its speed")
+    parser.add_argument("--prompt", type=positive_int, default=8, help="prompt length in tokens (random ids; default 8)")
+    parser.add_argument("--tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed generations first (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt (default 0)")
+    parser.add_argument("--providers", help="ONNX Runtime providers, comma-separated (default: CUDA if present, CPU)")
+    parser.add_argument("--json", type=output_file, help="write tokens, step times and the comparison as JSON")
+    args = parser.parse_args(argv)
+
+    def job() -> int:
+        from rich.console import Console
+
+        for path in filter(None, (args.model, args.compare)):
+            require_file(path)
+        providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+        record = decode(args.model, args.compare, args.prompt, args.tokens, args.batch, args.seed, args.warmup, providers)
+        print_table(record, Console(highlight=False))
+        if args.json:
+            write_json(args.json, record)
+        agree = record.get("agreement")
+        return 0 if not agree or (agree["same_tokens"] == agree["steps"] and agree["scores_within_tolerance"]) else 1
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

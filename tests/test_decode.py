@@ -1,0 +1,95 @@
+"""Serving a fused decoder inside a generation loop (export.decode): greedy decoding with a KV
+cache on real ONNX Runtime sessions gives the tokens transformers' own `generate` gives, and the
+fused decoder, fed the same tokens, chooses the same ones with scores within tolerance."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_pipeline import _main
+
+from export.decode import decode, decoder_of
+from export.errors import NormfuseError
+from export.rewrite import rewrite_file
+from export.runtime import load
+from models.hf_decoder import export_llama_decoder
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("decoder")
+    reference, fused = folder / "decoder.onnx", folder / "decoder-fused-cpu.onnx"
+    model = export_llama_decoder(reference)
+    report = rewrite_file(reference, fused, target="onnxruntime", residual=False)
+    assert report.fused == 5
+    return {"reference": reference, "fused": fused, "torch": model}
+
+
+def test_greedy_tokens_are_transformers_own(decoders):
+    record = decode(decoders["reference"], prompt=6, tokens=10, batch=2, seed=3, warmup=0,
+                    providers=["CPUExecutionProvider"])
+    prompt = torch.tensor(record["prompt"])
+    expected = decoders["torch"].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                                          do_sample=False, pad_token_id=0)[:, 6:]
+    ours = np.asarray(record["models"]["reference"]["tokens"]).T  # steps x batch -> batch x steps
+    np.testing.assert_array_equal(ours, expected.numpy())
+
+
+def test_the_fused_decoder_chooses_the_same_tokens(decoders, tmp_path, capsys):
+    from export.decode import main
+
+    assert main([str(decoders["reference"]), "--compare", str(decoders["fused"]), "--prompt", "5", "--tokens", "12",
+                 "--providers", "CPUExecutionProvider", "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "compared: same: 12/12 steps choose the same tokens" in out and "decode step p50" in out
+    record = json.loads((tmp_path / "d.json").read_text())
+    agree = record["agreement"]
+    assert agree["steps"] == agree["same_tokens"] == 12 and agree["scores_within_tolerance"]
+    for run in record["models"].values():
+        assert len(run["raw_step_ms"]) == 11 and run["prefill_ms"] > 0 and run["decode_tokens_per_s"] > 0
+    assert record["models"]["compared"]["tokens"] == record["models"]["reference"]["tokens"]
+
+
+def test_a_different_decoder_is_caught(decoders, tmp_path, capsys):
+    """A decoder whose weights differ (another seed) does not pass as the same model: exit 1."""
+    other = tmp_path / "other.onnx"
+    export_llama_decoder(other, seed=1)
+    code, _ = _main("export.decode", str(decoders["reference"]), "--compare", str(other), "--tokens", "6",
+                    "--providers", "CPUExecutionProvider", capsys=capsys)
+    assert code == 1
+
+
+def test_the_cache_is_found_by_its_names(decoders):
+    decoder = decoder_of(load(decoders["fused"], providers=["CPUExecutionProvider"]), "m")
+    assert decoder.logits == "logits" and decoder.position_ids
+    assert decoder.cache[0] == ("past_key_values.0.key", "present.0.key") and len(decoder.cache) == 4
+    assert decoder.cache_shapes["past_key_values.1.value"] == (None, 2, None, 16)
+
+
+def test_a_model_that_is_not_a_decoder_is_one_line(rewritten, capsys):
+    code, stderr = _main("export.decode", str(rewritten("rmsnorm")["reference"]), capsys=capsys)
+    assert code == 1 and "not a KV-cache decoder" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_an_engine_is_refused_before_loading(decoders, tmp_path, capsys):
+    plan = tmp_path / "decoder.plan"
+    plan.write_bytes(b"not an engine")
+    code, stderr = _main("export.decode", str(plan), capsys=capsys)
+    assert code == 2 and "decoding runs ONNX models" in stderr
+
+
+def test_an_empty_cache_is_taken_by_onnx_runtime_not_by_the_check_for_engines(decoders):
+    from export.runtime import TensorSpec, check_feeds
+
+    with pytest.raises(NormfuseError, match="empty on axis 2"):
+        check_feeds([TensorSpec("past", "float32", (None, 2, None, 16))], {"past": np.zeros((1, 2, 0, 16), np.float32)})
+    model = load(decoders["reference"], providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array([[1, 2]]), "attention_mask": np.ones((1, 2), np.int64),
+             "position_ids": np.array([[0, 1]]),
+             **{f"past_key_values.{layer}.{kind}": np.zeros((1, 2, 0, 16), np.float32)
+                for layer in range(2) for kind in ("key", "value")}}
+    assert model.run(feeds)["present.0.key"].shape == (1, 2, 2, 16)
