@@ -23,7 +23,7 @@ from models import PRESET_NAMES, count_norms, describe_presets, preset
 
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
 from .cli import DIM_HELP, Parser, dim_range, non_negative_int, output_file, output_folder, positive_int, run_cli
-from .errors import UsageError
+from .errors import NormfuseError, UsageError
 from .files import require_writable
 from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
 from .report import print_summary, write_report
@@ -85,6 +85,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=output_folder,
                         help="output folder (default build/<preset>-<norm>, or build/<model name> with --onnx)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
+    parser.add_argument("--decode-tokens", type=non_negative_int, default=32,
+                        help="with --onnx of a KV-cache decoder: greedy-decode this many tokens with the reference "
+                             "and (fed its tokens) the fused graph on each ONNX Runtime backend, comparing choices, "
+                             "scores and step times (default 32; 0: skip)")
     trt = parser.add_argument_group("TensorRT engines")
     trt.add_argument("--batch-range", metavar="MIN:OPT:MAX",
                      help="batch axis of the optimisation profile (default 1:BATCH:max(BATCH,2))")
@@ -216,6 +220,7 @@ class Pipeline:
         engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}
         validation = self.validate(reference, fused, cpu_form, fused_trt, backends, dtype, engines)
         bench = self.bench(reference, fused, cpu_form, backends, dtype, rewrite_trt, engines)
+        decoding = self.decode(reference, fused, cpu_form, backends, dtype)
         self.note_gpu_stages(backends)
         triton = self.write_triton(reference, fused, engines, name, norm) if a.triton_repo else []
         if expected_norms is None:
@@ -233,6 +238,7 @@ class Pipeline:
                         "onnxruntime_cpu": rewrite_cpu.as_dict()},
             "validation": validation,
             "bench": bench,
+            "decode": decoding,
             "skipped": self.skipped,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "environment": environment(),
@@ -249,6 +255,12 @@ class Pipeline:
         self.console.print(f"report: {paths['md']} (also {also}" + ("" if "png" in paths else "; no plot: nothing was timed") + ")")
         if not all(p["passed"] for p in validation):
             self.console.print("[red]validation FAILED[/]: the fused graph does not match the reference")
+            return 1
+        from .decode import decoded_alike
+
+        if not all(decoded_alike(d["agreement"]) for d in decoding):
+            self.console.print("[red]decoding FAILED[/]: the fused decoder chose other tokens or its scores are out "
+                               "of tolerance")
             return 1
         return 0
 
@@ -399,6 +411,29 @@ class Pipeline:
                     results.append(bench_in_process_of_its_own(info["plan"], graph, "tensorrt", batch, seq,
                                                                a.runs, a.warmup, source=info["source"], dims=self.dims))
         return results
+
+    def decode(self, reference, fused, fused_cpu, backends, dtype) -> list[dict]:
+        """A KV-cache decoder served in a greedy decoding loop (export.decode), reference against the
+        fused form each ONNX Runtime backend runs; nothing for any other model."""
+        from .decode import decode, is_decoder
+
+        a = self.args
+        if not a.decode_tokens or not is_decoder(reference):
+            return []
+        records = []
+        for backend in (b for b in backends if b.startswith("ort-") and not lacks_kernels(b, dtype)):
+            candidate = (fused_cpu or reference) if backend == "ort-cpu" else fused
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
+            try:
+                with self.stage("decode", f"greedy decoding on {backend}: {a.decode_tokens} tokens, reference vs "
+                                          f"{candidate.name}"):
+                    record = decode(reference, candidate, prompt=16, tokens=a.decode_tokens, seed=a.seed,
+                                    providers=providers)
+            except NormfuseError as exc:  # named like a decoder, but not one export.decode can drive
+                self.skipped.append({"stage": f"{backend} greedy decoding", "reason": str(exc)})
+                continue
+            records.append({"backend": backend, **record})
+        return records
 
     def write_triton(self, reference, fused, engines, preset_name: str, norm: str) -> list[str]:
         from .triton_repo import write_repository

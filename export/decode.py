@@ -40,6 +40,17 @@ class Decoder:
     position_ids: bool
 
 
+def is_decoder(model_path: str | Path) -> bool:
+    """Whether an ONNX file's input and output names are a KV-cache decoder's (read without weights)."""
+    from .triton_repo import onnx_signature
+
+    inputs, outputs = onnx_signature(model_path)
+    names, produced = {i.name for i in inputs}, {o.name for o in outputs}
+    cache = [n for n in names if n.startswith(PAST_PREFIX)]
+    return (bool(cache) and {"input_ids", "attention_mask"} <= names
+            and all(PRESENT_PREFIX + n[len(PAST_PREFIX):] in produced for n in cache))
+
+
 def decoder_of(model, where: str) -> Decoder:
     """The decoder signature of a loaded model (export.runtime), or a one-line NormfuseError saying
     what is missing."""
@@ -185,6 +196,11 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     return record
 
 
+def decoded_alike(agreement: dict) -> bool:
+    """Every step chose the reference's token and every step's scores are within tolerance."""
+    return agreement["same_tokens"] == agreement["steps"] and agreement["scores_within_tolerance"]
+
+
 def print_table(record: dict, console) -> None:
     from rich.table import Table
 
@@ -201,7 +217,7 @@ def print_table(record: dict, console) -> None:
     console.print("tokens: " + " ".join(str(step[0]) for step in first) + (" (first sequence)" if record["batch"] > 1 else ""))
     agree = record.get("agreement")
     if agree:
-        verdict = "[green]same[/]" if agree["same_tokens"] == agree["steps"] and agree["scores_within_tolerance"] else "[red]differs[/]"
+        verdict = "[green]same[/]" if decoded_alike(agree) else "[red]differs[/]"
         console.print(f"compared: {verdict}: {agree['same_tokens']}/{agree['steps']} steps choose the same tokens; "
                       f"scores max abs {agree['max_abs']:.3g}, max rel {agree['max_rel']:.3g}, "
                       + ("all within tolerance" if agree["scores_within_tolerance"]
@@ -239,7 +255,7 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, record)
         agree = record.get("agreement")
-        return 0 if not agree or (agree["same_tokens"] == agree["steps"] and agree["scores_within_tolerance"]) else 1
+        return 0 if not agree or decoded_alike(agree) else 1
 
     return run_cli(job)
 

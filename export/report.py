@@ -115,6 +115,20 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {cls} | {label} | {c['flop_share']:.1%} | {c['time_share']:.1%} | {c['time_ms']:.3f} | {c['kernels']} |")
         lines += ["", "Kernel times come from ONNX Runtime's profiler, in runs of their own: its per-node "
                   "overhead inflates them on small graphs, so read the shares here and the p50 above for time."]
+    if report.get("decode"):
+        lines += ["", "## Greedy decoding (KV cache)", "",
+                  "The fused graph is fed the reference's tokens; its scores are compared against the reference "
+                  "run as written (ONNX Runtime's own fusions off).", "",
+                  "| backend | fused graph | tokens | same tokens | scores | max abs | prefill ms, reference -> fused "
+                  "| step p50 ms, reference -> fused | speed-up |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for d in report["decode"]:
+            ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
+            lines.append(f"| {d['backend']} | `{Path(fused['model']).name}` | {d['new_tokens']} | "
+                         f"{agree['same_tokens']}/{agree['steps']} | "
+                         f"{'within tolerance' if agree['scores_within_tolerance'] else '**out of tolerance**'} | "
+                         f"{agree['max_abs']:.3g} | {ref['prefill_ms']:.3f} -> {fused['prefill_ms']:.3f} | "
+                         f"{ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} | "
+                         f"{ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x |")
     lines += ["", "## Skipped", ""]
     lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
     lines += ["", "## Stage times", "", "| stage | seconds |", "| --- | --- |"]
@@ -202,6 +216,12 @@ def print_summary(report: dict, console) -> None:
     for backend, ref, fused in _bench_pairs(report) if report["rewrite"]["fused"] else ():
         console.print(f"[bold]{backend}[/]: fused ({_file(fused)}) p50 is {ref['latency_ms']['p50'] / fused['latency_ms']['p50']:.2f}x "
                       f"the reference's speed; peak memory {ref['peak_memory_mb']:.1f} -> {fused['peak_memory_mb']:.1f} MB")
+    for d in report.get("decode") or ():
+        ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
+        verdict = "within tolerance" if agree["scores_within_tolerance"] else "[red]out of tolerance[/]"
+        console.print(f"[bold]decode on {d['backend']}[/]: {agree['same_tokens']}/{agree['steps']} same tokens, scores "
+                      f"{verdict}; step p50 {ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} ms "
+                      f"({ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x)")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
     console.print(f"[bold]stage times[/]: {times}")
     for s in report["skipped"]:

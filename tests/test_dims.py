@@ -194,8 +194,9 @@ def test_build_without_dims_follows_the_names(kv_model, tmp_path):
     done = run("-m", "export.build", "--onnx", str(kv_model), "--out", str(tmp_path / "out"), "--seq", "8",
                "--runs", "2", "--warmup", "0", "--backend", "ort-cpu")
     assert done.returncode == 0, done.stderr
-    bench = json.loads((tmp_path / "out" / "report.json").read_text())["bench"]
-    assert bench[0]["input_shapes"]["mask"] == [1, 16]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["bench"][0]["input_shapes"]["mask"] == [1, 16]
+    assert report["decode"] == []  # not a decoder: no input_ids, no cache outputs
 
 
 @pytest.mark.parametrize("args,message", [
@@ -279,3 +280,8 @@ def test_a_hugging_face_decoder_with_its_kv_cache_runs_as_exported(tmp_path):
         assert record["input_shapes"]["attention_mask"] == [1, 256]
         assert record["input_shapes"]["past_key_values.1.value"] == [1, 2, 255, 16]
     assert f"bench shape 1x1, {PAST}=255" in (out / "report.md").read_text()
+    # a decoder is also served in a greedy decoding loop, the fused CPU form fed the reference's tokens
+    (decoded,) = report["decode"]
+    assert decoded["backend"] == "ort-cpu" and decoded["models"]["compared"]["model"].endswith("fused-cpu.onnx")
+    assert decoded["agreement"]["same_tokens"] == decoded["agreement"]["steps"] == 32
+    assert decoded["agreement"]["scores_within_tolerance"] and "decode on ort-cpu: 32/32 same tokens" in done.stdout
