@@ -124,7 +124,8 @@ def markdown(report: dict) -> str:
         for d in report["decode"]:
             ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
             lines.append(f"| {d['backend']} | `{Path(fused['model']).name}` | {d['new_tokens']} | "
-                         f"{agree['same_tokens']}/{agree['steps']} | "
+                         f"{agree['same_tokens']}/{agree['steps']}"
+                         + (f" (+{agree['near_ties']} near ties)" if agree.get("near_ties") else "") + " | "
                          f"{'within tolerance' if agree['scores_within_tolerance'] else '**out of tolerance**'} | "
                          f"{agree['max_abs']:.3g} | {ref['prefill_ms']:.3f} -> {fused['prefill_ms']:.3f} | "
                          f"{ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} | "
@@ -219,7 +220,8 @@ def print_summary(report: dict, console) -> None:
     for d in report.get("decode") or ():
         ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
         verdict = "within tolerance" if agree["scores_within_tolerance"] else "[red]out of tolerance[/]"
-        console.print(f"[bold]decode on {d['backend']}[/]: {agree['same_tokens']}/{agree['steps']} same tokens, scores "
+        ties = f" (+{agree['near_ties']} near ties)" if agree.get("near_ties") else ""
+        console.print(f"[bold]decode on {d['backend']}[/]: {agree['same_tokens']}/{agree['steps']} same tokens{ties}, scores "
                       f"{verdict}; step p50 {ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} ms "
                       f"({ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x)")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())

@@ -15,8 +15,10 @@ PAST, SEQ, TOTAL = "past_sequence_length", "sequence_length", "past_sequence_len
 
 
 def export_llama_decoder(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
-                         kv_heads: int = 2, ffn: int = 128, vocab: int = 100, positions: int = 128):
-    """Export to `path` (fp32, opset 17); returns the torch model (for transformers' own generate)."""
+                         kv_heads: int = 2, ffn: int = 128, vocab: int = 100, positions: int = 128,
+                         dtype: str = "float32"):
+    """Export to `path` (opset 17, weights and cache in `dtype`); returns the torch model (for
+    transformers' own generate)."""
     import torch
     import transformers
     from transformers.cache_utils import DynamicCache
@@ -25,7 +27,7 @@ def export_llama_decoder(path: Path, seed: int = 0, hidden: int = 64, layers: in
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
                                       num_hidden_layers=layers, num_attention_heads=heads,
                                       num_key_value_heads=kv_heads, max_position_embeddings=positions)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).eval().to(getattr(torch, dtype))
     head_dim = hidden // heads
 
     class WithCache(torch.nn.Module):
@@ -50,7 +52,7 @@ def export_llama_decoder(path: Path, seed: int = 0, hidden: int = 64, layers: in
             **{f"past_key_values.{c}": {0: "batch_size", 2: PAST} for c in cache},
             **{f"present.{c}": {0: "batch_size", 2: TOTAL} for c in cache}}
     example = (torch.randint(0, vocab, (1, 4)), torch.ones(1, 7, dtype=torch.int64), torch.arange(3, 7)[None],
-               *(torch.randn(1, kv_heads, 3, head_dim) for _ in cache))
+               *(torch.randn(1, kv_heads, 3, head_dim, dtype=getattr(torch, dtype)) for _ in cache))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(WithCache(), example, str(path), dynamo=False, input_names=inputs, output_names=outputs,

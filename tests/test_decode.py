@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_pipeline import _main
 
-from export.decode import decode, decoder_of
+from export.decode import Generation, agreement, decode, decoded_alike, decoder_of
 from export.errors import NormfuseError
 from export.rewrite import rewrite_file
 from export.runtime import load
@@ -93,3 +93,16 @@ def test_an_empty_cache_is_taken_by_onnx_runtime_not_by_the_check_for_engines(de
              **{f"past_key_values.{layer}.{kind}": np.zeros((1, 2, 0, 16), np.float32)
                 for layer in range(2) for kind in ("key", "value")}}
     assert model.run(feeds)["present.0.key"].shape == (1, 2, 2, 16)
+
+
+@pytest.mark.parametrize("runner_up,alike", [(1.0 - 1e-5, True), (0.5, False)])
+def test_another_token_counts_only_in_a_near_tie(runner_up, alike):
+    """fp32 graph tolerance: atol 1e-4, rtol 1e-3. The reference scores token 3 at 1.0; the
+    candidate chose token 5, which the reference scores at `runner_up`."""
+    scores = np.zeros((1, 8), np.float32)
+    scores[0, 3], scores[0, 5] = 1.0, runner_up
+    reference = Generation(tokens=[[3], [1]], step_logits=[scores, scores])
+    candidate = Generation(tokens=[[5], [3]], step_logits=[scores, scores])
+    result = agreement([[3], [3]], reference, candidate, "float32")
+    assert result["same_tokens"] == 1 and result["near_ties"] == (1 if alike else 0)
+    assert result["scores_within_tolerance"] and decoded_alike(result) is alike
