@@ -69,7 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=positive_int, default=128,
                         help="benchmark sequence length (default 128; validation also runs at 1x16)")
     parser.add_argument("--dim", type=dim_range, action="append", default=[], metavar="NAME=SIZE",
-                        help=DIM_HELP + "; NAME=MIN:OPT:MAX also sets its range in TensorRT's profile (runs use OPT)")
+                        help="with --onnx: " + DIM_HELP + "; NAME=MIN:OPT:MAX also sets its range in TensorRT's "
+                             "profile (runs use OPT)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="weights and activations of the exported stack (default float32)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the export, 17..23 (default {DEFAULT_OPSET})")
@@ -110,6 +111,9 @@ def parse_args(argv=None):
         if stack_only:
             parser.error(f"argument --onnx: {', '.join(stack_only)} describe the exported stack; they do not apply "
                          "to a given model")
+    elif args.dim:
+        parser.error("argument --dim: names dimensions of a given model (--onnx); the exported stack's two "
+                     "dynamic axes are --batch and --seq")
     if not 17 <= args.opset <= 23:
         parser.error(f"argument --opset: {args.opset} is outside the supported range 17..23")
     try:
