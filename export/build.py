@@ -114,6 +114,8 @@ def parse_args(argv=None):
     elif args.dim:
         parser.error("argument --dim: names dimensions of a given model (--onnx); the exported stack's two "
                      "dynamic axes are --batch and --seq")
+    if args.decode_tokens == 1:
+        parser.error("argument --decode-tokens: 1 token has no decode step to time; give 0 (skip) or at least 2")
     if not 17 <= args.opset <= 23:
         parser.error(f"argument --opset: {args.opset} is outside the supported range 17..23")
     try:

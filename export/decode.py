@@ -92,7 +92,7 @@ def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
              forced: list[list[int]] | None = None) -> Generation:
     """Greedy decoding of `new_tokens` tokens after `prompt` (batch x length int64); with `forced`,
     the given tokens are fed instead of the model's own choices (its choices are still recorded)."""
-    batch, length = prompt.shape
+    batch = prompt.shape[0]
     cache = {past: np.zeros([batch if axis == 0 else (0 if dim is None else dim) for axis, dim in enumerate(shape)],
                             dtype=_input_dtype(model, past))
              for past, shape in decoder.cache_shapes.items()}
@@ -172,6 +172,8 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     from .backends import index_bounds
     from .runtime import ENGINE_SUFFIXES, load
 
+    if tokens < 2:
+        raise UsageError(f"{tokens} tokens: decoding needs at least 2 (the prefill's and one decode step's)")
     paths = [Path(model_path)] + ([Path(compare_path)] if compare_path else [])
     for path in paths:
         if path.suffix in ENGINE_SUFFIXES:
@@ -252,7 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", metavar="MODEL", help="a second decoder (e.g. the fused one) fed the first one's "
                                                             "tokens: same choices, scores within tolerance, and its speed")
     parser.add_argument("--prompt", type=positive_int, default=8, help="prompt length in tokens (random ids; default 8)")
-    parser.add_argument("--tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
+    parser.add_argument("--tokens", type=positive_int, default=32,
+                        help="tokens to generate, at least 2: the prefill's and a decode step's (default 32)")
     parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed generations first (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt (default 0)")

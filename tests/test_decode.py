@@ -106,3 +106,13 @@ def test_another_token_counts_only_in_a_near_tie(runner_up, alike):
     result = agreement([[3], [3]], reference, candidate, "float32")
     assert result["same_tokens"] == 1 and result["near_ties"] == (1 if alike else 0)
     assert result["scores_within_tolerance"] and decoded_alike(result) is alike
+
+
+@pytest.mark.parametrize("module,args", [("export.decode", ["MODEL", "--tokens", "1"]),
+                                         ("export.build", ["--onnx", "MODEL", "--decode-tokens", "1"])])
+def test_one_token_is_refused_it_has_no_decode_step(decoders, tmp_path, capsys, module, args):
+    args = [str(decoders["reference"]) if a == "MODEL" else a for a in args]
+    code, stderr = _main(module, *args, "--out" if module == "export.build" else "--json", str(tmp_path / "x"),
+                         capsys=capsys)
+    assert code == 2 and "at least 2" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
