@@ -92,6 +92,7 @@ def test_build_command_end_to_end(tmp_path, norm):
     report = json.loads((out / "report.json").read_text())
     assert report["rewrite"]["fused"] == report["rewrite"]["expected_norms"] == 5
     assert report["rewrite"]["rejected"] == []
+    assert report["decode"] == []  # a stack of blocks, not a KV-cache decoder: no decoding stage
     assert report["validation"] and all(p["passed"] for p in report["validation"])
     assert all(set(s) >= {"max_abs", "max_rel"} for p in report["validation"] for s in p["outputs"].values())
     # ONNX Runtime's CPU provider gets the norms without their residual Adds (its Skip ops are slower)
@@ -240,10 +241,10 @@ def test_a_model_that_fixes_its_sequence_axis_is_validated_and_timed_as_it_runs(
     (["--onnx", "m.onnx", "--norm", "rmsnorm"], "not allowed with"),
     ([], "one of the arguments --norm --onnx is required"),
 ])
-def test_given_model_flags_are_one_line_errors(tmp_path, flags, message):
-    done = _run("export.build", *flags, "--out", str(tmp_path / "x"))
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+def test_given_model_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+    code, stderr = _main("export.build", *flags, "--out", str(tmp_path / "x"), capsys=capsys)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 def test_a_missing_given_model_is_one_line(tmp_path):
@@ -258,11 +259,11 @@ def test_a_missing_given_model_is_one_line(tmp_path):
     (["--norm", "rmsnorm", "--opset", "9"], "outside the supported range"),
     (["--norm", "rmsnorm", "--preset", "tiny", "--heads", "5"], "not divisible"),
 ])
-def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
-    done = _run("export.build", *flags, "--out", str(tmp_path / "x"))
-    assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+    code, stderr = _main("export.build", *flags, "--out", str(tmp_path / "x"), capsys=capsys)
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
 
 
@@ -272,10 +273,11 @@ def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
     ("export.bench", ["r.onnx", "f.onnx", "--runs", "0"], "must be at least 1"),
     ("export.bench", ["r.onnx", "f.onnx", "--backend", "tensorrt"], "invalid choice"),
 ])
-def test_stage_commands_refuse_bad_flags_in_one_line(tmp_path, module, flags, message):
-    done = _run(module, *flags, "-o" if module == "export.export_model" else "--json", str(tmp_path / "x"))
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+def test_stage_commands_refuse_bad_flags_in_one_line(tmp_path, capsys, module, flags, message):
+    code, stderr = _main(module, *flags, "-o" if module == "export.export_model" else "--json", str(tmp_path / "x"),
+                         capsys=capsys)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
 
 
@@ -373,9 +375,9 @@ def test_the_default_output_folder_is_checked_too(tmp_path, capsys, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
 
 
-def test_warmup_may_be_zero_but_not_negative(tmp_path):
-    done = _run("export.build", "--norm", "rmsnorm", "--warmup", "-1", "--out", str(tmp_path / "x"))
-    assert done.returncode == 2 and "argument --warmup: '-1' must be at least 0" in done.stderr
+def test_warmup_may_be_zero_but_not_negative(tmp_path, capsys):
+    code, stderr = _main("export.build", "--norm", "rmsnorm", "--warmup", "-1", "--out", str(tmp_path / "x"), capsys=capsys)
+    assert code == 2 and "argument --warmup: '-1' must be at least 0" in stderr
     assert not (tmp_path / "x").exists()
 
 
