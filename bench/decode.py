@@ -48,12 +48,12 @@ def main() -> int:
     import transformers
 
     from export.rewrite import rewrite_file
-    from models.hf_decoder import export_llama_decoder
+    from models.hf_decoder import export_hf_decoder
 
     with tempfile.TemporaryDirectory() as tmp:
         reference, fused = Path(tmp) / "decoder.onnx", Path(tmp) / "decoder-fused.onnx"
         print(f"exporting a {args.layers}-layer LLaMA decoder, hidden {args.hidden}, vocab {args.vocab} ...", flush=True)
-        export_llama_decoder(reference, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+        export_hf_decoder(reference, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
                              ffn=args.ffn, vocab=args.vocab, positions=max(128, args.prompt + args.tokens))
         cpu = args.providers.startswith("CPU")
         report = rewrite_file(reference, fused, target="onnxruntime", residual=not cpu)

@@ -247,9 +247,15 @@ def shape_taken(model_path: str | Path, batch: int, seq: int, dims: dict[str, in
     return batch_and_seq(input_shapes(inputs, batch, seq, dims, str(model_path))[inputs[0].name])
 
 
+# ops that move an input's values without changing them: token ids reshaped before the embedding
+# (GPT-2 views input_ids as [-1, length]) are still the ids
+_VALUE_PRESERVING = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Expand", "Transpose"}
+
+
 def index_bounds(model_path: str | Path) -> dict[str, int]:
-    """{integer graph input: rows it may index} for inputs used directly as Gather indices into a
-    weight, e.g. token ids into an embedding table (its first dim; read without the weight bytes)."""
+    """{integer graph input: rows it may index} for inputs used as Gather indices into a weight,
+    directly or through ops that only reshape them (or cast them to another integer type), e.g.
+    token ids into an embedding table (its first dim; read without the weight bytes)."""
     from .onnx_io import load_graph_only
 
     graph = load_graph_only(model_path).graph
@@ -262,14 +268,17 @@ def index_bounds(model_path: str | Path) -> dict[str, int]:
     def is_integer(elem: int) -> bool:
         return elem != 0 and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(elem), np.integer)
 
-    integer = {v.name for v in graph.input if is_integer(v.type.tensor_type.elem_type)}
+    origin = {v.name: v.name for v in graph.input if is_integer(v.type.tensor_type.elem_type)}
     bounds: dict[str, int] = {}
-    for node in graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in integer:
+    for node in graph.node:  # in topological order, as ONNX requires
+        casts_to_integer = node.op_type == "Cast" and is_integer(next((a.i for a in node.attribute if a.name == "to"), 0))
+        if node.input and node.input[0] in origin and (node.op_type in _VALUE_PRESERVING or casts_to_integer):
+            origin[node.output[0]] = origin[node.input[0]]
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in origin:
             continue
         table = dims.get(node.input[0])
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if table and -len(table) <= axis < len(table) and table[axis] > 0:
-            name = node.input[1]
+            name = origin[node.input[1]]
             bounds[name] = min(bounds.get(name, table[axis]), table[axis])
     return bounds

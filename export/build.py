@@ -428,7 +428,12 @@ class Pipeline:
             return []
         records = []
         for backend in (b for b in backends if b.startswith("ort-") and not lacks_kernels(b, dtype)):
-            candidate = (fused_cpu or reference) if backend == "ort-cpu" else fused
+            candidate = fused_cpu if backend == "ort-cpu" else fused
+            if candidate is None:
+                self.skipped.append({"stage": "ort-cpu greedy decoding", "reason": (
+                    "nothing to compare: the CPU form of this decoder is the reference graph (its norms are "
+                    "single ops already, or it has none)")})
+                continue
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
             try:
                 with self.stage("decode", f"greedy decoding on {backend}: {a.decode_tokens} tokens, reference vs "

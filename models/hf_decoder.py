@@ -1,5 +1,5 @@
-"""A randomly initialised LLaMA decoder with its KV cache (transformers' modelling code, nothing
-downloaded), exported with TorchScript the way optimum names its inputs and outputs: input_ids,
+"""A randomly initialised LLaMA (or GPT-2) decoder with its KV cache (transformers' modelling code,
+nothing downloaded), exported with TorchScript the way optimum names its inputs and outputs: input_ids,
 attention_mask ('past_sequence_length + sequence_length' long), position_ids and
 past_key_values.<layer>.<key|value> in; logits and present.<layer>.<key|value> out.
 
@@ -14,20 +14,27 @@ from pathlib import Path
 PAST, SEQ, TOTAL = "past_sequence_length", "sequence_length", "past_sequence_length + sequence_length"
 
 
-def export_llama_decoder(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+def export_hf_decoder(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
                          kv_heads: int = 2, ffn: int = 128, vocab: int = 100, positions: int = 128,
-                         dtype: str = "float32"):
+                         dtype: str = "float32", arch: str = "llama"):
     """Export to `path` (opset 17, weights and cache in `dtype`); returns the torch model (for
-    transformers' own generate)."""
+    transformers' own generate). `arch` "gpt2" gives GPT-2 (LayerNorm, no grouped heads) instead."""
     import torch
     import transformers
     from transformers.cache_utils import DynamicCache
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads, max_position_embeddings=positions)
-    model = transformers.LlamaForCausalLM(config).eval().to(getattr(torch, dtype))
+    if arch == "gpt2":
+        config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn, vocab_size=vocab,
+                                         n_positions=positions)
+        model = transformers.GPT2LMHeadModel(config)
+        kv_heads = heads
+    else:
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                                          num_hidden_layers=layers, num_attention_heads=heads,
+                                          num_key_value_heads=kv_heads, max_position_embeddings=positions)
+        model = transformers.LlamaForCausalLM(config)
+    model = model.eval().to(getattr(torch, dtype))
     head_dim = hidden // heads
 
     class WithCache(torch.nn.Module):

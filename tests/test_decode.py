@@ -13,7 +13,7 @@ from export.decode import Generation, agreement, decode, decoded_alike, decoder_
 from export.errors import NormfuseError
 from export.rewrite import rewrite_file
 from export.runtime import load
-from models.hf_decoder import export_llama_decoder
+from models.hf_decoder import export_hf_decoder
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 def decoders(tmp_path_factory):
     folder = tmp_path_factory.mktemp("decoder")
     reference, fused = folder / "decoder.onnx", folder / "decoder-fused-cpu.onnx"
-    model = export_llama_decoder(reference)
+    model = export_hf_decoder(reference)
     report = rewrite_file(reference, fused, target="onnxruntime", residual=False)
     assert report.fused == 5
     return {"reference": reference, "fused": fused, "torch": model}
@@ -57,7 +57,7 @@ def test_the_fused_decoder_chooses_the_same_tokens(decoders, tmp_path, capsys):
 def test_a_different_decoder_is_caught(decoders, tmp_path, capsys):
     """A decoder whose weights differ (another seed) does not pass as the same model: exit 1."""
     other = tmp_path / "other.onnx"
-    export_llama_decoder(other, seed=1)
+    export_hf_decoder(other, seed=1)
     code, _ = _main("export.decode", str(decoders["reference"]), "--compare", str(other), "--tokens", "6",
                     "--providers", "CPUExecutionProvider", capsys=capsys)
     assert code == 1
@@ -116,3 +116,23 @@ def test_one_token_is_refused_it_has_no_decode_step(decoders, tmp_path, capsys, 
                          capsys=capsys)
     assert code == 2 and "at least 2" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_gpt2_decoder_reshapes_its_ids_and_keeps_its_layer_norms(tmp_path):
+    """GPT-2 views input_ids before its embedding (the vocabulary is still found) and writes its
+    norms as LayerNormalization ops: the ONNX Runtime form fuses the residual Adds into them and
+    chooses the same tokens; its CPU form would be the reference itself, so the build skips it."""
+    from export.backends import index_bounds
+    from export.build import Pipeline, parse_args
+
+    reference, fused = tmp_path / "gpt2.onnx", tmp_path / "gpt2-fused.onnx"
+    export_hf_decoder(reference, arch="gpt2")
+    assert index_bounds(reference)["input_ids"] == 100
+    assert rewrite_file(reference, fused, target="onnxruntime").counts == {"AddLayerNorm": 2}
+    record = decode(reference, fused, prompt=4, tokens=8, warmup=0, providers=["CPUExecutionProvider"])
+    assert decoded_alike(record["agreement"]) and record["agreement"]["same_tokens"] == 8
+    pipeline = Pipeline(parse_args(["--onnx", str(reference)]), console=None)
+    assert pipeline.decode(reference, fused, None, ["ort-cpu"], "float32") == []
+    assert pipeline.skipped == [{"stage": "ort-cpu greedy decoding", "reason": (
+        "nothing to compare: the CPU form of this decoder is the reference graph (its norms are single ops "
+        "already, or it has none)")}]

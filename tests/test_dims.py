@@ -255,10 +255,10 @@ def test_a_hugging_face_decoder_with_its_kv_cache_runs_as_exported(tmp_path):
     """LLaMA with past keys and values, exported the way optimum names the axes (the mask is
     'past_sequence_length + sequence_length' long): the whole chain, at one decode step."""
     pytest.importorskip("transformers")
-    from models.hf_decoder import export_llama_decoder
+    from models.hf_decoder import export_hf_decoder
 
     path = tmp_path / "decoder_with_past.onnx"
-    export_llama_decoder(path)
+    export_hf_decoder(path)
     profile = profile_shapes(path, Range(1, 1, 2), Range(1, 1, 8), {PAST: Range(1, 255, 1024)})
     assert profile["attention_mask"] == {"min": [1, 2], "opt": [1, 256], "max": [2, 1032]}
     out = tmp_path / "out"

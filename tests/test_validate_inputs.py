@@ -55,6 +55,20 @@ def test_token_ids_stay_inside_the_embedding_table(tmp_path):
     assert set(np.unique(feeds["mask"])) == {0, 1}
 
 
+@pytest.mark.parametrize("to,bounded", [(TensorProto.INT32, True), (TensorProto.FLOAT, False)])
+def test_ids_reshaped_or_cast_to_integers_still_index_the_table(tmp_path, to, bounded):
+    """GPT-2 views input_ids as [-1, length] before its embedding: still the ids. A cast to float
+    makes them something else."""
+    model = onnx.load(str(token_model(tmp_path / "m.onnx", mask=False)))
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array([-1, 4], np.int64), "view"))
+    graph.node[0].input[1] = "ids_cast"
+    graph.node.insert(0, helper.make_node("Cast", ["ids_view"], ["ids_cast"], to=to))
+    graph.node.insert(0, helper.make_node("Reshape", ["ids", "view"], ["ids_view"]))
+    onnx.save(model, str(tmp_path / "viewed.onnx"))
+    assert index_bounds(tmp_path / "viewed.onnx") == ({"ids": VOCAB} if bounded else {})
+
+
 def test_float_feeds_are_what_they_were():
     """Models fed hidden states (normfuse's own stacks) get the same seeded arrays as before."""
     class Spec:
