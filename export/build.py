@@ -427,7 +427,11 @@ class Pipeline:
         if not a.decode_tokens or not is_decoder(reference):
             return []
         records = []
-        for backend in (b for b in backends if b.startswith("ort-") and not lacks_kernels(b, dtype)):
+        for backend in (b for b in backends if b.startswith("ort-")):
+            if lacks_kernels(backend, dtype):
+                self.skipped.append({"stage": "ort-cpu greedy decoding",
+                                     "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
+                continue
             candidate = fused_cpu if backend == "ort-cpu" else fused
             if candidate is None:
                 self.skipped.append({"stage": "ort-cpu greedy decoding", "reason": (

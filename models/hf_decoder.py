@@ -1,7 +1,8 @@
 """A randomly initialised LLaMA (or GPT-2) decoder with its KV cache (transformers' modelling code,
 nothing downloaded), exported with TorchScript the way optimum names its inputs and outputs: input_ids,
 attention_mask ('past_sequence_length + sequence_length' long), position_ids and
-past_key_values.<layer>.<key|value> in; logits and present.<layer>.<key|value> out.
+past_key_values.<layer>.<key|value> in; logits and present.<layer>.<key|value> out. fp32 and fp16
+export; bf16 fails in torch's TorchScript exporter (LLaMA's rotary embedding).
 
 Needs transformers (the `dev` extra). The tests use the tiny default; bench/decode.py larger ones."""
 from __future__ import annotations

@@ -136,3 +136,5 @@ def test_a_gpt2_decoder_reshapes_its_ids_and_keeps_its_layer_norms(tmp_path):
     assert pipeline.skipped == [{"stage": "ort-cpu greedy decoding", "reason": (
         "nothing to compare: the CPU form of this decoder is the reference graph (its norms are single ops "
         "already, or it has none)")}]
+    assert pipeline.decode(reference, fused, fused, ["ort-cpu"], "bfloat16") == []  # as a bfloat16 decoder would be
+    assert pipeline.skipped[-1]["reason"] == "ONNX Runtime's CPU provider has no bfloat16 kernels"
