@@ -183,17 +183,15 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     decoders = [decoder_of(model, str(path)) for model, path in zip(models, paths)]
     vocabulary = index_bounds(paths[0]).get("input_ids")
     if vocabulary is None:
-        raise NormfuseError(f"{paths[0]}: cannot tell its vocabulary size (input_ids does not index a weight "
-                            "directly)")
+        raise NormfuseError(f"{paths[0]}: cannot tell its vocabulary size (input_ids does not index a weight, "
+                            "directly or reshaped)")
     ids = np.random.default_rng(seed).integers(0, vocabulary, size=(batch, prompt)).astype(np.int64)
     dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
 
-    runs = {}
     for _ in range(warmup):  # first runs allocate and plan: not what a served model's steps cost
         for model, decoder in zip(models, decoders):
             generate(model, decoder, ids, tokens)
     reference = generate(models[0], decoders[0], ids, tokens)
-    runs["reference"] = reference
     record = {"prompt": ids.tolist(), "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
               "models": {"reference": {"model": str(paths[0]), "providers": models[0].providers,
                                        "tokens": reference.tokens, **timing(reference, batch)}}}
