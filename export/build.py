@@ -173,7 +173,7 @@ class Pipeline:
         self.check_backends()
         name = re.sub(r"[^A-Za-z0-9_]+", "_", source.stem).strip("_") or "model"
         described = {"source": str(source), "norm": "model", "preset": name, "dtype": dtype}
-        self.check_dims(source)  # a --dim the model does not have is a flag error, before any work
+        self.check_dims(source)  # a --dim the model does not have is a flag error before the rewrite, not after
         self.console.print(f"model {source} ({dtype}): given, so nothing is exported")
         return source, require_writable(self.args.out or f"build/{name}", folder=True), described, None, name, "model"
 
@@ -321,7 +321,6 @@ class Pipeline:
         from .backends import shape_taken
 
         a = self.args
-        self.check_dims(reference)
         self.validation_shapes = list(dict.fromkeys(shape_taken(reference, b, s, self.dims) for b, s in VALIDATION_SHAPES))
         self.bench_shape = shape_taken(reference, a.batch, a.seq, self.dims)
         asked = list(dict.fromkeys(VALIDATION_SHAPES + [(a.batch, a.seq)]))

@@ -76,12 +76,18 @@ def output_folder(text: str) -> str:
     return writable(text, folder=True)
 
 
+def _name_and_value(text: str, expected: str) -> tuple[str, str]:
+    """`NAME=VALUE` split at its last '=' (a name such as 'past + seq' has none)."""
+    name, sep, value = text.rpartition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+    return name.strip(), value.strip()
+
+
 def dim_size(text: str) -> tuple[str, int]:
     """An argparse type: `NAME=SIZE`, the size of a named dynamic dimension (export.dims)."""
-    name, sep, size = text.rpartition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SIZE, e.g. past_sequence_length=128")
-    return name.strip(), int_at_least(size.strip(), 1)
+    name, size = _name_and_value(text, "NAME=SIZE, e.g. past_sequence_length=128")
+    return name, int_at_least(size, 1)
 
 
 def dim_range(text: str):
@@ -90,12 +96,9 @@ def dim_range(text: str):
     from .errors import UsageError
     from .tensorrt_engine import Range
 
-    name, sep, size = text.rpartition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SIZE or NAME=MIN:OPT:MAX, "
-                                         "e.g. past_sequence_length=1:128:2048")
+    name, size = _name_and_value(text, "NAME=SIZE or NAME=MIN:OPT:MAX, e.g. past_sequence_length=1:128:2048")
     try:
-        return name.strip(), Range.parse(size.strip())
+        return name, Range.parse(size)
     except UsageError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SIZE or NAME=MIN:OPT:MAX integers "
                                          "with 1 <= MIN <= OPT <= MAX") from None

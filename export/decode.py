@@ -40,15 +40,19 @@ class Decoder:
     position_ids: bool
 
 
+def cache_pairs(input_names) -> tuple[tuple[str, str], ...]:
+    """(past input, present output it pairs with) for every `past_key_values.X` input."""
+    return tuple((name, PRESENT_PREFIX + name[len(PAST_PREFIX):]) for name in input_names if name.startswith(PAST_PREFIX))
+
+
 def is_decoder(model_path: str | Path) -> bool:
     """Whether an ONNX file's input and output names are a KV-cache decoder's (read without weights)."""
     from .triton_repo import onnx_signature
 
     inputs, outputs = onnx_signature(model_path)
     names, produced = {i.name for i in inputs}, {o.name for o in outputs}
-    cache = [n for n in names if n.startswith(PAST_PREFIX)]
-    return (bool(cache) and {"input_ids", "attention_mask"} <= names
-            and all(PRESENT_PREFIX + n[len(PAST_PREFIX):] in produced for n in cache))
+    cache = cache_pairs(names)
+    return bool(cache) and {"input_ids", "attention_mask"} <= names and all(p in produced for _, p in cache)
 
 
 def decoder_of(model, where: str) -> Decoder:
@@ -56,7 +60,7 @@ def decoder_of(model, where: str) -> Decoder:
     what is missing."""
     inputs = {spec.name: spec for spec in model.inputs}
     outputs = [spec.name for spec in model.outputs]
-    cache = tuple((name, PRESENT_PREFIX + name[len(PAST_PREFIX):]) for name in inputs if name.startswith(PAST_PREFIX))
+    cache = cache_pairs(inputs)
     if not cache or "input_ids" not in inputs or "attention_mask" not in inputs:
         raise NormfuseError(f"{where}: not a KV-cache decoder (it needs input_ids, attention_mask and "
                             f"{PAST_PREFIX}* inputs; it takes {', '.join(inputs)})")

@@ -143,7 +143,9 @@ def check_given(inputs: Sequence, given: Mapping[str, object] | None, where: str
 def input_shapes(inputs: Sequence, batch: int, seq: int, given: dict[str, int] | None = None,
                  where: str = "model") -> dict[str, list[int]]:
     """{input name: dims} for `inputs` (anything with name, shape of int or None per axis, and
-    optionally dim_params), by the rules in this module's docstring."""
+    optionally dim_params), by the rules in this module's docstring. A given name the model does
+    not have is a UsageError."""
+    check_given(inputs, given, where)
     sizes: dict[str, int] = dict(given or {})
     positional = {}  # (input, axis) -> size by position
     for spec in inputs:

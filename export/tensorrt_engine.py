@@ -141,11 +141,10 @@ def profile_shapes(model_path: str | Path, batch: Range, seq: Range,
     """min/opt/max shape of every graph input, each sized by `export.dims.input_shapes` (the rule
     random inputs follow): fixed dimensions are kept, `dims` sizes named ones, a dynamic axis 0 is
     the batch and any other the sequence, and a derived name ('past + seq') is worked out."""
-    from .dims import check_given, input_shapes
+    from .dims import input_shapes
     from .triton_repo import onnx_signature
 
     inputs, _ = onnx_signature(model_path)
-    check_given(inputs, dims, str(model_path))
     per_kind = {kind: input_shapes(inputs, getattr(batch, kind), getattr(seq, kind),
                                    {name: getattr(r, kind) for name, r in (dims or {}).items()}, str(model_path))
                 for kind in ("min", "opt", "max")}
