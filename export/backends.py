@@ -156,15 +156,12 @@ class ReferenceRunner:
         try:
             return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
         except Exception as exc:  # inputs the graph cannot take, or an op the evaluator lacks
-            from .errors import NormfuseError
+            from .errors import RunFailure
 
             shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())
             detail = str(exc).splitlines()[0] if str(exc) else ""
-            from .dims import failure_hint
-            from .triton_repo import onnx_signature
-
-            raise NormfuseError(f"{self.path}: onnx's reference evaluator failed on {shapes}: "
-                                f"{exc.__class__.__name__}: {detail} {failure_hint(onnx_signature(self.path)[0])}") from None
+            raise RunFailure(f"{self.path}: onnx's reference evaluator failed on {shapes}: "
+                             f"{exc.__class__.__name__}: {detail}") from None
 
 
 def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, int]] | None = None,

@@ -117,9 +117,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job() -> int:
+        from .dims import hint_on_failure
+        from .triton_repo import onnx_signature
+
         norm_nodes = set(json.loads(Path(args.norm_nodes).read_text())) if args.norm_nodes else set()
-        result = measure(args.model, args.backend, args.batch, args.seq, args.warmup, args.runs, args.profile_runs,
-                         norm_nodes, dict(args.dim))
+        with hint_on_failure(onnx_signature(args.model)[0]):  # its inputs are made up
+            result = measure(args.model, args.backend, args.batch, args.seq, args.warmup, args.runs,
+                             args.profile_runs, norm_nodes, dict(args.dim))
         write_json(args.json, result)
         return 0
 

@@ -441,8 +441,9 @@ class Pipeline:
             try:
                 with self.stage("decode", f"greedy decoding on {backend}: {a.decode_tokens} tokens, reference vs "
                                           f"{candidate.name}"):
+                    # two timed rounds, each model going first once: drift falls on both
                     record = decode(reference, candidate, prompt=16, tokens=a.decode_tokens, seed=a.seed,
-                                    providers=providers)
+                                    providers=providers, rounds=2)
             except NormfuseError as exc:  # named like a decoder, but not one export.decode can drive
                 self.skipped.append({"stage": f"{backend} greedy decoding", "reason": str(exc)})
                 continue

@@ -7,13 +7,18 @@ The model is a decoder as optimum and onnxruntime-genai export one: inputs `inpu
 `attention_mask` (as long as the cache plus the new tokens), optionally `position_ids`, and a
 cache input `past_key_values.<name>` for every output `present.<name>`; the first output, or the
 one called `logits`, gives the scores. The prompt runs with an empty cache (prefill); each step
-then feeds the highest-scoring token and the cache the step before returned.
+then feeds the highest-scoring token and the cache the step before returned. On ONNX Runtime's
+CUDA provider the cache stays in GPU memory from one step to the next (I/O binding), as a server
+keeps it, and only the scores come to the host; on the CPU provider numpy in and out costs no copy
+already (ONNX Runtime hands its output buffers to numpy), and binding measured slower there, so
+the plain run is used. `--cache kept|host` chooses either way on any provider.
 
 With `--compare`, the second model decodes the first model's tokens (teacher forcing), so its
 scores are compared at every step, against the first model's as written (ONNX Runtime's own graph
 fusions off, as in export.validate) and the dtype's graph tolerance (normops.tolerances.GRAPH),
 and the steps where its own choice differs are counted. Both are timed: the prefill, and every
-decode step after a warm-up generation. ONNX models only: a TensorRT engine's profile starts its
+decode step after a warm-up generation; with `--rounds N`, N generations each, the two models
+taking turns to go first. ONNX models only: a TensorRT engine's profile starts its
 cache axis at 1, and the prefill needs 0.
 """
 from __future__ import annotations
@@ -92,15 +97,29 @@ class Generation:
     step_ms: list[float] = field(default_factory=list)  # decode steps after the prefill
 
 
+CACHE_WAYS = ("auto", "kept", "host")
+
+
+def keeps_cache(model, cache: str) -> bool:
+    """Whether the cache stays with ONNX Runtime between steps: `kept`, or `auto` on the CUDA
+    provider (see the module doc); `host` goes through numpy."""
+    if cache not in CACHE_WAYS:
+        raise UsageError(f"cache {cache!r}: choose from {', '.join(CACHE_WAYS)}")
+    return hasattr(model, "run_keeping") and (cache == "kept" or (cache == "auto" and getattr(model, "on_cuda", False)))
+
+
 def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
-             forced: list[list[int]] | None = None) -> Generation:
+             forced: list[list[int]] | None = None, cache_way: str = "auto") -> Generation:
     """Greedy decoding of `new_tokens` tokens after `prompt` (batch x length int64); with `forced`,
-    the given tokens are fed instead of the model's own choices (its choices are still recorded)."""
+    the given tokens are fed instead of the model's own choices (its choices are still recorded).
+    `cache_way`: where the cache goes between steps (`keeps_cache`)."""
     batch = prompt.shape[0]
     cache = {past: np.zeros([batch if axis == 0 else (0 if dim is None else dim) for axis, dim in enumerate(shape)],
                             dtype=_input_dtype(model, past))
              for past, shape in decoder.cache_shapes.items()}
     types = {name: _input_dtype(model, name) for name in TOKEN_INPUTS if name != "position_ids" or decoder.position_ids}
+    presents = [present for _, present in decoder.cache]
+    keeping = keeps_cache(model, cache_way)
     result = Generation(tokens=[])
     ids, done = prompt, 0
     for step in range(new_tokens):
@@ -110,7 +129,10 @@ def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
             feeds["position_ids"] = np.broadcast_to(np.arange(done, done + ids.shape[1]),
                                                     ids.shape).astype(types["position_ids"])
         started = time.perf_counter()
-        outputs = model.run(feeds)
+        if keeping:
+            outputs, kept = model.run_keeping(feeds, presents)
+        else:
+            outputs = kept = model.run(feeds)
         elapsed = (time.perf_counter() - started) * 1000.0
         if step == 0:
             result.prefill_ms = elapsed
@@ -123,7 +145,7 @@ def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
         fed = np.asarray(forced[step] if forced is not None else chosen, dtype=np.int64)
         done += ids.shape[1]
         ids = fed.reshape(batch, 1)
-        cache = {past: outputs[present] for past, present in decoder.cache}
+        cache = {past: kept[present] for past, present in decoder.cache}
     return result
 
 
@@ -133,13 +155,15 @@ def _input_dtype(model, name: str):
     return numpy_dtype(next(spec.dtype for spec in model.inputs if spec.name == name))
 
 
-def timing(generation: Generation, batch: int) -> dict:
-    steps = np.asarray(generation.step_ms) if generation.step_ms else np.asarray([np.nan])
+def timing(generations: list[Generation], batch: int) -> dict:
+    """Prefill (median over the generations) and decode-step times (every step of every generation)."""
+    step_ms = [ms for g in generations for ms in g.step_ms]
+    steps = np.asarray(step_ms) if step_ms else np.asarray([np.nan])
     p50 = float(np.median(steps))
-    return {"prefill_ms": round(generation.prefill_ms, 4),
+    return {"prefill_ms": round(float(np.median([g.prefill_ms for g in generations])), 4),
             "step_ms": {"p50": p50, "p99": float(np.percentile(steps, 99)), "mean": float(steps.mean())},
-            "decode_tokens_per_s": batch / (p50 / 1000.0) if generation.step_ms else None,
-            "raw_step_ms": [round(v, 4) for v in generation.step_ms]}
+            "decode_tokens_per_s": batch / (p50 / 1000.0) if step_ms else None,
+            "raw_step_ms": [[round(v, 4) for v in g.step_ms] for g in generations]}
 
 
 def agreement(tokens: list[list[int]], expected: Generation, candidate: Generation, dtype: str) -> dict:
@@ -171,13 +195,18 @@ def agreement(tokens: list[list[int]], expected: Generation, candidate: Generati
 
 
 def decode(model_path: str | Path, compare_path: str | Path | None = None, prompt: int = 8, tokens: int = 32,
-           batch: int = 1, seed: int = 0, warmup: int = 1, providers: list[str] | None = None) -> dict:
-    """Greedy decoding with `model_path` (and, teacher-forced, with `compare_path`); see the module doc."""
+           batch: int = 1, seed: int = 0, warmup: int = 1, providers: list[str] | None = None, rounds: int = 1,
+           cache: str = "auto") -> dict:
+    """Greedy decoding with `model_path` (and, teacher-forced, with `compare_path`); see the module doc.
+    `rounds` timed generations of each model, the two taking turns to go first, so drift in the
+    machine's speed falls on both; the tokens and scores compared are the first round's."""
     from .backends import index_bounds
     from .runtime import ENGINE_SUFFIXES, load
 
     if tokens < 2:
         raise UsageError(f"{tokens} tokens: decoding needs at least 2 (the prefill's and one decode step's)")
+    if rounds < 1:
+        raise UsageError(f"{rounds} rounds: decoding needs at least 1 timed round")
     paths = [Path(model_path)] + ([Path(compare_path)] if compare_path else [])
     for path in paths:
         if path.suffix in ENGINE_SUFFIXES:
@@ -194,22 +223,28 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
 
     for _ in range(warmup):  # first runs allocate and plan: not what a served model's steps cost
         for model, decoder in zip(models, decoders):
-            generate(model, decoder, ids, tokens)
-    reference = generate(models[0], decoders[0], ids, tokens)
+            generate(model, decoder, ids, tokens, cache_way=cache)
+    runs: list[list[Generation]] = [[] for _ in models]
+    for round_ in range(rounds):
+        # the reference goes first in the first round: the compared model is fed its tokens
+        for index in (range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))):
+            forced = runs[0][0].tokens if index else None
+            runs[index].append(generate(models[index], decoders[index], ids, tokens, forced, cache))
+    reference = runs[0][0]
+    labels = ("reference", "compared")
     record = {"prompt": ids.tolist(), "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
-              "models": {"reference": {"model": str(paths[0]), "providers": models[0].providers,
-                                       "tokens": reference.tokens, **timing(reference, batch)}}}
+              "rounds": rounds, "cache": "kept" if keeps_cache(models[0], cache) else "host",
+              "models": {label: {"model": str(path), "providers": model.providers, "tokens": generations[0].tokens,
+                                 **timing(generations, batch)}
+                         for label, path, model, generations in zip(labels, paths, models, runs)}}
     if compare_path:
-        candidate = generate(models[1], decoders[1], ids, tokens, forced=reference.tokens)
-        record["models"]["compared"] = {"model": str(paths[1]), "providers": models[1].providers,
-                                        "tokens": candidate.tokens, **timing(candidate, batch)}
         # scores are checked against the reference as written: ONNX Runtime's own fusions (which
         # rewrite the reference's norms too) are not what is being compared
         from .runtime import OrtModel
 
         as_written = OrtModel(paths[0], providers=providers, optimization="none")
-        expected = generate(as_written, decoders[0], ids, tokens, forced=reference.tokens)
-        record["agreement"] = agreement(reference.tokens, expected, candidate, dtype)
+        expected = generate(as_written, decoders[0], ids, tokens, forced=reference.tokens, cache_way=cache)
+        record["agreement"] = agreement(reference.tokens, expected, runs[1][0], dtype)
     return record
 
 
@@ -260,6 +295,12 @@ def main(argv=None) -> int:
                         help="tokens to generate, at least 2: the prefill's and a decode step's (default 32)")
     parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed generations first (default 1)")
+    parser.add_argument("--rounds", type=positive_int, default=1,
+                        help="timed generations of each model, taking turns to go first; step times pooled (default 1)")
+    parser.add_argument("--cache", choices=CACHE_WAYS, default="auto",
+                        help="between steps the KV cache is kept by ONNX Runtime (I/O binding; GPU memory on the CUDA "
+                             "provider) or goes through numpy on the host; auto: kept on CUDA, numpy on the CPU, "
+                             "where it costs no copy (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt (default 0)")
     parser.add_argument("--providers", help="ONNX Runtime providers, comma-separated (default: CUDA if present, CPU)")
     parser.add_argument("--json", type=output_file, help="write tokens, step times and the comparison as JSON")
@@ -271,7 +312,8 @@ def main(argv=None) -> int:
         for path in filter(None, (args.model, args.compare)):
             require_file(path)
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
-        record = decode(args.model, args.compare, args.prompt, args.tokens, args.batch, args.seed, args.warmup, providers)
+        record = decode(args.model, args.compare, args.prompt, args.tokens, args.batch, args.seed, args.warmup, providers,
+                        args.rounds, args.cache)
         print_table(record, Console(highlight=False))
         if args.json:
             write_json(args.json, record)

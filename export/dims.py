@@ -19,10 +19,11 @@ from __future__ import annotations
 import ast
 import functools
 import operator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from .errors import NormfuseError, UsageError
+from .errors import NormfuseError, RunFailure, UsageError
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,16 @@ def sequence_names(inputs: Sequence) -> list[str]:
             if dim is None and param and isinstance(parse(param), str):
                 first_axis.setdefault(param, axis)
     return [name for name, axis in first_axis.items() if axis != 0]
+
+
+@contextmanager
+def hint_on_failure(inputs: Sequence):
+    """Runs on inputs normfuse made up by these rules: a RunFailure gets `failure_hint` added (not
+    so for inputs the user gave, whose shapes are theirs)."""
+    try:
+        yield
+    except RunFailure as exc:
+        raise RunFailure(f"{exc} {failure_hint(inputs)}") from None
 
 
 def failure_hint(inputs: Sequence) -> str:

@@ -9,3 +9,8 @@ class NormfuseError(Exception):
 
 class UsageError(NormfuseError):
     exit_code = 2
+
+
+class RunFailure(NormfuseError):
+    """A model failed while running on the inputs it was given (a shape it cannot take, an index past
+    a table). Where normfuse made those inputs up, `export.dims.hint_on_failure` adds what to suspect."""

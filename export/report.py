@@ -23,6 +23,8 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+# how export.decode passed the KV cache from step to step
+CACHE_WAYS_SAID = {"kept": "stayed with ONNX Runtime (I/O binding)", "host": "went through numpy"}
 NOTHING_TIMED = "nothing was timed on this machine: every backend that could time these graphs was skipped (see Skipped)"
 
 
@@ -116,9 +118,13 @@ def markdown(report: dict) -> str:
         lines += ["", "Kernel times come from ONNX Runtime's profiler, in runs of their own: its per-node "
                   "overhead inflates them on small graphs, so read the shares here and the p50 above for time."]
     if report.get("decode"):
+        first = report["decode"][0]
         lines += ["", "## Greedy decoding (KV cache)", "",
                   "The fused graph is fed the reference's tokens; its scores are compared against the reference "
-                  "run as written (ONNX Runtime's own fusions off).", "",
+                  "run as written (ONNX Runtime's own fusions off). Each decodes "
+                  f"{first.get('rounds', 1)} time(s) after a warm-up, the two taking turns to go first; the step "
+                  f"times are pooled. Between steps the cache {CACHE_WAYS_SAID.get(first.get('cache'), 'went through numpy')}.",
+                  "",
                   "| backend | fused graph | tokens | same tokens | scores | max abs | prefill ms, reference -> fused "
                   "| step p50 ms, reference -> fused | speed-up |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for d in report["decode"]:

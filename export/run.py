@@ -184,7 +184,10 @@ def main(argv=None) -> int:
 
             bounds = index_bounds(args.model) if Path(args.model).suffix == ".onnx" else None
             feeds = random_inputs(model.inputs, args.random, args.seed, bounds, dict(args.dim), str(args.model))
-        outputs = model.run(feeds)
+        from .dims import hint_on_failure
+
+        with hint_on_failure(model.inputs if args.random else ()):
+            outputs = model.run(feeds)
         summary: dict = {"model": str(args.model), "kind": type(model).__name__,
                          "providers": getattr(model, "providers", None), "load_s": round(load_s, 3),
                          "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in feeds.items()},

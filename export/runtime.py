@@ -27,7 +27,7 @@ import numpy as np
 
 from normops import numpy_dtype
 
-from .errors import NormfuseError
+from .errors import NormfuseError, RunFailure
 from .files import require_file
 
 ONNX_SUFFIXES = (".onnx",)
@@ -101,6 +101,22 @@ def to_torch(array: np.ndarray, device: Any = "cpu") -> Any:
     return tensor.to(device)
 
 
+def is_ortvalue(value: Any) -> bool:
+    return type(value).__name__ == "OrtValue" and type(value).__module__.startswith("onnxruntime")
+
+
+def value_shape(value: Any) -> tuple[int, ...]:
+    """Shape of a numpy array, a torch tensor or an OrtValue (whose shape is a method)."""
+    return tuple(int(d) for d in (value.shape() if is_ortvalue(value) else value.shape))
+
+
+def value_dtype(value: Any) -> str:
+    """Contract dtype name of a numpy array, a torch tensor or an OrtValue; else the type's name."""
+    if is_ortvalue(value):
+        return _ORT_TYPES.get(value.data_type(), value.data_type())
+    return dtype_name(value.dtype) if hasattr(value, "dtype") else type(value).__name__
+
+
 def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", allow_empty: bool = False) -> None:
     """Raise a one-line NormfuseError naming the first input that does not fit the signature.
     `allow_empty`: a zero-length axis is fine (ONNX Runtime takes one, and a KV cache is empty
@@ -116,10 +132,10 @@ def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", all
         if name not in feeds:
             raise NormfuseError(f"{where}: input {name!r} {spec.describe()} is missing")
         value = feeds[name]
-        got = dtype_name(value.dtype) if hasattr(value, "dtype") else type(value).__name__
+        got = value_dtype(value)
         if got != spec.dtype:
             raise NormfuseError(f"{where}: input {name!r} has dtype {got}, the model takes {spec.describe()}")
-        shape = tuple(int(d) for d in value.shape)
+        shape = value_shape(value)
         if len(shape) != len(spec.shape):
             raise NormfuseError(f"{where}: input {name!r} has rank {len(shape)} (shape {list(shape)}), "
                                 f"the model takes rank {len(spec.shape)}: {spec.describe()}")
@@ -208,10 +224,10 @@ class OrtModel:
         self._run_options.log_severity_level = 4
         self._binding: Any = None
         self._bound: dict[str, tuple] = {}  # name -> (shape, dtype, OrtValue or torch tensor)
+        self._host_feeds: dict[str, np.ndarray] = {}  # what run_bound() feeds on the CPU
 
     def __repr__(self) -> str:
         return signature(type(self).__name__, self.path, self.session.get_providers()[0], self.inputs, self.outputs)
-        self._host_feeds: dict[str, np.ndarray] = {}  # what run_bound() feeds on the CPU
 
     def run(self, feeds: dict) -> dict:
         check_feeds(self.inputs, feeds, str(self.path), allow_empty=True)
@@ -236,6 +252,45 @@ class OrtModel:
             device = next(v.device for v in feeds.values() if is_torch(v))
             return {k: to_torch(v, device) for k, v in results.items()}
         return results
+
+    def run_keeping(self, feeds: dict, keep) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """One run in which the outputs named in `keep` stay where ONNX Runtime wrote them, as
+        OrtValues (in GPU memory on the CUDA provider), so a later run takes them back as inputs
+        without a trip through the host: a decoder's KV cache, fed back every step. `feeds` takes
+        such OrtValues besides numpy arrays and torch tensors. Returns (the other outputs as numpy,
+        the kept ones)."""
+        import onnxruntime as ort
+
+        check_feeds(self.inputs, feeds, str(self.path), allow_empty=True)
+        keep = set(keep)
+        unknown = sorted(keep - set(self.output_names))
+        if unknown:
+            raise NormfuseError(f"{self.path}: {unknown[0]!r} is not an output of the model")
+        device = ("cuda", self.device) if self.on_cuda else ("cpu", 0)
+        with self._lock:
+            binding = self.session.io_binding()  # one per run: the kept outputs must outlive it
+            for name, value in feeds.items():
+                if is_ortvalue(value):
+                    binding.bind_ortvalue_input(name, value)
+                    continue
+                array = np.ascontiguousarray(to_numpy(value))
+                if dtype_name(array.dtype) == "bfloat16":  # ONNX Runtime knows no numpy bfloat16: bind its bits
+                    host = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), _element_type("bfloat16"),
+                                                                     "cpu", 0)
+                    host.update_inplace(array.view(np.uint16))
+                    binding.bind_ortvalue_input(name, host)
+                else:
+                    binding.bind_cpu_input(name, array)  # copied to the device by ONNX Runtime where needed
+            for name in self.output_names:
+                if name in keep:
+                    binding.bind_output(name, *device)
+                else:
+                    binding.bind_output(name)  # to the host
+            with self._failures_named(feeds):
+                self.session.run_with_iobinding(binding, self._run_options)
+            values = dict(zip(self.output_names, binding.get_outputs()))
+        kept = {name: values[name] for name in keep}
+        return {name: ortvalue_to_numpy(v) for name, v in values.items() if name not in keep}, kept
 
     def bind(self, feeds: dict) -> None:
         """Bind `feeds` for `run_bound()`: on the CUDA provider into device buffers, reused while shape
@@ -285,21 +340,19 @@ class OrtModel:
     @contextmanager
     def _failures_named(self, feeds: dict):
         """ONNX Runtime's failure during a run (an index past a table, a shape the graph cannot
-        take) as a one-line NormfuseError naming the model and the input shapes. `feeds`: arrays,
+        take) as a one-line NormfuseError naming the model and the input shapes. `feeds`: arrays, OrtValues
         or the binding's (shape, dtype, buffer) records; read only when a run fails."""
         try:
             yield
         except Exception as exc:
-            if not type(exc).__module__.startswith("onnxruntime"):
+            # a run through I/O binding fails with a plain RuntimeError
+            if not (type(exc).__module__.startswith("onnxruntime") or type(exc) is RuntimeError):
                 raise
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             message = message.split(" : ", 2)[-1] if message.startswith("[ONNXRuntimeError]") else message
-            shapes = ", ".join(f"{name} {list(value[0] if isinstance(value, tuple) else value.shape)}"
+            shapes = ", ".join(f"{name} {list(value[0] if isinstance(value, tuple) else value_shape(value))}"
                                for name, value in feeds.items())
-            from .dims import failure_hint
-
-            raise NormfuseError(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message} "
-                                f"{failure_hint(self.inputs)}") from None
+            raise RunFailure(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message}") from None
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()

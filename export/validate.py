@@ -27,6 +27,7 @@ import numpy as np
 from normops import GRAPH, Tolerance, error_stats, numpy_dtype, within
 
 from .backends import index_bounds, leading_dims, make_runner, random_arrays
+from .dims import hint_on_failure
 from .errors import NormfuseError, UsageError
 from .files import require_file
 
@@ -113,7 +114,8 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     for index, (batch, seq) in enumerate(shapes):
         feeds = given[index] if given is not None else random_arrays(
             inputs, batch, seq, seed=seed, bounds=bounds, dims=dims, where=str(reference.model))
-        expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
+        with hint_on_failure(inputs if given is None else ()):
+            expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
         missing = set(expected) - set(actual)
         if missing:
             raise NormfuseError(f"{candidate.model}: outputs {sorted(missing)} missing (it has {sorted(actual)})")

@@ -10,7 +10,7 @@ import pytest
 from test_pipeline import _main
 
 from export.decode import Generation, agreement, decode, decoded_alike, decoder_of
-from export.errors import NormfuseError
+from export.errors import NormfuseError, UsageError
 from export.rewrite import rewrite_file
 from export.runtime import load
 from models.hf_decoder import export_hf_decoder
@@ -50,8 +50,62 @@ def test_the_fused_decoder_chooses_the_same_tokens(decoders, tmp_path, capsys):
     agree = record["agreement"]
     assert agree["steps"] == agree["same_tokens"] == 12 and agree["scores_within_tolerance"]
     for run in record["models"].values():
-        assert len(run["raw_step_ms"]) == 11 and run["prefill_ms"] > 0 and run["decode_tokens_per_s"] > 0
+        assert [len(steps) for steps in run["raw_step_ms"]] == [11]
+        assert run["prefill_ms"] > 0 and run["decode_tokens_per_s"] > 0
     assert record["models"]["compared"]["tokens"] == record["models"]["reference"]["tokens"]
+    assert record["cache"] == "host" and record["rounds"] == 1  # the CPU provider's numpy costs no copy
+
+
+def test_the_kept_cache_decodes_as_the_host_copied_one(decoders):
+    """The cache fed back as ONNX Runtime's own values gives the scores the copied one gives, bit
+    for bit, and the caches kept are OrtValues, not numpy copies."""
+    from export.decode import generate
+
+    model = load(decoders["reference"], providers=["CPUExecutionProvider"])
+    decoder = decoder_of(model, "m")
+    prompt = np.random.default_rng(0).integers(0, 100, size=(2, 5))
+    kept, copied = (generate(model, decoder, prompt, 6, cache_way=way) for way in ("kept", "host"))
+    assert kept.tokens == copied.tokens
+    for a, b in zip(kept.step_logits, copied.step_logits):
+        np.testing.assert_array_equal(a, b)
+    feeds = {"input_ids": prompt, "attention_mask": np.ones((2, 5), np.int64),
+             "position_ids": np.tile(np.arange(5), (2, 1)),
+             **{past: np.zeros((2, 2, 0, 16), np.float32) for past, _ in decoder.cache}}
+    outputs, cache = model.run_keeping(feeds, ["present.0.key"])
+    assert set(outputs) == set(model.output_names) - {"present.0.key"}
+    assert type(cache["present.0.key"]).__name__ == "OrtValue" and cache["present.0.key"].shape() == [2, 2, 5, 16]
+    with pytest.raises(UsageError, match="cache 'gpu': choose from auto, kept, host"):
+        generate(model, decoder, prompt, 2, cache_way="gpu")
+    with pytest.raises(NormfuseError, match="'present.9.key' is not an output of the model"):
+        model.run_keeping(feeds, ["present.9.key"])
+    # a kept value goes back in, and is checked like an array; lengths that do not agree fail by name
+    feeds = {**feeds, "past_key_values.0.key": cache["present.0.key"], "past_key_values.0.value": cache["present.0.key"]}
+    with pytest.raises(NormfuseError, match=r"ONNX Runtime failed to run it on .*past_key_values.0.key \[2, 2, 5, 16\]"):
+        model.run_keeping(feeds, [])
+    feeds = {**feeds, "past_key_values.1.key": np.zeros((2, 2, 5, 16), np.float32),
+             "past_key_values.1.value": np.zeros((2, 2, 5, 16), np.float32),
+             "attention_mask": np.ones((2, 10), np.int64), "position_ids": np.tile(np.arange(5, 10), (2, 1))}
+    assert model.run_keeping(feeds, [])[0]["logits"].shape == (2, 5, 100)
+    bad = {**feeds, "past_key_values.1.key": model.run_keeping(feeds, ["logits"])[1]["logits"]}
+    with pytest.raises(NormfuseError, match=r"input 'past_key_values.1.key' has rank 3 \(shape \[2, 5, 100\]\)"):
+        model.run_keeping(bad, [])
+
+
+def test_rounds_take_turns_and_pool_the_steps(decoders, tmp_path, capsys):
+    from export.decode import main
+
+    assert main([str(decoders["reference"]), "--compare", str(decoders["fused"]), "--prompt", "3", "--tokens", "4",
+                 "--rounds", "3", "--warmup", "0", "--cache", "kept", "--providers", "CPUExecutionProvider",
+                 "--json", str(tmp_path / "d.json")]) == 0
+    record = json.loads((tmp_path / "d.json").read_text())
+    assert record["rounds"] == 3 and record["cache"] == "kept"
+    for run in record["models"].values():
+        assert [len(steps) for steps in run["raw_step_ms"]] == [3, 3, 3]
+    assert record["agreement"]["same_tokens"] == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(decoders["reference"]), "--rounds", "0"])
+    assert exit_.value.code == 2 and "argument --rounds: '0' must be at least 1" in capsys.readouterr().err
 
 
 def test_a_different_decoder_is_caught(decoders, tmp_path, capsys):
