@@ -178,6 +178,10 @@ def agreement(tokens: list[list[int]], expected: Generation, candidate: Generati
     from .validate import output_stats
 
     tolerance = GRAPH[dtype]
+    for step, (r, c) in enumerate(zip(expected.step_logits, candidate.step_logits)):
+        if np.shape(r) != np.shape(c):
+            raise NormfuseError(f"step {step}: the compared decoder's scores are {list(np.shape(c))}, the reference's "
+                                f"{list(np.shape(r))}: not a form of the same decoder")
     steps = [output_stats(np.asarray(c), np.asarray(r), tolerance)
              for r, c in zip(expected.step_logits, candidate.step_logits)]
     same = ties = 0
@@ -214,10 +218,19 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
                              "its profile, and the prefill feeds an empty cache)")
     models = [load(path, providers=providers) for path in paths]
     decoders = [decoder_of(model, str(path)) for model, path in zip(models, paths)]
-    vocabulary = index_bounds(paths[0]).get("input_ids")
+    bounds = index_bounds(paths[0])
+    vocabulary = bounds.get("input_ids")
+    if "position_ids" in bounds and prompt + tokens - 1 > bounds["position_ids"]:  # a table of learned positions
+        raise UsageError(f"{paths[0]}: a {prompt}-token prompt and {tokens} tokens reach position {prompt + tokens - 2}, "
+                         f"past the model's {bounds['position_ids']} positions; ask for fewer")
     if vocabulary is None:
         raise NormfuseError(f"{paths[0]}: cannot tell its vocabulary size (input_ids does not index a weight, "
                             "directly or reshaped)")
+    for path in paths[1:]:  # the compared decoder must take the same tokens
+        other = index_bounds(path).get("input_ids")
+        if other is not None and other != vocabulary:
+            raise NormfuseError(f"{path}: its vocabulary has {other} tokens, {paths[0]}'s {vocabulary}: not a form of "
+                                "the same decoder")
     ids = np.random.default_rng(seed).integers(0, vocabulary, size=(batch, prompt)).astype(np.int64)
     dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
 

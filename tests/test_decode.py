@@ -117,6 +117,29 @@ def test_a_different_decoder_is_caught(decoders, tmp_path, capsys):
     assert code == 1
 
 
+def test_positions_past_the_table_are_refused_before_decoding(tmp_path, capsys):
+    """GPT-2 learns a table of positions: a prompt and tokens that run past it are a flag error,
+    not a failure mid-way through the loop; the last position that fits is fine."""
+    gpt2 = tmp_path / "gpt2.onnx"
+    export_hf_decoder(gpt2, arch="gpt2", positions=32)
+    code, stderr = _main("export.decode", str(gpt2), "--prompt", "24", "--tokens", "10", capsys=capsys)
+    assert code == 2 and "a 24-token prompt and 10 tokens reach position 32, past the model's 32 positions" in stderr
+    assert _main("export.decode", str(gpt2), "--prompt", "24", "--tokens", "9", "--warmup", "0", capsys=capsys)[0] == 0
+
+
+def test_a_decoder_of_another_vocabulary_is_refused(decoders, tmp_path, capsys):
+    other = tmp_path / "vocab200.onnx"
+    export_hf_decoder(other, vocab=200)
+    for first, second in ((decoders["reference"], other), (other, decoders["reference"])):
+        code, stderr = _main("export.decode", str(first), "--compare", str(second), "--tokens", "3",
+                             "--providers", "CPUExecutionProvider", capsys=capsys)
+        assert code == 1 and len(stderr.strip().splitlines()) == 1
+        assert f"{second}: its vocabulary has" in stderr and "not a form of the same decoder" in stderr
+    a, b = (Generation(tokens=[[1]], step_logits=[np.zeros((1, n), np.float32)]) for n in (100, 200))
+    with pytest.raises(NormfuseError, match=r"step 0: the compared decoder's scores are \[1, 200\], the reference's \[1, 100\]"):
+        agreement([[1]], a, b, "float32")
+
+
 def test_the_cache_is_found_by_its_names(decoders):
     decoder = decoder_of(load(decoders["fused"], providers=["CPUExecutionProvider"]), "m")
     assert decoder.logits == "logits" and decoder.position_ids
