@@ -8,6 +8,8 @@
 - Inputs are checked against the model's signature first (names, dtype, rank, fixed dims); a
   mismatch is a NormfuseError naming the input.
 - Device buffers are kept between calls and reused while the shapes stay the same.
+- `OrtModel.run_keeping(feeds, keep)` leaves chosen outputs where ONNX Runtime wrote them, to be
+  fed back as inputs (a KV cache between decode steps) without a trip through the host.
 - `cuda_graph=True` (TensorRT) captures the engine's launch in a CUDA graph the first time a shape
   is seen and replays it on later calls with that shape.
 - Thread safety: `run` may be called from several threads; calls on one model are serialised by a
