@@ -204,13 +204,20 @@ def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, 
     from normops import numpy_dtype
 
     from .dims import input_shapes
+    from .errors import NormfuseError
 
     rng = np.random.default_rng(seed)
     shapes = input_shapes(specs, batch, seq, dims, where)
     feeds = {}
     for spec in specs:
         dims_of = shapes[spec.name]
-        dtype = numpy_dtype(spec.dtype)
+        try:
+            dtype = numpy_dtype(spec.dtype)
+        except TypeError:  # 'tensor(string)' and other types numpy has no number for
+            dtype = np.dtype(object)
+        if dtype.kind in "OSU":
+            raise NormfuseError(f"{where}: input {spec.name!r} holds {spec.dtype}: random inputs are numbers only; "
+                                "give the inputs yourself (--inputs)")
         if dtype == np.bool_:
             feeds[spec.name] = np.ones(dims_of, dtype=bool)
         elif np.issubdtype(dtype, np.integer):
@@ -227,8 +234,8 @@ def batch_and_seq(shape) -> tuple[int, int]:
 
 
 def leading_dims(feeds: dict) -> tuple[int, int]:
-    """(batch, sequence) of a set of inputs: the first input's."""
-    return batch_and_seq(np.shape(next(iter(feeds.values()))))
+    """(batch, sequence) of a set of inputs: the first input's; 1x1 for a model that takes none."""
+    return batch_and_seq(np.shape(next(iter(feeds.values())))) if feeds else (1, 1)
 
 
 def shape_taken(model_path: str | Path, batch: int, seq: int, dims: dict[str, int] | None = None) -> tuple[int, int]:

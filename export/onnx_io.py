@@ -18,9 +18,12 @@ def load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
     """Load a model without reading external weight bytes (they stay referenced on disk)."""
     path = require_file(path)
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for a corrupt file
         raise NormfuseError(f"{path}: not a readable ONNX model ({exc.__class__.__name__}: {exc})".splitlines()[0]) from None
+    if not model.HasField("graph"):  # an empty file parses as an empty model
+        raise NormfuseError(f"{path}: not an ONNX model: it has no graph (an empty file, or another kind of protobuf)")
+    return model
 
 
 def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> list[str]:

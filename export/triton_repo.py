@@ -27,8 +27,9 @@ from .errors import NormfuseError, UsageError
 from .files import require_file, require_writable, write_text
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
-                "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
-                "bool": "TYPE_BOOL"}
+                "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
+                "uint64": "TYPE_UINT64", "uint32": "TYPE_UINT32", "uint16": "TYPE_UINT16", "uint8": "TYPE_UINT8",
+                "bool": "TYPE_BOOL", "string": "TYPE_STRING"}
 PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
 MODEL_FILES = {".onnx": "model.onnx", ".plan": "model.plan"}
 
@@ -64,8 +65,15 @@ def onnx_signature(path: str | Path) -> tuple[list[IO], list[IO]]:
     model = load_graph_only(path)
 
     def io(value) -> IO:
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type":  # sequences, maps, optionals: nothing here makes or checks those
+            raise NormfuseError(f"{path}: {value.name!r} is {'a ' + kind.removesuffix('_type') if kind else 'untyped'}, "
+                                "not a tensor: normfuse runs models whose inputs and outputs are tensors")
         ttype = value.type.tensor_type
-        dtype = FLOAT_TYPES.get(ttype.elem_type) or onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+        if ttype.elem_type == onnx.TensorProto.STRING:  # numpy would call it object
+            dtype = "string"
+        else:
+            dtype = FLOAT_TYPES.get(ttype.elem_type) or onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
         shape = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
         params = tuple(d.dim_param or None if not d.HasField("dim_value") else None for d in ttype.shape.dim)
         return IO(value.name, dtype, shape, params)
@@ -179,9 +187,14 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
         raise UsageError(f"{model_path}: max_batch_size {max_batch_size} is above the engine profile's batch "
                          f"maximum {profile_batch}")
     kind = kind or ("KIND_GPU" if suffix == ".plan" else "KIND_AUTO")
-    text = config_text(name, PLATFORMS[suffix], inputs, outputs, max_batch_size, queue_delay_us, instances, kind)
-    if validate or (validate is None and can_check_configs()):
-        parse_config(text)
+    try:
+        text = config_text(name, PLATFORMS[suffix], inputs, outputs, max_batch_size, queue_delay_us, instances, kind)
+        if validate or (validate is None and can_check_configs()):
+            parse_config(text)
+    except TritonClientMissing:
+        raise
+    except NormfuseError as exc:
+        raise type(exc)(f"{model_path}: {exc}") from None
 
     repo.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))

@@ -1,0 +1,83 @@
+"""Models at the edges of what the commands take: an empty file, inputs that are not numbers or
+not tensors, a model with no inputs, a float64 model. Each is either run or refused with a
+one-line error naming the file, never an internal error."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_pipeline import _main
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def save(path, nodes, inputs, outputs, initializers=()):
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(initializers)), opset_imports=OPSET),
+              path)
+    return path
+
+
+@pytest.fixture
+def models(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    strings = save(tmp_path / "strings.onnx", [helper.make_node("Identity", ["s"], ["o"])],
+                   [helper.make_tensor_value_info("s", TensorProto.STRING, ["n"])],
+                   [helper.make_tensor_value_info("o", TensorProto.STRING, ["n"])])
+    sequence = save(tmp_path / "sequence.onnx", [helper.make_node("SequenceLength", ["s"], ["o"])],
+                    [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)],
+                    [helper.make_tensor_value_info("o", TensorProto.INT64, [])])
+    constant = save(tmp_path / "constant.onnx",
+                    [helper.make_node("Constant", [], ["o"], value=numpy_helper.from_array(np.ones(3, np.float32)))],
+                    [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [3])])
+    double = save(tmp_path / "double.onnx", [helper.make_node("LayerNormalization", ["x", "g"], ["o"], axis=-1)],
+                  [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["batch", "seq", 8])],
+                  [helper.make_tensor_value_info("o", TensorProto.DOUBLE, ["batch", "seq", 8])],
+                  [numpy_helper.from_array(np.ones(8), "g")])
+    return {"empty": empty, "strings": strings, "sequence": sequence, "constant": constant, "double": double}
+
+
+@pytest.mark.parametrize("command", [
+    ("export.rewrite", "{m}", "-o", "{out}/r.onnx"), ("export.validate", "{m}", "{m}"),
+    ("export.bench", "{m}", "{m}", "--runs", "1"), ("export.run", "{m}", "--random", "1x4"),
+    ("export.decode", "{m}"), ("export.triton_repo", "{m}", "--repo", "{out}/repo"),
+    ("export.build", "--onnx", "{m}", "--out", "{out}/build"),
+])
+def test_an_empty_file_is_not_a_model(models, tmp_path, capsys, command):
+    module, *args = command
+    code, stderr = _main(module, *(a.format(m=models["empty"], out=tmp_path) for a in args), capsys=capsys)
+    assert code == 1 and len(stderr.strip().splitlines()) == 1
+    assert f"{models['empty']}: not an ONNX model: it has no graph" in stderr
+    assert not (tmp_path / "r.onnx").exists() and not (tmp_path / "repo").exists() and not (tmp_path / "build").exists()
+
+
+def test_inputs_that_are_not_tensors_or_not_numbers(models, tmp_path, capsys):
+    for module, args in (("export.bench", [str(models["sequence"])] * 2 + ["--runs", "1"]),
+                         ("export.triton_repo", [str(models["sequence"]), "--repo", str(tmp_path / "repo")])):
+        code, stderr = _main(module, *args, capsys=capsys)
+        assert code == 1 and f"{models['sequence']}: 's' is a sequence, not a tensor" in stderr
+    code, stderr = _main("export.run", str(models["strings"]), "--random", "1x4", capsys=capsys)
+    assert code == 1 and "input 's' holds tensor(string): random inputs are numbers only" in stderr
+    code, stderr = _main("export.bench", str(models["strings"]), str(models["strings"]), capsys=capsys)
+    assert code == 1 and "input 's' holds string: random inputs are numbers only" in stderr
+    # Triton serves strings (TYPE_STRING), so a repository is written
+    assert _main("export.triton_repo", str(models["strings"]), "--repo", str(tmp_path / "repo"), capsys=capsys)[0] == 0
+    assert "data_type: TYPE_STRING" in (tmp_path / "repo" / "strings" / "config.pbtxt").read_text()
+
+
+def test_a_model_without_inputs_is_timed_as_it_is(models, tmp_path, capsys):
+    code, _ = _main("export.bench", str(models["constant"]), str(models["constant"]), "--runs", "2", "--warmup", "0",
+                    "--json", str(tmp_path / "b.json"), capsys=capsys)
+    assert code == 0
+    assert [r["shape"] for r in json.loads((tmp_path / "b.json").read_text())] == [[1, 1], [1, 1]]
+
+
+def test_a_float64_model_is_validated_with_its_own_tolerance(models, tmp_path, capsys):
+    code, _ = _main("export.validate", str(models["double"]), str(models["double"]), "--json", str(tmp_path / "v.json"),
+                    capsys=capsys)
+    assert code == 0
+    pairs = json.loads((tmp_path / "v.json").read_text())
+    assert pairs and all(p["passed"] and p["dtype"] == "float64" for p in pairs)
