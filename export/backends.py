@@ -217,7 +217,7 @@ def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, 
             dtype = np.dtype(object)
         if dtype.kind in "OSU":
             raise NormfuseError(f"{where}: input {spec.name!r} holds {spec.dtype}: random inputs are numbers only; "
-                                "give the inputs yourself (--inputs)")
+                                "give your own (--inputs of export.validate or export.run)")
         if dtype == np.bool_:
             feeds[spec.name] = np.ones(dims_of, dtype=bool)
         elif np.issubdtype(dtype, np.integer):

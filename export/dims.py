@@ -157,6 +157,10 @@ def input_shapes(inputs: Sequence, batch: int, seq: int, given: dict[str, int] |
     optionally dim_params), by the rules in this module's docstring. A given name the model does
     not have is a UsageError."""
     check_given(inputs, given, where)
+    for spec in inputs:
+        if not getattr(spec, "rank_known", True):
+            raise NormfuseError(f"{where}: input {spec.name!r} has no shape in the model (not even its rank), so "
+                                "inputs for it cannot be made up; give your own (--inputs of export.validate or export.run)")
     sizes: dict[str, int] = dict(given or {})
     positional = {}  # (input, axis) -> size by position
     for spec in inputs:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,11 @@ class TensorSpec:
     dtype: str
     shape: tuple[int | None, ...]
     dim_params: tuple[str | None, ...] = ()  # names of dynamic axes, where the model gives them (export.dims)
+    rank_known: bool = True  # False: the model gives no shape at all, so any rank is taken
 
     def describe(self) -> str:
+        if not self.rank_known:
+            return f"{self.dtype}[any shape]"
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.dtype}[{dims}]"
 
@@ -137,6 +140,8 @@ def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", all
         got = value_dtype(value)
         if got != spec.dtype:
             raise NormfuseError(f"{where}: input {name!r} has dtype {got}, the model takes {spec.describe()}")
+        if not spec.rank_known:
+            continue
         shape = value_shape(value)
         if len(shape) != len(spec.shape):
             raise NormfuseError(f"{where}: input {name!r} has rank {len(shape)} (shape {list(shape)}), "
@@ -216,7 +221,7 @@ class OrtModel:
             raise NormfuseError(f"{self.path}: ONNX Runtime's CUDA provider did not load (cuDNN 9 and cuBLAS for "
                                 "the CUDA that onnxruntime-gpu was built for are needed: the nvidia-* wheels torch "
                                 "brings, or a CUDA install on the library path)")
-        self.inputs = [_ort_spec(v) for v in self.session.get_inputs()]
+        self.inputs = _with_unknown_ranks(self.path, [_ort_spec(v) for v in self.session.get_inputs()])
         self.outputs = [_ort_spec(v) for v in self.session.get_outputs()]
         self.input_names = [s.name for s in self.inputs]
         self.output_names = [s.name for s in self.outputs]
@@ -383,6 +388,17 @@ def ortvalue_to_numpy(value) -> np.ndarray:
     import torch
 
     return to_numpy(torch.from_dlpack(value._ortvalue.to_dlpack()))
+
+
+def _with_unknown_ranks(path: Path, specs: list[TensorSpec]) -> list[TensorSpec]:
+    """ONNX Runtime reports an input the model gives no shape as a scalar ([]): the file says
+    which of its rank-0 inputs are scalars and which take any shape."""
+    if not any(spec.shape == () for spec in specs):
+        return specs
+    from .triton_repo import onnx_signature
+
+    unknown = {io.name for io in onnx_signature(path)[0] if not io.rank_known}
+    return [replace(spec, rank_known=False) if spec.name in unknown else spec for spec in specs]
 
 
 def _ort_spec(value) -> TensorSpec:

@@ -53,6 +53,7 @@ class IO:
     dtype: str
     shape: list[int | None]  # None: dynamic
     dim_params: tuple[str | None, ...] = ()  # the name of each dynamic axis the graph gives one (export.dims)
+    rank_known: bool = True  # False: the graph gives no shape at all (shape is then empty)
 
 
 def onnx_signature(path: str | Path) -> tuple[list[IO], list[IO]]:
@@ -76,7 +77,7 @@ def onnx_signature(path: str | Path) -> tuple[list[IO], list[IO]]:
             dtype = FLOAT_TYPES.get(ttype.elem_type) or onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
         shape = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
         params = tuple(d.dim_param or None if not d.HasField("dim_value") else None for d in ttype.shape.dim)
-        return IO(value.name, dtype, shape, params)
+        return IO(value.name, dtype, shape, params, ttype.HasField("shape"))
 
     initializers = {t.name for t in model.graph.initializer}
     return ([io(v) for v in model.graph.input if v.name not in initializers], [io(v) for v in model.graph.output])
@@ -105,6 +106,8 @@ def config_text(name: str, platform: str, inputs: list[IO], outputs: list[IO], m
     def tensor(io: IO) -> str:
         if io.dtype not in TRITON_TYPES:
             raise NormfuseError(f"{io.name}: dtype {io.dtype} has no Triton type")
+        if not io.rank_known:
+            raise NormfuseError(f"{io.name}: the model gives it no shape, not even its rank, and Triton needs its dims")
         dims = io.shape[1:] if max_batch_size > 0 else io.shape
         text_dims = ", ".join("-1" if d is None else str(d) for d in dims)
         return f'  {{\n    name: "{io.name}"\n    data_type: {TRITON_TYPES[io.dtype]}\n    dims: [ {text_dims} ]\n  }}'

@@ -99,7 +99,7 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
 
     inputs, _ = onnx_signature(reference.model)
     if given is not None:
-        specs = [TensorSpec(i.name, i.dtype, tuple(i.shape)) for i in inputs]
+        specs = [TensorSpec(i.name, i.dtype, tuple(i.shape), rank_known=i.rank_known) for i in inputs]
         for feeds in given:
             check_feeds(specs, feeds, f"{reference.model} (--inputs)")
         shapes = [leading_dims(feeds) for feeds in given]

@@ -37,7 +37,12 @@ def models(tmp_path):
                   [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["batch", "seq", 8])],
                   [helper.make_tensor_value_info("o", TensorProto.DOUBLE, ["batch", "seq", 8])],
                   [numpy_helper.from_array(np.ones(8), "g")])
-    return {"empty": empty, "strings": strings, "sequence": sequence, "constant": constant, "double": double}
+    shapeless = save(tmp_path / "shapeless.onnx", [helper.make_node("LayerNormalization", ["x", "g"], ["o"], axis=-1)],
+                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                     [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+                     [numpy_helper.from_array(np.ones(8, np.float32), "g")])
+    return {"empty": empty, "strings": strings, "sequence": sequence, "constant": constant, "double": double,
+            "shapeless": shapeless}
 
 
 @pytest.mark.parametrize("command", [
@@ -60,7 +65,7 @@ def test_inputs_that_are_not_tensors_or_not_numbers(models, tmp_path, capsys):
         code, stderr = _main(module, *args, capsys=capsys)
         assert code == 1 and f"{models['sequence']}: 's' is a sequence, not a tensor" in stderr
     code, stderr = _main("export.run", str(models["strings"]), "--random", "1x4", capsys=capsys)
-    assert code == 1 and "input 's' holds tensor(string): random inputs are numbers only" in stderr
+    assert code == 1 and "input 's' holds tensor(string): random inputs are numbers only; give your own" in stderr
     code, stderr = _main("export.bench", str(models["strings"]), str(models["strings"]), capsys=capsys)
     assert code == 1 and "input 's' holds string: random inputs are numbers only" in stderr
     # Triton serves strings (TYPE_STRING), so a repository is written
@@ -81,3 +86,28 @@ def test_a_float64_model_is_validated_with_its_own_tolerance(models, tmp_path, c
     assert code == 0
     pairs = json.loads((tmp_path / "v.json").read_text())
     assert pairs and all(p["passed"] and p["dtype"] == "float64" for p in pairs)
+
+
+def test_an_input_without_a_shape_takes_any_rank(models, tmp_path, capsys):
+    """An input the model gives no shape (not even a rank) takes the user's arrays as they are; ONNX
+    Runtime reports it as a scalar, which is not what it is. Random inputs cannot be made up for it."""
+    from export.runtime import load
+
+    model = load(models["shapeless"], providers=["CPUExecutionProvider"])
+    (spec,) = model.inputs
+    assert not spec.rank_known and spec.describe() == "float32[any shape]"
+    assert model.run({"x": np.ones((2, 3, 8), np.float32)})["o"].shape == (2, 3, 8)
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, x=np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32))
+    assert _main("export.validate", str(models["shapeless"]), str(models["shapeless"]), "--inputs", str(inputs),
+                 capsys=capsys)[0] == 0
+    for module, args in (("export.run", ["--random", "1x4"]), ("export.validate", [str(models["shapeless"])]),
+                         ("export.triton_repo", ["--repo", str(tmp_path / "repo")])):
+        code, stderr = _main(module, str(models["shapeless"]), *args, capsys=capsys)
+        assert code == 1 and len(stderr.strip().splitlines()) == 1 and str(models["shapeless"]) in stderr
+        assert "has no shape in the model" in stderr or "gives it no shape, not even its rank" in stderr
+    scalar = save(tmp_path / "scalar.onnx", [helper.make_node("Neg", ["x"], ["o"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+                  [helper.make_tensor_value_info("o", TensorProto.FLOAT, [])])
+    (spec,) = load(scalar, providers=["CPUExecutionProvider"]).inputs
+    assert spec.rank_known and spec.shape == ()
