@@ -1,6 +1,7 @@
 """Greedy decoding with a KV-cache decoder: a built model served inside a generation loop.
 
     python -m export.decode decoder.onnx --prompt 8 --tokens 32
+    python -m export.decode decoder.onnx --prompt 6,3,5          # a batch of three, padded on the left
     python -m export.decode reference.onnx --compare fused-cpu.onnx --json decode.json
 
 The model is a decoder as optimum and onnxruntime-genai export one: inputs `input_ids`,
@@ -26,6 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -109,11 +111,16 @@ def keeps_cache(model, cache: str) -> bool:
 
 
 def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
-             forced: list[list[int]] | None = None, cache_way: str = "auto") -> Generation:
+             forced: list[list[int]] | None = None, cache_way: str = "auto",
+             prompt_mask: np.ndarray | None = None) -> Generation:
     """Greedy decoding of `new_tokens` tokens after `prompt` (batch x length int64); with `forced`,
     the given tokens are fed instead of the model's own choices (its choices are still recorded).
-    `cache_way`: where the cache goes between steps (`keeps_cache`)."""
+    `cache_way`: where the cache goes between steps (`keeps_cache`). `prompt_mask` (batch x length,
+    0 on padding) lets prompts of different lengths share a batch, padded on the left: the mask
+    keeps padding out of attention and positions count real tokens only, as transformers'
+    `generate` numbers them."""
     batch = prompt.shape[0]
+    mask = np.ones(prompt.shape, np.int64) if prompt_mask is None else np.asarray(prompt_mask, np.int64)
     cache = {past: np.zeros([batch if axis == 0 else (0 if dim is None else dim) for axis, dim in enumerate(shape)],
                             dtype=_input_dtype(model, past))
              for past, shape in decoder.cache_shapes.items()}
@@ -121,13 +128,12 @@ def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
     presents = [present for _, present in decoder.cache]
     keeping = keeps_cache(model, cache_way)
     result = Generation(tokens=[])
-    ids, done = prompt, 0
+    ids = prompt
     for step in range(new_tokens):
-        feeds = {"input_ids": ids.astype(types["input_ids"]),
-                 "attention_mask": np.ones((batch, done + ids.shape[1]), types["attention_mask"]), **cache}
+        feeds = {"input_ids": ids.astype(types["input_ids"]), "attention_mask": mask.astype(types["attention_mask"]),
+                 **cache}
         if decoder.position_ids:
-            feeds["position_ids"] = np.broadcast_to(np.arange(done, done + ids.shape[1]),
-                                                    ids.shape).astype(types["position_ids"])
+            feeds["position_ids"] = positions(mask)[:, -ids.shape[1]:].astype(types["position_ids"])
         started = time.perf_counter()
         if keeping:
             outputs, kept = model.run_keeping(feeds, presents)
@@ -143,10 +149,17 @@ def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
         result.tokens.append([int(t) for t in chosen])
         result.step_logits.append(scores)
         fed = np.asarray(forced[step] if forced is not None else chosen, dtype=np.int64)
-        done += ids.shape[1]
         ids = fed.reshape(batch, 1)
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         cache = {past: kept[present] for past, present in decoder.cache}
     return result
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position of every token under an attention mask: real tokens counted from 0, padding at 1
+    (what transformers' generate feeds; attention never reads it)."""
+    counted = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, counted)
 
 
 def _input_dtype(model, name: str):
@@ -198,12 +211,14 @@ def agreement(tokens: list[list[int]], expected: Generation, candidate: Generati
             "first_step_out_of_tolerance": next((i for i, s in enumerate(steps) if not s["passed"]), None)}
 
 
-def decode(model_path: str | Path, compare_path: str | Path | None = None, prompt: int = 8, tokens: int = 32,
-           batch: int = 1, seed: int = 0, warmup: int = 1, providers: list[str] | None = None, rounds: int = 1,
-           cache: str = "auto") -> dict:
+def decode(model_path: str | Path, compare_path: str | Path | None = None, prompt: int | Sequence[int] = 8,
+           tokens: int = 32, batch: int | None = None, seed: int = 0, warmup: int = 1,
+           providers: list[str] | None = None, rounds: int = 1, cache: str = "auto") -> dict:
     """Greedy decoding with `model_path` (and, teacher-forced, with `compare_path`); see the module doc.
-    `rounds` timed generations of each model, the two taking turns to go first, so drift in the
-    machine's speed falls on both; the tokens and scores compared are the first round's."""
+    `prompt`: one length for each of `batch` sequences (default 1), or a length per sequence (left
+    padded to the longest). `rounds` timed generations of each model, the two taking turns to go
+    first, so drift in the machine's speed falls on both; the tokens and scores compared are the
+    first round's."""
     from .backends import index_bounds
     from .runtime import ENGINE_SUFFIXES, load
 
@@ -211,6 +226,9 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         raise UsageError(f"{tokens} tokens: decoding needs at least 2 (the prefill's and one decode step's)")
     if rounds < 1:
         raise UsageError(f"{rounds} rounds: decoding needs at least 1 timed round")
+    lengths = [prompt] * (batch or 1) if isinstance(prompt, int) else list(prompt)
+    if batch is not None and batch != len(lengths):
+        raise UsageError(f"{len(lengths)} prompt lengths for a batch of {batch}: give one length, or one per sequence")
     paths = [Path(model_path)] + ([Path(compare_path)] if compare_path else [])
     for path in paths:
         if path.suffix in ENGINE_SUFFIXES:
@@ -220,9 +238,13 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     decoders = [decoder_of(model, str(path)) for model, path in zip(models, paths)]
     bounds = index_bounds(paths[0])
     vocabulary = bounds.get("input_ids")
-    if "position_ids" in bounds and prompt + tokens - 1 > bounds["position_ids"]:  # a table of learned positions
-        raise UsageError(f"{paths[0]}: a {prompt}-token prompt and {tokens} tokens reach position {prompt + tokens - 2}, "
+    longest = max(lengths)
+    if "position_ids" in bounds and longest + tokens - 1 > bounds["position_ids"]:  # a table of learned positions
+        raise UsageError(f"{paths[0]}: a {longest}-token prompt and {tokens} tokens reach position {longest + tokens - 2}, "
                          f"past the model's {bounds['position_ids']} positions; ask for fewer")
+    if len(set(lengths)) > 1 and not all(d.position_ids for d in decoders):
+        raise UsageError(f"{paths[0] if not decoders[0].position_ids else paths[1]}: prompts of different lengths "
+                         "are padded, and a decoder without a position_ids input would number the padding too")
     if vocabulary is None:
         raise NormfuseError(f"{paths[0]}: cannot tell its vocabulary size (input_ids does not index a weight, "
                             "directly or reshaped)")
@@ -231,21 +253,25 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         if other is not None and other != vocabulary:
             raise NormfuseError(f"{path}: its vocabulary has {other} tokens, {paths[0]}'s {vocabulary}: not a form of "
                                 "the same decoder")
-    ids = np.random.default_rng(seed).integers(0, vocabulary, size=(batch, prompt)).astype(np.int64)
+    batch = len(lengths)
+    ids = np.random.default_rng(seed).integers(0, vocabulary, size=(batch, longest)).astype(np.int64)
+    mask = (np.arange(longest) >= longest - np.asarray(lengths)[:, None]).astype(np.int64)  # padding on the left
+    ids[mask == 0] = 0
     dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
 
     for _ in range(warmup):  # first runs allocate and plan: not what a served model's steps cost
         for model, decoder in zip(models, decoders):
-            generate(model, decoder, ids, tokens, cache_way=cache)
+            generate(model, decoder, ids, tokens, cache_way=cache, prompt_mask=mask)
     runs: list[list[Generation]] = [[] for _ in models]
     for round_ in range(rounds):
         # the reference goes first in the first round: the compared model is fed its tokens
         for index in (range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))):
             forced = runs[0][0].tokens if index else None
-            runs[index].append(generate(models[index], decoders[index], ids, tokens, forced, cache))
+            runs[index].append(generate(models[index], decoders[index], ids, tokens, forced, cache, mask))
     reference = runs[0][0]
     labels = ("reference", "compared")
-    record = {"prompt": ids.tolist(), "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
+    record = {"prompt": [row[longest - n:] for row, n in zip(ids.tolist(), lengths)], "prompt_lengths": lengths,
+              "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
               "rounds": rounds, "cache": "kept" if keeps_cache(models[0], cache) else "host",
               "models": {label: {"model": str(path), "providers": model.providers, "tokens": generations[0].tokens,
                                  **timing(generations, batch)}
@@ -256,7 +282,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         from .runtime import OrtModel
 
         as_written = OrtModel(paths[0], providers=providers, optimization="none")
-        expected = generate(as_written, decoders[0], ids, tokens, forced=reference.tokens, cache_way=cache)
+        expected = generate(as_written, decoders[0], ids, tokens, reference.tokens, cache, mask)
         record["agreement"] = agreement(reference.tokens, expected, runs[1][0], dtype)
     return record
 
@@ -271,7 +297,9 @@ def decoded_alike(agreement: dict) -> bool:
 def print_table(record: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"greedy decoding: prompt {len(record['prompt'][0])}, {record['new_tokens']} tokens, "
+    lengths = sorted({len(p) for p in record["prompt"]})
+    prompt = f"prompt {lengths[0]}" if len(lengths) == 1 else "prompts " + "/".join(str(len(p)) for p in record["prompt"])
+    table = Table(title=f"greedy decoding: {prompt}, {record['new_tokens']} tokens, "
                         f"batch {record['batch']} ({record['dtype']})")
     for column in ("model", "prefill ms", "step p50 ms", "step p99 ms", "tokens/s"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -296,6 +324,9 @@ def print_table(record: dict, console) -> None:
 
 def main(argv=None) -> int:
     from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
+
+    def prompt_lengths(text: str) -> list[int]:
+        return [positive_int(part) for part in text.split(",")]
     from .files import require_file, write_json
 
     parser = Parser(prog="python -m export.decode", description=__doc__.splitlines()[0])
@@ -303,10 +334,13 @@ def main(argv=None) -> int:
                                       "logits, present.* out")
     parser.add_argument("--compare", metavar="MODEL", help="a second decoder (e.g. the fused one) fed the first one's "
                                                             "tokens: same choices, scores within tolerance, and its speed")
-    parser.add_argument("--prompt", type=positive_int, default=8, help="prompt length in tokens (random ids; default 8)")
+    parser.add_argument("--prompt", type=prompt_lengths, default=[8], metavar="N[,N...]",
+                        help="prompt length in tokens (random ids; default 8), or one per sequence, e.g. 6,3,5: "
+                             "shorter prompts are padded on the left, as a server batches them")
     parser.add_argument("--tokens", type=positive_int, default=32,
                         help="tokens to generate, at least 2: the prefill's and a decode step's (default 32)")
-    parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
+    parser.add_argument("--batch", type=positive_int, help="sequences decoded together (default 1, or one per "
+                                                             "--prompt length)")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed generations first (default 1)")
     parser.add_argument("--rounds", type=positive_int, default=1,
                         help="timed generations of each model, taking turns to go first; step times pooled (default 1)")
@@ -325,7 +359,8 @@ def main(argv=None) -> int:
         for path in filter(None, (args.model, args.compare)):
             require_file(path)
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
-        record = decode(args.model, args.compare, args.prompt, args.tokens, args.batch, args.seed, args.warmup, providers,
+        prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+        record = decode(args.model, args.compare, prompt, args.tokens, args.batch, args.seed, args.warmup, providers,
                         args.rounds, args.cache)
         print_table(record, Console(highlight=False))
         if args.json:

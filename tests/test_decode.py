@@ -39,6 +39,36 @@ def test_greedy_tokens_are_transformers_own(decoders):
     np.testing.assert_array_equal(ours, expected.numpy())
 
 
+def test_prompts_of_different_lengths_share_a_batch(decoders, tmp_path, capsys):
+    """Prompts of 6, 3 and 5 tokens, padded on the left and masked, decode as transformers' generate
+    decodes the same padded batch; the fused decoder chooses the same tokens."""
+    from export.decode import main
+
+    assert main([str(decoders["reference"]), "--compare", str(decoders["fused"]), "--prompt", "6,3,5", "--tokens", "8",
+                 "--warmup", "0", "--providers", "CPUExecutionProvider", "--json", str(tmp_path / "d.json")]) == 0
+    assert "prompts 6/3/5" in capsys.readouterr().out
+    record = json.loads((tmp_path / "d.json").read_text())
+    assert record["batch"] == 3 and record["prompt_lengths"] == [6, 3, 5]
+    assert [len(p) for p in record["prompt"]] == [6, 3, 5] and record["agreement"]["same_tokens"] == 8
+    padded = torch.zeros((3, 6), dtype=torch.int64)
+    mask = torch.zeros((3, 6), dtype=torch.int64)
+    for row, tokens in enumerate(record["prompt"]):
+        padded[row, 6 - len(tokens):] = torch.tensor(tokens)
+        mask[row, 6 - len(tokens):] = 1
+    expected = decoders["torch"].generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                          pad_token_id=0)[:, 6:]
+    ours = np.asarray(record["models"]["reference"]["tokens"]).T
+    np.testing.assert_array_equal(ours, expected.numpy())
+    # the padded sequence decodes as it does alone
+    from export.decode import generate
+
+    model = load(decoders["reference"], providers=["CPUExecutionProvider"])
+    alone = generate(model, decoder_of(model, "m"), np.asarray([record["prompt"][1]]), 8)
+    assert [step[0] for step in alone.tokens] == list(ours[1])
+    code, stderr = _main("export.decode", str(decoders["reference"]), "--prompt", "6,3", "--batch", "3", capsys=capsys)
+    assert code == 2 and "2 prompt lengths for a batch of 3" in stderr
+
+
 def test_the_fused_decoder_chooses_the_same_tokens(decoders, tmp_path, capsys):
     from export.decode import main
 
@@ -215,3 +245,26 @@ def test_a_gpt2_decoder_reshapes_its_ids_and_keeps_its_layer_norms(tmp_path):
         "already, or it has none)")}]
     assert pipeline.decode(reference, fused, fused, ["ort-cpu"], "bfloat16") == []  # as a bfloat16 decoder would be
     assert pipeline.skipped[-1]["reason"] == "ONNX Runtime's CPU provider has no bfloat16 kernels"
+
+
+def test_padded_prompts_need_a_position_input(tmp_path, capsys):
+    """Without position_ids the model numbers padding as tokens: prompts of different lengths are
+    refused up front (one length is fine)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["logits"]),
+         helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])], "no_positions",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 1, "past", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", 10]),
+         helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["batch", 1, "past", 4])],
+        [numpy_helper.from_array(np.eye(10, dtype=np.float32), "table")])
+    model = tmp_path / "no_positions.onnx"
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    code, stderr = _main("export.decode", str(model), "--prompt", "4,2", capsys=capsys)
+    assert code == 2 and "a decoder without a position_ids input would number the padding too" in stderr
+    assert _main("export.decode", str(model), "--prompt", "4", "--batch", "2", "--tokens", "3", capsys=capsys)[0] == 0
