@@ -3,12 +3,16 @@
     python -m export.bench reference.onnx fused.onnx [--backend ort-cpu] [--batch 1 --seq 128] [--runs 100]
 
 Each graph is measured in a fresh process (export.bench_worker), one after the other, so one
-graph's allocations cannot hide in the other's and neither inherits a warm allocator.
+graph's allocations cannot hide in the other's and neither inherits a warm allocator. With
+`--pairs N` that is done N times, the two taking turns to go first, so the machine's drift falls
+on both; the figures are then medians over the pairs (peak memory the highest), and each pair's
+are kept.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 import subprocess
 import sys
 import tempfile
@@ -34,6 +38,58 @@ def bench_graph(model: Path, graph: str, backend: str, batch: int, seq: int, run
     result.update(graph=graph, model=str(model), file_size_mb=round(model.stat().st_size / 2**20, 3),
                   nodes=node_count(model))
     return result
+
+
+GRAPHS = ("reference", "fused")
+
+
+def in_pairs(measure: Callable[[str, bool], dict], pairs: int, graphs: tuple[str, ...] = GRAPHS) -> list[dict]:
+    """`measure(graph, first)` for each of `graphs`, `pairs` times, taking turns to go first
+    (reference, fused; fused, reference; ...): one record per graph, its pairs combined
+    (`combine_pairs`). `first` is true in the first pair, the one to profile."""
+    records: dict[str, list[dict]] = {graph: [] for graph in graphs}
+    for pair in range(pairs):
+        for graph in graphs if pair % 2 == 0 else graphs[::-1]:
+            records[graph].append(measure(graph, pair == 0))
+    return [combine_pairs(records[graph]) for graph in graphs]
+
+
+def combine_pairs(records: list[dict]) -> dict:
+    """One graph's records from several pairs as one: medians of the latency figures and the
+    throughput, the highest peak memory, every latency, the first pair's profile; each pair's own
+    figures under `pairs`."""
+    if len(records) == 1:
+        return records[0]
+    import numpy as np
+
+    combined = dict(records[0])
+    combined["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in records])) for q in records[0]["latency_ms"]}
+    combined["throughput_tokens_per_s"] = float(np.median([r["throughput_tokens_per_s"] for r in records]))
+    combined["peak_memory_mb"] = max(r["peak_memory_mb"] for r in records)
+    combined["raw_latencies_ms"] = [v for r in records for v in r.get("raw_latencies_ms", [])]
+    combined["pairs"] = [{"latency_ms": r["latency_ms"], "peak_memory_mb": r["peak_memory_mb"]} for r in records]
+    return combined
+
+
+def pair_speedups(reference: dict, fused: dict) -> list[float]:
+    """Reference p50 over fused p50 in each pair (one figure when measured once)."""
+    refs, fuseds = (r.get("pairs") or [{"latency_ms": r["latency_ms"]}] for r in (reference, fused))
+    return [r["latency_ms"]["p50"] / f["latency_ms"]["p50"] for r, f in zip(refs, fuseds)]
+
+
+def speedup(reference: dict, fused: dict) -> float:
+    """Fused over reference speed at the p50: the median of the pairs' own ratios (the paired
+    estimate: drift between pairs cancels within each), or the one ratio."""
+    import numpy as np
+
+    return float(np.median(pair_speedups(reference, fused)))
+
+
+def pair_spread(ratios: list[float]) -> str:
+    """" (median of 3 pairs, 0.98x to 1.05x)", or nothing for one pair."""
+    if len(ratios) < 2:
+        return ""
+    return f" (median of {len(ratios)} pairs, {min(ratios):.2f}x to {max(ratios):.2f}x)"
 
 
 def run_module(module: str, args: list[str], what: str) -> dict:
@@ -82,17 +138,22 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=dim_size, action="append", default=[], metavar="NAME=SIZE", help=DIM_HELP)
     parser.add_argument("--runs", type=positive_int, default=100, help="timed runs per graph (default 100)")
     parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs per graph first (default 10)")
+    parser.add_argument("--pairs", type=positive_int, default=1,
+                        help="measure both graphs this many times, taking turns to go first (default 1)")
     parser.add_argument("--json", type=output_file, help="write results as JSON")
     args = parser.parse_args(argv)
 
     def job():
         for path in (args.reference, args.fused):
             require_file(path)
-        results = [bench_graph(Path(p), g, args.backend, args.batch, args.seq, args.runs, args.warmup, dims=dict(args.dim))
-                   for g, p in (("reference", args.reference), ("fused", args.fused))]
+        paths = {"reference": Path(args.reference), "fused": Path(args.fused)}
+        results = in_pairs(lambda graph, first: bench_graph(paths[graph], graph, args.backend, args.batch, args.seq,
+                                                            args.runs, args.warmup, profile_runs=10 if first else 0,
+                                                            dims=dict(args.dim)), args.pairs)
         for r in results:
             print(f"{r['graph']:9s} {r['backend']}: p50 {r['latency_ms']['p50']:.3f} ms  p99 {r['latency_ms']['p99']:.3f} ms"
                   f"  peak {r['peak_memory_mb']:.1f} MB  nodes {r['nodes']}")
+        print(f"fused p50 is {speedup(*results):.2f}x the reference's speed{pair_spread(pair_speedups(*results))}")
         if args.json:
             write_json(args.json, results)
 

@@ -83,6 +83,9 @@ def parse_args(argv=None):
                              "that cannot run here is an error")
     parser.add_argument("--runs", type=positive_int, default=100, help="timed runs per graph (default 100)")
     parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs per graph first (default 10)")
+    parser.add_argument("--pairs", type=positive_int, default=1,
+                        help="bench the reference and the fused graph this many times each, in fresh processes, "
+                             "taking turns to go first; figures are medians over the pairs (default 1)")
     parser.add_argument("--out", type=output_folder,
                         help="output folder (default build/<preset>-<norm>, or build/<model name> with --onnx)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
@@ -236,7 +239,7 @@ class Pipeline:
             # the bench shape as run (an axis the model fixes keeps its size), and as asked
             "config": {**described, "batch": self.bench_shape[0], "seq": self.bench_shape[1],
                        "shape_asked": [a.batch, a.seq], "dims": self.dims, "backend": a.backend, "backends_run": backends,
-                       "seed": a.seed, "runs": a.runs, "warmup": a.warmup},
+                       "seed": a.seed, "runs": a.runs, "warmup": a.warmup, "pairs": a.pairs},
             "rewrite": {"fused": rewrite_trt.fused, "expected_norms": expected_norms,
                         "counts": rewrite_trt.counts, "rejected": [r.__dict__ for r in rewrite_trt.rejected],
                         "nodes_before": rewrite_trt.nodes_before, "nodes_after": rewrite_trt.nodes_after,
@@ -375,7 +378,7 @@ class Pipeline:
     def bench(self, reference, fused, fused_cpu, backends, dtype, rewrite_trt, engines=None) -> list[dict]:
         """Reference against fused per backend: on ort-cpu the CPU form (`fused_cpu`; None: there is
         none, the reference is timed alone), on ort-cuda the Skip-op form."""
-        from .bench import bench_graph
+        from .bench import bench_graph, in_pairs
         from .run import bench_in_process_of_its_own
 
         a = self.args
@@ -386,17 +389,19 @@ class Pipeline:
             if lacks_kernels(backend, dtype):
                 self.skipped.append({"stage": "ort-cpu bench", "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
                 continue
-            with self.stage("bench", f"bench on {backend} at {batch}x{seq}{self.with_dims}, {a.runs} runs per graph"):
+            with self.stage("bench", f"bench on {backend} at {batch}x{seq}{self.with_dims}, {a.runs} runs per graph"
+                                     + (f", {a.pairs} pairs" if a.pairs > 1 else "")):
                 if backend == "ort-cpu":
-                    results.append(bench_graph(reference, "reference", backend, batch, seq, a.runs, a.warmup, norm_nodes,
-                                               dims=self.dims))
-                    if fused_cpu is not None:
-                        results.append(bench_graph(fused_cpu, "fused", backend, batch, seq, a.runs, a.warmup, dims=self.dims))
-                    elif has_no_norm(rewrite_trt):
+                    models = {"reference": (reference, norm_nodes), "fused": (fused_cpu, None)}
+                    graphs = ("reference", "fused") if fused_cpu is not None else ("reference",)
+                    results += in_pairs(lambda graph, first: bench_graph(
+                        models[graph][0], graph, backend, batch, seq, a.runs, a.warmup, models[graph][1],
+                        profile_runs=10 if first else 0, dims=self.dims), a.pairs, graphs)
+                    if fused_cpu is None and has_no_norm(rewrite_trt):
                         self.skipped.append({"stage": "ort-cpu fused bench",
                                              "reason": "nothing to compare: the model has no norm, so the fused "
                                                        "graphs are copies of the reference"})
-                    else:
+                    elif fused_cpu is None:
                         self.skipped.append({"stage": "ort-cpu fused bench", "reason": (
                             "nothing to compare: the model's norms are already the single ops the CPU form uses "
                             "(LayerNormalization, SimplifiedLayerNormalization), so fused-cpu.onnx is the reference "
@@ -404,17 +409,23 @@ class Pipeline:
                     continue
                 # CUDA: timed through I/O binding (inputs uploaded once, outputs left on the device), peak
                 # GPU memory; the op classes come from a short profiled run of export.bench's worker.
-                for graph, path, nodes in (("reference", reference, norm_nodes), ("fused", fused, None)):
+                models = {"reference": (reference, norm_nodes), "fused": (fused, None)}
+
+                def on_cuda(graph: str, first: bool) -> dict:
+                    path, nodes = models[graph]
                     record = bench_in_process_of_its_own(path, graph, backend, batch, seq, a.runs, a.warmup, dims=self.dims)
-                    profiled = bench_graph(path, graph, backend, batch, seq, 1, 1, nodes, dims=self.dims)
-                    record["op_classes"] = profiled.get("op_classes")
-                    results.append(record)
+                    if first:
+                        record["op_classes"] = bench_graph(path, graph, backend, batch, seq, 1, 1, nodes,
+                                                           dims=self.dims).get("op_classes")
+                    return record
+
+                results += in_pairs(on_cuda, a.pairs)
         if engines:
-            with self.stage("bench", f"bench TensorRT engines at {batch}x{seq}{self.with_dims}, {a.runs} runs per engine"):
-                for graph in ("reference", "fused"):
-                    info = engines[graph]
-                    results.append(bench_in_process_of_its_own(info["plan"], graph, "tensorrt", batch, seq,
-                                                               a.runs, a.warmup, source=info["source"], dims=self.dims))
+            with self.stage("bench", f"bench TensorRT engines at {batch}x{seq}{self.with_dims}, {a.runs} runs per engine"
+                                     + (f", {a.pairs} pairs" if a.pairs > 1 else "")):
+                results += in_pairs(lambda graph, first: bench_in_process_of_its_own(
+                    engines[graph]["plan"], graph, "tensorrt", batch, seq, a.runs, a.warmup,
+                    source=engines[graph]["source"], dims=self.dims), a.pairs)
         return results
 
     def decode(self, reference, fused, fused_cpu, backends, dtype) -> list[dict]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .bench import pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
 from .rewrite import describe_counts
 
@@ -108,8 +109,8 @@ def markdown(report: dict) -> str:
     for backend, graphs in _by_backend(report).items():
         ref, fused = graphs.get("reference"), graphs.get("fused")
         if ref and fused and rw["fused"]:
-            speedup = ref["latency_ms"]["p50"] / fused["latency_ms"]["p50"]
-            lines += ["", f"p50 speed-up of fused (`{_file(fused)}`) over reference on {backend}: **{speedup:.2f}x**."]
+            lines += ["", f"p50 speed-up of fused (`{_file(fused)}`) over reference on {backend}: "
+                          f"**{speedup(ref, fused):.2f}x**{pair_spread(pair_speedups(ref, fused))}."]
         lines += ["", f"### Where the time goes ({backend}, share of FLOPs vs share of runtime)", "",
                   "| class | graph | FLOP share | time share | ms per run | kernels per run |", "| --- | --- | --- | --- | --- | --- |"]
         for label, result in (("reference", ref), ("fused", fused)):
@@ -221,8 +222,8 @@ def print_summary(report: dict, console) -> None:
     if shortfall:
         console.print(f"[bold red]warning[/]: {shortfall}")
     for backend, ref, fused in _bench_pairs(report) if report["rewrite"]["fused"] else ():
-        console.print(f"[bold]{backend}[/]: fused ({_file(fused)}) p50 is {ref['latency_ms']['p50'] / fused['latency_ms']['p50']:.2f}x "
-                      f"the reference's speed; peak memory {ref['peak_memory_mb']:.1f} -> {fused['peak_memory_mb']:.1f} MB")
+        console.print(f"[bold]{backend}[/]: fused ({_file(fused)}) p50 is {speedup(ref, fused):.2f}x "
+                      f"the reference's speed{pair_spread(pair_speedups(ref, fused))}; peak memory {ref['peak_memory_mb']:.1f} -> {fused['peak_memory_mb']:.1f} MB")
     for d in report.get("decode") or ():
         ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
         verdict = "within tolerance" if agree["scores_within_tolerance"] else "[red]out of tolerance[/]"

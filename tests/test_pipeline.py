@@ -258,6 +258,7 @@ def test_a_missing_given_model_is_one_line(tmp_path):
     (["--norm", "rmsnorm", "--batch", "0"], "must be at least 1"),
     (["--norm", "rmsnorm", "--opset", "9"], "outside the supported range"),
     (["--norm", "rmsnorm", "--preset", "tiny", "--heads", "5"], "not divisible"),
+    (["--norm", "rmsnorm", "--pairs", "0"], "must be at least 1"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     code, stderr = _main("export.build", *flags, "--out", str(tmp_path / "x"), capsys=capsys)
@@ -271,6 +272,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     ("export.export_model", ["--norm", "rmsnorm", "--layers", "0"], "must be at least 1"),
     ("export.export_model", ["--norm", "rmsnorm", "--preset", "tiny", "--layers", "x"], "not an integer"),
     ("export.bench", ["r.onnx", "f.onnx", "--runs", "0"], "must be at least 1"),
+    ("export.bench", ["r.onnx", "f.onnx", "--pairs", "0"], "must be at least 1"),
     ("export.bench", ["r.onnx", "f.onnx", "--backend", "tensorrt"], "invalid choice"),
 ])
 def test_stage_commands_refuse_bad_flags_in_one_line(tmp_path, capsys, module, flags, message):
