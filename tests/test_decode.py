@@ -268,3 +268,25 @@ def test_padded_prompts_need_a_position_input(tmp_path, capsys):
     code, stderr = _main("export.decode", str(model), "--prompt", "4,2", capsys=capsys)
     assert code == 2 and "a decoder without a position_ids input would number the padding too" in stderr
     assert _main("export.decode", str(model), "--prompt", "4", "--batch", "2", "--tokens", "3", capsys=capsys)[0] == 0
+
+
+def test_the_readme_loop_runs(decoders):
+    """README's example of the loop as a function runs as written (on the fused decoder here)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "export.decode import" in block]
+    scope: dict = {}
+    exec(code.replace("build/decoder/fused-cpu.onnx", str(decoders["fused"])), scope)
+    assert scope["tokens"].shape == (2, 16)
+    # the padded sequence chooses what it chooses alone
+    alone = generate_alone(decoders["fused"], [17, 42, 7], 16)
+    assert list(scope["tokens"][0]) == alone
+
+
+def generate_alone(path, prompt: list[int], tokens: int) -> list[int]:
+    from export.decode import generate
+
+    model = load(path, providers=["CPUExecutionProvider"])
+    return [step[0] for step in generate(model, decoder_of(model, "m"), np.asarray([prompt]), tokens).tokens]
