@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -213,12 +213,13 @@ def agreement(tokens: list[list[int]], expected: Generation, candidate: Generati
 
 def decode(model_path: str | Path, compare_path: str | Path | None = None, prompt: int | Sequence[int] = 8,
            tokens: int = 32, batch: int | None = None, seed: int = 0, warmup: int = 1,
-           providers: list[str] | None = None, rounds: int = 1, cache: str = "auto") -> dict:
+           providers: list[str] | None = None, rounds: int = 1, cache: str = "auto",
+           progress: Callable[[str], None] | None = None) -> dict:
     """Greedy decoding with `model_path` (and, teacher-forced, with `compare_path`); see the module doc.
     `prompt`: one length for each of `batch` sequences (default 1), or a length per sequence (left
     padded to the longest). `rounds` timed generations of each model, the two taking turns to go
     first, so drift in the machine's speed falls on both; the tokens and scores compared are the
-    first round's."""
+    first round's. `progress(what)` is told each generation as it starts."""
     from .backends import index_bounds
     from .runtime import ENGINE_SUFFIXES, load
 
@@ -259,17 +260,20 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     ids[mask == 0] = 0
     dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
 
-    for _ in range(warmup):  # first runs allocate and plan: not what a served model's steps cost
-        for model, decoder in zip(models, decoders):
+    labels = ("reference", "compared")
+    say = progress or (lambda what: None)
+    for warm in range(warmup):  # first runs allocate and plan: not what a served model's steps cost
+        for label, model, decoder in zip(labels, models, decoders):
+            say(f"warm-up {warm + 1}/{warmup}, {label}")
             generate(model, decoder, ids, tokens, cache_way=cache, prompt_mask=mask)
     runs: list[list[Generation]] = [[] for _ in models]
     for round_ in range(rounds):
         # the reference goes first in the first round: the compared model is fed its tokens
         for index in (range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))):
             forced = runs[0][0].tokens if index else None
+            say(f"round {round_ + 1}/{rounds}, {labels[index]}")
             runs[index].append(generate(models[index], decoders[index], ids, tokens, forced, cache, mask))
     reference = runs[0][0]
-    labels = ("reference", "compared")
     record = {"prompt": [row[longest - n:] for row, n in zip(ids.tolist(), lengths)], "prompt_lengths": lengths,
               "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
               "rounds": rounds, "cache": "kept" if keeps_cache(models[0], cache) else "host",
@@ -281,6 +285,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         # rewrite the reference's norms too) are not what is being compared
         from .runtime import OrtModel
 
+        say("the reference as written, for the scores")
         as_written = OrtModel(paths[0], providers=providers, optimization="none")
         expected = generate(as_written, decoders[0], ids, tokens, reference.tokens, cache, mask)
         record["agreement"] = agreement(reference.tokens, expected, runs[1][0], dtype)
@@ -360,9 +365,11 @@ def main(argv=None) -> int:
             require_file(path)
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
         prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
-        record = decode(args.model, args.compare, prompt, args.tokens, args.batch, args.seed, args.warmup, providers,
-                        args.rounds, args.cache)
-        print_table(record, Console(highlight=False))
+        console = Console(highlight=False)
+        with console.status("decoding ...") as status:
+            record = decode(args.model, args.compare, prompt, args.tokens, args.batch, args.seed, args.warmup,
+                            providers, args.rounds, args.cache, lambda what: status.update(f"decoding: {what} ..."))
+        print_table(record, console)
         if args.json:
             write_json(args.json, record)
         agree = record.get("agreement")

@@ -132,6 +132,11 @@ def test_rounds_take_turns_and_pool_the_steps(decoders, tmp_path, capsys):
     for run in record["models"].values():
         assert [len(steps) for steps in run["raw_step_ms"]] == [3, 3, 3]
     assert record["agreement"]["same_tokens"] == 4
+    said = []
+    decode(decoders["reference"], decoders["fused"], prompt=2, tokens=2, rounds=2, providers=["CPUExecutionProvider"],
+           progress=said.append)
+    assert said == ["warm-up 1/1, reference", "warm-up 1/1, compared", "round 1/2, reference", "round 1/2, compared",
+                    "round 2/2, compared", "round 2/2, reference", "the reference as written, for the scores"]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main([str(decoders["reference"]), "--rounds", "0"])
