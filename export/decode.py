@@ -327,6 +327,45 @@ def print_table(record: dict, console) -> None:
         console.print(f"decode step p50: compared is {ref / cand:.2f}x the reference's speed")
 
 
+def step_curves(record: dict) -> dict[str, list[float]]:
+    """label -> decode-step time (ms) at each step, the median over the timed rounds: a step's cost
+    grows with the cache it attends over."""
+    return {label: [float(np.median(column)) for column in zip(*run["raw_step_ms"])]
+            for label, run in record["models"].items()}
+
+
+def plot_steps(ax, record: dict, prefix: str = "") -> None:
+    """Decode-step time against the step on `ax` (matplotlib), one line per model. The scale stops
+    at 2.5x the slowest p50, so one step the machine stalled does not flatten the rest; the title
+    counts the steps above it."""
+    curves = step_curves(record)
+    top = 2.5 * max(run["step_ms"]["p50"] for run in record["models"].values())
+    for label, times in curves.items():
+        ax.plot(range(1, len(times) + 1), times, marker=".", label=f"{prefix}{label}: {Path(record['models'][label]['model']).name}")
+    off = sum(t > top for times in curves.values() for t in times)
+    ax.set_xlabel(f"decode step (after a {max(len(p) for p in record['prompt'])}-token prompt)")
+    ax.set_ylabel("step time (ms), median over rounds")
+    ax.set_title(f"Greedy decoding, batch {record['batch']}" + (f" ({off} step(s) above the scale)" if off else ""))
+    ax.set_ylim(0, top)
+    ax.legend(fontsize="small")
+
+
+def write_plot(record: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plot_steps(ax, record)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
 
@@ -356,6 +395,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt (default 0)")
     parser.add_argument("--providers", help="ONNX Runtime providers, comma-separated (default: CUDA if present, CPU)")
     parser.add_argument("--json", type=output_file, help="write tokens, step times and the comparison as JSON")
+    parser.add_argument("--plot", type=output_file, metavar="PNG", help="plot each decode step's time against the step")
     args = parser.parse_args(argv)
 
     def job() -> int:
@@ -372,6 +412,8 @@ def main(argv=None) -> int:
         print_table(record, console)
         if args.json:
             write_json(args.json, record)
+        if args.plot:
+            write_plot(record, args.plot)
         agree = record.get("agreement")
         return 0 if not agree or decoded_alike(agree) else 1
 

@@ -153,7 +153,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     by_backend = _by_backend(report)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    decoding = report.get("decode") or []
+    fig, axes = plt.subplots(1, 3 if decoding else 2, figsize=(16.5 if decoding else 11, 4))
     ax = axes[0]
     labels = list(by_backend)
     for offset, key in ((-0.2, "reference"), (0.2, "fused")):
@@ -184,6 +185,11 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("kernel time per run (ms, profiler)")
     ax.set_title("Where the time goes")
     ax.legend()
+    if decoding:
+        from .decode import plot_steps
+
+        for record in decoding:
+            plot_steps(axes[2], record, prefix=f"{record['backend']} " if len(decoding) > 1 else "")
     cfg = report["config"]
     fig.suptitle(f"normfuse: {cfg['norm']} {cfg['preset']} {cfg['dtype']}, {bench_shape(cfg)}")
     fig.tight_layout()

@@ -39,6 +39,14 @@ def test_greedy_tokens_are_transformers_own(decoders):
     np.testing.assert_array_equal(ours, expected.numpy())
 
 
+def test_step_curves_are_medians_over_rounds():
+    from export.decode import step_curves
+
+    record = {"models": {"reference": {"raw_step_ms": [[1.0, 5.0], [3.0, 1.0], [2.0, 2.0]]},
+                         "compared": {"raw_step_ms": [[4.0, 4.0]]}}}
+    assert step_curves(record) == {"reference": [2.0, 2.0], "compared": [4.0, 4.0]}
+
+
 def test_prompts_of_different_lengths_share_a_batch(decoders, tmp_path, capsys):
     """Prompts of 6, 3 and 5 tokens, padded on the left and masked, decode as transformers' generate
     decodes the same padded batch; the fused decoder chooses the same tokens."""
@@ -126,7 +134,8 @@ def test_rounds_take_turns_and_pool_the_steps(decoders, tmp_path, capsys):
 
     assert main([str(decoders["reference"]), "--compare", str(decoders["fused"]), "--prompt", "3", "--tokens", "4",
                  "--rounds", "3", "--warmup", "0", "--cache", "kept", "--providers", "CPUExecutionProvider",
-                 "--json", str(tmp_path / "d.json")]) == 0
+                 "--json", str(tmp_path / "d.json"), "--plot", str(tmp_path / "steps.png")]) == 0
+    assert (tmp_path / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((tmp_path / "d.json").read_text())
     assert record["rounds"] == 3 and record["cache"] == "kept"
     for run in record["models"].values():
