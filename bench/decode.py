@@ -1,9 +1,10 @@
-"""Greedy decoding with a KV-cache LLaMA decoder, reference graph against fused graph.
+"""Greedy decoding with a KV-cache decoder (LLaMA by default), reference graph against fused graph.
 
-    python bench/decode.py [--hidden 512 --layers 4 --ffn 1376 --vocab 8000] [--tokens 64] [--repeats 3]
+    python bench/decode.py [--arch llama|qwen3|gemma|gpt2] [--hidden 512 --layers 4 --ffn 1376 --vocab 8000]
+                           [--tokens 64] [--repeats 3]
                            [--rounds 3] [--providers CPUExecutionProvider] [--json bench/results/decode-cpu.json]
 
-A randomly initialised transformers LLaMA with its cache is exported the way optimum names it
+A randomly initialised transformers decoder (LLaMA unless --arch) with its cache is exported the way optimum names it
 (models/hf_decoder.py), rewritten for ONNX Runtime (the CPU form, residual Adds kept, unless
 --providers starts with CUDA), and both graphs decode the same prompt with export.decode: the fused
 one fed the reference's tokens, so every step is compared. Each repeat is a fresh process: a
@@ -35,6 +36,7 @@ from export.files import write_text  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="llama", choices=("llama", "qwen3", "gemma", "gpt2"))
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
@@ -58,9 +60,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         reference, fused = Path(tmp) / "decoder.onnx", Path(tmp) / "decoder-fused.onnx"
-        print(f"exporting a {args.layers}-layer LLaMA decoder, hidden {args.hidden}, vocab {args.vocab} ...", flush=True)
+        print(f"exporting a {args.layers}-layer {args.arch} decoder, hidden {args.hidden}, vocab {args.vocab} ...", flush=True)
         export_hf_decoder(reference, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                             ffn=args.ffn, vocab=args.vocab, positions=max(128, args.prompt + args.tokens))
+                          ffn=args.ffn, vocab=args.vocab, positions=max(128, args.prompt + args.tokens), arch=args.arch)
         cpu = args.providers.startswith("CPU")
         report = rewrite_file(reference, fused, target="onnxruntime", residual=not cpu)
         print(f"fused {report.fused} norms ({report.counts}); {report.nodes_before} -> {report.nodes_after} nodes", flush=True)

@@ -1,4 +1,4 @@
-"""A randomly initialised LLaMA (or GPT-2) decoder with its KV cache (transformers' modelling code,
+"""A randomly initialised LLaMA (or Qwen3, Gemma, GPT-2) decoder with its KV cache (transformers' modelling code,
 nothing downloaded), exported with TorchScript the way optimum names its inputs and outputs: input_ids,
 attention_mask ('past_sequence_length + sequence_length' long), position_ids and
 past_key_values.<layer>.<key|value> in; logits and present.<layer>.<key|value> out. fp32 and fp16
@@ -19,7 +19,8 @@ def export_hf_decoder(path: Path, seed: int = 0, hidden: int = 64, layers: int =
                          kv_heads: int = 2, ffn: int = 128, vocab: int = 100, positions: int = 128,
                          dtype: str = "float32", arch: str = "llama"):
     """Export to `path` (opset 17, weights and cache in `dtype`); returns the torch model (for
-    transformers' own generate). `arch` "gpt2" gives GPT-2 (LayerNorm, no grouped heads) instead."""
+    transformers' own generate). `arch`: "llama"; "qwen3" (RMSNorms on each head's queries and keys
+    too); "gemma" (RMSNorm scaled by 1 + w); "gpt2" (LayerNorm, no grouped heads)."""
     import torch
     import transformers
     from transformers.cache_utils import DynamicCache
@@ -30,11 +31,17 @@ def export_hf_decoder(path: Path, seed: int = 0, hidden: int = 64, layers: int =
                                          n_positions=positions)
         model = transformers.GPT2LMHeadModel(config)
         kv_heads = heads
+    elif arch in ("llama", "qwen3", "gemma"):
+        config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+                                     "gemma": ("GemmaConfig", "GemmaForCausalLM")}[arch]
+        shape = {"head_dim": hidden // heads} if arch != "llama" else {}
+        config = getattr(transformers, config_class)(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                                                     num_hidden_layers=layers, num_attention_heads=heads,
+                                                     num_key_value_heads=kv_heads, max_position_embeddings=positions,
+                                                     **shape)
+        model = getattr(transformers, model_class)(config)
     else:
-        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                                          num_hidden_layers=layers, num_attention_heads=heads,
-                                          num_key_value_heads=kv_heads, max_position_embeddings=positions)
-        model = transformers.LlamaForCausalLM(config)
+        raise ValueError(f"unknown arch {arch!r}; choose llama, qwen3, gemma or gpt2")
     model = model.eval().to(getattr(torch, dtype))
     head_dim = hidden // heads
 

@@ -304,3 +304,19 @@ def generate_alone(path, prompt: list[int], tokens: int) -> list[int]:
 
     model = load(path, providers=["CPUExecutionProvider"])
     return [step[0] for step in generate(model, decoder_of(model, "m"), np.asarray([prompt]), tokens).tokens]
+
+
+@pytest.mark.parametrize("arch,norms", [("qwen3", 9), ("gemma", 5)])
+def test_other_decoders_serve_the_same_tokens_fused(tmp_path, capsys, arch, norms):
+    """Qwen3 (RMSNorms on each head's queries and keys as well) and Gemma (scaled by 1 + w), with
+    their caches: every norm fused, and the fused decoder chooses the reference's tokens on a
+    left-padded batch."""
+    from export.decode import main
+
+    reference, fused = tmp_path / f"{arch}.onnx", tmp_path / f"{arch}-fused-cpu.onnx"
+    export_hf_decoder(reference, arch=arch)
+    report = rewrite_file(reference, fused, target="onnxruntime", residual=False)
+    assert report.fused == norms and not report.rejected
+    assert main([str(reference), "--compare", str(fused), "--prompt", "5,2", "--tokens", "10", "--warmup", "0",
+                 "--providers", "CPUExecutionProvider"]) == 0
+    assert "compared: same: 10/10 steps choose the same tokens" in capsys.readouterr().out
