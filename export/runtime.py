@@ -269,7 +269,7 @@ class OrtModel:
         import onnxruntime as ort
 
         check_feeds(self.inputs, feeds, str(self.path), allow_empty=True)
-        keep = set(keep)
+        keep = {keep} if isinstance(keep, str) else set(keep)  # one name, or several
         unknown = sorted(keep - set(self.output_names))
         if unknown:
             raise NormfuseError(f"{self.path}: {unknown[0]!r} is not an output of the model")

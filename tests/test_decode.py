@@ -109,7 +109,7 @@ def test_the_kept_cache_decodes_as_the_host_copied_one(decoders):
     feeds = {"input_ids": prompt, "attention_mask": np.ones((2, 5), np.int64),
              "position_ids": np.tile(np.arange(5), (2, 1)),
              **{past: np.zeros((2, 2, 0, 16), np.float32) for past, _ in decoder.cache}}
-    outputs, cache = model.run_keeping(feeds, ["present.0.key"])
+    outputs, cache = model.run_keeping(feeds, "present.0.key")  # one name as a string
     assert set(outputs) == set(model.output_names) - {"present.0.key"}
     assert type(cache["present.0.key"]).__name__ == "OrtValue" and cache["present.0.key"].shape() == [2, 2, 5, 16]
     with pytest.raises(UsageError, match="cache 'gpu': choose from auto, kept, host"):
