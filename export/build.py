@@ -397,15 +397,14 @@ class Pipeline:
                     results += in_pairs(lambda graph, first: bench_graph(
                         models[graph][0], graph, backend, batch, seq, a.runs, a.warmup, models[graph][1],
                         profile_runs=10 if first else 0, dims=self.dims), a.pairs, graphs)
-                    if fused_cpu is None and has_no_norm(rewrite_trt):
-                        self.skipped.append({"stage": "ort-cpu fused bench",
-                                             "reason": "nothing to compare: the model has no norm, so the fused "
-                                                       "graphs are copies of the reference"})
-                    elif fused_cpu is None:
-                        self.skipped.append({"stage": "ort-cpu fused bench", "reason": (
-                            "nothing to compare: the model's norms are already the single ops the CPU form uses "
-                            "(LayerNormalization, SimplifiedLayerNormalization), so fused-cpu.onnx is the reference "
-                            "graph; the Skip ops of fused.onnx run slower than Add + norm there (bench/README.md)")})
+                    if fused_cpu is None:
+                        reason = ("nothing to compare: the model has no norm, so the fused graphs are copies of the "
+                                  "reference" if has_no_norm(rewrite_trt) else
+                                  "nothing to compare: the model's norms are already the single ops the CPU form uses "
+                                  "(LayerNormalization, SimplifiedLayerNormalization), so fused-cpu.onnx is the "
+                                  "reference graph; the Skip ops of fused.onnx run slower than Add + norm there "
+                                  "(bench/README.md)")
+                        self.skipped.append({"stage": "ort-cpu fused bench", "reason": reason})
                     continue
                 # CUDA: timed through I/O binding (inputs uploaded once, outputs left on the device), peak
                 # GPU memory; the op classes come from a short profiled run of export.bench's worker.

@@ -368,10 +368,10 @@ def write_plot(record: dict, path: str | Path) -> None:
 
 def main(argv=None) -> int:
     from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
+    from .files import require_file, write_json
 
     def prompt_lengths(text: str) -> list[int]:
         return [positive_int(part) for part in text.split(",")]
-    from .files import require_file, write_json
 
     parser = Parser(prog="python -m export.decode", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="KV-cache decoder (.onnx): input_ids, attention_mask, past_key_values.* in; "

@@ -122,8 +122,9 @@ def sequence_names(inputs: Sequence) -> list[str]:
 
 @contextmanager
 def hint_on_failure(inputs: Sequence):
-    """Runs on inputs normfuse made up by these rules: a RunFailure gets `failure_hint` added (not
-    so for inputs the user gave, whose shapes are theirs)."""
+    """A RunFailure inside gets `failure_hint(inputs)` added. Pass the specs of inputs normfuse made
+    up by these rules; for inputs the user gave pass none, and only the generic hint (a shape the
+    model cannot take) is added, never the --dim one: their shapes are the user's."""
     try:
         yield
     except RunFailure as exc:
