@@ -53,6 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from export.bench import in_pairs, pair_speedups  # noqa: E402
+
 MODELS = {  # name -> (preset, norm)
     "llama-7b": ("llama-7b", "rmsnorm"),
     "gpt2-xl": ("gpt2-xl", "layernorm"),
@@ -333,8 +335,8 @@ def compare_cells(cells: list[dict]) -> list[dict]:
             out.append({"model": key[0], "layers": key[1], "dtype": key[2], "shape": list(key[3]), "backend": key[4],
                         "error": (ref or {}).get("error") or (fused or {}).get("error") or "a graph is missing"})
             continue
-        pair_ratios = paired_speedups(ref, fused)
-        speedup = float(np.median(pair_ratios)) if pair_ratios else ref["latency_ms"]["p50"] / fused["latency_ms"]["p50"]
+        pair_ratios = pair_speedups(ref, fused, kept_as="repeats")
+        speedup = float(np.median(pair_ratios))
         out.append({"model": key[0], "layers": key[1], "dtype": key[2], "shape": list(key[3]), "backend": key[4],
                     "speedup_p50_pairs": pair_ratios,
                     "reference_p50_ms": ref["latency_ms"]["p50"], "fused_p50_ms": fused["latency_ms"]["p50"],
@@ -346,48 +348,20 @@ def compare_cells(cells: list[dict]) -> list[dict]:
     return out
 
 
-def paired_speedups(ref: dict, fused: dict) -> list[float]:
-    """Reference p50 over fused p50 of each measured pair (empty for cells measured once)."""
-    ref_runs, fused_runs = ref.get("repeats") or [], fused.get("repeats") or []
-    if len(ref_runs) < 2 or len(ref_runs) != len(fused_runs):
-        return []
-    return [r["latency_ms"]["p50"] / f["latency_ms"]["p50"] for r, f in zip(ref_runs, fused_runs)]
-
-
-def combine_repeats(runs: list[dict]) -> dict:
-    """One cell from the runs of one graph: medians of the runs' p50/p99 and throughput; the first
-    run's profile; every run kept under `repeats`."""
-    failed = [r for r in runs if "error" in r]
-    if failed:
-        return {"error": failed[0]["error"], "repeats": runs}
-    if len(runs) == 1:
-        return runs[0]
-    cell = dict(runs[0])
-    cell["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in runs])) for q in runs[0]["latency_ms"]
-                          if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in runs)}
-    if "throughput_tokens_per_s" in cell:
-        cell["throughput_tokens_per_s"] = float(np.median([r["throughput_tokens_per_s"] for r in runs]))
-    peaks = [r["peak_gpu_memory_mb"] for r in runs if r.get("peak_gpu_memory_mb") is not None]
-    cell["peak_gpu_memory_mb"] = max(peaks) if len(peaks) == len(runs) else None
-    cell["repeats"] = [{k: v for k, v in r.items() if k != "op_classes"} for r in runs]
-    return cell
-
-
 def repeats_for(batch: int, seq: int, args) -> int:
     return max(args.repeats, args.decode_repeats if batch * seq <= DECODE_TOKENS else 1)
 
 
 def measure_pair(models: dict[str, Path], backend: str, batch: int, seq: int, norm_nodes: list[str], args) -> dict[str, dict]:
     """Reference and fused cells for one (stack, shape, backend), in alternating pairs of fresh
-    processes (reference first, then fused first, ...) so drift hits both graphs alike. Only the
-    first pair is profiled."""
-    runs: dict[str, list[dict]] = {"reference": [], "fused": []}
-    for pair in range(repeats_for(batch, seq, args)):
-        order = ("reference", "fused") if pair % 2 == 0 else ("fused", "reference")
-        for graph in order:
-            nodes = norm_nodes if graph == "reference" else []
-            runs[graph].append(run_worker(models[graph], backend, batch, seq, nodes, args, profile=pair == 0))
-    return {graph: combine_repeats(graph_runs) for graph, graph_runs in runs.items()}
+    processes (reference first, then fused first, ...) so drift hits both graphs alike; each pair
+    kept under `repeats`. Only the first pair is profiled."""
+    def measure(graph: str, first: bool) -> dict:
+        nodes = norm_nodes if graph == "reference" else []
+        return run_worker(models[graph], backend, batch, seq, nodes, args, profile=first)
+
+    reference, fused = in_pairs(measure, repeats_for(batch, seq, args), kept_as="repeats")
+    return {"reference": reference, "fused": fused}
 
 
 def summarise(comparisons: list[dict]) -> dict:

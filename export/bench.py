@@ -43,37 +43,52 @@ def bench_graph(model: Path, graph: str, backend: str, batch: int, seq: int, run
 GRAPHS = ("reference", "fused")
 
 
-def in_pairs(measure: Callable[[str, bool], dict], pairs: int, graphs: tuple[str, ...] = GRAPHS) -> list[dict]:
+def in_pairs(measure: Callable[[str, bool], dict], pairs: int, graphs: tuple[str, ...] = GRAPHS,
+             kept_as: str = "pairs") -> list[dict]:
     """`measure(graph, first)` for each of `graphs`, `pairs` times, taking turns to go first
     (reference, fused; fused, reference; ...): one record per graph, its pairs combined
-    (`combine_pairs`). `first` is true in the first pair, the one to profile."""
+    (`combine_pairs`, each pair's own figures under `kept_as`). `first` is true in the first
+    pair, the one to profile."""
     records: dict[str, list[dict]] = {graph: [] for graph in graphs}
     for pair in range(pairs):
         for graph in graphs if pair % 2 == 0 else graphs[::-1]:
             records[graph].append(measure(graph, pair == 0))
-    return [combine_pairs(records[graph]) for graph in graphs]
+    return [combine_pairs(records[graph], kept_as) for graph in graphs]
 
 
-def combine_pairs(records: list[dict]) -> dict:
-    """One graph's records from several pairs as one: medians of the latency figures and the
-    throughput, the highest peak memory, every latency, the first pair's profile; each pair's own
-    figures under `pairs`."""
+PEAK_MEMORY_KEYS = ("peak_memory_mb", "peak_gpu_memory_mb")  # host (export.bench), device (bench/graphs.py)
+
+
+def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
+    """One graph's records from several pairs as one: medians of the latency quantiles and the
+    throughput, the highest peak memory (unknown when a pair's is), every raw latency, the first
+    pair's profile; each pair's own figures, less its profile and raw latencies, under `kept_as`.
+    A failed pair (a record with an `error`) fails the whole, its records kept."""
+    failed = [r for r in records if "error" in r]
+    if failed:
+        return {"error": failed[0]["error"], kept_as: records}
     if len(records) == 1:
         return records[0]
     import numpy as np
 
     combined = dict(records[0])
-    combined["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in records])) for q in records[0]["latency_ms"]}
-    combined["throughput_tokens_per_s"] = float(np.median([r["throughput_tokens_per_s"] for r in records]))
-    combined["peak_memory_mb"] = max(r["peak_memory_mb"] for r in records)
-    combined["raw_latencies_ms"] = [v for r in records for v in r.get("raw_latencies_ms", [])]
-    combined["pairs"] = [{"latency_ms": r["latency_ms"], "peak_memory_mb": r["peak_memory_mb"]} for r in records]
+    combined["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in records])) for q in records[0]["latency_ms"]
+                              if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in records)}
+    if "throughput_tokens_per_s" in combined:
+        combined["throughput_tokens_per_s"] = float(np.median([r["throughput_tokens_per_s"] for r in records]))
+    for key in PEAK_MEMORY_KEYS:
+        if key in combined:
+            peaks = [r[key] for r in records if r.get(key) is not None]
+            combined[key] = max(peaks) if len(peaks) == len(records) else None
+    if "raw_latencies_ms" in combined:
+        combined["raw_latencies_ms"] = [v for r in records for v in r.get("raw_latencies_ms", [])]
+    combined[kept_as] = [{k: v for k, v in r.items() if k not in ("op_classes", "raw_latencies_ms")} for r in records]
     return combined
 
 
-def pair_speedups(reference: dict, fused: dict) -> list[float]:
+def pair_speedups(reference: dict, fused: dict, kept_as: str = "pairs") -> list[float]:
     """Reference p50 over fused p50 in each pair (one figure when measured once)."""
-    refs, fuseds = (r.get("pairs") or [{"latency_ms": r["latency_ms"]}] for r in (reference, fused))
+    refs, fuseds = (r.get(kept_as) or [r] for r in (reference, fused))
     return [r["latency_ms"]["p50"] / f["latency_ms"]["p50"] for r, f in zip(refs, fuseds)]
 
 

@@ -244,3 +244,32 @@ def test_a_norm_ending_in_an_add_is_not_taken_for_the_next_norms_residual():
 def test_near_misses_of_the_batch_norm_arithmetic_are_not_fused(wrong):
     out, report = rewrite_model(_export_pair(BatchNormArithmeticLayerNorm(wrong=wrong)), target="tensorrt")
     assert report.fused == 0
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("keep_io_types", [True, False])
+def test_onnx_runtimes_float16_conversion(exported, norm, keep_io_types):
+    """ONNX Runtime's fp32 -> fp16 converter, as its docs use it: with keep_io_types the input is
+    cast to fp16 in front of the first norm. For the onnxruntime target that norm is left as the
+    LayerNormalization it already is, without a rejection saying the cast does not widen."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from models import preset
+    from models.blocks import count_norms
+
+    import onnx_graphsurgeon as gs
+
+    # the converter appends its input casts after the nodes that read them; ONNX Runtime runs that,
+    # onnx's evaluator needs the nodes in order (the rewriter puts them in order itself)
+    model = convert_float_to_float16(onnx.load(str(exported(norm))), keep_io_types=keep_io_types)
+    norms, residuals = count_norms(preset("tiny", norm))
+    x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32 if keep_io_types else np.float16)
+    (expected,) = run_model(gs.export_onnx(gs.import_onnx(model).toposort()), {"hidden_states": x})
+    for target in ("tensorrt", "onnxruntime"):
+        out, report = rewrite_model(model, target=target)
+        assert not report.rejected, [(r.nodes, r.reason) for r in report.rejected]
+        assert sum(f.residual for f in report.fusions) == residuals
+        # the onnxruntime target leaves a lone LayerNormalization alone: it is that target's op already
+        assert report.fused == norms - (target == "onnxruntime" and norm == "layernorm")
+        (actual,) = run_model(out, {"hidden_states": x})
+        assert GRAPH["float16"].passes(actual.astype(np.float32), expected.astype(np.float32))

@@ -289,7 +289,15 @@ def _check_input_cast(match: Match) -> None:
     """A cast absorbed on the input must widen to float32 (statistics in fp32, as the op does)."""
     cast = match.roles.get("cast_in")
     if cast is not None and int(cast.attrs.get("to", 0)) != onnx.TensorProto.FLOAT:
-        raise Rejected(f"input cast '{cast.name}' casts to {cast.attrs.get('to')}, not float32")
+        raise Rejected(f"input cast '{cast.name}' casts to {_type_name(cast.attrs.get('to'))}, not float32")
+
+
+def _type_name(code) -> str:
+    """ONNX's name for a tensor type code, as a reader knows it (10 -> "float16")."""
+    try:
+        return onnx.TensorProto.DataType.Name(int(code)).lower()
+    except (TypeError, ValueError):
+        return f"type {code}"
 
 
 # the types a cast may go to without losing a value (fp16 and bf16 each lose some of the other's)
@@ -304,7 +312,7 @@ def _check_float_casts(match: Match) -> None:
     inside = {id(n) for n in match.nodes}
     for node in match.nodes:
         if node.op == "Cast" and FLOAT_TYPES.get(int(node.attrs.get("to", 0))) is None:
-            raise Rejected(f"cast '{node.name}' inside the norm casts to type {node.attrs.get('to')}, not a float type")
+            raise Rejected(f"cast '{node.name}' inside the norm casts to {_type_name(node.attrs.get('to'))}, not a float type")
         if node.op in AVERAGING:
             cast = producer(node.inputs[0])
             if cast is None or cast.op != "Cast" or id(cast) not in inside:

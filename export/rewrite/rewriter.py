@@ -337,6 +337,7 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
     norms: list[NormCandidate] = []
     chosen: list[NormCandidate] = []
     rejected: dict[str, Rejection] = {}
+    settled: set[str] = set()  # nodes of norms read one way that passed: another reading's rejection is moot
     roots = [out for node in reversed(graph.nodes) if node.op in ROOT_OPS for out in node.outputs[:1]]
     for root in roots:
         if _already_target_op(root, target):
@@ -353,6 +354,7 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
             # already ONNX Runtime's fused form; the onnx target has no residual op
             report.notes.append(f"left {candidate.pattern.name.split('-')[0]} '{candidate.nodes[0].name}' as it is "
                                 f"for the {target} target")
+            settled.update(candidate.node_names)
             continue
         claimed.update(id(n) for n in candidate.nodes)
         norms.append(candidate)
@@ -361,14 +363,15 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
     for candidate in norms:
         if not candidate.pattern.skip and residual and target != "onnx":
             _attach_residual(candidate, scope, claimed, report)
-        if _is_noop(candidate, target):
+        if _is_noop(candidate, target):  # already the target's op, e.g. a LayerNormalization after a cast to fp16
             claimed.difference_update(id(n) for n in candidate.nodes)
+            settled.update(candidate.node_names)
             continue
         if candidate.residual is not None:
             claimed.add(id(candidate.residual[2]))
         chosen.append(candidate)
-    fused_nodes = {name for c in chosen for name in c.node_names}
-    report.rejected += [r for r in rejected.values() if not (set(r.nodes) & fused_nodes)]
+    settled.update(name for c in chosen for name in c.node_names)
+    report.rejected += [r for r in rejected.values() if not (set(r.nodes) & settled)]
     return chosen
 
 
