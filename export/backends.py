@@ -160,6 +160,7 @@ class ReferenceRunner:
 
             shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())
             detail = str(exc).splitlines()[0] if str(exc) else ""
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."  # it may list every tensor it knows
             raise RunFailure(f"{self.path}: onnx's reference evaluator failed on {shapes}: "
                              f"{exc.__class__.__name__}: {detail}") from None
 

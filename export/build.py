@@ -169,15 +169,16 @@ class Pipeline:
         """--onnx: the model is the reference graph as it is (not copied); outputs go to --out."""
         import re
 
-        from .validate import model_dtype
+        from .validate import model_dtypes
 
         source = Path(self.args.onnx)
-        dtype = model_dtype(source)  # a one-line error for a missing or unreadable file
+        io_dtype, dtype = model_dtypes(source)  # a one-line error for a missing or unreadable file
         self.check_backends()
         name = re.sub(r"[^A-Za-z0-9_]+", "_", source.stem).strip("_") or "model"
         described = {"source": str(source), "norm": "model", "preset": name, "dtype": dtype}
         self.check_dims(source)  # a --dim the model does not have is a flag error before the rewrite, not after
-        self.console.print(f"model {source} ({dtype}): given, so nothing is exported")
+        inside = f"; computes in {dtype}, whose tolerance applies" if dtype != io_dtype else ""
+        self.console.print(f"model {source} ({io_dtype}{inside}): given, so nothing is exported")
         return source, require_writable(self.args.out or f"build/{name}", folder=True), described, None, name, "model"
 
     @property

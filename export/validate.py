@@ -289,19 +289,37 @@ def main(argv=None) -> int:
     return run_cli(job)
 
 
+LEAST_PRECISE_FIRST = ("bfloat16", "float16", "float32", "float64")
+
+
 def model_dtype(path) -> str:
-    """The dtype whose tolerance applies: the first floating graph input's (the hidden states of
-    normfuse's stacks), else the first floating output's (a language model fed token ids)."""
+    """The dtype whose tolerance applies: the least precise float type the model computes in (its
+    inputs, outputs, weights, constants and casts), so a model converted to fp16 inside with fp32
+    inputs and outputs (ONNX Runtime's converter with keep_io_types) is held to fp16's tolerance."""
+    return model_dtypes(path)[1]
+
+
+def model_dtypes(path) -> tuple[str, str]:
+    """(the I/O dtype: the first floating graph input's, the hidden states of normfuse's stacks,
+    else the first floating output's, a language model fed token ids; the least precise float
+    type anywhere in the main graph)."""
     from .onnx_io import load_graph_only
     from .rewrite.checks import FLOAT_TYPES
 
     graph = load_graph_only(path).graph
     initializers = {t.name for t in graph.initializer}
-    for value in [v for v in graph.input if v.name not in initializers] + list(graph.output):
-        elem = value.type.tensor_type.elem_type
-        if elem in FLOAT_TYPES:
-            return FLOAT_TYPES[elem]
-    raise NormfuseError(f"{path}: no floating-point input or output to compare")
+    io_types = [v.type.tensor_type.elem_type for v in graph.input if v.name not in initializers] + \
+        [v.type.tensor_type.elem_type for v in graph.output]
+    io_dtype = next((FLOAT_TYPES[t] for t in io_types if t in FLOAT_TYPES), None)
+    if io_dtype is None:
+        raise NormfuseError(f"{path}: no floating-point input or output to compare")
+    found = {io_dtype} | {FLOAT_TYPES.get(t.data_type) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Cast":
+            found |= {FLOAT_TYPES.get(a.i) for a in node.attribute if a.name == "to"}
+        elif node.op_type == "Constant":
+            found |= {FLOAT_TYPES.get(a.t.data_type) for a in node.attribute if a.name == "value"}
+    return io_dtype, next(d for d in LEAST_PRECISE_FIRST if d in found)
 
 
 if __name__ == "__main__":

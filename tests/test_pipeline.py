@@ -197,6 +197,26 @@ def test_build_command_on_a_given_model(tmp_path):
     assert "Model `" in (out / "report.md").read_text()
 
 
+def test_a_model_converted_to_fp16_inside_is_held_to_fp16s_tolerance(exported, tmp_path):
+    """ONNX Runtime's fp16 converter with keep_io_types: fp32 in and out, fp16 inside, and the
+    input cast appended after the nodes that read it. The build runs it (onnx's evaluator gets
+    the nodes in order), says it computes in fp16 and judges it by fp16's tolerance: by fp32's,
+    the fp16 rounding inside failed the fused graphs."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    given = tmp_path / "fp16-inside.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(exported("layernorm"))), keep_io_types=True), str(given))
+    out = tmp_path / "out"
+    done = _run("export.build", "--onnx", str(given), "--runs", "3", "--warmup", "0", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(float32; computes in float16, whose tolerance applies)" in " ".join(done.stdout.split())
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["dtype"] == "float16" and not report["rewrite"]["rejected"]
+    validated = {p["candidate"].split("@")[0] for p in report["validation"]}
+    assert validated == {"fused-tensorrt", "fused", "fused-cpu"} and all(p["passed"] for p in report["validation"])
+    assert max(o["max_abs"] for p in report["validation"] for o in p["outputs"].values()) > 1e-4  # fp16's rounding, seen
+
+
 def test_a_model_without_norms_is_said_to_have_none(tmp_path):
     """Nothing found and nothing rejected: the command says the model has no norm (not that its norms
     are single ops already), still validates and times it, and exits 0."""

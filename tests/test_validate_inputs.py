@@ -83,6 +83,21 @@ def test_the_tolerance_follows_the_floating_output(tmp_path, elem, dtype):
     assert model_dtype(token_model(tmp_path / "m.onnx", elem=elem)) == dtype
 
 
+def test_the_tolerance_follows_the_least_precise_type_inside(tmp_path):
+    """fp32 in and out with fp16 or bf16 weights or casts inside: the inside type's tolerance."""
+    from export.validate import model_dtypes
+
+    path = token_model(tmp_path / "m.onnx", elem=TensorProto.FLOAT)
+    assert model_dtypes(path) == ("float32", "float32")
+    model = onnx.load(str(path))
+    model.graph.node.append(helper.make_node("Cast", ["y"], ["y_half"], to=TensorProto.BFLOAT16))
+    onnx.save(model, str(path))
+    assert model_dtypes(path) == ("float32", "bfloat16")
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float16), "half"))
+    onnx.save(model, str(path))
+    assert model_dtypes(path) == ("float32", "bfloat16") and model_dtype(path) == "bfloat16"  # the least precise
+
+
 def test_a_model_with_nothing_floating_is_a_clear_error(tmp_path):
     graph = helper.make_graph([helper.make_node("Identity", ["ids"], ["out"])], "ints",
                               [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],

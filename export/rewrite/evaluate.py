@@ -105,11 +105,28 @@ def _accumulating_in_float32(op_type: str, version: int) -> type | None:
     return type(op_type, (base,), {"op_domain": "", "op_schema": schema, "_run": _run})
 
 
+def in_order(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each node after the nodes it reads, as onnx's evaluator needs them. ONNX
+    Runtime puts them in order itself, so tools write some graphs out of order: its fp16
+    converter (keep_io_types) appends the input casts after the nodes that read them."""
+    known = {""} | {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} \
+        | {t.values.name for t in model.graph.sparse_initializer}
+    for node in model.graph.node:
+        if not known.issuperset(node.input):
+            break
+        known.update(node.output)
+    else:
+        return model
+    import onnx_graphsurgeon as gs
+
+    return gs.export_onnx(gs.import_onnx(model).toposort())
+
+
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
     """onnx's reference evaluator for `model`, with the fused ops and fp32 accumulation on half inputs."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     widened = [op for op in (_accumulating_in_float32(t, version) for t in ACCUMULATING_OPS) if op is not None]
-    return ReferenceEvaluator(model, new_ops=FUSED_OPS + widened)
+    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened)
 
 
 def run_model(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
