@@ -148,14 +148,25 @@ class ReferenceRunner:
 
         model = onnx.load(str(model_path))
         self.path = model_path
-        self.evaluator = evaluator(model)  # fused ops by normops; fp32 accumulation on half inputs
+        try:
+            self.evaluator = evaluator(model)  # fused ops by normops; fp32 accumulation on half inputs
+        except Exception as exc:  # an op or opset the evaluator does not know
+            from .errors import NormfuseError
+
+            detail = (str(exc).splitlines() or [""])[0][:300]
+            raise NormfuseError(f"{model_path}: onnx's reference evaluator cannot run it: "
+                                f"{exc.__class__.__name__}: {detail}") from None
         self.output_names = [o.name for o in model.graph.output]
         self.name = "onnx-reference"
 
     def run(self, feeds: dict) -> dict:
+        from .errors import NormfuseError
+
         try:
             return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
-        except Exception as exc:  # inputs the graph cannot take, or an op the evaluator lacks
+        except NormfuseError as exc:  # a node no runtime here has (export.rewrite.evaluate)
+            raise NormfuseError(f"{self.path}: {exc}") from None
+        except Exception as exc:  # inputs the graph cannot take
             from .errors import RunFailure
 
             shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())

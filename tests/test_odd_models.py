@@ -1,5 +1,6 @@
 """Models at the edges of what the commands take: an empty file, inputs that are not numbers or
-not tensors, a model with no inputs, a float64 model. Each is either run or refused with a
+not tensors, a model with no inputs, a float64 model, a model ONNX Runtime's optimizer saved (its
+own ops inside), an op nobody knows. Each is either run or refused with a
 one-line error naming the file, never an internal error."""
 from __future__ import annotations
 
@@ -111,3 +112,43 @@ def test_an_input_without_a_shape_takes_any_rank(models, tmp_path, capsys):
                   [helper.make_tensor_value_info("o", TensorProto.FLOAT, [])])
     (spec,) = load(scalar, providers=["CPUExecutionProvider"]).inputs
     assert spec.rank_known and spec.shape == ()
+
+
+def test_onnx_runtimes_own_ops_run_in_the_reference_evaluator(exported, tmp_path, capsys):
+    """A model ONNX Runtime's optimizer has saved holds its contrib ops (FusedMatMul, QuickGelu)
+    beside the norms: onnx's evaluator hands those nodes to ONNX Runtime, so the TensorRT-target
+    graph is still checked against the reference instead of failing with an internal error."""
+    import onnxruntime as ort
+
+    optimised = tmp_path / "ort-optimised.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimised)
+    ort.InferenceSession(str(exported("rmsnorm")), options, providers=["CPUExecutionProvider"])
+    assert any(n.domain == "com.microsoft" and n.op_type == "FusedMatMul" for n in onnx.load(str(optimised)).graph.node)
+    out = tmp_path / "out"
+    assert _main("export.build", "--onnx", str(optimised), "--runs", "2", "--warmup", "0", "--out", str(out),
+                 capsys=capsys) == (0, "")
+    report = json.loads((out / "report.json").read_text())
+    checked = [p for p in report["validation"] if p["candidate"] == "fused-tensorrt@onnx-reference"]
+    assert checked and all(p["passed"] for p in checked) and report["rewrite"]["fused"] == 5
+
+    from export.rewrite.evaluate import run_model
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(optimised), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(run_model(onnx.load(str(optimised)), {"hidden_states": x})[0],
+                               session.run(None, {"hidden_states": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_op_nobody_knows_is_a_one_line_failure(tmp_path, capsys):
+    path = save(tmp_path / "custom.onnx", [helper.make_node("Mystery", ["x"], ["y"], domain="example.custom")],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    model = onnx.load(str(path))
+    model.opset_import.append(helper.make_opsetid("example.custom", 1))
+    onnx.save(model, str(path))
+    code, err = _main("export.validate", str(path), str(path), "--backend", "onnx-reference", capsys=capsys)
+    err = err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and str(path) in err[0] and "example.custom::Mystery is an op neither" in err[0]
+    assert "internal error" not in err[0] and "a shape the model cannot take" not in err[0]  # no inputs would help

@@ -122,11 +122,68 @@ def in_order(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(gs.import_onnx(model).toposort())
 
 
+class _OnnxRuntimeNode(OpRun):
+    """A node of an op the evaluator has no kernel for, run by ONNX Runtime on its own: the contrib
+    ops ONNX Runtime's optimizer writes (FusedMatMul, QuickGelu, BiasGelu, ...) beside the norms. One
+    single-node model per node and input signature, made at its first run; ONNX Runtime's own
+    graph optimisations stay off, so the node runs as written."""
+    opsets: list = []
+
+    def _run(self, *inputs, **_):
+        import onnxruntime as ort
+        from onnx import helper
+
+        node = self.onnx_node
+        given = [(name, value) for name, value in zip(node.input, inputs) if name and value is not None]
+        key = tuple((name, np.asarray(value).dtype.str, np.ndim(value)) for name, value in given)
+        sessions = self.__dict__.setdefault("_sessions", {})
+        if key not in sessions:
+            graph_inputs = {name: helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype),
+                                                                [None] * np.ndim(v)) for name, v in given}
+            outputs = [helper.make_value_info(name, onnx.TypeProto()) for name in node.output if name]
+            model = helper.make_model(helper.make_graph([node], node.op_type, list(graph_inputs.values()), outputs),
+                                      opset_imports=self.opsets)
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                sessions[key] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # an op neither knows: no inputs would help, so not a RunFailure
+                from ..errors import NormfuseError
+
+                where = f" (node '{node.name}')" if node.name else ""
+                raise NormfuseError(f"{node.domain}::{node.op_type}{where} is an op neither onnx's "
+                                    f"reference evaluator nor ONNX Runtime has: {str(exc).splitlines()[0][:200]}") from None
+        results = sessions[key].run(None, dict(given))
+        named = dict(zip([name for name in node.output if name], results))
+        return tuple(named.get(name) for name in node.output)
+
+
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+
+def _nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _nodes(body)
+
+
+def _run_by_onnx_runtime(model: onnx.ModelProto) -> list[type]:
+    """Classes for the ops of `model` in other domains than onnx's, that are neither fused ops nor
+    the model's own functions: ONNX Runtime runs them (`_OnnxRuntimeNode`)."""
+    known = {(op.op_domain, op.__name__) for op in FUSED_OPS} | {(f.domain, f.name) for f in model.functions}
+    wanted = {(n.domain, n.op_type) for n in _nodes(model.graph) if n.domain not in STANDARD_DOMAINS} - known
+    opsets = list(model.opset_import)
+    return [type(op_type, (_OnnxRuntimeNode,), {"op_domain": domain, "opsets": opsets}) for domain, op_type in sorted(wanted)]
+
+
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
-    """onnx's reference evaluator for `model`, with the fused ops and fp32 accumulation on half inputs."""
+    """onnx's reference evaluator for `model`, with the fused ops, fp32 accumulation on half
+    inputs, and ONNX Runtime running the ops of its own domains that onnx has no kernel for."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     widened = [op for op in (_accumulating_in_float32(t, version) for t in ACCUMULATING_OPS) if op is not None]
-    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened)
+    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened + _run_by_onnx_runtime(model))
 
 
 def run_model(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
