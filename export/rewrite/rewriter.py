@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import io
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -199,8 +200,18 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
     a model of any size (weights external, or loaded in memory past protobuf's 2 GiB) is inferred;
     the inferred value_info is lent to the model for the import and removed again after it.
     """
+    # Shapes a tool saved with placeholder dims (onnx's inference names each unknown dim afresh,
+    # `unk__57`; onnxsim and onnxslim save them) can never be proven equal to the model's own dims
+    # (batch, seq). Inference gets them with those dims blank (the rank still helps it) and may
+    # name them now; a dim it leaves unknown keeps its saved placeholder (`_keep_saved_placeholders`).
+    saved_value_info = list(model.graph.value_info)
+    placeholders = [v for v in saved_value_info if _has_placeholder_dims(v)]
+    if placeholders:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(v for v in saved_value_info if not _has_placeholder_dims(v))
     skeleton = onnx.ModelProto()
     _copy_without_weights(model, skeleton)
+    skeleton.graph.value_info.extend(_without_placeholder_dims(v) for v in placeholders)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
@@ -209,7 +220,7 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         inferred = _infer_through_contrib_ops(inferred)
     known = {v.name for v in model.graph.value_info}
     lent = [v for v in inferred.graph.value_info if v.name not in known]
-    before = len(model.graph.value_info)
+    _keep_saved_placeholders(lent, placeholders)
     model.graph.value_info.extend(lent)
     declared = [onnx.ValueInfoProto() for _ in model.graph.output]
     for saved, output in zip(declared, model.graph.output):
@@ -224,11 +235,44 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         lend_body_shapes(model.graph, inferred.graph, restore)
         return gs.import_onnx(model)
     finally:
-        del model.graph.value_info[before:]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(saved_value_info)
         for saved, output in zip(declared, model.graph.output):
             output.CopyFrom(saved)
         for undo in reversed(restore):
             undo()
+
+
+PLACEHOLDER_DIM = re.compile(r"unk__\d+")
+
+
+def _has_placeholder_dims(value: onnx.ValueInfoProto) -> bool:
+    return any(PLACEHOLDER_DIM.fullmatch(d.dim_param) for d in value.type.tensor_type.shape.dim)
+
+
+def _keep_saved_placeholders(inferred: list, saved: list) -> None:
+    """Where inference left a dim unknown that the saved shape named by a placeholder, the saved
+    name stays, prefixed so it never meets a fresh placeholder of this inference: the saved
+    inference found those dims equal, and that still holds."""
+    saved_by_name = {v.name: v.type.tensor_type.shape.dim for v in saved}
+    for value in inferred:
+        old = saved_by_name.get(value.name)
+        new = value.type.tensor_type.shape.dim
+        if old is None or len(old) != len(new):
+            continue
+        for now, before in zip(new, old):
+            unknown_now = not now.HasField("dim_value") and (not now.dim_param or PLACEHOLDER_DIM.fullmatch(now.dim_param))
+            if unknown_now and PLACEHOLDER_DIM.fullmatch(before.dim_param):
+                now.dim_param = f"saved_{before.dim_param}"
+
+
+def _without_placeholder_dims(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    blank = onnx.ValueInfoProto()
+    blank.CopyFrom(value)
+    for dim in blank.type.tensor_type.shape.dim:
+        if PLACEHOLDER_DIM.fullmatch(dim.dim_param):
+            dim.Clear()
+    return blank
 
 
 def _infer_through_contrib_ops(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -274,8 +318,11 @@ def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
         stub.dims.extend(tensor.dims)
         # Sized from its dims: reading raw_data to measure it would copy every weight's bytes.
         if tensor.data_location != onnx.TensorProto.EXTERNAL and math.prod(tensor.dims) <= SKELETON_CONSTANT:
-            stub.raw_data = tensor.raw_data  # small constants (axes, epsilon, shapes) matter to inference
+            if tensor.HasField("raw_data"):  # set even empty, raw_data would hide int64_data and the like
+                stub.raw_data = tensor.raw_data  # small constants (axes, epsilon, shapes) matter to inference
             stub.float_data.extend(tensor.float_data)
+            stub.double_data.extend(tensor.double_data)
+            stub.uint64_data.extend(tensor.uint64_data)
             stub.int64_data.extend(tensor.int64_data)
             stub.int32_data.extend(tensor.int32_data)
         else:
