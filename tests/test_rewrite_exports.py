@@ -324,3 +324,24 @@ def test_torchscript_exports_as_tools_save_them(exported, norm, transform):
     x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
     (expected,), (actual,) = run_model(model, {"hidden_states": x}), run_model(out, {"hidden_states": x})
     assert GRAPH["float32"].passes(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dynamo_exports_without_torchs_optimiser(tmp_path, dtype):
+    """torch.onnx.export(dynamo=True, optimize=False), as users write it when the optimiser is slow
+    or fails on a large model: the reduction axes are a Reshape of constants, not a constant."""
+    from torch.export import Dim
+
+    from models import build_model, count_norms, preset
+
+    config = preset("tiny", "rmsnorm", layers=1, dtype=dtype)
+    x = torch.randn(2, 8, config.hidden, dtype=getattr(torch, dtype))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(build_model(config), (x,), dynamo=True, input_names=["hidden_states"],
+                                    output_names=["output"], dynamic_shapes={"hidden_states": {0: Dim("batch"), 1: Dim("seq")}},
+                                    opset_version=18, optimize=False, verbose=False)
+    model = program.model_proto
+    assert any(n.op_type == "Reshape" for n in model.graph.node if n.output[0] in
+               {i for m in model.graph.node if m.op_type == "ReduceMean" for i in m.input[1:]}), "the spelling changed"
+    assert_fused_and_equal(model, *count_norms(config), dtype)

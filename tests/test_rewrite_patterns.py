@@ -461,3 +461,50 @@ def test_a_reshape_that_changes_the_last_axis_keeps_the_add_out():
     out, report = rewrite_model(model, target="tensorrt")
     assert report.counts == {"LayerNorm": 1} and "Add" in fused_ops(out)
     assert_same(model, out, "float32")
+
+
+def _rms_with_axes_from(axes_nodes: list, axes: str) -> onnx.ModelProto:
+    """x / sqrt(mean(x^2) + eps) * gamma over [2, 5, 8], the mean's axes computed by `axes_nodes`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+             numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "gamma")]
+    nodes = axes_nodes + [helper.make_node("Pow", ["x", "two"], ["sq"]),
+                          helper.make_node("ReduceMean", ["sq", axes], ["ms"]),
+                          helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
+                          helper.make_node("Div", ["x", "rms"], ["n"]), helper.make_node("Mul", ["n", "gamma"], ["y"])]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 8])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _const(name, value):
+    from onnx import helper, numpy_helper
+
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, np.int64)))
+
+
+AXES_SPELLINGS = {  # torch's exporter with optimize=False writes the first
+    "reshape": [_const("a", [-1]), onnx.helper.make_node("Constant", [], ["s"], value_ints=[-1]),
+                onnx.helper.make_node("Reshape", ["a", "s"], ["axes"])],
+    "reshape-copying-a-dim": [_const("a", [[-1]]), _const("s", [0]), onnx.helper.make_node("Reshape", ["a", "s"], ["axes"])],
+    "unsqueeze": [_const("a", -1), _const("u", [0]), onnx.helper.make_node("Unsqueeze", ["a", "u"], ["axes"])],
+    "squeeze": [_const("a", [[-1]]), _const("u", [0]), onnx.helper.make_node("Squeeze", ["a", "u"], ["axes"])],
+    "identity": [_const("a", [2]), onnx.helper.make_node("Identity", ["a"], ["axes"])],
+    "concat": [_const("a", [-1]), onnx.helper.make_node("Concat", ["a"], ["axes"], axis=0)],
+}
+
+
+@pytest.mark.parametrize("spelling", list(AXES_SPELLINGS))
+def test_reduction_axes_moved_about_by_shape_ops_are_read(spelling):
+    model = _rms_with_axes_from(AXES_SPELLINGS[spelling], "axes")
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 1, [r.reason for r in report.rejected]
+    assert_same(model, out, "float32")
+
+
+def test_axes_that_shape_ops_make_more_than_the_last_are_still_refused():
+    nodes = [_const("a", [-1]), _const("b", [-2]), onnx.helper.make_node("Concat", ["a", "b"], ["axes"], axis=0)]
+    out, report = rewrite_model(_rms_with_axes_from(nodes, "axes"), target="tensorrt")
+    assert report.fused == 0 and "not only the last axis" in report.rejected[0].reason

@@ -94,8 +94,48 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         if source is not None and target is not None:
             return source.astype(target)  # the value the graph computes with, rounding included
     if node is not None and (node.domain or "") in DEFAULT_DOMAINS:
+        if node.op in SHAPE_OPS:
+            return _shape_op(node)
         return _rank_arithmetic(node)
     return None
+
+
+SHAPE_OPS = ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Concat")
+
+
+def _shape_op(node: gs.Node) -> np.ndarray | None:
+    """A small constant moved about without changing a value, as torch's exporter writes reduction
+    axes when its optimiser is off (`Reshape(Constant([-1]), Constant([-1]))`)."""
+    values = [constant_value(t) if t.name else None for t in node.inputs]
+    if not values or values[0] is None:
+        return None
+    data = values[0]
+    try:
+        if node.op == "Identity":
+            return data
+        if node.op == "Concat":
+            if any(v is None for v in values):
+                return None
+            return np.concatenate([np.atleast_1d(v) for v in values], axis=int(node.attrs.get("axis", 0)))
+        if node.op == "Reshape":
+            if len(values) < 2 or values[1] is None:
+                return None
+            shape = [int(d) for d in values[1].reshape(-1)]
+            if not int(node.attrs.get("allowzero", 0)):  # 0 copies the input's dim there
+                shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+            return data.reshape(shape)
+        # Squeeze / Unsqueeze: axes as an input (opset 13+) or an attribute
+        axes = values[1] if len(values) > 1 else node.attrs.get("axes")
+        if node.op == "Squeeze":
+            return np.squeeze(data, axis=None if axes is None else tuple(int(a) for a in np.reshape(axes, -1)))
+        if axes is None:
+            return None
+        rank = data.ndim + np.size(axes)
+        for axis in sorted(int(a) % rank for a in np.reshape(axes, -1)):
+            data = np.expand_dims(data, axis)
+        return data
+    except (ValueError, IndexError):  # not what the op can do (numpy's AxisError is both): no value known
+        return None
 
 
 def _rank_arithmetic(node: gs.Node) -> np.ndarray | None:
