@@ -246,8 +246,9 @@ def test_near_misses_of_the_batch_norm_arithmetic_are_not_fused(wrong):
     assert report.fused == 0
 
 
-@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
-@pytest.mark.parametrize("keep_io_types", [True, False])
+@pytest.mark.parametrize("norm,keep_io_types", [("layernorm", True), ("rmsnorm", True),
+                                                pytest.param("layernorm", False, marks=pytest.mark.slow),
+                                                pytest.param("rmsnorm", False, marks=pytest.mark.slow)])
 def test_onnx_runtimes_float16_conversion(exported, norm, keep_io_types):
     """ONNX Runtime's fp32 -> fp16 converter, as its docs use it: with keep_io_types the input is
     cast to fp16 in front of the first norm. For the onnxruntime target that norm is left as the
@@ -326,6 +327,7 @@ def test_torchscript_exports_as_tools_save_them(exported, norm, transform):
     assert GRAPH["float32"].passes(actual, expected)
 
 
+@pytest.mark.slow  # the default set has it through Hugging Face's LLaMA (test_rewrite_hf_models.py)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_dynamo_exports_without_torchs_optimiser(tmp_path, dtype):
     """torch.onnx.export(dynamo=True, optimize=False), as users write it when the optimiser is slow

@@ -96,7 +96,9 @@ class LastHiddenState(torch.nn.Module):
 
 
 def export(arch: str, dtype: str, directory: Path, exporter: str = "dynamo") -> Path:
-    """torch.export's exporter (opset 18), or TorchScript's (opset 17), the one Optimum uses."""
+    """torch.export's exporter (opset 18; "dynamo-unoptimised": with its optimiser off, as users
+    run it when the optimiser is slow or fails on a large model), or TorchScript's (opset 17), the
+    one Optimum uses."""
     torch.manual_seed(0)
     model = build(arch)
     with torch.no_grad():  # as in a trained model, no two norms share weights (else the exporter merges them)
@@ -107,10 +109,11 @@ def export(arch: str, dtype: str, directory: Path, exporter: str = "dynamo") -> 
     ids = torch.randint(0, 100, (2, 16))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
+        if exporter.startswith("dynamo"):
             torch.onnx.export(model, (ids,), str(path), dynamo=True, opset_version=18, input_names=["input_ids"],
                               output_names=["last_hidden_state"],
-                              dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"}})
+                              dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"}},
+                              optimize=exporter == "dynamo")
         else:
             torch.onnx.export(model, (ids,), str(path), dynamo=False, opset_version=17, input_names=["input_ids"],
                               output_names=["last_hidden_state"],
@@ -220,3 +223,16 @@ def test_half_precision_exports_are_fused_and_match(exported, arch, dtype, tmp_p
 @pytest.mark.parametrize("arch", ["bert", "opt"])
 def test_torchscript_exports_are_fused_and_match(exported, arch, tmp_path):
     check(exported, arch, "float32", tmp_path, exporter="torchscript")
+
+
+# Unoptimised, torch writes each reduction's axes as a Reshape of constants, and Gemma2's masks
+# hold Constants of empty lists (value_ints=[]): every norm is still fused.
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_unoptimised_dynamo_exports_are_fused_and_match(exported, arch, tmp_path):
+    check(exported, arch, "float32", tmp_path, exporter="dynamo-unoptimised")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen3", "gemma", "gpt2", "olmo2", "neox", "phi"])
+def test_more_unoptimised_dynamo_exports(exported, arch, tmp_path):
+    check(exported, arch, "float32", tmp_path, exporter="dynamo-unoptimised")

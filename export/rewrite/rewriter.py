@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -109,6 +110,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     graph = _import_with_shapes(model)
     names = UniqueNames.of(graph)  # fresh names for the fills' constants and the fused ops alike
     for scope in scopes_of(graph):
+        _type_empty_constants(scope.graph, names)
         report.notes += _drop_identities(scope.graph, scope.outputs, scope.name)
         report.notes += per_feature_fills(scope.graph, scope.outputs, names, scope.name)
         report.notes += restore_keepdims(scope.graph, scope.outputs, names, scope.name)
@@ -273,6 +275,22 @@ def _without_placeholder_dims(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto
         if PLACEHOLDER_DIM.fullmatch(dim.dim_param):
             dim.Clear()
     return blank
+
+
+EMPTY_LIST_CONSTANTS = {"value_ints": np.int64, "value_floats": np.float32}
+
+
+def _type_empty_constants(graph: gs.Graph, names: UniqueNames) -> None:
+    """A Constant of an empty list (torch writes `value_ints=[]`) as the same empty tensor:
+    onnx-graphsurgeon keeps a list attribute as a Python list, and an empty one has no type to
+    write back."""
+    for node in graph.nodes:
+        if node.op != "Constant" or len(node.attrs) != 1:
+            continue
+        (key, value), = node.attrs.items()
+        if key in EMPTY_LIST_CONSTANTS and len(value) == 0:
+            node.attrs = {"value": gs.Constant(names(f"{node.name or 'constant'}_value"),
+                                               np.zeros((0,), EMPTY_LIST_CONSTANTS[key]))}
 
 
 def _infer_through_contrib_ops(model: onnx.ModelProto) -> onnx.ModelProto:
