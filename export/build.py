@@ -454,7 +454,7 @@ class Pipeline:
                                           f"{candidate.name}"):
                     # two timed rounds, each model going first once: drift falls on both
                     record = decode(reference, candidate, prompt=16, tokens=a.decode_tokens, seed=a.seed,
-                                    providers=providers, rounds=2)
+                                    providers=providers, rounds=2, dims=self.dims)
             except NormfuseError as exc:  # named like a decoder, but not one export.decode can drive
                 self.skipped.append({"stage": f"{backend} greedy decoding", "reason": str(exc)})
                 continue

@@ -62,11 +62,15 @@ def is_decoder(model_path: str | Path) -> bool:
     return bool(cache) and {"input_ids", "attention_mask"} <= names and all(p in produced for _, p in cache)
 
 
-def decoder_of(model, where: str) -> Decoder:
+def decoder_of(model, where: str, dims: dict[str, int] | None = None) -> Decoder:
     """The decoder signature of a loaded model (export.runtime), or a one-line NormfuseError saying
-    what is missing."""
+    what is missing. A cache has one axis that grows, the cache length: the dynamic axis whose name
+    changes from the past input to the present output (ONNX Runtime GenAI: past_sequence_length to
+    total_sequence_length), or else the one dynamic axis besides the batch. Its other dynamic axes
+    (GenAI's kv_cache_dim, the head size) take their sizes from `dims` (--dim NAME=SIZE)."""
     inputs = {spec.name: spec for spec in model.inputs}
-    outputs = [spec.name for spec in model.outputs]
+    output_specs = {spec.name: spec for spec in model.outputs}
+    outputs = list(output_specs)
     cache = cache_pairs(inputs)
     if not cache or "input_ids" not in inputs or "attention_mask" not in inputs:
         raise NormfuseError(f"{where}: not a KV-cache decoder (it needs input_ids, attention_mask and "
@@ -79,16 +83,34 @@ def decoder_of(model, where: str) -> Decoder:
     if others:
         raise NormfuseError(f"{where}: input {others[0]!r} is neither a token input ({', '.join(TOKEN_INPUTS)}) "
                             "nor a cache")
-    shapes = {}
-    for past, _ in cache:
-        spec = inputs[past]
-        dynamic = [axis for axis, dim in enumerate(spec.shape) if dim is None and axis != 0]
-        if len(dynamic) != 1:
-            raise NormfuseError(f"{where}: cache input {past!r} {spec.describe()} needs exactly one dynamic axis "
-                                "besides the batch (the cache length)")
-        shapes[past] = tuple(None if axis == dynamic[0] else dim for axis, dim in enumerate(spec.shape))
+    shapes = {past: _cache_shape(inputs[past], output_specs[present], dims or {}, where) for past, present in cache}
     logits = "logits" if "logits" in outputs else outputs[0]
     return Decoder(logits, cache, shapes, "position_ids" in inputs)
+
+
+def _cache_shape(past, present, dims: dict[str, int], where: str) -> tuple[int | None, ...]:
+    """`past`'s shape with None on the cache-length axis and every other axis sized (see decoder_of)."""
+    def name(spec, axis):
+        params = tuple(spec.dim_params or ())
+        return params[axis] if axis < len(params) else None
+
+    dynamic = [axis for axis, dim in enumerate(past.shape) if dim is None and axis != 0]
+    growing = [axis for axis in dynamic if axis < len(present.shape) and name(past, axis) is not None
+               and name(present, axis) != name(past, axis)]
+    if len(growing) != 1:  # the names do not tell: the cache length is the one axis not sized by --dim
+        growing = [axis for axis in dynamic if name(past, axis) not in dims]
+    if len(growing) != 1:
+        named = ", ".join(name(past, axis) or f"axis {axis}" for axis in dynamic)
+        raise NormfuseError(f"{where}: cache input {past.name!r} {past.describe()} has dynamic axes {named} besides the "
+                            "batch; one is the cache length, size the others with --dim NAME=SIZE (e.g. the head size)")
+    fixed = {}
+    for axis in dynamic:
+        if axis != growing[0]:
+            if name(past, axis) not in dims:
+                raise NormfuseError(f"{where}: cache input {past.name!r} axis {axis} ({name(past, axis) or 'unnamed'}) "
+                                    "is dynamic but not the cache length: give its size with --dim NAME=SIZE")
+            fixed[axis] = dims[name(past, axis)]
+    return tuple(None if axis == growing[0] else fixed.get(axis, dim) for axis, dim in enumerate(past.shape))
 
 
 @dataclass
@@ -214,12 +236,13 @@ def agreement(tokens: list[list[int]], expected: Generation, candidate: Generati
 def decode(model_path: str | Path, compare_path: str | Path | None = None, prompt: int | Sequence[int] = 8,
            tokens: int = 32, batch: int | None = None, seed: int = 0, warmup: int = 1,
            providers: list[str] | None = None, rounds: int = 1, cache: str = "auto",
-           progress: Callable[[str], None] | None = None) -> dict:
+           progress: Callable[[str], None] | None = None, dims: dict[str, int] | None = None) -> dict:
     """Greedy decoding with `model_path` (and, teacher-forced, with `compare_path`); see the module doc.
     `prompt`: one length for each of `batch` sequences (default 1), or a length per sequence (left
     padded to the longest). `rounds` timed generations of each model, the two taking turns to go
     first, so drift in the machine's speed falls on both; the tokens and scores compared are the
-    first round's. `progress(what)` is told each generation as it starts."""
+    first round's. `progress(what)` is told each generation as it starts. `dims` sizes cache axes
+    other than the cache length (`decoder_of`)."""
     from .backends import index_bounds
     from .runtime import ENGINE_SUFFIXES, load
 
@@ -236,7 +259,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
             raise UsageError(f"{path}: decoding runs ONNX models (a TensorRT engine's cache axis starts at 1 in "
                              "its profile, and the prefill feeds an empty cache)")
     models = [load(path, providers=providers) for path in paths]
-    decoders = [decoder_of(model, str(path)) for model, path in zip(models, paths)]
+    decoders = [decoder_of(model, str(path), dims) for model, path in zip(models, paths)]
     bounds = index_bounds(paths[0])
     vocabulary = bounds.get("input_ids")
     longest = max(lengths)
@@ -367,7 +390,7 @@ def write_plot(record: dict, path: str | Path) -> None:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, non_negative_int, output_file, positive_int, run_cli
+    from .cli import Parser, dim_size, non_negative_int, output_file, positive_int, run_cli
     from .files import require_file, write_json
 
     def prompt_lengths(text: str) -> list[int]:
@@ -396,6 +419,9 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", help="ONNX Runtime providers, comma-separated (default: CUDA if present, CPU)")
     parser.add_argument("--json", type=output_file, help="write tokens, step times and the comparison as JSON")
     parser.add_argument("--plot", type=output_file, metavar="PNG", help="plot each decode step's time against the step")
+    parser.add_argument("--dim", type=dim_size, action="append", default=[], metavar="NAME=SIZE",
+                        help="size of a cache axis that is dynamic but not the cache length, e.g. kv_cache_dim=64 "
+                             "(ONNX Runtime GenAI's head size); repeatable")
     args = parser.parse_args(argv)
 
     def job() -> int:
@@ -408,7 +434,8 @@ def main(argv=None) -> int:
         console = Console(highlight=False)
         with console.status("decoding ...") as status:
             record = decode(args.model, args.compare, prompt, args.tokens, args.batch, args.seed, args.warmup,
-                            providers, args.rounds, args.cache, lambda what: status.update(f"decoding: {what} ..."))
+                            providers, args.rounds, args.cache, lambda what: status.update(f"decoding: {what} ..."),
+                            dims=dict(args.dim))
         print_table(record, console)
         if args.json:
             write_json(args.json, record)

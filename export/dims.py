@@ -8,7 +8,9 @@ gets its size from the first of these that applies:
 
 1. its name was given a size (`--dim NAME=SIZE`);
 2. its name is arithmetic over other names and integers (`+ - * // %`, parentheses, `min`,
-   `max`), as exporters write derived sizes: the value of that expression;
+   `max`), as exporters write derived sizes: the value of that expression; so is a name whose
+   meaning is fixed by convention (KNOWN_RELATIONS: `total_sequence_length`, as ONNX Runtime
+   GenAI names it, is `past_sequence_length + sequence_length`) when the model has those names;
 3. its name appeared before: the size it got there, so a name has one size everywhere;
 4. its position: a dynamic axis 0 is the batch, any other dynamic axis the sequence. This is
    also the rule for unnamed dynamic axes, and for the names inside an expression that appear
@@ -163,6 +165,12 @@ def input_shapes(inputs: Sequence, batch: int, seq: int, given: dict[str, int] |
             raise NormfuseError(f"{where}: input {spec.name!r} has no shape in the model (not even its rank), so "
                                 "inputs for it cannot be made up; give your own (--inputs of export.validate or export.run)")
     sizes: dict[str, int] = dict(given or {})
+    related = known_relations(inputs, sizes)
+
+    def parsed_dim(param: str | None) -> str | Expression | None:
+        parsed = parse(param) if param else None
+        return related.get(parsed, parsed) if isinstance(parsed, str) else parsed
+
     positional = {}  # (input, axis) -> size by position
     for spec in inputs:
         for axis, (dim, param) in enumerate(zip(spec.shape, dim_params(spec))):
@@ -170,12 +178,12 @@ def input_shapes(inputs: Sequence, batch: int, seq: int, given: dict[str, int] |
                 continue
             by_position = batch if axis == 0 else seq
             positional[spec.name, axis] = by_position
-            parsed = parse(param) if param else None
+            parsed = parsed_dim(param)
             if isinstance(parsed, str):
                 sizes.setdefault(parsed, by_position)
     for spec in inputs:  # names that appear only inside expressions
         for axis, param in enumerate(dim_params(spec)):
-            parsed = parse(param) if param and spec.shape[axis] is None else None
+            parsed = parsed_dim(param) if spec.shape[axis] is None else None
             if isinstance(parsed, Expression):
                 for name in parsed.names:
                     sizes.setdefault(name, positional[spec.name, axis])
@@ -187,7 +195,7 @@ def input_shapes(inputs: Sequence, batch: int, seq: int, given: dict[str, int] |
             if dim is not None:
                 dims.append(int(dim))
                 continue
-            parsed = parse(param) if param else None
+            parsed = parsed_dim(param)
             if parsed is None:
                 size = positional[spec.name, axis]
             elif isinstance(parsed, str):
@@ -200,6 +208,23 @@ def input_shapes(inputs: Sequence, batch: int, seq: int, given: dict[str, int] |
             dims.append(size)
         shapes[spec.name] = dims
     return shapes
+
+
+# Names with a meaning fixed by convention: ONNX Runtime GenAI's decoders (and ONNX Runtime's
+# transformers tools) name the attention mask's length `total_sequence_length`, which is the
+# cache's length plus the new tokens'.
+KNOWN_RELATIONS = {"total_sequence_length": "past_sequence_length + sequence_length"}
+
+
+def known_relations(inputs: Sequence, given: Mapping[str, int]) -> dict[str, Expression]:
+    """The KNOWN_RELATIONS a model's names fit (every name present, the derived one not given)."""
+    present = set(named_dims(inputs))
+    found = {}
+    for name, text in KNOWN_RELATIONS.items():
+        expression = parse(text)
+        if name in present and name not in given and set(expression.names) <= present:
+            found[name] = expression
+    return found
 
 
 def _expression_size(expression: Expression, sizes: dict[str, int], name: str, axis: int, where: str) -> int:

@@ -320,3 +320,40 @@ def test_other_decoders_serve_the_same_tokens_fused(tmp_path, capsys, arch, norm
     assert main([str(reference), "--compare", str(fused), "--prompt", "5,2", "--tokens", "10", "--warmup", "0",
                  "--providers", "CPUExecutionProvider"]) == 0
     assert "compared: same: 10/10 steps choose the same tokens" in capsys.readouterr().out
+
+
+def genai_names(source, target):
+    """The decoder with ONNX Runtime GenAI's dimension names: the mask and the present cache
+    `total_sequence_length` long, and the head size a dynamic `kv_cache_dim`."""
+    import onnx
+
+    model = onnx.load(str(source))
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if dim.dim_param == "past_sequence_length + sequence_length":
+                dim.dim_param = "total_sequence_length"
+            if value.name.startswith(("past_key_values.", "present.")) and axis == 3:
+                dim.Clear()
+                dim.dim_param = "kv_cache_dim"
+    onnx.save(model, str(target))
+    return target
+
+
+def test_a_decoder_named_as_onnx_runtime_genai_names_it(decoders, tmp_path, capsys):
+    """The cache length is the axis whose name grows from past to present, the mask's
+    total_sequence_length is past + new tokens, and the head size comes from --dim."""
+    from export.dims import input_shapes
+    from export.runtime import load
+
+    genai = genai_names(decoders["reference"], tmp_path / "genai.onnx")
+    code, err = _main("export.decode", str(genai), "--tokens", "4", capsys=capsys)
+    assert code == 1 and "kv_cache_dim" in err and "--dim NAME=SIZE" in err and len(err.strip().splitlines()) == 1
+    expected = decode(decoders["reference"], prompt=5, tokens=6, warmup=0, providers=["CPUExecutionProvider"])
+    record = decode(genai, prompt=5, tokens=6, warmup=0, providers=["CPUExecutionProvider"], dims={"kv_cache_dim": 16})
+    assert record["models"]["reference"]["tokens"] == expected["models"]["reference"]["tokens"]
+    shapes = input_shapes(load(genai, providers=["CPUExecutionProvider"]).inputs, 1, 3,
+                          {"kv_cache_dim": 16, "past_sequence_length": 5})
+    assert shapes["attention_mask"] == [1, 8] and shapes["past_key_values.0.key"] == [1, 2, 5, 16]
+    assert _main("export.run", str(genai), "--random", "1x3", "--dim", "kv_cache_dim=16", "--dim",
+                 "past_sequence_length=5", capsys=capsys)[0] == 0
