@@ -212,7 +212,10 @@ def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, 
 
     Floating inputs are standard normal. Integer inputs (token ids, masks, positions of exported
     language models) are uniform in [0, bounds[name]) where `bounds` knows how far they may index
-    (see `index_bounds`), else 0 or 1; boolean inputs are True."""
+    (see `index_bounds`); an attention mask (an input named `*mask*`) is all ones, as a served
+    batch of whole sequences has it (a random one masks whole rows, and ONNX Runtime's
+    GroupQueryAttention refuses one shorter than the sequence); other integers are 0 or 1; boolean
+    inputs are True."""
     from normops import numpy_dtype
 
     from .dims import input_shapes
@@ -232,6 +235,8 @@ def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, 
                                 "give your own (--inputs of export.validate or export.run)")
         if dtype == np.bool_:
             feeds[spec.name] = np.ones(dims_of, dtype=bool)
+        elif np.issubdtype(dtype, np.integer) and "mask" in spec.name.lower() and spec.name not in (bounds or {}):
+            feeds[spec.name] = np.ones(dims_of, dtype=dtype)
         elif np.issubdtype(dtype, np.integer):
             feeds[spec.name] = rng.integers(0, (bounds or {}).get(spec.name, 2), size=dims_of).astype(dtype)
         else:

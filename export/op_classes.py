@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 from math import prod
 
-MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "Conv", "QLinearMatMul", "Attention",
-              "MultiHeadAttention", "GroupQueryAttention"}
+# products of an [..., K] input with a K x N matrix, the quantised ones included (ONNX Runtime's
+# MatMulNBits: int4 weights, as onnxruntime-genai writes them): 2*M*N*K
+PRODUCTS = {"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "MatMulNBits", "MatMulBnb4",
+            "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+MATMUL_OPS = PRODUCTS | {"Conv", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
             "SkipSimplifiedLayerNormalization", "RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm"}
 NORM_FLOPS_PER_ELEMENT = {"RMSNormalization": 4, "SimplifiedLayerNormalization": 4, "RMSNorm": 4,
@@ -33,7 +36,7 @@ def classify(op_type: str, node_name: str, norm_nodes: set[str]) -> str:
 def node_flops(op_type: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
     out = outputs[0] if outputs else []
     elements = prod(out) if out else 0
-    if op_type in ("MatMul", "FusedMatMul", "Gemm") and inputs and inputs[0]:
+    if op_type in PRODUCTS and inputs and inputs[0]:
         return 2.0 * elements * inputs[0][-1]
     if op_type in NORM_FLOPS_PER_ELEMENT:
         return float(NORM_FLOPS_PER_ELEMENT[op_type] * elements)

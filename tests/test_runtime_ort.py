@@ -191,3 +191,29 @@ def test_the_op_class_summary_leaves_out_a_sessions_first_run(graphs, tmp_path):
     assert sum(c["kernels"] for c in summary.values()) == len(kernels) // 4
     with pytest.raises(ValueError, match="4 runs profiled, expected 1 \\+ 4"):
         summarise_profile(path, set(), runs=4, skip_runs=1)
+
+
+def test_int4_matrix_products_count_as_matmul(tmp_path):
+    """ONNX Runtime's MatMulNBits (int4 weights, as onnxruntime-genai writes every projection) is a
+    matrix product: its time and its 2*M*N*K FLOPs go to the matmul class, not elementwise."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from export.op_classes import summarise_profile
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 128])], [weight])
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), block_size=32)
+    quantizer.process()
+    path = tmp_path / "int4.onnx"
+    onnx.save(quantizer.model.model, str(path))
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMulNBits"]
+    model = OrtModel(path, providers=["CPUExecutionProvider"], profile_prefix=str(tmp_path / "p"))
+    for _ in range(2):
+        model.run({"x": np.ones((1, 16, 64), np.float32)})
+    summary = summarise_profile(model.session.end_profiling(), set(), runs=1, skip_runs=1)
+    assert summary["matmul"]["kernels"] == 1 and summary["elementwise"]["kernels"] == 0
+    assert summary["matmul"]["flops"] == 2 * 16 * 128 * 64
