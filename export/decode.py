@@ -259,6 +259,10 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
             raise UsageError(f"{path}: decoding runs ONNX models (a TensorRT engine's cache axis starts at 1 in "
                              "its profile, and the prefill feeds an empty cache)")
     models = [load(path, providers=providers) for path in paths]
+    if dims:
+        from .dims import check_given
+
+        check_given(models[0].inputs, dims, str(paths[0]))  # a name the decoder does not have: a flag error
     decoders = [decoder_of(model, str(path), dims) for model, path in zip(models, paths)]
     bounds = index_bounds(paths[0])
     vocabulary = bounds.get("input_ids")

@@ -357,3 +357,5 @@ def test_a_decoder_named_as_onnx_runtime_genai_names_it(decoders, tmp_path, caps
     assert shapes["attention_mask"] == [1, 8] and shapes["past_key_values.0.key"] == [1, 2, 5, 16]
     assert _main("export.run", str(genai), "--random", "1x3", "--dim", "kv_cache_dim=16", "--dim",
                  "past_sequence_length=5", capsys=capsys)[0] == 0
+    code, err = _main("export.decode", str(genai), "--dim", "head_dim=16", capsys=capsys)
+    assert code == 2 and "--dim head_dim: the model has no dimension of that name" in err and "kv_cache_dim" in err
