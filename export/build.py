@@ -489,15 +489,20 @@ class Pipeline:
 
 
 def environment() -> dict:
+    from importlib import metadata
+
     import numpy
     import onnx
-    import torch
 
     from .backends import import_onnxruntime
 
     onnxruntime = import_onnxruntime()
+    try:  # its version without importing it (1-2 s), which a run on a given model does not need
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
 
-    return {"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__,
+    return {"python": platform.python_version(), "machine": platform.machine(), "torch": torch_version,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
             "ort_providers": ",".join(onnxruntime.get_available_providers())}
 

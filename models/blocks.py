@@ -121,8 +121,3 @@ def build_model(config: BlockConfig, seed: int = 0) -> TransformerStack:
             elif name.endswith("norm.bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
     return model.to(TORCH_DTYPES[config.dtype]).eval()
-
-
-def count_norms(config: BlockConfig) -> tuple[int, int]:
-    """(norms, norms with a residual Add in front) in a stack of this config."""
-    return 2 * config.layers + 1, 2 * config.layers

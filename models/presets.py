@@ -55,3 +55,9 @@ def preset(name: str, norm: str, **overrides) -> BlockConfig:
     if config.hidden % config.heads:
         raise ValueError(f"hidden size {config.hidden} is not divisible by {config.heads} heads")
     return config
+
+
+def count_norms(config: BlockConfig) -> tuple[int, int]:
+    """(norms, norms with a residual Add in front) in a stack of this config: without torch, so
+    commands that only read a config (export.build --onnx) do not import it."""
+    return 2 * config.layers + 1, 2 * config.layers

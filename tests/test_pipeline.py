@@ -146,11 +146,15 @@ def test_a_bf16_build_on_the_cpu_says_nothing_was_timed_and_leaves_no_stale_plot
     assert "UserWarning" not in done.stderr
 
 
-def test_build_command_from_another_directory_with_relative_paths(tmp_path):
+def test_build_command_from_another_directory_with_relative_paths(exported, tmp_path):
     """The chain's child processes (the benchmark workers) must read relative paths from the
-    caller's directory: run outside the checkout, with --out relative, as a user would."""
+    caller's directory: run outside the checkout, with the model and --out relative, as a user would."""
+    import shutil
+
+    (tmp_path / "rel").mkdir()
+    shutil.copy(exported("rmsnorm", layers=1), tmp_path / "rel" / "model.onnx")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # importable whether or not the project is installed
-    done = subprocess.run([sys.executable, "-m", "export.build", "--norm", "rmsnorm", "--preset", "tiny", "--layers", "1",
+    done = subprocess.run([sys.executable, "-m", "export.build", "--onnx", "rel/model.onnx",
                            "--runs", "3", "--warmup", "1", "--seq", "16", "--out", "rel/out"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 def export_stack(tmp_path, norm, exporter, dtype, decomposed=False):
     from export.export_model import export_model
     from models import preset
-    from models.blocks import count_norms
+    from models import count_norms
 
     config = preset("tiny", norm, layers=1, dtype=dtype, decomposed_layernorm=decomposed)
     # unchecked: TorchScript's half-precision F.layer_norm (a LayerNormalization of mixed dtypes,
@@ -256,7 +256,7 @@ def test_onnx_runtimes_float16_conversion(exported, norm, keep_io_types):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from models import preset
-    from models.blocks import count_norms
+    from models import count_norms
 
     import onnx_graphsurgeon as gs
 
@@ -315,7 +315,7 @@ def test_torchscript_exports_as_tools_save_them(exported, norm, transform):
     Adds out), and small int64_data constants reach the rewriter's own inference (an empty
     raw_data in its copy hid them, and 4 of 5 norms were lost)."""
     from models import preset
-    from models.blocks import count_norms
+    from models import count_norms
 
     model = transform(onnx.load(str(exported(norm, exporter="torchscript"))))
     norms, residuals = count_norms(preset("tiny", norm))

@@ -72,7 +72,7 @@ def assert_idempotent(out: onnx.ModelProto, target: str):
 def export_with_functions(norm: str, decomposed: bool, tmp_path=None):
     torch = pytest.importorskip("torch")
     from models import preset
-    from models.blocks import build_model, count_norms
+    from models import build_model, count_norms
     from normops.torch_modules import LayerNorm, RMSNorm
 
     config = preset("tiny", norm, layers=2, dtype="float32", decomposed_layernorm=decomposed)
@@ -123,7 +123,8 @@ def test_only_functions_holding_norms_are_inlined():
     """Block calls RMSNorm (inlined with it); SwiGLU holds no norm and stays a function."""
     torch = pytest.importorskip("torch")
     from models import preset
-    from models.blocks import SwiGLU, build_model, count_norms
+    from models import build_model, count_norms
+    from models.blocks import SwiGLU
     from normops.torch_modules import RMSNorm
 
     config = preset("tiny", "rmsnorm", layers=1, dtype="float32")
