@@ -84,6 +84,30 @@ def _q_name(q: float) -> str:
     return "max" if q == 1.0 else f"p{q * 100:g}"
 
 
+RANDOM_OPS = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial")
+
+
+def random_node(path) -> str | None:
+    """The first node that makes `path`'s outputs change from run to run, described; None when
+    there is none. Torch writes every Dropout of a model exported in training mode with a
+    constant training_mode of True."""
+    from onnx import numpy_helper
+
+    from .onnx_io import load_graph_only
+
+    graph = load_graph_only(path).graph
+    constants = {t.name: t for t in graph.initializer if t.data_location != 1}  # 1: EXTERNAL
+    constants.update({n.output[0]: n.attribute[0].t for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    for node in graph.node:
+        if node.op_type in RANDOM_OPS:
+            return f"{node.op_type} '{node.name}' draws random numbers"
+        if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2] in constants:
+            if bool(np.any(numpy_helper.to_array(constants[node.input[2]]))):
+                return f"Dropout '{node.name}' runs in training mode (export the model after model.eval())"
+    return None
+
+
 def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dtype: str, seed: int = 0,
             progress=None, save_dir: str | Path | None = None, given: list[dict] | None = None,
             dims: dict[str, int] | None = None) -> list[dict]:
@@ -98,6 +122,11 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     from .triton_repo import onnx_signature
 
     inputs, _ = onnx_signature(reference.model)
+    if Path(reference.model).suffix == ".onnx":
+        random = random_node(reference.model)
+        if random:
+            raise NormfuseError(f"{reference.model}: its outputs change from run to run, so no comparison can pass: "
+                                f"{random}")
     if given is not None:
         specs = [TensorSpec(i.name, i.dtype, tuple(i.shape), rank_known=i.rank_known) for i in inputs]
         for feeds in given:

@@ -152,3 +152,23 @@ def test_an_op_nobody_knows_is_a_one_line_failure(tmp_path, capsys):
     err = err.strip().splitlines()
     assert code == 1 and len(err) == 1 and str(path) in err[0] and "example.custom::Mystery is an op neither" in err[0]
     assert "internal error" not in err[0] and "a shape the model cannot take" not in err[0]  # no inputs would help
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_model_exported_in_training_mode_is_named_as_random(tmp_path, capsys, training):
+    """Torch writes the Dropouts of a model exported in training mode with training_mode True: its
+    outputs differ from run to run, and validation says so instead of failing every comparison."""
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+             numpy_helper.from_array(np.array(training), "training_mode")]
+    path = save(tmp_path / "dropout.onnx", [helper.make_node("Dropout", ["x", "ratio", "training_mode"], ["y"], name="drop")],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])], inits)
+    model = onnx.load(str(path))
+    model.opset_import[0].version = 18
+    onnx.save(model, str(path))
+    code, err = _main("export.validate", str(path), str(path), capsys=capsys)
+    if training:
+        assert code == 1 and len(err.strip().splitlines()) == 1
+        assert "its outputs change from run to run" in err and "Dropout 'drop' runs in training mode" in err
+    else:
+        assert code == 0, err
