@@ -52,7 +52,7 @@ def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Pa
     targets = [t for _, t in moves.values()]
     if len(set(targets)) != len(targets):
         raise NormfuseError(f"{target_dir}: two external data files of the model would share one name there")
-    notes = []
+    copied: list[tuple[str, Path]] = []
     for source_location, (file, location) in moves.items():
         if not file.is_file():
             raise NormfuseError(f"{source_dir}: external data file {source_location} is missing")
@@ -67,9 +67,15 @@ def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Pa
         destination.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(destination) as tmp:
             shutil.copy2(file, tmp)
-        notes.append(f"external data {location}: copied from {file} ({file.stat().st_size / 1e6:.1f} MB), since "
-                     "ONNX Runtime and onnx read weights only from the model's own directory; write the output "
-                     "beside the input to share the file instead")
+        copied.append((location, file))
+    why = ("since ONNX Runtime and onnx read weights only from the model's own directory; write the output beside "
+           "the input to share the files instead")
+    if len(copied) > 3:  # a model saved one file per tensor: one note, not hundreds
+        megabytes = sum(file.stat().st_size for _, file in copied) / 1e6
+        notes = [f"external data: copied {len(copied)} files ({megabytes:.1f} MB in all) from {source_dir}, {why}"]
+    else:
+        notes = [f"external data {location}: copied from {file} ({file.stat().st_size / 1e6:.1f} MB), {why}"
+                 for location, file in copied]
     for tensor in _external_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location":

@@ -78,6 +78,26 @@ def test_external_weights_are_never_read_and_are_shared_beside_the_source(tmp_pa
         ["llama.onnx", "fused.onnx", DATA_NAME])
 
 
+def test_a_model_saved_one_file_per_tensor_is_copied_with_one_note(exported, tmp_path):
+    """onnx.save(all_tensors_to_one_file=False), as older exporters wrote large models: every file
+    is copied beside an output written elsewhere, and the notes say so once, not per file."""
+    import onnxruntime as ort
+
+    (tmp_path / "src").mkdir()
+    source = tmp_path / "src" / "model.onnx"
+    onnx.save(onnx.load(str(exported("rmsnorm"))), str(source), save_as_external_data=True,
+              all_tensors_to_one_file=False, size_threshold=0)
+    out = tmp_path / "elsewhere" / "fused.onnx"
+    report = rewrite_file(source, out, target="onnxruntime")
+    # the files the output still reads (tensors of a few values, such as axes, are read into it)
+    files = {entry.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
+             for entry in t.external_data if entry.key == "location"}
+    copied = [note for note in report.notes if "copied" in note]
+    assert len(files) > 3 and len(copied) == 1 and f"copied {len(files)} files" in copied[0]
+    assert all((out.parent / name).read_bytes() == (tmp_path / "src" / name).read_bytes() for name in files)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
 def test_a_model_rewritten_elsewhere_loads_its_weights(tmp_path, bench_script):
     """ONNX Runtime and onnx refuse weight locations outside the model's directory ("../"), so an
     output elsewhere gets a copy of the weights beside it, and both load it."""
