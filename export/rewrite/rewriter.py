@@ -208,32 +208,32 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
     # name them now; a dim it leaves unknown keeps its saved placeholder (`_keep_saved_placeholders`).
     saved_value_info = list(model.graph.value_info)
     placeholders = [v for v in saved_value_info if _has_placeholder_dims(v)]
-    if placeholders:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(v for v in saved_value_info if not _has_placeholder_dims(v))
-    skeleton = onnx.ModelProto()
-    _copy_without_weights(model, skeleton)
-    skeleton.graph.value_info.extend(_without_placeholder_dims(v) for v in placeholders)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
-        inferred = skeleton
-    if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node):
-        inferred = _infer_through_contrib_ops(inferred)
-    known = {v.name for v in model.graph.value_info}
-    lent = [v for v in inferred.graph.value_info if v.name not in known]
-    _keep_saved_placeholders(lent, placeholders)
-    model.graph.value_info.extend(lent)
     declared = [onnx.ValueInfoProto() for _ in model.graph.output]
     for saved, output in zip(declared, model.graph.output):
         saved.CopyFrom(output)
-    inferred_outputs = {o.name: o for o in inferred.graph.output}
-    for output in model.graph.output:  # graph outputs declared without a shape get the inferred one
-        found = inferred_outputs.get(output.name)
-        if found is not None and not output.type.tensor_type.HasField("shape"):
-            output.CopyFrom(found)
     restore: list = []
-    try:
+    try:  # whatever happens, the model leaves as it came
+        if placeholders:
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(v for v in saved_value_info if not _has_placeholder_dims(v))
+        skeleton = onnx.ModelProto()
+        _copy_without_weights(model, skeleton)
+        skeleton.graph.value_info.extend(_without_placeholder_dims(v) for v in placeholders)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
+            inferred = skeleton
+        if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node):
+            inferred = _infer_through_contrib_ops(inferred)
+        known = {v.name for v in model.graph.value_info}
+        lent = [v for v in inferred.graph.value_info if v.name not in known]
+        _keep_saved_placeholders(lent, placeholders)
+        model.graph.value_info.extend(lent)
+        inferred_outputs = {o.name: o for o in inferred.graph.output}
+        for output in model.graph.output:  # graph outputs declared without a shape get the inferred one
+            found = inferred_outputs.get(output.name)
+            if found is not None and not output.type.tensor_type.HasField("shape"):
+                output.CopyFrom(found)
         lend_body_shapes(model.graph, inferred.graph, restore)
         return gs.import_onnx(model)
     finally:
