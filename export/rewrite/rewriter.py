@@ -235,7 +235,10 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
             if found is not None and not output.type.tensor_type.HasField("shape"):
                 output.CopyFrom(found)
         lend_body_shapes(model.graph, inferred.graph, restore)
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
+        # onnx-graphsurgeon keeps the model's own opset list, and adds the fused ops' domain to it
+        graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
+        return graph
     finally:
         del model.graph.value_info[:]
         model.graph.value_info.extend(saved_value_info)
