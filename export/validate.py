@@ -95,11 +95,14 @@ def random_node(path) -> str | None:
 
     from .onnx_io import load_graph_only
 
+    from .rewrite.scopes import walk_nodes
+
     graph = load_graph_only(path).graph
+    nodes = list(walk_nodes(graph.node))  # control-flow bodies too
     constants = {t.name: t for t in graph.initializer if t.data_location != 1}  # 1: EXTERNAL
-    constants.update({n.output[0]: n.attribute[0].t for n in graph.node
+    constants.update({n.output[0]: n.attribute[0].t for n in nodes
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    for node in graph.node:
+    for node in nodes:
         if node.op_type in RANDOM_OPS:
             return f"{node.op_type} '{node.name}' draws random numbers"
         if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2] in constants:

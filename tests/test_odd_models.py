@@ -172,3 +172,23 @@ def test_a_model_exported_in_training_mode_is_named_as_random(tmp_path, capsys, 
         assert "its outputs change from run to run" in err and "Dropout 'drop' runs in training mode" in err
     else:
         assert code == 0, err
+
+
+def test_a_dropout_in_training_mode_inside_a_branch_is_found(tmp_path, capsys):
+    """The random node may sit in an If branch, as a model with a data-dependent path exports it."""
+    def branch(name, training):
+        nodes = [helper.make_node("Constant", [], [f"{name}_ratio"], value=numpy_helper.from_array(np.array(0.5, np.float32))),
+                 helper.make_node("Constant", [], [f"{name}_mode"], value=numpy_helper.from_array(np.array(training))),
+                 helper.make_node("Dropout", ["x", f"{name}_ratio", f"{name}_mode"], [f"{name}_y"], name=f"{name}_drop")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)])
+
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    path = save(tmp_path / "branch.onnx",
+                [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", True), else_branch=branch("else", False))],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], [cond])
+    model = onnx.load(str(path))
+    model.opset_import[0].version = 18
+    onnx.save(model, str(path))
+    code, err = _main("export.validate", str(path), str(path), capsys=capsys)
+    assert code == 1 and "Dropout 'then_drop' runs in training mode" in err

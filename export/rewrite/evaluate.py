@@ -20,6 +20,8 @@ from onnx.reference.ops import load_op
 
 from normops import DOMAIN, run_reference
 
+from .scopes import walk_nodes
+
 
 def _like(value: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(value).astype(dtype)
@@ -161,19 +163,11 @@ class _OnnxRuntimeNode(OpRun):
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
 
-def _nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                yield from _nodes(body)
-
-
 def _run_by_onnx_runtime(model: onnx.ModelProto) -> list[type]:
     """Classes for the ops of `model` in other domains than onnx's, that are neither fused ops nor
     the model's own functions: ONNX Runtime runs them (`_OnnxRuntimeNode`)."""
     known = {(op.op_domain, op.__name__) for op in FUSED_OPS} | {(f.domain, f.name) for f in model.functions}
-    wanted = {(n.domain, n.op_type) for n in _nodes(model.graph) if n.domain not in STANDARD_DOMAINS} - known
+    wanted = {(n.domain, n.op_type) for n in walk_nodes(model.graph.node) if n.domain not in STANDARD_DOMAINS} - known
     opsets = list(model.opset_import)
     return [type(op_type, (_OnnxRuntimeNode,), {"op_domain": domain, "opsets": opsets}) for domain, op_type in sorted(wanted)]
 
