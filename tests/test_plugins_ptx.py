@@ -217,6 +217,10 @@ def switched_modules():
     return compiled_and_assembled(work, lambda w: (build.get_ptx(w[0], *FULL, arch="sm_90", defines=w[1]), "sm_90"))
 
 
+# The A/B switches are compile-time experiments for the GPU session (bench/kernel_ab.py), not the
+# kernels the plugins ship: assembling every variant with each group costs a minute on a cold
+# cache, so it runs under -m slow (the shipped kernels are assembled above on every run).
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("defines", AB_SWITCHES, ids=lambda d: "+".join(x.removeprefix("NORMFUSE_AB_") for x in d))
 @pytest.mark.parametrize("op", list(OPS))
