@@ -153,9 +153,8 @@ class ReferenceRunner:
         except Exception as exc:  # an op or opset the evaluator does not know
             from .errors import NormfuseError
 
-            detail = (str(exc).splitlines() or [""])[0][:300]
             raise NormfuseError(f"{model_path}: onnx's reference evaluator cannot run it: "
-                                f"{exc.__class__.__name__}: {detail}") from None
+                                f"{exc.__class__.__name__}: {_first_line(exc)}") from None
         self.output_names = [o.name for o in model.graph.output]
         self.name = "onnx-reference"
 
@@ -170,10 +169,14 @@ class ReferenceRunner:
             from .errors import RunFailure
 
             shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())
-            detail = str(exc).splitlines()[0] if str(exc) else ""
-            detail = detail if len(detail) <= 300 else detail[:300] + " ..."  # it may list every tensor it knows
             raise RunFailure(f"{self.path}: onnx's reference evaluator failed on {shapes}: "
-                             f"{exc.__class__.__name__}: {detail}") from None
+                             f"{exc.__class__.__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    """An exception's first line, cut at `limit` characters: onnx's evaluator may list every tensor it knows."""
+    line = (str(exc).splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, int]] | None = None,

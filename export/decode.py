@@ -90,26 +90,24 @@ def decoder_of(model, where: str, dims: dict[str, int] | None = None) -> Decoder
 
 def _cache_shape(past, present, dims: dict[str, int], where: str) -> tuple[int | None, ...]:
     """`past`'s shape with None on the cache-length axis and every other axis sized (see decoder_of)."""
-    def name(spec, axis):
-        params = tuple(spec.dim_params or ())
-        return params[axis] if axis < len(params) else None
+    from .dims import dim_params
 
+    names, present_names = dim_params(past), dim_params(present) + (None,) * len(past.shape)
     dynamic = [axis for axis, dim in enumerate(past.shape) if dim is None and axis != 0]
-    growing = [axis for axis in dynamic if axis < len(present.shape) and name(past, axis) is not None
-               and name(present, axis) != name(past, axis)]
+    growing = [axis for axis in dynamic if names[axis] is not None and present_names[axis] != names[axis]]
     if len(growing) != 1:  # the names do not tell: the cache length is the one axis not sized by --dim
-        growing = [axis for axis in dynamic if name(past, axis) not in dims]
+        growing = [axis for axis in dynamic if names[axis] not in dims]
     if len(growing) != 1:
-        named = ", ".join(name(past, axis) or f"axis {axis}" for axis in dynamic)
+        named = ", ".join(names[axis] or f"axis {axis}" for axis in dynamic)
         raise NormfuseError(f"{where}: cache input {past.name!r} {past.describe()} has dynamic axes {named} besides the "
                             "batch; one is the cache length, size the others with --dim NAME=SIZE (e.g. the head size)")
     fixed = {}
     for axis in dynamic:
         if axis != growing[0]:
-            if name(past, axis) not in dims:
-                raise NormfuseError(f"{where}: cache input {past.name!r} axis {axis} ({name(past, axis) or 'unnamed'}) "
+            if names[axis] not in dims:
+                raise NormfuseError(f"{where}: cache input {past.name!r} axis {axis} ({names[axis] or 'unnamed'}) "
                                     "is dynamic but not the cache length: give its size with --dim NAME=SIZE")
-            fixed[axis] = dims[name(past, axis)]
+            fixed[axis] = dims[names[axis]]
     return tuple(None if axis == growing[0] else fixed.get(axis, dim) for axis, dim in enumerate(past.shape))
 
 

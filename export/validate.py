@@ -91,15 +91,15 @@ def random_node(path) -> str | None:
     """The first node that makes `path`'s outputs change from run to run, described; None when
     there is none. Torch writes every Dropout of a model exported in training mode with a
     constant training_mode of True."""
+    import onnx
     from onnx import numpy_helper
 
     from .onnx_io import load_graph_only
-
     from .rewrite.scopes import walk_nodes
 
     graph = load_graph_only(path).graph
     nodes = list(walk_nodes(graph.node))  # control-flow bodies too
-    constants = {t.name: t for t in graph.initializer if t.data_location != 1}  # 1: EXTERNAL
+    constants = {t.name: t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
     constants.update({n.output[0]: n.attribute[0].t for n in nodes
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
     for node in nodes:

@@ -132,8 +132,11 @@ class _OnnxRuntimeNode(OpRun):
     opsets: list = []
 
     def _run(self, *inputs, **_):
-        import onnxruntime as ort
         from onnx import helper
+
+        from ..backends import import_onnxruntime
+
+        ort = import_onnxruntime()  # a one-line error naming the extra to install, where it is missing
 
         node = self.onnx_node
         given = [(name, value) for name, value in zip(node.input, inputs) if name and value is not None]
