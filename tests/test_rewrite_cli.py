@@ -237,15 +237,85 @@ def test_contrib_op_shapes_come_from_onnx_runtimes_inference_without_importing_t
                                          hidden_size=0, opt_level=0).model
     (contrib,) = [n for n in optimised.graph.node if n.domain == "com.microsoft"]
     del optimised.graph.value_info[:]  # (onnx's inference refuses this graph: no opset for com.microsoft)
-    from export.rewrite.rewriter import _infer_through_contrib_ops
+    from export.rewrite.rewriter import _symbolic_shapes
 
-    inferred = {v.name: v for v in _infer_through_contrib_ops(optimised).graph.value_info}
+    inferred = {v.name: v for v in _symbolic_shapes(optimised).graph.value_info}
     dims = inferred[contrib.output[0]].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims][-1] == model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
     probe = ("import sys; from export.rewrite.rewriter import _ort_symbolic_shape_inference as f; "
              "assert hasattr(f(), 'infer_shapes'); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def _residual_rms_model(second_operand_nodes, second_input_shape, contrib_op: bool):
+    """a2 + b2 in front of a spelled-out RMSNorm of hidden 8, where the given nodes make a2 of a
+    and b2 of b; optionally a contrib op after the norm."""
+    hidden = 8
+    nodes = [*second_operand_nodes,
+             helper.make_node("Add", ["a2", "b2"], ["s"]),
+             helper.make_node("Mul", ["s", "s"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]),
+             helper.make_node("Sqrt", ["mse"], ["root"]),
+             helper.make_node("Div", ["s", "root"], ["n"]),
+             helper.make_node("Mul", ["n", "g"], ["y0" if contrib_op else "y"])]
+    opsets = [helper.make_opsetid("", 18)]
+    if contrib_op:
+        nodes.append(helper.make_node("FastGelu", ["y0"], ["y"], domain="com.microsoft"))
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    a_shape = ["batch", "seq", hidden] if len(second_input_shape) == 3 else ["batch", hidden]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, second_input_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+         onnx.numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+         onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "g")])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_a_dim_that_may_be_one_is_never_merged_into_a_residual():
+    """b's rows ('other') may be 1 at run time, so relu(a) + relu(b) may broadcast and stays outside the
+    fused op, also where ONNX Runtime's symbolic inference runs (a contrib op in the graph): with
+    its auto-merge it declared 'other' equal to 'batch', the Add was fused, and the fused graph
+    failed on ONNX Runtime with b of one row."""
+    relus = [helper.make_node("Relu", ["a"], ["a2"]), helper.make_node("Relu", ["b"], ["b2"])]
+    model = _residual_rms_model(relus, ["other", 8], contrib_op=True)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.counts == {"RMSNorm": 1}
+    (skipped,) = report.residual_skipped
+    assert "cannot be shown equal" in skipped["reason"], skipped
+    fused, _ = rewrite_model(model, target="onnxruntime")
+    import onnxruntime as ort
+
+    feeds = {"a": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32),
+             "b": np.random.default_rng(1).standard_normal((1, 8)).astype(np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    got = ort.InferenceSession(fused.SerializeToString()).run(None, feeds)[0]
+    assert GRAPH["float32"].passes(got, expected)
+
+
+def test_a_reshape_to_minus_one_keeps_the_residual_it_feeds():
+    """TorchScript exports write `x.view(-1, seq, hidden)`: onnx's inference leaves that dim
+    unknown, ONNX Runtime's symbolic inference works it out (batch * seq * 8 / (seq * 8) = batch),
+    so the Add of it and another [batch, seq, 8] tensor is a residual (GPT-2 exported by Optimum:
+    2 of 5 residual Adds fused before, 5 of 5 now)."""
+    reshape = [helper.make_node("Shape", ["a"], ["a_shape"], start=1),
+               helper.make_node("Concat", ["minus_one", "a_shape"], ["target"], axis=0),
+               helper.make_node("Reshape", ["a", "target"], ["a2"]),
+               helper.make_node("Relu", ["b"], ["b2"])]
+    model = _residual_rms_model(reshape, ["batch", "seq", 8], contrib_op=False)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one"))
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    (a2,) = [v for v in inferred.graph.value_info if v.name == "a2"]
+    assert not a2.type.tensor_type.shape.dim[0].dim_param.startswith("batch")  # onnx alone cannot tell
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.counts == {"AddRMSNorm": 1}, report.residual_skipped
+    feeds = {"a": np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32),
+             "b": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)}
+    assert GRAPH["float32"].passes(run_model(out, feeds)[0], run_model(model, feeds)[0])
 
 
 def test_shape_inference_copy_leaves_in_memory_weights_behind():

@@ -423,3 +423,46 @@ def test_dynamo_export_of_torch_cond_fuses_the_norm_in_each_branch(tmp_path):
         feeds = {"x": x.numpy(), "flag": (sign * flag).numpy()}
         expected, actual = (s.run(None, feeds)[0] for s in sessions)
         assert GRAPH["float32"].passes(actual, expected)
+
+
+def test_a_reshape_to_minus_one_inside_a_branch_keeps_its_residual():
+    """Inside an If branch too, the dim onnx's inference leaves unknown after `x.view(-1, ...)`
+    comes from ONNX Runtime's symbolic inference (Optimum's merged decoders hold the whole decoder
+    in the branches of one If)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = 8
+    then_nodes = [helper.make_node("Shape", ["a"], ["a_shape"], start=1),
+                  helper.make_node("Concat", ["minus_one", "a_shape"], ["target"], axis=0),
+                  helper.make_node("Reshape", ["a", "target"], ["a2"]),
+                  helper.make_node("Relu", ["b"], ["b2"]),
+                  helper.make_node("Add", ["a2", "b2"], ["s"]),
+                  helper.make_node("Mul", ["s", "s"], ["sq"]),
+                  helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+                  helper.make_node("Add", ["ms", "eps"], ["mse"]),
+                  helper.make_node("Sqrt", ["mse"], ["root"]),
+                  helper.make_node("Div", ["s", "root"], ["n"]),
+                  helper.make_node("Mul", ["n", "g"], ["y_then"])]
+    shape = ["batch", "seq", hidden]
+    then_branch = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, shape)])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["a"], ["y_else"])], "else", [],
+                                    [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, shape)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("a", TensorProto.FLOAT, shape),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+         numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+         numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+         numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "g")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    for target in ("tensorrt", "onnxruntime"):
+        out, report = rewrite_model(model, target=target)
+        assert report.counts == {"AddRMSNorm": 1}, report.residual_skipped
+        assert report.fusions[0].scope.endswith("then_branch")
+    rng = np.random.default_rng(0)
+    feeds = {"c": np.array(True), "a": rng.standard_normal((2, 3, hidden)).astype(np.float32),
+             "b": rng.standard_normal((2, 3, hidden)).astype(np.float32)}
+    assert_same(ort_run(model, feeds), ort_run(out, feeds))

@@ -45,9 +45,12 @@ def residual_add(candidate: NormCandidate, graph_outputs: set) -> tuple[tuple | 
     shape = total.shape
     if shape is None:
         return None, f"shape of the sum '{total.name}' is unknown"
+    differing = [t for t in (a, b) if t.shape is None or list(t.shape) != list(shape)]
+    differing.sort(key=lambda t: _how_shapes_differ(t.shape, shape) != "broadcasts")  # the plain reason first
+    if differing:
+        t = differing[0]
+        return None, f"Add '{add.name}' {_how_shapes_differ(t.shape, shape)} ({t.name}: {t.shape} vs {shape})"
     for t in (a, b):
-        if t.shape is None or list(t.shape) != list(shape):
-            return None, f"Add '{add.name}' broadcasts ({t.name}: {t.shape} vs {shape})"
         if dtype_name(t) != dtype_name(candidate.x):
             return None, f"Add '{add.name}' mixes dtypes"
     # Equal static sizes or equal dim names are equal at run time; an unknown dim (None) on both
@@ -55,6 +58,15 @@ def residual_add(candidate: NormCandidate, graph_outputs: set) -> tuple[tuple | 
     if any(d is None for d in shape):
         return None, f"Add '{add.name}' operand shapes cannot be shown equal ({shape})"
     return (a, b, add), None
+
+
+def _how_shapes_differ(operand, total) -> str:
+    """'broadcasts' when the sizes show it; otherwise the sizes are only not known to be equal
+    (two dims without a name in common, as shape inference leaves a Reshape to -1)."""
+    if operand is not None and (len(operand) < len(total) or any(
+            o != t and (o == 1 or isinstance(o, int) and isinstance(t, int)) for o, t in zip(operand, total))):
+        return "broadcasts"
+    return "operand shapes cannot be shown equal"
 
 
 def sum_is_used_elsewhere(candidate: NormCandidate, graph_outputs: set) -> bool:

@@ -223,8 +223,9 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
             inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
         except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
             inferred = skeleton
-        if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node):
-            inferred = _infer_through_contrib_ops(inferred)
+        if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node) or _dims_left_unknown(inferred):
+            symbolic = _symbolic_shapes(skeleton)
+            _fill_from_symbolic_inference(inferred.graph, symbolic.graph if symbolic is not None else None)
         known = {v.name for v in model.graph.value_info}
         lent = [v for v in inferred.graph.value_info if v.name not in known]
         _keep_saved_placeholders(lent, placeholders)
@@ -296,16 +297,85 @@ def _type_empty_constants(graph: gs.Graph, names: UniqueNames) -> None:
                                                np.zeros((0,), EMPTY_LIST_CONSTANTS[key]))}
 
 
-def _infer_through_contrib_ops(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx's inference stops at ONNX Runtime's contrib ops (a graph its optimizer has seen:
-    SkipLayerNormalization, MultiHeadAttention, FastGelu...); ONNX Runtime's symbolic shape
-    inference knows them. Used only for such graphs, and only when it succeeds."""
+def _unknown_dim(dim) -> bool:
+    return not dim.HasField("dim_value") and (not dim.dim_param or bool(PLACEHOLDER_DIM.fullmatch(dim.dim_param)))
+
+
+def _dims_left_unknown(model: onnx.ModelProto) -> bool:
+    """Whether onnx's inference left a dim unnamed (a Reshape to -1 of a dynamic shape, as
+    TorchScript exports write `x.view(-1, seq)`), or a tensor without a shape, in any graph."""
+    return any(not value.type.tensor_type.HasField("shape") or any(map(_unknown_dim, value.type.tensor_type.shape.dim))
+               for graph in _graphs(model.graph) for value in graph.value_info)
+
+
+def _graphs(graph: onnx.GraphProto):
+    """The graph and every If/Loop/Scan body in it, to any depth."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                yield from _graphs(body)
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX Runtime's symbolic shape inference of `model`, as far as it gets, or None.
+
+    It knows ONNX Runtime's contrib ops (a graph its optimizer has seen: SkipLayerNormalization,
+    MultiHeadAttention...), where onnx's inference stops, and works sizes out as expressions of
+    the inputs' (a Reshape to -1 of [batch, seq] by seq is batch), where onnx's leaves them unknown.
+    Never with `auto_merge`: that declares two dims equal because an op broadcasts one against the
+    other, which also holds when one of them is 1, and would let a broadcasting Add pass for a
+    residual. Its public `infer_shapes` throws the partial result away when it stops early (after
+    saving it into the working directory), so the loop is run here."""
     try:
-        inference = _ort_symbolic_shape_inference()
+        inference = _ort_symbolic_shape_inference()(int_max=2**31 - 1, auto_merge=False, guess_output_rank=False, verbose=0)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return inference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-    except Exception:  # not installed, or an op it does not know: keep onnx's shapes
-        return model
+            inference._preprocess(model)
+            while inference.run_:
+                inference._infer_impl()
+        return inference.out_mp_
+    except Exception:  # not installed, another version's internals, or an op it fails on: onnx's shapes stay
+        return None
+
+
+def _fill_from_symbolic_inference(inferred: onnx.GraphProto, symbolic: onnx.GraphProto | None) -> None:
+    """Dims onnx's inference left unknown take the symbolic inference's, and tensors it gave no
+    shape take the symbolic one, in the graph and its bodies (paired by the nodes holding them).
+    Both name a dim only by an input's dim, an expression of those or (the symbolic one) a name of
+    its own for one op's output, so a name the two share means the same size in both."""
+    if symbolic is None:
+        return
+    found = {v.name: v for v in symbolic.value_info if v.type.tensor_type.HasField("shape")}
+    for value in inferred.value_info:
+        other = found.pop(value.name, None)
+        if other is None or other.type.tensor_type.elem_type != value.type.tensor_type.elem_type:
+            continue
+        if not value.type.tensor_type.HasField("shape"):
+            value.type.tensor_type.shape.CopyFrom(other.type.tensor_type.shape)
+            continue
+        dims, known = value.type.tensor_type.shape.dim, other.type.tensor_type.shape.dim
+        if len(dims) == len(known):
+            for dim, better in zip(dims, known):
+                if _unknown_dim(dim) and not _unknown_dim(better):
+                    dim.CopyFrom(better)
+    # past ops onnx's inference does not know; placeholders of its own node-by-node calls are no names
+    inferred.value_info.extend(_without_placeholder_dims(v) for v in found.values())
+    # the symbolic inference sorts the nodes: bodies pair through the node's first output
+    holders = {n.output[0]: n for n in symbolic.node if n.output and any(a.g.node or a.graphs for a in n.attribute)}
+    for node in inferred.node:
+        twin = holders.get(node.output[0]) if node.output else None
+        if twin is None:
+            continue
+        twin_attrs = {a.name: a for a in twin.attribute}
+        for attr in node.attribute:
+            theirs = twin_attrs.get(attr.name)
+            if theirs is None:
+                continue
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _fill_from_symbolic_inference(attr.g, theirs.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS and len(attr.graphs) == len(theirs.graphs):
+                for body, their_body in zip(attr.graphs, theirs.graphs):
+                    _fill_from_symbolic_inference(body, their_body)
 
 
 @functools.lru_cache(maxsize=1)
