@@ -6,6 +6,7 @@ from pathlib import Path
 from .bench import pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
 from .rewrite import describe_counts
+from .validate import shape_label
 
 
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
@@ -94,7 +95,7 @@ def markdown(report: dict) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for pair in report["validation"]:
         for name, s in pair["outputs"].items():
-            lines.append(f"| {pair['reference']} | {pair['candidate']} | {pair['shape'][0]}x{pair['shape'][1]} | {name} | "
+            lines.append(f"| {pair['reference']} | {pair['candidate']} | {shape_label(pair)} | {name} | "
                          f"{s['max_abs']:.3g} | {s['max_rel']:.3g} | atol {s['atol']:g}, rtol {s['rtol']:g} | "
                          f"{'pass' if s['passed'] else '**FAIL**'} |")
     lines += ["", "## Benchmark", ""]
@@ -209,7 +210,7 @@ def print_summary(report: dict, console) -> None:
         table.add_column(col)
     for pair in report["validation"]:
         for name, s in pair["outputs"].items():
-            table.add_row(pair["reference"], pair["candidate"], f"{pair['shape'][0]}x{pair['shape'][1]}",
+            table.add_row(pair["reference"], pair["candidate"], shape_label(pair),
                           f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}", "[green]pass" if s["passed"] else "[red]FAIL")
     console.print(table)
     if report["bench"]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto
 
 from normops import GRAPH, Tolerance, error_stats, numpy_dtype, within
 
@@ -84,6 +85,43 @@ def _q_name(q: float) -> str:
     return "max" if q == 1.0 else f"p{q * 100:g}"
 
 
+def branch_switches(path) -> list[str]:
+    """Boolean one-element inputs that an If reads as its condition, directly or reshaped or
+    negated (Optimum's merged decoders choose between the first step and the steps with a cache
+    by `use_cache_branch`): validation runs each shape with them all true and again all false, so
+    that both branches are compared."""
+    from .onnx_io import load_graph_only
+    from .rewrite.scopes import walk_nodes
+
+    graph = load_graph_only(path).graph
+    switches = {}
+    for value in graph.input:
+        tensor = value.type.tensor_type
+        if tensor.elem_type == TensorProto.BOOL and tensor.HasField("shape") and all(
+                d.HasField("dim_value") and d.dim_value == 1 for d in tensor.shape.dim):
+            switches[value.name] = False
+    nodes = list(walk_nodes(graph.node))
+    producers = {name: node for node in nodes for name in node.output}
+    for node in nodes:
+        if node.op_type != "If" or not node.input:
+            continue
+        condition = node.input[0]
+        while condition in producers and producers[condition].op_type in CONDITION_PASSES and producers[condition].input:
+            condition = producers[condition].input[0]  # the same one value, reshaped or negated
+        if condition in switches:
+            switches[condition] = True
+    return [name for name, read_by_if in switches.items() if read_by_if]
+
+
+CONDITION_PASSES = ("Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Not")
+
+
+def shape_label(pair: dict) -> str:
+    """'1x16', or '1x16 use_cache_branch=false' for a pair run with its branch switches set."""
+    switches = "".join(f" {name}={str(value).lower()}" for name, value in pair.get("switches", {}).items())
+    return f"{pair['shape'][0]}x{pair['shape'][1]}{switches}"
+
+
 RANDOM_OPS = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial")
 
 
@@ -117,7 +155,8 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     """One pair record per shape: {reference, candidate, shape, passed, outputs: {name: stats}}.
 
     Both sides get the same inputs: random, from the reference graph's signature, seeded, with
-    named dynamic dimensions sized by `dims` and `export.dims`' rules; or
+    named dynamic dimensions sized by `dims` and `export.dims`' rules (a model with branch
+    switches, see `branch_switches`, gets two pairs per shape, the switches true then false); or
     `given`, a list of feed dicts (one pair each; see `read_given_inputs`), checked against the
     signature first. With `save_dir`, inputs and both sides' outputs are written in Polygraphy's
     formats."""
@@ -142,10 +181,14 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
 
     tolerance = GRAPH[dtype]
     bounds = index_bounds(reference.model) if given is None else {}
+    switches = branch_switches(reference.model) if given is None and Path(reference.model).suffix == ".onnx" else []
+    settings = [dict.fromkeys(switches, True), dict.fromkeys(switches, False)] if switches else [{}]
+    runs = [(index, shape, setting) for index, shape in enumerate(shapes) for setting in settings]
     pairs, iterations = [], []
-    for index, (batch, seq) in enumerate(shapes):
+    for index, (batch, seq), setting in runs:
         feeds = given[index] if given is not None else random_arrays(
             inputs, batch, seq, seed=seed, bounds=bounds, dims=dims, where=str(reference.model))
+        feeds.update({name: np.full_like(feeds[name], on) for name, on in setting.items()})
         with hint_on_failure(inputs if given is None else ()):
             expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
         missing = set(expected) - set(actual)
@@ -156,6 +199,7 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             "reference": f"{reference.label}@{reference.backend}",
             "candidate": f"{candidate.label}@{candidate.backend}",
             "shape": [batch, seq],
+            **({"switches": setting} if setting else {}),
             "input_shapes": {name: list(np.shape(value)) for name, value in feeds.items()},
             "dtype": dtype,
             "passed": all(o["passed"] for o in outputs.values()),
@@ -308,7 +352,7 @@ def main(argv=None) -> int:
         for pair in pairs:
             for name, s in pair["outputs"].items():
                 verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"
-                print(f"{verdict} {pair['shape'][0]}x{pair['shape'][1]}{with_dims} {name} ({pair['candidate']} vs "
+                print(f"{verdict} {shape_label(pair)}{with_dims} {name} ({pair['candidate']} vs "
                       f"{pair['reference']}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
                       f"max_rel {s['max_rel']:.3g}, tolerance used p99 {s['tolerance_used']['p99']:.2g} "
                       f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")

@@ -466,3 +466,52 @@ def test_a_reshape_to_minus_one_inside_a_branch_keeps_its_residual():
     feeds = {"c": np.array(True), "a": rng.standard_normal((2, 3, hidden)).astype(np.float32),
              "b": rng.standard_normal((2, 3, hidden)).astype(np.float32)}
     assert_same(ort_run(model, feeds), ort_run(out, feeds))
+
+
+def _branches_sharing_names_model():
+    """Two If branches that each define `shape` and `ones` (as Optimum's merged decoders define
+    every name twice): of the 3-D input in one, of the 1-D one in the other. A norm in the main
+    graph makes the rewrite write the model out again."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(name: str, of: str):
+        nodes = [helper.make_node("Shape", [of], ["shape"]),
+                 helper.make_node("ConstantOfShape", ["shape"], ["ones"],
+                                  value=numpy_helper.from_array(np.ones(1, np.float32))),
+                 helper.make_node("Mul", ["ones", of], [f"y_{name}"]),
+                 helper.make_node("ReduceSum", [f"y_{name}"], [f"total_{name}"], keepdims=0)]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"total_{name}", TensorProto.FLOAT, [])])
+
+    norm = [helper.make_node("Mul", ["x", "x"], ["sq"]),
+            helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+            helper.make_node("Add", ["ms", "eps"], ["mse"]),
+            helper.make_node("Sqrt", ["mse"], ["root"]),
+            helper.make_node("Div", ["x", "root"], ["normed"])]
+    graph = helper.make_graph(
+        [*norm, helper.make_node("If", ["c"], ["total"], then_branch=branch("then", "x"), else_branch=branch("else", "k"))], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8]),
+         helper.make_tensor_value_info("k", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("normed", TensorProto.FLOAT, ["batch", "seq", 8])],
+        [numpy_helper.from_array(np.array([-1], np.int64), "axes"), numpy_helper.from_array(np.array(1e-5, np.float32), "eps")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_branches_defining_the_same_names_get_their_own_shapes():
+    """onnx's data propagation keeps what it works out by name, so the else branch took the then
+    branch's `shape` (the 3-D input's for the 1-D one's): the rewritten model carried shapes
+    ONNX Runtime refused to load. Inference now runs with each branch's names made its own."""
+    model = _branches_sharing_names_model()
+    for target in ("tensorrt", "onnxruntime"):
+        out, report = rewrite_model(model, target=target)
+        assert report.counts == {"RMSNorm": 1}
+        (node,) = [n for n in out.graph.node if n.op_type == "If"]
+        for attr in node.attribute:  # each branch keeps its own names and its own shapes
+            shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in attr.g.value_info}
+            assert shapes["ones"] == (["batch", "seq", 8] if attr.name == "then_branch" else [4]), (attr.name, shapes)
+    rng = np.random.default_rng(0)
+    for c in (True, False):
+        feeds = {"c": np.array(c), "x": rng.standard_normal((2, 3, 8)).astype(np.float32),
+                 "k": rng.standard_normal(4).astype(np.float32)}
+        assert_same(ort_run(model, feeds), ort_run(out, feeds))

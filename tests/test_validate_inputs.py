@@ -205,3 +205,49 @@ def test_a_decoder_step_validates_on_given_inputs_only(tmp_path, capsys):
              past=rng.standard_normal((2, 6, HIDDEN)).astype(np.float32), mask=np.ones((2, 7), np.int64))
     assert main([str(reference), str(fused), "--backend", "onnx-reference", "--inputs", str(given)]) == 0
     assert "PASS 2x1 y" in capsys.readouterr().out
+
+
+def branch_model(path, else_op: str = "Identity"):
+    """`use_cache_branch` ([1] bool, as Optimum's merged decoders have it) chooses between the
+    RMSNorm of x (then) and `else_op` of x (else)."""
+    hidden = 8
+    then_nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
+                  helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+                  helper.make_node("Add", ["ms", "eps"], ["mse"]),
+                  helper.make_node("Sqrt", ["mse"], ["root"]),
+                  helper.make_node("Div", ["x", "root"], ["n"]),
+                  helper.make_node("Mul", ["n", "g"], ["y_then"])]
+    shape = ["batch", "seq", hidden]
+    branches = {
+        "then_branch": helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, shape)]),
+        "else_branch": helper.make_graph([helper.make_node(else_op, ["x"], ["y_else"])], "else", [],
+                                         [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, shape)])}
+    cond = helper.make_node("Squeeze", ["use_cache_branch"], ["cond"])
+    graph = helper.make_graph(
+        [cond, helper.make_node("If", ["cond"], ["y"], **branches)], "g",
+        [helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.array([-1], np.int64), "axes"), numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+         numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "g")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_both_branches_of_a_switch_input_are_validated(tmp_path):
+    """A boolean input an If reads (here through a Squeeze, as the condition is a scalar) runs
+    true and false for every shape: a candidate that differs only in the else branch fails."""
+    from export.validate import Side, branch_switches, compare
+
+    reference = branch_model(tmp_path / "ref.onnx")
+    assert branch_switches(reference) == ["use_cache_branch"]
+    fused = tmp_path / "fused.onnx"
+    assert rewrite_file(reference, fused, target="onnxruntime").counts == {"RMSNorm": 1}
+    pairs = compare(Side(reference, "ort-cpu", "reference"), Side(fused, "ort-cpu", "fused"), [(1, 4), (2, 3)], "float32")
+    assert [(p["shape"], p["switches"]) for p in pairs] == [
+        ([1, 4], {"use_cache_branch": True}), ([1, 4], {"use_cache_branch": False}),
+        ([2, 3], {"use_cache_branch": True}), ([2, 3], {"use_cache_branch": False})]
+    assert all(p["passed"] for p in pairs)
+    wrong_else = branch_model(tmp_path / "wrong.onnx", else_op="Neg")
+    pairs = compare(Side(reference, "ort-cpu", "reference"), Side(wrong_else, "ort-cpu", "fused"), [(1, 4)], "float32")
+    assert [p["passed"] for p in pairs] == [True, False]

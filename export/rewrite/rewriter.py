@@ -39,7 +39,8 @@ from .functions import inline_norm_functions
 from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
 from .residual import residual_add, row_preserving_reshape, sum_is_used_elsewhere
-from .scopes import Scope, all_nodes, count_nodes, keep_initializers_home, lend_body_shapes, scopes_of
+from .scopes import (Scope, all_nodes, count_nodes, keep_initializers_home, lend_body_shapes, node_bodies,
+                     restore_body_names, scopes_of, separate_body_names)
 
 
 @dataclass
@@ -219,6 +220,7 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         skeleton = onnx.ModelProto()
         _copy_without_weights(model, skeleton)
         skeleton.graph.value_info.extend(_without_placeholder_dims(v) for v in placeholders)
+        renamed = separate_body_names(skeleton.graph)
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
         except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
@@ -226,6 +228,8 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node) or _dims_left_unknown(inferred):
             symbolic = _symbolic_shapes(skeleton)
             _fill_from_symbolic_inference(inferred.graph, symbolic.graph if symbolic is not None else None)
+        if renamed:
+            restore_body_names(inferred.graph)
         known = {v.name for v in model.graph.value_info}
         lent = [v for v in inferred.graph.value_info if v.name not in known]
         _keep_saved_placeholders(lent, placeholders)
@@ -312,9 +316,8 @@ def _graphs(graph: onnx.GraphProto):
     """The graph and every If/Loop/Scan body in it, to any depth."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                yield from _graphs(body)
+        for body in node_bodies(node):
+            yield from _graphs(body)
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:

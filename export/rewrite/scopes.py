@@ -3,6 +3,9 @@ in it, with why a body's norms may not be fused, and the protobuf walks over the
 every node, shapes inference found inside bodies, initializers kept in the main graph)."""
 from __future__ import annotations
 
+import itertools
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 import onnx
@@ -48,6 +51,58 @@ def all_nodes(model: onnx.ModelProto):
     yield from walk_nodes(model.graph.node)
     for function in model.functions:
         yield from walk_nodes(function.node)
+
+
+BODY_SUFFIX = re.compile(r"__normfuse_body\d+$")
+
+
+def separate_body_names(graph: onnx.GraphProto) -> bool:
+    """Names that more than one graph of the model defines get a suffix of their body's own, in
+    place (on the copy shape inference runs on); whether any did. Optimum's merged decoders hold
+    two versions of the decoder in the branches of one If under the same names, and onnx's data
+    propagation keeps the values it works out by name: the else branch read the then branch's (the
+    shape of a 3-D tensor for that of a 1-D one), and the shapes it gave ONNX Runtime refused."""
+    defined: Counter = Counter()
+
+    def count(g: onnx.GraphProto) -> None:
+        defined.update(v.name for v in g.input)
+        defined.update(t.name for t in g.initializer)
+        defined.update(name for node in g.node for name in node.output if name)
+        for node in g.node:
+            for body in node_bodies(node):
+                count(body)
+
+    count(graph)
+    shared = {name for name, times in defined.items() if times > 1}
+    if not shared:
+        return False
+    numbers = itertools.count()
+
+    def rename(g: onnx.GraphProto, outer: dict, is_body: bool) -> None:
+        mapping = dict(outer)
+        if is_body:
+            suffix = f"__normfuse_body{next(numbers)}"
+            local = [v.name for v in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output]
+            mapping.update({name: name + suffix for name in local if name in shared})
+        for value in [*g.input, *g.output, *g.value_info, *g.initializer]:
+            value.name = mapping.get(value.name, value.name)
+        for node in g.node:
+            node.input[:] = [mapping.get(name, name) for name in node.input]
+            node.output[:] = [mapping.get(name, name) for name in node.output]
+            for body in node_bodies(node):
+                rename(body, mapping, True)
+
+    rename(graph, {}, False)
+    return True
+
+
+def restore_body_names(graph: onnx.GraphProto) -> None:
+    """Undo `separate_body_names` on the names of the bodies' inputs, outputs and value_info."""
+    for node in graph.node:
+        for body in node_bodies(node):
+            for value in [*body.input, *body.output, *body.value_info]:
+                value.name = BODY_SUFFIX.sub("", value.name)
+            restore_body_names(body)
 
 
 def keep_initializers_home(out: onnx.ModelProto, model: onnx.ModelProto) -> None:
