@@ -508,3 +508,31 @@ def test_axes_that_shape_ops_make_more_than_the_last_are_still_refused():
     nodes = [_const("a", [-1]), _const("b", [-2]), onnx.helper.make_node("Concat", ["a", "b"], ["axes"], axis=0)]
     out, report = rewrite_model(_rms_with_axes_from(nodes, "axes"), target="tensorrt")
     assert report.fused == 0 and "not only the last axis" in report.rejected[0].reason
+
+
+def test_a_last_axis_mean_in_no_norm_is_named_in_the_notes():
+    """An RMSNorm whose squares are quantised to int8 before their mean (a QDQ model) is no exact
+    norm and matches nothing; the notes name its ReduceMean, so a short count of fused norms has
+    a lead. A model whose norms all fuse gets no such note."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
+             helper.make_node("QuantizeLinear", ["sq", "scale", "zero"], ["sq_q"]),
+             helper.make_node("DequantizeLinear", ["sq_q", "scale", "zero"], ["sq_dq"]),
+             helper.make_node("ReduceMean", ["sq_dq", "axes"], ["ms"], keepdims=1, name="quantised_mean"),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]),
+             helper.make_node("Sqrt", ["mse"], ["root"]),
+             helper.make_node("Div", ["x", "root"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+                              [numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+                               numpy_helper.from_array(np.array(0, np.uint8), "zero"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                               numpy_helper.from_array(np.array(1e-5, np.float32), "eps")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    _, report = rewrite_model(model)
+    assert report.fused == 0 and not report.rejected
+    (note,) = [n for n in report.notes if "ReduceMean" in n]
+    assert note.startswith("1 ReduceMean node(s) over the last axis") and "'quantised_mean'" in note
+    _, report = rewrite_model(build(NormSpec(kind="rms", residual="exposed")))
+    assert report.fused == 1 and not any("ReduceMean" in n for n in report.notes)

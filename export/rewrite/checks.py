@@ -321,6 +321,20 @@ def _check_reduce(node: gs.Node, rank: int) -> None:
     _last_axis(axes, rank, where)
 
 
+def is_last_axis_mean(node: gs.Node) -> bool:
+    """A ReduceMean over the last axis of an input of known rank: the heart of every spelled-out norm."""
+    if node.op != "ReduceMean" or (node.domain or "") not in ("", "ai.onnx") or not node.inputs:
+        return False
+    shape = node.inputs[0].shape
+    if shape is None:
+        return False
+    try:
+        _check_reduce(node, len(shape))
+    except Rejected:
+        return False
+    return True
+
+
 def _check_native(node: gs.Node, rank: int) -> None:
     _last_axis([node.attrs.get("axis", -1)], rank, f"{node.op} '{node.name}'")
 

@@ -30,7 +30,8 @@ from normops import op_for
 from ..errors import NormfuseError, UsageError
 from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, inline_small_external_data, load_graph_only, save_model,
                        share_external_data)
-from .checks import FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name
+from .checks import (FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name,
+                     is_last_axis_mean)
 from .fills import per_feature_fills
 from .keepdims import restore_keepdims
 from .gamma import fold_gamma
@@ -40,7 +41,7 @@ from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
 from .residual import residual_add, row_preserving_reshape, sum_is_used_elsewhere
 from .scopes import (Scope, all_nodes, count_nodes, keep_initializers_home, lend_body_shapes, node_bodies,
-                     restore_body_names, scopes_of, separate_body_names)
+                     restore_body_names, scopes_of, separate_body_names, walk_graphs)
 
 
 @dataclass
@@ -149,6 +150,9 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     report.fused = len(report.fusions)
 
     graph.cleanup().toposort()
+    unmatched = _means_in_no_norm(graph, report)
+    if unmatched:
+        report.notes.append(unmatched)
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = model.ir_version
     keep_initializers_home(out, model)
@@ -160,6 +164,20 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     report.opset = opset
     report.seconds = round(time.perf_counter() - started, 3)
     return out, report
+
+
+def _means_in_no_norm(graph: gs.Graph, report: RewriteReport) -> str | None:
+    """A note naming the last-axis means left in the graph that no fusion took and no rejection
+    names: a norm spelled in a way not recognised (or quantised between its steps, which makes it
+    no exact norm), worth a look when a model's count of fused norms is short."""
+    rejected = {name for r in report.rejected for name in r.nodes}
+    left = [node.name or node.outputs[0].name for sub in walk_graphs(graph) for node in sub.nodes
+            if is_last_axis_mean(node) and node.name not in rejected]
+    if not left:
+        return None
+    shown = ", ".join(f"'{name}'" for name in left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+    return (f"{len(left)} ReduceMean node(s) over the last axis are in no norm found and no rejection ({shown}): "
+            "a spelling not recognised, or one quantised between its steps")
 
 
 def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started):
