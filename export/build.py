@@ -206,7 +206,7 @@ class Pipeline:
         backends = self.backends
         dtype = described["dtype"]
         fused, fused_cpu, fused_trt = out / "fused.onnx", out / "fused-cpu.onnx", out / "fused-tensorrt.onnx"
-        from .rewrite import describe_counts, rewrite_file
+        from .rewrite import describe_counts, describe_unmatched_means, rewrite_file
 
         with self.stage("rewrite", "rewrite norms (tensorrt, onnxruntime and onnxruntime CPU forms)"):
             rewrite = rewrite_file(reference, fused, target="onnxruntime")
@@ -223,6 +223,8 @@ class Pipeline:
                    else "none for its CPU provider (its norms are already the single ops it would get)")
             self.console.print(f"    fused {rewrite_trt.fused} norms for TensorRT ({describe_counts(rewrite_trt.counts)}), "
                                f"{rewrite.fused} for ONNX Runtime ({describe_counts(rewrite.counts)}), {cpu}")
+        if rewrite_trt.unmatched_means:
+            self.console.print(f"    [yellow]{describe_unmatched_means(rewrite_trt.unmatched_means)}[/]")
         # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing
         cpu_form = fused_cpu if rewrite_cpu.fused else None
         self.resolve_shapes(reference)
@@ -342,7 +344,7 @@ class Pipeline:
     def validate(self, reference, fused, fused_cpu, fused_trt, backends, dtype, engines=None) -> list[dict]:
         """Each fused graph against the reference on the backends present; `fused_cpu` None: the
         CPU form is the reference graph itself."""
-        from .validate import Side, compare
+        from .validate import Side, candidate_optimization, compare
 
         a = self.args
         shapes = self.shapes_run
@@ -351,6 +353,9 @@ class Pipeline:
         where = [f"onnx reference evaluator at {listed(self.validation_shapes)}"]
         where += [f"{b} at {listed(shapes)}" for b in backends if b.startswith("ort-") and not lacks_kernels(b, dtype)]
         where += [f"tensorrt at {listed(shapes)}"] if engines else []
+        if candidate_optimization(reference) != "all" and any(b.startswith("ort-") for b in backends):
+            where += ["fused graphs on ONNX Runtime with its basic optimisations: its int8 kernels for Q/DQ pairs round "
+                      "otherwise"]
         with self.stage("validate", f"validate fused vs reference ({'; '.join(where)}){self.with_dims}"):
             # The TensorRT-target graph, with normfuse ops evaluated by the normops references.
             pairs += compare(Side(reference, "onnx-reference", "reference"), Side(fused_trt, "onnx-reference", "fused-tensorrt"),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .bench import pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
-from .rewrite import describe_counts
+from .rewrite import describe_counts, describe_unmatched_means
 from .validate import shape_label
 
 
@@ -88,6 +88,9 @@ def markdown(report: dict) -> str:
             lines.append(f"- {label}: {fused} fused" + (f" ({describe_counts(rw[target]['counts'])})" if fused else ""))
     for r in rw["rejected"]:
         lines.append(f"- rejected `{r['pattern']}` at `{r['output']}`: {r['reason']}")
+    unmatched = rw.get("tensorrt", {}).get("unmatched_means")
+    if unmatched:
+        lines.append(f"- {describe_unmatched_means(unmatched)}")
     shortfall = fusion_shortfall(report)
     if shortfall:
         lines += ["", f"**Warning:** {shortfall}."]

@@ -192,3 +192,35 @@ def test_a_dropout_in_training_mode_inside_a_branch_is_found(tmp_path, capsys):
     onnx.save(model, str(path))
     code, err = _main("export.validate", str(path), str(path), capsys=capsys)
     assert code == 1 and "Dropout 'then_drop' runs in training mode" in err
+
+
+def test_a_qdq_quantised_model_is_validated_as_written(exported, tmp_path, capsys):
+    """ONNX Runtime's QDQ quantiser puts a Q/DQ pair between every step: its RMSNorms are no exact
+    norms and nothing fuses, and the build says which means it left. ONNX Runtime's extended
+    optimisations run Q/DQ pairs as int8 kernels that round otherwise (0.37 max abs here), so the
+    fused side runs with its basic ones and the graphs, identical, compare equal; onnx's evaluator
+    has no DequantizeLinear for opset 18, which ONNX Runtime runs for it."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    source = exported("rmsnorm")
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"hidden_states": rng.standard_normal((1, 8, 64)).astype(np.float32)} for _ in range(2)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantised = tmp_path / "qdq.onnx"
+    quantize_static(str(source), str(quantised), Calibration(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Mul", "Add", "Div", "Pow", "ReduceMean", "Sqrt"])
+    out = tmp_path / "out"
+    code, err = _main("export.build", "--onnx", str(quantised), "--runs", "2", "--warmup", "0", "--out", str(out),
+                      "--decode-tokens", "0", capsys=capsys)
+    assert (code, err) == (0, "")
+    report = json.loads((out / "report.json").read_text())
+    assert report["rewrite"]["fused"] == 0 and len(report["rewrite"]["tensorrt"]["unmatched_means"]) == 5
+    assert "5 ReduceMean node(s) over the last axis are in no norm found" in (out / "report.md").read_text()
+    ort_pairs = [p for p in report["validation"] if p["candidate"].endswith("@ort-cpu")]
+    assert ort_pairs and all(p["passed"] and p["candidate_optimization"] == "basic" for p in ort_pairs)

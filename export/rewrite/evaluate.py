@@ -150,6 +150,10 @@ class _OnnxRuntimeNode(OpRun):
                                       opset_imports=self.opsets)
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            # one node is too small to share out, and a thread pool per node (a QDQ model has
+            # hundreds) kept spinning past each run and starved the process for seconds
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
             try:
                 sessions[key] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # an op neither knows: no inputs would help, so not a RunFailure
@@ -168,11 +172,30 @@ STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
 def _run_by_onnx_runtime(model: onnx.ModelProto) -> list[type]:
     """Classes for the ops of `model` in other domains than onnx's, that are neither fused ops nor
-    the model's own functions: ONNX Runtime runs them (`_OnnxRuntimeNode`)."""
+    the model's own functions, and for onnx's own ops that the evaluator implements only from a
+    later opset than the model's (DequantizeLinear from 19, in a QDQ model of opset 18): ONNX
+    Runtime runs them (`_OnnxRuntimeNode`)."""
     known = {(op.op_domain, op.__name__) for op in FUSED_OPS} | {(f.domain, f.name) for f in model.functions}
-    wanted = {(n.domain, n.op_type) for n in walk_nodes(model.graph.node) if n.domain not in STANDARD_DOMAINS} - known
+    nodes = list(walk_nodes(model.graph.node))
+    wanted = {(n.domain, n.op_type) for n in nodes if n.domain not in STANDARD_DOMAINS} - known
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    wanted |= {("", op_type) for op_type in {n.op_type for n in nodes if n.domain in ("", "ai.onnx")}
+               if version is not None and _not_implemented_at(op_type, version)}
     opsets = list(model.opset_import)
     return [type(op_type, (_OnnxRuntimeNode,), {"op_domain": domain, "opsets": opsets}) for domain, op_type in sorted(wanted)]
+
+
+def _not_implemented_at(op_type: str, version: int) -> bool:
+    """Whether onnx's evaluator has kernels for `op_type` only from opsets later than `version`."""
+    from onnx.reference.ops import load_op
+
+    try:
+        load_op("", op_type, version)
+    except RuntimeError as exc:
+        return str(exc).startswith("No implementation for operator")
+    except Exception:  # a function op, or one it does not know: the evaluator's own handling stands
+        return False
+    return False
 
 
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:

@@ -74,6 +74,7 @@ class RewriteReport:
     fusions: list[Fusion] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     residual_skipped: list[dict] = field(default_factory=list)
+    unmatched_means: list[str] = field(default_factory=list)  # last-axis ReduceMean nodes no fusion or rejection took
     nodes_before: int = 0
     nodes_after: int = 0
     opset: int = 0
@@ -150,9 +151,9 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     report.fused = len(report.fusions)
 
     graph.cleanup().toposort()
-    unmatched = _means_in_no_norm(graph, report)
-    if unmatched:
-        report.notes.append(unmatched)
+    report.unmatched_means = _means_in_no_norm(graph, report)
+    if report.unmatched_means:
+        report.notes.append(describe_unmatched_means(report.unmatched_means))
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = model.ir_version
     keep_initializers_home(out, model)
@@ -166,17 +167,18 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     return out, report
 
 
-def _means_in_no_norm(graph: gs.Graph, report: RewriteReport) -> str | None:
-    """A note naming the last-axis means left in the graph that no fusion took and no rejection
-    names: a norm spelled in a way not recognised (or quantised between its steps, which makes it
-    no exact norm), worth a look when a model's count of fused norms is short."""
+def _means_in_no_norm(graph: gs.Graph, report: RewriteReport) -> list[str]:
+    """The last-axis means left in the graph that no fusion took and no rejection names: a norm
+    spelled in a way not recognised (or quantised between its steps, which makes it no exact norm),
+    worth a look when a model's count of fused norms is short."""
     rejected = {name for r in report.rejected for name in r.nodes}
-    left = [node.name or node.outputs[0].name for sub in walk_graphs(graph) for node in sub.nodes
+    return [node.name or node.outputs[0].name for sub in walk_graphs(graph) for node in sub.nodes
             if is_last_axis_mean(node) and node.name not in rejected]
-    if not left:
-        return None
-    shown = ", ".join(f"'{name}'" for name in left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
-    return (f"{len(left)} ReduceMean node(s) over the last axis are in no norm found and no rejection ({shown}): "
+
+
+def describe_unmatched_means(names: list[str]) -> str:
+    shown = ", ".join(f"'{name}'" for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{len(names)} ReduceMean node(s) over the last axis are in no norm found and no rejection ({shown}): "
             "a spelling not recognised, or one quantised between its steps")
 
 
