@@ -332,7 +332,7 @@ class Pipeline:
         asked = list(dict.fromkeys(VALIDATION_SHAPES + [(a.batch, a.seq)]))
         self.shapes_run = list(dict.fromkeys(self.validation_shapes + [self.bench_shape]))  # the bench shape may be 1x16 too
         if self.shapes_run != asked:
-            self.console.print(f"    the model fixes its batch or sequence axis: shapes {listed(asked)} "
+            self.console.print(f"    the batch or sequence axis is fixed (by the model or a --dim): shapes {listed(asked)} "
                                f"run as {listed(self.shapes_run)}")
 
     def check_dims(self, model: Path) -> None:
