@@ -374,7 +374,7 @@ def _fill_from_symbolic_inference(inferred: onnx.GraphProto, symbolic: onnx.Grap
         if other is None or other.type.tensor_type.elem_type != value.type.tensor_type.elem_type:
             continue
         if not value.type.tensor_type.HasField("shape"):
-            value.type.tensor_type.shape.CopyFrom(other.type.tensor_type.shape)
+            value.type.tensor_type.shape.CopyFrom(_without_placeholder_dims(other).type.tensor_type.shape)
             continue
         dims, known = value.type.tensor_type.shape.dim, other.type.tensor_type.shape.dim
         if len(dims) == len(known):
