@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import io
 import math
@@ -154,7 +155,11 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     report.unmatched_means = _means_in_no_norm(graph, report)
     if report.unmatched_means:
         report.notes.append(describe_unmatched_means(report.unmatched_means))
+    unnamed = [attr.t for node in all_nodes(model) for attr in node.attribute
+               if attr.type == onnx.AttributeProto.TENSOR and not attr.t.HasField("name")]
     out = gs.export_onnx(graph, do_type_check=False)
+    for tensor in unnamed:  # onnx-graphsurgeon writes the name "" into the caller's Constant values
+        tensor.ClearField("name")
     out.ir_version = model.ir_version
     keep_initializers_home(out, model)
     kept = {t.name for t in out.graph.initializer} - {i.name for i in out.graph.input}
@@ -240,16 +245,7 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         skeleton = onnx.ModelProto()
         _copy_without_weights(model, skeleton)
         skeleton.graph.value_info.extend(_without_placeholder_dims(v) for v in placeholders)
-        renamed = separate_body_names(skeleton.graph)
-        try:
-            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-        except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
-            inferred = skeleton
-        if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node) or _dims_left_unknown(inferred):
-            symbolic = _symbolic_shapes(skeleton)
-            _fill_from_symbolic_inference(inferred.graph, symbolic.graph if symbolic is not None else None)
-        if renamed:
-            restore_body_names(inferred.graph)
+        inferred = _inferred_shapes(skeleton)
         known = {v.name for v in model.graph.value_info}
         lent = [v for v in inferred.graph.value_info if v.name not in known]
         _keep_saved_placeholders(lent, placeholders)
@@ -271,6 +267,31 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
             output.CopyFrom(saved)
         for undo in reversed(restore):
             undo()
+
+
+_LAST_INFERRED: dict[bytes, bytes] = {}  # the last skeleton's digest -> its inferred copy, serialized
+
+
+def _inferred_shapes(skeleton: onnx.ModelProto) -> onnx.ModelProto:
+    """The skeleton with the shapes onnx's inference finds, completed by ONNX Runtime's symbolic
+    inference where it needs to be. The last result is kept: a build rewrites one model for three
+    targets, and the symbolic inference of a 10,000-node graph takes about 2 s."""
+    key = hashlib.sha256(skeleton.SerializeToString(deterministic=True)).digest()
+    if key in _LAST_INFERRED:
+        return onnx.load_from_string(_LAST_INFERRED[key])
+    renamed = separate_body_names(skeleton.graph)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
+        inferred = skeleton
+    if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node) or _dims_left_unknown(inferred):
+        symbolic = _symbolic_shapes(skeleton)
+        _fill_from_symbolic_inference(inferred.graph, symbolic.graph if symbolic is not None else None)
+    if renamed:
+        restore_body_names(inferred.graph)
+    _LAST_INFERRED.clear()
+    _LAST_INFERRED[key] = inferred.SerializeToString()
+    return inferred
 
 
 PLACEHOLDER_DIM = re.compile(r"unk__\d+")
