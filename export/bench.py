@@ -134,9 +134,11 @@ def child_env() -> dict[str, str]:
 
 
 def node_count(model: Path) -> int:
+    """Nodes of the model, those of its If/Loop/Scan bodies included (a merged decoder is one If)."""
     from .onnx_io import load_graph_only
+    from .rewrite.scopes import count_nodes
 
-    return len(load_graph_only(model).graph.node)
+    return count_nodes(load_graph_only(model).graph)
 
 
 def main(argv=None) -> int:

@@ -251,3 +251,10 @@ def test_both_branches_of_a_switch_input_are_validated(tmp_path):
     wrong_else = branch_model(tmp_path / "wrong.onnx", else_op="Neg")
     pairs = compare(Side(reference, "ort-cpu", "reference"), Side(wrong_else, "ort-cpu", "fused"), [(1, 4)], "float32")
     assert [p["passed"] for p in pairs] == [True, False]
+
+
+def test_bench_node_counts_include_the_branches(tmp_path):
+    """A merged decoder is one If at the top: its node count is that of everything it runs."""
+    from export.bench import node_count
+
+    assert node_count(branch_model(tmp_path / "m.onnx")) == 2 + 6 + 1  # Squeeze and If, then, else
