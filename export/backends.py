@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import first_line
+
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
 ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
 
@@ -154,7 +156,7 @@ class ReferenceRunner:
             from .errors import NormfuseError
 
             raise NormfuseError(f"{model_path}: onnx's reference evaluator cannot run it: "
-                                f"{exc.__class__.__name__}: {_first_line(exc)}") from None
+                                f"{exc.__class__.__name__}: {first_line(exc)}") from None
         self.output_names = [o.name for o in model.graph.output]
         self.name = "onnx-reference"
 
@@ -173,13 +175,7 @@ class ReferenceRunner:
 
             shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())
             raise RunFailure(f"{self.path}: onnx's reference evaluator failed on {shapes}: "
-                             f"{exc.__class__.__name__}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception, limit: int = 300) -> str:
-    """An exception's first line, cut at `limit` characters: onnx's evaluator may list every tensor it knows."""
-    line = (str(exc).splitlines() or [""])[0]
-    return line if len(line) <= limit else line[:limit] + " ..."
+                             f"{exc.__class__.__name__}: {first_line(exc)}") from None
 
 
 def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, int]] | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models import BlockConfig
 
-from .errors import NormfuseError, UsageError
+from .errors import NormfuseError, UsageError, first_line
 from .onnx_io import save_model
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -67,7 +67,7 @@ def _check_exported(path: Path, exporter: str, config: BlockConfig) -> None:
         if exporter == "torchscript" and config.norm == "layernorm" and config.dtype != "float32":
             hint = ("; TorchScript writes half-precision F.layer_norm with mixed dtypes: use --exporter dynamo "
                     "or --decomposed-layernorm")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = first_line(exc)
         raise NormfuseError(f"{path}: the {exporter} exporter wrote a graph onnx rejects: {first}{hint}") from None
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import NormfuseError
+from .errors import NormfuseError, first_line
 from .files import atomic_path, require_file
 
 # Above this many bytes of initializers a model is saved with its weights as external data.
@@ -20,7 +20,7 @@ def load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for a corrupt file
-        raise NormfuseError(f"{path}: not a readable ONNX model ({exc.__class__.__name__}: {exc})".splitlines()[0]) from None
+        raise NormfuseError(f"{path}: not a readable ONNX model ({exc.__class__.__name__}: {first_line(exc)})") from None
     if not model.HasField("graph"):  # an empty file parses as an empty model
         raise NormfuseError(f"{path}: not an ONNX model: it has no graph (an empty file, or another kind of protobuf)")
     return model
@@ -102,7 +102,7 @@ def inline_small_external_data(model: onnx.ModelProto, base_dir: Path) -> int:
             load_external_data_for_tensor(tensor, str(base_dir))
         except Exception as exc:  # missing file, a location outside the directory, a short file
             raise NormfuseError(f"{base_dir}: external data of tensor {tensor.name!r} cannot be read "
-                                f"({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__})") from None
+                                f"({first_line(exc)})") from None
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
         count += 1

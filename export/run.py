@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NormfuseError
+from .errors import NormfuseError, first_line
 from .files import require_file
 
 
@@ -39,7 +39,7 @@ def read_inputs(path: str | Path, specs: list) -> dict:
             arrays = {name: archive[name] for name in archive.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise NormfuseError(f"{path}: not a readable .npz archive ({exc.__class__.__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+                            f"{first_line(exc)})") from None
     if not arrays:
         raise NormfuseError(f"{path}: holds no arrays")
     wanted = {s.name: s.dtype for s in specs}

@@ -29,7 +29,7 @@ import numpy as np
 
 from normops import numpy_dtype
 
-from .errors import NormfuseError, RunFailure
+from .errors import NormfuseError, RunFailure, first_line
 from .files import require_file
 
 ONNX_SUFFIXES = (".onnx",)
@@ -213,7 +213,7 @@ class OrtModel:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers,
                                                 provider_options=provider_options)
         except Exception as exc:
-            raise NormfuseError(f"{self.path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+            raise NormfuseError(f"{self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.device = device
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         if "CUDAExecutionProvider" in self.providers and not self.on_cuda:
@@ -355,7 +355,7 @@ class OrtModel:
             # a run through I/O binding fails with a plain RuntimeError
             if not (type(exc).__module__.startswith("onnxruntime") or type(exc) is RuntimeError):
                 raise
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            message = first_line(exc)
             message = message.split(" : ", 2)[-1] if message.startswith("[ONNXRuntimeError]") else message
             shapes = ", ".join(f"{name} {list(value[0] if isinstance(value, tuple) else value_shape(value))}"
                                for name, value in feeds.items())

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import NormfuseError, UsageError
+from .errors import NormfuseError, UsageError, first_line
 from .files import atomic_path, write_json
 
 INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and driver: `pip install tensorrt` (its libraries come "
@@ -64,7 +64,7 @@ def tensorrt_status() -> tuple[bool, str]:
     try:
         import tensorrt
     except Exception as exc:  # a broken install: missing libnvinfer, CUDA mismatch
-        return False, f"TensorRT is installed but does not import ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+        return False, f"TensorRT is installed but does not import ({exc.__class__.__name__}: {first_line(exc)})"
     if not hasattr(tensorrt, "Builder"):
         return False, "only TensorRT's type stubs are installed (the `tensorrt` package has no bindings)"
     return True, ""

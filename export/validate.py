@@ -29,7 +29,7 @@ from normops import GRAPH, Tolerance, error_stats, numpy_dtype, within
 
 from .backends import index_bounds, leading_dims, make_runner, random_arrays
 from .dims import hint_on_failure
-from .errors import NormfuseError, UsageError
+from .errors import NormfuseError, UsageError, first_line
 from .files import require_file
 
 
@@ -251,7 +251,7 @@ def read_given_inputs(path: str | Path, reference: str | Path) -> list[dict]:
             loaded = load_json(str(path))
         except Exception as exc:
             raise NormfuseError(f"{path}: not a Polygraphy inputs file ({exc.__class__.__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+                                f"{first_line(exc)})") from None
         feeds_list = list(loaded) if isinstance(loaded, (list, tuple)) else []
         if not feeds_list or not all(isinstance(f, dict) and f for f in feeds_list):
             raise NormfuseError(f"{path}: not a Polygraphy inputs file (expected a list of name -> array dicts)")

@@ -157,11 +157,11 @@ class _OnnxRuntimeNode(OpRun):
             try:
                 sessions[key] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # an op neither knows: no inputs would help, so not a RunFailure
-                from ..errors import NormfuseError
+                from ..errors import NormfuseError, first_line
 
                 where = f" (node '{node.name}')" if node.name else ""
                 raise NormfuseError(f"{node.domain}::{node.op_type}{where} is an op neither onnx's "
-                                    f"reference evaluator nor ONNX Runtime has: {str(exc).splitlines()[0][:200]}") from None
+                                    f"reference evaluator nor ONNX Runtime has: {first_line(exc, 200)}") from None
         results = sessions[key].run(None, dict(given))
         named = dict(zip([name for name in node.output if name], results))
         return tuple(named.get(name) for name in node.output)

@@ -19,6 +19,7 @@ from collections import Counter
 import onnx
 from onnx import inliner
 
+from ..errors import first_line
 from .scopes import all_nodes, walk_nodes
 
 NORM_OPS = frozenset({"ReduceMean", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
@@ -48,7 +49,7 @@ def inline_norm_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list
         inlined = _inline(model, sorted(selected))
     except Exception as exc:  # the inliner's own errors: keep the functions, say why
         notes.append(f"local function(s) {', '.join(_id(k) for k in sorted(selected))} not inlined: onnx's inliner "
-                     f"failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+                     f"failed ({exc.__class__.__name__}: {first_line(exc, 200)})")
         return model, notes
     names = ", ".join(f"{_id(k)} ({calls[k]} call{'s' if calls[k] != 1 else ''})" for k in sorted(selected))
     notes.insert(0, f"inlined local function(s) {names}: they hold norm ops ({', '.join(_ops_in(functions, selected))}) "

@@ -28,7 +28,7 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (colour, 
 
 from normops import op_for
 
-from ..errors import NormfuseError, UsageError
+from ..errors import NormfuseError, UsageError, first_line
 from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, inline_small_external_data, load_graph_only, save_model,
                        share_external_data)
 from .checks import (FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name,
@@ -218,7 +218,7 @@ def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelPr
         return version_converter.convert_version(model, target_opset), "onnx's version converter"
     except Exception as exc:  # the converter raises RuntimeError or its own types
         raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but onnx's version converter cannot raise "
-                            f"opset {opset}: {str(exc).splitlines()[0][:200]}; use --target onnxruntime or tensorrt") from None
+                            f"opset {opset}: {first_line(exc, 200)}; use --target onnxruntime or tensorrt") from None
 
 
 def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
