@@ -83,6 +83,15 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # once, at import: os.umask is process-wide, so not while threads write files
 
 
+def staging_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in `parent` to fill and then rename into place, with the permissions a plain
+    mkdir gives (mkdtemp's 0700 would outlive the rename: a Triton server running as another user
+    could not read the model it serves)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, 0o777 & ~_UMASK)
+    return folder
+
+
 def write_text(target, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
-from .files import require_file, require_writable, write_text
+from .files import require_file, require_writable, staging_folder, write_text
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
@@ -200,7 +200,7 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
         raise type(exc)(f"{model_path}: {exc}") from None
 
     repo.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    staging = staging_folder(repo, f".{name}.")
     try:
         version_dir = staging / str(version)
         version_dir.mkdir()

@@ -1,4 +1,6 @@
 """Triton model repositories: layout, config.pbtxt parsed with Triton's own ModelConfig."""
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,10 @@ def test_onnx_model_repository(graphs, tmp_path):
     assert list(inp.dims) == [-1, 64] and list(out.dims) == [-1, 64]  # batch axis left out of dims
     assert config.HasField("dynamic_batching")
     assert config.instance_group[0].count == 1
+    # a server running as another user can read it: the model folder is not left at mkdtemp's 0700
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
 
 
 def test_a_repository_path_that_is_a_file_is_refused_before_anything_is_written(graphs, tmp_path):
