@@ -200,9 +200,12 @@ def random_feeds(model_path: str | Path, batch: int, seq: int, seed: int = 0,
     """Random inputs for every graph input of an ONNX file, with dynamic dims sized by `export.dims`."""
     from .triton_repo import onnx_signature
 
-    inputs, _ = onnx_signature(model_path)
-    return random_arrays(inputs, batch, seq, seed, bounds=index_bounds(model_path), dims=dims,
-                         where=str(model_path))
+    from .decode import mask_over_the_cache
+
+    inputs, outputs = onnx_signature(model_path)
+    feeds = random_arrays(inputs, batch, seq, seed, bounds=index_bounds(model_path), dims=dims, where=str(model_path))
+    mask_over_the_cache(feeds, inputs, outputs)  # a merged decoder's cache branch (booleans are made true)
+    return feeds
 
 
 def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, int] | None = None,
@@ -280,10 +283,13 @@ def index_bounds(model_path: str | Path) -> dict[str, int]:
     directly or through ops that only reshape them (or cast them to another integer type), e.g.
     token ids into an embedding table (its first dim; read without the weight bytes)."""
     from .onnx_io import load_graph_only
+    from .rewrite.scopes import node_bodies, walk_nodes
 
     graph = load_graph_only(model_path).graph
+    nodes = list(walk_nodes(graph.node))  # If/Loop/Scan bodies too: a merged decoder embeds in a branch
     dims = {t.name: list(t.dims) for t in graph.initializer}
-    for node in graph.node:  # weights written as Constant nodes
+    dims.update({t.name: list(t.dims) for node in nodes for body in node_bodies(node) for t in body.initializer})
+    for node in nodes:  # weights written as Constant nodes
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             dims[node.output[0]] = list(node.attribute[0].t.dims)
     import onnx
@@ -293,7 +299,7 @@ def index_bounds(model_path: str | Path) -> dict[str, int]:
 
     origin = {v.name: v.name for v in graph.input if is_integer(v.type.tensor_type.elem_type)}
     bounds: dict[str, int] = {}
-    for node in graph.node:  # in topological order, as ONNX requires
+    for node in nodes:  # in topological order, as ONNX requires (a body's nodes after the node holding it)
         casts_to_integer = node.op_type == "Cast" and is_integer(next((a.i for a in node.attribute if a.name == "to"), 0))
         if node.input and node.input[0] in origin and (node.op_type in _VALUE_PRESERVING or casts_to_integer):
             origin[node.output[0]] = origin[node.input[0]]

@@ -24,6 +24,7 @@ cache axis at 1, and the prefill needs 0.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ from .errors import NormfuseError, UsageError
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Optimum's merged decoders (decoder_model_merged.onnx, as transformers.js serves them) hold the
+# decoder without and with a cache in the two branches of one If, chosen by this input
+CACHE_BRANCH = "use_cache_branch"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Decoder:
     cache: tuple[tuple[str, str], ...]  # (past input, present output)
     cache_shapes: dict[str, tuple[int | None, ...]]  # past input -> shape with None on the cache axis
     position_ids: bool
+    cache_branch: bool = False  # a merged decoder: `use_cache_branch` false for the prefill, true after
 
 
 def cache_pairs(input_names) -> tuple[tuple[str, str], ...]:
@@ -79,13 +84,46 @@ def decoder_of(model, where: str, dims: dict[str, int] | None = None) -> Decoder
     if missing:
         raise NormfuseError(f"{where}: cache output {missing[0]} is missing (each {PAST_PREFIX}X input needs a "
                             f"{PRESENT_PREFIX}X output)")
-    others = sorted(set(inputs) - set(TOKEN_INPUTS) - {past for past, _ in cache})
+    branch = (CACHE_BRANCH in inputs and inputs[CACHE_BRANCH].dtype == "bool"
+              and math.prod(d or 1 for d in inputs[CACHE_BRANCH].shape) == 1)
+    others = sorted(set(inputs) - set(TOKEN_INPUTS) - {past for past, _ in cache} - ({CACHE_BRANCH} if branch else set()))
     if others:
         raise NormfuseError(f"{where}: input {others[0]!r} is neither a token input ({', '.join(TOKEN_INPUTS)}) "
                             "nor a cache")
     shapes = {past: _cache_shape(inputs[past], output_specs[present], dims or {}, where) for past, present in cache}
     logits = "logits" if "logits" in outputs else outputs[0]
-    return Decoder(logits, cache, shapes, "position_ids" in inputs)
+    return Decoder(logits, cache, shapes, "position_ids" in inputs, branch)
+
+
+def cache_length(inputs, outputs, feeds: dict) -> int | None:
+    """The cache length of `feeds` for a decoder of this signature (specs with dim_params): the
+    size, in its first past_key_values input, of the axis whose name the present output changes;
+    None when there is no such input or axis."""
+    from .dims import dim_params
+
+    present_specs = {spec.name: spec for spec in outputs}
+    for past, present in cache_pairs(spec.name for spec in inputs):
+        spec = next(s for s in inputs if s.name == past)
+        if past not in feeds or present not in present_specs:
+            continue
+        names, grown = dim_params(spec), dim_params(present_specs[present])
+        for axis, name in enumerate(names):
+            if name and axis < len(grown) and grown[axis] != name:
+                return int(np.shape(feeds[past])[axis])
+    return None
+
+
+def mask_over_the_cache(feeds: dict, inputs, outputs) -> None:
+    """Made-up inputs of a merged decoder whose `use_cache_branch` is true: the attention mask
+    covers the cache and the new tokens, as that branch reads it (Optimum declares the mask
+    [batch_size, sequence_length], as the branch without a cache takes it). Others are left alone."""
+    branch = feeds.get(CACHE_BRANCH)
+    mask = feeds.get("attention_mask")
+    if branch is None or not np.all(branch) or mask is None or np.ndim(mask) != 2 or "input_ids" not in feeds:
+        return
+    cached = cache_length(inputs, outputs, feeds)
+    if cached:
+        feeds["attention_mask"] = np.ones((mask.shape[0], cached + np.shape(feeds["input_ids"])[1]), mask.dtype)
 
 
 def _cache_shape(past, present, dims: dict[str, int], where: str) -> tuple[int | None, ...]:
@@ -154,6 +192,8 @@ def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
                  **cache}
         if decoder.position_ids:
             feeds["position_ids"] = positions(mask)[:, -ids.shape[1]:].astype(types["position_ids"])
+        if decoder.cache_branch:
+            feeds[CACHE_BRANCH] = np.full(_input_shape(model, CACHE_BRANCH), step > 0)
         started = time.perf_counter()
         if keeping:
             outputs, kept = model.run_keeping(feeds, presents)
@@ -186,6 +226,10 @@ def _input_dtype(model, name: str):
     from normops import numpy_dtype
 
     return numpy_dtype(next(spec.dtype for spec in model.inputs if spec.name == name))
+
+
+def _input_shape(model, name: str) -> tuple[int, ...]:
+    return tuple(1 if dim is None else dim for dim in next(spec.shape for spec in model.inputs if spec.name == name))
 
 
 def timing(generations: list[Generation], batch: int) -> dict:

@@ -184,6 +184,9 @@ def main(argv=None) -> int:
 
             bounds = index_bounds(args.model) if Path(args.model).suffix == ".onnx" else None
             feeds = random_inputs(model.inputs, args.random, args.seed, bounds, dict(args.dim), str(args.model))
+            from .decode import mask_over_the_cache
+
+            mask_over_the_cache(feeds, model.inputs, model.outputs)  # a merged decoder's cache branch
         from .dims import hint_on_failure
 
         with hint_on_failure(model.inputs if args.random else ()):

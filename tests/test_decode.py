@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from test_pipeline import _main
 
-from export.decode import Generation, agreement, decode, decoded_alike, decoder_of
+from export.decode import Generation, agreement, decode, decoded_alike, decoder_of, generate
 from export.errors import NormfuseError, UsageError
 from export.rewrite import rewrite_file
 from export.runtime import load
@@ -360,3 +361,54 @@ def test_a_decoder_named_as_onnx_runtime_genai_names_it(decoders, tmp_path, caps
                  "past_sequence_length=5", capsys=capsys)[0] == 0
     code, err = _main("export.decode", str(genai), "--dim", "head_dim=16", capsys=capsys)
     assert code == 2 and "--dim head_dim: the model has no dimension of that name" in err and "kv_cache_dim" in err
+
+
+def merged_decoder(decoder_path, path):
+    """`decoder_path` as Optimum's merged decoders hold it (decoder_model_merged.onnx, as
+    transformers.js serves them): the decoder twice, once per branch of an If on a
+    `use_cache_branch` input of shape [1], under the same names; the weights stay in the main graph."""
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(decoder_path))
+    branches = {}
+    for branch in ("then_branch", "else_branch"):
+        body = onnx.GraphProto()
+        body.CopyFrom(model.graph)
+        del body.input[:], body.initializer[:], body.value_info[:]
+        body.name = branch
+        branches[branch] = body
+    graph = model.graph
+    outputs = list(graph.output)
+    if_node = helper.make_node("If", ["use_cache_branch"], [o.name for o in outputs], name="optimum::if", **branches)
+    del graph.node[:], graph.value_info[:]
+    graph.node.append(if_node)
+    graph.input.append(helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_merged_decoder_is_driven_and_built_through_both_branches(decoders, tmp_path):
+    """A merged decoder runs its prefill with `use_cache_branch` false and its steps with it true,
+    decoding the plain decoder's tokens; the build fuses the norms of both branches, validates each
+    (the mask of the cache branch covering the cache too) and decodes."""
+    from export.build import main as build_main
+
+    merged = merged_decoder(decoders["reference"], tmp_path / "decoder_model_merged.onnx")
+    record = decode(merged, decoders["reference"], prompt=4, tokens=6, warmup=0, providers=["CPUExecutionProvider"])
+    assert decoded_alike(record["agreement"]) and record["agreement"]["same_tokens"] == 6
+
+    model = load(merged, providers=["CPUExecutionProvider"])
+    decoder = decoder_of(model, merged.name)
+    switches = []
+    real_run = model.run
+    model.run = lambda feeds: switches.append(bool(feeds["use_cache_branch"][0])) or real_run(feeds)
+    generate(model, decoder, np.array([[5, 7, 9]]), 3)
+    assert switches == [False, True, True]
+
+    out = tmp_path / "build"
+    assert build_main(["--onnx", str(merged), "--out", str(out), "--runs", "2", "--warmup", "0", "--decode-tokens", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rewrite"]["fused"] == 10  # 5 per branch
+    settings = {(p["candidate"], p["switches"]["use_cache_branch"]) for p in report["validation"]}
+    assert {setting for _, setting in settings} == {True, False} and all(p["passed"] for p in report["validation"])
+    assert report["decode"] and all(d["agreement"]["same_tokens"] == 4 for d in report["decode"])
