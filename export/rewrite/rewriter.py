@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import io
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,8 +40,8 @@ from .functions import inline_norm_functions
 from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
 from .residual import residual_add, row_preserving_reshape, sum_is_used_elsewhere
-from .scopes import (Scope, all_nodes, count_nodes, keep_initializers_home, lend_body_shapes, node_bodies,
-                     restore_body_names, scopes_of, separate_body_names, walk_graphs)
+from .scopes import (PLACEHOLDER_DIM, Scope, all_nodes, count_nodes, keep_initializers_home, lend_body_shapes,
+                     node_bodies, restore_body_names, scopes_of, separate_body_names, walk_graphs)
 
 
 @dataclass
@@ -245,6 +244,9 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         skeleton = onnx.ModelProto()
         _copy_without_weights(model, skeleton)
         skeleton.graph.value_info.extend(_without_placeholder_dims(v) for v in placeholders)
+        for body in list(_graphs(skeleton.graph))[1:]:  # placeholders saved in bodies are no names either
+            for value in body.value_info:
+                value.CopyFrom(_without_placeholder_dims(value))
         inferred = _inferred_shapes(skeleton)
         known = {v.name for v in model.graph.value_info}
         lent = [v for v in inferred.graph.value_info if v.name not in known]
@@ -294,7 +296,6 @@ def _inferred_shapes(skeleton: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-PLACEHOLDER_DIM = re.compile(r"unk__\d+")
 
 
 def _has_placeholder_dims(value: onnx.ValueInfoProto) -> bool:

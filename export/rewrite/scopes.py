@@ -129,6 +129,34 @@ def keep_initializers_home(out: onnx.ModelProto, model: onnx.ModelProto) -> None
     out.graph.initializer.extend(t for t in model.graph.initializer if t.name in moved - present)
 
 
+PLACEHOLDER_DIM = re.compile(r"unk__\d+")  # the name onnx's inference gives a dim it cannot work out
+
+
+def unknown_dims(value: onnx.ValueInfoProto) -> int:
+    """Dims of a value that have no size and no name but a placeholder's (or no shape at all: -1)."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return -1
+    return sum(not d.HasField("dim_value") and (not d.dim_param or bool(PLACEHOLDER_DIM.fullmatch(d.dim_param)))
+               for d in tensor.shape.dim)
+
+
+def _replace_placeholder_shapes(body: onnx.GraphProto, seen_body: onnx.GraphProto, restore: list) -> None:
+    """Shapes a tool saved into a body with placeholder dims (ONNX Runtime's quantisers save them
+    into a merged decoder's branches) give way to what this inference knows better, as in the main
+    graph: `unk__97` can never be shown equal to `batch_size`."""
+    seen = {v.name: v for v in seen_body.value_info}
+    for mine in body.value_info:
+        better = seen.get(mine.name)
+        if (better is None or unknown_dims(mine) <= 0 or better.type.tensor_type.elem_type != mine.type.tensor_type.elem_type
+                or not 0 <= unknown_dims(better) < unknown_dims(mine)):
+            continue
+        saved = onnx.ValueInfoProto()
+        saved.CopyFrom(mine)
+        mine.CopyFrom(better)
+        restore.append(lambda mine=mine, saved=saved: mine.CopyFrom(saved))
+
+
 def lend_body_shapes(graph: onnx.GraphProto, inferred: onnx.GraphProto, restore: list) -> None:
     """What inference found inside If/Loop/Scan bodies (value_info, and body inputs and outputs
     declared without a shape), lent to the model's bodies like the main graph's; `restore` gets
@@ -146,6 +174,7 @@ def lend_body_shapes(graph: onnx.GraphProto, inferred: onnx.GraphProto, restore:
             else:
                 continue
             for body, seen_body in pairs:
+                _replace_placeholder_shapes(body, seen_body, restore)
                 known = {v.name for v in body.value_info}
                 before = len(body.value_info)
                 body.value_info.extend(v for v in seen_body.value_info if v.name not in known)
