@@ -522,3 +522,27 @@ def test_branches_defining_the_same_names_get_their_own_shapes():
         feeds = {"c": np.array(c), "x": rng.standard_normal((2, 3, 8)).astype(np.float32),
                  "k": rng.standard_normal(4).astype(np.float32)}
         assert_same(ort_run(model, feeds), ort_run(out, feeds))
+
+
+def test_the_evaluator_runs_a_branch_that_reads_a_later_node():
+    """ONNX Runtime sorts the nodes itself, so tools leave some out of order (its fp16 converter
+    appends the input casts after the nodes reading them); the evaluator's ordering counts what a
+    branch reads from the graph around it too."""
+    from onnx import TensorProto, helper
+
+    from export.rewrite.evaluate import in_order
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("Neg" if name == "then" else "Identity", ["t"], [f"y_{name}"])], name, [],
+                                 [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [2])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else")),
+         helper.make_node("Relu", ["x"], ["t"])], "late",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert [n.op_type for n in in_order(model).graph.node] == ["Relu", "If"]
+    x = np.array([-1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(run_model(model, {"c": np.array(True), "x": x})[0], [-0.0, -2.0])
+    np.testing.assert_array_equal(ort_run(model, {"c": np.array(False), "x": x})[0], [0.0, 2.0])

@@ -20,7 +20,7 @@ from onnx.reference.ops import load_op
 
 from normops import DOMAIN, run_reference
 
-from .scopes import walk_nodes
+from .scopes import node_bodies, walk_nodes
 
 
 def _like(value: np.ndarray, dtype) -> np.ndarray:
@@ -110,18 +110,46 @@ def _accumulating_in_float32(op_type: str, version: int) -> type | None:
 def in_order(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with each node after the nodes it reads, as onnx's evaluator needs them. ONNX
     Runtime puts them in order itself, so tools write some graphs out of order: its fp16
-    converter (keep_io_types) appends the input casts after the nodes that read them."""
+    converter (keep_io_types) appends the input casts after the nodes that read them, also when
+    only an If branch reads them."""
     known = {""} | {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} \
         | {t.values.name for t in model.graph.sparse_initializer}
-    for node in model.graph.node:
-        if not known.issuperset(node.input):
+    reads = [_reads(node) for node in model.graph.node]
+    for node, needed in zip(model.graph.node, reads):
+        if not known.issuperset(needed):
             break
         known.update(node.output)
     else:
         return model
-    import onnx_graphsurgeon as gs
+    waiting = list(zip(model.graph.node, reads))
+    ordered = []
+    while waiting:  # stable: each pass takes, in their order, the nodes whose inputs are known
+        ready = [(node, needed) for node, needed in waiting if known.issuperset(needed)]
+        if not ready:  # a cycle or a name nothing defines: the evaluator says which
+            ordered += [node for node, _ in waiting]
+            break
+        for node, _ in ready:
+            ordered.append(node)
+            known.update(node.output)
+        taken = {id(node) for node, _ in ready}
+        waiting = [(node, needed) for node, needed in waiting if id(node) not in taken]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(ordered)
+    return out
 
-    return gs.export_onnx(gs.import_onnx(model).toposort())
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node reads: its inputs and what its bodies read from the enclosing graphs."""
+    names = {name for name in node.input if name}
+    for body in node_bodies(node):
+        defined = {v.name for v in body.input} | {t.name for t in body.initializer} \
+            | {name for inner in body.node for name in inner.output}
+        for inner in body.node:
+            names |= _reads(inner) - defined
+        names |= {o.name for o in body.output} - defined
+    return names
 
 
 class _OnnxRuntimeNode(OpRun):
