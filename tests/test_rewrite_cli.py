@@ -15,7 +15,7 @@ from export.errors import NormfuseError
 from export.rewrite import rewrite_file, rewrite_model
 from export.rewrite.__main__ import main
 from export.rewrite.evaluate import run_model
-from export.rewrite.synth import NormSpec, build, random_feeds
+from export.rewrite.synth import NormSpec, build, plain_rms_constants, plain_rms_nodes, random_feeds
 from normops import GRAPH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,14 +252,8 @@ def _residual_rms_model(second_operand_nodes, second_input_shape, contrib_op: bo
     """a2 + b2 in front of a spelled-out RMSNorm of hidden 8, where the given nodes make a2 of a
     and b2 of b; optionally a contrib op after the norm."""
     hidden = 8
-    nodes = [*second_operand_nodes,
-             helper.make_node("Add", ["a2", "b2"], ["s"]),
-             helper.make_node("Mul", ["s", "s"], ["sq"]),
-             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
-             helper.make_node("Add", ["ms", "eps"], ["mse"]),
-             helper.make_node("Sqrt", ["mse"], ["root"]),
-             helper.make_node("Div", ["s", "root"], ["n"]),
-             helper.make_node("Mul", ["n", "g"], ["y0" if contrib_op else "y"])]
+    nodes = [*second_operand_nodes, helper.make_node("Add", ["a2", "b2"], ["s"]),
+             *plain_rms_nodes("s", "y0" if contrib_op else "y")]
     opsets = [helper.make_opsetid("", 18)]
     if contrib_op:
         nodes.append(helper.make_node("FastGelu", ["y0"], ["y"], domain="com.microsoft"))
@@ -269,10 +263,7 @@ def _residual_rms_model(second_operand_nodes, second_input_shape, contrib_op: bo
         nodes, "g",
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape),
          helper.make_tensor_value_info("b", TensorProto.FLOAT, second_input_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-         onnx.numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
-         onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "g")])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], plain_rms_constants(hidden))
     return helper.make_model(graph, opset_imports=opsets)
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from export.rewrite import rewrite_model
 from export.rewrite.evaluate import run_model
-from export.rewrite.synth import NormSpec, build, expected_fusions, if_model, loop_model, scan_model
+from export.rewrite.synth import (NormSpec, build, expected_fusions, if_model, loop_model, plain_rms_constants,
+                                  plain_rms_nodes, scan_model)
 from normops import GRAPH
 
 ort = pytest.importorskip("onnxruntime")
@@ -439,12 +440,7 @@ def test_a_reshape_to_minus_one_inside_a_branch_keeps_its_residual(saved_shapes)
                   helper.make_node("Reshape", ["a", "target"], ["a2"]),
                   helper.make_node("Relu", ["b"], ["b2"]),
                   helper.make_node("Add", ["a2", "b2"], ["s"]),
-                  helper.make_node("Mul", ["s", "s"], ["sq"]),
-                  helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
-                  helper.make_node("Add", ["ms", "eps"], ["mse"]),
-                  helper.make_node("Sqrt", ["mse"], ["root"]),
-                  helper.make_node("Div", ["s", "root"], ["n"]),
-                  helper.make_node("Mul", ["n", "g"], ["y_then"])]
+                  *plain_rms_nodes("s", "y_then")]
     shape = ["batch", "seq", hidden]
     then_branch = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, shape)])
     else_branch = helper.make_graph([helper.make_node("Identity", ["a"], ["y_else"])], "else", [],
@@ -455,10 +451,7 @@ def test_a_reshape_to_minus_one_inside_a_branch_keeps_its_residual(saved_shapes)
          helper.make_tensor_value_info("a", TensorProto.FLOAT, shape),
          helper.make_tensor_value_info("b", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
-        [numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
-         numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-         numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
-         numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "g")])
+        [numpy_helper.from_array(np.array([-1], np.int64), "minus_one"), *plain_rms_constants(hidden)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     if saved_shapes:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -489,11 +482,7 @@ def _branches_sharing_names_model():
                  helper.make_node("ReduceSum", [f"y_{name}"], [f"total_{name}"], keepdims=0)]
         return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"total_{name}", TensorProto.FLOAT, [])])
 
-    norm = [helper.make_node("Mul", ["x", "x"], ["sq"]),
-            helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
-            helper.make_node("Add", ["ms", "eps"], ["mse"]),
-            helper.make_node("Sqrt", ["mse"], ["root"]),
-            helper.make_node("Div", ["x", "root"], ["normed"])]
+    norm = plain_rms_nodes("x", "normed", scale=None)
     graph = helper.make_graph(
         [*norm, helper.make_node("If", ["c"], ["total"], then_branch=branch("then", "x"), else_branch=branch("else", "k"))], "g",
         [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
@@ -501,7 +490,7 @@ def _branches_sharing_names_model():
          helper.make_tensor_value_info("k", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
          helper.make_tensor_value_info("normed", TensorProto.FLOAT, ["batch", "seq", 8])],
-        [numpy_helper.from_array(np.array([-1], np.int64), "axes"), numpy_helper.from_array(np.array(1e-5, np.float32), "eps")])
+        plain_rms_constants(8)[:2])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 

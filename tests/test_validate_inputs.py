@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from export.backends import index_bounds, random_arrays
 from export.errors import NormfuseError
 from export.rewrite import rewrite_file
+from export.rewrite.synth import plain_rms_constants, plain_rms_nodes
 from export.triton_repo import onnx_signature
 from export.validate import main, model_dtype
 
@@ -211,12 +212,7 @@ def branch_model(path, else_op: str = "Identity"):
     """`use_cache_branch` ([1] bool, as Optimum's merged decoders have it) chooses between the
     RMSNorm of x (then) and `else_op` of x (else)."""
     hidden = 8
-    then_nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
-                  helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
-                  helper.make_node("Add", ["ms", "eps"], ["mse"]),
-                  helper.make_node("Sqrt", ["mse"], ["root"]),
-                  helper.make_node("Div", ["x", "root"], ["n"]),
-                  helper.make_node("Mul", ["n", "g"], ["y_then"])]
+    then_nodes = plain_rms_nodes("x", "y_then")
     shape = ["batch", "seq", hidden]
     branches = {
         "then_branch": helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, shape)]),
@@ -228,8 +224,7 @@ def branch_model(path, else_op: str = "Identity"):
         [helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]),
          helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
-        [numpy_helper.from_array(np.array([-1], np.int64), "axes"), numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
-         numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "g")])
+        plain_rms_constants(hidden))
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     return path
 

@@ -380,3 +380,23 @@ def scan_model(spec: NormSpec, leading: tuple = (2,), steps: int = 3, grow: bool
     outputs = [helper.make_tensor_value_info("s", ONNX_TYPES[d], None), helper.make_tensor_value_info("ys", ONNX_TYPES[d], None)]
     graph = helper.make_graph([node], "scan_norms", inputs, outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)], ir_version=9)
+
+
+def plain_rms_nodes(x: str, y: str, scale: str | None = "g") -> list[onnx.NodeProto]:
+    """`y = x / sqrt(mean(x * x) + eps)`, times `scale` when given, as nodes named after `y` that
+    read the initializers of `plain_rms_constants` (for hand-made graphs around one norm)."""
+    nodes = [helper.make_node("Mul", [x, x], [f"{y}_sq"]),
+             helper.make_node("ReduceMean", [f"{y}_sq", "axes"], [f"{y}_ms"], keepdims=1),
+             helper.make_node("Add", [f"{y}_ms", "eps"], [f"{y}_mse"]),
+             helper.make_node("Sqrt", [f"{y}_mse"], [f"{y}_root"]),
+             helper.make_node("Div", [x, f"{y}_root"], [f"{y}_n" if scale else y])]
+    if scale:
+        nodes.append(helper.make_node("Mul", [f"{y}_n", scale], [y]))
+    return nodes
+
+
+def plain_rms_constants(hidden: int) -> list[onnx.TensorProto]:
+    """`axes` (the last), `eps` (1e-5) and a scale `g` of `hidden` values for `plain_rms_nodes`."""
+    return [numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+            numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+            numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "g")]
