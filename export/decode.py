@@ -7,7 +7,8 @@
 The model is a decoder as optimum and onnxruntime-genai export one: inputs `input_ids`,
 `attention_mask` (as long as the cache plus the new tokens), optionally `position_ids`, and a
 cache input `past_key_values.<name>` for every output `present.<name>`; the first output, or the
-one called `logits`, gives the scores. The prompt runs with an empty cache (prefill); each step
+one called `logits`, gives the scores. A merged decoder (Optimum's decoder_model_merged.onnx) also
+takes `use_cache_branch`: false for the prefill, true for the steps. The prompt runs with an empty cache (prefill); each step
 then feeds the highest-scoring token and the cache the step before returned. On ONNX Runtime's
 CUDA provider the cache stays in GPU memory from one step to the next (I/O binding), as a server
 keeps it, and only the scores come to the host; on the CPU provider numpy in and out costs no copy
