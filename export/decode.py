@@ -100,18 +100,25 @@ def cache_length(inputs, outputs, feeds: dict) -> int | None:
     """The cache length of `feeds` for a decoder of this signature (specs with dim_params): the
     size, in its first past_key_values input, of the axis whose name the present output changes;
     None when there is no such input or axis."""
-    from .dims import dim_params
-
     present_specs = {spec.name: spec for spec in outputs}
     for past, present in cache_pairs(spec.name for spec in inputs):
         spec = next(s for s in inputs if s.name == past)
         if past not in feeds or present not in present_specs:
             continue
-        names, grown = dim_params(spec), dim_params(present_specs[present])
-        for axis, name in enumerate(names):
-            if name and axis < len(grown) and grown[axis] != name:
-                return int(np.shape(feeds[past])[axis])
+        growing = _named_growing_axes(spec, present_specs[present])
+        if growing:
+            return int(np.shape(feeds[past])[growing[0]])
     return None
+
+
+def _named_growing_axes(past, present) -> list[int]:
+    """The dynamic axes after the batch of a past input whose name its present output changes
+    (`past_sequence_length` to `past_sequence_length + 1`): the cache length, where names tell."""
+    from .dims import dim_params
+
+    names, present_names = dim_params(past), dim_params(present) + (None,) * len(past.shape)
+    return [axis for axis, dim in enumerate(past.shape)
+            if dim is None and axis != 0 and names[axis] is not None and present_names[axis] != names[axis]]
 
 
 def mask_over_the_cache(feeds: dict, inputs, outputs) -> None:
@@ -131,9 +138,9 @@ def _cache_shape(past, present, dims: dict[str, int], where: str) -> tuple[int |
     """`past`'s shape with None on the cache-length axis and every other axis sized (see decoder_of)."""
     from .dims import dim_params
 
-    names, present_names = dim_params(past), dim_params(present) + (None,) * len(past.shape)
+    names = dim_params(past)
     dynamic = [axis for axis, dim in enumerate(past.shape) if dim is None and axis != 0]
-    growing = [axis for axis in dynamic if names[axis] is not None and present_names[axis] != names[axis]]
+    growing = _named_growing_axes(past, present)
     if len(growing) != 1:  # the names do not tell: the cache length is the one axis not sized by --dim
         growing = [axis for axis in dynamic if names[axis] not in dims]
     if len(growing) != 1:

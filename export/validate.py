@@ -86,15 +86,16 @@ def _q_name(q: float) -> str:
     return "max" if q == 1.0 else f"p{q * 100:g}"
 
 
-def branch_switches(path) -> list[str]:
+CONDITION_PASSES = ("Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Not")
+
+
+def branch_switches(graph) -> list[str]:
     """Boolean one-element inputs that an If reads as its condition, directly or reshaped or
     negated (Optimum's merged decoders choose between the first step and the steps with a cache
     by `use_cache_branch`): validation runs each shape with them all true and again all false, so
-    that both branches are compared."""
-    from .onnx_io import load_graph_only
+    that both branches are compared. `graph`: the model's GraphProto (`load_graph_only`)."""
     from .rewrite.scopes import walk_nodes
 
-    graph = load_graph_only(path).graph
     switches = {}
     for value in graph.input:
         tensor = value.type.tensor_type
@@ -114,23 +115,18 @@ def branch_switches(path) -> list[str]:
     return [name for name, read_by_if in switches.items() if read_by_if]
 
 
-CONDITION_PASSES = ("Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Not")
-
-
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def candidate_optimization(reference) -> str:
-    """ONNX Runtime's optimisation level for the candidate side: all, as deployed, except in a model
-    quantised with Q/DQ pairs, where its extended optimisations run those pairs as int8 kernels
-    that round differently from the graph as written (0.37 max abs on a tiny QDQ stack, with no
-    norm fused at all): there basic, so that what differs from the reference is the rewrite."""
-    from .onnx_io import load_graph_only
+def candidate_optimization(graph) -> str:
+    """ONNX Runtime's optimisation level for the candidate side of a reference whose GraphProto is
+    `graph` (None: not an ONNX file): all, as deployed, except in a model quantised with Q/DQ
+    pairs, where its extended optimisations run those pairs as int8 kernels that round differently
+    from the graph as written (0.37 max abs on a tiny QDQ stack, with no norm fused at all): there
+    basic, so that what differs from the reference is the rewrite."""
     from .rewrite.scopes import walk_nodes
 
-    if Path(reference).suffix != ".onnx":
-        return "all"
-    quantised = any(node.op_type in QDQ_OPS for node in walk_nodes(load_graph_only(reference).graph.node))
+    quantised = graph is not None and any(node.op_type in QDQ_OPS for node in walk_nodes(graph.node))
     return "basic" if quantised else "all"
 
 
@@ -143,17 +139,15 @@ def shape_label(pair: dict) -> str:
 RANDOM_OPS = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial")
 
 
-def random_node(path) -> str | None:
-    """The first node that makes `path`'s outputs change from run to run, described; None when
-    there is none. Torch writes every Dropout of a model exported in training mode with a
-    constant training_mode of True."""
+def random_node(graph) -> str | None:
+    """The first node that makes the outputs of the model whose GraphProto is `graph` change from
+    run to run, described; None when there is none. Torch writes every Dropout of a model exported
+    in training mode with a constant training_mode of True."""
     import onnx
     from onnx import numpy_helper
 
-    from .onnx_io import load_graph_only
     from .rewrite.scopes import walk_nodes
 
-    graph = load_graph_only(path).graph
     nodes = list(walk_nodes(graph.node))  # control-flow bodies too
     constants = {t.name: t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
     constants.update({n.output[0]: n.attribute[0].t for n in nodes
@@ -181,9 +175,12 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     from .runtime import TensorSpec, check_feeds
     from .triton_repo import onnx_signature
 
+    from .onnx_io import load_graph_only
+
     inputs, output_specs = onnx_signature(reference.model)
-    if Path(reference.model).suffix == ".onnx":
-        random = random_node(reference.model)
+    graph = load_graph_only(reference.model).graph if Path(reference.model).suffix == ".onnx" else None
+    if graph is not None:
+        random = random_node(graph)
         if random:
             raise NormfuseError(f"{reference.model}: its outputs change from run to run, so no comparison can pass: "
                                 f"{random}")
@@ -195,12 +192,12 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     # The reference runs as written: ONNX Runtime's own fusions are not what is being checked
     # (and its LayerNormFusion builds invalid nodes on some fp16 TorchScript exports).
     ref_runner = make_runner(reference.model, reference.backend, shapes, optimization="none", dims=dims)
-    cand_level = candidate_optimization(reference.model)
+    cand_level = candidate_optimization(graph)
     cand_runner = make_runner(candidate.model, candidate.backend, shapes, dims=dims, optimization=cand_level)
 
     tolerance = GRAPH[dtype]
     bounds = index_bounds(reference.model) if given is None else {}
-    switches = branch_switches(reference.model) if given is None and Path(reference.model).suffix == ".onnx" else []
+    switches = branch_switches(graph) if given is None and graph is not None else []
     settings = [dict.fromkeys(switches, True), dict.fromkeys(switches, False)] if switches else [{}]
     runs = [(index, shape, setting) for index, shape in enumerate(shapes) for setting in settings]
     pairs, iterations = [], []

@@ -11,6 +11,8 @@ float32 copies of half inputs, their results rounded back to the half type, as o
 """
 from __future__ import annotations
 
+import heapq
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -121,18 +123,27 @@ def in_order(model: onnx.ModelProto) -> onnx.ModelProto:
         known.update(node.output)
     else:
         return model
-    waiting = list(zip(model.graph.node, reads))
-    ordered = []
-    while waiting:  # stable: each pass takes, in their order, the nodes whose inputs are known
-        ready = [(node, needed) for node, needed in waiting if known.issuperset(needed)]
-        if not ready:  # a cycle or a name nothing defines: the evaluator says which
-            ordered += [node for node, _ in waiting]
-            break
-        for node, _ in ready:
-            ordered.append(node)
-            known.update(node.output)
-        taken = {id(node) for node, _ in ready}
-        waiting = [(node, needed) for node, needed in waiting if id(node) not in taken]
+    # Kahn's algorithm, taking the earliest ready node first so that an ordered stretch stays as it is
+    producer = {name: index for index, node in enumerate(model.graph.node) for name in node.output if name}
+    after = [[] for _ in reads]
+    waits_on = [0] * len(reads)
+    for index, needed in enumerate(reads):
+        for source in {producer[name] for name in needed if name in producer and producer[name] != index}:
+            after[source].append(index)
+            waits_on[index] += 1
+    ready = [index for index, count in enumerate(waits_on) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for follower in after[index]:
+            waits_on[follower] -= 1
+            if waits_on[follower] == 0:
+                heapq.heappush(ready, follower)
+    taken = set(order)
+    order += [index for index in range(len(reads)) if index not in taken]  # a cycle: the evaluator says where
+    ordered = [model.graph.node[index] for index in order]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]

@@ -40,8 +40,9 @@ from .functions import inline_norm_functions
 from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
 from .residual import residual_add, row_preserving_reshape, sum_is_used_elsewhere
-from .scopes import (PLACEHOLDER_DIM, Scope, all_nodes, count_nodes, keep_initializers_home, lend_body_shapes,
-                     node_bodies, restore_body_names, scopes_of, separate_body_names, walk_graphs)
+from .scopes import (PLACEHOLDER_DIM, Scope, all_nodes, count_nodes, graph_and_bodies, keep_initializers_home,
+                     lend_body_shapes, node_bodies, restore_body_names, scopes_of, separate_body_names, unknown_dim,
+                     unknown_dims, walk_graphs)
 
 
 @dataclass
@@ -244,7 +245,7 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
         skeleton = onnx.ModelProto()
         _copy_without_weights(model, skeleton)
         skeleton.graph.value_info.extend(_without_placeholder_dims(v) for v in placeholders)
-        for body in list(_graphs(skeleton.graph))[1:]:  # placeholders saved in bodies are no names either
+        for body in list(graph_and_bodies(skeleton.graph))[1:]:  # placeholders saved in bodies are no names either
             for value in body.value_info:
                 value.CopyFrom(_without_placeholder_dims(value))
         inferred = _inferred_shapes(skeleton)
@@ -296,8 +297,6 @@ def _inferred_shapes(skeleton: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-
-
 def _has_placeholder_dims(value: onnx.ValueInfoProto) -> bool:
     return any(PLACEHOLDER_DIM.fullmatch(d.dim_param) for d in value.type.tensor_type.shape.dim)
 
@@ -313,8 +312,7 @@ def _keep_saved_placeholders(inferred: list, saved: list) -> None:
         if old is None or len(old) != len(new):
             continue
         for now, before in zip(new, old):
-            unknown_now = not now.HasField("dim_value") and (not now.dim_param or PLACEHOLDER_DIM.fullmatch(now.dim_param))
-            if unknown_now and PLACEHOLDER_DIM.fullmatch(before.dim_param):
+            if unknown_dim(now) and PLACEHOLDER_DIM.fullmatch(before.dim_param):
                 now.dim_param = f"saved_{before.dim_param}"
 
 
@@ -343,23 +341,10 @@ def _type_empty_constants(graph: gs.Graph, names: UniqueNames) -> None:
                                                np.zeros((0,), EMPTY_LIST_CONSTANTS[key]))}
 
 
-def _unknown_dim(dim) -> bool:
-    return not dim.HasField("dim_value") and (not dim.dim_param or bool(PLACEHOLDER_DIM.fullmatch(dim.dim_param)))
-
-
 def _dims_left_unknown(model: onnx.ModelProto) -> bool:
     """Whether onnx's inference left a dim unnamed (a Reshape to -1 of a dynamic shape, as
     TorchScript exports write `x.view(-1, seq)`), or a tensor without a shape, in any graph."""
-    return any(not value.type.tensor_type.HasField("shape") or any(map(_unknown_dim, value.type.tensor_type.shape.dim))
-               for graph in _graphs(model.graph) for value in graph.value_info)
-
-
-def _graphs(graph: onnx.GraphProto):
-    """The graph and every If/Loop/Scan body in it, to any depth."""
-    yield graph
-    for node in graph.node:
-        for body in node_bodies(node):
-            yield from _graphs(body)
+    return any(unknown_dims(value) != 0 for graph in graph_and_bodies(model.graph) for value in graph.value_info)
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -401,12 +386,12 @@ def _fill_from_symbolic_inference(inferred: onnx.GraphProto, symbolic: onnx.Grap
         dims, known = value.type.tensor_type.shape.dim, other.type.tensor_type.shape.dim
         if len(dims) == len(known):
             for dim, better in zip(dims, known):
-                if _unknown_dim(dim) and not _unknown_dim(better):
+                if unknown_dim(dim) and not unknown_dim(better):
                     dim.CopyFrom(better)
     # past ops onnx's inference does not know; placeholders of its own node-by-node calls are no names
     inferred.value_info.extend(_without_placeholder_dims(v) for v in found.values())
     # the symbolic inference sorts the nodes: bodies pair through the node's first output
-    holders = {n.output[0]: n for n in symbolic.node if n.output and any(a.g.node or a.graphs for a in n.attribute)}
+    holders = {n.output[0]: n for n in symbolic.node if n.output and node_bodies(n)}
     for node in inferred.node:
         twin = holders.get(node.output[0]) if node.output else None
         if twin is None:

@@ -33,6 +33,15 @@ def walk_graphs(graph: gs.Graph):
                     yield from walk_graphs(sub)
 
 
+def graph_and_bodies(graph: onnx.GraphProto):
+    """The graph and every If/Loop/Scan body in it, to any depth (protobuf; `walk_graphs` walks
+    onnx-graphsurgeon's)."""
+    yield graph
+    for node in graph.node:
+        for body in node_bodies(node):
+            yield from graph_and_bodies(body)
+
+
 def count_nodes(graph: onnx.GraphProto) -> int:
     """Nodes of a graph and of the If/Loop/Scan bodies nested in it (a local function's call counts once)."""
     return len(graph.node) + sum(count_nodes(body) for node in graph.node for body in node_bodies(node))
@@ -132,13 +141,17 @@ def keep_initializers_home(out: onnx.ModelProto, model: onnx.ModelProto) -> None
 PLACEHOLDER_DIM = re.compile(r"unk__\d+")  # the name onnx's inference gives a dim it cannot work out
 
 
+def unknown_dim(dim) -> bool:
+    """A dim with no size and no name but a placeholder's."""
+    return not dim.HasField("dim_value") and (not dim.dim_param or bool(PLACEHOLDER_DIM.fullmatch(dim.dim_param)))
+
+
 def unknown_dims(value: onnx.ValueInfoProto) -> int:
-    """Dims of a value that have no size and no name but a placeholder's (or no shape at all: -1)."""
+    """Unknown dims of a value (`unknown_dim`), or -1 when it has no shape at all."""
     tensor = value.type.tensor_type
     if not tensor.HasField("shape"):
         return -1
-    return sum(not d.HasField("dim_value") and (not d.dim_param or bool(PLACEHOLDER_DIM.fullmatch(d.dim_param)))
-               for d in tensor.shape.dim)
+    return sum(map(unknown_dim, tensor.shape.dim))
 
 
 def _replace_placeholder_shapes(body: onnx.GraphProto, seen_body: onnx.GraphProto, restore: list) -> None:
