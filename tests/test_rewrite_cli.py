@@ -237,12 +237,12 @@ def test_contrib_op_shapes_come_from_onnx_runtimes_inference_without_importing_t
                                          hidden_size=0, opt_level=0).model
     (contrib,) = [n for n in optimised.graph.node if n.domain == "com.microsoft"]
     del optimised.graph.value_info[:]  # (onnx's inference refuses this graph: no opset for com.microsoft)
-    from export.rewrite.rewriter import _symbolic_shapes
+    from export.rewrite.symbolic import symbolic_shapes
 
-    inferred = {v.name: v for v in _symbolic_shapes(optimised).graph.value_info}
+    inferred = {v.name: v for v in symbolic_shapes(optimised).graph.value_info}
     dims = inferred[contrib.output[0]].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims][-1] == model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
-    probe = ("import sys; from export.rewrite.rewriter import _ort_symbolic_shape_inference as f; "
+    probe = ("import sys; from export.rewrite.symbolic import _sound_inference as f; "
              "assert hasattr(f(), 'infer_shapes'); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr

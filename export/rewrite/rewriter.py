@@ -9,11 +9,7 @@ proof is fused. A norm whose every match was rejected is reported with the reaso
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import importlib.util
-import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,8 +37,9 @@ from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
 from .residual import residual_add, row_preserving_reshape, sum_is_used_elsewhere
 from .scopes import (PLACEHOLDER_DIM, Scope, all_nodes, count_nodes, graph_and_bodies, keep_initializers_home,
-                     lend_body_shapes, node_bodies, restore_body_names, scopes_of, separate_body_names, unknown_dim,
-                     unknown_dims, walk_graphs)
+                     lend_body_shapes, restore_body_names, scopes_of, separate_body_names, unknown_dim,
+                     unknown_dims, walk_graphs, without_placeholder_dims)
+from .symbolic import fill_from_symbolic_inference, symbolic_shapes
 
 
 @dataclass
@@ -244,10 +241,10 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
             model.graph.value_info.extend(v for v in saved_value_info if not _has_placeholder_dims(v))
         skeleton = onnx.ModelProto()
         _copy_without_weights(model, skeleton)
-        skeleton.graph.value_info.extend(_without_placeholder_dims(v) for v in placeholders)
+        skeleton.graph.value_info.extend(without_placeholder_dims(v) for v in placeholders)
         for body in list(graph_and_bodies(skeleton.graph))[1:]:  # placeholders saved in bodies are no names either
             for value in body.value_info:
-                value.CopyFrom(_without_placeholder_dims(value))
+                value.CopyFrom(without_placeholder_dims(value))
         inferred = _inferred_shapes(skeleton)
         known = {v.name for v in model.graph.value_info}
         lent = [v for v in inferred.graph.value_info if v.name not in known]
@@ -288,8 +285,8 @@ def _inferred_shapes(skeleton: onnx.ModelProto) -> onnx.ModelProto:
     except Exception:  # inference is best effort: a candidate without shapes is rejected with its reason
         inferred = skeleton
     if any(n.domain not in ("", "ai.onnx") for n in skeleton.graph.node) or _dims_left_unknown(inferred):
-        symbolic = _symbolic_shapes(skeleton)
-        _fill_from_symbolic_inference(inferred.graph, symbolic.graph if symbolic is not None else None)
+        symbolic = symbolic_shapes(skeleton)
+        fill_from_symbolic_inference(inferred.graph, symbolic.graph if symbolic is not None else None)
     if renamed:
         restore_body_names(inferred.graph)
     _LAST_INFERRED.clear()
@@ -316,15 +313,6 @@ def _keep_saved_placeholders(inferred: list, saved: list) -> None:
                 now.dim_param = f"saved_{before.dim_param}"
 
 
-def _without_placeholder_dims(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
-    blank = onnx.ValueInfoProto()
-    blank.CopyFrom(value)
-    for dim in blank.type.tensor_type.shape.dim:
-        if PLACEHOLDER_DIM.fullmatch(dim.dim_param):
-            dim.Clear()
-    return blank
-
-
 EMPTY_LIST_CONSTANTS = {"value_ints": np.int64, "value_floats": np.float32}
 
 
@@ -345,85 +333,6 @@ def _dims_left_unknown(model: onnx.ModelProto) -> bool:
     """Whether onnx's inference left a dim unnamed (a Reshape to -1 of a dynamic shape, as
     TorchScript exports write `x.view(-1, seq)`), or a tensor without a shape, in any graph."""
     return any(unknown_dims(value) != 0 for graph in graph_and_bodies(model.graph) for value in graph.value_info)
-
-
-def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """ONNX Runtime's symbolic shape inference of `model`, as far as it gets, or None.
-
-    It knows ONNX Runtime's contrib ops (a graph its optimizer has seen: SkipLayerNormalization,
-    MultiHeadAttention...), where onnx's inference stops, and works sizes out as expressions of
-    the inputs' (a Reshape to -1 of [batch, seq] by seq is batch), where onnx's leaves them unknown.
-    Never with `auto_merge`: that declares two dims equal because an op broadcasts one against the
-    other, which also holds when one of them is 1, and would let a broadcasting Add pass for a
-    residual. Its public `infer_shapes` throws the partial result away when it stops early (after
-    saving it into the working directory), so the loop is run here."""
-    try:
-        inference = _ort_symbolic_shape_inference()(int_max=2**31 - 1, auto_merge=False, guess_output_rank=False, verbose=0)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            inference._preprocess(model)
-            while inference.run_:
-                inference._infer_impl()
-        return inference.out_mp_
-    except Exception:  # not installed, another version's internals, or an op it fails on: onnx's shapes stay
-        return None
-
-
-def _fill_from_symbolic_inference(inferred: onnx.GraphProto, symbolic: onnx.GraphProto | None) -> None:
-    """Dims onnx's inference left unknown take the symbolic inference's, and tensors it gave no
-    shape take the symbolic one, in the graph and its bodies (paired by the nodes holding them).
-    Both name a dim only by an input's dim, an expression of those or (the symbolic one) a name of
-    its own for one op's output, so a name the two share means the same size in both."""
-    if symbolic is None:
-        return
-    found = {v.name: v for v in symbolic.value_info if v.type.tensor_type.HasField("shape")}
-    for value in inferred.value_info:
-        other = found.pop(value.name, None)
-        if other is None or other.type.tensor_type.elem_type != value.type.tensor_type.elem_type:
-            continue
-        if not value.type.tensor_type.HasField("shape"):
-            value.type.tensor_type.shape.CopyFrom(_without_placeholder_dims(other).type.tensor_type.shape)
-            continue
-        dims, known = value.type.tensor_type.shape.dim, other.type.tensor_type.shape.dim
-        if len(dims) == len(known):
-            for dim, better in zip(dims, known):
-                if unknown_dim(dim) and not unknown_dim(better):
-                    dim.CopyFrom(better)
-    # past ops onnx's inference does not know; placeholders of its own node-by-node calls are no names
-    inferred.value_info.extend(_without_placeholder_dims(v) for v in found.values())
-    # the symbolic inference sorts the nodes: bodies pair through the node's first output
-    holders = {n.output[0]: n for n in symbolic.node if n.output and node_bodies(n)}
-    for node in inferred.node:
-        twin = holders.get(node.output[0]) if node.output else None
-        if twin is None:
-            continue
-        twin_attrs = {a.name: a for a in twin.attribute}
-        for attr in node.attribute:
-            theirs = twin_attrs.get(attr.name)
-            if theirs is None:
-                continue
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _fill_from_symbolic_inference(attr.g, theirs.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS and len(attr.graphs) == len(theirs.graphs):
-                for body, their_body in zip(attr.graphs, theirs.graphs):
-                    _fill_from_symbolic_inference(body, their_body)
-
-
-@functools.lru_cache(maxsize=1)
-def _ort_symbolic_shape_inference():
-    """ONNX Runtime's SymbolicShapeInference class, loaded from its own file. Imported as
-    onnxruntime.tools.symbolic_shape_infer it first runs onnxruntime/tools/__init__.py, which
-    imports torch where torch is installed (1-2 s, for a helper not used here); the module itself
-    needs only onnx, numpy, sympy and packaging."""
-    package = importlib.util.find_spec("onnxruntime")  # finds the package without importing it
-    where = Path(package.submodule_search_locations[0]) / "tools" / "symbolic_shape_infer.py" if package else None
-    if where is None or not where.is_file():  # another layout: the plain import
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        return SymbolicShapeInference
-    spec = importlib.util.spec_from_file_location("normfuse_ort_symbolic_shape_infer", where)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SymbolicShapeInference
 
 
 SKELETON_CONSTANT = 256  # elements: initializers up to this size keep their values for shape inference

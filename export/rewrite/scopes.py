@@ -146,6 +146,16 @@ def unknown_dim(dim) -> bool:
     return not dim.HasField("dim_value") and (not dim.dim_param or bool(PLACEHOLDER_DIM.fullmatch(dim.dim_param)))
 
 
+def without_placeholder_dims(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """A copy of `value` whose placeholder dims (`unk__57`) are blank: they name nothing."""
+    blank = onnx.ValueInfoProto()
+    blank.CopyFrom(value)
+    for dim in blank.type.tensor_type.shape.dim:
+        if PLACEHOLDER_DIM.fullmatch(dim.dim_param):
+            dim.Clear()
+    return blank
+
+
 def unknown_dims(value: onnx.ValueInfoProto) -> int:
     """Unknown dims of a value (`unknown_dim`), or -1 when it has no shape at all."""
     tensor = value.type.tensor_type
