@@ -174,7 +174,9 @@ def _sound_inference():
                 return shape
             rank = len(shape)
             aligned = [[1] * (rank - len(s)) + list(s) for s in (shape1, shape2)]
-            return [dim if dim is not None else self._broadcast_dim(self._node_now, 0, axis, [s[axis] for s in aligned])
+            # as the shapes it gets: a str per named dim (each in symbolic_dims_), an int per size
+            return [dim if dim is not None else _as_shape_dim(self._broadcast_dim(self._node_now, 0, axis,
+                                                                                [s[axis] for s in aligned]))
                     for axis, dim in enumerate(shape)]
 
         def _name_unknown_dims(self, node):
@@ -191,11 +193,11 @@ def _sound_inference():
                     if index == 0 and node.op_type in ELEMENTWISE_OPS and all(s is not None for s in shapes):
                         at = axis - len(dims)  # broadcasting aligns the last axes
                         operands = [s[at] if len(s) >= -at else 1 for s in shapes]
-                    size = self._broadcast_dim(node, index, axis, operands)
+                    size = _as_shape_dim(self._broadcast_dim(node, index, axis, operands))
                     if isinstance(size, int):
                         dim.dim_value = size
                     else:
-                        dim.dim_param = str(size)
+                        dim.dim_param = size
 
         def _broadcast_dim(self, node, index, axis, operands):
             """The size of a broadcast of `operands` (dims of one axis) where it is one of them for
@@ -207,13 +209,17 @@ def _sound_inference():
             largest = _largest_of_a_broadcast(sizes) if sizes else None
             if largest is None:
                 return self._new_symbolic_dim_from_output(node, index, axis)
-            if largest.is_Integer:
-                return int(largest)
-            self.symbolic_dims_.setdefault(str(largest), largest)
+            if not largest.is_Integer:
+                self.symbolic_dims_.setdefault(str(largest), largest)
             return largest
 
     module.SymbolicShapeInference = SoundSymbolicInference
     return SoundSymbolicInference
+
+
+def _as_shape_dim(size):
+    """A sympy size as the inference writes dims into shapes: an int, or the str it is named by."""
+    return int(size) if size.is_Integer else str(size)
 
 
 def _largest_of_a_broadcast(sizes: list):
