@@ -209,11 +209,11 @@ def print_summary(report: dict, console) -> None:
     console.print(f"[bold]rewrite[/]: fused {rw['fused']}/{rw['expected_norms']} norms ({describe_counts(rw['counts'])}), "
                   f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected")
     table = Table(title="validation (per output, against the dtype's graph tolerance)")
-    for col in ("reference", "candidate", "shape", "max abs", "max rel", "result"):
+    for col in ("reference", "candidate", "shape", "output", "max abs", "max rel", "result"):
         table.add_column(col)
     for pair in report["validation"]:
         for name, s in pair["outputs"].items():
-            table.add_row(pair["reference"], pair["candidate"], shape_label(pair),
+            table.add_row(pair["reference"], pair["candidate"], shape_label(pair), name,
                           f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}", "[green]pass" if s["passed"] else "[red]FAIL")
     console.print(table)
     if report["bench"]:

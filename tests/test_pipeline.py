@@ -496,3 +496,24 @@ def test_bf16_graph_of_wide_rows_validates_on_the_reference_evaluator(exported, 
     (pair,) = compare(Side(reference, "onnx-reference", "reference"), Side(tmp_path / "fused.onnx", "onnx-reference", "fused"),
                       [(1, 8)], "bfloat16")
     assert pair["passed"], pair["outputs"]
+
+
+def test_the_validation_table_names_the_output_of_each_row():
+    """A decoder has a row per output (logits, each present key and value): without their names
+    the terminal showed five identical-looking rows per shape."""
+    from rich.console import Console
+
+    from export.report import print_summary
+
+    def stats():
+        return {"max_abs": 0.0, "max_rel": 0.0, "passed": True}
+
+    report = {"rewrite": {"fused": 1, "expected_norms": 1, "counts": {"RMSNorm": 1}, "nodes_before": 5,
+                          "nodes_after": 1, "rejected": []},
+              "validation": [{"reference": "reference@ort-cpu", "candidate": "fused@ort-cpu", "shape": [1, 16],
+                              "outputs": {"logits": stats(), "present.0.key": stats()}}],
+              "bench": [], "decode": [], "stage_seconds": {}, "skipped": []}
+    console = Console(record=True, width=200)
+    print_summary(report, console)
+    rows = [line for line in console.export_text().splitlines() if "fused@ort-cpu" in line]
+    assert len(rows) == 2 and "logits" in rows[0] and "present.0.key" in rows[1]
