@@ -319,6 +319,31 @@ def test_native_norm_over_more_than_the_last_axis_is_rejected():
     assert report.fused == 0 and "not the last axis" in report.rejected[0].reason
 
 
+@pytest.mark.parametrize("op,with_bias", NATIVE)
+def test_a_native_norms_scale_gives_the_last_axis_that_inference_lost(op, with_bias):
+    """MobileViT folds patches with Reshapes to sizes computed at run time, so no inference knows
+    the last axis of the norms behind them; a native norm's [H] scale does (the op takes a scale
+    broadcastable to the normalised axis). A decomposed norm's scale is a Mul that may broadcast,
+    and a [1] scale broadcasts to any axis: neither tells the size."""
+    model = _native_model(op, "float32", None, with_bias)
+    model.graph.input[0].type.tensor_type.shape.dim[-1].dim_param = "hidden"
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 1 and report.fusions[0].hidden == 8, [r.reason for r in report.rejected]
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)}
+    assert GRAPH["float32"].passes(run_model(out, feeds)[0], run_model(model, feeds)[0])
+    for gamma in model.graph.initializer:
+        gamma.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(gamma)[:1], gamma.name))
+    _, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0 and "not static ('hidden')" in report.rejected[0].reason
+
+
+def test_a_decomposed_norms_scale_does_not_give_the_last_axis():
+    model = build(NormSpec(kind="rms", hidden=8))
+    model.graph.input[0].type.tensor_type.shape.dim[-1].dim_param = "hidden"
+    _, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0 and "not static ('hidden')" in report.rejected[0].reason
+
+
 def test_residual_add_with_unknown_dims_is_not_fused():
     """[1, H] + [5, H] broadcasts; with both leading dims unknown (None) that cannot be ruled out,
     so the Add stays outside the norm. A named dim is the same size wherever it appears."""

@@ -119,6 +119,22 @@ def test_large_weights_do_not_stop_the_inference():
                                  "c": _random(SKELETON_CONSTANT + 1, seed=2)})
 
 
+def test_a_concats_other_axes_are_one_size():
+    """Concat(a [batch, 4, 8], b [n, 4, 8]) along axis 1 runs only where n is batch, so its result
+    is [batch, 8, 8]. ONNX Runtime's inference stopped at such a Concat (MobileViT: a Conv's output
+    beside folded patches), so a Reshape to -1 after it, which onnx's inference leaves unknown,
+    stayed unknown, and the residual Add of that with c [batch, 8, 8] was lost (5 in MobileViT)."""
+    nodes = [helper.make_node("Concat", ["a", "b"], ["ab"], axis=1),
+             helper.make_node("Reshape", ["ab", "rows"], ["r"]),
+             helper.make_node("Relu", ["c"], ["c2"]), helper.make_node("Add", ["r", "c2"], ["s"])]
+    rows = numpy_helper.from_array(np.array([-1, 8, HIDDEN], np.int64), "rows")
+    model = _model(nodes, [("a", ["batch", 4, HIDDEN]), ("b", ["n", 4, HIDDEN]), ("c", ["batch", 8, HIDDEN])], [rows])
+    fused, report = rewrite_model(model, target="onnxruntime")
+    assert report.counts == {"AddRMSNorm": 1}, report.residual_skipped
+    _same_outputs(model, fused, {"a": _random(2, 4, HIDDEN), "b": _random(2, 4, HIDDEN, seed=1),
+                                 "c": _random(2, 8, HIDDEN, seed=2)})
+
+
 S = sympy.Symbol("seq", integer=True, positive=True)
 T = sympy.Symbol("t", integer=True, nonnegative=True)  # a computed size: may be 0
 B = sympy.Symbol("batch", integer=True, positive=True)

@@ -209,6 +209,8 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
     rank = len(shape)
     hidden = shape[-1] if rank else None
     if not isinstance(hidden, int) or hidden <= 0:
+        hidden = _length_of_native_scale(pattern, match) or hidden
+    if not isinstance(hidden, int) or hidden <= 0:
         raise Rejected(f"size of the last axis of '{x.name}' is not static ({hidden!r})")
 
     _check_constants(match)
@@ -242,6 +244,17 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
         fused_x = cast_in.outputs[0]
     nodes = [n for n in match.nodes if not (fused_x is not x and n is cast_in)]
     return NormCandidate(pattern, match, fused_x, root, hidden, epsilon, gamma, beta, nodes)
+
+
+def _length_of_native_scale(pattern: NormPattern, match: Match) -> int | None:
+    """The last axis' size where shape inference lost it (MobileViT folds patches with a Reshape to
+    sizes computed at run time) but a native norm's scale tells it: the op takes a scale the
+    normalised axis' shape or broadcastable to it, and a [H] scale with H > 1 broadcasts to [H] only."""
+    gamma = match.get("gamma") if pattern.native else None
+    shape = gamma.shape if gamma is not None else None
+    if not shape or not all(isinstance(d, int) for d in shape) or any(d != 1 for d in shape[:-1]) or shape[-1] <= 1:
+        return None
+    return shape[-1]
 
 
 def _check_constants(match: Match) -> None:

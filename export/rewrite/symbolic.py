@@ -4,13 +4,15 @@ what onnx's own inference leaves unknown from it.
 It knows ONNX Runtime's contrib ops (a graph its optimizer has seen: SkipLayerNormalization,
 Attention...), where onnx's inference stops, and works sizes out as expressions of the inputs'
 (a Reshape to -1 of [batch, seq] by seq is batch), where onnx's leaves them unknown. As shipped it
-is not sound for that use, and it gives up early; `SoundSymbolicInference` changes three things:
+is not sound for that use, and it gives up early; `SoundSymbolicInference` changes four things:
 - no equality from a broadcast: two dims an Add broadcasts against each other are not known to be
   equal (one of them may be 1), yet it noted them as equal even without `auto_merge`, and later
   broadcasts and computed dims read those notes;
 - no stop at a broadcast it cannot size (BERT's `[1, Min(512, seq), H] + [batch, seq, H]`): that
   output dim gets a name of its own, which equals nothing else, and inference goes on;
-- `auto_merge` is never used: it declares broadcast dims equal on purpose.
+- `auto_merge` is never used: it declares broadcast dims equal on purpose;
+- a Concat whose other axes it cannot show equal (a Conv's [batch, 32, 8, 8] and a folded
+  [n, 32, h, w]) takes one of them: the op runs only where they are equal.
 """
 from __future__ import annotations
 
@@ -152,12 +154,35 @@ def _sound_inference():
             # after each broadcasting op's own rule, dims it left unknown get fresh names
             for op in BROADCASTING_OPS & self.dispatcher_.keys():
                 self.dispatcher_[op] = self._then_name_unknown_dims(self.dispatcher_[op])
+            self._dims_must_be_equal = False
+            if "Concat" in self.dispatcher_:
+                self.dispatcher_["Concat"] = self._with_equal_dims(self.dispatcher_["Concat"])
 
         def _then_name_unknown_dims(self, rule):
             def run(node):
                 rule(node)
                 self._name_unknown_dims(node)
             return run
+
+        def _with_equal_dims(self, rule):
+            def run(node):
+                self._dims_must_be_equal = True
+                try:
+                    rule(node)
+                finally:
+                    self._dims_must_be_equal = False
+            return run
+
+        def _merge_symbols(self, dims):
+            merged = super()._merge_symbols(dims)
+            if merged is None and self._dims_must_be_equal:
+                # A Concat's other axes are equal in every run it accepts: any one of them is the
+                # size, best a number, then an input's dim, then one the inference named.
+                numbers = [d for d in dims if not isinstance(d, str)]
+                names = sorted((d for d in dims if isinstance(d, str) and d in self.symbolic_dims_),
+                               key=lambda d: d not in self.input_symbols_)
+                merged = int(numbers[0]) if numbers else (names[0] if names else None)
+            return merged
 
         def _onnx_infer_single_node(self, node):
             self._node_now = node  # runs first for every node: the node a broadcast below belongs to
