@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import first_line
+from .errors import NormfuseError, first_line
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
 ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
@@ -263,14 +263,26 @@ def leading_dims(feeds: dict) -> tuple[int, int]:
 def shape_taken(model_path: str | Path, batch: int, seq: int, dims: dict[str, int] | None = None) -> tuple[int, int]:
     """(batch, sequence) that inputs asked for at `batch` x `seq` really have: an axis the model fixes
     keeps its size (a JAX export with a static sequence of 8 runs 8 tokens whatever --seq says), and
-    so does one `dims` names."""
+    so does one `dims` names; it then reads as the first input's. An axis that any input takes as
+    asked stays as asked: a UNet's first input, the latent [batch, 4, 16, 16], fixes nothing its
+    text input [batch, tokens, 32] does not take from --seq."""
     from .dims import input_shapes
     from .triton_repo import onnx_signature
 
     inputs, _ = onnx_signature(model_path)
     if not inputs:
         return batch, seq
-    return batch_and_seq(input_shapes(inputs, batch, seq, dims, str(model_path))[inputs[0].name])
+    where = str(model_path)
+    asked = input_shapes(inputs, batch, seq, dims, where)
+    first_batch, first_seq = batch_and_seq(asked[inputs[0].name])
+
+    def taken(other_batch: int, other_seq: int) -> bool:  # whether some input's shape follows the change
+        try:
+            return input_shapes(inputs, other_batch, other_seq, dims, where) != asked
+        except NormfuseError:  # a size the model refuses: it reads that axis, so it is not fixed
+            return True
+
+    return (batch if taken(batch + 1, seq) else first_batch, seq if taken(batch, seq + 1) else first_seq)
 
 
 # ops that move an input's values without changing them: token ids reshaped before the embedding

@@ -294,3 +294,22 @@ def test_a_hugging_face_decoder_with_its_kv_cache_runs_as_exported(tmp_path):
     assert decoded["rounds"] == 2 and [len(s) for s in decoded["models"]["compared"]["raw_step_ms"]] == [31, 31]
     assert "Each decodes 2 time(s) after a warm-up" in (out / "report.md").read_text()
     assert "Between steps the cache went through numpy." in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("latent_first", (True, False))
+def test_an_axis_any_input_takes_from_the_sequence_is_not_called_fixed(tmp_path, latent_first):
+    """A UNet's first input is the latent [batch, 4, 16, 16]: its axis 1 is fixed, but the text
+    input [batch, tokens, 32] takes --seq. The build read the first input alone, said the sequence
+    was fixed at 4, and ran the text at 4 tokens whatever --seq asked."""
+    from export.backends import shape_taken
+
+    latent = helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["batch", 4, 16, 16])
+    text = helper.make_tensor_value_info("text", TensorProto.FLOAT, ["batch", "tokens", 32])
+    nodes = [helper.make_node("ReduceSum", ["latent"], ["a"], keepdims=0),
+             helper.make_node("ReduceSum", ["text"], ["b"], keepdims=0)]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in "ab"]
+    graph = helper.make_graph(nodes, "g", [latent, text] if latent_first else [text, latent], outputs)
+    path = tmp_path / "unet-like.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    assert shape_taken(path, 2, 7) == (2, 7)
+    assert shape_taken(path, 2, 7, {"tokens": 5}) == ((2, 4) if latent_first else (2, 5))  # a --dim fixes it
