@@ -23,7 +23,21 @@ def load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
         raise NormfuseError(f"{path}: not a readable ONNX model ({exc.__class__.__name__}: {first_line(exc)})") from None
     if not model.HasField("graph"):  # an empty file parses as an empty model
         raise NormfuseError(f"{path}: not an ONNX model: it has no graph (an empty file, or another kind of protobuf)")
+    _check_external_files(model, path)
     return model
+
+
+def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
+    """A model whose weight file is not beside it fails here, in one line, rather than after a
+    rewrite that wrote a model pointing at nothing, or deep inside ONNX Runtime."""
+    seen = set()
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                if not (path.parent / entry.value).is_file():
+                    raise NormfuseError(f"{path}: its external data file {entry.value} is missing (weights are "
+                                        f"read from beside the model)")
 
 
 def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> list[str]:

@@ -378,3 +378,25 @@ def test_constants_stored_externally_are_read_and_the_norm_fused(tmp_path):
     expected = ort.InferenceSession(str(tmp_path / "inline.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     actual = ort.InferenceSession(str(src.parent / "fused.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert GRAPH["float32"].passes(actual[0], expected[0])
+
+
+def test_a_model_whose_weight_file_is_missing_is_refused_in_one_line(tmp_path, capsys):
+    """Copied without its .data file, a model was rewritten into one pointing at nothing (exit 0),
+    and ONNX Runtime's own loader failed later in a long message; every command now refuses it
+    first, naming the model and the file, and writes nothing."""
+    from test_pipeline import _main
+    from test_validate_inputs import token_model
+
+    model = onnx.load(str(token_model(tmp_path / "inline.onnx", mask=False)))
+    src = tmp_path / "copied" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(model, str(src), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    (src.parent / "model.onnx.data").unlink()
+    out = tmp_path / "fused.onnx"
+    for module, args in (("export.rewrite", [str(src), "-o", str(out)]), ("export.validate", [str(src), str(src)]),
+                         ("export.decode", [str(src)]), ("export.build", ["--onnx", str(src), "--out", str(tmp_path / "b")])):
+        code, stderr = _main(module, *args, capsys=capsys)
+        assert code == 1 and stderr.strip().splitlines() == [
+            f"normfuse: error: {src}: its external data file model.onnx.data is missing (weights are read from beside "
+            "the model)"], (module, stderr)
+    assert not out.exists() and not (tmp_path / "b" / "report.json").exists()
