@@ -561,3 +561,29 @@ def test_a_last_axis_mean_in_no_norm_is_named_in_the_notes():
     assert note.startswith("1 ReduceMean node(s) over the last axis") and "'quantised_mean'" in note
     _, report = rewrite_model(build(NormSpec(kind="rms", residual="exposed")))
     assert report.fused == 1 and not any("ReduceMean" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("op", ("LayerNormalization", "SimplifiedLayerNormalization"))
+def test_onnx_runtime_skip_ops_get_only_the_ranks_they_run(op):
+    """ONNX Runtime's Skip*LayerNormalization refuse inputs of rank other than 2 or 3 at run time
+    (timm's Swin normalises [batch, height, width, channels]): there the Add stays outside a plain
+    norm for the onnxruntime target, while the plugins take any rank."""
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("Add", ["x", "r"], ["h"]),
+             helper.make_node(op, ["h", "gamma"], ["y"], axis=-1, epsilon=1e-5)]
+    inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["batch", 4, 4, 8]) for n in "xr"]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "gamma")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, report = rewrite_model(model, target="onnxruntime")
+    assert report.counts == {}  # the plain norm is the op it already is
+    (skipped,) = report.residual_skipped
+    assert "rank-4" in skipped["reason"] and "rank 2 or 3" in skipped["reason"]
+    import onnxruntime as ort
+
+    feeds = {n: np.random.default_rng(i).standard_normal((2, 4, 4, 8)).astype(np.float32) for i, n in enumerate("xr")}
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert GRAPH["float32"].passes(got, run_model(model, feeds)[0])
+    _, report = rewrite_model(model, target="tensorrt")
+    assert report.counts == {"AddLayerNorm" if op == "LayerNormalization" else "AddRMSNorm": 1}
