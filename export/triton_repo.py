@@ -110,7 +110,10 @@ def config_text(name: str, platform: str, inputs: list[IO], outputs: list[IO], m
             raise NormfuseError(f"{io.name}: the model gives it no shape, not even its rank, and Triton needs its dims")
         dims = io.shape[1:] if max_batch_size > 0 else io.shape
         text_dims = ", ".join("-1" if d is None else str(d) for d in dims)
-        return f'  {{\n    name: "{io.name}"\n    data_type: {TRITON_TYPES[io.dtype]}\n    dims: [ {text_dims} ]\n  }}'
+        # Triton needs non-empty dims: a tensor that is only its batch axis (a UNet's timestep, [batch])
+        # or a scalar is served as [1] and reshaped to nothing for the model, as its docs say
+        shape = f"dims: [ {text_dims} ]" if dims else "dims: [ 1 ]\n    reshape: { shape: [ ] }"
+        return f'  {{\n    name: "{io.name}"\n    data_type: {TRITON_TYPES[io.dtype]}\n    {shape}\n  }}'
 
     lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}",
              "input [\n" + ",\n".join(tensor(i) for i in inputs) + "\n]",
@@ -146,6 +149,8 @@ def parse_config(text: str):
                 problems.append(f"{kind} {t.name!r} has no data_type")
             if any(d < -1 or d == 0 for d in t.dims):
                 problems.append(f"{kind} {t.name!r} has bad dims {list(t.dims)}")
+            if not t.dims:
+                problems.append(f"{kind} {t.name!r} has no dims (Triton needs some: [ 1 ] with reshape {{ shape: [ ] }})")
     if config.HasField("dynamic_batching") and config.max_batch_size < 1:
         problems.append("dynamic_batching needs max_batch_size >= 1")
     if problems:

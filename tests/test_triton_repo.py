@@ -139,7 +139,23 @@ def test_half_types(dtype, triton):
     assert config.input[0].data_type == model_config_pb2.DataType.Value(triton)
 
 
+@pytest.mark.parametrize("max_batch_size,shape", [(8, [None]), (0, [])])
+def test_a_tensor_with_no_dims_but_its_batch_is_served_as_one_value_reshaped(max_batch_size, shape):
+    """A UNet's timestep is [batch]: without its batch axis nothing is left, and Triton refuses
+    empty dims; its docs serve such a tensor as dims [ 1 ] reshaped to [ ] for the model."""
+    from export.triton_repo import IO
+
+    text = config_text("m", "onnxruntime_onnx", [IO("t", "float32", shape), IO("x", "float32", [*shape, 4])],
+                       [IO("y", "float32", shape)], max_batch_size)
+    config = parse_config(text)
+    for tensor in (config.input[0], config.output[0]):
+        assert list(tensor.dims) == [1] and tensor.HasField("reshape") and list(tensor.reshape.shape) == []
+    assert list(config.input[1].dims) == [4] and not config.input[1].HasField("reshape")
+
+
 @pytest.mark.parametrize("text,words", [
+    ('name: "m"\nplatform: "onnxruntime_onnx"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ ] } ]\n'
+     'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]', "has no dims"),
     ('name: "m"\nplatform: "onnxruntime_onnx"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 0 ] } ]\n'
      'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]', "bad dims"),
     ('name: "m"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\ndynamic_batching { }\n'
