@@ -400,3 +400,21 @@ def test_a_model_whose_weight_file_is_missing_is_refused_in_one_line(tmp_path, c
             f"normfuse: error: {src}: its external data file model.onnx.data is missing (weights are read from beside "
             "the model)"], (module, stderr)
     assert not out.exists() and not (tmp_path / "b" / "report.json").exists()
+
+
+def test_saved_value_info_without_a_shape_gives_way_to_inference():
+    """onnx's version converter saves value_info with a type and no shape (128 of them in the
+    PP-OCRv4 recogniser raised from opset 12 to 17). They stood in for the inferred shapes, so
+    after the raise every norm was rejected ("rank ... is unknown") and the onnxruntime target
+    fused none of the 5 the tensorrt target fused. The model still comes back as it was."""
+    nodes = [helper.make_node("Relu", ["a"], ["h"]), *plain_rms_nodes("h", "y")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], plain_rms_constants(8),
+                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    before = model.SerializeToString()
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.counts == {"RMSNorm": 1}, [r.reason for r in report.rejected]
+    assert model.SerializeToString() == before
+    feeds = {"a": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+    assert GRAPH["float32"].passes(run_model(out, feeds)[0], run_model(model, feeds)[0])

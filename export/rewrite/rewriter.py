@@ -229,16 +229,20 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
     # `unk__57`; onnxsim and onnxslim save them) can never be proven equal to the model's own dims
     # (batch, seq). Inference gets them with those dims blank (the rank still helps it) and may
     # name them now; a dim it leaves unknown keeps its saved placeholder (`_keep_saved_placeholders`).
+    # Entries saved with a type but no shape (onnx's version converter writes 128 of them for
+    # PP-OCRv4's recogniser) would stand in for what inference finds: they are left out too.
     saved_value_info = list(model.graph.value_info)
     placeholders = [v for v in saved_value_info if _has_placeholder_dims(v)]
+    shapeless = [v for v in saved_value_info if _shapeless_tensor(v)]
     declared = [onnx.ValueInfoProto() for _ in model.graph.output]
     for saved, output in zip(declared, model.graph.output):
         saved.CopyFrom(output)
     restore: list = []
     try:  # whatever happens, the model leaves as it came
-        if placeholders:
+        if placeholders or shapeless:
             del model.graph.value_info[:]
-            model.graph.value_info.extend(v for v in saved_value_info if not _has_placeholder_dims(v))
+            model.graph.value_info.extend(v for v in saved_value_info if not _has_placeholder_dims(v)
+                                          and not _shapeless_tensor(v))
         skeleton = onnx.ModelProto()
         _copy_without_weights(model, skeleton)
         skeleton.graph.value_info.extend(without_placeholder_dims(v) for v in placeholders)
@@ -292,6 +296,10 @@ def _inferred_shapes(skeleton: onnx.ModelProto) -> onnx.ModelProto:
     _LAST_INFERRED.clear()
     _LAST_INFERRED[key] = inferred.SerializeToString()
     return inferred
+
+
+def _shapeless_tensor(value: onnx.ValueInfoProto) -> bool:
+    return value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape")
 
 
 def _has_placeholder_dims(value: onnx.ValueInfoProto) -> bool:
