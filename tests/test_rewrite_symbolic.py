@@ -5,7 +5,6 @@ cannot size)."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import sympy
@@ -133,6 +132,37 @@ def test_a_concats_other_axes_are_one_size():
     assert report.counts == {"AddRMSNorm": 1}, report.residual_skipped
     _same_outputs(model, fused, {"a": _random(2, 4, HIDDEN), "b": _random(2, 4, HIDDEN, seed=1),
                                  "c": _random(2, 8, HIDDEN, seed=2)})
+
+
+@pytest.mark.parametrize("side", ("concat-of-constants", "reduce-of-no-shape", "none"))
+def test_an_op_form_the_inference_fails_on_does_not_stop_it(side):
+    """ONNX Runtime's Concat rule asserts axis 0 when it knows every input's values (a Concat of
+    two constant vectors along axis -1 fails it), and its rules for reductions and element-wise ops
+    fail on an input of no known shape (ConvNeXt-V2's GRN): either ended the inference for the
+    whole graph, so a Reshape to -1 stayed unknown and the residual Add behind it was lost. Now a
+    failing rule is stepped over, and where the inference fails outside its rules, what it found
+    before stands."""
+    nodes = [helper.make_node("Shape", ["a"], ["a_shape"], start=1),
+             helper.make_node("Concat", ["minus_one", "a_shape"], ["target"], axis=0),
+             helper.make_node("Reshape", ["a", "target"], ["a2"]),
+             helper.make_node("Relu", ["b"], ["b2"]), helper.make_node("Add", ["a2", "b2"], ["s"])]
+    constants = [numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    extra = []
+    if side != "none":
+        nodes[:0] = [helper.make_node("Concat", ["c1", "c2"], ["c12"], axis=-1),
+                     helper.make_node("Cast", ["c12"], ["c12f"], to=TensorProto.FLOAT)]
+        constants += [numpy_helper.from_array(np.ones(2, np.int64), n) for n in ("c1", "c2")]
+        extra = ["c12f"]
+    inputs, feeds = [("a", ["batch", "seq", HIDDEN]), ("b", ["batch", "seq", HIDDEN])], {}
+    if side == "reduce-of-no-shape":  # after the norm's path, so that what came before it can stand
+        nodes += [helper.make_node("ReduceMax", ["d"], ["d_max"], keepdims=1),
+                  helper.make_node("Mul", ["d_max", "d_max"], ["d_sq"])]
+        inputs.append(("d", None))
+        extra, feeds = ["d_sq"], {"d": _random(2, 5, seed=3)}
+    model = _model(nodes, inputs, constants, contrib_op=False, extra_outputs=extra)
+    fused, report = rewrite_model(model, target="onnxruntime")
+    assert report.counts == {"AddRMSNorm": 1}, report.residual_skipped
+    _same_outputs(model, fused, {"a": _random(2, 3, HIDDEN), "b": _random(2, 3, HIDDEN, seed=1), **feeds})
 
 
 S = sympy.Symbol("seq", integer=True, positive=True)

@@ -4,7 +4,7 @@ what onnx's own inference leaves unknown from it.
 It knows ONNX Runtime's contrib ops (a graph its optimizer has seen: SkipLayerNormalization,
 Attention...), where onnx's inference stops, and works sizes out as expressions of the inputs'
 (a Reshape to -1 of [batch, seq] by seq is batch), where onnx's leaves them unknown. As shipped it
-is not sound for that use, and it gives up early; `SoundSymbolicInference` changes four things:
+is not sound for that use, and it gives up early; `SoundSymbolicInference` changes five things:
 - no equality from a broadcast: two dims an Add broadcasts against each other are not known to be
   equal (one of them may be 1), yet it noted them as equal even without `auto_merge`, and later
   broadcasts and computed dims read those notes;
@@ -12,7 +12,9 @@ is not sound for that use, and it gives up early; `SoundSymbolicInference` chang
   output dim gets a name of its own, which equals nothing else, and inference goes on;
 - `auto_merge` is never used: it declares broadcast dims equal on purpose;
 - a Concat whose other axes it cannot show equal (a Conv's [batch, 32, 8, 8] and a folded
-  [n, 32, h, w]) takes one of them: the op runs only where they are equal.
+  [n, 32, h, w]) takes one of them: the op runs only where they are equal;
+- a rule that fails on a form of an op it does not take no longer ends the inference: that node
+  keeps onnx's shapes, its unknown dims named afresh.
 """
 from __future__ import annotations
 
@@ -34,18 +36,22 @@ BROADCASTING_OPS = ELEMENTWISE_OPS | {"Expand", "MatMul", "MatMulInteger"}
 
 
 def symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """The model with the value_info `SoundSymbolicInference` finds, as far as it gets, or None.
-    Its public `infer_shapes` throws the partial result away when it stops early (after saving it
-    into the working directory), so the loop is run here."""
+    """The model with the value_info `SoundSymbolicInference` finds, as far as it gets (each entry is
+    written as its node is inferred), or None. Its public `infer_shapes` throws the partial result
+    away when it stops early (after saving it into the working directory), so the loop is run here."""
     try:
         inference = _sound_inference()(int_max=2**31 - 1, auto_merge=False, guess_output_rank=False, verbose=0)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             inference._preprocess(_weights_as_inputs(model))
+    except Exception:  # not installed, or another version's internals: onnx's shapes stay
+        return None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             while inference.run_:
                 inference._infer_impl()
-        return inference.out_mp_
-    except Exception:  # not installed, another version's internals, or an op it fails on: onnx's shapes stay
-        return None
+    except Exception:  # it failed past the rules (ConvNeXt-V2's GRN): what it found before that node stands
+        pass
+    return inference.out_mp_
 
 
 def _weights_as_inputs(skeleton: onnx.ModelProto) -> onnx.ModelProto:
@@ -157,6 +163,22 @@ def _sound_inference():
             self._dims_must_be_equal = False
             if "Concat" in self.dispatcher_:
                 self.dispatcher_["Concat"] = self._with_equal_dims(self.dispatcher_["Concat"])
+            for op, rule in list(self.dispatcher_.items()):
+                self.dispatcher_[op] = self._guarded(rule)
+
+        def _guarded(self, rule):
+            def run(node):
+                try:
+                    rule(node)
+                except Exception:
+                    # A form of the op its rule does not take (an assertion: a Concat of known values
+                    # along axis 1, an Expand to a shape of unknown length) stopped the whole
+                    # inference. The node keeps what onnx's inference of it found, its unknown dims
+                    # named afresh, and no value: the rest of the graph is still inferred.
+                    for name in node.output:
+                        self.sympy_data_.pop(name, None)
+                    self._name_unknown_dims(node)
+            return run
 
         def _then_name_unknown_dims(self, rule):
             def run(node):
