@@ -564,26 +564,32 @@ def test_a_last_axis_mean_in_no_norm_is_named_in_the_notes():
 
 
 @pytest.mark.parametrize("op", ("LayerNormalization", "SimplifiedLayerNormalization"))
-def test_onnx_runtime_skip_ops_get_only_the_ranks_they_run(op):
+@pytest.mark.parametrize("sum_used", (False, True))
+@pytest.mark.parametrize("shape", (["batch", 4, 4, 8], [8]), ids=("rank4", "rank1"))
+def test_onnx_runtime_skip_ops_get_rows_at_other_ranks(op, sum_used, shape):
     """ONNX Runtime's Skip*LayerNormalization refuse inputs of rank other than 2 or 3 at run time
-    (timm's Swin normalises [batch, height, width, channels]): there the Add stays outside a plain
-    norm for the onnxruntime target, while the plugins take any rank."""
+    (timm's Swin normalises [batch, height, width, channels], and the fused model failed to run):
+    there the operands go in as [rows, hidden] and the results come back in their shape."""
     from onnx import helper, numpy_helper
 
     nodes = [helper.make_node("Add", ["x", "r"], ["h"]),
              helper.make_node(op, ["h", "gamma"], ["y"], axis=-1, epsilon=1e-5)]
-    inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["batch", 4, 4, 8]) for n in "xr"]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    if sum_used:
+        outputs.append(helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, None))
+    inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in "xr"]
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
                               [numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "gamma")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     out, report = rewrite_model(model, target="onnxruntime")
-    assert report.counts == {}  # the plain norm is the op it already is
-    (skipped,) = report.residual_skipped
-    assert "rank-4" in skipped["reason"] and "rank 2 or 3" in skipped["reason"]
+    assert report.counts == {"AddLayerNorm" if op == "LayerNormalization" else "AddRMSNorm": 1}
+    (skip,) = [n for n in out.graph.node if n.op_type.startswith("Skip")]
+    fed_by = {o: n.op_type for n in out.graph.node for o in n.output}
+    assert [fed_by[i] for i in skip.input[:2]] == ["Reshape", "Reshape"]
     import onnxruntime as ort
 
-    feeds = {n: np.random.default_rng(i).standard_normal((2, 4, 4, 8)).astype(np.float32) for i, n in enumerate("xr")}
-    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    assert GRAPH["float32"].passes(got, run_model(model, feeds)[0])
-    _, report = rewrite_model(model, target="tensorrt")
-    assert report.counts == {"AddLayerNorm" if op == "LayerNormalization" else "AddRMSNorm": 1}
+    concrete = [2 if d == "batch" else d for d in shape]
+    feeds = {n: np.random.default_rng(i).standard_normal(concrete).astype(np.float32) for i, n in enumerate("xr")}
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, e in zip(got, run_model(model, feeds)):
+        assert g.shape == e.shape and GRAPH["float32"].passes(g, e)

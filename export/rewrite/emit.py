@@ -118,6 +118,8 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str, names: UniqueNa
         add.outputs.clear()
         total = (candidate.sum_tensor or candidate.x) if candidate.expose_sum else gs.Variable(names(f"{y.name}_sum"), dtype=candidate.x.dtype, shape=candidate.x.shape)
         total.inputs.clear()
+        if target == "onnxruntime" and len(add.inputs[0].shape or ()) not in SKIP_OP_RANKS:
+            a, b, y, total = _rows_for_skip_op(graph, candidate, a, b, y, total, names)
         inputs = [a, b, gamma]
         # ONNX Runtime's Skip ops: (y, mean, inv_std, sum), the statistics left unnamed
         outputs = [y, gs.Variable.empty(), gs.Variable.empty(), total] if target == "onnxruntime" else [y, total]
@@ -134,6 +136,33 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str, names: UniqueNa
     node = gs.Node(op_type, name=names(f"normfuse_{op_type}"), attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
     graph.nodes.append(node)
     return node
+
+
+SKIP_OP_RANKS = (2, 3)  # ONNX Runtime's Skip*LayerNormalization refuse other ranks at run time
+
+
+def _rows_for_skip_op(graph: gs.Graph, candidate: NormCandidate, a, b, y, total, names: UniqueNames):
+    """Operands and results of an ONNX Runtime Skip op over tensors of a rank it refuses (timm's
+    Swin normalises [batch, height, width, channels]): the operands flattened to [rows, hidden]
+    and the results put back in the operands' shape, by Reshapes, which ONNX Runtime runs
+    without copying. Returns (a, b, y, total) for the op."""
+    hidden = candidate.hidden
+    rows = gs.Constant(names(f"{y.name}_rows_shape"), np.array([-1, hidden], dtype=np.int64))
+    shape = gs.Variable(names(f"{a.name}_shape"), dtype=np.int64, shape=[len(a.shape)])
+    graph.nodes.append(gs.Node("Shape", name=names(f"{a.name}_shape"), inputs=[a], outputs=[shape]))
+
+    def flat(tensor):
+        out = gs.Variable(names(f"{tensor.name}_rows"), dtype=tensor.dtype, shape=[None, hidden])
+        graph.nodes.append(gs.Node("Reshape", name=names(f"{tensor.name}_rows"), inputs=[tensor, rows], outputs=[out]))
+        return out
+
+    def unflat(tensor):
+        out = gs.Variable(names(f"{tensor.name}_rows"), dtype=tensor.dtype, shape=[None, hidden])
+        graph.nodes.append(gs.Node("Reshape", name=names(f"{tensor.name}_unrows"), inputs=[out, shape], outputs=[tensor]))
+        return out
+
+    return flat(a), flat(b), unflat(y), unflat(total) if candidate.expose_sum else \
+        gs.Variable(names(f"{total.name}_rows"), dtype=total.dtype, shape=[None, hidden])
 
 
 def _parameter_dtype(candidate: NormCandidate, op_dtype: str, target: str) -> str:

@@ -447,7 +447,7 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
     # ends in one) is that norm's, not a residual of the norm reading its output.
     for candidate in norms:
         if not candidate.pattern.skip and residual and target != "onnx":
-            _attach_residual(candidate, scope, claimed, report, target)
+            _attach_residual(candidate, scope, claimed, report)
         if _is_noop(candidate, target):  # already the target's op, e.g. a LayerNormalization after a cast to fp16
             claimed.difference_update(id(n) for n in candidate.nodes)
             settled.update(candidate.node_names)
@@ -460,21 +460,13 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
     return chosen
 
 
-SKIP_OP_RANKS = (2, 3)  # ONNX Runtime's Skip*LayerNormalization refuse other ranks at run time
-
-
-def _attach_residual(candidate: NormCandidate, scope: Scope, claimed: set, report, target: str) -> None:
+def _attach_residual(candidate: NormCandidate, scope: Scope, claimed: set, report) -> None:
     """Fuse the residual Add in front of the norm when it is this scope's and no other fusion's."""
     root = candidate.output
     found, why = residual_add(candidate, scope.outputs)
-    rank = len(found[2].outputs[0].shape or ()) if found is not None else None
     if found is not None and id(found[2]) not in scope.members:
         report.residual_skipped.append({"output": root.name, "reason": f"Add '{found[2].name}' is in the "
                                         f"enclosing graph, not in {scope.name}"})
-    elif found is not None and target == "onnxruntime" and rank not in SKIP_OP_RANKS:
-        # (timm's Swin normalises [batch, height, width, channels]: its Skip ops failed to run)
-        report.residual_skipped.append({"output": root.name, "reason": f"Add '{found[2].name}' sums rank-{rank} "
-                                        "tensors, and ONNX Runtime's Skip ops take rank 2 or 3 only"})
     elif found is not None and id(found[2]) not in claimed:
         candidate.residual = found
         candidate.through_reshape = row_preserving_reshape(candidate)  # None: the Add feeds x
