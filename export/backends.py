@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NormfuseError, first_line
+from .errors import NormfuseError, RunFailure, first_line
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
 ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
@@ -32,8 +32,6 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as exc:
-        from .errors import NormfuseError
-
         raise NormfuseError(f"ONNX Runtime is not installed ({exc}); {ORT_INSTALL_HINT}") from None
     return onnxruntime
 
@@ -84,8 +82,6 @@ def resolve_backends(requested: str) -> tuple[list[str], list[dict]]:
         return chosen, skipped
     state = availability(requested)
     if not state.present:
-        from .errors import NormfuseError
-
         raise NormfuseError(f"--backend {requested} cannot run here: {state.reason}")
     return (["ort-cpu", requested] if requested != "ort-cpu" else ["ort-cpu"]), []
 
@@ -126,7 +122,6 @@ def refuse_plugin_ops(model_path, backend: str) -> None:
     """normfuse ops are TensorRT plugins; ONNX Runtime cannot run them, so say that plainly."""
     from normops import DOMAIN
 
-    from .errors import NormfuseError
     from .onnx_io import load_graph_only
 
     if any(node.domain == DOMAIN for node in load_graph_only(model_path).graph.node):
@@ -153,16 +148,12 @@ class ReferenceRunner:
         try:
             self.evaluator = evaluator(model)  # fused ops by normops; fp32 accumulation on half inputs
         except Exception as exc:  # an op or opset the evaluator does not know
-            from .errors import NormfuseError
-
             raise NormfuseError(f"{model_path}: onnx's reference evaluator cannot run it: "
                                 f"{exc.__class__.__name__}: {first_line(exc)}") from None
         self.output_names = [o.name for o in model.graph.output]
         self.name = "onnx-reference"
 
     def run(self, feeds: dict) -> dict:
-        from .errors import NormfuseError
-
         try:
             # numpy's warnings for what the graph computes on purpose (T5 takes the log of 0 for
             # its relative positions and masks it out afterwards) are not the user's business here
@@ -171,8 +162,6 @@ class ReferenceRunner:
         except NormfuseError as exc:  # a node no runtime here has (export.rewrite.evaluate)
             raise NormfuseError(f"{self.path}: {exc}") from None
         except Exception as exc:  # inputs the graph cannot take
-            from .errors import RunFailure
-
             shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())
             raise RunFailure(f"{self.path}: onnx's reference evaluator failed on {shapes}: "
                              f"{exc.__class__.__name__}: {first_line(exc)}") from None
@@ -224,7 +213,6 @@ def random_arrays(specs, batch: int, seq: int, seed: int = 0, bounds: dict[str, 
     from normops import numpy_dtype
 
     from .dims import input_shapes
-    from .errors import NormfuseError
 
     rng = np.random.default_rng(seed)
     shapes = input_shapes(specs, batch, seq, dims, where)

@@ -30,14 +30,10 @@ def load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
 def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
     """A model whose weight file is not beside it fails here, in one line, rather than after a
     rewrite that wrote a model pointing at nothing, or deep inside ONNX Runtime."""
-    seen = set()
-    for tensor in _external_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value not in seen:
-                seen.add(entry.value)
-                if not (path.parent / entry.value).is_file():
-                    raise NormfuseError(f"{path}: its external data file {entry.value} is missing (weights are "
-                                        f"read from beside the model)")
+    for location in external_locations(model):
+        if not (path.parent / location).is_file():
+            raise NormfuseError(f"{path}: its external data file {location} is missing (weights are "
+                                f"read from beside the model)")
 
 
 def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> list[str]:
@@ -56,13 +52,10 @@ def share_external_data(model: onnx.ModelProto, source_dir: Path, target_dir: Pa
     if source_dir.resolve() == target_dir.resolve():
         return []
     moves: dict[str, tuple[Path, str]] = {}  # source location -> (file, location beside the output)
-    for tensor in _external_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key != "location" or entry.value in moves:
-                continue
-            location = Path(entry.value)
-            inside = not location.is_absolute() and ".." not in location.parts
-            moves[entry.value] = ((source_dir / location).resolve(), entry.value if inside else location.name)
+    for written in external_locations(model):
+        location = Path(written)
+        inside = not location.is_absolute() and ".." not in location.parts
+        moves[written] = ((source_dir / location).resolve(), written if inside else location.name)
     targets = [t for _, t in moves.values()]
     if len(set(targets)) != len(targets):
         raise NormfuseError(f"{target_dir}: two external data files of the model would share one name there")
@@ -121,6 +114,12 @@ def inline_small_external_data(model: onnx.ModelProto, base_dir: Path) -> int:
         del tensor.external_data[:]
         count += 1
     return count
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    """The external data files a model's tensors name, each once, as written in the model."""
+    return list(dict.fromkeys(entry.value for tensor in _external_tensors(model) for entry in tensor.external_data
+                              if entry.key == "location"))
 
 
 def _external_tensors(model: onnx.ModelProto):

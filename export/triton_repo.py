@@ -234,22 +234,14 @@ def _companions(model_path: Path) -> list[Path]:
 
         side = sidecar_path(model_path)
         return [side] if side.is_file() else []
-    from .onnx_io import _external_tensors, load_graph_only
+    from .onnx_io import external_locations, load_graph_only
 
-    locations = set()
-    for tensor in _external_tensors(load_graph_only(model_path)):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                locations.add(entry.value)
     files = []
-    for location in sorted(locations):
-        path = model_path.parent / location
+    for location in sorted(external_locations(load_graph_only(model_path))):  # (it refuses a missing file)
         if os.path.dirname(os.path.normpath(location)):  # "sub/w.data", "../w.data", "/abs/w.data"
             raise NormfuseError(f"{model_path}: external data {location!r} is not beside the model; "
                                 "Triton needs it in the version folder")
-        if not path.is_file():
-            raise NormfuseError(f"{model_path}: external data file {location} is missing")
-        files.append(path)
+        files.append(model_path.parent / location)
     return files
 
 
