@@ -13,7 +13,9 @@ def test_readme_opens_with_the_two_setup_commands():
     assert len(blocks) == 2, blocks
     install_and_run, tests = blocks
     assert install_and_run.startswith("pip install torch==") and "python -m export.build --norm" in install_and_run
-    assert tests.endswith("python -m pytest")
+    run_tests = tests.split(" && ")[-1]
+    assert run_tests.startswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.rstrip().endswith(run_tests)  # CI runs the suite as the README says, workers included
     for step in tests.split(" && ")[:-1]:  # every install step of the test command is one CI makes
         assert step.replace("pip install", "").split()[-1].strip('"') in ci, step
