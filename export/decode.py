@@ -15,6 +15,15 @@ keeps it, and only the scores come to the host; on the CPU provider numpy in and
 already (ONNX Runtime hands its output buffers to numpy), and binding measured slower there, so
 the plain run is used. `--cache kept|host` chooses either way on any provider.
 
+An encoder-decoder as Optimum exports one (T5, BART, Whisper: encoder_model.onnx, and
+decoder_model_merged.onnx taking encoder_hidden_states and, per layer,
+`past_key_values.N.decoder.*` and `past_key_values.N.encoder.*`) runs with `--encoder`: the encoder
+once per generation on random inputs, then the decoder from its start token. Its own cache grows
+a token a step; the encoder's keys and values come from the first step and are fed back unchanged
+(the merged decoder's branch with a cache returns placeholders for them).
+
+    python -m export.decode decoder_model_merged.onnx --encoder encoder_model.onnx --prompt 16
+
 With `--compare`, the second model decodes the first model's tokens (teacher forcing), so its
 scores are compared at every step, against the first model's as written (ONNX Runtime's own graph
 fusions off, as in export.validate) and the dtype's graph tolerance (normops.tolerances.GRAPH),
@@ -40,6 +49,10 @@ TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Optimum's merged decoders (decoder_model_merged.onnx, as transformers.js serves them) hold the
 # decoder without and with a cache in the two branches of one If, chosen by this input
 CACHE_BRANCH = "use_cache_branch"
+# An encoder-decoder's decoder (T5, BART, Whisper as Optimum exports them) reads the encoder's
+# output through these inputs, the same at every step
+ENCODER_STATES = "encoder_hidden_states"
+CONTEXT_INPUTS = (ENCODER_STATES, "encoder_attention_mask")
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,11 @@ class Decoder:
     cache_shapes: dict[str, tuple[int | None, ...]]  # past input -> shape with None on the cache axis
     position_ids: bool
     cache_branch: bool = False  # a merged decoder: `use_cache_branch` false for the prefill, true after
+    attention_mask: bool = True  # an encoder-decoder's decoder may take none (T5 masks by position)
+    context: tuple[str, ...] = ()  # CONTEXT_INPUTS it takes: an encoder-decoder's
+    # caches that do not grow (the encoder's keys and values, for cross-attention): the first step
+    # computes them and every later one reads them; Optimum's branch with a cache returns placeholders
+    fixed_cache: tuple[str, ...] = ()
 
 
 def cache_pairs(input_names) -> tuple[tuple[str, str], ...]:
@@ -78,22 +96,36 @@ def decoder_of(model, where: str, dims: dict[str, int] | None = None) -> Decoder
     output_specs = {spec.name: spec for spec in model.outputs}
     outputs = list(output_specs)
     cache = cache_pairs(inputs)
-    if not cache or "input_ids" not in inputs or "attention_mask" not in inputs:
-        raise NormfuseError(f"{where}: not a KV-cache decoder (it needs input_ids, attention_mask and "
-                            f"{PAST_PREFIX}* inputs; it takes {', '.join(inputs)})")
+    seq2seq = ENCODER_STATES in inputs
+    if not cache or "input_ids" not in inputs or ("attention_mask" not in inputs and not seq2seq):
+        raise NormfuseError(f"{where}: not a KV-cache decoder (it needs input_ids, attention_mask (or, an "
+                            f"encoder-decoder's, {ENCODER_STATES}) and {PAST_PREFIX}* inputs; it takes {', '.join(inputs)})")
     missing = [present for _, present in cache if present not in outputs]
     if missing:
         raise NormfuseError(f"{where}: cache output {missing[0]} is missing (each {PAST_PREFIX}X input needs a "
                             f"{PRESENT_PREFIX}X output)")
     branch = (CACHE_BRANCH in inputs and inputs[CACHE_BRANCH].dtype == "bool"
               and math.prod(d or 1 for d in inputs[CACHE_BRANCH].shape) == 1)
-    others = sorted(set(inputs) - set(TOKEN_INPUTS) - {past for past, _ in cache} - ({CACHE_BRANCH} if branch else set()))
+    context = tuple(name for name in CONTEXT_INPUTS if seq2seq and name in inputs)
+    others = sorted(set(inputs) - set(TOKEN_INPUTS) - set(context) - {past for past, _ in cache}
+                    - ({CACHE_BRANCH} if branch else set()))
     if others:
         raise NormfuseError(f"{where}: input {others[0]!r} is neither a token input ({', '.join(TOKEN_INPUTS)}) "
                             "nor a cache")
     shapes = {past: _cache_shape(inputs[past], output_specs[present], dims or {}, where) for past, present in cache}
     logits = "logits" if "logits" in outputs else outputs[0]
-    return Decoder(logits, cache, shapes, "position_ids" in inputs, branch)
+    fixed = tuple(past for past, present in cache if seq2seq and _does_not_grow(inputs[past], output_specs[present]))
+    return Decoder(logits, cache, shapes, "position_ids" in inputs, branch, "attention_mask" in inputs, context, fixed)
+
+
+def _does_not_grow(past, present) -> bool:
+    """Whether a cache's present output has its past input's axes, every dynamic one by the same
+    name (the encoder's keys and values: [batch_size, heads, encoder_sequence_length, head_size])."""
+    from .dims import dim_params
+
+    names = dim_params(past)
+    return (len(past.shape) == len(present.shape) and names == dim_params(present)
+            and any(name is not None for name in names[1:]) and list(past.shape) == list(present.shape))
 
 
 def cache_length(inputs, outputs, feeds: dict) -> int | None:
@@ -163,6 +195,7 @@ class Generation:
     step_logits: list[np.ndarray] = field(default_factory=list)  # scores of the last position, per step
     prefill_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)  # decode steps after the prefill
+    encoder_ms: float | None = None  # an encoder-decoder's encoder run, before the prefill
 
 
 CACHE_WAYS = ("auto", "kept", "host")
@@ -178,26 +211,29 @@ def keeps_cache(model, cache: str) -> bool:
 
 def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
              forced: list[list[int]] | None = None, cache_way: str = "auto",
-             prompt_mask: np.ndarray | None = None) -> Generation:
+             prompt_mask: np.ndarray | None = None, context: dict | None = None) -> Generation:
     """Greedy decoding of `new_tokens` tokens after `prompt` (batch x length int64); with `forced`,
     the given tokens are fed instead of the model's own choices (its choices are still recorded).
     `cache_way`: where the cache goes between steps (`keeps_cache`). `prompt_mask` (batch x length,
     0 on padding) lets prompts of different lengths share a batch, padded on the left: the mask
     keeps padding out of attention and positions count real tokens only, as transformers'
-    `generate` numbers them."""
+    `generate` numbers them. `context`: the inputs an encoder-decoder's decoder reads at every step
+    (its CONTEXT_INPUTS, from `encode`); `prompt` is then the decoder's start token."""
     batch = prompt.shape[0]
     mask = np.ones(prompt.shape, np.int64) if prompt_mask is None else np.asarray(prompt_mask, np.int64)
     cache = {past: np.zeros([batch if axis == 0 else (0 if dim is None else dim) for axis, dim in enumerate(shape)],
                             dtype=_input_dtype(model, past))
              for past, shape in decoder.cache_shapes.items()}
-    types = {name: _input_dtype(model, name) for name in TOKEN_INPUTS if name != "position_ids" or decoder.position_ids}
+    types = {name: _input_dtype(model, name) for name in TOKEN_INPUTS
+             if (name != "position_ids" or decoder.position_ids) and (name != "attention_mask" or decoder.attention_mask)}
     presents = [present for _, present in decoder.cache]
     keeping = keeps_cache(model, cache_way)
     result = Generation(tokens=[])
     ids = prompt
     for step in range(new_tokens):
-        feeds = {"input_ids": ids.astype(types["input_ids"]), "attention_mask": mask.astype(types["attention_mask"]),
-                 **cache}
+        feeds = {"input_ids": ids.astype(types["input_ids"]), **(context or {}), **cache}
+        if decoder.attention_mask:
+            feeds["attention_mask"] = mask.astype(types["attention_mask"])
         if decoder.position_ids:
             feeds["position_ids"] = positions(mask)[:, -ids.shape[1]:].astype(types["position_ids"])
         if decoder.cache_branch:
@@ -219,8 +255,24 @@ def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
         fed = np.asarray(forced[step] if forced is not None else chosen, dtype=np.int64)
         ids = fed.reshape(batch, 1)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        cache = {past: kept[present] for past, present in decoder.cache}
+        cache = {past: cache[past] if step and past in decoder.fixed_cache else kept[present]
+                 for past, present in decoder.cache}
     return result
+
+
+def encode(encoder, feeds: dict, decoder: Decoder) -> tuple[dict, float]:
+    """Run an encoder-decoder's encoder once: (the decoder's context inputs, milliseconds taken).
+    Its first output is the states; the decoder's mask over them is the encoder's own
+    attention_mask, or all ones for an encoder without one (Whisper's)."""
+    started = time.perf_counter()
+    outputs = encoder.run(feeds)
+    elapsed = (time.perf_counter() - started) * 1000.0
+    states = np.asarray(outputs[encoder.outputs[0].name])
+    context = {ENCODER_STATES: states}
+    if "encoder_attention_mask" in decoder.context:
+        mask = feeds.get("attention_mask", np.ones(states.shape[:2], np.int64))
+        context["encoder_attention_mask"] = np.asarray(mask)
+    return context, elapsed
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -241,11 +293,14 @@ def _input_shape(model, name: str) -> tuple[int, ...]:
 
 
 def timing(generations: list[Generation], batch: int) -> dict:
-    """Prefill (median over the generations) and decode-step times (every step of every generation)."""
+    """Prefill and encoder (medians over the generations) and decode-step times (every step of every
+    generation)."""
     step_ms = [ms for g in generations for ms in g.step_ms]
     steps = np.asarray(step_ms) if step_ms else np.asarray([np.nan])
     p50 = float(np.median(steps))
-    return {"prefill_ms": round(float(np.median([g.prefill_ms for g in generations])), 4),
+    encoder = [g.encoder_ms for g in generations if g.encoder_ms is not None]
+    return {**({"encoder_ms": round(float(np.median(encoder)), 4)} if encoder else {}),
+            "prefill_ms": round(float(np.median([g.prefill_ms for g in generations])), 4),
             "step_ms": {"p50": p50, "p99": float(np.percentile(steps, 99)), "mean": float(steps.mean())},
             "decode_tokens_per_s": batch / (p50 / 1000.0) if step_ms else None,
             "raw_step_ms": [[round(v, 4) for v in g.step_ms] for g in generations]}
@@ -286,14 +341,22 @@ def agreement(tokens: list[list[int]], expected: Generation, candidate: Generati
 def decode(model_path: str | Path, compare_path: str | Path | None = None, prompt: int | Sequence[int] = 8,
            tokens: int = 32, batch: int | None = None, seed: int = 0, warmup: int = 1,
            providers: list[str] | None = None, rounds: int = 1, cache: str = "auto",
-           progress: Callable[[str], None] | None = None, dims: dict[str, int] | None = None) -> dict:
+           progress: Callable[[str], None] | None = None, dims: dict[str, int] | None = None,
+           encoder_path: str | Path | None = None, compare_encoder_path: str | Path | None = None,
+           start_token: int | None = None) -> dict:
     """Greedy decoding with `model_path` (and, teacher-forced, with `compare_path`); see the module doc.
     `prompt`: one length for each of `batch` sequences (default 1), or a length per sequence (left
     padded to the longest). `rounds` timed generations of each model, the two taking turns to go
     first, so drift in the machine's speed falls on both; the tokens and scores compared are the
     first round's. `progress(what)` is told each generation as it starts. `dims` sizes cache axes
-    other than the cache length (`decoder_of`)."""
-    from .backends import index_bounds
+    other than the cache length (`decoder_of`).
+
+    An encoder-decoder (a decoder taking encoder_hidden_states) needs `encoder_path`: each
+    generation runs the encoder on random inputs (`prompt` long where its length is dynamic) and
+    the decoder from `start_token` (default: decoder_start_token_id of a config.json beside the
+    decoder, else 0); the compared decoder reads `compare_encoder_path`'s states (default: the
+    same encoder's)."""
+    from .backends import index_bounds, random_arrays
     from .runtime import ENGINE_SUFFIXES, load
 
     if tokens < 2:
@@ -303,8 +366,11 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     lengths = [prompt] * (batch or 1) if isinstance(prompt, int) else list(prompt)
     if batch is not None and batch != len(lengths):
         raise UsageError(f"{len(lengths)} prompt lengths for a batch of {batch}: give one length, or one per sequence")
+    if compare_encoder_path and not compare_path:
+        raise UsageError("--compare-encoder goes with --compare: the encoder of the compared decoder")
     paths = [Path(model_path)] + ([Path(compare_path)] if compare_path else [])
-    for path in paths:
+    encoder_paths = [Path(encoder_path), Path(compare_encoder_path or encoder_path)][:len(paths)] if encoder_path else []
+    for path in paths + encoder_paths:
         if path.suffix in ENGINE_SUFFIXES:
             raise UsageError(f"{path}: decoding runs ONNX models (a TensorRT engine's cache axis starts at 1 in "
                              "its profile, and the prefill feeds an empty cache)")
@@ -314,6 +380,96 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
 
         check_given(models[0].inputs, dims, str(paths[0]))  # a name the decoder does not have: a flag error
     decoders = [decoder_of(model, str(path), dims) for model, path in zip(models, paths)]
+    seq2seq = bool(decoders[0].context)
+    for path, decoder in zip(paths, decoders):
+        if bool(decoder.context) != seq2seq:
+            raise NormfuseError(f"{path}: {'takes' if decoder.context else 'does not take'} {ENCODER_STATES}, "
+                                f"{paths[0]} {'does' if seq2seq else 'does not'}: not a form of the same decoder")
+    if seq2seq and not encoder_path:
+        raise UsageError(f"{paths[0]}: an encoder-decoder's decoder (it reads {ENCODER_STATES}): give its encoder "
+                         "with --encoder ENCODER.onnx")
+    if encoder_path and not seq2seq:
+        raise UsageError(f"{paths[0]}: --encoder given, but the decoder takes no {ENCODER_STATES}")
+    if seq2seq and len(set(lengths)) > 1:
+        raise UsageError("prompts of different lengths: an encoder-decoder here encodes inputs of one length")
+    batch = len(lengths)
+    longest = max(lengths)
+    dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
+    if seq2seq:
+        encoders = [load(path, providers=providers) for path in encoder_paths]
+        encoder_feeds = random_arrays(encoders[0].inputs, batch, longest, seed=seed, bounds=index_bounds(encoder_paths[0]),
+                                      dims=dims, where=str(encoder_paths[0]))
+        start = _start_token(paths[0]) if start_token is None else start_token
+        ids = np.full((batch, 1), start, np.int64)
+        mask = None
+        shown_prompt = ([row.tolist() for row in encoder_feeds["input_ids"]] if "input_ids" in encoder_feeds
+                        else [[start]] * batch)
+    else:
+        ids, mask, shown_prompt = _prompt(paths, decoders, lengths, tokens, seed, index_bounds)
+
+    def one_generation(index: int, model, forced=None, encoder=None) -> Generation:
+        context, encoder_ms = None, None
+        if seq2seq:
+            context, encoder_ms = encode(encoder or encoders[index], encoder_feeds, decoders[index])
+            if "encoder_attention_mask" in context:
+                context["encoder_attention_mask"] = context["encoder_attention_mask"].astype(
+                    _input_dtype(model, "encoder_attention_mask"))
+        done = generate(model, decoders[index], ids, tokens, forced, cache, mask, context)
+        done.encoder_ms = encoder_ms
+        return done
+
+    labels = ("reference", "compared")
+    say = progress or (lambda what: None)
+    for warm in range(warmup):  # first runs allocate and plan: not what a served model's steps cost
+        for index, (label, model) in enumerate(zip(labels, models)):
+            say(f"warm-up {warm + 1}/{warmup}, {label}")
+            one_generation(index, model)
+    runs: list[list[Generation]] = [[] for _ in models]
+    for round_ in range(rounds):
+        # the reference goes first in the first round: the compared model is fed its tokens
+        for index in (range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))):
+            forced = runs[0][0].tokens if index else None
+            say(f"round {round_ + 1}/{rounds}, {labels[index]}")
+            runs[index].append(one_generation(index, models[index], forced))
+    reference = runs[0][0]
+    record = {"prompt": shown_prompt, "prompt_lengths": lengths,
+              "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
+              "rounds": rounds, "cache": "kept" if keeps_cache(models[0], cache) else "host",
+              "models": {label: {"model": str(path), "providers": model.providers, "tokens": generations[0].tokens,
+                                 **timing(generations, batch)}
+                         for label, path, model, generations in zip(labels, paths, models, runs)}}
+    if seq2seq:
+        record["start_token"] = int(ids[0, 0])
+        for label, path in zip(labels, encoder_paths):
+            record["models"][label]["encoder"] = str(path)
+    if compare_path:
+        # scores are checked against the reference as written: ONNX Runtime's own fusions (which
+        # rewrite the reference's norms too) are not what is being compared
+        from .runtime import OrtModel
+
+        say("the reference as written, for the scores")
+        as_written = OrtModel(paths[0], providers=providers, optimization="none")
+        encoder = OrtModel(encoder_paths[0], providers=providers, optimization="none") if seq2seq else None
+        expected = one_generation(0, as_written, reference.tokens, encoder)
+        record["agreement"] = agreement(reference.tokens, expected, runs[1][0], dtype)
+    return record
+
+
+def _start_token(decoder_path: Path) -> int:
+    """decoder_start_token_id of the config.json beside an encoder-decoder's decoder (Optimum and
+    transformers write one), else 0."""
+    import json
+
+    config = decoder_path.parent / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("decoder_start_token_id")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return int(value) if isinstance(value, int) else 0
+
+
+def _prompt(paths, decoders, lengths, tokens, seed, index_bounds):
+    """A decoder-only model's random prompt: (ids, mask, the prompts as shown), padded on the left."""
     bounds = index_bounds(paths[0])
     vocabulary = bounds.get("input_ids")
     longest = max(lengths)
@@ -335,38 +491,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     ids = np.random.default_rng(seed).integers(0, vocabulary, size=(batch, longest)).astype(np.int64)
     mask = (np.arange(longest) >= longest - np.asarray(lengths)[:, None]).astype(np.int64)  # padding on the left
     ids[mask == 0] = 0
-    dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
-
-    labels = ("reference", "compared")
-    say = progress or (lambda what: None)
-    for warm in range(warmup):  # first runs allocate and plan: not what a served model's steps cost
-        for label, model, decoder in zip(labels, models, decoders):
-            say(f"warm-up {warm + 1}/{warmup}, {label}")
-            generate(model, decoder, ids, tokens, cache_way=cache, prompt_mask=mask)
-    runs: list[list[Generation]] = [[] for _ in models]
-    for round_ in range(rounds):
-        # the reference goes first in the first round: the compared model is fed its tokens
-        for index in (range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))):
-            forced = runs[0][0].tokens if index else None
-            say(f"round {round_ + 1}/{rounds}, {labels[index]}")
-            runs[index].append(generate(models[index], decoders[index], ids, tokens, forced, cache, mask))
-    reference = runs[0][0]
-    record = {"prompt": [row[longest - n:] for row, n in zip(ids.tolist(), lengths)], "prompt_lengths": lengths,
-              "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
-              "rounds": rounds, "cache": "kept" if keeps_cache(models[0], cache) else "host",
-              "models": {label: {"model": str(path), "providers": model.providers, "tokens": generations[0].tokens,
-                                 **timing(generations, batch)}
-                         for label, path, model, generations in zip(labels, paths, models, runs)}}
-    if compare_path:
-        # scores are checked against the reference as written: ONNX Runtime's own fusions (which
-        # rewrite the reference's norms too) are not what is being compared
-        from .runtime import OrtModel
-
-        say("the reference as written, for the scores")
-        as_written = OrtModel(paths[0], providers=providers, optimization="none")
-        expected = generate(as_written, decoders[0], ids, tokens, reference.tokens, cache, mask)
-        record["agreement"] = agreement(reference.tokens, expected, runs[1][0], dtype)
-    return record
+    return ids, mask, [row[longest - n:] for row, n in zip(ids.tolist(), lengths)]
 
 
 def decoded_alike(agreement: dict) -> bool:
@@ -381,15 +506,20 @@ def print_table(record: dict, console) -> None:
 
     lengths = sorted({len(p) for p in record["prompt"]})
     prompt = f"prompt {lengths[0]}" if len(lengths) == 1 else "prompts " + "/".join(str(len(p)) for p in record["prompt"])
+    seq2seq = "start_token" in record
+    if seq2seq:
+        prompt = f"encoder input {record['prompt_lengths'][0]}, start token {record['start_token']}"
     table = Table(title=f"greedy decoding: {prompt}, {record['new_tokens']} tokens, "
                         f"batch {record['batch']} ({record['dtype']})")
-    for column in ("model", "prefill ms", "step p50 ms", "step p99 ms", "tokens/s"):
+    for column in ("model", *(("encoder ms",) if seq2seq else ()), "prefill ms", "step p50 ms", "step p99 ms", "tokens/s"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for label, run in record["models"].items():
         rate = run["decode_tokens_per_s"]
-        table.add_row(f"{label}: {Path(run['model']).name}", f"{run['prefill_ms']:.3f}", f"{run['step_ms']['p50']:.3f}",
-                      f"{run['step_ms']['p99']:.3f}", f"{rate:.0f}" if rate else "-")
+        table.add_row(f"{label}: {Path(run['model']).name}", *((f"{run['encoder_ms']:.3f}",) if seq2seq else ()), f"{run['prefill_ms']:.3f}",
+                      f"{run['step_ms']['p50']:.3f}", f"{run['step_ms']['p99']:.3f}", f"{rate:.0f}" if rate else "-")
     console.print(table)
+    if seq2seq:
+        console.print("encoders: " + ", ".join(f"{label} {run['encoder']}" for label, run in record["models"].items()))
     first = record["models"]["reference"]["tokens"]
     console.print("tokens: " + " ".join(str(step[0]) for step in first) + (" (first sequence)" if record["batch"] > 1 else ""))
     agree = record.get("agreement")
@@ -420,7 +550,8 @@ def plot_steps(ax, record: dict, prefix: str = "") -> None:
     for label, times in curves.items():
         ax.plot(range(1, len(times) + 1), times, marker=".", label=f"{prefix}{label}: {Path(record['models'][label]['model']).name}")
     off = sum(t > top for times in curves.values() for t in times)
-    ax.set_xlabel(f"decode step (after a {max(len(p) for p in record['prompt'])}-token prompt)")
+    ax.set_xlabel("decode step (after the start token)" if "start_token" in record
+                  else f"decode step (after a {max(len(p) for p in record['prompt'])}-token prompt)")
     ax.set_ylabel("step time (ms), median over rounds")
     ax.set_title(f"Greedy decoding, batch {record['batch']}" + (f" ({off} step(s) above the scale)" if off else ""))
     ax.set_ylim(0, top)
@@ -452,7 +583,15 @@ def main(argv=None) -> int:
 
     parser = Parser(prog="python -m export.decode", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="KV-cache decoder (.onnx): input_ids, attention_mask, past_key_values.* in; "
-                                      "logits, present.* out")
+                                      "logits, present.* out; or an encoder-decoder's (encoder_hidden_states in), "
+                                      "with --encoder")
+    parser.add_argument("--encoder", metavar="ENCODER", help="an encoder-decoder's encoder (.onnx), run once per "
+                                                             "generation on random inputs, --prompt long")
+    parser.add_argument("--compare-encoder", metavar="ENCODER", help="the encoder of the --compare decoder (e.g. the "
+                                                                      "fused one; default: --encoder)")
+    parser.add_argument("--start-token", type=non_negative_int, help="an encoder-decoder's first decoder token (default: "
+                                                                      "decoder_start_token_id of a config.json beside "
+                                                                      "the model, else 0)")
     parser.add_argument("--compare", metavar="MODEL", help="a second decoder (e.g. the fused one) fed the first one's "
                                                             "tokens: same choices, scores within tolerance, and its speed")
     parser.add_argument("--prompt", type=prompt_lengths, default=[8], metavar="N[,N...]",
@@ -481,7 +620,7 @@ def main(argv=None) -> int:
     def job() -> int:
         from rich.console import Console
 
-        for path in filter(None, (args.model, args.compare)):
+        for path in filter(None, (args.model, args.compare, args.encoder, args.compare_encoder)):
             require_file(path)
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
         prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
@@ -489,7 +628,8 @@ def main(argv=None) -> int:
         with console.status("decoding ...") as status:
             record = decode(args.model, args.compare, prompt, args.tokens, args.batch, args.seed, args.warmup,
                             providers, args.rounds, args.cache, lambda what: status.update(f"decoding: {what} ..."),
-                            dims=dict(args.dim))
+                            dims=dict(args.dim), encoder_path=args.encoder,
+                            compare_encoder_path=args.compare_encoder, start_token=args.start_token)
         print_table(record, console)
         if args.json:
             write_json(args.json, record)

@@ -250,7 +250,11 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
             for value in body.value_info:
                 value.CopyFrom(without_placeholder_dims(value))
         inferred = _inferred_shapes(skeleton)
-        known = {v.name for v in model.graph.value_info}
+        # The model's declared inputs and outputs are its interface: an inferred entry under such a
+        # name (ONNX Runtime's symbolic inference names an If's outputs afresh) would replace the
+        # declared dims (batch_size, ...) in the rewritten model, and everything sized by name with them
+        known = {v.name for v in model.graph.value_info} | {v.name for v in model.graph.input}
+        known |= {v.name for v in model.graph.output if v.type.tensor_type.HasField("shape")}
         lent = [v for v in inferred.graph.value_info if v.name not in known]
         _keep_saved_placeholders(lent, placeholders)
         model.graph.value_info.extend(lent)

@@ -1,0 +1,121 @@
+"""export.decode on an encoder-decoder laid out as Optimum exports one (encoder_model.onnx and
+decoder_model_merged.onnx): its tokens and scores against transformers' own generate, and the
+fused pair against the reference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.decode import decoder_of, encode, generate, main as decode_main
+from export.rewrite import rewrite_file
+from export.runtime import load
+
+pytest.importorskip("transformers")
+
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    """{"torch": the model, "reference": folder as exported, "fused": the same files rewritten}."""
+    from models.hf_seq2seq import export_hf_seq2seq
+
+    root = tmp_path_factory.mktemp("t5")
+    model = export_hf_seq2seq(root / "reference", arch="t5")
+    (root / "fused").mkdir()
+    for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+        report = rewrite_file(root / "reference" / name, root / "fused" / name, target="onnxruntime", residual=False)
+        assert report.fused > 0, name
+    return {"torch": model, "reference": root / "reference", "fused": root / "fused"}
+
+
+def hf_generate(model, ids: np.ndarray, tokens: int):
+    """transformers' greedy generate: (tokens after the start token, each step's scores)."""
+    import torch
+
+    model.generation_config.eos_token_id = None  # run every step, as export.decode does
+    ids = torch.tensor(ids)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                         num_beams=1, output_scores=True, return_dict_in_generate=True)
+    return out.sequences[:, 1:].numpy(), [s.numpy() for s in out.scores]
+
+
+def test_tokens_and_scores_are_transformers_generate(t5):
+    """The encoder runs once, the first step computes the encoder's keys and values, every later step
+    reads them back (the merged decoder's branch with a cache returns only placeholders for them):
+    each step's scores are transformers' to fp32 tolerance, and the greedy tokens vary and match."""
+    folder = t5["reference"]
+    decoder_model, encoder_model = load(folder / "decoder_model_merged.onnx", providers=CPU), load(folder / "encoder_model.onnx", providers=CPU)
+    decoder = decoder_of(decoder_model, "decoder")
+    assert decoder.context == ("encoder_hidden_states", "encoder_attention_mask") and not decoder.attention_mask
+    assert sorted(decoder.fixed_cache) == sorted(p for p, _ in decoder.cache if ".encoder." in p) and decoder.fixed_cache
+    ids = np.random.default_rng(3).integers(3, 100, size=(2, 7)).astype(np.int64)
+    context, _ = encode(encoder_model, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, decoder)
+    done = generate(decoder_model, decoder, np.zeros((2, 1), np.int64), 10, context=context)
+    expected_tokens, expected_scores = hf_generate(t5["torch"], ids, 10)
+    np.testing.assert_array_equal(np.array(done.tokens).T, expected_tokens)
+    assert len(set(expected_tokens.ravel().tolist())) > 3  # tokens that depend on the cache
+    for got, want in zip(done.step_logits, expected_scores):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_fused_pair_decodes_alike_and_the_command_writes_its_record(t5, tmp_path):
+    """The rewritten encoder and decoder, each reading its own encoder's states, choose the
+    reference's tokens with scores in tolerance; exit 0, and the record has both encoders' times."""
+    ref, fused = t5["reference"], t5["fused"]
+    out = tmp_path / "decode.json"
+    assert decode_main([str(ref / "decoder_model_merged.onnx"), "--encoder", str(ref / "encoder_model.onnx"),
+                        "--compare", str(fused / "decoder_model_merged.onnx"), "--compare-encoder",
+                        str(fused / "encoder_model.onnx"), "--tokens", "6", "--prompt", "5", "--batch", "2",
+                        "--warmup", "0", "--providers", "CPUExecutionProvider", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["start_token"] == 0  # decoder_start_token_id of the config.json beside the decoder
+    assert record["agreement"]["same_tokens"] == record["agreement"]["steps"] == 6
+    assert record["agreement"]["scores_within_tolerance"]
+    assert [len(p) for p in record["prompt"]] == [5, 5]  # the encoder's input ids
+    for label, folder in (("reference", ref), ("compared", fused)):
+        run = record["models"][label]
+        assert run["encoder"] == str(folder / "encoder_model.onnx") and run["encoder_ms"] > 0
+        assert len(run["tokens"]) == 6
+
+
+def test_rewriting_keeps_the_declared_dims_of_the_merged_decoders_outputs(t5):
+    """ONNX Runtime's symbolic inference names an If's outputs afresh (If_0_o3__d0); the rewritten
+    model keeps the dims it declared (batch_size, encoder_sequence_length), which is how the
+    decoding loop tells the encoder's cache, which does not grow, from the decoder's."""
+    def dims(path):
+        return {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+                for o in onnx.load(str(path), load_external_data=False).graph.output}
+
+    name = "decoder_model_merged.onnx"
+    declared = dims(t5["reference"] / name)
+    assert declared["present.0.encoder.key"][0] == "batch_size"
+    assert dims(t5["fused"] / name) == declared
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "give its encoder with --encoder"),
+    (["--compare-encoder", "{ref}/encoder_model.onnx"], "--compare-encoder goes with --compare"),
+    (["--encoder", "{ref}/encoder_model.onnx", "--prompt", "4,3"], "prompts of different lengths"),
+])
+def test_bad_encoder_decoder_flags_are_one_line_errors(t5, capsys, flags, message):
+    ref = t5["reference"]
+    argv = [str(ref / "decoder_model_merged.onnx"), *(f.format(ref=ref) for f in flags), "--tokens", "2",
+            "--warmup", "0", "--providers", "CPUExecutionProvider"]
+    assert decode_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_an_encoder_for_a_decoder_only_model_is_refused(t5, tmp_path, capsys):
+    from models.hf_decoder import export_hf_decoder
+
+    path = tmp_path / "decoder.onnx"
+    export_hf_decoder(path)
+    argv = [str(path), "--encoder", str(t5["reference"] / "encoder_model.onnx"), "--tokens", "2", "--warmup", "0",
+            "--providers", "CPUExecutionProvider"]
+    assert decode_main(argv) == 2
+    assert "takes no encoder_hidden_states" in capsys.readouterr().err
