@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .bench import pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
+from .norm_check import describe as describe_norm_check
 from .rewrite import describe_counts, describe_unmatched_means
 from .validate import shape_label
 
@@ -101,6 +102,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {pair['reference']} | {pair['candidate']} | {shape_label(pair)} | {name} | "
                          f"{s['max_abs']:.3g} | {s['max_rel']:.3g} | atol {s['atol']:g}, rtol {s['rtol']:g} | "
                          f"{'pass' if s['passed'] else '**FAIL**'} |")
+    for pair in report["validation"]:
+        if pair.get("norm_check"):
+            lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_norm_check(pair['norm_check'])}."]
     lines += ["", "## Benchmark", ""]
     if not report["bench"]:
         lines.append(NOTHING_TIMED[0].upper() + NOTHING_TIMED[1:] + ".")
@@ -216,6 +220,10 @@ def print_summary(report: dict, console) -> None:
             table.add_row(pair["reference"], pair["candidate"], shape_label(pair), name,
                           f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}", "[green]pass" if s["passed"] else "[red]FAIL")
     console.print(table)
+    for pair in report["validation"]:
+        if pair.get("norm_check"):
+            colour = "yellow" if pair["norm_check"]["passed"] else "red"
+            console.print(f"[{colour}]{pair['candidate']} {shape_label(pair)}[/]: {describe_norm_check(pair['norm_check'])}")
     if report["bench"]:
         table = Table(title="benchmark (each graph in its own process)")
         for col in ("backend", "graph", "p50 ms", "p99 ms", "tokens/s", "peak MB", "nodes", "norm time", "norm FLOPs"):

@@ -200,7 +200,8 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     switches = branch_switches(graph) if given is None and graph is not None else []
     settings = [dict.fromkeys(switches, True), dict.fromkeys(switches, False)] if switches else [{}]
     runs = [(index, shape, setting) for index, shape in enumerate(shapes) for setting in settings]
-    pairs, iterations = [], []
+    pairs: list[dict] = []
+    iterations: list = []
     for index, (batch, seq), setting in runs:
         feeds = given[index] if given is not None else random_arrays(
             inputs, batch, seq, seed=seed, bounds=bounds, dims=dims, where=str(reference.model))
@@ -212,6 +213,15 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         if missing:
             raise NormfuseError(f"{candidate.model}: outputs {sorted(missing)} missing (it has {sorted(actual)})")
         outputs = {name: output_stats(actual[name], expected[name], tolerance) for name in expected}
+        norms = None
+        if not all(o["passed"] for o in outputs.values()) and Path(candidate.model).suffix == ".onnx" \
+                and Path(reference.model).suffix == ".onnx" and not any(p.get("norm_check") for p in pairs):
+            # where does the difference come from? each fused op alone, on the reference's values
+            # (once per candidate: the first pair that fails)
+            from .norm_check import check_fused_norms
+
+            norms = check_fused_norms(reference.model, reference.backend, candidate.model, candidate.backend,
+                                      feeds, tolerance)
         pairs.append({
             "reference": f"{reference.label}@{reference.backend}",
             "candidate": f"{candidate.label}@{candidate.backend}",
@@ -222,6 +232,7 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             "dtype": dtype,
             "passed": all(o["passed"] for o in outputs.values()),
             "outputs": outputs,
+            **({"norm_check": norms} if norms is not None else {}),
         })
         iterations.append((feeds, expected, actual))
         if progress:
@@ -374,6 +385,10 @@ def main(argv=None) -> int:
                       f"{pair['reference']}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
                       f"max_rel {s['max_rel']:.3g}, tolerance used p99 {s['tolerance_used']['p99']:.2g} "
                       f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")
+            if pair.get("norm_check"):
+                from .norm_check import describe
+
+                print(f"  {shape_label(pair)}{with_dims}: {describe(pair['norm_check'])}")
         if args.save_outputs:
             print(f"wrote Polygraphy inputs and outputs to {args.save_outputs}/")
         if args.json:

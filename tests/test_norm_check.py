@@ -1,0 +1,88 @@
+"""A failing validation says where the difference comes from: each fused op alone, on the values
+the reference computed at its inputs (export.norm_check)."""
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from export.norm_check import check_fused_norms, describe
+from export.validate import Side, compare
+from normops import GRAPH
+
+
+def with_epsilon(source, target, node_name: str, epsilon: float):
+    model = onnx.load(str(source))
+    node = next(n for n in model.graph.node if n.name == node_name)
+    next(a for a in node.attribute if a.name == "epsilon").f = epsilon
+    onnx.save(model, str(target))
+    return target
+
+
+def fused_names(path) -> list[str]:
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.name.startswith("normfuse_")]
+
+
+@pytest.mark.parametrize("backend, target", [("ort-cpu", "fused"), ("onnx-reference", "trt")])
+def test_a_wrong_fused_op_is_named_and_the_others_pass(rewritten, tmp_path, backend, target):
+    """One fused op given a wrong epsilon fails the pair, and the check names it alone (the TensorRT
+    target's plugin ops run in the reference evaluator with the normops references)."""
+    graphs = rewritten("rmsnorm")
+    names = fused_names(graphs[target])
+    assert len(names) > 2
+    broken = with_epsilon(graphs[target], tmp_path / "broken.onnx", names[1], 0.5)
+    pairs = compare(Side(graphs["reference"], backend, "reference"), Side(broken, backend, "broken"), [(1, 8), (2, 8)],
+                    "float32")
+    assert not pairs[0]["passed"] and not pairs[1]["passed"]
+    check = pairs[0]["norm_check"]
+    assert "norm_check" not in pairs[1]  # once per candidate: the first pair that fails
+    assert [n["node"] for n in check["norms"] if not n["passed"]] == [names[1]]
+    assert len(check["norms"]) == len(names) and not check["not_checked"] and not check["passed"]
+    assert describe(check).startswith(f"1 of {len(names)} fused norms are off on the reference's own values: {names[1]}")
+
+
+def test_a_passing_pair_is_not_checked(rewritten):
+    graphs = rewritten("layernorm")
+    pairs = compare(Side(graphs["reference"], "ort-cpu", "reference"), Side(graphs["fused"], "ort-cpu", "fused"),
+                    [(1, 8)], "float32")
+    assert pairs[0]["passed"] and "norm_check" not in pairs[0]
+
+
+def test_each_norm_of_a_quantised_model_matches_on_the_reference_values(exported, tmp_path):
+    """After ONNX Runtime's quantize_dynamic every MatMul reads int8 from DynamicQuantizeLinear; the
+    fused Skip ops, run on the reference's own values, match it (their last-bit differences are what
+    int8 rounding can grow downstream), and the reference file's folder is left as it was."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from export.backends import random_feeds
+    from export.rewrite import rewrite_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    quantised = folder / "quantised.onnx"
+    quantize_dynamic(str(exported("rmsnorm")), str(quantised), weight_type=QuantType.QInt8)
+    fused = tmp_path / "fused.onnx"
+    rewrite_file(quantised, fused, target="onnxruntime")
+    assert any(n.op_type == "DynamicQuantizeLinear" for n in onnx.load(str(fused)).graph.node)
+    check = check_fused_norms(quantised, "ort-cpu", fused, "ort-cpu", random_feeds(quantised, 2, 8), GRAPH["float32"])
+    assert check["passed"] and len(check["norms"]) == len(fused_names(fused)) > 2
+    assert any(len(n["outputs"]) == 2 for n in check["norms"])  # a Skip op's sum is compared too
+    assert sorted(p.name for p in folder.iterdir()) == ["quantised.onnx"]
+
+
+def test_the_report_and_the_validate_command_say_which_norm_is_off(rewritten, tmp_path, capsys):
+    from export.report import markdown
+    from export.validate import main as validate_main
+
+    graphs = rewritten("rmsnorm")
+    name = fused_names(graphs["fused"])[0]
+    broken = with_epsilon(graphs["fused"], tmp_path / "broken.onnx", name, 0.5)
+    assert validate_main([str(graphs["reference"]), str(broken), "--shapes", "1x8"]) == 1
+    said = [line for line in capsys.readouterr().out.splitlines() if "reference's own values" in line]
+    assert len(said) == 1 and name in said[0]
+    pairs = compare(Side(graphs["reference"], "ort-cpu", "reference"), Side(broken, "ort-cpu", "fused"), [(1, 8)], "float32")
+    report = {"config": {"norm": "rmsnorm", "preset": "tiny", "dtype": "float32", "layers": 1, "hidden": 8, "heads": 1,
+                         "ffn": 8, "exporter": "dynamo", "opset": 18, "batch": 1, "seq": 8},
+              "rewrite": {"fused": 3, "expected_norms": 3, "counts": {}, "nodes_before": 1, "nodes_after": 1, "rejected": []},
+              "validation": pairs, "bench": [], "skipped": [], "stage_seconds": {}}
+    text = markdown(report)
+    assert "fused@ort-cpu 1x8: 1 of " in text and f"values: {name} (" in text
