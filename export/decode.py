@@ -440,6 +440,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
                          for label, path, model, generations in zip(labels, paths, models, runs)}}
     if seq2seq:
         record["start_token"] = int(ids[0, 0])
+        record["encoder_inputs"] = {name: list(np.shape(value)) for name, value in encoder_feeds.items()}
         for label, path in zip(labels, encoder_paths):
             record["models"][label]["encoder"] = str(path)
     if compare_path:
@@ -508,7 +509,8 @@ def print_table(record: dict, console) -> None:
     prompt = f"prompt {lengths[0]}" if len(lengths) == 1 else "prompts " + "/".join(str(len(p)) for p in record["prompt"])
     seq2seq = "start_token" in record
     if seq2seq:
-        prompt = f"encoder input {record['prompt_lengths'][0]}, start token {record['start_token']}"
+        shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in record["encoder_inputs"].items())
+        prompt = f"encoder {shapes}, start token {record['start_token']}"
     table = Table(title=f"greedy decoding: {prompt}, {record['new_tokens']} tokens, "
                         f"batch {record['batch']} ({record['dtype']})")
     for column in ("model", *(("encoder ms",) if seq2seq else ()), "prefill ms", "step p50 ms", "step p99 ms", "tokens/s"):

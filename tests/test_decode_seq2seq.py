@@ -76,6 +76,7 @@ def test_the_fused_pair_decodes_alike_and_the_command_writes_its_record(t5, tmp_
     assert record["agreement"]["same_tokens"] == record["agreement"]["steps"] == 6
     assert record["agreement"]["scores_within_tolerance"]
     assert [len(p) for p in record["prompt"]] == [5, 5]  # the encoder's input ids
+    assert record["encoder_inputs"] == {"input_ids": [2, 5], "attention_mask": [2, 5]}
     for label, folder in (("reference", ref), ("compared", fused)):
         run = record["models"][label]
         assert run["encoder"] == str(folder / "encoder_model.onnx") and run["encoder_ms"] > 0
