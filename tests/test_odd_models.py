@@ -224,3 +224,24 @@ def test_a_qdq_quantised_model_is_validated_as_written(exported, tmp_path, capsy
     assert "5 ReduceMean node(s) over the last axis are in no norm found" in (out / "report.md").read_text()
     ort_pairs = [p for p in report["validation"] if p["candidate"].endswith("@ort-cpu")]
     assert ort_pairs and all(p["passed"] and p["candidate_optimization"] == "basic" for p in ort_pairs)
+
+
+def test_an_op_only_onnx_runtimes_cuda_provider_runs_is_said_so(tmp_path, capsys):
+    """ONNX Runtime's transformers optimizer writes T5's relative position bias as
+    com.microsoft::RelativePositionBias, which only its CUDA provider implements: on this machine
+    the one line says the model cannot run here, and why."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [32, 2], np.zeros(64, np.float32).tolist())
+    length = helper.make_tensor("length", TensorProto.INT64, [], [4])
+    nodes = [helper.make_node("RelativePositionBias", ["table", "length", "length"], ["bias"], domain="com.microsoft",
+                              name="RelPosBias_0", max_distance=128, is_bidirectional=1),
+             helper.make_node("Add", ["x", "bias"], ["y"])]
+    path = save(tmp_path / "t5_bias.onnx", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], initializers=[table, length])
+    model = onnx.load(str(path))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(path))
+    code, err = _main("export.validate", str(path), str(path), "--backend", "onnx-reference", capsys=capsys)
+    err = err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and str(path) in err[0]
+    assert "RelativePositionBias (node 'RelPosBias_0') has no kernel on ONNX Runtime's CPU provider" in err[0]
+    assert "only its CUDA provider runs" in err[0]

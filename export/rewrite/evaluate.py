@@ -199,6 +199,12 @@ class _OnnxRuntimeNode(OpRun):
                 from ..errors import NormfuseError, first_line
 
                 where = f" (node '{node.name}')" if node.name else ""
+                if "Could not find an implementation" in str(exc):  # ONNX Runtime knows the op, not on the CPU
+                    raise NormfuseError(f"{node.domain}::{node.op_type}{where} has no kernel on ONNX Runtime's CPU "
+                                        "provider, nor in onnx's reference evaluator, so the model cannot run on "
+                                        "this machine (ONNX Runtime's transformers optimizer writes some ops, such as "
+                                        "T5's RelativePositionBias, that only its CUDA provider runs): use a machine "
+                                        "with a GPU, or the model as exported") from None
                 raise NormfuseError(f"{node.domain}::{node.op_type}{where} is an op neither onnx's "
                                     f"reference evaluator nor ONNX Runtime has: {first_line(exc, 200)}") from None
         results = sessions[key].run(None, dict(given))
