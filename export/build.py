@@ -437,9 +437,14 @@ class Pipeline:
     def decode(self, reference, fused, fused_cpu, backends, dtype) -> list[dict]:
         """A KV-cache decoder served in a greedy decoding loop (export.decode), reference against the
         fused form each ONNX Runtime backend runs; nothing for any other model."""
-        from .decode import decode, is_decoder
+        from .decode import decode, is_decoder, is_encoder_decoders_decoder
 
         a = self.args
+        if a.decode_tokens and is_encoder_decoders_decoder(reference):
+            self.skipped.append({"stage": "greedy decoding", "reason": (
+                "an encoder-decoder's decoder reads its encoder's states: rewrite the encoder too and decode the pair "
+                f"with python -m export.decode {reference.name} --encoder ENCODER.onnx --compare FUSED_DECODER.onnx "
+                "--compare-encoder FUSED_ENCODER.onnx")})
         if not a.decode_tokens or not is_decoder(reference):
             return []
         records = []

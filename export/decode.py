@@ -86,6 +86,15 @@ def is_decoder(model_path: str | Path) -> bool:
     return bool(cache) and {"input_ids", "attention_mask"} <= names and all(p in produced for _, p in cache)
 
 
+def is_encoder_decoders_decoder(model_path: str | Path) -> bool:
+    """Whether an ONNX file is an encoder-decoder's KV-cache decoder (it reads encoder_hidden_states)."""
+    from .triton_repo import onnx_signature
+
+    inputs, _ = onnx_signature(model_path)
+    names = {i.name for i in inputs}
+    return ENCODER_STATES in names and "input_ids" in names and bool(cache_pairs(names))
+
+
 def decoder_of(model, where: str, dims: dict[str, int] | None = None) -> Decoder:
     """The decoder signature of a loaded model (export.runtime), or a one-line NormfuseError saying
     what is missing. A cache has one axis that grows, the cache length: the dynamic axis whose name

@@ -120,3 +120,17 @@ def test_an_encoder_for_a_decoder_only_model_is_refused(t5, tmp_path, capsys):
             "--providers", "CPUExecutionProvider"]
     assert decode_main(argv) == 2
     assert "takes no encoder_hidden_states" in capsys.readouterr().err
+
+
+def test_the_build_of_an_encoder_decoders_decoder_says_how_to_decode_it(t5, tmp_path):
+    """export.build validates and times the merged decoder on its own (its encoder states made up),
+    and its report says that decoding needs the encoder, and with which command."""
+    from export.build import main as build_main
+
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(t5["reference"] / "decoder_model_merged.onnx"), "--out", str(out), "--runs", "2",
+                       "--warmup", "0", "--backend", "ort-cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"] and all(p["passed"] for p in report["validation"])
+    said = [s["reason"] for s in report["skipped"] if s["stage"] == "greedy decoding"]
+    assert len(said) == 1 and "python -m export.decode decoder_model_merged.onnx --encoder" in said[0]
