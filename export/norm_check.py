@@ -140,19 +140,33 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
 
 def _reference_values(reference: Path, backend: str, graph_only, names: list[str], feeds: dict, make_runner) -> dict:
     """The reference's values at `names` on `feeds`: the model with those names added to its outputs
-    runs as written, from a file beside the reference (its external weights are found relative to it)."""
+    runs as written, from a temporary file: beside the reference when its weights are external (they
+    are found relative to it), else in a temporary folder."""
     import onnx
+
+    from .onnx_io import external_locations
 
     model = graph_only
     outputs = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
-    handle, name = tempfile.mkstemp(prefix=f".{reference.stem}.norm-check-", suffix=".onnx", dir=reference.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, name)
-        return make_runner(name, backend, optimization="none").run(feeds)
-    finally:
-        os.unlink(name)
+    with tempfile.TemporaryDirectory(prefix="normfuse-norm-check-") as tmp:
+        folder = reference.parent if external_locations(model) else Path(tmp)
+        handle, name = tempfile.mkstemp(prefix=f".{reference.stem}.norm-check-", suffix=".onnx", dir=folder)
+        os.close(handle)
+        try:
+            onnx.save(model, name)
+            return make_runner(name, backend, optimization="none").run(feeds)
+        finally:
+            os.unlink(name)
+
+
+def could_not_check(exc: Exception) -> dict:
+    """The result when the check itself fails (a read-only folder beside external weights, a
+    reference past protobuf's 2 GiB): said, never raised, since the pair's verdict stands without it."""
+    from .errors import first_line
+
+    return {"norms": [], "not_checked": [{"node": "every fused op", "reason": f"the check could not run "
+                                          f"({exc.__class__.__name__}: {first_line(exc, 160)})"}], "passed": True}
 
 
 def describe(result: dict) -> str:

@@ -218,10 +218,13 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
                 and Path(reference.model).suffix == ".onnx" and not any(p.get("norm_check") for p in pairs):
             # where does the difference come from? each fused op alone, on the reference's values
             # (once per candidate: the first pair that fails)
-            from .norm_check import check_fused_norms
+            from .norm_check import check_fused_norms, could_not_check
 
-            norms = check_fused_norms(reference.model, reference.backend, candidate.model, candidate.backend,
-                                      feeds, tolerance)
+            try:
+                norms = check_fused_norms(reference.model, reference.backend, candidate.model, candidate.backend,
+                                          feeds, tolerance)
+            except Exception as exc:  # a diagnosis only: the pair's verdict stands without it
+                norms = could_not_check(exc)
         pairs.append({
             "reference": f"{reference.label}@{reference.backend}",
             "candidate": f"{candidate.label}@{candidate.backend}",

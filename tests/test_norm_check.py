@@ -86,3 +86,38 @@ def test_the_report_and_the_validate_command_say_which_norm_is_off(rewritten, tm
               "validation": pairs, "bench": [], "skipped": [], "stage_seconds": {}}
     text = markdown(report)
     assert "fused@ort-cpu 1x8: 1 of " in text and f"values: {name} (" in text
+
+
+def test_external_weights_are_read_and_nothing_is_left_beside_them(exported, tmp_path):
+    """A reference with its weights in a file of their own runs from a temporary copy beside it (so
+    the weights are found) that is gone afterwards; the fused model's own external weights load."""
+    from export.rewrite import rewrite_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    reference = folder / "model.onnx"
+    onnx.save(onnx.load(str(exported("layernorm"))), str(reference), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=256)
+    fused = tmp_path / "fused" / "fused.onnx"
+    fused.parent.mkdir()
+    rewrite_file(reference, fused, target="onnxruntime")
+    name = fused_names(fused)[0]
+    broken = with_epsilon(fused, fused.parent / "broken.onnx", name, 0.5)
+    before = sorted(p.name for p in folder.iterdir())
+    pairs = compare(Side(reference, "ort-cpu", "reference"), Side(broken, "ort-cpu", "fused"), [(1, 8)], "float32")
+    assert [n["node"] for n in pairs[0]["norm_check"]["norms"] if not n["passed"]] == [name]
+    assert sorted(p.name for p in folder.iterdir()) == before == ["model.onnx", "model.onnx.data"]
+
+
+def test_a_check_that_cannot_run_is_said_and_the_verdict_stands(rewritten, tmp_path, monkeypatch):
+    import export.norm_check
+
+    def cannot(*args, **kwargs):
+        raise OSError("Read-only file system")
+
+    graphs = rewritten("rmsnorm")
+    broken = with_epsilon(graphs["fused"], tmp_path / "broken.onnx", fused_names(graphs["fused"])[0], 0.5)
+    monkeypatch.setattr(export.norm_check, "check_fused_norms", cannot)
+    pairs = compare(Side(graphs["reference"], "ort-cpu", "reference"), Side(broken, "ort-cpu", "fused"), [(1, 8)], "float32")
+    assert not pairs[0]["passed"]
+    assert "the check could not run (OSError: Read-only file system)" in describe(pairs[0]["norm_check"])
