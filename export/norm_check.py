@@ -8,9 +8,11 @@ with the values around every fused op as extra outputs, and each fused op then r
 model of its own on the candidate's backend, on exactly the values the reference computed at its
 inputs; its outputs are compared with the reference's at the same names.
 
-Fused ops are the main graph's nodes the rewriter named `normfuse_*`. One inside a control-flow
-body, or whose values the rewrite made anew (a Cast or Reshape around it), is listed as not checked,
-with the reason.
+Fused ops are the main graph's nodes the rewriter named `normfuse_*`. An If whose condition is an
+input of the model (Optimum's merged decoders choose their branch by `use_cache_branch`) is
+replaced, in both models, by the branch the feeds take, so the fused ops in that branch are checked
+too. One inside another control-flow body, or whose values the rewrite made anew (a Cast or
+Reshape around it), is listed as not checked, with the reason.
 """
 from __future__ import annotations
 
@@ -21,6 +23,53 @@ from pathlib import Path
 import numpy as np
 
 FUSED_PREFIX = "normfuse_"
+
+
+def _condition(graph, name: str, feeds: dict):
+    """The value of an If's condition when it is a model input, reshaped or negated on the way
+    (validate.CONDITION_PASSES); None when the feeds do not decide it."""
+    from .validate import CONDITION_PASSES
+
+    producers = {out: node for node in graph.node for out in node.output}
+    negate = False
+    while name in producers and producers[name].op_type in CONDITION_PASSES and producers[name].input:
+        negate ^= producers[name].op_type == "Not"
+        name = producers[name].input[0]
+    if name not in feeds or np.size(feeds[name]) != 1:
+        return None
+    return bool(np.asarray(feeds[name]).ravel()[0]) ^ negate
+
+
+def take_branches(model, feeds: dict):
+    """`model` with each main-graph If whose condition the feeds decide replaced by the branch it
+    takes: the branch's nodes and initializers move to the main graph (ONNX names are unique across
+    scopes, so nothing clashes) and Identity nodes give its outputs the If's output names."""
+    from onnx import helper
+
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        taken = _condition(graph, node.input[0], feeds) if node.op_type == "If" and node.input else None
+        if taken is None:
+            nodes.append(node)
+            continue
+        branch = next(a.g for a in node.attribute if a.name == ("then_branch" if taken else "else_branch"))
+        nodes.extend(branch.node)
+        graph.initializer.extend(branch.initializer)
+        nodes.extend(helper.make_node("Identity", [inner.name], [outer], name=f"{node.name}_taken_{i}")
+                     for i, (inner, outer) in enumerate(zip(branch.output, node.output)) if outer and outer != inner.name)
+    nodes = [_copy(node) for node in nodes]  # what graph.node held is cleared next
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _copy(node):
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def constant_closure(graph) -> tuple[set[str], dict[str, object]]:
@@ -95,15 +144,16 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
     from .validate import output_stats
 
     reference, candidate = Path(reference), Path(candidate)
-    cand = load_graph_only(candidate)
-    ref = load_graph_only(reference)
+    cand = take_branches(load_graph_only(candidate), feeds)
+    ref = take_branches(load_graph_only(reference), feeds)
     constant, producers = constant_closure(cand.graph)
     in_reference = {i.name for i in ref.graph.input} | {o for n in ref.graph.node for o in n.output if o}
     not_checked, plans = [], []
     fused = [n for n in cand.graph.node if n.name.startswith(FUSED_PREFIX)]
     in_bodies = sum(n.name.startswith(FUSED_PREFIX) for n in walk_nodes(cand.graph.node)) - len(fused)
     if in_bodies:
-        not_checked.append({"node": f"{in_bodies} fused op(s)", "reason": "inside control-flow bodies"})
+        not_checked.append({"node": f"{in_bodies} fused op(s)", "reason": "inside control-flow bodies the inputs "
+                                                                          "do not choose"})
     for node in fused:
         dynamic = [name for name in node.input if name and name not in constant]
         compared = [name for name in node.output if name and name in in_reference]

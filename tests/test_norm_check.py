@@ -121,3 +121,47 @@ def test_a_check_that_cannot_run_is_said_and_the_verdict_stands(rewritten, tmp_p
     pairs = compare(Side(graphs["reference"], "ort-cpu", "reference"), Side(broken, "ort-cpu", "fused"), [(1, 8)], "float32")
     assert not pairs[0]["passed"]
     assert "the check could not run (OSError: Read-only file system)" in describe(pairs[0]["norm_check"])
+
+
+def in_both_branches(source, path):
+    """`source` twice, once per branch of an If on a `use_cache_branch` input, under the same names,
+    weights in the main graph: how Optimum's merged decoders hold their two forms."""
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(source))
+    branches = {}
+    for branch in ("then_branch", "else_branch"):
+        body = onnx.GraphProto()
+        body.CopyFrom(model.graph)
+        del body.input[:], body.initializer[:], body.value_info[:]
+        body.name = branch
+        branches[branch] = body
+    graph = model.graph
+    if_node = helper.make_node("If", ["use_cache_branch"], [o.name for o in graph.output], name="merged", **branches)
+    del graph.node[:], graph.value_info[:]
+    graph.node.append(if_node)
+    graph.input.append(helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_fused_ops_in_the_branch_the_inputs_take_are_checked(exported, tmp_path):
+    """In a merged model the If's branch is chosen by an input: the check takes that branch in both
+    models and names the fused op that is off; the pair of the other branch passes unchecked."""
+    from export.rewrite import rewrite_file
+
+    reference = in_both_branches(exported("rmsnorm"), tmp_path / "merged.onnx")
+    fused = tmp_path / "fused.onnx"
+    rewrite_file(reference, fused, target="onnxruntime")
+    model = onnx.load(str(fused))
+    then = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
+    names = [n.name for n in then.node if n.name.startswith("normfuse_")]
+    next(a for a in next(n for n in then.node if n.name == names[1]).attribute if a.name == "epsilon").f = 0.5
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    pairs = compare(Side(reference, "ort-cpu", "reference"), Side(tmp_path / "broken.onnx", "ort-cpu", "fused"),
+                    [(1, 8)], "float32")
+    taken, other = pairs  # use_cache_branch true, then false
+    assert taken["switches"] == {"use_cache_branch": True} and not taken["passed"] and other["passed"]
+    check = taken["norm_check"]
+    assert [n["node"] for n in check["norms"] if not n["passed"]] == [names[1]]
+    assert len(check["norms"]) == len(names) and not check["not_checked"]
