@@ -106,6 +106,14 @@ def decoder_of(model, where: str, dims: dict[str, int] | None = None) -> Decoder
     outputs = list(output_specs)
     cache = cache_pairs(inputs)
     seq2seq = ENCODER_STATES in inputs
+    # Optimum's decoder_model.onnx (no cache in) or decoder_with_past_model.onnx (the encoder's
+    # keys and values in, only the decoder's own out)
+    unpaired = [present for _, present in cache if present not in outputs]
+    split = (not cache and seq2seq) or (unpaired and all(".encoder." in present for present in unpaired))
+    if split and "input_ids" in inputs:
+        raise NormfuseError(f"{where}: one half of an encoder-decoder's decoder ({'with' if cache else 'without'} "
+                            "its cache); decoding drives the merged form, decoder_model_merged.onnx (Optimum writes "
+                            "it, or merges the two halves with optimum.onnx.merge_decoders)")
     if not cache or "input_ids" not in inputs or ("attention_mask" not in inputs and not seq2seq):
         raise NormfuseError(f"{where}: not a KV-cache decoder (it needs input_ids, attention_mask (or, an "
                             f"encoder-decoder's, {ENCODER_STATES}) and {PAST_PREFIX}* inputs; it takes {', '.join(inputs)})")

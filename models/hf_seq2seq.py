@@ -40,9 +40,11 @@ def _model(arch: str, hidden: int, layers: int, heads: int, ffn: int, vocab: int
 
 
 def export_hf_seq2seq(folder: Path, arch: str = "t5", seed: int = 0, hidden: int = 64, layers: int = 2,
-                      heads: int = 4, ffn: int = 128, vocab: int = 100):
+                      heads: int = 4, ffn: int = 128, vocab: int = 100, halves: bool = False):
     """Write encoder_model.onnx, decoder_model_merged.onnx and config.json (with the decoder's start
-    token) to `folder` (opset 17, fp32); returns the torch model (for transformers' own generate)."""
+    token) to `folder` (opset 17, fp32), and with `halves` also the two graphs merged, as Optimum
+    names them (decoder_model.onnx, decoder_with_past_model.onnx); returns the torch model (for
+    transformers' own generate)."""
     import onnx
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -126,8 +128,9 @@ def export_hf_seq2seq(folder: Path, arch: str = "t5", seed: int = 0, hidden: int
                           opset_version=17)
     merged = _merge(onnx.load(str(first)), onnx.load(str(nxt)), kinds, name, heads, head_dim)
     onnx.save(merged, str(folder / "decoder_model_merged.onnx"))
-    first.unlink()
-    nxt.unlink()
+    if not halves:
+        first.unlink()
+        nxt.unlink()
     (folder / "config.json").write_text(config.to_json_string())
     return untouched
 

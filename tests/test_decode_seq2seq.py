@@ -24,7 +24,7 @@ def t5(tmp_path_factory):
     from models.hf_seq2seq import export_hf_seq2seq
 
     root = tmp_path_factory.mktemp("t5")
-    model = export_hf_seq2seq(root / "reference", arch="t5")
+    model = export_hf_seq2seq(root / "reference", arch="t5", halves=True)
     (root / "fused").mkdir()
     for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
         report = rewrite_file(root / "reference" / name, root / "fused" / name, target="onnxruntime", residual=False)
@@ -95,6 +95,17 @@ def test_rewriting_keeps_the_declared_dims_of_the_merged_decoders_outputs(t5):
     declared = dims(t5["reference"] / name)
     assert declared["present.0.encoder.key"][0] == "batch_size"
     assert dims(t5["fused"] / name) == declared
+
+
+@pytest.mark.parametrize("half, side", [("decoder_model.onnx", "without"), ("decoder_with_past_model.onnx", "with")])
+def test_either_half_of_the_decoder_is_pointed_to_the_merged_form(t5, capsys, half, side):
+    ref = t5["reference"]
+    argv = [str(ref / half), "--encoder", str(ref / "encoder_model.onnx"), "--tokens", "2", "--warmup", "0",
+            "--providers", "CPUExecutionProvider"]
+    assert decode_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"one half of an encoder-decoder's decoder ({side} its cache)" in err
+    assert "decoder_model_merged.onnx" in err and "merge_decoders" in err
 
 
 @pytest.mark.parametrize("flags, message", [
