@@ -10,7 +10,6 @@ import onnx
 import pytest
 
 from export.decode import decoder_of, encode, generate, main as decode_main
-from export.rewrite import rewrite_file
 from export.runtime import load
 
 pytest.importorskip("transformers")
@@ -23,12 +22,18 @@ def t5(tmp_path_factory):
     """{"torch": the model, "reference": folder as exported, "fused": the same files rewritten}."""
     from models.hf_seq2seq import export_hf_seq2seq
 
+    from export.rewrite.__main__ import main as rewrite_main
+
     root = tmp_path_factory.mktemp("t5")
     model = export_hf_seq2seq(root / "reference", arch="t5", halves=True)
-    (root / "fused").mkdir()
-    for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
-        report = rewrite_file(root / "reference" / name, root / "fused" / name, target="onnxruntime", residual=False)
-        assert report.fused > 0, name
+    # the whole folder, as a user rewrites Optimum's: every model, and config.json copied
+    report = root / "rewrite.json"
+    assert rewrite_main([str(root / "reference"), "-o", str(root / "fused"), "--target", "onnxruntime",
+                         "--no-residual", "--report", str(report)]) == 0
+    fused = json.loads(report.read_text())["models"]
+    assert sorted(fused) == ["decoder_model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx",
+                             "encoder_model.onnx"] and all(r["fused"] > 0 for r in fused.values())
+    assert (root / "fused" / "config.json").read_text() == (root / "reference" / "config.json").read_text()
     return {"torch": model, "reference": root / "reference", "fused": root / "fused"}
 
 

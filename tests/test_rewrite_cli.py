@@ -418,3 +418,28 @@ def test_saved_value_info_without_a_shape_gives_way_to_inference():
     assert model.SerializeToString() == before
     feeds = {"a": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
     assert GRAPH["float32"].passes(run_model(out, feeds)[0], run_model(model, feeds)[0])
+
+
+def test_a_folder_is_rewritten_model_by_model_with_its_weights_and_other_files(exported, tmp_path, capsys):
+    """Optimum's layout: every *.onnx rewritten under its own name, each model's external weights
+    placed beside it, config.json copied, the weight files not copied twice; the output folder may
+    not be the input folder, nor a file, and a folder without a model is refused."""
+    source = tmp_path / "optimum"
+    source.mkdir()
+    for name, norm in (("encoder_model", "layernorm"), ("decoder_model_merged", "rmsnorm")):
+        onnx.save(onnx.load(str(exported(norm))), str(source / f"{name}.onnx"), save_as_external_data=True,
+                  location=f"{name}.onnx_data", size_threshold=256)
+    (source / "config.json").write_text('{"decoder_start_token_id": 0}')
+    out = tmp_path / "fused"
+    assert main([str(source), "-o", str(out), "--target", "onnxruntime"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())
+    assert "wrote 2 model(s)" in capsys.readouterr().out
+    for name in ("encoder_model", "decoder_model_merged"):
+        model = onnx.load(str(out / f"{name}.onnx"))  # the weights load from beside it
+        assert any(n.name.startswith("normfuse_") for n in model.graph.node)
+    for bad, message in (([str(source), "-o", str(source)], "is the input folder"),
+                         ([str(source), "-o", str(source / "config.json")], "is a file, not a folder")):
+        assert main(bad) == 2 and message in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "-o", str(tmp_path / "x")]) == 2
+    assert "no .onnx model in this folder" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -1,10 +1,15 @@
-"""python -m export.rewrite IN.onnx -o OUT.onnx [--target tensorrt|onnxruntime|onnx] [--no-residual] [--no-proof] [--report R.json]"""
+"""python -m export.rewrite IN.onnx -o OUT.onnx [--target tensorrt|onnxruntime|onnx] [--no-residual] [--no-proof] [--report R.json]
+python -m export.rewrite IN_FOLDER -o OUT_FOLDER [...]   (every *.onnx of the folder; other files copied)"""
 from __future__ import annotations
 
+import argparse
+import shutil
 import sys
+from pathlib import Path
 
-from ..cli import Parser, output_file, run_cli
-from ..files import write_json
+from ..cli import Parser, output_file, output_folder, run_cli
+from ..errors import UsageError
+from ..files import atomic_path, write_json
 from .emit import TARGETS
 from .rewriter import describe_counts, rewrite_file
 
@@ -12,8 +17,12 @@ from .rewriter import describe_counts, rewrite_file
 def main(argv=None) -> int:
     parser = Parser(prog="python -m export.rewrite",
                                      description="Fuse every provable LayerNorm/RMSNorm subgraph of an ONNX model.")
-    parser.add_argument("input", help="ONNX model to rewrite (external weights are never read; an output in another directory gets a copy of them)")
-    parser.add_argument("-o", "--output", type=output_file, required=True, help="where to write the rewritten model")
+    parser.add_argument("input", help="ONNX model to rewrite (external weights are never read; an output in another "
+                                      "directory gets a copy of them), or a folder of models as Optimum lays them out "
+                                      "(encoder_model.onnx, decoder_model_merged.onnx, ...): each *.onnx in it is "
+                                      "rewritten under its own name into the -o folder, and its other files (config.json, "
+                                      "tokenizer) are copied there")
+    parser.add_argument("-o", "--output", required=True, help="where to write the rewritten model (a folder for a folder)")
     parser.add_argument("--target", choices=TARGETS, default="tensorrt",
                         help="tensorrt: normfuse plugin ops; onnxruntime: com.microsoft contrib ops (for its CPU "
                              "provider add --no-residual: its Skip ops run slower there); onnx: standard ops")
@@ -21,11 +30,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-proof", action="store_true", help="skip the numerical proof of each fusion")
     parser.add_argument("--report", type=output_file, help="write the rewrite report (every fusion and rejection) as JSON")
     args = parser.parse_args(argv)
+    folder = Path(args.input).is_dir()
 
-    def job():
-        report = rewrite_file(args.input, args.output, target=args.target, residual=not args.no_residual,
+    def rewrite(source: Path, destination: Path):
+        report = rewrite_file(source, destination, target=args.target, residual=not args.no_residual,
                               prove_fusions=not args.no_proof)
-        print(f"{args.input}: fused {report.fused} norm(s) ({describe_counts(report.counts)}) for target {args.target}; "
+        print(f"{source}: fused {report.fused} norm(s) ({describe_counts(report.counts)}) for target {args.target}; "
               f"{len(report.rejected)} rejected; {report.nodes_before} -> {report.nodes_after} nodes "
               f"in {report.seconds:.2f} s")
         in_bodies = sum(f.scope != "main" for f in report.fusions)
@@ -36,11 +46,48 @@ def main(argv=None) -> int:
             print(f"  rejected {r.pattern} at '{r.output}'{where}: {r.reason}")
         for note in report.notes:
             print(f"  note: {note}")
+        return report
+
+    def job():
+        try:  # checked before any work: a file where a folder must be, or the other way round
+            (output_folder if folder else output_file)(args.output)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"argument -o/--output: {exc}") from None
+        if folder:
+            reports = rewrite_folder(Path(args.input), Path(args.output), rewrite)
+            if args.report:
+                write_json(args.report, {"models": {name: r.as_dict() for name, r in reports.items()}})
+            return
+        report = rewrite(Path(args.input), Path(args.output))
         if args.report:
             write_json(args.report, report.as_dict())
         print(f"wrote {args.output}")
 
     return run_cli(job)
+
+
+def rewrite_folder(source: Path, destination: Path, rewrite) -> dict:
+    """Each *.onnx of `source` rewritten (`rewrite(model, output)`) into `destination` under its
+    own name, the other files copied (the models' weight files go with each model, as
+    rewrite_file places them); {file name: report}."""
+    from ..onnx_io import external_locations, load_graph_only
+
+    models = sorted(p for p in source.iterdir() if p.is_file() and p.suffix == ".onnx")
+    if not models:
+        raise UsageError(f"{source}: no .onnx model in this folder")
+    if destination.resolve() == source.resolve():
+        raise UsageError(f"{destination}: the output folder is the input folder; the rewritten models keep their names, "
+                         "so write them to another one")
+    weights = {location for model in models for location in external_locations(load_graph_only(model))}
+    reports = {model.name: rewrite(model, destination / model.name) for model in models}
+    copied = []
+    for other in sorted(source.iterdir()):
+        if other.is_file() and other.suffix != ".onnx" and other.name not in weights and not other.name.startswith("."):
+            with atomic_path(destination / other.name) as tmp:
+                shutil.copyfile(other, tmp)
+            copied.append(other.name)
+    print(f"wrote {len(models)} model(s) to {destination}" + (f", and copied {', '.join(copied)}" if copied else ""))
+    return reports
 
 
 if __name__ == "__main__":
