@@ -23,6 +23,7 @@ a token a step; the encoder's keys and values come from the first step and are f
 (the merged decoder's branch with a cache returns placeholders for them).
 
     python -m export.decode decoder_model_merged.onnx --encoder encoder_model.onnx --prompt 16
+    python -m export.decode t5/ --compare fused/        # folders in Optimum's layout
 
 With `--compare`, the second model decodes the first model's tokens (teacher forcing), so its
 scores are compared at every step, against the first model's as written (ONNX Runtime's own graph
@@ -385,6 +386,11 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         raise UsageError(f"{len(lengths)} prompt lengths for a batch of {batch}: give one length, or one per sequence")
     if compare_encoder_path and not compare_path:
         raise UsageError("--compare-encoder goes with --compare: the encoder of the compared decoder")
+    model_path, found = resolve_folder(model_path)
+    compare_path, compare_found = resolve_folder(compare_path) if compare_path else (None, None)
+    if found and not encoder_path:  # a folder's own encoder, unless one is given
+        encoder_path = found
+        compare_encoder_path = compare_encoder_path or compare_found
     paths = [Path(model_path)] + ([Path(compare_path)] if compare_path else [])
     encoder_paths = [Path(encoder_path), Path(compare_encoder_path or encoder_path)][:len(paths)] if encoder_path else []
     for path in paths + encoder_paths:
@@ -471,6 +477,25 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         expected = one_generation(0, as_written, reference.tokens, encoder)
         record["agreement"] = agreement(reference.tokens, expected, runs[1][0], dtype)
     return record
+
+
+# the files of a folder as Optimum lays it out, in the order they are looked for
+FOLDER_DECODERS = ("decoder_model_merged.onnx", "model.onnx", "decoder_with_past_model.onnx")
+FOLDER_ENCODER = "encoder_model.onnx"
+
+
+def resolve_folder(path: str | Path) -> tuple[Path, Path | None]:
+    """(decoder, encoder or None) of a folder as Optimum lays one out: the merged decoder, else a
+    decoder-only model.onnx (else the half with a cache, which decoder_of refuses with the reason),
+    and encoder_model.onnx where there is one. A file is itself, with no encoder."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, None
+    decoder = next((path / name for name in FOLDER_DECODERS if (path / name).is_file()), None)
+    if decoder is None:
+        raise UsageError(f"{path}: no decoder in this folder (looked for {', '.join(FOLDER_DECODERS)})")
+    encoder = path / FOLDER_ENCODER
+    return decoder, encoder if encoder.is_file() else None
 
 
 def _start_token(decoder_path: Path) -> int:
@@ -603,7 +628,8 @@ def main(argv=None) -> int:
     parser = Parser(prog="python -m export.decode", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="KV-cache decoder (.onnx): input_ids, attention_mask, past_key_values.* in; "
                                       "logits, present.* out; or an encoder-decoder's (encoder_hidden_states in), "
-                                      "with --encoder")
+                                      "with --encoder; or a folder as Optimum lays one out (decoder_model_merged.onnx "
+                                      "or model.onnx, and encoder_model.onnx if any)")
     parser.add_argument("--encoder", metavar="ENCODER", help="an encoder-decoder's encoder (.onnx), run once per "
                                                              "generation on random inputs, --prompt long")
     parser.add_argument("--compare-encoder", metavar="ENCODER", help="the encoder of the --compare decoder (e.g. the "
@@ -611,8 +637,9 @@ def main(argv=None) -> int:
     parser.add_argument("--start-token", type=non_negative_int, help="an encoder-decoder's first decoder token (default: "
                                                                       "decoder_start_token_id of a config.json beside "
                                                                       "the model, else 0)")
-    parser.add_argument("--compare", metavar="MODEL", help="a second decoder (e.g. the fused one) fed the first one's "
-                                                            "tokens: same choices, scores within tolerance, and its speed")
+    parser.add_argument("--compare", metavar="MODEL", help="a second decoder (e.g. the fused one), or its folder, fed "
+                                                            "the first one's tokens: same choices, scores within "
+                                                            "tolerance, and its speed")
     parser.add_argument("--prompt", type=prompt_lengths, default=[8], metavar="N[,N...]",
                         help="prompt length in tokens (random ids; default 8), or one per sequence, e.g. 6,3,5: "
                              "shorter prompts are padded on the left, as a server batches them")
@@ -640,7 +667,8 @@ def main(argv=None) -> int:
         from rich.console import Console
 
         for path in filter(None, (args.model, args.compare, args.encoder, args.compare_encoder)):
-            require_file(path)
+            if not Path(path).is_dir():  # a folder in Optimum's layout is resolved by decode
+                require_file(path)
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
         prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
         console = Console(highlight=False)

@@ -150,3 +150,18 @@ def test_the_build_of_an_encoder_decoders_decoder_says_how_to_decode_it(t5, tmp_
     assert report["validation"] and all(p["passed"] for p in report["validation"])
     said = [s["reason"] for s in report["skipped"] if s["stage"] == "greedy decoding"]
     assert len(said) == 1 and "python -m export.decode decoder_model_merged.onnx --encoder" in said[0]
+
+
+def test_folders_in_optimums_layout_are_decoded_as_they_stand(t5, tmp_path, capsys):
+    """A folder gives its merged decoder and its encoder; the compared folder its own."""
+    out = tmp_path / "decode.json"
+    assert decode_main([str(t5["reference"]), "--compare", str(t5["fused"]), "--tokens", "4", "--warmup", "0",
+                        "--providers", "CPUExecutionProvider", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    for label, folder in (("reference", t5["reference"]), ("compared", t5["fused"])):
+        run = record["models"][label]
+        assert (run["model"], run["encoder"]) == (str(folder / "decoder_model_merged.onnx"), str(folder / "encoder_model.onnx"))
+    assert record["agreement"]["same_tokens"] == 4
+    (tmp_path / "empty").mkdir()
+    assert decode_main([str(tmp_path / "empty")]) == 2
+    assert "no decoder in this folder" in capsys.readouterr().err
