@@ -373,7 +373,8 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     generation runs the encoder on random inputs (`prompt` long where its length is dynamic) and
     the decoder from `start_token` (default: decoder_start_token_id of a config.json beside the
     decoder, else 0); the compared decoder reads `compare_encoder_path`'s states (default: the
-    same encoder's)."""
+    same encoder's). `model_path` and `compare_path` may be folders in Optimum's layout, which
+    give their decoder and encoder (`resolve_folder`)."""
     from .backends import index_bounds, random_arrays
     from .runtime import ENGINE_SUFFIXES, load
 
