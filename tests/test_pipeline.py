@@ -346,12 +346,10 @@ def test_an_unwritable_output_path_is_refused_in_one_line_before_any_work(tmp_pa
 
 INPUT_FOLDER_CASES = [
     ("export.build", ["--onnx", "{folder}", "--out", "{tmp}/out"]),
-    ("export.rewrite", ["{folder}", "-o", "{tmp}/out.onnx"]),
     ("export.validate", ["{folder}", "{folder}"]),
     ("export.bench", ["{folder}", "{folder}"]),
     ("export.run", ["{folder}", "--random", "1x4"]),
     ("export.triton_repo", ["{folder}", "--repo", "{tmp}/out"]),
-    ("export.decode", ["{folder}"]),
 ]
 
 
@@ -362,6 +360,20 @@ def test_a_folder_given_as_a_model_is_named_as_one(tmp_path, capsys, module, fla
     code, stderr = _main(module, *[f.format(folder=folder, tmp=tmp_path) for f in flags], capsys=capsys)
     assert code == 1 and stderr.strip() == f"normfuse: error: {folder}: is a folder, not a file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+@pytest.mark.parametrize("module,flags,message", [
+    ("export.rewrite", ["{folder}", "-o", "{tmp}/out"], "no .onnx model in this folder"),
+    ("export.decode", ["{folder}"], "no decoder in this folder"),
+])
+def test_a_folder_without_the_models_a_command_takes_from_one_is_named(tmp_path, capsys, module, flags, message):
+    """export.rewrite and export.decode take a folder in Optimum's layout; one without its models is
+    a one-line flag error naming it, and nothing is written."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    code, stderr = _main(module, *[f.format(folder=folder, tmp=tmp_path) for f in flags], capsys=capsys)
+    assert code == 2 and stderr.strip().startswith(f"normfuse: error: {folder}: {message}")
+    assert len(stderr.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
 
 COMMANDS = ["export.build", "export.export_model", "export.rewrite", "export.validate", "export.bench",
