@@ -99,11 +99,10 @@ def export_hf_seq2seq(folder: Path, arch: str = "t5", seed: int = 0, hidden: int
 
     name = {k: f"{k[0]}.{k[1]}.{k[2]}" for k in kinds}
     past_in = [f"past_key_values.{name[k]}" for k in kinds]
-    quiet = (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()))
     ids = torch.randint(3, vocab, (1, 5))
     mask = torch.ones(1, 5, dtype=torch.int64)
     states = torch.randn(1, 5, hidden)
-    with quiet[0], quiet[1], quiet[2]:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(Encoder(), (ids, mask), str(folder / "encoder_model.onnx"), dynamo=False,
                           input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
