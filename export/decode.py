@@ -20,7 +20,9 @@ decoder_model_merged.onnx taking encoder_hidden_states and, per layer,
 `past_key_values.N.decoder.*` and `past_key_values.N.encoder.*`) runs with `--encoder`: the encoder
 once per generation on random inputs, then the decoder from its start token. Its own cache grows
 a token a step; the encoder's keys and values come from the first step and are fed back unchanged
-(the merged decoder's branch with a cache returns placeholders for them).
+(the merged decoder's branch with a cache returns placeholders for them). A folder holding the two
+halves instead (decoder_model.onnx, decoder_with_past_model.onnx) runs them as the merged form's
+branches (`SplitDecoder`).
 
     python -m export.decode decoder_model_merged.onnx --encoder encoder_model.onnx --prompt 16
     python -m export.decode t5/ --compare fused/        # folders in Optimum's layout
@@ -113,8 +115,8 @@ def decoder_of(model, where: str, dims: dict[str, int] | None = None) -> Decoder
     split = (not cache and seq2seq) or (unpaired and all(".encoder." in present for present in unpaired))
     if split and "input_ids" in inputs:
         raise NormfuseError(f"{where}: one half of an encoder-decoder's decoder ({'with' if cache else 'without'} "
-                            "its cache); decoding drives the merged form, decoder_model_merged.onnx (Optimum writes "
-                            "it, or merges the two halves with optimum.onnx.merge_decoders)")
+                            f"its cache); decode the folder holding both ({' and '.join(FOLDER_HALVES)}), or the "
+                            "merged form, decoder_model_merged.onnx")
     if not cache or "input_ids" not in inputs or ("attention_mask" not in inputs and not seq2seq):
         raise NormfuseError(f"{where}: not a KV-cache decoder (it needs input_ids, attention_mask (or, an "
                             f"encoder-decoder's, {ENCODER_STATES}) and {PAST_PREFIX}* inputs; it takes {', '.join(inputs)})")
@@ -398,7 +400,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         if path.suffix in ENGINE_SUFFIXES:
             raise UsageError(f"{path}: decoding runs ONNX models (a TensorRT engine's cache axis starts at 1 in "
                              "its profile, and the prefill feeds an empty cache)")
-    models = [load(path, providers=providers) for path in paths]
+    models = [load_decoder(path, providers) for path in paths]
     if dims:
         from .dims import check_given
 
@@ -473,7 +475,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         from .runtime import OrtModel
 
         say("the reference as written, for the scores")
-        as_written = OrtModel(paths[0], providers=providers, optimization="none")
+        as_written = load_decoder(paths[0], providers, optimization="none")
         encoder = OrtModel(encoder_paths[0], providers=providers, optimization="none") if seq2seq else None
         expected = one_generation(0, as_written, reference.tokens, encoder)
         record["agreement"] = agreement(reference.tokens, expected, runs[1][0], dtype)
@@ -481,22 +483,70 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
 
 
 # the files of a folder as Optimum lays it out, in the order they are looked for
-FOLDER_DECODERS = ("decoder_model_merged.onnx", "model.onnx", "decoder_with_past_model.onnx")
+FOLDER_DECODERS = ("decoder_model_merged.onnx", "model.onnx")
+FOLDER_HALVES = ("decoder_model.onnx", "decoder_with_past_model.onnx")  # first step, steps with a cache
 FOLDER_ENCODER = "encoder_model.onnx"
 
 
 def resolve_folder(path: str | Path) -> tuple[Path, Path | None]:
     """(decoder, encoder or None) of a folder as Optimum lays one out: the merged decoder, else a
-    decoder-only model.onnx (else the half with a cache, which decoder_of refuses with the reason),
-    and encoder_model.onnx where there is one. A file is itself, with no encoder."""
+    decoder-only model.onnx, else the folder itself where it holds the decoder's two halves
+    (`load_decoder` joins them); and encoder_model.onnx where there is one. A file is itself."""
     path = Path(path)
     if not path.is_dir():
         return path, None
     decoder = next((path / name for name in FOLDER_DECODERS if (path / name).is_file()), None)
+    if decoder is None and all((path / name).is_file() for name in FOLDER_HALVES):
+        decoder = path
     if decoder is None:
-        raise UsageError(f"{path}: no decoder in this folder (looked for {', '.join(FOLDER_DECODERS)})")
+        raise UsageError(f"{path}: no decoder in this folder (looked for {', '.join(FOLDER_DECODERS)}, "
+                         f"or {' and '.join(FOLDER_HALVES)})")
     encoder = path / FOLDER_ENCODER
     return decoder, encoder if encoder.is_file() else None
+
+
+def load_decoder(path: Path, providers: list[str] | None = None, optimization: str = "all"):
+    """The decoder at `path` loaded (export.runtime): a model, or a folder of Optimum's two halves as one
+    `SplitDecoder`."""
+    from .runtime import OrtModel
+
+    if path.is_dir():
+        first, with_past = (OrtModel(path / name, providers=providers, optimization=optimization) for name in FOLDER_HALVES)
+        return SplitDecoder(first, with_past, path)
+    return OrtModel(path, providers=providers, optimization=optimization)
+
+
+class SplitDecoder:
+    """Optimum's two halves of an encoder-decoder's decoder (decoder_model.onnx for the first step,
+    decoder_with_past_model.onnx for the steps after) behind the signature of its merged form: a
+    `use_cache_branch` input picks the half, and each half gets the inputs it takes. The half with a
+    cache returns no encoder keys and values (the merged form's branch returns placeholders): the
+    decoding loop reads them from the first step."""
+
+    def __init__(self, first, with_past, path: Path):
+        from .runtime import TensorSpec
+
+        self.first, self.with_past, self.path = first, with_past, path
+        taken = {spec.name for spec in with_past.inputs}
+        self.inputs = (list(with_past.inputs) + [spec for spec in first.inputs if spec.name not in taken]
+                       + [TensorSpec(CACHE_BRANCH, "bool", (1,))])
+        self.outputs = list(first.outputs)
+        self.providers = with_past.providers
+        self.on_cuda = with_past.on_cuda
+
+    def _half(self, feeds: dict):
+        model = self.with_past if bool(np.asarray(feeds[CACHE_BRANCH]).ravel()[0]) else self.first
+        taken = {spec.name for spec in model.inputs}
+        return model, {name: value for name, value in feeds.items() if name in taken}
+
+    def run(self, feeds: dict) -> dict:
+        model, feeds = self._half(feeds)
+        return model.run(feeds)
+
+    def run_keeping(self, feeds: dict, keep):
+        model, feeds = self._half(feeds)
+        given = {spec.name for spec in model.outputs}
+        return model.run_keeping(feeds, [name for name in keep if name in given])
 
 
 def _start_token(decoder_path: Path) -> int:
@@ -504,7 +554,7 @@ def _start_token(decoder_path: Path) -> int:
     transformers write one), else 0."""
     import json
 
-    config = decoder_path.parent / "config.json"
+    config = (decoder_path if decoder_path.is_dir() else decoder_path.parent) / "config.json"
     try:
         value = json.loads(config.read_text()).get("decoder_start_token_id")
     except (OSError, ValueError, AttributeError):
