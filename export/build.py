@@ -444,7 +444,8 @@ class Pipeline:
             self.skipped.append({"stage": "greedy decoding", "reason": (
                 "an encoder-decoder's decoder reads its encoder's states: rewrite the encoder too and decode the pair "
                 f"with python -m export.decode {reference.name} --encoder ENCODER.onnx --compare FUSED_DECODER.onnx "
-                "--compare-encoder FUSED_ENCODER.onnx")})
+                "--compare-encoder FUSED_ENCODER.onnx, or, for folders in Optimum's layout (export.rewrite rewrites "
+                "a whole one), python -m export.decode FOLDER --compare FUSED_FOLDER")})
         if not a.decode_tokens or not is_decoder(reference):
             return []
         records = []

@@ -508,11 +508,13 @@ def resolve_folder(path: str | Path) -> tuple[Path, Path | None]:
 def load_decoder(path: Path, providers: list[str] | None = None, optimization: str = "all"):
     """The decoder at `path` loaded (export.runtime): a model, or a folder of Optimum's two halves as one
     `SplitDecoder`."""
-    from .runtime import OrtModel
+    from .runtime import OrtModel, load
 
     if path.is_dir():
         first, with_past = (OrtModel(path / name, providers=providers, optimization=optimization) for name in FOLDER_HALVES)
         return SplitDecoder(first, with_past, path)
+    if optimization == "all":  # as served: load() also names a file of an unknown kind
+        return load(path, providers=providers)
     return OrtModel(path, providers=providers, optimization=optimization)
 
 

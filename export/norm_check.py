@@ -113,14 +113,13 @@ def _needed_constants(names, producers, graph) -> tuple[list, list]:
 def _with_data(tensor, folder: Path):
     """A copy of an initializer with its bytes in it (loaded from the model's folder if external)."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    from .onnx_io import read_external_tensor
 
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
-    if uses_external_data(copy):
-        load_external_data_for_tensor(copy, str(folder))
-        copy.data_location = onnx.TensorProto.DEFAULT
-        del copy.external_data[:]
+    if copy.data_location == onnx.TensorProto.EXTERNAL:
+        read_external_tensor(copy, folder)
     return copy
 
 

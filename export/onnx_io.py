@@ -99,21 +99,26 @@ def inline_small_external_data(model: onnx.ModelProto, base_dir: Path) -> int:
     Tools that store every tensor externally (`size_threshold=0`) put the norms' constants there
     too (axes, epsilon, the exponent 2); matching and proving a norm needs their values. Weights,
     gamma and beta included, stay on disk unread."""
-    from onnx.external_data_helper import load_external_data_for_tensor
-
     count = 0
     for tensor in list(_external_tensors(model)):
         if int(np.prod(tensor.dims, dtype=np.int64)) > SMALL_EXTERNAL_ELEMENTS:
             continue
-        try:
-            load_external_data_for_tensor(tensor, str(base_dir))
-        except Exception as exc:  # missing file, a location outside the directory, a short file
-            raise NormfuseError(f"{base_dir}: external data of tensor {tensor.name!r} cannot be read "
-                                f"({first_line(exc)})") from None
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+        read_external_tensor(tensor, base_dir)
         count += 1
     return count
+
+
+def read_external_tensor(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    """Read an external tensor's bytes (from `base_dir`, the model's folder) into it, in place."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    try:
+        load_external_data_for_tensor(tensor, str(base_dir))
+    except Exception as exc:  # missing file, a location outside the directory, a short file
+        raise NormfuseError(f"{base_dir}: external data of tensor {tensor.name!r} cannot be read "
+                            f"({first_line(exc)})") from None
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
 
 
 def external_locations(model: onnx.ModelProto) -> list[str]:

@@ -8,6 +8,7 @@ import pytest
 from export.norm_check import check_fused_norms, describe
 from export.validate import Side, compare
 from normops import GRAPH
+from test_decode import merged_decoder
 
 
 def with_epsilon(source, target, node_name: str, epsilon: float):
@@ -79,6 +80,18 @@ def test_the_report_and_the_validate_command_say_which_norm_is_off(rewritten, tm
     assert validate_main([str(graphs["reference"]), str(broken), "--shapes", "1x8"]) == 1
     said = [line for line in capsys.readouterr().out.splitlines() if "reference's own values" in line]
     assert len(said) == 1 and name in said[0]
+
+    def with_second_output(source, target):  # one line per pair, not per output
+        model = onnx.load(str(source))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None))
+        onnx.save(model, str(target))
+        return target
+
+    y = next(n for n in onnx.load(str(broken)).graph.node if n.name == name).output[0]  # in both models
+    assert validate_main([str(with_second_output(graphs["reference"], tmp_path / "ref2.onnx")),
+                          str(with_second_output(broken, tmp_path / "broken2.onnx")), "--shapes", "1x8"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL") + out.count("PASS") == 2 and out.count("reference's own values") == 1
     pairs = compare(Side(graphs["reference"], "ort-cpu", "reference"), Side(broken, "ort-cpu", "fused"), [(1, 8)], "float32")
     report = {"config": {"norm": "rmsnorm", "preset": "tiny", "dtype": "float32", "layers": 1, "hidden": 8, "heads": 1,
                          "ffn": 8, "exporter": "dynamo", "opset": 18, "batch": 1, "seq": 8},
@@ -123,34 +136,12 @@ def test_a_check_that_cannot_run_is_said_and_the_verdict_stands(rewritten, tmp_p
     assert "the check could not run (OSError: Read-only file system)" in describe(pairs[0]["norm_check"])
 
 
-def in_both_branches(source, path):
-    """`source` twice, once per branch of an If on a `use_cache_branch` input, under the same names,
-    weights in the main graph: how Optimum's merged decoders hold their two forms."""
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(source))
-    branches = {}
-    for branch in ("then_branch", "else_branch"):
-        body = onnx.GraphProto()
-        body.CopyFrom(model.graph)
-        del body.input[:], body.initializer[:], body.value_info[:]
-        body.name = branch
-        branches[branch] = body
-    graph = model.graph
-    if_node = helper.make_node("If", ["use_cache_branch"], [o.name for o in graph.output], name="merged", **branches)
-    del graph.node[:], graph.value_info[:]
-    graph.node.append(if_node)
-    graph.input.append(helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]))
-    onnx.save(model, str(path))
-    return path
-
-
 def test_fused_ops_in_the_branch_the_inputs_take_are_checked(exported, tmp_path):
     """In a merged model the If's branch is chosen by an input: the check takes that branch in both
     models and names the fused op that is off; the pair of the other branch passes unchecked."""
     from export.rewrite import rewrite_file
 
-    reference = in_both_branches(exported("rmsnorm"), tmp_path / "merged.onnx")
+    reference = merged_decoder(exported("rmsnorm"), tmp_path / "merged.onnx")  # the If as Optimum writes it
     fused = tmp_path / "fused.onnx"
     rewrite_file(reference, fused, target="onnxruntime")
     model = onnx.load(str(fused))
