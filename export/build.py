@@ -5,6 +5,7 @@
     python -m export.build --norm rmsnorm --backend tensorrt --dtype float16 --seq-range 1:128:2048
     python -m export.build --norm rmsnorm --triton-repo triton/    # also a Triton model repository
     python -m export.build --onnx model.onnx --seq 512             # any ONNX model instead of a stack
+    python -m export.build --onnx t5/                              # each model of a folder (export.build_folder)
 
 `--backend auto` runs ONNX Runtime's CPU provider and, when present, its CUDA provider (I/O
 binding) and TensorRT (engines for the fused graph with our plugins and for the reference graph);
@@ -58,7 +59,8 @@ def parse_args(argv=None):
     source.add_argument("--onnx", metavar="MODEL",
                         help="run the chain on this ONNX model instead of exporting a stack (its dynamic axis 0 "
                              "is the batch, other dynamic axes the sequence, unless --dim names them; a derived "
-                             "name like 'past + seq' is worked out; token ids stay inside the table they index)")
+                             "name like 'past + seq' is worked out; token ids stay inside the table they index); "
+                             "a folder: on each of its models, then an encoder-decoder's pair decoded together")
     parser.add_argument("--preset", choices=PRESET_NAMES, default="small",
                         help=f"stack shape (default small): {describe_presets()}")
     parser.add_argument("--layers", type=positive_int, help="Transformer blocks (default: the preset's)")
@@ -137,6 +139,10 @@ class Pipeline:
         self.skipped: list[dict] = []
         self.backends: list[str] = []
         self.step = 0
+        # set by run_on: the report, and the graph each ONNX Runtime backend serves (the reference
+        # itself where the rewrite had nothing to change for it)
+        self.report: dict | None = None
+        self.served: dict[str, Path] = {}
 
     @contextmanager
     def stage(self, name: str, what: str):
@@ -150,6 +156,10 @@ class Pipeline:
 
     def run(self) -> int:
         a = self.args
+        if a.onnx and Path(a.onnx).is_dir():
+            from .build_folder import FolderPipeline
+
+            return FolderPipeline(a, self.console).run()
         if a.onnx:
             return self.run_on(*self.given_model())
         try:
@@ -227,6 +237,7 @@ class Pipeline:
             self.console.print(f"    [yellow]{describe_unmatched_means(rewrite_trt.unmatched_means)}[/]")
         # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing
         cpu_form = fused_cpu if rewrite_cpu.fused else None
+        self.served = {"ort-cpu": cpu_form or reference, "ort-cuda": fused}
         self.resolve_shapes(reference)
 
         engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}
@@ -260,6 +271,7 @@ class Pipeline:
             "engines": {graph: info["sidecar"] for graph, info in engines.items()},
             "triton": triton,
         }
+        self.report = report
         with self.stage("report", "write report.json, report.md" + (", report.png" if bench else " (no plot: nothing timed)")):
             paths = write_report(report, out)
         print_summary(report, self.console)
@@ -440,7 +452,11 @@ class Pipeline:
         from .decode import decode, is_decoder, is_encoder_decoders_decoder
 
         a = self.args
-        if a.decode_tokens and is_encoder_decoders_decoder(reference):
+        if a.decode_tokens and is_encoder_decoders_decoder(reference) and getattr(a, "folder", None):
+            self.skipped.append({"stage": "greedy decoding", "reason": (
+                f"an encoder-decoder's decoder reads its encoder's states: decoded with the encoder of {a.folder} "
+                "in the folder's report")})
+        elif a.decode_tokens and is_encoder_decoders_decoder(reference):
             self.skipped.append({"stage": "greedy decoding", "reason": (
                 "an encoder-decoder's decoder reads its encoder's states: rewrite the encoder too and decode the pair "
                 f"with python -m export.decode {reference.name} --encoder ENCODER.onnx --compare FUSED_DECODER.onnx "

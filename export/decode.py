@@ -195,6 +195,10 @@ def _cache_shape(past, present, dims: dict[str, int], where: str) -> tuple[int |
     growing = _named_growing_axes(past, present)
     if len(growing) != 1:  # the names do not tell: the cache length is the one axis not sized by --dim
         growing = [axis for axis in dynamic if names[axis] not in dims]
+    if not growing and _does_not_grow(past, present):
+        # an encoder's keys and values with every axis sized by --dim (encoder_sequence_length): the
+        # first step computes them whatever is fed, and every later one reads them back
+        return tuple(dims[names[axis]] if axis in dynamic else dim for axis, dim in enumerate(past.shape))
     if len(growing) != 1:
         named = ", ".join(names[axis] or f"axis {axis}" for axis in dynamic)
         raise NormfuseError(f"{where}: cache input {past.name!r} {past.describe()} has dynamic axes {named} besides the "
@@ -378,6 +382,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     same encoder's). `model_path` and `compare_path` may be folders in Optimum's layout, which
     give their decoder and encoder (`resolve_folder`)."""
     from .backends import index_bounds, random_arrays
+    from .dims import sizes_it_has
     from .runtime import ENGINE_SUFFIXES, load
 
     if tokens < 2:
@@ -404,7 +409,11 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     if dims:
         from .dims import check_given
 
-        check_given(models[0].inputs, dims, str(paths[0]))  # a name the decoder does not have: a flag error
+        from .triton_repo import onnx_signature
+
+        # a name neither the decoder nor its encoder has: a flag error
+        named = list(models[0].inputs) + (onnx_signature(encoder_paths[0])[0] if encoder_paths else [])
+        check_given(named, dims, str(paths[0]) + (f" or {encoder_paths[0]}" if encoder_paths else ""))
     decoders = [decoder_of(model, str(path), dims) for model, path in zip(models, paths)]
     seq2seq = bool(decoders[0].context)
     for path, decoder in zip(paths, decoders):
@@ -424,7 +433,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     if seq2seq:
         encoders = [load(path, providers=providers) for path in encoder_paths]
         encoder_feeds = random_arrays(encoders[0].inputs, batch, longest, seed=seed, bounds=index_bounds(encoder_paths[0]),
-                                      dims=dims, where=str(encoder_paths[0]))
+                                      dims=sizes_it_has(encoders[0].inputs, dims), where=str(encoder_paths[0]))
         start = _start_token(paths[0]) if start_token is None else start_token
         ids = np.full((batch, 1), start, np.int64)
         mask = None

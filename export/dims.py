@@ -144,10 +144,22 @@ def failure_hint(inputs: Sequence) -> str:
     return f"({hint}?)"
 
 
+def _names(inputs: Sequence) -> set[str]:
+    """The names a size may be given for: every dimension name, and each written expression itself
+    ('past + seq')."""
+    return set(named_dims(inputs)) | {param for spec in inputs for param in dim_params(spec) if param}
+
+
+def sizes_it_has(inputs: Sequence, given: Mapping[str, object] | None) -> dict:
+    """The given sizes whose names `inputs` has: one model's share of sizes given for several (an
+    encoder's and its decoder's)."""
+    names = _names(inputs)
+    return {name: size for name, size in (given or {}).items() if name in names}
+
+
 def check_given(inputs: Sequence, given: Mapping[str, object] | None, where: str) -> None:
     """A size given for a name the model does not have is a mistake worth stopping for."""
-    written = {param for spec in inputs for param in dim_params(spec) if param}  # 'past + seq' itself may be given
-    unknown = sorted(set(given or {}) - set(named_dims(inputs)) - written)
+    unknown = sorted(set(given or {}) - _names(inputs))
     if unknown:
         names = ", ".join(named_dims(inputs)) or "none"
         raise UsageError(f"{where}: --dim {unknown[0]}: the model has no dimension of that name "

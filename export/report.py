@@ -126,25 +126,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {cls} | {label} | {c['flop_share']:.1%} | {c['time_share']:.1%} | {c['time_ms']:.3f} | {c['kernels']} |")
         lines += ["", "Kernel times come from ONNX Runtime's profiler, in runs of their own: its per-node "
                   "overhead inflates them on small graphs, so read the shares here and the p50 above for time."]
-    if report.get("decode"):
-        first = report["decode"][0]
-        lines += ["", "## Greedy decoding (KV cache)", "",
-                  "The fused graph is fed the reference's tokens; its scores are compared against the reference "
-                  "run as written (ONNX Runtime's own fusions off). Each decodes "
-                  f"{first.get('rounds', 1)} time(s) after a warm-up, the two taking turns to go first; the step "
-                  f"times are pooled. Between steps the cache {CACHE_WAYS_SAID.get(first.get('cache'), 'went through numpy')}.",
-                  "",
-                  "| backend | fused graph | tokens | same tokens | scores | max abs | prefill ms, reference -> fused "
-                  "| step p50 ms, reference -> fused | speed-up |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for d in report["decode"]:
-            ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
-            lines.append(f"| {d['backend']} | `{Path(fused['model']).name}` | {d['new_tokens']} | "
-                         f"{agree['same_tokens']}/{agree['steps']}"
-                         + (f" (+{agree['near_ties']} near ties)" if agree.get("near_ties") else "") + " | "
-                         f"{'within tolerance' if agree['scores_within_tolerance'] else '**out of tolerance**'} | "
-                         f"{agree['max_abs']:.3g} | {ref['prefill_ms']:.3f} -> {fused['prefill_ms']:.3f} | "
-                         f"{ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} | "
-                         f"{ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x |")
+    lines += decoding_markdown(report.get("decode") or [])
     lines += ["", "## Skipped", ""]
     lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
     lines += ["", "## Stage times", "", "| stage | seconds |", "| --- | --- |"]
@@ -152,6 +134,43 @@ def markdown(report: dict) -> str:
     env = report.get("environment", {})
     lines += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     return "\n".join(lines)
+
+
+def _fused_name(model: dict) -> str:
+    """`fused-cpu.onnx`, or `decoder_model_merged/fused-cpu.onnx` where a folder's models each have
+    their own (export.build on a folder)."""
+    path = Path(model["model"])
+    return f"{path.parent.name}/{path.name}" if model.get("encoder") else path.name
+
+
+def decoding_markdown(records: list[dict]) -> list[str]:
+    """The report's greedy-decoding section: one row per backend."""
+    if not records:
+        return []
+    first = records[0]
+    seq2seq = any("encoder_ms" in d["models"]["reference"] for d in records)
+    lines = ["", "## Greedy decoding (KV cache)", "",
+             "The fused graph is fed the reference's tokens; its scores are compared against the reference "
+             "run as written (ONNX Runtime's own fusions off). Each decodes "
+             f"{first.get('rounds', 1)} time(s) after a warm-up, the two taking turns to go first; the step "
+             f"times are pooled. Between steps the cache {CACHE_WAYS_SAID.get(first.get('cache'), 'went through numpy')}."
+             + (" The fused decoder reads the fused encoder's states." if seq2seq else ""),
+             "",
+             "| backend | fused graph | tokens | same tokens | scores | max abs | "
+             + ("encoder ms, reference -> fused | " if seq2seq else "")
+             + "prefill ms, reference -> fused | step p50 ms, reference -> fused | speed-up |",
+             "| --- " * (10 if seq2seq else 9) + "|"]
+    for d in records:
+        ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
+        encoder = (f"{ref['encoder_ms']:.3f} -> {fused['encoder_ms']:.3f} | " if seq2seq else "")
+        lines.append(f"| {d['backend']} | `{_fused_name(fused)}` | {d['new_tokens']} | "
+                     f"{agree['same_tokens']}/{agree['steps']}"
+                     + (f" (+{agree['near_ties']} near ties)" if agree.get("near_ties") else "") + " | "
+                     f"{'within tolerance' if agree['scores_within_tolerance'] else '**out of tolerance**'} | "
+                     f"{agree['max_abs']:.3g} | {encoder}{ref['prefill_ms']:.3f} -> {fused['prefill_ms']:.3f} | "
+                     f"{ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} | "
+                     f"{ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -242,14 +261,20 @@ def print_summary(report: dict, console) -> None:
     for backend, ref, fused in _bench_pairs(report) if report["rewrite"]["fused"] else ():
         console.print(f"[bold]{backend}[/]: fused ({_file(fused)}) p50 is {speedup(ref, fused):.2f}x "
                       f"the reference's speed{pair_spread(pair_speedups(ref, fused))}; peak memory {ref['peak_memory_mb']:.1f} -> {fused['peak_memory_mb']:.1f} MB")
-    for d in report.get("decode") or ():
-        ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
-        verdict = "within tolerance" if agree["scores_within_tolerance"] else "[red]out of tolerance[/]"
-        ties = f" (+{agree['near_ties']} near ties)" if agree.get("near_ties") else ""
-        console.print(f"[bold]decode on {d['backend']}[/]: {agree['same_tokens']}/{agree['steps']} same tokens{ties}, scores "
-                      f"{verdict}; step p50 {ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} ms "
-                      f"({ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x)")
+    print_decoding(report.get("decode") or [], console)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
     console.print(f"[bold]stage times[/]: {times}")
     for s in report["skipped"]:
         console.print(f"[yellow]skipped[/] {s['stage']}: {s['reason']}")
+
+
+def print_decoding(records: list[dict], console) -> None:
+    """A line per backend that greedy-decoded: tokens agreeing, scores' verdict, step times."""
+    for d in records:
+        ref, fused, agree = d["models"]["reference"], d["models"]["compared"], d["agreement"]
+        verdict = "within tolerance" if agree["scores_within_tolerance"] else "[red]out of tolerance[/]"
+        ties = f" (+{agree['near_ties']} near ties)" if agree.get("near_ties") else ""
+        encoder = (f"; encoder {ref['encoder_ms']:.3f} -> {fused['encoder_ms']:.3f} ms" if "encoder_ms" in ref else "")
+        console.print(f"[bold]decode on {d['backend']}[/]: {agree['same_tokens']}/{agree['steps']} same tokens{ties}, scores "
+                      f"{verdict}; step p50 {ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} ms "
+                      f"({ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x){encoder}")

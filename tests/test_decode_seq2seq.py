@@ -144,6 +144,8 @@ def test_either_half_of_the_decoder_is_pointed_to_the_merged_form(t5, capsys, ha
     ([], "give its encoder with --encoder"),
     (["--compare-encoder", "{ref}/encoder_model.onnx"], "--compare-encoder goes with --compare"),
     (["--encoder", "{ref}/encoder_model.onnx", "--prompt", "4,3"], "prompts of different lengths"),
+    (["--encoder", "{ref}/encoder_model.onnx", "--dim", "nope=3"],
+     "decoder_model_merged.onnx or {ref}/encoder_model.onnx: --dim nope: the model has no dimension of that name"),
 ])
 def test_bad_encoder_decoder_flags_are_one_line_errors(t5, capsys, flags, message):
     ref = t5["reference"]
@@ -151,7 +153,14 @@ def test_bad_encoder_decoder_flags_are_one_line_errors(t5, capsys, flags, messag
             "--warmup", "0", "--providers", "CPUExecutionProvider"]
     assert decode_main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    assert message.format(ref=ref) in err and len(err.splitlines()) == 1, err
+
+
+def test_a_dim_of_the_decoder_alone_is_not_asked_of_its_encoder(t5):
+    """--dim names a dimension of the decoder or of its encoder; each gets the sizes it has (the
+    encoder has no past_decoder_sequence_length)."""
+    assert decode_main([str(t5["reference"]), "--tokens", "2", "--warmup", "0", "--providers", "CPUExecutionProvider",
+                        "--dim", "past_decoder_sequence_length=5", "--dim", "encoder_sequence_length=6"]) == 0
 
 
 def test_an_encoder_for_a_decoder_only_model_is_refused(t5, tmp_path, capsys):

@@ -1,0 +1,231 @@
+"""export.build on a folder: the chain on every model in it, then an encoder-decoder decoded as a pair.
+
+    python -m export.build --onnx t5/        # Optimum's layout: encoder_model.onnx, decoder_model_merged.onnx, ...
+
+Each `*.onnx` of the folder is rewritten, validated, timed and reported on its own, as
+`--onnx MODEL` would, into `<out>/<model name>/`. A `--dim` applies to the models that have the
+name (an encoder has no past_decoder_sequence_length); one that none has is a flag error. Where the
+folder holds an encoder-decoder (`export.decode.resolve_folder`: encoder_model.onnx and a merged
+decoder), the pair is then greedy-decoded on each ONNX Runtime backend: the reference decoder
+reading the reference encoder's states against the fused decoder reading the fused encoder's, as
+the two would be served. `<out>/report.json` and `report.md` sum it up, with a model per row.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from .errors import NormfuseError, UsageError
+from .files import atomic_path, require_writable, write_json, write_text
+
+
+def models_in(folder: Path) -> list[Path]:
+    """The folder's ONNX models, by name; none is a one-line error."""
+    models = sorted(path for path in folder.iterdir() if path.suffix == ".onnx" and path.is_file())
+    if not models:
+        raise UsageError(f"{folder}: no .onnx model in this folder")
+    return models
+
+
+def dims_per_model(models: list[Path], given: list[tuple]) -> dict[Path, list[tuple]]:
+    """Each model's share of the --dim flags ((name, Range) pairs); a name no model has is a
+    UsageError listing the names they do have."""
+    from .dims import named_dims, sizes_it_has
+    from .triton_repo import onnx_signature
+
+    inputs = {model: onnx_signature(model)[0] for model in models}
+    shares = {model: [(name, size) for name, size in given if name in sizes_it_has(specs, {name: size})]
+              for model, specs in inputs.items()}
+    for name, _ in given:
+        if not any(name in dict(share) for share in shares.values()):
+            names = ", ".join(dict.fromkeys(n for specs in inputs.values() for n in named_dims(specs))) or "none"
+            raise UsageError(f"--dim {name}: no model in the folder has a dimension of that name (their named "
+                             f"dimensions: {names})")
+    return shares
+
+
+class FolderPipeline:
+    def __init__(self, args, console):
+        self.args = args
+        self.console = console
+        self.skipped: list[dict] = []
+
+    def run(self) -> int:
+        from .build import environment
+
+        a = self.args
+        folder = Path(a.onnx)
+        models = models_in(folder)
+        out = require_writable(a.out or f"build/{folder.resolve().name}", folder=True)
+        shares = dims_per_model(models, a.dim)
+        self.console.print(f"folder {folder}: {len(models)} models ({', '.join(m.name for m in models)}), each built "
+                           f"into {out}/<model name>/")
+        pipelines, statuses = {}, {}
+        for index, model in enumerate(models, 1):
+            self.console.rule(f"[bold]{model.name}[/] ({index}/{len(models)})")
+            pipelines[model], statuses[model] = self.build_one(model, out / model.stem, shares[model])
+        self.console.rule("[bold]the folder")
+        backends = next(iter(pipelines.values())).backends
+        decoding = self.decode_pair(folder, pipelines, backends, shares)
+        rows = [self.row(model, out / model.stem, pipelines[model], statuses[model]) for model in models]
+        # what the models' builds skipped (the GPU stages, mostly), each said once
+        said = {(s["stage"], s["reason"]) for s in self.skipped}
+        for pipeline in pipelines.values():
+            for s in pipeline.report["skipped"]:
+                if (s["stage"], s["reason"]) not in said and s["stage"] != "greedy decoding":
+                    said.add((s["stage"], s["reason"]))
+                    self.skipped.append(s)
+        report = {"folder": str(folder), "models": rows, "decode": decoding, "skipped": self.skipped,
+                  "environment": environment()}
+        paths = write_folder_report(report, out)
+        print_folder_summary(report, self.console)
+        self.console.print(f"report: {paths['md']} (also {', '.join(p.name for k, p in paths.items() if k != 'md')}; "
+                           "each model's own report in its folder)")
+        from .decode import decoded_alike
+
+        failed = [row["model"] for row in rows if row["exit_status"]]
+        if failed:
+            self.console.print(f"[red]FAILED[/]: {', '.join(failed)} (see their reports)")
+        if not all(decoded_alike(d["agreement"]) for d in decoding):
+            self.console.print("[red]decoding FAILED[/]: the fused pair chose other tokens or its scores are out of tolerance")
+            return 1
+        return 1 if failed else 0
+
+    def build_one(self, model: Path, out: Path, dims: list[tuple]):
+        """The whole chain on one model, as `--onnx MODEL --out OUT` with its share of the --dim flags."""
+        from .build import Pipeline
+
+        args = copy.copy(self.args)
+        args.onnx, args.out, args.dim, args.folder = str(model), str(out), dims, str(Path(self.args.onnx))
+        pipeline = Pipeline(args, self.console)
+        return pipeline, pipeline.run()
+
+    def decode_pair(self, folder: Path, pipelines: dict, backends: list[str], shares: dict) -> list[dict]:
+        """An encoder-decoder's reference pair against its fused pair, on each ONNX Runtime backend."""
+        from .build import lacks_kernels
+        from .decode import decode, resolve_folder
+
+        a = self.args
+        try:
+            decoder, encoder = resolve_folder(folder)
+        except UsageError:  # no decoder: nothing to decode
+            return []
+        if encoder is None or not a.decode_tokens:
+            return []  # a decoder-only model.onnx was decoded by its own build
+        if decoder.is_dir():
+            self.skipped.append({"stage": "greedy decoding of the encoder-decoder", "reason": (
+                "the folder has the decoder's two halves, not its merged form; decode them with python -m "
+                f"export.rewrite {folder} -o FUSED --target onnxruntime --no-residual, then python -m export.decode "
+                f"{folder} --compare FUSED")})
+            return []
+        records = []
+        for backend in (b for b in backends if b.startswith("ort-")):
+            fused_decoder, fused_encoder = (pipelines[path].served.get(backend, path) for path in (decoder, encoder))
+            if lacks_kernels(backend, pipelines[decoder].report["config"]["dtype"]):
+                self.skipped.append({"stage": f"{backend} greedy decoding", "reason": "ONNX Runtime's CPU provider has no "
+                                                                                       "bfloat16 kernels"})
+                continue
+            if (fused_decoder, fused_encoder) == (decoder, encoder):
+                self.skipped.append({"stage": f"{backend} greedy decoding", "reason": (
+                    "nothing to compare: the rewrite changed neither the encoder nor the decoder for this backend "
+                    "(their norms are single ops already, or they have none)")})
+                continue
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
+            dims = {name: size.opt for name, size in shares[decoder] + shares[encoder]}
+            what = f"greedy decoding on {backend}: {a.decode_tokens} tokens, {encoder.name} + {decoder.name}, reference vs fused"
+            with self.console.status(what + " ..."):
+                try:
+                    record = decode(decoder, fused_decoder, prompt=16, tokens=a.decode_tokens, seed=a.seed,
+                                    providers=providers, rounds=2, dims=dims, encoder_path=encoder,
+                                    compare_encoder_path=fused_encoder)
+                except NormfuseError as exc:  # named like Optimum's files, but not a pair export.decode can drive
+                    self.skipped.append({"stage": f"{backend} greedy decoding", "reason": str(exc)})
+                    continue
+            self.console.print(f"[green]done[/] {what}")
+            records.append({"backend": backend, **record})
+        return records
+
+    @staticmethod
+    def row(model: Path, out: Path, pipeline, status: int) -> dict:
+        """One model's line of the folder's report."""
+        from .bench import speedup
+        from .report import _bench_pairs
+
+        report = pipeline.report
+        rw = report["rewrite"]
+        return {"model": model.name, "out": str(out), "exit_status": status, "fused": rw["fused"],
+                "expected_norms": rw["expected_norms"], "counts": rw["counts"],
+                "fused_cpu": rw["onnxruntime_cpu"]["fused"],
+                "validation_passed": all(p["passed"] for p in report["validation"]),
+                "validation_pairs": len(report["validation"]),
+                "speedup": {backend: round(speedup(ref, fused), 4) for backend, ref, fused in _bench_pairs(report)}
+                if rw["fused"] else {}}
+
+
+def markdown(report: dict) -> str:
+    from .report import decoding_markdown
+    from .rewrite import describe_counts
+
+    lines = [f"# normfuse report: folder `{report['folder']}`", "",
+             "Each model was built on its own; its report is in its folder.", "",
+             "| model | norms fused (TensorRT form) | ONNX Runtime CPU form | validation | p50 speed-up | report |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in report["models"]:
+        speed = ", ".join(f"{b} {x:.2f}x" for b, x in row["speedup"].items()) or "-"
+        lines.append(f"| `{row['model']}` | {row['fused']}/{row['expected_norms']} ({describe_counts(row['counts'])}) | "
+                     f"{row['fused_cpu']} fused | {'pass' if row['validation_passed'] else '**FAIL**'} "
+                     f"({row['validation_pairs']} pairs) | {speed} | `{Path(row['out']).name}/report.md` |")
+    lines += decoding_markdown(report["decode"])
+    lines += ["", "## Skipped", ""]
+    lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
+    lines += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in report["environment"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_folder_report(report: dict, out: Path) -> dict[str, Path]:
+    """report.json, report.md and, for a decoded pair, report.png (each decode step's time)."""
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    write_json(paths["json"], report)
+    write_text(paths["md"], markdown(report))
+    png = out / "report.png"
+    if report["decode"]:
+        plot_decoding(report["decode"], png)
+        paths["png"] = png
+    else:
+        png.unlink(missing_ok=True)  # not one of an earlier run's
+    return paths
+
+
+def plot_decoding(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .decode import plot_steps
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for record in records:
+        plot_steps(ax, record, prefix=f"{record['backend']} " if len(records) > 1 else "")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def print_folder_summary(report: dict, console) -> None:
+    from rich.table import Table
+
+    from .report import print_decoding
+
+    table = Table(title=f"folder {report['folder']}: each model built on its own")
+    for col in ("model", "norms fused", "CPU form", "validation", "p50 speed-up"):
+        table.add_column(col)
+    for row in report["models"]:
+        table.add_row(row["model"], f"{row['fused']}/{row['expected_norms']}", f"{row['fused_cpu']} fused",
+                      "[green]pass" if row["validation_passed"] else "[red]FAIL",
+                      ", ".join(f"{b} {x:.2f}x" for b, x in row["speedup"].items()) or "-")
+    console.print(table)
+    print_decoding(report["decode"], console)
+    for s in report["skipped"]:
+        console.print(f"[yellow]skipped[/] {s['stage']}: {s['reason']}")

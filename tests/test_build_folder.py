@@ -1,0 +1,102 @@
+"""export.build on a folder as Optimum exports an encoder-decoder: every model built on its own,
+then the pair greedy-decoded, the fused decoder reading the fused encoder's states."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from export.build import main as build_main
+
+pytest.importorskip("transformers")
+
+QUICK = ["--runs", "3", "--warmup", "1", "--backend", "ort-cpu"]
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    """A T5 folder with the merged decoder, and one with the decoder's two halves instead."""
+    from models.hf_seq2seq import export_hf_seq2seq
+
+    root = tmp_path_factory.mktemp("t5")
+    export_hf_seq2seq(root / "all", arch="t5", halves=True)
+    merged, halves = root / "merged", root / "halves"
+    for folder, names in ((merged, ["decoder_model_merged.onnx"]), (halves, ["decoder_model.onnx", "decoder_with_past_model.onnx"])):
+        folder.mkdir()
+        for name in names + ["encoder_model.onnx", "config.json"]:
+            shutil.copy(root / "all" / name, folder / name)
+    return {"merged": merged, "halves": halves}
+
+
+def test_each_model_is_built_and_the_fused_pair_decodes_the_references_tokens(t5, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(t5["merged"]), "--out", str(out), "--decode-tokens", "6",
+                       "--dim", "encoder_sequence_length=6", *QUICK]) == 0
+    terminal = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["model"]: row for row in report["models"]}
+    assert sorted(rows) == ["decoder_model_merged.onnx", "encoder_model.onnx"]
+    # T5: 7 RMSNorms per decoder branch (two branches in the merged form), 5 in a 2-layer encoder
+    assert (rows["decoder_model_merged.onnx"]["fused"], rows["encoder_model.onnx"]["fused"]) == (14, 5)
+    for name, row in rows.items():
+        own = json.loads((out / name.removesuffix(".onnx") / "report.json").read_text())
+        assert row["exit_status"] == 0 and row["validation_passed"] and own["config"]["source"] == str(t5["merged"] / name)
+        assert "ort-cpu" in row["speedup"]
+    # the decoder's own build leaves decoding to the folder, and says so
+    own = json.loads((out / "decoder_model_merged" / "report.json").read_text())
+    assert not own["decode"] and any("folder's report" in s["reason"] for s in own["skipped"])
+    (record,) = report["decode"]
+    compared = record["models"]["compared"]
+    assert record["backend"] == "ort-cpu" and record["new_tokens"] == 6
+    assert record["encoder_inputs"] == {"input_ids": [1, 6], "attention_mask": [1, 6]}  # sized by the --dim
+    assert compared["model"] == str(out / "decoder_model_merged" / "fused-cpu.onnx")
+    assert compared["encoder"] == str(out / "encoder_model" / "fused-cpu.onnx")
+    assert record["models"]["reference"]["encoder"] == str(t5["merged"] / "encoder_model.onnx")
+    assert record["agreement"]["same_tokens"] == record["agreement"]["steps"] == 6
+    assert record["agreement"]["scores_within_tolerance"]
+    # the GPU stages the models' builds skipped are said once for the folder
+    stages = [s["stage"] for s in report["skipped"]]
+    assert len(stages) == len(set(stages)) and "ort-cuda build, validation and bench" not in stages  # not asked for
+    assert (out / "report.png").is_file()
+    markdown = (out / "report.md").read_text()
+    assert "| `encoder_model.onnx` | 5/5" in markdown and "`decoder_model_merged/fused-cpu.onnx`" in markdown
+    assert "decode on ort-cpu: 6/6 same tokens" in terminal
+
+
+def test_halves_are_built_each_with_its_own_dims_and_decoding_them_is_left_to_export_decode(t5, tmp_path):
+    """--dim sizes the models that have the name (the encoder has no cache axis); the two halves
+    are not a pair export.build decodes, and the skipped line gives the commands that do."""
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(t5["halves"]), "--out", str(out), "--dim", "past_decoder_sequence_length=3",
+                       *QUICK]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [row["model"] for row in report["models"]] == ["decoder_model.onnx", "decoder_with_past_model.onnx",
+                                                          "encoder_model.onnx"]
+    dims = {name: json.loads((out / name / "report.json").read_text())["config"]["dims"]
+            for name in ("decoder_with_past_model", "encoder_model")}
+    assert dims == {"decoder_with_past_model": {"past_decoder_sequence_length": 3}, "encoder_model": {}}
+    assert not report["decode"]
+    (halves,) = [s for s in report["skipped"] if s["stage"] == "greedy decoding of the encoder-decoder"]
+    assert "python -m export.decode" in halves["reason"] and "two halves" in halves["reason"]
+
+
+def test_a_dim_no_model_has_is_a_one_line_error_before_any_work(t5, tmp_path, capsys):
+    code = build_main(["--onnx", str(t5["merged"]), "--out", str(tmp_path / "out"), "--dim", "nope=3", *QUICK])
+    stderr = capsys.readouterr().err
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "--dim nope: no model in the folder has a dimension of that name" in stderr
+    assert "encoder_sequence_length" in stderr and not (tmp_path / "out").exists()
+
+
+def test_a_model_that_fails_validation_fails_the_folder(t5, tmp_path, monkeypatch, capsys):
+    """Held to 1e-12, every fused graph differs from its reference: exit 1, the failing
+    models named, and the folder's report still written."""
+    from normops import GRAPH, Tolerance
+
+    monkeypatch.setitem(GRAPH, "float32", Tolerance(atol=1e-12, rtol=0.0))
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(t5["merged"]), "--out", str(out), "--decode-tokens", "0", *QUICK]) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert [row["exit_status"] for row in report["models"]] == [1, 1]
+    assert "FAILED: decoder_model_merged.onnx, encoder_model.onnx" in capsys.readouterr().out
