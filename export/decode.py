@@ -376,7 +376,8 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     other than the cache length (`decoder_of`).
 
     An encoder-decoder (a decoder taking encoder_hidden_states) needs `encoder_path`: each
-    generation runs the encoder on random inputs (`prompt` long where its length is dynamic) and
+    generation runs the encoder on random inputs (`prompt` long where its length is dynamic; prompts
+    of different lengths padded on the right and masked, as T5's and BART's tokenizers pad) and
     the decoder from `start_token` (default: decoder_start_token_id of a config.json beside the
     decoder, else 0); the compared decoder reads `compare_encoder_path`'s states (default: the
     same encoder's). `model_path` and `compare_path` may be folders in Optimum's layout, which
@@ -425,8 +426,6 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
                          "with --encoder ENCODER.onnx")
     if encoder_path and not seq2seq:
         raise UsageError(f"{paths[0]}: --encoder given, but the decoder takes no {ENCODER_STATES}")
-    if seq2seq and len(set(lengths)) > 1:
-        raise UsageError("prompts of different lengths: an encoder-decoder here encodes inputs of one length")
     batch = len(lengths)
     longest = max(lengths)
     dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
@@ -434,11 +433,13 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
         encoders = [load(path, providers=providers) for path in encoder_paths]
         encoder_feeds = random_arrays(encoders[0].inputs, batch, longest, seed=seed, bounds=index_bounds(encoder_paths[0]),
                                       dims=sizes_it_has(encoders[0].inputs, dims), where=str(encoder_paths[0]))
-        start = _start_token(paths[0]) if start_token is None else start_token
+        if len(set(lengths)) > 1:
+            _pad_on_the_right(encoder_feeds, lengths, encoder_paths[0], _config_value(paths[0], "pad_token_id"))
+        start = _config_value(paths[0], "decoder_start_token_id") if start_token is None else start_token
         ids = np.full((batch, 1), start, np.int64)
         mask = None
-        shown_prompt = ([row.tolist() for row in encoder_feeds["input_ids"]] if "input_ids" in encoder_feeds
-                        else [[start]] * batch)
+        shown_prompt = ([row[:length].tolist() for row, length in zip(encoder_feeds["input_ids"], lengths)]
+                        if "input_ids" in encoder_feeds else [[start]] * batch)
     else:
         ids, mask, shown_prompt = _prompt(paths, decoders, lengths, tokens, seed, index_bounds)
 
@@ -560,17 +561,33 @@ class SplitDecoder:
         return model.run_keeping(feeds, [name for name in keep if name in given])
 
 
-def _start_token(decoder_path: Path) -> int:
-    """decoder_start_token_id of the config.json beside an encoder-decoder's decoder (Optimum and
-    transformers write one), else 0."""
+def _config_value(decoder_path: Path, key: str) -> int:
+    """An integer of the config.json beside an encoder-decoder's decoder (Optimum and transformers
+    write one: decoder_start_token_id, pad_token_id), else 0."""
     import json
 
     config = (decoder_path if decoder_path.is_dir() else decoder_path.parent) / "config.json"
     try:
-        value = json.loads(config.read_text()).get("decoder_start_token_id")
+        value = json.loads(config.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return 0
     return int(value) if isinstance(value, int) else 0
+
+
+def _pad_on_the_right(feeds: dict, lengths: list[int], where: Path, pad: int) -> None:
+    """An encoder's batch of inputs of different lengths, as a tokenizer pads them for T5 or BART:
+    each row's tokens first, then `pad`, masked out by attention_mask (which the decoder reads too,
+    as encoder_attention_mask)."""
+    if "input_ids" not in feeds or "attention_mask" not in feeds:
+        raise UsageError(f"{where}: prompts of different lengths need an encoder that takes input_ids and "
+                         f"attention_mask (this one takes {', '.join(feeds)})")
+    longest = feeds["input_ids"].shape[1]
+    if longest != max(lengths):
+        raise UsageError(f"{where}: prompts of different lengths, but the encoder's inputs are {longest} tokens long "
+                         "(fixed by the model or a --dim)")
+    keep = np.arange(longest)[None, :] < np.array(lengths)[:, None]
+    feeds["input_ids"] = np.where(keep, feeds["input_ids"], pad).astype(feeds["input_ids"].dtype)
+    feeds["attention_mask"] = keep.astype(feeds["attention_mask"].dtype)
 
 
 def _prompt(paths, decoders, lengths, tokens, seed, index_bounds):
@@ -704,7 +721,8 @@ def main(argv=None) -> int:
                                                             "tolerance, and its speed")
     parser.add_argument("--prompt", type=prompt_lengths, default=[8], metavar="N[,N...]",
                         help="prompt length in tokens (random ids; default 8), or one per sequence, e.g. 6,3,5: "
-                             "shorter prompts are padded on the left, as a server batches them")
+                             "shorter prompts are padded on the left, as a server batches them (an encoder-decoder's "
+                             "inputs to the encoder: padded on the right, as T5's and BART's tokenizers pad)")
     parser.add_argument("--tokens", type=positive_int, default=32,
                         help="tokens to generate, at least 2: the prefill's and a decode step's (default 32)")
     parser.add_argument("--batch", type=positive_int, help="sequences decoded together (default 1, or one per "

@@ -37,13 +37,14 @@ def t5(tmp_path_factory):
     return {"torch": model, "reference": root / "reference", "fused": root / "fused"}
 
 
-def hf_generate(model, ids: np.ndarray, tokens: int):
+def hf_generate(model, ids: np.ndarray, tokens: int, mask: np.ndarray | None = None):
     """transformers' greedy generate: (tokens after the start token, each step's scores)."""
     import torch
 
     model.generation_config.eos_token_id = None  # run every step, as export.decode does
     ids = torch.tensor(ids)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+    mask = torch.ones_like(ids) if mask is None else torch.tensor(mask)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
                          num_beams=1, output_scores=True, return_dict_in_generate=True)
     return out.sequences[:, 1:].numpy(), [s.numpy() for s in out.scores]
 
@@ -65,6 +66,24 @@ def test_tokens_and_scores_are_transformers_generate(t5):
     assert len(set(expected_tokens.ravel().tolist())) > 3  # tokens that depend on the cache
     for got, want in zip(done.step_logits, expected_scores):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_inputs_of_different_lengths_are_padded_on_the_right_and_masked_as_transformers_does(t5, tmp_path):
+    """--prompt 7,4: the shorter input is padded after its tokens and masked out, in the encoder and
+    in the decoder's cross-attention; tokens and scores are transformers' generate on the same batch."""
+    out = tmp_path / "decode.json"
+    assert decode_main([str(t5["reference"]), "--prompt", "7,4", "--tokens", "8", "--warmup", "0",
+                        "--providers", "CPUExecutionProvider", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [len(p) for p in record["prompt"]] == [7, 4]
+    ids = np.zeros((2, 7), np.int64)  # T5's pad token is 0
+    mask = np.zeros((2, 7), np.int64)
+    for row, prompt in enumerate(record["prompt"]):
+        ids[row, :len(prompt)], mask[row, :len(prompt)] = prompt, 1
+    expected, _ = hf_generate(t5["torch"], ids, 8, mask)
+    np.testing.assert_array_equal(np.array(record["models"]["reference"]["tokens"]).T, expected)
+    unmasked, _ = hf_generate(t5["torch"], ids, 8)  # the padding read as tokens gives other tokens
+    assert not np.array_equal(unmasked[1], expected[1])
 
 
 def test_the_fused_pair_decodes_alike_and_the_command_writes_its_record(t5, tmp_path):
@@ -143,7 +162,8 @@ def test_either_half_of_the_decoder_is_pointed_to_the_merged_form(t5, capsys, ha
 @pytest.mark.parametrize("flags, message", [
     ([], "give its encoder with --encoder"),
     (["--compare-encoder", "{ref}/encoder_model.onnx"], "--compare-encoder goes with --compare"),
-    (["--encoder", "{ref}/encoder_model.onnx", "--prompt", "4,3"], "prompts of different lengths"),
+    (["--encoder", "{ref}/encoder_model.onnx", "--prompt", "4,3", "--dim", "encoder_sequence_length=6"],
+     "prompts of different lengths, but the encoder's inputs are 6 tokens long"),
     (["--encoder", "{ref}/encoder_model.onnx", "--dim", "nope=3"],
      "decoder_model_merged.onnx or {ref}/encoder_model.onnx: --dim nope: the model has no dimension of that name"),
 ])
