@@ -245,3 +245,22 @@ def test_an_op_only_onnx_runtimes_cuda_provider_runs_is_said_so(tmp_path, capsys
     assert code == 1 and len(err) == 1 and str(path) in err[0]
     assert "RelativePositionBias (node 'RelPosBias_0') has no kernel on ONNX Runtime's CPU provider" in err[0]
     assert "only its CUDA provider runs" in err[0]
+
+
+def test_a_1d_global_max_pool_keeps_its_channels_in_the_reference_evaluator():
+    """onnx's own GlobalMaxPool (to 1.23) also reduces the channels of an [N, C, W] input (onnx
+    issue 7682), which breaks TensorFlow's 1-D global max pooling as tf2onnx writes it; normfuse's
+    evaluator runs the operator as defined, and ONNX Runtime agrees."""
+    import onnxruntime as ort
+
+    from export.rewrite.evaluate import run_model
+
+    graph = helper.make_graph([helper.make_node("GlobalMaxPool", ["x"], ["y"])], "pool",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).standard_normal((2, 4, 10)).astype(np.float32)
+    (y,) = run_model(model, {"x": x})
+    np.testing.assert_array_equal(y, x.max(axis=2, keepdims=True))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(y, session.run(None, {"x": x})[0])

@@ -136,3 +136,70 @@ def test_a_rewritten_graph_is_left_as_it_is():
     twice, report = rewrite_model(once, target="onnx")
     assert report.fused == 0 and report.notes == []
     assert [n.op_type for n in twice.graph.node] == [n.op_type for n in once.graph.node]
+
+
+def jax2tf_layernorm(fraction: float = 1.0 / HIDDEN, tail=(1,)):
+    """Flax's LayerNorm on the rows of a 2-D input as jax2tf and tf2onnx write it (Google's Magika
+    ships one): sums taken with keepdims=0, arithmetic on them, then the axis put back by a Reshape
+    and an Expand to a shape sliced from the input's at run time through int32:
+        rows = Cast(Concat(Slice(Cast(Shape(x), int32), [0], [1], [0]), tail), int64)
+        mean = restore(ReduceSum(x) * fraction), var = restore(max(0, ReduceSum(x * x) * fraction - mean^2))
+        y = (x - mean) * (Reciprocal(Sqrt(var + eps)) * gamma) + beta"""
+    rng = np.random.default_rng(1)
+    inits = [ints("ax1", [1]), ints("zero", [0]), onnx.numpy_helper.from_array(np.array(tail, np.int32), "tail"),
+             floats("fraction", fraction), floats("clamp", 0.0), floats("eps", 1e-6),
+             floats("gamma", 1 + 0.1 * rng.standard_normal((1, HIDDEN))), floats("beta", 0.1 * rng.standard_normal((1, HIDDEN)))]
+    nodes = [helper.make_node("ReduceSum", ["x", "ax1"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("ReduceSum", ["sq", "ax1"], ["q"], keepdims=0),
+             helper.make_node("Mul", ["s", "fraction"], ["mean"]), helper.make_node("Mul", ["q", "fraction"], ["msq"]),
+             helper.make_node("Mul", ["mean", "mean"], ["mean2"]), helper.make_node("Sub", ["msq", "mean2"], ["diff"]),
+             helper.make_node("Max", ["clamp", "diff"], ["var"]),
+             helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Cast", ["shape"], ["shape32"], to=TensorProto.INT32),
+             helper.make_node("Slice", ["shape32", "zero", "ax1", "zero"], ["batch"]),
+             helper.make_node("Concat", ["batch", "tail"], ["rows32"], axis=0),
+             helper.make_node("Cast", ["rows32"], ["rows"], to=TensorProto.INT64)]
+    for name in ("mean", "var"):
+        nodes += [helper.make_node("Reshape", [name, "rows"], [f"{name}_r"]), helper.make_node("Expand", [f"{name}_r", "rows"], [f"{name}_k"])]
+    nodes += [helper.make_node("Add", ["var_k", "eps"], ["var_eps"]), helper.make_node("Sqrt", ["var_eps"], ["std"]),
+              helper.make_node("Reciprocal", ["std"], ["inv"]), helper.make_node("Mul", ["inv", "gamma"], ["scale"]),
+              helper.make_node("Sub", ["x", "mean_k"], ["centred"]), helper.make_node("Mul", ["centred", "scale"], ["normed"]),
+              helper.make_node("Add", ["normed", "beta"], ["y"])]
+    graph = helper.make_graph(nodes, "jax2tf_layernorm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", HIDDEN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def rows_feeds():
+    return {"x": (3.0 + np.random.default_rng(0).standard_normal((5, HIDDEN))).astype(np.float32)}
+
+
+def test_a_2d_rows_sums_put_back_after_arithmetic_by_a_shape_read_at_run_time_are_fused():
+    """The axis goes back after `* (1 / n)`, a square, a difference and a clamp, through a shape
+    whose first value is only known at run time: for a vector of row sums, Reshape to [d, 1] can
+    only be [rows, 1], so the chain is written again on keepdims=1 sums and the LayerNorm is fused."""
+    model = jax2tf_layernorm()
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.counts == {"LayerNorm": 1}, [r.reason for r in report.rejected]
+    assert [n.op_type for n in out.graph.node] == ["LayerNorm"]
+    assert any("took 2 last-axis reduction(s)" in note for note in report.notes), report.notes
+    feeds = rows_feeds()
+    assert GRAPH["float32"].passes(run_model(out, feeds)[0], run_model(model, feeds)[0])
+
+
+def test_a_sum_multiplied_by_other_than_the_inverse_row_length_is_not_a_mean():
+    model = jax2tf_layernorm(fraction=1.0 / (HIDDEN + 1))
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0
+    assert {r.reason for r in report.rejected} == {f"the sum over the last axis is multiplied by {1.0 / (HIDDEN + 1):g}, "
+                                                   f"not by 1 / {HIDDEN} (the row length)"}
+    feeds = rows_feeds()
+    np.testing.assert_array_equal(run_model(out, feeds)[0], run_model(model, feeds)[0])
+
+
+def test_a_reshape_of_row_sums_to_more_than_two_values_is_left_alone():
+    """[d, 1, 1] is no restore of a vector's axis (the model broadcasts it to [5, 5, HIDDEN])."""
+    model = jax2tf_layernorm(tail=(1, 1))
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0 and not any("keepdims=0" in note for note in report.notes)
+    feeds = rows_feeds()
+    np.testing.assert_array_equal(run_model(out, feeds)[0], run_model(model, feeds)[0])

@@ -269,12 +269,28 @@ def _check_constants(match: Match) -> None:
 
 
 def _check_row_lengths(match: Match, hidden: int) -> None:
-    """A mean written as a sum divided by a constant: the constant must be the row's length."""
+    """A mean written as a sum divided by a constant: the constant must be the row's length; or as a
+    sum times a constant: the row length's inverse, rounded to the constant's type (within one unit
+    in its last place, whichever way a tool rounded it)."""
     for name in match.tensors:
         if name.startswith("row_length#"):
             value = scalar(match, name, "the divisor of the sum")
             if value != hidden:
                 raise Rejected(f"the sum over the last axis is divided by {value:g}, not by the row length {hidden}")
+        if name.startswith("row_fraction#"):
+            value = scalar(match, name, "the factor of the sum")
+            if abs(value - 1.0 / hidden) > _machine_epsilon(constant_value(match.get(name)).dtype) / hidden:
+                raise Rejected(f"the sum over the last axis is multiplied by {value:g}, not by 1 / {hidden} (the row length)")
+
+
+def _machine_epsilon(dtype) -> float:
+    """The relative spacing of a float type (bfloat16 and the other ml_dtypes too); 0 for any other."""
+    import ml_dtypes
+
+    try:
+        return float(ml_dtypes.finfo(dtype).eps)
+    except (ValueError, TypeError):
+        return 0.0
 
 
 # Bound tensors that flow through the fused op; every other bound tensor is a constant the checks read.

@@ -243,12 +243,22 @@ def _not_implemented_at(op_type: str, version: int) -> bool:
     return False
 
 
+class GlobalMaxPool(OpRun):
+    """The max over every axis after the first two, as the operator's definition says. onnx's own
+    (up to 1.23) reduces the last two axes, the channels too on a rank-3 input (onnx issue 7682;
+    TensorFlow's 1-D global max pooling, as tf2onnx writes it, is one)."""
+    op_domain = ""
+
+    def _run(self, x):
+        return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True),)
+
+
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
     """onnx's reference evaluator for `model`, with the fused ops, fp32 accumulation on half
     inputs, and ONNX Runtime running the ops of its own domains that onnx has no kernel for."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     widened = [op for op in (_accumulating_in_float32(t, version) for t in ACCUMULATING_OPS) if op is not None]
-    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened + _run_by_onnx_runtime(model))
+    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened + [GlobalMaxPool] + _run_by_onnx_runtime(model))
 
 
 def run_model(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

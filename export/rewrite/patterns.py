@@ -35,9 +35,12 @@ def mean_last(p: Pattern) -> Pattern:
     """ReduceMean over the last axis; GlobalAveragePool, which tf2onnx writes for it: on a rank-3
     input [N, C, L] it averages L alone (the checks refuse it on any other rank); or ReduceSum over
     the last axis divided by a constant, which the checks require to be the row's length (torch's
-    dynamo exporter writes var_mean's mean this way, and so do hand-written sum(x * x) / hidden)."""
+    dynamo exporter writes var_mean's mean this way, and so do hand-written sum(x * x) / hidden), or
+    multiplied by one, which they require to be the row length's inverse as the constant's type
+    holds it (TensorFlow's constant folding writes `sum * (1 / n)`, as jax2tf and tf2onnx export)."""
     total = maybe_cast(reduce_last("ReduceSum", p), "cast_stat")
-    mean = Or(reduce_last("ReduceMean", p), Op("GlobalAveragePool", p, role="reduce"), Op("Div", total, _fresh("row_length")))
+    mean = Or(reduce_last("ReduceMean", p), Op("GlobalAveragePool", p, role="reduce"), Op("Div", total, _fresh("row_length")),
+              Op("Mul", total, _fresh("row_fraction"), commutative=True))
     return maybe_cast(mean, "cast_stat")  # a statistic taken in float32 and cast back to the half type
 
 
@@ -128,11 +131,16 @@ def _layernorm_patterns() -> list[NormPattern]:
         return Or(constant_row_guard(x, raw), raw)
 
     out = maybe_cast(normalise(centred(), variance(x, centred())), "cast_out")
+    # Flax's LayerNorm as jax2tf writes it: the scale multiplies the inverse root, then x - mean
+    inv = inv_sqrt(Op("Add", variance(x, centred()), Var("eps"), commutative=True))
+    scaled_inv = Op("Mul", centred(), Op("Mul", inv, Var("gamma"), commutative=True, role="scale"), commutative=True)
     return [
         NormPattern("layernorm", True, maybe_cast(biased(scaled(out)), "cast_scaled")),
         NormPattern("layernorm-no-bias", True, maybe_cast(scaled(out), "cast_scaled")),
         NormPattern("layernorm-no-scale", True, maybe_cast(biased(out), "cast_scaled")),
         NormPattern("layernorm-unscaled", True, out),
+        NormPattern("layernorm-scaled-inverse", True, maybe_cast(biased(scaled_inv), "cast_scaled")),
+        NormPattern("layernorm-scaled-inverse-no-bias", True, maybe_cast(scaled_inv, "cast_scaled")),
     ]
 
 
