@@ -1,4 +1,4 @@
-"""JAX, Keras and Paddle models as jax2onnx, tf2onnx and paddle2onnx write them: every norm is
+"""JAX, Keras and Paddle models as jax2onnx, jax2tf, tf2onnx and paddle2onnx write them: every norm is
 fused, nothing else is, and the fused graph computes the same.
 
 The exports are committed under tests/data/<exporter> (JAX, TensorFlow and PaddlePaddle are not
@@ -11,6 +11,10 @@ versions). Each exporter writes the norms in its library's own arithmetic:
   arithmetic, its RMSNormalization as x * (rsqrt(mean(x^2) + eps) * gamma), and its
   LayerNormalization(rms_scaling=True), which scales x by the centred variance: not a norm normfuse
   has, so it must stay as it is;
+- jax2tf with tf2onnx (how Google's Magika was exported): Flax's statistics as keepdims=0 sums,
+  arithmetic on them, then the axis put back by Reshape and Expand to a shape sliced from the
+  input's at run time through int32; its RMSNorm as (x - broadcast zeros) * (rsqrt(.) * scale);
+  a LayerNorm over the middle axis, which must stay as it is;
 - paddle2onnx: an Identity after every residual Add and op, `var + eps` as Mul(var, 1) + eps, and
   LayerNorm spelled out at opset 13, native at 17.
 """
@@ -43,19 +47,22 @@ EXPECTED = {
     "paddle2onnx/paddle-block-float32-opset13.onnx": {"tensorrt": BLOCK, "onnxruntime": BLOCK},
     "paddle2onnx/paddle-block-float32-opset17.onnx": {"tensorrt": BLOCK,
                                                       "onnxruntime": {"AddRMSNorm": 1, "AddLayerNorm": 1}},
+    "jax2tf/flax-block-rows-float32.onnx": {"tensorrt": BLOCK, "onnxruntime": BLOCK},
+    "jax2tf/flax-block-seq-float32.onnx": {"tensorrt": BLOCK, "onnxruntime": BLOCK},
+    "jax2tf/flax-middle-axis-float32.onnx": {"tensorrt": {}, "onnxruntime": {}},  # not over the last axis
     "tf2onnx/keras-block-float32.onnx": {"tensorrt": BLOCK, "onnxruntime": BLOCK},
     "tf2onnx/keras-block-rms-scaling-float32.onnx": {"tensorrt": {"LayerNorm": 1, "AddRMSNorm": 1},
                                                      "onnxruntime": {"LayerNorm": 1, "AddRMSNorm": 1}},
 }
 
 
-@pytest.mark.parametrize("exporter", ("jax2onnx", "paddle2onnx", "tf2onnx"))
+@pytest.mark.parametrize("exporter", ("jax2onnx", "jax2tf", "paddle2onnx", "tf2onnx"))
 def test_the_fixtures_are_the_ones_the_manifest_records(exporter):
     manifest = json.loads((DATA / exporter / "MANIFEST.json").read_text())
     on_disk = sorted(f"{exporter}/{p.name}" for p in (DATA / exporter).glob("*.onnx"))
     assert sorted(f"{exporter}/{name}" for name in manifest["models"]) == on_disk
     assert on_disk == sorted(name for name in EXPECTED if name.startswith(exporter))
-    assert exporter in manifest["versions"]
+    assert exporter in manifest["versions"] or exporter == "jax2tf" and "jax" in manifest["versions"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -203,3 +203,29 @@ def test_a_reshape_of_row_sums_to_more_than_two_values_is_left_alone():
     assert report.fused == 0 and not any("keepdims=0" in note for note in report.notes)
     feeds = rows_feeds()
     np.testing.assert_array_equal(run_model(out, feeds)[0], run_model(model, feeds)[0])
+
+
+def zero_subtraction(rows_of_x: bool = True, fill: float = 0.0):
+    """y = Identity(x - Expand(fill, shape)): shape is x's rows and 1 (Concat(Shape(x, 0, 1), [1])),
+    or the constant [3, 1] against an x of one row."""
+    inits = [floats("fill", [fill]), ints("one", [1]), ints("three_rows", [3, 1])]
+    nodes = [helper.make_node("Shape", ["x"], ["rows"], start=0, end=1),
+             helper.make_node("Concat", ["rows", "one"], ["rows1"], axis=0),
+             helper.make_node("Expand", ["fill", "rows1" if rows_of_x else "three_rows"], ["zeros"]),
+             helper.make_node("Sub", ["x", "zeros"], ["d"]), helper.make_node("Identity", ["d"], ["y"])]
+    dims = ["batch", HIDDEN] if rows_of_x else [1, HIDDEN]
+    graph = helper.make_graph(nodes, "zeros", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("rows_of_x,fill,dropped", [(True, 0.0, True), (True, 1.0, False), (False, 0.0, False)])
+def test_a_subtraction_of_zeros_is_dropped_only_where_it_changes_nothing(rows_of_x, fill, dropped):
+    """x - broadcast(0) is x when the zeros' shape cannot grow x's; not for other values, nor for
+    zeros of 3 rows against an x of one (the difference has 3)."""
+    model = zero_subtraction(rows_of_x, fill)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert any("subtraction(s) of zeros" in note for note in report.notes) == dropped
+    assert ("Sub" in [n.op_type for n in out.graph.node]) != dropped
+    x = np.random.default_rng(0).standard_normal((1, HIDDEN)).astype(np.float32)
+    np.testing.assert_array_equal(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0])

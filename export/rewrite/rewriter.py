@@ -30,6 +30,7 @@ from .checks import (FLOAT_TYPES, NormCandidate, Rejected, build_candidate, cons
                      is_last_axis_mean)
 from .fills import per_feature_fills
 from .keepdims import restore_keepdims
+from .zeros import drop_zero_subtractions
 from .gamma import fold_gamma
 from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset
 from .functions import inline_norm_functions
@@ -115,6 +116,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
         report.notes += _drop_identities(scope.graph, scope.outputs, scope.name)
         report.notes += per_feature_fills(scope.graph, scope.outputs, names, scope.name)
         report.notes += restore_keepdims(scope.graph, scope.outputs, names, scope.name)
+        report.notes += drop_zero_subtractions(scope.graph, scope.outputs, scope.name)
     # nodes nothing reads (the model's own, or left by the passes above) would make the values they
     # read look shared with them; the scopes are listed again for the nodes the passes added
     graph.cleanup()
