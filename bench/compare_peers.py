@@ -4,8 +4,8 @@
 
 Each case is a small torch module (a residual sum followed by a norm, as in a pre-norm block),
 or one of the project's own 2-layer stacks, exported by torch's dynamo or TorchScript exporter,
-or a small Flax, Equinox, Paddle or Keras block as jax2onnx, paddle2onnx or tf2onnx writes it
-(committed under tests/data).
+or a small Flax, Equinox, Paddle or Keras block as jax2onnx, jax2tf with tf2onnx, paddle2onnx or
+tf2onnx writes it (committed under tests/data).
 Every tool rewrites the same file:
 - ONNX Runtime: `onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)`
   (its Python fusions only; needs `sympy`, `packaging`, `coloredlogs`);
@@ -176,14 +176,15 @@ STACKS = {  # the project's own exports: 2 pre-norm layers and a final norm (5 n
 }
 
 
-# jax2onnx's, paddle2onnx's and tf2onnx's exports of small Flax, Equinox, Paddle and Keras blocks,
+# jax2onnx's, jax2tf's (through tf2onnx), paddle2onnx's and tf2onnx's exports of small Flax, Equinox, Paddle and Keras blocks,
 # committed with the tests (JAX, PaddlePaddle and TensorFlow are not dependencies): path -> norms. The bfloat16 one is left out: ONNX
 # Runtime's CPU provider has no bf16 Gemm. The Keras rms_scaling block's last LayerNorm is not a norm
-# (it scales x by the centred variance), so it has 2.
+# (it scales x by the centred variance), so it has 2; the jax2tf LayerNorm over the middle axis has none.
 FRAMEWORK_EXPORTS = {"jax2onnx/flax-block-float32.onnx": 3, "jax2onnx/flax-block-float32-native.onnx": 3,
                      "jax2onnx/equinox-block-float32.onnx": 2, "paddle2onnx/paddle-block-float32-opset13.onnx": 3,
                      "paddle2onnx/paddle-block-float32-opset17.onnx": 3, "tf2onnx/keras-block-float32.onnx": 3,
-                     "tf2onnx/keras-block-rms-scaling-float32.onnx": 2}
+                     "tf2onnx/keras-block-rms-scaling-float32.onnx": 2, "jax2tf/flax-block-rows-float32.onnx": 3,
+                     "jax2tf/flax-block-seq-float32.onnx": 3, "jax2tf/flax-middle-axis-float32.onnx": 0}
 DATA_DIR = ROOT / "tests" / "data"
 
 
@@ -278,7 +279,9 @@ def judge(case: Case, tool: str) -> dict:
 
     original = onnx.load(str(case.path))
     rng = np.random.default_rng(0)
-    feeds = {i.name: (rng.standard_normal((2, 8, HIDDEN)) + 0.3).astype(case.dtype) for i in original.graph.input}
+    # [2, 8, HIDDEN], or its last two for a block on rows ([batch, HIDDEN])
+    feeds = {i.name: (rng.standard_normal((2, 8, HIDDEN)[3 - len(i.type.tensor_type.shape.dim):]) + 0.3).astype(case.dtype)
+             for i in original.graph.input}
     assert HIDDEN == 64  # the tiny preset's hidden size too
     try:
         rewritten = TOOLS[tool](case.path)
