@@ -8,7 +8,9 @@ name (an encoder has no past_decoder_sequence_length); one that none has is a fl
 folder holds an encoder-decoder (`export.decode.resolve_folder`: encoder_model.onnx and a merged
 decoder), the pair is then greedy-decoded on each ONNX Runtime backend: the reference decoder
 reading the reference encoder's states against the fused decoder reading the fused encoder's, as
-the two would be served. `<out>/report.json` and `report.md` sum it up, with a model per row.
+the two would be served. `<out>/report.json` and `report.md` sum it up, with a model per row. A
+model that cannot be built (a shape it cannot take) is named there with its error, and the others
+are still built; the exit status is then 1.
 """
 from __future__ import annotations
 
@@ -60,17 +62,26 @@ class FolderPipeline:
         shares = dims_per_model(models, a.dim)
         self.console.print(f"folder {folder}: {len(models)} models ({', '.join(m.name for m in models)}), each built "
                            f"into {out}/<model name>/")
-        pipelines, statuses = {}, {}
+        pipelines, statuses, errors = {}, {}, {}
         for index, model in enumerate(models, 1):
             self.console.rule(f"[bold]{model.name}[/] ({index}/{len(models)})")
-            pipelines[model], statuses[model] = self.build_one(model, out / model.stem, shares[model])
+            try:
+                pipelines[model], statuses[model] = self.build_one(model, out / model.stem, shares[model])
+            except UsageError:
+                raise  # a flag no model can take: no point going on
+            except NormfuseError as exc:  # this model cannot be built (a shape it cannot take, say): the others still are
+                errors[model] = str(exc)
+                self.console.print(f"[red]{model.name} not built[/]: {exc}")
         self.console.rule("[bold]the folder")
-        backends = next(iter(pipelines.values())).backends
-        decoding = self.decode_pair(folder, pipelines, backends, shares)
-        rows = [self.row(model, out / model.stem, pipelines[model], statuses[model]) for model in models]
+        built = [pipeline for pipeline in pipelines.values() if pipeline.report is not None]
+        backends = built[0].backends if built else []
+        decoding = self.decode_pair(folder, pipelines, backends, shares, errors)
+        rows = [self.row(model, out / model.stem, pipelines[model], statuses[model]) if model not in errors
+                else {"model": model.name, "out": str(out / model.stem), "exit_status": 1, "error": errors[model]}
+                for model in models]
         # what the models' builds skipped (the GPU stages, mostly), each said once
         said = {(s["stage"], s["reason"]) for s in self.skipped}
-        for pipeline in pipelines.values():
+        for pipeline in built:
             for s in pipeline.report["skipped"]:
                 if (s["stage"], s["reason"]) not in said and s["stage"] != "greedy decoding":
                     said.add((s["stage"], s["reason"]))
@@ -85,7 +96,7 @@ class FolderPipeline:
 
         failed = [row["model"] for row in rows if row["exit_status"]]
         if failed:
-            self.console.print(f"[red]FAILED[/]: {', '.join(failed)} (see their reports)")
+            self.console.print(f"[red]FAILED[/]: {', '.join(failed)} (see the table and their reports)")
         if not all(decoded_alike(d["agreement"]) for d in decoding):
             self.console.print("[red]decoding FAILED[/]: the fused pair chose other tokens or its scores are out of tolerance")
             return 1
@@ -100,7 +111,7 @@ class FolderPipeline:
         pipeline = Pipeline(args, self.console)
         return pipeline, pipeline.run()
 
-    def decode_pair(self, folder: Path, pipelines: dict, backends: list[str], shares: dict) -> list[dict]:
+    def decode_pair(self, folder: Path, pipelines: dict, backends: list[str], shares: dict, errors: dict) -> list[dict]:
         """An encoder-decoder's reference pair against its fused pair, on each ONNX Runtime backend."""
         from .build import lacks_kernels
         from .decode import decode, resolve_folder
@@ -112,6 +123,10 @@ class FolderPipeline:
             return []
         if encoder is None or not a.decode_tokens:
             return []  # a decoder-only model.onnx was decoded by its own build
+        if decoder in errors or encoder in errors:
+            self.skipped.append({"stage": "greedy decoding of the encoder-decoder",
+                                 "reason": f"{(decoder if decoder in errors else encoder).name} was not built"})
+            return []
         if decoder.is_dir():
             self.skipped.append({"stage": "greedy decoding of the encoder-decoder", "reason": (
                 "the folder has the decoder's two halves, not its merged form; decode them with python -m "
@@ -171,6 +186,9 @@ def markdown(report: dict) -> str:
              "| model | norms fused (TensorRT form) | ONNX Runtime CPU form | validation | p50 speed-up | report |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in report["models"]:
+        if "error" in row:
+            lines.append(f"| `{row['model']}` | **not built**: {row['error'].replace('|', chr(92) + '|')} | | | | |")
+            continue
         speed = ", ".join(f"{b} {x:.2f}x" for b, x in row["speedup"].items()) or "-"
         lines.append(f"| `{row['model']}` | {row['fused']}/{row['expected_norms']} ({describe_counts(row['counts'])}) | "
                      f"{row['fused_cpu']} fused | {'pass' if row['validation_passed'] else '**FAIL**'} "
@@ -222,6 +240,9 @@ def print_folder_summary(report: dict, console) -> None:
     for col in ("model", "norms fused", "CPU form", "validation", "p50 speed-up"):
         table.add_column(col)
     for row in report["models"]:
+        if "error" in row:
+            table.add_row(row["model"], "[red]not built", "", "", "")
+            continue
         table.add_row(row["model"], f"{row['fused']}/{row['expected_norms']}", f"{row['fused_cpu']} fused",
                       "[green]pass" if row["validation_passed"] else "[red]FAIL",
                       ", ".join(f"{b} {x:.2f}x" for b, x in row["speedup"].items()) or "-")

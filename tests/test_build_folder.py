@@ -100,3 +100,28 @@ def test_a_model_that_fails_validation_fails_the_folder(t5, tmp_path, monkeypatc
     report = json.loads((out / "report.json").read_text())
     assert [row["exit_status"] for row in report["models"]] == [1, 1]
     assert "FAILED: decoder_model_merged.onnx, encoder_model.onnx" in capsys.readouterr().out
+
+
+def test_a_model_that_cannot_be_built_is_named_and_the_others_are_built(tmp_path, capsys):
+    """One model of the folder cannot take the bench shape (it reshapes its input to 1x16x16): it is
+    reported with its one-line error and the exit status is 1, while the other is built as usual."""
+    import onnx
+    from onnx import TensorProto, helper
+    from test_rewrite_keepdims import ints, restored_rms
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(restored_rms(), folder / "good.onnx")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "fixed"], ["y"])], "fixed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[ints("fixed", [1, 16, 16])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "bad.onnx")
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(folder), "--out", str(out), *QUICK]) == 1
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["model"]: row for row in report["models"]}
+    assert rows["good.onnx"]["exit_status"] == 0 and rows["good.onnx"]["fused"] == 1
+    assert rows["bad.onnx"]["exit_status"] == 1 and "ONNX Runtime failed to run it" in rows["bad.onnx"]["error"]
+    assert "| `bad.onnx` | **not built**:" in (out / "report.md").read_text()
+    assert "FAILED: bad.onnx" in capsys.readouterr().out
