@@ -454,8 +454,8 @@ class Pipeline:
         a = self.args
         if a.decode_tokens and is_encoder_decoders_decoder(reference) and getattr(a, "folder", None):
             self.skipped.append({"stage": "greedy decoding", "reason": (
-                f"an encoder-decoder's decoder reads its encoder's states: decoded with the encoder of {a.folder} "
-                "in the folder's report")})
+                f"an encoder-decoder's decoder reads its encoder's states: decoding it with the encoder of {a.folder} "
+                "is the folder's stage (see the folder's report)")})
         elif a.decode_tokens and is_encoder_decoders_decoder(reference):
             self.skipped.append({"stage": "greedy decoding", "reason": (
                 "an encoder-decoder's decoder reads its encoder's states: rewrite the encoder too and decode the pair "
