@@ -18,32 +18,8 @@ import copy
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
-from .files import atomic_path, require_writable, write_json, write_text
-
-
-def models_in(folder: Path) -> list[Path]:
-    """The folder's ONNX models, by name; none is a one-line error."""
-    models = sorted(path for path in folder.iterdir() if path.suffix == ".onnx" and path.is_file())
-    if not models:
-        raise UsageError(f"{folder}: no .onnx model in this folder")
-    return models
-
-
-def dims_per_model(models: list[Path], given: list[tuple]) -> dict[Path, list[tuple]]:
-    """Each model's share of the --dim flags ((name, Range) pairs); a name no model has is a
-    UsageError listing the names they do have."""
-    from .dims import named_dims, sizes_it_has
-    from .triton_repo import onnx_signature
-
-    inputs = {model: onnx_signature(model)[0] for model in models}
-    shares = {model: [(name, size) for name, size in given if name in sizes_it_has(specs, {name: size})]
-              for model, specs in inputs.items()}
-    for name, _ in given:
-        if not any(name in dict(share) for share in shares.values()):
-            names = ", ".join(dict.fromkeys(n for specs in inputs.values() for n in named_dims(specs))) or "none"
-            raise UsageError(f"--dim {name}: no model in the folder has a dimension of that name (their named "
-                             f"dimensions: {names})")
-    return shares
+from .dims import sizes_per_model
+from .files import atomic_path, models_in, require_writable, write_json, write_text
 
 
 class FolderPipeline:
@@ -59,7 +35,7 @@ class FolderPipeline:
         folder = Path(a.onnx)
         models = models_in(folder)
         out = require_writable(a.out or f"build/{folder.resolve().name}", folder=True)
-        shares = dims_per_model(models, a.dim)
+        shares = sizes_per_model(models, a.dim)
         self.console.print(f"folder {folder}: {len(models)} models ({', '.join(m.name for m in models)}), each built "
                            f"into {out}/<model name>/")
         pipelines, statuses, errors = {}, {}, {}

@@ -248,3 +248,20 @@ def _expression_size(expression: Expression, sizes: dict[str, int], name: str, a
         raise NormfuseError(f"{where}: input {name!r} axis {axis} ({expression.text}) divides by zero; "
                             "give its names sizes with --dim NAME=SIZE") from None
 
+
+
+def sizes_per_model(models: list, given: list[tuple]) -> dict:
+    """Each model's share of --dim flags given for a folder of models ((name, size) pairs): the
+    ones whose names it has (an encoder has no past_decoder_sequence_length). A name no model has
+    is a UsageError listing the names they do have."""
+    from .triton_repo import onnx_signature
+
+    inputs = {model: onnx_signature(model)[0] for model in models}
+    shares = {model: [(name, size) for name, size in given if name in sizes_it_has(specs, {name: size})]
+              for model, specs in inputs.items()}
+    for name, _ in given:
+        if not any(name in dict(share) for share in shares.values()):
+            names = ", ".join(dict.fromkeys(n for specs in inputs.values() for n in named_dims(specs))) or "none"
+            raise UsageError(f"--dim {name}: no model in the folder has a dimension of that name (their named "
+                             f"dimensions: {names})")
+    return shares

@@ -1,4 +1,4 @@
-"""Atomic writes: outputs appear whole or not at all."""
+"""Atomic writes: outputs appear whole or not at all; and the checks on paths before any work."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +29,16 @@ def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
     if not os.access(nearest, os.W_OK | os.X_OK):
         return f"cannot be written: no write permission in {nearest}"
     return None
+
+
+def models_in(folder: Path) -> list[Path]:
+    """The ONNX models of a folder (an Optimum export, say), by name; none is a one-line UsageError."""
+    from .errors import UsageError
+
+    models = sorted(path for path in Path(folder).iterdir() if path.suffix == ".onnx" and path.is_file())
+    if not models:
+        raise UsageError(f"{folder}: no .onnx model in this folder")
+    return models
 
 
 def require_file(path: str | os.PathLike) -> Path:

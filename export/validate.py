@@ -351,8 +351,9 @@ def main(argv=None) -> int:
     from .files import write_json
 
     parser = Parser(prog="python -m export.validate", description=__doc__.splitlines()[0])
-    parser.add_argument("reference", help="reference ONNX model")
-    parser.add_argument("candidate", help="fused ONNX model, or a TensorRT engine (.plan)")
+    parser.add_argument("reference", help="reference ONNX model, or a folder of them (an Optimum export)")
+    parser.add_argument("candidate", help="fused ONNX model, or a TensorRT engine (.plan); a folder for a folder "
+                                          "(the models of the same names, as export.rewrite writes them)")
     parser.add_argument("--shapes", default="1x16,2x64", help="BATCHxSEQ list (default 1x16,2x64)")
     parser.add_argument("--dim", type=dim_size, action="append", default=[], metavar="NAME=SIZE", help=DIM_HELP)
     parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "onnx-reference", "tensorrt"),
@@ -371,28 +372,19 @@ def main(argv=None) -> int:
 
     def job():
         shapes = parse_shapes(args.shapes)
+        if args.inputs and args.dim:
+            raise UsageError("--dim sizes random inputs; with --inputs the inputs' own shapes are used")
+        if Path(args.reference).is_dir():
+            return validate_folder(args, shapes)
         dtype = model_dtype(args.reference)
         candidate = Path(args.candidate)
         cand_backend = candidate_backend(candidate, args.backend)
         ref_backend = args.reference_backend or reference_backend(args.backend, cand_backend, dtype)
         require_file(candidate)  # model_dtype has checked the reference
-        if args.inputs and args.dim:
-            raise UsageError("--dim sizes random inputs; with --inputs the inputs' own shapes are used")
         given = read_given_inputs(args.inputs, args.reference) if args.inputs else None
         pairs = compare(Side(Path(args.reference), ref_backend, "reference"), Side(candidate, cand_backend, "fused"),
                         shapes, dtype, seed=args.seed, save_dir=args.save_outputs, given=given, dims=dict(args.dim))
-        with_dims = "".join(f" {name}={size}" for name, size in args.dim)
-        for pair in pairs:
-            for name, s in pair["outputs"].items():
-                verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"
-                print(f"{verdict} {shape_label(pair)}{with_dims} {name} ({pair['candidate']} vs "
-                      f"{pair['reference']}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
-                      f"max_rel {s['max_rel']:.3g}, tolerance used p99 {s['tolerance_used']['p99']:.2g} "
-                      f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")
-            if pair.get("norm_check"):
-                from .norm_check import describe
-
-                print(f"  {shape_label(pair)}{with_dims}: {describe(pair['norm_check'])}")
+        print_pairs(pairs, dtype, args.dim)
         if args.save_outputs:
             print(f"wrote Polygraphy inputs and outputs to {args.save_outputs}/")
         if args.json:
@@ -400,6 +392,62 @@ def main(argv=None) -> int:
         return 0 if all(p["passed"] for p in pairs) else 1
 
     return run_cli(job)
+
+
+def print_pairs(pairs: list[dict], dtype: str, dims: list[tuple], prefix: str = "") -> None:
+    """A line per compared output (PASS, or FAIL from the quantile where it fails), and the norm
+    check's line under a failing pair."""
+    with_dims = "".join(f" {name}={size}" for name, size in dims)
+    for pair in pairs:
+        for name, s in pair["outputs"].items():
+            verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"
+            print(f"{prefix}{verdict} {shape_label(pair)}{with_dims} {name} ({pair['candidate']} vs "
+                  f"{pair['reference']}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
+                  f"max_rel {s['max_rel']:.3g}, tolerance used p99 {s['tolerance_used']['p99']:.2g} "
+                  f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")
+        if pair.get("norm_check"):
+            from .norm_check import describe
+
+            print(f"{prefix}  {shape_label(pair)}{with_dims}: {describe(pair['norm_check'])}")
+
+
+def validate_folder(args, shapes) -> int:
+    """export.validate REFERENCE_FOLDER CANDIDATE_FOLDER: each model of the first against the model
+    of the same name in the second (as export.rewrite writes a folder), each with its share of the
+    --dim flags; --save-outputs gets a folder per model, --json an entry per model."""
+    from .dims import sizes_per_model
+    from .files import models_in, write_json
+
+    reference, candidate = Path(args.reference), Path(args.candidate)
+    if not candidate.is_dir():
+        raise UsageError(f"{candidate}: the reference {reference} is a folder, so the candidate must be one too "
+                         "(the fused models under the same names, as export.rewrite writes them)")
+    if args.inputs:
+        raise UsageError("--inputs gives one model's inputs; with folders the inputs are made up per model")
+    models = models_in(reference)
+    missing = [m.name for m in models if not (candidate / m.name).is_file()]
+    if missing:
+        raise NormfuseError(f"{candidate}: no {missing[0]} (each model of {reference} is compared with the one of "
+                            "the same name)")
+    shares = sizes_per_model(models, args.dim)
+    results, passed = {}, True
+    for model in models:
+        dtype = model_dtype(model)
+        fused = candidate / model.name
+        cand_backend = candidate_backend(fused, args.backend)
+        ref_backend = args.reference_backend or reference_backend(args.backend, cand_backend, dtype)
+        pairs = compare(Side(model, ref_backend, "reference"), Side(fused, cand_backend, "fused"), shapes, dtype,
+                        seed=args.seed, save_dir=Path(args.save_outputs) / model.stem if args.save_outputs else None,
+                        dims=dict(shares[model]))
+        print_pairs(pairs, dtype, shares[model], prefix=f"{model.name}: ")
+        results[model.name] = pairs
+        passed = passed and all(p["passed"] for p in pairs)
+    if args.save_outputs:
+        print(f"wrote Polygraphy inputs and outputs to {args.save_outputs}/<model name>/")
+    if args.json:
+        write_json(args.json, results)
+    print(f"{len(models)} models: " + ("every output passed" if passed else "some outputs FAILED"))
+    return 0 if passed else 1
 
 
 LEAST_PRECISE_FIRST = ("bfloat16", "float16", "float32", "float64")

@@ -221,3 +221,37 @@ def test_folders_in_optimums_layout_are_decoded_as_they_stand(t5, tmp_path, caps
     (tmp_path / "empty").mkdir()
     assert decode_main([str(tmp_path / "empty")]) == 2
     assert "no decoder in this folder" in capsys.readouterr().err
+
+
+def test_export_validate_compares_a_folder_model_by_model(t5, tmp_path, capsys, monkeypatch):
+    """export.validate REFERENCE_FOLDER FUSED_FOLDER: each model against the one of the same name, each
+    sized by the --dim flags it has; a line per output, prefixed with the model; exit 1 when one fails."""
+    from export.validate import main as validate_main
+    from normops import GRAPH, Tolerance
+
+    out = tmp_path / "validate.json"
+    argv = [str(t5["reference"]), str(t5["fused"]), "--shapes", "1x6", "--dim", "past_decoder_sequence_length=3"]
+    assert validate_main([*argv, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert sorted(record) == ["decoder_model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx",
+                              "encoder_model.onnx"]
+    assert all(pair["passed"] for pairs in record.values() for pair in pairs)
+    terminal = capsys.readouterr().out
+    assert "encoder_model.onnx: PASS 1x6 last_hidden_state" in terminal and "4 models: every output passed" in terminal
+    monkeypatch.setitem(GRAPH, "float32", Tolerance(atol=1e-12, rtol=0.0))
+    assert validate_main(argv) == 1 and "some outputs FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("candidate, flags, message", [
+    ("{fused}/encoder_model.onnx", [], "so the candidate must be one too"),
+    ("{fused}", ["--inputs", "x.npz"], "--inputs gives one model's inputs"),
+    ("{partial}", [], "no decoder_model.onnx (each model of"),
+])
+def test_export_validate_on_folders_refuses_bad_pairs_in_one_line(t5, tmp_path, capsys, candidate, flags, message):
+    from export.validate import main as validate_main
+
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "encoder_model.onnx").write_bytes((t5["fused"] / "encoder_model.onnx").read_bytes())
+    code = validate_main([str(t5["reference"]), candidate.format(fused=t5["fused"], partial=tmp_path / "partial"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code in (1, 2) and message in err and len(err.splitlines()) == 1, err

@@ -70,11 +70,10 @@ def rewrite_folder(source: Path, destination: Path, rewrite) -> dict:
     """Each *.onnx of `source` rewritten (`rewrite(model, output)`) into `destination` under its
     own name, the other files copied (the models' weight files go with each model, as
     rewrite_file places them); {file name: report}."""
+    from ..files import models_in
     from ..onnx_io import external_locations, load_graph_only
 
-    models = sorted(p for p in source.iterdir() if p.is_file() and p.suffix == ".onnx")
-    if not models:
-        raise UsageError(f"{source}: no .onnx model in this folder")
+    models = models_in(source)
     if destination.resolve() == source.resolve():
         raise UsageError(f"{destination}: the output folder is the input folder; the rewritten models keep their names, "
                          "so write them to another one")
