@@ -3,7 +3,8 @@
     python -m export.build --onnx t5/        # Optimum's layout: encoder_model.onnx, decoder_model_merged.onnx, ...
 
 Each `*.onnx` of the folder is rewritten, validated, timed and reported on its own, as
-`--onnx MODEL` would, into `<out>/<model name>/`. A `--dim` applies to the models that have the
+`--onnx MODEL` would, into `<out>/<model name>/` (but for the decoder's two halves where the merged
+decoder holding both is there too). A `--dim` applies to the models that have the
 name (an encoder has no past_decoder_sequence_length); one that none has is a flag error. Where the
 folder holds an encoder-decoder (`export.decode.resolve_folder`: encoder_model.onnx and a merged
 decoder), the pair is then greedy-decoded on each ONNX Runtime backend: the reference decoder
@@ -34,6 +35,7 @@ class FolderPipeline:
         a = self.args
         folder = Path(a.onnx)
         models = models_in(folder)
+        models = self.without_merged_halves(models)
         out = require_writable(a.out or f"build/{folder.resolve().name}", folder=True)
         shares = sizes_per_model(models, a.dim)
         self.console.print(f"folder {folder}: {len(models)} models ({', '.join(m.name for m in models)}), each built "
@@ -77,6 +79,19 @@ class FolderPipeline:
             self.console.print("[red]decoding FAILED[/]: the fused pair chose other tokens or its scores are out of tolerance")
             return 1
         return 1 if failed else 0
+
+    def without_merged_halves(self, models: list[Path]) -> list[Path]:
+        """Optimum writes an encoder-decoder's decoder three times: its two halves and the merged
+        form holding both as the branches of an If, which is the one served. The halves are then
+        not built again (each builds alone with --onnx FILE)."""
+        from .decode import FOLDER_DECODERS, FOLDER_HALVES
+
+        names = {model.name for model in models}
+        if FOLDER_DECODERS[0] not in names or not set(FOLDER_HALVES) <= names:
+            return models
+        self.skipped.append({"stage": f"build of {' and '.join(FOLDER_HALVES)}", "reason": (
+            f"the two branches of {FOLDER_DECODERS[0]}, which is built; build either alone with --onnx FILE")})
+        return [model for model in models if model.name not in FOLDER_HALVES]
 
     def build_one(self, model: Path, out: Path, dims: list[tuple]):
         """The whole chain on one model, as `--onnx MODEL --out OUT` with its share of the --dim flags."""

@@ -26,7 +26,7 @@ def t5(tmp_path_factory):
         folder.mkdir()
         for name in names + ["encoder_model.onnx", "config.json"]:
             shutil.copy(root / "all" / name, folder / name)
-    return {"merged": merged, "halves": halves}
+    return {"merged": merged, "halves": halves, "all": root / "all"}
 
 
 def test_each_model_is_built_and_the_fused_pair_decodes_the_references_tokens(t5, tmp_path, capsys):
@@ -91,14 +91,18 @@ def test_a_dim_no_model_has_is_a_one_line_error_before_any_work(t5, tmp_path, ca
 
 def test_a_model_that_fails_validation_fails_the_folder(t5, tmp_path, monkeypatch, capsys):
     """Held to 1e-12, every fused graph differs from its reference: exit 1, the failing
-    models named, and the folder's report still written."""
+    models named, and the folder's report still written (for Optimum's full layout, whose merged
+    decoder's halves are left out)."""
     from normops import GRAPH, Tolerance
 
     monkeypatch.setitem(GRAPH, "float32", Tolerance(atol=1e-12, rtol=0.0))
     out = tmp_path / "out"
-    assert build_main(["--onnx", str(t5["merged"]), "--out", str(out), "--decode-tokens", "0", *QUICK]) == 1
+    assert build_main(["--onnx", str(t5["all"]), "--out", str(out), "--decode-tokens", "0", *QUICK]) == 1
     report = json.loads((out / "report.json").read_text())
     assert [row["exit_status"] for row in report["models"]] == [1, 1]
+    # Optimum's full layout: the merged decoder's two halves are not built again
+    assert [row["model"] for row in report["models"]] == ["decoder_model_merged.onnx", "encoder_model.onnx"]
+    assert report["skipped"][0]["stage"] == "build of decoder_model.onnx and decoder_with_past_model.onnx"
     assert "FAILED: decoder_model_merged.onnx, encoder_model.onnx" in capsys.readouterr().out
 
 
