@@ -409,7 +409,6 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     models = [load_decoder(path, providers) for path in paths]
     if dims:
         from .dims import check_given
-
         from .triton_repo import onnx_signature
 
         # a name neither the decoder nor its encoder has: a flag error

@@ -249,7 +249,6 @@ def _expression_size(expression: Expression, sizes: dict[str, int], name: str, a
                             "give its names sizes with --dim NAME=SIZE") from None
 
 
-
 def sizes_per_model(models: list, given: list[tuple]) -> dict:
     """Each model's share of --dim flags given for a folder of models ((name, size) pairs): the
     ones whose names it has (an encoder has no past_decoder_sequence_length). A name no model has

@@ -53,7 +53,7 @@ def restore_keepdims(graph: gs.Graph, graph_outputs: set, names: UniqueNames, sc
         chain = _chain_to_reductions(restore.inputs[0])
         if chain is None:
             continue
-        nodes, reductions = chain
+        _, reductions = chain
         if not all(_puts_it_back_last(restore, reduction.outputs[0], reduction.inputs[0], reader) for reduction in reductions):
             continue
         end = restore.outputs[0]
@@ -64,7 +64,7 @@ def restore_keepdims(graph: gs.Graph, graph_outputs: set, names: UniqueNames, sc
             end = expand.outputs[0]  # expanded to the shape it has: the identity
         if end.name in graph_outputs:
             continue  # a graph output keeps its name and producer
-        kept = _kept_form(graph, restore.inputs[0], nodes, kept_of, names)
+        kept = _kept_form(graph, restore.inputs[0], kept_of, names)
         for consumer in list(end.outputs):  # the restore, now unread, goes with the graph's clean-up
             for i, t in enumerate(consumer.inputs):
                 if t is end:
@@ -123,9 +123,10 @@ def _chain_to_reductions(tensor: gs.Tensor) -> tuple[list[gs.Node], list[gs.Node
     return nodes, reductions
 
 
-def _kept_form(graph: gs.Graph, tensor: gs.Tensor, nodes: list[gs.Node], kept_of: dict, names: UniqueNames) -> gs.Tensor:
-    """`tensor` computed again with its reduced axis kept: each reduction once with keepdims=1, then
-    the element-wise `nodes` on those. Forms made for an earlier restore are used again."""
+def _kept_form(graph: gs.Graph, tensor: gs.Tensor, kept_of: dict, names: UniqueNames) -> gs.Tensor:
+    """`tensor` (computed as `_chain_to_reductions` found) computed again with its reduced axis kept:
+    each reduction once with keepdims=1, then the element-wise nodes on those. Forms made for an
+    earlier restore are used again."""
     def kept(t: gs.Tensor) -> gs.Tensor:
         if id(t) in kept_of:
             return kept_of[id(t)]
