@@ -139,10 +139,10 @@ class Pipeline:
         self.skipped: list[dict] = []
         self.backends: list[str] = []
         self.step = 0
-        # set by run_on: the report, and the graph each ONNX Runtime backend serves (the reference
-        # itself where the rewrite had nothing to change for it)
+        # set by run_on: the report, and the graph greedy decoding checks on each ONNX Runtime backend
+        # (None where the rewrite changed nothing for it)
         self.report: dict | None = None
-        self.served: dict[str, Path] = {}
+        self.decoded: dict[str, Path | None] = {}
 
     @contextmanager
     def stage(self, name: str, what: str):
@@ -237,13 +237,15 @@ class Pipeline:
             self.console.print(f"    [yellow]{describe_unmatched_means(rewrite_trt.unmatched_means)}[/]")
         # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing
         cpu_form = fused_cpu if rewrite_cpu.fused else None
-        self.served = {"ort-cpu": cpu_form or reference, "ort-cuda": fused}
+        # where the CPU form is the reference itself, decoding on the CPU checks the Skip-op form's
+        # choices instead: slower there (bench/README.md), but it is the fused graph a GPU serves
+        self.decoded = {"ort-cpu": cpu_form or (fused if rewrite.fused else None), "ort-cuda": fused}
         self.resolve_shapes(reference)
 
         engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}
         validation = self.validate(reference, fused, cpu_form, fused_trt, backends, dtype, engines)
         bench = self.bench(reference, fused, cpu_form, backends, dtype, rewrite_trt, engines)
-        decoding = self.decode(reference, fused, cpu_form, backends, dtype)
+        decoding = self.decode(reference, backends, dtype)
         self.note_gpu_stages(backends)
         triton = self.write_triton(reference, fused, engines, name, norm) if a.triton_repo else []
         if expected_norms is None:
@@ -446,9 +448,9 @@ class Pipeline:
                     source=engines[graph]["source"], dims=self.dims), a.pairs)
         return results
 
-    def decode(self, reference, fused, fused_cpu, backends, dtype) -> list[dict]:
+    def decode(self, reference, backends, dtype) -> list[dict]:
         """A KV-cache decoder served in a greedy decoding loop (export.decode), reference against the
-        fused form each ONNX Runtime backend runs; nothing for any other model."""
+        fused form each ONNX Runtime backend runs (`self.decoded`); nothing for any other model."""
         from .decode import decode, is_decoder, is_encoder_decoders_decoder
 
         a = self.args
@@ -470,11 +472,11 @@ class Pipeline:
                 self.skipped.append({"stage": "ort-cpu greedy decoding",
                                      "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
                 continue
-            candidate = fused_cpu if backend == "ort-cpu" else fused
+            candidate = self.decoded.get(backend)
             if candidate is None:
                 self.skipped.append({"stage": "ort-cpu greedy decoding", "reason": (
-                    "nothing to compare: the CPU form of this decoder is the reference graph (its norms are "
-                    "single ops already, or it has none)")})
+                    "nothing to compare: the rewrite changed nothing in this decoder (it has no norm, or its norms "
+                    "are the single ops they would become already)")})
                 continue
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
             try:
@@ -486,7 +488,7 @@ class Pipeline:
             except NormfuseError as exc:  # named like a decoder, but not one export.decode can drive
                 self.skipped.append({"stage": f"{backend} greedy decoding", "reason": str(exc)})
                 continue
-            records.append({"backend": backend, **record})
+            records.append({"backend": backend, **record, **skip_ops_on_the_cpu(backend, candidate)})
         return records
 
     def write_triton(self, reference, fused, engines, preset_name: str, norm: str) -> list[str]:
@@ -514,6 +516,16 @@ class Pipeline:
             state = availability("ort-cuda")
             self.skipped.append({"stage": "ort-cuda validation and bench",
                                  "reason": state.reason or f"not requested (--backend {self.args.backend})"})
+
+
+SKIP_OPS_ON_THE_CPU = ("fused.onnx's Skip ops, decoded on the CPU because its CPU form is the reference itself: "
+                      "this checks its tokens; the CPU would serve the reference (ONNX Runtime's CPU Skip kernels can "
+                      "run slower than Add + norm, bench/README.md)")
+
+
+def skip_ops_on_the_cpu(backend: str, *candidates: Path) -> dict:
+    """The note a decoding record carries when the CPU decoded a Skip-op form (`Pipeline.decoded`)."""
+    return {"note": SKIP_OPS_ON_THE_CPU} if backend == "ort-cpu" and any(c.name == "fused.onnx" for c in candidates) else {}
 
 
 def environment() -> dict:

@@ -104,7 +104,7 @@ class FolderPipeline:
 
     def decode_pair(self, folder: Path, pipelines: dict, backends: list[str], shares: dict, errors: dict) -> list[dict]:
         """An encoder-decoder's reference pair against its fused pair, on each ONNX Runtime backend."""
-        from .build import lacks_kernels
+        from .build import lacks_kernels, skip_ops_on_the_cpu
         from .decode import decode, resolve_folder
 
         a = self.args
@@ -126,7 +126,7 @@ class FolderPipeline:
             return []
         records = []
         for backend in (b for b in backends if b.startswith("ort-")):
-            fused_decoder, fused_encoder = (pipelines[path].served.get(backend, path) for path in (decoder, encoder))
+            fused_decoder, fused_encoder = (pipelines[path].decoded.get(backend) or path for path in (decoder, encoder))
             if lacks_kernels(backend, pipelines[decoder].report["config"]["dtype"]):
                 self.skipped.append({"stage": f"{backend} greedy decoding", "reason": "ONNX Runtime's CPU provider has no "
                                                                                        "bfloat16 kernels"})
@@ -148,7 +148,7 @@ class FolderPipeline:
                     self.skipped.append({"stage": f"{backend} greedy decoding", "reason": str(exc)})
                     continue
             self.console.print(f"[green]done[/] {what}")
-            records.append({"backend": backend, **record})
+            records.append({"backend": backend, **record, **skip_ops_on_the_cpu(backend, fused_decoder, fused_encoder)})
         return records
 
     @staticmethod

@@ -170,6 +170,7 @@ def decoding_markdown(records: list[dict]) -> list[str]:
                      f"{agree['max_abs']:.3g} | {encoder}{ref['prefill_ms']:.3f} -> {fused['prefill_ms']:.3f} | "
                      f"{ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} | "
                      f"{ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x |")
+    lines += [f"\n{d['backend']}: {d['note']}." for d in records if d.get("note")]
     return lines
 
 
@@ -278,3 +279,5 @@ def print_decoding(records: list[dict], console) -> None:
         console.print(f"[bold]decode on {d['backend']}[/]: {agree['same_tokens']}/{agree['steps']} same tokens{ties}, scores "
                       f"{verdict}; step p50 {ref['step_ms']['p50']:.3f} -> {fused['step_ms']['p50']:.3f} ms "
                       f"({ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x){encoder}")
+        if d.get("note"):
+            console.print(f"    {d['note']}")

@@ -244,7 +244,8 @@ def test_a_gpt2_decoder_reshapes_its_ids_and_keeps_its_layer_norms(tmp_path):
     """GPT-2 views input_ids before its embedding (the vocabulary is still found) and writes its
     norms as LayerNormalization ops: the ONNX Runtime form fuses every residual Add into them (3 of
     the 5 only since ONNX Runtime's symbolic inference sizes what that view leaves unknown to onnx's)
-    and chooses the same tokens; its CPU form would be the reference itself, so the build skips it."""
+    and chooses the same tokens; its CPU form would be the reference itself, so on the CPU the build
+    decodes the Skip-op form instead, and says so; with nothing fused at all it skips decoding."""
     from export.backends import index_bounds
     from export.build import Pipeline, parse_args
 
@@ -254,12 +255,22 @@ def test_a_gpt2_decoder_reshapes_its_ids_and_keeps_its_layer_norms(tmp_path):
     assert rewrite_file(reference, fused, target="onnxruntime").counts == {"AddLayerNorm": 5}
     record = decode(reference, fused, prompt=4, tokens=8, warmup=0, providers=["CPUExecutionProvider"])
     assert decoded_alike(record["agreement"]) and record["agreement"]["same_tokens"] == 8
-    pipeline = Pipeline(parse_args(["--onnx", str(reference)]), console=None)
-    assert pipeline.decode(reference, fused, None, ["ort-cpu"], "float32") == []
+    from rich.console import Console
+
+    pipeline = Pipeline(parse_args(["--onnx", str(reference), "--decode-tokens", "4"]), console=Console(quiet=True))
+    skip_form = tmp_path / "fused.onnx"  # the name the build gives it
+    fused.rename(skip_form)
+    pipeline.decoded = {"ort-cpu": skip_form}  # as run_on sets it for such a decoder
+    (record,) = pipeline.decode(reference, ["ort-cpu"], "float32")
+    assert decoded_alike(record["agreement"]) and record["models"]["compared"]["model"] == str(skip_form)
+    assert "Skip ops, decoded on the CPU because its CPU form is the reference itself" in record["note"]
+    pipeline.decoded = {"ort-cpu": None}  # nothing fused for ONNX Runtime at all
+    assert pipeline.decode(reference, ["ort-cpu"], "float32") == []
     assert pipeline.skipped == [{"stage": "ort-cpu greedy decoding", "reason": (
-        "nothing to compare: the CPU form of this decoder is the reference graph (its norms are single ops "
-        "already, or it has none)")}]
-    assert pipeline.decode(reference, fused, fused, ["ort-cpu"], "bfloat16") == []  # as a bfloat16 decoder would be
+        "nothing to compare: the rewrite changed nothing in this decoder (it has no norm, or its norms are the "
+        "single ops they would become already)")}]
+    pipeline.decoded = {"ort-cpu": skip_form}
+    assert pipeline.decode(reference, ["ort-cpu"], "bfloat16") == []  # as a bfloat16 decoder would be
     assert pipeline.skipped[-1]["reason"] == "ONNX Runtime's CPU provider has no bfloat16 kernels"
 
 
