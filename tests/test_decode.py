@@ -303,7 +303,8 @@ def test_the_readme_loop_runs(decoders):
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "export.decode import" in block]
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "export.decode import" in block and "encode" not in block]
     scope: dict = {}
     exec(code.replace("build/decoder/fused-cpu.onnx", str(decoders["fused"])), scope)
     assert scope["tokens"].shape == (2, 16)

@@ -255,3 +255,18 @@ def test_export_validate_on_folders_refuses_bad_pairs_in_one_line(t5, tmp_path, 
     code = validate_main([str(t5["reference"]), candidate.format(fused=t5["fused"], partial=tmp_path / "partial"), *flags])
     err = capsys.readouterr().err.strip()
     assert code in (1, 2) and message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_readme_encoder_decoder_loop_gives_transformers_tokens(t5):
+    """README's encoder-decoder example runs as written on the fused folder, and its tokens for a
+    batch with right padding are transformers' generate on the same ids and mask."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "encode(encoder" in block]
+    scope: dict = {}
+    exec(code.replace('"fused/"', repr(str(t5["fused"]))), scope)
+    assert scope["tokens"].shape == (2, 16)
+    expected, _ = hf_generate(t5["torch"], scope["ids"], 16, scope["mask"])
+    np.testing.assert_array_equal(scope["tokens"], expected)
