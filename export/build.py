@@ -492,7 +492,7 @@ class Pipeline:
         return records
 
     def write_triton(self, reference, fused, engines, preset_name: str, norm: str) -> list[str]:
-        from .triton_repo import write_repository
+        from .triton_repo import batches_on_axis_0, onnx_signature, write_repository
 
         a = self.args
         models = [(f"{preset_name}_{norm}_{graph}_onnx", path) for graph, path in (("reference", reference), ("fused", fused))]
@@ -500,8 +500,15 @@ class Pipeline:
         folders = []
         with self.stage("triton", f"write Triton model repository {a.triton_repo}"):
             for name, path in models:
-                folders.append(str(write_repository(path, a.triton_repo, name=name,
-                                                    max_batch_size=None if path.suffix == ".plan" else max(a.batch, 8))))
+                if path.suffix == ".plan":
+                    batch = None  # the engine profile's maximum
+                elif batches_on_axis_0(onnx_signature(path)[0]):
+                    batch = max(a.batch, 8)
+                else:  # an input of fixed axis 0 (a merged decoder's use_cache_branch [1]): Triton cannot batch it
+                    batch = 0
+                    self.console.print(f"    {name}: an input's axis 0 is fixed, so Triton does not batch requests "
+                                       "for it (max_batch_size 0)")
+                folders.append(str(write_repository(path, a.triton_repo, name=name, max_batch_size=batch)))
         return folders
 
     def note_gpu_stages(self, backends) -> None:

@@ -11,7 +11,7 @@ decoder), the pair is then greedy-decoded on each ONNX Runtime backend: the refe
 reading the reference encoder's states against the fused decoder reading the fused encoder's, as
 the two would be served. `<out>/report.json` and `report.md` sum it up, with a model per row. A
 model that cannot be built (a shape it cannot take) is named there with its error, and the others
-are still built; the exit status is then 1.
+are still built; the exit status is then 1 (2 where a model was refused a flag).
 """
 from __future__ import annotations
 
@@ -45,17 +45,16 @@ class FolderPipeline:
             self.console.rule(f"[bold]{model.name}[/] ({index}/{len(models)})")
             try:
                 pipelines[model], statuses[model] = self.build_one(model, out / model.stem, shares[model])
-            except UsageError:
-                raise  # a flag no model can take: no point going on
             except NormfuseError as exc:  # this model cannot be built (a shape it cannot take, say): the others still are
-                errors[model] = str(exc)
+                errors[model] = exc
                 self.console.print(f"[red]{model.name} not built[/]: {exc}")
         self.console.rule("[bold]the folder")
         built = [pipeline for pipeline in pipelines.values() if pipeline.report is not None]
         backends = built[0].backends if built else []
         decoding = self.decode_pair(folder, pipelines, backends, shares, errors)
         rows = [self.row(model, out / model.stem, pipelines[model], statuses[model]) if model not in errors
-                else {"model": model.name, "out": str(out / model.stem), "exit_status": 1, "error": errors[model]}
+                else {"model": model.name, "out": str(out / model.stem), "exit_status": errors[model].exit_code,
+                      "error": str(errors[model])}
                 for model in models]
         # what the models' builds skipped (the GPU stages, mostly), each said once
         said = {(s["stage"], s["reason"]) for s in self.skipped}
@@ -75,10 +74,12 @@ class FolderPipeline:
         failed = [row["model"] for row in rows if row["exit_status"]]
         if failed:
             self.console.print(f"[red]FAILED[/]: {', '.join(failed)} (see the table and their reports)")
+        # 2 where a model was refused a flag (as for one model), else 1 for any failure
+        status = max((row["exit_status"] for row in rows), default=0)
         if not all(decoded_alike(d["agreement"]) for d in decoding):
             self.console.print("[red]decoding FAILED[/]: the fused pair chose other tokens or its scores are out of tolerance")
-            return 1
-        return 1 if failed else 0
+            status = max(status, 1)
+        return status
 
     def without_merged_halves(self, models: list[Path]) -> list[Path]:
         """Optimum writes an encoder-decoder's decoder three times: its two halves and the merged

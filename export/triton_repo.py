@@ -163,6 +163,12 @@ def model_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", path.stem) or "model"
 
 
+def batches_on_axis_0(inputs) -> bool:
+    """Whether every input's axis 0 is dynamic, so Triton may batch requests along it (an input of a
+    fixed [1], as a merged decoder's use_cache_branch, rules that out: max_batch_size 0)."""
+    return bool(inputs) and all(len(i.shape) > 0 and i.shape[0] is None for i in inputs)
+
+
 def write_repository(model_path: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
                      max_batch_size: int | None = None, queue_delay_us: int = 100, instances: int = 1,
                      kind: str | None = None, validate: bool | None = None) -> Path:
@@ -185,7 +191,7 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
         refuse_plugin_ops(model_path, "Triton's onnxruntime backend")
         inputs, outputs = onnx_signature(model_path)
         profile_batch = None
-    batch_axis = bool(inputs) and all(len(i.shape) > 0 and i.shape[0] is None for i in inputs)
+    batch_axis = batches_on_axis_0(inputs)
     if max_batch_size is None:
         max_batch_size = (profile_batch or 8) if batch_axis else 0
     if max_batch_size > 0 and not batch_axis:

@@ -32,7 +32,7 @@ def t5(tmp_path_factory):
 def test_each_model_is_built_and_the_fused_pair_decodes_the_references_tokens(t5, tmp_path, capsys):
     out = tmp_path / "out"
     assert build_main(["--onnx", str(t5["merged"]), "--out", str(out), "--decode-tokens", "6",
-                       "--dim", "encoder_sequence_length=6", *QUICK]) == 0
+                       "--dim", "encoder_sequence_length=6", "--triton-repo", str(tmp_path / "triton"), *QUICK]) == 0
     terminal = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     rows = {row["model"]: row for row in report["models"]}
@@ -62,6 +62,11 @@ def test_each_model_is_built_and_the_fused_pair_decodes_the_references_tokens(t5
     markdown = (out / "report.md").read_text()
     assert "| `encoder_model.onnx` | 5/5" in markdown and "`decoder_model_merged/fused-cpu.onnx`" in markdown
     assert "decode on ort-cpu: 6/6 same tokens" in terminal
+    # Triton batches the encoder; the merged decoder's use_cache_branch [1] rules batching out for it
+    configs = {p.parent.name: p.read_text() for p in (tmp_path / "triton").glob("*/config.pbtxt")}
+    assert len(configs) == 4 and "an input's axis 0 is fixed, so Triton does not batch" in terminal
+    for name, text in configs.items():
+        assert f"max_batch_size: {0 if name.startswith('decoder') else 8}" in text, name
 
 
 def test_halves_are_built_each_with_its_own_dims_and_decoding_them_is_left_to_export_decode(t5, tmp_path):
