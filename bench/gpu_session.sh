@@ -14,7 +14,7 @@
 # minutes. Each step has its own time limit (the last takes what is left of BUDGET), so a call ends
 # with whatever finished; a step that runs out is said in the log and the next starts.
 #
-# Here, first, so that the GPU machine compiles nothing (1136 modules took 12 minutes on 2 cores;
+# Here, first, so that the GPU machine compiles nothing (1136 modules took 5 to 12 minutes on 2 cores, the static builds 1.5 more;
 # about 120 MB of PTX make a 6 MB archive):
 #   NORMFUSE_CACHE_DIR=.carry/ptx python -c "import plugins.build as b; b.prebuild('sm_90')"
 #   NORMFUSE_CACHE_DIR=.carry/ptx python bench/kernels.py --static sm_90 --hidden 4096 8192 16384 \
