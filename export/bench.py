@@ -1,6 +1,7 @@
 """Latency, throughput, peak memory and op-class shares, reference vs fused (stage 4b).
 
     python -m export.bench reference.onnx fused.onnx [--backend ort-cpu] [--batch 1 --seq 128] [--runs 100]
+    python -m export.bench t5/ fused/       # each model of a folder against the one of the same name
 
 Each graph is measured in a fresh process (export.bench_worker), one after the other, so one
 graph's allocations cannot hide in the other's and neither inherits a warm allocator. With
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .cli import ERROR_PREFIX
-from .errors import NormfuseError
+from .errors import NormfuseError, UsageError
 from .files import require_file
 
 
@@ -146,8 +147,9 @@ def main(argv=None) -> int:
     from .files import write_json
 
     parser = Parser(prog="python -m export.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("reference", help="the reference .onnx")
-    parser.add_argument("fused", help="the fused .onnx (onnxruntime target)")
+    parser.add_argument("reference", help="the reference .onnx, or a folder of them (an Optimum export)")
+    parser.add_argument("fused", help="the fused .onnx (onnxruntime target); a folder for a folder (the models of the "
+                                      "same names, as export.rewrite writes them)")
     parser.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda"),
                         help="ONNX Runtime provider (default ort-cpu)")
     parser.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
@@ -160,17 +162,37 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=output_file, help="write results as JSON")
     args = parser.parse_args(argv)
 
-    def job():
-        for path in (args.reference, args.fused):
-            require_file(path)
-        paths = {"reference": Path(args.reference), "fused": Path(args.fused)}
+    def bench_pair(reference: Path, fused: Path, dims: list[tuple], prefix: str = "") -> list[dict]:
+        paths = {"reference": reference, "fused": fused}
         results = in_pairs(lambda graph, first: bench_graph(paths[graph], graph, args.backend, args.batch, args.seq,
                                                             args.runs, args.warmup, profile_runs=10 if first else 0,
-                                                            dims=dict(args.dim)), args.pairs)
+                                                            dims=dict(dims)), args.pairs)
         for r in results:
-            print(f"{r['graph']:9s} {r['backend']}: p50 {r['latency_ms']['p50']:.3f} ms  p99 {r['latency_ms']['p99']:.3f} ms"
-                  f"  peak {r['peak_memory_mb']:.1f} MB  nodes {r['nodes']}")
-        print(f"fused p50 is {speedup(*results):.2f}x the reference's speed{pair_spread(pair_speedups(*results))}")
+            print(f"{prefix}{r['graph']:9s} {r['backend']}: p50 {r['latency_ms']['p50']:.3f} ms  p99 "
+                  f"{r['latency_ms']['p99']:.3f} ms  peak {r['peak_memory_mb']:.1f} MB  nodes {r['nodes']}")
+        print(f"{prefix}fused p50 is {speedup(*results):.2f}x the reference's speed{pair_spread(pair_speedups(*results))}")
+        return results
+
+    def job():
+        reference, fused = Path(args.reference), Path(args.fused)
+        if reference.is_dir():  # each model of a folder against the one of the same name in the other
+            from .dims import sizes_per_model
+            from .files import models_in
+
+            if not fused.is_dir():
+                raise UsageError(f"{fused}: the reference {reference} is a folder, so the fused one must be one too "
+                                 "(the fused models under the same names, as export.rewrite writes them)")
+            models = models_in(reference)
+            missing = [m.name for m in models if not (fused / m.name).is_file()]
+            if missing:
+                raise NormfuseError(f"{fused}: no {missing[0]} (each model of {reference} is timed against the one of "
+                                    "the same name)")
+            shares = sizes_per_model(models, args.dim)
+            results = {m.name: bench_pair(m, fused / m.name, shares[m], prefix=f"{m.name}: ") for m in models}
+        else:
+            for path in (reference, fused):
+                require_file(path)
+            results = bench_pair(reference, fused, args.dim)
         if args.json:
             write_json(args.json, results)
 

@@ -270,3 +270,20 @@ def test_the_readme_encoder_decoder_loop_gives_transformers_tokens(t5):
     assert scope["tokens"].shape == (2, 16)
     expected, _ = hf_generate(t5["torch"], scope["ids"], 16, scope["mask"])
     np.testing.assert_array_equal(scope["tokens"], expected)
+
+
+def test_export_bench_times_a_folder_model_by_model(t5, tmp_path, capsys):
+    """export.bench REFERENCE_FOLDER FUSED_FOLDER: each model against the one of the same name, each
+    with the --dim flags it has; a JSON entry per model."""
+    from export.bench import main as bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main([str(t5["reference"]), str(t5["fused"]), "--runs", "2", "--warmup", "0", "--seq", "6",
+                       "--dim", "past_decoder_sequence_length=3", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert sorted(record) == ["decoder_model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx",
+                              "encoder_model.onnx"]
+    assert all([r["graph"] for r in results] == ["reference", "fused"] for results in record.values())
+    assert "encoder_model.onnx: fused p50 is" in capsys.readouterr().out
+    assert bench_main([str(t5["reference"]), str(t5["fused"] / "encoder_model.onnx")]) == 2
+    assert "so the fused one must be one too" in capsys.readouterr().err

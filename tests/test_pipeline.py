@@ -345,7 +345,6 @@ def test_an_unwritable_output_path_is_refused_in_one_line_before_any_work(tmp_pa
 
 
 INPUT_FOLDER_CASES = [
-    ("export.bench", ["{folder}", "{folder}"]),
     ("export.run", ["{folder}", "--random", "1x4"]),
     ("export.triton_repo", ["{folder}", "--repo", "{tmp}/out"]),
 ]
@@ -364,10 +363,11 @@ def test_a_folder_given_as_a_model_is_named_as_one(tmp_path, capsys, module, fla
     ("export.rewrite", ["{folder}", "-o", "{tmp}/out"], "no .onnx model in this folder"),
     ("export.build", ["--onnx", "{folder}", "--out", "{tmp}/out"], "no .onnx model in this folder"),
     ("export.validate", ["{folder}", "{folder}"], "no .onnx model in this folder"),
+    ("export.bench", ["{folder}", "{folder}"], "no .onnx model in this folder"),
     ("export.decode", ["{folder}"], "no decoder in this folder"),
 ])
 def test_a_folder_without_the_models_a_command_takes_from_one_is_named(tmp_path, capsys, module, flags, message):
-    """export.rewrite, export.build, export.validate and export.decode take a folder in Optimum's layout; one without its models is
+    """export.rewrite, export.build, export.validate, export.bench and export.decode take a folder in Optimum's layout; one without its models is
     a one-line flag error naming it, and nothing is written."""
     folder = tmp_path / "models"
     folder.mkdir()
