@@ -36,8 +36,11 @@ def norm_graphs(draw, mutation=st.sampled_from(MUTATIONS)):
         spec = replace(spec, axes_input=True)  # attribute axes of length 2 are the same near-miss
     if spec.mutation in LAYER_MUTATIONS:
         spec = replace(spec, kind="layer")
-    if spec.scale == "inverse" and spec.kind == "layer":  # an RMSNorm-only spelling
-        spec = replace(spec, scale="right")
+    if spec.mutation == "wrong_fraction":
+        spec = replace(spec, mean="sum_fraction")  # the near miss is a sum times the wrong fraction
+    if spec.mean == "sum_fraction" and spec.hidden == 1:
+        # a sum times 1 is the sum (the Mul by 1 is bypassed), and a bare sum is no mean's spelling
+        spec = replace(spec, hidden=2)
     leading = tuple(draw(st.lists(st.one_of(st.integers(1, 3), st.sampled_from(("batch", "seq"))), max_size=3)))
     return spec, leading, draw(st.sampled_from(TARGETS))
 
@@ -95,7 +98,8 @@ def test_each_near_miss_has_a_reason(mutation, kind):
     reasons = " ".join(r.reason for r in report.rejected)
     words = {"wrong_axis": "not the last axis", "keepdims0": "keepdims=0", "two_axes": "not only the last axis",
              "pow3": "exponent is 3", "eps_input": "not a constant", "shared": "intermediate",
-             "pool_rank4": "not only the last axis", "variance_in_half": "narrows float", "clamp_nonzero": "lower clamp is 1", "guard_nonzero": "guard's value is 1"}[mutation]
+             "pool_rank4": "not only the last axis", "variance_in_half": "narrows float", "clamp_nonzero": "lower clamp is 1",
+             "guard_nonzero": "guard's value is 1", "wrong_fraction": "not by 1 / 16 (the row length)"}[mutation]
     assert words in reasons, reasons
 
 

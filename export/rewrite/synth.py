@@ -8,7 +8,7 @@ Every spelling the rewriter knows is a field value here, so a test reads as the 
 
 A `mutation` turns the norm into a near-miss that must not be fused as a norm over the last
 axis: the wrong axis, keepdims 0, two axes, Pow 3, epsilon as an input, a shared intermediate, a
-scale that broadcasts over more than the last axis.
+scale that broadcasts over more than the last axis, a sum times 1 / (hidden + 1).
 """
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ INVERSES = ("sqrt_reciprocal", "div", "one_div", "pow")  # Sqrt+Reciprocal+Mul, 
 # casts x twice (once for the statistics, once for the product), nn.RMSNorm scales in fp32 and then casts.
 CASTS = ("none", "llama", "scale_then_cast", "t5")
 SCALES = ("none", "right", "left", "gemma", "cast_w")
-# RMSNorm also as Keras' RMSNormalization writes it: x * (inverse root * gamma)
+# the scale also on the inverse root: Keras' RMSNormalization, x * (inverse root * gamma), and
+# Flax's LayerNorm as jax2tf writes it, (x - mean) * (inverse root * gamma)
 RMS_SCALES = SCALES + ("inverse",)
-# The mean over the last axis: ReduceMean, or GlobalAveragePool on a rank-3 tensor (tf2onnx)
-MEANS = ("reduce", "global_pool")
+# The mean over the last axis: ReduceMean, GlobalAveragePool on a rank-3 tensor (tf2onnx), or
+# ReduceSum times 1 / hidden (TensorFlow's constant folding, as jax2tf writes it)
+MEANS = ("reduce", "global_pool", "sum_fraction")
 RESIDUALS = ("none", "private", "exposed")
 # LayerNorm's variance: mean((x - mean)^2); the same averaged in float64 and cast back (jax2onnx's
 # jnp.var); E[x^2] - E[x]^2 (Flax's fast variance), clamped at zero or not.
@@ -42,7 +44,7 @@ VARIANCES = ("centred", "float64", "moments", "moments_clamped")
 LAYER_MUTATIONS = ("variance_in_half", "clamp_nonzero", "guard_nonzero")
 AXIS_MUTATIONS = ("wrong_axis", "keepdims0", "two_axes")  # these keep ReduceMean, whatever `mean` says
 MUTATIONS = (None, "wrong_axis", "keepdims0", "two_axes", "pow3", "eps_input", "shared", "broadcast_scale",
-             "pool_rank4") + LAYER_MUTATIONS
+             "pool_rank4", "wrong_fraction") + LAYER_MUTATIONS
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,9 @@ class _Builder:
         return out
 
 
-def _mean(b: _Builder, spec: NormSpec, t: str, rank: int, op: str = "ReduceMean") -> str:
+def _mean(b: _Builder, spec: NormSpec, t: str, rank: int, op: str = "ReduceMean", dtype: str | None = None) -> str:
+    """The mean of `t` over the last axis as spec.mean spells it (or `op`'s reduction); `dtype`: t's, when
+    it is not the statistics' own."""
     if op == "ReduceMean" and uses_global_pool(spec):
         return b.op("GlobalAveragePool", t)  # averages every axis after the first two
     axis = rank - 1 if spec.positive_axis else -1
@@ -123,9 +127,16 @@ def _mean(b: _Builder, spec: NormSpec, t: str, rank: int, op: str = "ReduceMean"
         axes = [-2, -1]
     elif spec.mutation == "keepdims0":
         keepdims = 0
-    if spec.axes_input:
-        return b.op(op, t, b.const(np.array(axes, dtype=np.int64), "int64"), keepdims=keepdims)
-    return b.op(op, t, axes=axes, keepdims=keepdims)
+    fraction = op == "ReduceMean" and (spec.mean == "sum_fraction" or spec.mutation == "wrong_fraction")
+    reduce_op = "ReduceSum" if fraction else op
+    if spec.axes_input or reduce_op == "ReduceSum":  # ReduceSum's axes are an input from opset 13
+        reduced = b.op(reduce_op, t, b.const(np.array(axes, dtype=np.int64), "int64"), keepdims=keepdims)
+    else:
+        reduced = b.op(reduce_op, t, axes=axes, keepdims=keepdims)
+    if not fraction:
+        return reduced
+    count = spec.hidden + (1 if spec.mutation == "wrong_fraction" else 0)  # the near miss divides by one too many
+    return b.op("Mul", reduced, b.const(1.0 / count, dtype or spec.stats_dtype))
 
 
 def uses_global_pool(spec: NormSpec) -> bool:
@@ -151,7 +162,7 @@ def _variance(b: _Builder, spec: NormSpec, x: str, mean: str, centred: str, rank
     if spelling == "float64":
         half = onnx.TensorProto.BFLOAT16 if s == "float16" else onnx.TensorProto.FLOAT16  # never the squares' own type
         wide = half if spec.mutation == "variance_in_half" else onnx.TensorProto.DOUBLE
-        return b.op("Cast", _mean(b, spec, b.op("Cast", squares, to=wide), rank), to=ONNX_TYPES[s])
+        return b.op("Cast", _mean(b, spec, b.op("Cast", squares, to=wide), rank, dtype=FLOAT_TYPES[wide]), to=ONNX_TYPES[s])
     return _mean(b, spec, squares, rank)
 
 
@@ -193,7 +204,7 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
     hidden = spec.hidden
     rng = np.random.default_rng(hidden)
     w_shape = (2, hidden) if spec.mutation == "broadcast_scale" else (hidden,)  # build() makes dim -2 be 2
-    inverse_scaled = spec.scale == "inverse" and spec.kind == "rms"
+    inverse_scaled = spec.scale == "inverse"
     if spec.inverse == "div" and not inverse_scaled:
         normed = b.op("Div", t, b.op("Sqrt", plus))
     else:
@@ -203,7 +214,7 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
             inv = b.op("Div", b.const(1.0, s), b.op("Sqrt", plus))
         else:  # sqrt_reciprocal (and div, when the scale goes on the inverse root)
             inv = b.op("Reciprocal", b.op("Sqrt", plus))
-        if inverse_scaled:  # Keras: x * (rsqrt(...) * gamma), gamma in the statistics' dtype
+        if inverse_scaled:  # Keras, Flax: x * (rsqrt(...) * gamma), gamma in the statistics' dtype
             inv = b.op("Mul", inv, weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), s))
         normed = b.op("Mul", t, inv)
 
@@ -264,7 +275,7 @@ def build(spec: NormSpec, leading: tuple = (2, 5)) -> onnx.ModelProto:
 def expected_fusions(spec: NormSpec) -> int:
     """How many norms a correct rewriter fuses in `build(spec)` (0 for a near-miss)."""
     if spec.mutation == "broadcast_scale":  # fused without its scale, unless the scale sits on the inverse root
-        return 0 if spec.scale == "inverse" and spec.kind == "rms" else 1
+        return 0 if spec.scale == "inverse" else 1
     return 0 if spec.mutation is not None else 1
 
 
