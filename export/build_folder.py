@@ -156,7 +156,7 @@ class FolderPipeline:
     def row(model: Path, out: Path, pipeline, status: int) -> dict:
         """One model's line of the folder's report."""
         from .bench import speedup
-        from .report import _bench_pairs
+        from .report import bench_pairs
 
         report = pipeline.report
         rw = report["rewrite"]
@@ -165,7 +165,7 @@ class FolderPipeline:
                 "fused_cpu": rw["onnxruntime_cpu"]["fused"],
                 "validation_passed": all(p["passed"] for p in report["validation"]),
                 "validation_pairs": len(report["validation"]),
-                "speedup": {backend: round(speedup(ref, fused), 4) for backend, ref, fused in _bench_pairs(report)}
+                "speedup": {backend: round(speedup(ref, fused), 4) for backend, ref, fused in bench_pairs(report)}
                 if rw["fused"] else {}}
 
 

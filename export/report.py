@@ -40,7 +40,7 @@ def _by_backend(report: dict) -> dict[str, dict[str, dict]]:
     return by_backend
 
 
-def _bench_pairs(report: dict):
+def bench_pairs(report: dict):
     """(backend, reference result, fused result) for each backend that benchmarked both."""
     for backend, graphs in _by_backend(report).items():
         if "reference" in graphs and "fused" in graphs:
@@ -259,7 +259,7 @@ def print_summary(report: dict, console) -> None:
     shortfall = fusion_shortfall(report)
     if shortfall:
         console.print(f"[bold red]warning[/]: {shortfall}")
-    for backend, ref, fused in _bench_pairs(report) if report["rewrite"]["fused"] else ():
+    for backend, ref, fused in bench_pairs(report) if report["rewrite"]["fused"] else ():
         console.print(f"[bold]{backend}[/]: fused ({_file(fused)}) p50 is {speedup(ref, fused):.2f}x "
                       f"the reference's speed{pair_spread(pair_speedups(ref, fused))}; peak memory {ref['peak_memory_mb']:.1f} -> {fused['peak_memory_mb']:.1f} MB")
     print_decoding(report.get("decode") or [], console)
