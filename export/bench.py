@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .cli import ERROR_PREFIX
-from .errors import NormfuseError, UsageError
+from .errors import NormfuseError
 from .files import require_file
 
 
@@ -177,16 +177,9 @@ def main(argv=None) -> int:
         reference, fused = Path(args.reference), Path(args.fused)
         if reference.is_dir():  # each model of a folder against the one of the same name in the other
             from .dims import sizes_per_model
-            from .files import models_in
+            from .files import paired_models
 
-            if not fused.is_dir():
-                raise UsageError(f"{fused}: the reference {reference} is a folder, so the fused one must be one too "
-                                 "(the fused models under the same names, as export.rewrite writes them)")
-            models = models_in(reference)
-            missing = [m.name for m in models if not (fused / m.name).is_file()]
-            if missing:
-                raise NormfuseError(f"{fused}: no {missing[0]} (each model of {reference} is timed against the one of "
-                                    "the same name)")
+            models = paired_models(reference, fused, "fused one")
             shares = sizes_per_model(models, args.dim)
             results = {m.name: bench_pair(m, fused / m.name, shares[m], prefix=f"{m.name}: ") for m in models}
         else:

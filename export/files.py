@@ -41,6 +41,23 @@ def models_in(folder: Path) -> list[Path]:
     return models
 
 
+def paired_models(reference: Path, candidate: Path, role: str = "candidate") -> list[Path]:
+    """The models of folder `reference`, each to be paired with the one of the same name in
+    `candidate` (as export.rewrite writes a folder); a one-line error where `candidate` is no
+    folder or lacks one of them."""
+    from .errors import UsageError
+
+    if not Path(candidate).is_dir():
+        raise UsageError(f"{candidate}: the reference {reference} is a folder, so the {role} must be one too "
+                         "(the fused models under the same names, as export.rewrite writes them)")
+    models = models_in(reference)
+    missing = [m.name for m in models if not (Path(candidate) / m.name).is_file()]
+    if missing:
+        raise NormfuseError(f"{candidate}: no {missing[0]} (each model of {reference} is paired with the one of the "
+                            "same name)")
+    return models
+
+
 def require_file(path: str | os.PathLike) -> Path:
     """`path` as a Path if it is a file to read, else a NormfuseError naming it and saying what is there."""
     path = Path(path)

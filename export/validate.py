@@ -416,19 +416,12 @@ def validate_folder(args, shapes) -> int:
     of the same name in the second (as export.rewrite writes a folder), each with its share of the
     --dim flags; --save-outputs gets a folder per model, --json an entry per model."""
     from .dims import sizes_per_model
-    from .files import models_in, write_json
+    from .files import paired_models, write_json
 
     reference, candidate = Path(args.reference), Path(args.candidate)
-    if not candidate.is_dir():
-        raise UsageError(f"{candidate}: the reference {reference} is a folder, so the candidate must be one too "
-                         "(the fused models under the same names, as export.rewrite writes them)")
     if args.inputs:
         raise UsageError("--inputs gives one model's inputs; with folders the inputs are made up per model")
-    models = models_in(reference)
-    missing = [m.name for m in models if not (candidate / m.name).is_file()]
-    if missing:
-        raise NormfuseError(f"{candidate}: no {missing[0]} (each model of {reference} is compared with the one of "
-                            "the same name)")
+    models = paired_models(reference, candidate)
     shares = sizes_per_model(models, args.dim)
     results, passed = {}, True
     for model in models:
