@@ -44,6 +44,29 @@ def test_cli_writes_model_and_report(tmp_path, capsys):
     assert [n.op_type for n in onnx.load(str(tmp_path / "out.onnx")).graph.node] == ["AddLayerNorm", "Relu"]
 
 
+def test_a_dry_run_says_what_would_be_fused_and_writes_no_model(tmp_path, capsys):
+    """--dry-run: the fusions and refusals with their reasons (and --report), for a file or a
+    folder, and no model written; -o with it, or neither, is a one-line flag error."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    save(build(NormSpec(kind="layer", residual="exposed")), folder / "a.onnx")
+    save(build(NormSpec(mutation="wrong_axis")), folder / "b.onnx")
+    assert main([str(folder / "a.onnx"), "--dry-run", "--report", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "would fuse 1 norm(s) (1 AddLayerNorm) for target tensorrt" in printed and "nothing written" in printed
+    assert json.loads((tmp_path / "r.json").read_text())["fused"] == 1
+    assert main([str(folder), "--dry-run", "--report", str(tmp_path / "folder.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "b.onnx: would fuse 0 norm(s)" in printed and "not the last axis" in printed
+    assert sorted(json.loads((tmp_path / "folder.json").read_text())["models"]) == ["a.onnx", "b.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.onnx", "b.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "models", "r.json"]
+    for args, message in (([], "required: -o/--output (or --dry-run"), (["--dry-run", "-o", "x.onnx"], "--dry-run writes no model")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(folder / "a.onnx"), *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_cli_exits_zero_when_nothing_fuses_and_lists_rejections(tmp_path, capsys):
     src = save(build(NormSpec(mutation="wrong_axis")), tmp_path / "in.onnx")
     assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--no-residual", "--target", "onnxruntime"]) == 0

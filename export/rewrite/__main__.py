@@ -1,5 +1,6 @@
 """python -m export.rewrite IN.onnx -o OUT.onnx [--target tensorrt|onnxruntime|onnx] [--no-residual] [--no-proof] [--report R.json]
-python -m export.rewrite IN_FOLDER -o OUT_FOLDER [...]   (every *.onnx of the folder; other files copied)"""
+python -m export.rewrite IN_FOLDER -o OUT_FOLDER [...]   (every *.onnx of the folder; other files copied)
+python -m export.rewrite IN.onnx|IN_FOLDER --dry-run [...]  (what would be fused and why not; nothing written)"""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ def main(argv=None) -> int:
                                       "(encoder_model.onnx, decoder_model_merged.onnx, ...): each *.onnx in it is "
                                       "rewritten under its own name into the -o folder, and its other files (config.json, "
                                       "tokenizer) are copied there")
-    parser.add_argument("-o", "--output", required=True, help="where to write the rewritten model (a folder for a folder)")
+    parser.add_argument("-o", "--output", help="where to write the rewritten model (a folder for a folder)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only say what would be fused and what refused, with the reasons; write no model")
     parser.add_argument("--target", choices=TARGETS, default="tensorrt",
                         help="tensorrt: normfuse plugin ops; onnxruntime: com.microsoft contrib ops (for its CPU "
                              "provider add --no-residual: its Skip ops run slower there); onnx: standard ops")
@@ -30,14 +33,18 @@ def main(argv=None) -> int:
     parser.add_argument("--no-proof", action="store_true", help="skip the numerical proof of each fusion")
     parser.add_argument("--report", type=output_file, help="write the rewrite report (every fusion and rejection) as JSON")
     args = parser.parse_args(argv)
+    if args.output is None and not args.dry_run:
+        parser.error("the following arguments are required: -o/--output (or --dry-run, to write no model)")
+    if args.output is not None and args.dry_run:
+        parser.error("argument -o/--output: --dry-run writes no model")
     folder = Path(args.input).is_dir()
 
     def rewrite(source: Path, destination: Path):
         report = rewrite_file(source, destination, target=args.target, residual=not args.no_residual,
                               prove_fusions=not args.no_proof)
-        print(f"{source}: fused {report.fused} norm(s) ({describe_counts(report.counts)}) for target {args.target}; "
-              f"{len(report.rejected)} rejected; {report.nodes_before} -> {report.nodes_after} nodes "
-              f"in {report.seconds:.2f} s")
+        print(f"{source}: {'would fuse' if args.dry_run else 'fused'} {report.fused} norm(s) "
+              f"({describe_counts(report.counts)}) for target {args.target}; {len(report.rejected)} rejected; "
+              f"{report.nodes_before} -> {report.nodes_after} nodes in {report.seconds:.2f} s")
         in_bodies = sum(f.scope != "main" for f in report.fusions)
         if in_bodies:
             print(f"  {in_bodies} of them inside If/Loop/Scan bodies")
@@ -49,6 +56,16 @@ def main(argv=None) -> int:
         return report
 
     def job():
+        if args.dry_run:
+            from ..files import models_in, require_file
+
+            sources = models_in(Path(args.input)) if folder else [require_file(args.input)]
+            reports = {source.name: rewrite(source, None) for source in sources}
+            if args.report:
+                write_json(args.report, {"models": {name: r.as_dict() for name, r in reports.items()}} if folder
+                           else reports[sources[0].name].as_dict())
+            print("nothing written (--dry-run)")
+            return
         try:  # checked before any work: a file where a folder must be, or the other way round
             (output_folder if folder else output_file)(args.output)
         except argparse.ArgumentTypeError as exc:

@@ -565,19 +565,22 @@ def _restore_metadata(out: onnx.ModelProto, original: onnx.ModelProto) -> None:
     out.metadata_props.extend(original.metadata_props)
 
 
-def rewrite_file(source: str | Path, destination: str | Path, target: str = "tensorrt", residual: bool = True,
+def rewrite_file(source: str | Path, destination: str | Path | None, target: str = "tensorrt", residual: bool = True,
                  prove_fusions: bool = True) -> RewriteReport:
-    """Rewrite `source` into `destination`. The rewrite never reads external weights. Written
-    beside the source, the output references the same weight files; in another directory it gets
-    copies of them, since ONNX Runtime and onnx load external data only from the model's own
-    directory (`onnx_io.share_external_data`)."""
-    source, destination = Path(source), Path(destination)
+    """Rewrite `source` into `destination` (None: write nothing, report what would be done). The
+    rewrite never reads external weights. Written beside the source, the output references the same
+    weight files; in another directory it gets copies of them, since ONNX Runtime and onnx load
+    external data only from the model's own directory (`onnx_io.share_external_data`)."""
+    source = Path(source)
     model = load_graph_only(source)
     inlined = inline_small_external_data(model, source.parent)
     out, report = rewrite_model(model, target=target, residual=residual, prove_fusions=prove_fusions)
     if inlined:
         report.notes.append(f"read {inlined} external tensor(s) of at most {SMALL_EXTERNAL_ELEMENTS} values "
                             "(constants such as axes and epsilon) into the model; the weights stay external")
+    if destination is None:
+        return report
+    destination = Path(destination)
     report.notes += share_external_data(out, source.parent, destination.parent)
     try:
         save_model(out, destination, external_data=False)
