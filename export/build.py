@@ -91,6 +91,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=output_folder,
                         help="output folder (default build/<preset>-<norm>, or build/<model name> with --onnx)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="TENSOR",
+                        help="leave the norm ending at this tensor unfused in every form (repeatable; the name the "
+                             "rewrite report and a failing validation's norm check give)")
     parser.add_argument("--decode-tokens", type=non_negative_int, default=32,
                         help="with --onnx of a KV-cache decoder: greedy-decode this many tokens with the reference "
                              "and (fed its tokens) the fused graph on each ONNX Runtime backend, comparing choices, "
@@ -219,11 +222,13 @@ class Pipeline:
         from .rewrite import describe_counts, describe_unmatched_means, rewrite_file
 
         with self.stage("rewrite", "rewrite norms (tensorrt, onnxruntime and onnxruntime CPU forms)"):
-            rewrite = rewrite_file(reference, fused, target="onnxruntime")
+            # --exclude: norms left as written (a name no norm ends at is refused; in a folder, by the folder)
+            excluded = {"exclude": frozenset(a.exclude), "check_exclude": not getattr(a, "folder", None)}
+            rewrite = rewrite_file(reference, fused, target="onnxruntime", **excluded)
             # ONNX Runtime's CPU Skip[Simplified]LayerNormalization kernels run slower than its Add
             # followed by the plain norm op (bench/ort_ops.py), so the CPU form keeps the residual Add.
-            rewrite_cpu = rewrite_file(reference, fused_cpu, target="onnxruntime", residual=False)
-            rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt")
+            rewrite_cpu = rewrite_file(reference, fused_cpu, target="onnxruntime", residual=False, **excluded)
+            rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt", **excluded)
         if has_no_norm(rewrite_trt):
             self.console.print("    no norm in this model (none found, none rejected): nothing to fuse; the fused "
                                "files are copies of it")

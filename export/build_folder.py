@@ -76,6 +76,11 @@ class FolderPipeline:
             self.console.print(f"[red]FAILED[/]: {', '.join(failed)} (see the table and their reports)")
         # 2 where a model was refused a flag (as for one model), else 1 for any failure
         status = max((row["exit_status"] for row in rows), default=0)
+        found = {e["output"] for pipeline in built for e in pipeline.report["rewrite"]["tensorrt"]["excluded"]}
+        for name in sorted(set(a.exclude) - found):
+            self.console.print(f"[red]--exclude {name}[/]: no model of the folder has a norm ending at a tensor of "
+                               "that name")
+            status = 2
         if not all(decoded_alike(d["agreement"]) for d in decoding):
             self.console.print("[red]decoding FAILED[/]: the fused pair chose other tokens or its scores are out of tolerance")
             status = max(status, 1)

@@ -232,5 +232,7 @@ def describe(result: dict) -> str:
                 f"rounding of last-bit differences){skipped}")
     first = off[0]
     name, stats = max(first["outputs"].items(), key=lambda item: item[1]["max_abs"])
+    y = next(iter(first["outputs"]))  # the norm's own output name, which --exclude takes
     return (f"{len(off)} of {len(norms)} fused norms are off on the reference's own values: {first['node']} "
-            f"({first['op']}) by max abs {stats['max_abs']:.3g} at {name}: the fused op computes something else{skipped}")
+            f"({first['op']}) by max abs {stats['max_abs']:.3g} at {name}: the fused op computes something else "
+            f"(--exclude {y} leaves that norm as written){skipped}")

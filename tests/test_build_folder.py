@@ -134,3 +134,16 @@ def test_a_model_that_cannot_be_built_is_named_and_the_others_are_built(tmp_path
     assert rows["bad.onnx"]["exit_status"] == 1 and "ONNX Runtime failed to run it" in rows["bad.onnx"]["error"]
     assert "| `bad.onnx` | **not built**:" in (out / "report.md").read_text()
     assert "FAILED: bad.onnx" in capsys.readouterr().out
+
+
+def test_excluded_norms_are_left_in_the_models_that_have_them(t5, tmp_path, capsys):
+    """--exclude goes to every model: the encoder's last norm (ending at last_hidden_state) stays as
+    written there, the decoder keeps all its fusions, and a name no model has fails the folder (2)."""
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(t5["merged"]), "--out", str(out), "--decode-tokens", "0", "--exclude",
+                       "last_hidden_state", "--exclude", "nowhere", *QUICK]) == 2
+    rows = {row["model"]: row for row in json.loads((out / "report.json").read_text())["models"]}
+    assert (rows["encoder_model.onnx"]["fused"], rows["decoder_model_merged.onnx"]["fused"]) == (4, 14)
+    encoder = json.loads((out / "encoder_model" / "report.json").read_text())["rewrite"]["tensorrt"]
+    assert [e["output"] for e in encoder["excluded"]] == ["last_hidden_state"]
+    assert "--exclude nowhere: no model of the folder has a norm ending at a tensor of that name" in capsys.readouterr().out

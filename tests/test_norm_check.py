@@ -39,6 +39,14 @@ def test_a_wrong_fused_op_is_named_and_the_others_pass(rewritten, tmp_path, back
     assert [n["node"] for n in check["norms"] if not n["passed"]] == [names[1]]
     assert len(check["norms"]) == len(names) and not check["not_checked"] and not check["passed"]
     assert describe(check).startswith(f"1 of {len(names)} fused norms are off on the reference's own values: {names[1]}")
+    # the line names the tensor that leaves that norm unfused when given to --exclude
+    y = next(n.output[0] for n in onnx.load(str(broken)).graph.node if n.name == names[1])
+    assert f"(--exclude {y} leaves that norm as written)" in describe(check)
+    from export.rewrite import rewrite_file
+
+    report = rewrite_file(graphs["reference"], tmp_path / "excluded.onnx", target="tensorrt" if target == "trt" else "onnxruntime",
+                          exclude=frozenset({y}))
+    assert [e["output"] for e in report.excluded] == [y] and report.fused == len(names) - 1
 
 
 def test_a_passing_pair_is_not_checked(rewritten):

@@ -529,3 +529,24 @@ def test_the_validation_table_names_the_output_of_each_row():
     print_summary(report, console)
     rows = [line for line in console.export_text().splitlines() if "fused@ort-cpu" in line]
     assert len(rows) == 2 and "logits" in rows[0] and "present.0.key" in rows[1]
+
+
+def test_build_leaves_an_excluded_norm_unfused_in_every_form(tmp_path, capsys):
+    """export.build --exclude TENSOR: none of the three fused forms fuses the norm ending there; a
+    name no norm ends at is a one-line flag error (exit 2)."""
+    from export.build import main as build_main
+    from export.rewrite.synth import NormSpec, build
+
+    model = build(NormSpec(kind="rms", residual="private"), leading=("batch", "seq"))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    y = model.graph.output[0].name
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(path), "--out", str(out), "--exclude", y, "--runs", "2", "--warmup", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())["rewrite"]
+    assert [report[form]["fused"] for form in ("tensorrt", "onnxruntime", "onnxruntime_cpu")] == [0, 0, 0]
+    assert [e["output"] for e in report["tensorrt"]["excluded"]] == [y]
+    capsys.readouterr()
+    assert build_main(["--onnx", str(path), "--out", str(tmp_path / "out2"), "--exclude", "nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--exclude nowhere: no norm that would be fused ends at a tensor of that name" in err and len(err.splitlines()) == 1

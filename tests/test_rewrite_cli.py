@@ -67,6 +67,28 @@ def test_a_dry_run_says_what_would_be_fused_and_writes_no_model(tmp_path, capsys
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_excluded_norm_is_left_as_written_and_an_unknown_name_is_refused(tmp_path, capsys):
+    """--exclude TENSOR: the norm ending there stays as written (no part of it fused either), the
+    others fuse; a name no norm ends at is a one-line error before anything is written; in a folder
+    the name need only be in one model."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    first, second = build(NormSpec(kind="layer")), build(NormSpec(kind="rms"))
+    save(first, folder / "a.onnx")
+    save(second, folder / "b.onnx")
+    y = first.graph.output[0].name
+    assert main([str(folder / "a.onnx"), "-o", str(tmp_path / "a.onnx"), "--exclude", y]) == 0
+    assert "left the norm ending at" in capsys.readouterr().out
+    assert [n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node] == [n.op_type for n in first.graph.node]
+    assert main([str(folder / "b.onnx"), "-o", str(tmp_path / "b.onnx"), "--exclude", y]) == 2
+    err = capsys.readouterr().err
+    assert f"--exclude {y}: no norm that would be fused ends at a tensor of that name" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b.onnx").exists()
+    assert main([str(folder), "-o", str(tmp_path / "out"), "--exclude", y]) == 0  # a.onnx has it
+    assert [n.op_type for n in onnx.load(str(tmp_path / "out" / "b.onnx")).graph.node] == ["RMSNorm"]
+    assert main([str(folder), "--dry-run", "--exclude", "nowhere"]) == 2
+
+
 def test_cli_exits_zero_when_nothing_fuses_and_lists_rejections(tmp_path, capsys):
     src = save(build(NormSpec(mutation="wrong_axis")), tmp_path / "in.onnx")
     assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--no-residual", "--target", "onnxruntime"]) == 0

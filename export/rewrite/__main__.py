@@ -12,7 +12,7 @@ from ..cli import Parser, output_file, output_folder, run_cli
 from ..errors import UsageError
 from ..files import atomic_path, write_json
 from .emit import TARGETS
-from .rewriter import describe_counts, rewrite_file
+from .rewriter import check_excluded, describe_counts, rewrite_file
 
 
 def main(argv=None) -> int:
@@ -31,6 +31,9 @@ def main(argv=None) -> int:
                              "provider add --no-residual: its Skip ops run slower there); onnx: standard ops")
     parser.add_argument("--no-residual", action="store_true", help="do not fuse the residual Add in front of a norm")
     parser.add_argument("--no-proof", action="store_true", help="skip the numerical proof of each fusion")
+    parser.add_argument("--exclude", action="append", default=[], metavar="TENSOR",
+                        help="leave the norm ending at this tensor as written (repeatable; the name the report and "
+                             "the norm check give: the fused op's first output keeps it)")
     parser.add_argument("--report", type=output_file, help="write the rewrite report (every fusion and rejection) as JSON")
     args = parser.parse_args(argv)
     if args.output is None and not args.dry_run:
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
 
     def rewrite(source: Path, destination: Path):
         report = rewrite_file(source, destination, target=args.target, residual=not args.no_residual,
-                              prove_fusions=not args.no_proof)
+                              prove_fusions=not args.no_proof, exclude=frozenset(args.exclude), check_exclude=not folder)
         print(f"{source}: {'would fuse' if args.dry_run else 'fused'} {report.fused} norm(s) "
               f"({describe_counts(report.counts)}) for target {args.target}; {len(report.rejected)} rejected; "
               f"{report.nodes_before} -> {report.nodes_after} nodes in {report.seconds:.2f} s")
@@ -61,6 +64,8 @@ def main(argv=None) -> int:
 
             sources = models_in(Path(args.input)) if folder else [require_file(args.input)]
             reports = {source.name: rewrite(source, None) for source in sources}
+            if folder:
+                check_excluded(args.exclude, list(reports.values()), str(args.input))
             if args.report:
                 write_json(args.report, {"models": {name: r.as_dict() for name, r in reports.items()}} if folder
                            else reports[sources[0].name].as_dict())
@@ -72,6 +77,7 @@ def main(argv=None) -> int:
             raise UsageError(f"argument -o/--output: {exc}") from None
         if folder:
             reports = rewrite_folder(Path(args.input), Path(args.output), rewrite)
+            check_excluded(args.exclude, list(reports.values()), str(args.input))  # a name no model had
             if args.report:
                 write_json(args.report, {"models": {name: r.as_dict() for name, r in reports.items()}})
             return

@@ -74,6 +74,7 @@ class RewriteReport:
     rejected: list[Rejection] = field(default_factory=list)
     residual_skipped: list[dict] = field(default_factory=list)
     unmatched_means: list[str] = field(default_factory=list)  # last-axis ReduceMean nodes no fusion or rejection took
+    excluded: list[dict] = field(default_factory=list)  # norms left as written on request: {"output", "nodes"}
     nodes_before: int = 0
     nodes_after: int = 0
     opset: int = 0
@@ -97,8 +98,10 @@ def describe_counts(counts: dict[str, int]) -> str:
 
 
 def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bool = True,
-                  prove_fusions: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
-    """Rewrite an in-memory model (external weights may stay unloaded)."""
+                  prove_fusions: bool = True, exclude: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Rewrite an in-memory model (external weights may stay unloaded). `exclude`: output tensors of
+    norms to leave as written (the fused op's first output keeps the norm's output name); the
+    report's `excluded` lists those found (`check_excluded` refuses the others)."""
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     started = time.perf_counter()
@@ -125,7 +128,8 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     claimed: set[int] = set()  # ids of nodes already taken by a chosen candidate, in any graph
     candidates = []
     for scope in scopes:
-        candidates += _find_candidates(scope, overridable, target, residual, prove_fusions, opset, report, claimed)
+        candidates += _find_candidates(scope, overridable, target, residual, prove_fusions, opset, report, claimed,
+                                       frozenset(exclude))
     needed = max([required_opset(c, target) for c in candidates] + [opset])
     if needed > opset:
         try:
@@ -139,7 +143,8 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
             note = (f"raised the model's opset from {opset} to {needed} for "
                     f"{'RMSNormalization' if needed >= 23 else 'LayerNormalization'} ({how})")
             if converted is not None:  # the converter rewrote nodes: find the norms again in its output
-                return _rewrite_converted(converted, [note] + inlined, target, residual, prove_fusions, report, started)
+                return _rewrite_converted(converted, [note] + inlined, target, residual, prove_fusions, report, started,
+                                          exclude)
             report.notes.insert(0, note)  # renumbering changes no node: the candidates stand as proven
             opset = needed
     for candidate in candidates:
@@ -171,11 +176,21 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     return out, report
 
 
+def check_excluded(exclude, reports: list[RewriteReport], where: str) -> None:
+    """A UsageError for a name given to exclude that ends no norm the rewrite found in `reports`."""
+    unknown = sorted(set(exclude) - {e["output"] for r in reports for e in r.excluded})
+    if unknown:
+        names = list(dict.fromkeys(f.output for r in reports for f in r.fusions))  # an If's branches share names
+        ends = ", ".join(f"'{n}'" for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise UsageError(f"--exclude {unknown[0]}: no norm that would be fused ends at a tensor of that name in "
+                         f"{where} (the norms fused end at: {ends or 'none'})")
+
+
 def _means_in_no_norm(graph: gs.Graph, report: RewriteReport) -> list[str]:
     """The last-axis means left in the graph that no fusion took and no rejection names: a norm
     spelled in a way not recognised (or quantised between its steps, which makes it no exact norm),
     worth a look when a model's count of fused norms is short."""
-    rejected = {name for r in report.rejected for name in r.nodes}
+    rejected = {name for r in report.rejected for name in r.nodes} | {n for e in report.excluded for n in e["nodes"]}
     return [node.name or node.outputs[0].name for sub in walk_graphs(graph) for node in sub.nodes
             if is_last_axis_mean(node) and node.name not in rejected]
 
@@ -186,8 +201,9 @@ def describe_unmatched_means(names: list[str]) -> str:
             "a spelling not recognised, or one quantised between its steps")
 
 
-def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started):
-    out, raised_report = rewrite_model(converted, target=target, residual=residual, prove_fusions=prove_fusions)
+def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started, exclude):
+    out, raised_report = rewrite_model(converted, target=target, residual=residual, prove_fusions=prove_fusions,
+                                       exclude=exclude)
     raised_report.notes[0:0] = notes  # the opset raised, and the functions inlined before
     raised_report.nodes_before = report.nodes_before
     raised_report.seconds = round(time.perf_counter() - started, 3)
@@ -423,7 +439,8 @@ def _times_one(node: gs.Node) -> gs.Tensor | None:
     return None
 
 
-def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions, opset, report, claimed) -> list[NormCandidate]:
+def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions, opset, report, claimed,
+                     exclude: frozenset[str] = frozenset()) -> list[NormCandidate]:
     graph = scope.graph
     norms: list[NormCandidate] = []
     chosen: list[NormCandidate] = []
@@ -435,6 +452,12 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
             continue
         candidate = _first_passing(root, scope, overridable, claimed, prove_fusions and not scope.blocked, opset, rejected)
         if candidate is None:
+            continue
+        if root.name in exclude:  # left as written on request; its nodes claimed, so no part of it fuses either
+            claimed.update(id(n) for n in candidate.nodes)
+            settled.update(candidate.node_names)
+            report.excluded.append({"output": root.name, "nodes": list(candidate.node_names)})
+            report.notes.append(f"left the norm ending at '{root.name}' as written (excluded)")
             continue
         if scope.blocked:  # a norm by its structure and constants, but its shapes cannot be trusted here
             rejected.setdefault(_anchor(candidate.match), Rejection(candidate.pattern.name, scope.blocked,
@@ -566,18 +589,23 @@ def _restore_metadata(out: onnx.ModelProto, original: onnx.ModelProto) -> None:
 
 
 def rewrite_file(source: str | Path, destination: str | Path | None, target: str = "tensorrt", residual: bool = True,
-                 prove_fusions: bool = True) -> RewriteReport:
+                 prove_fusions: bool = True, exclude: frozenset[str] = frozenset(),
+                 check_exclude: bool = True) -> RewriteReport:
     """Rewrite `source` into `destination` (None: write nothing, report what would be done). The
     rewrite never reads external weights. Written beside the source, the output references the same
     weight files; in another directory it gets copies of them, since ONNX Runtime and onnx load
-    external data only from the model's own directory (`onnx_io.share_external_data`)."""
+    external data only from the model's own directory (`onnx_io.share_external_data`). A name in
+    `exclude` that ends no norm here is a UsageError before anything is written, unless
+    `check_exclude` is off (a folder's models, where another model may have it)."""
     source = Path(source)
     model = load_graph_only(source)
     inlined = inline_small_external_data(model, source.parent)
-    out, report = rewrite_model(model, target=target, residual=residual, prove_fusions=prove_fusions)
+    out, report = rewrite_model(model, target=target, residual=residual, prove_fusions=prove_fusions, exclude=exclude)
     if inlined:
         report.notes.append(f"read {inlined} external tensor(s) of at most {SMALL_EXTERNAL_ELEMENTS} values "
                             "(constants such as axes and epsilon) into the model; the weights stay external")
+    if check_exclude:
+        check_excluded(exclude, [report], str(source))
     if destination is None:
         return report
     destination = Path(destination)
