@@ -223,12 +223,13 @@ class Pipeline:
 
         with self.stage("rewrite", "rewrite norms (tensorrt, onnxruntime and onnxruntime CPU forms)"):
             # --exclude: norms left as written (a name no norm ends at is refused; in a folder, by the folder)
-            excluded = {"exclude": frozenset(a.exclude), "check_exclude": not getattr(a, "folder", None)}
-            rewrite = rewrite_file(reference, fused, target="onnxruntime", **excluded)
+            exclude, check = frozenset(a.exclude), not getattr(a, "folder", None)
+            rewrite = rewrite_file(reference, fused, target="onnxruntime", exclude=exclude, check_exclude=check)
             # ONNX Runtime's CPU Skip[Simplified]LayerNormalization kernels run slower than its Add
             # followed by the plain norm op (bench/ort_ops.py), so the CPU form keeps the residual Add.
-            rewrite_cpu = rewrite_file(reference, fused_cpu, target="onnxruntime", residual=False, **excluded)
-            rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt", **excluded)
+            rewrite_cpu = rewrite_file(reference, fused_cpu, target="onnxruntime", residual=False, exclude=exclude,
+                                       check_exclude=check)
+            rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt", exclude=exclude, check_exclude=check)
         if has_no_norm(rewrite_trt):
             self.console.print("    no norm in this model (none found, none rejected): nothing to fuse; the fused "
                                "files are copies of it")
