@@ -38,6 +38,9 @@ class FolderPipeline:
         models = self.without_merged_halves(models)
         out = require_writable(a.out or f"build/{folder.resolve().name}", folder=True)
         shares = sizes_per_model(models, a.dim)
+        from .build import Pipeline
+
+        Pipeline(a, self.console).check_backends()  # a --backend that cannot run here: one line, before any model
         self.console.print(f"folder {folder}: {len(models)} models ({', '.join(m.name for m in models)}), each built "
                            f"into {out}/<model name>/")
         pipelines, statuses, errors = {}, {}, {}

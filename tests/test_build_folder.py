@@ -147,3 +147,15 @@ def test_excluded_norms_are_left_in_the_models_that_have_them(t5, tmp_path, caps
     encoder = json.loads((out / "encoder_model" / "report.json").read_text())["rewrite"]["tensorrt"]
     assert [e["output"] for e in encoder["excluded"]] == ["last_hidden_state"]
     assert "--exclude nowhere: no model of the folder has a norm ending at a tensor of that name" in capsys.readouterr().out
+
+
+def test_a_backend_that_cannot_run_here_is_one_line_before_any_model(t5, tmp_path, capsys):
+    from export.backends import availability
+
+    if availability("ort-cuda").present:
+        pytest.skip("ONNX Runtime's CUDA provider runs here")
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(t5["merged"]), "--out", str(out), "--backend", "ort-cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("normfuse: error: --backend ort-cuda cannot run here") and len(err.splitlines()) == 1
+    assert not out.exists()
