@@ -7,7 +7,7 @@ Each `*.onnx` of the folder is rewritten, validated, timed and reported on its o
 decoder holding both is there too). A `--dim` applies to the models that have the
 name (an encoder has no past_decoder_sequence_length); one that none has is a flag error. Where the
 folder holds an encoder-decoder (`export.decode.resolve_folder`: encoder_model.onnx and a merged
-decoder), the pair is then greedy-decoded on each ONNX Runtime backend: the reference decoder
+decoder, or the decoder's two halves), the pair is then greedy-decoded on each ONNX Runtime backend: the reference decoder
 reading the reference encoder's states against the fused decoder reading the fused encoder's, as
 the two would be served. `<out>/report.json` and `report.md` sum it up, with a model per row. A
 model that cannot be built (a shape it cannot take) is named there with its error, and the others
@@ -114,7 +114,7 @@ class FolderPipeline:
     def decode_pair(self, folder: Path, pipelines: dict, backends: list[str], shares: dict, errors: dict) -> list[dict]:
         """An encoder-decoder's reference pair against its fused pair, on each ONNX Runtime backend."""
         from .build import lacks_kernels, skip_ops_on_the_cpu
-        from .decode import decode, resolve_folder
+        from .decode import FOLDER_HALVES, Halves, decode, resolve_folder
 
         a = self.args
         try:
@@ -127,27 +127,34 @@ class FolderPipeline:
             self.skipped.append({"stage": "greedy decoding of the encoder-decoder",
                                  "reason": f"{(decoder if decoder in errors else encoder).name} was not built"})
             return []
-        if decoder.is_dir():
-            self.skipped.append({"stage": "greedy decoding of the encoder-decoder", "reason": (
-                "the folder has the decoder's two halves, not its merged form; decode them with python -m "
-                f"export.rewrite {folder} -o FUSED --target onnxruntime --no-residual, then python -m export.decode "
-                f"{folder} --compare FUSED")})
+        halves = [folder / name for name in FOLDER_HALVES] if decoder.is_dir() else []  # no merged form: its halves
+        if any(half in errors for half in halves):
+            self.skipped.append({"stage": "greedy decoding of the encoder-decoder",
+                                 "reason": f"{next(h for h in halves if h in errors).name} was not built"})
             return []
+
+        def fused_form(path: Path, backend: str) -> Path:
+            return pipelines[path].decoded.get(backend) or path  # the reference itself where nothing changed
+
         records = []
         for backend in (b for b in backends if b.startswith("ort-")):
-            fused_decoder, fused_encoder = (pipelines[path].decoded.get(backend) or path for path in (decoder, encoder))
-            if lacks_kernels(backend, pipelines[decoder].report["config"]["dtype"]):
+            fused_encoder = fused_form(encoder, backend)
+            fused_decoder = Halves(*(fused_form(half, backend) for half in halves)) if halves else fused_form(decoder, backend)
+            unchanged = [fused_form(p, backend) == p for p in (halves or [decoder])] + [fused_encoder == encoder]
+            decoder_key = halves[0] if halves else decoder
+            if lacks_kernels(backend, pipelines[decoder_key].report["config"]["dtype"]):
                 self.skipped.append({"stage": f"{backend} greedy decoding", "reason": "ONNX Runtime's CPU provider has no "
                                                                                        "bfloat16 kernels"})
                 continue
-            if (fused_decoder, fused_encoder) == (decoder, encoder):
+            if all(unchanged):
                 self.skipped.append({"stage": f"{backend} greedy decoding", "reason": (
                     "nothing to compare: the rewrite changed neither the encoder nor the decoder for this backend "
                     "(their norms are single ops already, or they have none)")})
                 continue
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
-            dims = {name: size.opt for name, size in shares[decoder] + shares[encoder]}
-            what = f"greedy decoding on {backend}: {a.decode_tokens} tokens, {encoder.name} + {decoder.name}, reference vs fused"
+            dims = {name: size.opt for model in (halves or [decoder]) + [encoder] for name, size in shares[model]}
+            named = " + ".join(h.name for h in halves) if halves else decoder.name
+            what = f"greedy decoding on {backend}: {a.decode_tokens} tokens, {encoder.name} + {named}, reference vs fused"
             with self.console.status(what + " ..."):
                 try:
                     record = decode(decoder, fused_decoder, prompt=16, tokens=a.decode_tokens, seed=a.seed,
@@ -157,7 +164,8 @@ class FolderPipeline:
                     self.skipped.append({"stage": f"{backend} greedy decoding", "reason": str(exc)})
                     continue
             self.console.print(f"[green]done[/] {what}")
-            records.append({"backend": backend, **record, **skip_ops_on_the_cpu(backend, fused_decoder, fused_encoder)})
+            forms = [fused_decoder.first, fused_decoder.with_past] if halves else [fused_decoder]
+            records.append({"backend": backend, **record, **skip_ops_on_the_cpu(backend, *forms, fused_encoder)})
         return records
 
     @staticmethod

@@ -362,7 +362,7 @@ def agreement(tokens: list[list[int]], expected: Generation, candidate: Generati
             "first_step_out_of_tolerance": next((i for i, s in enumerate(steps) if not s["passed"]), None)}
 
 
-def decode(model_path: str | Path, compare_path: str | Path | None = None, prompt: int | Sequence[int] = 8,
+def decode(model_path: str | Path | Halves, compare_path: str | Path | Halves | None = None, prompt: int | Sequence[int] = 8,
            tokens: int = 32, batch: int | None = None, seed: int = 0, warmup: int = 1,
            providers: list[str] | None = None, rounds: int = 1, cache: str = "auto",
            progress: Callable[[str], None] | None = None, dims: dict[str, int] | None = None,
@@ -400,7 +400,7 @@ def decode(model_path: str | Path, compare_path: str | Path | None = None, promp
     if found and not encoder_path:  # a folder's own encoder, unless one is given
         encoder_path = found
         compare_encoder_path = compare_encoder_path or compare_found
-    paths = [Path(model_path)] + ([Path(compare_path)] if compare_path else [])
+    paths = [_as_path(model_path)] + ([_as_path(compare_path)] if compare_path else [])
     encoder_paths = [Path(encoder_path), Path(compare_encoder_path or encoder_path)][:len(paths)] if encoder_path else []
     for path in paths + encoder_paths:
         if path.suffix in ENGINE_SUFFIXES:
@@ -497,10 +497,25 @@ FOLDER_HALVES = ("decoder_model.onnx", "decoder_with_past_model.onnx")  # first 
 FOLDER_ENCODER = "encoder_model.onnx"
 
 
-def resolve_folder(path: str | Path) -> tuple[Path, Path | None]:
+@dataclass(frozen=True)
+class Halves:
+    """Optimum's two halves of an encoder-decoder's decoder named file by file (export.build writes
+    each half's fused forms in a folder of its own), which `load_decoder` joins as a folder's halves."""
+    first: Path  # decoder_model.onnx's form: the first step
+    with_past: Path  # decoder_with_past_model.onnx's form: the steps after
+    suffix = ".onnx"  # what the checks on a decoder's path read
+
+    def __str__(self) -> str:
+        return f"{self.first} + {self.with_past}"
+
+
+def resolve_folder(path: str | Path | Halves) -> tuple[Path | Halves, Path | None]:
     """(decoder, encoder or None) of a folder as Optimum lays one out: the merged decoder, else a
     decoder-only model.onnx, else the folder itself where it holds the decoder's two halves
-    (`load_decoder` joins them); and encoder_model.onnx where there is one. A file is itself."""
+    (`load_decoder` joins them); and encoder_model.onnx where there is one. A file is itself, and so
+    are `Halves`."""
+    if isinstance(path, Halves):
+        return path, None
     path = Path(path)
     if not path.is_dir():
         return path, None
@@ -514,13 +529,14 @@ def resolve_folder(path: str | Path) -> tuple[Path, Path | None]:
     return decoder, encoder if encoder.is_file() else None
 
 
-def load_decoder(path: Path, providers: list[str] | None = None, optimization: str = "all"):
-    """The decoder at `path` loaded (export.runtime): a model, or a folder of Optimum's two halves as one
-    `SplitDecoder`."""
+def load_decoder(path: Path | Halves, providers: list[str] | None = None, optimization: str = "all"):
+    """The decoder at `path` loaded (export.runtime): a model, or a folder of Optimum's two halves (or
+    the two named as `Halves`) as one `SplitDecoder`."""
     from .runtime import OrtModel, load
 
-    if path.is_dir():
-        first, with_past = (OrtModel(path / name, providers=providers, optimization=optimization) for name in FOLDER_HALVES)
+    if isinstance(path, Halves) or path.is_dir():
+        files = (path.first, path.with_past) if isinstance(path, Halves) else (path / name for name in FOLDER_HALVES)
+        first, with_past = (OrtModel(file, providers=providers, optimization=optimization) for file in files)
         return SplitDecoder(first, with_past, path)
     if optimization == "all":  # as served: load() also names a file of an unknown kind
         return load(path, providers=providers)
@@ -565,12 +581,19 @@ def _config_value(decoder_path: Path, key: str) -> int:
     write one: decoder_start_token_id, pad_token_id), else 0."""
     import json
 
+    if isinstance(decoder_path, Halves):
+        decoder_path = decoder_path.first
     config = (decoder_path if decoder_path.is_dir() else decoder_path.parent) / "config.json"
     try:
         value = json.loads(config.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return 0
     return int(value) if isinstance(value, int) else 0
+
+
+def _as_path(path):
+    """A decoder's path as decode() takes it: a file or folder, or `Halves` as they are."""
+    return path if isinstance(path, Halves) else Path(path)
 
 
 def _pad_on_the_right(feeds: dict, lengths: list[int], where: Path, pad: int) -> None:

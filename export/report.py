@@ -138,9 +138,12 @@ def markdown(report: dict) -> str:
 
 def _fused_name(model: dict) -> str:
     """`fused-cpu.onnx`, or `decoder_model_merged/fused-cpu.onnx` where a folder's models each have
-    their own (export.build on a folder)."""
-    path = Path(model["model"])
-    return f"{path.parent.name}/{path.name}" if model.get("encoder") else path.name
+    their own (export.build on a folder), and both halves' where a decoder is two (`decode.Halves`)."""
+    def short(text: str) -> str:
+        path = Path(text)
+        return f"{path.parent.name}/{path.name}" if model.get("encoder") else path.name
+
+    return " + ".join(short(part) for part in str(model["model"]).split(" + "))
 
 
 def decoding_markdown(records: list[dict]) -> list[str]:

@@ -69,21 +69,25 @@ def test_each_model_is_built_and_the_fused_pair_decodes_the_references_tokens(t5
         assert f"max_batch_size: {0 if name.startswith('decoder') else 8}" in text, name
 
 
-def test_halves_are_built_each_with_its_own_dims_and_decoding_them_is_left_to_export_decode(t5, tmp_path):
-    """--dim sizes the models that have the name (the encoder has no cache axis); the two halves
-    are not a pair export.build decodes, and the skipped line gives the commands that do."""
+def test_halves_are_built_each_with_its_own_dims_and_decoded_as_one_decoder(t5, tmp_path):
+    """--dim sizes the models that have the name (the encoder has no cache axis); a folder with the
+    decoder's two halves and no merged form decodes them as one decoder, the fused halves (each
+    built in a folder of its own) reading the fused encoder's states."""
     out = tmp_path / "out"
     assert build_main(["--onnx", str(t5["halves"]), "--out", str(out), "--dim", "past_decoder_sequence_length=3",
-                       *QUICK]) == 0
+                       "--decode-tokens", "5", *QUICK]) == 0
     report = json.loads((out / "report.json").read_text())
     assert [row["model"] for row in report["models"]] == ["decoder_model.onnx", "decoder_with_past_model.onnx",
                                                           "encoder_model.onnx"]
     dims = {name: json.loads((out / name / "report.json").read_text())["config"]["dims"]
             for name in ("decoder_with_past_model", "encoder_model")}
     assert dims == {"decoder_with_past_model": {"past_decoder_sequence_length": 3}, "encoder_model": {}}
-    assert not report["decode"]
-    (halves,) = [s for s in report["skipped"] if s["stage"] == "greedy decoding of the encoder-decoder"]
-    assert "python -m export.decode" in halves["reason"] and "two halves" in halves["reason"]
+    (record,) = report["decode"]
+    assert record["models"]["compared"]["model"] == (f"{out / 'decoder_model' / 'fused-cpu.onnx'} + "
+                                                     f"{out / 'decoder_with_past_model' / 'fused-cpu.onnx'}")
+    assert record["models"]["reference"]["model"] == str(t5["halves"])
+    assert record["agreement"]["same_tokens"] == record["agreement"]["steps"] == 5
+    assert "`decoder_model/fused-cpu.onnx + decoder_with_past_model/fused-cpu.onnx`" in (out / "report.md").read_text()
 
 
 def test_a_dim_no_model_has_is_a_one_line_error_before_any_work(t5, tmp_path, capsys):
