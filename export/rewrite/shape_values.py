@@ -9,7 +9,9 @@ it was read from. Anything it cannot follow gives None, and the callers then lea
 Names that look like placeholders (`unk__57`, which onnx's inference and the tools that save its
 results give dims they cannot work out) name nothing, since a saved one can never be shown equal to
 the model's own dims, except where the model declares them on its inputs: tf2onnx names a dynamic
-input dim `unk__120`, and inference carries that name to every dim it proves the same size.
+input dim `unk__120`, and inference carries that name to every dim it proves the same size. (A
+placeholder another tool saved in value_info under the same name for another dim would be read as
+that dim; no model seen does so, and such a mismatch would also fail the model's own Reshape.)
 """
 from __future__ import annotations
 
