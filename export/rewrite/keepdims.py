@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 
 from .checks import constant_value
 from .emit import UniqueNames
-from .matcher import DEFAULT_DOMAINS, present_inputs, producer
+from .matcher import DEFAULT_DOMAINS, present_inputs, producer, replace_uses
 from .shape_values import ShapeReader, axes_of, declared_names
 
 RESTORABLE = ("ReduceMean", "ReduceSum")
@@ -64,11 +64,7 @@ def restore_keepdims(graph: gs.Graph, graph_outputs: set, names: UniqueNames, sc
             end = expand.outputs[0]  # expanded to the shape it has: the identity
         if end.name in graph_outputs:
             continue  # a graph output keeps its name and producer
-        kept = _kept_form(graph, restore.inputs[0], kept_of, names)
-        for consumer in list(end.outputs):  # the restore, now unread, goes with the graph's clean-up
-            for i, t in enumerate(consumer.inputs):
-                if t is end:
-                    consumer.inputs[i] = kept
+        replace_uses(end, _kept_form(graph, restore.inputs[0], kept_of, names))  # the restore goes with clean-up
         restored += 1
     where = "" if scope == "main" else f" in {scope}"
     return [f"took {restored} last-axis reduction(s) written with keepdims=0 and their axis put back by "

@@ -108,6 +108,14 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 
 
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every node reading `old` reads `new` instead (the node writing `old` goes with clean-up)."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+
+
 def present_inputs(node: gs.Node) -> list:
     """Node inputs without trailing omitted optionals (ONNX writes those as empty names)."""
     inputs = list(node.inputs)

@@ -30,17 +30,19 @@ from .checks import (FLOAT_TYPES, NormCandidate, Rejected, build_candidate, cons
                      is_last_axis_mean)
 from .fills import per_feature_fills
 from .keepdims import restore_keepdims
-from .zeros import drop_zero_subtractions
 from .gamma import fold_gamma
 from .emit import MS_DOMAIN, TARGETS, UniqueNames, emit, emitted_op, required_opset
 from .functions import inline_norm_functions
+from .matcher import replace_uses
 from .patterns import NORM_PATTERNS, ROOT_OPS
 from .proof import prove
 from .residual import residual_add, row_preserving_reshape, sum_is_used_elsewhere
 from .scopes import (PLACEHOLDER_DIM, Scope, all_nodes, count_nodes, graph_and_bodies, keep_initializers_home,
                      lend_body_shapes, restore_body_names, scopes_of, separate_body_names, unknown_dim,
                      unknown_dims, walk_graphs, without_placeholder_dims)
+from .shape_values import ShapeReader, declared_names
 from .symbolic import fill_from_symbolic_inference, symbolic_shapes
+from .zeros import minus_zeros
 
 
 @dataclass
@@ -119,7 +121,6 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
         report.notes += _drop_identities(scope.graph, scope.outputs, scope.name)
         report.notes += per_feature_fills(scope.graph, scope.outputs, names, scope.name)
         report.notes += restore_keepdims(scope.graph, scope.outputs, names, scope.name)
-        report.notes += drop_zero_subtractions(scope.graph, scope.outputs, scope.name)
     # nodes nothing reads (the model's own, or left by the passes above) would make the values they
     # read look shared with them; the scopes are listed again for the nodes the passes added
     graph.cleanup()
@@ -393,9 +394,11 @@ def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
 def _drop_identities(graph: gs.Graph, graph_outputs: set, scope: str = "main") -> list[str]:
     """Bypass nodes that give their input back unchanged: Identity (paddle2onnx writes one after
     each residual Add), a Cast to the dtype its input already has (TorchScript's `x.float()` on
-    fp32 x, whose output it then reuses for the residual) and a Mul by a constant 1 that broadcasts
-    nothing (paddle2onnx writes `var + eps` as Mul(var, 1) + eps). Each would hide a norm's parts."""
-    dropped = {"Identity": 0, "Cast": 0, "Mul": 0}
+    fp32 x, whose output it then reuses for the residual), a Mul by a constant 1 that broadcasts
+    nothing (paddle2onnx writes `var + eps` as Mul(var, 1) + eps) and a Sub of zeros broadcast to the
+    rows that cannot grow x (Flax's RMSNorm through jax2tf, `zeros.py`). Each would hide a norm's parts."""
+    reader = ShapeReader(declared_names(graph))
+    dropped = {"Identity": 0, "Cast": 0, "Mul": 0, "Sub": 0}
     for node in graph.nodes:
         if node.op not in dropped or (node.domain or "") not in ("", "ai.onnx") or not node.outputs \
                 or node.outputs[0].name in graph_outputs:
@@ -403,21 +406,19 @@ def _drop_identities(graph: gs.Graph, graph_outputs: set, scope: str = "main") -
         source, out = node.inputs[0], node.outputs[0]
         if node.op == "Cast" and (source.dtype is None or dtype_name(source) != FLOAT_TYPES.get(int(node.attrs.get("to", -1)))):
             continue
-        if node.op == "Mul":
-            source = _times_one(node)
+        if node.op in ("Mul", "Sub"):
+            source = _times_one(node) if node.op == "Mul" else minus_zeros(node, reader)
             if source is None:
                 continue
-        for consumer in list(out.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is out:
-                    consumer.inputs[i] = source
+        replace_uses(out, source)
         # inputs too: a dead node still listed among its source's consumers would make that
         # tensor look used outside a norm (a Cast before gamma's Mul kept gamma out of the fusion)
         node.inputs.clear()
         node.outputs.clear()
         dropped[node.op] += 1
     where = "" if scope == "main" else f" in {scope}"
-    what = {"Identity": "Identity node(s)", "Cast": "identity Cast node(s)", "Mul": "Mul(s) by 1"}
+    what = {"Identity": "Identity node(s)", "Cast": "identity Cast node(s)", "Mul": "Mul(s) by 1",
+            "Sub": "subtraction(s) of zeros broadcast to the rows"}
     said = [f"{n} {what[op]}" for op, n in dropped.items() if n]
     return [f"bypassed {', '.join(said)}{where}"] if said else []
 

@@ -1,4 +1,4 @@
-"""x - 0, written with shape arithmetic, given back as x.
+"""x - 0, written with shape arithmetic, recognised as x (rewriter._drop_identities bypasses it).
 
 Flax's RMSNorm runs the code of its LayerNorm with a mean of zeros, and jax2tf with tf2onnx writes
 that mean out: a zero constant Expanded to the rows, Reshaped and Expanded again to [rows, 1]
@@ -14,32 +14,18 @@ import onnx_graphsurgeon as gs
 
 from .checks import constant_value
 from .matcher import DEFAULT_DOMAINS, producer
-from .shape_values import ShapeReader, declared_names
+from .shape_values import ShapeReader
 
 
-def drop_zero_subtractions(graph: gs.Graph, graph_outputs: set, scope: str = "main") -> list[str]:
-    """Bypass each such Sub; returns the notes."""
-    reader = ShapeReader(declared_names(graph))
-    dropped = 0
-    for node in graph.nodes:
-        if node.op != "Sub" or (node.domain or "") not in DEFAULT_DOMAINS or len(node.inputs) != 2 \
-                or len(node.outputs) != 1 or node.outputs[0].name in graph_outputs:
-            continue
-        x, zeros = node.inputs
-        zero_dims, x_dims = _zeros_dims(zeros, reader), reader.dims_of_tensor(x)
-        if zero_dims is None or x_dims is None or x.dtype != node.outputs[0].dtype \
-                or not _broadcasts_into(zero_dims, x_dims):
-            continue
-        out = node.outputs[0]
-        for consumer in list(out.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is out:
-                    consumer.inputs[i] = x
-        node.inputs.clear()
-        node.outputs.clear()
-        dropped += 1
-    where = "" if scope == "main" else f" in {scope}"
-    return [f"bypassed {dropped} subtraction(s) of zeros broadcast to the rows{where}"] if dropped else []
+def minus_zeros(node: gs.Node, reader: ShapeReader) -> gs.Tensor | None:
+    """x, where `node` is such a Sub(x, zeros); else None."""
+    if node.op != "Sub" or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    x, zeros = node.inputs
+    zero_dims, x_dims = _zeros_dims(zeros, reader), reader.dims_of_tensor(x)
+    if zero_dims is None or x_dims is None or x.dtype != node.outputs[0].dtype or not _broadcasts_into(zero_dims, x_dims):
+        return None
+    return x
 
 
 def _zeros_dims(tensor: gs.Tensor, reader: ShapeReader) -> list | None:
