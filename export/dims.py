@@ -256,10 +256,10 @@ def sizes_per_model(models: list, given: list[tuple]) -> dict:
     from .triton_repo import onnx_signature
 
     inputs = {model: onnx_signature(model)[0] for model in models}
-    shares = {model: [(name, size) for name, size in given if name in sizes_it_has(specs, {name: size})]
-              for model, specs in inputs.items()}
+    names = {model: _names(specs) for model, specs in inputs.items()}
+    shares = {model: [(name, size) for name, size in given if name in names[model]] for model in models}
     for name, _ in given:
-        if not any(name in dict(share) for share in shares.values()):
+        if not any(name in known for known in names.values()):
             names = ", ".join(dict.fromkeys(n for specs in inputs.values() for n in named_dims(specs))) or "none"
             raise UsageError(f"--dim {name}: no model in the folder has a dimension of that name (their named "
                              f"dimensions: {names})")

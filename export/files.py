@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import NormfuseError
+from .errors import NormfuseError, UsageError
 
 
 def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
@@ -33,8 +33,6 @@ def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
 
 def models_in(folder: Path) -> list[Path]:
     """The ONNX models of a folder (an Optimum export, say), by name; none is a one-line UsageError."""
-    from .errors import UsageError
-
     models = sorted(path for path in Path(folder).iterdir() if path.suffix == ".onnx" and path.is_file())
     if not models:
         raise UsageError(f"{folder}: no .onnx model in this folder")
@@ -45,8 +43,6 @@ def paired_models(reference: Path, candidate: Path, role: str = "candidate") -> 
     """The models of folder `reference`, each to be paired with the one of the same name in
     `candidate` (as export.rewrite writes a folder); a one-line error where `candidate` is no
     folder or lacks one of them."""
-    from .errors import UsageError
-
     if not Path(candidate).is_dir():
         raise UsageError(f"{candidate}: the reference {reference} is a folder, so the {role} must be one too "
                          "(the fused models under the same names, as export.rewrite writes them)")
