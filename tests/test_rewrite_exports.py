@@ -169,6 +169,37 @@ def test_torch_statistics_that_are_no_norm_stay(form):
     assert GRAPH["float32"].passes(run_model(out, {name: x})[0], run_model(model, {name: x})[0])
 
 
+class TinyEpsilonNorm(torch.nn.Module):
+    """Norms whose epsilon torch's exporter optimises away: its optimiser removes an Add of a constant
+    within 1e-8 of zero. Helium's RMSNorm (eps 1e-8) and the hand-written BERT LayerNorm that many
+    ports of Google's BERT keep (eps 1e-12)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.weight = torch.nn.Parameter(torch.rand(64) + 0.5)
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(64))
+
+    def forward(self, x):
+        if self.kind == "RMSNorm":
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-8)
+            return (self.weight.to(torch.float32) * h).to(x.dtype)
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        return self.weight * ((x - u) / torch.sqrt(s + 1e-12)) + self.bias
+
+
+@pytest.mark.parametrize("kind", ["RMSNorm", "LayerNorm"])
+def test_a_norm_whose_epsilon_the_exporter_dropped_is_fused_with_epsilon_zero(kind):
+    model = _export_dynamic(TinyEpsilonNorm(kind), "float32")
+    adds = sum(n.op_type == "Add" for n in model.graph.node)
+    assert adds == (0 if kind == "RMSNorm" else 1), "torch's optimiser kept the epsilon: this test no longer covers its loss"
+    report = assert_fused_and_equal(model, 1, 0, "float32")
+    assert report.fusions[0].kind == kind and report.fusions[0].epsilon == 0.0
+    assert any("add no epsilon" in note and "optimize=False" in note for note in report.notes)
+
+
 class BatchNormArithmeticLayerNorm(torch.nn.Module):
     """LayerNorm in TensorFlow's batch-normalisation arithmetic (tf2onnx's Keras/TF BERT LayerNorms),
     after a residual Add: s = gamma * rsqrt(var + eps); y = x * s + (beta - mean * s). `keras`

@@ -29,6 +29,7 @@ def norm_graphs(draw, mutation=st.sampled_from(MUTATIONS)):
         casts=draw(st.sampled_from(CASTS)), scale=draw(st.sampled_from(RMS_SCALES)), bias=draw(st.booleans()),
         residual=draw(st.sampled_from(RESIDUALS)), axes_input=draw(st.booleans()), positive_axis=draw(st.booleans()),
         epsilon=draw(st.sampled_from((1e-12, 1e-6, 1e-5, 1e-3, 0.1))), epsilon_castlike=draw(st.booleans()),
+        epsilon_dropped=draw(st.sampled_from((False, False, False, True))),
         variance=draw(st.sampled_from(VARIANCES)), guard=draw(st.booleans()), mean=draw(st.sampled_from(MEANS)),
         hidden=draw(st.integers(1, 48)),
         mutation=draw(mutation))

@@ -313,6 +313,8 @@ def _epsilon(pattern: NormPattern, match: Match) -> float:
         eps = float(match.roles["native"].attrs.get("epsilon", default))
     else:
         eps = scalar(match, "eps", "epsilon")
+        if eps is None:
+            eps = 0.0  # the graph adds no epsilon (patterns.plus_epsilon)
     if not np.isfinite(eps) or eps < 0:
         raise Rejected(f"epsilon {eps!r} is not a finite non-negative number")
     return eps

@@ -79,9 +79,15 @@ def inv_sqrt(p: Pattern) -> Pattern:
     )
 
 
+def plus_epsilon(var: Pattern) -> Pattern:
+    """var + eps; or var alone, a norm with epsilon 0: torch's exporter, with its optimiser on (the
+    default), drops an epsilon of 1e-8 or less as an Add of zero (Helium's RMSNorm, eps 1e-8)."""
+    return Or(Op("Add", var, Var("eps"), commutative=True), var)
+
+
 def normalise(t: Pattern, var: Pattern) -> Pattern:
     """t / sqrt(var + eps), in each spelling exporters use."""
-    plus_eps = Op("Add", var, Var("eps"), commutative=True)
+    plus_eps = plus_epsilon(var)
     return Or(
         Op("Mul", t, inv_sqrt(plus_eps), commutative=True),
         Op("Div", t, Op("Sqrt", plus_eps)),
@@ -111,7 +117,7 @@ def _rms_patterns() -> list[NormPattern]:
     normalised = normalise(x, mean_last(squares))
     out = maybe_cast(normalised, "cast_out")
     # Keras' RMSNormalization, as tf2onnx writes it: the scale multiplies the inverse root, then x
-    inv = inv_sqrt(Op("Add", mean_last(squares), Var("eps"), commutative=True))
+    inv = inv_sqrt(plus_epsilon(mean_last(squares)))
     scaled_inv = Op("Mul", inv, Var("gamma"), commutative=True, role="scale")
     return [
         # LLaMA/Mistral: weight * normalised.to(dtype); T5: weight * normalised (no cast back)
@@ -132,7 +138,7 @@ def _layernorm_patterns() -> list[NormPattern]:
 
     out = maybe_cast(normalise(centred(), variance(x, centred())), "cast_out")
     # Flax's LayerNorm as jax2tf writes it: the scale multiplies the inverse root, then x - mean
-    inv = inv_sqrt(Op("Add", variance(x, centred()), Var("eps"), commutative=True))
+    inv = inv_sqrt(plus_epsilon(variance(x, centred())))
     scaled_inv = Op("Mul", centred(), Op("Mul", inv, Var("gamma"), commutative=True, role="scale"), commutative=True)
     return [
         NormPattern("layernorm", True, maybe_cast(biased(scaled(out)), "cast_scaled")),
@@ -150,7 +156,7 @@ def _affine_layernorm_patterns() -> list[NormPattern]:
     in the affine shift instead of from x (Keras 3 spells the shift -mean * s + beta)."""
     x = maybe_cast(Var("x"), "cast_in")
     var = variance(x, Op("Sub", x, mean_last(x), role="centre"))
-    inv = inv_sqrt(Op("Add", var, Var("eps"), commutative=True))
+    inv = inv_sqrt(plus_epsilon(var))
 
     def affine(s: Pattern, with_beta: bool) -> Pattern:
         mean_s = Op("Mul", mean_last(x), s, commutative=True)

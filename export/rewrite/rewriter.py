@@ -155,6 +155,12 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
         emit(candidate.scope.graph, candidate, target, names)
         report.fusions.append(_fusion_record(candidate, target))
     report.fused = len(report.fusions)
+    without_epsilon = [c.output.name for c in candidates if not c.pattern.native and "eps" not in c.match.tensors]
+    if without_epsilon:
+        report.notes.append(f"{len(without_epsilon)} norm(s) add no epsilon ('{without_epsilon[0]}'"
+                            f"{' and more' if len(without_epsilon) > 1 else ''}), so they are fused with epsilon 0, "
+                            "as written: a row of zeros gives NaN. torch's exporter removes an epsilon of 1e-8 or less "
+                            "as an Add of zero; export with optimize=False to keep it")
 
     graph.cleanup().toposort()
     report.unmatched_means = _means_in_no_norm(graph, report)

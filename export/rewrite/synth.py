@@ -61,6 +61,7 @@ class NormSpec:
     positive_axis: bool = False
     epsilon: float = 1e-5
     epsilon_castlike: bool = False  # epsilon as CastLike(eps, x), as Flax writes it
+    epsilon_dropped: bool = False  # no Add of epsilon: torch's optimiser drops one of 1e-8 or less
     mean: str = "reduce"  # one of MEANS; global_pool makes the input rank 3
     variance: str = "centred"  # LayerNorm only: one of VARIANCES
     guard: bool = False  # LayerNorm only: jax2onnx's Where(row constant and mean finite, 0, x - mean)
@@ -86,6 +87,8 @@ class NormSpec:
                 fields.append("guard")
         if self.epsilon_castlike:
             fields.append("eps=CastLike")
+        if self.epsilon_dropped:
+            fields.append("eps=none")
         if self.mean != "reduce":
             fields.append(f"mean={self.mean}")
         if self.positive_axis:
@@ -200,7 +203,7 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
     eps = "epsilon_input" if spec.mutation == "eps_input" else b.const(spec.epsilon, s)
     if spec.epsilon_castlike and spec.mutation != "eps_input":
         eps = b.op("CastLike", b.const(spec.epsilon, "float64"), t)
-    plus = b.op("Add", var, eps)
+    plus = var if spec.epsilon_dropped and spec.mutation != "eps_input" else b.op("Add", var, eps)
     hidden = spec.hidden
     rng = np.random.default_rng(hidden)
     w_shape = (2, hidden) if spec.mutation == "broadcast_scale" else (hidden,)  # build() makes dim -2 be 2
