@@ -138,7 +138,8 @@ def _external_tensors(model: onnx.ModelProto):
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Save atomically. Weights go to `<name>.data` beside it when large (or when asked)."""
+    """Save atomically. Weights go to `<name>.data` beside it when large (or when asked); as onnx
+    does, they then move out of `model`, whose tensors refer to that file from then on."""
     path = Path(path)
     if external_data is None:
         external_data = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
@@ -146,19 +147,22 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     with atomic_path(path) as tmp:
         if external_data:
             with atomic_path(path.parent / data_name) as tmp_data:
+                # onnx refuses to write into an existing data file, and looks for it relative to the
+                # working directory: the empty placeholder must go, or saving into the folder one
+                # works in fails ("External data file exists")
+                tmp_data.unlink()
                 onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=tmp_data.name, size_threshold=1024)
-                _rename_location(tmp, tmp_data.name, data_name)
+                # the data file was written under a temporary name: point the model at its final one
+                _rename_location(model, tmp_data.name, data_name)
+                onnx.save_model(model, str(tmp))  # the weights are in the data file already
         else:
             onnx.save_model(model, str(tmp))
     return path
 
 
-def _rename_location(model_path: Path, old: str, new: str) -> None:
-    """The data file was written under a temporary name; make the model point at its final name."""
-    model = onnx.load(str(model_path), load_external_data=False)
+def _rename_location(model: onnx.ModelProto, old: str, new: str) -> None:
     for tensor in _external_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
-    onnx.save_model(model, str(model_path))

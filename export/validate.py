@@ -19,6 +19,7 @@ with Polygraphy itself, e.g.
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,26 +190,31 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         for feeds in given:
             check_feeds(specs, feeds, f"{reference.model} (--inputs)")
         shapes = [leading_dims(feeds) for feeds in given]
-    # The reference runs as written: ONNX Runtime's own fusions are not what is being checked
-    # (and its LayerNormFusion builds invalid nodes on some fp16 TorchScript exports).
-    ref_runner = make_runner(reference.model, reference.backend, shapes, optimization="none", dims=dims)
-    cand_level = candidate_optimization(graph)
-    cand_runner = make_runner(candidate.model, candidate.backend, shapes, dims=dims, optimization=cand_level)
-
     tolerance = GRAPH[dtype]
     bounds = index_bounds(reference.model) if given is None else {}
     switches = branch_switches(graph) if given is None and graph is not None else []
     settings = [dict.fromkeys(switches, True), dict.fromkeys(switches, False)] if switches else [{}]
     runs = [(index, shape, setting) for index, shape in enumerate(shapes) for setting in settings]
-    pairs: list[dict] = []
-    iterations: list = []
+    all_feeds = []
     for index, (batch, seq), setting in runs:
         feeds = given[index] if given is not None else random_arrays(
             inputs, batch, seq, seed=seed, bounds=bounds, dims=dims, where=str(reference.model))
         feeds.update({name: np.full_like(feeds[name], on) for name, on in setting.items()})
         mask_over_the_cache(feeds, inputs, output_specs)
-        with hint_on_failure(inputs if given is None else ()):
-            expected, actual = ref_runner.run(feeds), cand_runner.run(feeds)
+        all_feeds.append(feeds)
+    # One model loaded at a time: the reference runs every input first and is let go before the
+    # candidate loads, so validating needs the memory of one model, not of two. The reference runs
+    # as written: ONNX Runtime's own fusions are not what is being checked (and its LayerNormFusion
+    # builds invalid nodes on some fp16 TorchScript exports).
+    cand_level = candidate_optimization(graph)
+    all_expected = _run_each(make_runner(reference.model, reference.backend, shapes, optimization="none", dims=dims),
+                             all_feeds, inputs if given is None else ())
+    all_actual = _run_each(make_runner(candidate.model, candidate.backend, shapes, dims=dims, optimization=cand_level),
+                           all_feeds, inputs if given is None else (), progress)
+
+    pairs: list[dict] = []
+    iterations: list = []
+    for (index, (batch, seq), setting), feeds, expected, actual in zip(runs, all_feeds, all_expected, all_actual):
         missing = set(expected) - set(actual)
         if missing:
             raise NormfuseError(f"{candidate.model}: outputs {sorted(missing)} missing (it has {sorted(actual)})")
@@ -239,12 +245,25 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             **({"norm_check": norms} if norms is not None else {}),
         })
         iterations.append((feeds, expected, actual))
-        if progress:
-            progress()
     if save_dir is not None:
         save_polygraphy(save_dir, iterations, f"{reference.label}@{reference.backend}",
                         f"{candidate.label}@{candidate.backend}", reference.label, candidate.label)
     return pairs
+
+
+def _run_each(runner, all_feeds: list[dict], made_up_inputs, progress=None) -> list[dict]:
+    """The runner's outputs for each feed dict; the runner (and its session or engine) is let go after."""
+    outputs = []
+    try:
+        with hint_on_failure(made_up_inputs):
+            for feeds in all_feeds:
+                outputs.append(runner.run(feeds))
+                if progress:
+                    progress()
+        return outputs
+    finally:
+        del runner
+        gc.collect()  # ONNX Runtime sessions sit in reference cycles
 
 
 def read_given_inputs(path: str | Path, reference: str | Path) -> list[dict]:

@@ -72,3 +72,27 @@ def test_atomic_writes_to_an_impossible_path_fail_in_one_line_with_nothing_left(
         write_json(tmp_path / "folder", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"] and a_file.read_text() == "kept"
     assert list((tmp_path / "folder").iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["working directory", "elsewhere"])
+def test_a_model_with_external_weights_saves_into_any_folder(tmp_path, monkeypatch, where):
+    """onnx looks for an existing data file relative to the working directory: saving into the
+    folder one works in once failed ("External data file exists"), as for every export over 1 GiB."""
+    import numpy as np
+    import onnx
+
+    from export.onnx_io import save_model
+    from export.rewrite.synth import NormSpec, build
+
+    model = build(NormSpec(hidden=512))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    folder = tmp_path / "out"
+    folder.mkdir()
+    monkeypatch.chdir(folder if where == "working directory" else tmp_path)
+    save_model(model, folder / "m.onnx", external_data=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]
+    for loaded in (onnx.load(str(folder / "m.onnx")), model):  # the given model now refers to the file too
+        for tensor in loaded.graph.initializer:
+            assert np.array_equal(onnx.numpy_helper.to_array(tensor, base_dir=str(folder)), weights[tensor.name])
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL
+               for t in onnx.load(str(folder / "m.onnx"), load_external_data=False).graph.initializer)

@@ -253,3 +253,31 @@ def test_bench_node_counts_include_the_branches(tmp_path):
     from export.bench import node_count
 
     assert node_count(branch_model(tmp_path / "m.onnx")) == 2 + 6 + 1  # Squeeze and If, then, else
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "onnx-reference"])
+def test_one_model_is_loaded_at_a_time(tmp_path, monkeypatch, backend):
+    """The reference runs every shape and is let go before the candidate loads, so validating a
+    model needs its memory once, not twice."""
+    import gc
+    import weakref
+
+    from export import validate
+
+    reference = token_model(tmp_path / "ref.onnx")
+    fused = tmp_path / "fused.onnx"
+    rewrite_file(reference, fused, target="onnxruntime" if backend == "ort-cpu" else "tensorrt")
+    events, real_make_runner = [], validate.make_runner
+
+    def recorded(path, *args, **kwargs):
+        events.append(f"load {path.name if hasattr(path, 'name') else path}")
+        runner = real_make_runner(path, *args, **kwargs)
+        weakref.finalize(runner, events.append, f"free {getattr(path, 'name', path)}")
+        return runner
+
+    monkeypatch.setattr(validate, "make_runner", recorded)
+    pairs = validate.compare(validate.Side(reference, backend, "reference"), validate.Side(fused, backend, "fused"),
+                             [(1, 16), (2, 8)], "float32")
+    gc.collect()
+    assert [p["passed"] for p in pairs] == [True, True]
+    assert events == ["load ref.onnx", "free ref.onnx", "load fused.onnx", "free fused.onnx"]
