@@ -143,8 +143,9 @@ class ReferenceRunner:
 
         from .rewrite.evaluate import evaluator
 
-        model = onnx.load(str(model_path))
+        model = onnx.load(str(model_path), load_external_data=False)
         self.path = model_path
+        self.weights = _weights_as_inputs(model, Path(model_path).parent)
         try:
             self.evaluator = evaluator(model)  # fused ops by normops; fp32 accumulation on half inputs
         except Exception as exc:  # an op or opset the evaluator does not know
@@ -158,13 +159,34 @@ class ReferenceRunner:
             # numpy's warnings for what the graph computes on purpose (T5 takes the log of 0 for
             # its relative positions and masks it out afterwards) are not the user's business here
             with np.errstate(all="ignore"):
-                return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
+                return dict(zip(self.output_names, self.evaluator.run(None, {**self.weights, **feeds})))
         except NormfuseError as exc:  # a node no runtime here has (export.rewrite.evaluate)
             raise NormfuseError(f"{self.path}: {exc}") from None
         except Exception as exc:  # inputs the graph cannot take
             shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())
             raise RunFailure(f"{self.path}: onnx's reference evaluator failed on {shapes}: "
                              f"{exc.__class__.__name__}: {first_line(exc)}") from None
+
+
+def _weights_as_inputs(model, base_dir: Path) -> dict:
+    """Turn the main graph's initializers into graph inputs, in place, and return their values, read
+    once: the evaluator keeps the model it is given and makes its own numpy copy of every
+    initializer, so a model's weights would sit in memory twice (three times while loading)."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {}
+    declared = {i.name for i in model.graph.input}  # an initializer that is also an input: the feeds override it
+    for tensor in model.graph.initializer:
+        try:
+            weights[tensor.name] = numpy_helper.to_array(tensor, base_dir=str(base_dir))
+        except Exception as exc:  # a missing or short data file, a location outside the folder
+            raise NormfuseError(f"{base_dir}: external data of tensor {tensor.name!r} cannot be read "
+                                f"({first_line(exc)})") from None
+        if tensor.name not in declared:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    del model.graph.initializer[:]
+    return weights
 
 
 def make_runner(model_path: str | Path, backend: str, shapes: list[tuple[int, int]] | None = None,

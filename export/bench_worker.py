@@ -8,6 +8,7 @@ session is created) minus its resident set at that moment: what the session and 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -65,6 +66,8 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
     runner.bind(feeds)  # bound once (uploaded once on CUDA): the timed loop is the session's run alone
     timing = time_runs(runner.run_bound, runs, warmup, batch * seq)
     peak = peak_rss_mb() - baseline
+    del runner  # the profiled sessions below load the model again: one session in memory at a time
+    gc.collect()
     classes = profile_op_classes(model, backend, feeds, profile_runs, norm_nodes, optimization) if profile_runs else None
     return {
         "backend": backend,
@@ -93,6 +96,8 @@ def profile_op_classes(model: str, backend: str, feeds: dict, runs: int, norm_no
         for _ in range(2):
             warm.run(feeds)
         os.unlink(warm.end_profiling())  # warm-up runs are not counted
+        del warm
+        gc.collect()
         profiled = OrtRunner(model, backend, profile_prefix=prefix, optimization=optimization)
         for _ in range(1 + runs):
             profiled.run(feeds)

@@ -37,6 +37,7 @@ cache axis at 1, and the prefill needs 0.
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -483,6 +484,10 @@ def decode(model_path: str | Path | Halves, compare_path: str | Path | Halves | 
         # rewrite the reference's norms too) are not what is being compared
         from .runtime import OrtModel
 
+        models.clear()  # the timed models are done with: the one loaded next is not a third in memory
+        if seq2seq:
+            encoders.clear()
+        gc.collect()
         say("the reference as written, for the scores")
         as_written = load_decoder(paths[0], providers, optimization="none")
         encoder = OrtModel(encoder_paths[0], providers=providers, optimization="none") if seq2seq else None

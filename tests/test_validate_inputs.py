@@ -281,3 +281,49 @@ def test_one_model_is_loaded_at_a_time(tmp_path, monkeypatch, backend):
     gc.collect()
     assert [p["passed"] for p in pairs] == [True, True]
     assert events == ["load ref.onnx", "free ref.onnx", "load fused.onnx", "free fused.onnx"]
+
+
+def test_the_reference_evaluator_holds_each_weight_once(tmp_path):
+    """onnx's evaluator keeps the model it is given and copies every initializer into numpy: the
+    runner reads the weights once (external data too) and feeds them as inputs instead."""
+    from export.backends import ReferenceRunner
+    from export.rewrite.evaluate import run_model
+
+    reference = token_model(tmp_path / "inline.onnx")
+    model = onnx.load(str(reference))
+    feeds = {"ids": np.array([[1, 5, 36]]), "mask": np.ones((1, 3), np.int64)}
+    expected = run_model(model, feeds)[0]
+    names = sorted(t.name for t in model.graph.initializer)
+    split = tmp_path / "split" / "model.onnx"
+    split.parent.mkdir()
+    onnx.save(model, str(split), save_as_external_data=True, location="w.bin", size_threshold=0)
+    for path in (reference, split):
+        runner = ReferenceRunner(path)
+        assert not runner.evaluator.proto_.graph.initializer
+        assert sorted(runner.weights) == names
+        np.testing.assert_array_equal(runner.run(feeds)["y"], expected)
+
+
+def test_an_initializer_that_is_also_an_input_is_overridden_by_the_feeds(tmp_path):
+    from export.backends import ReferenceRunner
+
+    model = onnx.load(str(token_model(tmp_path / "m.onnx", mask=False)))
+    gamma = next(t for t in model.graph.initializer if t.name == "gamma")
+    model.graph.input.append(helper.make_tensor_value_info("gamma", TensorProto.FLOAT, [HIDDEN]))
+    onnx.save(model, str(tmp_path / "overridable.onnx"))
+    runner = ReferenceRunner(tmp_path / "overridable.onnx")
+    ids = np.array([[3, 4]])
+    as_stored = runner.run({"ids": ids})["y"]
+    doubled = runner.run({"ids": ids, "gamma": 2 * numpy_helper.to_array(gamma)})["y"]
+    np.testing.assert_allclose(doubled, 2 * as_stored, rtol=1e-6)
+
+
+def test_missing_external_weights_are_a_one_line_error(tmp_path):
+    from export.backends import ReferenceRunner
+
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx.load(str(token_model(tmp_path / "m.onnx"))), str(path), save_as_external_data=True,
+              location="w.bin", size_threshold=0)
+    (tmp_path / "w.bin").unlink()
+    with pytest.raises(NormfuseError, match="external data of tensor .* cannot be read"):
+        ReferenceRunner(path)
