@@ -16,7 +16,6 @@ Runtime's own working copy, not a multiple of it.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys

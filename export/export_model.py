@@ -14,7 +14,7 @@ from pathlib import Path
 from models import BlockConfig
 
 from .errors import NormfuseError, UsageError, first_line
-from .onnx_io import save_model
+from .onnx_io import external_locations, save_exported, save_model
 
 EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "hidden_states", "output"
@@ -33,6 +33,7 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
                  seed: int = 0, external_data: bool | None = None, check: bool = True) -> ExportResult:
     """Build the stack for `config` with seeded weights and write it to `path` as ONNX. `check`:
     refuse (and remove) a graph that onnx's full check rejects; False keeps what the exporter wrote."""
+    import onnx
     import torch
 
     from models.blocks import TORCH_DTYPES, build_model
@@ -43,14 +44,13 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
     example = torch.randn(2, 8, config.hidden, dtype=TORCH_DTYPES[config.dtype])
     with _quiet():
         if exporter == "dynamo":
-            proto = _export_dynamo(model, example, opset)
+            path = save_exported(_export_dynamo(model, example, opset), path, external_data=external_data)
         else:
-            proto = _export_torchscript(model, example, opset)
-    path = save_model(proto, path, external_data=external_data)
+            path = save_model(_export_torchscript(model, example, opset), path, external_data=external_data)
     if check:
         _check_exported(Path(path), exporter, config)
-    has_external = any(t.data_location == 1 for t in proto.graph.initializer) or external_data is True
-    return ExportResult(Path(path), exporter, opset, bool(has_external))
+    has_external = bool(external_locations(onnx.load(str(path), load_external_data=False)))
+    return ExportResult(Path(path), exporter, opset, has_external)
 
 
 def _check_exported(path: Path, exporter: str, config: BlockConfig) -> None:
@@ -80,7 +80,7 @@ def _export_dynamo(model, example, opset: int):
         dynamic_shapes={"hidden_states": {0: Dim("batch"), 1: Dim("seq")}}, opset_version=opset,
         optimize=True, verbose=False,
     )
-    return program.model_proto
+    return program
 
 
 def _export_torchscript(model, example, opset: int):

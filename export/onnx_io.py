@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .errors import NormfuseError, first_line
-from .files import atomic_path, require_file
+from .files import _UMASK, atomic_path, require_file, unwritable
 
 # Above this many bytes of initializers a model is saved with its weights as external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -158,6 +160,33 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
                 onnx.save_model(model, str(tmp))  # the weights are in the data file already
         else:
             onnx.save_model(model, str(tmp))
+    return path
+
+
+def save_exported(program, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Save torch's ONNXProgram as `save_model` saves a ModelProto, without making one: torch writes
+    the weights one at a time from the torch model's own memory (`program.model_proto` would copy
+    them all into a proto first: twice the weights in memory). It writes into a staging folder
+    beside `path`, with the final names, and both files are then renamed into place."""
+    path = Path(path)
+    if external_data is None:
+        external_data = sum(value.const_value.nbytes for value in program.model.graph.initializers.values()
+                            if value.const_value is not None) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise NormfuseError(f"{path}: cannot write ({unwritable(path) or exc.strerror or exc})") from None
+    try:
+        program.save(staging / path.name, external_data=external_data)
+        if (staging / data_name).exists():
+            os.chmod(staging / data_name, 0o666 & ~_UMASK)
+            os.replace(staging / data_name, path.parent / data_name)
+        os.chmod(staging / path.name, 0o666 & ~_UMASK)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

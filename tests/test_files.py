@@ -96,3 +96,31 @@ def test_a_model_with_external_weights_saves_into_any_folder(tmp_path, monkeypat
             assert np.array_equal(onnx.numpy_helper.to_array(tensor, base_dir=str(folder)), weights[tensor.name])
     assert any(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.load(str(folder / "m.onnx"), load_external_data=False).graph.initializer)
+
+
+@pytest.mark.parametrize("external_data", [True, False])
+def test_an_export_is_saved_from_torch_without_a_copy_of_the_weights(tmp_path, monkeypatch, external_data):
+    """export_model saves torch's ONNXProgram itself (tensors written one at a time from torch's
+    memory), staged beside the target and renamed into place: nothing else is left in the folder."""
+    import onnx
+
+    from export.export_model import export_model
+    from models import preset
+
+    monkeypatch.chdir(tmp_path)
+    result = export_model(preset("tiny", "rmsnorm", layers=1), "model.onnx", external_data=external_data)
+    expected = ["model.onnx", "model.onnx.data"] if external_data else ["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    assert result.external_data is external_data
+    mode = stat.S_IMODE(os.stat(tmp_path / "model.onnx").st_mode)
+    assert mode == 0o666 & ~current_umask()
+    onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
+
+
+def test_an_export_into_a_folder_that_cannot_take_it_is_one_line(tmp_path):
+    from export.export_model import export_model
+    from models import preset
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NormfuseError, match="cannot write"):
+        export_model(preset("tiny", "rmsnorm", layers=1), tmp_path / "file" / "model.onnx")
