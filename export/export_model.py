@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,8 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
         if exporter == "dynamo":
             path = save_exported(_export_dynamo(model, example, opset), path, external_data=external_data)
         else:
-            path = save_model(_export_torchscript(model, example, opset), path, external_data=external_data)
+            proto = _export_torchscript(model, example, opset, Path(path).parent)
+            path = save_model(proto, path, external_data=external_data)
     if check:
         _check_exported(Path(path), exporter, config)
     has_external = bool(external_locations(onnx.load(str(path), load_external_data=False)))
@@ -83,17 +86,31 @@ def _export_dynamo(model, example, opset: int):
     return program
 
 
-def _export_torchscript(model, example, opset: int):
+def _export_torchscript(model, example, opset: int, staging_parent: Path):
+    """TorchScript's exporter writes a file: past 2 GiB a model cannot be one protobuf, and it puts
+    each weight in a file of its own beside it. It writes into a staging folder (beside the target:
+    the system's temporary folder may be small), and the model comes back whole, to be saved as
+    `save_model` lays it out."""
     import onnx
     import torch
 
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch", 1: "seq"}},
-        opset_version=opset,
-    )
-    return onnx.load_from_string(buffer.getvalue())
+    from .files import unwritable
+
+    try:
+        staging_parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".torchscript.", suffix=".tmp", dir=staging_parent))
+    except OSError as exc:
+        raise NormfuseError(f"{staging_parent}: cannot write ({unwritable(staging_parent, folder=True) or exc})") from None
+    try:
+        written = staging / "model.onnx"
+        torch.onnx.export(
+            model, (example,), str(written), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch", 1: "seq"}},
+            opset_version=opset,
+        )
+        return onnx.load(str(written))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -98,17 +98,20 @@ def test_a_model_with_external_weights_saves_into_any_folder(tmp_path, monkeypat
                for t in onnx.load(str(folder / "m.onnx"), load_external_data=False).graph.initializer)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("external_data", [True, False])
-def test_an_export_is_saved_from_torch_without_a_copy_of_the_weights(tmp_path, monkeypatch, external_data):
+def test_an_export_is_saved_from_torch_without_a_copy_of_the_weights(tmp_path, monkeypatch, external_data, exporter):
     """export_model saves torch's ONNXProgram itself (tensors written one at a time from torch's
-    memory), staged beside the target and renamed into place: nothing else is left in the folder."""
+    memory), staged beside the target and renamed into place; TorchScript's exporter writes a file
+    in a staging folder beside it (past 2 GiB it must). Nothing else is left in the folder."""
     import onnx
 
     from export.export_model import export_model
     from models import preset
 
     monkeypatch.chdir(tmp_path)
-    result = export_model(preset("tiny", "rmsnorm", layers=1), "model.onnx", external_data=external_data)
+    result = export_model(preset("tiny", "rmsnorm", layers=1), "model.onnx", external_data=external_data,
+                          exporter=exporter)
     expected = ["model.onnx", "model.onnx.data"] if external_data else ["model.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == expected
     assert result.external_data is external_data
