@@ -219,7 +219,7 @@ class Pipeline:
         backends = self.backends
         dtype = described["dtype"]
         fused, fused_cpu, fused_trt = out / "fused.onnx", out / "fused-cpu.onnx", out / "fused-tensorrt.onnx"
-        from .rewrite import describe_counts, describe_unmatched_means, rewrite_file
+        from .rewrite import describe_counts, describe_unmatched_means, describe_without_epsilon, rewrite_file
 
         with self.stage("rewrite", "rewrite norms (tensorrt, onnxruntime and onnxruntime CPU forms)"):
             # --exclude: norms left as written (a name no norm ends at is refused; in a folder, by the folder)
@@ -241,6 +241,8 @@ class Pipeline:
                                f"{rewrite.fused} for ONNX Runtime ({describe_counts(rewrite.counts)}), {cpu}")
         if rewrite_trt.unmatched_means:
             self.console.print(f"    [yellow]{describe_unmatched_means(rewrite_trt.unmatched_means)}[/]")
+        if rewrite_trt.without_epsilon:
+            self.console.print(f"    [yellow]{describe_without_epsilon(rewrite_trt.without_epsilon)}[/]")
         # a CPU form identical to the reference (every norm already a LayerNormalization, say) compares nothing
         cpu_form = fused_cpu if rewrite_cpu.fused else None
         # where the CPU form is the reference itself, decoding on the CPU checks the Skip-op form's

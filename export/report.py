@@ -6,7 +6,7 @@ from pathlib import Path
 from .bench import pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
 from .norm_check import describe as describe_norm_check
-from .rewrite import describe_counts, describe_unmatched_means
+from .rewrite import describe_counts, describe_unmatched_means, describe_without_epsilon
 from .validate import shape_label
 
 
@@ -92,6 +92,9 @@ def markdown(report: dict) -> str:
     unmatched = rw.get("tensorrt", {}).get("unmatched_means")
     if unmatched:
         lines.append(f"- {describe_unmatched_means(unmatched)}")
+    without_epsilon = rw.get("tensorrt", {}).get("without_epsilon")
+    if without_epsilon:
+        lines.append(f"- {describe_without_epsilon(without_epsilon)}")
     shortfall = fusion_shortfall(report)
     if shortfall:
         lines += ["", f"**Warning:** {shortfall}."]

@@ -550,3 +550,19 @@ def test_build_leaves_an_excluded_norm_unfused_in_every_form(tmp_path, capsys):
     assert build_main(["--onnx", str(path), "--out", str(tmp_path / "out2"), "--exclude", "nowhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--exclude nowhere: no norm that would be fused ends at a tensor of that name" in err and len(err.splitlines()) == 1
+
+
+def test_norms_without_an_epsilon_are_named_by_the_build(tmp_path):
+    """A norm whose exporter dropped its epsilon is fused with epsilon 0; the build says so on the
+    terminal and in report.md, since a row of zeros then gives NaN, as in the graph."""
+    from export.rewrite.synth import NormSpec, build
+
+    given = tmp_path / "no-eps.onnx"
+    onnx.save(build(NormSpec(epsilon_dropped=True, hidden=32), leading=("batch", "seq")), str(given))
+    out = tmp_path / "out"
+    done = _run("export.build", "--onnx", str(given), "--runs", "3", "--warmup", "1", "--seq", "16", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 norm(s) add no epsilon" in done.stdout
+    assert "1 norm(s) add no epsilon" in (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["rewrite"]["tensorrt"]["without_epsilon"] and report["rewrite"]["fused"] == 1

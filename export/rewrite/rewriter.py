@@ -76,6 +76,7 @@ class RewriteReport:
     rejected: list[Rejection] = field(default_factory=list)
     residual_skipped: list[dict] = field(default_factory=list)
     unmatched_means: list[str] = field(default_factory=list)  # last-axis ReduceMean nodes no fusion or rejection took
+    without_epsilon: list[str] = field(default_factory=list)  # outputs of fused norms the graph adds no epsilon in
     excluded: list[dict] = field(default_factory=list)  # norms left as written on request: {"output", "nodes"}
     nodes_before: int = 0
     nodes_after: int = 0
@@ -155,12 +156,9 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
         emit(candidate.scope.graph, candidate, target, names)
         report.fusions.append(_fusion_record(candidate, target))
     report.fused = len(report.fusions)
-    without_epsilon = [c.output.name for c in candidates if not c.pattern.native and "eps" not in c.match.tensors]
-    if without_epsilon:
-        report.notes.append(f"{len(without_epsilon)} norm(s) add no epsilon ('{without_epsilon[0]}'"
-                            f"{' and more' if len(without_epsilon) > 1 else ''}), so they are fused with epsilon 0, "
-                            "as written: a row of zeros gives NaN. torch's exporter removes an epsilon of 1e-8 or less "
-                            "as an Add of zero; export with optimize=False to keep it")
+    report.without_epsilon = [c.output.name for c in candidates if not c.pattern.native and "eps" not in c.match.tensors]
+    if report.without_epsilon:
+        report.notes.append(describe_without_epsilon(report.without_epsilon))
 
     graph.cleanup().toposort()
     report.unmatched_means = _means_in_no_norm(graph, report)
@@ -206,6 +204,13 @@ def describe_unmatched_means(names: list[str]) -> str:
     shown = ", ".join(f"'{name}'" for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return (f"{len(names)} ReduceMean node(s) over the last axis are in no norm found and no rejection ({shown}): "
             "a spelling not recognised, or one quantised between its steps")
+
+
+def describe_without_epsilon(outputs: list[str]) -> str:
+    shown = ", ".join(f"'{name}'" for name in outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
+    return (f"{len(outputs)} norm(s) add no epsilon ({shown}), so they are fused with epsilon 0, as written: a row of "
+            "zeros gives NaN. torch's exporter removes an epsilon of 1e-8 or less as an Add of zero; export with "
+            "optimize=False to keep it")
 
 
 def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started, exclude):
