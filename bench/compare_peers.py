@@ -124,6 +124,22 @@ def _modules():
             s = torch.rsqrt(((x - mean) * (x - mean)).mean(-1, keepdim=True) + 1e-3) * self.weight
             return x * s + (self.bias - mean * s)
 
+    class HeliumRMSNorm(nn.Module):  # Helium: LLaMA's RMSNorm with eps 1e-8, which torch's optimiser drops as an Add of 0
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(HIDDEN) + 0.5)
+
+        def forward(self, x):
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-8)
+            return (self.weight.to(torch.float32) * h).to(x.dtype)
+
+    class BertHandLayerNorm(AffineNorm):  # the hand-written LayerNorm of ports of Google's BERT, eps 1e-12
+        def forward(self, x):
+            u = x.mean(-1, keepdim=True)
+            s = (x - u).pow(2).mean(-1, keepdim=True)
+            return self.weight * ((x - u) / torch.sqrt(s + 1e-12)) + self.bias
+
     class Axis1RMS(nn.Module):  # near-miss: statistics over axis 1, not the last axis
         def __init__(self):
             super().__init__()
@@ -155,6 +171,8 @@ def _modules():
         "nn.LayerNorm": (lambda: Block(layer_module()), 1),
         "tf-layernorm": (lambda: Block(BatchNormArithmeticLayerNorm()), 1),
         "var_mean-layernorm": (lambda: Block(VarMeanLayerNorm()), 1),
+        "helium-rms, eps 1e-8": (lambda: Block(HeliumRMSNorm()), 1),
+        "bert-hand-layernorm, eps 1e-12": (lambda: Block(BertHandLayerNorm()), 1),
         "axis1-rms (near-miss)": (lambda: Block(Axis1RMS()), 0),
     }
 
