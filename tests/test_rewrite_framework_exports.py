@@ -6,7 +6,9 @@ dependencies; the make_fixtures.py beside them rebuilds them and MANIFEST.json r
 versions). Each exporter writes the norms in its library's own arithmetic:
 - jax2onnx (default mode): Flax's LayerNorm as E[x^2] - E[x]^2 clamped at zero; jnp.var (Flax
   without fast variance, Equinox) behind a constant-row guard with the mean of the squares in
-  float64; Flax's RMSNorm with epsilon as CastLike(eps, x);
+  float64; Flax's RMSNorm with epsilon as CastLike(eps, x); a hand-written jnp.var as
+  ReduceSumSquare (keepdims=0, its axis put back) divided by `n - Cast(ddof)` behind
+  Where(n - ddof > 0, ., NaN), and with ddof=1 a near miss that must stay;
 - tf2onnx: means over the last axis as GlobalAveragePool; Keras' LayerNorm in batch-norm
   arithmetic, its RMSNormalization as x * (rsqrt(mean(x^2) + eps) * gamma), and its
   LayerNormalization(rms_scaling=True), which scales x by the centred variance: not a norm normfuse
@@ -44,6 +46,10 @@ EXPECTED = {
     "jax2onnx/flax-block-float32-native.onnx": {"tensorrt": BLOCK, "onnxruntime": {"AddRMSNorm": 1, "AddLayerNorm": 1}},
     "jax2onnx/equinox-block-float32.onnx": {"tensorrt": {"LayerNorm": 1, "AddRMSNorm": 1},
                                             "onnxruntime": {"LayerNorm": 1, "AddRMSNorm": 1}},
+    # LayerNorms written by hand with jnp.var: ReduceSumSquare over n - ddof behind Where(n - ddof > 0)
+    "jax2onnx/hand-var-block-float32.onnx": {"tensorrt": {"LayerNorm": 1, "AddLayerNorm": 1},
+                                             "onnxruntime": {"LayerNorm": 1, "AddLayerNorm": 1}},
+    "jax2onnx/hand-var-ddof1-block-float32.onnx": {"tensorrt": {}, "onnxruntime": {}},  # Bessel's correction
     "paddle2onnx/paddle-block-float32-opset13.onnx": {"tensorrt": BLOCK, "onnxruntime": BLOCK},
     "paddle2onnx/paddle-block-float32-opset17.onnx": {"tensorrt": BLOCK,
                                                       "onnxruntime": {"AddRMSNorm": 1, "AddLayerNorm": 1}},
@@ -54,6 +60,9 @@ EXPECTED = {
     "tf2onnx/keras-block-rms-scaling-float32.onnx": {"tensorrt": {"LayerNorm": 1, "AddRMSNorm": 1},
                                                      "onnxruntime": {"LayerNorm": 1, "AddRMSNorm": 1}},
 }
+
+# file -> (candidates refused, what each reason says)
+NEAR_MISSES = {"jax2onnx/hand-var-ddof1-block-float32.onnx": (2, "divided by 63, not by the row length 64")}
 
 
 @pytest.mark.parametrize("exporter", ("jax2onnx", "jax2tf", "paddle2onnx", "tf2onnx"))
@@ -73,7 +82,11 @@ def test_exports_are_fused_and_match(name, target, tmp_path):
     fused = tmp_path / f"{target}.onnx"
     report = rewrite_file(source, fused, target=target)
     assert report.counts == EXPECTED[name][target], [r.reason for r in report.rejected]
-    assert not report.rejected
+    if name in NEAR_MISSES:  # each norm-like candidate is refused, with the reason
+        assert len(report.rejected) == NEAR_MISSES[name][0]
+        assert all(NEAR_MISSES[name][1] in r.reason for r in report.rejected), [r.reason for r in report.rejected]
+    else:
+        assert not report.rejected
     assert not loose_scales(onnx.load(str(fused)))
     # the tensorrt target on onnx's reference evaluator (plugin ops through normops); the onnxruntime
     # target on ONNX Runtime's CPU provider, which has no bfloat16 Gemm

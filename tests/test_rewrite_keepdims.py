@@ -229,3 +229,41 @@ def test_a_subtraction_of_zeros_is_dropped_only_where_it_changes_nothing(rows_of
     assert ("Sub" in [n.op_type for n in out.graph.node]) != dropped
     x = np.random.default_rng(0).standard_normal((1, HIDDEN)).astype(np.float32)
     np.testing.assert_array_equal(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0])
+
+
+def guarded(condition: str, rows_of_x: bool = True):
+    """y = Identity(Where(n - ddof > 0, x, Expand(NaN, shape))), jax2onnx's guard on jnp.var's
+    divisor: `condition` "true" (64 - 0 > 0), "false" (64 - 64 > 0) or "input" (a graph input, not
+    a constant); the NaN fill has x's rows and 1 column, or 3 rows against an x of one."""
+    inits = [floats("n", 64.0), onnx.numpy_helper.from_array(np.array(0 if condition != "false" else 64, np.int64), "ddof"),
+             floats("zero", 0.0), floats("nan", [np.nan]), ints("one", [1]), ints("three_rows", [3, 1])]
+    nodes = [helper.make_node("Cast", ["ddof"], ["ddof_f"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["n", "ddof_f"], ["n_ddof"]),
+             helper.make_node("Shape", ["x"], ["rows"], start=0, end=1),
+             helper.make_node("Concat", ["rows", "one"], ["rows1"], axis=0),
+             helper.make_node("Expand", ["nan", "rows1" if rows_of_x else "three_rows"], ["nans"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1] if rows_of_x else [1, 1])]
+    if condition == "input":
+        inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    else:
+        nodes.append(helper.make_node("Greater", ["n_ddof", "zero"], ["cond"]))
+    nodes += [helper.make_node("Where", ["cond", "x", "nans"], ["g"]), helper.make_node("Identity", ["g"], ["y"])]
+    graph = helper.make_graph(nodes, "guarded", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("condition,rows_of_x,dropped", [("true", True, True), ("false", True, True),
+                                                          ("input", True, False), ("true", False, False)])
+def test_a_where_is_bypassed_only_where_its_constant_condition_decides_it(condition, rows_of_x, dropped):
+    """Where(True, x, fill) is x, Where(False, x, fill) the fill, when the condition is worked out
+    from constants (`n - Cast(ddof) > 0`) and the fill cannot grow what is taken; not when the
+    condition is an input, nor when the fill has 3 rows against an x of one."""
+    model = guarded(condition, rows_of_x)
+    out, report = rewrite_model(model, target="tensorrt")
+    assert any("Where(s) with a constant condition" in note for note in report.notes) == dropped
+    assert ("Where" in [n.op_type for n in out.graph.node]) != dropped
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 1)).astype(np.float32)}
+    if condition == "input":
+        feeds["cond"] = np.array(True)
+    np.testing.assert_array_equal(run_model(out, feeds)[0], run_model(model, feeds)[0])

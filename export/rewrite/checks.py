@@ -149,6 +149,8 @@ def _rank_arithmetic(node: gs.Node) -> np.ndarray | None:
         rank = len(shape.inputs[0].shape)
         start, end = int(shape.attrs.get("start", 0)), int(shape.attrs.get("end", rank))
         return np.asarray(len(range(*slice(start, end).indices(rank))), np.int64)
+    if node.op in FLOAT_ARITHMETIC:
+        return _float_arithmetic(node)
     if node.op not in ("Add", "Sub", "Neg", "Range"):
         return None
     values = [constant_value(t) for t in node.inputs]
@@ -163,6 +165,26 @@ def _rank_arithmetic(node: gs.Node) -> np.ndarray | None:
         if delta != 0 and len(range(start, limit, delta)) <= SMALL_CONSTANT:
             return np.arange(start, limit, delta, dtype=values[0].dtype)
     return None
+
+
+FLOAT_ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Greater": np.greater,
+                    "Less": np.less, "GreaterOrEqual": np.greater_equal, "LessOrEqual": np.less_equal}
+
+
+def _float_arithmetic(node: gs.Node) -> np.ndarray | None:
+    """Arithmetic and comparisons of small float constants of one type, worked out as the graph would
+    (numpy rounds each op to the type as ONNX Runtime does): jax2onnx writes jnp.var's divisor as
+    `n - Cast(ddof)` and guards it with `n - ddof > 0`. Integer operands go to _rank_arithmetic."""
+    values = [constant_value(t) for t in node.inputs]
+    if len(values) != 2 or any(v is None for v in values):
+        return None
+    if node.op in ("Add", "Sub") and all(np.issubdtype(v.dtype, np.integer) for v in values):
+        return values[0] + values[1] if node.op == "Add" else values[0] - values[1]
+    if any(not np.issubdtype(v.dtype, np.floating) or v.dtype != values[0].dtype for v in values):
+        return None
+    with np.errstate(all="ignore"):
+        out = np.asarray(FLOAT_ARITHMETIC[node.op](values[0], values[1]))
+    return out if out.size <= SMALL_CONSTANT else None
 
 
 def _cast_target(node: gs.Node) -> np.dtype | None:
@@ -328,7 +350,8 @@ def _last_axis(axes, rank: int, where: str) -> None:
         raise Rejected(f"{where} reduces over axis {axes[0]}, not the last axis of rank {rank}")
 
 
-AVERAGING = ("ReduceMean", "ReduceSum", "GlobalAveragePool")  # a sum is a mean once divided by the row length
+# a sum (of squares) is a mean once divided by the row length
+AVERAGING = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool")
 REDUCTIONS = AVERAGING + ("ReduceMin", "ReduceMax")
 
 

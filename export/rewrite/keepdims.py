@@ -33,7 +33,7 @@ from .emit import UniqueNames
 from .matcher import DEFAULT_DOMAINS, present_inputs, producer, replace_uses
 from .shape_values import ShapeReader, axes_of, declared_names
 
-RESTORABLE = ("ReduceMean", "ReduceSum")
+RESTORABLE = ("ReduceMean", "ReduceSum", "ReduceSumSquare")
 
 
 # element-wise ops a reduced value may pass through before its axis is put back

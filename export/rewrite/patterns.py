@@ -48,6 +48,15 @@ def square(p: Pattern, exponent: str = "square_exp") -> Pattern:
     return Or(Op("Pow", p, Var(exponent)), Op("Mul", p, p))
 
 
+def mean_of_squares(p: Pattern) -> Pattern:
+    """mean(p^2) over the last axis: the mean of the squares, the squares cast to a wider type and
+    the mean cast back, or ReduceSumSquare over the last axis divided by the row length (jax2onnx
+    writes jnp.var so)."""
+    sum_of_squares = maybe_cast(reduce_last("ReduceSumSquare", p), "cast_stat")
+    return Or(mean_last(maybe_cast(square(p), "cast_stat")), Op("Div", sum_of_squares, _fresh("row_length")),
+              Op("Mul", sum_of_squares, _fresh("row_fraction"), commutative=True))
+
+
 def variance(x: Pattern, centred: Pattern) -> Pattern:
     """Var over the last axis, as exporters write it:
     - mean((x - mean)^2), the textbook form;
@@ -57,9 +66,8 @@ def variance(x: Pattern, centred: Pattern) -> Pattern:
     - E[x^2] - E[x]^2, clamped at zero or not (Flax's default `use_fast_variance`). Equal in exact
       arithmetic; the fused op computes it the sound way, so where the two moments cancel (means
       large against the spread) the fused result is the more accurate one."""
-    squares = maybe_cast(square(centred), "cast_stat")
     moments = Op("Sub", mean_last(square(x)), square(mean_last(x), "mean_square_exp"))
-    return Or(mean_last(squares), Op("Max", moments, Var("clamp_zero"), commutative=True), moments)
+    return Or(mean_of_squares(centred), Op("Max", moments, Var("clamp_zero"), commutative=True), moments)
 
 
 def constant_row_guard(x: Pattern, centred: Pattern) -> Pattern:
@@ -113,11 +121,10 @@ class NormPattern:
 
 def _rms_patterns() -> list[NormPattern]:
     x = maybe_cast(Var("x"), "cast_in")
-    squares = maybe_cast(square(x), "cast_stat")  # squared in the half type, summed in float32
-    normalised = normalise(x, mean_last(squares))
+    normalised = normalise(x, mean_of_squares(x))  # squared in the half type, summed in float32, say
     out = maybe_cast(normalised, "cast_out")
     # Keras' RMSNormalization, as tf2onnx writes it: the scale multiplies the inverse root, then x
-    inv = inv_sqrt(plus_epsilon(mean_last(squares)))
+    inv = inv_sqrt(plus_epsilon(mean_of_squares(x)))
     scaled_inv = Op("Mul", inv, Var("gamma"), commutative=True, role="scale")
     return [
         # LLaMA/Mistral: weight * normalised.to(dtype); T5: weight * normalised (no cast back)

@@ -42,7 +42,7 @@ from .scopes import (PLACEHOLDER_DIM, Scope, all_nodes, count_nodes, graph_and_b
                      unknown_dims, walk_graphs, without_placeholder_dims)
 from .shape_values import ShapeReader, declared_names
 from .symbolic import fill_from_symbolic_inference, symbolic_shapes
-from .zeros import minus_zeros
+from .zeros import decided_where, minus_zeros
 
 
 @dataclass
@@ -407,9 +407,10 @@ def _drop_identities(graph: gs.Graph, graph_outputs: set, scope: str = "main") -
     each residual Add), a Cast to the dtype its input already has (TorchScript's `x.float()` on
     fp32 x, whose output it then reuses for the residual), a Mul by a constant 1 that broadcasts
     nothing (paddle2onnx writes `var + eps` as Mul(var, 1) + eps) and a Sub of zeros broadcast to the
-    rows that cannot grow x (Flax's RMSNorm through jax2tf, `zeros.py`). Each would hide a norm's parts."""
+    rows that cannot grow x (Flax's RMSNorm through jax2tf, `zeros.py`) and a Where whose condition
+    is a constant (jax2onnx's guard on jnp.var's divisor, `zeros.py`). Each would hide a norm's parts."""
     reader = ShapeReader(declared_names(graph))
-    dropped = {"Identity": 0, "Cast": 0, "Mul": 0, "Sub": 0}
+    dropped = {"Identity": 0, "Cast": 0, "Mul": 0, "Sub": 0, "Where": 0}
     for node in graph.nodes:
         if node.op not in dropped or (node.domain or "") not in ("", "ai.onnx") or not node.outputs \
                 or node.outputs[0].name in graph_outputs:
@@ -417,8 +418,8 @@ def _drop_identities(graph: gs.Graph, graph_outputs: set, scope: str = "main") -
         source, out = node.inputs[0], node.outputs[0]
         if node.op == "Cast" and (source.dtype is None or dtype_name(source) != FLOAT_TYPES.get(int(node.attrs.get("to", -1)))):
             continue
-        if node.op in ("Mul", "Sub"):
-            source = _times_one(node) if node.op == "Mul" else minus_zeros(node, reader)
+        if node.op in ("Mul", "Sub", "Where"):
+            source = {"Mul": _times_one, "Sub": minus_zeros, "Where": decided_where}[node.op](node, reader)
             if source is None:
                 continue
         replace_uses(out, source)
@@ -429,12 +430,12 @@ def _drop_identities(graph: gs.Graph, graph_outputs: set, scope: str = "main") -
         dropped[node.op] += 1
     where = "" if scope == "main" else f" in {scope}"
     what = {"Identity": "Identity node(s)", "Cast": "identity Cast node(s)", "Mul": "Mul(s) by 1",
-            "Sub": "subtraction(s) of zeros broadcast to the rows"}
+            "Sub": "subtraction(s) of zeros broadcast to the rows", "Where": "Where(s) with a constant condition"}
     said = [f"{n} {what[op]}" for op, n in dropped.items() if n]
     return [f"bypassed {', '.join(said)}{where}"] if said else []
 
 
-def _times_one(node: gs.Node) -> gs.Tensor | None:
+def _times_one(node: gs.Node, reader=None) -> gs.Tensor | None:
     """The operand of Mul(t, 1) when the product is t itself: the other operand a constant 1 with
     one element and no more axes than t (so it broadcasts nothing), of t's dtype."""
     inputs = list(node.inputs)

@@ -37,8 +37,9 @@ RMS_SCALES = SCALES + ("inverse",)
 MEANS = ("reduce", "global_pool", "sum_fraction")
 RESIDUALS = ("none", "private", "exposed")
 # LayerNorm's variance: mean((x - mean)^2); the same averaged in float64 and cast back (jax2onnx's
-# jnp.var); E[x^2] - E[x]^2 (Flax's fast variance), clamped at zero or not.
-VARIANCES = ("centred", "float64", "moments", "moments_clamped")
+# jnp.var in Flax and Equinox); E[x^2] - E[x]^2 (Flax's fast variance), clamped at zero or not;
+# ReduceSumSquare(x - mean) / n (jax2onnx's hand-written jnp.var).
+VARIANCES = ("centred", "float64", "moments", "moments_clamped", "sum_square")
 # LayerNorm-only near misses (each brings its own variance spelling): the variance averaged in fp16,
 # E[x^2] - E[x]^2 clamped at 1, a constant-row guard that gives 1.
 LAYER_MUTATIONS = ("variance_in_half", "clamp_nonzero", "guard_nonzero")
@@ -161,6 +162,8 @@ def _variance(b: _Builder, spec: NormSpec, x: str, mean: str, centred: str, rank
         if spelling == "moments":
             return var
         return b.op("Max", var, b.const(1.0 if spec.mutation == "clamp_nonzero" else 0.0, s))
+    if spelling == "sum_square":
+        return b.op("Div", _mean(b, spec, centred, rank, "ReduceSumSquare"), b.const(float(spec.hidden), s))
     squares = _square(b, spec, centred, s)
     if spelling == "float64":
         half = onnx.TensorProto.BFLOAT16 if s == "float16" else onnx.TensorProto.FLOAT16  # never the squares' own type

@@ -1,4 +1,5 @@
-"""x - 0, written with shape arithmetic, recognised as x (rewriter._drop_identities bypasses it).
+"""x - 0 and Where(True, x, fill), written with shape arithmetic, recognised as x
+(rewriter._drop_identities bypasses them).
 
 Flax's RMSNorm runs the code of its LayerNorm with a mean of zeros, and jax2tf with tf2onnx writes
 that mean out: a zero constant Expanded to the rows, Reshaped and Expanded again to [rows, 1]
@@ -6,6 +7,11 @@ that mean out: a zero constant Expanded to the rows, Reshaped and Expanded again
 its second input is all zeros (a zero constant, or Expand, Reshape or Cast of zeros) and its shape,
 read as `shape_values.ShapeReader` reads shapes, broadcasts into the first input's without growing
 it: then every value and the shape are the first input's (x - 0 is x, NaN and infinities too).
+
+jax2onnx writes jnp.var's division by n - ddof behind `Where(n - ddof > 0, var, NaN broadcast to
+var's shape)`. With n and ddof constants the condition is a constant, and a Where whose condition
+is all true (or all false) is the operand it takes, when neither the condition nor the other
+operand can grow it.
 """
 from __future__ import annotations
 
@@ -28,20 +34,44 @@ def minus_zeros(node: gs.Node, reader: ShapeReader) -> gs.Tensor | None:
     return x
 
 
+def decided_where(node: gs.Node, reader: ShapeReader) -> gs.Tensor | None:
+    """The operand a Where with a constant condition always takes, where neither the condition nor
+    the other operand can grow it (their shapes read as `reader` reads them, or as a fill's); else None."""
+    if node.op != "Where" or len(node.inputs) != 3 or len(node.outputs) != 1:
+        return None
+    condition = constant_value(node.inputs[0])
+    if condition is None or condition.dtype != np.bool_ or condition.size == 0 or (condition.any() and not condition.all()):
+        return None
+    taken, other = (node.inputs[1], node.inputs[2]) if condition.all() else (node.inputs[2], node.inputs[1])
+    taken_dims, other_dims = (_fill_dims(t, reader) or reader.dims_of_tensor(t) for t in (taken, other))
+    if taken_dims is None or other_dims is None or taken.dtype != node.outputs[0].dtype:
+        return None
+    if not _broadcasts_into([int(d) for d in condition.shape], taken_dims) or not _broadcasts_into(other_dims, taken_dims):
+        return None
+    return taken
+
+
 def _zeros_dims(tensor: gs.Tensor, reader: ShapeReader) -> list | None:
     """The dimensions of a tensor that is all zeros, as `reader` names them; None when it is not
     known to be zeros, or its shape is not known."""
+    return _fill_dims(tensor, reader, lambda value: not np.any(value))
+
+
+def _fill_dims(tensor: gs.Tensor, reader: ShapeReader, holds=lambda value: True) -> list | None:
+    """The dimensions of a tensor filled from a small constant whose value `holds` (a constant, or
+    Expand, Reshape or Cast of one), as `reader` names them; None when it is no such tensor, or its
+    shape is not known."""
     value = constant_value(tensor)
     if value is not None:
-        return [int(d) for d in np.shape(value)] if not np.any(value) else None
+        return [int(d) for d in np.shape(value)] if holds(value) else None
     node = producer(tensor)
     if node is None or (node.domain or "") not in DEFAULT_DOMAINS or not node.inputs:
         return None
     if node.op == "Cast":
-        return _zeros_dims(node.inputs[0], reader)
+        return _fill_dims(node.inputs[0], reader, holds)
     if node.op not in ("Expand", "Reshape") or len(node.inputs) < 2:
         return None
-    inner, target = _zeros_dims(node.inputs[0], reader), reader.dims(node.inputs[1])
+    inner, target = _fill_dims(node.inputs[0], reader, holds), reader.dims(node.inputs[1])
     if inner is None or target is None:
         return None
     return target if node.op == "Reshape" else _broadcast(inner, target)

@@ -16,7 +16,9 @@ residual Add whose sum is used again. jax2onnx writes the norms decomposed by de
   writes with a constant-row guard (Where(min == max and mean finite, 0, x - mean)) and the mean
   of the squares in float64;
 - Flax `nnx.RMSNorm`: epsilon as CastLike(eps, x);
-- with `normalization_mode="prefer_native"`: LayerNormalization and RMSNormalization (opset 23).
+- with `normalization_mode="prefer_native"`: LayerNormalization and RMSNormalization (opset 23);
+- a LayerNorm written by hand with `jnp.var` (ReduceSumSquare over n - ddof behind a Where on
+  n - ddof > 0), and the same with ddof=1, a near miss.
 """
 from __future__ import annotations
 
@@ -95,6 +97,28 @@ class EquinoxBlock(eqx.Module):
         return jax.vmap(jax.vmap(self.token))(x)
 
 
+class HandVarBlock(nnx.Module):
+    """x -> LayerNorm written by hand with jnp.var -> Linear -> + x -> the same LayerNorm. jax2onnx
+    writes jnp.var as ReduceSumSquare of the centred values over n - ddof, behind
+    Where(n - ddof > 0, ., NaN); with ddof=1 (Bessel's correction) the norms are no LayerNorms."""
+
+    def __init__(self, ddof: int, rngs: nnx.Rngs):
+        rng = np.random.default_rng(4)
+        self.ddof = ddof
+        self.attn = nnx.Linear(HIDDEN, HIDDEN, rngs=rngs)
+        self.w = nnx.List([nnx.Param(jnp.asarray(1 + 0.1 * rng.standard_normal(HIDDEN), jnp.float32)) for _ in range(2)])
+        self.b = nnx.List([nnx.Param(jnp.asarray(0.1 * rng.standard_normal(HIDDEN), jnp.float32)) for _ in range(2)])
+
+    def norm(self, x, i):
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.var(x, -1, keepdims=True, ddof=self.ddof)
+        return (x - mean) / jnp.sqrt(var + 1e-5) * self.w[i].get_value() + self.b[i].get_value()
+
+    def __call__(self, x):
+        h = x + self.attn(self.norm(x, 0))
+        return self.norm(h, 1)
+
+
 def save(model: onnx.ModelProto, name: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=HERE, suffix=".tmp")
     os.close(fd)
@@ -111,6 +135,8 @@ def main() -> None:
         randomise(block, seed=1)
         cases.append((f"flax-block-{dtype}", block, dtype))
     cases.append(("equinox-block-float32", EquinoxBlock(jax.random.PRNGKey(2)), "float32"))
+    cases.append(("hand-var-block-float32", HandVarBlock(0, nnx.Rngs(5)), "float32"))
+    cases.append(("hand-var-ddof1-block-float32", HandVarBlock(1, nnx.Rngs(5)), "float32"))
     for name, fn, dtype in cases:
         for mode in ("auto", "prefer_native"):
             if mode == "prefer_native" and not name.startswith("flax-block-float32"):
