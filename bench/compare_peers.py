@@ -197,9 +197,11 @@ STACKS = {  # the project's own exports: 2 pre-norm layers and a final norm (5 n
 # jax2onnx's, jax2tf's (through tf2onnx), paddle2onnx's and tf2onnx's exports of small Flax, Equinox, Paddle and Keras blocks,
 # committed with the tests (JAX, PaddlePaddle and TensorFlow are not dependencies): path -> norms. The bfloat16 one is left out: ONNX
 # Runtime's CPU provider has no bf16 Gemm. The Keras rms_scaling block's last LayerNorm is not a norm
-# (it scales x by the centred variance), so it has 2; the jax2tf LayerNorm over the middle axis has none.
+# (it scales x by the centred variance), so it has 2; the jax2tf LayerNorm over the middle axis has none, nor
+# has the hand-written jnp.var LayerNorm with ddof=1 (Bessel's correction).
 FRAMEWORK_EXPORTS = {"jax2onnx/flax-block-float32.onnx": 3, "jax2onnx/flax-block-float32-native.onnx": 3,
-                     "jax2onnx/equinox-block-float32.onnx": 2, "paddle2onnx/paddle-block-float32-opset13.onnx": 3,
+                     "jax2onnx/equinox-block-float32.onnx": 2, "jax2onnx/hand-var-block-float32.onnx": 2,
+                     "jax2onnx/hand-var-ddof1-block-float32.onnx": 0, "paddle2onnx/paddle-block-float32-opset13.onnx": 3,
                      "paddle2onnx/paddle-block-float32-opset17.onnx": 3, "tf2onnx/keras-block-float32.onnx": 3,
                      "tf2onnx/keras-block-rms-scaling-float32.onnx": 2, "jax2tf/flax-block-rows-float32.onnx": 3,
                      "jax2tf/flax-block-seq-float32.onnx": 3, "jax2tf/flax-middle-axis-float32.onnx": 0}
