@@ -71,8 +71,9 @@ def require_writable(path: str | os.PathLike, folder: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike):
-    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+def atomic_path(target: str | os.PathLike, optional: bool = False):
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
+    `optional`: the block may remove the temporary file and write none, and then nothing is renamed."""
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +83,8 @@ def atomic_path(target: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        if optional and not os.path.exists(tmp):
+            return
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename
         try:
             os.replace(tmp, target)

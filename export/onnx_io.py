@@ -148,7 +148,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     data_name = path.name + ".data"
     with atomic_path(path) as tmp:
         if external_data:
-            with atomic_path(path.parent / data_name) as tmp_data:
+            # no data file where no tensor is large enough to go out (1 KiB)
+            with atomic_path(path.parent / data_name, optional=True) as tmp_data:
                 # onnx refuses to write into an existing data file, and looks for it relative to the
                 # working directory: the empty placeholder must go, or saving into the folder one
                 # works in fails ("External data file exists")
@@ -170,8 +171,11 @@ def save_exported(program, path: str | os.PathLike, external_data: bool | None =
     beside `path`, with the final names, and both files are then renamed into place."""
     path = Path(path)
     if external_data is None:
-        external_data = sum(value.const_value.nbytes for value in program.model.graph.initializers.values()
-                            if value.const_value is not None) > EXTERNAL_DATA_THRESHOLD
+        try:
+            external_data = sum(value.const_value.nbytes for value in program.model.graph.initializers.values()
+                                if value.const_value is not None) > EXTERNAL_DATA_THRESHOLD
+        except AttributeError:  # a torch whose ONNXProgram holds its model otherwise: the proto's way
+            return save_model(program.model_proto, path)
     data_name = path.name + ".data"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +184,9 @@ def save_exported(program, path: str | os.PathLike, external_data: bool | None =
         raise NormfuseError(f"{path}: cannot write ({unwritable(path) or exc.strerror or exc})") from None
     try:
         program.save(staging / path.name, external_data=external_data)
+        if set(external_locations(onnx.load(str(staging / path.name), load_external_data=False))) - {data_name}:
+            # a torch that names its data file otherwise: the weights go through a proto after all
+            return save_model(onnx.load(str(staging / path.name)), path, external_data=external_data)
         if (staging / data_name).exists():
             os.chmod(staging / data_name, 0o666 & ~_UMASK)
             os.replace(staging / data_name, path.parent / data_name)

@@ -127,3 +127,50 @@ def test_an_export_into_a_folder_that_cannot_take_it_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(NormfuseError, match="cannot write"):
         export_model(preset("tiny", "rmsnorm", layers=1), tmp_path / "file" / "model.onnx")
+
+
+class _ProgramOfAnotherTorch:
+    """What export_model gets from torch.onnx.export, as other torch releases may shape it: a model
+    without onnx_ir's initializer values, or a save() that names its data file its own way."""
+
+    def __init__(self, proto, data_name=None):
+        self.model_proto, self.data_name = proto, data_name
+        self.model = object() if data_name is None else type("M", (), {"graph": type("G", (), {"initializers": {}})})()
+
+    def save(self, destination, external_data=None):
+        import onnx
+
+        onnx.save(self.model_proto, str(destination), save_as_external_data=True, location=self.data_name,
+                  size_threshold=0)
+
+
+@pytest.mark.parametrize("data_name", [None, "weights.bin"])
+def test_an_export_from_another_torch_is_saved_through_a_proto(tmp_path, data_name):
+    import numpy as np
+    import onnx
+
+    from export.onnx_io import save_exported
+    from export.rewrite.synth import NormSpec, build
+
+    model = build(NormSpec(hidden=512))  # a scale of 2 KiB: large enough to go to a data file
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    save_exported(_ProgramOfAnotherTorch(model, data_name), tmp_path / "m.onnx",
+                  external_data=None if data_name is None else True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == (["m.onnx"] if data_name is None else ["m.onnx", "m.onnx.data"])
+    for tensor in onnx.load(str(tmp_path / "m.onnx")).graph.initializer:
+        assert np.array_equal(onnx.numpy_helper.to_array(tensor), weights[tensor.name])
+
+
+def test_a_model_too_small_for_a_data_file_is_saved_whole(tmp_path):
+    """external_data asked for, but no tensor of 1 KiB or more: onnx writes no data file, and there is none."""
+    import onnx
+
+    from export.onnx_io import save_model
+    from export.rewrite.synth import NormSpec, build
+
+    model = build(NormSpec(hidden=16))
+    expected = model.SerializeToString()
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert onnx.load(str(tmp_path / "m.onnx")).SerializeToString() == expected
