@@ -11,36 +11,11 @@ import argparse
 import gc
 import json
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark to the current RSS (Linux: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from .memory import peak_rss_mb, reset_peak_rss, rss_mb
 
 
 def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: int, profile_runs: int,

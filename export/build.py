@@ -139,6 +139,7 @@ class Pipeline:
         self.args = args
         self.console = console
         self.stage_seconds: dict[str, float] = {}
+        self.stage_peak_mb: dict[str, float] = {}  # the largest resident set of the build or a worker, by stage
         self.skipped: list[dict] = []
         self.backends: list[str] = []
         self.step = 0
@@ -149,12 +150,20 @@ class Pipeline:
 
     @contextmanager
     def stage(self, name: str, what: str):
+        from .memory import children_peak_mb, peak_rss_mb, reset_peak_rss
+
         self.step += 1
         started = time.perf_counter()
+        reset_peak_rss()
+        children_before = children_peak_mb()
         with self.console.status(f"[{self.step}] {what} ..."):
             yield
         seconds = time.perf_counter() - started
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
+        # this process's peak in the stage, or a worker's (bench) where one went higher than any before
+        children = children_peak_mb()
+        peak = max(peak_rss_mb(), children if children > children_before else 0.0)
+        self.stage_peak_mb[name] = max(self.stage_peak_mb.get(name, 0.0), peak)
         self.console.print(f"[green]done[/] [{self.step}] {what} ({seconds:.1f} s)")
 
     def run(self) -> int:
@@ -274,6 +283,7 @@ class Pipeline:
             "decode": decoding,
             "skipped": self.skipped,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "stage_peak_rss_mb": {k: round(v, 1) for k, v in self.stage_peak_mb.items()},
             "environment": environment(),
             "files": {"reference": str(reference), "fused": str(fused), "fused_cpu": str(fused_cpu),
                       "fused_tensorrt": str(fused_trt),

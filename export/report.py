@@ -132,8 +132,13 @@ def markdown(report: dict) -> str:
     lines += decoding_markdown(report.get("decode") or [])
     lines += ["", "## Skipped", ""]
     lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
-    lines += ["", "## Stage times", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in report["stage_seconds"].items()]
+    peaks = report.get("stage_peak_rss_mb") or {}
+    lines += ["", "## Stage times and memory", "",
+              "Peak memory: the largest resident set of the build's process during the stage, or of a bench "
+              "worker (each graph is timed in a process of its own).", "",
+              "| stage | seconds | peak MB |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v:.2f} | {peaks[k]:.0f} |" if k in peaks else f"| {k} | {v:.2f} | |"
+              for k, v in report["stage_seconds"].items()]
     env = report.get("environment", {})
     lines += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     return "\n".join(lines)
@@ -271,6 +276,10 @@ def print_summary(report: dict, console) -> None:
     print_decoding(report.get("decode") or [], console)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
     console.print(f"[bold]stage times[/]: {times}")
+    peaks = report.get("stage_peak_rss_mb") or {}
+    if peaks:
+        console.print("[bold]stage peak memory[/] (the build's process or a bench worker, resident): "
+                      + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
     for s in report["skipped"]:
         console.print(f"[yellow]skipped[/] {s['stage']}: {s['reason']}")
 

@@ -199,6 +199,10 @@ def test_build_command_on_a_given_model(tmp_path):
     assert {(b["backend"], b["graph"]) for b in report["bench"]} == {("ort-cpu", "reference"), ("ort-cpu", "fused")}
     assert (out / "weights.bin").read_bytes() == (given.parent / "weights.bin").read_bytes()
     assert "Model `" in (out / "report.md").read_text()
+    # each stage's peak memory: at least what the build's own process held (torch and ONNX Runtime imported)
+    peaks = report["stage_peak_rss_mb"]
+    assert set(peaks) == set(report["stage_seconds"]) and all(50 < mb < 8000 for mb in peaks.values()), peaks
+    assert "stage peak memory" in done.stdout and "| stage | seconds | peak MB |" in (out / "report.md").read_text()
 
 
 def test_a_model_converted_to_fp16_inside_is_held_to_fp16s_tolerance(exported, tmp_path):
