@@ -203,7 +203,8 @@ def _means_in_no_norm(graph: gs.Graph, report: RewriteReport) -> list[str]:
 def describe_unmatched_means(names: list[str]) -> str:
     shown = ", ".join(f"'{name}'" for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return (f"{len(names)} ReduceMean node(s) over the last axis are in no norm found and no rejection ({shown}): "
-            "a spelling not recognised, or one quantised between its steps")
+            "a norm spelled in a way not recognised or quantised between its steps, or a mean that is part of no "
+            "norm (ConvNeXt-V2's response normalization averages its channels' L2 norms)")
 
 
 def describe_without_epsilon(outputs: list[str]) -> str:
