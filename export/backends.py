@@ -173,16 +173,13 @@ def _weights_as_inputs(model, base_dir: Path) -> dict:
     once: the evaluator keeps the model it is given and makes its own numpy copy of every
     initializer, so a model's weights would sit in memory twice (three times while loading)."""
     import onnx
-    from onnx import numpy_helper
+
+    from .onnx_io import tensor_array
 
     weights = {}
     declared = {i.name for i in model.graph.input}  # an initializer that is also an input: the feeds override it
     for tensor in model.graph.initializer:
-        try:
-            weights[tensor.name] = numpy_helper.to_array(tensor, base_dir=str(base_dir))
-        except Exception as exc:  # a missing or short data file, a location outside the folder
-            raise NormfuseError(f"{base_dir}: external data of tensor {tensor.name!r} cannot be read "
-                                f"({first_line(exc)})") from None
+        weights[tensor.name] = tensor_array(tensor, base_dir)
         if tensor.name not in declared:
             model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     del model.graph.initializer[:]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,8 @@ from pathlib import Path
 from models import BlockConfig
 
 from .errors import NormfuseError, UsageError, first_line
-from .onnx_io import external_locations, save_exported, save_model
+from .files import staged_beside
+from .onnx_io import external_locations, load_graph_only, save_exported, save_model
 
 EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "hidden_states", "output"
@@ -35,7 +34,6 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
                  seed: int = 0, external_data: bool | None = None, check: bool = True) -> ExportResult:
     """Build the stack for `config` with seeded weights and write it to `path` as ONNX. `check`:
     refuse (and remove) a graph that onnx's full check rejects; False keeps what the exporter wrote."""
-    import onnx
     import torch
 
     from models.blocks import TORCH_DTYPES, build_model
@@ -48,11 +46,11 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
         if exporter == "dynamo":
             path = save_exported(_export_dynamo(model, example, opset), path, external_data=external_data)
         else:
-            proto = _export_torchscript(model, example, opset, Path(path).parent)
+            proto = _export_torchscript(model, example, opset, Path(path))
             path = save_model(proto, path, external_data=external_data)
     if check:
         _check_exported(Path(path), exporter, config)
-    has_external = bool(external_locations(onnx.load(str(path), load_external_data=False)))
+    has_external = bool(external_locations(load_graph_only(path)))
     return ExportResult(Path(path), exporter, opset, has_external)
 
 
@@ -86,22 +84,14 @@ def _export_dynamo(model, example, opset: int):
     return program
 
 
-def _export_torchscript(model, example, opset: int, staging_parent: Path):
+def _export_torchscript(model, example, opset: int, target: Path):
     """TorchScript's exporter writes a file: past 2 GiB a model cannot be one protobuf, and it puts
-    each weight in a file of its own beside it. It writes into a staging folder (beside the target:
-    the system's temporary folder may be small), and the model comes back whole, to be saved as
-    `save_model` lays it out."""
+    each weight in a file of its own beside it. It writes into a staging folder beside `target`, and
+    the model comes back whole, to be saved as `save_model` lays it out."""
     import onnx
     import torch
 
-    from .files import unwritable
-
-    try:
-        staging_parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".torchscript.", suffix=".tmp", dir=staging_parent))
-    except OSError as exc:
-        raise NormfuseError(f"{staging_parent}: cannot write ({unwritable(staging_parent, folder=True) or exc})") from None
-    try:
+    with staged_beside(target) as staging:
         written = staging / "model.onnx"
         torch.onnx.export(
             model, (example,), str(written), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -109,8 +99,6 @@ def _export_torchscript(model, example, opset: int, staging_parent: Path):
             opset_version=opset,
         )
         return onnx.load(str(written))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -85,14 +86,37 @@ def atomic_path(target: str | os.PathLike, optional: bool = False):
         yield Path(tmp)
         if optional and not os.path.exists(tmp):
             return
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise NormfuseError(f"{target}: cannot write ({_why_not_written(target, exc)})") from None
+        put_in_place(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def put_in_place(written: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename a finished file onto `target`, with the permissions any new file gets."""
+    os.chmod(written, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename
+    try:
+        os.replace(written, target)
+    except OSError as exc:
+        raise NormfuseError(f"{target}: cannot write ({_why_not_written(Path(target), exc)})") from None
+
+
+@contextlib.contextmanager
+def staged_beside(target: str | os.PathLike):
+    """A `staging_folder` beside `target` for a tool that writes files of its own (torch's
+    exporters), to be put in place from there; it goes, with whatever is left in it, when the block
+    ends. Beside, not in the system's temporary folder: that may be small, and a rename from it may
+    be a copy."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = staging_folder(target.parent, f".{target.name}.")
+    except OSError as exc:
+        raise NormfuseError(f"{target}: cannot write ({_why_not_written(target, exc)})") from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _why_not_written(target: Path, exc: OSError) -> str:

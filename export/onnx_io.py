@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .errors import NormfuseError, first_line
-from .files import _UMASK, atomic_path, require_file, unwritable
+from .files import atomic_path, put_in_place, require_file, staged_beside
 
 # Above this many bytes of initializers a model is saved with its weights as external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -117,10 +115,23 @@ def read_external_tensor(tensor: onnx.TensorProto, base_dir: Path) -> None:
     try:
         load_external_data_for_tensor(tensor, str(base_dir))
     except Exception as exc:  # missing file, a location outside the directory, a short file
-        raise NormfuseError(f"{base_dir}: external data of tensor {tensor.name!r} cannot be read "
-                            f"({first_line(exc)})") from None
+        raise _unreadable(tensor, base_dir, exc) from None
     tensor.data_location = onnx.TensorProto.DEFAULT
     del tensor.external_data[:]
+
+
+def tensor_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    """A tensor's values as a numpy array, external data read from `base_dir` straight into the array:
+    read into the proto instead (`read_external_tensor`), the bytes stay in protobuf's arena after
+    the field is cleared, and the weights would sit in memory twice."""
+    try:
+        return onnx.numpy_helper.to_array(tensor, base_dir=str(base_dir))
+    except Exception as exc:  # missing file, a location outside the directory, a short file
+        raise _unreadable(tensor, base_dir, exc) from None
+
+
+def _unreadable(tensor: onnx.TensorProto, base_dir: Path, exc: Exception) -> NormfuseError:
+    return NormfuseError(f"{base_dir}: external data of tensor {tensor.name!r} cannot be read ({first_line(exc)})")
 
 
 def external_locations(model: onnx.ModelProto) -> list[str]:
@@ -177,23 +188,14 @@ def save_exported(program, path: str | os.PathLike, external_data: bool | None =
         except AttributeError:  # a torch whose ONNXProgram holds its model otherwise: the proto's way
             return save_model(program.model_proto, path)
     data_name = path.name + ".data"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as exc:
-        raise NormfuseError(f"{path}: cannot write ({unwritable(path) or exc.strerror or exc})") from None
-    try:
+    with staged_beside(path) as staging:
         program.save(staging / path.name, external_data=external_data)
-        if set(external_locations(onnx.load(str(staging / path.name), load_external_data=False))) - {data_name}:
+        if set(external_locations(load_graph_only(staging / path.name))) - {data_name}:
             # a torch that names its data file otherwise: the weights go through a proto after all
             return save_model(onnx.load(str(staging / path.name)), path, external_data=external_data)
         if (staging / data_name).exists():
-            os.chmod(staging / data_name, 0o666 & ~_UMASK)
-            os.replace(staging / data_name, path.parent / data_name)
-        os.chmod(staging / path.name, 0o666 & ~_UMASK)
-        os.replace(staging / path.name, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            put_in_place(staging / data_name, path.parent / data_name)
+        put_in_place(staging / path.name, path)
     return path
 
 

@@ -141,7 +141,8 @@ def _shape_op(node: gs.Node) -> np.ndarray | None:
 def _rank_arithmetic(node: gs.Node) -> np.ndarray | None:
     """Integer arithmetic on a tensor's rank, as onnx's function bodies compute reduction axes
     (RMSNormalization's: Range(Size(Shape(X)) + axis, Size(Shape(X)), 1)): Size of a Shape is the
-    number of dims it holds when inference knows the rank; Add, Sub, Neg and Range of such integers."""
+    number of dims it holds when inference knows the rank; Add, Sub, Neg and Range of such integers.
+    Two float constants go to _float_arithmetic."""
     if node.op == "Size" and node.inputs:
         shape = producer(node.inputs[0])
         if shape is None or shape.op != "Shape" or (shape.domain or "") not in DEFAULT_DOMAINS or shape.inputs[0].shape is None:
@@ -149,13 +150,13 @@ def _rank_arithmetic(node: gs.Node) -> np.ndarray | None:
         rank = len(shape.inputs[0].shape)
         start, end = int(shape.attrs.get("start", 0)), int(shape.attrs.get("end", rank))
         return np.asarray(len(range(*slice(start, end).indices(rank))), np.int64)
-    if node.op in FLOAT_ARITHMETIC:
-        return _float_arithmetic(node)
-    if node.op not in ("Add", "Sub", "Neg", "Range"):
+    if node.op not in ("Neg", "Range") and node.op not in FLOAT_ARITHMETIC:
         return None
     values = [constant_value(t) for t in node.inputs]
-    if any(v is None or not np.issubdtype(v.dtype, np.integer) for v in values):
+    if any(v is None for v in values):
         return None
+    if not all(np.issubdtype(v.dtype, np.integer) for v in values):
+        return _float_arithmetic(node.op, values)
     if node.op == "Neg" and len(values) == 1:
         return -values[0]
     if node.op in ("Add", "Sub") and len(values) == 2:
@@ -171,19 +172,15 @@ FLOAT_ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div"
                     "Less": np.less, "GreaterOrEqual": np.greater_equal, "LessOrEqual": np.less_equal}
 
 
-def _float_arithmetic(node: gs.Node) -> np.ndarray | None:
-    """Arithmetic and comparisons of small float constants of one type, worked out as the graph would
-    (numpy rounds each op to the type as ONNX Runtime does): jax2onnx writes jnp.var's divisor as
-    `n - Cast(ddof)` and guards it with `n - ddof > 0`. Integer operands go to _rank_arithmetic."""
-    values = [constant_value(t) for t in node.inputs]
-    if len(values) != 2 or any(v is None for v in values):
-        return None
-    if node.op in ("Add", "Sub") and all(np.issubdtype(v.dtype, np.integer) for v in values):
-        return values[0] + values[1] if node.op == "Add" else values[0] - values[1]
-    if any(not np.issubdtype(v.dtype, np.floating) or v.dtype != values[0].dtype for v in values):
+def _float_arithmetic(op: str, values: list[np.ndarray]) -> np.ndarray | None:
+    """Arithmetic and comparisons of two small float constants of one type, worked out as the graph
+    would (numpy rounds each op to the type as ONNX Runtime does): jax2onnx writes jnp.var's divisor
+    as `n - Cast(ddof)` and guards it with `n - ddof > 0`."""
+    if op not in FLOAT_ARITHMETIC or len(values) != 2 \
+            or any(not np.issubdtype(v.dtype, np.floating) or v.dtype != values[0].dtype for v in values):
         return None
     with np.errstate(all="ignore"):
-        out = np.asarray(FLOAT_ARITHMETIC[node.op](values[0], values[1]))
+        out = np.asarray(FLOAT_ARITHMETIC[op](values[0], values[1]))
     return out if out.size <= SMALL_CONSTANT else None
 
 
