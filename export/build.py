@@ -147,6 +147,7 @@ class Pipeline:
         # (None where the rewrite changed nothing for it)
         self.report: dict | None = None
         self.decoded: dict[str, Path | None] = {}
+        self.served: dict[str, Path] = {}
 
     @contextmanager
     def stage(self, name: str, what: str):
@@ -257,6 +258,8 @@ class Pipeline:
         # where the CPU form is the reference itself, decoding on the CPU checks the Skip-op form's
         # choices instead: slower there (bench/README.md), but it is the fused graph a GPU serves
         self.decoded = {"ort-cpu": cpu_form or (fused if rewrite.fused else None), "ort-cuda": fused}
+        # what each backend should serve: the fastest form that validated, the reference where nothing changed
+        self.served = {"ort-cpu": cpu_form or reference, "ort-cuda": fused if rewrite.fused else reference}
         self.resolve_shapes(reference)
 
         engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}

@@ -55,6 +55,7 @@ class FolderPipeline:
         built = [pipeline for pipeline in pipelines.values() if pipeline.report is not None]
         backends = built[0].backends if built else []
         decoding = self.decode_pair(folder, pipelines, backends, shares, errors)
+        serving = self.write_serving_folders(folder, models, out, pipelines, statuses, errors, backends, decoding)
         rows = [self.row(model, out / model.stem, pipelines[model], statuses[model]) if model not in errors
                 else {"model": model.name, "out": str(out / model.stem), "exit_status": errors[model].exit_code,
                       "error": str(errors[model])}
@@ -66,7 +67,7 @@ class FolderPipeline:
                 if (s["stage"], s["reason"]) not in said and s["stage"] != "greedy decoding":
                     said.add((s["stage"], s["reason"]))
                     self.skipped.append(s)
-        report = {"folder": str(folder), "models": rows, "decode": decoding, "skipped": self.skipped,
+        report = {"folder": str(folder), "models": rows, "decode": decoding, "serving": serving, "skipped": self.skipped,
                   "environment": environment()}
         paths = write_folder_report(report, out)
         print_folder_summary(report, self.console)
@@ -168,6 +169,51 @@ class FolderPipeline:
             records.append({"backend": backend, **record, **skip_ops_on_the_cpu(backend, *forms, fused_encoder)})
         return records
 
+    def write_serving_folders(self, folder: Path, models: list[Path], out: Path, pipelines: dict, statuses: dict,
+                              errors: dict, backends: list[str], decoding: list[dict]) -> list[dict]:
+        """`<out>/serve-<backend>/` for each ONNX Runtime backend on which every model of the folder
+        was built and passed, and the pair decoded alike: the folder to load in the source's place."""
+        from .decode import decoded_alike
+        from .serving_folder import serving_folder_name, write_serving_folder
+
+        written = []
+        for backend in (b for b in backends if b.startswith("ort-")):
+            target = out / serving_folder_name(backend)
+            why = self.why_not_served(models, pipelines, statuses, errors, backend)
+            if why is None and not all(decoded_alike(d["agreement"]) for d in decoding if d["backend"] == backend):
+                why = "the fused encoder-decoder chose other tokens than the reference's, or scores out of tolerance"
+            if why:
+                self.skipped.append({"stage": f"{backend} serving folder {target.name}", "reason": why})
+                continue
+            forms = {model.name: pipelines[model].served[backend] for model in models if model in pipelines}
+            what = f"{backend} serving folder: {len(forms)} models as {folder.name} has them"
+            with self.console.status(what + " ..."):
+                record = write_serving_folder(folder, forms, target)
+            self.console.print(f"[green]done[/] {what}: {target}")
+            written.append({"backend": backend, **record})
+        return written
+
+    def why_not_served(self, models: list[Path], pipelines: dict, statuses: dict, errors: dict,
+                       backend: str) -> str | None:
+        """Why no serving folder is written for `backend`, or None when it is."""
+        if errors:
+            return f"{next(iter(errors)).name} was not built"
+        failed = [model.name for model in models if model in statuses and statuses[model]]
+        if failed:
+            return f"{', '.join(failed)} failed (see the table); only models that passed are put up to be served"
+        changed = False
+        for model in pipelines:  # the halves the merged decoder holds were not built, and are not served
+            pipeline = pipelines[model]
+            served = pipeline.served.get(backend)
+            if served is None or served == model:
+                continue
+            changed = True
+            if not any(p["candidate"].endswith("@" + backend) for p in pipeline.report["validation"]):
+                return f"{model.name}'s fused form was not validated on {backend}"
+        if not changed:
+            return "the rewrite changed no model for it: serve the source folder as it is"
+        return None
+
     @staticmethod
     def row(model: Path, out: Path, pipeline, status: int) -> dict:
         """One model's line of the folder's report."""
@@ -202,10 +248,31 @@ def markdown(report: dict) -> str:
                      f"{row['fused_cpu']} fused | {'pass' if row['validation_passed'] else '**FAIL**'} "
                      f"({row['validation_pairs']} pairs) | {speed} | `{Path(row['out']).name}/report.md` |")
     lines += decoding_markdown(report["decode"])
+    lines += serving_markdown(report["serving"], Path(report["folder"]))
     lines += ["", "## Skipped", ""]
     lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
     lines += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in report["environment"].items()), ""]
     return "\n".join(lines)
+
+
+def serving_markdown(serving: list[dict], source: Path) -> list[str]:
+    if not serving:
+        return []
+    lines = ["", "## Serving folders", "",
+             f"Laid out as `{source.name}` is, each model in the form its backend serves; load one in the "
+             "source's place.", "", "| backend | folder | models (from) | also copied |", "| --- | --- | --- | --- |"]
+    for record in serving:
+        models = "<br>".join(f"`{name}` ({_from(form, source)})" for name, form in record["models"].items())
+        lines.append(f"| {record['backend']} | `{Path(record['folder']).name}/` | {models} | "
+                     f"{', '.join(f'`{c}`' for c in record['copied']) or '-'} |")
+    return lines
+
+
+def _from(form: str, source: Path) -> str:
+    """Where a served model came from, as the folder's report names it: `encoder_model/fused-cpu.onnx`,
+    or the source's model itself."""
+    path = Path(form)
+    return "as given" if path.parent == source else f"`{path.parent.name}/{path.name}`"
 
 
 def write_folder_report(report: dict, out: Path) -> dict[str, Path]:
@@ -256,5 +323,9 @@ def print_folder_summary(report: dict, console) -> None:
                       ", ".join(f"{b} {x:.2f}x" for b, x in row["speedup"].items()) or "-")
     console.print(table)
     print_decoding(report["decode"], console)
+    for record in report["serving"]:
+        console.print(f"serving folder for {record['backend']}: {record['folder']} ("
+                      + ", ".join(f"{name} from {_from(form, Path(report['folder'])).strip('`')}" for name, form in record["models"].items())
+                      + (f"; with {', '.join(record['copied'])}" if record["copied"] else "") + ")")
     for s in report["skipped"]:
         console.print(f"[yellow]skipped[/] {s['stage']}: {s['reason']}")

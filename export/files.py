@@ -142,6 +142,18 @@ def staging_folder(parent: Path, prefix: str) -> Path:
     return folder
 
 
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put a filled `staging_folder` where `target` is: an earlier folder there goes only once the
+    new one is in place, so a reader finds one or the other, never a half-written one."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(old)
+
+
 def write_text(target, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)

@@ -140,6 +140,16 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
                               if entry.key == "location"))
 
 
+def files_beside_models(folder: Path) -> list[Path]:
+    """The files of a folder of models that are neither a model nor a model's external weights:
+    what goes with the models wherever they are written (config.json, the tokenizer's files)."""
+    from .files import models_in
+
+    weights = {location for model in models_in(folder) for location in external_locations(load_graph_only(model))}
+    return [other for other in sorted(folder.iterdir())
+            if other.is_file() and other.suffix != ".onnx" and other.name not in weights and not other.name.startswith(".")]
+
+
 def _external_tensors(model: onnx.ModelProto):
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
-from .files import require_file, require_writable, staging_folder, write_text
+from .files import replace_folder, require_file, require_writable, staging_folder, write_text
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
@@ -219,14 +218,7 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
         for extra in _companions(model_path):
             shutil.copy2(extra, version_dir / extra.name)
         write_text(staging / "config.pbtxt", text)
-        target = repo / name
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repo))
-            os.replace(target, old / name)
-            os.replace(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, target)
+        replace_folder(staging, repo / name)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

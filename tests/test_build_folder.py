@@ -67,6 +67,51 @@ def test_each_model_is_built_and_the_fused_pair_decodes_the_references_tokens(t5
     assert len(configs) == 4 and "an input's axis 0 is fixed, so Triton does not batch" in terminal
     for name, text in configs.items():
         assert f"max_batch_size: {0 if name.startswith('decoder') else 8}" in text, name
+    # the folder to serve in the source's place: each model's CPU form under its own name, config.json too
+    serve = out / "serve-ort-cpu"
+    assert sorted(p.name for p in serve.iterdir()) == ["config.json", "decoder_model_merged.onnx", "encoder_model.onnx"]
+    for name in ("decoder_model_merged", "encoder_model"):
+        assert (serve / f"{name}.onnx").read_bytes() == (out / name / "fused-cpu.onnx").read_bytes()
+    (serving,) = report["serving"]
+    assert serving["backend"] == "ort-cpu" and serving["copied"] == ["config.json"]
+    assert (f"serving folder for ort-cpu: {serve} (decoder_model_merged.onnx from decoder_model_merged/fused-cpu.onnx"
+            in " ".join(terminal.split()))  # as rich wrapped it
+    assert "| ort-cpu | `serve-ort-cpu/` | `decoder_model_merged.onnx` (`decoder_model_merged/fused-cpu.onnx`)" in markdown
+
+
+def test_the_serving_folder_carries_external_weights_and_decodes_as_the_source(t5, tmp_path, capsys):
+    """Models whose weights are external data (Optimum's `<model>.onnx_data` past 2 GB) are served
+    with their weight files, the source's other files go with them (hidden ones do not), and the
+    folder decodes the source folder's tokens through export.decode."""
+    import onnx
+
+    from export.decode import main as decode_main
+
+    source = tmp_path / "t5"
+    source.mkdir()
+    for name in ("decoder_model_merged.onnx", "encoder_model.onnx"):
+        onnx.save_model(onnx.load(t5["merged"] / name), source / name, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=name + "_data", size_threshold=1024)
+    shutil.copy(t5["merged"] / "config.json", source / "config.json")
+    (source / "generation_config.json").write_text("{}\n")
+    (source / ".lock").write_text("")
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(source), "--out", str(out), "--decode-tokens", "3", *QUICK]) == 0
+    serve = out / "serve-ort-cpu"
+    assert sorted(p.name for p in serve.iterdir()) == [
+        "config.json", "decoder_model_merged.onnx", "decoder_model_merged.onnx_data", "encoder_model.onnx",
+        "encoder_model.onnx_data", "generation_config.json"]
+    assert (serve / "encoder_model.onnx_data").read_bytes() == (source / "encoder_model.onnx_data").read_bytes()
+    decoded = tmp_path / "decode.json"
+    assert decode_main([str(source), "--compare", str(serve), "--tokens", "5", "--prompt", "6", "--json", str(decoded)]) == 0
+    record = json.loads(decoded.read_text())
+    assert record["models"]["compared"]["encoder"] == str(serve / "encoder_model.onnx")
+    assert record["agreement"]["same_tokens"] == record["agreement"]["steps"] == 5
+    # built again into the same --out: the folder is replaced whole, nothing of the last one left beside it
+    (serve / "stale.txt").write_text("")
+    assert build_main(["--onnx", str(source), "--out", str(out), "--decode-tokens", "0", *QUICK]) == 0
+    assert not (serve / "stale.txt").exists() and (serve / "encoder_model.onnx_data").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 def test_halves_are_built_each_with_its_own_dims_and_decoded_as_one_decoder(t5, tmp_path):
@@ -113,6 +158,10 @@ def test_a_model_that_fails_validation_fails_the_folder(t5, tmp_path, monkeypatc
     assert [row["model"] for row in report["models"]] == ["decoder_model_merged.onnx", "encoder_model.onnx"]
     assert report["skipped"][0]["stage"] == "build of decoder_model.onnx and decoder_with_past_model.onnx"
     assert "FAILED: decoder_model_merged.onnx, encoder_model.onnx" in capsys.readouterr().out
+    # nothing put up to be served: the reason is in the report
+    assert report["serving"] == [] and not (out / "serve-ort-cpu").exists()
+    (reason,) = [s["reason"] for s in report["skipped"] if s["stage"] == "ort-cpu serving folder serve-ort-cpu"]
+    assert reason.startswith("decoder_model_merged.onnx, encoder_model.onnx failed")
 
 
 def test_a_model_that_cannot_be_built_is_named_and_the_others_are_built(tmp_path, capsys):

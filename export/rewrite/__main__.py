@@ -94,20 +94,19 @@ def rewrite_folder(source: Path, destination: Path, rewrite) -> dict:
     own name, the other files copied (the models' weight files go with each model, as
     rewrite_file places them); {file name: report}."""
     from ..files import models_in
-    from ..onnx_io import external_locations, load_graph_only
+    from ..onnx_io import files_beside_models
 
     models = models_in(source)
     if destination.resolve() == source.resolve():
         raise UsageError(f"{destination}: the output folder is the input folder; the rewritten models keep their names, "
                          "so write them to another one")
-    weights = {location for model in models for location in external_locations(load_graph_only(model))}
+    others = files_beside_models(source)
     reports = {model.name: rewrite(model, destination / model.name) for model in models}
     copied = []
-    for other in sorted(source.iterdir()):
-        if other.is_file() and other.suffix != ".onnx" and other.name not in weights and not other.name.startswith("."):
-            with atomic_path(destination / other.name) as tmp:
-                shutil.copyfile(other, tmp)
-            copied.append(other.name)
+    for other in others:
+        with atomic_path(destination / other.name) as tmp:
+            shutil.copyfile(other, tmp)
+        copied.append(other.name)
     print(f"wrote {len(models)} model(s) to {destination}" + (f", and copied {', '.join(copied)}" if copied else ""))
     return reports
 

@@ -1,0 +1,60 @@
+"""A built folder of models laid out as its source was, each model in the form a backend serves.
+
+`export.build --onnx FOLDER` builds each model of an Optimum export in a folder of its own. What a
+server loads is a folder like the source: `<out>/serve-ort-cpu/` holds every model under its own
+name in the form ONNX Runtime's CPU provider runs best (fused-cpu.onnx, or the model itself where
+the rewrite changed nothing for it), with its external weights, and the source's other files
+(config.json, generation_config.json, the tokenizer's), so that whatever loaded the source folder
+loads this one instead. The folder is filled beside its place and renamed into it, so an earlier
+one is replaced whole or not at all.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import NormfuseError
+from .files import replace_folder, staging_folder
+from .onnx_io import external_locations, files_beside_models, load_graph_only, share_external_data
+
+PREFIX = "serve-"
+
+
+def serving_folder_name(backend: str) -> str:
+    return PREFIX + backend
+
+
+def write_serving_folder(source: Path, forms: dict[str, Path], target: Path) -> dict:
+    """`target` with each model of `forms` ({name in the source folder: file of the form to serve})
+    under that name, its weights beside it, and the source's other files; returns what went where."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(target.parent, f".{target.name}.")
+    try:
+        for name, form in forms.items():
+            _place_model(form, staging / name)
+        others = files_beside_models(source)
+        for other in others:
+            shutil.copy2(other, staging / other.name)
+        replace_folder(staging, target)
+    except OSError as exc:  # a full disk, say: the earlier folder, if any, stays as it was
+        raise NormfuseError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return {"folder": str(target), "models": {name: str(form) for name, form in forms.items()},
+            "copied": [other.name for other in others]}
+
+
+def _place_model(form: Path, destination: Path) -> None:
+    """A copy of the model at `destination`, its external weight files beside it under the names it
+    gives them. Two models naming one file must mean the same bytes (share_external_data refuses
+    anything else in one line)."""
+    model = load_graph_only(form)
+    before = external_locations(model)
+    share_external_data(model, form.parent, destination.parent)
+    if external_locations(model) == before:
+        shutil.copy2(form, destination)  # the bytes as built: nothing to re-serialise
+    else:  # a weight file named outside the model's folder now lies beside it: the model says so
+        import onnx
+
+        onnx.save_model(model, str(destination))
