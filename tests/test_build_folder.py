@@ -133,6 +133,11 @@ def test_halves_are_built_each_with_its_own_dims_and_decoded_as_one_decoder(t5, 
     assert record["models"]["reference"]["model"] == str(t5["halves"])
     assert record["agreement"]["same_tokens"] == record["agreement"]["steps"] == 5
     assert "`decoder_model/fused-cpu.onnx + decoder_with_past_model/fused-cpu.onnx`" in (out / "report.md").read_text()
+    # served as the source has them: both halves, each in its CPU form
+    assert sorted(p.name for p in (out / "serve-ort-cpu").iterdir()) == [
+        "config.json", "decoder_model.onnx", "decoder_with_past_model.onnx", "encoder_model.onnx"]
+    assert ((out / "serve-ort-cpu" / "decoder_with_past_model.onnx").read_bytes()
+            == (out / "decoder_with_past_model" / "fused-cpu.onnx").read_bytes())
 
 
 def test_a_dim_no_model_has_is_a_one_line_error_before_any_work(t5, tmp_path, capsys):
@@ -187,6 +192,46 @@ def test_a_model_that_cannot_be_built_is_named_and_the_others_are_built(tmp_path
     assert rows["bad.onnx"]["exit_status"] == 1 and "ONNX Runtime failed to run it" in rows["bad.onnx"]["error"]
     assert "| `bad.onnx` | **not built**:" in (out / "report.md").read_text()
     assert "FAILED: bad.onnx" in capsys.readouterr().out
+
+
+def native_layernorm_model():
+    """x -> LayerNormalization: a single op already, which the CPU form leaves as it is."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    gamma, beta = (onnx.numpy_helper.from_array(np.full(16, v, np.float32), n) for n, v in (("g", 1.5), ("b", 0.25)))
+    graph = helper.make_graph([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1)], "native",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])],
+                              initializer=[gamma, beta])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_model_the_rewrite_leaves_as_it_is_is_served_as_given(tmp_path, capsys):
+    """A model whose CPU form is the model itself is served as given, beside one that was fused;
+    a folder where the rewrite changed nothing for the CPU gets no serving folder, and says why."""
+    import onnx
+    from test_rewrite_keepdims import restored_rms
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(restored_rms(), folder / "hand.onnx")
+    onnx.save(native_layernorm_model(), folder / "native.onnx")
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(folder), "--out", str(out), *QUICK]) == 0
+    (serving,) = json.loads((out / "report.json").read_text())["serving"]
+    assert serving["models"] == {"hand.onnx": str(out / "hand" / "fused-cpu.onnx"), "native.onnx": str(folder / "native.onnx")}
+    assert (out / "serve-ort-cpu" / "native.onnx").read_bytes() == (folder / "native.onnx").read_bytes()
+    assert "`hand.onnx` (`hand/fused-cpu.onnx`)<br>`native.onnx` (as given)" in (out / "report.md").read_text()
+
+    (folder / "hand.onnx").unlink()
+    out = tmp_path / "unchanged"
+    assert build_main(["--onnx", str(folder), "--out", str(out), *QUICK]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["serving"] == [] and not (out / "serve-ort-cpu").exists()
+    assert {"stage": "ort-cpu serving folder serve-ort-cpu",
+            "reason": "the rewrite changed no model for it: serve the source folder as it is"} in report["skipped"]
 
 
 def test_excluded_norms_are_left_in_the_models_that_have_them(t5, tmp_path, capsys):
