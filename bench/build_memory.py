@@ -1,10 +1,11 @@
 """Peak memory of the pipeline's commands on a model whose weights are large, against the weights' size.
 
-    python bench/build_memory.py [--preset llama-7b] [--layers 2] [--dtype float32] [--runs 5]
+    python bench/build_memory.py [--preset llama-7b] [--layers 2] [--dtype float32] [--runs 5] [--torchscript-layers 3]
                                  [--json bench/results/build-memory-cpu.json]
 
 Exports the preset's stack (2 LLaMA-7B-shaped layers: 1.6 GB of fp32 weights in an external data
-file), then runs, each as the command line in a process of its own: `export.validate` on onnx's
+file), exports it and a larger one (3 layers, past 2 GiB) with TorchScript's exporter too, then runs,
+each as the command line in a process of its own: `export.validate` on onnx's
 reference evaluator (the TensorRT-target graph, as a machine without TensorRT checks it), on ONNX
 Runtime's CPU provider, and the whole `export.build --onnx` (rewrite, validation, bench workers).
 A command's peak is the largest resident set of it and its children (ru_maxrss of the process
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--torchscript-layers", type=int, default=3,
+                        help="also export this many layers with TorchScript (3: 2.4 GB, past its 2 GiB protobuf limit)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "build-memory-cpu.json"))
     args = parser.parse_args(argv)
     python = sys.executable
@@ -69,6 +72,16 @@ def main(argv=None) -> int:
                            + (["--no-residual"] if target == "onnxruntime" else []),
                            cwd=folder, check=True, capture_output=True, env={"PYTHONPATH": str(ROOT), **_env()})
         rows = {"export": export}
+        # TorchScript's exporter: one protobuf up to 2 GiB, past it a file per weight (gathered into one)
+        for layers in dict.fromkeys([args.layers, args.torchscript_layers]):
+            label = f"export --exporter torchscript ({layers} layers)"
+            print(f"{label} ...", flush=True)
+            rows[label] = peak_of([python, "-m", "export.export_model", "--norm", "rmsnorm", "--preset", args.preset,
+                                   "--layers", str(layers), "--dtype", args.dtype, "--exporter", "torchscript",
+                                   "-o", f"ts-{layers}.onnx"], folder)
+            rows[label]["weights_mb"] = round(sum(p.stat().st_size for p in folder.glob(f"ts-{layers}.onnx*")) / 2**20, 1)
+            for written in folder.glob(f"ts-{layers}.onnx*"):
+                written.unlink()
         for label, command in (
                 ("validate on onnx's reference evaluator", ["export.validate", "ref.onnx", "fused-tensorrt.onnx",
                                                             "--backend", "onnx-reference", "--shapes", "1x16"]),
@@ -79,7 +92,7 @@ def main(argv=None) -> int:
             print(f"{label} ...", flush=True)
             rows[label] = peak_of([python, "-m", *command], folder)
     for row in rows.values():
-        row["peak_over_weights"] = round(row["peak_rss_mb"] / weights_mb, 2)
+        row["peak_over_weights"] = round(row["peak_rss_mb"] / row.get("weights_mb", weights_mb), 2)
     import onnxruntime
 
     record = {"machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),

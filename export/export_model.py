@@ -15,7 +15,7 @@ from models import BlockConfig
 
 from .errors import NormfuseError, UsageError, first_line
 from .files import staged_beside
-from .onnx_io import external_locations, load_graph_only, save_exported, save_model
+from .onnx_io import external_locations, load_graph_only, place_written, save_exported
 
 EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "hidden_states", "output"
@@ -46,8 +46,10 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
         if exporter == "dynamo":
             path = save_exported(_export_dynamo(model, example, opset), path, external_data=external_data)
         else:
-            proto = _export_torchscript(model, example, opset, Path(path))
-            path = save_model(proto, path, external_data=external_data)
+            with staged_beside(path) as staging:
+                written = _export_torchscript(model, example, opset, staging)
+                del model  # its weights are in the file now: not held while the file is laid out
+                path = place_written(written, path, external_data=external_data)
     if check:
         _check_exported(Path(path), exporter, config)
     has_external = bool(external_locations(load_graph_only(path)))
@@ -84,21 +86,19 @@ def _export_dynamo(model, example, opset: int):
     return program
 
 
-def _export_torchscript(model, example, opset: int, target: Path):
-    """TorchScript's exporter writes a file: past 2 GiB a model cannot be one protobuf, and it puts
-    each weight in a file of its own beside it. It writes into a staging folder beside `target`, and
-    the model comes back whole, to be saved as `save_model` lays it out."""
-    import onnx
+def _export_torchscript(model, example, opset: int, staging: Path) -> Path:
+    """TorchScript's exporter writes a file, which it must: past 2 GiB a model cannot be one
+    protobuf, and it then puts each weight in a file of its own beside it. It writes into
+    `staging`, from where `place_written` lays the model out without reading its weights."""
     import torch
 
-    with staged_beside(target) as staging:
-        written = staging / "model.onnx"
-        torch.onnx.export(
-            model, (example,), str(written), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch", 1: "seq"}},
-            opset_version=opset,
-        )
-        return onnx.load(str(written))
+    written = staging / "model.onnx"
+    torch.onnx.export(
+        model, (example,), str(written), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch", 1: "seq"}},
+        opset_version=opset,
+    )
+    return written
 
 
 @contextlib.contextmanager

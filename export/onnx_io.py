@@ -209,6 +209,78 @@ def save_exported(program, path: str | os.PathLike, external_data: bool | None =
     return path
 
 
+def place_written(written: Path, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Put at `path` a model another tool wrote into a staging folder (`written`, alone there with
+    its weight files), laid out as `save_model` lays a model out, holding as little of it in memory
+    as can be: a file that needs no change is renamed into place; weights the tool wrote as files of
+    their own (TorchScript's exporter past 2 GiB: one per tensor) are streamed into one `<name>.data`
+    file, a buffer at a time. Only a model written whole that must get a data file is read whole."""
+    path = Path(path)
+    beside = [p for p in written.parent.iterdir() if p != written]
+    if not beside:  # one protobuf with its weights inside
+        if external_data is None:
+            external_data = written.stat().st_size > EXTERNAL_DATA_THRESHOLD
+        if not external_data:
+            put_in_place(written, path)
+            return path
+        return save_model(onnx.load(str(written)), path, external_data=True)
+    model = load_graph_only(written)
+    data_name = path.name + ".data"
+    staged_data = written.parent / f".{data_name}.gathered"
+    _gather_external_data(model, written.parent, staged_data, data_name)
+    staged_model = written.parent / f".{path.name}.gathered"
+    onnx.save_model(model, str(staged_model))  # the graph only: its weights are in the data file already
+    put_in_place(staged_data, path.parent / data_name)
+    put_in_place(staged_model, path)
+    return path
+
+
+def _gather_external_data(model: onnx.ModelProto, base_dir: Path, target: Path, location: str,
+                          inline_below: int = 1024) -> None:
+    """Each external tensor's bytes, from wherever in `base_dir` it has them, appended to `target`
+    (which the model then names `location`); tensors under `inline_below` bytes go into the model, as
+    `save_model` keeps them. A buffer at a time: never a whole weight in memory."""
+    import shutil
+
+    from onnx.external_data_helper import ExternalDataInfo
+
+    with open(target, "wb") as out:
+        for tensor in list(_external_tensors(model)):
+            info = ExternalDataInfo(tensor)
+            source, start = base_dir / info.location, info.offset or 0
+            try:
+                if Path(info.location).is_absolute() or ".." in Path(info.location).parts:
+                    raise OSError(f"location {info.location!r} is outside the model's folder")
+                length = info.length if info.length is not None else source.stat().st_size - start
+                if length < inline_below:
+                    read_external_tensor(tensor, base_dir)
+                    continue
+                offset = out.tell()
+                with open(source, "rb") as src:
+                    src.seek(start)
+                    shutil.copyfileobj(_Limited(src, length), out, 1 << 24)
+            except OSError as exc:
+                raise _unreadable(tensor, base_dir, exc) from None
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+
+
+class _Limited:
+    """The next `length` bytes of a file, read as copyfileobj reads, failing on a short file."""
+
+    def __init__(self, file, length: int):
+        self.file, self.left = file, length
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.file.read(size)
+        if size and not data:
+            raise OSError(f"{self.file.name}: {self.left} bytes short")
+        self.left -= len(data)
+        return data
+
+
 def _rename_location(model: onnx.ModelProto, old: str, new: str) -> None:
     for tensor in _external_tensors(model):
         for entry in tensor.external_data:

@@ -174,3 +174,87 @@ def test_a_model_too_small_for_a_data_file_is_saved_whole(tmp_path):
     save_model(model, tmp_path / "m.onnx", external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert onnx.load(str(tmp_path / "m.onnx")).SerializeToString() == expected
+
+
+def _written_by_a_tool(folder, one_file: bool):
+    """A staging folder as TorchScript's exporter leaves it past 2 GiB (each weight in a file of its
+    own), or with every weight in one file at its offset; and the weights by name."""
+    import numpy as np
+    import onnx
+
+    from export.rewrite.synth import NormSpec, build
+
+    model = build(NormSpec(hidden=512))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=one_file,
+                    location="weights.bin" if one_file else None, size_threshold=0)
+    assert len(list(folder.iterdir())) > 1 and any(w.nbytes < 1024 for w in weights.values())
+    return folder / "model.onnx", {name: np.asarray(w) for name, w in weights.items()}
+
+
+@pytest.mark.parametrize("one_file", [False, True])
+def test_weights_a_tool_wrote_are_gathered_into_one_data_file(tmp_path, one_file):
+    """place_written streams each external tensor into `<name>.data` (at its offset in a shared
+    file, or from a file of its own); tensors under 1 KiB go inside the model, as save_model keeps them."""
+    import numpy as np
+    import onnx
+
+    from export.onnx_io import place_written
+
+    written, weights = _written_by_a_tool(tmp_path / "staging", one_file)
+    out = tmp_path / "out"
+    out.mkdir()
+    place_written(written, out / "m.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
+    graph_only = onnx.load(str(out / "m.onnx"), load_external_data=False)
+    for tensor in graph_only.graph.initializer:
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        assert external == (weights[tensor.name].nbytes >= 1024), tensor.name
+        assert np.array_equal(onnx.numpy_helper.to_array(tensor, base_dir=str(out)), weights[tensor.name])
+
+
+def test_a_model_written_whole_is_renamed_into_place_unread(tmp_path):
+    """One protobuf under the size threshold is the file as written; asked for external data, it gets a data file."""
+    import onnx
+
+    from export.onnx_io import place_written
+    from export.rewrite.synth import NormSpec, build
+
+    for external_data, expected in ((None, ["m.onnx"]), (True, ["m.onnx", "m.onnx.data"])):
+        staging, out = tmp_path / f"staging-{external_data}", tmp_path / f"out-{external_data}"
+        staging.mkdir()
+        out.mkdir()
+        onnx.save_model(build(NormSpec(hidden=512)), str(staging / "model.onnx"))
+        data = (staging / "model.onnx").read_bytes()
+        place_written(staging / "model.onnx", out / "m.onnx", external_data=external_data)
+        assert sorted(p.name for p in out.iterdir()) == expected
+        assert ((out / "m.onnx").read_bytes() == data) is (external_data is None)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("short", r"external data of tensor '.*' cannot be read \(.*bytes short\)"),
+    ("outside", r"external data of tensor '.*' cannot be read \(location '\.\./w\.bin' is outside the model's folder\)"),
+])
+def test_weights_that_cannot_be_gathered_are_one_line_and_nothing_is_placed(tmp_path, damage, message):
+    import onnx
+
+    from export.onnx_io import place_written
+
+    written, _ = _written_by_a_tool(tmp_path / "staging", one_file=True)
+    if damage == "short":
+        with open(written.parent / "weights.bin", "r+b") as f:
+            f.truncate(f.seek(0, 2) - 100)
+    else:
+        model = onnx.load(str(written), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "../w.bin"
+        onnx.save_model(model, str(written))
+        (tmp_path / "w.bin").write_bytes((written.parent / "weights.bin").read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(NormfuseError, match=message):
+        place_written(written, out / "m.onnx")
+    assert list(out.iterdir()) == []
