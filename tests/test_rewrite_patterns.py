@@ -108,6 +108,22 @@ def test_a_half_precision_row_fraction_is_proven_as_the_mean_it_stands_for():
     assert_same(model, out, spec.dtype)
 
 
+@pytest.mark.parametrize("casts", ("none", "llama"))
+def test_a_row_fraction_in_float64_stays_in_float64_in_the_proof(casts):
+    """A half-type LayerNorm whose variance is averaged in float64 as sum * 0.5: the proof widened
+    that fraction to float32 as if it were the half type's, its Mul then read two types, and the
+    norm was refused ('could not be checked'); with the model's casts to float32 around it, only the
+    inside was fused, and a second rewrite fused again (found by the property tests)."""
+    spec = NormSpec(kind="layer", dtype="float16", inverse="sqrt_reciprocal", casts=casts, scale="none", bias=False,
+                    axes_input=False, epsilon=1e-12, mean="sum_fraction", variance="float64", hidden=2)
+    model = build(spec)
+    for target in ("tensorrt", "onnxruntime"):
+        out, report = rewrite_model(model, target=target)
+        assert report.fused == 1 and len(out.graph.node) == 1, [r.reason for r in report.rejected]
+        assert_same(model, out, spec.dtype)
+        assert rewrite_model(out, target=target)[1].fused == 0
+
+
 @pytest.mark.parametrize("variance", ("moments", "moments_clamped"))
 def test_moments_variance_swapped_is_not_a_norm(variance):
     """E[x]^2 - E[x^2] is minus the variance: nothing may fuse as a LayerNorm."""

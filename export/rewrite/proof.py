@@ -90,14 +90,18 @@ def _widen_half_types(model: onnx.ModelProto) -> bool:
 
 def _exact_row_fractions(model: onnx.ModelProto, candidate: NormCandidate) -> None:
     """A mean written as sum * (1 / n) in a half type: the checks accept the factor as 1 / n rounded to
-    that type, so widened it becomes 1 / n as float32 holds it. Kept at its half-type rounding (1/3 is
+    that type, so widened it becomes 1 / n as float32 holds it (a factor in float32 or float64 is 1 / n
+    in its own type). Kept at its half-type rounding (1/3 is
     0.33325 in fp16), the proof measured that rounding, which E[x^2] - E[x]^2 amplifies on short rows,
     instead of the arithmetic."""
     fractions = {t.name for name, t in candidate.match.tensors.items() if name.startswith("row_fraction#")}
     for tensor in model.graph.initializer:
         if tensor.name in fractions:
-            shape = onnx.numpy_helper.to_array(tensor).shape
-            tensor.CopyFrom(onnx.numpy_helper.from_array(np.full(shape, 1.0 / candidate.hidden, np.float32), tensor.name))
+            # in the type it has now: float32 for a widened half type, float64 (a variance taken in
+            # float64, say) as it was, so the Mul still reads one type
+            value = onnx.numpy_helper.to_array(tensor)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.full(value.shape, 1.0 / candidate.hidden, value.dtype),
+                                                         tensor.name))
 
 
 def _small_scale(candidate: NormCandidate) -> float:
