@@ -59,7 +59,15 @@ def check(spec: NormSpec, leading: tuple, target: str) -> None:
     out, report = rewrite_model(model, target=target)  # must not raise
     feeds = random_feeds(model, seed=3)
     expected, actual = run_model(model, feeds), run_model(out, feeds)
-    for e, a in zip(expected, actual):
+    truth = None
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        if not GRAPH[spec.dtype].passes(a, e) and spec.variance in ("moments", "moments_clamped"):
+            # E[x^2] - E[x]^2 cancels where a row's spread is small against its mean (two nearly equal
+            # values on rows of 2): the graph as written loses its variance there, and the fused op,
+            # which computes it soundly, is judged by the graph computed in float64 instead
+            truth = truth or run_model(float64_twin(model), {k: v.astype(np.float64) for k, v in feeds.items()})
+            assert not GRAPH[spec.dtype].passes(e, truth[i]), spec.describe()  # the graph's own error
+            e = truth[i]
         assert GRAPH[spec.dtype].passes(a, e), (spec.describe(), float(np.nanmax(np.abs(a.astype(float) - e.astype(float)))))
     want = expected_fusions(spec)
     assert report.fused == want, (spec.describe(), leading, [r.reason for r in report.rejected])
@@ -67,6 +75,29 @@ def check(spec: NormSpec, leading: tuple, target: str) -> None:
         assert report.rejected, spec.describe()  # a near-miss is reported with its reason
     again, second = rewrite_model(out, target=target)
     assert second.fused == 0
+
+
+def float64_twin(model):
+    """`model` computing in float64 throughout: its float inputs, outputs, constants and casts."""
+    import onnx
+
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    for value in list(twin.graph.input) + list(twin.graph.output):
+        if value.type.tensor_type.elem_type in floats:
+            value.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    del twin.graph.value_info[:]
+    for tensor in twin.graph.initializer:
+        if tensor.data_type in floats:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
+    for node in twin.graph.node:
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i in floats:
+                attr.i = onnx.TensorProto.DOUBLE
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in floats:
+                attr.t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(attr.t).astype(np.float64), attr.t.name))
+    return twin
 
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -110,6 +141,15 @@ def test_each_near_miss_has_a_reason(mutation, kind):
              "pool_rank4": "not only the last axis", "variance_in_half": "narrows float", "clamp_nonzero": "lower clamp is 1",
              "guard_nonzero": "guard's value is 1", "wrong_fraction": "not by 1 / 16 (the row length)"}[mutation]
     assert words in reasons, reasons
+
+
+def test_a_graph_whose_moments_cancel_is_judged_by_its_float64_truth():
+    """Rows of 2 whose values nearly agree: the graph's E[x^2] - E[x]^2 loses the variance in float32
+    and its outputs are off by 84; the fused op's match the graph computed in float64 (a draw of a
+    longer property-test run)."""
+    spec = NormSpec(kind="layer", inverse="sqrt_reciprocal", scale="none", bias=False, residual="private",
+                    axes_input=False, epsilon=1e-12, mean="sum_fraction", variance="moments", hidden=2)
+    check(spec, (2, 3, "batch"), "tensorrt")
 
 
 def test_broadcast_scale_is_left_outside_the_norm():
