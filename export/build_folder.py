@@ -28,6 +28,7 @@ class FolderPipeline:
         self.args = args
         self.console = console
         self.skipped: list[dict] = []
+        self.serving_failed = False
 
     def run(self) -> int:
         from .build import environment
@@ -85,6 +86,8 @@ class FolderPipeline:
             self.console.print(f"[red]--exclude {name}[/]: no model of the folder has a norm ending at a tensor of "
                                "that name")
             status = 2
+        if self.serving_failed:
+            status = max(status, 1)
         if not all(decoded_alike(d["agreement"]) for d in decoding):
             self.console.print("[red]decoding FAILED[/]: the fused pair chose other tokens or its scores are out of tolerance")
             status = max(status, 1)
@@ -187,8 +190,14 @@ class FolderPipeline:
                 continue
             forms = {model.name: pipelines[model].served[backend] for model in models if model in pipelines}
             what = f"{backend} serving folder: {len(forms)} models as {folder.name} has them"
-            with self.console.status(what + " ..."):
-                record = write_serving_folder(folder, forms, target)
+            try:
+                with self.console.status(what + " ..."):
+                    record = write_serving_folder(folder, forms, target)
+            except NormfuseError as exc:  # two models' weight files at odds, a full disk: the builds stand
+                self.console.print(f"[red]{backend} serving folder not written[/]: {exc}")
+                self.skipped.append({"stage": f"{backend} serving folder {target.name}", "reason": str(exc)})
+                self.serving_failed = True
+                continue
             self.console.print(f"[green]done[/] {what}: {target}")
             written.append({"backend": backend, **record})
         return written

@@ -178,7 +178,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
                 onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=tmp_data.name, size_threshold=1024)
                 # the data file was written under a temporary name: point the model at its final one
-                _rename_location(model, tmp_data.name, data_name)
+                rename_location(model, tmp_data.name, data_name)
                 onnx.save_model(model, str(tmp))  # the weights are in the data file already
         else:
             onnx.save_model(model, str(tmp))
@@ -281,7 +281,7 @@ class _Limited:
         return data
 
 
-def _rename_location(model: onnx.ModelProto, old: str, new: str) -> None:
+def rename_location(model: onnx.ModelProto, old: str, new: str) -> None:
     for tensor in _external_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:

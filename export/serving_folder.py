@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import NormfuseError
 from .files import replace_folder, staging_folder
-from .onnx_io import external_locations, files_beside_models, load_graph_only, share_external_data
+from .onnx_io import external_locations, files_beside_models, load_graph_only, rename_location
 
 PREFIX = "serve-"
 
@@ -31,7 +31,7 @@ def write_serving_folder(source: Path, forms: dict[str, Path], target: Path) -> 
     staging = staging_folder(target.parent, f".{target.name}.")
     try:
         for name, form in forms.items():
-            _place_model(form, staging / name)
+            _place_model(form, staging / name, target)
         others = files_beside_models(source)
         for other in others:
             shutil.copy2(other, staging / other.name)
@@ -45,16 +45,33 @@ def write_serving_folder(source: Path, forms: dict[str, Path], target: Path) -> 
             "copied": [other.name for other in others]}
 
 
-def _place_model(form: Path, destination: Path) -> None:
-    """A copy of the model at `destination`, its external weight files beside it under the names it
-    gives them. Two models naming one file must mean the same bytes (share_external_data refuses
-    anything else in one line)."""
+def _place_model(form: Path, destination: Path, target: Path) -> None:
+    """A copy of the model at `destination` (in the staging folder of `target`) with its external
+    weight files beside it. A data file
+    named after the built form (`fused-cpu.onnx.data`, as `onnx_io.save_model` names it) is named
+    after the served model instead, since every model's form has that name; any other keeps its
+    name, and two models naming one file must mean the same bytes."""
+    import filecmp
+
     model = load_graph_only(form)
-    before = external_locations(model)
-    share_external_data(model, form.parent, destination.parent)
-    if external_locations(model) == before:
-        shutil.copy2(form, destination)  # the bytes as built: nothing to re-serialise
-    else:  # a weight file named outside the model's folder now lies beside it: the model says so
+    renamed = False
+    for location in external_locations(model):
+        if Path(location).name != location or location in (".", ".."):  # "sub/w.data", "../w.data"
+            raise NormfuseError(f"{form}: external data {location!r} is not beside the model; a serving folder "
+                                "holds each model's weights beside it")
+        name = destination.name + ".data" if location == form.name + ".data" else location
+        placed = destination.parent / name
+        if placed.exists() and not filecmp.cmp(placed, form.parent / location):
+            raise NormfuseError(f"{form}: its external data {location} and another model's, both to be "
+                                f"{target / name}, differ")
+        if not placed.exists():
+            shutil.copy2(form.parent / location, placed)
+        if name != location:
+            rename_location(model, location, name)
+            renamed = True
+    if renamed:  # the model names its weight file anew
         import onnx
 
         onnx.save_model(model, str(destination))
+    else:
+        shutil.copy2(form, destination)  # the bytes as built

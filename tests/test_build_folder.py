@@ -208,6 +208,34 @@ def native_layernorm_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+def test_a_serving_folder_that_cannot_be_written_fails_the_build_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A full disk while the folder is filled: the models' builds stand, the folder's report says
+    why there is no serving folder, nothing half-written is left, and the exit status is 1."""
+    import errno
+
+    import onnx
+    from test_rewrite_keepdims import restored_rms
+
+    import export.serving_folder
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(restored_rms(), folder / "hand.onnx")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export.serving_folder.shutil, "copy2", full_disk)
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(folder), "--out", str(out), *QUICK]) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["serving"] == [] and report["models"][0]["exit_status"] == 0
+    (reason,) = [s["reason"] for s in report["skipped"] if s["stage"] == "ort-cpu serving folder serve-ort-cpu"]
+    assert reason == f"{out / 'serve-ort-cpu'}: cannot write (No space left on device)"
+    assert sorted(p.name for p in out.iterdir()) == ["hand", "report.json", "report.md"]
+    assert "ort-cpu serving folder not written" in capsys.readouterr().out
+
+
 def test_a_model_the_rewrite_leaves_as_it_is_is_served_as_given(tmp_path, capsys):
     """A model whose CPU form is the model itself is served as given, beside one that was fused;
     a folder where the rewrite changed nothing for the CPU gets no serving folder, and says why."""
@@ -257,3 +285,52 @@ def test_a_backend_that_cannot_run_here_is_one_line_before_any_model(t5, tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("normfuse: error: --backend ort-cuda cannot run here") and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_forms_whose_weight_files_share_a_name_are_served_each_with_its_own(tmp_path):
+    """Every model's built form is `fused-cpu.onnx`, and past 1 GiB its weights go to
+    `fused-cpu.onnx.data`: served together, each model's weights are named after it. Two models
+    naming one weight file of their own that differ are a one-line error, and no folder is written."""
+    import numpy as np
+    import onnx
+
+    from export.errors import NormfuseError
+    from export.onnx_io import save_model
+    from export.runtime import load
+    from export.serving_folder import write_serving_folder
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text("{}\n")
+    forms, feeds, expected = {}, {"x": np.random.default_rng(0).standard_normal((1, 3, 16)).astype(np.float32)}, {}
+    for name, gamma in (("encoder_model.onnx", 1.5), ("decoder_model.onnx", 0.5)):
+        model = native_layernorm_model()
+        model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.full(16, gamma, np.float32), "g"))
+        model.graph.initializer.extend([onnx.numpy_helper.from_array(np.full(512, gamma, np.float32), "unused")])
+        onnx.save(model, source / name)
+        built = tmp_path / name.removesuffix(".onnx") / "fused-cpu.onnx"
+        save_model(model, built, external_data=True)
+        assert (built.parent / "fused-cpu.onnx.data").is_file()
+        forms[name] = built
+        expected[name] = load(built).run(feeds)["y"]
+    served = tmp_path / "serve-ort-cpu"
+    record = write_serving_folder(source, forms, served)
+    assert sorted(p.name for p in served.iterdir()) == ["config.json", "decoder_model.onnx", "decoder_model.onnx.data",
+                                                        "encoder_model.onnx", "encoder_model.onnx.data"]
+    assert record["copied"] == ["config.json"]
+    for name in forms:
+        np.testing.assert_array_equal(load(served / name).run(feeds)["y"], expected[name])
+
+    # two models naming one file of their own, with other bytes: refused, nothing written
+    for name, form in forms.items():
+        model = onnx.load(str(form), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "weights.bin"
+        onnx.save(model, str(form))
+        (form.parent / "fused-cpu.onnx.data").rename(form.parent / "weights.bin")
+    with pytest.raises(NormfuseError, match=r"fused-cpu.onnx: its external data weights.bin and another model's, both "
+                                            r"to be .*/other/weights.bin, differ"):
+        write_serving_folder(source, forms, tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir() if "other" in p.name) == []
