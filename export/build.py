@@ -60,7 +60,8 @@ def parse_args(argv=None):
                         help="run the chain on this ONNX model instead of exporting a stack (its dynamic axis 0 "
                              "is the batch, other dynamic axes the sequence, unless --dim names them; a derived "
                              "name like 'past + seq' is worked out; token ids stay inside the table they index); "
-                             "a folder: on each of its models, then an encoder-decoder's pair decoded together")
+                             "a folder: on each of its models, then an encoder-decoder's pair decoded together, "
+                             "and serve-<backend>/ laid out as the folder, each model in the form that backend serves")
     parser.add_argument("--preset", choices=PRESET_NAMES, default="small",
                         help=f"stack shape (default small): {describe_presets()}")
     parser.add_argument("--layers", type=positive_int, help="Transformer blocks (default: the preset's)")
