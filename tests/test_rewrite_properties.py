@@ -9,13 +9,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from export.rewrite import TARGETS, rewrite_model
 from export.rewrite.evaluate import run_model
 from export.rewrite.synth import CASTS, INVERSES, KINDS, LAYER_MUTATIONS, MEANS, MUTATIONS, RESIDUALS, RMS_SCALES, \
-    SQUARES, VARIANCES, NormSpec, build, expected_fusions, random_feeds
+    SQUARES, VARIANCES, NormSpec, build, expected_fusions, if_model, random_feeds, scan_model
 from normops import GRAPH
 
 # a norm drawn without an epsilon computes 0 / 0 on a constant row (hidden 1): NaN in both graphs, on purpose
@@ -156,3 +156,80 @@ def test_broadcast_scale_is_left_outside_the_norm():
     out, report = rewrite_model(build(NormSpec(mutation="broadcast_scale")))
     assert report.fused == 1 and report.fusions[0].pattern == "rmsnorm-unscaled"
     assert [n.op_type for n in out.graph.node] == ["RMSNorm", "Mul"]
+
+
+# Norms drawn the same way, inside If branches and a Scan body, without a residual (the bodies take
+# one input). Left out: the near misses defined by the enclosing graph's shapes (a rank-4 pool,
+# keepdims=0 or a scale that broadcasts make no valid model on rows of (2, 5, hidden)) and a shared
+# intermediate (no second reader in a body). Plain norms are drawn as often as near misses.
+NOT_IN_BODIES = ("shared", "pool_rank4", "keepdims0", "broadcast_scale")
+BODY_MUTATIONS = [m for m in MUTATIONS if m not in NOT_IN_BODIES and m is not None]
+body_norms = norm_graphs(mutation=st.sampled_from([None] * len(BODY_MUTATIONS) + BODY_MUTATIONS))
+
+
+def in_a_body(spec: NormSpec, **fixed) -> NormSpec:
+    spec = replace(spec, residual="none", **fixed)
+    # a sum times 1 is no mean (the generator's rule), so no row of 1 for sum_fraction
+    return replace(spec, hidden=2) if spec.mean == "sum_fraction" and spec.hidden == 1 else spec
+
+
+def control_flow_feeds(model, **given) -> dict:
+    """Random values for every input of `model` but those `given`; epsilon_input is 1e-5."""
+    rng = np.random.default_rng(3)
+    feeds = {}
+    for value in model.graph.input:
+        ttype = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 2 for d in ttype.shape.dim]
+        dtype = onnx_np_dtype(ttype.elem_type)
+        feeds[value.name] = given[value.name] if value.name in given else (
+            np.array(1e-5, dtype) if value.name == "epsilon_input" else (rng.standard_normal(dims) + 0.3).astype(dtype))
+    return feeds
+
+
+def onnx_np_dtype(elem_type):
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return tensor_dtype_to_np_dtype(elem_type)
+
+
+def check_rewritten(model, target: str, want: int, dtype: str, feeds: list[dict], what: str) -> None:
+    out, report = rewrite_model(model, target=target)
+    assert report.fused == want, (what, [r.reason for r in report.rejected])
+    for each in feeds:
+        for e, a in zip(run_model(model, each), run_model(out, each)):
+            assert GRAPH[dtype].passes(a, e), (what, float(np.nanmax(np.abs(a.astype(float) - e.astype(float)))))
+    assert rewrite_model(out, target=target)[1].fused == 0
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(body_norms, body_norms, st.booleans())
+def test_generated_norms_in_if_branches(then_case, else_case, outer_gamma):
+    """Each branch a norm or near miss of its own (one dtype and row length): both fused or refused
+    as in the main graph, and the rewritten If computes what it did on either branch."""
+    (then_spec, _, target), (else_spec, _, _) = then_case, else_case
+    then_spec = in_a_body(then_spec)
+    else_spec = in_a_body(else_spec, dtype=then_spec.dtype, hidden=then_spec.hidden)
+    then_spec = replace(then_spec, hidden=else_spec.hidden)
+    # one epsilon input for both branches, so of one type
+    assume(else_spec.mutation != "eps_input" or then_spec.mutation != "eps_input"
+           or then_spec.stats_dtype == else_spec.stats_dtype)
+    # the then branch's gamma in the enclosing graph stands in for its own, mutation or not
+    model = if_model(then_spec, else_spec, outer_gamma=outer_gamma and then_spec.scale != "none"
+                     and then_spec.mutation is None)
+    feeds = [control_flow_feeds(model, cond=np.array(c)) for c in (True, False)]
+    check_rewritten(model, target, expected_fusions(then_spec) + expected_fusions(else_spec), then_spec.dtype, feeds,
+                    (then_spec.describe(), else_spec.describe()))
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(body_norms)
+def test_generated_norms_in_a_scan_body(case):
+    """A norm of the state plus each slice, in a Scan body whose rows are rank 2 (a global pool
+    averages nothing there, so the mean is a ReduceMean instead; and the Scan has no epsilon input)."""
+    spec, _, target = case
+    spec = in_a_body(spec)
+    if spec.mean == "global_pool":
+        spec = replace(spec, mean="reduce")
+    assume(spec.mutation != "eps_input")
+    model = scan_model(spec)
+    check_rewritten(model, target, expected_fusions(spec), spec.dtype, [control_flow_feeds(model)], spec.describe())

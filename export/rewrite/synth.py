@@ -334,8 +334,9 @@ def if_model(then_spec: NormSpec, else_spec: NormSpec, leading: tuple = (2, 5), 
         y = b.op("Identity", y)
         branches[key] = _body_graph(b, key, [], [helper.make_tensor_value_info(y, ONNX_TYPES[d], None)])
     inputs = [helper.make_tensor_value_info("x", ONNX_TYPES[d], shape), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])]
-    if "eps_input" in (then_spec.mutation, else_spec.mutation):
-        inputs.append(helper.make_tensor_value_info("epsilon_input", ONNX_TYPES[then_spec.stats_dtype], []))
+    if "eps_input" in (then_spec.mutation, else_spec.mutation):  # in the statistics' type of the branch reading it
+        reader = then_spec if then_spec.mutation == "eps_input" else else_spec
+        inputs.append(helper.make_tensor_value_info("epsilon_input", ONNX_TYPES[reader.stats_dtype], []))
     node = helper.make_node("If", ["cond"], ["y"], name="branch", **branches)
     graph = helper.make_graph([node], "if_norms", inputs, [helper.make_tensor_value_info("y", ONNX_TYPES[d], shape)],
                               initializer=outer.inits)
