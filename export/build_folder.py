@@ -16,6 +16,7 @@ are still built; the exit status is then 1 (2 where a model was refused a flag).
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
@@ -186,6 +187,9 @@ class FolderPipeline:
             if why is None and not all(decoded_alike(d["agreement"]) for d in decoding if d["backend"] == backend):
                 why = "the fused encoder-decoder chose other tokens than the reference's, or scores out of tolerance"
             if why:
+                if target.is_dir():  # an earlier run's: left there, it would stand for models that no longer pass
+                    shutil.rmtree(target)
+                    why += f" (the earlier {target.name}/ was removed)"
                 self.skipped.append({"stage": f"{backend} serving folder {target.name}", "reason": why})
                 continue
             forms = {model.name: pipelines[model].served[backend] for model in models if model in pipelines}

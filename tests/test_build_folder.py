@@ -161,6 +161,8 @@ def test_a_model_that_fails_validation_fails_the_folder(t5, tmp_path, monkeypatc
 
     monkeypatch.setitem(GRAPH, "float32", Tolerance(atol=1e-12, rtol=0.0))
     out = tmp_path / "out"
+    (out / "serve-ort-cpu").mkdir(parents=True)  # as an earlier, passing build left it
+    (out / "serve-ort-cpu" / "encoder_model.onnx").write_bytes(b"")
     assert build_main(["--onnx", str(t5["all"]), "--out", str(out), "--decode-tokens", "0", *QUICK]) == 1
     report = json.loads((out / "report.json").read_text())
     assert [row["exit_status"] for row in report["models"]] == [1, 1]
@@ -172,6 +174,7 @@ def test_a_model_that_fails_validation_fails_the_folder(t5, tmp_path, monkeypatc
     assert report["serving"] == [] and not (out / "serve-ort-cpu").exists()
     (reason,) = [s["reason"] for s in report["skipped"] if s["stage"] == "ort-cpu serving folder serve-ort-cpu"]
     assert reason.startswith("decoder_model_merged.onnx, encoder_model.onnx failed")
+    assert reason.endswith("(the earlier serve-ort-cpu/ was removed)")
 
 
 def test_a_model_that_cannot_be_built_is_named_and_the_others_are_built(tmp_path, capsys):
