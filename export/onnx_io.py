@@ -214,7 +214,8 @@ def place_written(written: Path, path: str | os.PathLike, external_data: bool | 
     its weight files), laid out as `save_model` lays a model out, holding as little of it in memory
     as can be: a file that needs no change is renamed into place; weights the tool wrote as files of
     their own (TorchScript's exporter past 2 GiB: one per tensor) are streamed into one `<name>.data`
-    file, a buffer at a time. Only a model written whole that must get a data file is read whole."""
+    file, a buffer at a time (whatever `external_data` says: past 2 GiB there is no other layout).
+    Only a model written whole that must get a data file is read whole."""
     path = Path(path)
     beside = [p for p in written.parent.iterdir() if p != written]
     if not beside:  # one protobuf with its weights inside
@@ -282,6 +283,7 @@ class _Limited:
 
 
 def rename_location(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Point every tensor of `model` stored in external file `old` at file `new` instead."""
     for tensor in _external_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:
