@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from export.rewrite import TARGETS, rewrite_model
 from export.rewrite.evaluate import run_model
 from export.rewrite.synth import CASTS, INVERSES, KINDS, LAYER_MUTATIONS, MEANS, MUTATIONS, RESIDUALS, RMS_SCALES, \
-    SQUARES, VARIANCES, NormSpec, build, expected_fusions, if_model, random_feeds, scan_model
+    SQUARES, VARIANCES, NormSpec, build, expected_fusions, if_model, loop_model, random_feeds, scan_model
 from normops import GRAPH
 
 # a norm drawn without an epsilon computes 0 / 0 on a constant row (hidden 1): NaN in both graphs, on purpose
@@ -158,7 +158,7 @@ def test_broadcast_scale_is_left_outside_the_norm():
     assert [n.op_type for n in out.graph.node] == ["RMSNorm", "Mul"]
 
 
-# Norms drawn the same way, inside If branches and a Scan body, without a residual (the bodies take
+# Norms drawn the same way, inside If branches, a Scan body and a Loop body, without a residual (the bodies take
 # one input). Left out: the near misses defined by the enclosing graph's shapes (a rank-4 pool,
 # keepdims=0 or a scale that broadcasts make no valid model on rows of (2, 5, hidden)) and a shared
 # intermediate (no second reader in a body). Plain norms are drawn as often as near misses.
@@ -233,3 +233,18 @@ def test_generated_norms_in_a_scan_body(case):
     assume(spec.mutation != "eps_input")
     model = scan_model(spec)
     check_rewritten(model, target, expected_fusions(spec), spec.dtype, [control_flow_feeds(model)], spec.describe())
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(body_norms, body_norms)
+def test_generated_norms_in_a_loop_body(state_case, outer_case):
+    """A Loop body with a norm of its carried state and a norm of the enclosing graph's x (one dtype,
+    row length and opset; the Loop has no epsilon input), run for two iterations."""
+    (state_spec, _, target), (outer_spec, _, _) = state_case, outer_case
+    state_spec = in_a_body(state_spec)
+    outer_spec = in_a_body(outer_spec, dtype=state_spec.dtype, hidden=state_spec.hidden, axes_input=state_spec.axes_input)
+    state_spec = replace(state_spec, hidden=outer_spec.hidden)
+    assume("eps_input" not in (state_spec.mutation, outer_spec.mutation))
+    model = loop_model(state_spec, outer_spec)
+    check_rewritten(model, target, expected_fusions(state_spec) + expected_fusions(outer_spec), state_spec.dtype,
+                    [control_flow_feeds(model, n=np.array(2, np.int64))], (state_spec.describe(), outer_spec.describe()))
