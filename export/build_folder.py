@@ -206,8 +206,8 @@ class FolderPipeline:
             written.append({"backend": backend, **record})
         return written
 
-    def why_not_served(self, models: list[Path], pipelines: dict, statuses: dict, errors: dict,
-                       backend: str) -> str | None:
+    @staticmethod
+    def why_not_served(models: list[Path], pipelines: dict, statuses: dict, errors: dict, backend: str) -> str | None:
         """Why no serving folder is written for `backend`, or None when it is."""
         if errors:
             return f"{next(iter(errors)).name} was not built"

@@ -303,7 +303,7 @@ def test_forms_whose_weight_files_share_a_name_are_served_each_with_its_own(tmp_
     import onnx
 
     from export.errors import NormfuseError
-    from export.onnx_io import save_model
+    from export.onnx_io import rename_location, save_model
     from export.runtime import load
     from export.serving_folder import write_serving_folder
 
@@ -332,10 +332,7 @@ def test_forms_whose_weight_files_share_a_name_are_served_each_with_its_own(tmp_
     # two models naming one file of their own, with other bytes: refused, nothing written
     for name, form in forms.items():
         model = onnx.load(str(form), load_external_data=False)
-        for tensor in model.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = "weights.bin"
+        rename_location(model, "fused-cpu.onnx.data", "weights.bin")
         onnx.save(model, str(form))
         (form.parent / "fused-cpu.onnx.data").rename(form.parent / "weights.bin")
     with pytest.raises(NormfuseError, match=r"fused-cpu.onnx: its external data weights.bin and another model's, both "

@@ -239,7 +239,7 @@ def test_a_model_written_whole_is_renamed_into_place_unread(tmp_path):
 def test_weights_that_cannot_be_gathered_are_one_line_and_nothing_is_placed(tmp_path, damage, message):
     import onnx
 
-    from export.onnx_io import place_written
+    from export.onnx_io import place_written, rename_location
 
     written, _ = _written_by_a_tool(tmp_path / "staging", one_file=True)
     if damage == "short":
@@ -247,10 +247,7 @@ def test_weights_that_cannot_be_gathered_are_one_line_and_nothing_is_placed(tmp_
             f.truncate(f.seek(0, 2) - 100)
     else:
         model = onnx.load(str(written), load_external_data=False)
-        for tensor in model.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = "../w.bin"
+        rename_location(model, "weights.bin", "../w.bin")
         onnx.save_model(model, str(written))
         (tmp_path / "w.bin").write_bytes((written.parent / "weights.bin").read_bytes())
     out = tmp_path / "out"
