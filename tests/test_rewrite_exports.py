@@ -135,6 +135,15 @@ class TorchStatisticsNorm(torch.nn.Module):
             return (x - mean) / (x.std(-1, keepdim=True, unbiased=False) + 1e-5)
         if self.form == "unbiased var":
             return (x - mean) / torch.sqrt(x.var(-1, keepdim=True) + 1e-5)
+        if self.form == "nGPT's L2 norm":  # transformers' Dory: the hidden state kept at norm 1, not RMS 1
+            h = x.float()
+            return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6)).type_as(x) * self.weight
+        if self.form == "x / x.norm":  # ReduceL2
+            return x / x.norm(dim=-1, keepdim=True)
+        if self.form == "F.normalize":  # x / max(||x||, eps): epsilon outside the root
+            return torch.nn.functional.normalize(x, dim=-1)
+        if self.form == "norm plus eps":
+            return x / (x.norm(dim=-1, keepdim=True) + 1e-6)
         if self.form == "sum over 65":
             return x / torch.sqrt((x * x).sum(-1, keepdim=True) / 65 + 1e-6)
         var, mean = torch.var_mean(x, 1, keepdim=True, unbiased=False)  # "var_mean over axis 1"
@@ -151,7 +160,8 @@ def _export_dynamic(module, dtype):
 
 
 @pytest.mark.parametrize("form,kind", [("var_mean", "LayerNorm"), ("var", "LayerNorm"), ("sum over hidden", "RMSNorm"),
-                                       ("mean unsqueezed", "RMSNorm")])
+                                       ("mean unsqueezed", "RMSNorm"), ("nGPT's L2 norm", "RMSNorm"),
+                                       ("x / x.norm", "RMSNorm")])
 def test_torch_statistics_are_fused(form, kind):
     report = assert_fused_and_equal(_export_dynamic(TorchStatisticsNorm(form), "float32"), 1, 0, "float32")
     assert report.fusions[0].kind == kind
@@ -159,7 +169,21 @@ def test_torch_statistics_are_fused(form, kind):
     assert report.fusions[0].kind == kind
 
 
-@pytest.mark.parametrize("form", ["std plus eps", "unbiased var", "sum over 65", "var_mean over axis 1"])
+def test_an_l2_norm_becomes_the_rmsnorm_it_equals():
+    """x / sqrt(sum(x^2) + eps) = x / sqrt(mean(x^2) + eps / n) / sqrt(n): the fused op's epsilon is
+    eps / 64 and its scale the weight / 8, folded into one constant."""
+    module = TorchStatisticsNorm("nGPT's L2 norm")
+    out, report = rewrite_model(_export_dynamic(module, "float32"), target="tensorrt")
+    (fusion,) = report.fusions
+    assert fusion.pattern == "l2norm" and fusion.epsilon == pytest.approx(1e-6 / 64)
+    assert any("1 L2 norm(s)" in note for note in report.notes)
+    (node,) = [n for n in out.graph.node if n.op_type == "RMSNorm"]
+    gamma = next(onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.name == node.input[1])
+    np.testing.assert_allclose(gamma, module.weight.detach().numpy() / 8, rtol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["std plus eps", "unbiased var", "sum over 65", "var_mean over axis 1", "F.normalize",
+                                  "norm plus eps"])
 def test_torch_statistics_that_are_no_norm_stay(form):
     model = _export_dynamic(TorchStatisticsNorm(form), "float32")
     out, report = rewrite_model(model, target="tensorrt")

@@ -105,6 +105,8 @@ def build(arch: str):
         return t.Olmo3Model(t.Olmo3Config(**COMMON))
     if arch == "helium":
         return t.HeliumModel(t.HeliumConfig(head_dim=16, **COMMON))
+    if arch == "dory":
+        return t.DoryModel(t.DoryConfig(**COMMON))
     if arch == "clip-text":
         return t.CLIPTextModel(t.CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                                                 num_attention_heads=4, vocab_size=100, max_position_embeddings=64))
@@ -206,6 +208,10 @@ EXPECTED = {
     "olmo3": {"tensorrt": {"AddRMSNorm": 1, "RMSNorm": 4 * LAYERS}, "onnxruntime": {"AddRMSNorm": 1, "RMSNorm": 4 * LAYERS}},
     "helium": {"tensorrt": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}, "onnxruntime": {"AddRMSNorm": 2 * LAYERS, "RMSNorm": 1}},
     "clip-text": {"tensorrt": {"AddLayerNorm": 2 * LAYERS, "LayerNorm": 1}, "onnxruntime": {"AddLayerNorm": 2 * LAYERS}},
+    # Dory (nGPT) keeps every hidden state at L2 norm 1: x * rsqrt(sum(x^2) + eps), the RMSNorm with
+    # epsilon eps / n and scale 1 / sqrt(n), after every embedding, sublayer, per-head q and k, and
+    # residual interpolation (16 a layer); 35 at 2 layers, where the exporter merges two of one value
+    "dory": {"tensorrt": {"AddRMSNorm": 10, "RMSNorm": 25}, "onnxruntime": {"AddRMSNorm": 10, "RMSNorm": 25}},
 }
 
 
@@ -262,7 +268,7 @@ def test_more_fp32_architectures(exported, arch, tmp_path):
 # fails on them (not the rewriter): DeepSeek-V3, Llama 4, GPT-OSS, Qwen3-Next and Mamba.
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gemma3", "stablelm", "glm4", "granite", "starcoder2", "bloom", "mpt", "smollm3",
-                                  "exaone4", "lfm2", "olmo3", "helium", "clip-text"])
+                                  "exaone4", "lfm2", "olmo3", "helium", "clip-text", "dory"])
 def test_newer_fp32_architectures(exported, arch, tmp_path):
     check(exported, arch, "float32", tmp_path)
 

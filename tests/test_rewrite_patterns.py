@@ -97,6 +97,67 @@ def test_a_norm_without_epsilon_fuses_with_epsilon_zero(spec):
     assert GRAPH[spec.dtype].passes(actual, expected)
 
 
+# L2 norms, x / sqrt(sum(x^2) + eps) (or x / ReduceL2(x), no epsilon), in every inverse, scale, dtype and
+# target: each is the RMSNorm with epsilon eps / n and its scale / sqrt(n)
+L2_SPELLINGS = [NormSpec(kind="rms", statistic=st, dtype=d, casts="llama" if d != "float32" else "none", inverse=i,
+                         scale=c, residual=r, hidden=48)
+                for st, d, i, c, r in itertools.product(("row_sum", "reduce_l2"), ("float32", "float16"), INVERSES,
+                                                        ("none", "right", "gemma"), ("none", "exposed"))
+                if not (st == "reduce_l2" and i not in ("div", "sqrt_reciprocal"))]
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the row of zeros below: 0 / 0 without epsilon
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("spec", L2_SPELLINGS, ids=NormSpec.describe)
+def test_an_l2_norm_fuses_as_the_rmsnorm_it_equals(spec, target):
+    model = build(spec)
+    out, report = rewrite_model(model, target=target)
+    assert report.fused == 1, [r.reason for r in report.rejected]
+    (fusion,) = report.fusions
+    assert fusion.kind == ("AddRMSNorm" if spec.residual != "none" and target != "onnx" else "RMSNorm")
+    assert fusion.pattern.startswith("l2norm")
+    want = 0.0 if spec.statistic == "reduce_l2" else spec.epsilon / spec.hidden
+    assert fusion.epsilon == pytest.approx(want, rel=1e-6)
+    assert sum("L2 norm(s)" in note for note in report.notes) == 1
+    assert not [n for n in out.graph.node if n.op_type in ("ReduceSum", "ReduceL2", "Sqrt")]
+    assert_same(model, out, spec.dtype)
+    # small rows, where epsilon is most of the sum: its place is checked too
+    feeds = random_feeds(model, seed=2)
+    feeds = {k: (v * 1e-3).astype(v.dtype) for k, v in feeds.items()}
+    for e, a in zip(run_model(model, feeds), run_model(out, feeds)):
+        assert GRAPH[spec.dtype].passes(a, e)
+
+
+def test_an_l2_norms_scale_not_in_memory_is_multiplied_in_the_graph():
+    """A scale the rewrite may not read (a graph input here; external weights alike) gets a Mul by
+    1 / sqrt(n) in front of the fused op, which TensorRT and ONNX Runtime fold when they build."""
+    model = build(NormSpec(kind="rms", statistic="row_sum", scale="right", hidden=16))
+    gamma = next(n for n in model.graph.node if n.op_type == "Mul" and n.output[0] == model.graph.output[0].name)
+    weight = next(t for t in model.graph.initializer if t.name in gamma.input)
+    model.graph.initializer.remove(weight)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(weight.name, onnx.TensorProto.FLOAT, [16]))
+    out, report = rewrite_model(model)
+    assert fused_ops(out) == ["Mul", "RMSNorm"]
+    factor = next(onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.name in out.graph.node[0].input)
+    assert float(factor) == pytest.approx(0.25)
+    assert_same(model, out, "float32")
+
+
+def test_an_l2_norm_with_epsilon_outside_the_root_is_no_rmsnorm():
+    """x / (||x|| + eps) and F.normalize's x / max(||x||, eps): left as written."""
+    for outside in ("Add", "Max"):
+        nodes = [onnx.helper.make_node("ReduceL2", ["x", "axes"], ["length"], keepdims=1),
+                 onnx.helper.make_node(outside, ["length", "eps"], ["guarded"]),
+                 onnx.helper.make_node("Div", ["x", "guarded"], ["y"])]
+        graph = onnx.helper.make_graph(nodes, "l2", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
+                                       [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                                        onnx.numpy_helper.from_array(np.array(1e-6, np.float32), "eps")])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+        out, report = rewrite_model(model)
+        assert report.fused == 0 and fused_ops(out) == ["ReduceL2", outside, "Div"]
+
+
 def test_a_half_precision_row_fraction_is_proven_as_the_mean_it_stands_for():
     """sum * (1/3) in fp16 holds 1/3 as 0.33325; E[x^2] - E[x]^2 on rows of 3 amplified that rounding
     past the proof's fp32 tolerance, and this LayerNorm was refused (found by the property tests)."""

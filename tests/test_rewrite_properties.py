@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from export.rewrite import TARGETS, rewrite_model
 from export.rewrite.evaluate import run_model
 from export.rewrite.synth import CASTS, INVERSES, KINDS, LAYER_MUTATIONS, MEANS, MUTATIONS, RESIDUALS, RMS_SCALES, \
-    SQUARES, VARIANCES, NormSpec, build, expected_fusions, if_model, loop_model, random_feeds, scan_model
+    RMS_STATISTICS, SQUARES, VARIANCES, NormSpec, build, expected_fusions, if_model, loop_model, random_feeds, scan_model
 from normops import GRAPH
 
 # a norm drawn without an epsilon computes 0 / 0 on a constant row (hidden 1): NaN in both graphs, on purpose
@@ -35,8 +35,13 @@ def norm_graphs(draw, mutation=st.sampled_from(MUTATIONS)):
         epsilon=draw(st.sampled_from((1e-12, 1e-6, 1e-5, 1e-3, 0.1))), epsilon_castlike=draw(st.booleans()),
         epsilon_dropped=draw(st.sampled_from((False, False, False, True))),
         variance=draw(st.sampled_from(VARIANCES)), guard=draw(st.booleans()), mean=draw(st.sampled_from(MEANS)),
-        hidden=draw(st.integers(1, 48)),
+        hidden=draw(st.integers(1, 48)), statistic=draw(st.sampled_from(RMS_STATISTICS)),
         mutation=draw(mutation))
+    if spec.statistic != "mean" and (spec.scale == "inverse" or spec.mutation in ("wrong_fraction", "pool_rank4")):
+        # no exporter scales an L2 norm's inverse root; the mean's own near misses need a mean
+        spec = replace(spec, statistic="mean")
+    if spec.statistic == "reduce_l2" and spec.mutation in ("pow3", "eps_input"):
+        spec = replace(spec, statistic="row_sum")  # ReduceL2 has no square and no epsilon to get wrong
     if spec.mutation == "two_axes":
         spec = replace(spec, axes_input=True)  # attribute axes of length 2 are the same near-miss
     if spec.mutation in LAYER_MUTATIONS:

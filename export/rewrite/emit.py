@@ -84,7 +84,10 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str, names: UniqueNa
     # residual stream, fp16 scale), a Cast after the op gives y its original dtype.
     op_dtype = dtype_name(candidate.x)
     param_dtype = _parameter_dtype(candidate, op_dtype, target)
-    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, param_dtype, fill=1.0, name=f"{y.name}_gamma", names=names)
+    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, param_dtype, fill=candidate.gamma_factor,
+                                name=f"{y.name}_gamma", names=names)
+    if candidate.gamma is not None and candidate.gamma_factor != 1.0:
+        gamma = _times(graph, gamma, candidate.gamma_factor, param_dtype, names)
     gamma = _cast(graph, gamma, param_dtype, names)
     beta = candidate.beta
     needs_beta = candidate.centered and target == "tensorrt"
@@ -188,6 +191,21 @@ def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: 
     shape = gs.Constant(names(f"{tensor.name}_flat_shape"), np.array([hidden], dtype=np.int64))
     graph.nodes.append(gs.Node("Reshape", inputs=[tensor, shape], outputs=[flat]))
     return flat
+
+
+def _times(graph: gs.Graph, tensor, factor: float, dtype: str, names: UniqueNames):
+    """`tensor` times `factor` in `dtype`: a new constant when its values are in memory (the product
+    taken in float64 and rounded once), else a Mul in the graph (TensorRT and ONNX Runtime fold it
+    at build time), so external weights stay unread."""
+    if isinstance(tensor, gs.Constant) and not is_external(tensor):
+        values = np.asarray(tensor.values).astype(np.float64) * factor
+        return gs.Constant(names(f"{tensor.name}_scaled"), values.astype(numpy_dtype(dtype)))
+    tensor = _cast(graph, tensor, dtype, names)
+    out = gs.Variable(names(f"{tensor.name}_scaled"), dtype=numpy_dtype(dtype), shape=tensor.shape)
+    graph.nodes.append(gs.Node("Mul", name=names(f"{tensor.name}_scaled"),
+                               inputs=[tensor, gs.Constant(names(f"{tensor.name}_factor"), np.array(factor, numpy_dtype(dtype)))],
+                               outputs=[out]))
+    return out
 
 
 def _cast(graph: gs.Graph, tensor, dtype: str, names: UniqueNames):

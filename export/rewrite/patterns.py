@@ -57,6 +57,13 @@ def mean_of_squares(p: Pattern) -> Pattern:
               Op("Mul", sum_of_squares, _fresh("row_fraction"), commutative=True))
 
 
+def sum_of_squares(p: Pattern) -> Pattern:
+    """sum(p^2) over the last axis, not divided: an L2 norm's statistic. ReduceSum of the squares
+    (cast to a wider type first or not: nGPT's `x.float().pow(2).sum(-1)`) or ReduceSumSquare."""
+    return maybe_cast(Or(reduce_last("ReduceSum", maybe_cast(square(p), "cast_stat")), reduce_last("ReduceSumSquare", p)),
+                      "cast_stat")
+
+
 def variance(x: Pattern, centred: Pattern) -> Pattern:
     """Var over the last axis, as exporters write it:
     - mean((x - mean)^2), the textbook form;
@@ -117,6 +124,9 @@ class NormPattern:
     pattern: Pattern
     native: bool = False  # one framework op (its attributes carry axis and epsilon)
     skip: bool = False  # ONNX Runtime's Skip*LayerNormalization: the residual Add is inside the op
+    # the statistic is the row's sum of squares, not their mean: an L2 norm, x / sqrt(sum(x^2) + eps),
+    # which is the RMSNorm with epsilon eps / n and its scale times 1 / sqrt(n), n the row length
+    row_sum: bool = False
 
 
 def _rms_patterns() -> list[NormPattern]:
@@ -131,6 +141,22 @@ def _rms_patterns() -> list[NormPattern]:
         NormPattern("rmsnorm", False, maybe_cast(scaled(out), "cast_scaled")),
         NormPattern("rmsnorm-scaled-inverse", False, maybe_cast(Op("Mul", x, scaled_inv, commutative=True), "cast_scaled")),
         NormPattern("rmsnorm-unscaled", False, out),
+    ]
+
+
+def _l2_patterns() -> list[NormPattern]:
+    """x / ||x|| over the last axis, with epsilon inside the root (nGPT's normalisation, transformers'
+    Dory: `x * rsqrt(x.pow(2).sum(-1) + eps)`) or none (`x / x.norm(dim=-1)`, which exporters write
+    as ReduceL2). x / (||x|| + eps) and F.normalize's x / max(||x||, eps) put epsilon outside the root:
+    no RMSNorm, and not matched."""
+    x = maybe_cast(Var("x"), "cast_in")
+    length = reduce_last("ReduceL2", x)
+    normalised = Or(normalise(x, sum_of_squares(x)), Op("Div", x, length),
+                    Op("Mul", x, Op("Reciprocal", length), commutative=True))
+    out = maybe_cast(normalised, "cast_out")
+    return [
+        NormPattern("l2norm", False, maybe_cast(scaled(out), "cast_scaled"), row_sum=True),
+        NormPattern("l2norm-unscaled", False, out, row_sum=True),
     ]
 
 
@@ -211,7 +237,7 @@ def skip_native(op: str, *params: Pattern) -> Pattern:
 
 
 NORM_PATTERNS: list[NormPattern] = (_native_patterns() + _layernorm_patterns() + _rms_patterns()
-                                    + _affine_layernorm_patterns())
+                                    + _affine_layernorm_patterns() + _l2_patterns())
 # Node types that can be the last node of a norm subgraph: only their outputs are tried as roots.
 ROOT_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Cast", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
                       "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})

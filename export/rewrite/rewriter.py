@@ -159,6 +159,9 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     report.without_epsilon = [c.output.name for c in candidates if not c.pattern.native and "eps" not in c.match.tensors]
     if report.without_epsilon:
         report.notes.append(describe_without_epsilon(report.without_epsilon))
+    l2_norms = [c.output.name for c in candidates if c.pattern.row_sum]
+    if l2_norms:
+        report.notes.append(describe_l2_norms(l2_norms))
 
     graph.cleanup().toposort()
     report.unmatched_means = _means_in_no_norm(graph, report)
@@ -212,6 +215,12 @@ def describe_without_epsilon(outputs: list[str]) -> str:
     return (f"{len(outputs)} norm(s) add no epsilon ({shown}), so they are fused with epsilon 0, as written: a row of "
             "zeros gives NaN. torch's exporter removes an epsilon of 1e-8 or less as an Add of zero; export with "
             "optimize=False to keep it")
+
+
+def describe_l2_norms(outputs: list[str]) -> str:
+    shown = ", ".join(f"'{name}'" for name in outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
+    return (f"{len(outputs)} L2 norm(s) ({shown}), x / sqrt(sum(x^2) + eps) over the last axis, fused as the RMSNorm "
+            "they equal: epsilon eps / n and the scale times 1 / sqrt(n), n the row length")
 
 
 def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started, exclude):

@@ -36,6 +36,10 @@ RMS_SCALES = SCALES + ("inverse",)
 # ReduceSum times 1 / hidden (TensorFlow's constant folding, as jax2tf writes it)
 MEANS = ("reduce", "global_pool", "sum_fraction")
 RESIDUALS = ("none", "private", "exposed")
+# What an RMSNorm divides by: the root of the mean of the squares, or an L2 norm's root of their sum
+# ("row_sum", nGPT's `x * rsqrt(x.pow(2).sum(-1) + eps)`) or ReduceL2 with no epsilon ("reduce_l2",
+# torch's `x / x.norm(dim=-1)`): the RMSNorm with epsilon / n and its scale / sqrt(n).
+RMS_STATISTICS = ("mean", "row_sum", "reduce_l2")
 # LayerNorm's variance: mean((x - mean)^2); the same averaged in float64 and cast back (jax2onnx's
 # jnp.var in Flax and Equinox); E[x^2] - E[x]^2 (Flax's fast variance), clamped at zero or not;
 # ReduceSumSquare(x - mean) / n (jax2onnx's hand-written jnp.var).
@@ -66,6 +70,7 @@ class NormSpec:
     mean: str = "reduce"  # one of MEANS; global_pool makes the input rank 3
     variance: str = "centred"  # LayerNorm only: one of VARIANCES
     guard: bool = False  # LayerNorm only: jax2onnx's Where(row constant and mean finite, 0, x - mean)
+    statistic: str = "mean"  # RMSNorm only: one of RMS_STATISTICS (reduce_l2 ignores square and epsilon)
     hidden: int = 16
     mutation: str | None = None
 
@@ -92,6 +97,8 @@ class NormSpec:
             fields.append("eps=none")
         if self.mean != "reduce":
             fields.append(f"mean={self.mean}")
+        if self.kind == "rms" and self.statistic != "mean":
+            fields.append(f"statistic={self.statistic}")
         if self.positive_axis:
             fields.append("axis=+")
         if self.mutation:
@@ -197,10 +204,17 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
         var = _variance(b, spec, t, mean, raw if spec.mutation == "guard_nonzero" else centred, rank)
         t = centred
     else:
-        sq = _square(b, spec, t, s)
+        sq = _square(b, spec, t, s) if spec.statistic != "reduce_l2" else None
+        statistic_of = t
         if spec.casts == "t5" and s != d:  # T5 casts x again for the product
             t = b.op("Cast", x, to=ONNX_TYPES[s])
-        var = _mean(b, spec, sq, rank)
+        if spec.statistic == "reduce_l2":
+            length = _mean(b, spec, statistic_of, rank, "ReduceL2")
+            if spec.mutation == "shared":
+                extra.append(length)
+            normed = b.op("Div", t, length) if spec.inverse == "div" else b.op("Mul", t, b.op("Reciprocal", length))
+            return _scale_and_bias(b, spec, normed, weights), extra
+        var = _mean(b, spec, sq, rank, "ReduceSum" if spec.statistic == "row_sum" else "ReduceMean")
     if spec.mutation == "shared":
         extra.append(var)
     eps = "epsilon_input" if spec.mutation == "eps_input" else b.const(spec.epsilon, s)
@@ -223,7 +237,14 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
         if inverse_scaled:  # Keras, Flax: x * (rsqrt(...) * gamma), gamma in the statistics' dtype
             inv = b.op("Mul", inv, weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), s))
         normed = b.op("Mul", t, inv)
+    return _scale_and_bias(b, spec, normed, weights), extra
 
+
+def _scale_and_bias(b: _Builder, spec: NormSpec, normed: str, weights: dict) -> str:
+    """The normalised values cast back, scaled and biased as spec says."""
+    d, s, hidden = spec.dtype, spec.stats_dtype, spec.hidden
+    rng = np.random.default_rng(hidden)
+    w_shape = (2, hidden) if spec.mutation == "broadcast_scale" else (hidden,)  # build() makes dim -2 be 2
     w_dtype = d if spec.casts in ("none", "llama", "t5") else s
     y = normed
     if spec.casts in ("llama", "t5") and s != d:
@@ -241,7 +262,7 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
         y = b.op("Add", y, beta)
     if spec.casts == "scale_then_cast" and s != d:
         y = b.op("Cast", y, to=ONNX_TYPES[d])
-    return y, extra
+    return y
 
 
 def build(spec: NormSpec, leading: tuple = (2, 5)) -> onnx.ModelProto:
