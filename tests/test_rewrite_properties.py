@@ -226,6 +226,15 @@ def test_generated_norms_in_if_branches(then_case, else_case, outer_gamma):
                     (then_spec.describe(), else_spec.describe()))
 
 
+def test_an_outer_gamma_on_a_half_branchs_inverse_root_is_in_the_statistics_dtype():
+    """A draw of a longer run: fp16 with an fp32 island, the scale on the inverse root (Keras), read
+    from the enclosing graph. The generator gave that gamma x's dtype, and the If itself failed."""
+    spec = NormSpec(kind="rms", dtype="float16", casts="llama", scale="inverse", axes_input=False, hidden=3)
+    model = if_model(spec, replace(spec, scale="none"), outer_gamma=True)
+    feeds = [control_flow_feeds(model, cond=np.array(c)) for c in (True, False)]
+    check_rewritten(model, "tensorrt", 2, "float16", feeds, spec.describe())
+
+
 @settings(max_examples=20, **SETTINGS)
 @given(body_norms)
 def test_generated_norms_in_a_scan_body(case):

@@ -346,7 +346,9 @@ def if_model(then_spec: NormSpec, else_spec: NormSpec, leading: tuple = (2, 5), 
     weights = {}
     if outer_gamma:
         weights["gamma"] = "outer_gamma"
-        w_dtype = d if then_spec.casts in ("none", "llama", "t5") else then_spec.stats_dtype  # as norm_subgraph's
+        # as norm_subgraph's: a scale on the inverse root is in the statistics' dtype
+        in_stats = then_spec.scale == "inverse" or then_spec.casts not in ("none", "llama", "t5")
+        w_dtype = then_spec.stats_dtype if in_stats else d
         outer.inits.append(numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(numpy_dtype(w_dtype)), "outer_gamma"))
     branches = {}
     for key, spec in (("then_branch", then_spec), ("else_branch", else_spec)):
