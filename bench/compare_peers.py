@@ -140,6 +140,11 @@ def _modules():
             s = (x - u).pow(2).mean(-1, keepdim=True)
             return self.weight * ((x - u) / torch.sqrt(s + 1e-12)) + self.bias
 
+    class NGPTL2Norm(nn.Module):  # nGPT (transformers' Dory): the hidden state kept at L2 norm 1, an RMSNorm in disguise
+        def forward(self, x):
+            h = x.float()
+            return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + EPS)).type_as(x)
+
     class Axis1RMS(nn.Module):  # near-miss: statistics over axis 1, not the last axis
         def __init__(self):
             super().__init__()
@@ -173,6 +178,7 @@ def _modules():
         "var_mean-layernorm": (lambda: Block(VarMeanLayerNorm()), 1),
         "helium-rms, eps 1e-8": (lambda: Block(HeliumRMSNorm()), 1),
         "bert-hand-layernorm, eps 1e-12": (lambda: Block(BertHandLayerNorm()), 1),
+        "ngpt-l2 (Dory)": (lambda: Block(NGPTL2Norm()), 1),
         "axis1-rms (near-miss)": (lambda: Block(Axis1RMS()), 0),
     }
 

@@ -119,6 +119,8 @@ def test_an_l2_norm_fuses_as_the_rmsnorm_it_equals(spec, target):
     want = 0.0 if spec.statistic == "reduce_l2" else spec.epsilon / spec.hidden
     assert fusion.epsilon == pytest.approx(want, rel=1e-6)
     assert sum("L2 norm(s)" in note for note in report.notes) == 1
+    # ReduceL2 has no epsilon that an exporter could have dropped: no advice about torch's optimiser
+    assert any("add no epsilon" in note for note in report.notes) == spec.epsilon_dropped
     assert not [n for n in out.graph.node if n.op_type in ("ReduceSum", "ReduceL2", "Sqrt")]
     assert_same(model, out, spec.dtype)
     # small rows, where epsilon is most of the sum: its place is checked too

@@ -156,7 +156,9 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
         emit(candidate.scope.graph, candidate, target, names)
         report.fusions.append(_fusion_record(candidate, target))
     report.fused = len(report.fusions)
-    report.without_epsilon = [c.output.name for c in candidates if not c.pattern.native and "eps" not in c.match.tensors]
+    # a vector's length, ReduceL2, has no epsilon to lose: its norms are noted as L2 norms below
+    report.without_epsilon = [c.output.name for c in candidates if not c.pattern.native and "eps" not in c.match.tensors
+                              and not any(n.op == "ReduceL2" for n in c.nodes)]
     if report.without_epsilon:
         report.notes.append(describe_without_epsilon(report.without_epsilon))
     l2_norms = [c.output.name for c in candidates if c.pattern.row_sum]
@@ -220,7 +222,8 @@ def describe_without_epsilon(outputs: list[str]) -> str:
 def describe_l2_norms(outputs: list[str]) -> str:
     shown = ", ".join(f"'{name}'" for name in outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
     return (f"{len(outputs)} L2 norm(s) ({shown}), x / sqrt(sum(x^2) + eps) over the last axis, fused as the RMSNorm "
-            "they equal: epsilon eps / n and the scale times 1 / sqrt(n), n the row length")
+            "they equal: epsilon eps / n and the scale times 1 / sqrt(n), n the row length (x / ReduceL2(x) has "
+            "epsilon 0: a row of zeros gives NaN, as in the graph)")
 
 
 def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started, exclude):
