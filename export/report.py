@@ -7,7 +7,7 @@ from .bench import pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
 from .norm_check import describe as describe_norm_check
 from .rewrite import describe_counts, describe_unmatched_means, describe_without_epsilon
-from .validate import shape_label
+from .validate import describe_as_written, shape_label
 
 
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
@@ -108,6 +108,8 @@ def markdown(report: dict) -> str:
     for pair in report["validation"]:
         if pair.get("norm_check"):
             lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_norm_check(pair['norm_check'])}."]
+        if pair.get("as_written"):
+            lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_as_written(pair)}."]
     lines += ["", "## Benchmark", ""]
     if not report["bench"]:
         lines.append(NOTHING_TIMED[0].upper() + NOTHING_TIMED[1:] + ".")
@@ -255,6 +257,8 @@ def print_summary(report: dict, console) -> None:
         if pair.get("norm_check"):
             colour = "yellow" if pair["norm_check"]["passed"] else "red"
             console.print(f"[{colour}]{pair['candidate']} {shape_label(pair)}[/]: {describe_norm_check(pair['norm_check'])}")
+        if pair.get("as_written"):
+            console.print(f"[yellow]{pair['candidate']} {shape_label(pair)}[/]: {describe_as_written(pair)}")
     if report["bench"]:
         table = Table(title="benchmark (each graph in its own process)")
         for col in ("backend", "graph", "p50 ms", "p99 ms", "tokens/s", "peak MB", "nodes", "norm time", "norm FLOPs"):
