@@ -175,7 +175,7 @@ def test_an_l2_norm_becomes_the_rmsnorm_it_equals():
     module = TorchStatisticsNorm("nGPT's L2 norm")
     out, report = rewrite_model(_export_dynamic(module, "float32"), target="tensorrt")
     (fusion,) = report.fusions
-    assert fusion.pattern == "l2norm" and fusion.epsilon == pytest.approx(1e-6 / 64)
+    assert fusion.pattern == "l2norm" and fusion.epsilon == pytest.approx(1e-6 / 64) and fusion.scale_factor == 1 / 8
     assert any("1 L2 norm(s)" in note for note in report.notes)
     (node,) = [n for n in out.graph.node if n.op_type == "RMSNorm"]
     gamma = next(onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.name == node.input[1])

@@ -57,6 +57,7 @@ class Fusion:
     nodes_removed: list[str]
     output: str
     scope: str = "main"  # the graph holding it: "main", or the path to an If branch / Loop or Scan body
+    scale_factor: float = 1.0  # the fused op's scale is the graph's (or ones) times this: 1 / sqrt(hidden) for an L2 norm
 
 
 @dataclass
@@ -585,7 +586,7 @@ def _fusion_record(candidate: NormCandidate, target: str) -> Fusion:
         emitted=f"{domain or 'ai.onnx'}::{op_type}", pattern=candidate.pattern.name,
         residual=candidate.residual is not None, sum_exposed=candidate.expose_sum,
         epsilon=candidate.epsilon, hidden=candidate.hidden, nodes_removed=removed, output=candidate.output.name,
-        scope=candidate.scope.name if candidate.scope is not None else "main",
+        scope=candidate.scope.name if candidate.scope is not None else "main", scale_factor=candidate.gamma_factor,
     )
 
 
