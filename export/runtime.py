@@ -175,6 +175,15 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+# ONNX Runtime's graph transformers that fuse spelled-out norms into its own norm ops (their names
+# as its sessions know them; tests/test_validate_levels.py checks that they still turn every one
+# off). A level followed by WITHOUT_NORM_FUSIONS ("all-without-norm-fusions") runs without them.
+ORT_NORM_FUSIONS = ("LayerNormFusion", "LayerNormFusionL1", "LayerNormFusionL2", "SimplifiedLayerNormFusion",
+                    "SkipLayerNormFusion", "BiasSkipLayerNormFusion", "EmbedLayerNormFusion",
+                    "GroupQueryAttentionPreNormFusion")
+WITHOUT_NORM_FUSIONS = "-without-norm-fusions"
+
+
 class OrtModel:
     """An ONNX Runtime session. On the CUDA provider, inputs and outputs go through I/O binding:
     inputs are uploaded into device buffers kept between calls (torch CUDA tensors are bound in
@@ -192,9 +201,11 @@ class OrtModel:
         options.log_severity_level = 3
         levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        if optimization not in levels:
-            raise NormfuseError(f"unknown ONNX Runtime optimisation level {optimization!r}; choose from {', '.join(levels)}")
-        options.graph_optimization_level = levels[optimization]
+        level, _, without_norms = optimization.partition(WITHOUT_NORM_FUSIONS)
+        if level not in levels or (without_norms and level == "none"):
+            raise NormfuseError(f"unknown ONNX Runtime optimisation level {optimization!r}; choose from {', '.join(levels)}"
+                                f" (or one but none followed by {WITHOUT_NORM_FUSIONS!r})")
+        options.graph_optimization_level = levels[level]
         if threads:
             options.intra_op_num_threads = threads
         if profile_prefix:
@@ -209,9 +220,10 @@ class OrtModel:
                             for p in self.providers]
         if "CUDAExecutionProvider" in self.providers:
             _preload_cuda_libraries(ort)
+        disabled = set(ORT_NORM_FUSIONS) if optimization.endswith(WITHOUT_NORM_FUSIONS) else None
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers,
-                                                provider_options=provider_options)
+                                                provider_options=provider_options, disabled_optimizers=disabled)
         except Exception as exc:
             raise NormfuseError(f"{self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.device = device

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.rewrite import rewrite_file
-from export.rewrite.synth import plain_rms_constants, plain_rms_nodes
+from export.rewrite.synth import NormSpec, build, plain_rms_constants, plain_rms_nodes
+from export.runtime import ORT_NORM_FUSIONS
 from export.validate import Side, compare, main
 
 CHANNELS, LAYERS, SIDE = 32, 5, 32
@@ -73,5 +74,32 @@ def test_the_validate_command_prints_which_reference_judged_the_pair(convs, caps
     assert main([str(reference), str(fused), "--backend", "ort-cpu", "--shapes", "1x1"]) == 0
     out = capsys.readouterr().out
     assert "judged against the reference run at ONNX Runtime's optimisation level 'all'" in out
-    assert "ONNX Runtime's own optimisations, not the rewrite" in out
+    assert "with ONNX Runtime's own norm fusions off" in out
+    assert "ONNX Runtime's other optimisations, not the rewrite" in out
 
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_onnx_runtimes_norm_fusions_are_all_turned_off_by_name(kind, tmp_path):
+    """The second opinion keeps the reference's norms as written by naming ONNX Runtime's norm
+    fusions; a name it changes would let them back in silently, so each spelling it does fuse at
+    level all (the residual Add too, as a Skip op) must stay spelled out with them off."""
+    ort = pytest.importorskip("onnxruntime")
+    source = tmp_path / "norm.onnx"
+    onnx.save(build(NormSpec(kind=kind, inverse="div", residual="private")), str(source))
+
+    def optimised_ops(disabled):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
+
+    fused_by_ort = optimised_ops(set())
+    assert fused_by_ort & {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                           "SkipSimplifiedLayerNormalization"}  # the premise: ONNX Runtime fuses this spelling
+    assert "ReduceMean" not in fused_by_ort
+    assert "ReduceMean" in optimised_ops(set(ORT_NORM_FUSIONS))
+    assert not optimised_ops(set(ORT_NORM_FUSIONS)) & {"LayerNormalization", "SimplifiedLayerNormalization",
+                                                      "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
