@@ -201,10 +201,10 @@ class OrtModel:
         options.log_severity_level = 3
         levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        level, _, without_norms = optimization.partition(WITHOUT_NORM_FUSIONS)
-        if level not in levels or (without_norms and level == "none"):
+        level, without_norms, rest = optimization.partition(WITHOUT_NORM_FUSIONS)
+        if level not in levels or rest or (without_norms and level == "none"):
             raise NormfuseError(f"unknown ONNX Runtime optimisation level {optimization!r}; choose from {', '.join(levels)}"
-                                f" (or one but none followed by {WITHOUT_NORM_FUSIONS!r})")
+                                f" (any but none may end in {WITHOUT_NORM_FUSIONS!r})")
         options.graph_optimization_level = levels[level]
         if threads:
             options.intra_op_num_threads = threads
@@ -220,7 +220,7 @@ class OrtModel:
                             for p in self.providers]
         if "CUDAExecutionProvider" in self.providers:
             _preload_cuda_libraries(ort)
-        disabled = set(ORT_NORM_FUSIONS) if optimization.endswith(WITHOUT_NORM_FUSIONS) else None
+        disabled = set(ORT_NORM_FUSIONS) if without_norms else None
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers,
                                                 provider_options=provider_options, disabled_optimizers=disabled)

@@ -284,8 +284,8 @@ def _reference_as_optimised(reference: Side, candidate: Side, level: str, failin
     from .runtime import WITHOUT_NORM_FUSIONS
 
     try:
-        # ONNX Runtime's own norm fusions stay off: the rewrite's norms are judged against the norms as
-        # written (its LayerNormFusion fuses a norm over axis 1 as one over the last axis)
+        # ONNX Runtime's own norm fusions stay off: at level all they turn a spelled-out norm into the
+        # very op the rewrite emits, and the fusion would be judged against a fusion of itself
         runner = make_runner(reference.model, reference.backend, shapes, optimization=level + WITHOUT_NORM_FUSIONS,
                              dims=dims)
         outputs = _run_each(runner, [all_feeds[k] for k in failing], made_up_inputs)

@@ -103,3 +103,14 @@ def test_onnx_runtimes_norm_fusions_are_all_turned_off_by_name(kind, tmp_path):
     assert "ReduceMean" in optimised_ops(set(ORT_NORM_FUSIONS))
     assert not optimised_ops(set(ORT_NORM_FUSIONS)) & {"LayerNormalization", "SimplifiedLayerNormalization",
                                                       "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
+
+
+def test_a_session_level_with_or_without_norm_fusions_is_checked(convs):
+    from export.errors import NormfuseError
+    from export.runtime import OrtModel
+
+    reference, _ = convs
+    OrtModel(reference, optimization="basic-without-norm-fusions")  # loads
+    for wrong in ("none-without-norm-fusions", "fast", "all-without-norms"):
+        with pytest.raises(NormfuseError, match="unknown ONNX Runtime optimisation level"):
+            OrtModel(reference, optimization=wrong)
