@@ -70,7 +70,9 @@ class NormSpec:
     mean: str = "reduce"  # one of MEANS; global_pool makes the input rank 3
     variance: str = "centred"  # LayerNorm only: one of VARIANCES
     guard: bool = False  # LayerNorm only: jax2onnx's Where(row constant and mean finite, 0, x - mean)
-    statistic: str = "mean"  # RMSNorm only: one of RMS_STATISTICS (reduce_l2 ignores square and epsilon)
+    # RMSNorm only: one of RMS_STATISTICS (reduce_l2 ignores square and epsilon). Not with scale "inverse":
+    # no exporter scales an L2 norm's inverse root, and the rewriter does not match one so
+    statistic: str = "mean"
     hidden: int = 16
     mutation: str | None = None
 
