@@ -38,7 +38,7 @@ class NormCandidate:
     gamma: gs.Tensor | None
     beta: gs.Tensor | None
     nodes: list  # nodes the fused op replaces
-    gamma_factor: float = 1.0  # the fused op's scale is gamma (or ones) times this: 1 / sqrt(n) for an L2 norm
+    scale_factor: float = 1.0  # the fused op's scale is gamma (or ones) times this: 1 / sqrt(n) for an L2 norm
     residual: tuple | None = None  # (a, b, add_node) when the Add in front is fused too
     expose_sum: bool = False
     sum_tensor: gs.Tensor | None = None  # the residual sum as the graph has it (x, or a Skip op's 4th output)
@@ -237,9 +237,9 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
     _check_row_lengths(match, hidden)
     _check_not_overridable(match, overridable)
     epsilon = _epsilon(pattern, match)
-    gamma_factor = 1.0
+    scale_factor = 1.0
     if pattern.row_sum:  # x / sqrt(sum + eps) = x / sqrt(mean + eps / n) / sqrt(n)
-        epsilon, gamma_factor = epsilon / hidden, 1.0 / float(np.sqrt(hidden))
+        epsilon, scale_factor = epsilon / hidden, 1.0 / float(np.sqrt(hidden))
     if pattern.native:
         _check_native(match.roles["native"], rank)
     else:
@@ -266,7 +266,7 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
         # y's dtype differs from x's: keep the input cast outside so the fused op maps T -> T.
         fused_x = cast_in.outputs[0]
     nodes = [n for n in match.nodes if not (fused_x is not x and n is cast_in)]
-    return NormCandidate(pattern, match, fused_x, root, hidden, epsilon, gamma, beta, nodes, gamma_factor=gamma_factor)
+    return NormCandidate(pattern, match, fused_x, root, hidden, epsilon, gamma, beta, nodes, scale_factor=scale_factor)
 
 
 def _length_of_native_scale(pattern: NormPattern, match: Match) -> int | None:

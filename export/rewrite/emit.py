@@ -84,10 +84,10 @@ def emit(graph: gs.Graph, candidate: NormCandidate, target: str, names: UniqueNa
     # residual stream, fp16 scale), a Cast after the op gives y its original dtype.
     op_dtype = dtype_name(candidate.x)
     param_dtype = _parameter_dtype(candidate, op_dtype, target)
-    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, param_dtype, fill=candidate.gamma_factor,
+    gamma = _per_feature_vector(graph, candidate.gamma, candidate.hidden, param_dtype, fill=candidate.scale_factor,
                                 name=f"{y.name}_gamma", names=names)
-    if candidate.gamma is not None and candidate.gamma_factor != 1.0:
-        gamma = _times(graph, gamma, candidate.gamma_factor, param_dtype, names)
+    if candidate.gamma is not None and candidate.scale_factor != 1.0:
+        gamma = _times(graph, gamma, candidate.scale_factor, param_dtype, names)
     gamma = _cast(graph, gamma, param_dtype, names)
     beta = candidate.beta
     needs_beta = candidate.centered and target == "tensorrt"

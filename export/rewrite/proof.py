@@ -123,8 +123,8 @@ def _reference(candidate: NormCandidate, feeds: dict, feeds_spec) -> np.ndarray:
     by_role = {role: feeds[t.name] for role, t in feeds_spec}
     x, residual = (by_role["a"], by_role["b"]) if "a" in by_role else (by_role["x"], None)
     gamma = by_role.get("gamma")
-    if candidate.gamma_factor != 1.0:  # an L2 norm: the RMSNorm whose scale is gamma / sqrt(n)
-        gamma = (np.ones(candidate.hidden) if gamma is None else gamma.astype(np.float64)) * candidate.gamma_factor
+    if candidate.scale_factor != 1.0:  # an L2 norm: the RMSNorm whose scale is gamma / sqrt(n)
+        gamma = (np.ones(candidate.hidden) if gamma is None else gamma.astype(np.float64)) * candidate.scale_factor
     return reference_norm(candidate.centered, x, residual, gamma, by_role.get("beta"),
                           by_role.get("skip_bias"), candidate.epsilon)[0]
 

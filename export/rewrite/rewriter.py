@@ -207,21 +207,26 @@ def _means_in_no_norm(graph: gs.Graph, report: RewriteReport) -> list[str]:
 
 
 def describe_unmatched_means(names: list[str]) -> str:
-    shown = ", ".join(f"'{name}'" for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = _first_names(names)
     return (f"{len(names)} ReduceMean node(s) over the last axis are in no norm found and no rejection ({shown}): "
             "a norm spelled in a way not recognised or quantised between its steps, or a mean that is part of no "
             "norm (ConvNeXt-V2's response normalization averages its channels' L2 norms)")
 
 
+def _first_names(names: list[str]) -> str:
+    """Up to three names, quoted, and how many more there are."""
+    return ", ".join(f"'{name}'" for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def describe_without_epsilon(outputs: list[str]) -> str:
-    shown = ", ".join(f"'{name}'" for name in outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
+    shown = _first_names(outputs)
     return (f"{len(outputs)} norm(s) add no epsilon ({shown}), so they are fused with epsilon 0, as written: a row of "
             "zeros gives NaN. torch's exporter removes an epsilon of 1e-8 or less as an Add of zero; export with "
             "optimize=False to keep it")
 
 
 def describe_l2_norms(outputs: list[str]) -> str:
-    shown = ", ".join(f"'{name}'" for name in outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
+    shown = _first_names(outputs)
     return (f"{len(outputs)} L2 norm(s) ({shown}), x / sqrt(sum(x^2) + eps) over the last axis, fused as the RMSNorm "
             "they equal: epsilon eps / n and the scale times 1 / sqrt(n), n the row length (x / ReduceL2(x) has "
             "epsilon 0: a row of zeros gives NaN, as in the graph)")
@@ -586,7 +591,7 @@ def _fusion_record(candidate: NormCandidate, target: str) -> Fusion:
         emitted=f"{domain or 'ai.onnx'}::{op_type}", pattern=candidate.pattern.name,
         residual=candidate.residual is not None, sum_exposed=candidate.expose_sum,
         epsilon=candidate.epsilon, hidden=candidate.hidden, nodes_removed=removed, output=candidate.output.name,
-        scope=candidate.scope.name if candidate.scope is not None else "main", scale_factor=candidate.gamma_factor,
+        scope=candidate.scope.name if candidate.scope is not None else "main", scale_factor=candidate.scale_factor,
     )
 
 
