@@ -6,7 +6,7 @@ Each `*.onnx` of the folder is rewritten, validated, timed and reported on its o
 `--onnx MODEL` would, into `<out>/<model name>/` (but for the decoder's two halves where the merged
 decoder holding both is there too). A `--dim` applies to the models that have the
 name (an encoder has no past_decoder_sequence_length); one that none has is a flag error. Where the
-folder holds an encoder-decoder (`export.decode.resolve_folder`: encoder_model.onnx and a merged
+folder holds an encoder-decoder (`export.decoder_files.resolve_folder`: encoder_model.onnx and a merged
 decoder, or the decoder's two halves), the pair is then greedy-decoded on each ONNX Runtime backend: the reference decoder
 reading the reference encoder's states against the fused decoder reading the fused encoder's, as
 the two would be served. `<out>/report.json` and `report.md` sum it up, with a model per row. A
@@ -98,7 +98,7 @@ class FolderPipeline:
         """Optimum writes an encoder-decoder's decoder three times: its two halves and the merged
         form holding both as the branches of an If, which is the one served. The halves are then
         not built again (each builds alone with --onnx FILE)."""
-        from .decode import FOLDER_DECODERS, FOLDER_HALVES
+        from .decoder_files import FOLDER_DECODERS, FOLDER_HALVES
 
         names = {model.name for model in models}
         if FOLDER_DECODERS[0] not in names or not set(FOLDER_HALVES) <= names:
@@ -119,7 +119,8 @@ class FolderPipeline:
     def decode_pair(self, folder: Path, pipelines: dict, backends: list[str], shares: dict, errors: dict) -> list[dict]:
         """An encoder-decoder's reference pair against its fused pair, on each ONNX Runtime backend."""
         from .build import lacks_kernels, skip_ops_on_the_cpu
-        from .decode import FOLDER_HALVES, Halves, decode, resolve_folder
+        from .decode import decode
+        from .decoder_files import FOLDER_HALVES, Halves, resolve_folder
 
         a = self.args
         try:
@@ -308,7 +309,7 @@ def plot_decoding(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .decode import plot_steps
+    from .decode_report import plot_steps
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for record in records:

@@ -22,7 +22,7 @@ once per generation on random inputs, then the decoder from its start token. Its
 a token a step; the encoder's keys and values come from the first step and are fed back unchanged
 (the merged decoder's branch with a cache returns placeholders for them). A folder holding the two
 halves instead (decoder_model.onnx, decoder_with_past_model.onnx) runs them as the merged form's
-branches (`SplitDecoder`).
+branches (`decoder_files.SplitDecoder`).
 
     python -m export.decode decoder_model_merged.onnx --encoder encoder_model.onnx --prompt 16
     python -m export.decode t5/ --compare fused/        # folders in Optimum's layout
@@ -46,13 +46,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .decoder_files import CACHE_BRANCH, FOLDER_HALVES, Halves, as_path, config_value, load_decoder, resolve_folder
 from .errors import NormfuseError, UsageError
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
-# Optimum's merged decoders (decoder_model_merged.onnx, as transformers.js serves them) hold the
-# decoder without and with a cache in the two branches of one If, chosen by this input
-CACHE_BRANCH = "use_cache_branch"
 # An encoder-decoder's decoder (T5, BART, Whisper as Optimum exports them) reads the encoder's
 # output through these inputs, the same at every step
 ENCODER_STATES = "encoder_hidden_states"
@@ -401,7 +399,7 @@ def decode(model_path: str | Path | Halves, compare_path: str | Path | Halves | 
     if found and not encoder_path:  # a folder's own encoder, unless one is given
         encoder_path = found
         compare_encoder_path = compare_encoder_path or compare_found
-    paths = [_as_path(model_path)] + ([_as_path(compare_path)] if compare_path else [])
+    paths = [as_path(model_path)] + ([as_path(compare_path)] if compare_path else [])
     encoder_paths = [Path(encoder_path), Path(compare_encoder_path or encoder_path)][:len(paths)] if encoder_path else []
     for path in paths + encoder_paths:
         if path.suffix in ENGINE_SUFFIXES:
@@ -434,8 +432,8 @@ def decode(model_path: str | Path | Halves, compare_path: str | Path | Halves | 
         encoder_feeds = random_arrays(encoders[0].inputs, batch, longest, seed=seed, bounds=index_bounds(encoder_paths[0]),
                                       dims=sizes_it_has(encoders[0].inputs, dims), where=str(encoder_paths[0]))
         if len(set(lengths)) > 1:
-            _pad_on_the_right(encoder_feeds, lengths, encoder_paths[0], _config_value(paths[0], "pad_token_id"))
-        start = _config_value(paths[0], "decoder_start_token_id") if start_token is None else start_token
+            _pad_on_the_right(encoder_feeds, lengths, encoder_paths[0], config_value(paths[0], "pad_token_id"))
+        start = config_value(paths[0], "decoder_start_token_id") if start_token is None else start_token
         ids = np.full((batch, 1), start, np.int64)
         mask = None
         shown_prompt = ([row[:length].tolist() for row, length in zip(encoder_feeds["input_ids"], lengths)]
@@ -496,111 +494,6 @@ def decode(model_path: str | Path | Halves, compare_path: str | Path | Halves | 
     return record
 
 
-# the files of a folder as Optimum lays it out, in the order they are looked for
-FOLDER_DECODERS = ("decoder_model_merged.onnx", "model.onnx")
-FOLDER_HALVES = ("decoder_model.onnx", "decoder_with_past_model.onnx")  # first step, steps with a cache
-FOLDER_ENCODER = "encoder_model.onnx"
-
-
-@dataclass(frozen=True)
-class Halves:
-    """Optimum's two halves of an encoder-decoder's decoder named file by file (export.build writes
-    each half's fused forms in a folder of its own), which `load_decoder` joins as a folder's halves."""
-    first: Path  # decoder_model.onnx's form: the first step
-    with_past: Path  # decoder_with_past_model.onnx's form: the steps after
-    suffix = ".onnx"  # what the checks on a decoder's path read
-
-    def __str__(self) -> str:
-        return f"{self.first} + {self.with_past}"
-
-
-def resolve_folder(path: str | Path | Halves) -> tuple[Path | Halves, Path | None]:
-    """(decoder, encoder or None) of a folder as Optimum lays one out: the merged decoder, else a
-    decoder-only model.onnx, else the folder itself where it holds the decoder's two halves
-    (`load_decoder` joins them); and encoder_model.onnx where there is one. A file is itself, and so
-    are `Halves`."""
-    if isinstance(path, Halves):
-        return path, None
-    path = Path(path)
-    if not path.is_dir():
-        return path, None
-    decoder = next((path / name for name in FOLDER_DECODERS if (path / name).is_file()), None)
-    if decoder is None and all((path / name).is_file() for name in FOLDER_HALVES):
-        decoder = path
-    if decoder is None:
-        raise UsageError(f"{path}: no decoder in this folder (looked for {', '.join(FOLDER_DECODERS)}, "
-                         f"or {' and '.join(FOLDER_HALVES)})")
-    encoder = path / FOLDER_ENCODER
-    return decoder, encoder if encoder.is_file() else None
-
-
-def load_decoder(path: Path | Halves, providers: list[str] | None = None, optimization: str = "all"):
-    """The decoder at `path` loaded (export.runtime): a model, or a folder of Optimum's two halves (or
-    the two named as `Halves`) as one `SplitDecoder`."""
-    from .runtime import OrtModel, load
-
-    if isinstance(path, Halves) or path.is_dir():
-        files = (path.first, path.with_past) if isinstance(path, Halves) else (path / name for name in FOLDER_HALVES)
-        first, with_past = (OrtModel(file, providers=providers, optimization=optimization) for file in files)
-        return SplitDecoder(first, with_past, path)
-    if optimization == "all":  # as served: load() also names a file of an unknown kind
-        return load(path, providers=providers)
-    return OrtModel(path, providers=providers, optimization=optimization)
-
-
-class SplitDecoder:
-    """Optimum's two halves of an encoder-decoder's decoder (decoder_model.onnx for the first step,
-    decoder_with_past_model.onnx for the steps after) behind the signature of its merged form: a
-    `use_cache_branch` input picks the half, and each half gets the inputs it takes. The half with a
-    cache returns no encoder keys and values (the merged form's branch returns placeholders): the
-    decoding loop reads them from the first step."""
-
-    def __init__(self, first, with_past, path: Path):
-        from .runtime import TensorSpec
-
-        self.first, self.with_past, self.path = first, with_past, path
-        taken = {spec.name for spec in with_past.inputs}
-        self.inputs = (list(with_past.inputs) + [spec for spec in first.inputs if spec.name not in taken]
-                       + [TensorSpec(CACHE_BRANCH, "bool", (1,))])
-        self.outputs = list(first.outputs)
-        self.providers = with_past.providers
-        self.on_cuda = with_past.on_cuda
-
-    def _half(self, feeds: dict):
-        model = self.with_past if bool(np.asarray(feeds[CACHE_BRANCH]).ravel()[0]) else self.first
-        taken = {spec.name for spec in model.inputs}
-        return model, {name: value for name, value in feeds.items() if name in taken}
-
-    def run(self, feeds: dict) -> dict:
-        model, feeds = self._half(feeds)
-        return model.run(feeds)
-
-    def run_keeping(self, feeds: dict, keep):
-        model, feeds = self._half(feeds)
-        given = {spec.name for spec in model.outputs}
-        return model.run_keeping(feeds, [name for name in keep if name in given])
-
-
-def _config_value(decoder_path: Path, key: str) -> int:
-    """An integer of the config.json beside an encoder-decoder's decoder (Optimum and transformers
-    write one: decoder_start_token_id, pad_token_id), else 0."""
-    import json
-
-    if isinstance(decoder_path, Halves):
-        decoder_path = decoder_path.first
-    config = (decoder_path if decoder_path.is_dir() else decoder_path.parent) / "config.json"
-    try:
-        value = json.loads(config.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return 0
-    return int(value) if isinstance(value, int) else 0
-
-
-def _as_path(path):
-    """A decoder's path as decode() takes it: a file or folder, or `Halves` as they are."""
-    return path if isinstance(path, Halves) else Path(path)
-
-
 def _pad_on_the_right(feeds: dict, lengths: list[int], where: Path, pad: int) -> None:
     """An encoder's batch of inputs of different lengths, as a tokenizer pads them for T5 or BART:
     each row's tokens first, then `pad`, masked out by attention_mask (which the decoder reads too,
@@ -648,80 +541,6 @@ def decoded_alike(agreement: dict) -> bool:
     within tolerance."""
     return (agreement["same_tokens"] + agreement["near_ties"] == agreement["steps"]
             and agreement["scores_within_tolerance"])
-
-
-def print_table(record: dict, console) -> None:
-    from rich.table import Table
-
-    lengths = sorted({len(p) for p in record["prompt"]})
-    prompt = f"prompt {lengths[0]}" if len(lengths) == 1 else "prompts " + "/".join(str(len(p)) for p in record["prompt"])
-    seq2seq = "start_token" in record
-    if seq2seq:
-        shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in record["encoder_inputs"].items())
-        prompt = f"encoder {shapes}, start token {record['start_token']}"
-    table = Table(title=f"greedy decoding: {prompt}, {record['new_tokens']} tokens, "
-                        f"batch {record['batch']} ({record['dtype']})")
-    for column in ("model", *(("encoder ms",) if seq2seq else ()), "prefill ms", "step p50 ms", "step p99 ms", "tokens/s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for label, run in record["models"].items():
-        rate = run["decode_tokens_per_s"]
-        table.add_row(f"{label}: {Path(run['model']).name}", *((f"{run['encoder_ms']:.3f}",) if seq2seq else ()), f"{run['prefill_ms']:.3f}",
-                      f"{run['step_ms']['p50']:.3f}", f"{run['step_ms']['p99']:.3f}", f"{rate:.0f}" if rate else "-")
-    console.print(table)
-    if seq2seq:
-        console.print("encoders: " + ", ".join(f"{label} {run['encoder']}" for label, run in record["models"].items()))
-    first = record["models"]["reference"]["tokens"]
-    console.print("tokens: " + " ".join(str(step[0]) for step in first) + (" (first sequence)" if record["batch"] > 1 else ""))
-    agree = record.get("agreement")
-    if agree:
-        verdict = "[green]same[/]" if decoded_alike(agree) else "[red]differs[/]"
-        ties = f" ({agree['near_ties']} more in near ties)" if agree["near_ties"] else ""
-        console.print(f"compared: {verdict}: {agree['same_tokens']}/{agree['steps']} steps choose the same tokens{ties}; "
-                      f"scores max abs {agree['max_abs']:.3g}, max rel {agree['max_rel']:.3g}, "
-                      + ("all within tolerance" if agree["scores_within_tolerance"]
-                         else f"out of tolerance from step {agree['first_step_out_of_tolerance']}"))
-        ref, cand = (record["models"][k]["step_ms"]["p50"] for k in ("reference", "compared"))
-        console.print(f"decode step p50: compared is {ref / cand:.2f}x the reference's speed")
-
-
-def step_curves(record: dict) -> dict[str, list[float]]:
-    """label -> decode-step time (ms) at each step, the median over the timed rounds: a step's cost
-    grows with the cache it attends over."""
-    return {label: [float(np.median(column)) for column in zip(*run["raw_step_ms"])]
-            for label, run in record["models"].items()}
-
-
-def plot_steps(ax, record: dict, prefix: str = "") -> None:
-    """Decode-step time against the step on `ax` (matplotlib), one line per model. The scale stops
-    at 2.5x the slowest p50, so one step the machine stalled does not flatten the rest; the title
-    counts the steps above it."""
-    curves = step_curves(record)
-    top = 2.5 * max(run["step_ms"]["p50"] for run in record["models"].values())
-    for label, times in curves.items():
-        ax.plot(range(1, len(times) + 1), times, marker=".", label=f"{prefix}{label}: {Path(record['models'][label]['model']).name}")
-    off = sum(t > top for times in curves.values() for t in times)
-    ax.set_xlabel("decode step (after the start token)" if "start_token" in record
-                  else f"decode step (after a {max(len(p) for p in record['prompt'])}-token prompt)")
-    ax.set_ylabel("step time (ms), median over rounds")
-    ax.set_title(f"Greedy decoding, batch {record['batch']}" + (f" ({off} step(s) above the scale)" if off else ""))
-    ax.set_ylim(0, top)
-    ax.legend(fontsize="small")
-
-
-def write_plot(record: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .files import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    plot_steps(ax, record)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -772,6 +591,8 @@ def main(argv=None) -> int:
 
     def job() -> int:
         from rich.console import Console
+
+        from .decode_report import print_table, write_plot
 
         for path in filter(None, (args.model, args.compare, args.encoder, args.compare_encoder)):
             if not Path(path).is_dir():  # a folder in Optimum's layout is resolved by decode

@@ -148,7 +148,7 @@ def markdown(report: dict) -> str:
 
 def _fused_name(model: dict) -> str:
     """`fused-cpu.onnx`, or `decoder_model_merged/fused-cpu.onnx` where a folder's models each have
-    their own (export.build on a folder), and both halves' where a decoder is two (`decode.Halves`)."""
+    their own (export.build on a folder), and both halves' where a decoder is two (`decoder_files.Halves`)."""
     def short(text: str) -> str:
         path = Path(text)
         return f"{path.parent.name}/{path.name}" if model.get("encoder") else path.name
@@ -227,7 +227,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("Where the time goes")
     ax.legend()
     if decoding:
-        from .decode import plot_steps
+        from .decode_report import plot_steps
 
         for record in decoding:
             plot_steps(axes[2], record, prefix=f"{record['backend']} " if len(decoding) > 1 else "")

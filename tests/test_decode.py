@@ -41,7 +41,7 @@ def test_greedy_tokens_are_transformers_own(decoders):
 
 
 def test_step_curves_are_medians_over_rounds():
-    from export.decode import step_curves
+    from export.decode_report import step_curves
 
     record = {"models": {"reference": {"raw_step_ms": [[1.0, 5.0], [3.0, 1.0], [2.0, 2.0]]},
                          "compared": {"raw_step_ms": [[4.0, 4.0]]}}}
