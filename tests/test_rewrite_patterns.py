@@ -160,6 +160,24 @@ def test_an_l2_norm_with_epsilon_outside_the_root_is_no_rmsnorm():
         assert report.fused == 0 and fused_ops(out) == ["ReduceL2", outside, "Div"]
 
 
+@pytest.mark.parametrize("guard", ("Clip", "Max"))
+def test_a_mean_square_clamped_at_epsilon_is_no_rmsnorm(guard):
+    """x / sqrt(max(mean(x^2), eps)), as Gemma3n's AltUp scales magnitudes with torch.clamp: equal to
+    an RMSNorm without epsilon only where the mean square passes eps, so it is left as written."""
+    nodes = [onnx.helper.make_node("Mul", ["x", "x"], ["square"]),
+             onnx.helper.make_node("ReduceMean", ["square", "axes"], ["mean"], keepdims=1),
+             onnx.helper.make_node(guard, ["mean", "eps"], ["guarded"]),
+             onnx.helper.make_node("Sqrt", ["guarded"], ["root"]),
+             onnx.helper.make_node("Div", ["x", "root"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "clamped", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
+                                   [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                                    onnx.numpy_helper.from_array(np.array(1e-6, np.float32), "eps")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    out, report = rewrite_model(model)
+    assert report.fused == 0 and fused_ops(out) == ["Mul", "ReduceMean", guard, "Sqrt", "Div"]
+
+
 def test_a_half_precision_row_fraction_is_proven_as_the_mean_it_stands_for():
     """sum * (1/3) in fp16 holds 1/3 as 0.33325; E[x^2] - E[x]^2 on rows of 3 amplified that rounding
     past the proof's fp32 tolerance, and this LayerNorm was refused (found by the property tests)."""
