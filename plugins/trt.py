@@ -153,7 +153,7 @@ def register_tensorrt_plugins() -> None:
         return [trtp.AutoTuneCombination(types, "LINEAR", list(config.TACTICS)) for types in type_combinations(op_name)]
 
     # RMSNorm: x, gamma -> y
-    name = f"{PLUGIN_NAMESPACE}::RMSNorm"
+    name = OPS["RMSNorm"].qualified_name
 
     @trtp.register(name)
     def rms_desc(x: trtp.TensorDesc, gamma: trtp.TensorDesc, epsilon: EpsilonField) -> trtp.TensorDesc:
@@ -171,7 +171,7 @@ def register_tensorrt_plugins() -> None:
         return aot_kernel(trtp, "RMSNorm", x, gamma, epsilon, tactic)
 
     # LayerNorm: x, gamma, beta -> y
-    name = f"{PLUGIN_NAMESPACE}::LayerNorm"
+    name = OPS["LayerNorm"].qualified_name
 
     @trtp.register(name)
     def ln_desc(x: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc,
@@ -190,7 +190,7 @@ def register_tensorrt_plugins() -> None:
         return aot_kernel(trtp, "LayerNorm", x, gamma, epsilon, tactic)
 
     # AddRMSNorm: x, residual, gamma -> y, sum
-    name = f"{PLUGIN_NAMESPACE}::AddRMSNorm"
+    name = OPS["AddRMSNorm"].qualified_name
 
     @trtp.register(name)
     def add_rms_desc(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc,
@@ -209,7 +209,7 @@ def register_tensorrt_plugins() -> None:
         return aot_kernel(trtp, "AddRMSNorm", x, gamma, epsilon, tactic)
 
     # AddLayerNorm: x, residual, gamma, beta -> y, sum
-    name = f"{PLUGIN_NAMESPACE}::AddLayerNorm"
+    name = OPS["AddLayerNorm"].qualified_name
 
     @trtp.register(name)
     def add_ln_desc(x: trtp.TensorDesc, residual: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc,
