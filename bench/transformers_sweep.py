@@ -1,0 +1,333 @@
+"""The rewriter over every model type Hugging Face transformers knows: built small, exported,
+rewritten and validated, one type a process.
+
+    python bench/transformers_sweep.py [--types llama,t5,...] [--dtype float32|float16]
+        [--jobs 2] [--timeout 300] [--json bench/results/transformers-sweep-float32.json]
+
+For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by default):
+1. config: its default config, shrunk (hidden 64, 2 layers, 4 heads, vocabulary 256, 4 experts, ...);
+2. model: built from it with random weights (nothing is downloaded), in `--dtype`;
+3. forward: one pass on random ids (`pixel_values` for a vision model; `decoder_input_ids` too for
+   an encoder-decoder), counting the calls of every module whose class name has "Norm";
+4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails;
+5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
+6. validate: the `onnxruntime` form against the export on ONNX Runtime's CPU provider
+   (export.validate, the dtype's graph tolerance), at two shapes where they are dynamic.
+
+Each type runs in a process of its own under `--timeout`, so one that hangs or crashes costs only
+its row. A row reaches the stage where it stopped, with the one-line reason. `check` marks a model
+whose `tensorrt` form has fewer fused norms than the norm modules were called, with none refused:
+the norms may lie outside the exported output (a pooler's), or be a kind the rewriter does not
+know; look at it. More fusions than calls is common and right: norms written as functions
+(FLA-style `l2norm` on queries and keys) have no module to count.
+
+Writes the records (versions, every row, its seconds) as JSON, and the summary and rows of
+exported models as Markdown beside it; the terminal gets the summary and the rows to look at.
+A full sweep takes one to two hours on two cores.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/ off the path: its kernels.py would stand in for the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+STAGES = ("config", "model", "forward", "export", "rewrite", "validate")
+RESULT_MARK = "SWEEP-RESULT "
+
+# config fields shrunk wherever a config has them (as integers); lists as long as the layers are cut too
+SMALL = {"hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embed_dim": 64,
+         "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "num_decoder_layers": 2,
+         "encoder_layers": 2, "decoder_layers": 2, "num_encoder_layers": 2,
+         "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "encoder_attention_heads": 4,
+         "decoder_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16,
+         "intermediate_size": 128, "ffn_dim": 128, "d_ff": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+         "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "vocab_size": 256,
+         "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2,
+         "top_k": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+         "max_position_embeddings": 256, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+         "kv_lora_rank": 32, "q_lora_rank": 32, "num_kv_shared_layers": 0,
+         "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "laurel_rank": 8}
+TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+TEXT_SHAPES, VISION_SHAPES = "1x16,2x32", "1x16,2x16"
+
+
+def shrink(config) -> None:
+    """`config` made small in place (and its text_config): see SMALL."""
+    layers = next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
+                   if isinstance(getattr(config, k, None), int)), None)
+    for key, value in list(vars(config).items()):
+        if layers and layers > 2 and isinstance(value, list) and len(value) == layers:
+            setattr(config, key, value[:2])  # per-layer lists (layer types, sparsity) follow the layers
+    for key, value in SMALL.items():
+        current = getattr(config, key, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            setattr(config, key, value)
+    for key in TOKEN_FIELDS:  # special tokens inside the smaller vocabulary
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) >= SMALL["vocab_size"]:
+            setattr(config, key, 0)
+    if isinstance(getattr(config, "activation_sparsity_pattern", None), list):
+        config.activation_sparsity_pattern = [0.0] * len(config.activation_sparsity_pattern)  # erfinv: no ONNX op
+    if getattr(config, "text_config", None) is not None:
+        shrink(config.text_config)
+
+
+def example_inputs(model, config) -> tuple[dict, str] | str:
+    """(inputs by name, validation shapes) for `model`'s forward, or why none could be made."""
+    import inspect
+
+    import torch
+
+    parameters = inspect.signature(model.forward).parameters
+    vocabulary = min(int(getattr(config, "vocab_size", None) or 256), 256)
+    if "input_ids" in parameters:
+        inputs = {"input_ids": torch.randint(0, vocabulary, (2, 16))}
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
+            inputs["decoder_input_ids"] = torch.randint(0, vocabulary, (2, 16))
+        return inputs, TEXT_SHAPES
+    if "pixel_values" in parameters:
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else 224
+        dtype = next(model.parameters()).dtype
+        return {"pixel_values": torch.rand(2, getattr(config, "num_channels", 3), size, size, dtype=dtype)}, VISION_SHAPES
+    required = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in ("self", "kwargs")]
+    return f"takes neither input_ids nor pixel_values (needs {', '.join(required) or 'other inputs'})"
+
+
+def first_output(model, names: list[str]):
+    """`model` as a module of positional inputs named `names`, returning its first output (no cache)."""
+    import inspect
+
+    import torch
+
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+    class FirstOutput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *values):
+            out = self.model(**dict(zip(names, values)), **no_cache)
+            return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out[0]
+
+    return FirstOutput().eval()
+
+
+def count_norm_calls(model, run) -> dict[str, int]:
+    """Calls of each norm module's class (a name with "Norm", MobileBERT's NoNorm aside) during `run()`."""
+    calls: dict[str, int] = {}
+
+    def count(module, inputs, output):
+        calls[type(module).__name__] = calls.get(type(module).__name__, 0) + 1
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if "Norm" in type(m).__name__ and "NoNorm" not in type(m).__name__]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def export(wrapped, inputs: dict, path: Path) -> str:
+    """Export `wrapped` (`first_output`) with batch and sequence dynamic, or static shapes where
+    torch cannot; says which."""
+    import torch
+
+    args = tuple(inputs.values())
+    # one entry for the wrapper's *values: a shape spec per input
+    dynamic = (tuple({0: "batch", 1: "sequence"} if n != "pixel_values" else {0: "batch"} for n in inputs),)
+    with torch.no_grad():
+        try:
+            torch.onnx.export(wrapped, args, str(path), dynamo=True, input_names=list(inputs), output_names=["output"],
+                              dynamic_shapes=dynamic, verbose=False)
+            return "dynamic"
+        except Exception:
+            torch.onnx.export(wrapped, args, str(path), dynamo=True, input_names=list(inputs), output_names=["output"],
+                              verbose=False)
+            return "static"
+
+
+def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
+    """One model type through every stage; the record says how far it got and why it stopped."""
+    import contextlib
+    import io
+
+    record: dict = {"type": model_type, "dtype": dtype, "stage": "config"}
+    started = time.perf_counter()
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.for_model(model_type)
+        shrink(config)
+        record["stage"] = "model"
+        torch.manual_seed(0)
+        try:  # eager experts: transformers' grouped-matmul op has no ONNX translation
+            model = AutoModel.from_config(config, experts_implementation="eager")
+        except (TypeError, ValueError):
+            model = AutoModel.from_config(config)
+        model = model.to(getattr(torch, dtype)).eval()
+        record["stage"] = "forward"
+        made = example_inputs(model, config)
+        if isinstance(made, str):
+            raise LookupError(made)
+        inputs, shapes = made
+        wrapped = first_output(model, list(inputs))
+        with torch.no_grad():
+            calls = count_norm_calls(model, functools.partial(wrapped, *inputs.values()))
+        record["norm_calls"], record["norm_modules"] = sum(calls.values()), calls
+        record["stage"] = "export"
+        exported = work / "model.onnx"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            record["shapes"] = export(wrapped, inputs, exported)
+        del model, wrapped
+        record["stage"] = "rewrite"
+        from export.rewrite import rewrite_file
+
+        trt = rewrite_file(exported, None, target="tensorrt")
+        ort = rewrite_file(exported, work / "fused.onnx", target="onnxruntime")
+        record["fused"] = {"tensorrt": trt.counts, "onnxruntime": ort.counts}
+        record["fused_norms"] = trt.fused
+        record["rejected"] = [r.reason for r in trt.rejected]
+        record["unmatched_means"] = len(trt.unmatched_means)
+        record["nodes"] = [ort.nodes_before, ort.nodes_after]
+        record["stage"] = "validate"
+        from export.validate import Side, compare, model_dtype, parse_shapes
+
+        pairs = compare(Side(exported, "ort-cpu", "reference"), Side(work / "fused.onnx", "ort-cpu", "fused"),
+                        parse_shapes(shapes if record["shapes"] == "dynamic" else shapes.split(",")[0]),
+                        model_dtype(exported))
+        record["validated"] = all(p["passed"] for p in pairs)
+        record["max_abs"] = max(s["max_abs"] for p in pairs for s in p["outputs"].values())
+        record["stage"] = "done"
+    except Exception as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        errors = [line for line in lines if "Error" in line]  # torch.onnx's own message is many lines
+        record["error"] = f"{type(exc).__name__}: {(errors or lines or [''])[-1].strip()[:300]}"
+        if os.environ.get("NORMFUSE_SWEEP_TRACE"):
+            record["trace"] = traceback.format_exc()
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def verdict(record: dict) -> str:
+    """ok, check (fewer fused than called, none refused), failed (validation), timeout, crashed, or
+    the stage it stopped at."""
+    if record["stage"] in ("timeout", "crashed"):
+        return record["stage"]
+    if record["stage"] != "done":
+        return f"stopped at {record['stage']}"
+    if not record["validated"]:
+        return "failed"
+    if record["fused_norms"] < record["norm_calls"] and not record["rejected"]:
+        return "check"
+    return "ok"
+
+
+def run_one(model_type: str, dtype: str, timeout: float) -> dict:
+    """`model_type` in a process of its own: its record, or one saying it timed out or crashed."""
+    with tempfile.TemporaryDirectory(prefix=f"normfuse-sweep-{model_type}-") as work:
+        try:
+            done = subprocess.run([sys.executable, __file__, "--one", model_type, "--dtype", dtype, "--work", work],
+                                  capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"type": model_type, "dtype": dtype, "stage": "timeout", "error": f"past {timeout:.0f} s"}
+    line = next((line for line in reversed(done.stdout.splitlines()) if line.startswith(RESULT_MARK)), None)
+    if line is None:
+        tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return {"type": model_type, "dtype": dtype, "stage": "crashed", "error": tail[:300]}
+    return json.loads(line[len(RESULT_MARK):])
+
+
+def versions() -> dict:
+    import platform
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            **{name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript")}}
+
+
+def markdown(records: list[dict], dtype: str) -> str:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[verdict(record)] = counts.get(verdict(record), 0) + 1
+    done = [r for r in records if r["stage"] == "done"]
+    lines = [f"# transformers model types, {dtype}: {len(records)} swept, {len(done)} exported and rewritten", "",
+             "| verdict | types |", "| --- | --- |"]
+    lines += [f"| {name} | {n} |" for name, n in sorted(counts.items())]
+    lines += ["", f"{sum(r['norm_calls'] for r in done)} norm module calls; {sum(r['fused_norms'] for r in done)} "
+                  "norms fused (tensorrt target)", "",
+              "| type | export | norm calls | fused (tensorrt) | fused (onnxruntime) | nodes | validation max abs | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in done:
+        ort = ", ".join(f"{n} {k}" for k, n in sorted(r["fused"]["onnxruntime"].items())) or "none"
+        lines.append(f"| {r['type']} | {r['shapes']} | {r['norm_calls']} | {r['fused_norms']} | {ort} | "
+                     f"{r['nodes'][0]} -> {r['nodes'][1]} | {r['max_abs']:.2g} | {verdict(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", help="comma-separated model types (default: every base model type)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="types at once")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds a type may take (default 300)")
+    parser.add_argument("--json", help="write the records here, and a Markdown summary beside it (.md)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: one type, its record on stdout
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        warnings.filterwarnings("ignore")
+        print(RESULT_MARK + json.dumps(sweep_one(args.one, args.dtype, Path(args.work))), flush=True)
+        return 0
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    from export.files import write_json, write_text
+
+    known = sorted(MODEL_MAPPING_NAMES)
+    types = [t.strip() for t in args.types.split(",")] if args.types else known
+    unknown = [t for t in types if t not in known]
+    if unknown:
+        print(f"transformers_sweep: error: not a base model type of transformers: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    console = Console(highlight=False)
+    records: list[dict] = []
+    with Progress(console=console) as progress, ThreadPoolExecutor(args.jobs) as pool:
+        task = progress.add_task(f"{len(types)} model types ({args.dtype})", total=len(types))
+        for record in pool.map(lambda t: run_one(t, args.dtype, args.timeout), types):
+            records.append(record)
+            progress.advance(task)
+            if verdict(record) not in ("ok",) and record["stage"] == "done":
+                progress.console.print(f"{record['type']}: {verdict(record)} ({record['norm_calls']} norm calls, "
+                                       f"{record['fused_norms']} fused)")
+    summary = markdown(records, args.dtype)
+    console.print(summary.split("\n\n| type")[0])
+    if args.json:
+        write_json(args.json, {"versions": versions(), "dtype": args.dtype, "records": records})
+        write_text(Path(args.json).with_suffix(".md"), summary)
+    return 1 if any(verdict(r) == "failed" for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
