@@ -3,6 +3,7 @@ decoder-only model.onnx, or an encoder-decoder's two halves, and its encoder), t
 joined behind the merged form's signature, and the values export.decode reads from config.json."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,6 @@ class SplitDecoder:
 def config_value(decoder_path: Path, key: str) -> int:
     """An integer of the config.json beside an encoder-decoder's decoder (Optimum and transformers
     write one: decoder_start_token_id, pad_token_id), else 0."""
-    import json
-
     if isinstance(decoder_path, Halves):
         decoder_path = decoder_path.first
     config = (decoder_path if decoder_path.is_dir() else decoder_path.parent) / "config.json"
