@@ -8,7 +8,9 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
 1. config: its default config, shrunk (hidden 64, 2 layers, 4 heads, vocabulary 256, 4 experts, ...);
 2. model: built from it with random weights (nothing is downloaded), in `--dtype`;
 3. forward: one pass on random ids (`pixel_values` for a vision model; `decoder_input_ids` too for
-   an encoder-decoder), counting the calls of every module whose class name has "Norm";
+   an encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
+   named "...Norm..." with no modules inside; batch, group and instance norms, which normalise over
+   channels, not counted);
 4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails;
 5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
 6. validate: the `onnxruntime` form against the export on ONNX Runtime's CPU provider
@@ -23,7 +25,8 @@ know; look at it. More fusions than calls is common and right: norms written as 
 
 Writes the records (versions, every row, its seconds) as JSON, and the summary and rows of
 exported models as Markdown beside it; the terminal gets the summary and the rows to look at.
-A full sweep takes one to two hours on two cores.
+A full sweep takes about two hours on two cores; `--update` sweeps some types again into the
+records (by default every type that got as far as counting its norms).
 """
 from __future__ import annotations
 
@@ -127,15 +130,30 @@ def first_output(model, names: list[str]):
     return FirstOutput().eval()
 
 
+# norms over channels or groups (convolutional models), never over the last axis alone: not counted
+OTHER_NORMS = ("BatchNorm", "GroupNorm", "InstanceNorm", "NoNorm")  # MobileBERT's NoNorm is x * w + b
+
+
+def is_norm_module(module) -> bool:
+    """A LayerNorm or RMSNorm kind of module: a class named "...Norm..." with no modules inside (a
+    block named after its model, as RoBERTa-PreLayerNorm's are, holds some), and no batch, group or
+    instance norm."""
+    import torch
+
+    name = type(module).__name__
+    return ("Norm" in name and not any(other in name for other in OTHER_NORMS) and not any(True for _ in module.children())
+            and not isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm,
+                                        torch.nn.modules.instancenorm._InstanceNorm)))
+
+
 def count_norm_calls(model, run) -> dict[str, int]:
-    """Calls of each norm module's class (a name with "Norm", MobileBERT's NoNorm aside) during `run()`."""
+    """Calls of each norm module's class (`is_norm_module`) during `run()`."""
     calls: dict[str, int] = {}
 
     def count(module, inputs, output):
         calls[type(module).__name__] = calls.get(type(module).__name__, 0) + 1
 
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if "Norm" in type(m).__name__ and "NoNorm" not in type(m).__name__]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if is_norm_module(m)]
     try:
         run()
     finally:
@@ -290,6 +308,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="types at once")
     parser.add_argument("--timeout", type=float, default=300, help="seconds a type may take (default 300)")
     parser.add_argument("--json", help="write the records here, and a Markdown summary beside it (.md)")
+    parser.add_argument("--update", action="store_true",
+                        help="sweep again, into the --json file's records, the --types given, or else every type "
+                             "there whose norm calls were counted; the other records stay")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: one type, its record on stdout
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -306,7 +327,14 @@ def main(argv=None) -> int:
     from export.files import write_json, write_text
 
     known = sorted(MODEL_MAPPING_NAMES)
-    types = [t.strip() for t in args.types.split(",")] if args.types else known
+    previous: dict[str, dict] = {}
+    if args.update:
+        if not args.json or not Path(args.json).is_file():
+            print(f"transformers_sweep: error: --update needs an existing --json file ({args.json} is none)", file=sys.stderr)
+            return 2
+        previous = {r["type"]: r for r in json.loads(Path(args.json).read_text())["records"]}
+    types = ([t.strip() for t in args.types.split(",")] if args.types
+             else [t for t, r in previous.items() if "norm_calls" in r] if args.update else known)
     unknown = [t for t in types if t not in known]
     if unknown:
         print(f"transformers_sweep: error: not a base model type of transformers: {', '.join(unknown)}", file=sys.stderr)
@@ -321,6 +349,7 @@ def main(argv=None) -> int:
             if verdict(record) not in ("ok",) and record["stage"] == "done":
                 progress.console.print(f"{record['type']}: {verdict(record)} ({record['norm_calls']} norm calls, "
                                        f"{record['fused_norms']} fused)")
+    records = sorted({**previous, **{r["type"]: r for r in records}}.values(), key=lambda r: r["type"])
     summary = markdown(records, args.dtype)
     console.print(summary.split("\n\n| type")[0])
     if args.json:

@@ -73,3 +73,37 @@ def test_per_layer_lists_are_cut_with_the_layers(sweep):
     sweep.shrink(config)
     assert config.num_hidden_layers == 2 and len(config.layer_types) == 2 and config.hidden_size == 64
     assert config.pad_token_id < config.vocab_size == 256
+
+
+def test_only_layer_and_rms_kinds_of_norm_are_counted(sweep):
+    import torch
+
+    class LlamaLikeRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+    class RobertaPreLayerNormOutput(torch.nn.Module):  # a block named after its model
+        def __init__(self):
+            super().__init__()
+            self.dense = torch.nn.Linear(8, 8)
+
+    counted = [torch.nn.LayerNorm(8), torch.nn.RMSNorm(8), LlamaLikeRMSNorm()]
+    not_counted = [torch.nn.BatchNorm2d(8), torch.nn.GroupNorm(2, 8), torch.nn.InstanceNorm1d(8),
+                   RobertaPreLayerNormOutput(), torch.nn.Linear(8, 8)]
+    assert [sweep.is_norm_module(m) for m in counted + not_counted] == [True] * 3 + [False] * 5
+
+
+def test_update_sweeps_the_types_given_into_the_records(tmp_path):
+    out = tmp_path / "sweep.json"
+    out.write_text(json.dumps({"versions": {}, "dtype": "float32",
+                               "records": [{"type": "zamba", "dtype": "float32", "stage": "model", "error": "kept"}]}))
+    done = subprocess.run([sys.executable, str(SCRIPT), "--update", "--types", "bert", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads(out.read_text())["records"]
+    assert [(r["type"], r["stage"]) for r in records] == [("bert", "done"), ("zamba", "model")]
+    assert records[1]["error"] == "kept"
+    missing = subprocess.run([sys.executable, str(SCRIPT), "--update", "--json", str(tmp_path / "none.json")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert missing.returncode == 2 and "--update needs an existing --json file" in missing.stderr
