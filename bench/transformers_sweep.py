@@ -274,12 +274,13 @@ def run_one(model_type: str, dtype: str, timeout: float) -> dict:
 
 
 def versions() -> dict:
-    import platform
+    """export.build's environment, and what the sweep depends on besides."""
     from importlib.metadata import version
 
-    return {"python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            **{name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript")}}
+    from export.build import environment
+
+    return {**environment(), "cpus": os.cpu_count(), "transformers": version("transformers"),
+            "onnxscript": version("onnxscript")}
 
 
 def markdown(records: list[dict], dtype: str) -> str:

@@ -145,18 +145,21 @@ def test_an_l2_norms_scale_not_in_memory_is_multiplied_in_the_graph():
     assert_same(model, out, "float32")
 
 
+def _rows_model(nodes) -> onnx.ModelProto:
+    """`nodes` from x [2, 16] to y, with the constants `axes` ([-1]) and `eps` (1e-6) to read."""
+    graph = onnx.helper.make_graph(nodes, "rows", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
+                                   [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                                    onnx.numpy_helper.from_array(np.array(1e-6, np.float32), "eps")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
 def test_an_l2_norm_with_epsilon_outside_the_root_is_no_rmsnorm():
     """x / (||x|| + eps) and F.normalize's x / max(||x||, eps): left as written."""
     for outside in ("Add", "Max"):
-        nodes = [onnx.helper.make_node("ReduceL2", ["x", "axes"], ["length"], keepdims=1),
-                 onnx.helper.make_node(outside, ["length", "eps"], ["guarded"]),
-                 onnx.helper.make_node("Div", ["x", "guarded"], ["y"])]
-        graph = onnx.helper.make_graph(nodes, "l2", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
-                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
-                                       [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-                                        onnx.numpy_helper.from_array(np.array(1e-6, np.float32), "eps")])
-        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
-        out, report = rewrite_model(model)
+        out, report = rewrite_model(_rows_model([onnx.helper.make_node("ReduceL2", ["x", "axes"], ["length"], keepdims=1),
+                                                 onnx.helper.make_node(outside, ["length", "eps"], ["guarded"]),
+                                                 onnx.helper.make_node("Div", ["x", "guarded"], ["y"])]))
         assert report.fused == 0 and fused_ops(out) == ["ReduceL2", outside, "Div"]
 
 
@@ -169,12 +172,7 @@ def test_a_mean_square_clamped_at_epsilon_is_no_rmsnorm(guard):
              onnx.helper.make_node(guard, ["mean", "eps"], ["guarded"]),
              onnx.helper.make_node("Sqrt", ["guarded"], ["root"]),
              onnx.helper.make_node("Div", ["x", "root"], ["y"])]
-    graph = onnx.helper.make_graph(nodes, "clamped", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
-                                   [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-                                    onnx.numpy_helper.from_array(np.array(1e-6, np.float32), "eps")])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
-    out, report = rewrite_model(model)
+    out, report = rewrite_model(_rows_model(nodes))
     assert report.fused == 0 and fused_ops(out) == ["Mul", "ReduceMean", guard, "Sqrt", "Div"]
 
 
