@@ -7,10 +7,12 @@ rewritten and validated, one type a process.
 For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by default):
 1. config: its default config, shrunk (hidden 64, 2 layers, 4 heads, vocabulary 256, 4 experts, ...);
 2. model: built from it with random weights (nothing is downloaded), in `--dtype`;
-3. forward: one pass on random ids (`pixel_values` for a vision model; `decoder_input_ids` too for
-   an encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
+3. forward: one pass on random ids (`pixel_values` for a vision model, `input_values` (a waveform)
+   or `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
+   encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
    named "...Norm..." with no modules inside; batch, group and instance norms, which normalise over
-   channels, not counted);
+   channels, and weight norms not counted), and how many of those calls the exported output depends on (autograd
+   tells: a pooler's norm, or one on tokens the last layer drops, is left out of the export);
 4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails;
 5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
 6. validate: the `onnxruntime` form against the export on ONNX Runtime's CPU provider
@@ -18,15 +20,18 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
 
 Each type runs in a process of its own under `--timeout`, so one that hangs or crashes costs only
 its row. A row reaches the stage where it stopped, with the one-line reason. `check` marks a model
-whose `tensorrt` form has fewer fused norms than the norm modules were called, with none refused:
-the norms may lie outside the exported output (a pooler's), or be a kind the rewriter does not
-know; look at it. More fusions than calls is common and right: norms written as functions
+whose `tensorrt` form has fewer fused norms than norm calls the output depends on, with none
+refused: the exporter may have merged two norms of one input (equal random weights), or the norm
+may be a kind the rewriter does not know; look at it. (A norm the output depends on only through
+indices, as a top-k selection's, has no gradient and is not counted: it can hide a miss.) More fusions than calls is common and right: norms written as functions
 (FLA-style `l2norm` on queries and keys) have no module to count.
 
 Writes the records (versions, every row, its seconds) as JSON, and the summary and rows of
 exported models as Markdown beside it; the terminal gets the summary and the rows to look at.
-A full sweep took 87 minutes with 2 jobs on two cores; `--update` sweeps some types again into the
-records (by default every type that got as far as counting its norms).
+The JSON is rewritten as each type finishes, listing the types not yet swept as `unswept`, so a
+stopped sweep keeps its rows and `--update` finishes it (by default it sweeps the unswept types
+and every type that got as far as counting its norms). A full sweep took 87 minutes with 2 jobs
+on two cores.
 """
 from __future__ import annotations
 
@@ -51,6 +56,10 @@ sys.path.insert(0, str(ROOT))
 STAGES = ("config", "model", "forward", "export", "rewrite", "validate")
 RESULT_MARK = "SWEEP-RESULT "
 
+# speech inputs: a waveform of SAMPLES (wav2vec2's convolutions take 400 samples a frame, 320 apart),
+# or a spectrogram of FRAMES (Whisper's encoder wants exactly twice its max_source_positions)
+SAMPLES, FRAMES = 4000, 128
+
 # config fields shrunk wherever a config has them (as integers); lists as long as the layers are cut too
 SMALL = {"hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embed_dim": 64,
          "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "num_decoder_layers": 2,
@@ -62,10 +71,11 @@ SMALL = {"hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embed_dim":
          "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2,
          "top_k": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
          "max_position_embeddings": 256, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-         "kv_lora_rank": 32, "q_lora_rank": 32, "num_kv_shared_layers": 0,
+         "kv_lora_rank": 32, "q_lora_rank": 32, "num_kv_shared_layers": 0, "max_source_positions": FRAMES // 2,
          "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "laurel_rank": 8}
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 TEXT_SHAPES, VISION_SHAPES = "1x16,2x32", "1x16,2x16"
+WAVE_SHAPES, SPECTROGRAM_SHAPES = "1x3200,2x4000", "1x96,2x128"
 
 
 def shrink(config) -> None:
@@ -88,26 +98,42 @@ def shrink(config) -> None:
         shrink(config.text_config)
 
 
-def example_inputs(model, config) -> tuple[dict, str] | str:
-    """(inputs by name, validation shapes) for `model`'s forward, or why none could be made."""
+def example_inputs(model, config) -> list[tuple[dict, str, dict]] | str:
+    """Candidate inputs for `model`'s forward, each (inputs by name, validation shapes, dynamic axes
+    by name), the first whose forward runs to be used; or why none could be made. A spectrogram's
+    layout differs between models (Whisper: mel bins, then frames; Speech2Text: frames, then
+    features), so both are offered."""
     import inspect
 
     import torch
 
     parameters = inspect.signature(model.forward).parameters
     vocabulary = min(int(getattr(config, "vocab_size", None) or 256), 256)
+    dtype = next(model.parameters()).dtype
+    tokens = {"decoder_input_ids": torch.randint(0, vocabulary, (2, 16))} if (
+        getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters) else {}
+    sequence, batch = {0: "batch", 1: "sequence"}, {0: "batch"}
     if "input_ids" in parameters:
-        inputs = {"input_ids": torch.randint(0, vocabulary, (2, 16))}
-        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
-            inputs["decoder_input_ids"] = torch.randint(0, vocabulary, (2, 16))
-        return inputs, TEXT_SHAPES
+        inputs = {"input_ids": torch.randint(0, vocabulary, (2, 16)), **tokens}
+        return [(inputs, TEXT_SHAPES, {name: sequence for name in inputs})]
     if "pixel_values" in parameters:
         size = getattr(config, "image_size", 224)
         size = size if isinstance(size, int) else 224
-        dtype = next(model.parameters()).dtype
-        return {"pixel_values": torch.rand(2, getattr(config, "num_channels", 3), size, size, dtype=dtype)}, VISION_SHAPES
+        return [({"pixel_values": torch.rand(2, getattr(config, "num_channels", 3), size, size, dtype=dtype)},
+                 VISION_SHAPES, {"pixel_values": batch})]
+    if "input_values" in parameters:  # a waveform, with or without a channel axis
+        return [({"input_values": torch.randn(shape, dtype=dtype), **tokens}, WAVE_SHAPES,
+                 {"input_values": {0: "batch", len(shape) - 1: "sequence"}, **{n: sequence for n in tokens}})
+                for shape in ((2, SAMPLES), (2, 1, SAMPLES))]
+    if "input_features" in parameters:
+        fields = ("feature_projection_input_dim", "num_mel_bins", "feature_size", "input_feat_per_channel")
+        bins = next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), 80)
+        return [({"input_features": torch.randn(shape, dtype=dtype), **tokens}, SPECTROGRAM_SHAPES,
+                 {"input_features": {0: "batch", axis: "sequence"}, **{n: sequence for n in tokens}})
+                for shape, axis in (((2, bins, FRAMES), 2), ((2, FRAMES, bins), 1))]
     required = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in ("self", "kwargs")]
-    return f"takes neither input_ids nor pixel_values (needs {', '.join(required) or 'other inputs'})"
+    return ("takes none of input_ids, pixel_values, input_values, input_features "
+            f"(needs {', '.join(required) or 'other inputs'})")
 
 
 def first_output(model, names: list[str]):
@@ -130,14 +156,16 @@ def first_output(model, names: list[str]):
     return FirstOutput().eval()
 
 
-# norms over channels or groups (convolutional models), never over the last axis alone: not counted
-OTHER_NORMS = ("BatchNorm", "GroupNorm", "InstanceNorm", "NoNorm")  # MobileBERT's NoNorm is x * w + b
+# norms over channels or groups (convolutional models), never over the last axis alone, and the
+# weight reparametrisations torch calls as modules: not counted
+OTHER_NORMS = ("BatchNorm", "GroupNorm", "InstanceNorm", "NoNorm",  # MobileBERT's NoNorm is x * w + b
+               "WeightNorm", "SpectralNorm")
 
 
 def is_norm_module(module) -> bool:
     """A LayerNorm or RMSNorm kind of module: a class named "...Norm..." with no modules inside (a
-    block named after its model, as RoBERTa-PreLayerNorm's are, holds some), and no batch, group or
-    instance norm."""
+    block named after its model, as RoBERTa-PreLayerNorm's are, holds some), and none of
+    OTHER_NORMS (wav2vec2's convolution calls its weight's `_WeightNorm` on every forward)."""
     import torch
 
     name = type(module).__name__
@@ -146,30 +174,75 @@ def is_norm_module(module) -> bool:
                                         torch.nn.modules.instancenorm._InstanceNorm)))
 
 
-def count_norm_calls(model, run) -> dict[str, int]:
-    """Calls of each norm module's class (`is_norm_module`) during `run()`."""
+def count_norm_calls(model, run) -> tuple[dict[str, int], int | None]:
+    """Calls of each norm module's class (`is_norm_module`) during `run()` (run with gradients on),
+    and how many of those calls `run()`'s result depends on (`calls_reaching`)."""
+    import torch
+
     calls: dict[str, int] = {}
+    outputs: list = []
 
     def count(module, inputs, output):
         calls[type(module).__name__] = calls.get(type(module).__name__, 0) + 1
+        outputs.append(output)
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if is_norm_module(m)]
     try:
-        run()
+        with torch.enable_grad():
+            result = run()
     finally:
         for hook in hooks:
             hook.remove()
-    return calls
+    return calls, calls_reaching(result, outputs)
 
 
-def export(wrapped, inputs: dict, path: Path) -> str:
-    """Export `wrapped` (`first_output`) with batch and sequence dynamic, or static shapes where
-    torch cannot; says which."""
+def calls_reaching(result, outputs: list) -> int | None:
+    """How many of the norm calls' `outputs` `result` depends on, told by autograd: an output no
+    gradient reaches was left behind (a pooler's norm, one on tokens the last layer drops) and the
+    exporter drops it too. An output autograd does not track is counted as reached; None where
+    the result itself has no gradient to follow."""
+    import torch
+
+    if not (isinstance(result, torch.Tensor) and result.is_floating_point() and result.requires_grad):
+        return None
+    tracked = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
+    try:
+        grads = torch.autograd.grad(result.float().sum(), tracked, allow_unused=True) if tracked else ()
+    except RuntimeError:  # an op with no backward for this dtype on the CPU
+        return None
+    return len(outputs) - len(tracked) + sum(g is not None for g in grads)
+
+
+def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, int | None]:
+    """The first of `example_inputs`' candidates whose forward runs: (inputs, validation shapes,
+    dynamic axes, norm calls by class, calls reaching the output). A forward that fails with
+    gradients on (an in-place update of a tensor that needs one) is run again without, and the
+    calls reaching the output are then not known. Raises the last candidate's error if none runs."""
+    import torch
+
+    errors = []
+    for inputs, shapes, axes in candidates:
+        wrapped = first_output(model, list(inputs))
+        run = functools.partial(wrapped, *inputs.values())
+        try:
+            return (inputs, shapes, axes, *count_norm_calls(model, run))
+        except Exception as exc:
+            errors.append(exc)
+        try:
+            with torch.no_grad():
+                return (inputs, shapes, axes, count_norm_calls(model, run)[0], None)
+        except Exception:
+            pass
+    raise errors[-1]
+
+
+def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
+    """Export `wrapped` (`first_output`) with the dynamic `axes` of each input (batch and sequence),
+    or static shapes where torch cannot; says which."""
     import torch
 
     args = tuple(inputs.values())
-    # one entry for the wrapper's *values: a shape spec per input
-    dynamic = (tuple({0: "batch", 1: "sequence"} if n != "pixel_values" else {0: "batch"} for n in inputs),)
+    dynamic = (tuple(axes[name] for name in inputs),)  # one entry for the wrapper's *values: a spec per input
     with torch.no_grad():
         try:
             torch.onnx.export(wrapped, args, str(path), dynamo=True, input_names=list(inputs), output_names=["output"],
@@ -202,18 +275,18 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
             model = AutoModel.from_config(config)
         model = model.to(getattr(torch, dtype)).eval()
         record["stage"] = "forward"
-        made = example_inputs(model, config)
-        if isinstance(made, str):
-            raise LookupError(made)
-        inputs, shapes = made
-        wrapped = first_output(model, list(inputs))
-        with torch.no_grad():
-            calls = count_norm_calls(model, functools.partial(wrapped, *inputs.values()))
+        candidates = example_inputs(model, config)
+        if isinstance(candidates, str):
+            raise LookupError(candidates)
+        inputs, shapes, axes, calls, reaching = first_forward(model, candidates)
+        record["inputs"] = {name: list(value.shape) for name, value in inputs.items()}
         record["norm_calls"], record["norm_modules"] = sum(calls.values()), calls
+        record["norm_calls_reaching_output"] = reaching
         record["stage"] = "export"
         exported = work / "model.onnx"
+        wrapped = first_output(model, list(inputs))
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            record["shapes"] = export(wrapped, inputs, exported)
+            record["shapes"] = export(wrapped, inputs, axes, exported)
         del model, wrapped
         record["stage"] = "rewrite"
         from export.rewrite import rewrite_file
@@ -245,15 +318,16 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
 
 
 def verdict(record: dict) -> str:
-    """ok, check (fewer fused than called, none refused), failed (validation), timeout, crashed, or
-    the stage it stopped at."""
+    """ok, check (fewer fused than norm calls reaching the output, or than calls where that is not
+    known; none refused), failed (validation), timeout, crashed, or the stage it stopped at."""
     if record["stage"] in ("timeout", "crashed"):
         return record["stage"]
     if record["stage"] != "done":
         return f"stopped at {record['stage']}"
     if not record["validated"]:
         return "failed"
-    if record["fused_norms"] < record["norm_calls"] and not record["rejected"]:
+    expected = record.get("norm_calls_reaching_output")
+    if record["fused_norms"] < (record["norm_calls"] if expected is None else expected) and not record["rejected"]:
         return "check"
     return "ok"
 
@@ -283,35 +357,58 @@ def versions() -> dict:
             "onnxscript": version("onnxscript")}
 
 
-def markdown(records: list[dict], dtype: str) -> str:
+def calls_cell(record: dict) -> str:
+    """Norm calls, and in brackets how many reach the output where fewer do ("16 (15)")."""
+    reaching = record.get("norm_calls_reaching_output")
+    return f"{record['norm_calls']}" + (f" ({reaching})" if reaching is not None and reaching != record["norm_calls"] else "")
+
+
+def markdown(records: list[dict], dtype: str, unswept: list[str]) -> str:
     counts: dict[str, int] = {}
     for record in records:
         counts[verdict(record)] = counts.get(verdict(record), 0) + 1
     done = [r for r in records if r["stage"] == "done"]
-    lines = [f"# transformers model types, {dtype}: {len(records)} swept, {len(done)} exported and rewritten", "",
-             "| verdict | types |", "| --- | --- |"]
+    reaching = sum(r["norm_calls"] if r.get("norm_calls_reaching_output") is None else r["norm_calls_reaching_output"]
+                   for r in done)
+    lines = [f"# transformers model types, {dtype}: {len(records)} swept, {len(done)} exported and rewritten", ""]
+    if unswept:
+        lines += [f"**Unfinished: {len(unswept)} types to sweep** (`--update` sweeps them).", ""]
+    lines += ["| verdict | types |", "| --- | --- |"]
     lines += [f"| {name} | {n} |" for name, n in sorted(counts.items())]
-    lines += ["", f"{sum(r['norm_calls'] for r in done)} norm module calls; {sum(r['fused_norms'] for r in done)} "
-                  "norms fused (tensorrt target)", "",
-              "| type | export | norm calls | fused (tensorrt) | fused (onnxruntime) | nodes | validation max abs | verdict |",
+    lines += ["", f"{sum(r['norm_calls'] for r in done)} norm module calls, {reaching} of them reaching the output; "
+                  f"{sum(r['fused_norms'] for r in done)} norms fused (tensorrt target)", "",
+              "| type | export | norm calls (reaching output) | fused (tensorrt) | fused (onnxruntime) | nodes | "
+              "validation max abs | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in done:
         ort = ", ".join(f"{n} {k}" for k, n in sorted(r["fused"]["onnxruntime"].items())) or "none"
-        lines.append(f"| {r['type']} | {r['shapes']} | {r['norm_calls']} | {r['fused_norms']} | {ort} | "
+        lines.append(f"| {r['type']} | {r['shapes']} | {calls_cell(r)} | {r['fused_norms']} | {ort} | "
                      f"{r['nodes'][0]} -> {r['nodes'][1]} | {r['max_abs']:.2g} | {verdict(r)} |")
     return "\n".join(lines) + "\n"
 
 
+def write_records(path: Path, dtype: str, records: dict[str, dict], unswept: list[str]) -> str:
+    """The records as JSON at `path` and their Markdown summary beside it, each replaced whole; the
+    summary."""
+    from export.files import write_json, write_text
+
+    ordered = sorted(records.values(), key=lambda r: r["type"])
+    summary = markdown(ordered, dtype, unswept)
+    write_json(path, {"versions": versions(), "dtype": dtype, "unswept": unswept, "records": ordered})
+    write_text(path.with_suffix(".md"), summary)
+    return summary
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--types", help="comma-separated model types (default: every base model type)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="types at once")
     parser.add_argument("--timeout", type=float, default=300, help="seconds a type may take (default 300)")
     parser.add_argument("--json", help="write the records here, and a Markdown summary beside it (.md)")
     parser.add_argument("--update", action="store_true",
-                        help="sweep again, into the --json file's records, the --types given, or else every type "
-                             "there whose norm calls were counted; the other records stay")
+                        help="sweep again, into the --json file's records, the --types given, or else its unswept "
+                             "types and every type there whose norm calls were counted; the other records stay")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: one type, its record on stdout
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -325,38 +422,38 @@ def main(argv=None) -> int:
     from rich.progress import Progress
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    from export.files import write_json, write_text
-
     known = sorted(MODEL_MAPPING_NAMES)
     previous: dict[str, dict] = {}
+    left: list[str] = []
     if args.update:
         if not args.json or not Path(args.json).is_file():
             print(f"transformers_sweep: error: --update needs an existing --json file ({args.json} is none)", file=sys.stderr)
             return 2
-        previous = {r["type"]: r for r in json.loads(Path(args.json).read_text())["records"]}
+        payload = json.loads(Path(args.json).read_text())
+        previous, left = {r["type"]: r for r in payload["records"]}, payload.get("unswept", [])
     types = ([t.strip() for t in args.types.split(",")] if args.types
-             else [t for t, r in previous.items() if "norm_calls" in r] if args.update else known)
+             else left + [t for t, r in previous.items() if "norm_calls" in r] if args.update else known)
     unknown = [t for t in types if t not in known]
     if unknown:
         print(f"transformers_sweep: error: not a base model type of transformers: {', '.join(unknown)}", file=sys.stderr)
         return 2
     console = Console(highlight=False)
-    records: list[dict] = []
+    records = dict(previous)
+    unswept = list(dict.fromkeys(left + types))
     with Progress(console=console) as progress, ThreadPoolExecutor(args.jobs) as pool:
         task = progress.add_task(f"{len(types)} model types ({args.dtype})", total=len(types))
         for record in pool.map(lambda t: run_one(t, args.dtype, args.timeout), types):
-            records.append(record)
+            records[record["type"]] = record
+            unswept.remove(record["type"])
             progress.advance(task)
+            if args.json:  # as each type finishes, so a stopped sweep keeps what it did
+                write_records(Path(args.json), args.dtype, records, unswept)
             if verdict(record) not in ("ok",) and record["stage"] == "done":
-                progress.console.print(f"{record['type']}: {verdict(record)} ({record['norm_calls']} norm calls, "
+                progress.console.print(f"{record['type']}: {verdict(record)} ({calls_cell(record)} norm calls, "
                                        f"{record['fused_norms']} fused)")
-    records = sorted({**previous, **{r["type"]: r for r in records}}.values(), key=lambda r: r["type"])
-    summary = markdown(records, args.dtype)
+    summary = markdown(sorted(records.values(), key=lambda r: r["type"]), args.dtype, unswept)
     console.print(summary.split("\n\n| type")[0])
-    if args.json:
-        write_json(args.json, {"versions": versions(), "dtype": args.dtype, "records": records})
-        write_text(Path(args.json).with_suffix(".md"), summary)
-    return 1 if any(verdict(r) == "failed" for r in records) else 0
+    return 1 if any(verdict(r) == "failed" for r in records.values()) else 0
 
 
 if __name__ == "__main__":

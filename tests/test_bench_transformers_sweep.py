@@ -18,27 +18,33 @@ def sweep(bench_script):
     return bench_script("transformers_sweep")
 
 
-def test_two_model_types_are_swept_to_the_end(tmp_path):
-    """LLaMA (RMSNorm) and BERT (LayerNorm): every norm module's call fused for TensorRT, the
-    onnxruntime form validated at two dynamic shapes; records and Markdown written. BERT's first
-    LayerNorm, over a sum that broadcasts its position embeddings, has no residual to fuse, and as a
-    plain LayerNormalization it is already ONNX Runtime's own op."""
+def test_three_model_types_are_swept_to_the_end(tmp_path):
+    """LLaMA (RMSNorm), BERT (LayerNorm) and wav2vec2 (LayerNorm, fed a waveform): every norm
+    module's call fused for TensorRT, the onnxruntime form validated at two dynamic shapes; records
+    and Markdown written. BERT's first LayerNorm, over a sum that broadcasts its position
+    embeddings, has no residual to fuse, and as a plain LayerNormalization it is already ONNX
+    Runtime's own op; so is wav2vec2's feature projection's. wav2vec2's convolution calls its
+    weight norm as a module: not counted."""
     out = tmp_path / "sweep.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--types", "llama,bert", "--jobs", "2", "--json", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--types", "llama,bert,wav2vec2", "--jobs", "2", "--json",
+                           str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     payload = json.loads(out.read_text())
-    assert payload["versions"]["transformers"] and payload["dtype"] == "float32"
+    assert payload["versions"]["transformers"] and payload["dtype"] == "float32" and payload["unswept"] == []
     records = {r["type"]: r for r in payload["records"]}
-    for name, kinds in (("llama", {"AddRMSNorm": 4, "RMSNorm": 1}), ("bert", {"AddLayerNorm": 4})):
+    for name, calls, kinds in (("llama", 5, {"AddRMSNorm": 4, "RMSNorm": 1}), ("bert", 5, {"AddLayerNorm": 4}),
+                               ("wav2vec2", 6, {"AddLayerNorm": 5})):
         record = records[name]
         assert record["stage"] == "done", record.get("error")
         assert record["shapes"] == "dynamic"
-        assert record["norm_calls"] == record["fused_norms"] == 5
+        assert record["norm_calls"] == record["norm_calls_reaching_output"] == record["fused_norms"] == calls
         assert record["fused"]["onnxruntime"] == kinds
         assert record["validated"] and record["max_abs"] < 1e-4
+    assert records["wav2vec2"]["inputs"] == {"input_values": [2, 4000]}
+    assert records["wav2vec2"]["norm_modules"] == {"LayerNorm": 6}
     table = out.with_suffix(".md").read_text()
-    assert "| ok | 2 |" in table and "| llama | dynamic | 5 | 5 | 4 AddRMSNorm, 1 RMSNorm |" in table
+    assert "| ok | 3 |" in table and "| llama | dynamic | 5 | 5 | 4 AddRMSNorm, 1 RMSNorm |" in table
+    assert "Unfinished" not in table
 
 
 def test_an_unknown_type_is_a_one_line_error():
@@ -51,8 +57,57 @@ def test_an_unknown_type_is_a_one_line_error():
 
 def test_a_stage_that_fails_is_the_rows_reason(sweep, tmp_path):
     """A model whose forward needs inputs the sweep does not make stops there, saying which."""
-    record = sweep.sweep_one("wav2vec2", "float32", tmp_path)
-    assert record["stage"] == "forward" and "needs input_values" in record["error"], record
+    record = sweep.sweep_one("patchtst", "float32", tmp_path)
+    assert record["stage"] == "forward" and "needs past_values" in record["error"], record
+
+
+def test_norm_calls_the_output_does_not_depend_on_are_told_apart(sweep):
+    """A pooler's norm, or one on tokens the last layer drops, is called but left out of the export:
+    autograd tells which calls the output depends on."""
+    import torch
+
+    class PooledTwice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.dropped, self.pooler_norm = (torch.nn.LayerNorm(8), torch.nn.RMSNorm(8),
+                                                         torch.nn.LayerNorm(8))
+
+        def forward(self, x):
+            hidden = self.norm(self.norm(x) + x)
+            self.pooler_norm(hidden.mean(1))  # computed, not returned
+            return hidden + 0 * self.dropped(x).detach()  # no gradient through it either
+
+    model = PooledTwice()
+    calls, reaching = sweep.count_norm_calls(model, lambda: model(torch.randn(2, 4, 8)))
+    assert calls == {"LayerNorm": 3, "RMSNorm": 1} and reaching == 2
+    # no gradient to follow: not known
+    assert sweep.count_norm_calls(model, lambda: model(torch.randn(2, 4, 8)).argmax(-1))[1] is None
+
+
+def test_the_first_spectrogram_layout_that_runs_is_used(sweep):
+    """Whisper takes mel bins then frames, Speech2Text frames then features: both are offered, and
+    the one the forward accepts is used."""
+    import types
+
+    import torch
+
+    class FramesFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.project, self.norm = torch.nn.Linear(24, 8), torch.nn.LayerNorm(8)
+
+        def forward(self, input_features):
+            return types.SimpleNamespace(last_hidden_state=self.norm(self.project(input_features)))
+
+    model = FramesFirst()
+    candidates = sweep.example_inputs(model, types.SimpleNamespace(num_mel_bins=24))
+    assert [list(c[0]["input_features"].shape) for c in candidates] == [[2, 24, sweep.FRAMES], [2, sweep.FRAMES, 24]]
+    inputs, shapes, axes, calls, reaching = sweep.first_forward(model, candidates)
+    assert list(inputs["input_features"].shape) == [2, sweep.FRAMES, 24]
+    assert axes == {"input_features": {0: "batch", 1: "sequence"}}
+    assert calls == {"LayerNorm": 1} and reaching == 1 and shapes == sweep.SPECTROGRAM_SHAPES
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # the last layout's error
+        sweep.first_forward(model, candidates[:1])
 
 
 def test_verdicts(sweep):
@@ -61,6 +116,10 @@ def test_verdicts(sweep):
     assert sweep.verdict({**done, "fused_norms": 4}) == "check"  # a norm unaccounted for
     assert sweep.verdict({**done, "fused_norms": 4, "rejected": ["not over the last axis"]}) == "ok"
     assert sweep.verdict({**done, "fused_norms": 9}) == "ok"  # functional norms have no module to count
+    # a pooler's norm is called, but the exported output does not depend on it
+    assert sweep.verdict({**done, "fused_norms": 4, "norm_calls_reaching_output": 4}) == "ok"
+    assert sweep.verdict({**done, "fused_norms": 3, "norm_calls_reaching_output": 4}) == "check"
+    assert sweep.verdict({**done, "fused_norms": 4, "norm_calls_reaching_output": None}) == "check"
     assert sweep.verdict({**done, "validated": False}) == "failed"
     assert sweep.verdict({"stage": "export"}) == "stopped at export"
     assert sweep.verdict({"stage": "timeout"}) == "timeout"
@@ -88,10 +147,26 @@ def test_only_layer_and_rms_kinds_of_norm_are_counted(sweep):
             super().__init__()
             self.dense = torch.nn.Linear(8, 8)
 
+    weight_normed = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(8, 8, 3))
     counted = [torch.nn.LayerNorm(8), torch.nn.RMSNorm(8), LlamaLikeRMSNorm()]
     not_counted = [torch.nn.BatchNorm2d(8), torch.nn.GroupNorm(2, 8), torch.nn.InstanceNorm1d(8),
-                   RobertaPreLayerNormOutput(), torch.nn.Linear(8, 8)]
-    assert [sweep.is_norm_module(m) for m in counted + not_counted] == [True] * 3 + [False] * 5
+                   RobertaPreLayerNormOutput(), torch.nn.Linear(8, 8), weight_normed.parametrizations.weight[0]]
+    assert [sweep.is_norm_module(m) for m in counted + not_counted] == [True] * 3 + [False] * 6
+
+
+def test_an_unfinished_sweep_says_so_and_update_finishes_it(sweep, tmp_path):
+    """A sweep writes its records as each type finishes, listing the rest as unswept; `--update`
+    sweeps those."""
+    out = tmp_path / "sweep.json"
+    kept = {"type": "zamba", "dtype": "float32", "stage": "model", "error": "kept"}
+    out.write_text(json.dumps({"versions": {}, "dtype": "float32", "unswept": ["bert"], "records": [kept]}))
+    assert "**Unfinished: 1 types to sweep**" in sweep.markdown([kept], "float32", ["bert"])
+    done = subprocess.run([sys.executable, str(SCRIPT), "--update", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert payload["unswept"] == [] and [(r["type"], r["stage"]) for r in payload["records"]] == [
+        ("bert", "done"), ("zamba", "model")]
 
 
 def test_update_sweeps_the_types_given_into_the_records(tmp_path):
