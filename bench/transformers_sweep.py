@@ -7,9 +7,9 @@ rewritten and validated, one type a process.
 For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by default):
 1. config: its default config, shrunk (hidden 64, 2 layers, 4 heads, vocabulary 256, 4 experts, ...);
 2. model: built from it with random weights (nothing is downloaded), in `--dtype`;
-3. forward: one pass on random ids (`pixel_values` for a vision model, `input_values` (a waveform)
-   or `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
-   encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
+3. forward: one pass on random ids (`pixel_values` for a vision model, both for a text and image
+   dual encoder, `input_values` (a waveform) or `input_features` (a spectrogram) for a speech
+   model; `decoder_input_ids` too for an encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
    named "...Norm..." with no modules inside; batch, group and instance norms, which normalise over
    channels, and weight norms not counted), and how many of those calls the exported output depends on (autograd
    tells: a pooler's norm, or one on tokens the last layer drops, is left out of the export);
@@ -72,6 +72,7 @@ SMALL = {"hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embed_dim":
          "top_k": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
          "max_position_embeddings": 256, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
          "kv_lora_rank": 32, "q_lora_rank": 32, "num_kv_shared_layers": 0, "max_source_positions": FRAMES // 2,
+         "rotary_dim": 8,
          "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "laurel_rank": 8}
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 TEXT_SHAPES, VISION_SHAPES = "1x16,2x32", "1x16,2x16"
@@ -113,14 +114,18 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict]] | str:
     tokens = {"decoder_input_ids": torch.randint(0, vocabulary, (2, 16))} if (
         getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters) else {}
     sequence, batch = {0: "batch", 1: "sequence"}, {0: "batch"}
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", 224)
+    pixels = {"pixel_values": torch.rand(2, getattr(vision, "num_channels", 3), *(
+        (size, size) if isinstance(size, int) else (224, 224)), dtype=dtype)}
     if "input_ids" in parameters:
         inputs = {"input_ids": torch.randint(0, vocabulary, (2, 16)), **tokens}
-        return [(inputs, TEXT_SHAPES, {name: sequence for name in inputs})]
+        text = [(inputs, TEXT_SHAPES, {name: sequence for name in inputs})]
+        # a text and image dual encoder (CLIP, SigLIP) wants both
+        return text + ([({**inputs, **pixels}, TEXT_SHAPES, {**text[0][2], "pixel_values": batch})]
+                       if "pixel_values" in parameters else [])
     if "pixel_values" in parameters:
-        size = getattr(config, "image_size", 224)
-        size = size if isinstance(size, int) else 224
-        return [({"pixel_values": torch.rand(2, getattr(config, "num_channels", 3), size, size, dtype=dtype)},
-                 VISION_SHAPES, {"pixel_values": batch})]
+        return [(pixels, VISION_SHAPES, {"pixel_values": batch})]
     if "input_values" in parameters:  # a waveform, with or without a channel axis
         return [({"input_values": torch.randn(shape, dtype=dtype), **tokens}, WAVE_SHAPES,
                  {"input_values": {0: "batch", len(shape) - 1: "sequence"}, **{n: sequence for n in tokens}})

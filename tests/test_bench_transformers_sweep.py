@@ -110,6 +110,26 @@ def test_the_first_spectrogram_layout_that_runs_is_used(sweep):
         sweep.first_forward(model, candidates[:1])
 
 
+def test_a_dual_encoder_is_given_ids_and_pixels(sweep):
+    """CLIP and SigLIP take input_ids and pixel_values, and need both: offered after ids alone."""
+    import types
+
+    import torch
+
+    class TextAndImage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm = torch.nn.Embedding(256, 8), torch.nn.LayerNorm(8)
+
+        def forward(self, input_ids=None, pixel_values=None):
+            return (self.norm(self.embed(input_ids)) * pixel_values.mean(),)
+
+    config = types.SimpleNamespace(vocab_size=256, vision_config=types.SimpleNamespace(image_size=32, num_channels=3))
+    inputs, shapes, axes, calls, reaching = sweep.first_forward(TextAndImage(), sweep.example_inputs(TextAndImage(), config))
+    assert {name: list(v.shape) for name, v in inputs.items()} == {"input_ids": [2, 16], "pixel_values": [2, 3, 32, 32]}
+    assert axes == {"input_ids": {0: "batch", 1: "sequence"}, "pixel_values": {0: "batch"}} and reaching == 1
+
+
 def test_verdicts(sweep):
     done = {"stage": "done", "validated": True, "norm_calls": 5, "fused_norms": 5, "rejected": []}
     assert sweep.verdict(done) == "ok"
