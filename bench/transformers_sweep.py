@@ -93,6 +93,14 @@ def shrink(config) -> None:
     for key in TOKEN_FIELDS:  # special tokens inside the smaller vocabulary
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= SMALL["vocab_size"]:
             setattr(config, key, 0)
+    if isinstance(getattr(config, "qk_rope_head_dim", None), int):  # MLA: the rotary part is the head_dim rope sees
+        for key, value in (("head_dim", config.qk_rope_head_dim),
+                           ("qk_head_dim", getattr(config, "qk_nope_head_dim", 0) + config.qk_rope_head_dim)):
+            if isinstance(getattr(config, key, None), int):
+                try:
+                    setattr(config, key, value)
+                except AttributeError:  # a property derived from the others
+                    pass
     if isinstance(getattr(config, "activation_sparsity_pattern", None), list):
         config.activation_sparsity_pattern = [0.0] * len(config.activation_sparsity_pattern)  # erfinv: no ONNX op
     if getattr(config, "text_config", None) is not None:

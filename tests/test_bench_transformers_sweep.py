@@ -152,6 +152,9 @@ def test_per_layer_lists_are_cut_with_the_layers(sweep):
     sweep.shrink(config)
     assert config.num_hidden_layers == 2 and len(config.layer_types) == 2 and config.hidden_size == 64
     assert config.pad_token_id < config.vocab_size == 256
+    mla = AutoConfig.for_model("minicpm3")  # multi-head latent attention: rope sees the rotary part only
+    sweep.shrink(mla)
+    assert mla.head_dim == mla.qk_rope_head_dim == 8 and mla.qk_head_dim == 16
 
 
 def test_only_layer_and_rms_kinds_of_norm_are_counted(sweep):
