@@ -7,12 +7,13 @@ rewritten and validated, one type a process.
 For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by default):
 1. config: its default config, shrunk (hidden 64, 2 layers, 4 heads, vocabulary 256, 4 experts, ...);
 2. model: built from it with random weights (nothing is downloaded), in `--dtype`;
-3. forward: one pass on random ids (`pixel_values` for a vision model, both for a text and image
-   dual encoder, `input_values` (a waveform) or `input_features` (a spectrogram) for a speech
-   model; `decoder_input_ids` too for an encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
-   named "...Norm..." with no modules inside; batch, group and instance norms, which normalise over
-   channels, and weight norms not counted), and how many of those calls the exported output depends on (autograd
-   tells: a pooler's norm, or one on tokens the last layer drops, is left out of the export);
+3. forward: one pass on random ids (`pixel_values` for a vision model, images or else frames of
+   video; both ids and pixels for a text and image dual encoder; `input_values` (a waveform) or
+   `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
+   encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
+   named "...Norm..." with no modules inside; batch, group, instance and weight norms not counted),
+   and how many of those calls the exported output depends on (autograd tells: a pooler's norm,
+   or one on tokens the last layer drops, is left out of the export);
 4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails;
 5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
 6. validate: the `onnxruntime` form against the export on ONNX Runtime's CPU provider
@@ -23,8 +24,9 @@ its row. A row reaches the stage where it stopped, with the one-line reason. `ch
 whose `tensorrt` form has fewer fused norms than norm calls the output depends on, with none
 refused: the exporter may have merged two norms of one input (equal random weights), or the norm
 may be a kind the rewriter does not know; look at it. (A norm the output depends on only through
-indices, as a top-k selection's, has no gradient and is not counted: it can hide a miss.) More fusions than calls is common and right: norms written as functions
-(FLA-style `l2norm` on queries and keys) have no module to count.
+indices, as a top-k selection's, has no gradient and is not counted: it can hide a miss.) More
+fusions than calls is common and right: norms written as functions (FLA-style `l2norm` on
+queries and keys) have no module to count.
 
 Writes the records (versions, every row, its seconds) as JSON, and the summary and rows of
 exported models as Markdown beside it; the terminal gets the summary and the rows to look at.
@@ -74,6 +76,9 @@ SMALL = {"hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embed_dim":
          "kv_lora_rank": 32, "q_lora_rank": 32, "num_kv_shared_layers": 0, "max_source_positions": FRAMES // 2,
          "rotary_dim": 8,
          "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "laurel_rank": 8}
+# (heads, head size, expansion) of state-space layers, by the names each family gives them
+MAMBA_HEADS = (("num_heads", "head_dim", "expand"), ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
+               ("n_mamba_heads", "mamba_headdim", "mamba_expand"), ("mamba_num_heads", "mamba_head_dim", "expand"))
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 TEXT_SHAPES, VISION_SHAPES = "1x16,2x32", "1x16,2x16"
 WAVE_SHAPES, SPECTROGRAM_SHAPES = "1x3200,2x4000", "1x96,2x128"
@@ -101,6 +106,13 @@ def shrink(config) -> None:
                     setattr(config, key, value)
                 except AttributeError:  # a property derived from the others
                     pass
+    for heads, size, expand in MAMBA_HEADS:  # SSM heads tile the expanded hidden size: keep them doing so
+        values = [getattr(config, key, None) for key in (heads, size, expand, "hidden_size")]
+        if all(isinstance(v, int) for v in values):
+            inner = getattr(config, "mamba_d_ssm", None) or values[2] * values[3]
+            if values[0] * values[1] != inner:
+                setattr(config, size, 16)
+                setattr(config, heads, inner // 16)
     if isinstance(getattr(config, "activation_sparsity_pattern", None), list):
         config.activation_sparsity_pattern = [0.0] * len(config.activation_sparsity_pattern)  # erfinv: no ONNX op
     if getattr(config, "text_config", None) is not None:
@@ -124,8 +136,11 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict]] | str:
     sequence, batch = {0: "batch", 1: "sequence"}, {0: "batch"}
     vision = getattr(config, "vision_config", None) or config
     size = getattr(vision, "image_size", 224)
-    pixels = {"pixel_values": torch.rand(2, getattr(vision, "num_channels", 3), *(
-        (size, size) if isinstance(size, int) else (224, 224)), dtype=dtype)}
+    height_width = (size, size) if isinstance(size, int) else tuple(size) if len(size or ()) == 2 else (224, 224)
+    pixels = {"pixel_values": torch.rand(2, getattr(vision, "num_channels", 3), *height_width, dtype=dtype)}
+    # a video model (VideoMAE, ViViT) takes frames as a second axis
+    video = {"pixel_values": torch.rand(2, getattr(vision, "num_frames", 8), *pixels["pixel_values"].shape[1:],
+                                        dtype=dtype)}
     if "input_ids" in parameters:
         inputs = {"input_ids": torch.randint(0, vocabulary, (2, 16)), **tokens}
         text = [(inputs, TEXT_SHAPES, {name: sequence for name in inputs})]
@@ -133,7 +148,7 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict]] | str:
         return text + ([({**inputs, **pixels}, TEXT_SHAPES, {**text[0][2], "pixel_values": batch})]
                        if "pixel_values" in parameters else [])
     if "pixel_values" in parameters:
-        return [(pixels, VISION_SHAPES, {"pixel_values": batch})]
+        return [(pixels, VISION_SHAPES, {"pixel_values": batch}), (video, VISION_SHAPES, {"pixel_values": batch})]
     if "input_values" in parameters:  # a waveform, with or without a channel axis
         return [({"input_values": torch.randn(shape, dtype=dtype), **tokens}, WAVE_SHAPES,
                  {"input_values": {0: "batch", len(shape) - 1: "sequence"}, **{n: sequence for n in tokens}})
@@ -213,14 +228,16 @@ def calls_reaching(result, outputs: list) -> int | None:
     """How many of the norm calls' `outputs` `result` depends on, told by autograd: an output no
     gradient reaches was left behind (a pooler's norm, one on tokens the last layer drops) and the
     exporter drops it too. An output autograd does not track is counted as reached; None where
-    the result itself has no gradient to follow."""
+    the result (a tensor, or a tuple of them) has no gradient to follow."""
     import torch
 
-    if not (isinstance(result, torch.Tensor) and result.is_floating_point() and result.requires_grad):
+    results = [t for t in (result if isinstance(result, (tuple, list)) else [result])  # MGP-STR returns three
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+    if not results:
         return None
     tracked = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
     try:
-        grads = torch.autograd.grad(result.float().sum(), tracked, allow_unused=True) if tracked else ()
+        grads = torch.autograd.grad(sum(t.float().sum() for t in results), tracked, allow_unused=True) if tracked else ()
     except RuntimeError:  # an op with no backward for this dtype on the CPU
         return None
     return len(outputs) - len(tracked) + sum(g is not None for g in grads)

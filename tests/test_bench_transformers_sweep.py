@@ -80,6 +80,10 @@ def test_norm_calls_the_output_does_not_depend_on_are_told_apart(sweep):
     model = PooledTwice()
     calls, reaching = sweep.count_norm_calls(model, lambda: model(torch.randn(2, 4, 8)))
     assert calls == {"LayerNorm": 3, "RMSNorm": 1} and reaching == 2
+    # a tuple of outputs (MGP-STR's three heads): the calls any of them depends on
+    calls, reaching = sweep.count_norm_calls(model, lambda: (model(torch.randn(2, 4, 8)), model.pooler_norm(
+        torch.randn(2, 8))))
+    assert calls == {"LayerNorm": 4, "RMSNorm": 1} and reaching == 3
     # no gradient to follow: not known
     assert sweep.count_norm_calls(model, lambda: model(torch.randn(2, 4, 8)).argmax(-1))[1] is None
 
@@ -130,6 +134,26 @@ def test_a_dual_encoder_is_given_ids_and_pixels(sweep):
     assert axes == {"input_ids": {0: "batch", 1: "sequence"}, "pixel_values": {0: "batch"}} and reaching == 1
 
 
+def test_a_video_model_is_given_frames(sweep):
+    """VideoMAE and ViViT take (batch, frames, channels, height, width): offered after images."""
+    import types
+
+    import torch
+
+    class Frames(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(16)
+
+        def forward(self, pixel_values=None):
+            batch, frames, channels, height, width = pixel_values.shape
+            return (self.norm(pixel_values.reshape(batch, frames * channels * height, width)),)
+
+    config = types.SimpleNamespace(image_size=16, num_channels=3, num_frames=4)
+    inputs = sweep.first_forward(Frames(), sweep.example_inputs(Frames(), config))[0]
+    assert list(inputs["pixel_values"].shape) == [2, 4, 3, 16, 16]
+
+
 def test_verdicts(sweep):
     done = {"stage": "done", "validated": True, "norm_calls": 5, "fused_norms": 5, "rejected": []}
     assert sweep.verdict(done) == "ok"
@@ -143,6 +167,19 @@ def test_verdicts(sweep):
     assert sweep.verdict({**done, "validated": False}) == "failed"
     assert sweep.verdict({"stage": "export"}) == "stopped at export"
     assert sweep.verdict({"stage": "timeout"}) == "timeout"
+
+
+def test_state_space_heads_still_tile_the_expanded_hidden_size(sweep):
+    """Mamba2's heads and their size are shrunk to fit expand x hidden; Falcon-H1's, which already
+    fit its own SSM width, are left alone."""
+    from transformers import AutoConfig
+
+    mamba2, falcon = AutoConfig.for_model("mamba2"), AutoConfig.for_model("falcon_h1")
+    falcon_heads = (falcon.mamba_n_heads, falcon.mamba_d_head)
+    for config in (mamba2, falcon):
+        sweep.shrink(config)
+    assert mamba2.num_heads * mamba2.head_dim == mamba2.expand * mamba2.hidden_size == 128
+    assert (falcon.mamba_n_heads, falcon.mamba_d_head) == falcon_heads
 
 
 def test_per_layer_lists_are_cut_with_the_layers(sweep):
