@@ -137,18 +137,19 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict]] | str:
     vision = getattr(config, "vision_config", None) or config
     size = getattr(vision, "image_size", 224)
     height_width = (size, size) if isinstance(size, int) else tuple(size) if len(size or ()) == 2 else (224, 224)
-    pixels = {"pixel_values": torch.rand(2, getattr(vision, "num_channels", 3), *height_width, dtype=dtype)}
-    # a video model (VideoMAE, ViViT) takes frames as a second axis
-    video = {"pixel_values": torch.rand(2, getattr(vision, "num_frames", 8), *pixels["pixel_values"].shape[1:],
-                                        dtype=dtype)}
+    image = (2, getattr(vision, "num_channels", 3), *height_width)
     if "input_ids" in parameters:
         inputs = {"input_ids": torch.randint(0, vocabulary, (2, 16)), **tokens}
         text = [(inputs, TEXT_SHAPES, {name: sequence for name in inputs})]
+        if "pixel_values" not in parameters:
+            return text
         # a text and image dual encoder (CLIP, SigLIP) wants both
-        return text + ([({**inputs, **pixels}, TEXT_SHAPES, {**text[0][2], "pixel_values": batch})]
-                       if "pixel_values" in parameters else [])
-    if "pixel_values" in parameters:
-        return [(pixels, VISION_SHAPES, {"pixel_values": batch}), (video, VISION_SHAPES, {"pixel_values": batch})]
+        return text + [({**inputs, "pixel_values": torch.rand(image, dtype=dtype)}, TEXT_SHAPES,
+                        {**text[0][2], "pixel_values": batch})]
+    if "pixel_values" in parameters:  # a video model (VideoMAE, ViViT) takes frames as a second axis
+        video = (image[0], getattr(vision, "num_frames", 8), *image[1:])
+        return [({"pixel_values": torch.rand(shape, dtype=dtype)}, VISION_SHAPES, {"pixel_values": batch})
+                for shape in (image, video)]
     if "input_values" in parameters:  # a waveform, with or without a channel axis
         return [({"input_values": torch.randn(shape, dtype=dtype), **tokens}, WAVE_SHAPES,
                  {"input_values": {0: "batch", len(shape) - 1: "sequence"}, **{n: sequence for n in tokens}})
