@@ -12,8 +12,9 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
    `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
    encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
    named "...Norm..." with no modules inside; batch, group, instance and weight norms not counted),
-   and how many of those calls the exported output depends on (autograd tells: a pooler's norm,
-   or one on tokens the last layer drops, is left out of the export);
+   and how many distinct norms the exported output depends on (autograd tells: a pooler's norm,
+   or one on tokens the last layer drops, is left out of the export; two calls with equal weights
+   on one tensor are one norm, and the exporter merges them);
 4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails;
 5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
 6. validate: the `onnxruntime` form against the export on ONNX Runtime's CPU provider
@@ -21,10 +22,10 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
 
 Each type runs in a process of its own under `--timeout`, so one that hangs or crashes costs only
 its row. A row reaches the stage where it stopped, with the one-line reason. `check` marks a model
-whose `tensorrt` form has fewer fused norms than norm calls the output depends on, with none
-refused: the exporter may have merged two norms of one input (equal random weights), or the norm
-may be a kind the rewriter does not know; look at it. (A norm the output depends on only through
-indices, as a top-k selection's, has no gradient and is not counted: it can hide a miss.) More
+whose `tensorrt` form has fewer fused norms than distinct norms in the output, with none
+refused: the norm may be a kind the rewriter does not know; look at it. (A norm the output
+depends on only through indices, as a top-k selection's, has no gradient and is not counted: it
+can hide a miss.) More
 fusions than calls is common and right: norms written as functions (FLA-style `l2norm` on
 queries and keys) have no module to count.
 
@@ -203,67 +204,84 @@ def is_norm_module(module) -> bool:
                                         torch.nn.modules.instancenorm._InstanceNorm)))
 
 
-def count_norm_calls(model, run) -> tuple[dict[str, int], int | None]:
-    """Calls of each norm module's class (`is_norm_module`) during `run()` (run with gradients on),
-    and how many of those calls `run()`'s result depends on (`calls_reaching`)."""
+def count_norm_calls(model, run, gradients: bool = True) -> tuple[dict[str, int], int | None]:
+    """Calls of each norm module's class (`is_norm_module`) during `run()`, and, run with
+    `gradients`, how many distinct norms its result depends on (`norms_in_output`; else None)."""
     import torch
 
     calls: dict[str, int] = {}
-    outputs: list = []
+    seen: list[tuple] = []  # (module, input, output) of every call
 
     def count(module, inputs, output):
         calls[type(module).__name__] = calls.get(type(module).__name__, 0) + 1
-        outputs.append(output)
+        seen.append((module, inputs[0] if inputs else None, output))
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if is_norm_module(m)]
     try:
-        with torch.enable_grad():
+        with torch.set_grad_enabled(gradients):
             result = run()
     finally:
         for hook in hooks:
             hook.remove()
-    return calls, calls_reaching(result, outputs)
+    return calls, norms_in_output(result, seen) if gradients else None
 
 
-def calls_reaching(result, outputs: list) -> int | None:
-    """How many of the norm calls' `outputs` `result` depends on, told by autograd: an output no
-    gradient reaches was left behind (a pooler's norm, one on tokens the last layer drops) and the
-    exporter drops it too. An output autograd does not track is counted as reached; None where
-    the result (a tensor, or a tuple of them) has no gradient to follow."""
+def same_norm(call, other) -> bool:
+    """Two (module, input, output) calls computing one norm of one tensor: the same input, the same
+    kind of module, equal parameters and epsilon. An exporter merges them into one node (GPT-NeoX's
+    parallel LayerNorms of one input have equal weights at random init)."""
+    import torch
+
+    (module, x, _), (other_module, other_x, _) = call, other
+    if x is None or x is not other_x or type(module) is not type(other_module):
+        return False
+    params, other_params = dict(module.named_parameters()), dict(other_module.named_parameters())
+    eps = [getattr(m, "eps", getattr(m, "variance_epsilon", None)) for m in (module, other_module)]
+    return (params.keys() == other_params.keys() and eps[0] == eps[1]
+            and all(torch.equal(params[k], other_params[k]) for k in params))
+
+
+def norms_in_output(result, seen: list[tuple]) -> int | None:
+    """How many distinct norms (`same_norm` calls counted once) `result` depends on, told by
+    autograd: a call whose output no gradient reaches was left behind (a pooler's norm, one on
+    tokens the last layer drops), and the exporter drops it too. An output autograd does not
+    track is counted as reached; None where the result (a tensor, or a tuple of them) has no
+    gradient to follow."""
     import torch
 
     results = [t for t in (result if isinstance(result, (tuple, list)) else [result])  # MGP-STR returns three
                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
     if not results:
         return None
-    tracked = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
+    tracked = [i for i, (_, _, out) in enumerate(seen) if isinstance(out, torch.Tensor) and out.requires_grad]
     try:
-        grads = torch.autograd.grad(sum(t.float().sum() for t in results), tracked, allow_unused=True) if tracked else ()
+        grads = torch.autograd.grad(sum(t.float().sum() for t in results), [seen[i][2] for i in tracked],
+                                    allow_unused=True) if tracked else ()
     except RuntimeError:  # an op with no backward for this dtype on the CPU
         return None
-    return len(outputs) - len(tracked) + sum(g is not None for g in grads)
+    reached = [True] * len(seen)
+    for i, grad in zip(tracked, grads):
+        reached[i] = grad is not None
+    first: list[int] = []  # each call's first call computing the same norm
+    for i, call in enumerate(seen):
+        first.append(next((j for j in sorted(set(first)) if same_norm(seen[j], call)), i))
+    return len({first[i] for i in range(len(seen)) if reached[i]})
 
 
 def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, int | None]:
     """The first of `example_inputs`' candidates whose forward runs: (inputs, validation shapes,
-    dynamic axes, norm calls by class, calls reaching the output). A forward that fails with
+    dynamic axes, norm calls by class, distinct norms in the output). A forward that fails with
     gradients on (an in-place update of a tensor that needs one) is run again without, and the
-    calls reaching the output are then not known. Raises the last candidate's error if none runs."""
-    import torch
-
+    norms in the output are then not known. Raises the last candidate's error if none runs."""
     errors = []
     for inputs, shapes, axes in candidates:
         wrapped = first_output(model, list(inputs))
         run = functools.partial(wrapped, *inputs.values())
-        try:
-            return (inputs, shapes, axes, *count_norm_calls(model, run))
-        except Exception as exc:
-            errors.append(exc)
-        try:
-            with torch.no_grad():
-                return (inputs, shapes, axes, count_norm_calls(model, run)[0], None)
-        except Exception:
-            pass
+        for gradients in (True, False):
+            try:
+                return (inputs, shapes, axes, *count_norm_calls(model, run, gradients))
+            except Exception as exc:
+                errors.append(exc)
     raise errors[-1]
 
 
@@ -309,10 +327,10 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
         candidates = example_inputs(model, config)
         if isinstance(candidates, str):
             raise LookupError(candidates)
-        inputs, shapes, axes, calls, reaching = first_forward(model, candidates)
+        inputs, shapes, axes, calls, in_output = first_forward(model, candidates)
         record["inputs"] = {name: list(value.shape) for name, value in inputs.items()}
         record["norm_calls"], record["norm_modules"] = sum(calls.values()), calls
-        record["norm_calls_reaching_output"] = reaching
+        record["norms_in_output"] = in_output
         record["stage"] = "export"
         exported = work / "model.onnx"
         wrapped = first_output(model, list(inputs))
@@ -349,18 +367,22 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
 
 
 def verdict(record: dict) -> str:
-    """ok, check (fewer fused than norm calls reaching the output, or than calls where that is not
-    known; none refused), failed (validation), timeout, crashed, or the stage it stopped at."""
+    """ok, check (fewer fused than distinct norms in the output, or than norm calls where those are
+    not known; none refused), failed (validation), timeout, crashed, or the stage it stopped at."""
     if record["stage"] in ("timeout", "crashed"):
         return record["stage"]
     if record["stage"] != "done":
         return f"stopped at {record['stage']}"
     if not record["validated"]:
         return "failed"
-    expected = record.get("norm_calls_reaching_output")
-    if record["fused_norms"] < (record["norm_calls"] if expected is None else expected) and not record["rejected"]:
+    if record["fused_norms"] < expected_norms(record) and not record["rejected"]:
         return "check"
     return "ok"
+
+
+def expected_norms(record: dict) -> int:
+    """The distinct norms in the output, or the norm calls where those are not known."""
+    return record["norm_calls"] if record.get("norms_in_output") is None else record["norms_in_output"]
 
 
 def run_one(model_type: str, dtype: str, timeout: float) -> dict:
@@ -389,9 +411,9 @@ def versions() -> dict:
 
 
 def calls_cell(record: dict) -> str:
-    """Norm calls, and in brackets how many reach the output where fewer do ("16 (15)")."""
-    reaching = record.get("norm_calls_reaching_output")
-    return f"{record['norm_calls']}" + (f" ({reaching})" if reaching is not None and reaching != record["norm_calls"] else "")
+    """Norm calls, and in brackets the distinct norms in the output where fewer ("16 (15)")."""
+    return f"{record['norm_calls']}" + (f" ({expected_norms(record)})" if expected_norms(record) != record["norm_calls"]
+                                        else "")
 
 
 def markdown(records: list[dict], dtype: str, unswept: list[str]) -> str:
@@ -399,16 +421,14 @@ def markdown(records: list[dict], dtype: str, unswept: list[str]) -> str:
     for record in records:
         counts[verdict(record)] = counts.get(verdict(record), 0) + 1
     done = [r for r in records if r["stage"] == "done"]
-    reaching = sum(r["norm_calls"] if r.get("norm_calls_reaching_output") is None else r["norm_calls_reaching_output"]
-                   for r in done)
     lines = [f"# transformers model types, {dtype}: {len(records)} swept, {len(done)} exported and rewritten", ""]
     if unswept:
         lines += [f"**Unfinished: {len(unswept)} types to sweep** (`--update` sweeps them).", ""]
     lines += ["| verdict | types |", "| --- | --- |"]
     lines += [f"| {name} | {n} |" for name, n in sorted(counts.items())]
-    lines += ["", f"{sum(r['norm_calls'] for r in done)} norm module calls, {reaching} of them reaching the output; "
-                  f"{sum(r['fused_norms'] for r in done)} norms fused (tensorrt target)", "",
-              "| type | export | norm calls (reaching output) | fused (tensorrt) | fused (onnxruntime) | nodes | "
+    lines += ["", f"{sum(r['norm_calls'] for r in done)} norm module calls, {sum(map(expected_norms, done))} distinct "
+                  f"norms in the outputs; {sum(r['fused_norms'] for r in done)} norms fused (tensorrt target)", "",
+              "| type | export | norm calls (distinct, in output) | fused (tensorrt) | fused (onnxruntime) | nodes | "
               "validation max abs | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in done:

@@ -2,6 +2,7 @@
 validated, each in a process of its own."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def test_three_model_types_are_swept_to_the_end(tmp_path):
         record = records[name]
         assert record["stage"] == "done", record.get("error")
         assert record["shapes"] == "dynamic"
-        assert record["norm_calls"] == record["norm_calls_reaching_output"] == record["fused_norms"] == calls
+        assert record["norm_calls"] == record["norms_in_output"] == record["fused_norms"] == calls
         assert record["fused"]["onnxruntime"] == kinds
         assert record["validated"] and record["max_abs"] < 1e-4
     assert records["wav2vec2"]["inputs"] == {"input_values": [2, 4000]}
@@ -78,14 +79,37 @@ def test_norm_calls_the_output_does_not_depend_on_are_told_apart(sweep):
             return hidden + 0 * self.dropped(x).detach()  # no gradient through it either
 
     model = PooledTwice()
-    calls, reaching = sweep.count_norm_calls(model, lambda: model(torch.randn(2, 4, 8)))
-    assert calls == {"LayerNorm": 3, "RMSNorm": 1} and reaching == 2
-    # a tuple of outputs (MGP-STR's three heads): the calls any of them depends on
-    calls, reaching = sweep.count_norm_calls(model, lambda: (model(torch.randn(2, 4, 8)), model.pooler_norm(
+    calls, in_output = sweep.count_norm_calls(model, lambda: model(torch.randn(2, 4, 8)))
+    assert calls == {"LayerNorm": 3, "RMSNorm": 1} and in_output == 2
+    # a tuple of outputs (MGP-STR's three heads): the norms any of them depends on
+    calls, in_output = sweep.count_norm_calls(model, lambda: (model(torch.randn(2, 4, 8)), model.pooler_norm(
         torch.randn(2, 8))))
-    assert calls == {"LayerNorm": 4, "RMSNorm": 1} and reaching == 3
-    # no gradient to follow: not known
+    assert calls == {"LayerNorm": 4, "RMSNorm": 1} and in_output == 3
+    # no gradient to follow, or run without gradients: not known
     assert sweep.count_norm_calls(model, lambda: model(torch.randn(2, 4, 8)).argmax(-1))[1] is None
+    assert sweep.count_norm_calls(model, lambda: model(torch.randn(2, 4, 8)), gradients=False)[1] is None
+
+
+def test_two_equal_norms_of_one_tensor_are_one_norm(sweep):
+    """GPT-NeoX's parallel residual puts two LayerNorms on one input; with equal weights (random
+    init) the exporter merges them into one node, so they count once. Different weights, or a
+    different input, are two norms."""
+    import torch
+
+    class Parallel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention_norm, self.mlp_norm = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.attention_norm(x) + self.mlp_norm(x) + self.mlp_norm(x + 1)
+
+    model = Parallel()
+    run = functools.partial(model, torch.randn(2, 4, 8))
+    assert sweep.count_norm_calls(model, run) == ({"LayerNorm": 3}, 2)
+    with torch.no_grad():
+        model.mlp_norm.weight.mul_(2)
+    assert sweep.count_norm_calls(model, run) == ({"LayerNorm": 3}, 3)
 
 
 def test_the_first_spectrogram_layout_that_runs_is_used(sweep):
@@ -106,10 +130,10 @@ def test_the_first_spectrogram_layout_that_runs_is_used(sweep):
     model = FramesFirst()
     candidates = sweep.example_inputs(model, types.SimpleNamespace(num_mel_bins=24))
     assert [list(c[0]["input_features"].shape) for c in candidates] == [[2, 24, sweep.FRAMES], [2, sweep.FRAMES, 24]]
-    inputs, shapes, axes, calls, reaching = sweep.first_forward(model, candidates)
+    inputs, shapes, axes, calls, in_output = sweep.first_forward(model, candidates)
     assert list(inputs["input_features"].shape) == [2, sweep.FRAMES, 24]
     assert axes == {"input_features": {0: "batch", 1: "sequence"}}
-    assert calls == {"LayerNorm": 1} and reaching == 1 and shapes == sweep.SPECTROGRAM_SHAPES
+    assert calls == {"LayerNorm": 1} and in_output == 1 and shapes == sweep.SPECTROGRAM_SHAPES
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # the last layout's error
         sweep.first_forward(model, candidates[:1])
 
@@ -129,9 +153,9 @@ def test_a_dual_encoder_is_given_ids_and_pixels(sweep):
             return (self.norm(self.embed(input_ids)) * pixel_values.mean(),)
 
     config = types.SimpleNamespace(vocab_size=256, vision_config=types.SimpleNamespace(image_size=32, num_channels=3))
-    inputs, shapes, axes, calls, reaching = sweep.first_forward(TextAndImage(), sweep.example_inputs(TextAndImage(), config))
+    inputs, shapes, axes, calls, in_output = sweep.first_forward(TextAndImage(), sweep.example_inputs(TextAndImage(), config))
     assert {name: list(v.shape) for name, v in inputs.items()} == {"input_ids": [2, 16], "pixel_values": [2, 3, 32, 32]}
-    assert axes == {"input_ids": {0: "batch", 1: "sequence"}, "pixel_values": {0: "batch"}} and reaching == 1
+    assert axes == {"input_ids": {0: "batch", 1: "sequence"}, "pixel_values": {0: "batch"}} and in_output == 1
 
 
 def test_a_video_model_is_given_frames(sweep):
@@ -161,9 +185,10 @@ def test_verdicts(sweep):
     assert sweep.verdict({**done, "fused_norms": 4, "rejected": ["not over the last axis"]}) == "ok"
     assert sweep.verdict({**done, "fused_norms": 9}) == "ok"  # functional norms have no module to count
     # a pooler's norm is called, but the exported output does not depend on it
-    assert sweep.verdict({**done, "fused_norms": 4, "norm_calls_reaching_output": 4}) == "ok"
-    assert sweep.verdict({**done, "fused_norms": 3, "norm_calls_reaching_output": 4}) == "check"
-    assert sweep.verdict({**done, "fused_norms": 4, "norm_calls_reaching_output": None}) == "check"
+    assert sweep.verdict({**done, "fused_norms": 4, "norms_in_output": 4}) == "ok"
+    assert sweep.verdict({**done, "fused_norms": 3, "norms_in_output": 4}) == "check"
+    assert sweep.verdict({**done, "fused_norms": 4, "norms_in_output": None}) == "check"
+    assert sweep.calls_cell({**done, "norms_in_output": 4}) == "5 (4)" and sweep.calls_cell(done) == "5"
     assert sweep.verdict({**done, "validated": False}) == "failed"
     assert sweep.verdict({"stage": "export"}) == "stopped at export"
     assert sweep.verdict({"stage": "timeout"}) == "timeout"
