@@ -357,13 +357,21 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
         record["max_abs"] = max(s["max_abs"] for p in pairs for s in p["outputs"].values())
         record["stage"] = "done"
     except Exception as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        errors = [line for line in lines if "Error" in line]  # torch.onnx's own message is many lines
-        record["error"] = f"{type(exc).__name__}: {(errors or lines or [''])[-1].strip()[:300]}"
+        record["error"] = f"{type(exc).__name__}: {reason(str(exc))[:300]}"
         if os.environ.get("NORMFUSE_SWEEP_TRACE"):
             record["trace"] = traceback.format_exc()
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def reason(message: str) -> str:
+    """One line of an exception's message: torch.onnx's own message is many lines, with the
+    cause under "## Exception summary"; otherwise the last line naming an error, or the last."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    summary = next((i for i, line in enumerate(lines) if line == "## Exception summary"), None)
+    if summary is not None and summary + 1 < len(lines):
+        return lines[summary + 1]
+    return ([line for line in lines if "Error" in line] or lines or [""])[-1]
 
 
 def verdict(record: dict) -> str:

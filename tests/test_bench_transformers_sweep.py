@@ -178,6 +178,17 @@ def test_a_video_model_is_given_frames(sweep):
     assert list(inputs["pixel_values"].shape) == [2, 4, 3, 16, 16]
 
 
+def test_a_rows_reason_is_one_line_of_the_cause(sweep):
+    """torch.onnx's message is many lines, with the cause under its "## Exception summary"."""
+    message = ("Failed to export the model with torch.export. This is step 1/3 of exporting the model to ONNX.\n"
+               "- Debug `torch.export.export` and submit a PR to PyTorch.\n\n## Exception summary\n\n"
+               "<class 'GuardOnDataDependentSymNode'>: Could not guard on data-dependent expression\n\n"
+               "(Refer to the full stack trace above for more information.)")
+    assert sweep.reason(message) == "<class 'GuardOnDataDependentSymNode'>: Could not guard on data-dependent expression"
+    assert sweep.reason("while tracing\nRuntimeError: shapes differ\nsee above") == "RuntimeError: shapes differ"
+    assert sweep.reason("one line") == "one line" and sweep.reason("") == ""
+
+
 def test_verdicts(sweep):
     done = {"stage": "done", "validated": True, "norm_calls": 5, "fused_norms": 5, "rejected": []}
     assert sweep.verdict(done) == "ok"
