@@ -163,6 +163,32 @@ def test_an_l2_norm_with_epsilon_outside_the_root_is_no_rmsnorm():
         assert report.fused == 0 and fused_ops(out) == ["ReduceL2", outside, "Div"]
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+def test_an_l2_norm_without_epsilon_parts_from_the_graph_on_rows_too_small_for_fp32():
+    """x / ReduceL2(x) is fused as the RMSNorm with epsilon 0, whose mean of squares underflows to 0
+    (and gives inf) on a row whose root mean square is below about 3e-23, where the graph's sum of
+    squares is still a nonzero subnormal and its result finite, though inexact: the difference
+    export/rewrite/README.md states, which ALIGN's image embeddings meet at random init. Ordinary
+    rows agree."""
+    import onnxruntime as ort
+
+    model = _rows_model([onnx.helper.make_node("ReduceL2", ["x", "axes"], ["length"], keepdims=1),
+                         onnx.helper.make_node("Div", ["x", "length"], ["y"])])
+    out, report = rewrite_model(model, target="onnxruntime")
+    assert report.fused == 1
+    x = np.zeros((2, 16), np.float32)
+    x[0, 0] = 5e-23  # its square is a subnormal; divided by 16 it rounds to 0
+    x[1] = np.random.default_rng(0).standard_normal(16)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    expected, actual = run(model), run(out)
+    assert np.isfinite(expected).all() and 0.5 < expected[0, 0] < 1.5  # 1 in exact arithmetic
+    assert np.isinf(actual[0, 0])
+    np.testing.assert_allclose(actual[1], expected[1], rtol=1e-5)
+
+
 @pytest.mark.parametrize("guard", ("Clip", "Max"))
 def test_a_mean_square_clamped_at_epsilon_is_no_rmsnorm(guard):
     """x / sqrt(max(mean(x^2), eps)), as Gemma3n's AltUp scales magnitudes with torch.clamp: equal to

@@ -229,7 +229,8 @@ def describe_l2_norms(outputs: list[str]) -> str:
     shown = _first_names(outputs)
     return (f"{len(outputs)} L2 norm(s) ({shown}), x / sqrt(sum(x^2) + eps) over the last axis, fused as the RMSNorm "
             "they equal: epsilon eps / n and the scale times 1 / sqrt(n), n the row length (x / ReduceL2(x) has "
-            "epsilon 0: a row of zeros gives NaN, as in the graph)")
+            "epsilon 0: a row of zeros gives NaN, as in the graph, and a row whose mean square underflows fp32, "
+            "its root mean square below about 3e-23, gives inf where the graph's sum of squares may stay finite)")
 
 
 def _rewrite_converted(converted, notes, target, residual, prove_fusions, report, started, exclude):
