@@ -132,7 +132,7 @@ def test_the_first_spectrogram_layout_that_runs_is_used(sweep):
     assert [list(c[0]["input_features"].shape) for c in candidates] == [[2, 24, sweep.FRAMES], [2, sweep.FRAMES, 24]]
     inputs, shapes, axes, calls, in_output = sweep.first_forward(model, candidates)
     assert list(inputs["input_features"].shape) == [2, sweep.FRAMES, 24]
-    assert axes == {"input_features": {0: "batch", 1: "sequence"}}
+    assert axes == {"input_features": {0: "batch", 1: "frames"}}
     assert calls == {"LayerNorm": 1} and in_output == 1 and shapes == sweep.SPECTROGRAM_SHAPES
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # the last layout's error
         sweep.first_forward(model, candidates[:1])
