@@ -91,6 +91,10 @@ def shrink(config) -> None:
     """`config` made small in place (and its text_config): see SMALL."""
     layers = next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
                    if isinstance(getattr(config, k, None), int)), None)
+    # MLA: head_dim is the rotary part (DeepSeek) or the whole query-key head (Mistral 4); it stays so
+    head_dim_is = next((key for key in ("qk_rope_head_dim", "qk_head_dim")
+                        if isinstance(getattr(config, "qk_rope_head_dim", None), int)
+                        and getattr(config, key, None) == getattr(config, "head_dim", None)), None)
     for key, value in list(vars(config).items()):
         if layers and layers > 2 and isinstance(value, list) and len(value) == layers:
             setattr(config, key, value[:2])  # per-layer lists (layer types, sparsity) follow the layers
@@ -101,10 +105,12 @@ def shrink(config) -> None:
     for key in TOKEN_FIELDS:  # special tokens inside the smaller vocabulary
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= SMALL["vocab_size"]:
             setattr(config, key, 0)
-    if isinstance(getattr(config, "qk_rope_head_dim", None), int):  # MLA: the rotary part is the head_dim rope sees
-        for key, value in (("head_dim", config.qk_rope_head_dim),
-                           ("qk_head_dim", getattr(config, "qk_nope_head_dim", 0) + config.qk_rope_head_dim)):
-            if isinstance(getattr(config, key, None), int):
+    if isinstance(getattr(config, "qk_rope_head_dim", None), int):
+        qk_head_dim = getattr(config, "qk_nope_head_dim", 0) + config.qk_rope_head_dim
+        for key, value in (("qk_head_dim", qk_head_dim),
+                           ("head_dim", config.qk_rope_head_dim if head_dim_is == "qk_rope_head_dim" else
+                            qk_head_dim if head_dim_is == "qk_head_dim" else None)):
+            if value is not None and isinstance(getattr(config, key, None), int):
                 try:
                     setattr(config, key, value)
                 except AttributeError:  # a property derived from the others
