@@ -33,8 +33,8 @@ Writes the records (versions, every row, its seconds) as JSON, and the summary a
 exported models as Markdown beside it; the terminal gets the summary and the rows to look at.
 The JSON is rewritten as each type finishes, listing the types not yet swept as `unswept`, so a
 stopped sweep keeps its rows and `--update` finishes it (by default it sweeps the unswept types
-and every type that got as far as counting its norms). A full sweep took 87 minutes with 2 jobs
-on two cores.
+and every type that got as far as counting its norms). The committed sweep took about two hours
+with 2 jobs on two cores (bench/README.md).
 """
 from __future__ import annotations
 
