@@ -25,9 +25,8 @@ its row. A row reaches the stage where it stopped, with the one-line reason. `ch
 whose `tensorrt` form has fewer fused norms than distinct norms in the output, with none
 refused: the norm may be a kind the rewriter does not know; look at it. (A norm the output
 depends on only through indices, as a top-k selection's, has no gradient and is not counted: it
-can hide a miss.) More
-fusions than calls is common and right: norms written as functions (FLA-style `l2norm` on
-queries and keys) have no module to count.
+can hide a miss.) More fusions than calls is common and right: norms written as functions
+(FLA-style `l2norm` on queries and keys) have no module to count.
 
 Writes the records (versions, every row, its seconds) as JSON, and the summary and rows of
 exported models as Markdown beside it; the terminal gets the summary and the rows to look at.
@@ -56,7 +55,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("config", "model", "forward", "export", "rewrite", "validate")
 RESULT_MARK = "SWEEP-RESULT "
 
 # speech inputs: a waveform of SAMPLES (wav2vec2's convolutions take 400 samples a frame, 320 apart),
@@ -92,9 +90,9 @@ def shrink(config) -> None:
     layers = next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
                    if isinstance(getattr(config, k, None), int)), None)
     # MLA: head_dim is the rotary part (DeepSeek) or the whole query-key head (Mistral 4); it stays so
+    mla = isinstance(getattr(config, "qk_rope_head_dim", None), int)
     head_dim_is = next((key for key in ("qk_rope_head_dim", "qk_head_dim")
-                        if isinstance(getattr(config, "qk_rope_head_dim", None), int)
-                        and getattr(config, key, None) == getattr(config, "head_dim", None)), None)
+                        if getattr(config, key, None) == getattr(config, "head_dim", None)), None) if mla else None
     for key, value in list(vars(config).items()):
         if layers and layers > 2 and isinstance(value, list) and len(value) == layers:
             setattr(config, key, value[:2])  # per-layer lists (layer types, sparsity) follow the layers
@@ -105,7 +103,7 @@ def shrink(config) -> None:
     for key in TOKEN_FIELDS:  # special tokens inside the smaller vocabulary
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= SMALL["vocab_size"]:
             setattr(config, key, 0)
-    if isinstance(getattr(config, "qk_rope_head_dim", None), int):
+    if mla:
         qk_head_dim = getattr(config, "qk_nope_head_dim", 0) + config.qk_rope_head_dim
         for key, value in (("qk_head_dim", qk_head_dim),
                            ("head_dim", config.qk_rope_head_dim if head_dim_is == "qk_rope_head_dim" else
@@ -120,8 +118,8 @@ def shrink(config) -> None:
         if all(isinstance(v, int) for v in values):
             inner = getattr(config, "mamba_d_ssm", None) or values[2] * values[3]
             if values[0] * values[1] != inner:
-                setattr(config, size, 16)
-                setattr(config, heads, inner // 16)
+                setattr(config, size, SMALL["head_dim"])
+                setattr(config, heads, inner // SMALL["head_dim"])
     if isinstance(getattr(config, "activation_sparsity_pattern", None), list):
         config.activation_sparsity_pattern = [0.0] * len(config.activation_sparsity_pattern)  # erfinv: no ONNX op
     if getattr(config, "text_config", None) is not None:
@@ -270,10 +268,14 @@ def norms_in_output(result, seen: list[tuple]) -> int | None:
     reached = [True] * len(seen)
     for i, grad in zip(tracked, grads):
         reached[i] = grad is not None
-    first: list[int] = []  # each call's first call computing the same norm
+    distinct: list[list[int]] = []  # the calls of each distinct norm
     for i, call in enumerate(seen):
-        first.append(next((j for j in sorted(set(first)) if same_norm(seen[j], call)), i))
-    return len({first[i] for i in range(len(seen)) if reached[i]})
+        group = next((g for g in distinct if same_norm(seen[g[0]], call)), None)
+        if group is None:
+            distinct.append([i])
+        else:
+            group.append(i)
+    return sum(any(reached[i] for i in group) for group in distinct)
 
 
 def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, int | None]:
@@ -281,16 +283,15 @@ def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, int |
     dynamic axes, norm calls by class, distinct norms in the output). A forward that fails with
     gradients on (an in-place update of a tensor that needs one) is run again without, and the
     norms in the output are then not known. Raises the last candidate's error if none runs."""
-    errors = []
+    error: Exception | None = None
     for inputs, shapes, axes in candidates:
-        wrapped = first_output(model, list(inputs))
-        run = functools.partial(wrapped, *inputs.values())
+        run = functools.partial(first_output(model, list(inputs)), *inputs.values())
         for gradients in (True, False):
             try:
                 return (inputs, shapes, axes, *count_norm_calls(model, run, gradients))
             except Exception as exc:
-                errors.append(exc)
-    raise errors[-1]
+                error = exc
+    raise error
 
 
 def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
@@ -454,16 +455,14 @@ def markdown(records: list[dict], dtype: str, unswept: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_records(path: Path, dtype: str, records: dict[str, dict], unswept: list[str]) -> str:
-    """The records as JSON at `path` and their Markdown summary beside it, each replaced whole; the
-    summary."""
+def write_records(path: Path, header: dict, records: dict[str, dict], unswept: list[str]) -> None:
+    """The records, after `header` (versions, dtype), as JSON at `path`, and their Markdown summary
+    beside it, each replaced whole."""
     from export.files import write_json, write_text
 
     ordered = sorted(records.values(), key=lambda r: r["type"])
-    summary = markdown(ordered, dtype, unswept)
-    write_json(path, {"versions": versions(), "dtype": dtype, "unswept": unswept, "records": ordered})
-    write_text(path.with_suffix(".md"), summary)
-    return summary
+    write_json(path, {**header, "unswept": unswept, "records": ordered})
+    write_text(path.with_suffix(".md"), markdown(ordered, header["dtype"], unswept))
 
 
 def main(argv=None) -> int:
@@ -498,8 +497,9 @@ def main(argv=None) -> int:
             return 2
         payload = json.loads(Path(args.json).read_text())
         previous, left = {r["type"]: r for r in payload["records"]}, payload.get("unswept", [])
-    types = ([t.strip() for t in args.types.split(",")] if args.types
-             else left + [t for t, r in previous.items() if "norm_calls" in r] if args.update else known)
+    types = list(dict.fromkeys([t.strip() for t in args.types.split(",")] if args.types  # each once
+                               else left + [t for t, r in previous.items() if "norm_calls" in r] if args.update
+                               else known))
     unknown = [t for t in types if t not in known]
     if unknown:
         print(f"transformers_sweep: error: not a base model type of transformers: {', '.join(unknown)}", file=sys.stderr)
@@ -507,6 +507,7 @@ def main(argv=None) -> int:
     console = Console(highlight=False)
     records = dict(previous)
     unswept = list(dict.fromkeys(left + types))
+    header = {"versions": versions(), "dtype": args.dtype} if args.json else {}
     with Progress(console=console) as progress, ThreadPoolExecutor(args.jobs) as pool:
         task = progress.add_task(f"{len(types)} model types ({args.dtype})", total=len(types))
         for record in pool.map(lambda t: run_one(t, args.dtype, args.timeout), types):
@@ -514,8 +515,8 @@ def main(argv=None) -> int:
             unswept.remove(record["type"])
             progress.advance(task)
             if args.json:  # as each type finishes, so a stopped sweep keeps what it did
-                write_records(Path(args.json), args.dtype, records, unswept)
-            if verdict(record) not in ("ok",) and record["stage"] == "done":
+                write_records(Path(args.json), header, records, unswept)
+            if verdict(record) != "ok" and record["stage"] == "done":
                 progress.console.print(f"{record['type']}: {verdict(record)} ({calls_cell(record)} norm calls, "
                                        f"{record['fused_norms']} fused)")
     summary = markdown(sorted(records.values(), key=lambda r: r["type"]), args.dtype, unswept)

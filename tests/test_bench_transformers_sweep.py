@@ -255,10 +255,12 @@ def test_only_layer_and_rms_kinds_of_norm_are_counted(sweep):
 
 def test_an_unfinished_sweep_says_so_and_update_finishes_it(sweep, tmp_path):
     """A sweep writes its records as each type finishes, listing the rest as unswept; `--update`
-    sweeps those."""
+    sweeps those, and the types whose norms were counted, each once (BERT is both here: an update
+    stopped before it re-swept BERT)."""
     out = tmp_path / "sweep.json"
     kept = {"type": "zamba", "dtype": "float32", "stage": "model", "error": "kept"}
-    out.write_text(json.dumps({"versions": {}, "dtype": "float32", "unswept": ["bert"], "records": [kept]}))
+    counted = {"type": "bert", "dtype": "float32", "stage": "export", "norm_calls": 5, "error": "stopped"}
+    out.write_text(json.dumps({"versions": {}, "dtype": "float32", "unswept": ["bert"], "records": [counted, kept]}))
     assert "**Unfinished: 1 types to sweep**" in sweep.markdown([kept], "float32", ["bert"])
     done = subprocess.run([sys.executable, str(SCRIPT), "--update", "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
