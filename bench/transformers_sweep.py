@@ -6,7 +6,9 @@ rewritten and validated, one type a process.
 
 For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by default):
 1. config: its default config, shrunk (hidden 64, 2 layers, 4 heads, vocabulary 256, 4 experts, ...);
-2. model: built from it with random weights (nothing is downloaded), in `--dtype`;
+2. model: built from it with random weights (nothing is downloaded), in `--dtype`, experts of a
+   mixture run batched (exportable with dynamic shapes), multimodal rotary sections fitted to the
+   smaller heads;
 3. forward: one pass on random ids (`pixel_values` for a vision model, images or else frames of
    video; both ids and pixels for a text and image dual encoder; `input_values` (a waveform) or
    `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
@@ -14,7 +16,8 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
    named "...Norm..." with no modules inside; batch, group, instance and weight norms not counted),
    and how many distinct norms the exported output depends on (autograd tells: a pooler's norm,
    or one on tokens the last layer drops, is left out of the export; two calls with equal weights
-   on one tensor are one norm, and the exporter merges them);
+   on one tensor are one norm, and the exporter merges them); where no candidate input runs, the
+   row's reason gives each one's error;
 4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails;
 5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
 6. validate: the `onnxruntime` form against the export on ONNX Runtime's CPU provider
@@ -32,8 +35,8 @@ Writes the records (versions, every row, its seconds) as JSON, and the summary a
 exported models as Markdown beside it; the terminal gets the summary and the rows to look at.
 The JSON is rewritten as each type finishes, listing the types not yet swept as `unswept`, so a
 stopped sweep keeps its rows and `--update` finishes it (by default it sweeps the unswept types
-and every type that got as far as counting its norms). The committed sweep took about two hours
-with 2 jobs on two cores (bench/README.md).
+and every type that got as far as counting its norms). bench/README.md says how the committed
+sweep was run and how long it took.
 """
 from __future__ import annotations
 
@@ -78,6 +81,8 @@ SMALL = {"hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embed_dim":
 # (heads, head size, expansion) of state-space layers, by the names each family gives them
 MAMBA_HEADS = (("num_heads", "head_dim", "expand"), ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
                ("n_mamba_heads", "mamba_headdim", "mamba_expand"), ("mamba_num_heads", "mamba_head_dim", "expand"))
+# head counts given per stage of a hierarchical model (Swin: 3, 6, 12, 24 over widths 96 to 768)
+HEAD_LISTS = ("num_heads", "num_attention_heads")
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 TEXT_SHAPES, VISION_SHAPES = "1x16,2x32", "1x16,2x16"
 # a spectrogram is validated at its example's length only: some speech exports (Canary, Cohere-ASR)
@@ -89,13 +94,16 @@ def shrink(config) -> None:
     """`config` made small in place (and its text_config): see SMALL."""
     layers = next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
                    if isinstance(getattr(config, k, None), int)), None)
+    first_stage = getattr(config, "embed_dim", None)
     # MLA: head_dim is the rotary part (DeepSeek) or the whole query-key head (Mistral 4); it stays so
     mla = isinstance(getattr(config, "qk_rope_head_dim", None), int)
     head_dim_is = next((key for key in ("qk_rope_head_dim", "qk_head_dim")
                         if getattr(config, key, None) == getattr(config, "head_dim", None)), None) if mla else None
     for key, value in list(vars(config).items()):
-        if layers and layers > 2 and isinstance(value, list) and len(value) == layers:
-            setattr(config, key, value[:2])  # per-layer lists (layer types, sparsity) follow the layers
+        if layers and layers > 2 and isinstance(value, (list, tuple)) and len(value) == layers:
+            # per-layer lists (layer types, sparsity) and per-stage ones (ConvNeXt's widths and depths,
+            # whose stage count is its num_hidden_layers) follow the layers
+            setattr(config, key, value[:2])
     for key, value in SMALL.items():
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
@@ -103,6 +111,13 @@ def shrink(config) -> None:
     for key in TOKEN_FIELDS:  # special tokens inside the smaller vocabulary
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= SMALL["vocab_size"]:
             setattr(config, key, 0)
+    if isinstance(first_stage, int) and first_stage != config.embed_dim:  # per-stage heads still divide the stages
+        scale = config.embed_dim / first_stage
+        # the first name only: the other may be an alias of it (Swin's attribute_map)
+        key = next((k for k in HEAD_LISTS if isinstance(getattr(config, k, None), (list, tuple))), None)
+        if key and all(isinstance(h, int) for h in getattr(config, key)):
+            heads = getattr(config, key)
+            setattr(config, key, type(heads)(max(1, round(h * scale)) for h in heads))
     if mla:
         qk_head_dim = getattr(config, "qk_nope_head_dim", 0) + config.qk_rope_head_dim
         for key, value in (("qk_head_dim", qk_head_dim),
@@ -124,6 +139,22 @@ def shrink(config) -> None:
         config.activation_sparsity_pattern = [0.0] * len(config.activation_sparsity_pattern)  # erfinv: no ONNX op
     if getattr(config, "text_config", None) is not None:
         shrink(config.text_config)
+
+
+def fit_multimodal_rope(model) -> None:
+    """Multimodal rotary embeddings (Qwen2-VL, GLM-4V) split their frequencies into sections for
+    time, height and width, given in the modeling code for the full-size heads: each rotary module's
+    sections are scaled, in proportion, to the frequencies its smaller heads have."""
+    for module in model.modules():
+        sections, frequencies = getattr(module, "mrope_section", None), getattr(module, "inv_freq", None)
+        if not (isinstance(sections, list) and sections and all(isinstance(n, int) for n in sections)
+                and frequencies is not None and sum(sections) != frequencies.numel()):
+            continue
+        shares = [n * frequencies.numel() / sum(sections) for n in sections]
+        fitted = [int(share) for share in shares]
+        for i in sorted(range(len(shares)), key=lambda i: fitted[i] - shares[i])[:frequencies.numel() - sum(fitted)]:
+            fitted[i] += 1  # the largest remainders take what rounding down left
+        module.mrope_section = fitted
 
 
 def example_inputs(model, config) -> list[tuple[dict, str, dict]] | str:
@@ -278,12 +309,18 @@ def norms_in_output(result, seen: list[tuple]) -> int | None:
     return sum(any(reached[i] for i in group) for group in distinct)
 
 
+class NoInputsRan(Exception):
+    """No candidate input ran the forward; the message gives each candidate's error."""
+
+
 def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, int | None]:
     """The first of `example_inputs`' candidates whose forward runs: (inputs, validation shapes,
     dynamic axes, norm calls by class, distinct norms in the output). A forward that fails with
     gradients on (an in-place update of a tensor that needs one) is run again without, and the
-    norms in the output are then not known. Raises the last candidate's error if none runs."""
-    error: Exception | None = None
+    norms in the output are then not known. If none runs: a single candidate's error, or
+    NoInputsRan naming each candidate's inputs and error, since which one tells the cause differs
+    (Qwen2-VL: the first, ids; Speech2Text: the second spectrogram layout)."""
+    errors: list[tuple[dict, Exception]] = []
     for inputs, shapes, axes in candidates:
         run = functools.partial(first_output(model, list(inputs)), *inputs.values())
         for gradients in (True, False):
@@ -291,7 +328,16 @@ def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, int |
                 return (inputs, shapes, axes, *count_norm_calls(model, run, gradients))
             except Exception as exc:
                 error = exc
-    raise error
+        errors.append((inputs, error))
+    if len(errors) == 1:
+        raise errors[0][1]
+    raise NoInputsRan("; ".join(f"{describe(inputs)}: {type(error).__name__}: {reason(str(error))[:120]}"
+                                for inputs, error in errors))
+
+
+def describe(inputs: dict) -> str:
+    """Inputs by name and shape: "input_ids 2x16 + pixel_values 2x3x224x224"."""
+    return " + ".join(f"{name} {'x'.join(map(str, value.shape))}" for name, value in inputs.items())
 
 
 def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
@@ -327,11 +373,15 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
         shrink(config)
         record["stage"] = "model"
         torch.manual_seed(0)
-        try:  # eager experts: transformers' grouped-matmul op has no ONNX translation
-            model = AutoModel.from_config(config, experts_implementation="eager")
+        # batched experts: each token's expert weights gathered, then batched matmuls. The default
+        # grouped matmul has no ONNX translation, and the eager loop over the experts a token chose
+        # is data-dependent, which torch.export cannot trace with dynamic shapes
+        try:
+            model = AutoModel.from_config(config, experts_implementation="batched_mm")
         except (TypeError, ValueError):
             model = AutoModel.from_config(config)
         model = model.to(getattr(torch, dtype)).eval()
+        fit_multimodal_rope(model)
         record["stage"] = "forward"
         candidates = example_inputs(model, config)
         if isinstance(candidates, str):

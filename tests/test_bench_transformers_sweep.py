@@ -120,9 +120,9 @@ def test_the_first_spectrogram_layout_that_runs_is_used(sweep):
     import torch
 
     class FramesFirst(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, features=24):
             super().__init__()
-            self.project, self.norm = torch.nn.Linear(24, 8), torch.nn.LayerNorm(8)
+            self.project, self.norm = torch.nn.Linear(features, 8), torch.nn.LayerNorm(8)
 
         def forward(self, input_features):
             return types.SimpleNamespace(last_hidden_state=self.norm(self.project(input_features)))
@@ -134,8 +134,14 @@ def test_the_first_spectrogram_layout_that_runs_is_used(sweep):
     assert list(inputs["input_features"].shape) == [2, sweep.FRAMES, 24]
     assert axes == {"input_features": {0: "batch", 1: "frames"}}
     assert calls == {"LayerNorm": 1} and in_output == 1 and shapes == sweep.SPECTROGRAM_SHAPES
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # the last layout's error
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # one candidate: its own error
         sweep.first_forward(model, candidates[:1])
+    # none runs: each candidate's inputs and error, since which one tells the cause differs by model
+    with pytest.raises(sweep.NoInputsRan) as raised:
+        sweep.first_forward(FramesFirst(features=30), candidates)
+    message = str(raised.value)
+    assert message.startswith(f"input_features 2x24x{sweep.FRAMES}: RuntimeError: mat1 and mat2 shapes cannot be")
+    assert f"; input_features 2x{sweep.FRAMES}x24: " in message
 
 
 def test_a_dual_encoder_is_given_ids_and_pixels(sweep):
@@ -231,6 +237,52 @@ def test_per_layer_lists_are_cut_with_the_layers(sweep):
     mistral4 = AutoConfig.for_model("mistral4")  # its head_dim is the whole query-key head
     sweep.shrink(mistral4)
     assert mistral4.head_dim == mistral4.qk_head_dim == 16 and mistral4.qk_rope_head_dim == 8
+
+
+def test_per_stage_widths_and_heads_follow_the_shrunk_stages(sweep):
+    """ConvNeXt's stage count is its num_hidden_layers: its per-stage widths and depths (tuples) are
+    cut with it. Swin's per-stage heads (3, 6, 12, 24) are scaled with its first stage's width, so
+    each still divides its stage."""
+    from transformers import AutoConfig
+
+    convnext, swin = AutoConfig.for_model("convnext"), AutoConfig.for_model("swin")
+    for config in (convnext, swin):
+        sweep.shrink(config)
+    assert convnext.num_stages == len(convnext.hidden_sizes) == len(convnext.depths) == 2
+    assert swin.num_layers == len(swin.depths) == len(swin.num_heads) == 2 and swin.embed_dim == 64
+    assert all(swin.embed_dim * 2 ** stage % heads == 0 for stage, heads in enumerate(swin.num_heads))
+    assert swin.num_heads == (2, 4)
+
+
+def test_multimodal_rope_sections_fit_the_smaller_heads(sweep):
+    """Qwen2-VL's rotary sections (16, 24, 24) are written for 64 frequencies; shrunk to 16-wide
+    heads it has 8, and its forward fails until they are scaled to fit. GLM-4V's MoE text model
+    rotates half of its heads: 4 frequencies, (8, 12, 12) rounded to sum to them."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("qwen2_vl_text")
+    sweep.shrink(config)
+    model = AutoModel.from_config(config).eval()
+    ids = torch.randint(0, 256, (1, 8))
+    with pytest.raises(RuntimeError, match="split_with_sizes"):
+        model(input_ids=ids)
+    sweep.fit_multimodal_rope(model)
+    assert model.rotary_emb.mrope_section == [2, 3, 3]
+    assert model(input_ids=ids).last_hidden_state.shape == (1, 8, 64)
+    rope = torch.nn.Module()
+    rope.mrope_section, rope.inv_freq = [8, 12, 12], torch.ones(4)
+    sweep.fit_multimodal_rope(rope)
+    assert sum(rope.mrope_section) == 4 and all(n >= 1 for n in rope.mrope_section)
+
+
+def test_a_mixture_of_experts_exports_with_dynamic_shapes(sweep, tmp_path):
+    """Mixtral's experts run batched (each token's expert weights gathered): no data-dependent
+    loop, so torch exports it with dynamic batch and sequence, and every norm is fused."""
+    record = sweep.sweep_one("mixtral", "float32", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert record["shapes"] == "dynamic" and record["validated"]
+    assert record["fused_norms"] == record["norms_in_output"] == 5
 
 
 def test_only_layer_and_rms_kinds_of_norm_are_counted(sweep):
