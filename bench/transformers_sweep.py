@@ -119,6 +119,9 @@ def shrink(config) -> None:
             heads = getattr(config, key)
             setattr(config, key, type(heads)(max(1, round(h * scale)) for h in heads))
     if mla:
+        if isinstance(getattr(config, "num_key_value_heads", None), int):
+            # MLA's keys and values come one per query head; grouping them would repeat them past it
+            config.num_key_value_heads = config.num_attention_heads
         qk_head_dim = getattr(config, "qk_nope_head_dim", 0) + config.qk_rope_head_dim
         for key, value in (("qk_head_dim", qk_head_dim),
                            ("head_dim", config.qk_rope_head_dim if head_dim_is == "qk_rope_head_dim" else

@@ -234,6 +234,7 @@ def test_per_layer_lists_are_cut_with_the_layers(sweep):
     mla = AutoConfig.for_model("minicpm3")  # multi-head latent attention: rope sees the rotary part only
     sweep.shrink(mla)
     assert mla.head_dim == mla.qk_rope_head_dim == 8 and mla.qk_head_dim == 16
+    assert mla.num_key_value_heads == mla.num_attention_heads == 4  # latent keys: one per query head
     mistral4 = AutoConfig.for_model("mistral4")  # its head_dim is the whole query-key head
     sweep.shrink(mistral4)
     assert mistral4.head_dim == mistral4.qk_head_dim == 16 and mistral4.qk_rope_head_dim == 8
