@@ -91,7 +91,14 @@ WAVE_SHAPES, SPECTROGRAM_SHAPES = "1x3200,2x4000", f"1x{FRAMES},2x{FRAMES}"
 
 
 def shrink(config) -> None:
-    """`config` made small in place (and its text_config): see SMALL."""
+    """`config` made small in place (and its text_config): see SMALL. Two layers are kept: the first
+    two, or where `layer_types` varies the first and the first of another type (a hybrid keeps an
+    attention layer and a linear one); per-layer settings (Gemma 4's global layers' head size) are
+    shrunk and given again for the layers kept."""
+    spec = vars(config).get("_heterogeneity_spec")
+    per_layer = {i: dict(settings) for i, settings in spec.per_layer_overrides.items()} if spec else {}
+    if spec:
+        config.per_layer_config = None  # the global values readable while shrinking
     layers = next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
                    if isinstance(getattr(config, k, None), int)), None)
     first_stage = getattr(config, "embed_dim", None)
@@ -99,15 +106,19 @@ def shrink(config) -> None:
     mla = isinstance(getattr(config, "qk_rope_head_dim", None), int)
     head_dim_is = next((key for key in ("qk_rope_head_dim", "qk_head_dim")
                         if getattr(config, key, None) == getattr(config, "head_dim", None)), None) if mla else None
+    kept = kept_layers(config, layers)
     for key, value in list(vars(config).items()):
         if layers and layers > 2 and isinstance(value, (list, tuple)) and len(value) == layers:
             # per-layer lists (layer types, sparsity) and per-stage ones (ConvNeXt's widths and depths,
             # whose stage count is its num_hidden_layers) follow the layers
-            setattr(config, key, value[:2])
+            setattr(config, key, type(value)(value[i] for i in kept))
     for key, value in SMALL.items():
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
-            setattr(config, key, value)
+            try:
+                setattr(config, key, value)
+            except AttributeError:  # a property derived from others (Falcon's head_dim), shrunk with them
+                pass
     for key in TOKEN_FIELDS:  # special tokens inside the smaller vocabulary
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= SMALL["vocab_size"]:
             setattr(config, key, 0)
@@ -138,10 +149,30 @@ def shrink(config) -> None:
             if values[0] * values[1] != inner:
                 setattr(config, size, SMALL["head_dim"])
                 setattr(config, heads, inner // SMALL["head_dim"])
+    if per_layer:
+        config.per_layer_config = {new: small_settings(per_layer[old]) for new, old in enumerate(kept) if old in per_layer}
     if isinstance(getattr(config, "activation_sparsity_pattern", None), list):
         config.activation_sparsity_pattern = [0.0] * len(config.activation_sparsity_pattern)  # erfinv: no ONNX op
     if getattr(config, "text_config", None) is not None:
         shrink(config.text_config)
+
+
+def small_settings(settings: dict) -> dict:
+    """One layer's own settings shrunk as SMALL says; a layer with a key and value head per query
+    head (dots3's MLA layers) keeps them so."""
+    small = {key: SMALL.get(key, value) if isinstance(value, int) else value for key, value in settings.items()}
+    if settings.get("num_key_value_heads", 0) == settings.get("num_attention_heads"):
+        small["num_key_value_heads"] = small["num_attention_heads"]
+    return small
+
+
+def kept_layers(config, layers: int | None) -> list[int]:
+    """The two layers `shrink` keeps: the first, and the first of another `layer_types` entry if
+    there is one, else the second."""
+    types = getattr(config, "layer_types", None)
+    if not (layers and isinstance(types, (list, tuple)) and len(types) == layers):
+        return [0, 1]
+    return [0, next((i for i, kind in enumerate(types) if kind != types[0]), 1)]
 
 
 def fit_multimodal_rope(model) -> None:

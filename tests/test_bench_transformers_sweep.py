@@ -240,6 +240,20 @@ def test_per_layer_lists_are_cut_with_the_layers(sweep):
     assert mistral4.head_dim == mistral4.qk_head_dim == 16 and mistral4.qk_rope_head_dim == 8
 
 
+def test_a_hybrid_keeps_a_layer_of_each_type_and_its_per_layer_settings(sweep):
+    """Qwen3-Next is three linear-attention layers to one full: the two kept are one of each.
+    Gemma 4's full-attention layers have their own head size (a per-layer setting, unreadable
+    globally): shrunk, and given again to the layer kept."""
+    from transformers import AutoConfig
+
+    hybrid, gemma4 = AutoConfig.for_model("qwen3_next"), AutoConfig.for_model("gemma4_text")
+    for config in (hybrid, gemma4):
+        sweep.shrink(config)
+    assert hybrid.num_hidden_layers == 2 and hybrid.layer_types == ["linear_attention", "full_attention"]
+    assert gemma4.layer_types == ["sliding_attention", "full_attention"] and gemma4.hidden_size == 64
+    assert [layer.head_dim for layer in gemma4.per_layer_config] == [16, 16]
+
+
 def test_per_stage_widths_and_heads_follow_the_shrunk_stages(sweep):
     """ConvNeXt's stage count is its num_hidden_layers: its per-stage widths and depths (tuples) are
     cut with it. Swin's per-stage heads (3, 6, 12, 24) are scaled with its first stage's width, so
