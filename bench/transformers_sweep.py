@@ -90,23 +90,22 @@ TEXT_SHAPES, VISION_SHAPES = "1x16,2x32", "1x16,2x16"
 WAVE_SHAPES, SPECTROGRAM_SHAPES = "1x3200,2x4000", f"1x{FRAMES},2x{FRAMES}"
 
 
-def shrink(config) -> None:
+def shrink(config, mixed_layers: bool = True) -> None:
     """`config` made small in place (and its text_config): see SMALL. Two layers are kept: the first
-    two, or where `layer_types` varies the first and the first of another type (a hybrid keeps an
-    attention layer and a linear one); per-layer settings (Gemma 4's global layers' head size) are
-    shrunk and given again for the layers kept."""
+    two, or with `mixed_layers` where `layer_types` varies the first and the first of another type
+    (a hybrid keeps an attention layer and a linear one); per-layer settings (Gemma 4's global
+    layers' head size) are shrunk and given again for the layers kept."""
     spec = vars(config).get("_heterogeneity_spec")
     per_layer = {i: dict(settings) for i, settings in spec.per_layer_overrides.items()} if spec else {}
     if spec:
         config.per_layer_config = None  # the global values readable while shrinking
-    layers = next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
-                   if isinstance(getattr(config, k, None), int)), None)
+    layers = layer_count(config)
     first_stage = getattr(config, "embed_dim", None)
     # MLA: head_dim is the rotary part (DeepSeek) or the whole query-key head (Mistral 4); it stays so
     mla = isinstance(getattr(config, "qk_rope_head_dim", None), int)
     head_dim_is = next((key for key in ("qk_rope_head_dim", "qk_head_dim")
                         if getattr(config, key, None) == getattr(config, "head_dim", None)), None) if mla else None
-    kept = kept_layers(config, layers)
+    kept = kept_layers(config, layers) if mixed_layers else [0, 1]
     for key, value in list(vars(config).items()):
         if layers and layers > 2 and isinstance(value, (list, tuple)) and len(value) == layers:
             # per-layer lists (layer types, sparsity) and per-stage ones (ConvNeXt's widths and depths,
@@ -122,13 +121,13 @@ def shrink(config) -> None:
     for key in TOKEN_FIELDS:  # special tokens inside the smaller vocabulary
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= SMALL["vocab_size"]:
             setattr(config, key, 0)
-    if isinstance(first_stage, int) and first_stage != config.embed_dim:  # per-stage heads still divide the stages
-        scale = config.embed_dim / first_stage
-        # the first name only: the other may be an alias of it (Swin's attribute_map)
-        key = next((k for k in HEAD_LISTS if isinstance(getattr(config, k, None), (list, tuple))), None)
-        if key and all(isinstance(h, int) for h in getattr(config, key)):
-            heads = getattr(config, key)
-            setattr(config, key, type(heads)(max(1, round(h * scale)) for h in heads))
+    # per-stage heads that no longer divide the narrower stages are scaled with them (Swin's 3 into 64);
+    # the first name only: the other may be an alias of it (Swin's attribute_map)
+    key = next((k for k in HEAD_LISTS if isinstance(getattr(config, k, None), (list, tuple))), None)
+    heads = getattr(config, key) if key else ()
+    if (isinstance(first_stage, int) and heads and all(isinstance(h, int) for h in heads)
+            and config.embed_dim % heads[0]):
+        setattr(config, key, type(heads)(max(1, round(h * config.embed_dim / first_stage)) for h in heads))
     if mla:
         if isinstance(getattr(config, "num_key_value_heads", None), int):
             # MLA's keys and values come one per query head; grouping them would repeat them past it
@@ -154,7 +153,7 @@ def shrink(config) -> None:
     if isinstance(getattr(config, "activation_sparsity_pattern", None), list):
         config.activation_sparsity_pattern = [0.0] * len(config.activation_sparsity_pattern)  # erfinv: no ONNX op
     if getattr(config, "text_config", None) is not None:
-        shrink(config.text_config)
+        shrink(config.text_config, mixed_layers)
 
 
 def small_settings(settings: dict) -> dict:
@@ -164,6 +163,11 @@ def small_settings(settings: dict) -> dict:
     if settings.get("num_key_value_heads", 0) == settings.get("num_attention_heads"):
         small["num_key_value_heads"] = small["num_attention_heads"]
     return small
+
+
+def layer_count(config) -> int | None:
+    return next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
+                 if isinstance(getattr(config, k, None), int)), None)
 
 
 def kept_layers(config, layers: int | None) -> list[int]:
@@ -392,6 +396,33 @@ def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
             return "static"
 
 
+def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: bool):
+    """`model_type` shrunk (`shrink`), built with random weights and run once: the model and
+    `first_forward`'s result. `record` gets the stage reached."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    record["stage"] = "config"
+    config = AutoConfig.for_model(model_type)
+    shrink(config, mixed_layers)
+    record["stage"] = "model"
+    torch.manual_seed(0)
+    # batched experts: each token's expert weights gathered, then batched matmuls. The default
+    # grouped matmul has no ONNX translation, and the eager loop over the experts a token chose
+    # is data-dependent, which torch.export cannot trace with dynamic shapes
+    try:
+        model = AutoModel.from_config(config, experts_implementation="batched_mm")
+    except (TypeError, ValueError):
+        model = AutoModel.from_config(config)
+    model = model.to(getattr(torch, dtype)).eval()
+    fit_multimodal_rope(model)
+    record["stage"] = "forward"
+    candidates = example_inputs(model, config)
+    if isinstance(candidates, str):
+        raise LookupError(candidates)
+    return model, first_forward(model, candidates)
+
+
 def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     """One model type through every stage; the record says how far it got and why it stopped."""
     import contextlib
@@ -400,27 +431,17 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     record: dict = {"type": model_type, "dtype": dtype, "stage": "config"}
     started = time.perf_counter()
     try:
-        import torch
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
 
-        config = AutoConfig.for_model(model_type)
-        shrink(config)
-        record["stage"] = "model"
-        torch.manual_seed(0)
-        # batched experts: each token's expert weights gathered, then batched matmuls. The default
-        # grouped matmul has no ONNX translation, and the eager loop over the experts a token chose
-        # is data-dependent, which torch.export cannot trace with dynamic shapes
         try:
-            model = AutoModel.from_config(config, experts_implementation="batched_mm")
-        except (TypeError, ValueError):
-            model = AutoModel.from_config(config)
-        model = model.to(getattr(torch, dtype)).eval()
-        fit_multimodal_rope(model)
-        record["stage"] = "forward"
-        candidates = example_inputs(model, config)
-        if isinstance(candidates, str):
-            raise LookupError(candidates)
-        inputs, shapes, axes, calls, in_output = first_forward(model, candidates)
+            model, (inputs, shapes, axes, calls, in_output) = small_model_run(model_type, dtype, record, True)
+        except Exception:
+            config = AutoConfig.for_model(model_type)
+            if all(kept_layers(c, layer_count(c)) == [0, 1] for c in (config, getattr(config, "text_config", None))
+                   if c is not None):
+                raise
+            # a hybrid whose model or forward wants its first two layers (Zamba's shared blocks)
+            model, (inputs, shapes, axes, calls, in_output) = small_model_run(model_type, dtype, record, False)
         record["inputs"] = {name: list(value.shape) for name, value in inputs.items()}
         record["norm_calls"], record["norm_modules"] = sum(calls.values()), calls
         record["norms_in_output"] = in_output

@@ -254,19 +254,32 @@ def test_a_hybrid_keeps_a_layer_of_each_type_and_its_per_layer_settings(sweep):
     assert [layer.head_dim for layer in gemma4.per_layer_config] == [16, 16]
 
 
+def test_a_hybrid_that_wants_its_first_two_layers_gets_them(sweep, tmp_path):
+    """Zamba2's model fails to run with a Mamba layer and its hybrid layer kept: the sweep builds
+    it again with its first two layers, as a model with no layer types gets."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("zamba2")
+    assert sweep.kept_layers(config, sweep.layer_count(config)) != [0, 1]
+    record = sweep.sweep_one("zamba2", "float32", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert record["validated"] and record["fused_norms"] == record["norms_in_output"] > 0
+
+
 def test_per_stage_widths_and_heads_follow_the_shrunk_stages(sweep):
     """ConvNeXt's stage count is its num_hidden_layers: its per-stage widths and depths (tuples) are
     cut with it. Swin's per-stage heads (3, 6, 12, 24) are scaled with its first stage's width, so
     each still divides its stage."""
     from transformers import AutoConfig
 
-    convnext, swin = AutoConfig.for_model("convnext"), AutoConfig.for_model("swin")
-    for config in (convnext, swin):
+    convnext, swin, hiera = (AutoConfig.for_model(name) for name in ("convnext", "swin", "hiera"))
+    for config in (convnext, swin, hiera):
         sweep.shrink(config)
     assert convnext.num_stages == len(convnext.hidden_sizes) == len(convnext.depths) == 2
     assert swin.num_layers == len(swin.depths) == len(swin.num_heads) == 2 and swin.embed_dim == 64
     assert all(swin.embed_dim * 2 ** stage % heads == 0 for stage, heads in enumerate(swin.num_heads))
     assert swin.num_heads == (2, 4)
+    assert hiera.num_heads == (1, 2, 4, 8)  # they divide the narrower stages as they are: left alone
 
 
 def test_multimodal_rope_sections_fit_the_smaller_heads(sweep):
