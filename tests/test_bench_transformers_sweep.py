@@ -304,6 +304,17 @@ def test_multimodal_rope_sections_fit_the_smaller_heads(sweep):
     assert sum(rope.mrope_section) == 4 and all(n >= 1 for n in rope.mrope_section)
 
 
+def test_a_half_precision_model_is_swept_and_validated(sweep, tmp_path):
+    """`--dtype float16`: the model built, exported and compared in fp16, within fp16's graph tolerance."""
+    from normops.tolerances import GRAPH
+
+    record = sweep.sweep_one("llama", "float16", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert record["dtype"] == "float16" and record["validated"] and record["fused_norms"] == 5
+    # fp16's rounding shows: the fused graph is not bit-equal, and differs past fp32's tolerance
+    assert record["max_abs"] > GRAPH["float32"].atol
+
+
 def test_a_mixture_of_experts_exports_with_dynamic_shapes(sweep, tmp_path):
     """Mixtral's experts run batched (each token's expert weights gathered): no data-dependent
     loop, so torch exports it with dynamic batch and sequence, and every norm is fused."""
