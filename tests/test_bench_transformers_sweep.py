@@ -261,6 +261,8 @@ def test_a_hybrid_that_wants_its_first_two_layers_gets_them(sweep, tmp_path):
 
     config = AutoConfig.for_model("zamba2")
     assert sweep.kept_layers(config, sweep.layer_count(config)) != [0, 1]
+    with pytest.raises(RuntimeError, match="must match the size"):  # a layer of each type: it cannot run
+        sweep.small_model_run("zamba2", "float32", {}, mixed_layers=True)
     record = sweep.sweep_one("zamba2", "float32", tmp_path)
     assert record["stage"] == "done", record.get("error")
     assert record["validated"] and record["fused_norms"] == record["norms_in_output"] > 0
@@ -269,7 +271,7 @@ def test_a_hybrid_that_wants_its_first_two_layers_gets_them(sweep, tmp_path):
 def test_per_stage_widths_and_heads_follow_the_shrunk_stages(sweep):
     """ConvNeXt's stage count is its num_hidden_layers: its per-stage widths and depths (tuples) are
     cut with it. Swin's per-stage heads (3, 6, 12, 24) are scaled with its first stage's width, so
-    each still divides its stage."""
+    each still divides its stage; Hiera's (1, 2, 4, 8) already do, and stay."""
     from transformers import AutoConfig
 
     convnext, swin, hiera = (AutoConfig.for_model(name) for name in ("convnext", "swin", "hiera"))
@@ -279,7 +281,7 @@ def test_per_stage_widths_and_heads_follow_the_shrunk_stages(sweep):
     assert swin.num_layers == len(swin.depths) == len(swin.num_heads) == 2 and swin.embed_dim == 64
     assert all(swin.embed_dim * 2 ** stage % heads == 0 for stage, heads in enumerate(swin.num_heads))
     assert swin.num_heads == (2, 4)
-    assert hiera.num_heads == (1, 2, 4, 8)  # they divide the narrower stages as they are: left alone
+    assert hiera.num_heads == (1, 2, 4, 8)
 
 
 def test_multimodal_rope_sections_fit_the_smaller_heads(sweep):
