@@ -106,6 +106,8 @@ def shrink(config, mixed_layers: bool = True) -> None:
     head_dim_is = next((key for key in ("qk_rope_head_dim", "qk_head_dim")
                         if getattr(config, key, None) == getattr(config, "head_dim", None)), None) if mla else None
     kept = kept_layers(config, layers) if mixed_layers else [0, 1]
+    # a model with a key and value head per query head keeps them so (SMALL's 2 would make it grouped)
+    one_per_query = getattr(config, "num_key_value_heads", None) == getattr(config, "num_attention_heads", 0)
     for key, value in list(vars(config).items()):
         if layers and layers > 2 and isinstance(value, (list, tuple)) and len(value) == layers:
             # per-layer lists (layer types, sparsity) and per-stage ones (ConvNeXt's widths and depths,
@@ -128,10 +130,14 @@ def shrink(config, mixed_layers: bool = True) -> None:
     if (isinstance(first_stage, int) and heads and all(isinstance(h, int) for h in heads)
             and config.embed_dim % heads[0]):
         setattr(config, key, type(heads)(max(1, round(h * config.embed_dim / first_stage)) for h in heads))
-    if mla:
-        if isinstance(getattr(config, "num_key_value_heads", None), int):
-            # MLA's keys and values come one per query head; grouping them would repeat them past it
+    if (one_per_query or mla) and isinstance(getattr(config, "num_key_value_heads", None), int):
+        # MLA's latent keys and values come one per query head, whatever the config says: grouping
+        # them would repeat them past the query heads
+        try:
             config.num_key_value_heads = config.num_attention_heads
+        except AttributeError:  # derived from the others
+            pass
+    if mla:
         qk_head_dim = getattr(config, "qk_nope_head_dim", 0) + config.qk_rope_head_dim
         for key, value in (("qk_head_dim", qk_head_dim),
                            ("head_dim", config.qk_rope_head_dim if head_dim_is == "qk_rope_head_dim" else
