@@ -240,6 +240,18 @@ def test_per_layer_lists_are_cut_with_the_layers(sweep):
     assert mistral4.head_dim == mistral4.qk_head_dim == 16 and mistral4.qk_rope_head_dim == 8
 
 
+def test_key_and_value_heads_stay_one_per_query_head_or_grouped(sweep):
+    """Llama's default config has a key and value head per query head: it keeps them so. Mistral's
+    are grouped (8 for 32): shrunk to SMALL's 2 for 4, still grouped."""
+    from transformers import AutoConfig
+
+    llama, mistral = AutoConfig.for_model("llama"), AutoConfig.for_model("mistral")
+    for config in (llama, mistral):
+        sweep.shrink(config)
+    assert llama.num_key_value_heads == llama.num_attention_heads == 4
+    assert (mistral.num_key_value_heads, mistral.num_attention_heads) == (2, 4)
+
+
 def test_a_hybrid_keeps_a_layer_of_each_type_and_its_per_layer_settings(sweep):
     """Qwen3-Next is three linear-attention layers to one full: the two kept are one of each.
     Gemma 4's full-attention layers have their own head size (a per-layer setting, unreadable
