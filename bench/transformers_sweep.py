@@ -116,37 +116,29 @@ def shrink(config, mixed_layers: bool = True) -> None:
     for key, value in SMALL.items():
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
-            try:
-                setattr(config, key, value)
-            except AttributeError:  # a property derived from others (Falcon's head_dim), shrunk with them
-                pass
+            set_field(config, key, value)
     for key in TOKEN_FIELDS:  # special tokens inside the smaller vocabulary
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= SMALL["vocab_size"]:
             setattr(config, key, 0)
     # per-stage heads that no longer divide the narrower stages are scaled with them (Swin's 3 into 64);
     # the first name only: the other may be an alias of it (Swin's attribute_map)
-    key = next((k for k in HEAD_LISTS if isinstance(getattr(config, k, None), (list, tuple))), None)
-    heads = getattr(config, key) if key else ()
-    if (isinstance(first_stage, int) and heads and all(isinstance(h, int) for h in heads)
-            and config.embed_dim % heads[0]):
-        setattr(config, key, type(heads)(max(1, round(h * config.embed_dim / first_stage)) for h in heads))
+    stage_heads_key = next((k for k in HEAD_LISTS if isinstance(getattr(config, k, None), (list, tuple))), None)
+    stage_heads = getattr(config, stage_heads_key) if stage_heads_key else ()
+    if (isinstance(first_stage, int) and stage_heads and all(isinstance(h, int) for h in stage_heads)
+            and config.embed_dim % stage_heads[0]):
+        setattr(config, stage_heads_key,
+                type(stage_heads)(max(1, round(h * config.embed_dim / first_stage)) for h in stage_heads))
+    # MLA's latent keys and values come one per query head whatever its config says: grouping them
+    # would repeat them past the query heads
     if (one_per_query or mla) and isinstance(getattr(config, "num_key_value_heads", None), int):
-        # MLA's latent keys and values come one per query head, whatever the config says: grouping
-        # them would repeat them past the query heads
-        try:
-            config.num_key_value_heads = config.num_attention_heads
-        except AttributeError:  # derived from the others
-            pass
+        set_field(config, "num_key_value_heads", config.num_attention_heads)
     if mla:
         qk_head_dim = getattr(config, "qk_nope_head_dim", 0) + config.qk_rope_head_dim
         for key, value in (("qk_head_dim", qk_head_dim),
                            ("head_dim", config.qk_rope_head_dim if head_dim_is == "qk_rope_head_dim" else
                             qk_head_dim if head_dim_is == "qk_head_dim" else None)):
             if value is not None and isinstance(getattr(config, key, None), int):
-                try:
-                    setattr(config, key, value)
-                except AttributeError:  # a property derived from the others
-                    pass
+                set_field(config, key, value)
     for heads, size, expand in MAMBA_HEADS:  # SSM heads tile the expanded hidden size: keep them doing so
         values = [getattr(config, key, None) for key in (heads, size, expand, "hidden_size")]
         if all(isinstance(v, int) for v in values):
@@ -162,6 +154,15 @@ def shrink(config, mixed_layers: bool = True) -> None:
         shrink(config.text_config, mixed_layers)
 
 
+def set_field(config, key: str, value) -> None:
+    """`config.key = value`, unless `key` is a property derived from other fields (Falcon's
+    head_dim), which then follows them as they are shrunk."""
+    try:
+        setattr(config, key, value)
+    except AttributeError:
+        pass
+
+
 def small_settings(settings: dict) -> dict:
     """One layer's own settings shrunk as SMALL says; a layer with a key and value head per query
     head (dots3's MLA layers) keeps them so."""
@@ -172,6 +173,7 @@ def small_settings(settings: dict) -> dict:
 
 
 def layer_count(config) -> int | None:
+    """How many layers `config` has, by the first of the names families give it."""
     return next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
                  if isinstance(getattr(config, k, None), int)), None)
 
