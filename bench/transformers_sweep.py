@@ -12,13 +12,15 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
 3. forward: one pass on random ids (`pixel_values` for a vision model, images or else frames of
    video; both ids and pixels for a text and image dual encoder; `input_values` (a waveform) or
    `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
-   encoder-decoder), counting the calls of every LayerNorm or RMSNorm kind of module (a class
+   encoder-decoder; a vision tower taking a patch grid (Qwen2-VL's) gets the patches of one
+   image, its grid fixed in the export), counting the calls of every LayerNorm or RMSNorm kind of module (a class
    named "...Norm..." with no modules inside; batch, group, instance and weight norms not counted),
    and how many distinct norms the exported output depends on (autograd tells: a pooler's norm,
    or one on tokens the last layer drops, is left out of the export; two calls with equal weights
    on one tensor are one norm, and the exporter merges them); where no candidate input runs, the
    row's reason gives each one's error;
-4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails;
+4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails,
+   or the TorchScript exporter (static) where dynamo cannot export at all;
 5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
 6. validate: the `onnxruntime` form against the export on ONNX Runtime's CPU provider
    (export.validate, the dtype's graph tolerance), at two shapes where they are dynamic.
@@ -88,6 +90,11 @@ TEXT_SHAPES, VISION_SHAPES = "1x16,2x32", "1x16,2x16"
 # a spectrogram is validated at its example's length only: some speech exports (Canary, Cohere-ASR)
 # keep the frames axis dynamic, yet ONNX Runtime could not run them at 96 frames
 WAVE_SHAPES, SPECTROGRAM_SHAPES = "1x3200,2x4000", f"1x{FRAMES},2x{FRAMES}"
+# a vision tower fed flattened patches (Qwen2-VL's kind) gets one image of GRID (frames, rows,
+# columns) patches: rows and columns a multiple of every spatial merge (2) and of Qwen2.5-VL's
+# window (4 merged patches), fixed in the export since the tower computes its positions from them
+GRID_NAMES, GRID = ("grid_thw", "image_grid_thw"), (1, 8, 8)
+TORCHSCRIPT_OPSET = 18
 
 
 def shrink(config, mixed_layers: bool = True) -> None:
@@ -203,11 +210,11 @@ def fit_multimodal_rope(model) -> None:
         module.mrope_section = fitted
 
 
-def example_inputs(model, config) -> list[tuple[dict, str, dict]] | str:
+def example_inputs(model, config) -> list[tuple[dict, str, dict, dict]] | str:
     """Candidate inputs for `model`'s forward, each (inputs by name, validation shapes, dynamic axes
-    by name), the first whose forward runs to be used; or why none could be made. A spectrogram's
-    layout differs between models (Whisper: mel bins, then frames; Speech2Text: frames, then
-    features), so both are offered."""
+    by name, arguments fixed in the export), the first whose forward runs to be used; or why none
+    could be made. A spectrogram's layout differs between models (Whisper: mel bins, then frames;
+    Speech2Text: frames, then features), so both are offered."""
     import inspect
 
     import torch
@@ -222,35 +229,61 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict]] | str:
     size = getattr(vision, "image_size", 224)
     height_width = (size, size) if isinstance(size, int) else tuple(size) if len(size or ()) == 2 else (224, 224)
     image = (2, getattr(vision, "num_channels", 3), *height_width)
+    grid = next((name for name in GRID_NAMES if name in parameters), None)
+    if grid and "input_ids" not in parameters:
+        return patch_inputs(vision, parameters, grid, dtype)
     if "input_ids" in parameters:
         inputs = {"input_ids": torch.randint(0, vocabulary, (2, 16)), **tokens}
-        text = [(inputs, TEXT_SHAPES, {name: sequence for name in inputs})]
+        text = [(inputs, TEXT_SHAPES, {name: sequence for name in inputs}, {})]
         if "pixel_values" not in parameters:
             return text
         # a text and image dual encoder (CLIP, SigLIP) wants both
         return text + [({**inputs, "pixel_values": torch.rand(image, dtype=dtype)}, TEXT_SHAPES,
-                        {**text[0][2], "pixel_values": batch})]
+                        {**text[0][2], "pixel_values": batch}, {})]
     if "pixel_values" in parameters:  # a video model (VideoMAE, ViViT) takes frames as a second axis
         video = (image[0], getattr(vision, "num_frames", 8), *image[1:])
-        return [({"pixel_values": torch.rand(shape, dtype=dtype)}, VISION_SHAPES, {"pixel_values": batch})
+        return [({"pixel_values": torch.rand(shape, dtype=dtype)}, VISION_SHAPES, {"pixel_values": batch}, {})
                 for shape in (image, video)]
     if "input_values" in parameters:  # a waveform, with or without a channel axis
         return [({"input_values": torch.randn(shape, dtype=dtype), **tokens}, WAVE_SHAPES,
-                 {"input_values": {0: "batch", len(shape) - 1: "samples"}, **{n: sequence for n in tokens}})
+                 {"input_values": {0: "batch", len(shape) - 1: "samples"}, **{n: sequence for n in tokens}}, {})
                 for shape in ((2, SAMPLES), (2, 1, SAMPLES))]
     if "input_features" in parameters:
         fields = ("feature_projection_input_dim", "num_mel_bins", "feature_size", "input_feat_per_channel")
         bins = next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), 80)
         return [({"input_features": torch.randn(shape, dtype=dtype), **tokens}, SPECTROGRAM_SHAPES,
-                 {"input_features": {0: "batch", axis: "frames"}, **{n: sequence for n in tokens}})
+                 {"input_features": {0: "batch", axis: "frames"}, **{n: sequence for n in tokens}}, {})
                 for shape, axis in (((2, bins, FRAMES), 2), ((2, FRAMES, bins), 1))]
     required = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in ("self", "kwargs")]
     return ("takes none of input_ids, pixel_values, input_values, input_features "
             f"(needs {', '.join(required) or 'other inputs'})")
 
 
-def first_output(model, names: list[str]):
-    """`model` as a module of positional inputs named `names`, returning its first output (no cache)."""
+def patch_inputs(vision, parameters, grid: str, dtype) -> list[tuple[dict, str, dict, dict]]:
+    """Candidates for a vision tower fed the patches of an image and the grid they tile (Qwen2-VL,
+    GLM-4V, Kimi K2.5): GRID's patches, flattened (channels x frames x patch x patch each) or as
+    small images for a convolution, with the grid (and a spatial merge size where asked) fixed in
+    the export. Nothing is dynamic: the tower computes positions from the grid's values."""
+    import torch
+
+    channels = next((v for v in (getattr(vision, k, None) for k in ("in_channels", "num_channels"))
+                     if isinstance(v, int)), 3)
+    frames = getattr(vision, "temporal_patch_size", None) or 1
+    size = getattr(vision, "patch_size", None)
+    size = size if isinstance(size, int) else 14
+    count = GRID[0] * GRID[1] * GRID[2]
+    layouts = [(count, channels * frames * size * size), (count, channels, size, size)]
+    layouts += [(count, channels, frames, size, size)] if frames > 1 else []
+    name = next(n for n, p in parameters.items() if n != grid and n != "self")
+    fixed = {grid: torch.tensor([GRID])}
+    if "merge_sizes" in parameters:  # VideoLLaMA 3: each image's merge
+        fixed["merge_sizes"] = torch.tensor([getattr(vision, "spatial_merge_size", None) or 2])
+    return [({name: torch.randn(shape, dtype=dtype)}, f"1x{count}", {name: {}}, fixed) for shape in layouts]
+
+
+def first_output(model, names: list[str], fixed: dict | None = None):
+    """`model` as a module of positional inputs named `names`, and the `fixed` arguments, returning
+    its first output (no cache)."""
     import inspect
 
     import torch
@@ -263,7 +296,7 @@ def first_output(model, names: list[str]):
             self.model = model
 
         def forward(self, *values):
-            out = self.model(**dict(zip(names, values)), **no_cache)
+            out = self.model(**dict(zip(names, values)), **(fixed or {}), **no_cache)
             return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out[0]
 
     return FirstOutput().eval()
@@ -359,19 +392,19 @@ class NoInputsRan(Exception):
     """No candidate input ran the forward; the message gives each candidate's error."""
 
 
-def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, int | None]:
+def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, dict, int | None]:
     """The first of `example_inputs`' candidates whose forward runs: (inputs, validation shapes,
-    dynamic axes, norm calls by class, distinct norms in the output). A forward that fails with
+    dynamic axes, fixed arguments, norm calls by class, distinct norms in the output). A forward that fails with
     gradients on (an in-place update of a tensor that needs one) is run again without, and the
     norms in the output are then not known. If none runs: a single candidate's error, or
     NoInputsRan naming each candidate's inputs and error, since which one tells the cause differs
     (Qwen2-VL: the first, ids; Speech2Text: the second spectrogram layout)."""
     errors: list[tuple[dict, Exception]] = []
-    for inputs, shapes, axes in candidates:
-        run = functools.partial(first_output(model, list(inputs)), *inputs.values())
+    for inputs, shapes, axes, fixed in candidates:
+        run = functools.partial(first_output(model, list(inputs), fixed), *inputs.values())
         for gradients in (True, False):
             try:
-                return (inputs, shapes, axes, *count_norm_calls(model, run, gradients))
+                return (inputs, shapes, axes, fixed, *count_norm_calls(model, run, gradients))
             except Exception as exc:
                 error = exc
         errors.append((inputs, error))
@@ -387,21 +420,32 @@ def describe(inputs: dict) -> str:
 
 
 def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
-    """Export `wrapped` (`first_output`) with the dynamic `axes` of each input (batch and sequence),
-    or static shapes where torch cannot; says which."""
+    """Export `wrapped` (`first_output`) with torch's dynamo exporter and the dynamic `axes` of each
+    input (batch and sequence), or static shapes where it cannot; where it cannot export at all (a
+    branch on data, such as the positions a vision tower computes from its patch grid), with the
+    TorchScript exporter, which traces the values of this one run. Says which: "dynamic",
+    "static" or "TorchScript" (static too)."""
     import torch
 
     args = tuple(inputs.values())
+    names = {"input_names": list(inputs), "output_names": ["output"], "verbose": False}
     dynamic = (tuple(axes[name] for name in inputs),)  # one entry for the wrapper's *values: a spec per input
     with torch.no_grad():
+        if any(axes.values()):
+            try:
+                torch.onnx.export(wrapped, args, str(path), dynamo=True, dynamic_shapes=dynamic, **names)
+                return "dynamic"
+            except Exception:
+                pass
         try:
-            torch.onnx.export(wrapped, args, str(path), dynamo=True, input_names=list(inputs), output_names=["output"],
-                              dynamic_shapes=dynamic, verbose=False)
-            return "dynamic"
-        except Exception:
-            torch.onnx.export(wrapped, args, str(path), dynamo=True, input_names=list(inputs), output_names=["output"],
-                              verbose=False)
+            torch.onnx.export(wrapped, args, str(path), dynamo=True, **names)
             return "static"
+        except Exception as dynamo_error:
+            try:
+                torch.onnx.export(wrapped, args, str(path), dynamo=False, opset_version=TORCHSCRIPT_OPSET, **names)
+            except Exception:
+                raise dynamo_error from None  # the dynamo exporter's reason is the one to read
+            return "TorchScript"
 
 
 def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: bool):
@@ -442,20 +486,22 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
         from transformers import AutoConfig
 
         try:
-            model, (inputs, shapes, axes, calls, in_output) = small_model_run(model_type, dtype, record, True)
+            model, (inputs, shapes, axes, fixed, calls, in_output) = small_model_run(model_type, dtype, record, True)
         except Exception:
             config = AutoConfig.for_model(model_type)
             if all(kept_layers(c, layer_count(c)) == [0, 1] for c in (config, getattr(config, "text_config", None))
                    if c is not None):
                 raise
             # a hybrid whose model or forward wants its first two layers (Zamba's shared blocks)
-            model, (inputs, shapes, axes, calls, in_output) = small_model_run(model_type, dtype, record, False)
+            model, (inputs, shapes, axes, fixed, calls, in_output) = small_model_run(model_type, dtype, record, False)
         record["inputs"] = {name: list(value.shape) for name, value in inputs.items()}
+        if fixed:
+            record["fixed"] = {name: value.tolist() for name, value in fixed.items()}
         record["norm_calls"], record["norm_modules"] = sum(calls.values()), calls
         record["norms_in_output"] = in_output
         record["stage"] = "export"
         exported = work / "model.onnx"
-        wrapped = first_output(model, list(inputs))
+        wrapped = first_output(model, list(inputs), fixed)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             record["shapes"] = export(wrapped, inputs, axes, exported)
         del model, wrapped

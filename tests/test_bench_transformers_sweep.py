@@ -130,7 +130,7 @@ def test_the_first_spectrogram_layout_that_runs_is_used(sweep):
     model = FramesFirst()
     candidates = sweep.example_inputs(model, types.SimpleNamespace(num_mel_bins=24))
     assert [list(c[0]["input_features"].shape) for c in candidates] == [[2, 24, sweep.FRAMES], [2, sweep.FRAMES, 24]]
-    inputs, shapes, axes, calls, in_output = sweep.first_forward(model, candidates)
+    inputs, shapes, axes, fixed, calls, in_output = sweep.first_forward(model, candidates)
     assert list(inputs["input_features"].shape) == [2, sweep.FRAMES, 24]
     assert axes == {"input_features": {0: "batch", 1: "frames"}}
     assert calls == {"LayerNorm": 1} and in_output == 1 and shapes == sweep.SPECTROGRAM_SHAPES
@@ -159,7 +159,7 @@ def test_a_dual_encoder_is_given_ids_and_pixels(sweep):
             return (self.norm(self.embed(input_ids)) * pixel_values.mean(),)
 
     config = types.SimpleNamespace(vocab_size=256, vision_config=types.SimpleNamespace(image_size=32, num_channels=3))
-    inputs, shapes, axes, calls, in_output = sweep.first_forward(TextAndImage(), sweep.example_inputs(TextAndImage(), config))
+    inputs, shapes, axes, fixed, calls, in_output = sweep.first_forward(TextAndImage(), sweep.example_inputs(TextAndImage(), config))
     assert {name: list(v.shape) for name, v in inputs.items()} == {"input_ids": [2, 16], "pixel_values": [2, 3, 32, 32]}
     assert axes == {"input_ids": {0: "batch", 1: "sequence"}, "pixel_values": {0: "batch"}} and in_output == 1
 
@@ -336,6 +336,39 @@ def test_a_mixture_of_experts_exports_with_dynamic_shapes(sweep, tmp_path):
     assert record["stage"] == "done", record.get("error")
     assert record["shapes"] == "dynamic" and record["validated"]
     assert record["fused_norms"] == record["norms_in_output"] == 5
+
+
+def test_a_vision_tower_fed_a_patch_grid_is_swept_with_the_grid_fixed(sweep, tmp_path):
+    """Qwen2.5-VL's vision tower takes flattened patches and the grid they tile, from whose values
+    it computes rotary positions and windows: dynamo cannot export that, so the grid is fixed and
+    the TorchScript exporter traces it. Its 4 norms in the output (the fifth, the merger's, feeds
+    nothing the last hidden state needs) are fused and validated."""
+    record = sweep.sweep_one("qwen2_5_vl_vision", "float32", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    grid = list(sweep.GRID)
+    assert record["inputs"] == {"hidden_states": [grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14]}
+    assert record["fixed"] == {"grid_thw": [grid]}
+    assert record["shapes"] == "TorchScript" and record["validated"]
+    assert record["fused_norms"] == record["norms_in_output"] == 4
+
+
+def test_an_export_with_no_dynamic_axis_is_called_static(sweep, tmp_path):
+    """Inputs with no dynamic axis (a fixed patch grid's) export static, and the row says so."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).eval()
+    class Kwargs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return (self.inner(x),)
+
+    wrapped = sweep.first_output(Kwargs(), ["x"])
+    inputs = {"x": torch.randn(4, 8)}
+    assert sweep.export(wrapped, inputs, {"x": {}}, tmp_path / "static.onnx") == "static"
+    assert sweep.export(wrapped, inputs, {"x": {0: "batch"}}, tmp_path / "dynamic.onnx") == "dynamic"
 
 
 def test_only_layer_and_rms_kinds_of_norm_are_counted(sweep):
