@@ -5,7 +5,9 @@ rewritten and validated, one type a process.
         [--jobs 2] [--timeout 300] [--json bench/results/transformers-sweep-float32.json]
 
 For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by default):
-1. config: its default config, shrunk (hidden 64, 2 layers, 4 heads, vocabulary 256, 4 experts, ...);
+1. config: its default config, shrunk (hidden 64, 2 layers, 4 heads, vocabulary 256, 4 experts, ...),
+   and so every config it holds (a vision tower's, an encoder's); where that model does not build
+   or run, only its text config, then its first two layers (`shrink_attempts`);
 2. model: built from it with random weights (nothing is downloaded), in `--dtype`, experts of a
    mixture run batched (exportable with dynamic shapes), multimodal rotary sections fitted to the
    smaller heads;
@@ -97,11 +99,12 @@ GRID_NAMES, GRID = ("grid_thw", "image_grid_thw"), (1, 8, 8)
 TORCHSCRIPT_OPSET = 18
 
 
-def shrink(config, mixed_layers: bool = True) -> None:
-    """`config` made small in place (and its text_config): see SMALL. Two layers are kept: the first
-    two, or with `mixed_layers` where `layer_types` varies the first and the first of another type
-    (a hybrid keeps an attention layer and a linear one); per-layer settings (Gemma 4's global
-    layers' head size) are shrunk and given again for the layers kept."""
+def shrink(config, mixed_layers: bool = True, sub_configs: bool = True) -> None:
+    """`config` made small in place, and its text_config, and with `sub_configs` every other config
+    it holds (a vision tower's, an encoder's and a decoder's, SAM's mask decoder's): see SMALL. Two
+    layers are kept: the first two, or with `mixed_layers` where `layer_types` varies the first
+    and the first of another type (a hybrid keeps an attention layer and a linear one); per-layer
+    settings (Gemma 4's global layers' head size) are shrunk and given again for the layers kept."""
     spec = vars(config).get("_heterogeneity_spec")
     per_layer = {i: dict(settings) for i, settings in spec.per_layer_overrides.items()} if spec else {}
     if spec:
@@ -157,8 +160,12 @@ def shrink(config, mixed_layers: bool = True) -> None:
         config.per_layer_config = {new: small_settings(per_layer[old]) for new, old in enumerate(kept) if old in per_layer}
     if isinstance(getattr(config, "activation_sparsity_pattern", None), list):
         config.activation_sparsity_pattern = [0.0] * len(config.activation_sparsity_pattern)  # erfinv: no ONNX op
-    if getattr(config, "text_config", None) is not None:
-        shrink(config.text_config, mixed_layers)
+    from transformers import PretrainedConfig
+
+    for name in dict.fromkeys(["text_config", *(getattr(config, "sub_configs", None) or {})] if sub_configs
+                              else ["text_config"]):
+        if isinstance(getattr(config, name, None), PretrainedConfig):
+            shrink(getattr(config, name), mixed_layers, sub_configs)
 
 
 def set_field(config, key: str, value) -> None:
@@ -448,7 +455,7 @@ def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
             return "TorchScript"
 
 
-def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: bool):
+def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: bool, sub_configs: bool = True):
     """`model_type` shrunk (`shrink`), built with random weights and run once: the model and
     `first_forward`'s result. `record` gets the stage reached."""
     import torch
@@ -456,7 +463,7 @@ def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: boo
 
     record["stage"] = "config"
     config = AutoConfig.for_model(model_type)
-    shrink(config, mixed_layers)
+    shrink(config, mixed_layers, sub_configs)
     record["stage"] = "model"
     torch.manual_seed(0)
     # batched experts: each token's expert weights gathered, then batched matmuls. The default
@@ -483,17 +490,19 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     record: dict = {"type": model_type, "dtype": dtype, "stage": "config"}
     started = time.perf_counter()
     try:
-        from transformers import AutoConfig
-
-        try:
-            model, (inputs, shapes, axes, fixed, calls, in_output) = small_model_run(model_type, dtype, record, True)
-        except Exception:
-            config = AutoConfig.for_model(model_type)
-            if all(kept_layers(c, layer_count(c)) == [0, 1] for c in (config, getattr(config, "text_config", None))
-                   if c is not None):
-                raise
-            # a hybrid whose model or forward wants its first two layers (Zamba's shared blocks)
-            model, (inputs, shapes, axes, fixed, calls, in_output) = small_model_run(model_type, dtype, record, False)
+        first_failure = None  # (stage, error) of the first settings: the row's reason if none runs
+        for attempt, (mixed_layers, sub_configs) in enumerate(shrink_attempts(model_type)):
+            try:
+                model, (inputs, shapes, axes, fixed, calls, in_output) = small_model_run(
+                    model_type, dtype, record, mixed_layers, sub_configs)
+                break
+            except Exception as exc:
+                first_failure = first_failure or (record["stage"], exc)
+                if attempt == len(shrink_attempts(model_type)) - 1:
+                    record["stage"] = first_failure[0]
+                    raise first_failure[1] from None
+        if (mixed_layers, sub_configs) != (True, True):
+            record["shrink"] = {"mixed_layers": mixed_layers, "sub_configs": sub_configs}
         record["inputs"] = {name: list(value.shape) for name, value in inputs.items()}
         if fixed:
             record["fixed"] = {name: value.tolist() for name, value in fixed.items()}
@@ -530,6 +539,28 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
             record["trace"] = traceback.format_exc()
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+@functools.cache
+def shrink_attempts(model_type: str) -> list[tuple[bool, bool]]:
+    """The (mixed_layers, sub_configs) settings of `shrink` to build and run `model_type` with, in
+    turn until one runs: every config shrunk and a layer of each type first; then, where they make
+    another config, only the text config (a model whose other parts assume their full size), the
+    first two layers (Zamba's shared blocks want them), and both."""
+    from transformers import AutoConfig
+
+    attempts, seen = [], []
+    for settings in ((True, True), (True, False), (False, True), (False, False)):
+        try:
+            config = AutoConfig.for_model(model_type)
+            shrink(config, *settings)
+            made = config.to_dict()
+        except Exception as exc:  # tried again in small_model_run, where its stage is recorded
+            made = repr(exc)
+        if made not in seen:
+            attempts.append(settings)
+            seen.append(made)
+    return attempts
 
 
 def reason(message: str) -> str:
