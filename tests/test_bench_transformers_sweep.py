@@ -266,6 +266,26 @@ def test_a_hybrid_keeps_a_layer_of_each_type_and_its_per_layer_settings(sweep):
     assert [layer.head_dim for layer in gemma4.per_layer_config] == [16, 16]
 
 
+def test_every_held_config_is_shrunk_unless_only_the_text_config_runs(sweep):
+    """CLIP's vision tower is shrunk with its text model; `sub_configs=False` leaves it whole. The
+    settings a type is tried with are only those that make another config: one for LLaMA (no
+    sub-config, no layer types), the text config alone after every config for SigLIP, and the
+    first two layers after a layer of each type for Zamba2."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("clip")
+    sweep.shrink(config)
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (64, 2)
+    assert config.text_config.hidden_size == 64
+    whole = AutoConfig.for_model("clip")
+    sweep.shrink(whole, sub_configs=False)
+    assert (whole.vision_config.hidden_size, whole.vision_config.num_hidden_layers) == (768, 12)
+    assert whole.text_config.hidden_size == 64
+    assert sweep.shrink_attempts("llama") == [(True, True)]
+    assert sweep.shrink_attempts("siglip") == [(True, True), (True, False)]
+    assert sweep.shrink_attempts("zamba2") == [(True, True), (False, True)]
+
+
 def test_a_hybrid_that_wants_its_first_two_layers_gets_them(sweep, tmp_path):
     """Zamba2's model fails to run with a Mamba layer and its hybrid layer kept: the sweep builds
     it again with its first two layers, as a model with no layer types gets."""
