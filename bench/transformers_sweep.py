@@ -15,12 +15,12 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
    video; both ids and pixels for a text and image dual encoder; `input_values` (a waveform) or
    `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
    encoder-decoder; a vision tower taking a patch grid (Qwen2-VL's) gets the patches of one
-   image, its grid fixed in the export), counting the calls of every LayerNorm or RMSNorm kind of module (a class
-   named "...Norm..." with no modules inside; batch, group, instance and weight norms not counted),
-   and how many distinct norms the exported output depends on (autograd tells: a pooler's norm,
-   or one on tokens the last layer drops, is left out of the export; two calls with equal weights
-   on one tensor are one norm, and the exporter merges them); where no candidate input runs, the
-   row's reason gives each one's error;
+   image, its grid fixed in the export), counting the calls of every LayerNorm or RMSNorm kind of
+   module (a class named "...Norm..." with no modules inside; batch, group, instance and weight
+   norms not counted), and how many distinct norms the exported output depends on (autograd
+   tells: a pooler's norm, or one on tokens the last layer drops, is left out of the export; two
+   calls with equal weights on one tensor are one norm, and the exporter merges them); where no
+   candidate input runs, the row's reason gives each one's error;
 4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails,
    or the TorchScript exporter (static) where dynamo cannot export at all;
 5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
@@ -401,9 +401,9 @@ class NoInputsRan(Exception):
 
 def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, dict, int | None]:
     """The first of `example_inputs`' candidates whose forward runs: (inputs, validation shapes,
-    dynamic axes, fixed arguments, norm calls by class, distinct norms in the output). A forward that fails with
-    gradients on (an in-place update of a tensor that needs one) is run again without, and the
-    norms in the output are then not known. If none runs: a single candidate's error, or
+    dynamic axes, fixed arguments, norm calls by class, distinct norms in the output). A forward
+    that fails with gradients on (an in-place update of a tensor that needs one) is run again
+    without, and the norms in the output are then not known. If none runs: a single candidate's error, or
     NoInputsRan naming each candidate's inputs and error, since which one tells the cause differs
     (Qwen2-VL: the first, ids; Speech2Text: the second spectrogram layout)."""
     errors: list[tuple[dict, Exception]] = []
