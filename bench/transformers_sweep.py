@@ -97,6 +97,7 @@ WAVE_SHAPES, SPECTROGRAM_SHAPES = "1x3200,2x4000", f"1x{FRAMES},2x{FRAMES}"
 # window (4 merged patches), fixed in the export since the tower computes its positions from them
 GRID_NAMES, GRID = ("grid_thw", "image_grid_thw"), (1, 8, 8)
 TORCHSCRIPT_OPSET = 18
+BUILD_STAGES = ("config", "model", "forward")  # the stages small_model_run goes through, in order
 
 
 def shrink(config, mixed_layers: bool = True, sub_configs: bool = True) -> None:
@@ -490,17 +491,18 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     record: dict = {"type": model_type, "dtype": dtype, "stage": "config"}
     started = time.perf_counter()
     try:
-        first_failure = None  # (stage, error) of the first settings: the row's reason if none runs
+        furthest = None  # (stage, error) of the settings that got furthest (the first of equals): the row's reason
         for attempt, (mixed_layers, sub_configs) in enumerate(shrink_attempts(model_type)):
             try:
                 model, (inputs, shapes, axes, fixed, calls, in_output) = small_model_run(
                     model_type, dtype, record, mixed_layers, sub_configs)
                 break
             except Exception as exc:
-                first_failure = first_failure or (record["stage"], exc)
+                if furthest is None or BUILD_STAGES.index(record["stage"]) > BUILD_STAGES.index(furthest[0]):
+                    furthest = (record["stage"], exc)
                 if attempt == len(shrink_attempts(model_type)) - 1:
-                    record["stage"] = first_failure[0]
-                    raise first_failure[1] from None
+                    record["stage"] = furthest[0]
+                    raise furthest[1] from None
         if (mixed_layers, sub_configs) != (True, True):
             record["shrink"] = {"mixed_layers": mixed_layers, "sub_configs": sub_configs}
         record["inputs"] = {name: list(value.shape) for name, value in inputs.items()}

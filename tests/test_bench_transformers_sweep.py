@@ -286,6 +286,16 @@ def test_every_held_config_is_shrunk_unless_only_the_text_config_runs(sweep):
     assert sweep.shrink_attempts("zamba2") == [(True, True), (False, True)]
 
 
+def test_a_row_gives_the_reason_of_the_settings_that_got_furthest(sweep, tmp_path):
+    """OneFormer with every config shrunk fails to build (an IndexError in its model code); with
+    only its text config shrunk it builds and stops at its forward, which wants task inputs. That
+    reason, the further one, is the row's."""
+    with pytest.raises(IndexError):
+        sweep.small_model_run("oneformer", "float32", {}, mixed_layers=True, sub_configs=True)
+    record = sweep.sweep_one("oneformer", "float32", tmp_path)
+    assert record["stage"] == "forward" and "task_inputs" in record["error"]
+
+
 def test_a_hybrid_that_wants_its_first_two_layers_gets_them(sweep, tmp_path):
     """Zamba2's model fails to run with a Mamba layer and its hybrid layer kept: the sweep builds
     it again with its first two layers, as a model with no layer types gets."""
