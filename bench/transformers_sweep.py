@@ -269,8 +269,8 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict, dict]] | str:
 
 def patch_inputs(vision, parameters, grid: str, dtype) -> list[tuple[dict, str, dict, dict]]:
     """Candidates for a vision tower fed the patches of an image and the grid they tile (Qwen2-VL,
-    GLM-4V, Kimi K2.5): GRID's patches, flattened (channels x frames x patch x patch each) or as
-    small images for a convolution, with the grid (and a spatial merge size where asked) fixed in
+    GLM-4V, Kimi K2.5): GRID's patches, flattened (channels x frames x patch x patch each), as
+    small images for a convolution, or with a time axis, with the grid (and a spatial merge size where asked) fixed in
     the export. Nothing is dynamic: the tower computes positions from the grid's values."""
     import torch
 
@@ -281,7 +281,8 @@ def patch_inputs(vision, parameters, grid: str, dtype) -> list[tuple[dict, str, 
     size = size if isinstance(size, int) else 14
     count = GRID[0] * GRID[1] * GRID[2]
     layouts = [(count, channels * frames * size * size), (count, channels, size, size)]
-    layouts += [(count, channels, frames, size, size)] if frames > 1 else []
+    # with a time axis; or, where the config gives no temporal patch, flat with Qwen's 2 (MuseSpark)
+    layouts += [(count, channels, frames, size, size)] if frames > 1 else [(count, channels * 2 * size * size)]
     name = next(n for n, p in parameters.items() if n != grid and n != "self")
     fixed = {grid: torch.tensor([GRID])}
     if "merge_sizes" in parameters:  # VideoLLaMA 3: each image's merge
