@@ -386,16 +386,15 @@ def test_an_export_with_no_dynamic_axis_is_called_static(sweep, tmp_path):
     """Inputs with no dynamic axis (a fixed patch grid's) export static, and the row says so."""
     import torch
 
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).eval()
-    class Kwargs(torch.nn.Module):
+    class LinearNorm(torch.nn.Module):  # called by keyword and returning a tuple, as a transformers model
         def __init__(self):
             super().__init__()
-            self.inner = model
+            self.inner = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
 
         def forward(self, x):
             return (self.inner(x),)
 
-    wrapped = sweep.first_output(Kwargs(), ["x"])
+    wrapped = sweep.first_output(LinearNorm().eval(), ["x"])
     inputs = {"x": torch.randn(4, 8)}
     assert sweep.export(wrapped, inputs, {"x": {}}, tmp_path / "static.onnx") == "static"
     assert sweep.export(wrapped, inputs, {"x": {0: "batch"}}, tmp_path / "dynamic.onnx") == "dynamic"
