@@ -270,8 +270,9 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict, dict]] | str:
 def patch_inputs(vision, parameters, grid: str, dtype) -> list[tuple[dict, str, dict, dict]]:
     """Candidates for a vision tower fed the patches of an image and the grid they tile (Qwen2-VL,
     GLM-4V, Kimi K2.5): GRID's patches, flattened (channels x frames x patch x patch each), as
-    small images for a convolution, or with a time axis, with the grid (and a spatial merge size where asked) fixed in
-    the export. Nothing is dynamic: the tower computes positions from the grid's values."""
+    small images for a convolution, or with a time axis, with the grid (and a spatial merge size
+    where asked) fixed in the export. Nothing is dynamic: the tower computes positions from the
+    grid's values."""
     import torch
 
     channels = next((v for v in (getattr(vision, k, None) for k in ("in_channels", "num_channels"))
@@ -405,9 +406,9 @@ def first_forward(model, candidates: list) -> tuple[dict, str, dict, dict, dict,
     """The first of `example_inputs`' candidates whose forward runs: (inputs, validation shapes,
     dynamic axes, fixed arguments, norm calls by class, distinct norms in the output). A forward
     that fails with gradients on (an in-place update of a tensor that needs one) is run again
-    without, and the norms in the output are then not known. If none runs: a single candidate's error, or
-    NoInputsRan naming each candidate's inputs and error, since which one tells the cause differs
-    (Qwen2-VL: the first, ids; Speech2Text: the second spectrogram layout)."""
+    without, and the norms in the output are then not known. If none runs: a single candidate's
+    error, or NoInputsRan naming each candidate's inputs and error, since which one tells the
+    cause differs (Qwen2-VL: the first, ids; Speech2Text: the second spectrogram layout)."""
     errors: list[tuple[dict, Exception]] = []
     for inputs, shapes, axes, fixed in candidates:
         run = functools.partial(first_output(model, list(inputs), fixed), *inputs.values())
@@ -492,18 +493,17 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     record: dict = {"type": model_type, "dtype": dtype, "stage": "config"}
     started = time.perf_counter()
     try:
-        furthest = None  # (stage, error) of the settings that got furthest (the first of equals): the row's reason
-        for attempt, (mixed_layers, sub_configs) in enumerate(shrink_attempts(model_type)):
+        failures: list[tuple[str, Exception]] = []  # (stage reached, error) of each settings tried
+        for mixed_layers, sub_configs in shrink_attempts(model_type):
             try:
                 model, (inputs, shapes, axes, fixed, calls, in_output) = small_model_run(
                     model_type, dtype, record, mixed_layers, sub_configs)
                 break
             except Exception as exc:
-                if furthest is None or BUILD_STAGES.index(record["stage"]) > BUILD_STAGES.index(furthest[0]):
-                    furthest = (record["stage"], exc)
-                if attempt == len(shrink_attempts(model_type)) - 1:
-                    record["stage"] = furthest[0]
-                    raise furthest[1] from None
+                failures.append((record["stage"], exc))
+        else:  # none ran: the row's reason is that of the settings that got furthest (max: the first of equals)
+            record["stage"], error = max(failures, key=lambda failure: BUILD_STAGES.index(failure[0]))
+            raise error from None
         if (mixed_layers, sub_configs) != (True, True):
             record["shrink"] = {"mixed_layers": mixed_layers, "sub_configs": sub_configs}
         record["inputs"] = {name: list(value.shape) for name, value in inputs.items()}
@@ -544,7 +544,6 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     return record
 
 
-@functools.cache
 def shrink_attempts(model_type: str) -> list[tuple[bool, bool]]:
     """The (mixed_layers, sub_configs) settings of `shrink` to build and run `model_type` with, in
     turn until one runs: every config shrunk and a layer of each type first; then, where they make
