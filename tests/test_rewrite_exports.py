@@ -138,6 +138,10 @@ class TorchStatisticsNorm(torch.nn.Module):
         if self.form == "nGPT's L2 norm":  # transformers' Dory: the hidden state kept at norm 1, not RMS 1
             h = x.float()
             return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6)).type_as(x) * self.weight
+        if self.form == "rounded factor":  # DeepSeek V4's unweighted RMSNorm: the factor cast back, x kept
+            return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+        if self.form == "rounded root":  # the same with the root cast back and x divided by it
+            return x / torch.sqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(x.dtype) * self.weight
         if self.form == "x / x.norm":  # ReduceL2
             return x / x.norm(dim=-1, keepdim=True)
         if self.form == "F.normalize":  # x / max(||x||, eps): epsilon outside the root
@@ -161,12 +165,17 @@ def _export_dynamic(module, dtype):
 
 @pytest.mark.parametrize("form,kind", [("var_mean", "LayerNorm"), ("var", "LayerNorm"), ("sum over hidden", "RMSNorm"),
                                        ("mean unsqueezed", "RMSNorm"), ("nGPT's L2 norm", "RMSNorm"),
-                                       ("x / x.norm", "RMSNorm")])
+                                       ("x / x.norm", "RMSNorm"), ("rounded factor", "RMSNorm"),
+                                       ("rounded root", "RMSNorm")])
 def test_torch_statistics_are_fused(form, kind):
     report = assert_fused_and_equal(_export_dynamic(TorchStatisticsNorm(form), "float32"), 1, 0, "float32")
     assert report.fusions[0].kind == kind
-    report = assert_fused_and_equal(_export_module(TorchStatisticsNorm(form), "float16", 18), 1, 0, "float16")
+    model = _export_module(TorchStatisticsNorm(form), "float16", 18)
+    report = assert_fused_and_equal(model, 1, 0, "float16")
     assert report.fusions[0].kind == kind
+    if form.startswith("rounded"):  # the factor's cast back to float16 is in the graph, and inside the fusion
+        cast_back = [n.name for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16]
+        assert cast_back and set(cast_back) <= set(report.fusions[0].nodes_removed)
 
 
 def test_an_l2_norm_becomes_the_rmsnorm_it_equals():

@@ -335,6 +335,44 @@ def test_half_precision_with_casts_anywhere(spec):
     assert_same(model, out, spec.dtype)
 
 
+# (dtype, epsilon, dropped): fused where epsilon bounds the factor within the half type's normal range
+ROUNDED_FACTORS = [("float16", 1e-6, False, True), ("bfloat16", 1e-6, False, True), ("bfloat16", 1e-12, False, True),
+                   ("float16", 1e-12, False, False), ("float16", 1e-6, True, False), ("bfloat16", 1e-6, True, False)]
+
+
+@pytest.mark.parametrize("kind", ("rms", "layer"))
+@pytest.mark.parametrize("inverse", ("sqrt_reciprocal", "div"))
+@pytest.mark.parametrize("dtype,epsilon,dropped,fused", ROUNDED_FACTORS)
+def test_a_factor_cast_back_is_fused_while_epsilon_keeps_it_a_rounding(kind, inverse, dtype, epsilon, dropped, fused):
+    """DeepSeek V4's `x * rsqrt(mean(x.float()^2) + eps).to(x.dtype)`: the inverse root (or the root x
+    is divided by) cast back to x's type. Its eps 1e-6 bounds the inverse root by 1000; fp16's
+    largest value 65504 needs eps >= 2.3e-10, its smallest normal a root eps >= 3.7e-9, and with no
+    epsilon neither type has a bound: refused, with the reason."""
+    spec = NormSpec(kind=kind, dtype=dtype, casts="factor", inverse=inverse, epsilon=epsilon, epsilon_dropped=dropped)
+    model = build(spec)
+    assert any(n.op_type == "Cast" and n.input[0].startswith(("reciprocal", "sqrt")) for n in model.graph.node)
+    out, report = rewrite_model(model, target="tensorrt")
+    if fused:
+        assert report.fused == 1 and "Cast" not in fused_ops(out), [r.reason for r in report.rejected]
+        assert_same(model, out, dtype)
+        return
+    assert report.fused == 0
+    (rejection,) = report.rejected
+    root = inverse == "div"
+    assert ("smallest normal value" if root else "become inf") in rejection.reason and f"cast to {dtype}" in rejection.reason
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_factor_that_overflows_the_half_type_is_more_than_a_rounding():
+    """Why the bound: at eps 1e-12 in fp16, a row of 1e-5s has mean square 1e-10, an inverse root of
+    about 1e5 that fp16 holds as inf, and the graph gives inf where the norm is 1."""
+    model = build(NormSpec(kind="rms", dtype="float16", casts="factor", scale="none", epsilon=1e-12))
+    (y,) = run_model(model, {"x": np.full((2, 5, 16), 1e-5, np.float16)})
+    assert np.isinf(y).all()
+    out, report = rewrite_model(model, target="tensorrt")
+    assert report.fused == 0 and "become inf" in report.rejected[0].reason
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("residual", ("none", "private", "exposed"))
 @pytest.mark.parametrize("kind", ("rms", "layer"))

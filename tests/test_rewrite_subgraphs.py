@@ -224,7 +224,8 @@ BRANCH_SPECS = [NormSpec(kind=kind, mutation=mutation, inverse=inverse)
                 for kind in ("rms", "layer") for mutation in (None, "wrong_axis", "two_axes", "pow3")
                 for inverse in ("div", "pow")]
 BRANCH_SPECS += [NormSpec(kind="rms", dtype="float16", casts="llama"), NormSpec(kind="layer", dtype="float16", casts="t5"),
-                 NormSpec(kind="rms", positive_axis=True, axes_input=False), NormSpec(kind="rms", epsilon=1e-2)]
+                 NormSpec(kind="rms", positive_axis=True, axes_input=False), NormSpec(kind="rms", epsilon=1e-2),
+                 NormSpec(kind="rms", dtype="float16", casts="factor")]
 
 
 @pytest.mark.parametrize("spec", BRANCH_SPECS, ids=NormSpec.describe)

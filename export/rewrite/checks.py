@@ -237,6 +237,7 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
     _check_row_lengths(match, hidden)
     _check_not_overridable(match, overridable)
     epsilon = _epsilon(pattern, match)
+    _check_rounded_factor(match, epsilon)
     scale_factor = 1.0
     if pattern.row_sum:  # x / sqrt(sum + eps) = x / sqrt(mean + eps / n) / sqrt(n)
         epsilon, scale_factor = epsilon / hidden, 1.0 / float(np.sqrt(hidden))
@@ -285,7 +286,10 @@ def _check_constants(match: Match) -> None:
                 "one": (1.0, "numerator of the inverse root"), "mean_square_exp": (2.0, "the mean's square's exponent"),
                 "clamp_zero": (0.0, "the variance's lower clamp"), "finite_zero": (0.0, "the finite-mean test's zero"),
                 "guard_zero": (0.0, "the constant-row guard's value")}
-    for name, (want, what) in expected.items():
+    for name in match.tensors:
+        if name.split("#")[0] not in expected:  # a name#n variable is bound once per occurrence
+            continue
+        want, what = expected[name.split("#")[0]]
         value = scalar(match, name, what)
         if value is not None and value != want:
             raise Rejected(f"{what} is {value:g}, not {want:g}")
@@ -341,6 +345,46 @@ def _epsilon(pattern: NormPattern, match: Match) -> float:
     if not np.isfinite(eps) or eps < 0:
         raise Rejected(f"epsilon {eps!r} is not a finite non-negative number")
     return eps
+
+
+def rounded_factor_refusal(source: str, target: str, epsilon: float, root: bool) -> str | None:
+    """Why a norm's factor (its inverse root, or with `root` its root) computed in `source` and cast
+    to `target` before it meets x is more than a rounding, or None where it is no more. Epsilon bounds
+    the factor: the inverse root is at most 1 / sqrt(epsilon), which must not overflow the type; the
+    root at least sqrt(epsilon), which must not fall below its smallest normal value (there the
+    cast keeps few bits, and at zero x / 0 is inf where the norm is finite). The other end is x's
+    own range: an inverse root of a half row's spread is at least 1 / 65504."""
+    if target in HOLDS_EVERY_VALUE_OF.get(source, ()):
+        return None  # a widening cast rounds nothing
+    import ml_dtypes  # (an onnx dependency) its finfo knows bfloat16, numpy's does not
+
+    info = ml_dtypes.finfo(numpy_dtype(target))
+    if root:
+        bound = float(info.tiny) ** 2
+        if epsilon < bound:
+            return (f"root cast to {target}: with epsilon {epsilon:g} (below {bound:.3g}) it can fall under {target}'s "
+                    f"smallest normal value {float(info.tiny):.3g}, losing more than a rounding")
+        return None
+    bound = 1.0 / float(info.max) ** 2
+    if epsilon < bound:
+        return (f"inverse root cast to {target}: with epsilon {epsilon:g} (below {bound:.3g}) it can pass {target}'s "
+                f"largest value {float(info.max):.6g} and become inf")
+    return None
+
+
+def _check_rounded_factor(match: Match, epsilon: float) -> None:
+    """A factor cast back to x's type before the product (patterns.rounded_factor) must stay a rounding."""
+    cast = match.roles.get("cast_factor")
+    if cast is None:
+        return
+    source, target = dtype_name(cast.inputs[0]), FLOAT_TYPES.get(int(cast.attrs.get("to", 0)))
+    if target is None:
+        return  # not a float type: _check_float_casts names it
+    made_by = producer(cast.inputs[0])
+    root = made_by is not None and made_by.op in ("Sqrt", "ReduceL2")
+    reason = rounded_factor_refusal(source, target, epsilon, root)
+    if reason:
+        raise Rejected(f"cast '{cast.name}': {reason}")
 
 
 def _last_axis(axes, rank: int, where: str) -> None:

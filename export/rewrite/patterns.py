@@ -82,8 +82,9 @@ def constant_row_guard(x: Pattern, centred: Pattern) -> Pattern:
     the row constant when min == max, the mean finite when mean - mean == 0. In exact arithmetic
     x - mean is zero on such a row already, so the guard only pins the rounding of its mean."""
     constant = Op("Equal", reduce_last("ReduceMin", x, "row_min"), reduce_last("ReduceMax", x, "row_max"), commutative=True)
-    finite = Op("Equal", Op("Sub", mean_last(x), mean_last(x)), Var("finite_zero"), commutative=True)
-    return Op("Where", Op("And", constant, finite, commutative=True), Var("guard_zero"), centred, role="guard")
+    # fresh zeros: the numerator's guard and the variance's may each be in their own type
+    finite = Op("Equal", Op("Sub", mean_last(x), mean_last(x)), _fresh("finite_zero"), commutative=True)
+    return Op("Where", Op("And", constant, finite, commutative=True), _fresh("guard_zero"), centred, role="guard")
 
 
 def inv_sqrt(p: Pattern) -> Pattern:
@@ -100,12 +101,21 @@ def plus_epsilon(var: Pattern) -> Pattern:
     return Or(Op("Add", var, Var("eps"), commutative=True), var)
 
 
+def rounded_factor(p: Pattern) -> Pattern:
+    """The factor x is multiplied or divided by, computed in float32 and cast back to x's half type
+    first, or not: DeepSeek V4's unweighted RMSNorm, `x * rsqrt(mean(x.float()^2) + eps).to(x.dtype)`.
+    Rounding the factor before the product is the same double rounding as a statistic cast back, as
+    long as epsilon keeps the factor within the type's normal range (checks.rounded_factor_refusal).
+    A scale carried on the inverse root multiplies it after the cast, in x's type."""
+    return maybe_cast(p, "cast_factor")
+
+
 def normalise(t: Pattern, var: Pattern) -> Pattern:
     """t / sqrt(var + eps), in each spelling exporters use."""
     plus_eps = plus_epsilon(var)
     return Or(
-        Op("Mul", t, inv_sqrt(plus_eps), commutative=True),
-        Op("Div", t, Op("Sqrt", plus_eps)),
+        Op("Mul", t, rounded_factor(inv_sqrt(plus_eps)), commutative=True),
+        Op("Div", t, rounded_factor(Op("Sqrt", plus_eps))),
     )
 
 
@@ -135,7 +145,7 @@ def _rms_patterns() -> list[NormPattern]:
     out = maybe_cast(normalised, "cast_out")
     # Keras' RMSNormalization, as tf2onnx writes it: the scale multiplies the inverse root, then x
     inv = inv_sqrt(plus_epsilon(mean_of_squares(x)))
-    scaled_inv = Op("Mul", inv, Var("gamma"), commutative=True, role="scale")
+    scaled_inv = Op("Mul", rounded_factor(inv), Var("gamma"), commutative=True, role="scale")
     return [
         # LLaMA/Mistral: weight * normalised.to(dtype); T5: weight * normalised (no cast back)
         NormPattern("rmsnorm", False, maybe_cast(scaled(out), "cast_scaled")),
@@ -151,8 +161,8 @@ def _l2_patterns() -> list[NormPattern]:
     no RMSNorm, and not matched."""
     x = maybe_cast(Var("x"), "cast_in")
     length = reduce_last("ReduceL2", x)
-    normalised = Or(normalise(x, sum_of_squares(x)), Op("Div", x, length),
-                    Op("Mul", x, Op("Reciprocal", length), commutative=True))
+    normalised = Or(normalise(x, sum_of_squares(x)), Op("Div", x, rounded_factor(length)),
+                    Op("Mul", x, rounded_factor(Op("Reciprocal", length)), commutative=True))
     out = maybe_cast(normalised, "cast_out")
     return [
         NormPattern("l2norm", False, maybe_cast(scaled(out), "cast_scaled"), row_sum=True),
@@ -172,7 +182,8 @@ def _layernorm_patterns() -> list[NormPattern]:
     out = maybe_cast(normalise(centred(), variance(x, centred())), "cast_out")
     # Flax's LayerNorm as jax2tf writes it: the scale multiplies the inverse root, then x - mean
     inv = inv_sqrt(plus_epsilon(variance(x, centred())))
-    scaled_inv = Op("Mul", centred(), Op("Mul", inv, Var("gamma"), commutative=True, role="scale"), commutative=True)
+    scaled_inv = Op("Mul", centred(), Op("Mul", rounded_factor(inv), Var("gamma"), commutative=True, role="scale"),
+                    commutative=True)
     return [
         NormPattern("layernorm", True, maybe_cast(biased(scaled(out)), "cast_scaled")),
         NormPattern("layernorm-no-bias", True, maybe_cast(scaled(out), "cast_scaled")),

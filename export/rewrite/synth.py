@@ -20,14 +20,16 @@ from onnx import helper, numpy_helper
 
 from normops import numpy_dtype
 
-from .checks import FLOAT_TYPES, ONNX_TYPES
+from .checks import FLOAT_TYPES, ONNX_TYPES, rounded_factor_refusal
 
 KINDS = ("rms", "layer")
 SQUARES = ("pow", "mul")
 INVERSES = ("sqrt_reciprocal", "div", "one_div", "pow")  # Sqrt+Reciprocal+Mul, x/Sqrt, Div(1,Sqrt)+Mul, Pow(-0.5)+Mul
 # Where the fp32 island of a half-precision norm ends: llama casts back before the scale, t5 also
-# casts x twice (once for the statistics, once for the product), nn.RMSNorm scales in fp32 and then casts.
-CASTS = ("none", "llama", "scale_then_cast", "t5")
+# casts x twice (once for the statistics, once for the product), nn.RMSNorm scales in fp32 and then casts,
+# factor casts the inverse root (or root) back and multiplies (divides) x in its own type: DeepSeek V4's
+# `x * rsqrt(mean(x.float()^2) + eps).to(x.dtype)` (a LayerNorm's numerator is then x - mean cast back).
+CASTS = ("none", "llama", "scale_then_cast", "t5", "factor")
 SCALES = ("none", "right", "left", "gemma", "cast_w")
 # the scale also on the inverse root: Keras' RMSNormalization, x * (inverse root * gamma), and
 # Flax's LayerNorm as jax2tf writes it, (x - mean) * (inverse root * gamma)
@@ -181,9 +183,11 @@ def _variance(b: _Builder, spec: NormSpec, x: str, mean: str, centred: str, rank
     return _mean(b, spec, squares, rank)
 
 
-def _constant_row_guard(b: _Builder, spec: NormSpec, x: str, mean: str, centred: str, rank: int) -> str:
-    """Where(min == max and mean - mean == 0, 0, x - mean), as jax2onnx writes jnp.var's centring."""
-    s = spec.stats_dtype
+def _constant_row_guard(b: _Builder, spec: NormSpec, x: str, mean: str, centred: str, rank: int,
+                        dtype: str | None = None) -> str:
+    """Where(min == max and mean - mean == 0, 0, x - mean), as jax2onnx writes jnp.var's centring;
+    `dtype`: x's, when it is not the statistics' own."""
+    s = dtype or spec.stats_dtype
     zero = b.const(0.0, s)
     constant = b.op("Equal", _mean(b, spec, x, rank, "ReduceMin"), _mean(b, spec, x, rank, "ReduceMax"))
     finite = b.op("Equal", b.op("Sub", mean, mean), zero)
@@ -195,7 +199,8 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
     """Append the norm of `x` to `b`; returns (y, extra graph outputs). `weights` names given gamma/beta."""
     d, s = spec.dtype, spec.stats_dtype
     weights = weights or {}
-    t = b.op("Cast", x, to=ONNX_TYPES[s]) if s != d else x
+    t = x_in_stats = b.op("Cast", x, to=ONNX_TYPES[s]) if s != d else x
+    rounded_factor = spec.casts == "factor" and s != d  # the factor cast back to x's type, the product in it
     extra = []
     if spec.kind == "layer":
         mean = _mean(b, spec, t, rank)
@@ -204,31 +209,44 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
             centred = _constant_row_guard(b, spec, t, mean, raw, rank)
         # the near miss guards the numerator only: guarding both would be an RMSNorm of the guarded values
         var = _variance(b, spec, t, mean, raw if spec.mutation == "guard_nonzero" else centred, rank)
-        t = centred
+        t = like = centred  # like: a tensor of the statistics' type, which CastLike reads
+        if rounded_factor:  # the numerator in x's type: x minus the mean cast back
+            like = x_in_stats  # the centred values in float32 may have no other reader (E[x^2] - E[x]^2)
+            mean_d = b.op("Cast", mean, to=ONNX_TYPES[d])
+            t = b.op("Sub", x, mean_d)
+            if spec.guard or spec.mutation == "guard_nonzero":
+                t = _constant_row_guard(b, spec, x, mean_d, t, rank, dtype=d)
     else:
         sq = _square(b, spec, t, s) if spec.statistic != "reduce_l2" else None
         statistic_of = t
         if spec.casts == "t5" and s != d:  # T5 casts x again for the product
             t = b.op("Cast", x, to=ONNX_TYPES[s])
+        like = t
+        if rounded_factor:
+            t = x  # the product in x's type
         if spec.statistic == "reduce_l2":
             length = _mean(b, spec, statistic_of, rank, "ReduceL2")
             if spec.mutation == "shared":
                 extra.append(length)
-            normed = b.op("Div", t, length) if spec.inverse == "div" else b.op("Mul", t, b.op("Reciprocal", length))
+            factor = length if spec.inverse == "div" else b.op("Reciprocal", length)
+            if rounded_factor:
+                factor = b.op("Cast", factor, to=ONNX_TYPES[d])
+            normed = b.op("Div" if spec.inverse == "div" else "Mul", t, factor)
             return _scale_and_bias(b, spec, normed, weights), extra
         var = _mean(b, spec, sq, rank, "ReduceSum" if spec.statistic == "row_sum" else "ReduceMean")
     if spec.mutation == "shared":
         extra.append(var)
     eps = "epsilon_input" if spec.mutation == "eps_input" else b.const(spec.epsilon, s)
     if spec.epsilon_castlike and spec.mutation != "eps_input":
-        eps = b.op("CastLike", b.const(spec.epsilon, "float64"), t)
+        eps = b.op("CastLike", b.const(spec.epsilon, "float64"), like)
     plus = var if spec.epsilon_dropped and spec.mutation != "eps_input" else b.op("Add", var, eps)
     hidden = spec.hidden
     rng = np.random.default_rng(hidden)
     w_shape = (2, hidden) if spec.mutation == "broadcast_scale" else (hidden,)  # build() makes dim -2 be 2
     inverse_scaled = spec.scale == "inverse"
     if spec.inverse == "div" and not inverse_scaled:
-        normed = b.op("Div", t, b.op("Sqrt", plus))
+        root = b.op("Sqrt", plus)
+        normed = b.op("Div", t, b.op("Cast", root, to=ONNX_TYPES[d]) if rounded_factor else root)
     else:
         if spec.inverse == "pow":
             inv = b.op("Pow", plus, b.const(-0.5, s))
@@ -236,8 +254,10 @@ def norm_subgraph(b: _Builder, spec: NormSpec, x: str, rank: int, weights: dict 
             inv = b.op("Div", b.const(1.0, s), b.op("Sqrt", plus))
         else:  # sqrt_reciprocal (and div, when the scale goes on the inverse root)
             inv = b.op("Reciprocal", b.op("Sqrt", plus))
-        if inverse_scaled:  # Keras, Flax: x * (rsqrt(...) * gamma), gamma in the statistics' dtype
-            inv = b.op("Mul", inv, weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), s))
+        if rounded_factor:
+            inv = b.op("Cast", inv, to=ONNX_TYPES[d])
+        if inverse_scaled:  # Keras, Flax: x * (rsqrt(...) * gamma), gamma in the inverse root's dtype
+            inv = b.op("Mul", inv, weights.get("gamma") or b.const(rng.uniform(0.5, 1.5, w_shape), d if rounded_factor else s))
         normed = b.op("Mul", t, inv)
     return _scale_and_bias(b, spec, normed, weights), extra
 
@@ -247,7 +267,7 @@ def _scale_and_bias(b: _Builder, spec: NormSpec, normed: str, weights: dict) -> 
     d, s, hidden = spec.dtype, spec.stats_dtype, spec.hidden
     rng = np.random.default_rng(hidden)
     w_shape = (2, hidden) if spec.mutation == "broadcast_scale" else (hidden,)  # build() makes dim -2 be 2
-    w_dtype = d if spec.casts in ("none", "llama", "t5") else s
+    w_dtype = d if spec.casts in ("none", "llama", "t5", "factor") else s
     y = normed
     if spec.casts in ("llama", "t5") and s != d:
         y = b.op("Cast", y, to=ONNX_TYPES[d])
@@ -305,7 +325,20 @@ def expected_fusions(spec: NormSpec) -> int:
     """How many norms a correct rewriter fuses in `build(spec)` (0 for a near-miss)."""
     if spec.mutation == "broadcast_scale":  # fused without its scale, unless the scale sits on the inverse root
         return 0 if spec.scale == "inverse" else 1
+    if spec.mutation is None and rounded_factor_refused(spec):
+        return 0
     return 0 if spec.mutation is not None else 1
+
+
+def rounded_factor_refused(spec: NormSpec) -> bool:
+    """A factor cast back to a half type where epsilon leaves it room to overflow (or a root, to lose
+    its precision): more than a rounding, so no norm to fuse (checks.rounded_factor_refusal)."""
+    if spec.casts != "factor" or spec.stats_dtype == spec.dtype:
+        return False
+    reduce_l2 = spec.kind == "rms" and spec.statistic == "reduce_l2"
+    epsilon = 0.0 if spec.epsilon_dropped or reduce_l2 else float(np.float32(spec.epsilon))
+    root = spec.inverse == "div" and (spec.scale != "inverse" or reduce_l2)
+    return rounded_factor_refusal(spec.stats_dtype, spec.dtype, epsilon, root) is not None
 
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
@@ -349,7 +382,8 @@ def if_model(then_spec: NormSpec, else_spec: NormSpec, leading: tuple = (2, 5), 
     if outer_gamma:
         weights["gamma"] = "outer_gamma"
         # as norm_subgraph's: a scale on the inverse root is in the statistics' dtype
-        in_stats = then_spec.scale == "inverse" or then_spec.casts not in ("none", "llama", "t5")
+        in_stats = (then_spec.scale == "inverse" and then_spec.casts != "factor") or \
+            then_spec.casts not in ("none", "llama", "t5", "factor")
         w_dtype = then_spec.stats_dtype if in_stats else d
         outer.inits.append(numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(numpy_dtype(w_dtype)), "outer_gamma"))
     branches = {}
