@@ -157,6 +157,7 @@ def shrink(config, mixed_layers: bool = True, sub_configs: bool = True) -> None:
             if values[0] * values[1] != inner:
                 setattr(config, size, SMALL["head_dim"])
                 setattr(config, heads, inner // SMALL["head_dim"])
+    fill_unset(config)
     if per_layer:
         config.per_layer_config = {new: small_settings(per_layer[old]) for new, old in enumerate(kept) if old in per_layer}
     if isinstance(getattr(config, "activation_sparsity_pattern", None), list):
@@ -167,6 +168,24 @@ def shrink(config, mixed_layers: bool = True, sub_configs: bool = True) -> None:
                               else ["text_config"]):
         if isinstance(getattr(config, name, None), PretrainedConfig):
             shrink(getattr(config, name), mixed_layers, sub_configs)
+
+
+def fill_unset(config) -> None:
+    """Fields a config declares but leaves None where its model reads a number, given the value
+    their documented default means: head_dim None is the hidden size over the heads (Ministral,
+    Hunyuan, whose models read it unchecked), num_key_value_heads None one per query head
+    (Nemotron), and num_experts_per_tok None, beside a number of experts, SMALL's (DeepSeek V2,
+    whose router calls topk with it). A None that means "none" (Gemma 4's num_experts: no
+    mixture of experts) is not one of these, and stays."""
+    fields = vars(config)
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if "head_dim" in fields and fields["head_dim"] is None and isinstance(heads, int) and isinstance(hidden, int):
+        set_field(config, "head_dim", hidden // heads)
+    if "num_key_value_heads" in fields and fields["num_key_value_heads"] is None and isinstance(heads, int):
+        set_field(config, "num_key_value_heads", heads)
+    experts = any(isinstance(fields.get(key), int) for key in ("n_routed_experts", "num_experts", "num_local_experts"))
+    if "num_experts_per_tok" in fields and fields["num_experts_per_tok"] is None and experts:
+        set_field(config, "num_experts_per_tok", SMALL["num_experts_per_tok"])
 
 
 def set_field(config, key: str, value) -> None:

@@ -252,6 +252,27 @@ def test_key_and_value_heads_stay_one_per_query_head_or_grouped(sweep):
     assert (mistral.num_key_value_heads, mistral.num_attention_heads) == (2, 4)
 
 
+def test_fields_a_config_leaves_unset_get_what_their_default_means(sweep, tmp_path):
+    """Ministral's default config leaves head_dim None, Nemotron's num_key_value_heads and DeepSeek
+    V2's num_experts_per_tok (beside 160 routed experts): their models read them as numbers and
+    fail. Shrunk, they are the hidden size over the heads, one per query head, and SMALL's top k.
+    Gemma 4's num_experts None means no mixture of experts: it stays None. Ministral then runs."""
+    from transformers import AutoConfig
+
+    configs = {name: AutoConfig.for_model(name) for name in ("ministral", "nemotron", "deepseek_v2", "gemma4_text")}
+    assert configs["ministral"].head_dim is None and configs["nemotron"].num_key_value_heads is None
+    assert configs["deepseek_v2"].num_experts_per_tok is None and configs["gemma4_text"].num_experts is None
+    for config in configs.values():
+        sweep.shrink(config)
+    assert configs["ministral"].head_dim == 64 // 4 == configs["ministral"].hidden_size // configs["ministral"].num_attention_heads
+    assert configs["nemotron"].num_key_value_heads == configs["nemotron"].num_attention_heads == 4
+    assert configs["deepseek_v2"].num_experts_per_tok == 2
+    assert configs["gemma4_text"].num_experts is None
+    record = sweep.sweep_one("ministral", "float32", tmp_path)
+    assert record["stage"] == "done" and record["validated"], record.get("error")
+    assert record["fused_norms"] == record["norms_in_output"] == 5
+
+
 def test_a_hybrid_keeps_a_layer_of_each_type_and_its_per_layer_settings(sweep):
     """Qwen3-Next is three linear-attention layers to one full: the two kept are one of each.
     Gemma 4's full-attention layers have their own head size (a per-layer setting, unreadable
