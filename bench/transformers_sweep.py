@@ -158,6 +158,12 @@ def shrink(config, mixed_layers: bool = True, sub_configs: bool = True) -> None:
                 setattr(config, size, SMALL["head_dim"])
                 setattr(config, heads, inner // SMALL["head_dim"])
     fill_unset(config)
+    # HRM's recurrent stacks: its num_hidden_layers counts every pass (cache slots), the stack size
+    # times H_cycles times (L_cycles + 1); the stacks are shrunk, and that count follows them
+    cycles = [getattr(config, key, None) for key in ("num_layers_per_stack", "H_cycles", "L_cycles")]
+    if all(isinstance(value, int) for value in cycles):
+        config.num_layers_per_stack = SMALL["num_hidden_layers"]
+        config.num_hidden_layers = SMALL["num_hidden_layers"] * cycles[1] * (cycles[2] + 1)
     if per_layer:
         config.per_layer_config = {new: small_settings(per_layer[old]) for new, old in enumerate(kept) if old in per_layer}
     if isinstance(getattr(config, "activation_sparsity_pattern", None), list):

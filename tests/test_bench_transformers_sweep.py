@@ -273,6 +273,17 @@ def test_fields_a_config_leaves_unset_get_what_their_default_means(sweep, tmp_pa
     assert record["fused_norms"] == record["norms_in_output"] == 5
 
 
+def test_recurrent_stacks_keep_their_pass_count_in_step(sweep):
+    """HRM counts every pass of its stacks in num_hidden_layers (128: 16 layers a stack, times 2 high
+    cycles, times 3 low cycles plus one). Shrunk, the stacks have 2 layers and the count is 16."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("hrm_text")
+    assert (config.num_layers_per_stack, config.num_hidden_layers) == (16, 128)
+    sweep.shrink(config)
+    assert (config.num_layers_per_stack, config.num_hidden_layers) == (2, 2 * 2 * (3 + 1))
+
+
 def test_a_hybrid_keeps_a_layer_of_each_type_and_its_per_layer_settings(sweep):
     """Qwen3-Next is three linear-attention layers to one full: the two kept are one of each.
     Gemma 4's full-attention layers have their own head size (a per-layer setting, unreadable
