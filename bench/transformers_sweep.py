@@ -560,6 +560,11 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
                         model_dtype(exported))
         record["validated"] = all(p["passed"] for p in pairs)
         record["max_abs"] = max(s["max_abs"] for p in pairs for s in p["outputs"].values())
+        checked = next((p for p in pairs if p.get("norm_check")), None)
+        if checked:  # a failing pair: where its difference comes from (the fused ops, or a choice by value)
+            from export.norm_check import describe
+
+            record["diagnosis"] = f"{'x'.join(map(str, checked['shape']))}: {describe(checked['norm_check'])}"
         record["stage"] = "done"
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {reason(str(exc))[:300]}"
@@ -669,6 +674,10 @@ def markdown(records: list[dict], dtype: str, unswept: list[str]) -> str:
         ort = ", ".join(f"{n} {k}" for k, n in sorted(r["fused"]["onnxruntime"].items())) or "none"
         lines.append(f"| {r['type']} | {r['shapes']} | {calls_cell(r)} | {r['fused_norms']} | {ort} | "
                      f"{r['nodes'][0]} -> {r['nodes'][1]} | {r['max_abs']:.2g} | {verdict(r)} |")
+    diagnosed = [r for r in done if r.get("diagnosis")]
+    if diagnosed:
+        lines += ["", "Failed validations, where the difference comes from (`export.validate`'s norm check):", ""]
+        lines += [f"- {r['type']} at {r['diagnosis']}" for r in diagnosed]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,9 @@ with the values around every fused op as extra outputs, and each fused op then r
 model of its own on the candidate's backend, on exactly the values the reference computed at its
 inputs; its outputs are compared with the reference's at the same names.
 
+Where every fused op is within tolerance, the choices the graph makes by value (a router's TopK)
+are compared as well (export.selection_check), and the result holds them under "selections".
+
 Fused ops are the main graph's nodes the rewriter named `normfuse_*`. An If whose condition is an
 input of the model (Optimum's merged decoders choose their branch by `use_cache_branch`) is
 replaced, in both models, by the branch the feeds take, so the fused ops in that branch are checked
@@ -167,7 +170,7 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
     if not plans:
         return result
     wanted = list(dict.fromkeys(name for _, dynamic, compared in plans for name in dynamic + compared))
-    values = _reference_values(reference, reference_backend, ref, wanted, feeds, make_runner)
+    values = values_at(reference, reference_backend, ref, wanted, feeds, make_runner)
     with tempfile.TemporaryDirectory(prefix="normfuse-norm-check-") as tmp:
         for index, (node, dynamic, compared) in enumerate(plans):
             tensors, nodes = _needed_constants([n for n in node.input if n and n in constant], producers, cand.graph)
@@ -187,10 +190,12 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
     return result
 
 
-def _reference_values(reference: Path, backend: str, graph_only, names: list[str], feeds: dict, make_runner) -> dict:
-    """The reference's values at `names` on `feeds`: the model with those names added to its outputs
-    runs as written, from a temporary file: beside the reference when its weights are external (they
-    are found relative to it), else in a temporary folder."""
+def values_at(reference: Path, backend: str, graph_only, names: list[str], feeds: dict, make_runner,
+              optimization: str = "none") -> dict:
+    """A model's values at `names` on `feeds`: the model (`graph_only`, read from `reference`) with
+    those names added to its outputs runs, as written unless `optimization` says otherwise, from a
+    temporary file: beside the model when its weights are external (they are found relative to it),
+    else in a temporary folder."""
     import onnx
 
     from .onnx_io import external_locations
@@ -204,7 +209,7 @@ def _reference_values(reference: Path, backend: str, graph_only, names: list[str
         os.close(handle)
         try:
             onnx.save(model, name)
-            return make_runner(name, backend, optimization="none").run(feeds)
+            return make_runner(name, backend, optimization=optimization).run(feeds)
         finally:
             os.unlink(name)
 
@@ -227,9 +232,14 @@ def describe(result: dict) -> str:
     worst = max(s["max_abs"] for n in norms for s in n["outputs"].values())
     off = [n for n in norms if not n["passed"]]
     if not off:
-        return (f"each fused norm on the reference's own values: {len(norms)} of {len(norms)} within tolerance "
+        line = (f"each fused norm on the reference's own values: {len(norms)} of {len(norms)} within tolerance "
                 f"(max abs {worst:.3g}), so the difference grows outside the fused ops (in a quantised model, int8 "
                 f"rounding of last-bit differences){skipped}")
+        if result.get("selections"):
+            from .selection_check import describe as describe_selections
+
+            line += f"; {describe_selections(result['selections'])}"
+        return line
     first = off[0]
     name, stats = max(first["outputs"].items(), key=lambda item: item[1]["max_abs"])
     y = next(iter(first["outputs"]))  # the norm's own output name, which --exclude takes

@@ -246,6 +246,17 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
                                           feeds, tolerance)
             except Exception as exc:  # a diagnosis only: the pair's verdict stands without it
                 norms = could_not_check(exc)
+            if norms["passed"] and norms["norms"]:
+                # every fused op is right on its own: did a choice by value go another way?
+                from .selection_check import check_selections
+
+                try:
+                    selections = check_selections(reference.model, reference.backend, candidate.model,
+                                                  candidate.backend, feeds, cand_level)
+                except Exception:  # a diagnosis only
+                    selections = None
+                if selections is not None:
+                    norms["selections"] = selections
         pairs.append({
             "reference": f"{reference.label}@{reference.backend}",
             "candidate": f"{candidate.label}@{candidate.backend}",
