@@ -241,8 +241,11 @@ def describe(result: dict) -> str:
             line += f"; {describe_selections(result['selections'])}"
         return line
     first = off[0]
-    name, stats = max(first["outputs"].items(), key=lambda item: item[1]["max_abs"])
+    name, stats = max(first["outputs"].items(), key=lambda item: (item[1].get("nonfinite_mismatch", 0), item[1]["max_abs"]))
     y = next(iter(first["outputs"]))  # the norm's own output name, which --exclude takes
+    # max abs is taken over the values finite on both sides: a NaN or Inf on one side only is said as such
+    how = (f"with {stats['nonfinite_mismatch']} value(s) NaN or Inf on one side only" if stats.get("nonfinite_mismatch")
+           else f"by max abs {stats['max_abs']:.3g}")
     return (f"{len(off)} of {len(norms)} fused norms are off on the reference's own values: {first['node']} "
-            f"({first['op']}) by max abs {stats['max_abs']:.3g} at {name}: the fused op computes something else "
+            f"({first['op']}) {how} at {name}: the fused op computes something else "
             f"(--exclude {y} leaves that norm as written){skipped}")

@@ -211,6 +211,20 @@ def test_verdicts(sweep):
     assert sweep.verdict({"stage": "timeout"}) == "timeout"
 
 
+def test_a_failed_validation_is_listed_with_its_diagnosis(sweep):
+    """A row whose validation failed carries the norm check's line (and the choices' clause), and
+    the Markdown lists it under the table; a row that passed has none."""
+    done = {"stage": "done", "validated": True, "norm_calls": 5, "fused_norms": 5, "rejected": [], "shapes": "dynamic",
+            "fused": {"onnxruntime": {"RMSNorm": 5}}, "nodes": [50, 30], "max_abs": 0.001}
+    failed = {**done, "type": "moe", "validated": False, "max_abs": 0.09,
+              "diagnosis": "2x32: each fused norm ... within tolerance ...; TopK 'router' picks other indices in 1 of 64 rows"}
+    text = sweep.markdown([{**done, "type": "dense"}, failed], "float16", [])
+    assert text.endswith("- moe at 2x32: each fused norm ... within tolerance ...; TopK 'router' picks other indices in "
+                         "1 of 64 rows\n")
+    assert "- dense at" not in text
+    assert "Failed validations" not in sweep.markdown([{**done, "type": "dense"}], "float16", [])
+
+
 def test_state_space_heads_still_tile_the_expanded_hidden_size(sweep):
     """Mamba2's heads and their size are shrunk to fit expand x hidden; Falcon-H1's, which already
     fit its own SSM width, are left alone."""

@@ -99,3 +99,29 @@ def test_a_topk_row_is_the_set_it_picked():
     assert rows_that_differ("TopK", reference, np.array([[1, 0], [2, 3], [1, 2]])) == (1, 3)
     assert rows_that_differ("ArgMax", np.array([[1], [2]]), np.array([[1], [3]])) == (1, 2)
     assert rows_that_differ("TopK", reference, reference[:2]) == (3, 3)  # shapes differ: every row
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+def test_a_fused_norm_off_by_an_inf_is_said_so(tmp_path):
+    """x / ReduceL2(x) fused with epsilon 0 gives inf on a row too small for fp32's mean of squares,
+    where the graph is finite (export/rewrite/README.md, ALIGN's embeddings): max abs, taken over
+    values finite on both sides, is 0 there, so the norm check says how many values are NaN or Inf
+    on one side only instead."""
+    nodes = [helper.make_node("ReduceL2", ["x", "axes"], ["length"], keepdims=1),
+             helper.make_node("Div", ["x", "length"], ["y"])]
+    graph = helper.make_graph(nodes, "l2", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    fused, report = rewrite_model(reference, target="onnxruntime")
+    assert report.fused == 1
+    onnx.save(reference, str(tmp_path / "reference.onnx"))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 2, 16)).astype(np.float32)
+    x[0, 0] = 0
+    x[0, 0, 0] = 5e-23  # its square is a subnormal; divided by 16 it rounds to 0
+    (pair,) = compare(Side(tmp_path / "reference.onnx", "ort-cpu", "reference"),
+                      Side(tmp_path / "fused.onnx", "ort-cpu", "fused"), [], "float32", given=[{"x": x}])
+    assert not pair["passed"]
+    line = describe(pair["norm_check"])
+    assert line.startswith("1 of 1 fused norms are off") and "with 16 value(s) NaN or Inf on one side only at y" in line  # the whole row
