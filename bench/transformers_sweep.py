@@ -67,6 +67,8 @@ RESULT_MARK = "SWEEP-RESULT "
 # speech inputs: a waveform of SAMPLES (wav2vec2's convolutions take 400 samples a frame, 320 apart),
 # or a spectrogram of FRAMES (Whisper's encoder wants exactly twice its max_source_positions)
 SAMPLES, FRAMES = 4000, 128
+# a time series' context window: a model's whole context_length, if it takes no more (PatchTST: 32)
+TIME_STEPS = 128
 
 # config fields shrunk wherever a config has them (as integers); lists as long as the layers are cut too
 SMALL = {"hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embed_dim": 64,
@@ -287,9 +289,33 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict, dict]] | str:
         return [({"input_features": torch.randn(shape, dtype=dtype), **tokens}, SPECTROGRAM_SHAPES,
                  {"input_features": {0: "batch", axis: "frames"}, **{n: sequence for n in tokens}}, {})
                 for shape, axis in (((2, bins, FRAMES), 2), ((2, FRAMES, bins), 1))]
+    if "past_values" in parameters:
+        return series_inputs(parameters, config, dtype)
     required = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in ("self", "kwargs")]
-    return ("takes none of input_ids, pixel_values, input_values, input_features "
+    return ("takes none of input_ids, pixel_values, input_values, input_features, past_values "
             f"(needs {', '.join(required) or 'other inputs'})")
+
+
+def series_inputs(parameters, config, dtype) -> list[tuple[dict, str, dict, dict]]:
+    """A time series' context window (PatchTST's whole context_length, at most TIME_STEPS of
+    TimesFM's 16384), with a channel axis or without; its padding mask (none padded) and frequency
+    class (0) where the forward requires them (TimesFM)."""
+    import inspect
+
+    import torch
+
+    length = min(int(getattr(config, "context_length", None) or TIME_STEPS), TIME_STEPS)
+    channels = int(getattr(config, "num_input_channels", None) or 1)
+    required = {n for n, p in parameters.items() if p.default is inspect.Parameter.empty}
+    candidates = []
+    for shape in ((2, length, channels), (2, length)):
+        inputs = {"past_values": torch.randn(shape, dtype=dtype)}
+        if "past_values_padding" in required:
+            inputs["past_values_padding"] = torch.zeros(shape[:2], dtype=torch.long)
+        if "freq" in required:
+            inputs["freq"] = torch.zeros((2, 1), dtype=torch.long)
+        candidates.append((inputs, VISION_SHAPES, {name: {0: "batch"} for name in inputs}, {}))
+    return candidates
 
 
 def patch_inputs(vision, parameters, grid: str, dtype) -> list[tuple[dict, str, dict, dict]]:

@@ -414,6 +414,16 @@ def test_a_mixture_of_experts_exports_with_dynamic_shapes(sweep, tmp_path):
     assert record["fused_norms"] == record["norms_in_output"] == 5
 
 
+def test_a_time_series_model_is_given_its_context_window(sweep, tmp_path):
+    """PatchTSMixer forecasts from past_values: its whole context (32 steps) of its one channel,
+    batch dynamic; its 4 LayerNorms (3 after a residual Add) are fused and validated."""
+    record = sweep.sweep_one("patchtsmixer", "float32", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert record["inputs"] == {"past_values": [2, 32, 1]} and record["shapes"] == "dynamic"
+    assert record["validated"] and record["fused_norms"] == record["norms_in_output"] == 4
+    assert record["fused"]["tensorrt"] == {"AddLayerNorm": 3, "LayerNorm": 1}
+
+
 def test_a_vision_tower_fed_a_patch_grid_is_swept_with_the_grid_fixed(sweep, tmp_path):
     """Qwen2.5-VL's vision tower takes flattened patches and the grid they tile, from whose values
     it computes rotary positions and windows: dynamo cannot export that, so the grid is fixed and
