@@ -190,9 +190,9 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
     return result
 
 
-def values_at(reference: Path, backend: str, graph_only, names: list[str], feeds: dict, make_runner,
+def values_at(path: Path, backend: str, graph_only, names: list[str], feeds: dict, make_runner,
               optimization: str = "none") -> dict:
-    """A model's values at `names` on `feeds`: the model (`graph_only`, read from `reference`) with
+    """A model's values at `names` on `feeds`: the model (`graph_only`, read from `path`) with
     those names added to its outputs runs, as written unless `optimization` says otherwise, from a
     temporary file: beside the model when its weights are external (they are found relative to it),
     else in a temporary folder."""
@@ -204,8 +204,8 @@ def values_at(reference: Path, backend: str, graph_only, names: list[str], feeds
     outputs = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
     with tempfile.TemporaryDirectory(prefix="normfuse-norm-check-") as tmp:
-        folder = reference.parent if external_locations(model) else Path(tmp)
-        handle, name = tempfile.mkstemp(prefix=f".{reference.stem}.norm-check-", suffix=".onnx", dir=folder)
+        folder = path.parent if external_locations(model) else Path(tmp)
+        handle, name = tempfile.mkstemp(prefix=f".{path.stem}.norm-check-", suffix=".onnx", dir=folder)
         os.close(handle)
         try:
             onnx.save(model, name)

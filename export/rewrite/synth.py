@@ -323,10 +323,10 @@ def build(spec: NormSpec, leading: tuple = (2, 5)) -> onnx.ModelProto:
 
 def expected_fusions(spec: NormSpec) -> int:
     """How many norms a correct rewriter fuses in `build(spec)` (0 for a near-miss)."""
+    if spec.mutation in (None, "broadcast_scale") and rounded_factor_refused(spec):
+        return 0
     if spec.mutation == "broadcast_scale":  # fused without its scale, unless the scale sits on the inverse root
         return 0 if spec.scale == "inverse" else 1
-    if spec.mutation is None and rounded_factor_refused(spec):
-        return 0
     return 0 if spec.mutation is not None else 1
 
 
