@@ -74,7 +74,7 @@ def describe(result: dict) -> str:
     picks = result["selections"]
     changed = [s for s in picks if s["differ"]]
     if not changed:
-        return (f"the {len(picks)} TopK/ArgMax choice(s) in the graph pick the same indices in both, so they do not "
+        return (f"the {len(picks)} TopK/ArgMax/ArgMin choice(s) in the graph pick the same indices in both, so they do not "
                 f"explain it")
     first = changed[0]
     more = f" and {len(changed) - 1} other choice(s)" if len(changed) > 1 else ""
