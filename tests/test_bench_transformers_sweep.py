@@ -58,8 +58,8 @@ def test_an_unknown_type_is_a_one_line_error():
 
 def test_a_stage_that_fails_is_the_rows_reason(sweep, tmp_path):
     """A model whose forward needs inputs the sweep does not make stops there, saying which."""
-    record = sweep.sweep_one("patchtst", "float32", tmp_path)
-    assert record["stage"] == "forward" and "needs past_values" in record["error"], record
+    record = sweep.sweep_one("perceiver", "float32", tmp_path)
+    assert record["stage"] == "forward" and "(needs inputs)" in record["error"], record
 
 
 def test_norm_calls_the_output_does_not_depend_on_are_told_apart(sweep):
