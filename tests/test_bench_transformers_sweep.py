@@ -405,6 +405,24 @@ def test_a_half_precision_model_is_swept_and_validated(sweep, tmp_path):
     assert record["max_abs"] > GRAPH["float32"].atol
 
 
+def test_a_bfloat16_model_is_validated_in_its_tensorrt_form_on_the_evaluator(sweep, tmp_path):
+    """`--dtype bfloat16`: ONNX Runtime's CPU provider has no bfloat16 kernels, so the graph TensorRT
+    would build (normfuse ops) is compared with the export on onnx's reference evaluator, within
+    bfloat16's graph tolerance."""
+    import onnx
+
+    from normops.tolerances import GRAPH
+
+    record = sweep.sweep_one("llama", "bfloat16", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert record["dtype"] == "bfloat16" and record["validated"] and record["fused_norms"] == 5
+    assert record["max_abs"] > GRAPH["float32"].atol  # bfloat16's rounding shows
+    fused = onnx.load(str(tmp_path / "fused-tensorrt.onnx"), load_external_data=False)
+    assert sorted(n.op_type for n in fused.graph.node if n.domain == "normfuse") == ["AddRMSNorm"] * 4 + ["RMSNorm"]
+    assert fused.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64  # ids in, bf16 inside
+    assert any(t.data_type == onnx.TensorProto.BFLOAT16 for t in fused.graph.initializer)
+
+
 def test_a_mixture_of_experts_exports_with_dynamic_shapes(sweep, tmp_path):
     """Mixtral's experts run batched (each token's expert weights gathered): no data-dependent
     loop, so torch exports it with dynamic batch and sequence, and every norm is fused."""
