@@ -577,7 +577,8 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
         # ONNX Runtime's CPU provider has no bfloat16 kernels: there the tensorrt form is validated, on
         # onnx's reference evaluator
         on_evaluator = dtype == "bfloat16"
-        trt = rewrite_file(exported, work / "fused-tensorrt.onnx" if on_evaluator else None, target="tensorrt")
+        validated_form = work / ("fused-tensorrt.onnx" if on_evaluator else "fused.onnx")
+        trt = rewrite_file(exported, validated_form if on_evaluator else None, target="tensorrt")
         ort = rewrite_file(exported, work / "fused.onnx", target="onnxruntime")
         record["fused"] = {"tensorrt": trt.counts, "onnxruntime": ort.counts}
         record["fused_norms"] = trt.fused
@@ -585,11 +586,10 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
         record["unmatched_means"] = len(trt.unmatched_means)
         record["nodes"] = [ort.nodes_before, ort.nodes_after]
         record["stage"] = "validate"
-        from export.validate import Side, compare, model_dtype, parse_shapes
+        from export.validate import Side, compare, model_dtype, parse_shapes, shape_label
 
         backend = "onnx-reference" if on_evaluator else "ort-cpu"
-        fused = work / ("fused-tensorrt.onnx" if on_evaluator else "fused.onnx")
-        pairs = compare(Side(exported, backend, "reference"), Side(fused, backend, "fused"),
+        pairs = compare(Side(exported, backend, "reference"), Side(validated_form, backend, "fused"),
                         parse_shapes(shapes if record["shapes"] == "dynamic" else shapes.split(",")[0]),
                         model_dtype(exported))
         record["validated"] = all(p["passed"] for p in pairs)
@@ -598,7 +598,7 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
         if checked:  # a failing pair: where its difference comes from (the fused ops, or a choice by value)
             from export.norm_check import describe
 
-            record["diagnosis"] = f"{'x'.join(map(str, checked['shape']))}: {describe(checked['norm_check'])}"
+            record["diagnosis"] = f"{shape_label(checked)}: {describe(checked['norm_check'])}"
         record["stage"] = "done"
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {reason(str(exc))[:300]}"
