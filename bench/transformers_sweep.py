@@ -593,12 +593,20 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
                         parse_shapes(shapes if record["shapes"] == "dynamic" else shapes.split(",")[0]),
                         model_dtype(exported))
         record["validated"] = all(p["passed"] for p in pairs)
-        record["max_abs"] = max(s["max_abs"] for p in pairs for s in p["outputs"].values())
+        # against the export as it ran, also where a pair was judged again against it in float32
+        record["max_abs"] = max(s["max_abs"] for p in pairs for s in (p.get("against_half_reference") or p["outputs"]).values())
+        judged = [shape_label(p) for p in pairs if p.get("against_half_reference")]
+        if judged:
+            record["judged_against_float32"] = judged
         checked = next((p for p in pairs if p.get("norm_check")), None)
-        if checked:  # a failing pair: where its difference comes from (the fused ops, or a choice by value)
+        if checked:  # a failing pair: where its difference comes from (the fused ops, a choice by value, rounding)
             from export.norm_check import describe
+            from export.validate import describe_float32
 
-            record["diagnosis"] = f"{shape_label(checked)}: {describe(checked['norm_check'])}"
+            line = describe(checked["norm_check"])
+            if checked.get("float32_check"):
+                line += f"; {describe_float32(checked)}"
+            record["diagnosis"] = f"{shape_label(checked)}: {line}"
         record["stage"] = "done"
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {reason(str(exc))[:300]}"
@@ -641,7 +649,8 @@ def reason(message: str) -> str:
 
 def verdict(record: dict) -> str:
     """ok, check (fewer fused than distinct norms in the output, or than norm calls where those are
-    not known; none refused), failed (validation), timeout, crashed, or the stage it stopped at."""
+    not known; none refused), failed (validation), timeout, crashed, or the stage it stopped at;
+    "ok against float32" where a pair passed only against the export run in float32."""
     if record["stage"] in ("timeout", "crashed"):
         return record["stage"]
     if record["stage"] != "done":
@@ -650,7 +659,7 @@ def verdict(record: dict) -> str:
         return "failed"
     if record["fused_norms"] < expected_norms(record) and not record["rejected"]:
         return "check"
-    return "ok"
+    return "ok against float32" if record.get("judged_against_float32") else "ok"
 
 
 def expected_norms(record: dict) -> int:
@@ -711,10 +720,15 @@ def markdown(records: list[dict], dtype: str, unswept: list[str]) -> str:
         ort = ", ".join(f"{n} {k}" for k, n in sorted(r["fused"]["onnxruntime"].items())) or "none"
         lines.append(f"| {r['type']} | {r['shapes']} | {calls_cell(r)} | {r['fused_norms']} | {ort} | "
                      f"{r['nodes'][0]} -> {r['nodes'][1]} | {r['max_abs']:.2g} | {verdict(r)} |")
-    diagnosed = [r for r in done if r.get("diagnosis")]
-    if diagnosed:
+    failed = [r for r in done if r.get("diagnosis") and not r["validated"]]
+    if failed:
         lines += ["", "Failed validations, where the difference comes from (`export.validate`'s norm check):", ""]
-        lines += [f"- {r['type']} at {r['diagnosis']}" for r in diagnosed]
+        lines += [f"- {r['type']} at {r['diagnosis']}" for r in failed]
+    judged = [r for r in done if r.get("diagnosis") and r["validated"]]
+    if judged:
+        lines += ["", f"Validated against the export run in float32, the {dtype} export's own rounding being the "
+                      "difference (`export.precision_check`):", ""]
+        lines += [f"- {r['type']} at {r['diagnosis']}" for r in judged]
     return "\n".join(lines) + "\n"
 
 

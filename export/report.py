@@ -7,7 +7,7 @@ from .bench import pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
 from .norm_check import describe as describe_norm_check
 from .rewrite import describe_counts, describe_unmatched_means, describe_without_epsilon
-from .validate import describe_as_written, shape_label
+from .validate import describe_as_written, describe_float32, shape_label
 
 
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
@@ -102,7 +102,7 @@ def markdown(report: dict) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for pair in report["validation"]:
         for name, s in pair["outputs"].items():
-            lines.append(f"| {pair['reference']} | {pair['candidate']} | {shape_label(pair)} | {name} | "
+            lines.append(f"| {pair.get('judged_against', pair['reference'])} | {pair['candidate']} | {shape_label(pair)} | {name} | "
                          f"{s['max_abs']:.3g} | {s['max_rel']:.3g} | atol {s['atol']:g}, rtol {s['rtol']:g} | "
                          f"{'pass' if s['passed'] else '**FAIL**'} |")
     for pair in report["validation"]:
@@ -110,6 +110,8 @@ def markdown(report: dict) -> str:
             lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_norm_check(pair['norm_check'])}."]
         if pair.get("as_written"):
             lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_as_written(pair)}."]
+        if pair.get("float32_check"):
+            lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_float32(pair)}."]
     lines += ["", "## Benchmark", ""]
     if not report["bench"]:
         lines.append(NOTHING_TIMED[0].upper() + NOTHING_TIMED[1:] + ".")
@@ -250,7 +252,7 @@ def print_summary(report: dict, console) -> None:
         table.add_column(col)
     for pair in report["validation"]:
         for name, s in pair["outputs"].items():
-            table.add_row(pair["reference"], pair["candidate"], shape_label(pair), name,
+            table.add_row(pair.get("judged_against", pair["reference"]), pair["candidate"], shape_label(pair), name,
                           f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}", "[green]pass" if s["passed"] else "[red]FAIL")
     console.print(table)
     for pair in report["validation"]:
@@ -259,6 +261,9 @@ def print_summary(report: dict, console) -> None:
             console.print(f"[{colour}]{pair['candidate']} {shape_label(pair)}[/]: {describe_norm_check(pair['norm_check'])}")
         if pair.get("as_written"):
             console.print(f"[yellow]{pair['candidate']} {shape_label(pair)}[/]: {describe_as_written(pair)}")
+        if pair.get("float32_check"):
+            colour = "yellow" if pair["passed"] else "red"
+            console.print(f"[{colour}]{pair['candidate']} {shape_label(pair)}[/]: {describe_float32(pair)}")
     if report["bench"]:
         table = Table(title="benchmark (each graph in its own process)")
         for col in ("backend", "graph", "p50 ms", "p99 ms", "tokens/s", "peak MB", "nodes", "norm time", "norm FLOPs"):

@@ -12,6 +12,11 @@ absolute and relative error, quantiles of the share of the tolerance used and th
 that exceeds it, and whether every element is within the dtype's graph tolerance
 (normops.tolerances.GRAPH). NaN and Inf must appear in the same places in both.
 
+A failing pair is looked into: each fused op on the reference's own values (export.norm_check),
+then the choices made by value (export.selection_check); a fp16/bf16 pair whose fused ops are all
+right is judged again against the reference run in float32 (export.precision_check), since the
+half reference's own rounding is no truth to meet.
+
 `--save-outputs DIR` writes `inputs.json` (Polygraphy's `--load-inputs` format) and
 `<side>-outputs.json` (Polygraphy's RunResults, `--load-outputs`), so a run can be checked again
 with Polygraphy itself, e.g.
@@ -32,6 +37,7 @@ from .backends import index_bounds, leading_dims, make_runner, random_arrays
 from .decode import mask_over_the_cache
 from .dims import hint_on_failure
 from .errors import NormfuseError, UsageError, first_line
+from .precision_check import Float32Reference, check_against_float32
 from .files import require_file
 
 
@@ -55,6 +61,10 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
         shapes.append((batch, seq))
     return shapes
 
+
+# a pair of these that fails, though each fused op is right, is judged again against the reference in float32
+HALF_DTYPES = ("float16", "bfloat16")
+FLOAT32_REFERENCE = "reference in float32@ort-cpu"
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
 
@@ -224,6 +234,9 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
 
     pairs: list[dict] = []
     iterations: list = []
+    fused_ops_right = False  # the norm check's finding (it runs on the first failing pair)
+    float32 = Float32Reference(reference.model) if dtype in HALF_DTYPES and Path(reference.model).suffix == ".onnx" \
+        else None
     for k, ((index, (batch, seq), setting), feeds, expected, actual) in enumerate(
             zip(runs, all_feeds, all_expected, all_actual)):
         outputs = judged[k]
@@ -257,6 +270,19 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
                     selections = None
                 if selections is not None:
                     norms["selections"] = selections
+        if norms is not None:
+            fused_ops_right = bool(norms["passed"] and norms["norms"])
+        float32_check = against_half = None
+        if not passed and float32 is not None and fused_ops_right:
+            # every fused op is right on its own: is the candidate right against the model computed without
+            # half-precision rounding? (a half reference is not that truth; see export.precision_check)
+            try:
+                float32_check = check_against_float32(float32.run(feeds), expected, actual, tolerance)
+            except Exception as exc:  # a second opinion only: the verdict stands without it
+                float32_check = {"error": f"{exc.__class__.__name__}: {first_line(exc, 160)}"}
+            stats = float32_check.pop("stats", None)
+            if float32_check.get("passed"):
+                against_half, outputs, passed = outputs, stats, True
         pairs.append({
             "reference": f"{reference.label}@{reference.backend}",
             "candidate": f"{candidate.label}@{candidate.backend}",
@@ -269,8 +295,13 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             "outputs": outputs,
             **({"norm_check": norms} if norms is not None else {}),
             **({"reference_optimization": cand_level, "as_written": as_written} if as_written is not None else {}),
+            **({"float32_check": float32_check} if float32_check is not None else {}),
+            **({"against_half_reference": against_half, "judged_against": FLOAT32_REFERENCE} if against_half is not None
+               else {}),
         })
         iterations.append((feeds, expected, actual))
+    if float32 is not None:
+        float32.close()
     if save_dir is not None:
         save_polygraphy(save_dir, iterations, f"{reference.label}@{reference.backend}",
                         f"{candidate.label}@{candidate.backend}", reference.label, candidate.label)
@@ -311,6 +342,17 @@ def describe_as_written(pair: dict) -> str:
     return (f"judged against the reference run at ONNX Runtime's optimisation level '{pair['reference_optimization']}', "
             f"as the fused graph runs, with ONNX Runtime's own norm fusions off: against the reference as written it "
             f"differs by up to {worst:.3g} (max abs), which is ONNX Runtime's other optimisations, not the rewrite")
+
+
+def describe_float32(pair: dict) -> str:
+    """One line for a pair judged again against the reference run in float32 (export.precision_check)."""
+    from .precision_check import describe
+
+    line = describe(pair["float32_check"], pair["dtype"])
+    if pair.get("against_half_reference"):
+        worst = max(s["max_abs"] for s in pair["against_half_reference"].values())
+        line += f" (against it the fused graph differs by up to {worst:.3g}, max abs)"
+    return line
 
 
 def _run_each(runner, all_feeds: list[dict], made_up_inputs, progress=None) -> list[dict]:
@@ -483,7 +525,7 @@ def print_pairs(pairs: list[dict], dtype: str, dims: list[tuple], prefix: str = 
         for name, s in pair["outputs"].items():
             verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"
             print(f"{prefix}{verdict} {shape_label(pair)}{with_dims} {name} ({pair['candidate']} vs "
-                  f"{pair['reference']}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
+                  f"{pair.get('judged_against', pair['reference'])}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
                   f"max_rel {s['max_rel']:.3g}, tolerance used p99 {s['tolerance_used']['p99']:.2g} "
                   f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")
         if pair.get("norm_check"):
@@ -492,6 +534,8 @@ def print_pairs(pairs: list[dict], dtype: str, dims: list[tuple], prefix: str = 
             print(f"{prefix}  {shape_label(pair)}{with_dims}: {describe(pair['norm_check'])}")
         if pair.get("as_written"):
             print(f"{prefix}  {shape_label(pair)}{with_dims}: {describe_as_written(pair)}")
+        if pair.get("float32_check"):
+            print(f"{prefix}  {shape_label(pair)}{with_dims}: {describe_float32(pair)}")
 
 
 def validate_folder(args, shapes) -> int:

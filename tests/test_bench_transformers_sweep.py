@@ -423,6 +423,25 @@ def test_a_bfloat16_model_is_validated_in_its_tensorrt_form_on_the_evaluator(swe
     assert any(t.data_type == onnx.TensorProto.BFLOAT16 for t in fused.graph.initializer)
 
 
+def test_a_bfloat16_export_off_by_its_own_rounding_is_validated_against_float32(sweep, tmp_path):
+    """CPM-Ant in bfloat16: its fused graph differs from the export by more than the tolerance,
+    though each fused norm is right; run in float32, the export is further off than the fused graph,
+    which is within tolerance of it. The row says so (verdict, diagnosis, the Markdown's list) and
+    keeps the difference from the bfloat16 export as its max abs."""
+    from normops.tolerances import GRAPH
+
+    record = sweep.sweep_one("cpmant", "bfloat16", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert record["validated"] and record["judged_against_float32"] == ["1x16"]
+    assert sweep.verdict(record) == "ok against float32"
+    assert record["max_abs"] > GRAPH["bfloat16"].atol  # against the bfloat16 export
+    assert "5 of 5 within tolerance" in record["diagnosis"]
+    assert "the fused graph is within bfloat16's tolerance of the float32 run" in record["diagnosis"]
+    text = sweep.markdown([{**record, "type": "cpmant"}], "bfloat16", [])
+    assert "| ok against float32 | 1 |" in text and "Failed validations" not in text
+    assert text.endswith(f"- cpmant at {record['diagnosis']}\n")
+
+
 def test_a_mixture_of_experts_exports_with_dynamic_shapes(sweep, tmp_path):
     """Mixtral's experts run batched (each token's expert weights gathered): no data-dependent
     loop, so torch exports it with dynamic batch and sequence, and every norm is fused."""
