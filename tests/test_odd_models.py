@@ -264,3 +264,34 @@ def test_a_1d_global_max_pool_keeps_its_channels_in_the_reference_evaluator():
     np.testing.assert_array_equal(y, x.max(axis=2, keepdims=True))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(y, session.run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("data_shape, index_shape, axis", [((3, 300), (2, 16), 1), ((1, 256), (1, 16), 1),
+                                                           ((5, 4, 70), (5, 2, 70), -2), ((80, 3), (90, 3), 0)])
+def test_gather_elements_with_shorter_indices_and_many_choices_in_the_reference_evaluator(data_shape, index_shape, axis):
+    """torch.gather lets the index be shorter than the data on the other axes (BERT's token-type
+    buffer, read up to the sequence's length), and there may be more than 32 values to pick from:
+    onnx's own GatherElements (to 1.23) fails on both, so BERT could not be validated on the
+    evaluator. normfuse's picks as the operator says, negative indices too, and ONNX Runtime agrees."""
+    import onnxruntime as ort
+
+    from export.rewrite.evaluate import run_model
+
+    graph = helper.make_graph([helper.make_node("GatherElements", ["data", "index"], ["y"], axis=axis)], "gather",
+                              [helper.make_tensor_value_info("data", TensorProto.FLOAT, list(data_shape)),
+                               helper.make_tensor_value_info("index", TensorProto.INT64, list(index_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(data_shape).astype(np.float32)
+    size = data_shape[axis]
+    index = rng.integers(-size, size, index_shape)
+    (y,) = run_model(model, {"data": data, "index": index})
+    expected = np.empty(index_shape, np.float32)  # the operator's definition, element by element
+    for position in np.ndindex(*index_shape):
+        source = list(position)
+        source[axis] = index[position] % size
+        expected[position] = data[tuple(source)]
+    np.testing.assert_array_equal(y, expected)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(y, session.run(None, {"data": data, "index": index})[0])

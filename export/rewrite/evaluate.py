@@ -253,12 +253,30 @@ class GlobalMaxPool(OpRun):
         return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True),)
 
 
+class GatherElements(OpRun):
+    """Along `axis`, each index picks data's value at it; on the other axes the index may be shorter
+    than data (torch.gather allows it: BERT's token-type buffer, read up to the sequence's length).
+    onnx's own (up to 1.23) refuses such indices, and picks through numpy.choose, which takes 32
+    values along the axis at most (64 in numpy 2); past that it falls back to a path that reads one
+    value a row, so BERT's embeddings failed it."""
+    op_domain = ""
+
+    def _run(self, data, indices, axis=0):
+        data, indices = np.asarray(data), np.asarray(indices).astype(np.int64)
+        if data.ndim != indices.ndim:
+            raise ValueError(f"GatherElements: indices of rank {indices.ndim} for data of rank {data.ndim}")
+        axis %= max(data.ndim, 1)
+        indices = np.where(indices < 0, indices + data.shape[axis], indices)
+        window = tuple(slice(None) if d == axis else slice(0, indices.shape[d]) for d in range(data.ndim))
+        return (np.take_along_axis(data[window], indices, axis=axis),)
+
+
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
     """onnx's reference evaluator for `model`, with the fused ops, fp32 accumulation on half
     inputs, and ONNX Runtime running the ops of its own domains that onnx has no kernel for."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     widened = [op for op in (_accumulating_in_float32(t, version) for t in ACCUMULATING_OPS) if op is not None]
-    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened + [GlobalMaxPool] + _run_by_onnx_runtime(model))
+    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened + [GlobalMaxPool, GatherElements] + _run_by_onnx_runtime(model))
 
 
 def run_model(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
