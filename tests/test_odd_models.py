@@ -295,3 +295,29 @@ def test_gather_elements_with_shorter_indices_and_many_choices_in_the_reference_
     np.testing.assert_array_equal(y, expected)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(y, session.run(None, {"data": data, "index": index})[0])
+
+
+@pytest.mark.parametrize("pads, mode, axes", [([0, 1, 0, -1], "constant", None), ([0, -2, 1, 3], "constant", None),
+                                              ([-1, 2], "edge", [1]), ([2, -1], "reflect", [-1]), ([1, 0, 0, -2], "constant", None)])
+def test_negative_pads_crop_in_the_reference_evaluator(pads, mode, axes):
+    """A negative pad removes values from its end of the axis (RWKV's time shift pads the sequence
+    by 1 in front and -1 behind); onnx's own Pad (to 1.23) refuses it. normfuse's crops, then pads,
+    and ONNX Runtime agrees, with and without the axes input."""
+    import onnxruntime as ort
+
+    from export.rewrite.evaluate import run_model
+
+    inputs = ["x", "pads", "value"] + (["axes"] if axes is not None else [])
+    graph = helper.make_graph([helper.make_node("Pad", inputs, ["y"], mode=mode)], "pad",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(pads, np.int64), "pads"),
+                               numpy_helper.from_array(np.array(7.0, np.float32), "value")] +
+                              ([numpy_helper.from_array(np.array(axes, np.int64), "axes")] if axes is not None else []))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.arange(15, dtype=np.float32).reshape(3, 5)
+    (y,) = run_model(model, {"x": x})
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(y, session.run(None, {"x": x})[0])
+    if pads == [0, 1, 0, -1]:  # the time shift: each row moved one step along, 7 in front
+        np.testing.assert_array_equal(y, np.concatenate([np.full((3, 1), 7.0, np.float32), x[:, :-1]], axis=1))

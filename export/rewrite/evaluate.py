@@ -271,12 +271,40 @@ class GatherElements(OpRun):
         return (np.take_along_axis(data[window], indices, axis=axis),)
 
 
+class Pad(OpRun):
+    """Pad from opset 11 (pads an input), where a negative pad removes that many values from its end
+    of the axis, as the operator allows: RWKV's time shift (ZeroPad2d((0, 0, 1, -1))) is one.
+    onnx's own (up to 1.23) hands the pads to numpy.pad, which refuses negative ones. Here the
+    negative pads crop first, and the others then pad what is left."""
+    op_domain = ""
+
+    def _run(self, data, pads, constant_value=None, axes=None, mode=None):
+        data = np.asarray(data)
+        rank = data.ndim
+        axes = list(range(rank)) if axes is None else [int(a) % rank for a in np.asarray(axes).ravel()]
+        pads = np.asarray(pads).astype(np.int64).ravel()
+        if len(pads) != 2 * len(axes):
+            raise ValueError(f"Pad: {len(pads)} pads for {len(axes)} axes")
+        kept, widths = [slice(None)] * rank, [(0, 0)] * rank
+        for axis, begin, end in zip(axes, pads[:len(axes)], pads[len(axes):]):
+            kept[axis] = slice(max(-begin, 0), data.shape[axis] - max(-end, 0))
+            widths[axis] = (max(begin, 0), max(end, 0))
+        cropped = data[tuple(kept)]
+        mode = mode.decode() if isinstance(mode, bytes) else (mode or "constant")
+        if mode == "constant":
+            value = 0 if constant_value is None else np.asarray(constant_value).ravel()[0]
+            return (np.pad(cropped, widths, mode="constant", constant_values=value).astype(data.dtype),)
+        return (np.pad(cropped, widths, mode=mode).astype(data.dtype),)
+
+
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
     """onnx's reference evaluator for `model`, with the fused ops, fp32 accumulation on half
-    inputs, and ONNX Runtime running the ops of its own domains that onnx has no kernel for."""
+    inputs, ONNX Runtime running the ops of its own domains that onnx has no kernel for, and the
+    operators onnx's own kernels get wrong (GlobalMaxPool, GatherElements, Pad) as defined."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     widened = [op for op in (_accumulating_in_float32(t, version) for t in ACCUMULATING_OPS) if op is not None]
-    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened + [GlobalMaxPool, GatherElements] + _run_by_onnx_runtime(model))
+    return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened + [GlobalMaxPool, GatherElements] +
+                             ([Pad] if version >= 11 else []) + _run_by_onnx_runtime(model))
 
 
 def run_model(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
