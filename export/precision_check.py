@@ -32,8 +32,7 @@ def _widened_tensor(tensor):
     """`tensor` as float32 under its own name (external data read already)."""
     from onnx import numpy_helper
 
-    wide = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
-    return wide
+    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
 
 
 def _widen_type(type_proto) -> None:
@@ -49,8 +48,6 @@ def _widen_type(type_proto) -> None:
 
 def widen_graph(graph) -> None:
     """`graph` and its subgraphs with every fp16/bf16 type made float32, in place."""
-    from onnx import AttributeProto
-
     for index, tensor in enumerate(graph.initializer):
         if tensor.data_type in HALF:
             graph.initializer[index].CopyFrom(_widened_tensor(tensor))
@@ -58,7 +55,23 @@ def widen_graph(graph) -> None:
         raise ValueError("sparse initializers are not widened")
     for value in [*graph.input, *graph.output, *graph.value_info]:
         _widen_type(value.type)
-    for node in graph.node:
+    _widen_nodes(graph.node)
+
+
+def widen_model(model) -> None:
+    """`model`'s graph and its local functions with every fp16/bf16 type made float32, in place."""
+    widen_graph(model.graph)
+    for function in model.functions:
+        _widen_nodes(function.node)
+        for value in function.value_info:
+            _widen_type(value.type)
+
+
+def _widen_nodes(nodes) -> None:
+    """The types, tensors and bodies the nodes' attributes hold, widened in place."""
+    from onnx import AttributeProto
+
+    for node in nodes:
         for attribute in node.attribute:
             if attribute.name == DTYPE_ATTRIBUTES.get(node.op_type) and attribute.i in HALF:
                 attribute.i = TensorProto.FLOAT
@@ -90,7 +103,7 @@ class Float32Reference:
             from .backends import make_runner
 
             model = onnx.load(str(self.reference))  # weights too: the half ones are rewritten
-            widen_graph(model.graph)
+            widen_model(model)
             self._folder = tempfile.TemporaryDirectory(prefix="normfuse-float32-reference-")
             path = Path(self._folder.name) / "widened.onnx"
             onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1 << 30,

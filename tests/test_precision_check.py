@@ -198,3 +198,34 @@ def test_a_float32_reference_is_run_from_its_own_folder_and_leaves_nothing(ampli
     assert sorted(p.name for p in reference.parent.iterdir()) == before
     import os
     assert not os.path.exists(folder)
+
+
+def test_a_local_function_is_widened_too(tmp_path):
+    """An exporter may leave a function in the model (onnxscript's): its casts and constants are
+    widened with the graph's, so the float32 run has no fp16 step hidden inside a call."""
+    from export.precision_check import widen_model
+
+    third = numpy_helper.from_array(np.array(1 / 3, np.float16))
+    function = helper.make_function(
+        "local", "Narrowed", ["a"], ["b"],
+        [helper.make_node("Cast", ["a"], ["a_half"], to=TensorProto.FLOAT16),
+         helper.make_node("Constant", [], ["third"], value=third),
+         helper.make_node("Mul", ["a_half", "third"], ["b"])],
+        opset_imports=[helper.make_opsetid("", 18)])
+    graph = helper.make_graph([helper.make_node("Narrowed", ["x"], ["y"], domain="local")], "calls",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4])])
+    model = helper.make_model(graph, functions=[function], ir_version=9,
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)])
+    onnx.save(model, str(tmp_path / "half.onnx"))
+    widen_model(model)
+    assert "FLOAT16" not in str(model) and "data_type: 10" not in str(model)
+    x = np.array([1.0001, 2.0, 3.0, 1e-3], np.float32)
+    widened = Float32Reference(tmp_path / "half.onnx")
+    try:
+        y = widened.run({"x": x})["y"]
+    finally:
+        widened.close()
+    expected = x.astype(np.float64) * float(np.float16(1 / 3))
+    assert y.dtype == np.float32 and np.allclose(y, expected, rtol=1e-6, atol=0)
+    assert not np.allclose(y, x.astype(np.float16).astype(np.float64) * float(np.float16(1 / 3)), rtol=1e-6, atol=0)
