@@ -128,18 +128,22 @@ def _is_half(value) -> bool:
 
 def distance(actual, wide) -> dict:
     """max and mean absolute difference of `actual` from the float32 run `wide`, over the values
-    finite in both."""
+    finite in both, and `unlike`: the values NaN or Inf on one side only, or unlike on both (NaN
+    against Inf, Inf against -Inf), which no distance measures."""
     a = np.asarray(actual).astype(np.float64).ravel()
     w = np.asarray(wide).astype(np.float64).ravel()
     finite = np.isfinite(a) & np.isfinite(w)
+    same_special = (np.isnan(a) & np.isnan(w)) | (np.isinf(a) & (a == w))
     diff = np.abs(a[finite] - w[finite])
-    return {"max_abs": float(diff.max()) if diff.size else 0.0, "mean_abs": float(diff.mean()) if diff.size else 0.0}
+    return {"max_abs": float(diff.max()) if diff.size else 0.0, "mean_abs": float(diff.mean()) if diff.size else 0.0,
+            "unlike": int((~finite & ~same_special).sum())}
 
 
 def check_against_float32(wide: dict, expected: dict, actual: dict, tolerance) -> dict:
     """{"outputs": {name: {"reference": distance, "candidate": distance}}, "candidate_nearer", "passed",
     "stats"}: each side's outputs against the float32 run's `wide`. The candidate is nearer when, for
-    every output, neither its max nor its mean distance exceeds the reference's; it passes when every
+    every output, neither its max nor its mean distance, nor its count of unlike NaN or Inf values,
+    exceeds the reference's; it passes when every
     output is within `tolerance` of the float32 run (`stats`, validate.output_stats against it)."""
     from .validate import output_stats
 
@@ -148,7 +152,7 @@ def check_against_float32(wide: dict, expected: dict, actual: dict, tolerance) -
                for n in names}
     stats = {n: output_stats(actual[n], wide[n], tolerance) for n in names}
     nearer = bool(outputs) and all(o["candidate"][k] <= o["reference"][k] for o in outputs.values()
-                                   for k in ("max_abs", "mean_abs"))
+                                   for k in ("unlike", "max_abs", "mean_abs"))
     # every floating output, none missing: a pair is never passed on part of its outputs
     passed = bool(names) and len(names) == len(expected) and all(s["passed"] for s in stats.values())
     return {"outputs": outputs, "candidate_nearer": nearer, "passed": passed, "stats": stats}
@@ -160,11 +164,15 @@ def describe(result: dict, dtype: str) -> str:
         return f"the reference could not be run in float32 to judge both sides against ({result['error']})"
     if not result["outputs"]:
         return "no floating-point output to judge against the reference run in float32"
-    name, worst = max(result["outputs"].items(), key=lambda item: item[1]["reference"]["max_abs"])
-    ref, cand = worst["reference"], worst["candidate"]
+    name, worst = max(result["outputs"].items(), key=lambda item: (
+        max(side.get("unlike", 0) for side in item[1].values()), item[1]["reference"]["max_abs"]))
+
+    def off(side: dict) -> str:  # "max 0.19 (mean 0.02)", and the NaN or Inf values no distance measures
+        unlike = f", and {side['unlike']} value(s) NaN or Inf where it has another" if side.get("unlike") else ""
+        return f"max {side['max_abs']:.3g} (mean {side['mean_abs']:.3g}{unlike})"
+
     where = (f"against the reference run in float32 (every {dtype} value, weight and cast widened), at {name} the "
-             f"reference is off by max {ref['max_abs']:.3g} (mean {ref['mean_abs']:.3g}) and the fused graph by max "
-             f"{cand['max_abs']:.3g} (mean {cand['mean_abs']:.3g})")
+             f"reference is off by {off(worst['reference'])} and the fused graph by {off(worst['candidate'])}")
     if result["passed"]:
         return (f"{where}: the fused graph is within {dtype}'s tolerance of the float32 run, so the pair is judged "
                 f"against it; the difference from the {dtype} reference is that reference's own rounding")

@@ -229,3 +229,19 @@ def test_a_local_function_is_widened_too(tmp_path):
     expected = x.astype(np.float64) * float(np.float16(1 / 3))
     assert y.dtype == np.float32 and np.allclose(y, expected, rtol=1e-6, atol=0)
     assert not np.allclose(y, x.astype(np.float16).astype(np.float64) * float(np.float16(1 / 3)), rtol=1e-6, atol=0)
+
+
+def test_nan_where_the_float32_run_has_a_number_is_never_nearer():
+    """A fused graph that gives NaN where the float32 run has numbers is not nearer than a reference
+    with a small difference, though over the values finite on both it differs by nothing."""
+    from export.precision_check import check_against_float32, describe
+    from normops import GRAPH
+
+    wide = {"y": np.array([0.387, 1.0, np.inf], np.float32)}
+    expected = {"y": np.array([0.3875, 1.0, np.inf], np.float16)}
+    actual = {"y": np.array([np.nan, 1.0, np.inf], np.float16)}
+    check = check_against_float32(wide, expected, actual, GRAPH["float16"])
+    assert check["outputs"]["y"]["candidate"] == {"max_abs": 0.0, "mean_abs": 0.0, "unlike": 1}
+    assert check["outputs"]["y"]["reference"]["unlike"] == 0  # the same Inf on both sides is alike
+    assert not check["candidate_nearer"] and not check["passed"]
+    assert "the fused graph by max 0 (mean 0, and 1 value(s) NaN or Inf where it has another)" in describe(check, "float16")
