@@ -8,6 +8,8 @@ On fp16/bf16 tensors, onnx's evaluator accumulates reductions and products in th
 itself (a bf16 ReduceMean over 1600 values is off by 15%). No runtime does that: ONNX Runtime
 and TensorRT accumulate in fp32. So the ops that accumulate (ACCUMULATING_OPS) run here on
 float32 copies of half inputs, their results rounded back to the half type, as on a GPU.
+Convolutions and pools (BY_ONNX_RUNTIME_IN_FLOAT32), whose onnx kernels also loop in Python over
+output positions, are computed so by ONNX Runtime's float32 kernels, on float32 inputs too.
 """
 from __future__ import annotations
 
@@ -297,12 +299,42 @@ class Pad(OpRun):
         return (np.pad(cropped, widths, mode=mode).astype(data.dtype),)
 
 
+# ops whose onnx kernels loop in Python over output positions (AveragePool took 11.8 of a bf16
+# PoolFormer's 12.5 s) and, on half inputs, sum in the half type: ONNX Runtime's float32 kernels run
+# them, on float32 copies of half inputs, the result rounded back to the half type, as a GPU
+# accumulates in fp32. Other dtypes (float64) keep onnx's own.
+BY_ONNX_RUNTIME_IN_FLOAT32 = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "GlobalAveragePool", "LpPool")
+FLOAT32 = np.dtype(np.float32)
+
+
+def _in_float32_by_onnx_runtime(op_type: str, version: int, opsets: list) -> type | None:
+    """onnx's op_type at this opset, whose float32 and half inputs ONNX Runtime computes in float32."""
+    try:
+        base = load_op("", op_type, version)
+        schema = onnx.defs.get_schema(op_type, version, "")
+    except Exception:  # not defined at this opset
+        return None
+
+    def _run(self, *inputs, **attributes):
+        first = inputs[0].dtype if inputs and isinstance(inputs[0], np.ndarray) else None
+        if first not in HALF_DTYPES and first != FLOAT32:
+            return base._run(self, *inputs, **attributes)
+        widened = [x.astype(np.float32) if isinstance(x, np.ndarray) and x.dtype in HALF_DTYPES else x for x in inputs]
+        results = _OnnxRuntimeNode._run(self, *widened)
+        # MaxPool's indices stay int64; the values go back to the input's type
+        return tuple(r.astype(first) if isinstance(r, np.ndarray) and r.dtype == FLOAT32 else r for r in results)
+
+    return type(op_type, (base,), {"op_domain": "", "op_schema": schema, "_run": _run, "opsets": opsets})
+
+
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
     """onnx's reference evaluator for `model`, with the fused ops, fp32 accumulation on half
     inputs, ONNX Runtime running the ops of its own domains that onnx has no kernel for, and the
     operators onnx's own kernels get wrong (GlobalMaxPool, GatherElements, Pad) as defined."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     widened = [op for op in (_accumulating_in_float32(t, version) for t in ACCUMULATING_OPS) if op is not None]
+    widened += [op for op in (_in_float32_by_onnx_runtime(t, version, list(model.opset_import))
+                              for t in BY_ONNX_RUNTIME_IN_FLOAT32) if op is not None]
     return ReferenceEvaluator(in_order(model), new_ops=FUSED_OPS + widened + [GlobalMaxPool, GatherElements] +
                              ([Pad] if version >= 11 else []) + _run_by_onnx_runtime(model))
 
