@@ -594,7 +594,8 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
                         model_dtype(exported))
         record["validated"] = all(p["passed"] for p in pairs)
         # against the export as it ran, also where a pair was judged again against it in float32
-        record["max_abs"] = max(s["max_abs"] for p in pairs for s in (p.get("against_half_reference") or p["outputs"]).values())
+        record["max_abs"] = max(s["max_abs"] for p in pairs
+                                for s in (p.get("against_half_reference") or p["outputs"]).values())
         judged = [shape_label(p) for p in pairs if p.get("against_half_reference")]
         if judged:
             record["judged_against_float32"] = judged

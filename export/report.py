@@ -102,7 +102,8 @@ def markdown(report: dict) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for pair in report["validation"]:
         for name, s in pair["outputs"].items():
-            lines.append(f"| {pair.get('judged_against', pair['reference'])} | {pair['candidate']} | {shape_label(pair)} | {name} | "
+            reference = pair.get("judged_against", pair["reference"])
+            lines.append(f"| {reference} | {pair['candidate']} | {shape_label(pair)} | {name} | "
                          f"{s['max_abs']:.3g} | {s['max_rel']:.3g} | atol {s['atol']:g}, rtol {s['rtol']:g} | "
                          f"{'pass' if s['passed'] else '**FAIL**'} |")
     for pair in report["validation"]:

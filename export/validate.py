@@ -37,8 +37,8 @@ from .backends import index_bounds, leading_dims, make_runner, random_arrays
 from .decode import mask_over_the_cache
 from .dims import hint_on_failure
 from .errors import NormfuseError, UsageError, first_line
-from .precision_check import Float32Reference, check_against_float32
 from .files import require_file
+from .precision_check import Float32Reference, check_against_float32
 
 
 @dataclass
