@@ -331,13 +331,16 @@ POOLS_AND_CONVS = [
     ("MaxPool", [(2, 3, 9, 9)], {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 1, 0]}),
     ("GlobalAveragePool", [(2, 5, 7, 3)], {}),
     ("LpPool", [(2, 3, 8, 8)], {"kernel_shape": [2, 2], "p": 2}),
+    # at opset 20, whose mode names onnx's own kernel knows (it refuses GridSample-16's "bilinear")
+    ("GridSample", [(2, 3, 6, 7), (2, 4, 5, 2)], {"align_corners": 0, "mode": "linear", "padding_mode": "zeros"}),
+    ("GridSample", [(1, 2, 5, 5), (1, 3, 3, 2)], {"align_corners": 1, "mode": "nearest", "padding_mode": "border"}),
 ]
 
 
 @pytest.mark.parametrize("op_type, shapes, attributes", POOLS_AND_CONVS, ids=[case[0] for case in POOLS_AND_CONVS])
 def test_convolutions_and_pools_run_in_float32_by_onnx_runtime_in_the_reference_evaluator(op_type, shapes, attributes):
-    """onnx's own convolution and pool kernels loop in Python (a bf16 PoolFormer's AveragePool took
-    11.8 of its 12.5 s) and sum half inputs in the half type. normfuse's evaluator has ONNX Runtime
+    """onnx's own convolution, pool and GridSample kernels loop in Python (a bf16 PoolFormer's
+    AveragePool took 11.8 of its 12.5 s) and sum half inputs in the half type. normfuse's evaluator has ONNX Runtime
     compute them in float32: on float32 inputs as onnx's own do (to float32 rounding), on bfloat16
     inputs exactly ONNX Runtime's float32 result rounded to bfloat16; float64 keeps onnx's own."""
     import ml_dtypes
@@ -353,7 +356,7 @@ def test_convolutions_and_pools_run_in_float32_by_onnx_runtime_in_the_reference_
             [helper.make_node(op_type, names, outputs, **attributes)], op_type.lower(),
             [helper.make_tensor_value_info(n, element, list(s)) for n, s in zip(names, shapes)],
             [helper.make_tensor_value_info(o, TensorProto.INT64 if o == "indices" else element, None) for o in outputs])
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20 if op_type == "GridSample" else 18)])
 
     rng = np.random.default_rng(0)
     values = [rng.standard_normal(s).astype(np.float32) for s in shapes]

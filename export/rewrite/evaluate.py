@@ -8,8 +8,9 @@ On fp16/bf16 tensors, onnx's evaluator accumulates reductions and products in th
 itself (a bf16 ReduceMean over 1600 values is off by 15%). No runtime does that: ONNX Runtime
 and TensorRT accumulate in fp32. So the ops that accumulate (ACCUMULATING_OPS) run here on
 float32 copies of half inputs, their results rounded back to the half type, as on a GPU.
-Convolutions and pools (BY_ONNX_RUNTIME_IN_FLOAT32), whose onnx kernels also loop in Python over
-output positions, are computed so by ONNX Runtime's float32 kernels, on float32 inputs too.
+Convolutions, pools and GridSample (BY_ONNX_RUNTIME_IN_FLOAT32), whose onnx kernels also loop in
+Python over output positions, are computed so by ONNX Runtime's float32 kernels, on float32 inputs
+too.
 """
 from __future__ import annotations
 
@@ -300,10 +301,11 @@ class Pad(OpRun):
 
 
 # ops whose onnx kernels loop in Python over output positions (AveragePool took 11.8 of a bf16
-# PoolFormer's 12.5 s) and, on half inputs, sum in the half type: ONNX Runtime's float32 kernels run
-# them, on float32 copies of half inputs, the result rounded back to the half type, as a GPU
-# accumulates in fp32. Other dtypes (float64) keep onnx's own.
-BY_ONNX_RUNTIME_IN_FLOAT32 = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "GlobalAveragePool", "LpPool")
+# PoolFormer's 12.5 s, GridSample 60.1 of a bf16 RT-DETR's 60.6 s) and, on half inputs, sum in the
+# half type: ONNX Runtime's float32 kernels run them, on float32 copies of half inputs, the result
+# rounded back to the half type, as a GPU accumulates in fp32. Other dtypes (float64) keep onnx's own.
+BY_ONNX_RUNTIME_IN_FLOAT32 = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "GlobalAveragePool", "LpPool",
+                              "GridSample")
 FLOAT32 = np.dtype(np.float32)
 
 
