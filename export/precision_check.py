@@ -87,7 +87,7 @@ def _widen_nodes(nodes) -> None:
 
 
 class Float32Reference:
-    """The reference run in float32: widened (`widen_graph`) on first use, saved with its weights to a
+    """The reference run in float32: widened (`widen_model`) on first use, saved with its weights to a
     temporary folder and run as written on ONNX Runtime's CPU provider, the half-precision feeds cast
     to float32. `close` lets the session and the folder go."""
 
@@ -122,35 +122,30 @@ class Float32Reference:
 
 
 def _is_half(value) -> bool:
-    dtype = np.asarray(value).dtype
-    return dtype == np.float16 or dtype.name == "bfloat16"
+    from .rewrite.evaluate import HALF_DTYPES
+
+    return np.asarray(value).dtype in HALF_DTYPES
 
 
-def distance(actual, wide) -> dict:
-    """max and mean absolute difference of `actual` from the float32 run `wide`, over the values
-    finite in both, and `unlike`: the values NaN or Inf on one side only, or unlike on both (NaN
-    against Inf, Inf against -Inf), which no distance measures."""
-    a = np.asarray(actual).astype(np.float64).ravel()
-    w = np.asarray(wide).astype(np.float64).ravel()
-    finite = np.isfinite(a) & np.isfinite(w)
-    same_special = (np.isnan(a) & np.isnan(w)) | (np.isinf(a) & (a == w))
-    diff = np.abs(a[finite] - w[finite])
-    return {"max_abs": float(diff.max()) if diff.size else 0.0, "mean_abs": float(diff.mean()) if diff.size else 0.0,
-            "unlike": int((~finite & ~same_special).sum())}
+def distance(stats: dict) -> dict:
+    """How far one side is from the float32 run, from validate.output_stats against it: max and mean
+    absolute difference over the values finite in both, and `unlike`, the values NaN or Inf on one
+    side only or unlike on both (NaN against Inf, Inf against -Inf), which no distance measures."""
+    return {"max_abs": stats["max_abs"], "mean_abs": stats["mean_abs"], "unlike": stats["nonfinite_mismatch"]}
 
 
 def check_against_float32(wide: dict, expected: dict, actual: dict, tolerance) -> dict:
     """{"outputs": {name: {"reference": distance, "candidate": distance}}, "candidate_nearer", "passed",
     "stats"}: each side's outputs against the float32 run's `wide`. The candidate is nearer when, for
     every output, neither its max nor its mean distance, nor its count of unlike NaN or Inf values,
-    exceeds the reference's; it passes when every
-    output is within `tolerance` of the float32 run (`stats`, validate.output_stats against it)."""
+    exceeds the reference's; it passes when every output is within `tolerance` of the float32 run
+    (`stats`, validate.output_stats against it)."""
     from .validate import output_stats
 
     names = [n for n in expected if n in wide and n in actual and np.issubdtype(np.asarray(wide[n]).dtype, np.floating)]
-    outputs = {n: {"reference": distance(expected[n], wide[n]), "candidate": distance(actual[n], wide[n])}
-               for n in names}
     stats = {n: output_stats(actual[n], wide[n], tolerance) for n in names}
+    outputs = {n: {"reference": distance(output_stats(expected[n], wide[n], tolerance)), "candidate": distance(stats[n])}
+               for n in names}
     nearer = bool(outputs) and all(o["candidate"][k] <= o["reference"][k] for o in outputs.values()
                                    for k in ("unlike", "max_abs", "mean_abs"))
     # every floating output, none missing: a pair is never passed on part of its outputs

@@ -89,27 +89,40 @@ ACCUMULATING_OPS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "L
 HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
-def _accumulating_in_float32(op_type: str, version: int) -> type | None:
-    """onnx's implementation of op_type at this opset, run on float32 copies of half inputs."""
+def _with_run(op_type: str, version: int, run, **members) -> type | None:
+    """onnx's implementation of op_type at this opset with `run` as its `_run`: named like the op
+    (how the evaluator finds new ops) but with this opset's schema, whose attributes the evaluator
+    fills in (ReduceMean before 18 has no noop_with_empty_axes); None where the opset has no such op
+    (RMSNormalization before 23). `run` gets onnx's class as `base`."""
     try:
         base = load_op("", op_type, version)
         schema = onnx.defs.get_schema(op_type, version, "")
-    except Exception:  # not defined at this opset (RMSNormalization before 23)
+    except Exception:
         return None
 
     def _run(self, *inputs, **attributes):
+        return run(base, self, *inputs, **attributes)
+
+    return type(op_type, (base,), {"op_domain": "", "op_schema": schema, "_run": _run, **members})
+
+
+def _widened_inputs(inputs) -> list:
+    return [x.astype(np.float32) if isinstance(x, np.ndarray) and x.dtype in HALF_DTYPES else x for x in inputs]
+
+
+def _accumulating_in_float32(op_type: str, version: int) -> type | None:
+    """onnx's implementation of op_type at this opset, run on float32 copies of half inputs."""
+
+    def run(base, self, *inputs, **attributes):
         # these ops give their first input's type: only a half first input is computed widened
         # (a mixed graph, e.g. an fp32 X with fp16 scale, stays as onnx evaluates it)
         half = inputs[0].dtype if inputs and isinstance(inputs[0], np.ndarray) and inputs[0].dtype in HALF_DTYPES else None
         if half is None:
             return base._run(self, *inputs, **attributes)
-        widened = [x.astype(np.float32) if isinstance(x, np.ndarray) and x.dtype in HALF_DTYPES else x for x in inputs]
-        first, *rest = base._run(self, *widened, **attributes)
+        first, *rest = base._run(self, *_widened_inputs(inputs), **attributes)
         return (np.asarray(first).astype(half), *rest)  # LayerNormalization's mean and inv_std stay fp32
 
-    # named like the op (how the evaluator finds new ops) but with this opset's schema, whose
-    # attributes the evaluator fills in (ReduceMean before 18 has no noop_with_empty_axes)
-    return type(op_type, (base,), {"op_domain": "", "op_schema": schema, "_run": _run})
+    return _with_run(op_type, version, run)
 
 
 def in_order(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -311,22 +324,16 @@ FLOAT32 = np.dtype(np.float32)
 
 def _in_float32_by_onnx_runtime(op_type: str, version: int, opsets: list) -> type | None:
     """onnx's op_type at this opset, whose float32 and half inputs ONNX Runtime computes in float32."""
-    try:
-        base = load_op("", op_type, version)
-        schema = onnx.defs.get_schema(op_type, version, "")
-    except Exception:  # not defined at this opset
-        return None
 
-    def _run(self, *inputs, **attributes):
+    def run(base, self, *inputs, **attributes):
         first = inputs[0].dtype if inputs and isinstance(inputs[0], np.ndarray) else None
         if first not in HALF_DTYPES and first != FLOAT32:
             return base._run(self, *inputs, **attributes)
-        widened = [x.astype(np.float32) if isinstance(x, np.ndarray) and x.dtype in HALF_DTYPES else x for x in inputs]
-        results = _OnnxRuntimeNode._run(self, *widened)
+        results = _OnnxRuntimeNode._run(self, *_widened_inputs(inputs))
         # MaxPool's indices stay int64; the values go back to the input's type
         return tuple(r.astype(first) if isinstance(r, np.ndarray) and r.dtype == FLOAT32 else r for r in results)
 
-    return type(op_type, (base,), {"op_domain": "", "op_schema": schema, "_run": _run, "opsets": opsets})
+    return _with_run(op_type, version, run, opsets=opsets)
 
 
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
