@@ -506,10 +506,36 @@ def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
             return "static"
         except Exception as dynamo_error:
             try:
-                torch.onnx.export(wrapped, args, str(path), dynamo=False, opset_version=TORCHSCRIPT_OPSET, **names)
+                torch_script_export(wrapped, args, path, names)
             except Exception:
                 raise dynamo_error from None  # the dynamo exporter's reason is the one to read
             return "TorchScript"
+
+
+def torch_script_export(wrapped, args: tuple, path: Path, names: dict) -> None:
+    """TorchScript's exporter. On a bfloat16 model, the Casts its scalar type analysis inserts
+    (an attention scale cast to the query's type) are written with torch's own number for
+    bfloat16, 15, which in ONNX is COMPLEX128: constant folding then stops on "ScalarType
+    ComplexDouble is an unexpected tensor scalar type". So there it exports again unfolded and
+    gives those Casts ONNX's number for bfloat16. TorchScript exports no complex tensor at all,
+    so no Cast to COMPLEX128 it writes means one."""
+    import onnx
+    import torch
+
+    try:
+        torch.onnx.export(wrapped, args, str(path), dynamo=False, opset_version=TORCHSCRIPT_OPSET, **names)
+    except RuntimeError as error:
+        if "ComplexDouble" not in str(error):
+            raise
+        torch.onnx.export(wrapped, args, str(path), dynamo=False, opset_version=TORCHSCRIPT_OPSET,
+                          do_constant_folding=False, **names)
+    model = onnx.load(str(path))
+    misnumbered = [attribute for node in model.graph.node if node.op_type == "Cast"
+                   for attribute in node.attribute if attribute.name == "to" and attribute.i == onnx.TensorProto.COMPLEX128]
+    for attribute in misnumbered:
+        attribute.i = onnx.TensorProto.BFLOAT16
+    if misnumbered:
+        onnx.save(model, str(path))
 
 
 def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: bool, sub_configs: bool = True):

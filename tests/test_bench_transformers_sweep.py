@@ -543,3 +543,30 @@ def test_update_sweeps_the_types_given_into_the_records(tmp_path):
     missing = subprocess.run([sys.executable, str(SCRIPT), "--update", "--json", str(tmp_path / "none.json")],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert missing.returncode == 2 and "--update needs an existing --json file" in missing.stderr
+
+
+def test_a_bfloat16_torch_script_export_gets_onnxs_number_for_bfloat16(sweep, tmp_path):
+    """TorchScript's exporter casts a given attention scale to a bfloat16 query's type with torch's
+    number for bfloat16 (15), COMPLEX128 in ONNX, and its constant folding stops on it. The sweep
+    exports unfolded and renumbers those Casts: the graph runs, as torch does."""
+    import numpy as np
+    import onnx
+    import torch
+
+    from export.rewrite.evaluate import run_model
+    from normops.tolerances import GRAPH
+
+    class ScaledAttention(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.25)
+
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    path = tmp_path / "attention.onnx"
+    sweep.torch_script_export(ScaledAttention(), (q,), path, {"input_names": ["q"], "output_names": ["output"]})
+    model = onnx.load(str(path))
+    casts = [a.i for n in model.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+    assert onnx.TensorProto.COMPLEX128 not in casts and onnx.TensorProto.BFLOAT16 in casts
+    (got,) = run_model(model, {"q": q.float().numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(16))})
+    expected = torch.nn.functional.scaled_dot_product_attention(*(q.double(),) * 3, scale=0.25).numpy()
+    tolerance = GRAPH["bfloat16"]
+    assert np.allclose(got.astype(np.float64), expected, atol=tolerance.atol, rtol=tolerance.rtol)
