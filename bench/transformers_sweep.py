@@ -493,16 +493,17 @@ def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
 
     args = tuple(inputs.values())
     names = {"input_names": list(inputs), "output_names": ["output"], "verbose": False}
+    dynamo = {"dynamo": True, "custom_translation_table": translations(), **names}
     dynamic = (tuple(axes[name] for name in inputs),)  # one entry for the wrapper's *values: a spec per input
     with torch.no_grad():
         if any(axes.values()):
             try:
-                torch.onnx.export(wrapped, args, str(path), dynamo=True, dynamic_shapes=dynamic, **names)
+                torch.onnx.export(wrapped, args, str(path), dynamic_shapes=dynamic, **dynamo)
                 return "dynamic"
             except Exception:
                 pass
         try:
-            torch.onnx.export(wrapped, args, str(path), dynamo=True, **names)
+            torch.onnx.export(wrapped, args, str(path), **dynamo)
             return "static"
         except Exception as dynamo_error:
             try:
@@ -510,6 +511,22 @@ def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
             except Exception:
                 raise dynamo_error from None  # the dynamo exporter's reason is the one to read
             return "TorchScript"
+
+
+def translations() -> dict:
+    """ONNX for the aten ops torch's dynamo exporter has no translation of. `aten._is_all_true` is
+    what `torch._check_tensor_all` (transformers' `torch_compilable_check`, e.g. D-FINE's check that
+    its spatial shapes add up to the sequence) leaves in the graph: a check, whose result nothing
+    computes with, so the export keeps no node of it."""
+    import onnx
+    import torch
+    from onnxscript import opset18 as op
+
+    def is_all_true(condition):
+        return op.Cast(op.ReduceMin(op.Cast(condition, to=onnx.TensorProto.INT64), keepdims=0),
+                       to=onnx.TensorProto.BOOL)
+
+    return {torch.ops.aten._is_all_true.default: is_all_true}
 
 
 def torch_script_export(wrapped, args: tuple, path: Path, names: dict) -> None:

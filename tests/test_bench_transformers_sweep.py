@@ -570,3 +570,30 @@ def test_a_bfloat16_torch_script_export_gets_onnxs_number_for_bfloat16(sweep, tm
     expected = torch.nn.functional.scaled_dot_product_attention(*(q.double(),) * 3, scale=0.25).numpy()
     tolerance = GRAPH["bfloat16"]
     assert np.allclose(got.astype(np.float64), expected, atol=tolerance.atol, rtol=tolerance.rtol)
+
+
+def test_a_tensor_check_exports_with_dynamic_shapes_and_leaves_no_node(sweep, tmp_path):
+    """`torch._check_tensor_all` (transformers' `torch_compilable_check`) leaves `aten._is_all_true`
+    in the exported program, which torch's exporter has no ONNX for. The sweep gives it one; the
+    check's result feeds nothing, so the graph keeps only what the model computes."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    class Checked(torch.nn.Module):  # takes *values, as `first_output`'s wrapper does
+        def forward(self, *values):
+            x, spatial_shapes = values
+            torch._check_tensor_all((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum() == x.shape[1])
+            return x * 2
+
+    x, shapes = torch.randn(2, 6, 4), torch.tensor([[2, 3]])
+    path = tmp_path / "checked.onnx"
+    how = sweep.export(Checked(), {"x": x, "spatial_shapes": shapes}, {"x": {0: "batch"}, "spatial_shapes": {}}, path)
+    assert how == "dynamic"
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["Mul"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wider = np.random.default_rng(0).standard_normal((3, 6, 4)).astype(np.float32)
+    feeds = {i.name: value for i, value in zip(session.get_inputs(), (wider, shapes.numpy()))}
+    (out,) = session.run(None, feeds)
+    assert np.array_equal(out, wider * 2)
