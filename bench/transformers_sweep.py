@@ -507,10 +507,23 @@ def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
             return "static"
         except Exception as dynamo_error:
             try:
+                if half_precision(wrapped) and hasattr(wrapped.model, "set_attn_implementation"):
+                    # TorchScript's scaled_dot_product_attention writes a boolean mask's additive
+                    # form in float32, and type promotion then runs the attention after it in
+                    # float32 too: LayerNormalizations with float32 and half operands, which ONNX
+                    # Runtime refuses to load (BART in fp16). Eager attention is the same sums.
+                    wrapped.model.set_attn_implementation("eager")
                 torch_script_export(wrapped, args, path, names)
             except Exception:
                 raise dynamo_error from None  # the dynamo exporter's reason is the one to read
             return "TorchScript"
+
+
+def half_precision(module) -> bool:
+    """Whether `module`'s floating-point weights are float16 or bfloat16."""
+    import torch
+
+    return any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters())
 
 
 def translations() -> dict:

@@ -597,3 +597,13 @@ def test_a_tensor_check_exports_with_dynamic_shapes_and_leaves_no_node(sweep, tm
     feeds = {i.name: value for i, value in zip(session.get_inputs(), (wider, shapes.numpy()))}
     (out,) = session.run(None, feeds)
     assert np.array_equal(out, wider * 2)
+
+
+def test_a_half_precision_model_falls_back_to_torch_script_with_eager_attention(sweep, tmp_path):
+    """Marian in fp16: dynamo stops on its encoder's data-dependent `isfinite` clamp, so TorchScript
+    exports it. TorchScript's SDPA would run the attention after a boolean mask in float32 (a graph
+    ONNX Runtime refuses); with eager attention the export loads, and is rewritten and validated."""
+    record = sweep.sweep_one("marian", "float16", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert record["shapes"] == "TorchScript"
+    assert record["validated"] and record["fused_norms"] == record["norm_calls"] == 10
