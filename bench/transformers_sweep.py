@@ -22,7 +22,10 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
    calls with equal weights on one tensor are one norm, and the exporter merges them); where no
    candidate input runs, the row's reason gives each one's error;
 4. export: torch's dynamo exporter, batch and sequence dynamic, or static shapes where that fails,
-   or the TorchScript exporter (static) where dynamo cannot export at all;
+   or the TorchScript exporter (static) where dynamo cannot export at all; around the exporters'
+   own gaps: an ONNX translation of `aten._is_all_true` (`translations`), eager attention for a
+   half-precision model TorchScript exports, ONNX's number for bfloat16 in its Casts
+   (`torch_script_export`);
 5. rewrite: for the `tensorrt` target (every norm, native ones too) and the `onnxruntime` target;
 6. validate: the `onnxruntime` form against the export on ONNX Runtime's CPU provider
    (export.validate, the dtype's graph tolerance), at two shapes where they are dynamic. In
