@@ -515,30 +515,32 @@ def test_only_layer_and_rms_kinds_of_norm_are_counted(sweep):
 
 def test_an_unfinished_sweep_says_so_and_update_finishes_it(sweep, tmp_path):
     """A sweep writes its records as each type finishes, listing the rest as unswept; `--update`
-    sweeps those, and the types whose norms were counted, each once (BERT is both here: an update
-    stopped before it re-swept BERT)."""
+    sweeps those, and the types whose norms were counted, each once (Funnel is both here: an update
+    stopped before it re-swept Funnel, whose config refuses a layer count, so a sweep of it stops
+    at once, at "config")."""
     out = tmp_path / "sweep.json"
     kept = {"type": "zamba", "dtype": "float32", "stage": "model", "error": "kept"}
-    counted = {"type": "bert", "dtype": "float32", "stage": "export", "norm_calls": 5, "error": "stopped"}
-    out.write_text(json.dumps({"versions": {}, "dtype": "float32", "unswept": ["bert"], "records": [counted, kept]}))
-    assert "**Unfinished: 1 types to sweep**" in sweep.markdown([kept], "float32", ["bert"])
+    counted = {"type": "funnel", "dtype": "float32", "stage": "export", "norm_calls": 5, "error": "stopped"}
+    out.write_text(json.dumps({"versions": {}, "dtype": "float32", "unswept": ["funnel"], "records": [counted, kept]}))
+    assert "**Unfinished: 1 types to sweep**" in sweep.markdown([kept], "float32", ["funnel"])
     done = subprocess.run([sys.executable, str(SCRIPT), "--update", "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     payload = json.loads(out.read_text())
     assert payload["unswept"] == [] and [(r["type"], r["stage"]) for r in payload["records"]] == [
-        ("bert", "done"), ("zamba", "model")]
+        ("funnel", "config"), ("zamba", "model")]
 
 
 def test_update_sweeps_the_types_given_into_the_records(tmp_path):
     out = tmp_path / "sweep.json"
     out.write_text(json.dumps({"versions": {}, "dtype": "float32",
                                "records": [{"type": "zamba", "dtype": "float32", "stage": "model", "error": "kept"}]}))
-    done = subprocess.run([sys.executable, str(SCRIPT), "--update", "--types", "bert", "--json", str(out)],
+    # Funnel's config refuses a layer count: its row stops at once, at "config"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--update", "--types", "funnel", "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads(out.read_text())["records"]
-    assert [(r["type"], r["stage"]) for r in records] == [("bert", "done"), ("zamba", "model")]
+    assert [(r["type"], r["stage"]) for r in records] == [("funnel", "config"), ("zamba", "model")]
     assert records[1]["error"] == "kept"
     missing = subprocess.run([sys.executable, str(SCRIPT), "--update", "--json", str(tmp_path / "none.json")],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
