@@ -16,6 +16,26 @@ class RunFailure(NormfuseError):
     a table). Where normfuse made those inputs up, `export.dims.hint_on_failure` adds what to suspect."""
 
 
+class MissingKernel(RunFailure):
+    """ONNX Runtime's provider has no kernel for one of the model's ops at the types it is given
+    (ScatterND adding float16 on the CPU): the model, not the inputs' shapes, is what it cannot run.
+    `kernel` is ONNX Runtime's own line about it."""
+
+    def __init__(self, message: str, kernel: str = ""):
+        super().__init__(message)
+        self.kernel = kernel
+
+
+# ONNX Runtime's words for a kernel it lacks: at load, and at run where one kernel serves some types only
+MISSING_KERNEL_SIGNS = ("Could not find an implementation for", "data type is not supported with")
+ON_THE_EVALUATOR = "onnx's reference evaluator runs every op: validate with --backend onnx-reference"
+
+
+def missing_kernel(message: str) -> bool:
+    """Whether ONNX Runtime's `message` says it has no kernel for an op at these types."""
+    return any(sign in message for sign in MISSING_KERNEL_SIGNS)
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's first non-empty line, cut at `limit` characters (onnx's evaluator may list
     every tensor it knows), or its class name when it says nothing: for one-line errors."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from normops import numpy_dtype
 
-from .errors import NormfuseError, RunFailure, first_line
+from .errors import ON_THE_EVALUATOR, MissingKernel, NormfuseError, RunFailure, first_line, missing_kernel
 from .files import require_file
 
 ONNX_SUFFIXES = (".onnx",)
@@ -225,6 +225,9 @@ class OrtModel:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers,
                                                 provider_options=provider_options, disabled_optimizers=disabled)
         except Exception as exc:
+            if missing_kernel(str(exc)):
+                raise MissingKernel(f"{self.path}: ONNX Runtime has no kernel for it: {first_line(exc)}; "
+                                    f"{ON_THE_EVALUATOR}", kernel=first_line(exc)) from None
             raise NormfuseError(f"{self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.device = device
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -371,6 +374,9 @@ class OrtModel:
             message = message.split(" : ", 2)[-1] if message.startswith("[ONNXRuntimeError]") else message
             shapes = ", ".join(f"{name} {list(value[0] if isinstance(value, tuple) else value_shape(value))}"
                                for name, value in feeds.items())
+            if missing_kernel(message):
+                raise MissingKernel(f"{self.path}: ONNX Runtime has no kernel for it: {message}; "
+                                    f"{ON_THE_EVALUATOR}", kernel=message) from None
             raise RunFailure(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message}") from None
 
     def end_profiling(self) -> str:

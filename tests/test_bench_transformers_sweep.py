@@ -609,3 +609,15 @@ def test_a_half_precision_model_falls_back_to_torch_script_with_eager_attention(
     assert record["stage"] == "done", record.get("error")
     assert record["shapes"] == "TorchScript"
     assert record["validated"] and record["fused_norms"] == record["norm_calls"] == 10
+
+
+def test_a_model_onnx_runtime_lacks_a_kernel_for_is_validated_on_the_evaluator(sweep, tmp_path):
+    """JetMoE in fp16 combines its experts with a ScatterND adding float16, which ONNX Runtime's CPU
+    provider refuses: its tensorrt form is validated on onnx's reference evaluator instead, and the
+    row and the Markdown say why."""
+    record = sweep.sweep_one("jetmoe", "float16", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert "ScatterND" in record["on_evaluator"] and record["validated"]
+    assert record["fused_norms"] == record["norms_in_output"] == 5
+    text = sweep.markdown([{**record, "type": "jetmoe"}], "float16", [])
+    assert "- jetmoe: CPU execution provider: MLFloat16 data type is not supported with ScatterND" in text
