@@ -24,7 +24,7 @@ from models import PRESET_NAMES, count_norms, describe_presets, preset
 
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
 from .cli import DIM_HELP, Parser, dim_range, non_negative_int, output_file, output_folder, positive_int, run_cli
-from .errors import NormfuseError, UsageError
+from .errors import MissingKernel, NormfuseError, UsageError
 from .files import require_writable
 from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
 from .report import print_summary, write_report
@@ -148,6 +148,8 @@ class Pipeline:
         # (None where the rewrite changed nothing for it)
         self.report: dict | None = None
         self.decoded: dict[str, Path | None] = {}
+        # ONNX Runtime backends validation found without a kernel for one of the model's ops: why
+        self.missing_kernels: dict[str, str] = {}
         self.served: dict[str, Path] = {}
 
     @contextmanager
@@ -398,25 +400,39 @@ class Pipeline:
             pairs += compare(Side(reference, "onnx-reference", "reference"), Side(fused_trt, "onnx-reference", "fused-tensorrt"),
                              self.validation_shapes, dtype, seed=a.seed, dims=self.dims)
             for backend in (b for b in backends if b.startswith("ort-")):
-                if lacks_kernels(backend, dtype):
-                    self.skipped.append({"stage": "ort-cpu validation", "reason": "ONNX Runtime's CPU provider has no "
-                                         "bfloat16 kernels (MatMul, Mul); the graphs were checked with the onnx reference evaluator"})
-                    continue
-                pairs += compare(Side(reference, backend, "reference"), Side(fused, backend, "fused"), shapes, dtype,
-                                 seed=a.seed, dims=self.dims)
-                if backend == "ort-cpu" and fused_cpu is not None:
-                    pairs += compare(Side(reference, backend, "reference"), Side(fused_cpu, backend, "fused-cpu"),
-                                     shapes, dtype, seed=a.seed, dims=self.dims)
+                try:
+                    on_backend = [] if self.cannot_run(backend, dtype) else compare(
+                        Side(reference, backend, "reference"), Side(fused, backend, "fused"), shapes, dtype,
+                        seed=a.seed, dims=self.dims)
+                    if on_backend and backend == "ort-cpu" and fused_cpu is not None:
+                        on_backend += compare(Side(reference, backend, "reference"), Side(fused_cpu, backend, "fused-cpu"),
+                                              shapes, dtype, seed=a.seed, dims=self.dims)
+                except MissingKernel as exc:
+                    # the model, not the rewrite: its graphs were checked on the evaluator above
+                    self.missing_kernels[backend] = f"ONNX Runtime ({backend}) has no kernel for one of the model's " \
+                                                    f"ops: {exc.kernel.split('Status Message: ')[-1].rstrip('.')}"
+                    on_backend = []
+                if self.cannot_run(backend, dtype):
+                    self.skipped.append({"stage": f"{backend} validation", "reason": f"{self.cannot_run(backend, dtype)}; "
+                                         "the graphs were checked with the onnx reference evaluator"})
+                pairs += on_backend
             if engines:
                 # ORT runs the reference graph; TensorRT runs each engine on the same inputs.
                 ref_backend = "ort-cuda" if "ort-cuda" in backends else "ort-cpu"
-                if lacks_kernels(ref_backend, dtype):
+                if self.cannot_run(ref_backend, dtype):
                     ref_backend = "onnx-reference"
                 for graph, info in engines.items():
                     pairs += compare(Side(reference, ref_backend, "reference"),
                                      Side(info["plan"], "tensorrt", f"{graph}-engine"), shapes, dtype, seed=a.seed,
                                      dims=self.dims)
         return pairs
+
+    def cannot_run(self, backend: str, dtype: str) -> str | None:
+        """Why ONNX Runtime's `backend` cannot run this model, or None: the CPU provider has no
+        bfloat16 kernels, or validation found it without a kernel for one of the model's ops."""
+        if lacks_kernels(backend, dtype):
+            return "ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Mul)"
+        return self.missing_kernels.get(backend)
 
     def bench(self, reference, fused, fused_cpu, backends, dtype, rewrite_trt, engines=None) -> list[dict]:
         """Reference against fused per backend: on ort-cpu the CPU form (`fused_cpu`; None: there is
@@ -429,8 +445,8 @@ class Pipeline:
         norm_nodes = [n for f in rewrite_trt.fusions for n in f.nodes_removed]
         results = []
         for backend in (b for b in backends if b.startswith("ort-")):
-            if lacks_kernels(backend, dtype):
-                self.skipped.append({"stage": "ort-cpu bench", "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
+            if self.cannot_run(backend, dtype):
+                self.skipped.append({"stage": f"{backend} bench", "reason": self.cannot_run(backend, dtype)})
                 continue
             with self.stage("bench", f"bench on {backend} at {batch}x{seq}{self.with_dims}, {a.runs} runs per graph"
                                      + (f", {a.pairs} pairs" if a.pairs > 1 else "")):
@@ -490,9 +506,8 @@ class Pipeline:
             return []
         records = []
         for backend in (b for b in backends if b.startswith("ort-")):
-            if lacks_kernels(backend, dtype):
-                self.skipped.append({"stage": "ort-cpu greedy decoding",
-                                     "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels"})
+            if self.cannot_run(backend, dtype):
+                self.skipped.append({"stage": f"{backend} greedy decoding", "reason": self.cannot_run(backend, dtype)})
                 continue
             candidate = self.decoded.get(backend)
             if candidate is None:

@@ -28,7 +28,8 @@ class MissingKernel(RunFailure):
 
 # ONNX Runtime's words for a kernel it lacks: at load, and at run where one kernel serves some types only
 MISSING_KERNEL_SIGNS = ("Could not find an implementation for", "data type is not supported with")
-ON_THE_EVALUATOR = "onnx's reference evaluator runs every op: validate with --backend onnx-reference"
+ON_THE_EVALUATOR = ("onnx's reference evaluator runs every op: python -m export.validate REFERENCE FUSED "
+                    "--backend onnx-reference")
 
 
 def missing_kernel(message: str) -> bool:

@@ -375,7 +375,7 @@ class OrtModel:
             shapes = ", ".join(f"{name} {list(value[0] if isinstance(value, tuple) else value_shape(value))}"
                                for name, value in feeds.items())
             if missing_kernel(message):
-                raise MissingKernel(f"{self.path}: ONNX Runtime has no kernel for it: {message}; "
+                raise MissingKernel(f"{self.path}: ONNX Runtime has no kernel for it: {message.rstrip('.')}; "
                                     f"{ON_THE_EVALUATOR}", kernel=message) from None
             raise RunFailure(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message}") from None
 

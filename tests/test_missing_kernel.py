@@ -34,7 +34,7 @@ def test_a_kernel_onnx_runtime_lacks_at_run_is_named_with_the_way_out(scatter_ad
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
     assert "has no kernel for it" in err[0] and "MLFloat16 data type is not supported with ScatterND" in err[0]
-    assert "validate with --backend onnx-reference" in err[0]
+    assert "python -m export.validate REFERENCE FUSED --backend onnx-reference" in err[0]
     assert "a shape the model cannot take" not in err[0]  # the model's ops, not the inputs, are the problem
 
 
@@ -53,7 +53,7 @@ def test_a_kernel_onnx_runtime_lacks_at_load_is_named_with_the_way_out(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
     assert "has no kernel for it" in err[0] and "NOT_IMPLEMENTED" in err[0]
-    assert "validate with --backend onnx-reference" in err[0]
+    assert "python -m export.validate REFERENCE FUSED --backend onnx-reference" in err[0]
 
 
 def test_a_shape_failure_still_gets_the_shape_hint(tmp_path, capsys):
@@ -67,3 +67,22 @@ def test_a_shape_failure_still_gets_the_shape_hint(tmp_path, capsys):
     code = validate_main([str(path), str(path), "--shapes", "1x5"])
     err = capsys.readouterr().err
     assert code == 1 and "a shape the model cannot take" in err and "has no kernel" not in err
+
+
+def test_the_build_validates_such_a_model_on_the_evaluator_and_says_what_it_skipped(scatter_add_fp16, tmp_path):
+    """export.build --onnx of a model ONNX Runtime's CPU provider cannot run: its graphs are checked
+    on onnx's reference evaluator (as every build does), and the ONNX Runtime validation and bench
+    are skipped with ONNX Runtime's reason, not a failed build."""
+    import json
+
+    from export.build import main as build_main
+
+    out = tmp_path / "out"
+    assert build_main(["--onnx", scatter_add_fp16, "--out", str(out), "--backend", "ort-cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"] and all(p["passed"] for p in report["validation"])
+    assert {p["candidate"] for p in report["validation"]} == {"fused-tensorrt@onnx-reference"}
+    skipped = {s["stage"]: s["reason"] for s in report["skipped"]}
+    for stage in ("ort-cpu validation", "ort-cpu bench"):
+        assert "ONNX Runtime (ort-cpu) has no kernel for one of the model's ops" in skipped[stage]
+        assert "MLFloat16 data type is not supported with ScatterND" in skipped[stage]
