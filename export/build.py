@@ -410,11 +410,12 @@ class Pipeline:
                 except MissingKernel as exc:
                     # the model, not the rewrite: its graphs were checked on the evaluator above
                     self.missing_kernels[backend] = f"ONNX Runtime ({backend}) has no kernel for one of the model's " \
-                                                    f"ops: {exc.kernel.split('Status Message: ')[-1].rstrip('.')}"
+                                                    f"ops: {exc.kernel}"
                     on_backend = []
-                if self.cannot_run(backend, dtype):
-                    self.skipped.append({"stage": f"{backend} validation", "reason": f"{self.cannot_run(backend, dtype)}; "
-                                         "the graphs were checked with the onnx reference evaluator"})
+                reason = self.cannot_run(backend, dtype)
+                if reason:
+                    self.skipped.append({"stage": f"{backend} validation",
+                                         "reason": f"{reason}; the graphs were checked with the onnx reference evaluator"})
                 pairs += on_backend
             if engines:
                 # ORT runs the reference graph; TensorRT runs each engine on the same inputs.

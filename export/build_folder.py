@@ -118,7 +118,7 @@ class FolderPipeline:
 
     def decode_pair(self, folder: Path, pipelines: dict, backends: list[str], shares: dict, errors: dict) -> list[dict]:
         """An encoder-decoder's reference pair against its fused pair, on each ONNX Runtime backend."""
-        from .build import lacks_kernels, skip_ops_on_the_cpu
+        from .build import skip_ops_on_the_cpu
         from .decode import decode
         from .decoder_files import FOLDER_HALVES, Halves, resolve_folder
 
@@ -148,9 +148,10 @@ class FolderPipeline:
             fused_decoder = Halves(*(fused_form(half, backend) for half in halves)) if halves else fused_form(decoder, backend)
             unchanged = [fused_form(p, backend) == p for p in (halves or [decoder])] + [fused_encoder == encoder]
             decoder_key = halves[0] if halves else decoder
-            if lacks_kernels(backend, pipelines[decoder_key].report["config"]["dtype"]):
-                self.skipped.append({"stage": f"{backend} greedy decoding", "reason": "ONNX Runtime's CPU provider has no "
-                                                                                       "bfloat16 kernels"})
+            dtype = pipelines[decoder_key].report["config"]["dtype"]
+            cannot = pipelines[decoder_key].cannot_run(backend, dtype) or pipelines[encoder].cannot_run(backend, dtype)
+            if cannot:
+                self.skipped.append({"stage": f"{backend} greedy decoding", "reason": cannot})
                 continue
             if all(unchanged):
                 self.skipped.append({"stage": f"{backend} greedy decoding", "reason": (

@@ -227,7 +227,7 @@ class OrtModel:
         except Exception as exc:
             if missing_kernel(str(exc)):
                 raise MissingKernel(f"{self.path}: ONNX Runtime has no kernel for it: {first_line(exc)}; "
-                                    f"{ON_THE_EVALUATOR}", kernel=first_line(exc)) from None
+                                    f"{ON_THE_EVALUATOR}", kernel=_kernel_words(first_line(exc))) from None
             raise NormfuseError(f"{self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.device = device
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -376,11 +376,16 @@ class OrtModel:
                                for name, value in feeds.items())
             if missing_kernel(message):
                 raise MissingKernel(f"{self.path}: ONNX Runtime has no kernel for it: {message.rstrip('.')}; "
-                                    f"{ON_THE_EVALUATOR}", kernel=message) from None
+                                    f"{ON_THE_EVALUATOR}", kernel=_kernel_words(message)) from None
             raise RunFailure(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message}") from None
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
+
+
+def _kernel_words(message: str) -> str:
+    """ONNX Runtime's own sentence about a kernel it lacks, without its status codes around it."""
+    return message.split("Status Message: ")[-1].split(" : ")[-1].rstrip(".")
 
 
 def _element_type(dtype: str) -> Any:

@@ -86,3 +86,35 @@ def test_the_build_validates_such_a_model_on_the_evaluator_and_says_what_it_skip
     for stage in ("ort-cpu validation", "ort-cpu bench"):
         assert "ONNX Runtime (ort-cpu) has no kernel for one of the model's ops" in skipped[stage]
         assert "MLFloat16 data type is not supported with ScatterND" in skipped[stage]
+
+
+def test_an_encoder_decoder_folder_is_not_decoded_where_onnx_runtime_cannot_run_it(scatter_add_fp16, tmp_path):
+    """The folder build's greedy decoding of an encoder-decoder asks each model's build whether ONNX
+    Runtime can run it: where the decoder's validation found a kernel missing, decoding on that
+    provider is skipped with the same reason."""
+    import shutil
+
+    from rich.console import Console
+
+    from export.build import Pipeline, parse_args
+    from export.build_folder import FolderPipeline
+    from export.decoder_files import FOLDER_DECODERS, FOLDER_ENCODER
+
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    decoder, encoder = folder / FOLDER_DECODERS[0], folder / FOLDER_ENCODER
+    for path in (decoder, encoder):
+        shutil.copy(scatter_add_fp16, path)
+    quiet = Console(quiet=True)
+    pipelines = {path: Pipeline(parse_args(["--onnx", str(path)]), quiet) for path in (decoder, encoder)}
+    for pipeline in pipelines.values():
+        pipeline.report = {"config": {"dtype": "float16"}}
+    build = FolderPipeline(parse_args(["--onnx", str(folder), "--decode-tokens", "4"]), quiet)
+    reason = "ONNX Runtime (ort-cpu) has no kernel for one of the model's ops: ScatterND"
+    pipelines[decoder].missing_kernels["ort-cpu"] = reason
+    assert build.decode_pair(folder, pipelines, ["ort-cpu"], {}, {}) == []
+    assert build.skipped == [{"stage": "ort-cpu greedy decoding", "reason": reason}]
+    pipelines[decoder].report = {"config": {"dtype": "bfloat16"}}  # no bfloat16 kernels on the CPU at all
+    del pipelines[decoder].missing_kernels["ort-cpu"]
+    assert build.decode_pair(folder, pipelines, ["ort-cpu"], {}, {}) == []
+    assert build.skipped[-1]["reason"] == "ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Mul)"
