@@ -21,15 +21,15 @@ class MissingKernel(RunFailure):
     (ScatterND adding float16 on the CPU): the model, not the inputs' shapes, is what it cannot run.
     `kernel` is ONNX Runtime's own line about it."""
 
-    def __init__(self, message: str, kernel: str = ""):
-        super().__init__(message)
-        self.kernel = kernel
+    def __init__(self, path, said: str):
+        """`said`: ONNX Runtime's message, at load or at run."""
+        self.kernel = said.split("Status Message: ")[-1].split(" : ")[-1].rstrip(".")  # without its status codes
+        super().__init__(f"{path}: ONNX Runtime has no kernel for it: {said.rstrip('.')}; onnx's reference "
+                         "evaluator runs every op: python -m export.validate REFERENCE FUSED --backend onnx-reference")
 
 
 # ONNX Runtime's words for a kernel it lacks: at load, and at run where one kernel serves some types only
 MISSING_KERNEL_SIGNS = ("Could not find an implementation for", "data type is not supported with")
-ON_THE_EVALUATOR = ("onnx's reference evaluator runs every op: python -m export.validate REFERENCE FUSED "
-                    "--backend onnx-reference")
 
 
 def missing_kernel(message: str) -> bool:

@@ -29,7 +29,7 @@ import numpy as np
 
 from normops import numpy_dtype
 
-from .errors import ON_THE_EVALUATOR, MissingKernel, NormfuseError, RunFailure, first_line, missing_kernel
+from .errors import MissingKernel, NormfuseError, RunFailure, first_line, missing_kernel
 from .files import require_file
 
 ONNX_SUFFIXES = (".onnx",)
@@ -226,8 +226,7 @@ class OrtModel:
                                                 provider_options=provider_options, disabled_optimizers=disabled)
         except Exception as exc:
             if missing_kernel(str(exc)):
-                raise MissingKernel(f"{self.path}: ONNX Runtime has no kernel for it: {first_line(exc)}; "
-                                    f"{ON_THE_EVALUATOR}", kernel=_kernel_words(first_line(exc))) from None
+                raise MissingKernel(self.path, first_line(exc)) from None
             raise NormfuseError(f"{self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.device = device
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -375,17 +374,11 @@ class OrtModel:
             shapes = ", ".join(f"{name} {list(value[0] if isinstance(value, tuple) else value_shape(value))}"
                                for name, value in feeds.items())
             if missing_kernel(message):
-                raise MissingKernel(f"{self.path}: ONNX Runtime has no kernel for it: {message.rstrip('.')}; "
-                                    f"{ON_THE_EVALUATOR}", kernel=_kernel_words(message)) from None
+                raise MissingKernel(self.path, message) from None
             raise RunFailure(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message}") from None
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
-
-
-def _kernel_words(message: str) -> str:
-    """ONNX Runtime's own sentence about a kernel it lacks, without its status codes around it."""
-    return message.split("Status Message: ")[-1].split(" : ")[-1].rstrip(".")
 
 
 def _element_type(dtype: str) -> Any:

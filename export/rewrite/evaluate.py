@@ -212,10 +212,10 @@ class _OnnxRuntimeNode(OpRun):
             try:
                 sessions[key] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # an op neither knows: no inputs would help, so not a RunFailure
-                from ..errors import NormfuseError, first_line
+                from ..errors import NormfuseError, first_line, missing_kernel
 
                 where = f" (node '{node.name}')" if node.name else ""
-                if "Could not find an implementation" in str(exc):  # ONNX Runtime knows the op, not on the CPU
+                if missing_kernel(str(exc)):  # ONNX Runtime knows the op, not on the CPU
                     raise NormfuseError(f"{node.domain}::{node.op_type}{where} has no kernel on ONNX Runtime's CPU "
                                         "provider, nor in onnx's reference evaluator, so the model cannot run on "
                                         "this machine (ONNX Runtime's transformers optimizer writes some ops, such as "
