@@ -51,6 +51,7 @@ sweep was run and how long it took.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -498,7 +499,7 @@ def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
     names = {"input_names": list(inputs), "output_names": ["output"], "verbose": False}
     dynamo = {"dynamo": True, "custom_translation_table": translations(), **names}
     dynamic = (tuple(axes[name] for name in inputs),)  # one entry for the wrapper's *values: a spec per input
-    with torch.no_grad():
+    with torch.no_grad(), complex_translations():
         if any(axes.values()):
             try:
                 torch.onnx.export(wrapped, args, str(path), dynamic_shapes=dynamic, **dynamo)
@@ -543,6 +544,45 @@ def translations() -> dict:
                        to=onnx.TensorProto.BOOL)
 
     return {torch.ops.aten._is_all_true.default: is_all_true}
+
+
+COMPLEX_TRANSLATIONS_NEED = "torch.onnx._internal.exporter._registration.ONNXRegistry.from_torchlib"
+
+
+@contextlib.contextmanager
+def complex_translations():
+    """Complex-valued translations torch's dynamo exporter lacks, for the time of an export.
+    Llama 4's and DeepSeek V2's rotary embeddings multiply by `torch.polar` factors as complex
+    numbers, and unsqueeze them on the way: the exporter translates the product and
+    `view_as_real`, but not `aten.unsqueeze` of a complex tensor. Its complex tensors are real ones
+    with a trailing axis of 2 (real, imaginary), so unsqueezing one is unsqueezing that real tensor
+    at the same axis counted from the front, one further from the back. The public
+    `custom_translation_table` registers every translation as real-valued, so this adds it to the
+    registry the exporter builds, through the private hook named in COMPLEX_TRANSLATIONS_NEED;
+    where a torch release no longer has it, the export goes on without (and fails as before)."""
+    import torch
+    from onnxscript import opset18 as op
+
+    try:
+        from torch.onnx._internal.exporter import _registration
+        build = _registration.ONNXRegistry.from_torchlib.__func__
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def complex_unsqueeze(self, dim: int):
+        return op.Unsqueeze(self, op.Constant(value_ints=[dim if dim >= 0 else dim - 1]))
+
+    def with_complex(cls, *args, **kwargs):
+        registry = build(cls, *args, **kwargs)
+        registry.register_op(torch.ops.aten.unsqueeze.default, complex_unsqueeze, is_complex=True)
+        return registry
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(with_complex)
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = classmethod(build)
 
 
 def torch_script_export(wrapped, args: tuple, path: Path, names: dict) -> None:
@@ -600,7 +640,6 @@ def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: boo
 
 def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     """One model type through every stage; the record says how far it got and why it stopped."""
-    import contextlib
     import io
 
     record: dict = {"type": model_type, "dtype": dtype, "stage": "config"}

@@ -601,6 +601,35 @@ def test_a_tensor_check_exports_with_dynamic_shapes_and_leaves_no_node(sweep, tm
     assert np.array_equal(out, wider * 2)
 
 
+def test_a_complex_rotary_embedding_exports_with_dynamic_shapes(sweep, tmp_path):
+    """Llama 4's and DeepSeek V2's rotary embeddings multiply by complex factors they unsqueeze,
+    which torch's exporter has no complex translation of. With the sweep's, the export runs the
+    same arithmetic as torch at another batch size, and the exporter's registry is left as it was."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from torch.onnx._internal.exporter import _registration
+
+    class Rotary(torch.nn.Module):
+        def forward(self, *values):
+            (x,) = values  # batch, sequence, heads, 2 x pairs
+            angles = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * torch.tensor([1.0, 0.1, 0.01])
+            factors = torch.polar(torch.ones_like(angles), angles)  # sequence, pairs
+            pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+            rotated = pairs * factors.unsqueeze(-2).unsqueeze(0)  # one axis counted from the back, one from the front
+            return torch.view_as_real(rotated).flatten(3)
+
+    build = _registration.ONNXRegistry.from_torchlib
+    x = torch.randn(2, 5, 4, 6)
+    path = tmp_path / "rotary.onnx"
+    assert sweep.export(Rotary(), {"x": x}, {"x": {0: "batch", 1: "sequence"}}, path) == "dynamic"
+    assert _registration.ONNXRegistry.from_torchlib == build
+    wider = torch.randn(3, 7, 4, 6)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: wider.numpy()})
+    np.testing.assert_allclose(out, Rotary()(wider).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_half_precision_model_falls_back_to_torch_script_with_eager_attention(sweep, tmp_path):
     """Marian in fp16: dynamo stops on its encoder's data-dependent `isfinite` clamp, so TorchScript
     exports it. TorchScript's SDPA would run the attention after a boolean mask in float32 (a graph
