@@ -190,8 +190,10 @@ def fill_unset(config) -> None:
     their documented default means: head_dim None is the hidden size over the heads (Ministral,
     Hunyuan, whose models read it unchecked), num_key_value_heads None one per query head
     (Nemotron), and num_experts_per_tok None, beside a number of experts, SMALL's (DeepSeek V2,
-    whose router calls topk with it). A None that means "none" (Gemma 4's num_experts: no
-    mixture of experts) is not one of these, and stays."""
+    whose router calls topk with it). Where every expert count is None in a config that says
+    which layers are experts (first_k_dense_replace: dots.llm1, whose default config places
+    experts it does not count), the counts are SMALL's. A None that means "none" (Gemma 4's
+    num_experts: no mixture of experts) is not one of these, and stays."""
     fields = vars(config)
     heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
     if "head_dim" in fields and fields["head_dim"] is None and isinstance(heads, int) and isinstance(hidden, int):
@@ -201,6 +203,11 @@ def fill_unset(config) -> None:
     experts = any(isinstance(fields.get(key), int) for key in ("n_routed_experts", "num_experts", "num_local_experts"))
     if "num_experts_per_tok" in fields and fields["num_experts_per_tok"] is None and experts:
         set_field(config, "num_experts_per_tok", SMALL["num_experts_per_tok"])
+    if (fields.get("n_routed_experts", 0) is None and fields.get("num_experts_per_tok", 0) is None
+            and "first_k_dense_replace" in fields):
+        for key in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts"):
+            if fields.get(key, 0) is None:
+                set_field(config, key, SMALL[key])
 
 
 def set_field(config, key: str, value) -> None:

@@ -268,20 +268,24 @@ def test_key_and_value_heads_stay_one_per_query_head_or_grouped(sweep):
 
 def test_fields_a_config_leaves_unset_get_what_their_default_means(sweep, tmp_path):
     """Ministral's default config leaves head_dim None, Nemotron's num_key_value_heads and DeepSeek
-    V2's num_experts_per_tok (beside 160 routed experts): their models read them as numbers and
-    fail. Shrunk, they are the hidden size over the heads, one per query head, and SMALL's top k.
+    V2's num_experts_per_tok (beside 160 routed experts), and dots.llm1's every expert count:
+    their models read them as numbers and fail. Shrunk, they are the hidden size over the heads,
+    one per query head, and SMALL's counts.
     Gemma 4's num_experts None means no mixture of experts: it stays None. Ministral then runs."""
     from transformers import AutoConfig
 
-    configs = {name: AutoConfig.for_model(name) for name in ("ministral", "nemotron", "deepseek_v2", "gemma4_text")}
+    configs = {name: AutoConfig.for_model(name) for name in ("ministral", "nemotron", "deepseek_v2", "gemma4_text", "dots1")}
     assert configs["ministral"].head_dim is None and configs["nemotron"].num_key_value_heads is None
     assert configs["deepseek_v2"].num_experts_per_tok is None and configs["gemma4_text"].num_experts is None
+    assert configs["dots1"].n_routed_experts is None and configs["dots1"].n_shared_experts is None
     for config in configs.values():
         sweep.shrink(config)
     assert configs["ministral"].head_dim == 64 // 4 == configs["ministral"].hidden_size // configs["ministral"].num_attention_heads
     assert configs["nemotron"].num_key_value_heads == configs["nemotron"].num_attention_heads == 4
     assert configs["deepseek_v2"].num_experts_per_tok == 2
     assert configs["gemma4_text"].num_experts is None
+    # dots.llm1 places experts (first_k_dense_replace) its default config does not count
+    assert (configs["dots1"].n_routed_experts, configs["dots1"].num_experts_per_tok, configs["dots1"].n_shared_experts) == (4, 2, 1)
     record = sweep.sweep_one("ministral", "float32", tmp_path)
     assert record["stage"] == "done" and record["validated"], record.get("error")
     assert record["fused_norms"] == record["norms_in_output"] == 5
