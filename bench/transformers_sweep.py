@@ -15,7 +15,8 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
    video; both ids and pixels for a text and image dual encoder; `input_values` (a waveform) or
    `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
    encoder-decoder; a vision tower taking a patch grid (Qwen2-VL's) gets the patches of one
-   image, its grid fixed in the export), counting the calls of every LayerNorm or RMSNorm kind of
+   image, its grid fixed in the export; one taking an image as a sequence of patches, SigLIP2's
+   NaFlex, gets those of one image, its grid and mask fixed), counting the calls of every LayerNorm or RMSNorm kind of
    module (a class named "...Norm..." with no modules inside; batch, group, instance and weight
    norms not counted), and how many distinct norms the exported output depends on (autograd
    tells: a pooler's norm, or one on tokens the last layer drops, is left out of the export; two
@@ -89,7 +90,7 @@ SMALL = {"hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embed_dim":
          "top_k": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
          "max_position_embeddings": 256, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
          "kv_lora_rank": 32, "q_lora_rank": 32, "num_kv_shared_layers": 0, "max_source_positions": FRAMES // 2,
-         "rotary_dim": 8,
+         "rotary_dim": 8, "projection_size": 64,
          "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "laurel_rank": 8}
 # (heads, head size, expansion) of state-space layers, by the names each family gives them
 MAMBA_HEADS = (("num_heads", "head_dim", "expand"), ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
@@ -286,9 +287,13 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict, dict]] | str:
         text = [(inputs, TEXT_SHAPES, {name: sequence for name in inputs}, {})]
         if "pixel_values" not in parameters:
             return text
-        # a text and image dual encoder (CLIP, SigLIP) wants both
+        # a text and image dual encoder (CLIP, SigLIP; SigLIP2 its image as patches) wants both
+        if "spatial_shapes" in parameters:
+            return text + naflex_inputs(vision, parameters, vocabulary, dtype)
         return text + [({**inputs, "pixel_values": torch.rand(image, dtype=dtype)}, TEXT_SHAPES,
                         {**text[0][2], "pixel_values": batch}, {})]
+    if "spatial_shapes" in parameters:
+        return naflex_inputs(vision, parameters, vocabulary, dtype)
     if "pixel_values" in parameters:  # a video model (VideoMAE, ViViT) takes frames as a second axis
         video = (image[0], getattr(vision, "num_frames", 8), *image[1:])
         return [({"pixel_values": torch.rand(shape, dtype=dtype)}, VISION_SHAPES, {"pixel_values": batch}, {})
@@ -354,6 +359,22 @@ def patch_inputs(vision, parameters, grid: str, dtype) -> list[tuple[dict, str, 
     if "merge_sizes" in parameters:  # VideoLLaMA 3: each image's merge
         fixed["merge_sizes"] = torch.tensor([getattr(vision, "spatial_merge_size", None) or 2])
     return [({name: torch.randn(shape, dtype=dtype)}, f"1x{count}", {name: {}}, fixed) for shape in layouts]
+
+
+def naflex_inputs(vision, parameters, vocabulary: int, dtype) -> list[tuple[dict, str, dict, dict]]:
+    """A model fed an image as a sequence of flattened patches of its own aspect ratio (SigLIP2's
+    NaFlex): the patches of one image of GRID's rows and columns (channels x patch x patch each),
+    and ids beside them for a dual encoder, with the grid (`spatial_shapes`) and the patches' mask
+    (none padded) fixed in the export. Nothing is dynamic: the model resizes its position
+    embeddings to the grid's values."""
+    import torch
+
+    channels, size = getattr(vision, "num_channels", 3), getattr(vision, "patch_size", 16)
+    count = GRID[1] * GRID[2]
+    inputs = {"input_ids": torch.randint(0, vocabulary, (1, 16))} if "input_ids" in parameters else {}
+    inputs["pixel_values"] = torch.randn(1, count, channels * size * size, dtype=dtype)
+    fixed = {"spatial_shapes": torch.tensor([GRID[1:]]), "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
+    return [(inputs, f"1x{count}", {name: {} for name in inputs}, fixed)]
 
 
 def first_output(model, names: list[str], fixed: dict | None = None):

@@ -479,6 +479,17 @@ def test_a_vision_tower_fed_a_patch_grid_is_swept_with_the_grid_fixed(sweep, tmp
     assert record["fused_norms"] == record["norms_in_output"] == 4
 
 
+def test_a_model_fed_an_image_as_a_sequence_of_patches_gets_one_images_patches(sweep, tmp_path):
+    """SigLIP2's NaFlex vision tower takes flattened patches with their grid and mask: it gets one
+    image's patches, the grid and mask fixed in the export, and is swept to the end."""
+    record = sweep.sweep_one("siglip2_vision_model", "float32", tmp_path)
+    assert record["stage"] == "done" and record["validated"], record.get("error")
+    rows, columns = sweep.GRID[1:]
+    assert record["inputs"] == {"pixel_values": [1, rows * columns, 3 * 16 * 16]}
+    assert record["fixed"]["spatial_shapes"] == [[rows, columns]]
+    assert record["fused_norms"] == record["norms_in_output"] == 5
+
+
 def test_an_export_with_no_dynamic_axis_is_called_static(sweep, tmp_path):
     """Inputs with no dynamic axis (a fixed patch grid's) export static, and the row says so."""
     import torch
