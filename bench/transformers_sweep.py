@@ -16,7 +16,7 @@ For each base model type (transformers' MODEL_MAPPING_NAMES; all of them by defa
    `input_features` (a spectrogram) for a speech model; `decoder_input_ids` too for an
    encoder-decoder; a vision tower taking a patch grid (Qwen2-VL's) gets the patches of one
    image, its grid fixed in the export; one taking an image as a sequence of patches, SigLIP2's
-   NaFlex, gets those of one image, its grid and mask fixed), counting the calls of every LayerNorm or RMSNorm kind of
+   NaFlex or Gemma 4's, gets those of one image, what places them fixed), counting the calls of every LayerNorm or RMSNorm kind of
    module (a class named "...Norm..." with no modules inside; batch, group, instance and weight
    norms not counted), and how many distinct norms the exported output depends on (autograd
    tells: a pooler's norm, or one on tokens the last layer drops, is left out of the export; two
@@ -292,7 +292,7 @@ def example_inputs(model, config) -> list[tuple[dict, str, dict, dict]] | str:
             return text + naflex_inputs(vision, parameters, vocabulary, dtype)
         return text + [({**inputs, "pixel_values": torch.rand(image, dtype=dtype)}, TEXT_SHAPES,
                         {**text[0][2], "pixel_values": batch}, {})]
-    if "spatial_shapes" in parameters:
+    if "spatial_shapes" in parameters or "pixel_position_ids" in parameters:
         return naflex_inputs(vision, parameters, vocabulary, dtype)
     if "pixel_values" in parameters:  # a video model (VideoMAE, ViViT) takes frames as a second axis
         video = (image[0], getattr(vision, "num_frames", 8), *image[1:])
@@ -362,18 +362,26 @@ def patch_inputs(vision, parameters, grid: str, dtype) -> list[tuple[dict, str, 
 
 
 def naflex_inputs(vision, parameters, vocabulary: int, dtype) -> list[tuple[dict, str, dict, dict]]:
-    """A model fed an image as a sequence of flattened patches of its own aspect ratio (SigLIP2's
-    NaFlex): the patches of one image of GRID's rows and columns (channels x patch x patch each),
-    and ids beside them for a dual encoder, with the grid (`spatial_shapes`) and the patches' mask
-    (none padded) fixed in the export. Nothing is dynamic: the model resizes its position
-    embeddings to the grid's values."""
+    """A model fed an image as a sequence of flattened patches of its own aspect ratio: the patches
+    of one image of GRID's rows and columns (channels x patch x patch each; each side rounded up to
+    a multiple of a pooling kernel, which pools whole squares of them), and ids beside them for a
+    dual encoder, with what places the patches fixed in the export: SigLIP2's NaFlex grid
+    (`spatial_shapes`) and mask (none padded), or Gemma 4's (x, y) of each patch
+    (`pixel_position_ids`). Nothing is dynamic: the model computes positions from their values."""
     import torch
 
-    channels, size = getattr(vision, "num_channels", 3), getattr(vision, "patch_size", 16)
-    count = GRID[1] * GRID[2]
+    channels = getattr(vision, "num_channels", None) or 3
+    size, pool = getattr(vision, "patch_size", None) or 16, getattr(vision, "pooling_kernel_size", None) or 1
+    rows, columns = (-(-side // pool) * pool for side in GRID[1:])
+    count = rows * columns
     inputs = {"input_ids": torch.randint(0, vocabulary, (1, 16))} if "input_ids" in parameters else {}
     inputs["pixel_values"] = torch.randn(1, count, channels * size * size, dtype=dtype)
-    fixed = {"spatial_shapes": torch.tensor([GRID[1:]]), "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
+    if "spatial_shapes" in parameters:
+        fixed = {"spatial_shapes": torch.tensor([[rows, columns]]),
+                 "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
+    else:
+        x, y = torch.meshgrid(torch.arange(columns), torch.arange(rows), indexing="xy")
+        fixed = {"pixel_position_ids": torch.stack([x, y], dim=-1).reshape(1, count, 2)}
     return [(inputs, f"1x{count}", {name: {} for name in inputs}, fixed)]
 
 

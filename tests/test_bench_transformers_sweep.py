@@ -490,6 +490,24 @@ def test_a_model_fed_an_image_as_a_sequence_of_patches_gets_one_images_patches(s
     assert record["fused_norms"] == record["norms_in_output"] == 5
 
 
+def test_patches_placed_by_position_ids_tile_whole_pooling_squares(sweep):
+    """Gemma 4's vision tower places each patch by its (x, y) and pools 3 x 3 squares of them: the
+    grid's sides are rounded up to multiples of 3, and every patch gets its place, row by row."""
+    from types import SimpleNamespace
+
+    import torch
+
+    tower = SimpleNamespace(patch_size=16, pooling_kernel_size=3)
+    ((inputs, shapes, axes, fixed),) = sweep.naflex_inputs(tower, {"pixel_values": None, "pixel_position_ids": None},
+                                                           256, torch.float16)
+    side = 9 if sweep.GRID[1:] == (8, 8) else None
+    assert inputs["pixel_values"].shape == (1, side * side, 3 * 16 * 16) and inputs["pixel_values"].dtype == torch.float16
+    positions = fixed["pixel_position_ids"][0]
+    assert positions.shape == (side * side, 2)
+    assert positions[1].tolist() == [1, 0] and positions[side].tolist() == [0, 1] and positions[-1].tolist() == [side - 1, side - 1]
+    assert axes == {"pixel_values": {}} and shapes == f"1x{side * side}"
+
+
 def test_an_export_with_no_dynamic_axis_is_called_static(sweep, tmp_path):
     """Inputs with no dynamic axis (a fixed patch grid's) export static, and the row says so."""
     import torch
