@@ -213,10 +213,12 @@ def fill_unset(config) -> None:
 
 def set_field(config, key: str, value) -> None:
     """`config.key = value`, unless `key` is a property derived from other fields (Falcon's
-    head_dim), which then follows them as they are shrunk."""
+    head_dim; ProphetNet's num_hidden_layers, the sum of its encoder's and decoder's; XLNet's
+    max_position_embeddings, which it has none of), which then follows them as they are shrunk.
+    Such a property's setter raises AttributeError or NotImplementedError."""
     try:
         setattr(config, key, value)
-    except AttributeError:
+    except (AttributeError, NotImplementedError):
         pass
 
 
@@ -657,6 +659,13 @@ def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: boo
     config = AutoConfig.for_model(model_type)
     shrink(config, mixed_layers, sub_configs)
     record["stage"] = "model"
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    base_models = MODEL_MAPPING_NAMES.get(model_type)
+    if isinstance(base_models, tuple) and not config.architectures:
+        # several base models (Funnel's, with and without its decoder): the auto class builds the one
+        # the config names, and a default config names none; the first, as a checkpoint naming it
+        config.architectures = [base_models[0]]
     torch.manual_seed(0)
     # batched experts: each token's expert weights gathered, then batched matmuls. The default
     # grouped matmul has no ONNX translation, and the eager loop over the experts a token chose
