@@ -272,15 +272,22 @@ def test_a_model_the_rewrite_leaves_as_it_is_is_served_as_given(tmp_path, capsys
 
 def test_excluded_norms_are_left_in_the_models_that_have_them(t5, tmp_path, capsys):
     """--exclude goes to every model: the encoder's last norm (ending at last_hidden_state) stays as
-    written there, the decoder keeps all its fusions, and a name no model has fails the folder (2)."""
+    written there, the decoder keeps all its fusions; a name no model has is a one-line error (2)
+    before any model is built."""
+    refused = tmp_path / "refused"
+    assert build_main(["--onnx", str(t5["merged"]), "--out", str(refused), "--decode-tokens", "0", "--exclude",
+                       "last_hidden_state", "--exclude", "nowhere", *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("normfuse: error: --exclude nowhere: no norm that would be fused ends at a tensor of that "
+                          "name in ") and len(err.splitlines()) == 1
+    assert not refused.exists()
     out = tmp_path / "out"
     assert build_main(["--onnx", str(t5["merged"]), "--out", str(out), "--decode-tokens", "0", "--exclude",
-                       "last_hidden_state", "--exclude", "nowhere", *QUICK]) == 2
+                       "last_hidden_state", *QUICK]) == 0
     rows = {row["model"]: row for row in json.loads((out / "report.json").read_text())["models"]}
     assert (rows["encoder_model.onnx"]["fused"], rows["decoder_model_merged.onnx"]["fused"]) == (4, 14)
     encoder = json.loads((out / "encoder_model" / "report.json").read_text())["rewrite"]["tensorrt"]
     assert [e["output"] for e in encoder["excluded"]] == ["last_hidden_state"]
-    assert "--exclude nowhere: no model of the folder has a norm ending at a tensor of that name" in capsys.readouterr().out
 
 
 def test_a_backend_that_cannot_run_here_is_one_line_before_any_model(t5, tmp_path, capsys):

@@ -87,6 +87,12 @@ def test_an_excluded_norm_is_left_as_written_and_an_unknown_name_is_refused(tmp_
     assert main([str(folder), "-o", str(tmp_path / "out"), "--exclude", y]) == 0  # a.onnx has it
     assert [n.op_type for n in onnx.load(str(tmp_path / "out" / "b.onnx")).graph.node] == ["RMSNorm"]
     assert main([str(folder), "--dry-run", "--exclude", "nowhere"]) == 2
+    capsys.readouterr()
+    # a folder's unknown name is refused before any of its models is written
+    assert main([str(folder), "-o", str(tmp_path / "none"), "--exclude", y, "--exclude", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "--exclude nowhere: no norm that would be fused ends at a tensor of that name" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
 
 
 def test_cli_exits_zero_when_nothing_fuses_and_lists_rejections(tmp_path, capsys):

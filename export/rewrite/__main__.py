@@ -12,7 +12,7 @@ from ..cli import Parser, output_file, output_folder, run_cli
 from ..errors import UsageError
 from ..files import atomic_path, write_json
 from .emit import TARGETS
-from .rewriter import check_excluded, describe_counts, rewrite_file
+from .rewriter import check_excluded, check_excluded_before_writing, describe_counts, rewrite_file
 
 
 def main(argv=None) -> int:
@@ -76,8 +76,12 @@ def main(argv=None) -> int:
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"argument -o/--output: {exc}") from None
         if folder:
+            from ..files import models_in
+
+            # a name no model has: refused before any model is written
+            check_excluded_before_writing(models_in(Path(args.input)), args.exclude, str(args.input), target=args.target,
+                                          residual=not args.no_residual, prove_fusions=not args.no_proof)
             reports = rewrite_folder(Path(args.input), Path(args.output), rewrite)
-            check_excluded(args.exclude, list(reports.values()), str(args.input))  # a name no model had
             if args.report:
                 write_json(args.report, {"models": {name: r.as_dict() for name, r in reports.items()}})
             return

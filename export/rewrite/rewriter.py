@@ -197,6 +197,15 @@ def check_excluded(exclude, reports: list[RewriteReport], where: str) -> None:
                          f"{where} (the norms fused end at: {ends or 'none'})")
 
 
+def check_excluded_before_writing(models: list[Path], exclude, where: str, **options) -> None:
+    """`check_excluded` over a folder's `models` before any is written: each rewritten as
+    `rewrite_file(model, None, **options)` would, writing nothing (another model may hold the name
+    one lacks, so only the folder as a whole can refuse it)."""
+    if exclude:
+        check_excluded(exclude, [rewrite_file(model, None, exclude=frozenset(exclude), check_exclude=False, **options)
+                                 for model in models], where)
+
+
 def _means_in_no_norm(graph: gs.Graph, report: RewriteReport) -> list[str]:
     """The last-axis means left in the graph that no fusion took and no rejection names: a norm
     spelled in a way not recognised (or quantised between its steps, which makes it no exact norm),
