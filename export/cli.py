@@ -7,7 +7,7 @@ import sys
 import traceback
 
 from .errors import NormfuseError
-from .files import unwritable
+from .files import NO_ROOM, unwritable
 
 ERROR_PREFIX = "normfuse: error: "  # how a user error starts; export.bench recognises it in a child's stderr
 
@@ -22,15 +22,26 @@ def run_cli(job) -> int:
     except KeyboardInterrupt:
         print("normfuse: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug: still one line, with the traceback on request
-        if os.environ.get("NORMFUSE_DEBUG"):
-            traceback.print_exc()
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        print(f"normfuse: internal error: {exc.__class__.__name__}: {exc} "
-              f"(at {os.path.basename(where.filename)}:{where.lineno}; set NORMFUSE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 3
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            return internal_error(exc)
+        # a write no path check could have foreseen, outside files.atomic_path (which names its target)
+        print(f"{ERROR_PREFIX}{exc.filename + ': ' if exc.filename else ''}cannot write ({exc.strerror})", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        return internal_error(exc)
     return int(result or 0)
+
+
+def internal_error(exc: Exception) -> int:
+    """A bug: still one line, with the traceback on request."""
+    if os.environ.get("NORMFUSE_DEBUG"):
+        traceback.print_exception(exc)
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    print(f"normfuse: internal error: {exc.__class__.__name__}: {exc} "
+          f"(at {os.path.basename(where.filename)}:{where.lineno}; set NORMFUSE_DEBUG=1 for the traceback)",
+          file=sys.stderr)
+    return 3
 
 
 class Parser(argparse.ArgumentParser):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,9 @@ import tempfile
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
+
+# errors of a write that no path could have prevented: the device or quota is full, or read-only
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
@@ -83,7 +87,8 @@ def atomic_path(target: str | os.PathLike, optional: bool = False):
         raise NormfuseError(f"{target}: cannot write ({_why_not_written(target, exc)})") from None
     os.close(fd)
     try:
-        yield Path(tmp)
+        with no_room_names(target):
+            yield Path(tmp)
         if optional and not os.path.exists(tmp):
             return
         put_in_place(tmp, target)
@@ -114,9 +119,38 @@ def staged_beside(target: str | os.PathLike):
     except OSError as exc:
         raise NormfuseError(f"{target}: cannot write ({_why_not_written(target, exc)})") from None
     try:
-        yield folder
+        with no_room_names(target):
+            yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def no_room_names(target: str | os.PathLike):
+    """A full disk or quota (or a read-only one) met while writing `target`, through whatever
+    temporary or staged files, is a one-line error naming `target`: the system's names the
+    temporary file, or for a copy the file copied."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_ROOM:
+            raise NormfuseError(f"{target}: cannot write ({exc.strerror})") from None
+        raise
+
+
+@contextlib.contextmanager
+def folder_made_for(folder: str | os.PathLike):
+    """`folder`, created if missing; where the block fails, a folder it created goes again, with
+    whatever was written into it, so a failed command leaves no empty or half-filled output folder."""
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _why_not_written(target: Path, exc: OSError) -> str:

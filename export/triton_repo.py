@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
-from .files import replace_folder, require_file, require_writable, staging_folder, write_text
+from .files import (folder_made_for, no_room_names, replace_folder, require_file, require_writable, staging_folder,
+                    write_text)
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
@@ -209,19 +210,19 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
     except NormfuseError as exc:
         raise type(exc)(f"{model_path}: {exc}") from None
 
-    repo.mkdir(parents=True, exist_ok=True)
-    staging = staging_folder(repo, f".{name}.")
-    try:
-        version_dir = staging / str(version)
-        version_dir.mkdir()
-        shutil.copy2(model_path, version_dir / MODEL_FILES[suffix])
-        for extra in _companions(model_path):
-            shutil.copy2(extra, version_dir / extra.name)
-        write_text(staging / "config.pbtxt", text)
-        replace_folder(staging, repo / name)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    with folder_made_for(repo), no_room_names(repo / name):
+        staging = staging_folder(repo, f".{name}.")
+        try:
+            version_dir = staging / str(version)
+            version_dir.mkdir()
+            shutil.copy2(model_path, version_dir / MODEL_FILES[suffix])
+            for extra in _companions(model_path):
+                shutil.copy2(extra, version_dir / extra.name)
+            write_text(staging / "config.pbtxt", text)
+            replace_folder(staging, repo / name)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
     return repo / name
 
 

@@ -417,21 +417,21 @@ def save_polygraphy(save_dir, iterations, ref_runner_name: str, cand_runner_name
         from polygraphy.logger import G_LOGGER
     except ImportError:
         raise NormfuseError("--save-outputs writes Polygraphy's formats and needs it: pip install polygraphy") from None
-    from .files import atomic_path, require_writable
+    from .files import atomic_path, folder_made_for, require_writable
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     save_dir = require_writable(save_dir, folder=True)
-    save_dir.mkdir(parents=True, exist_ok=True)
     paths = {"inputs": save_dir / "inputs.json", ref_label: save_dir / f"{ref_label}-outputs.json",
              cand_label: save_dir / f"{cand_label}-outputs.json"}
-    with atomic_path(paths["inputs"]) as tmp:
-        save_json([{k: _polygraphy_array(v) for k, v in feeds.items()} for feeds, _, _ in iterations], str(tmp))
-    for label, runner_name, index in ((ref_label, ref_runner_name, 1), (cand_label, cand_runner_name, 2)):
-        results = RunResults()
-        results.add([{k: _polygraphy_array(v) for k, v in it[index].items()} for it in iterations],
-                    runner_name=runner_name)
-        with atomic_path(paths[label]) as tmp:
-            results.save(str(tmp))
+    with folder_made_for(save_dir):
+        with atomic_path(paths["inputs"]) as tmp:
+            save_json([{k: _polygraphy_array(v) for k, v in feeds.items()} for feeds, _, _ in iterations], str(tmp))
+        for label, runner_name, index in ((ref_label, ref_runner_name, 1), (cand_label, cand_runner_name, 2)):
+            results = RunResults()
+            results.add([{k: _polygraphy_array(v) for k, v in it[index].items()} for it in iterations],
+                        runner_name=runner_name)
+            with atomic_path(paths[label]) as tmp:
+                results.save(str(tmp))
     return paths
 
 
