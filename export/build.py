@@ -23,10 +23,10 @@ from pathlib import Path
 from models import PRESET_NAMES, count_norms, describe_presets, preset
 
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
-from .cli import DIM_HELP, Parser, dim_range, non_negative_int, output_file, output_folder, positive_int, run_cli
+from .cli import DIM_HELP, Parser, dim_range, non_negative_int, output_file, output_folder, positive_int, run_cli, supported_opset
 from .errors import MissingKernel, NormfuseError, UsageError
 from .files import require_writable
-from .export_model import DEFAULT_OPSET, EXPORTERS, export_model
+from .export_model import DEFAULT_OPSET, EXPORTERS, export_model, opset_refused
 from .report import print_summary, write_report
 from .tensorrt_engine import PRECISIONS, Range
 
@@ -76,7 +76,7 @@ def parse_args(argv=None):
                              "profile (runs use OPT)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="weights and activations of the exported stack (default float32)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the export, 17..23 (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=supported_opset, default=DEFAULT_OPSET, help=f"ONNX opset of the export, 17..23 (default {DEFAULT_OPSET})")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                         help="dynamo (torch.export, default) or torchscript")
     parser.add_argument("--decomposed-layernorm", action="store_true",
@@ -123,10 +123,10 @@ def parse_args(argv=None):
     elif args.dim:
         parser.error("argument --dim: names dimensions of a given model (--onnx); the exported stack's two "
                      "dynamic axes are --batch and --seq")
+    if opset_refused(args.exporter, args.opset):
+        parser.error(f"argument --opset: {opset_refused(args.exporter, args.opset)}")
     if args.decode_tokens == 1:
         parser.error("argument --decode-tokens: 1 token has no decode step to time; give 0 (skip) or at least 2")
-    if not 17 <= args.opset <= 23:
-        parser.error(f"argument --opset: {args.opset} is outside the supported range 17..23")
     try:
         args.batch_range = Range.parse(args.batch_range, "--batch-range") if args.batch_range else None
         args.seq_range = Range.parse(args.seq_range, "--seq-range") if args.seq_range else None
@@ -187,8 +187,8 @@ class Pipeline:
         self.check_backends()
         reference = out / "reference.onnx"
         with self.stage("export", f"export {a.preset} {config.norm} stack ({config.layers} layers, {a.dtype}) with {a.exporter}"):
-            export_model(config, reference, exporter=a.exporter, opset=a.opset, seed=a.seed)
-        described = {**config.as_dict(), "preset": a.preset, "opset": a.opset, "exporter": a.exporter}
+            exported = export_model(config, reference, exporter=a.exporter, opset=a.opset, seed=a.seed)
+        described = {**config.as_dict(), "preset": a.preset, "opset": exported.opset, "exporter": a.exporter}
         return self.run_on(reference, out, described, count_norms(config)[0], a.preset, config.norm)
 
     def given_model(self) -> tuple[Path, Path, dict, None, str, str]:

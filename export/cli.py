@@ -61,6 +61,18 @@ def int_at_least(text: str, low: int) -> int:
     return value
 
 
+SUPPORTED_OPSETS = range(17, 24)  # LayerNormalization is opset 17; RMSNormalization, the newest op written, 23
+
+
+def supported_opset(text: str) -> int:
+    """An --opset in SUPPORTED_OPSETS."""
+    value = int_at_least(text, 1)
+    if value not in SUPPORTED_OPSETS:
+        raise argparse.ArgumentTypeError(f"{value} is outside the supported range "
+                                         f"{SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]}")
+    return value
+
+
 def positive_int(text: str) -> int:
     return int_at_least(text, 1)
 

@@ -20,6 +20,7 @@ from .onnx_io import external_locations, load_graph_only, place_written, save_ex
 EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "hidden_states", "output"
 DEFAULT_OPSET = 18
+DYNAMO_LOWEST_OPSET = 18  # torch's dynamo exporter writes no lower opset
 
 
 @dataclass
@@ -40,6 +41,8 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
 
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
+    if opset_refused(exporter, opset):
+        raise UsageError(f"--opset {opset}: {opset_refused(exporter, opset)}")
     model = build_model(config, seed=seed)
     example = torch.randn(2, 8, config.hidden, dtype=TORCH_DTYPES[config.dtype])
     with _quiet():
@@ -52,8 +55,19 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
                 path = place_written(written, path, external_data=external_data)
     if check:
         _check_exported(Path(path), exporter, config)
-    has_external = bool(external_locations(load_graph_only(path)))
-    return ExportResult(Path(path), exporter, opset, has_external)
+    written = load_graph_only(path)
+    has_external = bool(external_locations(written))
+    opset_written = next(entry.version for entry in written.opset_import if entry.domain in ("", "ai.onnx"))
+    return ExportResult(Path(path), exporter, opset_written, has_external)
+
+
+def opset_refused(exporter: str, opset: int) -> str | None:
+    """Why `exporter` cannot write `opset`, or None. Asked for less than its lowest, torch's dynamo
+    exporter says it converts down, yet writes its lowest."""
+    if exporter == "dynamo" and opset < DYNAMO_LOWEST_OPSET:
+        return (f"torch's dynamo exporter writes opset {DYNAMO_LOWEST_OPSET} at the lowest; "
+                f"--exporter torchscript writes opset {opset}")
+    return None
 
 
 def _check_exported(path: Path, exporter: str, config: BlockConfig) -> None:
@@ -120,7 +134,7 @@ def _quiet():
 def main(argv=None) -> int:
     from models import PRESET_NAMES, describe_presets, preset
 
-    from .cli import Parser, output_file, positive_int, run_cli
+    from .cli import Parser, output_file, positive_int, run_cli, supported_opset
 
     parser = Parser(prog="python -m export.export_model", description=__doc__.splitlines()[0])
     parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True,
@@ -130,10 +144,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="weights and activations (default float32)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="dynamo (torch.export, default) or torchscript")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17..23 (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=supported_opset, default=DEFAULT_OPSET, help=f"ONNX opset, 17..23 (default {DEFAULT_OPSET})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default 0)")
     parser.add_argument("-o", "--output", type=output_file, required=True, help="the .onnx file to write")
     args = parser.parse_args(argv)
+    if opset_refused(args.exporter, args.opset):
+        parser.error(f"argument --opset: {opset_refused(args.exporter, args.opset)}")
 
     def job():
         try:

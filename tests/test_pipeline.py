@@ -174,6 +174,17 @@ def test_an_export_onnx_rejects_is_a_one_line_error_and_leaves_nothing(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_export_reports_the_opset_it_wrote(tmp_path):
+    import onnx
+
+    from export.export_model import export_model
+    from models import preset
+
+    result = export_model(preset("tiny", "rmsnorm", layers=1), tmp_path / "m.onnx", exporter="torchscript", opset=17)
+    written = onnx.load(str(result.path), load_external_data=False).opset_import
+    assert result.opset == 17 == next(entry.version for entry in written if entry.domain in ("", "ai.onnx"))
+
+
 def test_build_command_on_a_given_model(tmp_path):
     """--onnx: no export; the chain runs on the model as given (token ids in, weights external),
     which stays where it is, and the outputs elsewhere get their own copy of the weights."""
@@ -285,6 +296,7 @@ def test_a_missing_given_model_is_one_line(tmp_path):
     (["--norm", "groupnorm"], "invalid choice"),
     (["--norm", "rmsnorm", "--batch", "0"], "must be at least 1"),
     (["--norm", "rmsnorm", "--opset", "9"], "outside the supported range"),
+    (["--norm", "rmsnorm", "--opset", "17"], "dynamo exporter writes opset 18 at the lowest; --exporter torchscript"),
     (["--norm", "rmsnorm", "--preset", "tiny", "--heads", "5"], "not divisible"),
     (["--norm", "rmsnorm", "--pairs", "0"], "must be at least 1"),
 ])
@@ -299,6 +311,8 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
 @pytest.mark.parametrize("module,flags,message", [
     ("export.export_model", ["--norm", "rmsnorm", "--layers", "0"], "must be at least 1"),
     ("export.export_model", ["--norm", "rmsnorm", "--preset", "tiny", "--layers", "x"], "not an integer"),
+    ("export.export_model", ["--norm", "rmsnorm", "--opset", "24"], "24 is outside the supported range 17..23"),
+    ("export.export_model", ["--norm", "rmsnorm", "--opset", "17"], "dynamo exporter writes opset 18 at the lowest"),
     ("export.bench", ["r.onnx", "f.onnx", "--runs", "0"], "must be at least 1"),
     ("export.bench", ["r.onnx", "f.onnx", "--pairs", "0"], "must be at least 1"),
     ("export.bench", ["r.onnx", "f.onnx", "--backend", "tensorrt"], "invalid choice"),
