@@ -260,6 +260,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.name and len(args.models) > 1:
         parser.error("--name takes one model")
+    names = [model_name(Path(model)) for model in args.models]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice:  # the second would replace the first (Optimum's folders all hold a model.onnx)
+        given = [model for model, name in zip(args.models, names) if name == twice]
+        parser.error(f"{given[0]} and {given[1]} would both be the model {twice!r}: give them distinct file names, "
+                     "or one at a time with --name")
 
     def job() -> int:
         if not can_check_configs():

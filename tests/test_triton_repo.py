@@ -1,5 +1,6 @@
 """Triton model repositories: layout, config.pbtxt parsed with Triton's own ModelConfig."""
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -184,6 +185,22 @@ def test_command_line(graphs, tmp_path):
     done = subprocess.run([sys.executable, "-m", "export.triton_repo", str(graphs["trt"]), "--repo", str(tmp_path / "r")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_two_models_of_one_name_are_refused_before_anything_is_written(graphs, tmp_path, capsys):
+    """Optimum's folders all hold a model.onnx: two of them would be one Triton model, the second
+    replacing the first."""
+    from export.triton_repo import main
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copyfile(graphs["fused"], tmp_path / folder / "model.onnx")
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path / "a" / "model.onnx"), str(tmp_path / "b" / "model.onnx"), "--repo", str(tmp_path / "repo")])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a' / 'model.onnx'} and {tmp_path / 'b' / 'model.onnx'} would both be the model 'model'" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "repo").exists()
 
 
 def test_onnx_signature(graphs):
