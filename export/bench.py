@@ -142,6 +142,37 @@ def node_count(model: Path) -> int:
     return count_nodes(load_graph_only(model).graph)
 
 
+def require_counterparts(reference: Path, fused: Path) -> None:
+    """A one-line error where `fused` cannot be the reference's fused form, so that their times
+    would compare nothing: it must take the same inputs (names, element types, ranks, fixed sizes)
+    and give the same outputs. (Which outputs agree is export.validate's to say.)"""
+    from .triton_repo import onnx_signature
+
+    (reference_inputs, reference_outputs), (inputs, outputs) = onnx_signature(reference), onnx_signature(fused)
+
+    def described(io) -> str:
+        return f"{io.dtype}[{', '.join('?' if size is None else str(size) for size in io.shape)}]"
+
+    theirs = {io.name: io for io in inputs}
+    for io in reference_inputs:
+        other = theirs.pop(io.name, None)
+        if other is None:
+            raise NormfuseError(f"{fused}: takes no input {io.name!r}, which the reference {reference} takes: "
+                                "it is not that model's fused form")
+        shapes_clash = io.rank_known and other.rank_known and (len(other.shape) != len(io.shape) or any(
+            a is not None and b is not None and a != b for a, b in zip(io.shape, other.shape)))
+        if other.dtype != io.dtype or shapes_clash:
+            raise NormfuseError(f"{fused}: its input {io.name!r} is {described(other)}, the reference's "
+                                f"{described(io)}: it is not that model's fused form")
+    if theirs:
+        raise NormfuseError(f"{fused}: takes an input {next(iter(theirs))!r} the reference {reference} does not: "
+                            "it is not that model's fused form")
+    missing = [io.name for io in reference_outputs if io.name not in {o.name for o in outputs}]
+    if missing:
+        raise NormfuseError(f"{fused}: gives no output {missing[0]!r}, which the reference {reference} gives: "
+                            "it is not that model's fused form")
+
+
 def main(argv=None) -> int:
     from .cli import DIM_HELP, Parser, dim_size, non_negative_int, output_file, positive_int, run_cli
     from .files import write_json
@@ -180,11 +211,14 @@ def main(argv=None) -> int:
             from .files import paired_models
 
             models = paired_models(reference, fused, "fused one")
+            for model in models:  # every pair before any is timed
+                require_counterparts(model, fused / model.name)
             shares = sizes_per_model(models, args.dim)
             results = {m.name: bench_pair(m, fused / m.name, shares[m], prefix=f"{m.name}: ") for m in models}
         else:
             for path in (reference, fused):
                 require_file(path)
+            require_counterparts(reference, fused)
             results = bench_pair(reference, fused, args.dim)
         if args.json:
             write_json(args.json, results)

@@ -65,6 +65,34 @@ def test_bench_command_in_pairs(graphs, tmp_path, capsys):
     assert all(r["op_classes"] for r in results)  # profiled in the first pair
 
 
+def test_bench_refuses_a_pair_that_is_not_one_model_before_timing(graphs, tmp_path, capsys):
+    """Two graphs that do not take the same inputs or give the same outputs time nothing comparable:
+    a one-line error (1), and no JSON."""
+    import onnx
+    from onnx import helper
+
+    reference, fused = graphs
+    other = onnx.load(str(reference))
+    x = other.graph.input[0]
+    wider = helper.make_tensor_value_info(x.name, x.type.tensor_type.elem_type,
+                                          [d.dim_param or d.dim_value for d in x.type.tensor_type.shape.dim[:-1]]
+                                          + [x.type.tensor_type.shape.dim[-1].dim_value * 2])
+    other.graph.input.remove(x)
+    other.graph.input.insert(0, wider)
+    onnx.save(other, str(tmp_path / "wider.onnx"))
+    extra = onnx.load(str(fused))
+    extra.graph.input.append(helper.make_tensor_value_info("mask", onnx.TensorProto.INT64, ["batch", "seq"]))
+    onnx.save(extra, str(tmp_path / "extra.onnx"))
+    from export.bench import main
+
+    for candidate, words in ((tmp_path / "wider.onnx", f"its input '{x.name}' is float32["),
+                             (tmp_path / "extra.onnx", "takes an input 'mask' the reference")):
+        assert main([str(reference), str(candidate), "--runs", "1", "--json", str(tmp_path / "b.json")]) == 1
+        err = capsys.readouterr().err
+        assert words in err and "it is not that model's fused form" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_build_in_pairs(graphs, tmp_path, capsys):
     reference, _ = graphs
     out = tmp_path / "out"
