@@ -118,8 +118,9 @@ def parse_args(argv=None):
                                                ("--exporter", args.exporter != "dynamo"),
                                                ("--decomposed-layernorm", args.decomposed_layernorm)) if given]
         if stack_only:
-            parser.error(f"argument --onnx: {', '.join(stack_only)} describe the exported stack; they do not apply "
-                         "to a given model")
+            parser.error(f"argument --onnx: {', '.join(stack_only)} "
+                         f"{'describe' if len(stack_only) > 1 else 'describes'} the exported stack, "
+                         "which does not apply to a given model")
     elif args.dim:
         parser.error("argument --dim: names dimensions of a given model (--onnx); the exported stack's two "
                      "dynamic axes are --batch and --seq")

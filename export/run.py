@@ -187,6 +187,8 @@ def main(argv=None) -> int:
             from .decode import mask_over_the_cache
 
             mask_over_the_cache(feeds, model.inputs, model.outputs)  # a merged decoder's cache branch
+            for name, value in feeds.items():  # the sizes --random and --dim came to
+                print(f"input {name}: {list(value.shape)} {value.dtype}")
         from .dims import hint_on_failure
 
         with hint_on_failure(model.inputs if args.random else ()):

@@ -41,8 +41,8 @@ from .errors import NormfuseError, UsageError, first_line
 from .files import atomic_path, write_json
 
 INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and driver: `pip install tensorrt` (its libraries come "
-                "from NVIDIA's package index at install time) or use NVIDIA's TensorRT container; without it use "
-                "--backend ort-cpu or ort-cuda")
+                "from NVIDIA's package index at install time) or use NVIDIA's TensorRT container; without it, run "
+                "the ONNX graph on ONNX Runtime (ort-cpu or ort-cuda)")
 PRECISIONS = ("strongly-typed", "fp16", "bf16", "fp32")
 SIDECAR_VERSION = 1
 

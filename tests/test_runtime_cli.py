@@ -40,6 +40,13 @@ def test_outputs_file_holds_what_the_model_computes(fused, tmp_path):
     assert "output: [2, 5, 64] float32" in done.stdout
 
 
+def test_random_inputs_are_shown_with_the_sizes_dim_gave_them(fused):
+    """--dim sizes a named axis over what --random says for it: the line of each input shows it."""
+    done = run(fused, "--random", "1x4", "--dim", "seq=3")
+    assert done.returncode == 0, done.stderr
+    assert "input hidden_states: [1, 3, 64] float32" in done.stdout and "output: [1, 3, 64] float32" in done.stdout
+
+
 @pytest.mark.parametrize("arrays,words", [
     ({"x": np.zeros((1, 2, 64), np.float32)}, ["'x'", "not an input"]),
     ({"hidden_states": np.zeros((1, 2, 64), np.int64)}, ["'hidden_states'", "int64"]),

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
                         help="only say what would be fused and what refused, with the reasons; write no model")
     parser.add_argument("--target", choices=TARGETS, default="tensorrt",
                         help="tensorrt: normfuse plugin ops; onnxruntime: com.microsoft contrib ops (for its CPU "
-                             "provider add --no-residual: its Skip ops run slower there); onnx: standard ops")
+                             "provider add --no-residual: its Skip ops run slower there); onnx: standard ops "
+                             "(a model's opset is raised to 17 for LayerNormalization, to 23 for RMSNormalization)")
     parser.add_argument("--no-residual", action="store_true", help="do not fuse the residual Add in front of a norm")
     parser.add_argument("--no-proof", action="store_true", help="skip the numerical proof of each fusion")
     parser.add_argument("--exclude", action="append", default=[], metavar="TENSOR",
