@@ -194,7 +194,12 @@ def write_text(target, text: str) -> None:
 
 
 def write_json(target, data) -> None:
-    write_text(target, json.dumps(data, indent=2, default=_json_default) + "\n")
+    write_text(target, json_text(data))
+
+
+def json_text(data) -> str:
+    """`data` as the JSON files normfuse writes hold it (numpy values and paths as plain ones)."""
+    return json.dumps(data, indent=2, default=_json_default) + "\n"
 
 
 def _json_default(value):

@@ -108,4 +108,14 @@ def test_commands_on_a_full_disk_say_so_and_leave_nothing(full_disk, tmp_path, c
     assert capsys.readouterr().err.endswith(f"{full_disk / 'fused.onnx'}: cannot write (No space left on device)\n")
     assert triton_main([str(model), "--repo", str(full_disk / "repo")]) == 1
     assert capsys.readouterr().err.endswith(f"{full_disk / 'repo' / 'wide'}: cannot write (No space left on device)\n")
+    # with --report: both are written, or neither
+    assert rewrite_main([str(model), "-o", str(full_disk / "fused.onnx"), "--report", str(tmp_path / "r.json")]) == 1
+    assert not (tmp_path / "r.json").exists()
+    capsys.readouterr()
+    with pytest.raises(OSError), open(full_disk / "filler", "wb") as filler:  # the disk now full to the last byte
+        filler.write(b"0" * (128 << 10))
+    assert rewrite_main([str(model), "-o", str(tmp_path / "fused.onnx"), "--report", str(full_disk / "r.json")]) == 1
+    assert capsys.readouterr().err.endswith(f"{full_disk / 'r.json'}: cannot write (No space left on device)\n")
+    assert not (tmp_path / "fused.onnx").exists()
+    (full_disk / "filler").unlink()
     assert os.listdir(full_disk) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..cli import Parser, output_file, output_folder, run_cli
 from ..errors import UsageError
-from ..files import atomic_path, write_json
+from ..files import atomic_path, json_text, write_json
 from .emit import TARGETS
 from .rewriter import check_excluded, check_excluded_before_writing, describe_counts, rewrite_file
 
@@ -43,9 +43,10 @@ def main(argv=None) -> int:
         parser.error("argument -o/--output: --dry-run writes no model")
     folder = Path(args.input).is_dir()
 
-    def rewrite(source: Path, destination: Path):
+    def rewrite(source: Path, destination: Path, before_writing=None):
         report = rewrite_file(source, destination, target=args.target, residual=not args.no_residual,
-                              prove_fusions=not args.no_proof, exclude=frozenset(args.exclude), check_exclude=not folder)
+                              prove_fusions=not args.no_proof, exclude=frozenset(args.exclude), check_exclude=not folder,
+                              before_writing=before_writing)
         print(f"{source}: {'would fuse' if args.dry_run else 'fused'} {report.fused} norm(s) "
               f"({describe_counts(report.counts)}) for target {args.target}; {len(report.rejected)} rejected; "
               f"{report.nodes_before} -> {report.nodes_after} nodes in {report.seconds:.2f} s")
@@ -86,9 +87,12 @@ def main(argv=None) -> int:
             if args.report:
                 write_json(args.report, {"models": {name: r.as_dict() for name, r in reports.items()}})
             return
-        report = rewrite(Path(args.input), Path(args.output))
-        if args.report:
-            write_json(args.report, report.as_dict())
+        if not args.report:
+            rewrite(Path(args.input), Path(args.output))
+        else:  # the report is written first and put in place last: both appear, or neither
+            with atomic_path(args.report) as report_file:
+                rewrite(Path(args.input), Path(args.output),
+                        lambda report: report_file.write_text(json_text(report.as_dict())))
         print(f"wrote {args.output}")
 
     return run_cli(job)

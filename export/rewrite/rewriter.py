@@ -632,13 +632,15 @@ def _restore_metadata(out: onnx.ModelProto, original: onnx.ModelProto) -> None:
 
 def rewrite_file(source: str | Path, destination: str | Path | None, target: str = "tensorrt", residual: bool = True,
                  prove_fusions: bool = True, exclude: frozenset[str] = frozenset(),
-                 check_exclude: bool = True) -> RewriteReport:
+                 check_exclude: bool = True, before_writing=None) -> RewriteReport:
     """Rewrite `source` into `destination` (None: write nothing, report what would be done). The
     rewrite never reads external weights. Written beside the source, the output references the same
     weight files; in another directory it gets copies of them, since ONNX Runtime and onnx load
     external data only from the model's own directory (`onnx_io.share_external_data`). A name in
     `exclude` that ends no norm here is a UsageError before anything is written, unless
-    `check_exclude` is off (a folder's models, where another model may have it)."""
+    `check_exclude` is off (a folder's models, where another model may have it). `before_writing`
+    gets the report once the rewrite is done and before the model is written (the CLI's --report,
+    which should not fail after it)."""
     source = Path(source)
     model = load_graph_only(source)
     inlined = inline_small_external_data(model, source.parent)
@@ -652,6 +654,8 @@ def rewrite_file(source: str | Path, destination: str | Path | None, target: str
         return report
     destination = Path(destination)
     report.notes += share_external_data(out, source.parent, destination.parent)
+    if before_writing is not None:
+        before_writing(report)
     try:
         save_model(out, destination, external_data=False)
     except OSError as exc:
