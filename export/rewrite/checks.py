@@ -387,6 +387,20 @@ def _check_rounded_factor(match: Match, epsilon: float) -> None:
         raise Rejected(f"cast '{cast.name}': {reason}")
 
 
+def near_miss_refusal(pattern: NormPattern, match: Match) -> str:
+    """Why a near miss (`pattern.refusal`) is left as written: a reduction of it that is not over the
+    last axis is told first (F.normalize over the channels is no norm of the last axis at all)."""
+    shape = match["x"].shape
+    if shape is not None:
+        try:
+            for node in match.nodes:
+                if node.op in REDUCTIONS:
+                    _check_reduce(node, len(shape))
+        except Rejected as exc:
+            return str(exc)
+    return pattern.refusal
+
+
 def _last_axis(axes, rank: int, where: str) -> None:
     axes = [int(a) for a in np.asarray(axes).ravel()]
     if len(axes) != 1:

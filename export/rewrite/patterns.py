@@ -137,6 +137,8 @@ class NormPattern:
     # the statistic is the row's sum of squares, not their mean: an L2 norm, x / sqrt(sum(x^2) + eps),
     # which is the RMSNorm with epsilon eps / n and its scale times 1 / sqrt(n), n the row length
     row_sum: bool = False
+    # a spelling one step from a norm, matched only to be refused with this reason (never fused)
+    refusal: str | None = None
 
 
 def _rms_patterns() -> list[NormPattern]:
@@ -158,7 +160,7 @@ def _l2_patterns() -> list[NormPattern]:
     """x / ||x|| over the last axis, with epsilon inside the root (nGPT's normalisation, transformers'
     Dory: `x * rsqrt(x.pow(2).sum(-1) + eps)`) or none (`x / x.norm(dim=-1)`, which exporters write
     as ReduceL2). x / (||x|| + eps) and F.normalize's x / max(||x||, eps) put epsilon outside the root:
-    no RMSNorm, and not matched."""
+    no RMSNorm, and refused (`_near_misses`)."""
     x = maybe_cast(Var("x"), "cast_in")
     length = reduce_last("ReduceL2", x)
     normalised = Or(normalise(x, sum_of_squares(x)), Op("Div", x, rounded_factor(length)),
@@ -247,8 +249,49 @@ def skip_native(op: str, *params: Pattern) -> Pattern:
     return Op(op, Var("x"), Var("skip"), *params, role="native", domains=("com.microsoft",))
 
 
+OUTSIDE_THE_ROOT = ("epsilon is added outside the square root{what}: normfuse's ops compute x / sqrt({stat} + eps), "
+                    "which differs from it wherever the {stat} is near epsilon (a constant row, a padded "
+                    "position), so it is left as written")
+
+
+def _near_misses() -> list[NormPattern]:
+    """Norms with epsilon outside the root, which no fused op computes: matched after every norm, to
+    be refused with the reason rather than left unexplained. The Annotated Transformer's LayerNorm
+    (x - mean) / (std + eps), an RMSNorm x / (rms + eps), and an L2 norm x / (||x|| + eps) or
+    F.normalize's x / max(||x||, eps) (torch writes the max as a Clip, and expands it to x's shape).
+    The statistic under the root is not looked at: whatever it is, the spelling is refused."""
+    x = maybe_cast(Var("x"), "cast_in")
+
+    def over(numerator: Pattern, denominator: Pattern) -> Pattern:
+        return Or(Op("Div", numerator, denominator), Op("Mul", numerator, Op("Reciprocal", denominator), commutative=True))
+
+    def plus_eps_outside(root: Pattern) -> Pattern:
+        return Op("Add", root, Var("eps"), commutative=True)
+
+    # the deviation's statistic: the variance, made unbiased (x n / (n - 1)) or not, or whatever it
+    # is (the nodes matched are named in the refusal; a statistic not matched keeps its own means)
+    var = variance(x, Op("Sub", x, mean_last(x)))
+    root = Op("Sqrt", Or(var, Op("Mul", var, Var("correction"), commutative=True), Op("Div", var, Var("correction")),
+                         Var("statistic")))
+    length = Or(reduce_last("ReduceL2", x), Op("Sqrt", sum_of_squares(x)))
+    clamped = Or(Op("Clip", length, Var("eps")), Op("Clip", length, Var("eps"), Var("ceiling")),
+                 Op("Max", length, Var("eps"), commutative=True))
+    l2_denominator = Or(plus_eps_outside(length), clamped)
+    return [
+        NormPattern("layernorm-epsilon-outside-root", True, over(Op("Sub", x, mean_last(x), role="centre"),
+                                                                 plus_eps_outside(root)),
+                    refusal=OUTSIDE_THE_ROOT.format(what=" of the deviation ((x - mean) / (std + eps))", stat="variance")),
+        NormPattern("rmsnorm-epsilon-outside-root", False, over(x, plus_eps_outside(Op("Sqrt", mean_of_squares(x)))),
+                    refusal=OUTSIDE_THE_ROOT.format(what=" of the mean square (x / (rms + eps))", stat="mean square")),
+        NormPattern("l2norm-epsilon-outside-root", False,
+                    over(x, Or(l2_denominator, Op("Expand", l2_denominator, _fresh("shape")))), row_sum=True,
+                    refusal=OUTSIDE_THE_ROOT.format(what=" of the sum of squares (x / (||x|| + eps), or F.normalize's "
+                                                         "x / max(||x||, eps))", stat="sum of squares")),
+    ]
+
+
 NORM_PATTERNS: list[NormPattern] = (_native_patterns() + _layernorm_patterns() + _rms_patterns()
-                                    + _affine_layernorm_patterns() + _l2_patterns())
+                                    + _affine_layernorm_patterns() + _l2_patterns() + _near_misses())
 # Node types that can be the last node of a norm subgraph: only their outputs are tried as roots.
 ROOT_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Cast", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
                       "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})

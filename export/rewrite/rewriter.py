@@ -27,7 +27,7 @@ from ..errors import NormfuseError, UsageError, first_line
 from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, inline_small_external_data, load_graph_only, save_model,
                        share_external_data)
 from .checks import (FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name,
-                     is_last_axis_mean)
+                     is_last_axis_mean, near_miss_refusal)
 from .fills import per_feature_fills
 from .keepdims import restore_keepdims
 from .gamma import fold_gamma
@@ -557,6 +557,10 @@ def _first_passing(root, scope: Scope, overridable, claimed, prove_fusions, opse
                 outside = [n.name for n in match.nodes if id(n) not in scope.members]
                 if outside:  # the fused op would move nodes of the enclosing graph into this body
                     raise Rejected(f"the match reaches into the enclosing graph (node '{outside[0]}')")
+                if norm.refusal:  # the near misses come last: one refusal a root is the whole story
+                    rejected.setdefault(_anchor(match), Rejection(norm.name, near_miss_refusal(norm, match),
+                                                                  [n.name for n in match.nodes], root.name, scope.name))
+                    return None
                 candidate = build_candidate(norm, match, root, scope.outputs, overridable)
                 if prove_fusions:
                     prove(candidate, opset)
