@@ -276,7 +276,8 @@ def test_a_model_that_fixes_its_sequence_axis_is_validated_and_timed_as_it_runs(
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--onnx", "m.onnx", "--layers", "2"], "do not apply to a given model"),
+    (["--onnx", "m.onnx", "--layers", "2"], "--layers describes the exported stack, which does not apply to a given model"),
+    (["--onnx", "m.onnx", "--layers", "2", "--hidden", "64"], "--layers, --hidden describe the exported stack"),
     (["--onnx", "m.onnx", "--norm", "rmsnorm"], "not allowed with"),
     ([], "one of the arguments --norm --onnx is required"),
 ])
