@@ -26,7 +26,8 @@ def run_cli(job) -> int:
         if exc.errno not in NO_ROOM:
             return internal_error(exc)
         # a write no path check could have foreseen, outside files.atomic_path (which names its target)
-        print(f"{ERROR_PREFIX}{exc.filename + ': ' if exc.filename else ''}cannot write ({exc.strerror})", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{ERROR_PREFIX}{where}cannot write ({exc.strerror})", file=sys.stderr)
         return 1
     except Exception as exc:
         return internal_error(exc)
