@@ -613,7 +613,10 @@ def complex_translations():
 
     def with_complex(cls, *args, **kwargs):
         registry = build(cls, *args, **kwargs)
-        registry.register_op(torch.ops.aten.unsqueeze.default, complex_unsqueeze, is_complex=True)
+        try:
+            registry.register_op(torch.ops.aten.unsqueeze.default, complex_unsqueeze, is_complex=True)
+        except (TypeError, AttributeError):  # a torch whose registry takes it otherwise: the export goes on without
+            pass
         return registry
 
     _registration.ONNXRegistry.from_torchlib = classmethod(with_complex)
@@ -663,8 +666,9 @@ def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: boo
 
     base_models = MODEL_MAPPING_NAMES.get(model_type)
     if isinstance(base_models, tuple) and not config.architectures:
-        # several base models (Funnel's, with and without its decoder): the auto class builds the one
-        # the config names, and a default config names none; the first, as a checkpoint naming it
+        # several base models (Funnel's, with and without its decoder): the auto class picks the one
+        # the config's architectures name, and on a default config, which names none, it fails
+        # iterating None; the first is named, as a checkpoint of it would
         config.architectures = [base_models[0]]
     torch.manual_seed(0)
     # batched experts: each token's expert weights gathered, then batched matmuls. The default
@@ -724,7 +728,9 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
         ort = rewrite_file(exported, work / "fused.onnx", target="onnxruntime")
         record["fused"] = {"tensorrt": trt.counts, "onnxruntime": ort.counts}
         record["fused_norms"] = trt.fused
-        record["rejected"] = [r.reason for r in trt.rejected]
+        record["rejected"] = [r.reason for r in trt.rejected if not r.no_norm]
+        # spellings refused as no norm (epsilon outside the root: F.normalize, Zaya's query-key norm)
+        record["refused_spellings"] = [r.reason for r in trt.rejected if r.no_norm]
         record["unmatched_means"] = len(trt.unmatched_means)
         record["nodes"] = [ort.nodes_before, ort.nodes_after]
         record["stage"] = "validate"
@@ -802,15 +808,20 @@ def reason(message: str) -> str:
 
 def verdict(record: dict) -> str:
     """ok, check (fewer fused than distinct norms in the output, or than norm calls where those are
-    not known; none refused), failed (validation), timeout, crashed, or the stage it stopped at;
-    "ok against float32" where a pair passed only against the export run in float32."""
+    not known, and none refused; or fewer fused and refused, counting the spellings refused as no
+    norm, than those), failed (validation), timeout, crashed, or the stage it stopped at; "ok
+    against float32" where a pair passed only against the export run in float32."""
     if record["stage"] in ("timeout", "crashed"):
         return record["stage"]
     if record["stage"] != "done":
         return f"stopped at {record['stage']}"
     if not record["validated"]:
         return "failed"
-    if record["fused_norms"] < expected_norms(record) and not record["rejected"]:
+    refused_spellings = record.get("refused_spellings", [])
+    if refused_spellings:  # a norm module spelled as no norm (Zaya's) is explained by its refusal, one each
+        if record["fused_norms"] + len(record["rejected"]) + len(refused_spellings) < expected_norms(record):
+            return "check"
+    elif record["fused_norms"] < expected_norms(record) and not record["rejected"]:
         return "check"
     return "ok against float32" if record.get("judged_against_float32") else "ok"
 

@@ -145,7 +145,7 @@ def node_count(model: Path) -> int:
 def require_counterparts(reference: Path, fused: Path) -> None:
     """A one-line error where `fused` cannot be the reference's fused form, so that their times
     would compare nothing: it must take the same inputs (names, element types, ranks, fixed sizes)
-    and give the same outputs. (Which outputs agree is export.validate's to say.)"""
+    and give outputs of the same names. (Whether they agree is export.validate's to say.)"""
     from .triton_repo import onnx_signature
 
     (reference_inputs, reference_outputs), (inputs, outputs) = onnx_signature(reference), onnx_signature(fused)

@@ -39,8 +39,14 @@ def listed(shapes) -> str:
 
 
 def has_no_norm(rewrite) -> bool:
-    """A rewrite that found no norm at all: none fused, none rejected."""
-    return rewrite.fused == 0 and not rewrite.rejected
+    """A rewrite that found no norm at all: none fused, none rejected (a spelling refused as no
+    norm, F.normalize's, is none)."""
+    return rewrite.fused == 0 and not norms_rejected(rewrite)
+
+
+def norms_rejected(rewrite) -> list:
+    """The rejections of norms left unfused, without the spellings refused as no norm."""
+    return [r for r in rewrite.rejected if not r.no_norm]
 
 
 def lacks_kernels(backend: str, dtype: str) -> bool:
@@ -245,8 +251,10 @@ class Pipeline:
                                        check_exclude=check)
             rewrite_trt = rewrite_file(reference, fused_trt, target="tensorrt", exclude=exclude, check_exclude=check)
         if has_no_norm(rewrite_trt):
-            self.console.print("    no norm in this model (none found, none rejected): nothing to fuse; the fused "
-                               "files are copies of it")
+            spellings = len(rewrite_trt.rejected)  # refused as no norm (epsilon outside the root), each in the report
+            self.console.print("    no norm in this model (none found, none rejected"
+                               + (f"; {spellings} spelling(s) refused as no norm, see the report" if spellings else "")
+                               + "): nothing to fuse; the fused files are copies of it")
         else:
             cpu = (f"{rewrite_cpu.fused} for its CPU provider ({describe_counts(rewrite_cpu.counts)}; residual Adds kept)"
                    if rewrite_cpu.fused
@@ -273,7 +281,7 @@ class Pipeline:
         self.note_gpu_stages(backends)
         triton = self.write_triton(reference, fused, engines, name, norm) if a.triton_repo else []
         if expected_norms is None:
-            expected_norms = rewrite_trt.fused + len(rewrite_trt.rejected)
+            expected_norms = rewrite_trt.fused + len(norms_rejected(rewrite_trt))
 
         report = {
             # the bench shape as run (an axis the model fixes keeps its size), and as asked

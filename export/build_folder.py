@@ -38,15 +38,15 @@ class FolderPipeline:
         folder = Path(a.onnx)
         models = models_in(folder)
         models = self.without_merged_halves(models)
-        if a.exclude:  # a name no model of the folder has: refused before any model is built
-            from .rewrite.rewriter import check_excluded_before_writing
-
-            check_excluded_before_writing(models, a.exclude, str(folder), target="tensorrt")
         out = require_writable(a.out or f"build/{folder.resolve().name}", folder=True)
         shares = sizes_per_model(models, a.dim)
         from .build import Pipeline
 
         Pipeline(a, self.console).check_backends()  # a --backend that cannot run here: one line, before any model
+        if a.exclude:  # a name no model of the folder has: refused before any model is built
+            from .rewrite.rewriter import check_excluded_before_writing
+
+            check_excluded_before_writing(models, a.exclude, str(folder), target="tensorrt")
         self.console.print(f"folder {folder}: {len(models)} models ({', '.join(m.name for m in models)}), each built "
                            f"into {out}/<model name>/")
         pipelines, statuses, errors = {}, {}, {}

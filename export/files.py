@@ -140,16 +140,17 @@ def no_room_names(target: str | os.PathLike):
 
 @contextlib.contextmanager
 def folder_made_for(folder: str | os.PathLike):
-    """`folder`, created if missing; where the block fails, a folder it created goes again, with
-    whatever was written into it, so a failed command leaves no empty or half-filled output folder."""
+    """`folder`, created if missing (with its missing parents); where the block fails, the folders
+    it created go again, with whatever was written into them, so a failed command leaves no empty
+    or half-filled output folder."""
     folder = Path(folder)
-    made = not folder.exists()
+    first_made = next((f for f in reversed([folder, *folder.parents]) if not f.exists()), None)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         yield folder
     except BaseException:
-        if made:
-            shutil.rmtree(folder, ignore_errors=True)
+        if first_made is not None:
+            shutil.rmtree(first_made, ignore_errors=True)
         raise
 
 

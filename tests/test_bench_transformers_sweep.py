@@ -206,6 +206,10 @@ def test_verdicts(sweep):
     assert sweep.verdict({**done, "fused_norms": 3, "norms_in_output": 4}) == "check"
     assert sweep.verdict({**done, "fused_norms": 4, "norms_in_output": None}) == "check"
     assert sweep.calls_cell({**done, "norms_in_output": 4}) == "5 (4)" and sweep.calls_cell(done) == "5"
+    # a norm module spelled as no norm (Zaya's max(||x||, eps)) is explained by its refusal, one each
+    assert sweep.verdict({**done, "fused_norms": 3, "refused_spellings": ["outside the root"] * 2}) == "ok"
+    # ... but an F.normalize elsewhere does not explain a norm missed
+    assert sweep.verdict({**done, "fused_norms": 3, "refused_spellings": ["outside the root"]}) == "check"
     assert sweep.verdict({**done, "validated": False}) == "failed"
     assert sweep.verdict({"stage": "export"}) == "stopped at export"
     assert sweep.verdict({"stage": "timeout"}) == "timeout"

@@ -66,7 +66,7 @@ def test_a_failed_block_takes_away_the_folder_it_made_and_keeps_one_that_was_the
             with folder_made_for(folder) as f:
                 (f / "inputs.json").write_text("half")
                 raise RuntimeError("stopped")
-    assert not made.exists() and sorted(os.listdir(there)) == ["inputs.json", "old.json"]
+    assert not (tmp_path / "new").exists() and sorted(os.listdir(there)) == ["inputs.json", "old.json"]
     with folder_made_for(made) as f:
         (f / "inputs.json").write_text("{}")
     assert (made / "inputs.json").read_text() == "{}"

@@ -238,23 +238,29 @@ def test_a_model_converted_to_fp16_inside_is_held_to_fp16s_tolerance(exported, t
 
 def test_a_model_without_norms_is_said_to_have_none(tmp_path):
     """Nothing found and nothing rejected: the command says the model has no norm (not that its norms
-    are single ops already), still validates and times it, and exits 0."""
+    are single ops already), still validates and times it, and exits 0. F.normalize's x / max(||x||,
+    eps) at its end is a spelling refused as no norm, which does not make it one."""
     from onnx import TensorProto, helper
 
     weight = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "mlp",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])], initializer=[weight])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "mlp.onnx"))
+    eps = onnx.numpy_helper.from_array(np.array(1e-12, np.float32), "eps")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceL2", ["r"], ["length"], axes=[-1], keepdims=1),
+             helper.make_node("Clip", ["length", "eps"], ["clamped"]), helper.make_node("Div", ["r", "clamped"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])],
+                              initializer=[weight, eps])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mlp.onnx"))
     out = tmp_path / "out"
     done = _run("export.build", "--onnx", str(tmp_path / "mlp.onnx"), "--runs", "3", "--warmup", "0", "--seq", "16",
                 "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "no norm in this model (none found, none rejected)" in done.stdout
+    assert "no norm in this model (none found, none rejected; 1 spelling(s) refused as no norm" in " ".join(done.stdout.split())
     assert "the model has no norm, so the fused graphs are copies of the reference" in done.stdout
     assert "already the single ops" not in done.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["rewrite"]["fused"] == report["rewrite"]["expected_norms"] == 0
+    assert [(r["pattern"], r["no_norm"]) for r in report["rewrite"]["rejected"]] == [("l2norm-epsilon-outside-root", True)]
     assert report["validation"] and all(p["passed"] for p in report["validation"])
 
 

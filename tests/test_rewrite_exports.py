@@ -133,6 +133,10 @@ class TorchStatisticsNorm(torch.nn.Module):
             return x * torch.rsqrt((x * x).mean(-1).unsqueeze(-1) + 1e-6) * self.weight
         if self.form == "std plus eps":
             return (x - mean) / (x.std(-1, keepdim=True, unbiased=False) + 1e-5)
+        if self.form == "annotated":  # the Annotated Transformer's: the scale multiplies the numerator first
+            return self.weight * (x - mean) / (x.std(-1, keepdim=True, unbiased=False) + 1e-6) + self.bias
+        if self.form == "scaled rms plus eps":
+            return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
         if self.form == "unbiased var":
             return (x - mean) / torch.sqrt(x.var(-1, keepdim=True) + 1e-5)
         if self.form == "nGPT's L2 norm":  # transformers' Dory: the hidden state kept at norm 1, not RMS 1
@@ -195,6 +199,8 @@ def test_an_l2_norm_becomes_the_rmsnorm_it_equals():
 
 @pytest.mark.parametrize("form,reason", [
     ("std plus eps", "epsilon is added outside the square root of the deviation ((x - mean) / (std + eps))"),
+    ("annotated", "epsilon is added outside the square root of the deviation"),
+    ("scaled rms plus eps", "epsilon is added outside the square root of the mean square (x / (rms + eps))"),
     ("unbiased var", None),  # torch's n / (n - 1) after the mean: no spelling of a norm, its means noted
     ("sum over 65", "divided by 65, not by the row length 64"),
     ("var_mean over axis 1", None),

@@ -249,9 +249,9 @@ def skip_native(op: str, *params: Pattern) -> Pattern:
     return Op(op, Var("x"), Var("skip"), *params, role="native", domains=("com.microsoft",))
 
 
-OUTSIDE_THE_ROOT = ("epsilon is added outside the square root{what}: normfuse's ops compute x / sqrt({stat} + eps), "
-                    "which differs from it wherever the {stat} is near epsilon (a constant row, a padded "
-                    "position), so it is left as written")
+OUTSIDE_THE_ROOT = ("epsilon is added outside the square root{what}: the fused norms divide by sqrt({stat} + eps), "
+                    "which differs from it beyond rounding wherever the {stat} is not far above epsilon (a "
+                    "constant row, a padded position), so it is left as written, as no norm")
 
 
 def _near_misses() -> list[NormPattern]:
@@ -259,10 +259,13 @@ def _near_misses() -> list[NormPattern]:
     be refused with the reason rather than left unexplained. The Annotated Transformer's LayerNorm
     (x - mean) / (std + eps), an RMSNorm x / (rms + eps), and an L2 norm x / (||x|| + eps) or
     F.normalize's x / max(||x||, eps) (torch writes the max as a Clip, and expands it to x's shape).
-    The statistic under the root is not looked at: whatever it is, the spelling is refused."""
+    The statistic under the root is not looked at: whatever it is, the spelling is refused, and
+    reported as no norm (`Rejection.no_norm`), so it is not counted among a model's norms."""
     x = maybe_cast(Var("x"), "cast_in")
 
     def over(numerator: Pattern, denominator: Pattern) -> Pattern:
+        # the scale may multiply the numerator first, as the Annotated Transformer's a_2 * (x - mean) / (std + eps)
+        numerator = Or(numerator, Op("Mul", numerator, Var("gamma"), commutative=True, role="scale"))
         return Or(Op("Div", numerator, denominator), Op("Mul", numerator, Op("Reciprocal", denominator), commutative=True))
 
     def plus_eps_outside(root: Pattern) -> Pattern:

@@ -67,6 +67,7 @@ class Rejection:
     nodes: list[str]
     output: str
     scope: str = "main"
+    no_norm: bool = False  # a spelling one step from a norm (epsilon outside the root), not a norm left unfused
 
 
 @dataclass
@@ -559,7 +560,8 @@ def _first_passing(root, scope: Scope, overridable, claimed, prove_fusions, opse
                     raise Rejected(f"the match reaches into the enclosing graph (node '{outside[0]}')")
                 if norm.refusal:  # the near misses come last: one refusal a root is the whole story
                     rejected.setdefault(_anchor(match), Rejection(norm.name, near_miss_refusal(norm, match),
-                                                                  [n.name for n in match.nodes], root.name, scope.name))
+                                                                  [n.name for n in match.nodes], root.name, scope.name,
+                                                                  no_norm=True))
                     return None
                 candidate = build_candidate(norm, match, root, scope.outputs, overridable)
                 if prove_fusions:
