@@ -175,6 +175,8 @@ def test_an_export_onnx_rejects_is_a_one_line_error_and_leaves_nothing(tmp_path)
 
 
 def test_an_export_reports_the_opset_it_wrote(tmp_path):
+    """--opset 17 is TorchScript's to write (dynamo's lowest is 18, refused above): the file holds it,
+    and the result reads it from the file."""
     import onnx
 
     from export.export_model import export_model
