@@ -266,7 +266,12 @@ def _near_misses() -> list[NormPattern]:
     def over(numerator: Pattern, denominator: Pattern) -> Pattern:
         # the scale may multiply the numerator first, as the Annotated Transformer's a_2 * (x - mean) / (std + eps)
         numerator = Or(numerator, Op("Mul", numerator, Var("gamma"), commutative=True, role="scale"))
-        return Or(Op("Div", numerator, denominator), Op("Mul", numerator, Op("Reciprocal", denominator), commutative=True))
+        # or a constant over the root multiplies x, as Zaya's query-key norm, x * (sqrt(d) / max(||x||, eps)),
+        # which torch writes as x * (Reciprocal(root) * sqrt(d))
+        over_root = Or(Op("Div", Var("scale_over"), denominator),
+                       Op("Mul", Op("Reciprocal", denominator), Var("scale_over"), commutative=True))
+        return Or(Op("Div", numerator, denominator), Op("Mul", numerator, Op("Reciprocal", denominator), commutative=True),
+                  Op("Mul", numerator, over_root, commutative=True))
 
     def plus_eps_outside(root: Pattern) -> Pattern:
         return Op("Add", root, Var("eps"), commutative=True)
