@@ -244,6 +244,9 @@ def generate(model, decoder: Decoder, prompt: np.ndarray, new_tokens: int,
     (its CONTEXT_INPUTS, from `encode`); `prompt` is then the decoder's start token."""
     batch = prompt.shape[0]
     mask = np.ones(prompt.shape, np.int64) if prompt_mask is None else np.asarray(prompt_mask, np.int64)
+    if mask.shape != np.shape(prompt):
+        raise UsageError(f"prompt_mask is {'x'.join(map(str, mask.shape))}, the prompt "
+                         f"{'x'.join(map(str, np.shape(prompt)))}: one mask value per prompt token")
     cache = {past: np.zeros([batch if axis == 0 else (0 if dim is None else dim) for axis, dim in enumerate(shape)],
                             dtype=_input_dtype(model, past))
              for past, shape in decoder.cache_shapes.items()}
@@ -426,7 +429,13 @@ def decode(model_path: str | Path | Halves, compare_path: str | Path | Halves | 
         raise UsageError(f"{paths[0]}: --encoder given, but the decoder takes no {ENCODER_STATES}")
     batch = len(lengths)
     longest = max(lengths)
-    dtype = next(spec.dtype for spec in models[0].outputs if spec.name == decoders[0].logits)
+    # a pair of two dtypes (an fp16 export against the fp32 one) is judged by the less precise, as
+    # export.validate judges a pair, whichever is given first
+    from .validate import LEAST_PRECISE_FIRST
+
+    dtypes = [next(spec.dtype for spec in model.outputs if spec.name == decoder.logits)
+              for model, decoder in zip(models, decoders)]
+    dtype = next((d for d in LEAST_PRECISE_FIRST if d in dtypes), dtypes[0])
     if seq2seq:
         encoders = [load(path, providers=providers) for path in encoder_paths]
         encoder_feeds = random_arrays(encoders[0].inputs, batch, longest, seed=seed, bounds=index_bounds(encoder_paths[0]),
@@ -467,7 +476,7 @@ def decode(model_path: str | Path | Halves, compare_path: str | Path | Halves | 
             runs[index].append(one_generation(index, models[index], forced))
     reference = runs[0][0]
     record = {"prompt": shown_prompt, "prompt_lengths": lengths,
-              "new_tokens": tokens, "batch": batch, "dtype": dtype, "warmup": warmup,
+              "new_tokens": tokens, "batch": batch, "dtype": dtype, "dtypes": dtypes, "warmup": warmup,
               "rounds": rounds, "cache": "kept" if keeps_cache(models[0], cache) else "host",
               "models": {label: {"model": str(path), "providers": model.providers, "tokens": generations[0].tokens,
                                  **timing(generations, batch)}
@@ -544,7 +553,7 @@ def decoded_alike(agreement: dict) -> bool:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, dim_size, non_negative_int, output_file, positive_int, run_cli
+    from .cli import Parser, dim_size, int_at_least, non_negative_int, output_file, positive_int, run_cli
     from .files import require_file, write_json
 
     def prompt_lengths(text: str) -> list[int]:
@@ -569,7 +578,7 @@ def main(argv=None) -> int:
                         help="prompt length in tokens (random ids; default 8), or one per sequence, e.g. 6,3,5: "
                              "shorter prompts are padded on the left, as a server batches them (an encoder-decoder's "
                              "inputs to the encoder: padded on the right, as T5's and BART's tokenizers pad)")
-    parser.add_argument("--tokens", type=positive_int, default=32,
+    parser.add_argument("--tokens", type=lambda text: int_at_least(text, 2), default=32,
                         help="tokens to generate, at least 2: the prefill's and a decode step's (default 32)")
     parser.add_argument("--batch", type=positive_int, help="sequences decoded together (default 1, or one per "
                                                              "--prompt length)")

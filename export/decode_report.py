@@ -18,8 +18,11 @@ def print_table(record: dict, console) -> None:
     if seq2seq:
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in record["encoder_inputs"].items())
         prompt = f"encoder {shapes}, start token {record['start_token']}"
+    dtypes = record.get("dtypes") or [record["dtype"]]
+    judged = (f"{' against '.join(dtypes)}: {record['dtype']}'s tolerance" if len(set(dtypes)) > 1
+              else record["dtype"])
     table = Table(title=f"greedy decoding: {prompt}, {record['new_tokens']} tokens, "
-                        f"batch {record['batch']} ({record['dtype']})")
+                        f"batch {record['batch']} ({judged})")
     for column in ("model", *(("encoder ms",) if seq2seq else ()), "prefill ms", "step p50 ms", "step p99 ms", "tokens/s"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for label, run in record["models"].items():
@@ -35,7 +38,7 @@ def print_table(record: dict, console) -> None:
     if agree:
         verdict = "[green]same[/]" if decoded_alike(agree) else "[red]differs[/]"
         ties = f" ({agree['near_ties']} more in near ties)" if agree["near_ties"] else ""
-        console.print(f"compared: {verdict}: {agree['same_tokens']}/{agree['steps']} steps choose the same tokens{ties}; "
+        console.print(f"compared: {verdict}: the same tokens at {agree['same_tokens']}/{agree['steps']} steps{ties}; "
                       f"scores max abs {agree['max_abs']:.3g}, max rel {agree['max_rel']:.3g}, "
                       + ("all within tolerance" if agree["scores_within_tolerance"]
                          else f"out of tolerance from step {agree['first_step_out_of_tolerance']}"))

@@ -1,4 +1,5 @@
 """The one error type the command lines turn into a one-line message and a non-zero exit."""
+import re
 
 
 class NormfuseError(Exception):
@@ -39,8 +40,16 @@ def missing_kernel(message: str) -> bool:
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's first non-empty line, cut at `limit` characters (onnx's evaluator may list
-    every tensor it knows), or its class name when it says nothing: for one-line errors."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
+    every tensor it knows), or its class name when it says nothing: for one-line errors. ONNX
+    Runtime's source file and function, which its messages name before the reason, are left out:
+    they would take most of the line and cut the reason off."""
+    text = ORT_SOURCE.sub("", str(exc))
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         return exc.__class__.__name__
     return lines[0] if len(lines[0]) <= limit else lines[0][:limit] + " ..."
+
+
+# "/onnxruntime_src/onnxruntime/core/providers/cpu/tensor/reshape_helper.h:33
+# onnxruntime::ReshapeHelper::ReshapeHelper(const onnxruntime::TensorShape&, ...) "
+ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[\w:~<>]+\([^()]*\)(?: const)? )?")

@@ -84,7 +84,7 @@ def test_the_fused_decoder_chooses_the_same_tokens(decoders, tmp_path, capsys):
     assert main([str(decoders["reference"]), "--compare", str(decoders["fused"]), "--prompt", "5", "--tokens", "12",
                  "--providers", "CPUExecutionProvider", "--json", str(tmp_path / "d.json")]) == 0
     out = capsys.readouterr().out
-    assert "compared: same: 12/12 steps choose the same tokens" in out and "decode step p50" in out
+    assert "compared: same: the same tokens at 12/12 steps" in out and "decode step p50" in out
     record = json.loads((tmp_path / "d.json").read_text())
     agree = record["agreement"]
     assert agree["steps"] == agree["same_tokens"] == 12 and agree["scores_within_tolerance"]
@@ -297,6 +297,24 @@ def test_padded_prompts_need_a_position_input(tmp_path, capsys):
     assert _main("export.decode", str(model), "--prompt", "4", "--batch", "2", "--tokens", "3", capsys=capsys)[0] == 0
 
 
+def test_a_prompt_mask_of_another_shape_is_refused(decoders):
+    model = load(decoders["fused"], providers=["CPUExecutionProvider"])
+    with pytest.raises(UsageError, match="prompt_mask is 2x3, the prompt 2x5: one mask value per prompt token"):
+        generate(model, decoder_of(model, "m"), np.ones((2, 5), np.int64), 2, prompt_mask=np.ones((2, 3)))
+
+
+def test_a_pair_of_two_dtypes_is_judged_by_the_less_precise_either_way(decoders, tmp_path):
+    """The fp16 export against the fp32 one: fp16's tolerance applies whichever is given first, and
+    the record names both."""
+    half = tmp_path / "decoder-fp16.onnx"
+    export_hf_decoder(half, dtype="float16")
+    forward = decode(decoders["reference"], half, prompt=4, tokens=3, warmup=0, providers=["CPUExecutionProvider"])
+    backward = decode(half, decoders["reference"], prompt=4, tokens=3, warmup=0, providers=["CPUExecutionProvider"])
+    assert forward["dtype"] == backward["dtype"] == "float16"
+    assert forward["dtypes"] == ["float32", "float16"] and backward["dtypes"] == ["float16", "float32"]
+    assert decoded_alike(forward["agreement"]) and decoded_alike(backward["agreement"])
+
+
 def test_the_readme_loop_runs(decoders):
     """README's example of the loop as a function runs as written (on the fused decoder here)."""
     import re
@@ -333,7 +351,7 @@ def test_other_decoders_serve_the_same_tokens_fused(tmp_path, capsys, arch, norm
     assert report.fused == norms and not report.rejected
     assert main([str(reference), "--compare", str(fused), "--prompt", "5,2", "--tokens", "10", "--warmup", "0",
                  "--providers", "CPUExecutionProvider"]) == 0
-    assert "compared: same: 10/10 steps choose the same tokens" in capsys.readouterr().out
+    assert "compared: same: the same tokens at 10/10 steps" in capsys.readouterr().out
 
 
 def genai_names(source, target):

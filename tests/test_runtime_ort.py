@@ -217,3 +217,23 @@ def test_int4_matrix_products_count_as_matmul(tmp_path):
     summary = summarise_profile(model.session.end_profiling(), set(), runs=1, skip_runs=1)
     assert summary["matmul"]["kernels"] == 1 and summary["elementwise"]["kernels"] == 0
     assert summary["matmul"]["flops"] == 2 * 16 * 128 * 64
+
+
+def test_a_failed_run_gives_onnx_runtimes_reason_not_its_source_path(tmp_path):
+    """ONNX Runtime names its source file and function before the reason: left out, so the one line
+    keeps what went wrong (here a Reshape that cannot infer -1 from an empty axis)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.errors import RunFailure
+
+    shape = numpy_helper.from_array(np.array([0, 0, -1, 4], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "r.onnx"))
+    model = load(tmp_path / "r.onnx", providers=["CPUExecutionProvider"])
+    with pytest.raises(RunFailure) as failed:
+        model.run({"x": np.zeros((1, 0, 8), np.float32)})
+    message = str(failed.value)
+    assert "onnxruntime_src" not in message and "cannot be reshaped" in message, message
