@@ -78,7 +78,8 @@ def markdown(report: dict) -> str:
     else:
         described = (f"{cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, ffn {cfg['ffn']}; "
                      f"exporter {cfg['exporter']}, opset {cfg['opset']}; bench shape {bench_shape(cfg)}.")
-    lines = [f"# normfuse report: {cfg['norm']} `{cfg['preset']}` ({cfg['dtype']})", "", described, "",
+    what = f"`{Path(cfg['source']).name}`" if cfg.get("source") else f"{cfg['norm']} `{cfg['preset']}`"
+    lines = [f"# normfuse report: {what} ({cfg['dtype']})", "", described, "",
              "## Rewrite", "",
              f"TensorRT form (`fused-tensorrt.onnx`): fused {rw['fused']} of {rw['expected_norms']} norms ({describe_counts(rw['counts'])}), "
              f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected.", ""]
@@ -190,6 +191,21 @@ def decoding_markdown(records: list[dict]) -> list[str]:
     return lines
 
 
+def latency_title(by_backend: dict) -> str:
+    """The latency panel's title: what it compares, or that only the reference was timed (the
+    fused graph's bench skipped, with the reason in the report)."""
+    if any("fused" in graphs for graphs in by_backend.values()):
+        return "Latency, reference vs fused"
+    return "Latency of the reference (the fused graph was not timed: see Skipped)"
+
+
+def plot_title(cfg: dict) -> str:
+    """The exported stack by norm and preset; a given model by its file (a folder's models are all
+    `model` by kind, and often `model.onnx` by name)."""
+    what = (f"{Path(cfg['source']).name}" if cfg.get("source") else f"{cfg['norm']} {cfg['preset']}")
+    return f"normfuse: {what} {cfg['dtype']}, {bench_shape(cfg)}"
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -214,7 +230,7 @@ def plot(report: dict, path: Path) -> None:
         ax.bar_label(bars, fmt="%.2f")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("latency (ms), whisker to p99")
-    ax.set_title("Latency, reference vs fused")
+    ax.set_title(latency_title(by_backend))
     ax.legend()
 
     ax = axes[1]
@@ -234,8 +250,7 @@ def plot(report: dict, path: Path) -> None:
 
         for record in decoding:
             plot_steps(axes[2], record, prefix=f"{record['backend']} " if len(decoding) > 1 else "")
-    cfg = report["config"]
-    fig.suptitle(f"normfuse: {cfg['norm']} {cfg['preset']} {cfg['dtype']}, {bench_shape(cfg)}")
+    fig.suptitle(plot_title(report["config"]))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -505,6 +505,25 @@ def test_a_rewrite_short_of_the_models_norms_is_said_and_not_sold_as_a_speed_up(
     assert "compares a graph with itself" in text and "speed-up" not in text
 
 
+def test_titles_name_a_given_model_by_its_file_and_a_lone_reference_as_such():
+    """A folder's models are all of kind `model`, and Optimum names one model.onnx: the plot and the
+    Markdown name the file ("model model" said nothing). A latency panel with no fused bar says the
+    fused graph was not timed instead of promising a comparison."""
+    from export.report import latency_title, markdown, plot_title
+
+    given = {"source": "t5/decoder_model_merged.onnx", "norm": "model", "preset": "decoder_model_merged",
+             "dtype": "float32", "batch": 1, "seq": 8}
+    assert plot_title(given) == "normfuse: decoder_model_merged.onnx float32, 1x8"
+    stack = {"norm": "rmsnorm", "preset": "small", "dtype": "float16", "batch": 1, "seq": 128}
+    assert plot_title(stack) == "normfuse: rmsnorm small float16, 1x128"
+    report = {"config": given, "rewrite": {"fused": 0, "expected_norms": 0, "counts": {}, "nodes_before": 1,
+                                           "nodes_after": 1, "rejected": []},
+              "validation": [], "bench": [], "skipped": [], "stage_seconds": {}}
+    assert markdown(report).startswith("# normfuse report: `decoder_model_merged.onnx` (float32)")
+    assert latency_title({"ort-cpu": {"reference": {}, "fused": {}}}) == "Latency, reference vs fused"
+    assert "not timed" in latency_title({"ort-cpu": {"reference": {}}})
+
+
 def test_half_precision_reductions_are_evaluated_with_fp32_accumulation():
     """onnx's evaluator sums bf16 in bf16; the evaluator used for bf16 validation sums in fp32, as
     ONNX Runtime and TensorRT do, so its ReduceMean over 1600 values is the mean rounded to bf16."""
