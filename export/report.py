@@ -261,8 +261,9 @@ def print_summary(report: dict, console) -> None:
     from rich.table import Table
 
     rw = report["rewrite"]
-    console.print(f"[bold]rewrite[/]: fused {rw['fused']}/{rw['expected_norms']} norms ({describe_counts(rw['counts'])}), "
-                  f"{rw['nodes_before']} -> {rw['nodes_after']} nodes, {len(rw['rejected'])} rejected")
+    console.print(f"[bold]rewrite[/] (TensorRT form): fused {rw['fused']}/{rw['expected_norms']} norms "
+                  f"({describe_counts(rw['counts'])}), {rw['nodes_before']} -> {rw['nodes_after']} nodes, "
+                  f"{len(rw['rejected'])} rejected")
     table = Table(title="validation (per output, against the dtype's graph tolerance)")
     for col in ("reference", "candidate", "shape", "output", "max abs", "max rel", "result"):
         table.add_column(col)

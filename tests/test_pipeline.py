@@ -259,6 +259,7 @@ def test_a_model_without_norms_is_said_to_have_none(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no norm in this model (none found, none rejected; 1 spelling(s) refused as no norm" in " ".join(done.stdout.split())
     assert "the model has no norm, so the fused graphs are copies of the reference" in done.stdout
+    assert "rewrite (TensorRT form): fused 0/0 norms" in " ".join(done.stdout.split())  # which form's nodes
     assert "already the single ops" not in done.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["rewrite"]["fused"] == report["rewrite"]["expected_norms"] == 0
