@@ -584,9 +584,6 @@ def translations() -> dict:
     return {torch.ops.aten._is_all_true.default: is_all_true}
 
 
-COMPLEX_TRANSLATIONS_NEED = "torch.onnx._internal.exporter._registration.ONNXRegistry.from_torchlib"
-
-
 @contextlib.contextmanager
 def complex_translations():
     """Complex-valued translations torch's dynamo exporter lacks, for the time of an export.
@@ -596,7 +593,7 @@ def complex_translations():
     with a trailing axis of 2 (real, imaginary), so unsqueezing one is unsqueezing that real tensor
     at the same axis counted from the front, one further from the back. The public
     `custom_translation_table` registers every translation as real-valued, so this adds it to the
-    registry the exporter builds, through the private hook named in COMPLEX_TRANSLATIONS_NEED;
+    registry the exporter builds, through a private hook (`_registration.ONNXRegistry.from_torchlib`);
     where a torch release no longer has it, the export goes on without (and fails as before)."""
     import torch
     from onnxscript import opset18 as op

@@ -130,8 +130,8 @@ def parse_args(argv=None):
     elif args.dim:
         parser.error("argument --dim: names dimensions of a given model (--onnx); the exported stack's two "
                      "dynamic axes are --batch and --seq")
-    if opset_refused(args.exporter, args.opset):
-        parser.error(f"argument --opset: {opset_refused(args.exporter, args.opset)}")
+    if why := opset_refused(args.exporter, args.opset):
+        parser.error(f"argument --opset: {why}")
     if args.decode_tokens == 1:
         parser.error("argument --decode-tokens: 1 token has no decode step to time; give 0 (skip) or at least 2")
     try:
@@ -455,8 +455,8 @@ class Pipeline:
         norm_nodes = [n for f in rewrite_trt.fusions for n in f.nodes_removed]
         results = []
         for backend in (b for b in backends if b.startswith("ort-")):
-            if self.cannot_run(backend, dtype):
-                self.skipped.append({"stage": f"{backend} bench", "reason": self.cannot_run(backend, dtype)})
+            if reason := self.cannot_run(backend, dtype):
+                self.skipped.append({"stage": f"{backend} bench", "reason": reason})
                 continue
             with self.stage("bench", f"bench on {backend} at {batch}x{seq}{self.with_dims}, {a.runs} runs per graph"
                                      + (f", {a.pairs} pairs" if a.pairs > 1 else "")):
@@ -516,8 +516,8 @@ class Pipeline:
             return []
         records = []
         for backend in (b for b in backends if b.startswith("ort-")):
-            if self.cannot_run(backend, dtype):
-                self.skipped.append({"stage": f"{backend} greedy decoding", "reason": self.cannot_run(backend, dtype)})
+            if reason := self.cannot_run(backend, dtype):
+                self.skipped.append({"stage": f"{backend} greedy decoding", "reason": reason})
                 continue
             candidate = self.decoded.get(backend)
             if candidate is None:

@@ -15,7 +15,7 @@ from models import BlockConfig
 
 from .errors import NormfuseError, UsageError, first_line
 from .files import staged_beside
-from .onnx_io import external_locations, load_graph_only, place_written, save_exported
+from .onnx_io import default_opset, external_locations, load_graph_only, place_written, save_exported
 
 EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "hidden_states", "output"
@@ -41,8 +41,8 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
 
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
-    if opset_refused(exporter, opset):
-        raise UsageError(f"--opset {opset}: {opset_refused(exporter, opset)}")
+    if why := opset_refused(exporter, opset):
+        raise UsageError(f"--opset {opset}: {why}")
     model = build_model(config, seed=seed)
     example = torch.randn(2, 8, config.hidden, dtype=TORCH_DTYPES[config.dtype])
     with _quiet():
@@ -56,9 +56,7 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
     if check:
         _check_exported(Path(path), exporter, config)
     written = load_graph_only(path)
-    has_external = bool(external_locations(written))
-    opset_written = next(entry.version for entry in written.opset_import if entry.domain in ("", "ai.onnx"))
-    return ExportResult(Path(path), exporter, opset_written, has_external)
+    return ExportResult(Path(path), exporter, default_opset(written), bool(external_locations(written)))
 
 
 def opset_refused(exporter: str, opset: int) -> str | None:
@@ -148,8 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default 0)")
     parser.add_argument("-o", "--output", type=output_file, required=True, help="the .onnx file to write")
     args = parser.parse_args(argv)
-    if opset_refused(args.exporter, args.opset):
-        parser.error(f"argument --opset: {opset_refused(args.exporter, args.opset)}")
+    if why := opset_refused(args.exporter, args.opset):
+        parser.error(f"argument --opset: {why}")
 
     def job():
         try:

@@ -27,6 +27,11 @@ def load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the standard domain (1 where it imports none, as onnx reads it)."""
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
+
+
 def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
     """A model whose weight file is not beside it fails here, in one line, rather than after a
     rewrite that wrote a model pointing at nothing, or deep inside ONNX Runtime."""

@@ -24,7 +24,7 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (colour, 
 from normops import op_for
 
 from ..errors import NormfuseError, UsageError, first_line
-from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, inline_small_external_data, load_graph_only, save_model,
+from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, default_opset, inline_small_external_data, load_graph_only, save_model,
                        share_external_data)
 from .checks import (FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name,
                      is_last_axis_mean, near_miss_refusal)
@@ -113,7 +113,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     report = RewriteReport(target=target, nodes_before=count_nodes(model.graph))
     model, inlined = inline_norm_functions(model)
     report.notes += inlined
-    opset = _default_opset(model)
+    opset = default_opset(model)
     # Initializers listed as graph inputs are defaults a caller may override (onnx-graphsurgeon
     # imports them as constants and drops them from the inputs; they are put back below).
     overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
@@ -261,7 +261,7 @@ CHANGED_MEANING_AFTER_18 = frozenset({"GroupNormalization"})
 def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelProto | None, str]:
     """How `model` reaches `target_opset`: (None, how) when renumbering its opset is enough (opset >= 18,
     no node changes), else (onnx's version converter's output, how). NormfuseError when neither can."""
-    opset = _default_opset(model)
+    opset = default_opset(model)
     if opset >= 18:
         used = {n.op_type for n in all_nodes(model) if n.domain in ("", "ai.onnx")}
         blocked = sorted(used & CHANGED_MEANING_AFTER_18)
@@ -609,13 +609,6 @@ def _fusion_record(candidate: NormCandidate, target: str) -> Fusion:
         epsilon=candidate.epsilon, hidden=candidate.hidden, nodes_removed=removed, output=candidate.output.name,
         scope=candidate.scope.name if candidate.scope is not None else "main", scale_factor=candidate.scale_factor,
     )
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 1
 
 
 def _set_opsets(out: onnx.ModelProto, original: onnx.ModelProto, opset: int, target: str, report: RewriteReport) -> None:
