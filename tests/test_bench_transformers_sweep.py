@@ -19,22 +19,21 @@ def sweep(bench_script):
     return bench_script("transformers_sweep")
 
 
-def test_three_model_types_are_swept_to_the_end(tmp_path):
-    """LLaMA (RMSNorm), BERT (LayerNorm) and wav2vec2 (LayerNorm, fed a waveform): every norm
-    module's call fused for TensorRT, the onnxruntime form validated at two dynamic shapes; records
-    and Markdown written. BERT's first LayerNorm, over a sum that broadcasts its position
-    embeddings, has no residual to fuse, and as a plain LayerNormalization it is already ONNX
-    Runtime's own op; so is wav2vec2's feature projection's. wav2vec2's convolution calls its
-    weight norm as a module: not counted."""
+def test_two_model_types_are_swept_to_the_end(tmp_path):
+    """LLaMA (RMSNorm) and wav2vec2 (LayerNorm, fed a waveform), two at once, each in its own
+    process: every norm module's call fused for TensorRT, the onnxruntime form validated at two
+    dynamic shapes; records and Markdown written. wav2vec2's feature projection's LayerNorm, with no
+    residual to fuse, is already ONNX Runtime's own op as a plain LayerNormalization; its
+    convolution calls its weight norm as a module: not counted. (BERT, a third type once here, is
+    fused and matched in tests/test_rewrite_hf_models.py; each type swept costs this suite seconds.)"""
     out = tmp_path / "sweep.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--types", "llama,bert,wav2vec2", "--jobs", "2", "--json",
+    done = subprocess.run([sys.executable, str(SCRIPT), "--types", "llama,wav2vec2", "--jobs", "2", "--json",
                            str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     payload = json.loads(out.read_text())
     assert payload["versions"]["transformers"] and payload["dtype"] == "float32" and payload["unswept"] == []
     records = {r["type"]: r for r in payload["records"]}
-    for name, calls, kinds in (("llama", 5, {"AddRMSNorm": 4, "RMSNorm": 1}), ("bert", 5, {"AddLayerNorm": 4}),
-                               ("wav2vec2", 6, {"AddLayerNorm": 5})):
+    for name, calls, kinds in (("llama", 5, {"AddRMSNorm": 4, "RMSNorm": 1}), ("wav2vec2", 6, {"AddLayerNorm": 5})):
         record = records[name]
         assert record["stage"] == "done", record.get("error")
         assert record["shapes"] == "dynamic"
@@ -44,7 +43,7 @@ def test_three_model_types_are_swept_to_the_end(tmp_path):
     assert records["wav2vec2"]["inputs"] == {"input_values": [2, 4000]}
     assert records["wav2vec2"]["norm_modules"] == {"LayerNorm": 6}
     table = out.with_suffix(".md").read_text()
-    assert "| ok | 3 |" in table and "| llama | dynamic | 5 | 5 | 4 AddRMSNorm, 1 RMSNorm |" in table
+    assert "| ok | 2 |" in table and "| llama | dynamic | 5 | 5 | 4 AddRMSNorm, 1 RMSNorm |" in table
     assert "Unfinished" not in table
 
 
