@@ -5,8 +5,9 @@
     model = load("build/small-rmsnorm/fused.plan")        # TensorRT runtime (the plugins are in the engine)
     outputs = model.run({"hidden_states": x})             # numpy in -> numpy out; torch in -> torch out
 
-- Inputs are checked against the model's signature first (names, dtype, rank, fixed dims); a
-  mismatch is a NormfuseError naming the input.
+- Inputs are checked against the model's signature first (names, dtype, rank, fixed dims, and
+  one size for axes of one name); a mismatch is a NormfuseError naming the input. A run that
+  fails on a token id past its embedding table says so, naming the input.
 - Device buffers are kept between calls and reused while the shapes stay the same.
 - `OrtModel.run_keeping(feeds, keep)` leaves chosen outputs where ONNX Runtime wrote them, to be
   fed back as inputs (a KV cache between decode steps) without a trip through the host.
@@ -152,6 +153,31 @@ def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", all
                                     f"the model takes {spec.describe()}")
             if have == 0 and not allow_empty:
                 raise NormfuseError(f"{where}: input {name!r} is empty on axis {axis} (shape {list(shape)})")
+    _check_named_dims_agree(inputs, feeds, where)
+
+
+def _check_named_dims_agree(inputs: list[TensorSpec], feeds: dict, where: str) -> None:
+    """Two inputs' axes of the same name have one size: ONNX means that by a shared dim_param, and
+    TensorRT checks it at run time; ONNX Runtime does not, and a model that slices the longer one
+    runs on without a word. Only plain names: a name like 'past + seq' is normfuse's reading
+    (export.dims), not ONNX's, and exporters feed such axes other lengths on purpose. An empty axis
+    is a placeholder and is not held to the name either: a merged decoder's first step takes its
+    cache empty, the encoder's part of it too, whatever length the encoder's states have."""
+    from .dims import Expression, dim_params, parse
+
+    first: dict[str, tuple[str, int, int]] = {}  # dim name -> (input, axis, size) where it was first met
+    for spec in inputs:
+        if not spec.rank_known:
+            continue
+        shape = value_shape(feeds[spec.name])
+        for axis, (have, param) in enumerate(zip(shape, dim_params(spec))):
+            if not param or have == 0 or isinstance(parse(param), Expression):
+                continue
+            other, other_axis, size = first.setdefault(param, (spec.name, axis, have))
+            if size != have:
+                raise NormfuseError(f"{where}: input {spec.name!r} has {have} on axis {axis} and input {other!r} "
+                                    f"{size} on axis {other_axis}, but the model names both axes {param!r}: "
+                                    "one name, one size")
 
 
 def load(path: str | Path, *, providers: list[str] | None = None, device: int = 0, cuda_graph: bool = False):
@@ -375,10 +401,37 @@ class OrtModel:
                                for name, value in feeds.items())
             if missing_kernel(message):
                 raise MissingKernel(self.path, message) from None
+            outside = _index_outside_its_table(self.path, feeds)
+            if outside:
+                raise RunFailure(f"{self.path}: {outside}") from None
             raise RunFailure(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message}") from None
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
+
+
+def _index_outside_its_table(path: Path, feeds: dict) -> str | None:
+    """After a failed run: the first integer input holding an index past the table it indexes (a
+    token id outside the vocabulary), said plainly, or None. ONNX Runtime's own words name a
+    Gather deep in the graph, not the input. Gather takes -rows..rows-1."""
+    from .backends import index_bounds
+
+    try:
+        bounds = index_bounds(path)
+    except Exception:  # the model already failed; its own error stands
+        return None
+    for name, rows in bounds.items():
+        value = feeds.get(name)
+        if value is None:
+            continue
+        value = value[2] if isinstance(value, tuple) else value  # the binding's (shape, dtype, buffer)
+        array = value.numpy() if is_ortvalue(value) else to_numpy(value)
+        bad = np.argwhere((array < -rows) | (array >= rows))
+        if len(bad):
+            where = tuple(int(i) for i in bad[0])
+            return (f"input {name!r} holds {int(array[where])} at {list(where)}, outside the {rows} rows of the "
+                    f"table it indexes (0..{rows - 1})")
+    return None
 
 
 def _element_type(dtype: str) -> Any:

@@ -237,3 +237,56 @@ def test_a_failed_run_gives_onnx_runtimes_reason_not_its_source_path(tmp_path):
         model.run({"x": np.zeros((1, 0, 8), np.float32)})
     message = str(failed.value)
     assert "onnxruntime_src" not in message and "cannot be reshaped" in message, message
+    assert message.startswith(f"{tmp_path / 'r.onnx'}: ONNX Runtime failed to run it on x [1, 0, 8]: "), message
+
+
+def test_axes_of_one_name_must_have_one_size():
+    """ONNX means two axes named alike to be equal (TensorRT checks it); a mask one token short is
+    refused before ONNX Runtime slices its way past it. A name that is arithmetic over others
+    ('past + seq') is not held to anything: that reading is normfuse's, not ONNX's."""
+    specs = [TensorSpec("input_ids", "int64", (None, None), ("batch", "seq")),
+             TensorSpec("attention_mask", "int64", (None, None), ("batch", "seq")),
+             TensorSpec("past", "float32", (None, 4, None), ("batch", None, "past + seq"))]
+    ids, mask = np.zeros((2, 5), np.int64), np.ones((2, 5), np.int64)
+    check_feeds(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((2, 4, 9), np.float32)}, "m.onnx")
+    with pytest.raises(NormfuseError) as info:
+        check_feeds(specs, {"input_ids": ids, "attention_mask": mask[:, :4], "past": np.zeros((2, 4, 9), np.float32)},
+                    "m.onnx")
+    assert str(info.value) == ("m.onnx: input 'attention_mask' has 4 on axis 1 and input 'input_ids' 5 on axis 1, "
+                               "but the model names both axes 'seq': one name, one size")
+    with pytest.raises(NormfuseError, match="'past' has 3 on axis 0 and input 'input_ids' 2 on axis 0.*'batch'"):
+        check_feeds(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((3, 4, 9), np.float32)}, "m.onnx")
+    # an empty axis is a placeholder (a merged decoder's first step takes its whole cache empty)
+    cache = [TensorSpec("encoder_states", "float32", (None, None, 8), ("batch", "encoder_length", None)),
+             TensorSpec("past_encoder_key", "float32", (None, None, 8), ("batch", "encoder_length", None))]
+    check_feeds(cache, {"encoder_states": np.zeros((2, 6, 8), np.float32),
+                        "past_encoder_key": np.zeros((2, 0, 8), np.float32)}, "m.onnx", allow_empty=True)
+
+
+def embedding_model(path, rows=10):
+    """ids [batch, seq] -> their rows of a rows x 4 table, through a Reshape as GPT-2 views its ids."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(rows * 4, dtype=np.float32).reshape(rows, 4), "table")
+    shape = numpy_helper.from_array(np.array([-1, 0], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["ids", "shape"], ["flat"]),
+                               helper.make_node("Gather", ["table", "flat"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_a_token_past_the_vocabulary_is_named_with_its_input(tmp_path):
+    """ONNX Runtime's error names a Gather inside the graph; normfuse's names the input, the
+    value and the table it indexes. Negative ids down to -rows are Gather's to take."""
+    from export.errors import RunFailure
+
+    model = load(embedding_model(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(model.run({"ids": np.array([[9, -10]], np.int64)})["y"][0, :, 0], [36, 0])
+    for bad, where in ((10, [0, 1]), (-11, [0, 1])):
+        with pytest.raises(RunFailure) as failed:
+            model.run({"ids": np.array([[3, bad], [0, 1]], np.int64)})
+        assert str(failed.value) == (f"{tmp_path / 'e.onnx'}: input 'ids' holds {bad} at {where}, outside the 10 rows "
+                                     "of the table it indexes (0..9)")
