@@ -135,12 +135,14 @@ class TorchStatisticsNorm(torch.nn.Module):
             return (x - mean) / (x.std(-1, keepdim=True, unbiased=False) + 1e-5)
         if self.form == "annotated":  # the Annotated Transformer's: the scale multiplies the numerator first
             return self.weight * (x - mean) / (x.std(-1, keepdim=True, unbiased=False) + 1e-6) + self.bias
+        if self.form == "annotated, as written":  # with torch's default, unbiased, std
+            return self.weight * (x - mean) / (x.std(-1, keepdim=True) + 1e-6) + self.bias
         if self.form == "Zaya's query-key norm":  # x * (sqrt(d) / max(||x||, eps))
             return x * (8.0 / x.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-7))
         if self.form == "scaled rms plus eps":
             return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
         if self.form == "unbiased var":
-            return (x - mean) / torch.sqrt(x.var(-1, keepdim=True) + 1e-5)
+            return (x - mean) / torch.sqrt(x.var(-1, keepdim=True) + 1e-5) * self.weight + self.bias
         if self.form == "nGPT's L2 norm":  # transformers' Dory: the hidden state kept at norm 1, not RMS 1
             h = x.float()
             return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6)).type_as(x) * self.weight
@@ -204,7 +206,9 @@ def test_an_l2_norm_becomes_the_rmsnorm_it_equals():
     ("annotated", "epsilon is added outside the square root of the deviation"),
     ("scaled rms plus eps", "epsilon is added outside the square root of the mean square (x / (rms + eps))"),
     ("Zaya's query-key norm", "F.normalize's x / max(||x||, eps)"),
-    ("unbiased var", None),  # torch's n / (n - 1) after the mean: no spelling of a norm, its means noted
+    ("unbiased var", "the variance is scaled by a constant before its root, as torch's x.var(-1) and x.std(-1) "
+                     "make it unbiased"),  # torch's n / (n - 1) after the mean
+    ("annotated, as written", "epsilon is added outside the square root of the deviation"),  # its std is unbiased
     ("sum over 65", "divided by 65, not by the row length 64"),
     ("var_mean over axis 1", None),
     ("F.normalize", "epsilon is added outside the square root of the sum of squares (x / (||x|| + eps), or "

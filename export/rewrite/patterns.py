@@ -254,9 +254,14 @@ OUTSIDE_THE_ROOT = ("epsilon is added outside the square root{what}: the fused n
                     "constant row, a padded position), so it is left as written, as no norm")
 
 
+SCALED_VARIANCE = ("the variance is scaled by a constant before its root, as torch's x.var(-1) and x.std(-1) "
+                   "make it unbiased (the squared deviations summed over n - 1, not n): a LayerNorm divides by the "
+                   "root of their mean, so it is left as written, as no norm")
+
+
 def _near_misses() -> list[NormPattern]:
-    """Norms with epsilon outside the root, which no fused op computes: matched after every norm, to
-    be refused with the reason rather than left unexplained. The Annotated Transformer's LayerNorm
+    """Norms with epsilon outside the root, or with an unbiased variance, which no fused op computes:
+    matched after every norm, to be refused with the reason rather than left unexplained. The Annotated Transformer's LayerNorm
     (x - mean) / (std + eps), an RMSNorm x / (rms + eps), and an L2 norm x / (||x|| + eps) or
     F.normalize's x / max(||x||, eps) (torch writes the max as a Clip, and expands it to x's shape).
     The statistic under the root is not looked at: whatever it is, the spelling is refused, and
@@ -279,13 +284,18 @@ def _near_misses() -> list[NormPattern]:
     # the deviation's statistic: the variance, made unbiased (x n / (n - 1)) or not, or whatever it
     # is (the nodes matched are named in the refusal; a statistic not matched keeps its own means)
     var = variance(x, Op("Sub", x, mean_last(x)))
-    root = Op("Sqrt", Or(var, Op("Mul", var, Var("correction"), commutative=True), Op("Div", var, Var("correction")),
-                         Var("statistic")))
+    # var * n / (n - 1): torch writes the correction as a Mul and a Div, or one of them
+    unbiased = Or(Op("Mul", var, Var("correction"), commutative=True), Op("Div", var, Var("correction")),
+                  Op("Div", Op("Mul", var, Var("count"), commutative=True), Var("correction")))
+    root = Op("Sqrt", Or(var, unbiased, Var("statistic")))
     length = Or(reduce_last("ReduceL2", x), Op("Sqrt", sum_of_squares(x)))
     clamped = Or(Op("Clip", length, Var("eps")), Op("Clip", length, Var("eps"), Var("ceiling")),
                  Op("Max", length, Var("eps"), commutative=True))
     l2_denominator = Or(plus_eps_outside(length), clamped)
     return [
+        # (x - mean) / sqrt(var * n / (n - 1) + eps)
+        NormPattern("layernorm-unbiased-variance", True, normalise(Op("Sub", x, mean_last(x), role="centre"), unbiased),
+                    refusal=SCALED_VARIANCE),
         NormPattern("layernorm-epsilon-outside-root", True, over(Op("Sub", x, mean_last(x), role="centre"),
                                                                  plus_eps_outside(root)),
                     refusal=OUTSIDE_THE_ROOT.format(what=" of the deviation ((x - mean) / (std + eps))", stat="variance")),
