@@ -525,40 +525,54 @@ def describe(inputs: dict) -> str:
     return " + ".join(f"{name} {'x'.join(map(str, value.shape))}" for name, value in inputs.items())
 
 
-def export(wrapped, inputs: dict, axes: dict, path: Path) -> str:
+# in the order tried; "unoptimised": without the dynamo exporter's ONNX optimiser (onnxscript's),
+# which has written graphs that do not load (a Min's output dropped, Gemma 4's audio tower)
+EXPORT_MODES = ("dynamic", "dynamic unoptimised", "static", "TorchScript")
+
+
+def export(wrapped, inputs: dict, axes: dict, path: Path, after: str | None = None) -> str:
     """Export `wrapped` (`first_output`) with torch's dynamo exporter and the dynamic `axes` of each
     input (batch and sequence), or static shapes where it cannot; where it cannot export at all (a
     branch on data, such as the positions a vision tower computes from its patch grid), with the
-    TorchScript exporter, which traces the values of this one run. Says which: "dynamic",
-    "static" or "TorchScript" (static too)."""
+    TorchScript exporter, which traces the values of this one run. Says which of EXPORT_MODES
+    ("TorchScript" is static too). `after`: a mode whose export did not load or run, to try only
+    the ones after it."""
     import torch
 
+    modes = EXPORT_MODES[EXPORT_MODES.index(after) + 1:] if after else EXPORT_MODES
     args = tuple(inputs.values())
     names = {"input_names": list(inputs), "output_names": ["output"], "verbose": False}
     dynamo = {"dynamo": True, "custom_translation_table": translations(), **names}
     dynamic = (tuple(axes[name] for name in inputs),)  # one entry for the wrapper's *values: a spec per input
+    dynamo_error: Exception | None = None
     with torch.no_grad(), complex_translations():
-        if any(axes.values()):
+        for mode in ("dynamic", "dynamic unoptimised"):
+            if mode in modes and any(axes.values()):
+                try:
+                    torch.onnx.export(wrapped, args, str(path), dynamic_shapes=dynamic, optimize=mode == "dynamic",
+                                      **dynamo)
+                    return mode
+                except Exception:
+                    pass
+        if "static" in modes:
             try:
-                torch.onnx.export(wrapped, args, str(path), dynamic_shapes=dynamic, **dynamo)
-                return "dynamic"
-            except Exception:
-                pass
+                torch.onnx.export(wrapped, args, str(path), **dynamo)
+                return "static"
+            except Exception as error:
+                dynamo_error = error
         try:
-            torch.onnx.export(wrapped, args, str(path), **dynamo)
-            return "static"
-        except Exception as dynamo_error:
-            try:
-                if half_precision(wrapped) and hasattr(wrapped.model, "set_attn_implementation"):
-                    # TorchScript's scaled_dot_product_attention writes a boolean mask's additive
-                    # form in float32, and type promotion then runs the attention after it in
-                    # float32 too: LayerNormalizations with float32 and half operands, which ONNX
-                    # Runtime refuses to load (BART in fp16). Eager attention is the same sums.
-                    wrapped.model.set_attn_implementation("eager")
-                torch_script_export(wrapped, args, path, names)
-            except Exception:
-                raise dynamo_error from None  # the dynamo exporter's reason is the one to read
-            return "TorchScript"
+            if half_precision(wrapped) and hasattr(wrapped.model, "set_attn_implementation"):
+                # TorchScript's scaled_dot_product_attention writes a boolean mask's additive
+                # form in float32, and type promotion then runs the attention after it in
+                # float32 too: LayerNormalizations with float32 and half operands, which ONNX
+                # Runtime refuses to load (BART in fp16). Eager attention is the same sums.
+                wrapped.model.set_attn_implementation("eager")
+            torch_script_export(wrapped, args, path, names)
+        except Exception:
+            if dynamo_error is None:
+                raise
+            raise dynamo_error from None  # the dynamo exporter's reason is the one to read
+        return "TorchScript"
 
 
 def half_precision(module) -> bool:
@@ -686,8 +700,6 @@ def small_model_run(model_type: str, dtype: str, record: dict, mixed_layers: boo
 
 def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     """One model type through every stage; the record says how far it got and why it stopped."""
-    import io
-
     record: dict = {"type": model_type, "dtype": dtype, "stage": "config"}
     started = time.perf_counter()
     try:
@@ -709,60 +721,23 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
             record["fixed"] = {name: value.tolist() for name, value in fixed.items()}
         record["norm_calls"], record["norm_modules"] = sum(calls.values()), calls
         record["norms_in_output"] = in_output
-        record["stage"] = "export"
         exported = work / "model.onnx"
         wrapped = first_output(model, list(inputs), fixed)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            record["shapes"] = export(wrapped, inputs, axes, exported)
-        del model, wrapped
-        record["stage"] = "rewrite"
-        from export.rewrite import rewrite_file
-
-        # ONNX Runtime's CPU provider has no bfloat16 kernels: there the tensorrt form is validated, on
-        # onnx's reference evaluator
-        on_evaluator = dtype == "bfloat16"
-        trt = rewrite_file(exported, work / "fused-tensorrt.onnx", target="tensorrt")
-        ort = rewrite_file(exported, work / "fused.onnx", target="onnxruntime")
-        record["fused"] = {"tensorrt": trt.counts, "onnxruntime": ort.counts}
-        record["fused_norms"] = trt.fused
-        record["rejected"] = [r.reason for r in trt.rejected if not r.no_norm]
-        # spellings refused as no norm (epsilon outside the root: F.normalize, Zaya's query-key norm)
-        record["refused_spellings"] = [r.reason for r in trt.rejected if r.no_norm]
-        record["unmatched_means"] = len(trt.unmatched_means)
-        record["nodes"] = [ort.nodes_before, ort.nodes_after]
-        record["stage"] = "validate"
-        from export.errors import MissingKernel
-        from export.validate import Side, compare, model_dtype, parse_shapes, shape_label
-
-        def validate(on_evaluator: bool) -> list[dict]:
-            backend, form = ("onnx-reference", "fused-tensorrt.onnx") if on_evaluator else ("ort-cpu", "fused.onnx")
-            return compare(Side(exported, backend, "reference"), Side(work / form, backend, "fused"),
-                           parse_shapes(shapes if record["shapes"] == "dynamic" else shapes.split(",")[0]),
-                           model_dtype(exported))
-
-        try:
-            pairs = validate(on_evaluator)
-        except MissingKernel as exc:
-            # ONNX Runtime's CPU provider lacks a kernel for one of the export's ops at its types
-            # (JetMoE's ScatterND adding float16): the tensorrt form on the evaluator, as in bfloat16
-            record["on_evaluator"] = exc.kernel[:200]
-            pairs = validate(True)
-        record["validated"] = all(p["passed"] for p in pairs)
-        # against the export as it ran, also where a pair was judged again against it in float32
-        record["max_abs"] = max(s["max_abs"] for p in pairs
-                                for s in (p.get("against_half_reference") or p["outputs"]).values())
-        judged = [shape_label(p) for p in pairs if p.get("against_half_reference")]
-        if judged:
-            record["judged_against_float32"] = judged
-        checked = next((p for p in pairs if p.get("norm_check")), None)
-        if checked:  # a failing pair: where its difference comes from (the fused ops, a choice by value, rounding)
-            from export.norm_check import describe
-            from export.validate import describe_float32
-
-            line = describe(checked["norm_check"])
-            if checked.get("float32_check"):
-                line += f"; {describe_float32(checked)}"
-            record["diagnosis"] = f"{shape_label(checked)}: {line}"
+        del model
+        after = None
+        while True:
+            try:
+                rewrite_and_validate(record, wrapped, inputs, axes, shapes, exported, work, after)
+                break
+            except Exception as exc:
+                if record["stage"] != "validate" or record["export"] == EXPORT_MODES[-1] \
+                        or not str(exc).startswith(f"{exported}:"):
+                    raise
+                # the export itself does not load or run (a size the trace took as fixed; a value
+                # the dynamo exporter's optimiser dropped): exported again the next way
+                after = record["export"]
+                record.setdefault("export_failed", {})[after] = \
+                    f"{type(exc).__name__}: {reason(str(exc).removeprefix(f'{exported}: '))[:200]}"
         record["stage"] = "done"
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {reason(str(exc))[:300]}"
@@ -770,6 +745,66 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
             record["trace"] = traceback.format_exc()
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def rewrite_and_validate(record: dict, wrapped, inputs: dict, axes: dict, shapes: str, exported: Path,
+                         work: Path, after: str | None = None) -> None:
+    """Export `wrapped` to `exported` (the modes `after` the one given), rewrite it in both forms
+    and validate the fused graph against it, into `record` (each stage named there as it starts)."""
+    import io
+
+    record["stage"] = "export"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        mode = export(wrapped, inputs, axes, exported, after)
+    record["export"], record["shapes"] = mode, mode.split()[0]
+    record["stage"] = "rewrite"
+    from export.rewrite import rewrite_file
+
+    # ONNX Runtime's CPU provider has no bfloat16 kernels: there the tensorrt form is validated, on
+    # onnx's reference evaluator
+    on_evaluator = record["dtype"] == "bfloat16"
+    trt = rewrite_file(exported, work / "fused-tensorrt.onnx", target="tensorrt")
+    ort = rewrite_file(exported, work / "fused.onnx", target="onnxruntime")
+    record["fused"] = {"tensorrt": trt.counts, "onnxruntime": ort.counts}
+    record["fused_norms"] = trt.fused
+    record["rejected"] = [r.reason for r in trt.rejected if not r.no_norm]
+    # spellings refused as no norm (epsilon outside the root: F.normalize, Zaya's query-key norm)
+    record["refused_spellings"] = [r.reason for r in trt.rejected if r.no_norm]
+    record["unmatched_means"] = len(trt.unmatched_means)
+    record["nodes"] = [ort.nodes_before, ort.nodes_after]
+    record["stage"] = "validate"
+    from export.errors import MissingKernel
+    from export.validate import Side, compare, model_dtype, parse_shapes, shape_label
+
+    def validate(on_evaluator: bool) -> list[dict]:
+        backend, form = ("onnx-reference", "fused-tensorrt.onnx") if on_evaluator else ("ort-cpu", "fused.onnx")
+        return compare(Side(exported, backend, "reference"), Side(work / form, backend, "fused"),
+                       parse_shapes(shapes if record["shapes"] == "dynamic" else shapes.split(",")[0]),
+                       model_dtype(exported))
+
+    try:
+        pairs = validate(on_evaluator)
+    except MissingKernel as exc:
+        # ONNX Runtime's CPU provider lacks a kernel for one of the export's ops at its types
+        # (JetMoE's ScatterND adding float16): the tensorrt form on the evaluator, as in bfloat16
+        record["on_evaluator"] = exc.kernel[:200]
+        pairs = validate(True)
+    record["validated"] = all(p["passed"] for p in pairs)
+    # against the export as it ran, also where a pair was judged again against it in float32
+    record["max_abs"] = max(s["max_abs"] for p in pairs
+                            for s in (p.get("against_half_reference") or p["outputs"]).values())
+    judged = [shape_label(p) for p in pairs if p.get("against_half_reference")]
+    if judged:
+        record["judged_against_float32"] = judged
+    checked = next((p for p in pairs if p.get("norm_check")), None)
+    if checked:  # a failing pair: where its difference comes from (the fused ops, a choice by value, rounding)
+        from export.norm_check import describe
+        from export.validate import describe_float32
+
+        line = describe(checked["norm_check"])
+        if checked.get("float32_check"):
+            line += f"; {describe_float32(checked)}"
+        record["diagnosis"] = f"{shape_label(checked)}: {line}"
 
 
 def shrink_attempts(model_type: str) -> list[tuple[bool, bool]]:
@@ -879,7 +914,7 @@ def markdown(records: list[dict], dtype: str, unswept: list[str]) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in done:
         ort = ", ".join(f"{n} {k}" for k, n in sorted(r["fused"]["onnxruntime"].items())) or "none"
-        lines.append(f"| {r['type']} | {r['shapes']} | {calls_cell(r)} | {r['fused_norms']} | {ort} | "
+        lines.append(f"| {r['type']} | {r.get('export', r['shapes'])} | {calls_cell(r)} | {r['fused_norms']} | {ort} | "
                      f"{r['nodes'][0]} -> {r['nodes'][1]} | {r['max_abs']:.2g} | {verdict(r)} |")
     failed = [r for r in done if r.get("diagnosis") and not r["validated"]]
     if failed:

@@ -697,3 +697,46 @@ def test_a_model_onnx_runtime_lacks_a_kernel_for_is_validated_on_the_evaluator(s
     assert record["fused_norms"] == record["norms_in_output"] == 5
     text = sweep.markdown([{**record, "type": "jetmoe"}], "float16", [])
     assert "- jetmoe: CPU execution provider: MLFloat16 data type is not supported with ScatterND" in text
+
+
+def test_each_export_mode_hands_over_to_the_next(sweep, tmp_path):
+    """An export that does not load or run is exported again the next way: dynamic, then dynamic
+    without the dynamo exporter's optimiser (a graph it broke), then static, then TorchScript. Each
+    way's graph is what it says: the unoptimised one keeps the exporter's raw ops, the static one
+    has no named axis, TorchScript's names its nodes by module path."""
+    import onnx
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(16)
+
+        def forward(self, *values):
+            (x,) = values
+            return self.norm(x) * 2
+
+    inputs, axes = {"x": torch.randn(2, 5, 16)}, {"x": {0: "batch", 1: "sequence"}}
+    graphs = {}
+    for after in (None, *sweep.EXPORT_MODES[:-1]):
+        path = tmp_path / f"{after}.onnx"
+        mode = sweep.export(Scaled().eval(), inputs, axes, path, after)
+        assert mode == sweep.EXPORT_MODES[0 if after is None else sweep.EXPORT_MODES.index(after) + 1]
+        graphs[mode] = onnx.load(str(path)).graph
+    dims = {mode: [d.dim_param for d in g.input[0].type.tensor_type.shape.dim] for mode, g in graphs.items()}
+    assert dims["dynamic"] == dims["dynamic unoptimised"] == ["batch", "sequence", ""]
+    assert dims["static"] == dims["TorchScript"] == ["", "", ""]
+    assert len(graphs["dynamic unoptimised"].node) > len(graphs["dynamic"].node)
+    assert any(n.name.startswith("/norm/") for n in graphs["TorchScript"].node)
+
+
+@pytest.mark.slow  # 25 s: one more export and validation than a type that runs the first way
+def test_an_export_that_does_not_load_is_exported_again_without_the_optimiser(sweep, tmp_path):
+    """Gemma 4's audio tower: onnxscript's optimiser drops a Min's output the graph still reads, so
+    ONNX Runtime refuses the dynamic export; exported again unoptimised, it loads, and every norm
+    is fused and validated at two dynamic shapes."""
+    record = sweep.sweep_one("gemma4_audio", "float32", tmp_path)
+    assert record["stage"] == "done", record.get("error")
+    assert record["export"] == "dynamic unoptimised" and record["shapes"] == "dynamic"
+    assert "cannot load it" in record["export_failed"]["dynamic"]
+    assert record["validated"] and record["fused_norms"] == record["norms_in_output"] == 20
