@@ -6,8 +6,9 @@
 Each graph is measured in a fresh process (export.bench_worker), one after the other, so one
 graph's allocations cannot hide in the other's and neither inherits a warm allocator. With
 `--pairs N` that is done N times, the two taking turns to go first, so the machine's drift falls
-on both; the figures are then medians over the pairs (peak memory the highest), and each pair's
-are kept.
+on both; the latency figures are then those of all the pairs' runs together, the speed-up the
+median of each pair's own ratio, the peak memory the median pair's; each pair's figures are kept.
+Memory is in MiB (the JSON's `_mb` keys too).
 """
 from __future__ import annotations
 
@@ -61,10 +62,13 @@ PEAK_MEMORY_KEYS = ("peak_memory_mb", "peak_gpu_memory_mb")  # host (export.benc
 
 
 def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
-    """One graph's records from several pairs as one: medians of the latency quantiles and the
-    throughput, the highest peak memory (unknown when a pair's is), every raw latency, the first
-    pair's profile; each pair's own figures, less its profile and raw latencies, under `kept_as`.
-    A failed pair (a record with an `error`) fails the whole, its records kept."""
+    """One graph's records from several pairs as one: the latency figures of all their runs
+    together (every one a run's own time: a p99 is a run's, not an average of the pairs' p99s),
+    the throughput at that p50, the median peak memory (noise across processes is MiBs, and the
+    highest of several would read as a regression; unknown when a pair's is), every raw latency,
+    the first pair's profile; each pair's own figures, less its profile and raw latencies, under
+    `kept_as`. The speed-up is taken pair by pair (`speedup`). A failed pair (a record with an
+    `error`) fails the whole, its records kept."""
     failed = [r for r in records if "error" in r]
     if failed:
         return {"error": failed[0]["error"], kept_as: records}
@@ -72,17 +76,25 @@ def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
         return records[0]
     import numpy as np
 
+    from .run import latency_summary
+
     combined = dict(records[0])
-    combined["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in records])) for q in records[0]["latency_ms"]
-                              if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in records)}
+    samples = [v for r in records for v in r.get("raw_latencies_ms", [])]
+    if all(r.get("raw_latencies_ms") for r in records):
+        combined["latency_ms"] = latency_summary(samples)
+        combined["raw_latencies_ms"] = samples
+    else:  # records without their samples (older results): the pairs' medians
+        combined["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in records]))
+                                  for q in records[0]["latency_ms"]
+                                  if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in records)}
     if "throughput_tokens_per_s" in combined:
-        combined["throughput_tokens_per_s"] = float(np.median([r["throughput_tokens_per_s"] for r in records]))
+        first = records[0]
+        tokens = first["throughput_tokens_per_s"] * first["latency_ms"]["p50"] / 1000.0
+        combined["throughput_tokens_per_s"] = tokens / (combined["latency_ms"]["p50"] / 1000.0)
     for key in PEAK_MEMORY_KEYS:
         if key in combined:
             peaks = [r[key] for r in records if r.get(key) is not None]
-            combined[key] = max(peaks) if len(peaks) == len(records) else None
-    if "raw_latencies_ms" in combined:
-        combined["raw_latencies_ms"] = [v for r in records for v in r.get("raw_latencies_ms", [])]
+            combined[key] = float(np.median(peaks)) if len(peaks) == len(records) else None
     combined[kept_as] = [{k: v for k, v in r.items() if k not in ("op_classes", "raw_latencies_ms")} for r in records]
     return combined
 
@@ -106,6 +118,14 @@ def pair_spread(ratios: list[float]) -> str:
     if len(ratios) < 2:
         return ""
     return f" (median of {len(ratios)} pairs, {min(ratios):.2f}x to {max(ratios):.2f}x)"
+
+
+def one_pair_caveat(record: dict) -> str:
+    """After a speed-up from one pair: that it holds the noise between processes (two of one graph
+    can differ by tens of percent on a shared machine); nothing after several."""
+    if len(record.get("pairs") or [record]) > 1:
+        return ""
+    return " (one process each, so it holds the noise between processes too; --pairs 5 gives the spread)"
 
 
 def run_module(module: str, args: list[str], what: str) -> dict:
@@ -200,8 +220,9 @@ def main(argv=None) -> int:
                                                             dims=dict(dims)), args.pairs)
         for r in results:
             print(f"{prefix}{r['graph']:9s} {r['backend']}: p50 {r['latency_ms']['p50']:.3f} ms  p99 "
-                  f"{r['latency_ms']['p99']:.3f} ms  peak {r['peak_memory_mb']:.1f} MB  nodes {r['nodes']}")
-        print(f"{prefix}fused p50 is {speedup(*results):.2f}x the reference's speed{pair_spread(pair_speedups(*results))}")
+                  f"{r['latency_ms']['p99']:.3f} ms  peak {r['peak_memory_mb']:.1f} MiB  nodes {r['nodes']}")
+        print(f"{prefix}fused p50 is {speedup(*results):.2f}x the reference's speed{pair_spread(pair_speedups(*results))}"
+              f"{one_pair_caveat(results[0])}")
         return results
 
     def job():

@@ -94,7 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs per graph first (default 10)")
     parser.add_argument("--pairs", type=positive_int, default=1,
                         help="bench the reference and the fused graph this many times each, in fresh processes, "
-                             "taking turns to go first; figures are medians over the pairs (default 1)")
+                             "taking turns to go first; p50 and p99 are over all their runs, the speed-up the median of the "
+                             "pairs' own ratios (default 1)")
     parser.add_argument("--out", type=output_folder,
                         help="output folder (default build/<preset>-<norm>, or build/<model name> with --onnx)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
@@ -276,7 +277,9 @@ class Pipeline:
 
         engines = self.build_engines(reference, fused_trt, out, backends) if "tensorrt" in backends else {}
         validation = self.validate(reference, fused, cpu_form, fused_trt, backends, dtype, engines)
-        bench = self.bench(reference, fused, cpu_form, backends, dtype, rewrite_trt, engines)
+        bench = self.bench(reference, fused, cpu_form, backends, dtype, {"ort-cpu": rewrite_cpu, "ort-cuda": rewrite,
+                                                                                  "tensorrt": rewrite_trt},
+                           engines)
         decoding = self.decode(reference, backends, dtype)
         self.note_gpu_stages(backends)
         triton = self.write_triton(reference, fused, engines, name, norm) if a.triton_repo else []
@@ -444,20 +447,23 @@ class Pipeline:
             return "ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Mul)"
         return self.missing_kernels.get(backend)
 
-    def bench(self, reference, fused, fused_cpu, backends, dtype, rewrite_trt, engines=None) -> list[dict]:
+    def bench(self, reference, fused, fused_cpu, backends, dtype, rewrites: dict, engines=None) -> list[dict]:
         """Reference against fused per backend: on ort-cpu the CPU form (`fused_cpu`; None: there is
-        none, the reference is timed alone), on ort-cuda the Skip-op form."""
+        none, the reference is timed alone), on ort-cuda the Skip-op form. `rewrites`: each ONNX
+        Runtime backend's rewrite report (and "tensorrt"'s), whose fusions say which of the
+        reference's nodes its fused graph replaced by norm ops: those count as the reference's norm time, so a residual
+        Add the CPU form keeps counts as element-wise in both graphs."""
         from .bench import bench_graph, in_pairs
         from .run import bench_in_process_of_its_own
 
         a = self.args
         batch, seq = self.bench_shape
-        norm_nodes = [n for f in rewrite_trt.fusions for n in f.nodes_removed]
         results = []
         for backend in (b for b in backends if b.startswith("ort-")):
             if reason := self.cannot_run(backend, dtype):
                 self.skipped.append({"stage": f"{backend} bench", "reason": reason})
                 continue
+            norm_nodes = [n for f in rewrites[backend].fusions for n in f.nodes_removed]
             with self.stage("bench", f"bench on {backend} at {batch}x{seq}{self.with_dims}, {a.runs} runs per graph"
                                      + (f", {a.pairs} pairs" if a.pairs > 1 else "")):
                 if backend == "ort-cpu":
@@ -468,7 +474,7 @@ class Pipeline:
                         profile_runs=10 if first else 0, dims=self.dims), a.pairs, graphs)
                     if fused_cpu is None:
                         reason = ("nothing to compare: the model has no norm, so the fused graphs are copies of the "
-                                  "reference" if has_no_norm(rewrite_trt) else
+                                  "reference" if has_no_norm(rewrites["tensorrt"]) else
                                   "nothing to compare: the model's norms are already the single ops the CPU form uses "
                                   "(LayerNormalization, SimplifiedLayerNormalization), so fused-cpu.onnx is the "
                                   "reference graph; the Skip ops of fused.onnx run slower than Add + norm there "

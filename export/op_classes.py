@@ -3,7 +3,9 @@
 Classes: `matmul` (matrix products), `norm` (normalisation: the fused ops, and in the reference
 graph the nodes the rewriter fused away, residual Adds included) and `elementwise` (everything
 else: activations, attention's softmax, rotary, reshapes). FLOPs are counted from the shapes the
-profiler records: 2*M*N*K for a matrix product, one per output element for element-wise nodes,
+profiler records: 2*M*N*K for a matrix product (a convolution's K: input channels per group times
+the kernel; fused attention: Q K^T and the weighted sum of V, `attention_flops`), one per output
+element for element-wise nodes,
 and per element of a norm: 4 (RMS) or 7 (LayerNorm) plus 1 for a residual Add. They are an
 estimate of arithmetic, not of the hardware's work.
 """
@@ -33,16 +35,50 @@ def classify(op_type: str, node_name: str, norm_nodes: set[str]) -> str:
     return "elementwise"
 
 
+ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+
+
 def node_flops(op_type: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
     out = outputs[0] if outputs else []
     elements = prod(out) if out else 0
+    if op_type == "Gemm" and len(inputs) > 1 and inputs[0] and out:
+        # A is [M, K] or, transposed, [K, M]: K is its size over the output's M either way
+        return 2.0 * elements * (prod(inputs[0]) // out[0])
     if op_type in PRODUCTS and inputs and inputs[0]:
         return 2.0 * elements * inputs[0][-1]
+    if op_type == "Conv" and len(inputs) > 1 and len(inputs[1]) > 2:
+        # each output element sums C_in / group x kernel products: the weight [C_out, C_in / group, k...]
+        return 2.0 * elements * prod(inputs[1][1:])
+    if op_type in ATTENTION_OPS and out:
+        return attention_flops(op_type, inputs, outputs)
     if op_type in NORM_FLOPS_PER_ELEMENT:
         return float(NORM_FLOPS_PER_ELEMENT[op_type] * elements)
     if op_type.startswith("Reduce") and inputs and inputs[0]:
         return float(prod(inputs[0]))
     return float(elements)
+
+
+def attention_flops(op_type: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
+    """Q K^T and the weighted sum of V: 2 x 2 x (every output element) x (keys attended), with
+    heads x head size = the output's last axis (ONNX's rank-4 output is per head already). The keys
+    attended are the present cache's length where the op returns one (it holds the past too), else
+    the key input's sequence axis, else the query's (packed QKV). com.microsoft's Attention also
+    projects its input to Q, K and V: 2 x input x its [hidden, 3 x hidden] weight."""
+    out = outputs[0]
+    present = outputs[1] if len(outputs) > 1 and outputs[1] else []
+    key = inputs[1] if len(inputs) > 1 and inputs[1] else []
+    if op_type == "Attention" and len(out) == 3 and len(key) == 2:  # com.microsoft's: [B, S, D] x [D, 3H]
+        attended = present[3] if len(present) == 5 else out[1]  # present [2, B, heads, T, head size]
+        return 2.0 * prod(inputs[0]) * key[1] + 4.0 * prod(out) * attended
+    if len(present) == 4:  # [B, heads, T, head size]
+        attended = present[2]
+    elif len(key) == 4:  # ONNX's [B, heads, L, head size], or MultiHeadAttention's past-shaped key
+        attended = key[2]
+    elif len(key) in (3, 5):  # [B, L, hidden], or packed [B, L, heads, 2, head size]
+        attended = key[1]
+    else:  # packed QKV: the query's own sequence
+        attended = out[-2]
+    return 4.0 * prod(out) * attended
 
 
 def summarise_profile(profile_path: str, norm_nodes: set[str], runs: int, skip_runs: int = 0) -> dict:

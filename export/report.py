@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bench import pair_speedups, pair_spread, speedup
+from .bench import one_pair_caveat, pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
 from .norm_check import describe as describe_norm_check
 from .rewrite import describe_counts, describe_unmatched_means, describe_without_epsilon
@@ -118,31 +118,35 @@ def markdown(report: dict) -> str:
     if not report["bench"]:
         lines.append(NOTHING_TIMED[0].upper() + NOTHING_TIMED[1:] + ".")
     else:
-        lines += ["| backend | graph | p50 ms | p99 ms | tokens/s | peak MB | nodes | file MB |",
+        lines += ["| backend | graph | p50 ms | p99 ms | tokens/s | peak MiB | nodes | file MiB |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["bench"]:
         lines.append(f"| {r['backend']} | {r['graph']} | {r['latency_ms']['p50']:.3f} | {r['latency_ms']['p99']:.3f} | "
-                     f"{r['throughput_tokens_per_s']:.0f} | {r['peak_memory_mb']:.1f} | {r['nodes']} | {r['file_size_mb']:.2f} |")
+                     f"{r['throughput_tokens_per_s']:.0f} | {memory_cell(r)} | {r['nodes']} | {r['file_size_mb']:.2f} |")
+    if report["bench"]:
+        lines += ["", bench_method(report["config"], report["bench"])]
     for backend, graphs in _by_backend(report).items():
         ref, fused = graphs.get("reference"), graphs.get("fused")
         if ref and fused and rw["fused"]:
             lines += ["", f"p50 speed-up of fused (`{_file(fused)}`) over reference on {backend}: "
-                          f"**{speedup(ref, fused):.2f}x**{pair_spread(pair_speedups(ref, fused))}."]
-        lines += ["", f"### Where the time goes ({backend}, share of FLOPs vs share of runtime)", "",
-                  "| class | graph | FLOP share | time share | ms per run | kernels per run |", "| --- | --- | --- | --- | --- | --- |"]
+                          f"**{speedup(ref, fused):.2f}x**{pair_spread(pair_speedups(ref, fused))}{one_pair_caveat(ref)}."]
+        lines += ["", f"### Where the time goes ({backend}, share of FLOPs vs share of profiled node time)", "",
+                  "| class | graph | FLOP share | node-time share | ms per run | nodes run per run |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for label, result in (("reference", ref), ("fused", fused)):
             for cls, c in ((result or {}).get("op_classes") or {}).items():
-                lines.append(f"| {cls} | {label} | {c['flop_share']:.1%} | {c['time_share']:.1%} | {c['time_ms']:.3f} | {c['kernels']} |")
-        lines += ["", "Kernel times come from ONNX Runtime's profiler, in runs of their own: its per-node "
-                  "overhead inflates them on small graphs, so read the shares here and the p50 above for time."]
+                lines.append(f"| {cls} | {label} | {c['flop_share']:.2%} | {c['time_share']:.1%} | {c['time_ms']:.3f} | {c['kernels']} |")
+        lines += ["", PROFILE_CAVEAT]
     lines += decoding_markdown(report.get("decode") or [])
     lines += ["", "## Skipped", ""]
     lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
     peaks = report.get("stage_peak_rss_mb") or {}
     lines += ["", "## Stage times and memory", "",
-              "Peak memory: the largest resident set of the build's process during the stage, or of a bench "
-              "worker (each graph is timed in a process of its own).", "",
-              "| stage | seconds | peak MB |", "| --- | --- | --- |"]
+              "Peak memory: the largest resident set (RSS, MiB) of the build's process during the stage, or the "
+              "largest the kernel reports among the processes it started in the stage (a started process's figure "
+              "includes what its parent held when it started it); absolute, where the bench table's is above a "
+              "baseline.", "",
+              "| stage | seconds | peak MiB |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:.2f} | {peaks[k]:.0f} |" if k in peaks else f"| {k} | {v:.2f} | |"
               for k, v in report["stage_seconds"].items()]
     env = report.get("environment", {})
@@ -189,6 +193,36 @@ def decoding_markdown(records: list[dict]) -> list[str]:
                      f"{ref['step_ms']['p50'] / fused['step_ms']['p50']:.2f}x |")
     lines += [f"\n{d['backend']}: {d['note']}." for d in records if d.get("note")]
     return lines
+
+
+# what the op-class table's times are, and are not
+PROFILE_CAVEAT = ("Node times are the sums ONNX Runtime's profiler records per node, in runs of their own: they include "
+                  "its per-node overhead, and on the CUDA provider they time each node's launch from the host, not the "
+                  "GPU's kernels, so they add up to more than the p50 on small graphs. Read the shares as where the "
+                  "graph's nodes go, and the p50 above for time.")
+
+
+def memory_cell(record: dict) -> str:
+    """A bench record's peak memory in MiB, or n/a where it could not be measured (a GPU's without
+    torch's CUDA)."""
+    value = record.get("peak_memory_mb")
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def bench_method(config: dict, records: list[dict]) -> str:
+    """How the benchmark's figures were taken, under its table."""
+    pairs = config.get("pairs", 1)
+    runs = config.get("runs")
+    processes = "a process of its own" if pairs == 1 else f"{pairs} processes of its own, the graphs taking turns to go first"
+    where = sorted({"host" if r["backend"] == "ort-cpu" else "device" for r in records})
+    memory = {"host": "on the CPU the bench worker's resident high-water mark above its RSS before the session",
+              "device": "on a GPU the device memory in use after the runs above that before loading (every process "
+                        "on the device)"}
+    return (f"Each graph was timed in {processes}: {runs} runs after {config.get('warmup')} untimed ones"
+            + (f", {pairs * runs} in all" if pairs > 1 else "") + ". p50 and p99 are over all those runs, "
+            "interpolating linearly between them (of 100 runs the p99 lies between the two slowest, so it is a tail "
+            "figure only with many more); tokens/s is the first input's batch x sequence at the p50. Peak MiB: "
+            + "; ".join(memory[w] for w in where) + (", the median over the pairs" if pairs > 1 else "") + ".")
 
 
 def latency_title(by_backend: dict) -> str:
@@ -242,7 +276,7 @@ def plot(report: dict, path: Path) -> None:
         ax.bar(range(len(rows)), values, bottom=bottoms, color=colour, label=cls)
         bottoms = [a + b for a, b in zip(bottoms, values)]
     ax.set_xticks(range(len(rows)), [name for name, _ in rows])
-    ax.set_ylabel("kernel time per run (ms, profiler)")
+    ax.set_ylabel("node time per run (ms, ONNX Runtime's profiler)")
     ax.set_title("Where the time goes")
     ax.legend()
     if decoding:
@@ -282,13 +316,15 @@ def print_summary(report: dict, console) -> None:
             colour = "yellow" if pair["passed"] else "red"
             console.print(f"[{colour}]{pair['candidate']} {shape_label(pair)}[/]: {describe_float32(pair)}")
     if report["bench"]:
-        table = Table(title="benchmark (each graph in its own process)")
-        for col in ("backend", "graph", "p50 ms", "p99 ms", "tokens/s", "peak MB", "nodes", "norm time", "norm FLOPs"):
+        cfg = report["config"]
+        table = Table(title=f"benchmark (each graph in its own process; {cfg.get('runs')} runs"
+                            + (f" x {cfg['pairs']} pairs" if cfg.get("pairs", 1) > 1 else "") + ")")
+        for col in ("backend", "graph", "p50 ms", "p99 ms", "tokens/s", "peak MiB", "nodes", "norm node time", "norm FLOPs"):
             table.add_column(col, justify="right")
         for r in report["bench"]:
             norm = (r.get("op_classes") or {}).get("norm") or {}
             table.add_row(r["backend"], r["graph"], f"{r['latency_ms']['p50']:.3f}", f"{r['latency_ms']['p99']:.3f}",
-                          f"{r['throughput_tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.1f}", str(r["nodes"]),
+                          f"{r['throughput_tokens_per_s']:.0f}", memory_cell(r), str(r["nodes"]),
                           f"{norm.get('time_share', 0):.1%}", f"{norm.get('flop_share', 0):.2%}")
         console.print(table)
     else:
@@ -298,14 +334,15 @@ def print_summary(report: dict, console) -> None:
         console.print(f"[bold red]warning[/]: {shortfall}")
     for backend, ref, fused in bench_pairs(report) if report["rewrite"]["fused"] else ():
         console.print(f"[bold]{backend}[/]: fused ({_file(fused)}) p50 is {speedup(ref, fused):.2f}x "
-                      f"the reference's speed{pair_spread(pair_speedups(ref, fused))}; peak memory {ref['peak_memory_mb']:.1f} -> {fused['peak_memory_mb']:.1f} MB")
+                      f"the reference's speed{pair_spread(pair_speedups(ref, fused))}{one_pair_caveat(ref)}; "
+                      f"peak memory {memory_cell(ref)} -> {memory_cell(fused)} MiB")
     print_decoding(report.get("decode") or [], console)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
     console.print(f"[bold]stage times[/]: {times}")
     peaks = report.get("stage_peak_rss_mb") or {}
     if peaks:
-        console.print("[bold]stage peak memory[/] (the build's process or a bench worker, resident): "
-                      + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
+        console.print("[bold]stage peak memory[/] (resident, of the build's process or a process it started): "
+                      + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()))
     for s in report["skipped"]:
         console.print(f"[yellow]skipped[/] {s['stage']}: {s['reason']}")
 

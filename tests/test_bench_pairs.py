@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from export.bench import combine_pairs, in_pairs, pair_speedups, pair_spread, speedup
 
 
 def record(p50: float, peak: float = 10.0) -> dict:
+    """One process's figures over three runs, p50 in the middle and one slow run (2 x p50)."""
     return {"latency_ms": {"p50": p50, "p99": 2 * p50}, "throughput_tokens_per_s": 1000 / p50,
-            "peak_memory_mb": peak, "raw_latencies_ms": [p50], "op_classes": {"norm": p50}}
+            "peak_memory_mb": peak, "raw_latencies_ms": [0.9 * p50, p50, 2 * p50], "op_classes": {"norm": p50}}
 
 
 def test_pairs_take_turns_and_combine():
@@ -25,9 +27,16 @@ def test_pairs_take_turns_and_combine():
     reference, fused = in_pairs(measure, 3)
     assert order == [("reference", True), ("fused", True), ("fused", False), ("reference", False),
                      ("reference", False), ("fused", False)]
-    assert reference["latency_ms"] == {"p50": 11.0, "p99": 22.0} and fused["latency_ms"]["p50"] == 8.0
-    assert reference["peak_memory_mb"] == 5 and fused["peak_memory_mb"] == 6  # the highest of the pairs
-    assert reference["raw_latencies_ms"] == [10.0, 12.0, 11.0] and len(reference["pairs"]) == 3
+    # latency figures are of all nine runs together: the p99 is near the slowest run (24 ms), not
+    # the pairs' p99s averaged, and the min is a run's own
+    samples = [9.0, 10.0, 20.0, 10.8, 12.0, 24.0, 9.9, 11.0, 22.0]
+    assert reference["raw_latencies_ms"] == pytest.approx(samples) and len(reference["pairs"]) == 3
+    assert reference["latency_ms"]["p50"] == pytest.approx(11.0) and reference["latency_ms"]["min"] == pytest.approx(9.0)
+    assert reference["latency_ms"]["p99"] == pytest.approx(np.percentile(samples, 99)) and 23.8 < reference["latency_ms"]["p99"] < 24
+    assert reference["throughput_tokens_per_s"] == pytest.approx(1000 / 11.0)  # the tokens per run at that p50
+    assert fused["latency_ms"]["p50"] == pytest.approx(9.0)  # 4.5 5 10 / 7.2 8 16 / 9 10 20
+    assert reference["peak_memory_mb"] == 4 and fused["peak_memory_mb"] == 3  # the median of the pairs'
+
     assert reference["op_classes"] == {"norm": 10.0}  # the first pair's profile
     # the speed-up is the median of the pairs' own ratios (2.0, 1.5, 1.1), not 11/8
     assert pair_speedups(reference, fused) == [2.0, 1.5, 1.1] and speedup(reference, fused) == 1.5

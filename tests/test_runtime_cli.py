@@ -94,3 +94,16 @@ def test_bfloat16_arrays_come_back_from_their_raw_npz_form(tmp_path):
     arrays = read_inputs(tmp_path / "in.npz", [TensorSpec("x", "bfloat16", (None, 2))])
     assert arrays["x"].dtype == numpy_dtype("bfloat16")
     np.testing.assert_array_equal(arrays["x"].astype(np.float32), [[1.5, -2.0]])
+
+
+def test_a_device_memory_that_cannot_be_measured_is_unknown_not_zero(fused):
+    """The record a build's GPU bench makes of `export.run --bench`: where the device's memory
+    cannot be read (here: no GPU), its peak is None, which the report prints as n/a, not 0.0."""
+    from export.report import memory_cell
+    from export.run import bench_in_process_of_its_own
+
+    record = bench_in_process_of_its_own(fused, "fused", "ort-cpu", 1, 16, 3, 1)
+    if record["peak_memory_mb"] is not None:
+        pytest.skip("this machine's GPU memory can be read")
+    assert record["latency_ms"]["p50"] > 0 and memory_cell(record) == "n/a"
+    assert memory_cell({**record, "peak_memory_mb": 12.345}) == "12.3"

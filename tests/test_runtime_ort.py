@@ -290,3 +290,27 @@ def test_a_token_past_the_vocabulary_is_named_with_its_input(tmp_path):
             model.run({"ids": np.array([[3, bad], [0, 1]], np.int64)})
         assert str(failed.value) == (f"{tmp_path / 'e.onnx'}: input 'ids' holds {bad} at {where}, outside the 10 rows "
                                      "of the table it indexes (0..9)")
+
+
+@pytest.mark.parametrize("op, inputs, outputs, flops", [
+    # Gemm: K from A's size over the output's M, whether A is [M, K] or transposed [K, M]
+    ("Gemm", [[128, 64], [64, 32]], [[128, 32]], 2 * 128 * 32 * 64),
+    ("Gemm", [[64, 128], [64, 32]], [[128, 32]], 2 * 128 * 32 * 64),
+    ("MatMul", [[2, 10, 64], [64, 32]], [[2, 10, 32]], 2 * 2 * 10 * 32 * 64),
+    # a 7x7 convolution of 3 channels to 64 at 112x112; grouped: 64 channels in groups of 8
+    ("Conv", [[1, 3, 112, 112], [64, 3, 7, 7]], [[1, 64, 112, 112]], 2 * 64 * 112 * 112 * 3 * 49),
+    ("Conv", [[1, 64, 56, 56], [64, 8, 3, 3]], [[1, 64, 56, 56]], 2 * 64 * 56 * 56 * 8 * 9),
+    # onnxruntime-genai's GroupQueryAttention: 32 query heads of 128, 128 tokens, the present cache 128 long
+    ("GroupQueryAttention", [[1, 128, 4096], [1, 128, 1024], [1, 128, 1024], [1, 8, 0, 128], [1, 8, 0, 128]],
+     [[1, 128, 4096], [1, 8, 128, 128], [1, 8, 128, 128]], 2 * 2 * 32 * 128 * 128 * 128),
+    ("MultiHeadAttention", [[2, 10, 256], [2, 12, 256], [2, 12, 256]], [[2, 10, 256]], 4 * 2 * 10 * 256 * 12),
+    # com.microsoft's Attention projects to Q, K, V first
+    ("Attention", [[2, 10, 256], [256, 768], [768]], [[2, 10, 256]], 2 * 2 * 10 * 256 * 768 + 4 * 2 * 10 * 256 * 10),
+    # ONNX's Attention, per head: 4 heads of 64, 10 queries over 12 keys
+    ("Attention", [[2, 4, 10, 64], [2, 4, 12, 64], [2, 4, 12, 64]], [[2, 4, 10, 64]], 4 * 2 * 4 * 10 * 12 * 64),
+])
+def test_flops_of_products_convolutions_and_attention(op, inputs, outputs, flops):
+    """Each counts its multiply-adds, not one per output element as element-wise nodes do."""
+    from export.op_classes import classify, node_flops
+
+    assert classify(op, "n", set()) == "matmul" and node_flops(op, inputs, outputs) == flops
