@@ -262,6 +262,27 @@ def batch_and_seq(shape) -> tuple[int, int]:
     return int(dims[0]), int(dims[1])
 
 
+def tokens_per_run(specs: list, feeds: dict) -> int | None:
+    """Tokens one run processes, for a throughput in tokens per second: batch x sequence of the
+    first input where it holds tokens: token ids [batch, sequence] (integers), or hidden states
+    [batch, sequence, hidden]. None for what holds no tokens: an image or a latent (rank 4 and
+    up), a waveform (rank 2, floating point), a spectrogram [batch, mel bins, frames] (rank 3 with
+    its middle axis fixed and its last dynamic)."""
+    if not specs or specs[0].name not in feeds:
+        return None
+    from .runtime import value_dtype, value_shape
+
+    spec = specs[0]
+    shape, integer = value_shape(feeds[spec.name]), value_dtype(feeds[spec.name]).startswith(("int", "uint"))
+    declared = tuple(spec.shape) if getattr(spec, "rank_known", True) else (None,) * len(shape)
+    if len(shape) == 2 and integer:
+        return int(shape[0] * shape[1])
+    spectrogram = len(declared) == 3 and declared[1] is not None and declared[2] is None
+    if len(shape) == 3 and not integer and not spectrogram:
+        return int(shape[0] * shape[1])
+    return None
+
+
 def leading_dims(feeds: dict) -> tuple[int, int]:
     """(batch, sequence) of a set of inputs: the first input's; 1x1 for a model that takes none."""
     return batch_and_seq(np.shape(next(iter(feeds.values())))) if feeds else (1, 1)

@@ -87,10 +87,11 @@ def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
         combined["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in records]))
                                   for q in records[0]["latency_ms"]
                                   if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in records)}
-    if "throughput_tokens_per_s" in combined:
+    for key in ("throughput_tokens_per_s", "throughput_samples_per_s"):  # what one run processes, at the p50
         first = records[0]
-        tokens = first["throughput_tokens_per_s"] * first["latency_ms"]["p50"] / 1000.0
-        combined["throughput_tokens_per_s"] = tokens / (combined["latency_ms"]["p50"] / 1000.0)
+        if first.get(key) is not None:
+            per_run = first[key] * first["latency_ms"]["p50"] / 1000.0
+            combined[key] = per_run / (combined["latency_ms"]["p50"] / 1000.0)
     for key in PEAK_MEMORY_KEYS:
         if key in combined:
             peaks = [r[key] for r in records if r.get(key) is not None]

@@ -20,7 +20,7 @@ from .memory import peak_rss_mb, reset_peak_rss, rss_mb
 
 def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: int, profile_runs: int,
             norm_nodes: set[str], dims: dict[str, int] | None = None) -> dict:
-    from .backends import OrtRunner, import_onnxruntime, leading_dims, random_feeds
+    from .backends import OrtRunner, import_onnxruntime, leading_dims, random_feeds, tokens_per_run
     from .errors import NormfuseError
     from .run import time_runs
 
@@ -39,7 +39,7 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
         runner = OrtRunner(model, backend, optimization=optimization)
     session_s = time.perf_counter() - started
     runner.bind(feeds)  # bound once (uploaded once on CUDA): the timed loop is the session's run alone
-    timing = time_runs(runner.run_bound, runs, warmup, batch * seq)
+    timing = time_runs(runner.run_bound, runs, warmup, tokens_per_run(runner.model.inputs, feeds), batch)
     peak = peak_rss_mb() - baseline
     del runner  # the profiled sessions below load the model again: one session in memory at a time
     gc.collect()

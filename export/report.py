@@ -122,7 +122,7 @@ def markdown(report: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["bench"]:
         lines.append(f"| {r['backend']} | {r['graph']} | {r['latency_ms']['p50']:.3f} | {r['latency_ms']['p99']:.3f} | "
-                     f"{r['throughput_tokens_per_s']:.0f} | {memory_cell(r)} | {r['nodes']} | {r['file_size_mb']:.2f} |")
+                     f"{throughput_cell(r)} | {memory_cell(r)} | {r['nodes']} | {r['file_size_mb']:.2f} |")
     if report["bench"]:
         lines += ["", bench_method(report["config"], report["bench"])]
     for backend, graphs in _by_backend(report).items():
@@ -209,6 +209,12 @@ def memory_cell(record: dict) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def throughput_cell(record: dict) -> str:
+    """Tokens per second, or n/a for a model whose inputs hold no tokens (an image, a waveform)."""
+    value = record.get("throughput_tokens_per_s")
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def bench_method(config: dict, records: list[dict]) -> str:
     """How the benchmark's figures were taken, under its table."""
     pairs = config.get("pairs", 1)
@@ -221,7 +227,8 @@ def bench_method(config: dict, records: list[dict]) -> str:
     return (f"Each graph was timed in {processes}: {runs} runs after {config.get('warmup')} untimed ones"
             + (f", {pairs * runs} in all" if pairs > 1 else "") + ". p50 and p99 are over all those runs, "
             "interpolating linearly between them (of 100 runs the p99 lies between the two slowest, so it is a tail "
-            "figure only with many more); tokens/s is the first input's batch x sequence at the p50. Peak MiB: "
+            "figure only with many more); tokens/s is the first input's batch x sequence at the p50 (n/a where it "
+            "holds no tokens: an image, a waveform, a spectrogram; the JSON has samples per second). Peak MiB: "
             + "; ".join(memory[w] for w in where) + (", the median over the pairs" if pairs > 1 else "") + ".")
 
 
@@ -324,7 +331,7 @@ def print_summary(report: dict, console) -> None:
         for r in report["bench"]:
             norm = (r.get("op_classes") or {}).get("norm") or {}
             table.add_row(r["backend"], r["graph"], f"{r['latency_ms']['p50']:.3f}", f"{r['latency_ms']['p99']:.3f}",
-                          f"{r['throughput_tokens_per_s']:.0f}", memory_cell(r), str(r["nodes"]),
+                          throughput_cell(r), memory_cell(r), str(r["nodes"]),
                           f"{norm.get('time_share', 0):.1%}", f"{norm.get('flop_share', 0):.2%}")
         console.print(table)
     else:

@@ -89,7 +89,7 @@ def gpu_memory_used_mb() -> float | None:
 
 def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
     """Latency of `runs` runs after `warmup`, on inputs bound once (`model.bind`)."""
-    from .backends import leading_dims
+    from .backends import leading_dims, tokens_per_run
 
     key = model.bind(feeds)  # inputs bound (on a GPU uploaded) once: the timings are not copies
     if hasattr(model, "launch"):  # TensorRT
@@ -98,13 +98,14 @@ def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
             model.stream.synchronize()
     else:  # ONNX Runtime
         step = model.run_bound
-    batch, seq = leading_dims(feeds)  # the bench worker's rule: ONNX Runtime and TensorRT records agree
-    return time_runs(step, runs, warmup, batch * seq)
+    batch, _ = leading_dims(feeds)  # the bench worker's rule: ONNX Runtime and TensorRT records agree
+    return time_runs(step, runs, warmup, tokens_per_run(model.inputs, feeds), batch)
 
 
-def time_runs(step, runs: int, warmup: int, tokens: int) -> dict:
+def time_runs(step, runs: int, warmup: int, tokens: int | None, batch: int = 1) -> dict:
     """Call `step()` `warmup` times, then time `runs` calls: latency p50/p99/mean/min in ms, the
-    throughput in tokens per second at the p50, and every latency."""
+    throughput at the p50 in tokens per second (None for inputs that hold no tokens,
+    `backends.tokens_per_run`) and in samples (the batch) per second, and every latency."""
     for _ in range(warmup):
         step()
     latencies = []
@@ -114,7 +115,8 @@ def time_runs(step, runs: int, warmup: int, tokens: int) -> dict:
         latencies.append((time.perf_counter() - t0) * 1000.0)
     latency = latency_summary(latencies)
     return {"runs": runs, "warmup": warmup, "latency_ms": latency,
-            "throughput_tokens_per_s": tokens / (latency["p50"] / 1000.0),
+            "throughput_tokens_per_s": None if tokens is None else tokens / (latency["p50"] / 1000.0),
+            "throughput_samples_per_s": batch / (latency["p50"] / 1000.0),
             "raw_latencies_ms": [round(v, 4) for v in latencies]}
 
 
@@ -214,7 +216,8 @@ def main(argv=None) -> int:
             timing["peak_gpu_memory_method"] = "device memory in use after the runs minus before loading"
             summary["bench"] = timing
             print(f"p50 {timing['latency_ms']['p50']:.3f} ms  p99 {timing['latency_ms']['p99']:.3f} ms  "
-                  f"{timing['throughput_tokens_per_s']:.0f} tokens/s")
+                  + (f"{timing['throughput_tokens_per_s']:.0f} tokens/s" if timing["throughput_tokens_per_s"] is not None
+                     else f"{timing['throughput_samples_per_s']:.1f} samples/s"))
         if args.json:
             write_json(args.json, summary)
         return 0

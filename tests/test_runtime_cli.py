@@ -107,3 +107,25 @@ def test_a_device_memory_that_cannot_be_measured_is_unknown_not_zero(fused):
         pytest.skip("this machine's GPU memory can be read")
     assert record["latency_ms"]["p50"] > 0 and memory_cell(record) == "n/a"
     assert memory_cell({**record, "peak_memory_mb": 12.345}) == "12.3"
+
+
+@pytest.mark.parametrize("spec, shape, dtype, tokens", [
+    (("input_ids", (None, None)), (2, 7), "int64", 14),
+    (("hidden_states", (None, None, 64)), (2, 7, 64), "float32", 14),
+    (("x", (1, 8, 64)), (1, 8, 64), "float32", 8),  # a block exported with every size fixed
+    (("input_features", (None, 80, None)), (2, 80, 300), "float32", None),  # 80 mel bins, not tokens
+    (("pixel_values", (None, 3, 32, 32)), (2, 3, 32, 32), "float32", None),
+    (("input_values", (None, None)), (2, 4000), "float32", None),  # a waveform
+])
+def test_a_throughput_in_tokens_only_for_inputs_that_hold_tokens(spec, shape, dtype, tokens):
+    """An image's channels or a spectrogram's mel bins are not tokens: their tokens/s is n/a, and
+    the record has samples per second instead."""
+    from export.backends import tokens_per_run
+    from export.run import time_runs
+
+    feeds = {spec[0]: np.zeros(shape, dtype)}
+    assert tokens_per_run([TensorSpec(spec[0], dtype, spec[1])], feeds) == tokens
+    timing = time_runs(lambda: sum(range(1000)), 3, 0, tokens, batch=shape[0])
+    p50_s = timing["latency_ms"]["p50"] / 1000.0
+    assert timing["throughput_samples_per_s"] == pytest.approx(shape[0] / p50_s)
+    assert timing["throughput_tokens_per_s"] == (None if tokens is None else pytest.approx(tokens / p50_s))
