@@ -268,9 +268,11 @@ def plot(report: dict, path: Path) -> None:
         xs = [x + (offset if both[x] else 0.0) for x, _ in present]  # a lone bar stands on its tick
         bars = ax.bar(xs, p50, width=0.4, label=f"{key} p50")
         ax.errorbar(xs, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99)]], fmt="none", ecolor="black", capsize=4)
-        ax.bar_label(bars, fmt="%.2f")
+        ax.bar_label(bars, fmt="%.2f", label_type="center")  # inside the bar: the p99 whisker rises from its top
     ax.set_xticks(range(len(labels)), labels)
-    ax.set_ylabel("latency (ms), whisker to p99")
+    cfg = report["config"]
+    runs = cfg.get("runs", 0) * cfg.get("pairs", 1)
+    ax.set_ylabel(f"latency (ms), whisker to p99 of {runs} runs" if runs else "latency (ms), whisker to p99")
     ax.set_title(latency_title(by_backend))
     ax.legend()
 
