@@ -193,9 +193,22 @@ def fill_unset(config) -> None:
     (Nemotron), and num_experts_per_tok None, beside a number of experts, SMALL's (DeepSeek V2,
     whose router calls topk with it). Where every expert count is None in a config that says
     which layers are experts (first_k_dense_replace: dots.llm1, whose default config places
-    experts it does not count), the counts are SMALL's. A None that means "none" (Gemma 4's
-    num_experts: no mixture of experts) is not one of these, and stays."""
+    experts it does not count), the counts are SMALL's. vocab_size None is SMALL's vocabulary
+    (ESM's default config has none: its tokenizer's list sets it), and ESM's padding token its
+    tokenizer's. layer_types None in an LFM2
+    config (its convolution layers: `conv_L_cache`) is every layer full attention, as LFM2's
+    config fills it from full_attn_idxs when none are given (LFM2-MoE's leaves it None, and its
+    model reads it unchecked). A None that means "none" (Gemma 4's num_experts: no mixture of
+    experts) is not one of these, and stays."""
     fields = vars(config)
+    if "vocab_size" in fields and fields["vocab_size"] is None:
+        set_field(config, "vocab_size", SMALL["vocab_size"])
+    if getattr(config, "model_type", None) == "esm" and fields.get("pad_token_id", 0) is None:
+        # ESM numbers positions past its padding token, as RoBERTa does, and its default config
+        # names none: its tokenizer's <pad> is token 1
+        set_field(config, "pad_token_id", 1)
+    if fields.get("layer_types", 0) is None and "conv_L_cache" in fields and isinstance(fields.get("num_hidden_layers"), int):
+        set_field(config, "layer_types", ["full_attention"] * fields["num_hidden_layers"])
     heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
     if "head_dim" in fields and fields["head_dim"] is None and isinstance(heads, int) and isinstance(hidden, int):
         set_field(config, "head_dim", hidden // heads)

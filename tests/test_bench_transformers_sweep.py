@@ -274,10 +274,16 @@ def test_fields_a_config_leaves_unset_get_what_their_default_means(sweep, tmp_pa
     V2's num_experts_per_tok (beside 160 routed experts), and dots.llm1's every expert count:
     their models read them as numbers and fail. Shrunk, they are the hidden size over the heads,
     one per query head, and SMALL's counts.
-    Gemma 4's num_experts None means no mixture of experts: it stays None. Ministral then runs."""
+    Gemma 4's num_experts None means no mixture of experts: it stays None. ESM's default config has
+    no vocabulary size or padding token (its positions count past the padding, RoBERTa's way), and
+    LFM2-MoE's no layer types, which LFM2's config makes every layer full attention by default:
+    they get SMALL's vocabulary, ESM's tokenizer's <pad> and full attention. Ministral then runs."""
     from transformers import AutoConfig
 
-    configs = {name: AutoConfig.for_model(name) for name in ("ministral", "nemotron", "deepseek_v2", "gemma4_text", "dots1")}
+    configs = {name: AutoConfig.for_model(name)
+               for name in ("ministral", "nemotron", "deepseek_v2", "gemma4_text", "dots1", "esm", "lfm2_moe", "lfm2")}
+    assert configs["esm"].vocab_size is None and configs["esm"].pad_token_id is None and configs["lfm2_moe"].layer_types is None
+    assert configs["lfm2"].layer_types == ["full_attention"] * configs["lfm2"].num_hidden_layers  # LFM2's own default
     assert configs["ministral"].head_dim is None and configs["nemotron"].num_key_value_heads is None
     assert configs["deepseek_v2"].num_experts_per_tok is None and configs["gemma4_text"].num_experts is None
     assert configs["dots1"].n_routed_experts is None and configs["dots1"].n_shared_experts is None
@@ -289,6 +295,8 @@ def test_fields_a_config_leaves_unset_get_what_their_default_means(sweep, tmp_pa
     assert configs["gemma4_text"].num_experts is None
     # dots.llm1 places experts (first_k_dense_replace) its default config does not count
     assert (configs["dots1"].n_routed_experts, configs["dots1"].num_experts_per_tok, configs["dots1"].n_shared_experts) == (4, 2, 1)
+    assert (configs["esm"].vocab_size, configs["esm"].pad_token_id) == (256, 1)
+    assert configs["lfm2_moe"].layer_types == ["full_attention"] * 2 == configs["lfm2"].layer_types
     record = sweep.sweep_one("ministral", "float32", tmp_path)
     assert record["stage"] == "done" and record["validated"], record.get("error")
     assert record["fused_norms"] == record["norms_in_output"] == 5
