@@ -543,16 +543,17 @@ def describe(inputs: dict) -> str:
 EXPORT_MODES = ("dynamic", "dynamic unoptimised", "static", "TorchScript")
 
 
-def export(wrapped, inputs: dict, axes: dict, path: Path, after: str | None = None) -> str:
+def export(wrapped, inputs: dict, axes: dict, path: Path, after: str | None = None, failed: dict | None = None) -> str:
     """Export `wrapped` (`first_output`) with torch's dynamo exporter and the dynamic `axes` of each
     input (batch and sequence), or static shapes where it cannot; where it cannot export at all (a
     branch on data, such as the positions a vision tower computes from its patch grid), with the
     TorchScript exporter, which traces the values of this one run. Says which of EXPORT_MODES
     ("TorchScript" is static too). `after`: a mode whose export did not load or run, to try only
-    the ones after it."""
+    the ones after it. `failed` gets, by mode, why each one tried before did not export."""
     import torch
 
     modes = EXPORT_MODES[EXPORT_MODES.index(after) + 1:] if after else EXPORT_MODES
+    failed = {} if failed is None else failed
     args = tuple(inputs.values())
     names = {"input_names": list(inputs), "output_names": ["output"], "verbose": False}
     dynamo = {"dynamo": True, "custom_translation_table": translations(), **names}
@@ -565,14 +566,15 @@ def export(wrapped, inputs: dict, axes: dict, path: Path, after: str | None = No
                     torch.onnx.export(wrapped, args, str(path), dynamic_shapes=dynamic, optimize=mode == "dynamic",
                                       **dynamo)
                     return mode
-                except Exception:
-                    pass
+                except Exception as error:
+                    failed[mode] = f"export: {type(error).__name__}: {reason(str(error))[:200]}"
         if "static" in modes:
             try:
                 torch.onnx.export(wrapped, args, str(path), **dynamo)
                 return "static"
             except Exception as error:
                 dynamo_error = error
+                failed["static"] = f"export: {type(error).__name__}: {reason(str(error))[:200]}"
         try:
             if half_precision(wrapped) and hasattr(wrapped.model, "set_attn_implementation"):
                 # TorchScript's scaled_dot_product_attention writes a boolean mask's additive
@@ -744,7 +746,7 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
                 break
             except Exception as exc:
                 if record["stage"] != "validate" or record["export"] == EXPORT_MODES[-1] \
-                        or not str(exc).startswith(f"{exported}:"):
+                        or not does_not_load_or_run(exc, exported):
                     raise
                 # the export itself does not load or run (a size the trace took as fixed; a value
                 # the dynamo exporter's optimiser dropped): exported again the next way
@@ -760,15 +762,36 @@ def sweep_one(model_type: str, dtype: str, work: Path) -> dict:
     return record
 
 
+def does_not_load_or_run(exc: Exception, exported: Path) -> bool:
+    """Whether validation stopped on the export itself not loading or running (ONNX Runtime or the
+    evaluator), which another way of exporting may mend; not on the fused graph, and not on a
+    model whose outputs are random (that is the model's, however it is exported)."""
+    from export.errors import NormfuseError, RunFailure
+
+    own = str(exc).startswith(f"{exported}:")
+    return own and (isinstance(exc, RunFailure) or (isinstance(exc, NormfuseError) and "cannot load it" in str(exc)))
+
+
+# what one attempt of rewrite_and_validate writes into the record, cleared before the next
+ATTEMPT_FIELDS = ("export", "shapes", "fused", "fused_norms", "rejected", "refused_spellings", "unmatched_means", "nodes",
+                  "on_evaluator", "validated", "max_abs", "judged_against_float32", "diagnosis")
+
+
 def rewrite_and_validate(record: dict, wrapped, inputs: dict, axes: dict, shapes: str, exported: Path,
                          work: Path, after: str | None = None) -> None:
     """Export `wrapped` to `exported` (the modes `after` the one given), rewrite it in both forms
-    and validate the fused graph against it, into `record` (each stage named there as it starts)."""
+    and validate the fused graph against it, into `record` (each stage named there as it starts;
+    what an earlier attempt wrote there is cleared first)."""
     import io
 
+    for key in ATTEMPT_FIELDS:
+        record.pop(key, None)
     record["stage"] = "export"
+    failed = record.setdefault("export_failed", {})
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        mode = export(wrapped, inputs, axes, exported, after)
+        mode = export(wrapped, inputs, axes, exported, after, failed)
+    if not failed:
+        del record["export_failed"]
     record["export"], record["shapes"] = mode, mode.split()[0]
     record["stage"] = "rewrite"
     from export.rewrite import rewrite_file

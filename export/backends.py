@@ -262,13 +262,20 @@ def batch_and_seq(shape) -> tuple[int, int]:
     return int(dims[0]), int(dims[1])
 
 
+# what transformers and Optimum name inputs that hold no tokens: images, waveforms, spectrograms
+NOT_TOKENS = ("pixel", "image", "input_values", "input_features", "audio", "mel", "spectrogram", "wave", "latent",
+              "sample")
+
+
 def tokens_per_run(specs: list, feeds: dict) -> int | None:
     """Tokens one run processes, for a throughput in tokens per second: batch x sequence of the
     first input where it holds tokens: token ids [batch, sequence] (integers), or hidden states
     [batch, sequence, hidden]. None for what holds no tokens: an image or a latent (rank 4 and
     up), a waveform (rank 2, floating point), a spectrogram [batch, mel bins, frames] (rank 3 with
-    its middle axis fixed and its last dynamic)."""
-    if not specs or specs[0].name not in feeds:
+    its middle axis fixed, or named as features, and its last dynamic), and any input named as
+    transformers names those (`NOT_TOKENS`: a static [1, 80, 3000] spectrogram is shaped as
+    hidden states)."""
+    if not specs or specs[0].name not in feeds or any(word in specs[0].name.lower() for word in NOT_TOKENS):
         return None
     from .runtime import value_dtype, value_shape
 
@@ -277,7 +284,9 @@ def tokens_per_run(specs: list, feeds: dict) -> int | None:
     declared = tuple(spec.shape) if getattr(spec, "rank_known", True) else (None,) * len(shape)
     if len(shape) == 2 and integer:
         return int(shape[0] * shape[1])
-    spectrogram = len(declared) == 3 and declared[1] is not None and declared[2] is None
+    params = tuple(getattr(spec, "dim_params", ()) or ()) + (None,) * 3
+    spectrogram = len(declared) == 3 and declared[2] is None and (declared[1] is not None
+                                                                  or "feature" in (params[1] or "").lower())
     if len(shape) == 3 and not integer and not spectrogram:
         return int(shape[0] * shape[1])
     return None

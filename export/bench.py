@@ -7,7 +7,7 @@ Each graph is measured in a fresh process (export.bench_worker), one after the o
 graph's allocations cannot hide in the other's and neither inherits a warm allocator. With
 `--pairs N` that is done N times, the two taking turns to go first, so the machine's drift falls
 on both; the latency figures are then those of all the pairs' runs together, the speed-up the
-median of each pair's own ratio, the peak memory the median pair's; each pair's figures are kept.
+median of each pair's own ratio, the peak memory the median of the pairs'; each pair's figures are kept.
 Memory is in MiB (the JSON's `_mb` keys too).
 """
 from __future__ import annotations
@@ -64,8 +64,9 @@ PEAK_MEMORY_KEYS = ("peak_memory_mb", "peak_gpu_memory_mb")  # host (export.benc
 def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
     """One graph's records from several pairs as one: the latency figures of all their runs
     together (every one a run's own time: a p99 is a run's, not an average of the pairs' p99s),
-    the throughput at that p50, the median peak memory (noise across processes is MiBs, and the
-    highest of several would read as a regression; unknown when a pair's is), every raw latency,
+    the throughput at that p50, the median of the pairs' peak memory (noise across processes is
+    MiBs, and the highest of several would read as a regression; unknown when a pair's is), every
+    raw latency,
     the first pair's profile; each pair's own figures, less its profile and raw latencies, under
     `kept_as`. The speed-up is taken pair by pair (`speedup`). A failed pair (a record with an
     `error`) fails the whole, its records kept."""
@@ -84,6 +85,7 @@ def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
         combined["latency_ms"] = latency_summary(samples)
         combined["raw_latencies_ms"] = samples
     else:  # records without their samples (older results): the pairs' medians
+        combined.pop("raw_latencies_ms", None)  # the first pair's alone would pass for all of them
         combined["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in records]))
                                   for q in records[0]["latency_ms"]
                                   if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in records)}

@@ -41,7 +41,7 @@ ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 def node_flops(op_type: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
     out = outputs[0] if outputs else []
     elements = prod(out) if out else 0
-    if op_type == "Gemm" and len(inputs) > 1 and inputs[0] and out:
+    if op_type == "Gemm" and len(inputs) > 1 and inputs[0] and out and out[0]:
         # A is [M, K] or, transposed, [K, M]: K is its size over the output's M either way
         return 2.0 * elements * (prod(inputs[0]) // out[0])
     if op_type in PRODUCTS and inputs and inputs[0]:

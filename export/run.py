@@ -98,8 +98,9 @@ def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
             model.stream.synchronize()
     else:  # ONNX Runtime
         step = model.run_bound
-    batch, _ = leading_dims(feeds)  # the bench worker's rule: ONNX Runtime and TensorRT records agree
-    return time_runs(step, runs, warmup, tokens_per_run(model.inputs, feeds), batch)
+    ordered = {spec.name: feeds[spec.name] for spec in model.inputs if spec.name in feeds}  # the model's order
+    batch, _ = leading_dims(ordered)  # the bench worker's rule: ONNX Runtime and TensorRT records agree
+    return time_runs(step, runs, warmup, tokens_per_run(model.inputs, ordered), batch)
 
 
 def time_runs(step, runs: int, warmup: int, tokens: int | None, batch: int = 1) -> dict:

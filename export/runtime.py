@@ -5,8 +5,8 @@
     model = load("build/small-rmsnorm/fused.plan")        # TensorRT runtime (the plugins are in the engine)
     outputs = model.run({"hidden_states": x})             # numpy in -> numpy out; torch in -> torch out
 
-- Inputs are checked against the model's signature first (names, dtype, rank, fixed dims, and
-  one size for axes of one name); a mismatch is a NormfuseError naming the input. A run that
+- Inputs are checked against the model's signature first (names, dtype, rank, fixed dims; for
+  TensorRT also one size for axes of one name); a mismatch is a NormfuseError naming the input. A run that
   fails on a token id past its embedding table says so, naming the input.
 - Device buffers are kept between calls and reused while the shapes stay the same.
 - `OrtModel.run_keeping(feeds, keep)` leaves chosen outputs where ONNX Runtime wrote them, to be
@@ -123,10 +123,12 @@ def value_dtype(value: Any) -> str:
     return dtype_name(value.dtype) if hasattr(value, "dtype") else type(value).__name__
 
 
-def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", allow_empty: bool = False) -> None:
+def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", allow_empty: bool = False,
+                named_dims: bool = False) -> None:
     """Raise a one-line NormfuseError naming the first input that does not fit the signature.
     `allow_empty`: a zero-length axis is fine (ONNX Runtime takes one, and a KV cache is empty
-    before the prompt); TensorRT's profiles start at 1."""
+    before the prompt); TensorRT's profiles start at 1. `named_dims`: axes of one name must have
+    one size (`_check_named_dims_agree`), as TensorRT requires."""
     if not isinstance(feeds, dict):
         raise NormfuseError(f"{where}: inputs must be a dict of name -> array, got {type(feeds).__name__}")
     expected = {spec.name: spec for spec in inputs}
@@ -153,13 +155,16 @@ def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", all
                                     f"the model takes {spec.describe()}")
             if have == 0 and not allow_empty:
                 raise NormfuseError(f"{where}: input {name!r} is empty on axis {axis} (shape {list(shape)})")
-    _check_named_dims_agree(inputs, feeds, where)
+    if named_dims:
+        _check_named_dims_agree(inputs, feeds, where)
 
 
 def _check_named_dims_agree(inputs: list[TensorSpec], feeds: dict, where: str) -> None:
     """Two inputs' axes of the same name have one size: ONNX means that by a shared dim_param, and
-    TensorRT checks it at run time; ONNX Runtime does not, and a model that slices the longer one
-    runs on without a word. Only plain names: a name like 'past + seq' is normfuse's reading
+    TensorRT's parser makes it a constraint its engine checks at run time. Not asked of ONNX
+    Runtime, which runs such inputs: torch's dynamo exporter gives every axis named "sequence" in
+    its dynamic shapes that name, each axis still free of the others (an encoder-decoder's input
+    and decoder ids), so the names alone do not say the sizes are one. Only plain names: a name like 'past + seq' is normfuse's reading
     (export.dims), not ONNX's, and exporters feed such axes other lengths on purpose. An empty axis
     is a placeholder and is not held to the name either: a merged decoder's first step takes its
     cache empty, the encoder's part of it too, whatever length the encoder's states have."""
@@ -402,8 +407,8 @@ class OrtModel:
             if missing_kernel(message):
                 raise MissingKernel(self.path, message) from None
             outside = _index_outside_its_table(self.path, feeds)
-            if outside:
-                raise RunFailure(f"{self.path}: {outside}") from None
+            if outside:  # ONNX Runtime's words after it: another node may have failed first
+                raise RunFailure(f"{self.path}: {outside} (ONNX Runtime: {message})") from None
             raise RunFailure(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message}") from None
 
     def end_profiling(self) -> str:
@@ -425,7 +430,10 @@ def _index_outside_its_table(path: Path, feeds: dict) -> str | None:
         if value is None:
             continue
         value = value[2] if isinstance(value, tuple) else value  # the binding's (shape, dtype, buffer)
-        array = value.numpy() if is_ortvalue(value) else to_numpy(value)
+        try:
+            array = value.numpy() if is_ortvalue(value) else to_numpy(value)
+        except Exception:  # a device that failed may not give its values back: the run's own error stands
+            return None
         bad = np.argwhere((array < -rows) | (array >= rows))
         if len(bad):
             where = tuple(int(i) for i in bad[0])
@@ -556,7 +564,7 @@ class TensorRTModel:
         return buf
 
     def run(self, feeds: dict) -> dict:
-        check_feeds(self.inputs, feeds, str(self.path))
+        check_feeds(self.inputs, feeds, str(self.path), named_dims=True)
         torch_in = any(is_torch(v) for v in feeds.values())
         with self._lock, self.torch.cuda.device(self.device):
             key = self.bind(feeds)

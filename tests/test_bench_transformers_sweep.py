@@ -738,6 +738,41 @@ def test_each_export_mode_hands_over_to_the_next(sweep, tmp_path):
     assert any(n.name.startswith("/norm/") for n in graphs["TorchScript"].node)
 
 
+def test_only_an_export_that_does_not_load_or_run_is_exported_again(sweep, tmp_path):
+    """The export's own failure to load or run at another size is mended by another way of
+    exporting; the fused graph's failure, or a model whose outputs are random, is not."""
+    from export.errors import NormfuseError, RunFailure
+
+    exported = tmp_path / "model.onnx"
+    assert sweep.does_not_load_or_run(RunFailure(f"{exported}: ONNX Runtime failed to run it on x [1, 3]: ..."), exported)
+    assert sweep.does_not_load_or_run(NormfuseError(f"{exported}: ONNX Runtime cannot load it: ..."), exported)
+    assert not sweep.does_not_load_or_run(RunFailure(f"{tmp_path / 'fused.onnx'}: ONNX Runtime failed ..."), exported)
+    assert not sweep.does_not_load_or_run(
+        NormfuseError(f"{exported}: its outputs change from run to run, so no comparison can pass"), exported)
+
+
+def test_an_attempt_leaves_nothing_of_the_one_before(sweep, tmp_path):
+    """Each export, rewrite and validation writes its record afresh: a field an earlier attempt set
+    (validated on the evaluator, a fusion count) does not outlive it."""
+    import torch
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(16)
+
+        def forward(self, *values):
+            (x,) = values
+            return self.norm(x)
+
+    record = {"type": "t", "dtype": "float32", "on_evaluator": "an earlier attempt's", "fused_norms": 99,
+              "export_failed": {"dynamic": "RunFailure: an earlier attempt's"}}
+    sweep.rewrite_and_validate(record, Norm().eval(), {"x": torch.randn(2, 5, 16)}, {"x": {0: "batch", 1: "sequence"}},
+                               "1x5,2x7", tmp_path / "model.onnx", tmp_path, after="dynamic")
+    assert "on_evaluator" not in record and record["fused_norms"] == 1 and record["validated"]
+    assert record["export"] == "dynamic unoptimised" and record["export_failed"] == {"dynamic": "RunFailure: an earlier attempt's"}
+
+
 @pytest.mark.slow  # 25 s: one more export and validation than a type that runs the first way
 def test_an_export_that_does_not_load_is_exported_again_without_the_optimiser(sweep, tmp_path):
     """Gemma 4's audio tower: onnxscript's optimiser drops a Min's output the graph still reads, so

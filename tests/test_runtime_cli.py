@@ -116,6 +116,9 @@ def test_a_device_memory_that_cannot_be_measured_is_unknown_not_zero(fused):
     (("input_features", (None, 80, None)), (2, 80, 300), "float32", None),  # 80 mel bins, not tokens
     (("pixel_values", (None, 3, 32, 32)), (2, 3, 32, 32), "float32", None),
     (("input_values", (None, None)), (2, 4000), "float32", None),  # a waveform
+    (("input_features", (1, 80, 3000)), (1, 80, 3000), "float32", None),  # static: shaped as hidden states, named not
+    (("features", (None, None, None), ("batch", "feature_size", "frames")), (2, 80, 300), "float32", None),
+    (("input_values", (None, 1, None)), (2, 1, 4000), "float32", None),  # a waveform with its channel axis
 ])
 def test_a_throughput_in_tokens_only_for_inputs_that_hold_tokens(spec, shape, dtype, tokens):
     """An image's channels or a spectrogram's mel bins are not tokens: their tokens/s is n/a, and
@@ -124,7 +127,7 @@ def test_a_throughput_in_tokens_only_for_inputs_that_hold_tokens(spec, shape, dt
     from export.run import time_runs
 
     feeds = {spec[0]: np.zeros(shape, dtype)}
-    assert tokens_per_run([TensorSpec(spec[0], dtype, spec[1])], feeds) == tokens
+    assert tokens_per_run([TensorSpec(*spec[:1], dtype, *spec[1:])], feeds) == tokens
     timing = time_runs(lambda: sum(range(1000)), 3, 0, tokens, batch=shape[0])
     p50_s = timing["latency_ms"]["p50"] / 1000.0
     assert timing["throughput_samples_per_s"] == pytest.approx(shape[0] / p50_s)

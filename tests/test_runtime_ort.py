@@ -240,27 +240,51 @@ def test_a_failed_run_gives_onnx_runtimes_reason_not_its_source_path(tmp_path):
     assert message.startswith(f"{tmp_path / 'r.onnx'}: ONNX Runtime failed to run it on x [1, 0, 8]: "), message
 
 
-def test_axes_of_one_name_must_have_one_size():
-    """ONNX means two axes named alike to be equal (TensorRT checks it); a mask one token short is
-    refused before ONNX Runtime slices its way past it. A name that is arithmetic over others
-    ('past + seq') is not held to anything: that reading is normfuse's, not ONNX's."""
+def test_axes_of_one_name_must_have_one_size_for_tensorrt():
+    """ONNX means two axes named alike to be equal, and TensorRT checks it: a mask one token short
+    is refused before the engine runs (`named_dims`, which TensorRTModel asks for). A name that is
+    arithmetic over others ('past + seq') is not held to anything: that reading is normfuse's, not
+    ONNX's."""
     specs = [TensorSpec("input_ids", "int64", (None, None), ("batch", "seq")),
              TensorSpec("attention_mask", "int64", (None, None), ("batch", "seq")),
              TensorSpec("past", "float32", (None, 4, None), ("batch", None, "past + seq"))]
     ids, mask = np.zeros((2, 5), np.int64), np.ones((2, 5), np.int64)
-    check_feeds(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((2, 4, 9), np.float32)}, "m.onnx")
+    check_feeds(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((2, 4, 9), np.float32)}, "m.plan",
+                named_dims=True)
     with pytest.raises(NormfuseError) as info:
         check_feeds(specs, {"input_ids": ids, "attention_mask": mask[:, :4], "past": np.zeros((2, 4, 9), np.float32)},
-                    "m.onnx")
-    assert str(info.value) == ("m.onnx: input 'attention_mask' has 4 on axis 1 and input 'input_ids' 5 on axis 1, "
+                    "m.plan", named_dims=True)
+    assert str(info.value) == ("m.plan: input 'attention_mask' has 4 on axis 1 and input 'input_ids' 5 on axis 1, "
                                "but the model names both axes 'seq': one name, one size")
     with pytest.raises(NormfuseError, match="'past' has 3 on axis 0 and input 'input_ids' 2 on axis 0.*'batch'"):
-        check_feeds(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((3, 4, 9), np.float32)}, "m.onnx")
+        check_feeds(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((3, 4, 9), np.float32)}, "m.plan",
+                    named_dims=True)
     # an empty axis is a placeholder (a merged decoder's first step takes its whole cache empty)
     cache = [TensorSpec("encoder_states", "float32", (None, None, 8), ("batch", "encoder_length", None)),
              TensorSpec("past_encoder_key", "float32", (None, None, 8), ("batch", "encoder_length", None))]
     check_feeds(cache, {"encoder_states": np.zeros((2, 6, 8), np.float32),
-                        "past_encoder_key": np.zeros((2, 0, 8), np.float32)}, "m.onnx", allow_empty=True)
+                        "past_encoder_key": np.zeros((2, 0, 8), np.float32)}, "m.plan", allow_empty=True, named_dims=True)
+
+
+def test_onnx_runtime_runs_axes_of_one_name_at_two_sizes(tmp_path):
+    """torch's dynamo exporter names each axis after its dynamic shapes' string, and two inputs given
+    "sequence" stay free of each other (an encoder's and a decoder's ids): ONNX Runtime runs them at
+    two lengths, and so does normfuse's runtime on it."""
+    torch = pytest.importorskip("torch")
+
+    class Two(torch.nn.Module):
+        def forward(self, a, b):
+            return a.sum(1) + b.sum(1)
+
+    path = tmp_path / "two.onnx"
+    axes = {0: "batch", 1: "sequence"}
+    torch.onnx.export(Two(), (torch.randn(2, 5), torch.randn(2, 7)), str(path), dynamo=True,
+                      dynamic_shapes={"a": axes, "b": axes}, input_names=["a", "b"])
+    model = load(path, providers=["CPUExecutionProvider"])
+    assert [s.dim_params for s in model.inputs] == [("batch", "sequence")] * 2
+    a, b = np.ones((2, 16), np.float32), np.ones((2, 7), np.float32)
+    (out,) = model.run({"a": a, "b": b}).values()
+    np.testing.assert_array_equal(out, [23, 23])
 
 
 def embedding_model(path, rows=10):
@@ -288,8 +312,10 @@ def test_a_token_past_the_vocabulary_is_named_with_its_input(tmp_path):
     for bad, where in ((10, [0, 1]), (-11, [0, 1])):
         with pytest.raises(RunFailure) as failed:
             model.run({"ids": np.array([[3, bad], [0, 1]], np.int64)})
-        assert str(failed.value) == (f"{tmp_path / 'e.onnx'}: input 'ids' holds {bad} at {where}, outside the 10 rows "
-                                     "of the table it indexes (0..9)")
+        message = str(failed.value)
+        assert message.startswith(f"{tmp_path / 'e.onnx'}: input 'ids' holds {bad} at {where}, outside the 10 rows "
+                                  "of the table it indexes (0..9) (ONNX Runtime: "), message
+        assert "\n" not in message
 
 
 @pytest.mark.parametrize("op, inputs, outputs, flops", [

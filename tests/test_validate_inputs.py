@@ -128,8 +128,8 @@ def test_a_token_onnx_runtime_refuses_is_a_one_line_error_naming_the_model_and_i
     ids = np.full((1, 5), VOCAB + 3, dtype=np.int64)  # past the embedding table
     with pytest.raises(NormfuseError) as exc:
         model.run({"ids": ids, "mask": np.ones((1, 5), np.int64)})
-    assert str(exc.value) == (f"{path}: input 'ids' holds {VOCAB + 3} at [0, 0], outside the {VOCAB} rows of the "
-                              f"table it indexes (0..{VOCAB - 1})")
+    assert str(exc.value).startswith(f"{path}: input 'ids' holds {VOCAB + 3} at [0, 0], outside the {VOCAB} rows of "
+                                     f"the table it indexes (0..{VOCAB - 1}) (ONNX Runtime: ")
     assert "onnxruntime" not in capfd.readouterr().err  # ONNX Runtime's own log line is not printed as well
 
 
