@@ -438,6 +438,7 @@ def test_a_bfloat16_model_is_validated_in_its_tensorrt_form_on_the_evaluator(swe
     assert any(t.data_type == onnx.TensorProto.BFLOAT16 for t in fused.graph.initializer)
 
 
+@pytest.mark.slow  # 12 s; export.precision_check's own tests (tests/test_precision_check.py) run by default
 def test_a_bfloat16_export_off_by_its_own_rounding_is_validated_against_float32(sweep, tmp_path):
     """CPM-Ant in bfloat16: its fused graph differs from the export by more than the tolerance,
     though each fused norm is right; run in float32, the export is further off than the fused graph,
@@ -695,6 +696,7 @@ def test_a_half_precision_model_falls_back_to_torch_script_with_eager_attention(
     assert record["validated"] and record["fused_norms"] == record["norm_calls"] == 10
 
 
+@pytest.mark.slow  # 12 s; the evaluator's path is swept by default in bf16, MissingKernel tested in test_missing_kernel.py
 def test_a_model_onnx_runtime_lacks_a_kernel_for_is_validated_on_the_evaluator(sweep, tmp_path):
     """JetMoE in fp16 combines its experts with a ScatterND adding float16, which ONNX Runtime's CPU
     provider refuses: its tensorrt form is validated on onnx's reference evaluator instead, and the
