@@ -51,6 +51,7 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
         "input_shapes": {name: list(value.shape) for name, value in feeds.items()},
         **timing,
         "peak_memory_mb": round(peak, 2),
+        "process_peak_rss_mb": round(peak + baseline, 1),  # the worker's own whole resident set at its peak
         "peak_memory_method": "VmHWM after reset minus RSS before session" if peak_was_reset else "ru_maxrss minus RSS before session",
         "session_create_s": round(session_s, 3),
         "op_classes": classes,

@@ -162,19 +162,19 @@ class Pipeline:
 
     @contextmanager
     def stage(self, name: str, what: str):
-        from .memory import children_peak_mb, peak_rss_mb, reset_peak_rss
+        from .memory import peak_rss_mb, reset_peak_rss
 
         self.step += 1
         started = time.perf_counter()
         reset_peak_rss()
-        children_before = children_peak_mb()
+        self.worker_peaks_mb: list[float] = []  # what the stage's bench workers report of themselves
         with self.console.status(f"[{self.step}] {what} ..."):
             yield
         seconds = time.perf_counter() - started
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
-        # this process's peak in the stage, or a worker's (bench) where one went higher than any before
-        children = children_peak_mb()
-        peak = max(peak_rss_mb(), children if children > children_before else 0.0)
+        # this process's peak in the stage, or a bench worker's own: the kernel's figure for child
+        # processes starts from the parent's resident set at the fork, so it cannot tell a worker's
+        peak = max([peak_rss_mb(), *self.worker_peaks_mb])
         self.stage_peak_mb[name] = max(self.stage_peak_mb.get(name, 0.0), peak)
         self.console.print(f"[green]done[/] [{self.step}] {what} ({seconds:.1f} s)")
 
@@ -469,9 +469,11 @@ class Pipeline:
                 if backend == "ort-cpu":
                     models = {"reference": (reference, norm_nodes), "fused": (fused_cpu, None)}
                     graphs = ("reference", "fused") if fused_cpu is not None else ("reference",)
-                    results += in_pairs(lambda graph, first: bench_graph(
+                    timed = in_pairs(lambda graph, first: bench_graph(
                         models[graph][0], graph, backend, batch, seq, a.runs, a.warmup, models[graph][1],
                         profile_runs=10 if first else 0, dims=self.dims), a.pairs, graphs)
+                    self.note_worker_peaks(timed)
+                    results += timed
                     if fused_cpu is None:
                         reason = ("nothing to compare: the model has no norm, so the fused graphs are copies of the "
                                   "reference" if has_no_norm(rewrites["tensorrt"]) else
@@ -493,14 +495,23 @@ class Pipeline:
                                                            dims=self.dims).get("op_classes")
                     return record
 
-                results += in_pairs(on_cuda, a.pairs)
+                timed = in_pairs(on_cuda, a.pairs)
+                self.note_worker_peaks(timed)
+                results += timed
         if engines:
             with self.stage("bench", f"bench TensorRT engines at {batch}x{seq}{self.with_dims}, {a.runs} runs per engine"
                                      + (f", {a.pairs} pairs" if a.pairs > 1 else "")):
-                results += in_pairs(lambda graph, first: bench_in_process_of_its_own(
+                timed = in_pairs(lambda graph, first: bench_in_process_of_its_own(
                     engines[graph]["plan"], graph, "tensorrt", batch, seq, a.runs, a.warmup,
                     source=engines[graph]["source"], dims=self.dims), a.pairs)
+                self.note_worker_peaks(timed)
+                results += timed
         return results
+
+    def note_worker_peaks(self, records: list[dict]) -> None:
+        """The bench workers' own peak resident sets, each pair's, for the stage's peak memory."""
+        self.worker_peaks_mb += [r["process_peak_rss_mb"] for record in records for r in record.get("pairs") or [record]
+                                 if r.get("process_peak_rss_mb") is not None]
 
     def decode(self, reference, backends, dtype) -> list[dict]:
         """A KV-cache decoder served in a greedy decoding loop (export.decode), reference against the

@@ -44,8 +44,3 @@ def peak_rss_mb() -> float:
     """This process's high-water mark since the last reset (its lifetime peak where none is possible)."""
     hwm = _status_mb("VmHWM:")
     return hwm if hwm is not None else _maxrss_mb(resource.RUSAGE_SELF)
-
-
-def children_peak_mb() -> float:
-    """The largest resident set of any child process waited for so far."""
-    return _maxrss_mb(resource.RUSAGE_CHILDREN)

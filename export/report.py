@@ -142,10 +142,8 @@ def markdown(report: dict) -> str:
     lines += [f"- **{s['stage']}**: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
     peaks = report.get("stage_peak_rss_mb") or {}
     lines += ["", "## Stage times and memory", "",
-              "Peak memory: the largest resident set (RSS, MiB) of the build's process during the stage, or the "
-              "largest the kernel reports among the processes it started in the stage (a started process's figure "
-              "includes what its parent held when it started it); absolute, where the bench table's is above a "
-              "baseline.", "",
+              "Peak memory: the largest resident set (RSS, MiB) of the build's process during the stage, or of a "
+              "bench worker as it reports its own; absolute, where the bench table's is above a baseline.", "",
               "| stage | seconds | peak MiB |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:.2f} | {peaks[k]:.0f} |" if k in peaks else f"| {k} | {v:.2f} | |"
               for k, v in report["stage_seconds"].items()]
@@ -350,7 +348,7 @@ def print_summary(report: dict, console) -> None:
     console.print(f"[bold]stage times[/]: {times}")
     peaks = report.get("stage_peak_rss_mb") or {}
     if peaks:
-        console.print("[bold]stage peak memory[/] (resident, of the build's process or a process it started): "
+        console.print("[bold]stage peak memory[/] (resident, of the build's process or a bench worker): "
                       + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()))
     for s in report["skipped"]:
         console.print(f"[yellow]skipped[/] {s['stage']}: {s['reason']}")

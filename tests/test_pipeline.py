@@ -223,6 +223,9 @@ def test_build_command_on_a_given_model(tmp_path):
     # each stage's peak memory: at least what the build's own process held (torch and ONNX Runtime imported)
     peaks = report["stage_peak_rss_mb"]
     assert set(peaks) == set(report["stage_seconds"]) and all(50 < mb < 8000 for mb in peaks.values()), peaks
+    # each bench worker reports its own peak (the kernel's figure for a child starts from its parent's)
+    workers = [b["process_peak_rss_mb"] for b in report["bench"]]
+    assert all(50 < mb < 8000 for mb in workers) and peaks["bench"] >= max(workers)
     assert "stage peak memory" in done.stdout and "| stage | seconds | peak MiB |" in (out / "report.md").read_text()
 
 
