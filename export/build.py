@@ -23,7 +23,8 @@ from pathlib import Path
 from models import PRESET_NAMES, count_norms, describe_presets, preset
 
 from .backends import BACKENDS, availability, gpu_present, resolve_backends
-from .cli import DIM_HELP, Parser, dim_range, non_negative_int, output_file, output_folder, positive_int, run_cli, supported_opset
+from .cli import (DIM_HELP, Parser, dim_range, non_negative_int, output_file, output_folder, positive_int, run_cli,
+                  seed_value, supported_opset)
 from .errors import MissingKernel, NormfuseError, UsageError
 from .files import require_writable
 from .export_model import DEFAULT_OPSET, EXPORTERS, export_model, opset_refused
@@ -98,7 +99,7 @@ def parse_args(argv=None):
                              "pairs' own ratios (default 1)")
     parser.add_argument("--out", type=output_folder,
                         help="output folder (default build/<preset>-<norm>, or build/<model name> with --onnx)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the weights and inputs, 0..2^63-1 (default 0)")
     parser.add_argument("--exclude", action="append", default=[], metavar="TENSOR",
                         help="leave the norm ending at this tensor unfused in every form (repeatable; the name the "
                              "rewrite report and a failing validation's norm check give)")
@@ -133,6 +134,8 @@ def parse_args(argv=None):
                      "dynamic axes are --batch and --seq")
     if why := opset_refused(args.exporter, args.opset):
         parser.error(f"argument --opset: {why}")
+    if args.decomposed_layernorm and args.norm == "rmsnorm":
+        parser.error("--decomposed-layernorm writes a LayerNorm out; the rmsnorm stack has none")
     if args.decode_tokens == 1:
         parser.error("argument --decode-tokens: 1 token has no decode step to time; give 0 (skip) or at least 2")
     try:

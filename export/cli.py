@@ -82,6 +82,14 @@ def non_negative_int(text: str) -> int:
     return int_at_least(text, 0)
 
 
+def seed_value(text: str) -> int:
+    """A seed torch's generators take: 0..2^63-1."""
+    value = int_at_least(text, 0)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is past 2^63-1, the largest seed torch takes")
+    return value
+
+
 def writable(text: str, folder: bool) -> str:
     """`text` if the command can write it (a file, or a folder), checked before any work."""
     reason = unwritable(text, folder)

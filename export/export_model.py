@@ -14,7 +14,7 @@ from pathlib import Path
 from models import BlockConfig
 
 from .errors import NormfuseError, UsageError, first_line
-from .files import staged_beside
+from .files import folder_made_for, put_in_place, staged_beside
 from .onnx_io import default_opset, external_locations, load_graph_only, place_written, save_exported
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -43,20 +43,43 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
         raise UsageError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
     if why := opset_refused(exporter, opset):
         raise UsageError(f"--opset {opset}: {why}")
+    if why := combination_refused(exporter, config):
+        raise UsageError(why)
+    path = Path(path)
     model = build_model(config, seed=seed)
     example = torch.randn(2, 8, config.hidden, dtype=TORCH_DTYPES[config.dtype])
-    with _quiet():
-        if exporter == "dynamo":
-            path = save_exported(_export_dynamo(model, example, opset), path, external_data=external_data)
-        else:
-            with staged_beside(path) as staging:
-                written = _export_torchscript(model, example, opset, staging)
-                del model  # its weights are in the file now: not held while the file is laid out
-                path = place_written(written, path, external_data=external_data)
-    if check:
-        _check_exported(Path(path), exporter, config)
+    # written and checked in a staging folder beside `path`, under its own name (the weights file it
+    # names is then right), and only then put in place: a failed export leaves a file already at
+    # `path` as it was, and no folder it made for it
+    with folder_made_for(path.parent), staged_beside(path) as staging:
+        staged = staging / path.name
+        with _quiet():
+            if exporter == "dynamo":
+                save_exported(_export_dynamo(model, example, opset), staged, external_data=external_data)
+            else:
+                with staged_beside(staged) as torchscript_staging:
+                    written = _export_torchscript(model, example, opset, torchscript_staging)
+                    del model  # its weights are in the file now: not held while the file is laid out
+                    place_written(written, staged, external_data=external_data)
+        if check:
+            _check_exported(staged, exporter, config)
+        data = staged.with_name(staged.name + ".data")
+        if data.exists():
+            put_in_place(data, path.with_name(path.name + ".data"))
+        put_in_place(staged, path)
     written = load_graph_only(path)
-    return ExportResult(Path(path), exporter, default_opset(written), bool(external_locations(written)))
+    return ExportResult(path, exporter, default_opset(written), bool(external_locations(written)))
+
+
+def combination_refused(exporter: str, config: BlockConfig) -> str | None:
+    """Why a combination of flags cannot export, whatever else is given, or None: TorchScript
+    writes a half-precision F.layer_norm as a LayerNormalization of mixed dtypes, which onnx's
+    check (and ONNX Runtime) refuse."""
+    if exporter == "torchscript" and config.norm == "layernorm" and config.dtype != "float32" \
+            and not config.decomposed_layernorm:
+        return (f"--exporter torchscript writes a {config.dtype} F.layer_norm with mixed dtypes, which onnx refuses: "
+                "use --exporter dynamo")
+    return None
 
 
 def opset_refused(exporter: str, opset: int) -> str | None:
@@ -69,21 +92,16 @@ def opset_refused(exporter: str, opset: int) -> str | None:
 
 
 def _check_exported(path: Path, exporter: str, config: BlockConfig) -> None:
-    """onnx's full check (strict types and shapes) of what the exporter wrote; a graph it rejects is
-    removed and is a one-line error, rather than a failure two stages later in ONNX Runtime."""
+    """onnx's full check (strict types and shapes) of what the exporter wrote, staged at `path`; a
+    graph it rejects is a one-line error, rather than a failure two stages later in ONNX Runtime."""
     import onnx
 
     try:
         onnx.checker.check_model(str(path), full_check=True)  # by path: weights may be external
     except Exception as exc:
-        for written in (path, path.with_name(path.name + ".data")):
-            written.unlink(missing_ok=True)
-        hint = ""
-        if exporter == "torchscript" and config.norm == "layernorm" and config.dtype != "float32":
-            hint = ("; TorchScript writes half-precision F.layer_norm with mixed dtypes: use --exporter dynamo "
-                    "or --decomposed-layernorm")
-        first = first_line(exc)
-        raise NormfuseError(f"{path}: the {exporter} exporter wrote a graph onnx rejects: {first}{hint}") from None
+        # named as the file asked for: the staged copy goes with its folder
+        asked = path.parent.parent / path.name
+        raise NormfuseError(f"{asked}: the {exporter} exporter wrote a graph onnx rejects: {first_line(exc)}") from None
 
 
 def _export_dynamo(model, example, opset: int):
@@ -132,7 +150,7 @@ def _quiet():
 def main(argv=None) -> int:
     from models import PRESET_NAMES, describe_presets, preset
 
-    from .cli import Parser, output_file, positive_int, run_cli, supported_opset
+    from .cli import Parser, output_file, positive_int, run_cli, seed_value, supported_opset
 
     parser = Parser(prog="python -m export.export_model", description=__doc__.splitlines()[0])
     parser.add_argument("--norm", choices=("rmsnorm", "layernorm"), required=True,
@@ -143,19 +161,27 @@ def main(argv=None) -> int:
                         help="weights and activations (default float32)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="dynamo (torch.export, default) or torchscript")
     parser.add_argument("--opset", type=supported_opset, default=DEFAULT_OPSET, help=f"ONNX opset, 17..23 (default {DEFAULT_OPSET})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the weights, 0..2^63-1 (default 0)")
+    parser.add_argument("--decomposed-layernorm", action="store_true",
+                        help="with --norm layernorm: write LayerNorm out in elementary ops instead of F.layer_norm")
     parser.add_argument("-o", "--output", type=output_file, required=True, help="the .onnx file to write")
     args = parser.parse_args(argv)
     if why := opset_refused(args.exporter, args.opset):
         parser.error(f"argument --opset: {why}")
+    if args.decomposed_layernorm and args.norm != "layernorm":
+        parser.error("--decomposed-layernorm writes a LayerNorm out; the rmsnorm stack has none")
 
     def job():
         try:
-            config = preset(args.preset, args.norm, layers=args.layers, dtype=args.dtype)
+            config = preset(args.preset, args.norm, layers=args.layers, dtype=args.dtype,
+                            decomposed_layernorm=args.decomposed_layernorm)
         except ValueError as exc:  # a shape the preset cannot take
             raise UsageError(str(exc)) from None
         result = export_model(config, args.output, exporter=args.exporter, opset=args.opset, seed=args.seed)
-        print(f"wrote {result.path} ({result.exporter}, opset {result.opset})")
+        data = result.path.with_name(result.path.name + ".data")
+        weights = (f"; weights in {data.name} beside it, {data.stat().st_size / 2**20:.0f} MiB"
+                   if result.external_data and data.exists() else "")
+        print(f"wrote {result.path} ({result.exporter}, opset {result.opset}{weights})")
 
     return run_cli(job)
 

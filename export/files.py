@@ -145,7 +145,10 @@ def folder_made_for(folder: str | os.PathLike):
     or half-filled output folder."""
     folder = Path(folder)
     first_made = next((f for f in reversed([folder, *folder.parents]) if not f.exists()), None)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder must be, a read-only place
+        raise NormfuseError(f"{folder}: cannot write ({_why_not_written(folder, exc)})") from None
     try:
         yield folder
     except BaseException:

@@ -54,6 +54,9 @@ def preset(name: str, norm: str, **overrides) -> BlockConfig:
     config = config.with_overrides(**overrides)
     if config.hidden % config.heads:
         raise ValueError(f"hidden size {config.hidden} is not divisible by {config.heads} heads")
+    if norm == "rmsnorm" and config.hidden // config.heads % 2:
+        raise ValueError(f"head size {config.hidden // config.heads} (hidden {config.hidden} over {config.heads} heads) "
+                         "is odd: the rmsnorm stack's rotary embedding turns pairs of a head's dimensions")
     return config
 
 

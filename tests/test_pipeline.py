@@ -170,16 +170,54 @@ def test_build_command_from_another_directory_with_relative_paths(exported, tmp_
     assert {(b["backend"], b["graph"]) for b in report["bench"]} == {("ort-cpu", "reference"), ("ort-cpu", "fused")}
 
 
-def test_an_export_onnx_rejects_is_a_one_line_error_and_leaves_nothing(tmp_path):
-    """TorchScript writes fp16 F.layer_norm as a LayerNormalization of mixed dtypes: caught at export
-    by onnx's full check (not two stages later by ONNX Runtime), with the flags that avoid it."""
-    out = tmp_path / "m.onnx"
+def test_a_combination_that_cannot_export_is_refused_before_exporting(tmp_path):
+    """TorchScript writes fp16 F.layer_norm as a LayerNormalization of mixed dtypes, which onnx
+    refuses: a bad flag (exit 2) before any export, naming the way that works."""
+    out = tmp_path / "new" / "m.onnx"
     done = _run("export.export_model", "--norm", "layernorm", "--preset", "tiny", "--layers", "1",
                 "--exporter", "torchscript", "--dtype", "float16", "-o", str(out))
-    assert done.returncode != 0
+    assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "onnx rejects" in lines[0] and "--decomposed-layernorm" in lines[0], done.stderr
+    assert len(lines) == 1 and "mixed dtypes" in lines[0] and "--exporter dynamo" in lines[0], done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_onnx_rejects_leaves_the_file_already_there(tmp_path, monkeypatch):
+    """The export is checked where it is staged: one that onnx's full check rejects (here made to,
+    the one real case being refused earlier) is a one-line error naming the file asked for, and
+    the model already at that path and its weights stay as they were; the folders it made go."""
+    import onnx
+
+    from export.errors import NormfuseError
+    from export.export_model import export_model
+    from models import preset
+
+    kept = export_model(preset("tiny", "rmsnorm", layers=1), tmp_path / "m.onnx").path
+    before = kept.read_bytes()
+
+    def rejects(path, full_check=False):
+        raise onnx.checker.ValidationError("Type Error: a half and a float operand")
+
+    monkeypatch.setattr(onnx.checker, "check_model", rejects)
+    with pytest.raises(NormfuseError, match=r"m\.onnx: the dynamo exporter wrote a graph onnx rejects: Type Error"):
+        export_model(preset("tiny", "rmsnorm", layers=2), kept)
+    assert kept.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    with pytest.raises(NormfuseError, match=str(tmp_path / "a" / "b" / "m.onnx")):
+        export_model(preset("tiny", "rmsnorm", layers=1), tmp_path / "a" / "b" / "m.onnx")
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_export_with_external_weights_names_their_file(tmp_path, monkeypatch, capsys):
+    """Past the size that puts weights in a file of their own (lowered here to a few bytes), the
+    command says where they are: without that file the model is useless."""
+    from export import onnx_io
+    from export.export_model import main
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1)
+    assert main(["--norm", "rmsnorm", "--layers", "1", "-o", str(tmp_path / "m.onnx")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"wrote {tmp_path / 'm.onnx'} (dynamo, opset 18; weights in m.onnx.data beside it, ")
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0
 
 
 def test_an_export_reports_the_opset_it_wrote(tmp_path):
@@ -319,6 +357,9 @@ def test_a_missing_given_model_is_one_line(tmp_path):
     (["--norm", "rmsnorm", "--opset", "9"], "outside the supported range"),
     (["--norm", "rmsnorm", "--opset", "17"], "dynamo exporter writes opset 18 at the lowest; --exporter torchscript"),
     (["--norm", "rmsnorm", "--preset", "tiny", "--heads", "5"], "not divisible"),
+    (["--norm", "rmsnorm", "--preset", "tiny", "--hidden", "63", "--heads", "3"], "head size 21 (hidden 63 over 3 heads) is odd"),
+    (["--norm", "rmsnorm", "--decomposed-layernorm"], "the rmsnorm stack has none"),
+    (["--norm", "rmsnorm", "--seed", "99999999999999999999999"], "past 2^63-1"),
     (["--norm", "rmsnorm", "--pairs", "0"], "must be at least 1"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
@@ -334,6 +375,8 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     ("export.export_model", ["--norm", "rmsnorm", "--preset", "tiny", "--layers", "x"], "not an integer"),
     ("export.export_model", ["--norm", "rmsnorm", "--opset", "24"], "24 is outside the supported range 17..23"),
     ("export.export_model", ["--norm", "rmsnorm", "--opset", "17"], "dynamo exporter writes opset 18 at the lowest"),
+    ("export.export_model", ["--norm", "rmsnorm", "--decomposed-layernorm"], "the rmsnorm stack has none"),
+    ("export.export_model", ["--norm", "rmsnorm", "--seed", "-1"], "must be at least 0"),
     ("export.bench", ["r.onnx", "f.onnx", "--runs", "0"], "must be at least 1"),
     ("export.bench", ["r.onnx", "f.onnx", "--pairs", "0"], "must be at least 1"),
     ("export.bench", ["r.onnx", "f.onnx", "--backend", "tensorrt"], "invalid choice"),
