@@ -62,7 +62,7 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
                     del model  # its weights are in the file now: not held while the file is laid out
                     place_written(written, staged, external_data=external_data)
         if check:
-            _check_exported(staged, exporter, config)
+            _check_exported(staged, exporter)
         data = staged.with_name(staged.name + ".data")
         if data.exists():
             put_in_place(data, path.with_name(path.name + ".data"))
@@ -91,7 +91,7 @@ def opset_refused(exporter: str, opset: int) -> str | None:
     return None
 
 
-def _check_exported(path: Path, exporter: str, config: BlockConfig) -> None:
+def _check_exported(path: Path, exporter: str) -> None:
     """onnx's full check (strict types and shapes) of what the exporter wrote, staged at `path`; a
     graph it rejects is a one-line error, rather than a failure two stages later in ONNX Runtime."""
     import onnx
