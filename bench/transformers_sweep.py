@@ -195,10 +195,9 @@ def fill_unset(config) -> None:
     which layers are experts (first_k_dense_replace: dots.llm1, whose default config places
     experts it does not count), the counts are SMALL's. vocab_size None is SMALL's vocabulary
     (ESM's default config has none: its tokenizer's list sets it), and ESM's padding token its
-    tokenizer's. layer_types None in an LFM2
-    config (its convolution layers: `conv_L_cache`) is every layer full attention, as LFM2's
-    config fills it from full_attn_idxs when none are given (LFM2-MoE's leaves it None, and its
-    model reads it unchecked). A None that means "none" (Gemma 4's num_experts: no mixture of
+    tokenizer's. layer_types None in an LFM2 config (its convolution layers: `conv_L_cache`) is
+    every layer full attention, as LFM2's config fills it from full_attn_idxs when none are given
+    (LFM2-MoE's leaves it None, and its model reads it unchecked). A None that means "none" (Gemma 4's num_experts: no mixture of
     experts) is not one of these, and stays."""
     fields = vars(config)
     if "vocab_size" in fields and fields["vocab_size"] is None:

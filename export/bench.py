@@ -66,9 +66,8 @@ def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
     together (every one a run's own time: a p99 is a run's, not an average of the pairs' p99s),
     the throughput at that p50, the median of the pairs' peak memory (noise across processes is
     MiBs, and the highest of several would read as a regression; unknown when a pair's is), every
-    raw latency,
-    the first pair's profile; each pair's own figures, less its profile and raw latencies, under
-    `kept_as`. The speed-up is taken pair by pair (`speedup`). A failed pair (a record with an
+    raw latency, the first pair's profile; each pair's own figures, less its profile and raw
+    latencies, under `kept_as`. The speed-up is taken pair by pair (`speedup`). A failed pair (a record with an
     `error`) fails the whole, its records kept."""
     failed = [r for r in records if "error" in r]
     if failed:
@@ -79,7 +78,8 @@ def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
 
     from .run import latency_summary
 
-    combined = dict(records[0])
+    first = records[0]
+    combined = dict(first)
     samples = [v for r in records for v in r.get("raw_latencies_ms", [])]
     if all(r.get("raw_latencies_ms") for r in records):
         combined["latency_ms"] = latency_summary(samples)
@@ -87,10 +87,9 @@ def combine_pairs(records: list[dict], kept_as: str = "pairs") -> dict:
     else:  # records without their samples (older results): the pairs' medians
         combined.pop("raw_latencies_ms", None)  # the first pair's alone would pass for all of them
         combined["latency_ms"] = {q: float(np.median([r["latency_ms"][q] for r in records]))
-                                  for q in records[0]["latency_ms"]
+                                  for q in first["latency_ms"]
                                   if all(isinstance(r["latency_ms"].get(q), (int, float)) for r in records)}
     for key in ("throughput_tokens_per_s", "throughput_samples_per_s"):  # what one run processes, at the p50
-        first = records[0]
         if first.get(key) is not None:
             per_run = first[key] * first["latency_ms"]["p50"] / 1000.0
             combined[key] = per_run / (combined["latency_ms"]["p50"] / 1000.0)

@@ -40,7 +40,8 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
     session_s = time.perf_counter() - started
     runner.bind(feeds)  # bound once (uploaded once on CUDA): the timed loop is the session's run alone
     timing = time_runs(runner.run_bound, runs, warmup, tokens_per_run(runner.model.inputs, feeds), batch)
-    peak = peak_rss_mb() - baseline
+    process_peak = peak_rss_mb()  # the worker's own whole resident set at its peak
+    peak = process_peak - baseline
     del runner  # the profiled sessions below load the model again: one session in memory at a time
     gc.collect()
     classes = profile_op_classes(model, backend, feeds, profile_runs, norm_nodes, optimization) if profile_runs else None
@@ -51,7 +52,7 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
         "input_shapes": {name: list(value.shape) for name, value in feeds.items()},
         **timing,
         "peak_memory_mb": round(peak, 2),
-        "process_peak_rss_mb": round(peak + baseline, 1),  # the worker's own whole resident set at its peak
+        "process_peak_rss_mb": round(process_peak, 1),
         "peak_memory_method": "VmHWM after reset minus RSS before session" if peak_was_reset else "ru_maxrss minus RSS before session",
         "session_create_s": round(session_s, 3),
         "op_classes": classes,

@@ -27,7 +27,8 @@ from .cli import (DIM_HELP, Parser, dim_range, non_negative_int, output_file, ou
                   seed_value, supported_opset)
 from .errors import MissingKernel, NormfuseError, UsageError
 from .files import require_writable
-from .export_model import DEFAULT_OPSET, EXPORTERS, export_model, opset_refused
+from .bench import GRAPHS, in_pairs
+from .export_model import DEFAULT_OPSET, EXPORTERS, decomposed_refused, export_model, opset_refused
 from .report import print_summary, write_report
 from .tensorrt_engine import PRECISIONS, Range
 
@@ -134,8 +135,8 @@ def parse_args(argv=None):
                      "dynamic axes are --batch and --seq")
     if why := opset_refused(args.exporter, args.opset):
         parser.error(f"argument --opset: {why}")
-    if args.decomposed_layernorm and args.norm == "rmsnorm":
-        parser.error("--decomposed-layernorm writes a LayerNorm out; the rmsnorm stack has none")
+    if why := decomposed_refused(args.norm, args.decomposed_layernorm):
+        parser.error(why)
     if args.decode_tokens == 1:
         parser.error("argument --decode-tokens: 1 token has no decode step to time; give 0 (skip) or at least 2")
     try:
@@ -454,9 +455,9 @@ class Pipeline:
         """Reference against fused per backend: on ort-cpu the CPU form (`fused_cpu`; None: there is
         none, the reference is timed alone), on ort-cuda the Skip-op form. `rewrites`: each ONNX
         Runtime backend's rewrite report (and "tensorrt"'s), whose fusions say which of the
-        reference's nodes its fused graph replaced by norm ops: those count as the reference's norm time, so a residual
-        Add the CPU form keeps counts as element-wise in both graphs."""
-        from .bench import bench_graph, in_pairs
+        reference's nodes its fused graph replaced by norm ops: those count as the reference's norm
+        time, so a residual Add the CPU form keeps counts as element-wise in both graphs."""
+        from .bench import bench_graph
         from .run import bench_in_process_of_its_own
 
         a = self.args
@@ -472,11 +473,9 @@ class Pipeline:
                 if backend == "ort-cpu":
                     models = {"reference": (reference, norm_nodes), "fused": (fused_cpu, None)}
                     graphs = ("reference", "fused") if fused_cpu is not None else ("reference",)
-                    timed = in_pairs(lambda graph, first: bench_graph(
+                    results += self.in_pairs(lambda graph, first: bench_graph(
                         models[graph][0], graph, backend, batch, seq, a.runs, a.warmup, models[graph][1],
-                        profile_runs=10 if first else 0, dims=self.dims), a.pairs, graphs)
-                    self.note_worker_peaks(timed)
-                    results += timed
+                        profile_runs=10 if first else 0, dims=self.dims), graphs)
                     if fused_cpu is None:
                         reason = ("nothing to compare: the model has no norm, so the fused graphs are copies of the "
                                   "reference" if has_no_norm(rewrites["tensorrt"]) else
@@ -498,23 +497,22 @@ class Pipeline:
                                                            dims=self.dims).get("op_classes")
                     return record
 
-                timed = in_pairs(on_cuda, a.pairs)
-                self.note_worker_peaks(timed)
-                results += timed
+                results += self.in_pairs(on_cuda)
         if engines:
             with self.stage("bench", f"bench TensorRT engines at {batch}x{seq}{self.with_dims}, {a.runs} runs per engine"
                                      + (f", {a.pairs} pairs" if a.pairs > 1 else "")):
-                timed = in_pairs(lambda graph, first: bench_in_process_of_its_own(
+                results += self.in_pairs(lambda graph, first: bench_in_process_of_its_own(
                     engines[graph]["plan"], graph, "tensorrt", batch, seq, a.runs, a.warmup,
-                    source=engines[graph]["source"], dims=self.dims), a.pairs)
-                self.note_worker_peaks(timed)
-                results += timed
+                    source=engines[graph]["source"], dims=self.dims))
         return results
 
-    def note_worker_peaks(self, records: list[dict]) -> None:
-        """The bench workers' own peak resident sets, each pair's, for the stage's peak memory."""
+    def in_pairs(self, measure, graphs=GRAPHS) -> list[dict]:
+        """`bench.in_pairs` with --pairs, each pair's worker noting its own peak resident set for the
+        stage's peak memory."""
+        records = in_pairs(measure, self.args.pairs, graphs)
         self.worker_peaks_mb += [r["process_peak_rss_mb"] for record in records for r in record.get("pairs") or [record]
                                  if r.get("process_peak_rss_mb") is not None]
+        return records
 
     def decode(self, reference, backends, dtype) -> list[dict]:
         """A KV-cache decoder served in a greedy decoding loop (export.decode), reference against the

@@ -82,6 +82,13 @@ def combination_refused(exporter: str, config: BlockConfig) -> str | None:
     return None
 
 
+def decomposed_refused(norm: str, decomposed_layernorm: bool) -> str | None:
+    """Why --decomposed-layernorm cannot apply, or None: the rmsnorm stack has no LayerNorm."""
+    if decomposed_layernorm and norm == "rmsnorm":
+        return "--decomposed-layernorm writes a LayerNorm out; the rmsnorm stack has none"
+    return None
+
+
 def opset_refused(exporter: str, opset: int) -> str | None:
     """Why `exporter` cannot write `opset`, or None. Asked for less than its lowest, torch's dynamo
     exporter says it converts down, yet writes its lowest."""
@@ -168,8 +175,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if why := opset_refused(args.exporter, args.opset):
         parser.error(f"argument --opset: {why}")
-    if args.decomposed_layernorm and args.norm != "layernorm":
-        parser.error("--decomposed-layernorm writes a LayerNorm out; the rmsnorm stack has none")
+    if why := decomposed_refused(args.norm, args.decomposed_layernorm):
+        parser.error(why)
 
     def job():
         try:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import NormfuseError, first_line
 from .files import require_file
+from .memory import peak_rss_mb
 
 
 def read_inputs(path: str | Path, specs: list) -> dict:
@@ -215,8 +216,6 @@ def main(argv=None) -> int:
             used = gpu_memory_used_mb()
             timing["peak_gpu_memory_mb"] = None if used is None or baseline is None else round(used - baseline, 2)
             timing["peak_gpu_memory_method"] = "device memory in use after the runs minus before loading"
-            from .memory import peak_rss_mb
-
             timing["process_peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process's, imports included
             summary["bench"] = timing
             print(f"p50 {timing['latency_ms']['p50']:.3f} ms  p99 {timing['latency_ms']['p99']:.3f} ms  "

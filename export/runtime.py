@@ -123,12 +123,10 @@ def value_dtype(value: Any) -> str:
     return dtype_name(value.dtype) if hasattr(value, "dtype") else type(value).__name__
 
 
-def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", allow_empty: bool = False,
-                named_dims: bool = False) -> None:
+def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", allow_empty: bool = False) -> None:
     """Raise a one-line NormfuseError naming the first input that does not fit the signature.
     `allow_empty`: a zero-length axis is fine (ONNX Runtime takes one, and a KV cache is empty
-    before the prompt); TensorRT's profiles start at 1. `named_dims`: axes of one name must have
-    one size (`_check_named_dims_agree`), as TensorRT requires."""
+    before the prompt); TensorRT's profiles start at 1."""
     if not isinstance(feeds, dict):
         raise NormfuseError(f"{where}: inputs must be a dict of name -> array, got {type(feeds).__name__}")
     expected = {spec.name: spec for spec in inputs}
@@ -155,19 +153,17 @@ def check_feeds(inputs: list[TensorSpec], feeds: dict, where: str = "model", all
                                     f"the model takes {spec.describe()}")
             if have == 0 and not allow_empty:
                 raise NormfuseError(f"{where}: input {name!r} is empty on axis {axis} (shape {list(shape)})")
-    if named_dims:
-        _check_named_dims_agree(inputs, feeds, where)
 
 
-def _check_named_dims_agree(inputs: list[TensorSpec], feeds: dict, where: str) -> None:
-    """Two inputs' axes of the same name have one size: ONNX means that by a shared dim_param, and
-    TensorRT's parser makes it a constraint its engine checks at run time. Not asked of ONNX
-    Runtime, which runs such inputs: torch's dynamo exporter gives every axis named "sequence" in
-    its dynamic shapes that name, each axis still free of the others (an encoder-decoder's input
-    and decoder ids), so the names alone do not say the sizes are one. Only plain names: a name like 'past + seq' is normfuse's reading
-    (export.dims), not ONNX's, and exporters feed such axes other lengths on purpose. An empty axis
-    is a placeholder and is not held to the name either: a merged decoder's first step takes its
-    cache empty, the encoder's part of it too, whatever length the encoder's states have."""
+def check_named_dims_agree(inputs: list[TensorSpec], feeds: dict, where: str) -> None:
+    """Two inputs' axes of the same name have one size, for feeds `check_feeds` passed: ONNX means
+    that by a shared dim_param, and TensorRT's parser makes it a constraint its engine checks at
+    run time. Not asked of ONNX Runtime, which runs such inputs: torch's dynamo exporter gives
+    every axis named "sequence" in its dynamic shapes that name, each still free of the others (an
+    encoder-decoder's input and decoder ids). Only plain names: a name like 'past + seq' is
+    normfuse's reading (export.dims), not ONNX's, and exporters feed such axes other lengths on
+    purpose. An empty axis is a placeholder and is not held to the name either: a merged decoder's
+    first step takes its cache empty, the encoder's part too, whatever the encoder's length."""
     from .dims import Expression, dim_params, parse
 
     first: dict[str, tuple[str, int, int]] = {}  # dim name -> (input, axis, size) where it was first met
@@ -564,7 +560,8 @@ class TensorRTModel:
         return buf
 
     def run(self, feeds: dict) -> dict:
-        check_feeds(self.inputs, feeds, str(self.path), named_dims=True)
+        check_feeds(self.inputs, feeds, str(self.path))
+        check_named_dims_agree(self.inputs, feeds, str(self.path))
         torch_in = any(is_torch(v) for v in feeds.values())
         with self._lock, self.torch.cuda.device(self.device):
             key = self.bind(feeds)

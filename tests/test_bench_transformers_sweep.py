@@ -709,6 +709,24 @@ def test_a_model_onnx_runtime_lacks_a_kernel_for_is_validated_on_the_evaluator(s
     assert "- jetmoe: CPU execution provider: MLFloat16 data type is not supported with ScatterND" in text
 
 
+def layer_norm_module(width: int, times: float = 1.0):
+    """A LayerNorm taking its input as the sweep's wrapper does (`first_output`: *values), its output
+    multiplied by `times` where that is not 1 (a constant the exporter's optimiser folds): small
+    enough to export every way in seconds."""
+    import torch
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(width)
+
+        def forward(self, *values):
+            (x,) = values
+            return self.norm(x) if times == 1.0 else self.norm(x) * times
+
+    return Norm().eval()
+
+
 def test_each_export_mode_hands_over_to_the_next(sweep, tmp_path):
     """An export that does not load or run is exported again the next way: dynamic, then dynamic
     without the dynamo exporter's optimiser (a graph it broke), then static, then TorchScript. Each
@@ -717,20 +735,11 @@ def test_each_export_mode_hands_over_to_the_next(sweep, tmp_path):
     import onnx
     import torch
 
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = torch.nn.LayerNorm(16)
-
-        def forward(self, *values):
-            (x,) = values
-            return self.norm(x) * 2
-
     inputs, axes = {"x": torch.randn(2, 5, 16)}, {"x": {0: "batch", 1: "sequence"}}
     graphs = {}
     for after in (None, *sweep.EXPORT_MODES[:-1]):
         path = tmp_path / f"{after}.onnx"
-        mode = sweep.export(Scaled().eval(), inputs, axes, path, after)
+        mode = sweep.export(layer_norm_module(16, times=2.0), inputs, axes, path, after)
         assert mode == sweep.EXPORT_MODES[0 if after is None else sweep.EXPORT_MODES.index(after) + 1]
         graphs[mode] = onnx.load(str(path)).graph
     dims = {mode: [d.dim_param for d in g.input[0].type.tensor_type.shape.dim] for mode, g in graphs.items()}
@@ -758,18 +767,9 @@ def test_an_attempt_leaves_nothing_of_the_one_before(sweep, tmp_path):
     (validated on the evaluator, a fusion count) does not outlive it."""
     import torch
 
-    class Norm(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = torch.nn.LayerNorm(16)
-
-        def forward(self, *values):
-            (x,) = values
-            return self.norm(x)
-
     record = {"type": "t", "dtype": "float32", "on_evaluator": "an earlier attempt's", "fused_norms": 99,
               "export_failed": {"dynamic": "RunFailure: an earlier attempt's"}}
-    sweep.rewrite_and_validate(record, Norm().eval(), {"x": torch.randn(2, 5, 16)}, {"x": {0: "batch", 1: "sequence"}},
+    sweep.rewrite_and_validate(record, layer_norm_module(16), {"x": torch.randn(2, 5, 16)}, {"x": {0: "batch", 1: "sequence"}},
                                "1x5,2x7", tmp_path / "model.onnx", tmp_path, after="dynamic")
     assert "on_evaluator" not in record and record["fused_norms"] == 1 and record["validated"]
     assert record["export"] == "dynamic unoptimised" and record["export_failed"] == {"dynamic": "RunFailure: an earlier attempt's"}

@@ -6,7 +6,8 @@ import onnxruntime as ort
 import pytest
 
 from export.errors import NormfuseError
-from export.runtime import OrtModel, TensorSpec, check_feeds, load, numpy_dtype, to_numpy, to_torch
+from export.runtime import (OrtModel, TensorSpec, check_feeds, check_named_dims_agree, load, numpy_dtype, to_numpy,
+                            to_torch)
 
 
 @pytest.fixture(scope="module")
@@ -242,28 +243,28 @@ def test_a_failed_run_gives_onnx_runtimes_reason_not_its_source_path(tmp_path):
 
 def test_axes_of_one_name_must_have_one_size_for_tensorrt():
     """ONNX means two axes named alike to be equal, and TensorRT checks it: a mask one token short
-    is refused before the engine runs (`named_dims`, which TensorRTModel asks for). A name that is
-    arithmetic over others ('past + seq') is not held to anything: that reading is normfuse's, not
-    ONNX's."""
+    is refused before the engine runs (`check_named_dims_agree`, which TensorRTModel calls). A name
+    that is arithmetic over others ('past + seq') is not held to anything: that reading is
+    normfuse's, not ONNX's."""
     specs = [TensorSpec("input_ids", "int64", (None, None), ("batch", "seq")),
              TensorSpec("attention_mask", "int64", (None, None), ("batch", "seq")),
              TensorSpec("past", "float32", (None, 4, None), ("batch", None, "past + seq"))]
-    ids, mask = np.zeros((2, 5), np.int64), np.ones((2, 5), np.int64)
-    check_feeds(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((2, 4, 9), np.float32)}, "m.plan",
-                named_dims=True)
+    ids, mask, past = np.zeros((2, 5), np.int64), np.ones((2, 5), np.int64), np.zeros((2, 4, 9), np.float32)
+    check_named_dims_agree(specs, {"input_ids": ids, "attention_mask": mask, "past": past}, "m.plan")
     with pytest.raises(NormfuseError) as info:
-        check_feeds(specs, {"input_ids": ids, "attention_mask": mask[:, :4], "past": np.zeros((2, 4, 9), np.float32)},
-                    "m.plan", named_dims=True)
+        check_named_dims_agree(specs, {"input_ids": ids, "attention_mask": mask[:, :4], "past": past}, "m.plan")
     assert str(info.value) == ("m.plan: input 'attention_mask' has 4 on axis 1 and input 'input_ids' 5 on axis 1, "
                                "but the model names both axes 'seq': one name, one size")
     with pytest.raises(NormfuseError, match="'past' has 3 on axis 0 and input 'input_ids' 2 on axis 0.*'batch'"):
-        check_feeds(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((3, 4, 9), np.float32)}, "m.plan",
-                    named_dims=True)
+        check_named_dims_agree(specs, {"input_ids": ids, "attention_mask": mask, "past": np.zeros((3, 4, 9), np.float32)},
+                               "m.plan")
+    # check_feeds, which ONNX Runtime's models call, holds no name to one size
+    check_feeds(specs, {"input_ids": ids, "attention_mask": mask[:, :4], "past": past}, "m.onnx")
     # an empty axis is a placeholder (a merged decoder's first step takes its whole cache empty)
     cache = [TensorSpec("encoder_states", "float32", (None, None, 8), ("batch", "encoder_length", None)),
              TensorSpec("past_encoder_key", "float32", (None, None, 8), ("batch", "encoder_length", None))]
-    check_feeds(cache, {"encoder_states": np.zeros((2, 6, 8), np.float32),
-                        "past_encoder_key": np.zeros((2, 0, 8), np.float32)}, "m.plan", allow_empty=True, named_dims=True)
+    check_named_dims_agree(cache, {"encoder_states": np.zeros((2, 6, 8), np.float32),
+                                   "past_encoder_key": np.zeros((2, 0, 8), np.float32)}, "m.plan")
 
 
 def test_onnx_runtime_runs_axes_of_one_name_at_two_sizes(tmp_path):
