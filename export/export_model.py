@@ -15,7 +15,7 @@ from models import BlockConfig
 
 from .errors import NormfuseError, UsageError, first_line
 from .files import folder_made_for, put_in_place, staged_beside
-from .onnx_io import default_opset, external_locations, load_graph_only, place_written, save_exported
+from .onnx_io import default_opset, external_locations, load_graph_only, place_written, replacing_model, save_exported
 
 EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "hidden_states", "output"
@@ -64,9 +64,10 @@ def export_model(config: BlockConfig, path: str | Path, *, exporter: str = "dyna
         if check:
             _check_exported(staged, exporter)
         data = staged.with_name(staged.name + ".data")
-        if data.exists():
-            put_in_place(data, path.with_name(path.name + ".data"))
-        put_in_place(staged, path)
+        with replacing_model(path):
+            if data.exists():
+                put_in_place(data, path.with_name(path.name + ".data"))
+            put_in_place(staged, path)
     written = load_graph_only(path)
     return ExportResult(path, exporter, default_opset(written), bool(external_locations(written)))
 

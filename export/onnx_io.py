@@ -1,6 +1,7 @@
 """Reading and writing ONNX files, leaving large weights on disk as external data."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -145,6 +146,28 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
                               if entry.key == "location"))
 
 
+@contextlib.contextmanager
+def replacing_model(path: str | os.PathLike):
+    """Around writing a model to `path`: when the model it replaces kept its weights in `<name>.data`
+    and the new one does not use that file, the file goes too, unless another model in the folder
+    names it. A stale weights file beside a model reads as its weights, and can be gigabytes."""
+    path = Path(path)
+    own = path.name + ".data"
+    had_own = own in _locations_named_by(path)
+    yield
+    if had_own and own not in _locations_named_by(path) and not any(
+            own in _locations_named_by(other) for other in path.parent.glob("*.onnx") if other != path):
+        (path.parent / own).unlink(missing_ok=True)
+
+
+def _locations_named_by(path: Path) -> list[str]:
+    """The external data files the model at `path` names; none where there is no readable model."""
+    try:
+        return external_locations(onnx.load(str(path), load_external_data=False)) if path.is_file() else []
+    except Exception:  # not a model (protobuf raises several types): it names no file
+        return []
+
+
 def files_beside_models(folder: Path) -> list[Path]:
     """The files of a folder of models that are neither a model nor a model's external weights:
     what goes with the models wherever they are written (config.json, the tokenizer's files)."""
@@ -172,7 +195,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if external_data is None:
         external_data = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    with atomic_path(path) as tmp:
+    with replacing_model(path), atomic_path(path) as tmp:
         if external_data:
             # no data file where no tensor is large enough to go out (1 KiB)
             with atomic_path(path.parent / data_name, optional=True) as tmp_data:
@@ -203,7 +226,7 @@ def save_exported(program, path: str | os.PathLike, external_data: bool | None =
         except AttributeError:  # a torch whose ONNXProgram holds its model otherwise: the proto's way
             return save_model(program.model_proto, path)
     data_name = path.name + ".data"
-    with staged_beside(path) as staging:
+    with replacing_model(path), staged_beside(path) as staging:
         program.save(staging / path.name, external_data=external_data)
         if set(external_locations(load_graph_only(staging / path.name))) - {data_name}:
             # a torch that names its data file otherwise: the weights go through a proto after all
@@ -221,7 +244,11 @@ def place_written(written: Path, path: str | os.PathLike, external_data: bool | 
     their own (TorchScript's exporter past 2 GiB: one per tensor) are streamed into one `<name>.data`
     file, a buffer at a time (whatever `external_data` says: past 2 GiB there is no other layout).
     Only a model written whole that must get a data file is read whole."""
-    path = Path(path)
+    with replacing_model(path):
+        return _place_written(written, Path(path), external_data)
+
+
+def _place_written(written: Path, path: Path, external_data: bool | None) -> Path:
     beside = [p for p in written.parent.iterdir() if p != written]
     if not beside:  # one protobuf with its weights inside
         if external_data is None:

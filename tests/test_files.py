@@ -98,6 +98,48 @@ def test_a_model_with_external_weights_saves_into_any_folder(tmp_path, monkeypat
                for t in onnx.load(str(folder / "m.onnx"), load_external_data=False).graph.initializer)
 
 
+def test_a_model_saved_whole_over_one_with_external_weights_takes_its_weights_file_with_it(tmp_path):
+    """The old `m.onnx.data` would otherwise stay beside the new model that no longer reads it;
+    it stays where another model in the folder names it, and a file the old model did not name
+    stays whatever its name."""
+    import shutil
+
+    import onnx
+
+    from export.onnx_io import save_model
+    from export.rewrite.synth import NormSpec, build
+
+    model = build(NormSpec(hidden=512))
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").exists()
+    save_model(build(NormSpec(hidden=512)), tmp_path / "m.onnx", external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    onnx.load(str(tmp_path / "m.onnx"))  # reads every weight it names
+
+    save_model(build(NormSpec(hidden=512)), tmp_path / "m.onnx", external_data=True)
+    shutil.copy(tmp_path / "m.onnx", tmp_path / "other.onnx")  # names m.onnx.data too
+    save_model(build(NormSpec(hidden=512)), tmp_path / "m.onnx", external_data=False)
+    assert (tmp_path / "m.onnx.data").exists()
+    onnx.load(str(tmp_path / "other.onnx"))
+
+    (tmp_path / "n.onnx.data").write_bytes(b"not named by n.onnx")
+    save_model(build(NormSpec(hidden=512)), tmp_path / "n.onnx", external_data=False)
+    save_model(build(NormSpec(hidden=512)), tmp_path / "n.onnx", external_data=False)
+    assert (tmp_path / "n.onnx.data").read_bytes() == b"not named by n.onnx"
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_an_export_over_one_with_external_weights_leaves_no_stale_weights_file(tmp_path, exporter):
+    from export.export_model import export_model
+    from models import preset
+
+    config = preset("tiny", "rmsnorm", layers=1)
+    export_model(config, tmp_path / "model.onnx", external_data=True, exporter=exporter)
+    assert (tmp_path / "model.onnx.data").exists()
+    export_model(config, tmp_path / "model.onnx", external_data=False, exporter=exporter)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("external_data", [True, False])
 def test_an_export_is_saved_from_torch_without_a_copy_of_the_weights(tmp_path, monkeypatch, external_data, exporter):
