@@ -16,6 +16,7 @@ backend is missing, 2 for bad flags.
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -286,7 +287,10 @@ class Pipeline:
                            engines)
         decoding = self.decode(reference, backends, dtype)
         self.note_gpu_stages(backends)
-        triton = self.write_triton(reference, fused, engines, name, norm) if a.triton_repo else []
+        from .decode import decoded_alike
+
+        fused_passed = all(p["passed"] for p in validation) and all(decoded_alike(d["agreement"]) for d in decoding)
+        triton = self.write_triton(reference, fused, engines, name, norm, fused_passed) if a.triton_repo else []
         if expected_norms is None:
             expected_norms = rewrite_trt.fused + len(norms_rejected(rewrite_trt))
 
@@ -322,8 +326,6 @@ class Pipeline:
         if not all(p["passed"] for p in validation):
             self.console.print("[red]validation FAILED[/]: the fused graph does not match the reference")
             return 1
-        from .decode import decoded_alike
-
         if not all(decoded_alike(d["agreement"]) for d in decoding):
             self.console.print("[red]decoding FAILED[/]: the fused decoder chose other tokens or its scores are out "
                                "of tolerance")
@@ -556,23 +558,35 @@ class Pipeline:
             records.append({"backend": backend, **record, **skip_ops_on_the_cpu(backend, candidate)})
         return records
 
-    def write_triton(self, reference, fused, engines, preset_name: str, norm: str) -> list[str]:
-        from .triton_repo import batches_on_axis_0, onnx_signature, write_repository
+    def write_triton(self, reference, fused, engines, preset_name: str, norm: str, fused_passed: bool) -> list[str]:
+        """The models built, as a Triton repository; the fused ones only where every validation and
+        decoding passed (as the serving folder): an earlier run's entry of a fused model that now
+        fails is removed, and the report says why."""
+        from .triton_repo import not_batched_why, onnx_signature, write_repository
 
         a = self.args
-        models = [(f"{preset_name}_{norm}_{graph}_onnx", path) for graph, path in (("reference", reference), ("fused", fused))]
-        models += [(f"{preset_name}_{norm}_{graph}_plan", info["plan"]) for graph, info in engines.items()]
+        models = [(graph, f"{preset_name}_{norm}_{graph}_onnx", path)
+                  for graph, path in (("reference", reference), ("fused", fused))]
+        models += [(graph, f"{preset_name}_{norm}_{graph}_plan", info["plan"]) for graph, info in engines.items()]
         folders = []
         with self.stage("triton", f"write Triton model repository {a.triton_repo}"):
-            for name, path in models:
+            for graph, name, path in models:
+                if not fused_passed and graph != "reference":
+                    why = "validation or decoding failed; only models that passed are put up to be served"
+                    earlier = Path(a.triton_repo) / name
+                    if earlier.is_dir():  # left there, it would stand for a model that no longer passes
+                        shutil.rmtree(earlier)
+                        why += f" (the earlier {name}/ was removed)"
+                    self.console.print(f"    [yellow]{name} not written[/]: {why}")
+                    self.skipped.append({"stage": f"Triton model {name}", "reason": why})
+                    continue
                 if path.suffix == ".plan":
                     batch = None  # the engine profile's maximum
-                elif batches_on_axis_0(onnx_signature(path)[0]):
+                elif not (why := not_batched_why(*onnx_signature(path))):
                     batch = max(a.batch, 8)
-                else:  # an input of fixed axis 0 (a merged decoder's use_cache_branch [1]): Triton cannot batch it
+                else:  # a merged decoder's use_cache_branch [1], say: Triton cannot batch it
                     batch = 0
-                    self.console.print(f"    {name}: an input's axis 0 is fixed, so Triton does not batch requests "
-                                       "for it (max_batch_size 0)")
+                    self.console.print(f"    {name}: Triton does not batch requests for it (max_batch_size 0): {why}")
                 folders.append(str(write_repository(path, a.triton_repo, name=name, max_batch_size=batch)))
         return folders
 

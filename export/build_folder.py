@@ -30,6 +30,7 @@ class FolderPipeline:
         self.console = console
         self.skipped: list[dict] = []
         self.serving_failed = False
+        self.not_decoded: dict[str, str] = {}  # backend: why its encoder-decoder pair was not decoded there
 
     def run(self) -> int:
         from .build import environment
@@ -168,6 +169,7 @@ class FolderPipeline:
                                     compare_encoder_path=fused_encoder)
                 except NormfuseError as exc:  # named like Optimum's files, but not a pair export.decode can drive
                     self.skipped.append({"stage": f"{backend} greedy decoding", "reason": str(exc)})
+                    self.not_decoded[backend] = str(exc)
                     continue
             self.console.print(f"[green]done[/] {what}")
             forms = [fused_decoder.first, fused_decoder.with_past] if halves else [fused_decoder]
@@ -187,6 +189,8 @@ class FolderPipeline:
             why = self.why_not_served(models, pipelines, statuses, errors, backend)
             if why is None and not all(decoded_alike(d["agreement"]) for d in decoding if d["backend"] == backend):
                 why = "the fused encoder-decoder chose other tokens than the reference's, or scores out of tolerance"
+            if why is None and backend in self.not_decoded:  # its fused pair's tokens were never checked
+                why = f"the encoder-decoder pair could not be decoded, so the fused pair is unchecked ({self.not_decoded[backend]})"
             if why:
                 if target.is_dir():  # an earlier run's: left there, it would stand for models that no longer pass
                     shutil.rmtree(target)

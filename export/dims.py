@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from .errors import MissingKernel, NormfuseError, RunFailure, UsageError
+from .errors import IndexOutsideTable, MissingKernel, NormfuseError, RunFailure, UsageError
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,14 @@ def sequence_names(inputs: Sequence) -> list[str]:
 
 @contextmanager
 def hint_on_failure(inputs: Sequence):
-    """A RunFailure inside (not a MissingKernel) gets `failure_hint(inputs)` added. Pass the specs of inputs normfuse made
-    up by these rules; for inputs the user gave pass none, and only the generic hint (a shape the
-    model cannot take) is added, never the --dim one: their shapes are the user's."""
+    """A RunFailure inside gets `failure_hint(inputs)` added, unless its cause is named already (a
+    missing kernel, an index past its table). Pass the specs of inputs normfuse made up by these
+    rules; for inputs the user gave pass none, and only the generic hint (a shape the model cannot
+    take) is added, never the --dim one: their shapes are the user's."""
     try:
         yield
-    except MissingKernel:
-        raise  # the model's ops, not the inputs' shapes
+    except (MissingKernel, IndexOutsideTable):
+        raise  # the model's ops, or a value named already: not the inputs' shapes
     except RunFailure as exc:
         raise RunFailure(f"{exc} {failure_hint(inputs)}") from None
 

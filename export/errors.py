@@ -17,6 +17,11 @@ class RunFailure(NormfuseError):
     a table). Where normfuse made those inputs up, `export.dims.hint_on_failure` adds what to suspect."""
 
 
+class IndexOutsideTable(RunFailure):
+    """A run failed on an index input holding a value past the table it indexes (a token id outside
+    the vocabulary): the message names the input and the value, so no shape is to be suspected."""
+
+
 class MissingKernel(RunFailure):
     """ONNX Runtime's provider has no kernel for one of the model's ops at the types it is given
     (ScatterND adding float16 on the CPU): the model, not the inputs' shapes, is what it cannot run.

@@ -171,6 +171,13 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # once, at import: os.umask is process-wide, so not while threads write files
 
 
+def copy_as_new(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy a file (its times too, as shutil.copy2) with the permissions any new file gets, not
+    the source's: a user's model saved 0600 would be unreadable to a server running as another user."""
+    shutil.copy2(source, target)
+    os.chmod(target, 0o666 & ~_UMASK)
+
+
 def staging_folder(parent: Path, prefix: str) -> Path:
     """A new folder in `parent` to fill and then rename into place, with the permissions a plain
     mkdir gives (mkdtemp's 0700 would outlive the rename: a Triton server running as another user

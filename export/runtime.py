@@ -30,7 +30,7 @@ import numpy as np
 
 from normops import numpy_dtype
 
-from .errors import MissingKernel, NormfuseError, RunFailure, first_line, missing_kernel
+from .errors import IndexOutsideTable, MissingKernel, NormfuseError, RunFailure, first_line, missing_kernel
 from .files import require_file
 
 ONNX_SUFFIXES = (".onnx",)
@@ -281,7 +281,9 @@ class OrtModel:
         check_feeds(self.inputs, feeds, str(self.path), allow_empty=True)
         torch_in = any(is_torch(v) for v in feeds.values())
         with self._lock:
-            if not self.on_cuda:
+            if not self.on_cuda and self._bfloat16_in(feeds):
+                results = self._run_binding(feeds, keep=set())[0]  # ONNX Runtime's run() takes no numpy bfloat16
+            elif not self.on_cuda:
                 arrays = {k: to_numpy(v) for k, v in feeds.items()}
                 with self._failures_named(feeds):
                     results = dict(zip(self.output_names, self.session.run(None, arrays, self._run_options)))
@@ -307,36 +309,46 @@ class OrtModel:
         without a trip through the host: a decoder's KV cache, fed back every step. `feeds` takes
         such OrtValues besides numpy arrays and torch tensors. Returns (the other outputs as numpy,
         the kept ones)."""
-        import onnxruntime as ort
-
         check_feeds(self.inputs, feeds, str(self.path), allow_empty=True)
         keep = {keep} if isinstance(keep, str) else set(keep)  # one name, or several
         unknown = sorted(keep - set(self.output_names))
         if unknown:
             raise NormfuseError(f"{self.path}: {unknown[0]!r} is not an output of the model")
-        device = ("cuda", self.device) if self.on_cuda else ("cpu", 0)
         with self._lock:
-            binding = self.session.io_binding()  # one per run: the kept outputs must outlive it
-            for name, value in feeds.items():
-                if is_ortvalue(value):
-                    binding.bind_ortvalue_input(name, value)
-                    continue
-                array = np.ascontiguousarray(to_numpy(value))
-                if dtype_name(array.dtype) == "bfloat16":  # ONNX Runtime knows no numpy bfloat16: bind its bits
-                    host = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), _element_type("bfloat16"),
-                                                                     "cpu", 0)
-                    host.update_inplace(array.view(np.uint16))
-                    binding.bind_ortvalue_input(name, host)
-                else:
-                    binding.bind_cpu_input(name, array)  # copied to the device by ONNX Runtime where needed
-            for name in self.output_names:
-                if name in keep:
-                    binding.bind_output(name, *device)
-                else:
-                    binding.bind_output(name)  # to the host
-            with self._failures_named(feeds):
-                self.session.run_with_iobinding(binding, self._run_options)
-            values = dict(zip(self.output_names, binding.get_outputs()))
+            return self._run_binding(feeds, keep)
+
+    def _bfloat16_in(self, feeds: dict) -> bool:
+        """Whether a feed or an output is bfloat16, which ONNX Runtime's run() cannot take or give
+        as numpy (it has no numpy bfloat16): such a run goes through a binding of its bits."""
+        return (any(not is_ortvalue(v) and dtype_name(v.dtype) == "bfloat16" for v in feeds.values())
+                or any(spec.dtype == "bfloat16" for spec in self.outputs))
+
+    def _run_binding(self, feeds: dict, keep: set) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """`run_keeping`'s run, under the caller's lock."""
+        import onnxruntime as ort
+
+        device = ("cuda", self.device) if self.on_cuda else ("cpu", 0)
+        binding = self.session.io_binding()  # one per run: the kept outputs must outlive it
+        for name, value in feeds.items():
+            if is_ortvalue(value):
+                binding.bind_ortvalue_input(name, value)
+                continue
+            array = np.ascontiguousarray(to_numpy(value))
+            if dtype_name(array.dtype) == "bfloat16":  # ONNX Runtime knows no numpy bfloat16: bind its bits
+                host = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), _element_type("bfloat16"),
+                                                                 "cpu", 0)
+                host.update_inplace(array.view(np.uint16))
+                binding.bind_ortvalue_input(name, host)
+            else:
+                binding.bind_cpu_input(name, array)  # copied to the device by ONNX Runtime where needed
+        for name in self.output_names:
+            if name in keep:
+                binding.bind_output(name, *device)
+            else:
+                binding.bind_output(name)  # to the host
+        with self._failures_named(feeds):
+            self.session.run_with_iobinding(binding, self._run_options)
+        values = dict(zip(self.output_names, binding.get_outputs()))
         kept = {name: values[name] for name in keep}
         return {name: ortvalue_to_numpy(v) for name, v in values.items() if name not in keep}, kept
 
@@ -373,6 +385,14 @@ class OrtModel:
                 self._bound[name] = (shape, dtype, ortvalue)
         for name in self.output_names:
             binding.bind_output(name, "cuda", self.device)
+        torch_on_cuda = [v for v in feeds.values() if is_torch(v) and v.device.type == "cuda"]
+        if torch_on_cuda:
+            import torch
+
+            # ONNX Runtime reads bound torch tensors on a stream of its own: work torch queued to
+            # write them (on its current stream) must be done first
+            for device in {t.device for t in torch_on_cuda}:
+                torch.cuda.current_stream(device).synchronize()
 
     def run_bound(self) -> None:
         """One run on the bound buffers, no host copies: what a benchmark times."""
@@ -404,7 +424,7 @@ class OrtModel:
                 raise MissingKernel(self.path, message) from None
             outside = _index_outside_its_table(self.path, feeds)
             if outside:  # ONNX Runtime's words after it: another node may have failed first
-                raise RunFailure(f"{self.path}: {outside} (ONNX Runtime: {message})") from None
+                raise IndexOutsideTable(f"{self.path}: {outside} (ONNX Runtime: {message})") from None
             raise RunFailure(f"{self.path}: ONNX Runtime failed to run it on {shapes}: {message}") from None
 
     def end_profiling(self) -> str:

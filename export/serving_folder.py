@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .errors import NormfuseError
-from .files import replace_folder, staging_folder
+from .files import copy_as_new, replace_folder, staging_folder
 from .onnx_io import external_locations, files_beside_models, load_graph_only, rename_location
 
 PREFIX = "serve-"
@@ -34,7 +34,7 @@ def write_serving_folder(source: Path, forms: dict[str, Path], target: Path) -> 
             _place_model(form, staging / name, target)
         others = files_beside_models(source)
         for other in others:
-            shutil.copy2(other, staging / other.name)
+            copy_as_new(other, staging / other.name)
         replace_folder(staging, target)
     except OSError as exc:  # a full disk, say: the earlier folder, if any, stays as it was
         raise NormfuseError(f"{target}: cannot write ({exc.strerror or exc})") from None
@@ -65,7 +65,7 @@ def _place_model(form: Path, destination: Path, target: Path) -> None:
             raise NormfuseError(f"{form}: its external data {location} and another model's, both to be "
                                 f"{target / name}, differ")
         if not placed.exists():
-            shutil.copy2(form.parent / location, placed)
+            copy_as_new(form.parent / location, placed)
         if name != location:
             rename_location(model, location, name)
             renamed = True
@@ -74,4 +74,4 @@ def _place_model(form: Path, destination: Path, target: Path) -> None:
 
         onnx.save_model(model, str(destination))
     else:
-        shutil.copy2(form, destination)  # the bytes as built
+        copy_as_new(form, destination)  # the bytes as built

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NormfuseError, UsageError
-from .files import (folder_made_for, no_room_names, replace_folder, require_file, require_writable, staging_folder,
-                    write_text)
+from .files import (copy_as_new, folder_made_for, no_room_names, replace_folder, require_file, require_writable,
+                    staging_folder, write_text)
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
@@ -83,8 +83,8 @@ def onnx_signature(path: str | Path) -> tuple[list[IO], list[IO]]:
     return ([io(v) for v in model.graph.input if v.name not in initializers], [io(v) for v in model.graph.output])
 
 
-def plan_signature(path: str | Path) -> tuple[list[IO], list[IO], int | None]:
-    """Inputs, outputs and the profile's max batch of an engine, from its sidecar."""
+def plan_signature(path: str | Path) -> tuple[list[IO], list[IO], int | None, int | None]:
+    """Inputs, outputs, and the profile's largest and smallest batch of an engine, from its sidecar."""
     from .tensorrt_engine import read_sidecar, sidecar_path
 
     sidecar = read_sidecar(path)
@@ -93,11 +93,12 @@ def plan_signature(path: str | Path) -> tuple[list[IO], list[IO], int | None]:
                             "is missing or has no I/O signature")
     inputs, outputs = ([IO(t["name"], t["dtype"], t["shape"], tuple(t.get("dim_params") or ()))
                         for t in sidecar["io"][kind]] for kind in ("inputs", "outputs"))
-    max_batch = None
+    max_batch = min_batch = None
     profiles = sidecar.get("profiles") or []
     if profiles:
         max_batch = min(shape["max"][0] for shape in profiles[0].values())
-    return inputs, outputs, max_batch
+        min_batch = max(shape["min"][0] for shape in profiles[0].values())
+    return inputs, outputs, max_batch, min_batch
 
 
 def config_text(name: str, platform: str, inputs: list[IO], outputs: list[IO], max_batch_size: int,
@@ -163,10 +164,21 @@ def model_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", path.stem) or "model"
 
 
-def batches_on_axis_0(inputs) -> bool:
-    """Whether every input's axis 0 is dynamic, so Triton may batch requests along it (an input of a
-    fixed [1], as a merged decoder's use_cache_branch, rules that out: max_batch_size 0)."""
-    return bool(inputs) and all(len(i.shape) > 0 and i.shape[0] is None for i in inputs)
+def not_batched_why(inputs: list[IO], outputs: list[IO]) -> str | None:
+    """Why Triton may not batch requests along axis 0 of this model, or None where it may. Triton
+    batches every input and output along axis 0 (and refuses a config with batching where one has a
+    fixed axis 0 or no axis at all), so each must have a dynamic axis 0, and those the graph names
+    must share one name: an input of fixed [1] (a merged decoder's use_cache_branch), a stacked
+    cache [2, batch, ...], a scalar loss, or an output whose axis 0 is another size rule it out."""
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        for io in tensors:
+            if not io.shape or io.shape[0] is not None:
+                axis = "has no axis 0" if not io.shape else f"has a fixed axis 0 of {io.shape[0]}"
+                return f"{kind} {io.name!r} {axis}"
+    names = {io.dim_params[0] for io in inputs + outputs if io.dim_params and io.dim_params[0]}
+    if len(names) > 1:
+        return f"axis 0 has {len(names)} names ({', '.join(sorted(names))}), so it is not one batch"
+    return None
 
 
 def write_repository(model_path: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
@@ -184,19 +196,21 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise UsageError(f"{name!r} is not a usable Triton model name")
     if suffix == ".plan":
-        inputs, outputs, profile_batch = plan_signature(model_path)
+        inputs, outputs, profile_batch, smallest_batch = plan_signature(model_path)
     else:
         from .backends import refuse_plugin_ops
 
         refuse_plugin_ops(model_path, "Triton's onnxruntime backend")
         inputs, outputs = onnx_signature(model_path)
-        profile_batch = None
-    batch_axis = batches_on_axis_0(inputs)
+        profile_batch = smallest_batch = None
+    not_batched = not_batched_why(inputs, outputs)
+    if not not_batched and smallest_batch is not None and smallest_batch > 1:
+        # Triton's batcher sends any batch from 1 up: one under the profile's minimum would fail
+        not_batched = f"the engine profile's smallest batch is {smallest_batch}, and Triton may send a batch of 1"
     if max_batch_size is None:
-        max_batch_size = (profile_batch or 8) if batch_axis else 0
-    if max_batch_size > 0 and not batch_axis:
-        raise UsageError(f"{model_path}: axis 0 of the inputs is fixed, so it cannot be Triton's batch axis "
-                         "(use max_batch_size 0)")
+        max_batch_size = 0 if not_batched else (profile_batch or 8)
+    if max_batch_size > 0 and not_batched:
+        raise UsageError(f"{model_path}: axis 0 cannot be Triton's batch axis: {not_batched} (use max_batch_size 0)")
     if profile_batch is not None and max_batch_size > profile_batch:
         raise UsageError(f"{model_path}: max_batch_size {max_batch_size} is above the engine profile's batch "
                          f"maximum {profile_batch}")
@@ -215,9 +229,9 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
         try:
             version_dir = staging / str(version)
             version_dir.mkdir()
-            shutil.copy2(model_path, version_dir / MODEL_FILES[suffix])
+            copy_as_new(model_path, version_dir / MODEL_FILES[suffix])
             for extra in _companions(model_path):
-                shutil.copy2(extra, version_dir / extra.name)
+                copy_as_new(extra, version_dir / extra.name)
             write_text(staging / "config.pbtxt", text)
             replace_folder(staging, repo / name)
         finally:

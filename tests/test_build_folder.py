@@ -64,7 +64,7 @@ def test_each_model_is_built_and_the_fused_pair_decodes_the_references_tokens(t5
     assert "decode on ort-cpu: 6/6 same tokens" in terminal
     # Triton batches the encoder; the merged decoder's use_cache_branch [1] rules batching out for it
     configs = {p.parent.name: p.read_text() for p in (tmp_path / "triton").glob("*/config.pbtxt")}
-    assert len(configs) == 4 and "an input's axis 0 is fixed, so Triton does not batch" in terminal
+    assert len(configs) == 4 and "Triton does not batch requests for it (max_batch_size 0): input 'use_cache_branch' has a fixed axis 0 of 1" in terminal
     for name, text in configs.items():
         assert f"max_batch_size: {0 if name.startswith('decoder') else 8}" in text, name
     # the folder to serve in the source's place: each model's CPU form under its own name, config.json too
@@ -175,6 +175,27 @@ def test_a_model_that_fails_validation_fails_the_folder(t5, tmp_path, monkeypatc
     (reason,) = [s["reason"] for s in report["skipped"] if s["stage"] == "ort-cpu serving folder serve-ort-cpu"]
     assert reason.startswith("decoder_model_merged.onnx, encoder_model.onnx failed")
     assert reason.endswith("(the earlier serve-ort-cpu/ was removed)")
+
+
+def test_a_pair_that_could_not_be_decoded_is_not_put_up_to_be_served(t5, tmp_path):
+    """A merged decoder with an input export.decode cannot feed (here an unused cache_position):
+    each model builds and passes, but the fused pair's tokens were never checked, so no serving
+    folder stands for it, and the report says why."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = tmp_path / "t5"
+    shutil.copytree(t5["merged"], folder)
+    decoder = onnx.load(str(folder / "decoder_model_merged.onnx"))
+    decoder.graph.input.append(helper.make_tensor_value_info("cache_position", TensorProto.INT64, ["sequence"]))
+    onnx.save(decoder, str(folder / "decoder_model_merged.onnx"))
+    out = tmp_path / "out"
+    assert build_main(["--onnx", str(folder), "--out", str(out), "--decode-tokens", "4", *QUICK]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["serving"] == [] and not (out / "serve-ort-cpu").exists()
+    (reason,) = [s["reason"] for s in report["skipped"] if s["stage"] == "ort-cpu serving folder serve-ort-cpu"]
+    assert reason.startswith("the encoder-decoder pair could not be decoded, so the fused pair is unchecked (")
+    assert "cache_position" in reason
 
 
 def test_a_model_that_cannot_be_built_is_named_and_the_others_are_built(tmp_path, capsys):

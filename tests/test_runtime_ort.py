@@ -319,6 +319,39 @@ def test_a_token_past_the_vocabulary_is_named_with_its_input(tmp_path):
         assert "\n" not in message
 
 
+def test_a_token_past_the_vocabulary_gets_no_shape_hint(tmp_path):
+    """The value is named already: the hint to suspect a shape would point elsewhere."""
+    from export.dims import hint_on_failure
+    from export.errors import IndexOutsideTable
+
+    model = load(embedding_model(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(IndexOutsideTable) as failed, hint_on_failure(model.inputs):
+        model.run({"ids": np.array([[3, 10]], np.int64)})
+    assert "a shape the model cannot take" not in str(failed.value)
+
+
+def test_bfloat16_in_and_out_runs_on_the_cpu(tmp_path):
+    """ONNX Runtime's run() takes no numpy bfloat16 (ml_dtypes'); such a run binds the bits, numpy
+    or torch in, and gives bfloat16 back."""
+    import ml_dtypes
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), helper.make_node("Relu", ["xf"], ["r"]),
+             helper.make_node("Cast", ["r"], ["y"], to=TensorProto.BFLOAT16)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["b", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["b", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "bf16.onnx"))
+    model = load(tmp_path / "bf16.onnx", providers=["CPUExecutionProvider"])
+    x = (np.arange(8, dtype=np.float32).reshape(2, 4) - 4.5).astype(ml_dtypes.bfloat16)
+    y = model.run({"x": x})["y"]
+    assert y.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(y.astype(np.float32), np.maximum(x.astype(np.float32), 0))
+    out = model.run({"x": torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)})["y"]
+    assert out.dtype == torch.bfloat16 and torch.equal(out.float(), torch.from_numpy(y.astype(np.float32)))
+
+
 @pytest.mark.parametrize("op, inputs, outputs, flops", [
     # Gemm: K from A's size over the output's M, whether A is [M, K] or transposed [K, M]
     ("Gemm", [[128, 64], [64, 32]], [[128, 32]], 2 * 128 * 32 * 64),

@@ -1,5 +1,6 @@
 """Triton model repositories: layout, config.pbtxt parsed with Triton's own ModelConfig."""
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -60,8 +61,14 @@ def test_external_weights_go_into_the_version_folder(graphs, tmp_path):
     model = onnx.load(str(graphs["fused"]))
     split = save_model(model, tmp_path / "src" / "split.onnx", external_data=True)
     assert (tmp_path / "src" / "split.onnx.data").is_file()
+    for source in (split, tmp_path / "src" / "split.onnx.data"):  # a user's files kept private: the copies are not
+        os.chmod(source, 0o600)
     folder = write_repository(split, tmp_path / "repo")
     assert (folder / "1" / "split.onnx.data").read_bytes() == (tmp_path / "src" / "split.onnx.data").read_bytes()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for copy in (folder / "1" / "model.onnx", folder / "1" / "split.onnx.data"):
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o666 & ~umask, copy
     import onnxruntime as ort
 
     ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])  # loads its weights
@@ -116,6 +123,15 @@ def test_plan_repository_from_the_engine_sidecar(graphs, tmp_path):
     assert (folder / "1" / "fused.plan.json").is_file()
     with pytest.raises(UsageError, match="above the engine profile"):
         write_repository(plan, tmp_path / "repo", max_batch_size=32)
+    # a profile from batch 2 up: Triton's batcher may send 1, so the engine is not batched
+    options = EngineOptions(batch=Range(2, 4, 16), seq=Range(1, 64, 512))
+    sidecar = make_sidecar(graphs["trt"], plan, options, tensorrt_version="10.13.0", gpu={},
+                           profiles=profile_shapes(graphs["trt"], options.batch, options.seq), build_seconds=1.0,
+                           plan_bytes=12)
+    write_json(sidecar_path(plan), sidecar)
+    assert read_config(write_repository(plan, tmp_path / "repo2")).max_batch_size == 0
+    with pytest.raises(UsageError, match="smallest batch is 2, and Triton may send a batch of 1"):
+        write_repository(plan, tmp_path / "repo3", max_batch_size=8)
     sidecar_path(plan).unlink()
     with pytest.raises(NormfuseError, match="sidecar"):
         write_repository(plan, tmp_path / "repo2")
@@ -129,6 +145,39 @@ def test_fixed_batch_axis_means_no_batching(graphs, tmp_path):
     config = read_config(write_repository(tmp_path / "fixed.onnx", tmp_path / "repo"))
     assert config.max_batch_size == 0 and list(config.input[0].dims)[0] == 1
     assert not config.HasField("dynamic_batching")
+
+
+def _model_with_outputs(path, outputs):
+    """x [batch, seq] -> y [batch, seq] and each of `outputs` (name, dims), all from x."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    for name, dims in outputs:
+        if dims == []:
+            nodes.append(helper.make_node("ReduceSum", ["x"], [name], keepdims=0))
+        else:
+            nodes.append(helper.make_node("Identity", ["x"], [name]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])]
+                              + [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in outputs])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("output,why", [
+    (("present", [2, "batch", "seq"]), "output 'present' has a fixed axis 0 of 2"),
+    (("loss", []), "output 'loss' has no axis 0"),
+    (("flat", ["batch_x_seq", "seq"]), "axis 0 has 2 names (batch, batch_x_seq)")])
+def test_batching_needs_every_output_on_the_batch_axis_too(tmp_path, output, why):
+    """Triton batches outputs along axis 0 as well, and refuses a batching config where one has a
+    fixed axis 0 or none; an axis 0 of another name is another size (requests would be mixed)."""
+    model = _model_with_outputs(tmp_path / "m.onnx", [output])
+    config = read_config(write_repository(model, tmp_path / "repo"))
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    with pytest.raises(UsageError, match=re.escape(why)):
+        write_repository(model, tmp_path / "repo", name="again", max_batch_size=4)
+    batched = _model_with_outputs(tmp_path / "ok.onnx", [("z", ["batch", 3])])
+    assert read_config(write_repository(batched, tmp_path / "repo")).max_batch_size == 8
 
 
 @pytest.mark.parametrize("dtype,triton", [("float16", "TYPE_FP16"), ("bfloat16", "TYPE_BF16")])
@@ -223,3 +272,24 @@ def test_build_command_writes_a_repository(tmp_path):
         assert config.name == name and config.platform == "onnxruntime_onnx"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(report["triton"]) == 2 and report["engines"] == {}
+
+
+def test_a_build_that_fails_validation_puts_no_fused_model_up_to_be_served(tmp_path, monkeypatch):
+    """Held to 1e-12 the fused graph fails: the reference still goes into the repository, the fused
+    model does not, and an earlier run's entry for it (from when it passed) is removed."""
+    import json
+
+    from export.build import main
+    from normops import GRAPH, Tolerance
+
+    monkeypatch.setitem(GRAPH, "float32", Tolerance(atol=1e-12, rtol=0.0))
+    earlier = tmp_path / "repo" / "tiny_layernorm_fused_onnx"
+    earlier.mkdir(parents=True)
+    (earlier / "config.pbtxt").write_text('name: "tiny_layernorm_fused_onnx"\n')
+    assert main(["--norm", "layernorm", "--preset", "tiny", "--backend", "ort-cpu", "--runs", "2", "--warmup", "0",
+                 "--seq", "8", "--out", str(tmp_path / "out"), "--triton-repo", str(tmp_path / "repo")]) == 1
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["tiny_layernorm_reference_onnx"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["triton"]) == 1
+    (reason,) = [s["reason"] for s in report["skipped"] if s["stage"] == "Triton model tiny_layernorm_fused_onnx"]
+    assert reason.startswith("validation or decoding failed") and "earlier tiny_layernorm_fused_onnx/ was removed" in reason
