@@ -7,7 +7,7 @@ from .bench import one_pair_caveat, pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
 from .norm_check import describe as describe_norm_check
 from .rewrite import describe_counts, describe_unmatched_means, describe_without_epsilon
-from .validate import describe_as_written, describe_float32, shape_label
+from .validate import describe_as_written, describe_float32, result_cell, shape_label
 
 
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
@@ -106,7 +106,7 @@ def markdown(report: dict) -> str:
             reference = pair.get("judged_against", pair["reference"])
             lines.append(f"| {reference} | {pair['candidate']} | {shape_label(pair)} | {name} | "
                          f"{s['max_abs']:.3g} | {s['max_rel']:.3g} | atol {s['atol']:g}, rtol {s['rtol']:g} | "
-                         f"{'pass' if s['passed'] else '**FAIL**'} |")
+                         f"{result_cell(s).replace('FAIL', '**FAIL**', 1)} |")
     for pair in report["validation"]:
         if pair.get("norm_check"):
             lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_norm_check(pair['norm_check'])}."]
@@ -311,7 +311,8 @@ def print_summary(report: dict, console) -> None:
     for pair in report["validation"]:
         for name, s in pair["outputs"].items():
             table.add_row(pair.get("judged_against", pair["reference"]), pair["candidate"], shape_label(pair), name,
-                          f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}", "[green]pass" if s["passed"] else "[red]FAIL")
+                          f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}",
+                          ("[green]" if s["passed"] else "[red]") + result_cell(s))
     console.print(table)
     for pair in report["validation"]:
         if pair.get("norm_check"):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
-from normops import GRAPH, Tolerance, error_stats, numpy_dtype, within
+from normops import EXACT, GRAPH, Tolerance, error_stats, numpy_dtype, tolerance_for, within
 
 from .backends import index_bounds, leading_dims, make_runner, random_arrays
 from .decode import mask_over_the_cache
@@ -72,16 +72,20 @@ QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
 def output_stats(actual, expected, tol: Tolerance) -> dict:
     """normops.error_stats plus NaN/Inf counts, quantiles of the share of the tolerance used
     (|a - e| / (atol + rtol |e|): 1.0 is at the limit) and the lowest quantile above 1."""
+    if np.shape(actual) != np.shape(expected):  # compare() names the output; a caller of its own gets this
+        raise NormfuseError(f"output shapes differ: {list(np.shape(actual))} vs {list(np.shape(expected))}")
+    tol = tolerance_for(expected, tol)  # integers and booleans: exactly
     stats = error_stats(actual, expected, tol)
     a = np.asarray(actual, dtype=np.float64).ravel()
     e = np.asarray(expected, dtype=np.float64).ravel()
-    if a.shape != e.shape:
-        raise NormfuseError(f"output shapes differ: {np.shape(actual)} vs {np.shape(expected)}")
     stats["nan"] = int(np.isnan(a).sum())
     stats["inf"] = int(np.isinf(a).sum())
     stats["reference_nonfinite"] = int((~np.isfinite(e)).sum())
     finite = np.isfinite(a) & np.isfinite(e)
-    used = np.abs(a[finite] - e[finite]) / (tol.atol + tol.rtol * np.abs(e[finite]))
+    error, allowed = np.abs(a[finite] - e[finite]), tol.atol + tol.rtol * np.abs(e[finite])
+    if tol == EXACT:  # integers: measured in half steps, so any difference uses 2 or more (and fails)
+        allowed = np.full_like(error, 0.5)
+    used = error / allowed
     stats["tolerance_used"] = {_q_name(q): float(np.quantile(used, q)) if used.size else 0.0 for q in QUANTILES}
     failed = [q for q in QUANTILES if stats["tolerance_used"][_q_name(q)] > 1.0]
     stats["nonfinite_mismatch"] = int((~within(a, e, tol) & ~finite).sum())  # NaN vs number, +inf vs -inf
@@ -91,6 +95,22 @@ def output_stats(actual, expected, tol: Tolerance) -> dict:
         stats["failed_quantile"] = _q_name(failed[0]) if failed else None
     stats["shape"] = list(np.shape(actual))
     return stats
+
+
+def result_note(stats: dict) -> str:
+    """What the figures alone do not say: values NaN or Inf on one side only, or nothing finite to
+    compare (both sides NaN or Inf alike), or "" where neither holds."""
+    if stats.get("nonfinite_mismatch"):
+        return f"{stats['nonfinite_mismatch']} value(s) NaN or Inf on one side only"
+    if stats.get("finite_compared") == 0 and stats.get("shape") and 0 not in stats["shape"]:
+        return "no finite value to compare: NaN or Inf alike on both sides"
+    return ""
+
+
+def result_cell(stats: dict) -> str:
+    """The result column of the validation tables: pass or FAIL, with `result_note`."""
+    note = result_note(stats)
+    return ("pass" if stats["passed"] else "FAIL") + (f" ({note})" if note else "")
 
 
 def _q_name(q: float) -> str:
@@ -172,6 +192,54 @@ def random_node(graph) -> str | None:
     return None
 
 
+def dropout_switches(graph) -> list[str]:
+    """Graph inputs a Dropout reads as its training_mode: fed false (true makes every run differ)."""
+    from .rewrite.scopes import walk_nodes
+
+    inputs = {value.name for value in graph.input}
+    return list(dict.fromkeys(node.input[2] for node in walk_nodes(graph.node)
+                              if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2] in inputs))
+
+
+# the float types from most to least precise: a pair is held to the tolerance of the least precise it involves
+PRECISION_ORDER = ("float64", "float32", "float16", "bfloat16")
+ENGINE_PRECISIONS = {"fp16": "float16", "bf16": "bfloat16"}  # a weakly typed engine's --precision
+
+
+def least_precise(*dtypes: str | None) -> str:
+    known = [d for d in dtypes if d in PRECISION_ORDER]
+    return max(known, key=PRECISION_ORDER.index) if known else next(d for d in dtypes if d)
+
+
+def engine_precision(path) -> str | None:
+    """The float type a TensorRT engine built weakly typed with fp16 or bf16 allowed may compute in
+    (its sidecar's precision), or None: an ONNX file, or an engine of the graph's own types."""
+    if Path(path).suffix != ".plan":
+        return None
+    from .tensorrt_engine import read_sidecar
+
+    sidecar = read_sidecar(path) or {}
+    return ENGINE_PRECISIONS.get(sidecar.get("precision"))
+
+
+def check_output_types(reference_outputs, candidate) -> None:
+    """A NormfuseError where the candidate declares one of the reference's outputs with another
+    element type: a fused graph must keep the interface (a KV cache's dtype, the logits')."""
+    from .triton_repo import onnx_signature, plan_signature
+
+    suffix = Path(candidate).suffix
+    try:
+        outputs = onnx_signature(candidate)[1] if suffix == ".onnx" else plan_signature(candidate)[1] \
+            if suffix == ".plan" else []
+    except NormfuseError:  # an engine without its sidecar: its runner says so
+        return
+    declared = {o.name: o.dtype for o in outputs}
+    for output in reference_outputs:
+        if output.name in declared and declared[output.name] != output.dtype:
+            raise NormfuseError(f"{candidate}: output {output.name!r} is {declared[output.name]} where the "
+                                f"reference's is {output.dtype}: the fused graph must keep its outputs' types")
+
+
 def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dtype: str, seed: int = 0,
             progress=None, save_dir: str | Path | None = None, given: list[dict] | None = None,
             dims: dict[str, int] | None = None) -> list[dict]:
@@ -189,6 +257,7 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     from .onnx_io import load_graph_only
 
     inputs, output_specs = onnx_signature(reference.model)
+    check_output_types(output_specs, candidate.model)
     graph = load_graph_only(reference.model).graph if Path(reference.model).suffix == ".onnx" else None
     if graph is not None:
         random = random_node(graph)
@@ -200,8 +269,10 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         for feeds in given:
             check_feeds(specs, feeds, f"{reference.model} (--inputs)")
         shapes = [leading_dims(feeds) for feeds in given]
-    tolerance = GRAPH[dtype]
+    tolerance_dtype = least_precise(dtype, engine_precision(candidate.model))
+    tolerance = GRAPH[tolerance_dtype]
     bounds = index_bounds(reference.model) if given is None else {}
+    training = dropout_switches(graph) if graph is not None else []
     switches = branch_switches(graph) if given is None and graph is not None else []
     settings = [dict.fromkeys(switches, True), dict.fromkeys(switches, False)] if switches else [{}]
     runs = [(index, shape, setting) for index, shape in enumerate(shapes) for setting in settings]
@@ -210,6 +281,12 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
         feeds = given[index] if given is not None else random_arrays(
             inputs, batch, seq, seed=seed, bounds=bounds, dims=dims, where=str(reference.model))
         feeds.update({name: np.full_like(feeds[name], on) for name, on in setting.items()})
+        if given is None:  # Dropout's training_mode as an input: off, or no two runs agree
+            feeds.update({name: np.zeros_like(feeds[name]) for name in training if name in feeds})
+        elif any(np.any(feeds.get(name, False)) for name in training):
+            raise UsageError(f"{reference.model}: --inputs sets Dropout's training_mode "
+                             f"({next(n for n in training if np.any(feeds.get(n, False)))}) true, so the outputs "
+                             "change from run to run and no comparison can pass")
         mask_over_the_cache(feeds, inputs, output_specs)
         all_feeds.append(feeds)
     # One model loaded at a time: the reference runs every input first and is let go before the
@@ -222,10 +299,14 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     all_actual = _run_each(make_runner(candidate.model, candidate.backend, shapes, dims=dims, optimization=cand_level),
                            all_feeds, inputs if given is None else (), progress)
 
-    for expected, actual in zip(all_expected, all_actual):
+    for (_, (batch, seq), _), expected, actual in zip(runs, all_expected, all_actual):
         missing = set(expected) - set(actual)
         if missing:
             raise NormfuseError(f"{candidate.model}: outputs {sorted(missing)} missing (it has {sorted(actual)})")
+        for name in expected:
+            if np.shape(actual[name]) != np.shape(expected[name]):
+                raise NormfuseError(f"{candidate.model}: output {name!r} has shape {list(np.shape(actual[name]))} at "
+                                    f"{batch}x{seq}, the reference's {list(np.shape(expected[name]))}")
     judged = [{name: output_stats(actual[name], expected[name], tolerance) for name in expected}
               for expected, actual in zip(all_expected, all_actual)]
     failing = [k for k, outputs in enumerate(judged) if not all(o["passed"] for o in outputs.values())]
@@ -294,7 +375,10 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             "passed": passed,
             "outputs": outputs,
             **({"norm_check": norms} if norms is not None else {}),
-            **({"reference_optimization": cand_level, "as_written": as_written} if as_written is not None else {}),
+            **({"reference_optimization": cand_level, "as_written": as_written,
+                "judged_against": f"{reference.label} optimised ({cand_level})@{reference.backend}"}
+               if as_written is not None else {}),
+            **({"tolerance_dtype": tolerance_dtype} if tolerance_dtype != dtype else {}),
             **({"float32_check": float32_check} if float32_check is not None else {}),
             **({"against_half_reference": against_half, "judged_against": FLOAT32_REFERENCE} if against_half is not None
                else {}),
@@ -524,10 +608,13 @@ def print_pairs(pairs: list[dict], dtype: str, dims: list[tuple], prefix: str = 
     for pair in pairs:
         for name, s in pair["outputs"].items():
             verdict = "PASS" if s["passed"] else f"FAIL from {s['failed_quantile']}"
+            held_as = pair.get("tolerance_dtype", dtype)
             print(f"{prefix}{verdict} {shape_label(pair)}{with_dims} {name} ({pair['candidate']} vs "
                   f"{pair.get('judged_against', pair['reference'])}): max_abs {s['max_abs']:.3g} median_abs {s['median_abs']:.3g} "
                   f"max_rel {s['max_rel']:.3g}, tolerance used p99 {s['tolerance_used']['p99']:.2g} "
-                  f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, {dtype})")
+                  f"max {s['tolerance_used']['max']:.2g} (atol {s['atol']:g}, rtol {s['rtol']:g}, "
+                  f"{held_as if held_as == dtype else f'{held_as}: the engine computes in it'})"
+                  + (f"; {note}" if (note := result_note(s)) else ""))
         if pair.get("norm_check"):
             from .norm_check import describe
 

@@ -19,10 +19,11 @@ from .contract import (
     op_for,
 )
 from .reference import REFERENCES, run_reference
-from .tolerances import GRAPH, OP, Tolerance, error_stats, within
+from .tolerances import EXACT, GRAPH, OP, Tolerance, error_stats, tolerance_for, within
 
 __all__ = [
     "ADD_LAYER_NORM", "ADD_RMS_NORM", "DEFAULT_EPSILON", "DOMAIN", "LAYER_NORM", "OPS",
     "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "RMS_NORM", "SUPPORTED_DTYPES", "OpSpec", "numpy_dtype",
-    "op_for", "REFERENCES", "run_reference", "GRAPH", "OP", "Tolerance", "error_stats", "within",
+    "op_for", "REFERENCES", "run_reference", "EXACT", "GRAPH", "OP", "Tolerance", "error_stats", "tolerance_for",
+    "within",
 ]

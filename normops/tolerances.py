@@ -4,6 +4,9 @@
 rounding of the dtype plus fp32 accumulation. `GRAPH` bounds a whole fused graph against the
 reference graph run by the same backend: errors of several layers and both graphs' own roundings.
 A value passes when |actual - expected| <= atol + rtol * |expected| (numpy.allclose's rule).
+Integer and boolean outputs (token ids, masks) must match exactly. The relative error reported
+is taken where |expected| >= atol only: near zero the absolute tolerance governs, and a
+denominator there would make the figure meaningless (1e8 for a 1e-8 reference value).
 """
 from __future__ import annotations
 
@@ -36,6 +39,14 @@ GRAPH = {
 }
 
 
+EXACT = Tolerance(atol=0.0, rtol=0.0)  # integer and boolean outputs
+
+
+def tolerance_for(values, tol: Tolerance) -> Tolerance:
+    """`tol` for floating-point values; EXACT for integers and booleans (token ids, masks)."""
+    return EXACT if np.asarray(values).dtype.kind in "biu" else tol
+
+
 def within(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> np.ndarray:
     """Elementwise pass mask; NaN matches NaN and an infinity matches the same infinity."""
     a = np.asarray(actual, dtype=np.float64)
@@ -48,12 +59,15 @@ def within(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> np.ndarr
 
 
 def error_stats(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> dict:
-    """Per-output error statistics: max/mean/median abs and rel error and the pass verdict."""
+    """Per-output error statistics: max/mean/median abs and rel error and the pass verdict (held
+    to EXACT where the values are integers or booleans)."""
+    tol = tolerance_for(expected, tol)
     a = np.asarray(actual, dtype=np.float64).ravel()
     e = np.asarray(expected, dtype=np.float64).ravel()
     finite = np.isfinite(a) & np.isfinite(e)
     abs_err = np.abs(a[finite] - e[finite])
-    rel_err = abs_err / np.maximum(np.abs(e[finite]), 1e-12)
+    sized = np.abs(e[finite]) >= max(tol.atol, 1e-12)  # where a relative error means something
+    rel_err = abs_err[sized] / np.abs(e[finite][sized])
     mask = within(a, e, tol)
     pick = lambda f, v: float(f(v)) if v.size else 0.0  # noqa: E731
     return {
@@ -65,6 +79,7 @@ def error_stats(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> dic
         "median_rel": pick(np.median, rel_err),
         "nan_mismatch": int(np.sum(np.isnan(a) != np.isnan(e))),
         "inf_mismatch": int(np.sum(np.isinf(a) != np.isinf(e))),
+        "finite_compared": int(finite.sum()),
         "failed_fraction": float(1.0 - mask.mean()) if mask.size else 0.0,
         "atol": tol.atol,
         "rtol": tol.rtol,

@@ -147,6 +147,11 @@ def test_a_bf16_build_on_the_cpu_says_nothing_was_timed_and_leaves_no_stale_plot
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["bench"] == [] and report["validation"] and all(p["passed"] for p in report["validation"])
+    # every form is checked where it can run: the ONNX Runtime forms on the evaluator, not left unchecked
+    assert sorted({p["candidate"] for p in report["validation"]}) == [
+        "fused-cpu@onnx-reference", "fused-tensorrt@onnx-reference", "fused@onnx-reference"]
+    (skip,) = [s for s in report["skipped"] if s["stage"] == "ort-cpu validation"]
+    assert skip["reason"].endswith("fused.onnx and fused-cpu.onnx were checked with the onnx reference evaluator instead")
     assert not (out / "report.png").exists()
     assert "Nothing was timed on this machine" in (out / "report.md").read_text()
     assert "benchmark: nothing was timed" in done.stdout and "no plot: nothing was timed" in done.stdout
