@@ -189,14 +189,42 @@ def staging_folder(parent: Path, prefix: str) -> Path:
 
 def replace_folder(staging: Path, target: Path) -> None:
     """Put a filled `staging_folder` where `target` is: an earlier folder there goes only once the
-    new one is in place, so a reader finds one or the other, never a half-written one."""
+    new one is in place, so a reader finds one or the other, never a half-written one. On Linux the
+    two are swapped in one step; elsewhere the earlier one is moved aside first (a moment with
+    neither), and put back if the new one cannot take its place."""
     if not target.exists():
         os.replace(staging, target)
         return
+    if _exchange(staging, target):
+        shutil.rmtree(staging)  # which holds the earlier folder now
+        return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
     os.replace(target, old / target.name)
-    os.replace(staging, target)
-    shutil.rmtree(old)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(old / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(one: Path, other: Path) -> bool:
+    """Swap two paths atomically (Linux's renameat2 with RENAME_EXCHANGE); False where the system
+    or the file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc 2.28+ (macOS, musl): no such call
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(one), at_cwd, os.fsencode(other), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(other))
 
 
 def write_text(target, text: str) -> None:

@@ -297,3 +297,41 @@ def test_weights_that_cannot_be_gathered_are_one_line_and_nothing_is_placed(tmp_
     with pytest.raises(NormfuseError, match=message):
         place_written(written, out / "m.onnx")
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_a_folder_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path, monkeypatch, swap):
+    """On Linux the new folder and the earlier one swap in one step; where that cannot be, the
+    earlier one is moved aside first. Either way the target holds the new files only."""
+    import export.files as files
+
+    if swap == "two renames":
+        monkeypatch.setattr(files, "_exchange", lambda one, other: False)
+    else:
+        probe_a, probe_b = tmp_path / "a", tmp_path / "b"
+        probe_a.mkdir(), probe_b.mkdir()
+        (probe_a / "in_a").write_text("")
+        if not files._exchange(probe_a, probe_b):
+            pytest.skip("this system cannot swap two paths in one step (renameat2 with RENAME_EXCHANGE)")
+        assert (probe_b / "in_a").exists() and not (probe_a / "in_a").exists()
+    target = tmp_path / "serve"
+    target.mkdir()
+    (target / "old.onnx").write_text("old")
+    staging = files.staging_folder(tmp_path, ".serve.")
+    (staging / "new.onnx").write_text("new")
+    files.replace_folder(staging, target)
+    assert sorted(p.name for p in target.iterdir()) == ["new.onnx"]
+    assert not any(p.name.startswith(".serve") for p in tmp_path.iterdir())
+
+
+def test_an_earlier_folder_is_put_back_when_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
+    import export.files as files
+
+    monkeypatch.setattr(files, "_exchange", lambda one, other: False)
+    target = tmp_path / "serve"
+    target.mkdir()
+    (target / "old.onnx").write_text("old")
+    with pytest.raises(OSError):
+        files.replace_folder(tmp_path / "no-such-staging", target)
+    assert sorted(p.name for p in target.iterdir()) == ["old.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serve"]
