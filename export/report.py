@@ -6,8 +6,9 @@ from pathlib import Path
 from .bench import one_pair_caveat, pair_speedups, pair_spread, speedup
 from .files import atomic_path, write_json, write_text
 from .norm_check import describe as describe_norm_check
+from .norm_check import describe_passed as describe_op_check
 from .rewrite import describe_counts, describe_unmatched_means, describe_without_epsilon
-from .validate import describe_as_written, describe_float32, result_cell, shape_label
+from .validate import describe_as_written, describe_float32, fused_op_failed, result_cell, shape_label
 
 
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
@@ -107,7 +108,12 @@ def markdown(report: dict) -> str:
             lines.append(f"| {reference} | {pair['candidate']} | {shape_label(pair)} | {name} | "
                          f"{s['max_abs']:.3g} | {s['max_rel']:.3g} | atol {s['atol']:g}, rtol {s['rtol']:g} | "
                          f"{result_cell(s).replace('FAIL', '**FAIL**', 1)} |")
+        if fused_op_failed(pair):
+            lines.append(f"| {pair['reference']} | {pair['candidate']} | {shape_label(pair)} | fused ops alone | | | "
+                         "normops.OP | **FAIL** (below) |")
     for pair in report["validation"]:
+        if pair.get("op_check"):
+            lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_op_check(pair['op_check'])}."]
         if pair.get("norm_check"):
             lines += ["", f"{pair['candidate']} {shape_label(pair)}: {describe_norm_check(pair['norm_check'])}."]
         if pair.get("as_written"):
@@ -313,6 +319,9 @@ def print_summary(report: dict, console) -> None:
             table.add_row(pair.get("judged_against", pair["reference"]), pair["candidate"], shape_label(pair), name,
                           f"{s['max_abs']:.3g}", f"{s['max_rel']:.3g}",
                           ("[green]" if s["passed"] else "[red]") + result_cell(s))
+        if fused_op_failed(pair):
+            table.add_row(pair["reference"], pair["candidate"], shape_label(pair), "fused ops alone", "", "",
+                          "[red]FAIL (below)")
     console.print(table)
     for pair in report["validation"]:
         if pair.get("norm_check"):
