@@ -13,10 +13,11 @@
   fed back as inputs (a KV cache between decode steps) without a trip through the host.
 - `cuda_graph=True` (TensorRT) captures the engine's launch in a CUDA graph the first time a shape
   is seen and replays it on later calls with that shape.
-- Thread safety: `run` may be called from several threads; calls on one model are serialised by a
-  lock (the reused buffers, the I/O binding and a TensorRT execution context are per model). For
-  parallel execution load one model per thread, or scale out with a Triton model repository
-  (`python -m export.build ... --triton-repo DIR`).
+- Thread safety: `run` may be called from several threads. ONNX Runtime runs one session's calls
+  side by side on the CPU provider, and `run_keeping`'s anywhere (each has a binding of its own);
+  on the CUDA provider `run` reuses one device binding, and a TensorRT model one execution context,
+  so their calls are serialised by a lock. For parallel execution there, load one model per
+  thread, or scale out with a Triton model repository (`python -m export.build ... --triton-repo DIR`).
 """
 from __future__ import annotations
 
@@ -280,14 +281,16 @@ class OrtModel:
     def run(self, feeds: dict) -> dict:
         check_feeds(self.inputs, feeds, str(self.path), allow_empty=True)
         torch_in = any(is_torch(v) for v in feeds.values())
-        with self._lock:
-            if not self.on_cuda and self._bfloat16_in(feeds):
-                results = self._run_binding(feeds, keep=set())[0]  # ONNX Runtime's run() takes no numpy bfloat16
-            elif not self.on_cuda:
-                arrays = {k: to_numpy(v) for k, v in feeds.items()}
-                with self._failures_named(feeds):
-                    results = dict(zip(self.output_names, self.session.run(None, arrays, self._run_options)))
-            else:
+        # ONNX Runtime takes concurrent runs of one session; only the CUDA path's reused binding is
+        # shared state, so only it holds the lock
+        if not self.on_cuda and self._bfloat16_in(feeds):
+            results = self._run_binding(feeds, keep=set())[0]  # ONNX Runtime's run() takes no numpy bfloat16
+        elif not self.on_cuda:
+            arrays = {k: to_numpy(v) for k, v in feeds.items()}
+            with self._failures_named(feeds):
+                results = dict(zip(self.output_names, self.session.run(None, arrays, self._run_options)))
+        else:
+            with self._lock:
                 self.bind(feeds)
                 self.run_bound()
                 values = self._binding.get_outputs()
@@ -314,8 +317,7 @@ class OrtModel:
         unknown = sorted(keep - set(self.output_names))
         if unknown:
             raise NormfuseError(f"{self.path}: {unknown[0]!r} is not an output of the model")
-        with self._lock:
-            return self._run_binding(feeds, keep)
+        return self._run_binding(feeds, keep)  # a binding of its own: runs alongside others
 
     def _bfloat16_in(self, feeds: dict) -> bool:
         """Whether a feed or an output is bfloat16, which ONNX Runtime's run() cannot take or give
@@ -324,7 +326,7 @@ class OrtModel:
                 or any(spec.dtype == "bfloat16" for spec in self.outputs))
 
     def _run_binding(self, feeds: dict, keep: set) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """`run_keeping`'s run, under the caller's lock."""
+        """`run_keeping`'s run, through a binding of its own (so no lock is needed)."""
         import onnxruntime as ort
 
         device = ("cuda", self.device) if self.on_cuda else ("cpu", 0)

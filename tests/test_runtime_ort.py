@@ -103,6 +103,20 @@ def test_calls_from_several_threads_agree(graphs):
         np.testing.assert_array_equal(results[i], want)
 
 
+def test_cpu_runs_of_one_model_go_side_by_side(graphs):
+    """ONNX Runtime takes concurrent runs of one session: on the CPU provider `run` and
+    `run_keeping` share no state of the model's, so they do not wait for each other (here, for a
+    lock another caller holds: only the CUDA path's reused binding takes it)."""
+    model = load(graphs["fused"], providers=["CPUExecutionProvider"])
+    x = feeds(1, 4)
+    done = []
+    with model._lock:
+        thread = threading.Thread(target=lambda: done.append((model.run(x), model.run_keeping(x, ()))))
+        thread.start()
+        thread.join(timeout=60)
+        assert done, "a CPU run waited for the lock"
+
+
 def test_plugin_graph_is_refused_plainly(graphs):
     with pytest.raises(NormfuseError, match="normfuse plugin ops"):
         load(graphs["trt"])
