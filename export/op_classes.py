@@ -3,7 +3,7 @@
 Classes: `matmul` (matrix products), `norm` (normalisation: the fused ops, and in the reference
 graph the nodes the rewriter fused away, residual Adds included) and `elementwise` (everything
 else: activations, attention's softmax, rotary, reshapes). FLOPs are counted from the shapes the
-profiler records: 2*M*N*K for a matrix product (a convolution's K: input channels per group times
+profiler records: 2*M*N*K for a matrix product (ONNX Runtime's FusedGemm, FusedMatMul and FusedConv too; a convolution's K: input channels per group times
 the kernel; fused attention: Q K^T and the weighted sum of V, `attention_flops`), one per output
 element for element-wise nodes,
 and per element of a norm: 4 (RMS) or 7 (LayerNorm) plus 1 for a residual Add. They are an
@@ -16,9 +16,12 @@ from math import prod
 
 # products of an [..., K] input with a K x N matrix, the quantised ones included (ONNX Runtime's
 # MatMulNBits: int4 weights, as onnxruntime-genai writes them): 2*M*N*K
-PRODUCTS = {"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "MatMulNBits", "MatMulBnb4",
-            "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
-MATMUL_OPS = PRODUCTS | {"Conv", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
+PRODUCTS = {"MatMul", "Gemm", "FusedGemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "MatMulNBits",
+            "MatMulBnb4", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+# ONNX Runtime's fusions of a product or a convolution with its activation keep their shapes
+GEMMS = {"Gemm", "FusedGemm"}
+CONVS = {"Conv", "FusedConv"}
+MATMUL_OPS = PRODUCTS | CONVS | {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
             "SkipSimplifiedLayerNormalization", "RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm"}
 NORM_FLOPS_PER_ELEMENT = {"RMSNormalization": 4, "SimplifiedLayerNormalization": 4, "RMSNorm": 4,
@@ -41,12 +44,15 @@ ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 def node_flops(op_type: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
     out = outputs[0] if outputs else []
     elements = prod(out) if out else 0
-    if op_type == "Gemm" and len(inputs) > 1 and inputs[0] and out and out[0]:
+    if op_type in GEMMS and len(inputs) > 1 and inputs[0] and out and out[0]:
         # A is [M, K] or, transposed, [K, M]: K is its size over the output's M either way
         return 2.0 * elements * (prod(inputs[0]) // out[0])
+    if op_type == "FusedMatMul" and len(inputs[0] if inputs else []) > 1 and len(out) > 1 and out[-2]:
+        # its transA may hold A as [..., K, M]: K is A's last two axes over the output's M either way
+        return 2.0 * elements * (inputs[0][-1] * inputs[0][-2] // out[-2])
     if op_type in PRODUCTS and inputs and inputs[0]:
         return 2.0 * elements * inputs[0][-1]
-    if op_type == "Conv" and len(inputs) > 1 and len(inputs[1]) > 2:
+    if op_type in CONVS and len(inputs) > 1 and len(inputs[1]) > 2:
         # each output element sums C_in / group x kernel products: the weight [C_out, C_in / group, k...]
         return 2.0 * elements * prod(inputs[1][1:])
     if op_type in ATTENTION_OPS and out:

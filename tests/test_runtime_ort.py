@@ -374,6 +374,12 @@ def test_bfloat16_in_and_out_runs_on_the_cpu(tmp_path):
     # a 7x7 convolution of 3 channels to 64 at 112x112; grouped: 64 channels in groups of 8
     ("Conv", [[1, 3, 112, 112], [64, 3, 7, 7]], [[1, 64, 112, 112]], 2 * 64 * 112 * 112 * 3 * 49),
     ("Conv", [[1, 64, 56, 56], [64, 8, 3, 3]], [[1, 64, 56, 56]], 2 * 64 * 56 * 56 * 8 * 9),
+    # ONNX Runtime's fusions with the activation after (its CPU provider's FusedConv, FusedGemm, and
+    # FusedMatMul, whose transA holds A as [..., K, M]) count as the product they hold
+    ("FusedConv", [[1, 3, 112, 112], [64, 3, 7, 7], [64]], [[1, 64, 112, 112]], 2 * 64 * 112 * 112 * 3 * 49),
+    ("FusedGemm", [[64, 128], [64, 32]], [[128, 32]], 2 * 128 * 32 * 64),
+    ("FusedMatMul", [[2, 64, 10], [64, 32]], [[2, 10, 32]], 2 * 2 * 10 * 32 * 64),
+    ("FusedMatMul", [[2, 10, 64], [64, 32]], [[2, 10, 32]], 2 * 2 * 10 * 32 * 64),
     # onnxruntime-genai's GroupQueryAttention: 32 query heads of 128, 128 tokens, the present cache 128 long
     ("GroupQueryAttention", [[1, 128, 4096], [1, 128, 1024], [1, 128, 1024], [1, 8, 0, 128], [1, 8, 0, 128]],
      [[1, 128, 4096], [1, 8, 128, 128], [1, 8, 128, 128]], 2 * 2 * 32 * 128 * 128 * 128),
