@@ -3,10 +3,10 @@
 Classes: `matmul` (matrix products), `norm` (normalisation: the fused ops, and in the reference
 graph the nodes the rewriter fused away, residual Adds included) and `elementwise` (everything
 else: activations, attention's softmax, rotary, reshapes). FLOPs are counted from the shapes the
-profiler records: 2*M*N*K for a matrix product (ONNX Runtime's FusedGemm, FusedMatMul and FusedConv too; a convolution's K: input channels per group times
-the kernel; fused attention: Q K^T and the weighted sum of V, `attention_flops`), one per output
-element for element-wise nodes,
-and per element of a norm: 4 (RMS) or 7 (LayerNorm) plus 1 for a residual Add. They are an
+profiler records: 2*M*N*K for a matrix product (ONNX Runtime's FusedGemm, FusedMatMul and
+FusedConv too; a convolution's K: input channels per group times the kernel; fused attention:
+Q K^T and the weighted sum of V, `attention_flops`), one per output element for element-wise
+nodes, and per element of a norm: 4 (RMS) or 7 (LayerNorm) plus 1 for a residual Add. They are an
 estimate of arithmetic, not of the hardware's work.
 """
 from __future__ import annotations
