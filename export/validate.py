@@ -412,7 +412,7 @@ def check_each_fused_op(reference: Side, candidate: Side, feeds: dict, dtype: st
 
     try:
         return check_fused_norms(reference.model, reference.backend, candidate.model, candidate.backend, feeds,
-                                 OP[dtype] if dtype in OP else GRAPH[dtype])
+                                 OP[dtype] if dtype in OP else GRAPH[dtype], fallback_tolerance=GRAPH[dtype])
     except Exception as exc:  # the pair's own verdict stands without it
         return could_not_check(exc)
 

@@ -209,3 +209,32 @@ def test_an_op_that_reads_one_value_twice_is_checked(tmp_path):
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)}
     check = check_fused_norms(tmp_path / "r.onnx", "ort-cpu", tmp_path / "f.onnx", "ort-cpu", feeds, GRAPH["float32"])
     assert check["passed"] and len(check["norms"]) == 1 and not check["not_checked"]
+
+
+def test_a_reference_spelling_that_loses_digits_does_not_fail_the_fused_op(tmp_path):
+    """E[x^2] - E[x]^2 is a LayerNorm's variance in exact arithmetic; in fp32, on rows whose mean
+    (30) is large beside their spread, it loses digits the fused op keeps. Each op is judged
+    against the reference's own nodes run in float64, which that spelling means, not against its
+    fp32 values: the right op passes, and a wrong epsilon there still fails."""
+    import numpy as np
+
+    from export.rewrite import rewrite_file
+    from export.rewrite.synth import NormSpec, build
+
+    onnx.save(build(NormSpec(kind="layer", variance="moments", hidden=512)), str(tmp_path / "r.onnx"))
+    assert rewrite_file(tmp_path / "r.onnx", tmp_path / "f.onnx", target="onnxruntime").fused == 1
+    (x,) = [i for i in onnx.load(str(tmp_path / "r.onnx")).graph.input]
+    shape = [d.dim_value or 2 for d in x.type.tensor_type.shape.dim]
+    given = [{x.name: (30 + np.random.default_rng(0).standard_normal(shape)).astype(np.float32)}]
+    (pair,) = compare(Side(tmp_path / "r.onnx", "ort-cpu", "reference"), Side(tmp_path / "f.onnx", "ort-cpu", "fused"),
+                      [], "float32", given=given)
+    assert pair["passed"], pair
+    (norm,) = pair["op_check"]["norms"]
+    assert norm["against"] == "float64" and norm["passed"]
+    (name,) = fused_names(tmp_path / "f.onnx")
+    epsilon = next(a.f for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.name == name
+                   for a in n.attribute if a.name == "epsilon")
+    broken = with_epsilon(tmp_path / "f.onnx", tmp_path / "broken.onnx", name, epsilon * 10)
+    (pair,) = compare(Side(tmp_path / "r.onnx", "ort-cpu", "reference"), Side(broken, "ort-cpu", "fused"),
+                      [], "float32", given=[{x.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}])
+    assert not pair["passed"] and not pair["norm_check"]["passed"]
