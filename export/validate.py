@@ -327,10 +327,12 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
                                         inputs if given is None else ())
 
     # every fused op alone, on the reference's own values at the first inputs, held to one op's
-    # tolerance (normops.OP): an op that computes another norm (an epsilon 10x off, say) can hide
-    # inside the graph's tolerance on unit-scale inputs, but not there
+    # tolerance (normops.OP) against the reference's nodes in float64: an op that computes another
+    # norm (an epsilon 10x off, say) can hide inside the graph's tolerance on unit-scale inputs
     both_onnx = Path(candidate.model).suffix == ".onnx" and Path(reference.model).suffix == ".onnx"
-    op_check = check_each_fused_op(reference, candidate, all_feeds[0], tolerance_dtype) if both_onnx else None
+    # once per setting of the branch switches (a merged decoder's fused ops in each branch), at the first shape
+    op_checks = {k: check_each_fused_op(reference, candidate, all_feeds[k], tolerance_dtype)
+                 for k in range(len(settings))} if both_onnx else {}
     pairs: list[dict] = []
     iterations: list = []
     fused_ops_right = False  # the norm check's finding (it runs on the first failing pair)
@@ -339,7 +341,8 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     for k, ((index, (batch, seq), setting), feeds, expected, actual) in enumerate(
             zip(runs, all_feeds, all_expected, all_actual)):
         outputs = judged[k]
-        op_off = k == 0 and op_check is not None and not op_check["passed"]  # no second opinion clears that
+        op_check = op_checks.get(k)
+        op_off = op_check is not None and not op_check["passed"]  # no second opinion clears that
         passed = all(o["passed"] for o in outputs.values()) and not op_off
         as_written = None
         if not passed and not op_off and k in optimised:
@@ -348,10 +351,10 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             if all(o["passed"] for o in again.values()):
                 as_written, outputs, passed = outputs, again, True
         norms = None
-        if not passed and both_onnx and not any(p.get("norm_check") for p in pairs):
+        if not passed and both_onnx and (op_off or not any(p.get("norm_check") for p in pairs)):
             # where does the difference come from? each fused op alone, on the reference's values
             # (once per candidate: the first pair that fails)
-            norms = op_check if k == 0 else check_each_fused_op(reference, candidate, feeds, tolerance_dtype)
+            norms = op_check or check_each_fused_op(reference, candidate, feeds, tolerance_dtype)
             if norms["passed"] and norms["norms"]:
                 # every fused op is right on its own: did a choice by value go another way?
                 from .selection_check import check_selections
@@ -387,7 +390,7 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
             "passed": passed,
             "outputs": outputs,
             **({"norm_check": norms} if norms is not None else {}),
-            **({"op_check": op_check} if k == 0 and op_check is not None and norms is None else {}),
+            **({"op_check": op_check} if op_check is not None and norms is None else {}),
             **({"reference_optimization": cand_level, "as_written": as_written,
                 "judged_against": f"{reference.label} optimised ({cand_level})@{reference.backend}"}
                if as_written is not None else {}),

@@ -146,7 +146,7 @@ def test_a_check_that_cannot_run_is_said_and_the_verdict_stands(rewritten, tmp_p
 
 def test_fused_ops_in_the_branch_the_inputs_take_are_checked(exported, tmp_path):
     """In a merged model the If's branch is chosen by an input: the check takes that branch in both
-    models and names the fused op that is off; the pair of the other branch passes unchecked."""
+    models and names the fused op that is off; the pair of the other branch passes."""
     from export.rewrite import rewrite_file
 
     reference = merged_decoder(exported("rmsnorm"), tmp_path / "merged.onnx")  # the If as Optimum writes it
@@ -164,6 +164,29 @@ def test_fused_ops_in_the_branch_the_inputs_take_are_checked(exported, tmp_path)
     check = taken["norm_check"]
     assert [n["node"] for n in check["norms"] if not n["passed"]] == [names[1]]
     assert len(check["norms"]) == len(names) and not check["not_checked"]
+
+
+def test_fused_ops_in_each_branch_are_checked_alone_though_every_output_passes(exported, tmp_path):
+    """A merged decoder's first step (use_cache_branch false) runs the else branch: its fused ops
+    are checked on that pair's inputs, so an epsilon 10x off there fails that pair."""
+    from export.rewrite import rewrite_file
+
+    reference = merged_decoder(exported("rmsnorm"), tmp_path / "merged.onnx")
+    fused = tmp_path / "fused.onnx"
+    rewrite_file(reference, fused, target="onnxruntime")
+    model = onnx.load(str(fused))
+    branches = {a.name: a.g for a in model.graph.node[0].attribute}
+    names = [n.name for n in branches["else_branch"].node if n.name.startswith("normfuse_")]
+    node = next(n for n in branches["else_branch"].node if n.name == names[0])
+    epsilon = next(a for a in node.attribute if a.name == "epsilon")
+    epsilon.f *= 10
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    taken, other = compare(Side(reference, "ort-cpu", "reference"), Side(tmp_path / "broken.onnx", "ort-cpu", "fused"),
+                           [(1, 8)], "float32")
+    assert taken["passed"] and len(taken["op_check"]["norms"]) == len(names)
+    assert other["switches"] == {"use_cache_branch": False} and not other["passed"]
+    assert all(s["passed"] for s in other["outputs"].values())
+    assert [n["node"] for n in other["norm_check"]["norms"] if not n["passed"]] == [names[0]]
 
 
 @pytest.mark.parametrize("backend, target", [("ort-cpu", "fused"), ("onnx-reference", "trt")])
