@@ -164,6 +164,7 @@ class Pipeline:
         # ONNX Runtime backends validation found without a kernel for one of the model's ops: why
         self.missing_kernels: dict[str, str] = {}
         self.served: dict[str, Path] = {}
+        self.triton_fused: list[Path] = []  # the fused models' Triton entries this build wrote
 
     @contextmanager
     def stage(self, name: str, what: str):
@@ -595,6 +596,8 @@ class Pipeline:
                     batch = 0
                     self.console.print(f"    {name}: Triton does not batch requests for it (max_batch_size 0): {why}")
                 folders.append(str(write_repository(path, a.triton_repo, name=name, max_batch_size=batch)))
+                if graph != "reference":
+                    self.triton_fused.append(Path(folders[-1]))  # a folder's pair decoding may yet fail them
         return folders
 
     def note_gpu_stages(self, backends) -> None:

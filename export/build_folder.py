@@ -62,6 +62,7 @@ class FolderPipeline:
         built = [pipeline for pipeline in pipelines.values() if pipeline.report is not None]
         backends = built[0].backends if built else []
         decoding = self.decode_pair(folder, pipelines, backends, shares, errors)
+        self.withdraw_triton_entries(pipelines, decoding)
         serving = self.write_serving_folders(folder, models, out, pipelines, statuses, errors, backends, decoding)
         rows = [self.row(model, out / model.stem, pipelines[model], statuses[model]) if model not in errors
                 else {"model": model.name, "out": str(out / model.stem), "exit_status": errors[model].exit_code,
@@ -175,6 +176,26 @@ class FolderPipeline:
             forms = [fused_decoder.first, fused_decoder.with_past] if halves else [fused_decoder]
             records.append({"backend": backend, **record, **skip_ops_on_the_cpu(backend, *forms, fused_encoder)})
         return records
+
+    def withdraw_triton_entries(self, pipelines: dict, decoding: list[dict]) -> None:
+        """The fused models' Triton entries (--triton-repo) go again where the encoder-decoder pair
+        decoded otherwise than the reference's or could not be decoded: each model passed on its
+        own, but the pair's tokens are not the reference's, or were never checked."""
+        from .decode import decoded_alike
+
+        if not any(not decoded_alike(d["agreement"]) for d in decoding) and not self.not_decoded:
+            return
+        why = ("the fused encoder-decoder chose other tokens than the reference's, or scores out of tolerance"
+               if decoding and not all(decoded_alike(d["agreement"]) for d in decoding)
+               else "the encoder-decoder pair could not be decoded, so the fused pair is unchecked")
+        for pipeline in pipelines.values():
+            for entry in pipeline.triton_fused:
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                    self.console.print(f"    [yellow]{entry.name} removed from the Triton repository[/]: {why}")
+                    self.skipped.append({"stage": f"Triton model {entry.name}", "reason": f"{why}; removed"})
+                if pipeline.report is not None and str(entry) in pipeline.report.get("triton", []):
+                    pipeline.report["triton"].remove(str(entry))
 
     def write_serving_folders(self, folder: Path, models: list[Path], out: Path, pipelines: dict, statuses: dict,
                               errors: dict, backends: list[str], decoding: list[dict]) -> list[dict]:

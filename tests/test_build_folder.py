@@ -190,12 +190,18 @@ def test_a_pair_that_could_not_be_decoded_is_not_put_up_to_be_served(t5, tmp_pat
     decoder.graph.input.append(helper.make_tensor_value_info("cache_position", TensorProto.INT64, ["sequence"]))
     onnx.save(decoder, str(folder / "decoder_model_merged.onnx"))
     out = tmp_path / "out"
-    assert build_main(["--onnx", str(folder), "--out", str(out), "--decode-tokens", "4", *QUICK]) == 0
+    assert build_main(["--onnx", str(folder), "--out", str(out), "--decode-tokens", "4", "--triton-repo",
+                       str(tmp_path / "triton"), *QUICK]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["serving"] == [] and not (out / "serve-ort-cpu").exists()
     (reason,) = [s["reason"] for s in report["skipped"] if s["stage"] == "ort-cpu serving folder serve-ort-cpu"]
     assert reason.startswith("the encoder-decoder pair could not be decoded, so the fused pair is unchecked (")
     assert "cache_position" in reason
+    # nor are the fused models put up in the Triton repository: each passed alone, the pair is unchecked
+    entries = sorted(p.name for p in (tmp_path / "triton").iterdir())
+    assert entries and all("_reference_" in name for name in entries), entries
+    withdrawn = [s["stage"] for s in report["skipped"] if s["stage"].startswith("Triton model ")]
+    assert len(withdrawn) == 2 and all("_fused_" in stage for stage in withdrawn)
 
 
 def test_a_model_that_cannot_be_built_is_named_and_the_others_are_built(tmp_path, capsys):
