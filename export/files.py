@@ -195,18 +195,19 @@ def replace_folder(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
         return
-    if _exchange(staging, target):
-        shutil.rmtree(staging)  # which holds the earlier folder now
+    if target.is_dir() and not target.is_symlink() and _exchange(staging, target):
+        # the new folder is in place; `staging` holds the earlier one (what cannot be removed stays hidden)
+        shutil.rmtree(staging, ignore_errors=True)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
     os.replace(target, old / target.name)
     try:
         os.replace(staging, target)
     except OSError:
-        os.replace(old / target.name, target)
-        raise
-    finally:
+        os.replace(old / target.name, target)  # should that fail too, the earlier folder stays in `old`
         shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _exchange(one: Path, other: Path) -> bool:
@@ -222,7 +223,8 @@ def _exchange(one: Path, other: Path) -> bool:
     if renameat2(at_cwd, os.fsencode(one), at_cwd, os.fsencode(other), rename_exchange) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or file system without it
+    # a kernel or file system without it, or a sandbox's filter of the call (seccomp answers EPERM)
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
         return False
     raise OSError(code, os.strerror(code), str(other))
 

@@ -335,3 +335,43 @@ def test_an_earlier_folder_is_put_back_when_the_new_one_cannot_take_its_place(tm
         files.replace_folder(tmp_path / "no-such-staging", target)
     assert sorted(p.name for p in target.iterdir()) == ["old.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["serve"]
+
+
+def test_a_target_that_is_a_link_to_a_folder_is_replaced_by_the_new_folder(tmp_path):
+    """The swap would exchange the link itself; the link is moved aside instead, as before."""
+    import export.files as files
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "old.onnx").write_text("old")
+    target = tmp_path / "serve"
+    target.symlink_to(real)
+    staging = files.staging_folder(tmp_path, ".serve.")
+    (staging / "new.onnx").write_text("new")
+    files.replace_folder(staging, target)
+    assert target.is_dir() and not target.is_symlink() and sorted(p.name for p in target.iterdir()) == ["new.onnx"]
+    assert (real / "old.onnx").read_text() == "old"  # what the link pointed at is not touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real", "serve"]
+
+
+def test_the_earlier_folder_survives_when_it_cannot_be_put_back(tmp_path, monkeypatch):
+    """Both renames after the first failing: the earlier folder stays where it was moved, not deleted."""
+    import export.files as files
+
+    monkeypatch.setattr(files, "_exchange", lambda one, other: False)
+    target = tmp_path / "serve"
+    target.mkdir()
+    (target / "old.onnx").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(source, destination):
+        calls.append(source)
+        if len(calls) > 1:
+            raise OSError(5, "Input/output error")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError):
+        files.replace_folder(tmp_path / "staging", target)
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".serve.old.")]
+    assert (kept / "serve" / "old.onnx").read_text() == "old"
