@@ -161,11 +161,13 @@ def replacing_model(path: str | os.PathLike):
 
 
 def _locations_named_by(path: Path) -> list[str]:
-    """The external data files the model at `path` names; none where there is no readable model."""
+    """The external data files the model at `path` names, as plain names (`./m.onnx.data` is
+    `m.onnx.data`); none where there is no readable model."""
     try:
-        return external_locations(onnx.load(str(path), load_external_data=False)) if path.is_file() else []
+        model = onnx.load(str(path), load_external_data=False) if path.is_file() else None
     except Exception:  # not a model (protobuf raises several types): it names no file
         return []
+    return [os.path.normpath(location) for location in external_locations(model)] if model is not None else []
 
 
 def files_beside_models(folder: Path) -> list[Path]:
@@ -179,13 +181,24 @@ def files_beside_models(folder: Path) -> list[Path]:
 
 
 def _external_tensors(model: onnx.ModelProto):
-    for tensor in model.graph.initializer:
+    """Every tensor kept outside the file: initializers and Constant values, in the main graph and
+    in every control-flow body (an If's branches may hold weights of their own)."""
+    yield from _external_in_graph(model.graph)
+
+
+def _external_in_graph(graph: onnx.GraphProto):
+    for tensor in graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             yield tensor
-    for node in model.graph.node:
+    for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == onnx.TensorProto.EXTERNAL:
                 yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _external_in_graph(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for body in attr.graphs:
+                    yield from _external_in_graph(body)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:

@@ -375,3 +375,33 @@ def test_the_earlier_folder_survives_when_it_cannot_be_put_back(tmp_path, monkey
         files.replace_folder(tmp_path / "staging", target)
     (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".serve.old.")]
     assert (kept / "serve" / "old.onnx").read_text() == "old"
+
+
+def test_weights_inside_a_branch_are_counted_as_a_models_external_data(tmp_path):
+    """An If's branches may hold weights of their own: a file only a branch names is still the
+    model's, so it is neither missed when copied nor taken for a stale file when replaced."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.onnx_io import external_locations, save_model
+
+    weight = numpy_helper.from_array(np.ones((32, 32), np.float32), "w")
+    branch = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y_then"])], "then", [],
+                               [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)], [weight])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)], "g",
+                              [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    assert external_locations(onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)) == ["m.onnx.data"]
+    (tmp_path / "copy.onnx").write_bytes((tmp_path / "m.onnx").read_bytes())  # names m.onnx.data in its branch
+    save_model(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])),
+               tmp_path / "m.onnx", external_data=False)
+    assert (tmp_path / "m.onnx.data").exists()  # copy.onnx's branch still reads it
