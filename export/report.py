@@ -324,6 +324,8 @@ def print_summary(report: dict, console) -> None:
                           "[red]FAIL (below)")
     console.print(table)
     for pair in report["validation"]:
+        if pair.get("op_check"):
+            console.print(f"[dim]{pair['candidate']} {shape_label(pair)}: {describe_op_check(pair['op_check'])}[/]")
         if pair.get("norm_check"):
             colour = "yellow" if pair["norm_check"]["passed"] else "red"
             console.print(f"[{colour}]{pair['candidate']} {shape_label(pair)}[/]: {describe_norm_check(pair['norm_check'])}")

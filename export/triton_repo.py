@@ -175,9 +175,15 @@ def not_batched_why(inputs: list[IO], outputs: list[IO]) -> str | None:
             if not io.shape or io.shape[0] is not None:
                 axis = "has no axis 0" if not io.shape else f"has a fixed axis 0 of {io.shape[0]}"
                 return f"{kind} {io.name!r} {axis}"
+    return axis_0_names_differ(inputs, outputs)
+
+
+def axis_0_names_differ(inputs: list[IO], outputs: list[IO]) -> str | None:
+    """Where the graph names axis 0 otherwise in some inputs or outputs (`batch` and `batch_x_seq`):
+    said, or None. Triton itself reads no names, so an explicit max_batch_size overrides this."""
     names = {io.dim_params[0] for io in inputs + outputs if io.dim_params and io.dim_params[0]}
     if len(names) > 1:
-        return f"axis 0 has {len(names)} names ({', '.join(sorted(names))}), so it is not one batch"
+        return f"axis 0 has {len(names)} names ({', '.join(sorted(names))}), so it may not be one batch"
     return None
 
 
@@ -209,7 +215,7 @@ def write_repository(model_path: str | Path, repo: str | Path, *, name: str | No
         not_batched = f"the engine profile's smallest batch is {smallest_batch}, and Triton may send a batch of 1"
     if max_batch_size is None:
         max_batch_size = 0 if not_batched else (profile_batch or 8)
-    if max_batch_size > 0 and not_batched:
+    if max_batch_size > 0 and not_batched and not_batched != axis_0_names_differ(inputs, outputs):
         raise UsageError(f"{model_path}: axis 0 cannot be Triton's batch axis: {not_batched} (use max_batch_size 0)")
     if profile_batch is not None and max_batch_size > profile_batch:
         raise UsageError(f"{model_path}: max_batch_size {max_batch_size} is above the engine profile's batch "

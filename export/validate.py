@@ -107,7 +107,7 @@ def result_note(stats: dict) -> str:
     compare (both sides NaN or Inf alike), or "" where neither holds."""
     if stats.get("nonfinite_mismatch"):
         return f"{stats['nonfinite_mismatch']} value(s) NaN or Inf on one side only"
-    if stats.get("finite_compared") == 0 and stats.get("shape") and 0 not in stats["shape"]:
+    if stats.get("finite_compared") == 0 and "shape" in stats and 0 not in stats["shape"]:  # a scalar too
         return "no finite value to compare: NaN or Inf alike on both sides"
     return ""
 

@@ -97,6 +97,8 @@ def test_nan_and_inf_are_said_in_the_result():
     assert result_cell(one_side) == "FAIL (2 value(s) NaN or Inf on one side only)"
     ordinary = output_stats(np.float32([0, 1]), np.float32([0, 1]), tol)
     assert result_cell(ordinary) == "pass" and result_note(ordinary) == ""
+    scalar = output_stats(np.float32(np.nan), np.float32(np.nan), tol)
+    assert result_note(scalar).startswith("no finite value to compare")
     empty = output_stats(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32), tol)
     assert result_cell(empty) == "pass"
 
