@@ -15,7 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
-FIELDS = ("validated", "fused_norms", "fused_op_tolerance_used", "max_abs", "shapes", "error")
+FIELDS = ("validated", "fused_norms", "fused_op_tolerance_used", "fused_ops_against_float64", "max_abs", "shapes",
+          "error")
 
 
 def main(argv=None) -> int:

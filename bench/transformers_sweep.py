@@ -774,7 +774,7 @@ def does_not_load_or_run(exc: Exception, exported: Path) -> bool:
 # what one attempt of rewrite_and_validate writes into the record, cleared before the next
 ATTEMPT_FIELDS = ("export", "shapes", "fused", "fused_norms", "rejected", "refused_spellings", "unmatched_means", "nodes",
                   "on_evaluator", "validated", "max_abs", "judged_against_float32", "diagnosis",
-                  "fused_op_tolerance_used")
+                  "fused_op_tolerance_used", "fused_ops_against_float64")
 
 
 def rewrite_and_validate(record: dict, wrapped, inputs: dict, axes: dict, shapes: str, exported: Path,
@@ -830,6 +830,8 @@ def rewrite_and_validate(record: dict, wrapped, inputs: dict, axes: dict, shapes
     if ops and ops["norms"]:
         record["fused_op_tolerance_used"] = round(max(s["tolerance_used"]["max"] for n in ops["norms"]
                                                       for s in n["outputs"].values()), 4)
+        # against the reference's own nodes in float64, or (where they could not be run so) its values
+        record["fused_ops_against_float64"] = sum(n.get("against") == "float64" for n in ops["norms"])
     # against the export as it ran, also where a pair was judged again against it in float32
     record["max_abs"] = max(s["max_abs"] for p in pairs
                             for s in (p.get("against_half_reference") or p["outputs"]).values())
