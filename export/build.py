@@ -590,11 +590,12 @@ class Pipeline:
                     continue
                 if path.suffix == ".plan":
                     batch = None  # the engine profile's maximum
-                elif not (why := not_batched_why(*onnx_signature(path))):
+                elif not (unbatched := not_batched_why(*onnx_signature(path))):
                     batch = max(a.batch, 8)
                 else:  # a merged decoder's use_cache_branch [1], say: Triton cannot batch it
                     batch = 0
-                    self.console.print(f"    {name}: Triton does not batch requests for it (max_batch_size 0): {why}")
+                    self.console.print(f"    {name}: Triton does not batch requests for it (max_batch_size 0): "
+                                       f"{unbatched}")
                 folders.append(str(write_repository(path, a.triton_repo, name=name, max_batch_size=batch)))
                 if graph != "reference":
                     self.triton_fused.append(Path(folders[-1]))  # a folder's pair decoding may yet fail them

@@ -231,8 +231,8 @@ def engine_precision(path) -> str | None:
         return None
     from .tensorrt_engine import read_sidecar
 
-    sidecar = read_sidecar(path) or {}
-    return ENGINE_PRECISIONS.get(sidecar.get("precision"))
+    precision = (read_sidecar(path) or {}).get("precision")
+    return ENGINE_PRECISIONS.get(precision) if isinstance(precision, str) else None
 
 
 def check_output_types(reference_outputs, candidate) -> None:
