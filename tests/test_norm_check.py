@@ -189,25 +189,30 @@ def test_fused_ops_in_each_branch_are_checked_alone_though_every_output_passes(e
     assert [n["node"] for n in other["norm_check"]["norms"] if not n["passed"]] == [names[0]]
 
 
+@pytest.mark.parametrize("factor", [10, 0])
 @pytest.mark.parametrize("backend, target", [("ort-cpu", "fused"), ("onnx-reference", "trt")])
 def test_an_epsilon_ten_times_off_fails_though_the_outputs_are_within_the_graphs_tolerance(rewritten, tmp_path,
-                                                                                         backend, target):
+                                                                                         backend, target, factor):
     """On unit-scale inputs a norm's epsilon barely moves its output: the graph's tolerance lets an
     epsilon of 1e-4 for 1e-5 through, one op's tolerance (normops.OP), checked on every pair set,
-    does not. The right graph passes with the check said."""
+    does not; an epsilon of 0 moves it by less than one op's rounding even, and fails with the
+    inputs scaled to where epsilon counts. The right graph passes with the check said."""
     graphs = rewritten("rmsnorm")
     names = fused_names(graphs[target])
     epsilon = next(a.f for n in onnx.load(str(graphs[target])).graph.node if n.name == names[0]
                    for a in n.attribute if a.name == "epsilon")
-    broken = with_epsilon(graphs[target], tmp_path / "broken.onnx", names[0], epsilon * 10)
+    broken = with_epsilon(graphs[target], tmp_path / "broken.onnx", names[0], epsilon * factor)
     pairs = compare(Side(graphs["reference"], backend, "reference"), Side(broken, backend, "broken"), [(1, 8)],
                     "float32")
     (pair,) = pairs
     assert all(s["passed"] for s in pair["outputs"].values()) and not pair["passed"]
-    assert [n["node"] for n in pair["norm_check"]["norms"] if not n["passed"]] == [names[0]]
+    (off,) = [n for n in pair["norm_check"]["norms"] if not n["passed"]]
+    assert off["node"] == names[0] and not all(s["passed"] for s in off["at_epsilon_scale"].values())
+    assert all(s["passed"] for s in off["outputs"].values()) is (factor == 0)  # 0 shows at epsilon's scale only
     (right,) = compare(Side(graphs["reference"], backend, "reference"), Side(graphs[target], backend, "fused"), [(1, 8)],
                        "float32")
     assert right["passed"] and right["op_check"]["passed"] and len(right["op_check"]["norms"]) == len(names)
+    assert all(n["against"] == "float64" and "at_epsilon_scale" in n for n in right["op_check"]["norms"])
     assert "norm_check" not in right
 
 
