@@ -828,8 +828,9 @@ def rewrite_and_validate(record: dict, wrapped, inputs: dict, axes: dict, shapes
     record["validated"] = all(p["passed"] for p in pairs)
     ops = pairs[0].get("op_check") or pairs[0].get("norm_check")  # each fused op alone, held to normops.OP
     if ops and ops["norms"]:
-        record["fused_op_tolerance_used"] = round(max(s["tolerance_used"]["max"] for n in ops["norms"]
-                                                      for s in n["outputs"].values()), 4)
+        record["fused_op_tolerance_used"] = round(max(
+            s["tolerance_used"]["max"] for n in ops["norms"]
+            for s in (*n["outputs"].values(), *n.get("at_epsilon_scale", {}).values())), 4)
         # against the reference's own nodes in float64, or (where they could not be run so) its values
         record["fused_ops_against_float64"] = sum(n.get("against") == "float64" for n in ops["norms"])
     # against the export as it ran, also where a pair was judged again against it in float32
