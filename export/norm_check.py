@@ -229,7 +229,7 @@ def at_epsilon_scale(values: dict, epsilon: float) -> dict:
         return dict(values)
     first = np.asarray(next(iter(floats.values())), dtype=np.float64)
     mean_square = float(np.mean(first ** 2)) if first.size else 0.0
-    if not mean_square > 0:
+    if not (np.isfinite(mean_square) and mean_square > 0):  # zeros, or a NaN or Inf in the row: as they are
         return dict(values)
     scale = 2.0 ** round(0.5 * np.log2(max(epsilon, 1e-6) / mean_square))
     return {n: (np.asarray(v) * np.asarray(scale, dtype=np.float32)).astype(np.asarray(v).dtype) if n in floats else v

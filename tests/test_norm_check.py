@@ -266,3 +266,20 @@ def test_a_reference_spelling_that_loses_digits_does_not_fail_the_fused_op(tmp_p
     (pair,) = compare(Side(tmp_path / "r.onnx", "ort-cpu", "reference"), Side(broken, "ort-cpu", "fused"),
                       [], "float32", given=[{x.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}])
     assert not pair["passed"] and not pair["norm_check"]["passed"]
+
+
+def test_inputs_are_scaled_to_where_epsilon_counts_by_a_power_of_two():
+    import numpy as np
+
+    from export.norm_check import at_epsilon_scale
+
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float16)
+    ids = np.arange(4, dtype=np.int64)
+    scaled = at_epsilon_scale({"x": x, "residual": x, "ids": ids}, 1e-5)
+    ratio = scaled["x"].astype(np.float64) / np.where(x == 0, 1, x).astype(np.float64)
+    factor = float(ratio.flat[0])
+    assert scaled["x"].dtype == np.float16 and np.log2(factor) == round(np.log2(factor))  # exact in every dtype
+    assert 0.5e-5 < float(np.mean(scaled["x"].astype(np.float64) ** 2)) < 2e-5
+    assert np.array_equal(scaled["residual"], scaled["x"]) and np.array_equal(scaled["ids"], ids)
+    for odd in (np.zeros((2, 8), np.float32), np.full((2, 8), np.inf, np.float32)):  # left as they are
+        assert np.array_equal(at_epsilon_scale({"x": odd}, 1e-5)["x"], odd)
