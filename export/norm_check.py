@@ -322,7 +322,10 @@ def describe_passed(result: dict) -> str:
         return f"no fused op checked alone on the reference's own values{skipped}"
     used = max(s["tolerance_used"]["max"] for n in norms
                for s in (*n["outputs"].values(), *n.get("at_epsilon_scale", {}).values()))
-    scaled = sum("at_epsilon_scale" in n for n in norms)
+    in_float64, scaled = sum(n.get("against") == "float64" for n in norms), sum("at_epsilon_scale" in n for n in norms)
+    how = ("all against the reference's nodes in float64, at unit scale and at epsilon's scale"
+           if in_float64 == scaled == len(norms) else
+           f"{in_float64} against the reference's nodes in float64 ({scaled} also at epsilon's scale), "
+           f"{len(norms) - in_float64} against its values")
     return (f"each fused op alone on the reference's own values: {len(norms)} of {len(norms)} within one op's "
-            f"tolerance (normops.OP; at most {used:.0%} of it), against the reference's nodes in float64 for "
-            f"{sum(n.get('against') == 'float64' for n in norms)}, {scaled} also at epsilon's scale{skipped}")
+            f"tolerance (normops.OP; at most {used * 100:.2g}% of it), {how}{skipped}")
