@@ -181,13 +181,9 @@ class FolderPipeline:
         """The fused models' Triton entries (--triton-repo) go again where the encoder-decoder pair
         decoded otherwise than the reference's or could not be decoded: each model passed on its
         own, but the pair's tokens are not the reference's, or were never checked."""
-        from .decode import decoded_alike
-
-        if not any(not decoded_alike(d["agreement"]) for d in decoding) and not self.not_decoded:
+        why = self.pair_unchecked_why(decoding, [*{d["backend"] for d in decoding}, *self.not_decoded])
+        if why is None:
             return
-        why = ("the fused encoder-decoder chose other tokens than the reference's, or scores out of tolerance"
-               if decoding and not all(decoded_alike(d["agreement"]) for d in decoding)
-               else "the encoder-decoder pair could not be decoded, so the fused pair is unchecked")
         for pipeline in pipelines.values():
             for entry in pipeline.triton_fused:
                 if entry.is_dir():
@@ -197,21 +193,30 @@ class FolderPipeline:
                 if pipeline.report is not None and str(entry) in pipeline.report.get("triton", []):
                     pipeline.report["triton"].remove(str(entry))
 
+    def pair_unchecked_why(self, decoding: list[dict], backends: list[str]) -> str | None:
+        """Why the fused encoder-decoder pair is not to be served on `backends`, or None: it chose
+        other tokens than the reference's on one, or could not be decoded there."""
+        from .decode import decoded_alike
+
+        for backend in backends:
+            if not all(decoded_alike(d["agreement"]) for d in decoding if d["backend"] == backend):
+                return "the fused encoder-decoder chose other tokens than the reference's, or scores out of tolerance"
+            if backend in self.not_decoded:
+                return ("the encoder-decoder pair could not be decoded, so the fused pair is unchecked "
+                        f"({self.not_decoded[backend]})")
+        return None
+
     def write_serving_folders(self, folder: Path, models: list[Path], out: Path, pipelines: dict, statuses: dict,
                               errors: dict, backends: list[str], decoding: list[dict]) -> list[dict]:
         """`<out>/serve-<backend>/` for each ONNX Runtime backend on which every model of the folder
         was built and passed, and the pair decoded alike: the folder to load in the source's place."""
-        from .decode import decoded_alike
         from .serving_folder import serving_folder_name, write_serving_folder
 
         written = []
         for backend in (b for b in backends if b.startswith("ort-")):
             target = out / serving_folder_name(backend)
-            why = self.why_not_served(models, pipelines, statuses, errors, backend)
-            if why is None and not all(decoded_alike(d["agreement"]) for d in decoding if d["backend"] == backend):
-                why = "the fused encoder-decoder chose other tokens than the reference's, or scores out of tolerance"
-            if why is None and backend in self.not_decoded:  # its fused pair's tokens were never checked
-                why = f"the encoder-decoder pair could not be decoded, so the fused pair is unchecked ({self.not_decoded[backend]})"
+            why = self.why_not_served(models, pipelines, statuses, errors, backend) \
+                or self.pair_unchecked_why(decoding, [backend])
             if why:
                 if target.is_dir():  # an earlier run's: left there, it would stand for models that no longer pass
                     shutil.rmtree(target)

@@ -190,24 +190,23 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
             path = Path(tmp) / f"norm_{index}.onnx"
             onnx.save(model, str(path))
             runner = make_runner(path, backend)
-            got = runner.run({n: values[n] for n in dynamic})
-            truth = _in_float64(ref, reference.parent, dynamic, compared, values)
-            if truth is not None:
-                stats = {n: output_stats(got[n], truth[n], tolerance) for n in compared}
+            unit = {n: values[n] for n in dynamic}
+            # the same inputs scaled to where epsilon counts: on unit-scale rows it moves a norm by less
+            # than one op's rounding (0 for 1e-5 does), at a mean square near it by half
+            small = at_epsilon_scale(unit, _epsilon(node))
+            truths = _in_float64(ref, reference.parent, dynamic, compared, [unit, small])
+            got = runner.run(unit)
+            if truths is None:
+                record = {"outputs": {n: output_stats(got[n], values[n], fallback_tolerance or tolerance)
+                                      for n in compared}, "against": "reference"}
             else:
-                stats = {n: output_stats(got[n], values[n], fallback_tolerance or tolerance) for n in compared}
-            record = {"node": node.name, "op": node.op_type, "inputs": dynamic, "outputs": stats,
-                      "against": "float64" if truth is not None else "reference"}
-            if truth is not None:
-                # the same inputs scaled to where epsilon counts: on unit-scale rows it moves a norm by
-                # less than one op's rounding (0 for 1e-5 does), at a mean square near it by half
-                small = at_epsilon_scale({n: values[n] for n in dynamic}, _epsilon(node))
-                small_truth = _in_float64(ref, reference.parent, dynamic, compared, small)
-                if small_truth is not None:
-                    got_small = runner.run(small)
-                    record["at_epsilon_scale"] = {n: output_stats(got_small[n], small_truth[n], tolerance)
-                                                  for n in compared}
-            record["passed"] = all(s["passed"] for s in (*stats.values(), *record.get("at_epsilon_scale", {}).values()))
+                got_small = runner.run(small)
+                record = {"outputs": {n: output_stats(got[n], truths[0][n], tolerance) for n in compared},
+                          "against": "float64",
+                          "at_epsilon_scale": {n: output_stats(got_small[n], truths[1][n], tolerance) for n in compared}}
+            record = {"node": node.name, "op": node.op_type, "inputs": dynamic, **record}
+            record["passed"] = all(s["passed"] for s in (*record["outputs"].values(),
+                                                          *record.get("at_epsilon_scale", {}).values()))
             result["norms"].append(record)
             result["passed"] &= record["passed"]
     return result
@@ -236,14 +235,14 @@ def at_epsilon_scale(values: dict, epsilon: float) -> dict:
             for n, v in values.items()}
 
 
-def _in_float64(ref, folder: Path, inputs: list[str], outputs: list[str], values: dict) -> dict | None:
-    """What the reference's own nodes from `inputs` to `outputs` compute in float64 on `values`,
-    or None where they cannot be cut out or run so (export.norm_truth)."""
+def _in_float64(ref, folder: Path, inputs: list[str], outputs: list[str], feeds: list[dict]) -> list[dict] | None:
+    """What the reference's own nodes from `inputs` to `outputs` compute in float64 on each of
+    `feeds`, or None where they cannot be cut out or run so (export.norm_truth)."""
     from .norm_truth import cut_in_float64, run_in_float64
 
     try:
         model = cut_in_float64(ref.graph, folder, inputs, outputs, ref.opset_import, ref.ir_version)
-        return None if model is None else run_in_float64(model, {n: values[n] for n in inputs})
+        return None if model is None else run_in_float64(model, feeds)
     except Exception:  # an op the evaluator has no float64 kernel for: the reference's values instead
         return None
 

@@ -93,8 +93,9 @@ def _tensor_in_float64(tensor, folder: Path | None):
     return numpy_helper.from_array(array, copy.name)
 
 
-def run_in_float64(model, feeds: dict) -> dict:
-    """`model` (from `cut_in_float64`) on the onnx reference evaluator, `feeds` made float64."""
+def run_in_float64(model, feeds: list[dict]) -> list[dict]:
+    """`model` (from `cut_in_float64`) on the onnx reference evaluator, once for each of `feeds`
+    (made float64)."""
     import tempfile
 
     import onnx
@@ -105,4 +106,5 @@ def run_in_float64(model, feeds: dict) -> dict:
         path = Path(tmp) / "norm.onnx"
         onnx.save(model, str(path))
         runner = make_runner(path, "onnx-reference")
-        return runner.run({name: np.asarray(value).astype(np.float64) for name, value in feeds.items()})
+        return [runner.run({name: np.asarray(value).astype(np.float64) for name, value in one.items()})
+                for one in feeds]

@@ -314,6 +314,11 @@ def test_a_folder_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path, monk
         if not files._exchange(probe_a, probe_b):
             pytest.skip("this system cannot swap two paths in one step (renameat2 with RENAME_EXCHANGE)")
         assert (probe_b / "in_a").exists() and not (probe_a / "in_a").exists()
+
+        def no_rename(source, target):  # the swap alone must do it: no moment without the target
+            raise AssertionError(f"renamed {source} to {target}")
+
+        monkeypatch.setattr(files.os, "replace", no_rename)
     target = tmp_path / "serve"
     target.mkdir()
     (target / "old.onnx").write_text("old")
