@@ -123,8 +123,9 @@ def refuse_plugin_ops(model_path, backend: str) -> None:
     from normops import DOMAIN
 
     from .onnx_io import load_graph_only
+    from .rewrite.scopes import all_nodes
 
-    if any(node.domain == DOMAIN for node in load_graph_only(model_path).graph.node):
+    if any(node.domain == DOMAIN for node in all_nodes(load_graph_only(model_path))):
         raise NormfuseError(f"{model_path}: holds normfuse plugin ops (the tensorrt target), which {backend} cannot "
                             "run; rewrite with --target onnxruntime, build a TensorRT engine from it, or validate "
                             "with --backend onnx-reference")

@@ -160,13 +160,16 @@ def profile_shapes(model_path: str | Path, batch: Range, seq: Range,
 
 
 def plugin_ops(model_path: str | Path) -> list[dict]:
-    """The plugin ops the graph uses: name, namespace, version, node count (sorted by name)."""
+    """The plugin ops the graph uses: name, namespace, version, node count (sorted by name); nodes
+    inside If/Loop/Scan bodies and local functions count too (a merged decoder's fused norms sit in
+    its If's branches, and the parser needs their plugins registered as much as the main graph's)."""
     from normops import DOMAIN
 
     from .onnx_io import load_graph_only
+    from .rewrite.scopes import all_nodes
 
     found: dict[tuple, int] = {}
-    for node in load_graph_only(model_path).graph.node:
+    for node in all_nodes(load_graph_only(model_path)):
         if node.domain != DOMAIN:
             continue
         attrs = {a.name: a.s.decode() for a in node.attribute if a.name in ("plugin_namespace", "plugin_version")}

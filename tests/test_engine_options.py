@@ -53,6 +53,24 @@ def test_plugin_inventory(graphs):
     assert plugin_ops(graphs["reference"]) == []
 
 
+def test_plugin_inventory_counts_ops_inside_control_flow(tmp_path):
+    """A merged decoder's norms are fused inside its If's branches: the parser needs their plugins
+    registered, and ONNX Runtime must refuse the graph, as for the main graph's."""
+    import onnx
+
+    from export.backends import refuse_plugin_ops
+    from export.rewrite import rewrite_model
+    from export.rewrite.synth import NormSpec, if_model
+
+    model, _ = rewrite_model(if_model(NormSpec(), NormSpec()), target="tensorrt")
+    assert not any(node.domain == "normfuse" for node in model.graph.node)  # both fused ops are in the branches
+    path = tmp_path / "if.onnx"
+    onnx.save(model, str(path))
+    assert [(op["name"], op["nodes"]) for op in plugin_ops(path)] == [("RMSNorm", 2)]
+    with pytest.raises(NormfuseError, match="holds normfuse plugin ops"):
+        refuse_plugin_ops(path, "ONNX Runtime")
+
+
 def test_sidecar_records_what_an_engine_depends_on(graphs, tmp_path):
     plan = tmp_path / "fused.plan"
     options = EngineOptions(batch=Range(1, 1, 4), seq=Range(1, 64, 256), precision="fp16", workspace_mb=512)
