@@ -49,7 +49,8 @@ PY=$(command -v python3 || command -v python)
 
 if [ -f .carry/ptx.tar.xz ]; then
     mkdir -p "$WORK/cache" && tar xJf .carry/ptx.tar.xz -C "$WORK/cache"
-    export NORMFUSE_CACHE_DIR=$WORK/cache/ptx
+    # the carried PTX was compiled here, maybe by another nvcc release than the GPU machine's: used as it is
+    export NORMFUSE_CACHE_DIR=$WORK/cache/ptx NORMFUSE_PTX_ANY_NVCC=1
 fi
 
 # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, its output appended to the log;

@@ -216,8 +216,9 @@ def sidecar_path(plan_path: str | Path) -> Path:
 
 def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, tensorrt_version: str,
                  gpu: dict, profiles: dict, build_seconds: float, plan_bytes: int) -> dict:
-    from plugins.build import env_defines
+    from plugins.build import env_defines, kernels_fingerprint, nvcc_release
 
+    plugins = plugin_ops(onnx_path)
     return {
         "sidecar_version": SIDECAR_VERSION,
         "plan": plan_path.name,
@@ -236,7 +237,10 @@ def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, te
         "batch_range": str(options.batch),
         "seq_range": str(options.seq),
         "dim_ranges": {name: str(r) for name, r in options.dims.items()},
-        "plugins": plugin_ops(onnx_path),
+        "plugins": plugins,
+        # what the embedded kernels were made from (plugins.build.kernels_fingerprint) and by which nvcc
+        **({"kernels_fingerprint": kernels_fingerprint(), "kernels_nvcc_release": _release_text(nvcc_release())}
+           if plugins else {}),
         # compile-time kernel switches in force ($NORMFUSE_AB_DEFINES): an engine built with any
         # embeds kernels other than the default, proven ones
         "kernel_switches": list(env_defines()),
@@ -244,6 +248,10 @@ def make_sidecar(onnx_path: Path, plan_path: Path, options: EngineOptions, *, te
         "build_seconds": round(build_seconds, 3),
         "host": platform.node(),
     }
+
+
+def _release_text(release: tuple[int, int] | None) -> str | None:
+    return ".".join(map(str, release)) if release else None
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, options: EngineOptions | None = None) -> dict:
@@ -261,20 +269,63 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, options: EngineOp
         if not options.plugins:
             raise NormfuseError(f"{onnx_path}: holds normfuse plugin ops but plugins were turned off")
         from plugins import register_tensorrt_plugins
+        from plugins.build import ToolchainError, check_driver_loads, driver_cuda_version, nvcc_release
 
+        try:  # before TensorRT times the tactics, which is where a driver too old for the PTX fails
+            check_driver_loads(nvcc_release(), driver_cuda_version(), "the plugins' kernels would be")
+        except ToolchainError as exc:
+            raise NormfuseError(f"{onnx_path}: {exc}") from None
         register_tensorrt_plugins()
+    cache_in, cache_dropped = timing_cache_in(options.timing_cache, uses_plugins)
     started = time.perf_counter()
-    serialized, cache_bytes = _build(onnx_path, options, profiles, uses_plugins)
+    serialized, cache_bytes = _build(onnx_path, options, profiles, uses_plugins, cache_in)
     seconds = time.perf_counter() - started
     with atomic_path(plan_path) as tmp:
         tmp.write_bytes(serialized)
     if options.timing_cache and cache_bytes:
-        with atomic_path(options.timing_cache) as tmp:
-            tmp.write_bytes(cache_bytes)
+        save_timing_cache(options.timing_cache, cache_bytes, uses_plugins)
     sidecar = make_sidecar(onnx_path, plan_path, options, tensorrt_version=_tensorrt_version(), gpu=gpu_info(),
                            profiles=profiles, build_seconds=seconds, plan_bytes=len(serialized))
+    if cache_dropped:
+        sidecar["timing_cache_dropped"] = cache_dropped
     write_json(sidecar_path(plan_path), sidecar)
     return sidecar
+
+
+def kernels_stamp(timing_cache: str | Path) -> Path:
+    """Where the fingerprint of the normfuse kernels a timing cache timed is kept, beside it."""
+    return Path(f"{timing_cache}.kernels")
+
+
+def timing_cache_in(timing_cache: str | Path | None, uses_plugins: bool) -> tuple[bytes, str | None]:
+    """(the timing cache to start a build from, why the one on disk was left out or None).
+
+    TensorRT keys a plugin's timings by its name, version and shapes, not by its kernels, so a cache
+    that timed other normfuse kernels (another source, launch table, switch or nvcc) would have
+    TensorRT pick a tactic number by old timings, without timing it again; a build with plugins
+    starts from such a cache only while the kernels' fingerprint beside it is today's."""
+    if not timing_cache or not Path(timing_cache).is_file():
+        return b"", None
+    if uses_plugins:
+        from plugins.build import kernels_fingerprint
+
+        stamp = kernels_stamp(timing_cache)
+        if not stamp.is_file() or stamp.read_text().strip() != kernels_fingerprint():
+            return b"", (f"{timing_cache} was left out: it " + ("timed other normfuse kernels" if stamp.is_file() else
+                         "does not say which normfuse kernels it timed") + ", which TensorRT would not time again")
+    return Path(timing_cache).read_bytes(), None
+
+
+def save_timing_cache(timing_cache: str | Path, cache_bytes: bytes, uses_plugins: bool) -> None:
+    """Write the timing cache and, after a build with plugins, the fingerprint of the kernels it timed.
+    (A build without plugins keeps the plugin timings it was given, so their fingerprint stands.)"""
+    with atomic_path(timing_cache) as tmp:
+        tmp.write_bytes(cache_bytes)
+    if uses_plugins:
+        from plugins.build import kernels_fingerprint
+
+        with atomic_path(kernels_stamp(timing_cache)) as tmp:
+            tmp.write_text(kernels_fingerprint() + "\n")
 
 
 def _tensorrt_version() -> str:
@@ -322,7 +373,8 @@ def precision_builder_flag(builder_flag: type[tensorrt.BuilderFlag], precision: 
     return {"fp16": builder_flag.FP16, "bf16": builder_flag.BF16}.get(precision)
 
 
-def _build(onnx_path: Path, options: EngineOptions, profiles: dict, uses_plugins: bool) -> tuple[bytes, bytes]:
+def _build(onnx_path: Path, options: EngineOptions, profiles: dict, uses_plugins: bool,
+           cache_in: bytes) -> tuple[bytes, bytes]:
     """The TensorRT calls: network, parser, builder config, profile, timing cache, build.
     (Call import_tensorrt() first: it turns a missing TensorRT into a one-line error.)"""
     import tensorrt as trt
@@ -353,9 +405,6 @@ def _build(onnx_path: Path, options: EngineOptions, profiles: dict, uses_plugins
         profile.set_shape(name, trt.Dims(shape["min"]), trt.Dims(shape["opt"]), trt.Dims(shape["max"]))
     config.add_optimization_profile(profile)
 
-    cache_in = b""
-    if options.timing_cache and Path(options.timing_cache).is_file():
-        cache_in = Path(options.timing_cache).read_bytes()
     cache = config.create_timing_cache(cache_in)
     config.set_timing_cache(cache, False)
 

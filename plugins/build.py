@@ -4,7 +4,8 @@ One PTX module per (op, x dtype, gamma dtype, architecture, launch variant), hol
 kernel; without a variant, one module holds every variant of `config.variants` (what the ptxas
 check assembles). Modules are compiled on first use and cached under
 $NORMFUSE_CACHE_DIR (default ~/.cache/normfuse/ptx), keyed by a hash of the sources and flags,
-so an edited kernel is never served stale. Building an engine needs nvcc; serving it does not,
+so an edited kernel is never served stale, and served only while the nvcc on PATH is of the
+release that wrote it (see `_made_by_this_nvcc`). Building an engine needs nvcc; serving it does not,
 since TensorRT embeds the PTX in the engine.
 
 `source_dir` and `defines` (default: this directory, none) compile another copy of the sources,
@@ -47,6 +48,61 @@ def source_path(op: str, source_dir: Path | None = None) -> Path:
 
 def nvcc_path() -> str | None:
     return shutil.which("nvcc")
+
+
+_RELEASE = re.compile(r"release (\d+)\.(\d+)")
+
+
+def ptx_release(ptx: str) -> tuple[int, int] | None:
+    """The CUDA release of the nvcc that wrote `ptx`, from its header comment ("Cuda compilation
+    tools, release 13.0, ..."); None where the header does not say."""
+    header = ptx[:ptx.find(".version")] if ".version" in ptx else ptx[:1000]
+    found = _RELEASE.search(header)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+@lru_cache(maxsize=None)
+def nvcc_release(nvcc: str | None = None) -> tuple[int, int] | None:
+    """The CUDA release of `nvcc` (default: the one on PATH), from `nvcc --version`; None without one."""
+    nvcc = nvcc or nvcc_path()
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = _RELEASE.search(out)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+@lru_cache(maxsize=None)
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA release the installed driver supports (cuDriverGetVersion: 12080 is 12.8);
+    None where no driver library loads (no GPU here)."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+            return None
+        return version.value // 1000, version.value % 1000 // 10
+    return None
+
+
+def check_driver_loads(release: tuple[int, int] | None, driver: tuple[int, int] | None, what: str) -> None:
+    """ToolchainError unless a driver supporting CUDA `driver` can load PTX that nvcc of `release`
+    wrote: a driver JIT-compiles only PTX of its own release or older (newer fails with
+    CUDA_ERROR_UNSUPPORTED_PTX_VERSION, at engine build or load). Unknown on either side: no check."""
+    if release is None or driver is None or driver >= release:
+        return
+    r, d = ".".join(map(str, release)), ".".join(map(str, driver))
+    raise ToolchainError(f"{what} PTX written by nvcc of CUDA {r}, and this GPU's driver supports CUDA {d} at "
+                         f"most, so it cannot load it: put an nvcc of CUDA {d} or older first on PATH, or update "
+                         "the driver")
 
 
 def ptxas_path() -> str | None:
@@ -176,7 +232,9 @@ def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, ...] 
             f"{_cache_key(op, unit, flags, sources)}.ptx")
     cached = cache_dir() / name
     if cached.exists():
-        return cached.read_text()
+        ptx = cached.read_text()
+        if _made_by_this_nvcc(ptx):
+            return ptx
     nvcc = nvcc_path()
     if nvcc is None:
         raise ToolchainError("nvcc is not on PATH: install the CUDA toolkit to compile the normfuse kernels")
@@ -194,6 +252,29 @@ def _get_ptx(op: str, x_dtype: str, g: str, arch: str, variant: tuple[int, ...] 
     tmp_file.write_text(ptx)
     os.replace(tmp_file, cached)  # atomic: concurrent builders never see half a file
     return ptx
+
+
+def _made_by_this_nvcc(ptx: str) -> bool:
+    """Whether cached PTX may be served: written by the release of the nvcc on PATH (another nvcc,
+    picked to suit an older driver say, compiles it again), or there is no nvcc to compile it again
+    (a cache shipped with the project), or $NORMFUSE_PTX_ANY_NVCC is set (a cache compiled elsewhere,
+    to be used as it is)."""
+    if os.environ.get("NORMFUSE_PTX_ANY_NVCC") or nvcc_path() is None:
+        return True
+    return ptx_release(ptx) == nvcc_release()
+
+
+def kernels_fingerprint() -> str:
+    """A hash of what the plugins' kernels are made from: the CUDA sources, the launch table and
+    tactics (config.py, trt.py), the compile-time switches in force and nvcc's release. TensorRT keys
+    a plugin's timings in a timing cache by its name and shapes only, so a cache is kept only while
+    this is unchanged (export.tensorrt_engine)."""
+    h = hashlib.sha256()
+    for path in sorted([*SOURCE_DIR.glob("*.cu"), SOURCE_DIR / HEADER, SOURCE_DIR / "config.py", SOURCE_DIR / "trt.py"]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    h.update("\0".join(env_defines()).encode())
+    h.update(repr(nvcc_release()).encode())
+    return h.hexdigest()[:20]
 
 
 def ptxas_check(ptx: str, arch: str, cubin: Path | None = None) -> str:

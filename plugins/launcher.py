@@ -58,6 +58,9 @@ _LOADED: list[Any] = []
 def _function(ptx: str, kernel: str) -> Any:
     import cupy
 
+    from .build import check_driver_loads, driver_cuda_version, ptx_release
+
+    check_driver_loads(ptx_release(ptx), driver_cuda_version(), f"{kernel} is")
     # CuPy loads PTX from a file (the driver JIT-compiles it for the device, as TensorRT does).
     fd, path = tempfile.mkstemp(suffix=".ptx")
     try:

@@ -88,6 +88,38 @@ def test_sidecar_records_what_an_engine_depends_on(graphs, tmp_path):
     assert sidecar["precision"] == "fp16" and sidecar["workspace_mb"] == 512
     assert sidecar_path(plan) == tmp_path / "fused.plan.json"
     assert sidecar["kernel_switches"] == []
+    from plugins.build import kernels_fingerprint, nvcc_release
+
+    assert sidecar["kernels_fingerprint"] == kernels_fingerprint()
+    assert sidecar["kernels_nvcc_release"] == (".".join(map(str, nvcc_release())) if nvcc_release() else None)
+    reference = make_sidecar(graphs["reference"], plan, options, tensorrt_version="10.13.0.35", gpu={},
+                             profiles=profiles, build_seconds=0, plan_bytes=1)
+    assert "kernels_fingerprint" not in reference  # no plugins, no kernels of ours
+
+
+def test_timing_cache_of_other_kernels_is_left_out_of_plugin_builds(tmp_path, monkeypatch):
+    """TensorRT keys a plugin's timings by its name and shapes: after a kernel, launch-table or
+    switch change it would reuse a tactic number timed for other kernels, so a plugin build starts
+    afresh unless the cache says it timed today's kernels."""
+    from export.tensorrt_engine import kernels_stamp, save_timing_cache, timing_cache_in
+
+    monkeypatch.delenv("NORMFUSE_AB_DEFINES", raising=False)
+    cache = tmp_path / "timing.cache"
+    assert timing_cache_in(cache, True) == (b"", None) and timing_cache_in(None, True) == (b"", None)
+    save_timing_cache(cache, b"reference timings", uses_plugins=False)
+    assert not kernels_stamp(cache).exists()
+    assert timing_cache_in(cache, False) == (b"reference timings", None)
+    data, why = timing_cache_in(cache, True)  # which kernels it timed is not known
+    assert data == b"" and why == f"{cache} was left out: it does not say which normfuse kernels it timed, which " \
+                                  "TensorRT would not time again"
+    save_timing_cache(cache, b"plugin timings", uses_plugins=True)
+    assert timing_cache_in(cache, True) == (b"plugin timings", None)
+    save_timing_cache(cache, b"both", uses_plugins=False)  # a reference build keeps the plugin timings it was given
+    assert timing_cache_in(cache, True) == (b"both", None)
+    monkeypatch.setenv("NORMFUSE_AB_DEFINES", "NORMFUSE_AB_NO_TRAILING_SYNC")  # other kernels
+    data, why = timing_cache_in(cache, True)
+    assert data == b"" and "timed other normfuse kernels" in why
+    assert timing_cache_in(cache, False) == (b"both", None)
 
 
 def test_sidecar_records_kernel_switches_in_force(graphs, tmp_path, monkeypatch):

@@ -195,6 +195,64 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
         build._get_ptx.cache_clear()
 
 
+@needs_nvcc
+def test_ptx_says_which_nvcc_release_wrote_it():
+    ptx = build.get_ptx("RMSNorm", "float16", arch="sm_80", variant=(32, 8, 1))
+    assert build.ptx_release(ptx) == build.nvcc_release() is not None
+    assert build.ptx_release(".version 9.0\n.target sm_80\n") is None
+
+
+def test_a_driver_older_than_the_ptx_is_refused_in_one_line():
+    build.check_driver_loads((13, 0), (13, 0), "x is")
+    build.check_driver_loads((12, 8), (13, 1), "x is")
+    build.check_driver_loads(None, (12, 0), "x is")  # unknown on either side: TensorRT or the driver says
+    build.check_driver_loads((13, 0), None, "x is")
+    with pytest.raises(build.ToolchainError) as caught:
+        build.check_driver_loads((13, 0), (12, 8), "the kernel is")
+    assert str(caught.value) == ("the kernel is PTX written by nvcc of CUDA 13.0, and this GPU's driver supports "
+                                 "CUDA 12.8 at most, so it cannot load it: put an nvcc of CUDA 12.8 or older first "
+                                 "on PATH, or update the driver")
+
+
+@needs_nvcc
+def test_cached_ptx_of_another_nvcc_release_is_compiled_again(monkeypatch, tmp_path):
+    """An nvcc picked to suit an older driver must not be handed the PTX its newer predecessor
+    cached; a cache shipped for use as it is ($NORMFUSE_PTX_ANY_NVCC) is served whatever wrote it."""
+    monkeypatch.setenv("NORMFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("NORMFUSE_PTX_ANY_NVCC", raising=False)
+    build._get_ptx.cache_clear()
+    try:
+        fresh = build.get_ptx("RMSNorm", "float16", arch="sm_80", variant=(32, 8, 1))
+        (cached,) = tmp_path.glob("*.ptx")
+        major, minor = build.nvcc_release()
+        other = fresh.replace(f"release {major}.{minor}", f"release {major + 1}.{minor}", 1)
+        cached.write_text(other)
+        build._get_ptx.cache_clear()
+        again = build.get_ptx("RMSNorm", "float16", arch="sm_80", variant=(32, 8, 1))
+        # compiled anew (its module id differs from run to run), and the cache holds it
+        assert build.ptx_release(again) == (major, minor) and cached.read_text() == again
+        cached.write_text(other)
+        build._get_ptx.cache_clear()
+        monkeypatch.setenv("NORMFUSE_PTX_ANY_NVCC", "1")
+        assert build.get_ptx("RMSNorm", "float16", arch="sm_80", variant=(32, 8, 1)) == other
+    finally:
+        build._get_ptx.cache_clear()
+
+
+def test_kernels_fingerprint_follows_the_switches_and_sources(monkeypatch, tmp_path):
+    monkeypatch.delenv("NORMFUSE_AB_DEFINES", raising=False)
+    plain = build.kernels_fingerprint()
+    monkeypatch.setenv("NORMFUSE_AB_DEFINES", "NORMFUSE_AB_PLAIN_LOADS")
+    assert build.kernels_fingerprint() != plain
+    monkeypatch.delenv("NORMFUSE_AB_DEFINES")
+    for name in [p.name for p in build.SOURCE_DIR.glob("*.cu")] + [build.HEADER, "config.py", "trt.py"]:
+        (tmp_path / name).write_bytes((build.SOURCE_DIR / name).read_bytes())
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
+    assert build.kernels_fingerprint() == plain
+    (tmp_path / "config.py").write_text((tmp_path / "config.py").read_text() + "\n# another launch table\n")
+    assert build.kernels_fingerprint() != plain
+
+
 # The compile-time A/B switches of norm_common.cuh (off by default; bench/kernels.py --sources
 # worktree+NAME times them). NORMFUSE_AB_PARAMS_EARLY replaces the prefetch that
 # NORMFUSE_AB_NO_PREFETCH removes, so it is built on its own (with the split-row variants' switch).
