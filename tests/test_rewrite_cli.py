@@ -253,6 +253,39 @@ def test_onnx_target_refuses_with_the_reason_when_the_opset_cannot_be_raised():
     assert rewrite_model(model, target="onnxruntime")[1].fused == 1
 
 
+@pytest.mark.parametrize("op", ["DFT", "GridSample"])
+def test_onnx_target_raises_ops_that_changed_meaning_through_the_converter(op):
+    """DFT's default axis (1, then -2) and GridSample's mode names ('bilinear', then 'linear')
+    changed at opset 20: renumbering an opset-18 model to 23 would give DFT another axis and
+    GridSample a mode ONNX Runtime refuses. onnx's version converter rewrites them."""
+    import onnxruntime as ort
+
+    model = build(NormSpec(kind="rms"))
+    f32 = TensorProto.FLOAT
+    if op == "DFT":  # its axis left at the default, over a [2, 4, 4, 1] real signal
+        model.graph.node.append(helper.make_node("DFT", ["s"], ["spec"]))
+        model.graph.input.append(helper.make_tensor_value_info("s", f32, [2, 4, 4, 1]))
+        model.graph.output.append(helper.make_tensor_value_info("spec", f32, [2, 4, 4, 2]))
+    else:
+        model.graph.node.append(helper.make_node("GridSample", ["img", "grid"], ["spec"], mode="bilinear",
+                                                 align_corners=1))
+        model.graph.input.extend([helper.make_tensor_value_info("img", f32, [1, 1, 4, 4]),
+                                  helper.make_tensor_value_info("grid", f32, [1, 3, 3, 2])])
+        model.graph.output.append(helper.make_tensor_value_info("spec", f32, [1, 1, 3, 3]))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+    out, report = rewrite_model(model, target="onnx")
+    assert report.fused == 1 and f"version converter, as {op} change(s) meaning" in report.notes[0]
+    assert {o.domain: o.version for o in out.opset_import}[""] == 23
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.uniform(-1, 1, [d.dim_value or 2 for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    run = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(["spec"], feeds)[0]
+           for m in (model, out)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)
+
+
 def test_proof_rejects_what_the_checks_cannot_see(monkeypatch):
     """Disable one check: the numerical proof alone must still refuse a wrong-axis norm."""
     from export.rewrite import checks

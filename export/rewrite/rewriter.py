@@ -253,29 +253,37 @@ def _rewrite_converted(converted, notes, target, residual, prove_fusions, report
 
 
 # Ops whose schema changed between opset 18 and 23 in a way that alters the meaning of an existing
-# model (every other change in that range only adds types or attributes whose default keeps the old
-# behaviour): a model using them is not raised by renumbering.
-CHANGED_MEANING_AFTER_18 = frozenset({"GroupNormalization"})
+# model: DFT's axis became an input whose default is -2, not 1 (20), GridSample's modes were renamed
+# ('bilinear' is 'linear', 20), GroupNormalization's scale and bias went from per group to per
+# channel (21). Every other change in that range only adds types, or attributes whose default keeps
+# the old behaviour (compared schema by schema in onnx 1.23). A model using one of these is raised by
+# onnx's version converter, which rewrites those nodes, not by renumbering.
+CHANGED_MEANING_AFTER_18 = frozenset({"DFT", "GridSample", "GroupNormalization"})
 
 
 def raise_opset(model: onnx.ModelProto, target_opset: int) -> tuple[onnx.ModelProto | None, str]:
     """How `model` reaches `target_opset`: (None, how) when renumbering its opset is enough (opset >= 18,
-    no node changes), else (onnx's version converter's output, how). NormfuseError when neither can."""
+    no op whose meaning changes), else (onnx's version converter's output, how). NormfuseError when
+    neither can."""
     opset = default_opset(model)
+    blocked = []
     if opset >= 18:
         used = {n.op_type for n in all_nodes(model) if n.domain in ("", "ai.onnx")}
         blocked = sorted(used & CHANGED_MEANING_AFTER_18)
-        if blocked:
-            raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but raising opset {opset} would change "
-                                f"the meaning of {', '.join(blocked)}; use --target onnxruntime or tensorrt")
-        return None, "no op in the graph changes meaning between the two"
+        if not blocked:
+            return None, "no op in the graph changes meaning between the two"
+    changed = f"{', '.join(blocked)} change(s) meaning after opset 18" if blocked else ""
     try:
         from onnx import version_converter
 
-        return version_converter.convert_version(model, target_opset), "onnx's version converter"
+        converted = version_converter.convert_version(model, target_opset)
+        if blocked:  # the converter can write nodes it has no adapter for as they were: checked
+            onnx.checker.check_model(converted)
+        return converted, "onnx's version converter" + (f", as {changed}" if changed else "")
     except Exception as exc:  # the converter raises RuntimeError or its own types
         raise NormfuseError(f"target 'onnx' needs opset {target_opset}, but onnx's version converter cannot raise "
-                            f"opset {opset}: {first_line(exc, 200)}; use --target onnxruntime or tensorrt") from None
+                            f"opset {opset}" + (f" (and renumbering would not do: {changed})" if changed else "")
+                            + f": {first_line(exc, 200)}; use --target onnxruntime or tensorrt") from None
 
 
 def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
