@@ -441,6 +441,68 @@ def test_gemma_weight_that_is_a_graph_input_is_not_folded():
     assert sorted(n.op_type for n in out.graph.node) == ["Add", "RMSNorm"] and w.name in [i.name for i in out.graph.input]
 
 
+def _overridable_norm(kind: str, weight_shape: list[int]):
+    """x [2, 3, 16] normalised over its last axis, scaled (and shifted for "layer") by initializers
+    of `weight_shape` that are graph inputs too; kind "l2" divides by sqrt(sum of squares + eps)."""
+    from onnx import numpy_helper
+
+    hidden, n = 16, helper.make_node
+    inits = [numpy_helper.from_array(np.array(v, np.float32), name) for name, v in (("two", 2.0), ("eps", 1e-5))]
+    inits.append(numpy_helper.from_array(np.array([-1], np.int64), "axes"))
+    names = ["g", "b"] if kind == "layer" else ["g"]
+    inits += [numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32).reshape(weight_shape) + k, name)
+              for k, name in enumerate(names)]
+    source = "x"
+    nodes = []
+    if kind == "layer":
+        nodes += [n("ReduceMean", ["x", "axes"], ["mean"]), n("Sub", ["x", "mean"], ["centred"])]
+        source = "centred"
+    nodes += [n("Pow", [source, "two"], ["squares"]),
+              n("ReduceSum" if kind == "l2" else "ReduceMean", ["squares", "axes"], ["stat"]),
+              n("Add", ["stat", "eps"], ["stat_eps"]), n("Sqrt", ["stat_eps"], ["root"]),
+              n("Div", [source, "root"], ["normed"]), n("Mul", ["normed", "g"], ["y" if kind != "layer" else "scaled"])]
+    if kind == "layer":
+        nodes.append(n("Add", ["scaled", "b"], ["y"]))
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", f32, [2, 3, hidden])] +
+                              [helper.make_tensor_value_info(name, f32, weight_shape) for name in names],
+                              [helper.make_tensor_value_info("y", f32, [2, 3, hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), names
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "onnx"])
+@pytest.mark.parametrize("kind,weight_shape", [("rms", [1, 16]), ("layer", [1, 16]), ("l2", [16])])
+def test_a_scale_a_caller_may_override_is_read_by_the_fused_op_not_copied(kind, weight_shape, target):
+    """A [1, H] scale is flattened, and an L2 norm's scale multiplied by 1/sqrt(H), for the fused op:
+    where the scale is also a graph input that is done by nodes, so the input stays and a value fed
+    for it still counts (a copy in memory dropped the input, and the fed value was refused)."""
+    import onnxruntime as ort
+
+    model, names = _overridable_norm(kind, weight_shape)
+    out, report = rewrite_model(model, target=target)
+    assert report.fused == 1 and [i.name for i in out.graph.input] == ["x", *names]
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 3, 16)).astype(np.float32),
+             **{name: np.full(weight_shape, 3.0 + k, np.float32) for k, name in enumerate(names)}}
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]
+           for m in (model, out)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_mul_by_one_a_caller_may_override_is_no_identity():
+    model = build(NormSpec(kind="rms"))
+    one = onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    model.graph.initializer.append(one)
+    model.graph.input.append(helper.make_tensor_value_info("one", TensorProto.FLOAT, []))
+    first = model.graph.node[0]
+    times = helper.make_node("Mul", [first.input[0], "one"], ["x_times_one"])
+    first.input[0] = "x_times_one"
+    model.graph.node.insert(0, times)
+    out, report = rewrite_model(model)
+    assert not any("Mul(s) by 1" in note for note in report.notes)
+    assert "one" in [i.name for i in out.graph.input] and any("one" in n.input for n in out.graph.node)
+
+
 def test_constants_stored_externally_are_read_and_the_norm_fused(tmp_path):
     """A tool that writes every tensor externally (size_threshold=0) puts epsilon and the exponent
     there too; the rewriter reads such tiny tensors (the weights it leaves alone) and fuses."""

@@ -74,11 +74,21 @@ def is_external(tensor: gs.Tensor) -> bool:
     return getattr(tensor, "data_location", None) == onnx.TensorProto.EXTERNAL
 
 
+# set on the initializers that are also graph inputs (rewriter.mark_overridable): a caller may feed
+# another value, so no pass may read, fold or copy theirs
+OVERRIDABLE = "normfuse_overridable"
+
+
+def is_overridable(tensor: gs.Tensor) -> bool:
+    return getattr(tensor, OVERRIDABLE, False)
+
+
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """Value of a small constant (initializer, Constant node output, or a Cast/CastLike of one, as
-    Flax writes epsilon: CastLike(eps, x)); None otherwise."""
+    Flax writes epsilon: CastLike(eps, x)); None otherwise, and for an initializer that is also a
+    graph input (its value may be overridden at run time)."""
     if isinstance(tensor, gs.Constant):
-        if int(np.prod(tensor.shape)) > SMALL_CONSTANT or is_external(tensor):
+        if int(np.prod(tensor.shape)) > SMALL_CONSTANT or is_external(tensor) or is_overridable(tensor):
             return None  # a weight: its bytes are never read here
         return np.asarray(tensor.values)
     node = producer(tensor)
@@ -233,9 +243,9 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
     if not isinstance(hidden, int) or hidden <= 0:
         raise Rejected(f"size of the last axis of '{x.name}' is not static ({hidden!r})")
 
+    _check_not_overridable(match, overridable)  # first: such a constant reads as none to the others
     _check_constants(match)
     _check_row_lengths(match, hidden)
-    _check_not_overridable(match, overridable)
     epsilon = _epsilon(pattern, match)
     _check_rounded_factor(match, epsilon)
     scale_factor = 1.0

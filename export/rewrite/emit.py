@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from normops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, numpy_dtype, op_for
 
-from .checks import ONNX_TYPES, NormCandidate, dtype_name, is_external
+from .checks import ONNX_TYPES, NormCandidate, dtype_name, is_external, is_overridable
 from .scopes import walk_graphs
 
 TARGETS = ("tensorrt", "onnxruntime", "onnx")
@@ -179,12 +179,13 @@ def _parameter_dtype(candidate: NormCandidate, op_dtype: str, target: str) -> st
 
 
 def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: float, name: str, names: UniqueNames):
-    """A 1-D [hidden] tensor: the given one (reshaped if it had leading 1s) or a constant fill."""
+    """A 1-D [hidden] tensor: the given one (reshaped if it had leading 1s: in memory, or by a Reshape
+    node where its bytes are external or a caller may override it) or a constant fill."""
     if tensor is None:
         return gs.Constant(names(name), np.full((hidden,), fill, dtype=numpy_dtype(dtype)))
     if list(tensor.shape) == [hidden]:
         return tensor
-    if isinstance(tensor, gs.Constant) and not is_external(tensor):
+    if isinstance(tensor, gs.Constant) and not is_external(tensor) and not is_overridable(tensor):
         # in memory already (a few values per feature): reshaped here rather than by a Reshape node
         return gs.Constant(names(f"{tensor.name}_flat"), np.asarray(tensor.values).reshape(hidden))
     flat = gs.Variable(names(f"{tensor.name}_flat"), dtype=tensor.dtype, shape=[hidden])
@@ -196,8 +197,8 @@ def _per_feature_vector(graph: gs.Graph, tensor, hidden: int, dtype: str, fill: 
 def _times(graph: gs.Graph, tensor, factor: float, dtype: str, names: UniqueNames):
     """`tensor` times `factor` in `dtype`: a new constant when its values are in memory (the product
     taken in float64 and rounded once), else a Mul in the graph (TensorRT and ONNX Runtime fold it
-    at build time), so external weights stay unread."""
-    if isinstance(tensor, gs.Constant) and not is_external(tensor):
+    at build time), so external weights stay unread and one a caller may override stays read."""
+    if isinstance(tensor, gs.Constant) and not is_external(tensor) and not is_overridable(tensor):
         values = np.asarray(tensor.values).astype(np.float64) * factor
         return gs.Constant(names(f"{tensor.name}_scaled"), values.astype(numpy_dtype(dtype)))
     tensor = _cast(graph, tensor, dtype, names)

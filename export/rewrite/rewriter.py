@@ -26,7 +26,7 @@ from normops import op_for
 from ..errors import NormfuseError, UsageError, first_line
 from ..onnx_io import (SMALL_EXTERNAL_ELEMENTS, default_opset, inline_small_external_data, load_graph_only, save_model,
                        share_external_data)
-from .checks import (FLOAT_TYPES, NormCandidate, Rejected, build_candidate, constant_value, dtype_name,
+from .checks import (FLOAT_TYPES, OVERRIDABLE, NormCandidate, Rejected, build_candidate, constant_value, dtype_name,
                      is_last_axis_mean, near_miss_refusal)
 from .fills import per_feature_fills
 from .keepdims import restore_keepdims
@@ -118,6 +118,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     # imports them as constants and drops them from the inputs; they are put back below).
     overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
     graph = _import_with_shapes(model)
+    mark_overridable(graph, overridable)
     names = UniqueNames.of(graph)  # fresh names for the fills' constants and the fused ops alike
     for scope in scopes_of(graph):
         _type_empty_constants(scope.graph, names)
@@ -438,6 +439,14 @@ def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
         else:
             stub.data_location = onnx.TensorProto.EXTERNAL
             stub.external_data.add(key="location", value="weights-not-read")
+
+
+def mark_overridable(graph: gs.Graph, overridable: set) -> None:
+    """Mark the constants a caller may override (checks.OVERRIDABLE): no pass reads their value
+    (checks.constant_value gives none), and the fused op reads them as they are, never a copy."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.name in overridable:
+            setattr(tensor, OVERRIDABLE, True)
 
 
 def _drop_identities(graph: gs.Graph, graph_outputs: set, scope: str = "main") -> list[str]:
