@@ -503,6 +503,30 @@ def test_a_mul_by_one_a_caller_may_override_is_no_identity():
     assert "one" in [i.name for i in out.graph.input] and any("one" in n.input for n in out.graph.node)
 
 
+def test_a_scale_cast_like_a_normalised_value_stays_outside_the_fused_op():
+    """Flax writes epsilon as CastLike(eps, x), a constant that goes with the norm; a scale written
+    CastLike(w, normed) is read by the fused op, so its CastLike stays, and it must not read the
+    value the fusion removes (the rewritten graph read a tensor nothing made)."""
+    import onnxruntime as ort
+
+    model, _ = _overridable_norm("rms", [16])
+    model.graph.input.pop()  # g: a plain initializer here
+    mul = next(n for n in model.graph.node if n.op_type == "Mul")
+    mul.input[1] = "g_like"
+    model.graph.node.insert(list(model.graph.node).index(mul),
+                            helper.make_node("CastLike", ["g", "normed"], ["g_like"]))
+    onnx.checker.check_model(model, full_check=True)
+    out, report = rewrite_model(model, target="onnxruntime")
+    made = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input} | \
+        {t.name for t in out.graph.initializer}
+    assert all(i in made for n in out.graph.node for i in n.input if i)
+    assert report.fused == 1 and [n.op_type for n in out.graph.node] == ["SimplifiedLayerNormalization", "CastLike", "Mul"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)}
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]
+           for m in (model, out)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
+
+
 def test_constants_stored_externally_are_read_and_the_norm_fused(tmp_path):
     """A tool that writes every tensor externally (size_threshold=0) puts epsilon and the exponent
     there too; the rewriter reads such tiny tensors (the weights it leaves alone) and fuses."""

@@ -516,6 +516,8 @@ def _per_feature(tensor: gs.Tensor | None, hidden: int, rank: int, what: str) ->
 def _check_private(match: Match, root: gs.Tensor, graph_outputs: set) -> None:
     """Every value computed inside the subgraph, but its result, must be used only inside it."""
     inside = {id(n) for n in match.nodes}
+    # tensors the fused op reads: a node making one stays in the graph after the fusion
+    data = {id(match.get(name)) for name in DATA_VARS if match.get(name) is not None}
     for node in match.nodes:
         for out in node.outputs:
             if out is root:
@@ -523,19 +525,23 @@ def _check_private(match: Match, root: gs.Tensor, graph_outputs: set) -> None:
             if out.name in graph_outputs:
                 raise Rejected(f"intermediate '{out.name}' is a graph output")
             for consumer in out.outputs:
-                if id(consumer) not in inside and not _reads_type_for_the_norm(consumer, out, inside, graph_outputs):
+                if id(consumer) not in inside and not _reads_type_for_the_norm(consumer, out, inside, graph_outputs,
+                                                                                data):
                     raise Rejected(f"intermediate '{out.name}' is also used by node '{consumer.name}'")
 
 
-def _reads_type_for_the_norm(consumer: gs.Node, tensor: gs.Tensor, inside: set, graph_outputs: set) -> bool:
+def _reads_type_for_the_norm(consumer: gs.Node, tensor: gs.Tensor, inside: set, graph_outputs: set,
+                             data: set = frozenset()) -> bool:
     """CastLike(c, tensor) reads only tensor's type. When its result feeds nothing but the norm (Flax
-    writes epsilon as CastLike(eps, x)), it is a constant of the norm and goes with it."""
+    writes epsilon as CastLike(eps, x)), it is a constant of the norm and goes with it; not when the
+    fused op reads that result (`data`: ids of its inputs), as a scale written CastLike(w, normed):
+    that CastLike stays and would read a value the fusion removes."""
     if consumer.op != "CastLike" or len(consumer.inputs) != 2 or consumer.inputs[1] is not tensor:
         return False
     if constant_value(consumer.inputs[0]) is None:
         return False
     result = consumer.outputs[0]
-    return result.name not in graph_outputs and all(id(c) in inside for c in result.outputs)
+    return result.name not in graph_outputs and id(result) not in data and all(id(c) in inside for c in result.outputs)
 
 
 def _skip_candidate(pattern, match, root, graph_outputs, hidden, epsilon, gamma, beta) -> NormCandidate:
