@@ -516,6 +516,24 @@ def test_native_norms_and_their_residual_add(op, with_bias, residual, dtype):
         assert_same(model, out, dtype)
 
 
+@pytest.mark.parametrize("op", ["LayerNormalization", "RMSNormalization"])
+@pytest.mark.parametrize("dtype", ("float32", "float16"))
+def test_native_norms_with_statistics_in_their_own_type_are_fused(op, dtype):
+    """stash_type 0: statistics in x's type, one computation with 1 in float32 (the proof's type);
+    in fp16 the fused op's float32 statistics are the more precise (onnx's evaluator has no kernel
+    for 0, so the proof refused these with its NotImplementedError)."""
+    model = _native_model(op, dtype, None)
+    model.graph.node[0].attribute.append(onnx.helper.make_attribute("stash_type", 0))
+    out, report = rewrite_model(model, target="tensorrt")
+    assert fused_ops(out) == ["LayerNorm" if op == "LayerNormalization" else "RMSNorm"] and not report.rejected
+    if dtype == "float32":  # the original on ONNX Runtime (onnx's evaluator cannot run it)
+        import onnxruntime as ort
+
+        feeds = random_feeds(model, seed=1)
+        expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        assert GRAPH[dtype].passes(run_model(out, feeds)[0], expected[0])
+
+
 def test_native_norm_over_more_than_the_last_axis_is_rejected():
     _, report = rewrite_model(_native_model("LayerNormalization", "float32", None, axis=1))
     assert report.fused == 0 and "not the last axis" in report.rejected[0].reason
