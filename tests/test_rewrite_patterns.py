@@ -534,6 +534,35 @@ def test_native_norms_with_statistics_in_their_own_type_are_fused(op, dtype):
         assert GRAPH[dtype].passes(run_model(out, feeds)[0], expected[0])
 
 
+@pytest.mark.parametrize("through", ["float16", "bfloat16", "float64"])
+def test_a_statistic_narrowed_below_x_type_is_no_norm(through):
+    """x float32, its mean square cast to `through` for epsilon, the root and its inverse, and back:
+    through fp16 a row past fp16's range gives 0 (the mean square overflows) and bf16 rounds by
+    0.6%, neither of which the fused op would do; through float64 it is a norm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.rewrite.synth import ONNX_TYPES
+    from normops import numpy_dtype
+
+    h, n = 16, helper.make_node
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(1e-5, numpy_dtype(through)), "eps"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes")]
+    nodes = [n("Pow", ["x", "two"], ["squares"]), n("ReduceMean", ["squares", "axes"], ["mean_square"]),
+             n("Cast", ["mean_square"], ["narrow"], to=ONNX_TYPES[through]), n("Add", ["narrow", "eps"], ["var"]),
+             n("Sqrt", ["var"], ["root"]), n("Reciprocal", ["root"], ["inverse"]),
+             n("Cast", ["inverse"], ["factor"], to=TensorProto.FLOAT), n("Mul", ["x", "factor"], ["y"])]
+    f32 = TensorProto.FLOAT
+    model = helper.make_model(helper.make_graph(nodes, "narrowed", [helper.make_tensor_value_info("x", f32, [2, 3, h])],
+                                                [helper.make_tensor_value_info("y", f32, [2, 3, h])], inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    _, report = rewrite_model(model, target="tensorrt")
+    if through == "float64":
+        assert report.fused == 1
+    else:
+        assert report.fused == 0 and f"narrows a statistic to {through}" in report.rejected[0].reason
+
+
 def test_native_norm_over_more_than_the_last_axis_is_rejected():
     _, report = rewrite_model(_native_model("LayerNormalization", "float32", None, axis=1))
     assert report.fused == 0 and "not the last axis" in report.rejected[0].reason

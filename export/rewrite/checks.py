@@ -259,6 +259,7 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
                 _check_reduce(node, rank)
     _check_input_cast(match)
     _check_float_casts(match)
+    _check_narrowed_statistics(match)
     gamma = _per_feature(match.get("gamma"), hidden, rank, "scale")
     beta = _per_feature(match.get("beta"), hidden, rank, "bias")
     if not pattern.skip:  # a Skip op's extra outputs are judged by _skip_candidate
@@ -497,6 +498,36 @@ def _check_float_casts(match: Match) -> None:
             source, target = dtype_name(cast.inputs[0]), FLOAT_TYPES.get(int(cast.attrs.get("to", 0)))
             if target not in HOLDS_EVERY_VALUE_OF.get(source, ()):
                 raise Rejected(f"cast '{cast.name}' narrows {source} to {target} before {node.op} '{node.name}'")
+
+
+def _check_narrowed_statistics(match: Match) -> None:
+    """A statistic (a mean, variance, root or its inverse: one value per row) cast to a type that
+    does not hold every value of x's is rounded, and can overflow, where the fused op, computing in
+    x's type or wider, does neither: an fp32 norm whose mean square goes through fp16 gives 0 for
+    rows past fp16's range, and bf16 moves it by 0.6%. (Cast back to x's own half type, as
+    `_check_rounded_factor` allows, it is x's rounding.)"""
+    x_type = dtype_name(match["x"])
+    held = HOLDS_EVERY_VALUE_OF.get(x_type)
+    if held is None:
+        return
+    per_row: set[int] = set()  # ids of the tensors holding one value per row
+    changed = True
+    while changed:  # the nodes need not be in order: until nothing more is found
+        changed = False
+        for node in match.nodes:
+            if not node.outputs or id(node.outputs[0]) in per_row:
+                continue
+            computed = [t for t in node.inputs if not isinstance(t, gs.Constant) and constant_value(t) is None]
+            if node.op in AVERAGING or (computed and all(id(t) in per_row for t in computed)):
+                per_row.update(id(t) for t in node.outputs)
+                changed = True
+    for node in match.nodes:
+        if node.op == "Cast" and node.inputs and id(node.inputs[0]) in per_row:
+            target = FLOAT_TYPES.get(int(node.attrs.get("to", 0)))
+            if target is not None and target not in held:
+                raise Rejected(f"cast '{node.name}' narrows a statistic to {target}, which does not hold every "
+                               f"{x_type} value of x: the norm rounds it there, and can overflow, where the fused "
+                               "op would not")
 
 
 def _per_feature(tensor: gs.Tensor | None, hidden: int, rank: int, what: str) -> gs.Tensor | None:
