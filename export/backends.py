@@ -6,7 +6,9 @@ optional libraries are imported only when a runner needs them, so this module im
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,7 @@ def availability(backend: str) -> Availability:
                                        "pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
         if not gpu_present().present:
             return Availability(False, "onnxruntime-gpu is installed but no NVIDIA GPU is visible")
-        return Availability(True)
+        return cuda_provider_loads()
     if backend == "tensorrt":
         from .tensorrt_engine import INSTALL_HINT, tensorrt_status
 
@@ -61,6 +63,36 @@ def availability(backend: str) -> Availability:
             return Availability(False, "TensorRT is installed but no NVIDIA GPU is visible")
         return Availability(True)
     raise ValueError(backend)
+
+
+@lru_cache(maxsize=None)
+def cuda_provider_loads(device: int = 0) -> Availability:
+    """Whether a session on ONNX Runtime's CUDA provider really runs there: the provider is listed
+    by every onnxruntime-gpu, but its libraries (cuDNN, cuBLAS) may not load, or no GPU may be
+    visible to it, and then a session quietly runs on the CPU. Tried once, on a one-node model."""
+    from onnx import TensorProto, helper
+
+    from .runtime import _preload_cuda_libraries, cuda_fallback_message, cuda_provider_options, new_session
+
+    ort = import_onnxruntime()
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)  # any ONNX Runtime loads it
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    _preload_cuda_libraries(ort)
+    try:
+        with warnings.catch_warnings():  # ONNX Runtime's warning says what the result says below
+            warnings.simplefilter("ignore")
+            session, said = new_session(ort, model.SerializeToString(), options,
+                                        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                        [cuda_provider_options(device), {}])
+    except Exception as exc:
+        return Availability(False, f"ONNX Runtime's CUDA provider did not load ({first_line(exc, 200)})")
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return Availability(False, cuda_fallback_message(said))
+    return Availability(True)
 
 
 def gpu_present() -> Availability:

@@ -4,6 +4,8 @@
 
 Peak memory is the process's peak resident set (its high-water mark, reset just before the
 session is created) minus its resident set at that moment: what the session and its runs took.
+On ort-cuda it is the device memory in use after the runs minus before the session (the host's
+resident set, mostly the CUDA libraries and alike for every graph, is kept as process_peak_rss_mb).
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
             norm_nodes: set[str], dims: dict[str, int] | None = None) -> dict:
     from .backends import OrtRunner, import_onnxruntime, leading_dims, random_feeds, tokens_per_run
     from .errors import NormfuseError
-    from .run import time_runs
+    from .run import GPU_MEMORY_METHOD, gpu_memory_used_mb, time_runs
 
     import_onnxruntime()  # before the baseline: its code is not the session's memory
 
     feeds = random_feeds(model, batch, seq, seed=0, dims=dims)
     batch, seq = leading_dims(feeds)  # what was run: an axis the model fixes keeps its size
+    # on the GPU the graphs' memory is the device's: the host's is mostly the CUDA libraries, alike for both
+    gpu_baseline = gpu_memory_used_mb() if backend == "ort-cuda" else None
     peak_was_reset = reset_peak_rss()
     baseline = rss_mb()
     started = time.perf_counter()
@@ -42,6 +46,11 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
     timing = time_runs(runner.run_bound, runs, warmup, tokens_per_run(runner.model.inputs, feeds), batch)
     process_peak = peak_rss_mb()  # the worker's own whole resident set at its peak
     peak = process_peak - baseline
+    method = "VmHWM after reset minus RSS before session" if peak_was_reset else "ru_maxrss minus RSS before session"
+    if gpu_baseline is not None:
+        used = gpu_memory_used_mb()
+        if used is not None:
+            peak, method = used - gpu_baseline, GPU_MEMORY_METHOD
     del runner  # the profiled sessions below load the model again: one session in memory at a time
     gc.collect()
     classes = profile_op_classes(model, backend, feeds, profile_runs, norm_nodes, optimization) if profile_runs else None
@@ -53,7 +62,7 @@ def measure(model: str, backend: str, batch: int, seq: int, warmup: int, runs: i
         **timing,
         "peak_memory_mb": round(peak, 2),
         "process_peak_rss_mb": round(process_peak, 1),
-        "peak_memory_method": "VmHWM after reset minus RSS before session" if peak_was_reset else "ru_maxrss minus RSS before session",
+        "peak_memory_method": method,
         "session_create_s": round(session_s, 3),
         "op_classes": classes,
     }

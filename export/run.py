@@ -71,8 +71,8 @@ def random_inputs(specs: list, shape_text: str, seed: int = 0, bounds: dict[str,
     return random_arrays(specs, batch, seq, seed, bounds=bounds, dims=dims, where=where)
 
 
-def gpu_memory_used_mb() -> float | None:
-    """Device memory in use on the current GPU (all processes), from the CUDA driver via torch."""
+def gpu_memory_used_mb(device: int = 0) -> float | None:
+    """Device memory in use on GPU `device` (by every process on it), from the CUDA driver via torch."""
     from .backends import gpu_present
 
     if not gpu_present().present:  # no GPU: do not pay for importing torch
@@ -82,10 +82,15 @@ def gpu_memory_used_mb() -> float | None:
 
         if not torch.cuda.is_available():
             return None
-        free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info(device)
         return (total - free) / 2**20
     except Exception:
         return None
+
+
+# ONNX Runtime's CUDA memory pool keeps what it took (grown by what was asked: runtime.cuda_provider_options),
+# and TensorRT's engine holds its own, so what is in use after the runs is the peak the runs needed
+GPU_MEMORY_METHOD = "device memory in use after the runs minus before loading (by every process on the GPU)"
 
 
 def bench(model, feeds: dict, runs: int, warmup: int) -> dict:
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
     def job() -> int:
         from .runtime import load
 
-        baseline = gpu_memory_used_mb()
+        baseline = gpu_memory_used_mb(args.device)
         started = time.perf_counter()
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
         model = load(args.model, providers=providers, device=args.device, cuda_graph=args.cuda_graph)
@@ -213,9 +218,9 @@ def main(argv=None) -> int:
             print(f"{name}: {list(value.shape)} {value.dtype}")
         if args.bench:
             timing = bench(model, feeds, args.bench, args.warmup)
-            used = gpu_memory_used_mb()
+            used = gpu_memory_used_mb(args.device)
             timing["peak_gpu_memory_mb"] = None if used is None or baseline is None else round(used - baseline, 2)
-            timing["peak_gpu_memory_method"] = "device memory in use after the runs minus before loading"
+            timing["peak_gpu_memory_method"] = GPU_MEMORY_METHOD
             timing["process_peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process's, imports included
             summary["bench"] = timing
             print(f"p50 {timing['latency_ms']['p50']:.3f} ms  p99 {timing['latency_ms']['p99']:.3f} ms  "

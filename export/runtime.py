@@ -21,8 +21,9 @@
 """
 from __future__ import annotations
 
+import io
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,44 @@ ORT_NORM_FUSIONS = ("LayerNormFusion", "LayerNormFusionL1", "LayerNormFusionL2",
 WITHOUT_NORM_FUSIONS = "-without-norm-fusions"
 
 
+def cuda_provider_options(device: int) -> dict[str, str]:
+    """The CUDA provider's options for every normfuse session (keys known since ONNX Runtime 1.20)."""
+    return {
+        "device_id": str(device),
+        # its Skip*LayerNormalization kernels otherwise sum in fp16/bf16 (E[x^2] - E[x]^2 for the
+        # LayerNorm, until ONNX Runtime PR #28682): fp32 statistics, as the op contract says
+        "enable_skip_layer_norm_strict_mode": "1",
+        # fp32 MatMuls in fp32: with TF32 (its default) they keep 10 mantissa bits, and fp32
+        # validation would judge that rounding, not the rewrite
+        "use_tf32": "0",
+        # the memory pool grows by what is asked, not to the next power of two, so the device
+        # memory a run leaves in use is the graph's, not the pool's last doubling
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+
+
+def new_session(ort: Any, model: str | bytes, options: Any, providers: list[str], provider_options: list[dict],
+                disabled_optimizers: set[str] | None = None) -> tuple[Any, str]:
+    """(an ONNX Runtime session, what ONNX Runtime printed if a provider failed and it fell back to
+    the CPU, or ""). That fallback is only printed, to stdout, and its reason is the one to give."""
+    printed = io.StringIO()
+    # only where there is a provider to fall back from: stdout is the process's, taken for a moment
+    with redirect_stdout(printed) if providers != ["CPUExecutionProvider"] else nullcontext():
+        session = ort.InferenceSession(model, options, providers=providers, provider_options=provider_options,
+                                       disabled_optimizers=disabled_optimizers)
+    said = next((line.strip() for line in printed.getvalue().splitlines() if line.startswith("EP Error")), "")
+    return session, said[:300]
+
+
+def cuda_fallback_message(said: str) -> str:
+    """Why a session asked for the CUDA provider runs on the CPU: ONNX Runtime's own words where it
+    printed them, else the usual cause."""
+    if said:
+        return f"ONNX Runtime's CUDA provider did not load ({said})"
+    return ("ONNX Runtime's CUDA provider did not load (cuDNN 9 and cuBLAS for the CUDA that onnxruntime-gpu "
+            "was built for are needed: the nvidia-* wheels torch brings, or a CUDA install on the library path)")
+
+
 class OrtModel:
     """An ONNX Runtime session. On the CUDA provider, inputs and outputs go through I/O binding:
     inputs are uploaded into device buffers kept between calls (torch CUDA tensors are bound in
@@ -244,14 +283,14 @@ class OrtModel:
         if missing:
             raise NormfuseError(f"{self.path}: ONNX Runtime here has no {', '.join(missing)} "
                                 f"(it has {', '.join(ort.get_available_providers())})")
-        provider_options = [{"device_id": str(device)} if p == "CUDAExecutionProvider" else {}
+        provider_options = [cuda_provider_options(device) if p == "CUDAExecutionProvider" else {}
                             for p in self.providers]
         if "CUDAExecutionProvider" in self.providers:
             _preload_cuda_libraries(ort)
         disabled = set(ORT_NORM_FUSIONS) if without_norms else None
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers,
-                                                provider_options=provider_options, disabled_optimizers=disabled)
+            self.session, fallback = new_session(ort, str(self.path), options, self.providers, provider_options,
+                                                 disabled)
         except Exception as exc:
             if missing_kernel(str(exc)):
                 raise MissingKernel(self.path, first_line(exc)) from None
@@ -259,10 +298,8 @@ class OrtModel:
         self.device = device
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         if "CUDAExecutionProvider" in self.providers and not self.on_cuda:
-            # ONNX Runtime falls back to the CPU quietly when the CUDA provider's libraries do not load.
-            raise NormfuseError(f"{self.path}: ONNX Runtime's CUDA provider did not load (cuDNN 9 and cuBLAS for "
-                                "the CUDA that onnxruntime-gpu was built for are needed: the nvidia-* wheels torch "
-                                "brings, or a CUDA install on the library path)")
+            # ONNX Runtime falls back to the CPU, saying so only on stdout, when the CUDA provider does not load
+            raise NormfuseError(f"{self.path}: {cuda_fallback_message(fallback)}")
         self.inputs = _with_unknown_ranks(self.path, [_ort_spec(v) for v in self.session.get_inputs()])
         self.outputs = [_ort_spec(v) for v in self.session.get_outputs()]
         self.input_names = [s.name for s in self.inputs]
@@ -281,10 +318,13 @@ class OrtModel:
     def run(self, feeds: dict) -> dict:
         check_feeds(self.inputs, feeds, str(self.path), allow_empty=True)
         torch_in = any(is_torch(v) for v in feeds.values())
+        torch_on_cuda = torch_in and any(is_torch(v) and v.device.type == "cuda" for v in feeds.values())
         # ONNX Runtime takes concurrent runs of one session; only the CUDA path's reused binding is
         # shared state, so only it holds the lock
-        if not self.on_cuda and self._bfloat16_in(feeds):
-            results = self._run_binding(feeds, keep=set())[0]  # ONNX Runtime's run() takes no numpy bfloat16
+        if self._bfloat16_in(feeds) and not (self.on_cuda and torch_on_cuda):
+            # ONNX Runtime's run() takes and gives no numpy bfloat16, and a bfloat16 OrtValue on the
+            # device reaches numpy only through a CUDA build of torch: outputs bound to the host
+            results = self._run_binding(feeds, keep=set())[0]
         elif not self.on_cuda:
             arrays = {k: to_numpy(v) for k, v in feeds.items()}
             with self._failures_named(feeds):
@@ -294,7 +334,7 @@ class OrtModel:
                 self.bind(feeds)
                 self.run_bound()
                 values = self._binding.get_outputs()
-                if torch_in and any(is_torch(v) and v.device.type == "cuda" for v in feeds.values()):
+                if torch_on_cuda:
                     import torch
 
                     # Device to device through DLPack; cloned, since the binding reuses its outputs.
@@ -368,9 +408,9 @@ class OrtModel:
         for name, value in feeds.items():
             shape, dtype = tuple(value.shape), dtype_name(value.dtype)
             if is_torch(value) and value.device.type == "cuda":
-                tensor = value.contiguous()
-                binding.bind_input(name, "cuda", tensor.device.index or 0, _element_type(dtype), list(shape),
-                                   tensor.data_ptr())
+                # on the session's GPU (a copy if torch holds it on another: kernels read only their own device)
+                tensor = value.to(f"cuda:{self.device}").contiguous()
+                binding.bind_input(name, "cuda", self.device, _element_type(dtype), list(shape), tensor.data_ptr())
                 self._bound[name] = (shape, dtype, tensor)  # keeps the tensor alive while bound
                 continue
             array = np.ascontiguousarray(to_numpy(value))
@@ -392,8 +432,8 @@ class OrtModel:
             import torch
 
             # ONNX Runtime reads bound torch tensors on a stream of its own: work torch queued to
-            # write them (on its current stream) must be done first
-            for device in {t.device for t in torch_on_cuda}:
+            # write them (on its current stream, and a copy to the session's GPU) must be done first
+            for device in {t.device for t in torch_on_cuda} | {torch.device("cuda", self.device)}:
                 torch.cuda.current_stream(device).synchronize()
 
     def run_bound(self) -> None:

@@ -171,6 +171,42 @@ def test_cuda_provider_with_io_binding_matches_cpu(graphs):
         gpu.run_bound()
 
 
+@pytest.mark.gpu
+def test_cuda_sessions_take_fp32_statistics_no_tf32_and_a_pool_grown_by_what_is_asked(graphs):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu is not installed)")
+    gpu = load(graphs["fused"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    options = gpu.session.get_provider_options()["CUDAExecutionProvider"]
+    assert options["enable_skip_layer_norm_strict_mode"] == "1" and options["use_tf32"] == "0"
+    assert options["arena_extend_strategy"] == "kSameAsRequested"
+
+
+def test_a_cuda_provider_that_runs_on_the_cpu_is_not_available(monkeypatch):
+    """onnxruntime-gpu lists its CUDA provider whether or not its libraries load; a session then
+    runs quietly on the CPU. Here (CPU onnxruntime, told it had the provider and a GPU) the probe
+    session does just that, and ort-cuda is skipped with the reason instead of failing the build."""
+    from export import backends
+
+    monkeypatch.setattr(backends, "ort_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(backends, "gpu_present", lambda: backends.Availability(True))
+    backends.cuda_provider_loads.cache_clear()
+    try:
+        found = backends.availability("ort-cuda")
+        assert not found.present and found.reason.startswith("ONNX Runtime's CUDA provider did not load (")
+        chosen, skipped = backends.resolve_backends("auto")
+        assert "ort-cuda" not in chosen and any(s["reason"] == found.reason for s in skipped)
+    finally:
+        backends.cuda_provider_loads.cache_clear()
+
+
+def test_a_cuda_fallback_is_told_in_onnx_runtimes_words_where_it_gave_them():
+    from export.runtime import cuda_fallback_message
+
+    said = "EP Error [ONNXRuntimeError] : 1 : FAIL : CUDA failure 100: no CUDA-capable device is detected"
+    assert cuda_fallback_message(said) == f"ONNX Runtime's CUDA provider did not load ({said})"
+    assert "cuDNN 9 and cuBLAS" in cuda_fallback_message("")
+
+
 def test_bfloat16_outputs_reach_numpy():
     pytest.importorskip("torch")
     import ml_dtypes
