@@ -154,10 +154,10 @@ def refuse_plugin_ops(model_path, backend: str) -> None:
     """normfuse ops are TensorRT plugins; ONNX Runtime cannot run them, so say that plainly."""
     from normops import DOMAIN
 
-    from .onnx_io import load_graph_only
+    from .onnx_io import graph_skeleton
     from .rewrite.scopes import all_nodes
 
-    if any(node.domain == DOMAIN for node in all_nodes(load_graph_only(model_path))):
+    if any(node.domain == DOMAIN for node in all_nodes(graph_skeleton(model_path))):
         raise NormfuseError(f"{model_path}: holds normfuse plugin ops (the tensorrt target), which {backend} cannot "
                             "run; rewrite with --target onnxruntime, build a TensorRT engine from it, or validate "
                             "with --backend onnx-reference")
@@ -364,10 +364,10 @@ def index_bounds(model_path: str | Path) -> dict[str, int]:
     """{integer graph input: rows it may index} for inputs used as Gather indices into a weight,
     directly or through ops that only reshape them (or cast them to another integer type), e.g.
     token ids into an embedding table (its first dim; read without the weight bytes)."""
-    from .onnx_io import load_graph_only
+    from .onnx_io import graph_skeleton
     from .rewrite.scopes import node_bodies, walk_nodes
 
-    graph = load_graph_only(model_path).graph
+    graph = graph_skeleton(model_path).graph
     nodes = list(walk_nodes(graph.node))  # If/Loop/Scan bodies too: a merged decoder embeds in a branch
     dims = {t.name: list(t.dims) for t in graph.initializer}
     dims.update({t.name: list(t.dims) for node in nodes for body in node_bodies(node) for t in body.initializer})

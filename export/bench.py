@@ -158,10 +158,10 @@ def child_env() -> dict[str, str]:
 
 def node_count(model: Path) -> int:
     """Nodes of the model, those of its If/Loop/Scan bodies included (a merged decoder is one If)."""
-    from .onnx_io import load_graph_only
+    from .onnx_io import graph_skeleton
     from .rewrite.scopes import count_nodes
 
-    return count_nodes(load_graph_only(model).graph)
+    return count_nodes(graph_skeleton(model).graph)
 
 
 def require_counterparts(reference: Path, fused: Path) -> None:

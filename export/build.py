@@ -401,7 +401,7 @@ class Pipeline:
     def validate(self, reference, fused, fused_cpu, fused_trt, backends, dtype, engines=None) -> list[dict]:
         """Each fused graph against the reference on the backends present; `fused_cpu` None: the
         CPU form is the reference graph itself."""
-        from .onnx_io import load_graph_only
+        from .onnx_io import graph_skeleton
         from .validate import Side, candidate_optimization, compare
 
         a = self.args
@@ -411,7 +411,7 @@ class Pipeline:
         where = [f"onnx reference evaluator at {listed(self.validation_shapes)}"]
         where += [f"{b} at {listed(shapes)}" for b in backends if b.startswith("ort-") and not lacks_kernels(b, dtype)]
         where += [f"tensorrt at {listed(shapes)}"] if engines else []
-        if any(b.startswith("ort-") for b in backends) and candidate_optimization(load_graph_only(reference).graph) != "all":
+        if any(b.startswith("ort-") for b in backends) and candidate_optimization(graph_skeleton(reference).graph) != "all":
             where += ["fused graphs on ONNX Runtime with its basic optimisations: its int8 kernels for Q/DQ pairs round "
                       "otherwise"]
         with self.stage("validate", f"validate fused vs reference ({'; '.join(where)}){self.with_dims}"):

@@ -165,11 +165,11 @@ def plugin_ops(model_path: str | Path) -> list[dict]:
     its If's branches, and the parser needs their plugins registered as much as the main graph's)."""
     from normops import DOMAIN
 
-    from .onnx_io import load_graph_only
+    from .onnx_io import graph_skeleton
     from .rewrite.scopes import all_nodes
 
     found: dict[tuple, int] = {}
-    for node in all_nodes(load_graph_only(model_path)):
+    for node in all_nodes(graph_skeleton(model_path)):
         if node.domain != DOMAIN:
             continue
         attrs = {a.name: a.s.decode() for a in node.attribute if a.name in ("plugin_namespace", "plugin_version")}

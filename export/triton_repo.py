@@ -58,12 +58,12 @@ class IO:
 
 def onnx_signature(path: str | Path) -> tuple[list[IO], list[IO]]:
     """Graph inputs (initializers excluded) and outputs of an ONNX file."""
-    from .onnx_io import load_graph_only
+    from .onnx_io import graph_skeleton
     from .rewrite.checks import FLOAT_TYPES
 
     import onnx
 
-    model = load_graph_only(path)
+    model = graph_skeleton(path)
 
     def io(value) -> IO:
         kind = value.type.WhichOneof("value")
@@ -253,10 +253,10 @@ def _companions(model_path: Path) -> list[Path]:
 
         side = sidecar_path(model_path)
         return [side] if side.is_file() else []
-    from .onnx_io import external_locations, load_graph_only
+    from .onnx_io import external_locations, graph_skeleton
 
     files = []
-    for location in sorted(external_locations(load_graph_only(model_path))):  # (it refuses a missing file)
+    for location in sorted(external_locations(graph_skeleton(model_path))):  # (it refuses a missing file)
         if os.path.dirname(os.path.normpath(location)):  # "sub/w.data", "../w.data", "/abs/w.data"
             raise NormfuseError(f"{model_path}: external data {location!r} is not beside the model; "
                                 "Triton needs it in the version folder")

@@ -137,7 +137,7 @@ def branch_switches(graph) -> list[str]:
     """Boolean one-element inputs that an If reads as its condition, directly or reshaped or
     negated (Optimum's merged decoders choose between the first step and the steps with a cache
     by `use_cache_branch`): validation runs each shape with them all true and again all false, so
-    that both branches are compared. `graph`: the model's GraphProto (`load_graph_only`)."""
+    that both branches are compared. `graph`: the model's GraphProto (`onnx_io.graph_skeleton`)."""
     from .rewrite.scopes import walk_nodes
 
     switches = {}
@@ -267,11 +267,11 @@ def compare(reference: Side, candidate: Side, shapes: list[tuple[int, int]], dty
     from .runtime import TensorSpec, check_feeds
     from .triton_repo import onnx_signature
 
-    from .onnx_io import load_graph_only
+    from .onnx_io import graph_skeleton
 
     inputs, output_specs = onnx_signature(reference.model)
     check_output_types(output_specs, candidate.model)
-    graph = load_graph_only(reference.model).graph if Path(reference.model).suffix == ".onnx" else None
+    graph = graph_skeleton(reference.model).graph if Path(reference.model).suffix == ".onnx" else None
     if graph is not None:
         random = random_node(graph)
         if random:
@@ -705,10 +705,10 @@ def model_dtypes(path) -> tuple[str, str]:
     """(the I/O dtype: the first floating graph input's, the hidden states of normfuse's stacks,
     else the first floating output's, a language model fed token ids; the least precise float
     type anywhere in the main graph)."""
-    from .onnx_io import load_graph_only
+    from .onnx_io import graph_skeleton
     from .rewrite.checks import FLOAT_TYPES
 
-    graph = load_graph_only(path).graph
+    graph = graph_skeleton(path).graph
     initializers = {t.name for t in graph.initializer}
     io_types = [v.type.tensor_type.elem_type for v in graph.input if v.name not in initializers] + \
         [v.type.tensor_type.elem_type for v in graph.output]

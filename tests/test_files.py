@@ -410,3 +410,35 @@ def test_weights_inside_a_branch_are_counted_as_a_models_external_data(tmp_path)
                                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])),
                tmp_path / "m.onnx", external_data=False)
     assert (tmp_path / "m.onnx.data").exists()  # copy.onnx's branch still reads it
+
+
+def test_a_models_skeleton_is_parsed_once_per_version_and_keeps_all_but_weight_bytes(tmp_path):
+    """The readers of a model's structure share one parse of it (a model of inline weights was
+    parsed whole by each); a rewritten file is parsed again, and a weight file gone since is refused."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.onnx_io import _skeleton, graph_skeleton, save_model
+
+    table = numpy_helper.from_array(np.ones((1000, 8), np.float32), "table")
+    axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["rows"]),
+                               helper.make_node("ReduceMean", ["rows", "axes"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table, axes])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    _skeleton.cache_clear()
+    first = graph_skeleton(path)
+    assert graph_skeleton(path) is first and _skeleton.cache_info().misses == 1
+    kept = {t.name: t for t in first.graph.initializer}
+    assert list(kept["table"].dims) == [1000, 8] and not kept["table"].raw_data  # 32 kB: its bytes left out
+    assert numpy_helper.to_array(kept["axes"]).tolist() == [-1]  # a small constant keeps its value
+    assert numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]).shape == (1000, 8)  # the file is whole
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path, external_data=True)
+    again = graph_skeleton(path)
+    assert again is not first and [t.name for t in again.graph.initializer if t.external_data] == ["table"]
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(NormfuseError, match="external data file m.onnx.data is missing"):
+        graph_skeleton(path)
