@@ -577,11 +577,17 @@ class TensorRTModel:
             if self.engine is None:
                 # A plan loads only in the TensorRT version that built it (a 10.x plan never in 11.x),
                 # on the GPU architecture it was built for: say which of the two it is when the sidecar tells.
+                from plugins.build import driver_cuda_version
+
                 from .tensorrt_engine import gpu_info, read_sidecar
 
                 raise NormfuseError(deserialize_failure(self.path, read_sidecar(self.path), str(trt.__version__),
-                                                        gpu_info(device).get("compute_capability")))
+                                                        gpu_info(device).get("compute_capability"),
+                                                        driver_cuda_version()))
             self.context = self.engine.create_execution_context()
+            if self.context is None:  # it reserves the activation memory of the profile's largest shapes
+                raise NormfuseError(f"{self.path}: TensorRT could not create an execution context for this engine "
+                                    "(the GPU is short of memory for its largest profile shapes?)")
             self.stream = torch.cuda.Stream(device=self.device)
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
@@ -593,6 +599,10 @@ class TensorRTModel:
             shape = tuple(d if d >= 0 else None for d in _dims(self.engine.get_tensor_shape(name)))
             spec = TensorSpec(name, trt_dtype_name(self.engine.get_tensor_dtype(name)), shape, dim_params.get(name, ()))
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            if is_input and self.engine.is_shape_inference_io(name):
+                # its values (in host memory) size other tensors: the device buffers here would be misread
+                raise NormfuseError(f"{self.path}: input {name!r} is a shape tensor, whose values set other "
+                                    "tensors' shapes; normfuse runs engines whose inputs are data")
             (self.inputs if is_input else self.outputs).append(spec)
             if is_input and None in shape and self.engine.num_optimization_profiles > 0:
                 try:
@@ -624,14 +634,14 @@ class TensorRTModel:
     def run(self, feeds: dict) -> dict:
         check_feeds(self.inputs, feeds, str(self.path))
         check_named_dims_agree(self.inputs, feeds, str(self.path))
-        torch_in = any(is_torch(v) for v in feeds.values())
+        device = next((v.device for v in feeds.values() if is_torch(v)), None)
         with self._lock, self.torch.cuda.device(self.device):
             key = self.bind(feeds)
             self.launch(key)
             self.stream.synchronize()
             outputs = {s.name: self._buffers[s.name] for s in self.outputs}
-            if torch_in:
-                return {k: v.clone() for k, v in outputs.items()}
+            if device is not None:  # on the inputs' device, as OrtModel gives them; a copy: the buffers are reused
+                return {k: v.to(device, copy=True) for k, v in outputs.items()}
             return {k: to_numpy(v) for k, v in outputs.items()}
 
     def bind(self, feeds: dict) -> tuple:
@@ -661,8 +671,21 @@ class TensorRTModel:
                 buf = self._buffer(spec.name, shape, spec.dtype)
                 source = value if is_torch(value) else to_torch(to_numpy(value))
                 buf.copy_(source, non_blocking=True)
+                if source.is_cuda:  # the copy runs on our stream after bind() returns: torch must not reuse it first
+                    source.record_stream(self.stream)
+            try:
+                unset = self.context.infer_shapes()
+            except RuntimeError as exc:  # a shape the engine cannot take together with the others
+                raise NormfuseError(f"{self.path}: TensorRT cannot run these input shapes together "
+                                    f"({', '.join(f'{n} {list(v)}' for n, v in self._shapes.items())}): "
+                                    f"{first_line(exc, 160)}") from None
+            if unset:
+                raise NormfuseError(f"{self.path}: TensorRT needs more than the input shapes for {', '.join(unset)}")
             for spec in self.outputs:
                 shape = tuple(d for d in _dims(self.context.get_tensor_shape(spec.name)))
+                if any(d < 0 for d in shape):  # known only once it has run (a NonZero's count, say)
+                    raise NormfuseError(f"{self.path}: output {spec.name!r} has a shape that depends on its values "
+                                        f"({list(shape)}), which normfuse cannot size before the run")
                 self._buffer(spec.name, shape, spec.dtype)
         return tuple(sorted(self._shapes.items()))
 
@@ -678,8 +701,16 @@ class TensorRTModel:
                 self.execute()
                 self.stream.synchronize()
                 graph = self.torch.cuda.CUDAGraph()
-                with self.torch.cuda.graph(graph, stream=self.stream):
-                    captured = self.context.execute_async_v3(self.stream.cuda_stream)
+                try:
+                    # thread-local: other threads' models (one per thread, as the module says) may run
+                    # meanwhile; one capture at a time, since entering one synchronises the device
+                    with _CAPTURE_LOCK, self.torch.cuda.graph(graph, stream=self.stream,
+                                                              capture_error_mode="thread_local"):
+                        captured = self.context.execute_async_v3(self.stream.cuda_stream)
+                except RuntimeError as exc:  # the capture's end fails: an engine with loops or conditionals
+                    raise NormfuseError(f"{self.path}: this engine cannot be captured as a CUDA graph "
+                                        f"({first_line(exc, 160)}; engines with loops or conditionals cannot): "
+                                        "run without --cuda-graph") from None
                 if not captured:  # an enqueue TensorRT could not capture: said, never replayed empty
                     raise NormfuseError(f"{self.path}: TensorRT execution failed while capturing a CUDA graph "
                                         "(see the log above; run without --cuda-graph)")
@@ -692,6 +723,9 @@ class TensorRTModel:
         with self.torch.cuda.device(self.device):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise NormfuseError(f"{self.path}: TensorRT execution failed (see the log above)")
+
+
+_CAPTURE_LOCK = threading.Lock()  # CUDA graph captures, one at a time in the process
 
 
 def profile_violation(shape: tuple[int, ...], low: tuple[int, ...], high: tuple[int, ...]) -> str | None:
@@ -716,11 +750,12 @@ def _sidecar_dim_params(path: Path) -> dict[str, tuple[str | None, ...]]:
     return {t["name"]: tuple(t.get("dim_params") or ()) for kind in ("inputs", "outputs") for t in io.get(kind, [])}
 
 
-def deserialize_failure(path: Path, sidecar: dict | None, tensorrt_version: str, compute_capability: str | None) -> str:
+def deserialize_failure(path: Path, sidecar: dict | None, tensorrt_version: str, compute_capability: str | None,
+                        driver: tuple[int, int] | None = None) -> str:
     """The one-line error when deserialize_cuda_engine returns None."""
     from .tensorrt_engine import engine_mismatches
 
-    problems = engine_mismatches(sidecar, tensorrt_version, compute_capability)
+    problems = engine_mismatches(sidecar, tensorrt_version, compute_capability, driver)
     if problems:
         return f"{path}: TensorRT could not deserialise this engine: {'; '.join(problems)} (rebuild it here)"
     if sidecar is None:

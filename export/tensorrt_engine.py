@@ -183,7 +183,8 @@ def io_signature(onnx_path: str | Path) -> dict:
     from .triton_repo import onnx_signature
 
     inputs, outputs = onnx_signature(onnx_path)
-    return {kind: [{"name": t.name, "dtype": t.dtype, "shape": t.shape, "dim_params": list(t.dim_params)} for t in tensors]
+    return {kind: [{"name": t.name, "dtype": t.dtype, "shape": t.shape, "dim_params": list(t.dim_params),
+                    "rank_known": t.rank_known} for t in tensors]
             for kind, tensors in (("inputs", inputs), ("outputs", outputs))}
 
 
@@ -196,7 +197,8 @@ def sha256(path: str | Path) -> str:
 
 
 def gpu_info(device: int = 0) -> dict:
-    """GPU name, compute capability, driver, from nvidia-smi; empty when there is none."""
+    """GPU name, compute capability, driver, memory of CUDA device `device`, from nvidia-smi and,
+    where torch has CUDA, from CUDA itself; empty when there is no GPU."""
     if shutil.which("nvidia-smi") is None:
         return {}
     try:
@@ -207,7 +209,19 @@ def gpu_info(device: int = 0) -> dict:
     fields = [f.strip() for f in out.strip().splitlines()[0].split(",")] if out.strip() else []
     if len(fields) < 4:
         return {}
-    return {"name": fields[0], "compute_capability": fields[1], "driver": fields[2], "memory": fields[3]}
+    info = {"name": fields[0], "compute_capability": fields[1], "driver": fields[2], "memory": fields[3]}
+    # nvidia-smi numbers the GPUs in PCI order whatever CUDA_VISIBLE_DEVICES says, and CUDA (which
+    # TensorRT runs on) fastest first: on a machine of mixed GPUs, device N's own figures come from CUDA
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(device)
+            info.update(name=props.name, compute_capability=f"{props.major}.{props.minor}",
+                        memory=f"{props.total_memory // 2**20} MiB")
+    except Exception:  # no torch, or no CUDA in it: nvidia-smi's figures stand
+        pass
+    return info
 
 
 def sidecar_path(plan_path: str | Path) -> Path:
@@ -421,10 +435,13 @@ def read_sidecar(plan_path: str | Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def engine_mismatches(sidecar: dict | None, tensorrt_version: str, compute_capability: str | None) -> list[str]:
+def engine_mismatches(sidecar: dict | None, tensorrt_version: str, compute_capability: str | None,
+                      driver: tuple[int, int] | None = None) -> list[str]:
     """Why an engine cannot load here, from its sidecar: a plan deserialises only in the TensorRT
     version that built it (10.9, 10.13 and 11.x plans are mutually unreadable; normfuse builds no
-    version-compatible engines) and on the GPU architecture it was built for."""
+    version-compatible engines) and on the GPU architecture it was built for, and its plugins' PTX
+    only where the driver supports the CUDA release of the nvcc that wrote it (`driver`, as
+    plugins.build.driver_cuda_version reads it; None: not checked)."""
     if not sidecar:
         return []
     problems = []
@@ -434,6 +451,17 @@ def engine_mismatches(sidecar: dict | None, tensorrt_version: str, compute_capab
     built_for = sidecar.get("compute_capability")
     if built_for and compute_capability and built_for != compute_capability:
         problems.append(f"built for compute capability {built_for}, this GPU is {compute_capability}")
+    release = sidecar.get("kernels_nvcc_release")
+    if release and driver:
+        from plugins.build import ToolchainError, check_driver_loads
+
+        try:
+            major, minor = (int(part) for part in release.split(".")[:2])
+            check_driver_loads((major, minor), driver, "its plugins' kernels are")
+        except ToolchainError as exc:
+            problems.append(str(exc))
+        except ValueError:  # a release the sidecar spells otherwise: TensorRT's own error stands
+            pass
     return problems
 
 
@@ -448,7 +476,9 @@ def check_sidecar(plan_path: str | Path, onnx_path: str | Path | None = None) ->
         import tensorrt
 
         version = str(tensorrt.__version__)
-    problems = engine_mismatches(sidecar, version, gpu_info().get("compute_capability"))
+    from plugins.build import driver_cuda_version
+
+    problems = engine_mismatches(sidecar, version, gpu_info().get("compute_capability"), driver_cuda_version())
     if onnx_path is not None and Path(onnx_path).is_file() and sha256(onnx_path) != sidecar["onnx_sha256"]:
         problems.append(f"{onnx_path} changed since the engine was built")
     return problems

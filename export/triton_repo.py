@@ -11,8 +11,10 @@ Triton batches requests of equal shape together. The text is checked by parsing 
 own protobuf definitions (`tritonclient.grpc.model_config_pb2`, from `pip install tritonclient[grpc]`).
 
 TensorRT engines need no plugin library on the server: the normfuse plugins are AOT plugins,
-their kernels are inside the engine. The server's TensorRT must be the version that built the
-engine, on the same GPU architecture (see the engine's .json sidecar, copied beside it).
+their kernels are inside the engine, as PTX the driver compiles at load. The server's TensorRT
+must be the version that built the engine, on the same GPU architecture, with a driver that
+supports the CUDA release of the nvcc that wrote that PTX (see the engine's .json sidecar, copied
+beside it: `kernels_nvcc_release`).
 """
 from __future__ import annotations
 
@@ -91,13 +93,15 @@ def plan_signature(path: str | Path) -> tuple[list[IO], list[IO], int | None, in
     if sidecar is None or "io" not in sidecar:
         raise NormfuseError(f"{path}: its sidecar {sidecar_path(path).name} (written by export.tensorrt_engine) "
                             "is missing or has no I/O signature")
-    inputs, outputs = ([IO(t["name"], t["dtype"], t["shape"], tuple(t.get("dim_params") or ()))
+    inputs, outputs = ([IO(t["name"], t["dtype"], t["shape"], tuple(t.get("dim_params") or ()), t.get("rank_known", True))
                         for t in sidecar["io"][kind]] for kind in ("inputs", "outputs"))
     max_batch = min_batch = None
     profiles = sidecar.get("profiles") or []
     if profiles:
-        max_batch = min(shape["max"][0] for shape in profiles[0].values())
-        min_batch = max(shape["min"][0] for shape in profiles[0].values())
+        batched = [shape for shape in profiles[0].values() if shape["min"]]  # a scalar input has no axis 0
+        if batched:
+            max_batch = min(shape["max"][0] for shape in batched)
+            min_batch = max(shape["min"][0] for shape in batched)
     return inputs, outputs, max_batch, min_batch
 
 

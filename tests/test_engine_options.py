@@ -84,7 +84,7 @@ def test_sidecar_records_what_an_engine_depends_on(graphs, tmp_path):
     assert sidecar["profiles"] == [profiles] and sidecar["batch_range"] == "1:1:4"
     assert {p["name"] for p in sidecar["plugins"]} == {"LayerNorm", "AddLayerNorm"}
     assert sidecar["io"]["inputs"][0] == {"name": "hidden_states", "dtype": "float32", "shape": [None, None, 64],
-                                          "dim_params": ["batch", "seq", None]}
+                                          "dim_params": ["batch", "seq", None], "rank_known": True}
     assert sidecar["precision"] == "fp16" and sidecar["workspace_mb"] == 512
     assert sidecar_path(plan) == tmp_path / "fused.plan.json"
     assert sidecar["kernel_switches"] == []

@@ -85,6 +85,13 @@ def test_engine_mismatches_name_the_tensorrt_version_and_gpu():
     assert engine_mismatches(None, "11.4.0.106", "9.0") == []
     assert engine_mismatches(SIDECAR, "11.4.0.106", None) == [
         "built with TensorRT 10.13.3.9, this is TensorRT 11.4.0.106"]
+    # plugin PTX from nvcc 13.0: a driver for CUDA 12.8 cannot compile it at load
+    with_kernels = {**SIDECAR, "kernels_nvcc_release": "13.0"}
+    assert engine_mismatches(with_kernels, "10.13.3.9", "9.0", (13, 0)) == []
+    assert engine_mismatches(with_kernels, "10.13.3.9", "9.0", None) == []
+    assert engine_mismatches(with_kernels, "10.13.3.9", "9.0", (12, 8)) == [
+        "its plugins' kernels are PTX written by nvcc of CUDA 13.0, and this GPU's driver supports CUDA 12.8 at most, "
+        "so it cannot load it: put an nvcc of CUDA 12.8 or older first on PATH, or update the driver"]
 
 
 def test_deserialize_failure_is_one_line_with_the_reason():

@@ -137,6 +137,35 @@ def test_plan_repository_from_the_engine_sidecar(graphs, tmp_path):
         write_repository(plan, tmp_path / "repo2")
 
 
+def test_plan_repository_of_an_engine_with_a_scalar_input_or_a_shapeless_output(graphs, tmp_path):
+    """A scalar input's profile has no axis 0 (the profile's batch range is read from the others,
+    and the model is not batched: Triton would give the scalar a batch axis); an output the graph
+    gives no shape, not even a rank, is refused as the .onnx form refuses it, not declared a scalar
+    (Triton's TensorRT backend would refuse the model at load)."""
+    import copy
+
+    plan = tmp_path / "fused.plan"
+    plan.write_bytes(b"engine bytes")
+    options = EngineOptions(batch=Range(1, 2, 8), seq=Range(1, 64, 512))
+    from export.tensorrt_engine import profile_shapes
+
+    profiles = profile_shapes(graphs["trt"], options.batch, options.seq)
+    sidecar = make_sidecar(graphs["trt"], plan, options, tensorrt_version="10.13.0", gpu={}, profiles=profiles,
+                           build_seconds=1.0, plan_bytes=12)
+    scalar = copy.deepcopy(sidecar)
+    scalar["profiles"][0]["scale"] = {"min": [], "opt": [], "max": []}
+    scalar["io"]["inputs"].append({"name": "scale", "dtype": "float32", "shape": [], "dim_params": [], "rank_known": True})
+    write_json(sidecar_path(plan), scalar)
+    config = read_config(write_repository(plan, tmp_path / "repo"))
+    assert config.max_batch_size == 0 and [i.name for i in config.input] == ["hidden_states", "scale"]
+    assert list(config.input[1].dims) == [1] and list(config.input[1].reshape.shape) == []
+    shapeless = copy.deepcopy(sidecar)
+    shapeless["io"]["outputs"][0].update(shape=[], dim_params=[], rank_known=False)
+    write_json(sidecar_path(plan), shapeless)
+    with pytest.raises(NormfuseError, match="the model gives it no shape, not even its rank"):
+        write_repository(plan, tmp_path / "repo2")
+
+
 def test_fixed_batch_axis_means_no_batching(graphs, tmp_path):
     model = onnx.load(str(graphs["fused"]))
     for value in list(model.graph.input) + list(model.graph.output):
