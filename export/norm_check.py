@@ -14,8 +14,10 @@ are compared as well (export.selection_check), and the result holds them under "
 Fused ops are the main graph's nodes the rewriter named `normfuse_*`. An If whose condition is an
 input of the model (Optimum's merged decoders choose their branch by `use_cache_branch`) is
 replaced, in both models, by the branch the feeds take, so the fused ops in that branch are checked
-too. One inside another control-flow body, or whose values the rewrite made anew (a Cast or
-Reshape around it), is listed as not checked, with the reason.
+too. An op the rewrite wrapped in nodes of its own (the Reshapes to rows an ONNX Runtime Skip op
+takes at rank 4 and back, a Cast to the norm's dtype) runs with them, from and to values the
+reference holds (`replacement_unit`). One inside another control-flow body, or that cannot be so
+cut out, is listed as not checked, with the reason.
 """
 from __future__ import annotations
 
@@ -154,7 +156,7 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
     reference, candidate = Path(reference), Path(candidate)
     cand = take_branches(load_graph_only(candidate), feeds)
     ref = take_branches(load_graph_only(reference), feeds)
-    constant, producers = constant_closure(cand.graph)
+    constant, constant_producers = constant_closure(cand.graph)
     in_reference = {i.name for i in ref.graph.input} | {o for n in ref.graph.node for o in n.output if o}
     not_checked, plans = [], []
     fused = [n for n in cand.graph.node if n.name.startswith(FUSED_PREFIX)]
@@ -162,28 +164,40 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
     if in_bodies:
         not_checked.append({"node": f"{in_bodies} fused op(s)", "reason": "inside control-flow bodies the inputs "
                                                                           "do not choose"})
+    producers = {out: n for n in cand.graph.node for out in n.output if out}
+    consumers: dict[str, list] = {}
+    for n in cand.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    order = {id(n): k for k, n in enumerate(cand.graph.node)}
     for node in fused:
-        # once each: an op may read one value twice (x as its own residual), and a model input is defined once
-        dynamic = list(dict.fromkeys(name for name in node.input if name and name not in constant))
-        compared = [name for name in node.output if name and name in in_reference]
-        missing = [name for name in dynamic if name not in in_reference]
-        if missing or not compared:
-            what = f"reads {missing[0]}" if missing else "its outputs are"
-            not_checked.append({"node": node.name, "reason": f"{what} a value the rewrite made (a Cast or Reshape "
-                                                             "around the op), which the reference does not hold"})
+        unit, why = replacement_unit(node, producers, consumers, in_reference, constant)
+        if unit is None:
+            not_checked.append({"node": node.name, "reason": why})
             continue
-        plans.append((node, dynamic, compared))
+        unit.sort(key=lambda n: order[id(n)])
+        made = {out for n in unit for out in n.output}
+        # once each: an op may read one value twice (x as its own residual), and a model input is defined once
+        dynamic = list(dict.fromkeys(name for n in unit for name in n.input
+                                     if name and name not in constant and name not in made))
+        compared = [name for n in unit for name in n.output if name and name in in_reference]
+        if not compared:
+            not_checked.append({"node": node.name, "reason": "its outputs are values the rewrite made, which the "
+                                                             "reference does not hold"})
+            continue
+        plans.append((node, unit, dynamic, compared))
     result = {"norms": [], "not_checked": not_checked, "passed": True,
               "quantised": any(n.op_type in QUANTISING_OPS for n in walk_nodes(ref.graph.node))}
     if not plans:
         return result
-    wanted = list(dict.fromkeys(name for _, dynamic, compared in plans for name in dynamic + compared))
+    wanted = list(dict.fromkeys(name for _, _, dynamic, compared in plans for name in dynamic + compared))
     values = values_at(reference, reference_backend, ref, wanted, feeds, make_runner)
     with tempfile.TemporaryDirectory(prefix="normfuse-norm-check-") as tmp:
-        for index, (node, dynamic, compared) in enumerate(plans):
-            tensors, nodes = _needed_constants([n for n in node.input if n and n in constant], producers, cand.graph)
+        for index, (node, unit, dynamic, compared) in enumerate(plans):
+            tensors, nodes = _needed_constants([n for u in unit for n in u.input if n and n in constant],
+                                               constant_producers, cand.graph)
             graph = onnx.helper.make_graph(
-                nodes + [node], f"norm_{index}", [_value_info(n, values[n]) for n in dynamic],
+                nodes + unit, f"norm_{index}", [_value_info(n, values[n]) for n in dynamic],
                 [_value_info(n, values[n]) for n in compared], [_with_data(t, candidate.parent) for t in tensors])
             model = onnx.helper.make_model(graph, opset_imports=list(cand.opset_import))
             model.ir_version = cand.ir_version
@@ -210,6 +224,41 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
             result["norms"].append(record)
             result["passed"] &= record["passed"]
     return result
+
+
+UNIT_LIMIT = 12  # nodes: the rewrite puts at most a few Reshapes, a Shape and a Cast around an op
+
+
+def replacement_unit(node, producers: dict, consumers: dict, in_reference: set, constant: set) -> tuple[list | None, str]:
+    """(the nodes the rewrite put in place of one norm: the fused `node` and what it wrapped it in,
+    the Reshapes to rows an ONNX Runtime Skip op takes at rank 4 and back, the Shape they read, a
+    Cast to the norm's own dtype; or None, why not). The unit grows from the op through values the
+    reference does not hold, back to values it holds and forward to them, so it reads and writes
+    only values the reference computed."""
+    unit, seen = [node], {id(node)}
+    grew = True
+    while grew:
+        grew = False
+        for member in list(unit):
+            around = [producers.get(name) for name in member.input
+                      if name and name not in constant and name not in in_reference]
+            if None in around:
+                return None, "it reads a value that neither the reference nor the rewrite computes"
+            for name in member.output:
+                if name and name not in in_reference:
+                    around += consumers.get(name, [])
+            for other in around:
+                if id(other) in seen:
+                    continue
+                if other.name.startswith(FUSED_PREFIX):
+                    return None, f"it exchanges values with {other.name} that the reference does not hold"
+                unit.append(other)
+                seen.add(id(other))
+                grew = True
+        if len(unit) > UNIT_LIMIT:
+            return None, (f"the values around it that the reference does not hold reach past {UNIT_LIMIT} nodes "
+                          "of the rewrite")
+    return unit, ""
 
 
 DEFAULT_EPSILON = 1e-5  # ONNX's LayerNormalization's, where an op carries none

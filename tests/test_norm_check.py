@@ -283,3 +283,26 @@ def test_inputs_are_scaled_to_where_epsilon_counts_by_a_power_of_two():
     assert np.array_equal(scaled["residual"], scaled["x"]) and np.array_equal(scaled["ids"], ids)
     for odd in (np.zeros((2, 8), np.float32), np.full((2, 8), np.inf, np.float32)):  # left as they are
         assert np.array_equal(at_epsilon_scale({"x": odd}, 1e-5)["x"], odd)
+
+
+@pytest.mark.parametrize("epsilon", [None, 10.0])
+def test_a_skip_op_wrapped_in_reshapes_is_checked_with_them(tmp_path, epsilon):
+    """ONNX Runtime's Skip ops take rank 2 or 3, so at rank 4 (SAM's [batch, height, width,
+    channels]) the rewrite puts Reshapes to rows and back around the op: the op is checked together
+    with them, from and to values the reference holds (it went unchecked), and a wrong epsilon in it
+    is found."""
+    from export.rewrite import rewrite_file
+    from export.rewrite.synth import NormSpec, build
+
+    reference = tmp_path / "reference.onnx"
+    onnx.save(build(NormSpec(kind="layer", residual="private"), leading=(1, 4, 4)), str(reference))
+    fused = tmp_path / "fused.onnx"
+    rewrite_file(reference, fused, target="onnxruntime")
+    ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
+    assert "SkipLayerNormalization" in ops and ops.count("Reshape") >= 3
+    if epsilon is not None:
+        fused = with_epsilon(fused, tmp_path / "broken.onnx", fused_names(fused)[0], epsilon)
+    pairs = compare(Side(reference, "ort-cpu", "reference"), Side(fused, "ort-cpu", "fused"), [(1, 8)], "float32")
+    check = pairs[0].get("op_check") or pairs[0]["norm_check"]
+    assert not check["not_checked"] and len(check["norms"]) == 1 and check["norms"][0]["against"] == "float64"
+    assert check["passed"] is (epsilon is None) and pairs[0]["passed"] is (epsilon is None)
