@@ -103,6 +103,20 @@ def test_nan_and_inf_are_said_in_the_result():
     assert result_cell(empty) == "pass"
 
 
+def test_a_reference_all_within_atol_of_zero_is_said_in_the_result():
+    """A random model whose activations die out (SAM's neck near 1e-23) passes against any output
+    near 0: the result says so, and the integer outputs' exact rule has no such floor."""
+    tol = GRAPH["float32"]
+    faint = np.full((2, 8), 1e-23, np.float32)
+    stats = output_stats(np.zeros_like(faint), faint, tol)
+    assert stats["passed"] and stats["reference_within_atol"]
+    assert result_cell(stats) == ("pass (every reference value is within atol (0.0001) of 0: this shows only that "
+                                  "the candidate's are too)")
+    assert not output_stats(np.float32([0, 1e-5, 1]), np.float32([0, 1e-5, 1]), tol)["reference_within_atol"]
+    assert not output_stats(np.int64([0, 0]), np.int64([0, 0]), tol)["reference_within_atol"]
+    assert not output_stats(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32), tol)["reference_within_atol"]
+
+
 def test_a_weakly_typed_engine_is_held_to_the_precision_it_may_compute_in(tmp_path):
     """A float32 graph built with --precision fp16 computes in fp16 where TensorRT likes: the
     float32 tolerance would fail a right engine. The engine's sidecar says its precision."""
