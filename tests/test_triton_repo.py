@@ -325,3 +325,17 @@ def test_a_build_that_fails_validation_puts_no_fused_model_up_to_be_served(tmp_p
     assert len(report["triton"]) == 1
     (reason,) = [s["reason"] for s in report["skipped"] if s["stage"] == "Triton model tiny_layernorm_fused_onnx"]
     assert reason.startswith("validation or decoding failed") and "earlier tiny_layernorm_fused_onnx/ was removed" in reason
+
+
+def test_a_max_batch_size_of_one_still_leaves_the_batch_axis_out_of_dims(tmp_path):
+    """Triton adds the batch axis itself whenever max_batch_size > 0, 1 included."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "m",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    config = read_config(write_repository(path, tmp_path / "repo", max_batch_size=1))
+    assert config.max_batch_size == 1 and [list(t.dims) for t in (*config.input, *config.output)] == [[4], [4]]
