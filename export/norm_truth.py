@@ -18,9 +18,11 @@ import numpy as np
 FLOAT_ELEMS = {1, 10, 16, 11}  # FLOAT, FLOAT16, BFLOAT16, DOUBLE
 
 
-def cut_in_float64(graph, folder: Path, inputs: list[str], outputs: list[str], opset_import, ir_version):
+def cut_in_float64(graph, folder: Path, inputs: list[str], outputs: list[str], opset_import, ir_version,
+                   kept_types: dict[str, int] | None = None):
     """A model of the reference's nodes that compute `outputs` from `inputs` and constants, in
-    float64; None where they read another graph input or hold a control-flow node (nothing to cut)."""
+    float64; None where they read another graph input or hold a control-flow node (nothing to cut).
+    `kept_types`: inputs that keep their ONNX element type (integers: a Reshape's shape, say)."""
     import onnx
     from onnx import helper
 
@@ -50,7 +52,7 @@ def cut_in_float64(graph, folder: Path, inputs: list[str], outputs: list[str], o
     double = onnx.TensorProto.DOUBLE
     model = helper.make_model(
         helper.make_graph([_in_float64(n) for n in nodes], "norm_in_float64",
-                          [helper.make_tensor_value_info(n, double, None) for n in inputs],
+                          [helper.make_tensor_value_info(n, (kept_types or {}).get(n, double), None) for n in inputs],
                           [helper.make_tensor_value_info(n, double, None) for n in outputs],
                           [_tensor_in_float64(t, folder) for t in tensors]),
         opset_imports=list(opset_import))
@@ -95,7 +97,7 @@ def _tensor_in_float64(tensor, folder: Path | None):
 
 def run_in_float64(model, feeds: list[dict]) -> list[dict]:
     """`model` (from `cut_in_float64`) on the onnx reference evaluator, once for each of `feeds`
-    (made float64)."""
+    (its floats made float64; integers and booleans as they are)."""
     import tempfile
 
     import onnx
@@ -106,5 +108,6 @@ def run_in_float64(model, feeds: list[dict]) -> list[dict]:
         path = Path(tmp) / "norm.onnx"
         onnx.save(model, str(path))
         runner = make_runner(path, "onnx-reference")
-        return [runner.run({name: np.asarray(value).astype(np.float64) for name, value in one.items()})
+        return [runner.run({name: np.asarray(value) if np.asarray(value).dtype.kind in "biu"
+                            else np.asarray(value).astype(np.float64) for name, value in one.items()})
                 for one in feeds]

@@ -2,6 +2,7 @@
 the reference computed at its inputs (export.norm_check)."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -306,3 +307,28 @@ def test_a_skip_op_wrapped_in_reshapes_is_checked_with_them(tmp_path, epsilon):
     check = pairs[0].get("op_check") or pairs[0]["norm_check"]
     assert not check["not_checked"] and len(check["norms"]) == 1 and check["norms"][0]["against"] == "float64"
     assert check["passed"] is (epsilon is None) and pairs[0]["passed"] is (epsilon is None)
+
+
+def test_an_op_reading_a_computed_shape_is_judged_against_float64(tmp_path):
+    """OPT reshapes its residual sum between the Add and the norm by a shape it computes: the fused
+    op's unit reads that int64 shape, which the float64 cut keeps as int64 (made float64, the
+    Reshape refused it and the op was judged against the reference's values instead)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.rewrite import rewrite_file
+
+    f32 = TensorProto.FLOAT
+    nodes = [helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("Shape", ["x"], ["rows_shape"]),
+             helper.make_node("Reshape", ["s", "rows_shape"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+    inits = [numpy_helper.from_array(np.linspace(0.5, 1.5, 16).astype(np.float32), "gamma"),
+             numpy_helper.from_array(np.linspace(-0.5, 0.5, 16).astype(np.float32), "beta")]
+    graph = helper.make_graph(nodes, "opt", [helper.make_tensor_value_info(n, f32, ["batch", "seq", 16]) for n in "xr"],
+                              [helper.make_tensor_value_info("y", f32, None)], inits)
+    reference = tmp_path / "reference.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(reference))
+    fused = tmp_path / "fused.onnx"
+    assert rewrite_file(reference, fused, target="onnxruntime").fused == 1
+    pairs = compare(Side(reference, "ort-cpu", "reference"), Side(fused, "ort-cpu", "fused"), [(2, 8)], "float32")
+    check = pairs[0]["op_check"]
+    assert pairs[0]["passed"] and [n["against"] for n in check["norms"]] == ["float64"]
