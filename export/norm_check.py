@@ -204,12 +204,12 @@ def check_fused_norms(reference: str | Path, reference_backend: str, candidate: 
             path = Path(tmp) / f"norm_{index}.onnx"
             onnx.save(model, str(path))
             runner = make_runner(path, backend)
-            unit = {n: values[n] for n in dynamic}
+            as_run = {n: values[n] for n in dynamic}
             # the same inputs scaled to where epsilon counts: on unit-scale rows it moves a norm by less
             # than one op's rounding (0 for 1e-5 does), at a mean square near it by half
-            small = at_epsilon_scale(unit, _epsilon(node))
-            truths = _in_float64(ref, reference.parent, dynamic, compared, [unit, small])
-            got = runner.run(unit)
+            small = at_epsilon_scale(as_run, _epsilon(node))
+            truths = _in_float64(ref, reference.parent, dynamic, compared, [as_run, small])
+            got = runner.run(as_run)
             if truths is None:
                 record = {"outputs": {n: output_stats(got[n], values[n], fallback_tolerance or tolerance)
                                       for n in compared}, "against": "reference"}
@@ -287,9 +287,9 @@ def at_epsilon_scale(values: dict, epsilon: float) -> dict:
 def _in_float64(ref, folder: Path, inputs: list[str], outputs: list[str], feeds: list[dict]) -> list[dict] | None:
     """What the reference's own nodes from `inputs` to `outputs` compute in float64 on each of
     `feeds`, or None where they cannot be cut out or run so (export.norm_truth)."""
-    from .norm_truth import cut_in_float64, run_in_float64
-
     from onnx import helper
+
+    from .norm_truth import cut_in_float64, run_in_float64
 
     kept = {name: helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype) for name, value in feeds[0].items()
             if np.asarray(value).dtype.kind in "biu"}  # a Reshape's shape between the residual Add and the norm

@@ -97,7 +97,7 @@ def _tensor_in_float64(tensor, folder: Path | None):
 
 def run_in_float64(model, feeds: list[dict]) -> list[dict]:
     """`model` (from `cut_in_float64`) on the onnx reference evaluator, once for each of `feeds`
-    (its floats made float64; integers and booleans as they are)."""
+    (made float64 where the model takes float64; the inputs it keeps in their own type as they are)."""
     import tempfile
 
     import onnx
@@ -108,6 +108,6 @@ def run_in_float64(model, feeds: list[dict]) -> list[dict]:
         path = Path(tmp) / "norm.onnx"
         onnx.save(model, str(path))
         runner = make_runner(path, "onnx-reference")
-        return [runner.run({name: np.asarray(value) if np.asarray(value).dtype.kind in "biu"
-                            else np.asarray(value).astype(np.float64) for name, value in one.items()})
-                for one in feeds]
+        double = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE}
+        return [runner.run({name: np.asarray(value).astype(np.float64) if name in double else np.asarray(value)
+                            for name, value in one.items()}) for one in feeds]

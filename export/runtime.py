@@ -655,10 +655,12 @@ class TensorRTModel:
             # CUDA tensors fed in were written on the caller's stream: the copies below, on ours,
             # must not start before that work is done.
             self.stream.wait_stream(caller)
+            reshaped = False
             for spec in self.inputs:
                 value = feeds[spec.name]
                 shape = tuple(int(d) for d in value.shape)
                 if self._shapes.get(spec.name) != shape:
+                    reshaped = True
                     # Checked against the profile first: TensorRT documents set_input_shape's False only
                     # as "some error occurred" (and logs it), so the range is named here.
                     low_high = self._profile.get(spec.name)
@@ -673,21 +675,27 @@ class TensorRTModel:
                 buf.copy_(source, non_blocking=True)
                 if source.is_cuda:  # the copy runs on our stream after bind() returns: torch must not reuse it first
                     source.record_stream(self.stream)
-            try:
-                unset = self.context.infer_shapes()
-            except RuntimeError as exc:  # a shape the engine cannot take together with the others
-                raise NormfuseError(f"{self.path}: TensorRT cannot run these input shapes together "
-                                    f"({', '.join(f'{n} {list(v)}' for n, v in self._shapes.items())}): "
-                                    f"{first_line(exc, 160)}") from None
-            if unset:
-                raise NormfuseError(f"{self.path}: TensorRT needs more than the input shapes for {', '.join(unset)}")
-            for spec in self.outputs:
-                shape = tuple(d for d in _dims(self.context.get_tensor_shape(spec.name)))
-                if any(d < 0 for d in shape):  # known only once it has run (a NonZero's count, say)
-                    raise NormfuseError(f"{self.path}: output {spec.name!r} has a shape that depends on its values "
-                                        f"({list(shape)}), which normfuse cannot size before the run")
-                self._buffer(spec.name, shape, spec.dtype)
+            if reshaped:  # the outputs are sized once per set of input shapes
+                self._size_outputs()
         return tuple(sorted(self._shapes.items()))
+
+    def _size_outputs(self) -> None:
+        """Output buffers for the input shapes just set, or a one-line error where TensorRT cannot
+        size them before the run."""
+        try:
+            unset = self.context.infer_shapes()
+        except RuntimeError as exc:  # a shape the engine cannot take together with the others
+            raise NormfuseError(f"{self.path}: TensorRT cannot run these input shapes together "
+                                f"({', '.join(f'{n} {list(v)}' for n, v in self._shapes.items())}): "
+                                f"{first_line(exc, 160)}") from None
+        if unset:
+            raise NormfuseError(f"{self.path}: TensorRT needs more than the input shapes for {', '.join(unset)}")
+        for spec in self.outputs:
+            shape = tuple(d for d in _dims(self.context.get_tensor_shape(spec.name)))
+            if any(d < 0 for d in shape):  # known only once it has run (a NonZero's count, say)
+                raise NormfuseError(f"{self.path}: output {spec.name!r} has a shape that depends on its values "
+                                    f"({list(shape)}), which normfuse cannot size before the run")
+            self._buffer(spec.name, shape, spec.dtype)
 
     def launch(self, key: tuple) -> None:
         """Enqueue one execution (replaying the CUDA graph for this shape when enabled)."""

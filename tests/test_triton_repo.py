@@ -103,17 +103,22 @@ def test_rewriting_a_model_replaces_it_whole(graphs, tmp_path):
     assert sorted(p.name for p in repo.iterdir()) == ["m"]  # no staging folders left behind
 
 
-def test_plan_repository_from_the_engine_sidecar(graphs, tmp_path):
-    # An engine file cannot be made here (no TensorRT); the writer reads only its sidecar and copies it.
-    plan = tmp_path / "fused.plan"
-    plan.write_bytes(b"engine bytes")
-    options = EngineOptions(batch=Range(1, 2, 16), seq=Range(1, 64, 512))
+def engine_sidecar(graphs, plan, batch: Range) -> dict:
+    """The sidecar export.tensorrt_engine writes beside an engine of the fused stack built with
+    `batch` (and sequence 1:64:512). An engine file cannot be made here (no TensorRT); the writer
+    reads only its sidecar and copies the plan."""
     from export.tensorrt_engine import profile_shapes
 
-    profiles = profile_shapes(graphs["trt"], options.batch, options.seq)
-    sidecar = make_sidecar(graphs["trt"], plan, options, tensorrt_version="10.13.0", gpu={}, profiles=profiles,
-                           build_seconds=1.0, plan_bytes=12)
-    write_json(sidecar_path(plan), sidecar)
+    options = EngineOptions(batch=batch, seq=Range(1, 64, 512))
+    return make_sidecar(graphs["trt"], plan, options, tensorrt_version="10.13.0", gpu={},
+                        profiles=profile_shapes(graphs["trt"], options.batch, options.seq), build_seconds=1.0,
+                        plan_bytes=12)
+
+
+def test_plan_repository_from_the_engine_sidecar(graphs, tmp_path):
+    plan = tmp_path / "fused.plan"
+    plan.write_bytes(b"engine bytes")
+    write_json(sidecar_path(plan), engine_sidecar(graphs, plan, Range(1, 2, 16)))
     folder = write_repository(plan, tmp_path / "repo")
     config = read_config(folder)
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
@@ -124,11 +129,7 @@ def test_plan_repository_from_the_engine_sidecar(graphs, tmp_path):
     with pytest.raises(UsageError, match="above the engine profile"):
         write_repository(plan, tmp_path / "repo", max_batch_size=32)
     # a profile from batch 2 up: Triton's batcher may send 1, so the engine is not batched
-    options = EngineOptions(batch=Range(2, 4, 16), seq=Range(1, 64, 512))
-    sidecar = make_sidecar(graphs["trt"], plan, options, tensorrt_version="10.13.0", gpu={},
-                           profiles=profile_shapes(graphs["trt"], options.batch, options.seq), build_seconds=1.0,
-                           plan_bytes=12)
-    write_json(sidecar_path(plan), sidecar)
+    write_json(sidecar_path(plan), engine_sidecar(graphs, plan, Range(2, 4, 16)))
     assert read_config(write_repository(plan, tmp_path / "repo2")).max_batch_size == 0
     with pytest.raises(UsageError, match="smallest batch is 2, and Triton may send a batch of 1"):
         write_repository(plan, tmp_path / "repo3", max_batch_size=8)
@@ -146,12 +147,7 @@ def test_plan_repository_of_an_engine_with_a_scalar_input_or_a_shapeless_output(
 
     plan = tmp_path / "fused.plan"
     plan.write_bytes(b"engine bytes")
-    options = EngineOptions(batch=Range(1, 2, 8), seq=Range(1, 64, 512))
-    from export.tensorrt_engine import profile_shapes
-
-    profiles = profile_shapes(graphs["trt"], options.batch, options.seq)
-    sidecar = make_sidecar(graphs["trt"], plan, options, tensorrt_version="10.13.0", gpu={}, profiles=profiles,
-                           build_seconds=1.0, plan_bytes=12)
+    sidecar = engine_sidecar(graphs, plan, Range(1, 2, 8))
     scalar = copy.deepcopy(sidecar)
     scalar["profiles"][0]["scale"] = {"min": [], "opt": [], "max": []}
     scalar["io"]["inputs"].append({"name": "scale", "dtype": "float32", "shape": [], "dim_params": [], "rank_known": True})
