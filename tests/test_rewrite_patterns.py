@@ -658,7 +658,7 @@ def test_the_widened_proof_still_tells_a_different_norm_apart(dtype):
     graph = _import_with_shapes(model)
     (scope,) = scopes_of(graph)
     root = graph.outputs[0]
-    candidate = _first_passing(root, scope, set(), set(), False, 18, {})
+    candidate = _first_passing(root, scope, set(), False, 18, {})
     assert candidate is not None
     prove(candidate, 18)  # the right epsilon passes
     candidate.epsilon = 1e-2

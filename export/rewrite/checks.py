@@ -227,11 +227,8 @@ def scalar(match: Match, name: str, what: str) -> float | None:
     return float(value.reshape(()).astype(np.float64))
 
 
-def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_outputs: set,
-                    overridable: set = frozenset()) -> NormCandidate:
-    """Check a structural match and turn it into a candidate, or raise Rejected with the reason.
-
-    `overridable`: names of initializers that are also graph inputs, whose value a caller may replace."""
+def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_outputs: set) -> NormCandidate:
+    """Check a structural match and turn it into a candidate, or raise Rejected with the reason."""
     x = match["x"]
     shape = x.shape
     if shape is None:
@@ -243,7 +240,7 @@ def build_candidate(pattern: NormPattern, match: Match, root: gs.Tensor, graph_o
     if not isinstance(hidden, int) or hidden <= 0:
         raise Rejected(f"size of the last axis of '{x.name}' is not static ({hidden!r})")
 
-    _check_not_overridable(match, overridable)  # first: such a constant reads as none to the others
+    _check_not_overridable(match)  # first: such a constant reads as none to the others
     _check_constants(match)
     _check_row_lengths(match, hidden)
     epsilon = _epsilon(pattern, match)
@@ -335,12 +332,12 @@ def _machine_epsilon(dtype) -> float:
 DATA_VARS = frozenset({"x", "gamma", "beta", "skip", "skip_bias"})
 
 
-def _check_not_overridable(match: Match, overridable: set) -> None:
+def _check_not_overridable(match: Match) -> None:
     for name, tensor in match.tensors.items():
         if name in DATA_VARS:
             continue
         tensor = constant_source(tensor)
-        if tensor.name in overridable:
+        if is_overridable(tensor):
             raise Rejected(f"'{tensor.name}' is an initializer that is also a graph input: its value can be "
                            f"overridden at run time, so it is not a constant")
 

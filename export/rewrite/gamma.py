@@ -13,15 +13,15 @@ import onnx_graphsurgeon as gs
 
 from normops import SUPPORTED_DTYPES, numpy_dtype
 
-from .checks import NormCandidate, constant_value, dtype_name, is_external
+from .checks import NormCandidate, constant_value, dtype_name, is_external, is_overridable
 from .matcher import present_inputs, producer
 
 FOLDABLE = ("Add", "Cast")
 
 
-def fold_gamma(candidate: NormCandidate, overridable: set = frozenset()) -> str | None:
-    """Fold the expression producing candidate.gamma into a constant; returns a note, or None.
-    `overridable`: initializers that are also graph inputs (their value may be replaced: never folded)."""
+def fold_gamma(candidate: NormCandidate) -> str | None:
+    """Fold the expression producing candidate.gamma into a constant; returns a note, or None. A
+    weight that is also a graph input (checks.is_overridable: its value may be replaced) is never folded."""
     gamma = candidate.gamma
     node = producer(gamma) if gamma is not None else None
     if node is None or node.op not in FOLDABLE or (node.domain or "") not in ("", "ai.onnx"):
@@ -32,7 +32,7 @@ def fold_gamma(candidate: NormCandidate, overridable: set = frozenset()) -> str 
         return None
     if len(gamma.outputs) != 1:
         return f"gamma of '{candidate.output.name}' is {what} ('{node.name}'), also used elsewhere: left in the graph"
-    if weight.name in overridable:
+    if is_overridable(weight):
         return f"gamma of '{candidate.output.name}' is {what} ('{node.name}') of a weight that is also a graph input: left in the graph"
     if is_external(weight):
         return f"gamma of '{candidate.output.name}' is {what} ('{node.name}') of an external weight: left in the graph"

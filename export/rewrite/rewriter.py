@@ -133,7 +133,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
     claimed: set[int] = set()  # ids of nodes already taken by a chosen candidate, in any graph
     candidates = []
     for scope in scopes:
-        candidates += _find_candidates(scope, overridable, target, residual, prove_fusions, opset, report, claimed,
+        candidates += _find_candidates(scope, target, residual, prove_fusions, opset, report, claimed,
                                        frozenset(exclude))
     needed = max([required_opset(c, target) for c in candidates] + [opset])
     if needed > opset:
@@ -153,7 +153,7 @@ def rewrite_model(model: onnx.ModelProto, target: str = "tensorrt", residual: bo
             report.notes.insert(0, note)  # renumbering changes no node: the candidates stand as proven
             opset = needed
     for candidate in candidates:
-        note = fold_gamma(candidate, overridable)
+        note = fold_gamma(candidate)
         if note:
             report.notes.append(note)
         emit(candidate.scope.graph, candidate, target, names)
@@ -443,10 +443,12 @@ def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
 
 def mark_overridable(graph: gs.Graph, overridable: set) -> None:
     """Mark the constants a caller may override (checks.OVERRIDABLE): no pass reads their value
-    (checks.constant_value gives none), and the fused op reads them as they are, never a copy."""
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant) and tensor.name in overridable:
-            setattr(tensor, OVERRIDABLE, True)
+    (checks.constant_value gives none), and the fused op reads them as they are, never a copy. A
+    body reading one has a tensor of its own under that name (ONNX names are unique across scopes)."""
+    for sub in walk_graphs(graph):
+        for tensor in sub.tensors().values():
+            if isinstance(tensor, gs.Constant) and tensor.name in overridable:
+                setattr(tensor, OVERRIDABLE, True)
 
 
 def _drop_identities(graph: gs.Graph, graph_outputs: set, scope: str = "main") -> list[str]:
@@ -499,7 +501,7 @@ def _times_one(node: gs.Node, reader=None) -> gs.Tensor | None:
     return None
 
 
-def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions, opset, report, claimed,
+def _find_candidates(scope: Scope, target, residual, prove_fusions, opset, report, claimed,
                      exclude: frozenset[str] = frozenset()) -> list[NormCandidate]:
     graph = scope.graph
     norms: list[NormCandidate] = []
@@ -510,7 +512,7 @@ def _find_candidates(scope: Scope, overridable, target, residual, prove_fusions,
     for root in roots:
         if _already_target_op(root, target):
             continue
-        candidate = _first_passing(root, scope, overridable, claimed, prove_fusions and not scope.blocked, opset, rejected)
+        candidate = _first_passing(root, scope, claimed, prove_fusions and not scope.blocked, opset, rejected)
         if candidate is None:
             continue
         if root.name in exclude:  # left as written on request; its nodes claimed, so no part of it fuses either
@@ -566,7 +568,7 @@ def _attach_residual(candidate: NormCandidate, scope: Scope, claimed: set, repor
         report.residual_skipped.append({"output": root.name, "reason": why})
 
 
-def _first_passing(root, scope: Scope, overridable, claimed, prove_fusions, opset, rejected) -> NormCandidate | None:
+def _first_passing(root, scope: Scope, claimed, prove_fusions, opset, rejected) -> NormCandidate | None:
     for norm in NORM_PATTERNS:
         for match in norm.pattern.matches(root):
             if any(id(n) in claimed for n in match.nodes):
@@ -580,7 +582,7 @@ def _first_passing(root, scope: Scope, overridable, claimed, prove_fusions, opse
                                                                   [n.name for n in match.nodes], root.name, scope.name,
                                                                   no_norm=True))
                     return None
-                candidate = build_candidate(norm, match, root, scope.outputs, overridable)
+                candidate = build_candidate(norm, match, root, scope.outputs)
                 if prove_fusions:
                     prove(candidate, opset)
                 return candidate
