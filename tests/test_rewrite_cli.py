@@ -489,6 +489,28 @@ def test_a_scale_a_caller_may_override_is_read_by_the_fused_op_not_copied(kind, 
     np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_scale_a_caller_may_override_is_not_copied_inside_a_branch_either():
+    """An If's branches read the enclosing graph's [1, H] scale through tensors of their own: those
+    are marked too, so the fused ops inside read it by a Reshape and the input stays."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from export.rewrite.synth import if_model
+
+    model = if_model(NormSpec(kind="rms"), NormSpec(kind="rms"))
+    gamma = next(t for t in model.graph.initializer if t.name == "outer_gamma")
+    row = numpy_helper.to_array(gamma).reshape(1, -1)
+    gamma.CopyFrom(numpy_helper.from_array(row, "outer_gamma"))
+    model.graph.input.append(helper.make_tensor_value_info("outer_gamma", TensorProto.FLOAT, list(row.shape)))
+    out, report = rewrite_model(model, target="onnxruntime")
+    assert report.fused == 2 and "outer_gamma" in [i.name for i in out.graph.input]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 5, row.shape[1])).astype(np.float32),
+             "cond": np.array(True), "outer_gamma": np.full(row.shape, 3.0, np.float32)}
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+           for m in (model, out)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_mul_by_one_a_caller_may_override_is_no_identity():
     model = build(NormSpec(kind="rms"))
     one = onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one")
